@@ -1,0 +1,95 @@
+use super::ConfigError;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// `[authority]`: keys exactly as the issuance guide shows, plus optional TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorityConfig {
+    /// gRPC listen address, e.g. `"[::1]:50051"`. Plaintext is only allowed on loopback.
+    pub listen_addr: String,
+    /// Runtime Cedar bundle streamed to sidecars (watched; changes pushed within 1 s).
+    pub policy_dir: PathBuf,
+    /// Cedar policies consulted before minting a capability.
+    pub issuance_policy_dir: PathBuf,
+    /// Append-only file, one revoked `token_id` per line (watched; new lines streamed).
+    pub revocation_file: PathBuf,
+    /// Ed25519 private key (PKCS#8 PEM, mode 0600); the public key sits beside it as `.pub`.
+    pub key_file: PathBuf,
+    /// Upper bound for any capability's lifetime; requests asking for more are clamped.
+    #[serde(default = "default_max_ttl")]
+    pub max_ttl_seconds: u64,
+    /// The authority re-sends the current bundle at least this often.
+    #[serde(default = "default_bundle_ttl")]
+    pub bundle_ttl_seconds: u64,
+    /// `error`, `warn`, `info`, `debug` or `trace` (overridden by `RUST_LOG`).
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    /// PEM certificate chain for gRPC over TLS (with `tls_key_path`).
+    pub tls_cert_path: Option<PathBuf>,
+    /// PEM private key for gRPC over TLS (with `tls_cert_path`).
+    pub tls_key_path: Option<PathBuf>,
+    /// Where the audit collector service appends events received from sidecars
+    /// (JSON lines); the collector is served only when this is set.
+    pub audit_collector_path: Option<PathBuf>,
+}
+
+fn default_max_ttl() -> u64 {
+    3600
+}
+fn default_bundle_ttl() -> u64 {
+    30
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl AuthorityConfig {
+    pub(super) fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        if self.listen_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::invalid(
+                file,
+                "authority.listen_addr",
+                format!(
+                    "expected a socket address like \"[::1]:50051\", got {:?}",
+                    self.listen_addr
+                ),
+            ));
+        }
+        if self.max_ttl_seconds == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "authority.max_ttl_seconds",
+                "expected a positive number of seconds",
+            ));
+        }
+        if self.bundle_ttl_seconds == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "authority.bundle_ttl_seconds",
+                "expected a positive number of seconds",
+            ));
+        }
+        super::sidecar::check_log_level(file, "authority.log_level", &self.log_level)?;
+        if self.tls_cert_path.is_some() != self.tls_key_path.is_some() {
+            return Err(ConfigError::invalid(
+                file,
+                "authority.tls_cert_path",
+                "expected tls_cert_path and tls_key_path to be set together",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The listen address as parsed by `validate`.
+    pub fn socket_addr(&self) -> std::net::SocketAddr {
+        self.listen_addr
+            .parse()
+            .expect("validated in AuthorityConfig::validate")
+    }
+
+    /// Path of the public key written next to `key_file`.
+    pub fn public_key_file(&self) -> PathBuf {
+        self.key_file.with_extension("pub")
+    }
+}

@@ -1,0 +1,581 @@
+use super::ConfigError;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// `[sidecar.*]`: everything the enforcement sidecar reads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    pub interceptor: InterceptorConfig,
+    #[serde(default)]
+    pub ca: CaConfig,
+    pub mapping: MappingConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub constraint_enforcement: ConstraintEnforcementConfig,
+    #[serde(default)]
+    pub capability_seed: CapabilitySeedConfig,
+    #[serde(default)]
+    pub capability_validation: CapabilityValidationConfig,
+    pub authority: SidecarAuthorityConfig,
+    #[serde(default)]
+    pub connector: ConnectorConfig,
+    /// `[[sidecar.credentials]]`, one per host that gets a credential injected.
+    #[serde(default)]
+    pub credentials: Vec<CredentialConfig>,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// How connections reach the sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InterceptMode {
+    /// Apps set `HTTP_PROXY`/`HTTPS_PROXY`; absolute-form requests and `CONNECT`.
+    HttpProxy,
+    /// eBPF cgroup programs redirect tagged workloads' TCP connects; no app changes.
+    Transparent,
+}
+
+/// `[sidecar.interceptor]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterceptorConfig {
+    pub mode: InterceptMode,
+    /// Proxy listener for `http_proxy` mode, e.g. `"127.0.0.1:8080"`.
+    #[serde(default = "default_proxy_listen")]
+    pub listen_addr: String,
+    /// On SIGTERM, in-flight requests get this long before connections are cut.
+    #[serde(default = "default_drain")]
+    pub drain_timeout_secs: u64,
+    #[serde(default)]
+    pub https_mitm: HttpsMitmConfig,
+    #[serde(default)]
+    pub transparent: TransparentConfig,
+}
+
+fn default_proxy_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_drain() -> u64 {
+    30
+}
+
+/// `[sidecar.interceptor.https_mitm]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpsMitmConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Hosts whose TLS the sidecar terminates: exact names or `*.example.com`.
+    #[serde(default)]
+    pub intercept_hosts: Vec<String>,
+    /// Hosts for which a MITM failure denies instead of falling back to a blind tunnel.
+    #[serde(default)]
+    pub strict_hosts: Vec<String>,
+}
+
+/// `[sidecar.interceptor.transparent]`: eBPF redirection of tagged cgroups.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransparentConfig {
+    /// Port of the transparent listeners on 127.0.0.1 and [::1].
+    #[serde(default = "default_transparent_port")]
+    pub port: u16,
+    /// Workloads attached at startup (more can be attached at runtime).
+    #[serde(default)]
+    pub workloads: Vec<WorkloadConfig>,
+    /// Destinations never redirected, e.g. `"10.0.0.0/8"`. Loopback is always excluded.
+    #[serde(default)]
+    pub excluded_cidrs: Vec<String>,
+    /// Destination ports never redirected.
+    #[serde(default)]
+    pub excluded_ports: Vec<u16>,
+    /// Refuse UDP to port 443 from tagged workloads so QUIC cannot bypass the sidecar.
+    #[serde(default = "yes")]
+    pub block_quic: bool,
+    /// Also redirect DNS (port 53); off by default so name resolution is untouched.
+    #[serde(default)]
+    pub redirect_dns: bool,
+    /// `SO_MARK` the sidecar puts on its own upstream sockets; marked sockets are never redirected.
+    #[serde(default = "default_mark")]
+    pub socket_mark: u32,
+    /// bpffs directory where programs and maps are pinned so they outlive the process.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// Owner-only Unix socket for `firma sidecar attach|detach|status`.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+}
+
+impl Default for TransparentConfig {
+    fn default() -> Self {
+        Self {
+            port: default_transparent_port(),
+            workloads: Vec::new(),
+            excluded_cidrs: Vec::new(),
+            excluded_ports: Vec::new(),
+            block_quic: true,
+            redirect_dns: false,
+            socket_mark: default_mark(),
+            pin_dir: default_pin_dir(),
+            control_socket: default_control_socket(),
+        }
+    }
+}
+
+fn default_transparent_port() -> u16 {
+    15001
+}
+fn yes() -> bool {
+    true
+}
+fn default_mark() -> u32 {
+    0x4649_524d // "FIRM"
+}
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/firma")
+}
+fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/firma/sidecar.sock")
+}
+
+/// One workload attached at startup: a cgroup (path or Kubernetes pod UID) bound to an agent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    /// cgroup v2 path, absolute or relative to the cgroup2 mount.
+    pub cgroup: Option<String>,
+    /// Kubernetes pod UID, resolved to its cgroup (systemd and cgroupfs drivers).
+    pub pod: Option<String>,
+    pub agent_id: String,
+    pub session_id: Option<String>,
+}
+
+/// `[sidecar.ca]`: the MITM certificate authority.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    /// Holds `firma-ca.crt` and `firma-ca.key` (0600); generated on first start.
+    #[serde(default = "default_ca_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_ca_dir(),
+        }
+    }
+}
+fn default_ca_dir() -> PathBuf {
+    PathBuf::from("/etc/firma/firma-ca")
+}
+
+/// `[sidecar.mapping]`: request -> action class rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingConfig {
+    pub rules_path: Option<PathBuf>,
+    #[serde(default)]
+    pub rules_paths: Vec<PathBuf>,
+    /// Deny requests no rule maps (`UnclassifiedIntent`); otherwise they pass and are audited.
+    #[serde(default = "yes")]
+    pub default_protected: bool,
+}
+
+impl MappingConfig {
+    /// `rules_path` followed by `rules_paths`.
+    pub fn all_paths(&self) -> Vec<PathBuf> {
+        self.rules_path
+            .iter()
+            .chain(self.rules_paths.iter())
+            .cloned()
+            .collect()
+    }
+}
+
+/// `[sidecar.policy]`: where the runtime Cedar bundle comes from.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Without `authority_url`: the bundle is read from here. With it: the last streamed
+    /// bundle is cached here.
+    pub dir: Option<PathBuf>,
+    /// `https://host:port` (verified with `[sidecar.authority].ca_cert_path`) or
+    /// `http://` on loopback.
+    pub authority_url: Option<String>,
+}
+
+/// `[sidecar.constraint_enforcement]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConstraintEnforcementConfig {
+    /// With no bundle update for this long, everything is denied `PolicyBundleStale`.
+    #[serde(default = "default_sidecar_bundle_ttl")]
+    pub bundle_ttl_seconds: u64,
+    /// Stage 2 budget; exceeding it denies `EnforcementTimeout`.
+    #[serde(default = "default_enforcement_timeout")]
+    pub enforcement_timeout_ms: u64,
+}
+
+impl Default for ConstraintEnforcementConfig {
+    fn default() -> Self {
+        Self {
+            bundle_ttl_seconds: default_sidecar_bundle_ttl(),
+            enforcement_timeout_ms: default_enforcement_timeout(),
+        }
+    }
+}
+fn default_sidecar_bundle_ttl() -> u64 {
+    90
+}
+fn default_enforcement_timeout() -> u64 {
+    50
+}
+
+/// `[sidecar.capability_seed]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapabilitySeedConfig {
+    /// Seed TOML files written by `firma authority issue`; verified at startup.
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
+}
+
+/// `[sidecar.capability_validation]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapabilityValidationConfig {
+    #[serde(default = "default_skew")]
+    pub clock_skew_tolerance_seconds: u64,
+}
+
+impl Default for CapabilityValidationConfig {
+    fn default() -> Self {
+        Self {
+            clock_skew_tolerance_seconds: default_skew(),
+        }
+    }
+}
+fn default_skew() -> u64 {
+    5
+}
+
+/// `[sidecar.authority]`: how the sidecar trusts the Authority.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarAuthorityConfig {
+    /// The Authority's Ed25519 public key (`.pub` from `generate-key`).
+    pub public_key_path: PathBuf,
+    /// CA certificate that signed the Authority's TLS certificate.
+    pub ca_cert_path: Option<PathBuf>,
+}
+
+/// `[sidecar.connector]`: upstream behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorConfig {
+    #[serde(default = "default_upstream_timeout")]
+    pub default_timeout_ms: u64,
+    /// Extra PEM roots trusted for upstream TLS in addition to the webpki roots.
+    #[serde(default)]
+    pub extra_root_certs: Vec<PathBuf>,
+    #[serde(default)]
+    pub hosts: Vec<ConnectorHostConfig>,
+}
+
+impl Default for ConnectorConfig {
+    fn default() -> Self {
+        Self {
+            default_timeout_ms: default_upstream_timeout(),
+            extra_root_certs: Vec::new(),
+            hosts: Vec::new(),
+        }
+    }
+}
+fn default_upstream_timeout() -> u64 {
+    30_000
+}
+
+/// `[[sidecar.connector.hosts]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorHostConfig {
+    pub host: String,
+    /// Sustained requests per second allowed to this host.
+    pub rps: Option<u32>,
+    /// Requests allowed in a burst above `rps`.
+    pub burst: Option<u32>,
+    pub timeout_ms: Option<u64>,
+    /// Connect here instead of resolving `host` (`"127.0.0.1:8443"`); useful without DNS.
+    pub address: Option<String>,
+}
+
+/// Where a credential comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialMode {
+    /// An environment variable of the sidecar, read once at startup.
+    Basic,
+    /// A HashiCorp Vault secret, fetched lazily and cached.
+    Vault,
+}
+
+/// `[[sidecar.credentials]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    /// Exact host name; no wildcards, to bound a leak to one upstream.
+    pub host: String,
+    pub mode: CredentialMode,
+    pub header: String,
+    #[serde(default)]
+    pub prefix: String,
+    pub value_from_env: Option<String>,
+    pub secret_path: Option<String>,
+    pub secret_key: Option<String>,
+    /// TOML places `[sidecar.credentials.vault]` inside the last `[[sidecar.credentials]]`
+    /// entry; it describes the one Vault connection shared by every vault-mode credential.
+    pub vault: Option<VaultConfig>,
+}
+
+/// `[sidecar.credentials.vault]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    pub addr: String,
+    /// Static token; otherwise `VAULT_TOKEN`, otherwise AppRole from the env vars below.
+    pub token: Option<String>,
+    pub namespace: Option<String>,
+    #[serde(default = "default_role_id_env")]
+    pub approle_role_id_env: String,
+    #[serde(default = "default_secret_id_env")]
+    pub approle_secret_id_env: String,
+    #[serde(default = "default_approle_mount")]
+    pub approle_mount: String,
+    /// PEM CA for Vault's TLS certificate.
+    pub ca_cert_path: Option<PathBuf>,
+    /// Fetched secrets are reused for this long; a rotation is visible after at most this.
+    #[serde(default = "default_vault_cache")]
+    pub cache_ttl_seconds: u64,
+    #[serde(default = "default_vault_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_role_id_env() -> String {
+    "VAULT_ROLE_ID".into()
+}
+fn default_secret_id_env() -> String {
+    "VAULT_SECRET_ID".into()
+}
+fn default_approle_mount() -> String {
+    "approle".into()
+}
+fn default_vault_cache() -> u64 {
+    60
+}
+fn default_vault_timeout() -> u64 {
+    2_000
+}
+
+/// Where audit events go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditSink {
+    /// JSON lines, hash-chained, in `path`.
+    File,
+    #[default]
+    Stdout,
+    /// Streamed to an audit collector at `grpc_url`.
+    Grpc,
+}
+
+/// When the file sink calls fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// After every event: nothing acknowledged is lost on power failure.
+    Always,
+    /// At most every 100 ms, and on shutdown.
+    #[default]
+    Interval,
+    /// Leave it to the OS.
+    Never,
+}
+
+/// `[sidecar.audit]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    #[serde(default)]
+    pub sink: AuditSink,
+    pub path: Option<PathBuf>,
+    pub grpc_url: Option<String>,
+    /// CA for the collector's TLS certificate.
+    pub ca_cert_path: Option<PathBuf>,
+    /// Ed25519 key (PKCS#8 PEM, 0600) that signs every event; generated with
+    /// `firma authority generate-key`.
+    pub signing_key_path: Option<PathBuf>,
+    #[serde(default)]
+    pub fsync: FsyncPolicy,
+}
+
+/// `[sidecar.log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: default_level(),
+        }
+    }
+}
+fn default_level() -> String {
+    "info".into()
+}
+
+pub(super) fn check_log_level(file: &Path, key: &str, level: &str) -> Result<(), ConfigError> {
+    match level {
+        "error" | "warn" | "info" | "debug" | "trace" => Ok(()),
+        other => Err(ConfigError::invalid(
+            file,
+            key,
+            format!("expected one of error, warn, info, debug, trace; got {other:?}"),
+        )),
+    }
+}
+
+impl SidecarConfig {
+    pub(super) fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        check_log_level(file, "sidecar.log.level", &self.log.level)?;
+        if self
+            .interceptor
+            .listen_addr
+            .parse::<std::net::SocketAddr>()
+            .is_err()
+        {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.interceptor.listen_addr",
+                format!(
+                    "expected a socket address like \"127.0.0.1:8080\", got {:?}",
+                    self.interceptor.listen_addr
+                ),
+            ));
+        }
+        if self.policy.dir.is_none() && self.policy.authority_url.is_none() {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.policy",
+                "expected `dir` or `authority_url` (where the runtime Cedar bundle comes from)",
+            ));
+        }
+        for (i, w) in self.interceptor.transparent.workloads.iter().enumerate() {
+            if w.cgroup.is_some() == w.pod.is_some() {
+                return Err(ConfigError::invalid(
+                    file,
+                    &format!("sidecar.interceptor.transparent.workloads[{i}]"),
+                    "expected exactly one of `cgroup` or `pod`",
+                ));
+            }
+        }
+        for (i, h) in self.connector.hosts.iter().enumerate() {
+            if h.rps == Some(0) {
+                return Err(ConfigError::invalid(
+                    file,
+                    &format!("sidecar.connector.hosts[{i}].rps"),
+                    "expected a positive rate (omit it for no limit)",
+                ));
+            }
+            if let Some(a) = &h.address
+                && a.parse::<std::net::SocketAddr>().is_err()
+            {
+                return Err(ConfigError::invalid(
+                    file,
+                    &format!("sidecar.connector.hosts[{i}].address"),
+                    format!("expected ip:port, got {a:?}"),
+                ));
+            }
+        }
+        let mut vaults = 0;
+        for (i, c) in self.credentials.iter().enumerate() {
+            let key = |k: &str| format!("sidecar.credentials[{i}].{k}");
+            if c.host.contains('*') {
+                return Err(ConfigError::invalid(
+                    file,
+                    &key("host"),
+                    "expected an exact host name (wildcards are not supported for credentials)",
+                ));
+            }
+            match c.mode {
+                CredentialMode::Basic if c.value_from_env.is_none() => {
+                    return Err(ConfigError::invalid(
+                        file,
+                        &key("value_from_env"),
+                        "expected the name of an environment variable for mode = \"basic\"",
+                    ));
+                }
+                CredentialMode::Vault if c.secret_path.is_none() || c.secret_key.is_none() => {
+                    return Err(ConfigError::invalid(
+                        file,
+                        &key("secret_path"),
+                        "expected `secret_path` and `secret_key` for mode = \"vault\"",
+                    ));
+                }
+                _ => {}
+            }
+            vaults += usize::from(c.vault.is_some());
+        }
+        if vaults > 1 {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.credentials.vault",
+                "expected at most one [sidecar.credentials.vault] block",
+            ));
+        }
+        if self
+            .credentials
+            .iter()
+            .any(|c| c.mode == CredentialMode::Vault)
+            && self.vault().is_none()
+        {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.credentials.vault",
+                "expected a [sidecar.credentials.vault] block with `addr` for vault-mode credentials",
+            ));
+        }
+        match self.audit.sink {
+            AuditSink::File if self.audit.path.is_none() => {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.audit.path",
+                    "expected a file path for sink = \"file\"",
+                ));
+            }
+            AuditSink::Grpc if self.audit.grpc_url.is_none() => {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.audit.grpc_url",
+                    "expected a URL for sink = \"grpc\"",
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The shared Vault connection, wherever TOML nested it.
+    pub fn vault(&self) -> Option<&VaultConfig> {
+        self.credentials.iter().find_map(|c| c.vault.as_ref())
+    }
+}

@@ -1,0 +1,40 @@
+use super::*;
+use std::path::Path;
+
+const AUTH: &str = r#"
+[authority]
+listen_addr = "[::1]:50051"
+policy_dir = "/tmp/p"
+issuance_policy_dir = "/tmp/i"
+revocation_file = "/tmp/r.txt"
+key_file = "/tmp/k.key"
+max_ttl_seconds = 3600
+bundle_ttl_seconds = 30
+log_level = "info"
+"#;
+
+#[test]
+fn parses_seed_authority_section() {
+    let c = FirmaConfig::parse(AUTH, Path::new("firma.toml")).unwrap();
+    assert_eq!(c.authority().unwrap().max_ttl_seconds, 3600);
+    assert!(c.sidecar().is_err());
+}
+
+#[test]
+fn unknown_key_names_file_and_key() {
+    let text = AUTH.replace("log_level", "log_levle");
+    let e = FirmaConfig::parse(&text, Path::new("/etc/firma.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/etc/firma.toml"), "{e}");
+    assert!(e.contains("log_levle"), "{e}");
+}
+
+#[test]
+fn wrong_type_names_key() {
+    let text = AUTH.replace("max_ttl_seconds = 3600", "max_ttl_seconds = \"an hour\"");
+    let e = FirmaConfig::parse(&text, Path::new("f.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("authority.max_ttl_seconds"), "{e}");
+}

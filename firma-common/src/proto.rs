@@ -1,0 +1,11 @@
+//! gRPC messages and services generated from `proto/` at build time.
+
+/// `firma.authority.v1`: capability issuance, policy bundles, revocations.
+pub mod authority {
+    tonic::include_proto!("firma.authority.v1");
+}
+
+/// `firma.audit.v1`: the collector behind the `grpc` audit sink.
+pub mod audit {
+    tonic::include_proto!("firma.audit.v1");
+}
