@@ -1,1 +1,9 @@
-//! Placeholder
+//! The Firma sidecar.
+//!
+//! A connection arrives through an **interceptor** (`http_proxy` or `transparent`), its requests
+//! run through the one **pipeline** (classify -> identify -> Stage 1 -> Stage 2), allowed requests
+//! go out through the **connector** (credentials, rate limits, upstream TLS), and every decision
+//! is written by **audit**. Interceptors differ only in how a connection and its destination
+//! arrive; everything after that is shared.
+
+pub mod pipeline;
