@@ -1,5 +1,67 @@
 //! `firma`: a thin CLI over the authority and sidecar libraries.
+//!
+//! Exit codes: 0 success, 1 runtime failure or denial, 2 usage error (clap),
+//! 78 (`EX_CONFIG`) configuration error.
 
-fn main() -> anyhow::Result<()> {
-    Ok(())
+mod audit;
+mod authority;
+mod ca;
+mod doctor;
+mod logging;
+mod policy;
+mod sidecar;
+mod workload;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "firma", version, about = "Egress enforcement for AI agents")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the Authority (gRPC), or manage keys, capabilities and revocations.
+    Authority(authority::Args),
+    /// Run the enforcement sidecar, or attach/detach workloads of a running one.
+    Sidecar(sidecar::Args),
+    /// Manage the sidecar's MITM certificate authority.
+    Ca(ca::Args),
+    /// Verify or collect signed audit logs.
+    Audit(audit::Args),
+    /// Validate Cedar policy directories against the schema.
+    Policy(policy::Args),
+    /// Check kernel features, cgroup2, bpffs, key modes and reachability.
+    Doctor(doctor::Args),
+}
+
+/// A configuration problem: reported with exit code 78 so supervisors can tell it apart.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ConfigFailure(#[from] pub firma_common::config::ConfigError);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Authority(a) => authority::run(a),
+        Command::Sidecar(a) => sidecar::run(a),
+        Command::Ca(a) => ca::run(a),
+        Command::Audit(a) => audit::run(a),
+        Command::Policy(a) => policy::run(a),
+        Command::Doctor(a) => doctor::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<ConfigFailure>().is_some() {
+                ExitCode::from(78)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
 }

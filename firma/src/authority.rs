@@ -1,0 +1,10 @@
+//! `firma authority` (owned by the authority work; placeholder until it lands).
+
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`firma authority` is not available in this build")
+}

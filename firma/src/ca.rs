@@ -1,0 +1,10 @@
+//! `firma ca` (owned by the ca work; placeholder until it lands).
+
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`firma ca` is not available in this build")
+}

@@ -1,0 +1,11 @@
+//! One tracing setup for every long-running command: `RUST_LOG` wins over the config level.
+
+use tracing_subscriber::EnvFilter;
+
+pub fn init(level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

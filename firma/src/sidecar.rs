@@ -1,0 +1,10 @@
+//! `firma sidecar` (owned by the sidecar work; placeholder until it lands).
+
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`firma sidecar` is not available in this build")
+}
