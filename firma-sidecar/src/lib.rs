@@ -6,4 +6,5 @@
 //! is written by **audit**. Interceptors differ only in how a connection and its destination
 //! arrive; everything after that is shared.
 
+pub mod audit;
 pub mod pipeline;
