@@ -352,19 +352,43 @@ pub fn firma_getpeername6(ctx: SockAddrContext) -> i32 {
 }
 
 /// The client's own (address, port), v4-mapped for IPv4 and for v4-mapped v6 sockets.
+///
+/// Every context field is read once, unconditionally and volatile: the verifier rejects a load
+/// through a ctx pointer the compiler has offset and selected between branches.
 #[inline(always)]
 fn client_key(ctx: &SockOpsContext) -> PeerKey {
-    let remote6 = words_to_bytes(ctx.remote_ip6());
-    let addr = if ctx.family() == AF_INET || as_v4_mapped(&remote6).is_some() {
+    // SAFETY: 4-byte reads of fields sock_ops programs may read.
+    let (family, remote6, local4, local6, local_port) = unsafe {
+        let o = ctx.ops;
+        (
+            core::ptr::read_volatile(&(*o).family),
+            [
+                core::ptr::read_volatile(&(*o).remote_ip6[0]),
+                core::ptr::read_volatile(&(*o).remote_ip6[1]),
+                core::ptr::read_volatile(&(*o).remote_ip6[2]),
+                core::ptr::read_volatile(&(*o).remote_ip6[3]),
+            ],
+            core::ptr::read_volatile(&(*o).local_ip4),
+            [
+                core::ptr::read_volatile(&(*o).local_ip6[0]),
+                core::ptr::read_volatile(&(*o).local_ip6[1]),
+                core::ptr::read_volatile(&(*o).local_ip6[2]),
+                core::ptr::read_volatile(&(*o).local_ip6[3]),
+            ],
+            core::ptr::read_volatile(&(*o).local_port),
+        )
+    };
+    let remote6 = words_to_bytes(remote6);
+    let addr = if family == AF_INET || as_v4_mapped(&remote6).is_some() {
         // For a v6 socket connecting to a v4-mapped address the kernel fills the v4 source
         // (`local_ip4`) before `TCP_CONNECT_CB`, but the v6 view of it only afterwards.
-        v4_mapped(ctx.local_ip4().to_ne_bytes())
+        v4_mapped(local4.to_ne_bytes())
     } else {
-        words_to_bytes(ctx.local_ip6())
+        words_to_bytes(local6)
     };
     PeerKey {
         addr,
-        port: ctx.local_port() as u16,
+        port: local_port as u16,
         _pad: 0,
     }
 }
