@@ -99,7 +99,7 @@ fn sock_mark(ctx: &SockAddrContext) -> u32 {
 fn port_excluded(cfg: &RedirectConfig, port: u16) -> bool {
     (port == DNS_PORT && cfg.flags & FLAG_REDIRECT_DNS == 0)
         // SAFETY: read-only lookup of a plain value.
-        || unsafe { FIRMA_EXCL_PORTS.get(&port) }.is_some()
+        || unsafe { FIRMA_EXCL_PORTS.get(port) }.is_some()
 }
 
 /// Localhost (127.0.0.1, 0.0.0.0), the listener, or an excluded CIDR. Other 127/8 addresses are
@@ -109,7 +109,7 @@ fn v4_excluded(cfg: &RedirectConfig, addr: [u8; 4]) -> bool {
     addr == [127, 0, 0, 1]
         || addr == [0, 0, 0, 0]
         || addr == cfg.listen_v4
-        || FIRMA_EXCL_V4.get(&Key::new(32, addr)).is_some()
+        || FIRMA_EXCL_V4.get(Key::new(32, addr)).is_some()
 }
 
 #[inline(always)]
@@ -119,7 +119,7 @@ fn v6_excluded(cfg: &RedirectConfig, addr: &[u8; 16]) -> bool {
     *addr == loopback
         || *addr == [0u8; 16]
         || *addr == cfg.listen_v6
-        || FIRMA_EXCL_V6.get(&Key::new(128, *addr)).is_some()
+        || FIRMA_EXCL_V6.get(Key::new(128, *addr)).is_some()
 }
 
 /// The decision shared by every connect hook; `addr` is v4-mapped for IPv4.
@@ -165,7 +165,7 @@ fn remember(ctx: &SockAddrContext, addr: [u8; 16], port: u16, family: u16) -> bo
         pid: (pid_tgid >> 32) as u32,
         cgroup_id,
     };
-    FIRMA_BY_COOKIE.insert(&cookie, &orig, 0).is_ok()
+    FIRMA_BY_COOKIE.insert(cookie, orig, 0).is_ok()
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -318,7 +318,7 @@ fn redirected_orig(ctx: &SockAddrContext, cfg: &RedirectConfig) -> Option<OrigDs
         return None;
     }
     // SAFETY: read-only lookup; the value is copied out.
-    unsafe { FIRMA_BY_COOKIE.get(&cookie) }.copied()
+    unsafe { FIRMA_BY_COOKIE.get(cookie) }.copied()
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -415,23 +415,21 @@ pub fn firma_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             // SAFETY: read-only lookup; the value is copied out.
-            let Some(orig) = (unsafe { FIRMA_BY_COOKIE.get(&cookie) }).copied() else {
+            let Some(orig) = (unsafe { FIRMA_BY_COOKIE.get(cookie) }).copied() else {
                 return 0;
             };
             let key = client_key(&ctx);
-            if FIRMA_BY_PEER.insert(&key, &orig, 0).is_err() {
+            if FIRMA_BY_PEER.insert(key, orig, 0).is_err() {
                 warn!(&ctx, "cannot record redirected connection");
             }
             // Ask for state callbacks so the entries go away with the connection.
             let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
             let _ = ctx.set_cb_flags(flags as i32);
         }
-        BPF_SOCK_OPS_STATE_CB => {
-            if ctx.arg(1) == BPF_TCP_CLOSE {
-                let key = client_key(&ctx);
-                let _ = FIRMA_BY_PEER.remove(&key);
-                let _ = FIRMA_BY_COOKIE.remove(&cookie);
-            }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            let key = client_key(&ctx);
+            let _ = FIRMA_BY_PEER.remove(key);
+            let _ = FIRMA_BY_COOKIE.remove(cookie);
         }
         _ => {}
     }

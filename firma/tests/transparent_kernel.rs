@@ -14,8 +14,8 @@
 mod transparent_common;
 
 use firma_sidecar::ebpf::{Cgroup2, Cidr, RedirectSettings, Redirector, Target};
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;

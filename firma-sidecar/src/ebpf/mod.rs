@@ -8,6 +8,7 @@
 
 pub mod bpffs;
 pub mod cgroup;
+pub mod listener;
 mod logs;
 mod programs;
 mod settings;
