@@ -86,7 +86,12 @@ mod tests {
         assert!(matches!(r, Request::Attach { .. }));
         let s: Request = serde_json::from_str(r#"{"op":"status"}"#).unwrap();
         assert_eq!(s, Request::Status);
-        assert!(serde_json::from_str::<Request>(r#"{"op":"status","x":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(
+                r#"{"op":"detach","cgroup":"/a","pod":null,"force":true}"#
+            )
+            .is_err()
+        );
         assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
     }
 }
