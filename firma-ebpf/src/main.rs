@@ -1,3 +1,447 @@
-//! Placeholder for the cgroup eBPF programs (built for bpfel-unknown-none by `cargo xtask build-ebpf`).
+//! Firma's cgroup eBPF programs: transparent redirection of a tagged workload's TCP connects to
+//! the sidecar.
+//!
+//! A cgroup is *tagged* by attaching these programs to it (the attach itself is the tag), so the
+//! programs never ask "is this workload tagged?". Per connection:
+//!
+//! 1. `connect4`/`connect6` save the original destination, cgroup id and pid keyed by socket
+//!    cookie and rewrite the destination to the sidecar's transparent listener. IPv4-mapped IPv6
+//!    destinations are treated as IPv4. Excluded: the listener and localhost addresses, configured
+//!    CIDRs (LPM tries) and ports, DNS (unless `redirect_dns`), and sockets carrying the
+//!    sidecar's `SO_MARK`. UDP to port 443 (QUIC) is refused so clients fall back to TCP.
+//! 2. `sock_ops` copies the entry to a map keyed by the client's (address, port) as soon as the
+//!    port is bound (`TCP_CONNECT_CB`, before the SYN leaves), which is what the sidecar can look
+//!    up after `accept()`; it deletes both entries when the socket reaches `TCP_CLOSE`.
+//! 3. `getpeername4`/`getpeername6` make the app see the original peer.
+//! 4. `sendmsg4`/`sendmsg6` refuse unconnected UDP to port 443.
+//!
+//! Return values of cgroup sock_addr programs: 1 lets the syscall continue, 0 refuses it (EPERM).
 #![no_std]
 #![no_main]
+
+#[path = "../../firma-common/src/maps.rs"]
+#[allow(dead_code)]
+mod maps;
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
+    },
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::{debug, warn};
+use maps::{
+    FAMILY_V4, FAMILY_V6, FLAG_BLOCK_QUIC, FLAG_REDIRECT_DNS, MAX_BINDINGS, MAX_EXCLUDED_CIDRS,
+    MAX_EXCLUDED_PORTS, MAX_TRACKED_CONNECTIONS, OrigDst, PeerKey, RedirectConfig, WorkloadBinding,
+    as_v4_mapped, v4_mapped,
+};
+
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const AF_INET: u32 = 2;
+const QUIC_PORT: u16 = 443;
+const DNS_PORT: u16 = 53;
+
+#[map]
+static FIRMA_CONFIG: Array<RedirectConfig> = Array::pinned(1, 0);
+#[map]
+static FIRMA_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_TRACKED_CONNECTIONS, 0);
+#[map]
+static FIRMA_BY_PEER: LruHashMap<PeerKey, OrigDst> = LruHashMap::pinned(MAX_TRACKED_CONNECTIONS, 0);
+#[map]
+static FIRMA_EXCL_V4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(MAX_EXCLUDED_CIDRS, 0);
+#[map]
+static FIRMA_EXCL_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_EXCLUDED_CIDRS, 0);
+#[map]
+static FIRMA_EXCL_PORTS: HashMap<u16, u8> = HashMap::pinned(MAX_EXCLUDED_PORTS, 0);
+/// Read by userspace only; kept in the pinned object so bindings outlive the sidecar.
+#[map]
+static FIRMA_BINDINGS: HashMap<u64, WorkloadBinding> = HashMap::pinned(MAX_BINDINGS, 0);
+
+/// What `connect` should do with one destination.
+enum Verdict {
+    Untouched,
+    Refuse,
+    Redirect,
+}
+
+#[inline(always)]
+fn config() -> Option<&'static RedirectConfig> {
+    FIRMA_CONFIG.get(0)
+}
+
+/// Network-order port in the low 16 bits of `user_port` -> host order.
+#[inline(always)]
+fn port_from_user(user_port: u32) -> u16 {
+    u16::from_be(user_port as u16)
+}
+
+#[inline(always)]
+fn port_to_user(port: u16) -> u32 {
+    u32::from(port.to_be())
+}
+
+#[inline(always)]
+fn sock_mark(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: the verifier types `sk` as PTR_TO_SOCKET (never null for sock_addr programs) and
+    // allows reading `mark`.
+    unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).mark }
+}
+
+#[inline(always)]
+fn port_excluded(cfg: &RedirectConfig, port: u16) -> bool {
+    (port == DNS_PORT && cfg.flags & FLAG_REDIRECT_DNS == 0)
+        // SAFETY: read-only lookup of a plain value.
+        || unsafe { FIRMA_EXCL_PORTS.get(port) }.is_some()
+}
+
+/// Localhost (127.0.0.1, 0.0.0.0), the listener, or an excluded CIDR. Other 127/8 addresses are
+/// redirected like any remote (tests and demos use them); exclude `127.0.0.0/8` to stop that.
+#[inline(always)]
+fn v4_excluded(cfg: &RedirectConfig, addr: [u8; 4]) -> bool {
+    addr == [127, 0, 0, 1]
+        || addr == [0, 0, 0, 0]
+        || addr == cfg.listen_v4
+        || FIRMA_EXCL_V4.get(Key::new(32, addr)).is_some()
+}
+
+#[inline(always)]
+fn v6_excluded(cfg: &RedirectConfig, addr: &[u8; 16]) -> bool {
+    let mut loopback = [0u8; 16];
+    loopback[15] = 1;
+    *addr == loopback
+        || *addr == [0u8; 16]
+        || *addr == cfg.listen_v6
+        || FIRMA_EXCL_V6.get(Key::new(128, *addr)).is_some()
+}
+
+/// The decision shared by every connect hook; `addr` is v4-mapped for IPv4.
+#[inline(always)]
+fn classify(ctx: &SockAddrContext, cfg: &RedirectConfig, addr: &[u8; 16], port: u16) -> Verdict {
+    // SAFETY: `sock_addr` is the kernel-provided context.
+    let sock_type = unsafe { (*ctx.sock_addr).type_ };
+    if sock_type == SOCK_DGRAM {
+        if port == QUIC_PORT && cfg.flags & FLAG_BLOCK_QUIC != 0 {
+            return Verdict::Refuse;
+        }
+        return Verdict::Untouched;
+    }
+    if sock_type != SOCK_STREAM || sock_mark(ctx) == cfg.mark || port_excluded(cfg, port) {
+        return Verdict::Untouched;
+    }
+    let excluded = match as_v4_mapped(addr) {
+        Some(v4) => v4_excluded(cfg, v4),
+        None => v6_excluded(cfg, addr),
+    };
+    if excluded {
+        Verdict::Untouched
+    } else {
+        Verdict::Redirect
+    }
+}
+
+/// Remembers the original destination under the socket cookie.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, addr: [u8; 16], port: u16, family: u16) -> bool {
+    // SAFETY: helpers valid in cgroup sock_addr programs.
+    let (cookie, pid_tgid, cgroup_id) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_current_pid_tgid(),
+            bpf_get_current_cgroup_id(),
+        )
+    };
+    let orig = OrigDst {
+        addr,
+        port,
+        family,
+        pid: (pid_tgid >> 32) as u32,
+        cgroup_id,
+    };
+    FIRMA_BY_COOKIE.insert(cookie, orig, 0).is_ok()
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn firma_connect4(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else {
+        return REFUSE;
+    };
+    // SAFETY: `sock_addr` is the kernel-provided context; 4-byte reads as the verifier requires.
+    let (ip, user_port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+    let v4 = ip.to_ne_bytes();
+    let port = port_from_user(user_port);
+    let addr = v4_mapped(v4);
+    match classify(&ctx, cfg, &addr, port) {
+        Verdict::Untouched => ALLOW,
+        Verdict::Refuse => {
+            debug!(&ctx, "refused UDP/443 (QUIC)");
+            REFUSE
+        }
+        Verdict::Redirect => {
+            if cfg.port == 0 || !remember(&ctx, addr, port, FAMILY_V4) {
+                warn!(&ctx, "no redirect config or map full; refusing connect");
+                return REFUSE;
+            }
+            // SAFETY: writes to user_ip4/user_port are allowed for connect4.
+            unsafe {
+                (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(cfg.listen_v4);
+                (*ctx.sock_addr).user_port = port_to_user(cfg.port);
+            }
+            ALLOW
+        }
+    }
+}
+
+#[inline(always)]
+fn read_user_ip6(ctx: &SockAddrContext) -> [u8; 16] {
+    // SAFETY: 4-byte reads of user_ip6, as the verifier requires.
+    let w = unsafe {
+        [
+            (*ctx.sock_addr).user_ip6[0],
+            (*ctx.sock_addr).user_ip6[1],
+            (*ctx.sock_addr).user_ip6[2],
+            (*ctx.sock_addr).user_ip6[3],
+        ]
+    };
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = w[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+#[inline(always)]
+fn write_user_ip6(ctx: &SockAddrContext, addr: &[u8; 16]) {
+    let word = |i: usize| {
+        u32::from_ne_bytes([
+            addr[i * 4],
+            addr[i * 4 + 1],
+            addr[i * 4 + 2],
+            addr[i * 4 + 3],
+        ])
+    };
+    // SAFETY: 4-byte writes of user_ip6 are allowed for connect6/getpeername6.
+    unsafe {
+        (*ctx.sock_addr).user_ip6[0] = word(0);
+        (*ctx.sock_addr).user_ip6[1] = word(1);
+        (*ctx.sock_addr).user_ip6[2] = word(2);
+        (*ctx.sock_addr).user_ip6[3] = word(3);
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn firma_connect6(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else {
+        return REFUSE;
+    };
+    let addr = read_user_ip6(&ctx);
+    // SAFETY: 4-byte read of the context.
+    let port = port_from_user(unsafe { (*ctx.sock_addr).user_port });
+    match classify(&ctx, cfg, &addr, port) {
+        Verdict::Untouched => ALLOW,
+        Verdict::Refuse => {
+            debug!(&ctx, "refused UDP/443 (QUIC)");
+            REFUSE
+        }
+        Verdict::Redirect => {
+            let mapped = as_v4_mapped(&addr).is_some();
+            let family = if mapped { FAMILY_V4 } else { FAMILY_V6 };
+            if cfg.port == 0 || !remember(&ctx, addr, port, family) {
+                warn!(&ctx, "no redirect config or map full; refusing connect");
+                return REFUSE;
+            }
+            // A v4-mapped destination stays v4-mapped (a dual-stack socket), aimed at the v4
+            // listener; a real IPv6 destination goes to the v6 listener.
+            let target = if mapped {
+                v4_mapped(cfg.listen_v4)
+            } else {
+                cfg.listen_v6
+            };
+            write_user_ip6(&ctx, &target);
+            // SAFETY: write of user_port is allowed for connect6.
+            unsafe { (*ctx.sock_addr).user_port = port_to_user(cfg.port) };
+            ALLOW
+        }
+    }
+}
+
+#[inline(always)]
+fn refuse_quic(ctx: &SockAddrContext) -> i32 {
+    let Some(cfg) = config() else {
+        return REFUSE;
+    };
+    // SAFETY: 4-byte read of the context.
+    let port = port_from_user(unsafe { (*ctx.sock_addr).user_port });
+    if port == QUIC_PORT && cfg.flags & FLAG_BLOCK_QUIC != 0 {
+        debug!(ctx, "refused UDP/443 (QUIC) sendmsg");
+        REFUSE
+    } else {
+        ALLOW
+    }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn firma_sendmsg4(ctx: SockAddrContext) -> i32 {
+    refuse_quic(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn firma_sendmsg6(ctx: SockAddrContext) -> i32 {
+    refuse_quic(&ctx)
+}
+
+/// The original destination of this socket, if it is one we redirected and it is still pointed
+/// at the listener (a reused socket reconnected elsewhere keeps its real peer).
+#[inline(always)]
+fn redirected_orig(ctx: &SockAddrContext, cfg: &RedirectConfig) -> Option<OrigDst> {
+    // SAFETY: helper valid in cgroup sock_addr programs; 4-byte read of the context.
+    let (cookie, port) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            (*ctx.sock_addr).user_port,
+        )
+    };
+    if port_from_user(port) != cfg.port {
+        return None;
+    }
+    // SAFETY: read-only lookup; the value is copied out.
+    unsafe { FIRMA_BY_COOKIE.get(cookie) }.copied()
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn firma_getpeername4(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else {
+        return ALLOW;
+    };
+    if let Some(orig) = redirected_orig(&ctx, cfg)
+        && let Some(v4) = as_v4_mapped(&orig.addr)
+    {
+        // SAFETY: writes to user_ip4/user_port are allowed for getpeername4.
+        unsafe {
+            (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(v4);
+            (*ctx.sock_addr).user_port = port_to_user(orig.port);
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn firma_getpeername6(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else {
+        return ALLOW;
+    };
+    if let Some(orig) = redirected_orig(&ctx, cfg) {
+        write_user_ip6(&ctx, &orig.addr);
+        // SAFETY: write of user_port is allowed for getpeername6.
+        unsafe { (*ctx.sock_addr).user_port = port_to_user(orig.port) };
+    }
+    ALLOW
+}
+
+/// The client's own (address, port), v4-mapped for IPv4 and for v4-mapped v6 sockets.
+///
+/// Every context field is read once, unconditionally and volatile: the verifier rejects a load
+/// through a ctx pointer the compiler has offset and selected between branches.
+#[inline(always)]
+fn client_key(ctx: &SockOpsContext) -> PeerKey {
+    // SAFETY: 4-byte reads of fields sock_ops programs may read.
+    let (family, remote6, local4, local6, local_port) = unsafe {
+        let o = ctx.ops;
+        (
+            core::ptr::read_volatile(&(*o).family),
+            [
+                core::ptr::read_volatile(&(*o).remote_ip6[0]),
+                core::ptr::read_volatile(&(*o).remote_ip6[1]),
+                core::ptr::read_volatile(&(*o).remote_ip6[2]),
+                core::ptr::read_volatile(&(*o).remote_ip6[3]),
+            ],
+            core::ptr::read_volatile(&(*o).local_ip4),
+            [
+                core::ptr::read_volatile(&(*o).local_ip6[0]),
+                core::ptr::read_volatile(&(*o).local_ip6[1]),
+                core::ptr::read_volatile(&(*o).local_ip6[2]),
+                core::ptr::read_volatile(&(*o).local_ip6[3]),
+            ],
+            core::ptr::read_volatile(&(*o).local_port),
+        )
+    };
+    let remote6 = words_to_bytes(remote6);
+    let addr = if family == AF_INET || as_v4_mapped(&remote6).is_some() {
+        // For a v6 socket connecting to a v4-mapped address the kernel fills the v4 source
+        // (`local_ip4`) before `TCP_CONNECT_CB`, but the v6 view of it only afterwards.
+        v4_mapped(local4.to_ne_bytes())
+    } else {
+        words_to_bytes(local6)
+    };
+    PeerKey {
+        addr,
+        port: local_port as u16,
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = w[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+#[sock_ops]
+pub fn firma_sock_ops(ctx: SockOpsContext) -> u32 {
+    // SAFETY: helper valid in sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            // SAFETY: read-only lookup; the value is copied out.
+            let Some(orig) = (unsafe { FIRMA_BY_COOKIE.get(cookie) }).copied() else {
+                return 0;
+            };
+            let key = client_key(&ctx);
+            if FIRMA_BY_PEER.insert(key, orig, 0).is_err() {
+                warn!(&ctx, "cannot record redirected connection");
+            }
+            // Ask for state callbacks so the entries go away with the connection.
+            let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+            let _ = ctx.set_cb_flags(flags as i32);
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            let key = client_key(&ctx);
+            let _ = FIRMA_BY_PEER.remove(key);
+            let _ = FIRMA_BY_COOKIE.remove(cookie);
+        }
+        _ => {}
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -7,4 +7,6 @@
 //! arrive; everything after that is shared.
 
 pub mod audit;
+pub mod control;
+pub mod ebpf;
 pub mod pipeline;

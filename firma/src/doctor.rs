@@ -1,10 +1,206 @@
-//! `firma doctor` (owned by the doctor work; placeholder until it lands).
+//! `firma doctor [--json] [-c F]`: what this machine has and lacks for Firma, especially for
+//! transparent mode (kernel BPF + cgroup features, cgroup2 and bpffs mounts, the embedded eBPF
+//! object), plus the modes of the key files a config names.
 
+use firma_common::config::FirmaConfig;
+use firma_sidecar::ebpf::{Cgroup2, bpffs, embedded_object};
+use serde::Serialize;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Also check the key files named by this config.
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`firma doctor` is not available in this build")
+#[derive(Serialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Serialize)]
+struct Check {
+    name: &'static str,
+    status: Status,
+    detail: String,
+}
+
+fn check(name: &'static str, status: Status, detail: impl Into<String>) -> Check {
+    Check {
+        name,
+        status,
+        detail: detail.into(),
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let mut checks = kernel_checks();
+    if let Some(path) = &args.config {
+        checks.extend(key_checks(path));
+    }
+    let failed = checks.iter().any(|c| c.status == Status::Fail);
+    if args.json {
+        println!("{}", serde_json::json!({ "ok": !failed, "checks": checks }));
+    } else {
+        for c in &checks {
+            let tag = match c.status {
+                Status::Ok => "ok  ",
+                Status::Warn => "warn",
+                Status::Fail => "FAIL",
+            };
+            println!("[{tag}] {:<22} {}", c.name, c.detail);
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn kernel_checks() -> Vec<Check> {
+    let mut out = Vec::new();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let (major, minor) = parse_version(&release);
+    out.push(if (major, minor) >= (5, 7) {
+        check(
+            "kernel",
+            Status::Ok,
+            format!("Linux {release} (>= 5.7: BPF links)"),
+        )
+    } else {
+        check(
+            "kernel",
+            Status::Fail,
+            format!(
+                "Linux {release}; transparent mode needs >= 5.7 (BPF links, getpeername hooks)"
+            ),
+        )
+    });
+    out.push(if nix::unistd::geteuid().is_root() {
+        check("privileges", Status::Ok, "root (CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)")
+    } else {
+        check("privileges", Status::Fail, "not root: loading BPF programs, mounting bpffs and SO_MARK need CAP_BPF/CAP_SYS_ADMIN/CAP_NET_ADMIN")
+    });
+    out.push(match kernel_config_flag(&release, "CONFIG_CGROUP_BPF") {
+        Some(true) => check("CONFIG_CGROUP_BPF", Status::Ok, "enabled"),
+        Some(false) => check(
+            "CONFIG_CGROUP_BPF",
+            Status::Fail,
+            "disabled: cgroup BPF programs cannot attach",
+        ),
+        None => check(
+            "CONFIG_CGROUP_BPF",
+            Status::Warn,
+            "kernel config not readable (/proc/config.gz, /boot/config-*); cannot confirm",
+        ),
+    });
+    out.push(if Path::new("/sys/kernel/btf/vmlinux").exists() {
+        check("BTF", Status::Ok, "/sys/kernel/btf/vmlinux")
+    } else {
+        check(
+            "BTF",
+            Status::Warn,
+            "no /sys/kernel/btf/vmlinux (not required, but aids diagnostics)",
+        )
+    });
+    out.push(match Cgroup2::discover() {
+        Ok(cg) => check(
+            "cgroup2",
+            Status::Ok,
+            format!("mounted at {}", cg.mount().display()),
+        ),
+        Err(e) => check("cgroup2", Status::Fail, e.to_string()),
+    });
+    out.push(
+        match bpffs::bpffs_covering(Path::new(bpffs::DEFAULT_BPFFS)) {
+            Ok(Some(m)) => check("bpffs", Status::Ok, format!("mounted at {}", m.display())),
+            Ok(None) => check(
+                "bpffs",
+                Status::Warn,
+                format!(
+                    "not mounted at {}; the sidecar mounts it on start (or: mount -t bpf bpf {})",
+                    bpffs::DEFAULT_BPFFS,
+                    bpffs::DEFAULT_BPFFS
+                ),
+            ),
+            Err(e) => check("bpffs", Status::Fail, e.to_string()),
+        },
+    );
+    out.push(match embedded_object() {
+        Ok(obj) => check(
+            "eBPF object",
+            Status::Ok,
+            format!("{} bytes embedded", obj.len()),
+        ),
+        Err(e) => check("eBPF object", Status::Fail, e.to_string()),
+    });
+    out
+}
+
+fn parse_version(release: &str) -> (u32, u32) {
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse().ok());
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// `Some(enabled)` from /proc/config.gz (via gzip -dc) or /boot/config-<release>.
+fn kernel_config_flag(release: &str, flag: &str) -> Option<bool> {
+    let text = std::fs::read_to_string(format!("/boot/config-{release}"))
+        .ok()
+        .or_else(|| {
+            std::process::Command::new("gzip")
+                .args(["-dc", "/proc/config.gz"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        })?;
+    Some(text.lines().any(|l| l == format!("{flag}=y")))
+}
+
+fn key_checks(path: &Path) -> Vec<Check> {
+    let cfg = match FirmaConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => return vec![check("config", Status::Fail, e.to_string())],
+    };
+    let mut keys: Vec<PathBuf> = Vec::new();
+    if let Some(a) = &cfg.authority {
+        keys.push(a.key_file.clone());
+    }
+    if let Some(s) = &cfg.sidecar {
+        keys.push(s.ca.dir.join("firma-ca.key"));
+        keys.extend(s.audit.signing_key_path.clone());
+    }
+    keys.into_iter()
+        .map(|k| match std::fs::metadata(&k) {
+            Ok(m) if m.permissions().mode() & 0o077 == 0 => check(
+                "key mode",
+                Status::Ok,
+                format!("{} is owner-only", k.display()),
+            ),
+            Ok(m) => check(
+                "key mode",
+                Status::Fail,
+                format!(
+                    "{} has mode {:o}; must be 0600 (chmod 600)",
+                    k.display(),
+                    m.permissions().mode() & 0o777
+                ),
+            ),
+            Err(e) => check("key mode", Status::Warn, format!("{}: {e}", k.display())),
+        })
+        .collect()
 }

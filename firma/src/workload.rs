@@ -1,8 +1,11 @@
-//! `firma sidecar attach|detach|status`: talks to a running sidecar over its control socket.
-//!
-//! PLACEHOLDER: the transparent-interception work implements `run`.
+//! `firma sidecar attach|detach|status`: talks to a running sidecar over its owner-only control
+//! socket (`[sidecar.interceptor.transparent] control_socket`, JSON lines).
 
+use crate::ConfigFailure;
+use anyhow::Context;
 use clap::Subcommand;
+use firma_common::config::FirmaConfig;
+use firma_sidecar::control::{Request, StatusReport, request};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -39,6 +42,71 @@ pub enum WorkloadCommand {
     },
 }
 
-pub fn run(_cmd: WorkloadCommand, _config: &Path) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("workload management is not available in this build")
+pub fn run(cmd: WorkloadCommand, config: &Path) -> anyhow::Result<ExitCode> {
+    let cfg = FirmaConfig::load(config).map_err(ConfigFailure)?;
+    let sidecar = cfg.sidecar().map_err(ConfigFailure)?;
+    let socket = &sidecar.interceptor.transparent.control_socket;
+    let (req, json) = match cmd {
+        WorkloadCommand::Attach {
+            cgroup,
+            pod,
+            agent_id,
+            session_id,
+        } => (
+            Request::Attach {
+                cgroup,
+                pod,
+                agent_id,
+                session_id,
+            },
+            false,
+        ),
+        WorkloadCommand::Detach { cgroup, pod } => (Request::Detach { cgroup, pod }, false),
+        WorkloadCommand::Status { json } => (Request::Status, json),
+    };
+    let is_status = matches!(req, Request::Status);
+    let resp = request(socket, &req)?;
+    if !resp.ok {
+        anyhow::bail!(
+            "sidecar refused: {}",
+            resp.error.unwrap_or_else(|| "no reason given".into())
+        );
+    }
+    let result = resp.result.unwrap_or_default();
+    if json || !is_status {
+        println!("{result}");
+    } else {
+        let report: StatusReport =
+            serde_json::from_value(result).context("sidecar sent an unexpected status shape")?;
+        print_status(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_status(r: &StatusReport) {
+    println!(
+        "transparent listener port {} | pins {} | cgroup2 {}",
+        r.port, r.pin_dir, r.cgroup2_mount
+    );
+    println!(
+        "block_quic={} redirect_dns={} excluded_cidrs={:?} excluded_ports={:?}",
+        r.block_quic, r.redirect_dns, r.excluded_cidrs, r.excluded_ports
+    );
+    println!(
+        "tracked connections: {} by cookie, {} by peer",
+        r.tracked_by_cookie, r.tracked_by_peer
+    );
+    if r.workloads.is_empty() {
+        println!("no workloads attached");
+    }
+    for w in &r.workloads {
+        println!(
+            "{} (id {}) agent={} session={} links={}",
+            w.cgroup_path,
+            w.cgroup_id,
+            w.agent_id,
+            w.session_id.as_deref().unwrap_or("-"),
+            w.links
+        );
+    }
 }

@@ -19,6 +19,9 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Build the eBPF object (nightly, `-Z build-std=core`, bpf-linker) and print its path.
+    /// `cargo build -p firma-sidecar` does the same through its build script and embeds it.
+    BuildEbpf,
 }
 
 /// Runs a command, printing it first and naming it if it fails.
@@ -33,10 +36,41 @@ pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cargo +nightly build --release` in firma-ebpf (its `.cargo/config.toml` sets the BPF target
+/// and build-std), with the same flags as firma-sidecar/build.rs.
+fn build_ebpf() -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    exec(Command::new("bash").arg(root.join("scripts/install-bpf-linker.sh")))?;
+    let arch = std::env::consts::ARCH;
+    exec(
+        Command::new("rustup")
+            .args(["run", "nightly", "cargo", "build", "--release"])
+            .current_dir(root.join("firma-ebpf"))
+            .env(
+                "CARGO_ENCODED_RUSTFLAGS",
+                format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf"),
+            )
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC")
+            .env_remove("CARGO_TARGET_DIR"),
+    )?;
+    let obj = root.join("firma-ebpf/target/bpfel-unknown-none/release/firma-ebpf");
+    println!("{}", obj.canonicalize().unwrap_or(obj).display());
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
+        Task::BuildEbpf => build_ebpf(),
         Task::Test { args } => {
-            exec(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
+            // The eBPF object must exist for the transparent tests; fail here rather than let
+            // them skip silently in CI.
+            build_ebpf()?;
+            exec(
+                Command::new("cargo")
+                    .args(["build", "--workspace", "--bins"])
+                    .env("FIRMA_EBPF_REQUIRED", "1"),
+            )?;
             exec(
                 Command::new("cargo")
                     .args(["test", "--workspace", "--no-fail-fast"])

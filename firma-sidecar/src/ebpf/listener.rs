@@ -1,0 +1,74 @@
+//! The transparent listeners on 127.0.0.1:port and [::1]:port. Each accepted connection is
+//! looked up by its peer address; a connection with no kernel record (not redirected, or its
+//! entry already gone) is closed and reported, never served with a guessed destination.
+
+use super::Redirector;
+use crate::pipeline::Workload;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+
+/// One redirected connection, as the kernel described it.
+#[derive(Debug)]
+pub struct Redirected {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// Where the app connected to.
+    pub original_dst: SocketAddr,
+    /// The attached workload it came from (`None` if its binding vanished meanwhile).
+    pub workload: Option<Workload>,
+}
+
+/// A connection accepted on a transparent listener with no redirect record.
+#[derive(Debug)]
+pub struct Unredirected {
+    pub peer: SocketAddr,
+}
+
+/// Binds both listeners (fails if either cannot be bound: half a listener would refuse one
+/// address family's workloads without saying why).
+pub async fn bind(port: u16) -> std::io::Result<Vec<TcpListener>> {
+    let v4 = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
+    let v6 = TcpListener::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await?;
+    Ok(vec![v4, v6])
+}
+
+/// Accepts on `listener` forever, resolving each connection through the redirector and
+/// handing it to `serve` (or `reject` when there is no record; the stream is then dropped).
+pub async fn accept_loop<S, SF, R>(
+    listener: TcpListener,
+    redirector: Arc<Redirector>,
+    serve: S,
+    reject: R,
+) where
+    S: Fn(Redirected) -> SF + Send + Sync + 'static,
+    SF: std::future::Future<Output = ()> + Send + 'static,
+    R: Fn(Unredirected) + Send + Sync + 'static,
+{
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "transparent accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match redirector.original_destination(peer) {
+            Some(orig) => {
+                let workload = redirector.workload(&orig);
+                let conn = Redirected {
+                    stream,
+                    peer,
+                    original_dst: orig.socket_addr(),
+                    workload,
+                };
+                tokio::spawn(serve(conn));
+            }
+            None => {
+                tracing::warn!(%peer, "transparent connection without a redirect record; closing");
+                reject(Unredirected { peer });
+            }
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The seven programs of the object: loading (or adopting pinned ones) and attaching them to one
+//! cgroup with pinned links.
+
+use super::EbpfError;
+use aya::Ebpf;
+use aya::programs::links::{FdLink, LinkError};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockAddrAttachType, Program, SockOps};
+use std::fs::File;
+use std::path::Path;
+
+/// How a program attaches.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    SockOps,
+    SockAddr(CgroupSockAddrAttachType),
+}
+
+/// Program names in the object, in attach order: bookkeeping first, `connect*` last, so a
+/// connection is never redirected before its entry can be re-keyed. Detach goes in reverse.
+const PROGRAMS: [(&str, Kind); 7] = [
+    ("firma_sock_ops", Kind::SockOps),
+    (
+        "firma_getpeername4",
+        Kind::SockAddr(CgroupSockAddrAttachType::GetPeerName4),
+    ),
+    (
+        "firma_getpeername6",
+        Kind::SockAddr(CgroupSockAddrAttachType::GetPeerName6),
+    ),
+    (
+        "firma_sendmsg4",
+        Kind::SockAddr(CgroupSockAddrAttachType::UDPSendMsg4),
+    ),
+    (
+        "firma_sendmsg6",
+        Kind::SockAddr(CgroupSockAddrAttachType::UDPSendMsg6),
+    ),
+    (
+        "firma_connect4",
+        Kind::SockAddr(CgroupSockAddrAttachType::Connect4),
+    ),
+    (
+        "firma_connect6",
+        Kind::SockAddr(CgroupSockAddrAttachType::Connect6),
+    ),
+];
+
+/// Number of links one attached cgroup has.
+pub const LINKS_PER_CGROUP: usize = PROGRAMS.len();
+
+enum Handle {
+    SockOps(SockOps),
+    SockAddr(CgroupSockAddr),
+}
+
+/// Loaded programs, each also pinned at `<pin_dir>/progs/<name>`.
+pub struct Programs {
+    handles: Vec<(&'static str, Handle)>,
+    /// How many programs were found pinned (re-adopted) rather than loaded.
+    pub adopted: usize,
+}
+
+impl Programs {
+    /// Adopts pinned programs, loading and pinning any that are not pinned yet.
+    pub fn load_or_adopt(ebpf: &mut Ebpf, progs_dir: &Path) -> Result<Self, EbpfError> {
+        let mut handles = Vec::with_capacity(PROGRAMS.len());
+        let mut adopted = 0;
+        for (name, kind) in PROGRAMS {
+            let pin = progs_dir.join(name);
+            if pin.exists() {
+                adopted += 1;
+            } else {
+                let prog = ebpf
+                    .program_mut(name)
+                    .ok_or(EbpfError::MissingProgram(name))?;
+                load(prog, name)?;
+                prog.pin(&pin).map_err(|e| EbpfError::Pin {
+                    what: name,
+                    path: pin.clone(),
+                    detail: e.to_string(),
+                })?;
+            }
+            let handle = match kind {
+                Kind::SockOps => SockOps::from_pin(&pin).map(Handle::SockOps),
+                Kind::SockAddr(t) => CgroupSockAddr::from_pin(&pin, t).map(Handle::SockAddr),
+            }
+            .map_err(|e| EbpfError::Program {
+                name,
+                detail: e.to_string(),
+            })?;
+            handles.push((name, handle));
+        }
+        Ok(Self { handles, adopted })
+    }
+
+    /// Attaches every program not yet linked to `cgroup_dir`, pinning each link at
+    /// `<links_dir>/<name>`. Returns how many links were created (0: already fully attached).
+    pub fn attach(&mut self, cgroup_dir: &Path, links_dir: &Path) -> Result<usize, EbpfError> {
+        let cgroup = File::open(cgroup_dir).map_err(|e| EbpfError::Io {
+            path: cgroup_dir.into(),
+            detail: e.to_string(),
+        })?;
+        std::fs::create_dir_all(links_dir).map_err(|e| EbpfError::Io {
+            path: links_dir.into(),
+            detail: e.to_string(),
+        })?;
+        let mut created = 0;
+        for (name, handle) in &mut self.handles {
+            let pin = links_dir.join(*name);
+            if pin.exists() {
+                continue;
+            }
+            let link: FdLink = match handle {
+                Handle::SockOps(p) => {
+                    let id = p
+                        .attach(&cgroup, CgroupAttachMode::Single)
+                        .map_err(|e| attach_err(name, cgroup_dir, e))?;
+                    p.take_link(id)
+                        .map_err(|e| attach_err(name, cgroup_dir, e))?
+                        .try_into()
+                }
+                Handle::SockAddr(p) => {
+                    let id = p
+                        .attach(&cgroup, CgroupAttachMode::Single)
+                        .map_err(|e| attach_err(name, cgroup_dir, e))?;
+                    p.take_link(id)
+                        .map_err(|e| attach_err(name, cgroup_dir, e))?
+                        .try_into()
+                }
+            }
+            .map_err(|e: LinkError| EbpfError::Attach {
+                name,
+                cgroup: cgroup_dir.into(),
+                detail: format!("kernel has no BPF links ({e}); need Linux >= 5.7"),
+            })?;
+            // Dropping the returned PinnedLink closes our fd; the pin keeps the link alive.
+            link.pin(&pin).map_err(|e| EbpfError::Pin {
+                what: name,
+                path: pin.clone(),
+                detail: e.to_string(),
+            })?;
+            created += 1;
+        }
+        Ok(created)
+    }
+}
+
+fn load(prog: &mut Program, name: &'static str) -> Result<(), EbpfError> {
+    let res = match prog {
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSockAddr(p) => p.load(),
+        _ => return Err(EbpfError::MissingProgram(name)),
+    };
+    res.map_err(|e| EbpfError::Program {
+        name,
+        detail: verifier_detail(&e),
+    })
+}
+
+fn verifier_detail(e: &aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            format!("{io_error}; verifier: {verifier_log}")
+        }
+        other => other.to_string(),
+    }
+}
+
+fn attach_err(name: &'static str, cgroup: &Path, e: aya::programs::ProgramError) -> EbpfError {
+    EbpfError::Attach {
+        name,
+        cgroup: cgroup.into(),
+        detail: e.to_string(),
+    }
+}
+
+/// Removes the pinned links of one cgroup in reverse attach order (`connect*` first, so no new
+/// connection is redirected once its bookkeeping is gone). Returns how many were removed.
+pub fn detach(links_dir: &Path) -> Result<usize, EbpfError> {
+    let mut removed = 0;
+    for (name, _) in PROGRAMS.iter().rev() {
+        let pin = links_dir.join(name);
+        match std::fs::remove_file(&pin) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(EbpfError::Io {
+                    path: pin,
+                    detail: e.to_string(),
+                });
+            }
+        }
+    }
+    match std::fs::remove_dir(links_dir) {
+        Ok(()) => Ok(removed),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(removed),
+        Err(e) => Err(EbpfError::Io {
+            path: links_dir.into(),
+            detail: e.to_string(),
+        }),
+    }
+}
+
+/// How many of the links of one cgroup are pinned.
+pub fn pinned_links(links_dir: &Path) -> usize {
+    PROGRAMS
+        .iter()
+        .filter(|(name, _)| links_dir.join(name).exists())
+        .count()
+}
