@@ -15,4 +15,6 @@ pub mod config;
 #[cfg(feature = "user")]
 pub mod keys;
 #[cfg(feature = "user")]
+pub mod policy;
+#[cfg(feature = "user")]
 pub mod proto;
