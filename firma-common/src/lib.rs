@@ -17,4 +17,6 @@ pub mod config;
 #[cfg(feature = "user")]
 pub mod keys;
 #[cfg(feature = "user")]
+pub mod policy;
+#[cfg(feature = "user")]
 pub mod proto;
