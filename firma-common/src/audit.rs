@@ -60,7 +60,9 @@ pub enum AuditLineError {
 
 /// Hex SHA-256 of one line as written (no trailing newline).
 pub fn line_hash(line: &str) -> String {
-    hex::encode(Sha256::digest(line.trim_end_matches(['\n', '\r']).as_bytes()))
+    hex::encode(Sha256::digest(
+        line.trim_end_matches(['\n', '\r']).as_bytes(),
+    ))
 }
 
 /// Short identifier of a public key (first 16 hex digits of its SHA-256), recorded in every
@@ -95,7 +97,9 @@ pub fn seal(body: &Map<String, Value>, key: &SigningKey) -> Result<String, Audit
 fn split(line: &str) -> Result<(String, Signature), AuditLineError> {
     let line = line.trim_end_matches(['\n', '\r']);
     let inner = line.strip_suffix("\"}").ok_or(AuditLineError::Unsigned)?;
-    let at = inner.rfind(SIGNATURE_MEMBER).ok_or(AuditLineError::Unsigned)?;
+    let at = inner
+        .rfind(SIGNATURE_MEMBER)
+        .ok_or(AuditLineError::Unsigned)?;
     let sig_b64 = &inner[at + SIGNATURE_MEMBER.len()..];
     let bytes = B64
         .decode(sig_b64)
@@ -109,12 +113,12 @@ fn split(line: &str) -> Result<(String, Signature), AuditLineError> {
 }
 
 /// Checks the signature of one line against any of `keys` and returns the parsed body.
-pub fn verify_line(line: &str, keys: &[VerifyingKey]) -> Result<Map<String, Value>, AuditLineError> {
+pub fn verify_line(
+    line: &str,
+    keys: &[VerifyingKey],
+) -> Result<Map<String, Value>, AuditLineError> {
     let (body, sig) = split(line)?;
-    if !keys
-        .iter()
-        .any(|k| k.verify(body.as_bytes(), &sig).is_ok())
-    {
+    if !keys.iter().any(|k| k.verify(body.as_bytes(), &sig).is_ok()) {
         return Err(AuditLineError::BadSignature);
     }
     match serde_json::from_str::<Value>(&body) {
@@ -251,7 +255,10 @@ mod tests {
         let lines = chain(&k, 4);
         let mut edited = lines.clone();
         edited[2] = edited[2].replace("e2", "e9");
-        assert_eq!(check(&k, &edited).unwrap_err(), (2, AuditLineError::BadSignature));
+        assert_eq!(
+            check(&k, &edited).unwrap_err(),
+            (2, AuditLineError::BadSignature)
+        );
         let mut removed = lines.clone();
         removed.remove(1);
         assert_eq!(check(&k, &removed).unwrap_err().0, 1);
@@ -261,7 +268,10 @@ mod tests {
         let mut first_removed = lines.clone();
         first_removed.remove(0);
         assert_eq!(check(&k, &first_removed).unwrap_err().0, 0);
-        assert_eq!(check(&key(), &lines).unwrap_err(), (0, AuditLineError::BadSignature));
+        assert_eq!(
+            check(&key(), &lines).unwrap_err(),
+            (0, AuditLineError::BadSignature)
+        );
     }
 
     #[test]

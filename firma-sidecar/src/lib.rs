@@ -7,4 +7,5 @@
 //! arrive; everything after that is shared.
 
 pub mod audit;
+pub mod authority_client;
 pub mod pipeline;

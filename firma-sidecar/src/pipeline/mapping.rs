@@ -23,7 +23,7 @@
 //! protocol the "host" matched is the literal `ip:port`.
 
 use serde::Deserialize;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 /// A rules-file problem; always names the file and, where there is one, the rule index.
@@ -183,7 +183,9 @@ fn parse_host(raw: &str) -> Result<HostPat, String> {
     }
     if let Some(rest) = h.strip_prefix("*.") {
         if rest.is_empty() || rest.contains('*') {
-            return Err(format!("host {raw:?}: expected `*.suffix` with a non-empty suffix"));
+            return Err(format!(
+                "host {raw:?}: expected `*.suffix` with a non-empty suffix"
+            ));
         }
         return Ok(HostPat::Suffix(format!(".{rest}")));
     }
@@ -200,7 +202,9 @@ fn parse_path(raw: &str) -> Result<PathPat, String> {
         return Ok(PathPat::Any);
     }
     if !raw.starts_with('/') {
-        return Err(format!("path {raw:?}: expected `*` or a path starting with `/`"));
+        return Err(format!(
+            "path {raw:?}: expected `*` or a path starting with `/`"
+        ));
     }
     match raw.find('*') {
         None => Ok(PathPat::Exact(raw.to_string())),
@@ -216,7 +220,9 @@ fn parse_method(raw: &str) -> Result<Option<String>, String> {
         return Ok(None);
     }
     if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_alphabetic()) {
-        return Err(format!("method {raw:?}: expected an HTTP method name or `*`"));
+        return Err(format!(
+            "method {raw:?}: expected an HTTP method name or `*`"
+        ));
     }
     Ok(Some(raw.to_ascii_uppercase()))
 }
@@ -299,13 +305,12 @@ impl MappingRules {
     }
 
     /// Fails on the first rule whose action class `known` does not contain.
-    pub fn check_actions(&self, known: &HashSet<String>) -> Result<(), MappingError> {
+    pub fn check_actions(&self, known: &BTreeSet<String>) -> Result<(), MappingError> {
         let mut all: Vec<&Rule> = self.rules().collect();
         all.sort_by(|a, b| (&a.file, a.index).cmp(&(&b.file, b.index)));
         for r in all {
             if !known.contains(&r.action_class) {
-                let mut k: Vec<&str> = known.iter().map(String::as_str).collect();
-                k.sort_unstable();
+                let k: Vec<&str> = known.iter().map(String::as_str).collect();
                 return Err(MappingError::UnknownAction {
                     file: r.file.clone(),
                     index: r.index,
@@ -335,11 +340,7 @@ impl MappingRules {
         &self.files
     }
 
-    fn first<'a>(
-        &'a self,
-        host: &str,
-        pred: impl Fn(&Rule) -> bool,
-    ) -> Option<Mapped<'a>> {
+    fn first<'a>(&'a self, host: &str, pred: impl Fn(&Rule) -> bool) -> Option<Mapped<'a>> {
         let exact = self.by_host.get(host).into_iter().flatten();
         let wild = self.wildcard.iter().filter(|r| r.host_matches(host));
         exact.chain(wild).find(|r| pred(r)).map(|r| Mapped {
@@ -410,8 +411,14 @@ mod tests {
     fn host_specificity_exact_beats_longer_suffix_beats_shorter_beats_any() {
         let r = rules(SPEC);
         assert_eq!(class(&r, "GET", "api.example.com", "/x"), Some("exact.any"));
-        assert_eq!(class(&r, "GET", "eu.api.example.com", "/x"), Some("suffix.long"));
-        assert_eq!(class(&r, "GET", "www.example.com", "/x"), Some("suffix.short"));
+        assert_eq!(
+            class(&r, "GET", "eu.api.example.com", "/x"),
+            Some("suffix.long")
+        );
+        assert_eq!(
+            class(&r, "GET", "www.example.com", "/x"),
+            Some("suffix.short")
+        );
         // `*.example.com` does not match the apex.
         assert_eq!(class(&r, "GET", "example.com", "/x"), Some("any.host"));
         assert_eq!(class(&r, "GET", "other.org", "/"), Some("any.host"));
@@ -421,9 +428,18 @@ mod tests {
     fn path_and_method_specificity() {
         let r = rules(SPEC);
         let h = "api.example.com";
-        assert_eq!(class(&r, "POST", h, "/v1/chat/completions"), Some("exact.completions"));
-        assert_eq!(class(&r, "GET", h, "/v1/chat/completions"), Some("exact.completions.get"));
-        assert_eq!(class(&r, "POST", h, "/v1/chat/other"), Some("exact.v1.chat"));
+        assert_eq!(
+            class(&r, "POST", h, "/v1/chat/completions"),
+            Some("exact.completions")
+        );
+        assert_eq!(
+            class(&r, "GET", h, "/v1/chat/completions"),
+            Some("exact.completions.get")
+        );
+        assert_eq!(
+            class(&r, "POST", h, "/v1/chat/other"),
+            Some("exact.v1.chat")
+        );
         assert_eq!(class(&r, "POST", h, "/v1/models"), Some("exact.v1"));
         assert_eq!(class(&r, "POST", h, "/v2"), Some("exact.any"));
     }
@@ -484,11 +500,13 @@ mod tests {
         );
         assert!(r.classify_destination("api.openai.com").is_none());
         assert_eq!(
-            r.classify_destination("db.internal").map(|m| m.action_class),
+            r.classify_destination("db.internal")
+                .map(|m| m.action_class),
             Some("data.read")
         );
         assert_eq!(
-            r.classify_destination("x.vendor.com").map(|m| m.action_class),
+            r.classify_destination("x.vendor.com")
+                .map(|m| m.action_class),
             Some("communication.external.send")
         );
         assert!(r.classify_destination("127.0.0.1:5432").is_some());
@@ -511,8 +529,13 @@ mod tests {
             f,
         )
         .unwrap();
-        let e = MappingRules::from_rules(parsed, vec![]).unwrap_err().to_string();
-        assert!(e.contains("dup.toml: rule[1]: duplicates dup.toml rule[0]"), "{e}");
+        let e = MappingRules::from_rules(parsed, vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("dup.toml: rule[1]: duplicates dup.toml rule[0]"),
+            "{e}"
+        );
 
         for (bad, what) in [
             ("host = \"a*.com\"", "host"),
@@ -522,7 +545,10 @@ mod tests {
         ] {
             let text = format!("[[rule]]\n{bad}\naction_class = \"x\"\n");
             let e = MappingRules::parse_file(&text, f).unwrap_err().to_string();
-            assert!(e.starts_with("dup.toml: rule[0]: ") && e.contains(what), "{e}");
+            assert!(
+                e.starts_with("dup.toml: rule[0]: ") && e.contains(what),
+                "{e}"
+            );
         }
         let e = MappingRules::parse_file("[[rule]]\nhost = \"a\"\naction = \"x\"\n", f)
             .unwrap_err()
@@ -533,8 +559,11 @@ mod tests {
     #[test]
     fn unknown_action_class_is_reported() {
         let r = rules("[[rule]]\nhost = \"a.com\"\naction_class = \"nope.nope\"\n");
-        let known: HashSet<String> = ["model.inference.chat".to_string()].into();
+        let known: BTreeSet<String> = ["model.inference.chat".to_string()].into();
         let e = r.check_actions(&known).unwrap_err().to_string();
-        assert!(e.contains("t.toml: rule[0]") && e.contains("nope.nope"), "{e}");
+        assert!(
+            e.contains("t.toml: rule[0]") && e.contains("nope.nope"),
+            "{e}"
+        );
     }
 }

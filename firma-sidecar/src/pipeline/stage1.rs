@@ -100,6 +100,9 @@ pub struct Stage1Request<'a> {
     pub now: i64,
 }
 
+/// Header tokens by SHA-256: the verified capability, or why verification failed.
+type TokenCache = LruCache<[u8; 32], Result<Arc<Capability>, String>>;
+
 /// The capability map: session -> capabilities, plus the header-token cache.
 pub struct CapabilityStore {
     key: VerifyingKey,
@@ -107,7 +110,7 @@ pub struct CapabilityStore {
     revoked: Arc<RevocationSet>,
     seeded_sessions: Vec<String>,
     sessions: RwLock<HashMap<String, Vec<Arc<Capability>>>>,
-    tokens: Mutex<LruCache<[u8; 32], Result<Arc<Capability>, String>>>,
+    tokens: Mutex<TokenCache>,
 }
 
 impl CapabilityStore {
@@ -201,12 +204,15 @@ impl CapabilityStore {
                 r
             }
         };
-        result.map_err(|e| deny(DenyReason::CapabilityInvalid, format!("{CAPABILITY_HEADER}: {e}")))
+        result.map_err(|e| {
+            deny(
+                DenyReason::CapabilityInvalid,
+                format!("{CAPABILITY_HEADER}: {e}"),
+            )
+        })
     }
 
-    fn lock_tokens(
-        &self,
-    ) -> std::sync::MutexGuard<'_, LruCache<[u8; 32], Result<Arc<Capability>, String>>> {
+    fn lock_tokens(&self) -> std::sync::MutexGuard<'_, TokenCache> {
         match self.tokens.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -249,7 +255,8 @@ impl CapabilityStore {
                 ),
             ));
         }
-        let bound = |c: &&Arc<Capability>| req.workload.is_none_or(|w| c.claims.agent_id == w.agent_id);
+        let bound =
+            |c: &&Arc<Capability>| req.workload.is_none_or(|w| c.claims.agent_id == w.agent_id);
         let with_action: Vec<&Arc<Capability>> = candidates
             .iter()
             .filter(bound)
@@ -295,7 +302,10 @@ impl CapabilityStore {
                         CapabilityError::Expired { .. } => DenyReason::CapabilityExpired,
                         _ => DenyReason::CapabilityInvalid,
                     };
-                    if last.as_ref().is_none_or(|d| d.reason != DenyReason::CapabilityRevoked) {
+                    if last
+                        .as_ref()
+                        .is_none_or(|d| d.reason != DenyReason::CapabilityRevoked)
+                    {
                         last = Some(deny(reason, e.to_string()));
                     }
                 }
@@ -355,10 +365,12 @@ fn single_header<'a>(
             format!("header {name} appears more than once"),
         ));
     }
-    first
-        .to_str()
-        .map(|s| Some(s.trim()))
-        .map_err(|_| deny(DenyReason::MalformedRequest, format!("header {name} is not ASCII")))
+    first.to_str().map(|s| Some(s.trim())).map_err(|_| {
+        deny(
+            DenyReason::MalformedRequest,
+            format!("header {name} is not ASCII"),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -367,7 +379,13 @@ mod tests {
     use firma_common::capability::now_unix;
     use firma_common::keys::SigningKey;
 
-    fn claims(token: &str, agent: &str, session: &str, actions: &[&str], scope: &str) -> CapabilityClaims {
+    fn claims(
+        token: &str,
+        agent: &str,
+        session: &str,
+        actions: &[&str],
+        scope: &str,
+    ) -> CapabilityClaims {
         let now = now_unix();
         CapabilityClaims {
             token_id: token.into(),
@@ -403,7 +421,12 @@ mod tests {
             })
             .collect();
         store.load_seeds(&paths, now_unix()).unwrap();
-        Fixture { key, store, revoked, dir }
+        Fixture {
+            key,
+            store,
+            revoked,
+            dir,
+        }
     }
 
     fn check(
@@ -438,12 +461,18 @@ mod tests {
     #[test]
     fn single_seeded_session_applies_and_scope_is_checked() {
         let f = fixture(&[claims("t1", "a", "s1", &[CHAT], "api.openai.com")]);
-        assert_eq!(check(&f, &[], None, CHAT, "api.openai.com/v1/chat/completions"), Ok("t1".into()));
+        assert_eq!(
+            check(&f, &[], None, CHAT, "api.openai.com/v1/chat/completions"),
+            Ok("t1".into())
+        );
         assert_eq!(
             check(&f, &[], None, CHAT, "api.openai.com.evil.com/v1"),
             Err(DenyReason::CapabilityScopeMismatch)
         );
-        assert_eq!(check(&f, &[], None, SEND, "api.openai.com/x"), Err(DenyReason::CapabilityNotFound));
+        assert_eq!(
+            check(&f, &[], None, SEND, "api.openai.com/x"),
+            Err(DenyReason::CapabilityNotFound)
+        );
     }
 
     #[test]
@@ -452,12 +481,30 @@ mod tests {
             claims("t1", "a", "s1", &[CHAT], "*"),
             claims("t2", "b", "s2", &[SEND], "*"),
         ]);
-        assert_eq!(check(&f, &[], None, CHAT, "h/p"), Err(DenyReason::CapabilityNotFound));
-        assert_eq!(check(&f, &[("x-firma-session", "s1")], None, CHAT, "h/p"), Ok("t1".into()));
-        assert_eq!(check(&f, &[("x-firma-session", "s2")], None, SEND, "h/p"), Ok("t2".into()));
-        assert_eq!(check(&f, &[("x-firma-session", "s3")], None, SEND, "h/p"), Err(DenyReason::CapabilityNotFound));
         assert_eq!(
-            check(&f, &[("x-firma-session", "s1"), ("x-firma-session", "s2")], None, CHAT, "h/p"),
+            check(&f, &[], None, CHAT, "h/p"),
+            Err(DenyReason::CapabilityNotFound)
+        );
+        assert_eq!(
+            check(&f, &[("x-firma-session", "s1")], None, CHAT, "h/p"),
+            Ok("t1".into())
+        );
+        assert_eq!(
+            check(&f, &[("x-firma-session", "s2")], None, SEND, "h/p"),
+            Ok("t2".into())
+        );
+        assert_eq!(
+            check(&f, &[("x-firma-session", "s3")], None, SEND, "h/p"),
+            Err(DenyReason::CapabilityNotFound)
+        );
+        assert_eq!(
+            check(
+                &f,
+                &[("x-firma-session", "s1"), ("x-firma-session", "s2")],
+                None,
+                CHAT,
+                "h/p"
+            ),
             Err(DenyReason::MalformedRequest)
         );
     }
@@ -467,15 +514,30 @@ mod tests {
         let f = fixture(&[]);
         let c = claims("t9", "tenant-acme", "u-1", &[CHAT], "*");
         let tok = c.sign(&f.key).unwrap();
-        assert_eq!(check(&f, &[("x-firma-capability", &tok)], None, CHAT, "h/p"), Ok("t9".into()));
+        assert_eq!(
+            check(&f, &[("x-firma-capability", &tok)], None, CHAT, "h/p"),
+            Ok("t9".into())
+        );
         // Now the session header alone finds it.
-        assert_eq!(check(&f, &[("x-firma-session", "u-1")], None, CHAT, "h/p"), Ok("t9".into()));
+        assert_eq!(
+            check(&f, &[("x-firma-session", "u-1")], None, CHAT, "h/p"),
+            Ok("t9".into())
+        );
         let other = SigningKey::generate(&mut rand::rngs::OsRng);
         let forged = c.sign(&other).unwrap();
-        assert_eq!(check(&f, &[("x-firma-capability", &forged)], None, CHAT, "h/p"), Err(DenyReason::CapabilityInvalid));
-        assert_eq!(check(&f, &[("x-firma-capability", "garbage")], None, CHAT, "h/p"), Err(DenyReason::CapabilityInvalid));
+        assert_eq!(
+            check(&f, &[("x-firma-capability", &forged)], None, CHAT, "h/p"),
+            Err(DenyReason::CapabilityInvalid)
+        );
+        assert_eq!(
+            check(&f, &[("x-firma-capability", "garbage")], None, CHAT, "h/p"),
+            Err(DenyReason::CapabilityInvalid)
+        );
         f.revoked.insert("t9");
-        assert_eq!(check(&f, &[("x-firma-capability", &tok)], None, CHAT, "h/p"), Err(DenyReason::CapabilityRevoked));
+        assert_eq!(
+            check(&f, &[("x-firma-capability", &tok)], None, CHAT, "h/p"),
+            Err(DenyReason::CapabilityRevoked)
+        );
     }
 
     #[test]
@@ -484,11 +546,17 @@ mod tests {
         let mut c = claims("t1", "a", "s", &[CHAT], "*");
         c.exp = now_unix() - 3;
         let tok = c.sign(&f.key).unwrap();
-        assert_eq!(check(&f, &[("x-firma-capability", &tok)], None, CHAT, "h/p"), Ok("t1".into()));
+        assert_eq!(
+            check(&f, &[("x-firma-capability", &tok)], None, CHAT, "h/p"),
+            Ok("t1".into())
+        );
         c.exp = now_unix() - 30;
         c.token_id = "t2".into();
         let tok = c.sign(&f.key).unwrap();
-        assert_eq!(check(&f, &[("x-firma-capability", &tok)], None, CHAT, "h/p"), Err(DenyReason::CapabilityExpired));
+        assert_eq!(
+            check(&f, &[("x-firma-capability", &tok)], None, CHAT, "h/p"),
+            Err(DenyReason::CapabilityExpired)
+        );
     }
 
     #[test]
@@ -509,11 +577,22 @@ mod tests {
         let wb = w("agent-b", Some("s2"));
         assert_eq!(check(&f, &[], Some(&wb), CHAT, "h/p"), Ok("t2".into()));
         // App names another agent's session: the kernel binding wins.
-        assert_eq!(check(&f, &[("x-firma-session", "s2")], Some(&wa), CHAT, "h/p"), Err(DenyReason::WorkloadMismatch));
-        let tok = claims("t3", "agent-b", "s3", &[CHAT], "*").sign(&f.key).unwrap();
-        assert_eq!(check(&f, &[("x-firma-capability", &tok)], Some(&wa), CHAT, "h/p"), Err(DenyReason::WorkloadMismatch));
+        assert_eq!(
+            check(&f, &[("x-firma-session", "s2")], Some(&wa), CHAT, "h/p"),
+            Err(DenyReason::WorkloadMismatch)
+        );
+        let tok = claims("t3", "agent-b", "s3", &[CHAT], "*")
+            .sign(&f.key)
+            .unwrap();
+        assert_eq!(
+            check(&f, &[("x-firma-capability", &tok)], Some(&wa), CHAT, "h/p"),
+            Err(DenyReason::WorkloadMismatch)
+        );
         let wc = w("agent-c", None);
-        assert_eq!(check(&f, &[], Some(&wc), CHAT, "h/p"), Err(DenyReason::CapabilityNotFound));
+        assert_eq!(
+            check(&f, &[], Some(&wc), CHAT, "h/p"),
+            Err(DenyReason::CapabilityNotFound)
+        );
     }
 
     #[test]
@@ -524,21 +603,34 @@ mod tests {
         seed.action_set.push(SEND.into());
         let p = f.dir.path().join("edited.toml");
         std::fs::write(&p, toml::to_string(&seed).unwrap()).unwrap();
-        let mut store = CapabilityStore::new(f.key.verifying_key(), 5, Arc::new(RevocationSet::new()));
-        let e = store.load_seeds(std::slice::from_ref(&p), now_unix()).unwrap_err().to_string();
-        assert!(e.contains("raw_token claims do not match seed claims") && e.contains("edited.toml"), "{e}");
+        let mut store =
+            CapabilityStore::new(f.key.verifying_key(), 5, Arc::new(RevocationSet::new()));
+        let e = store
+            .load_seeds(std::slice::from_ref(&p), now_unix())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("raw_token claims do not match seed claims") && e.contains("edited.toml"),
+            "{e}"
+        );
 
         let other = SigningKey::generate(&mut rand::rngs::OsRng);
         let seed = CapabilitySeed::new(c.sign(&other).unwrap(), &c);
         std::fs::write(&p, toml::to_string(&seed).unwrap()).unwrap();
-        let e = store.load_seeds(std::slice::from_ref(&p), now_unix()).unwrap_err().to_string();
+        let e = store
+            .load_seeds(std::slice::from_ref(&p), now_unix())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("raw_token failed PASETO verification"), "{e}");
 
         let mut old = c.clone();
         old.exp = now_unix() - 100;
         let seed = CapabilitySeed::new(old.sign(&f.key).unwrap(), &old);
         std::fs::write(&p, toml::to_string(&seed).unwrap()).unwrap();
-        let e = store.load_seeds(std::slice::from_ref(&p), now_unix()).unwrap_err().to_string();
+        let e = store
+            .load_seeds(std::slice::from_ref(&p), now_unix())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("expired"), "{e}");
     }
 }
