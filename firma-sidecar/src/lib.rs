@@ -7,6 +7,7 @@
 //! arrive; everything after that is shared ([`interceptor::serve::serve_stream`]).
 
 pub mod audit;
+pub mod authority_client;
 pub mod connector;
 pub mod drain;
 pub mod interceptor;
