@@ -47,6 +47,21 @@ impl SidecarError {
     pub fn config_key(&self) -> Option<&'static str> {
         match self {
             Self::Config { key, .. } => Some(key),
+            Self::Pipeline(e) => Some(match e {
+                PipelineError::Mapping(_) => "sidecar.mapping",
+                PipelineError::Seed(_) => "sidecar.capability_seed",
+                PipelineError::PublicKey(_) => "sidecar.authority.public_key_path",
+                PipelineError::PolicyDir(_)
+                | PipelineError::Bundle(_)
+                | PipelineError::Authority(_) => "sidecar.policy",
+                PipelineError::Startup(_) => "sidecar",
+            }),
+            Self::Audit(e) => Some(match e {
+                AuditError::Key(_) => "sidecar.audit.signing_key_path",
+                AuditError::File { .. } => "sidecar.audit.path",
+                AuditError::Grpc(_) => "sidecar.audit.grpc_url",
+                AuditError::Startup(_) => "sidecar.audit",
+            }),
             _ => None,
         }
     }
@@ -129,13 +144,12 @@ pub async fn run(cfg: &SidecarConfig) -> Result<(), SidecarError> {
     match cfg.interceptor.mode {
         InterceptMode::HttpProxy => {
             let addr = &cfg.interceptor.listen_addr;
-            let listener =
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| SidecarError::Bind {
-                        addr: addr.clone(),
-                        source,
-                    })?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| SidecarError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?;
             let local = listener.local_addr().map_err(|source| SidecarError::Bind {
                 addr: addr.clone(),
                 source,

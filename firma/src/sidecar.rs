@@ -10,7 +10,12 @@ use std::process::ExitCode;
 #[derive(clap::Args)]
 pub struct Args {
     /// The sectioned firma.toml (reads the `[sidecar.*]` tables).
-    #[arg(short = 'c', long = "config", global = true, default_value = "/etc/firma/firma.toml")]
+    #[arg(
+        short = 'c',
+        long = "config",
+        global = true,
+        default_value = "/etc/firma/firma.toml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<crate::workload::WorkloadCommand>,
@@ -30,7 +35,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     match rt.block_on(firma_sidecar::server::run(&cfg)) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => match e.config_key() {
-            Some(key) => Err(ConfigFailure(ConfigError::invalid(&args.config, key, e.to_string())).into()),
+            Some(key) => {
+                Err(ConfigFailure(ConfigError::invalid(&args.config, key, e.to_string())).into())
+            }
             None => Err(anyhow::Error::new(e).context("sidecar failed")),
         },
     }

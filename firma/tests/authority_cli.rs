@@ -30,7 +30,11 @@ fn generate_key_writes_0600_and_pub_and_refuses_overwrite() {
 
     let out = firma(&["authority", "generate-key", "-o", k]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("--force"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--force"),
+        "{}",
+        text(&out.stderr)
+    );
     assert_eq!(std::fs::read(&key).unwrap(), before, "key untouched");
 
     // Only the .pub existing also blocks.
@@ -96,9 +100,10 @@ fn issue_writes_a_verifiable_seed_and_hand_edits_are_detected() {
     assert!(text(&out.stderr).contains(&claims.token_id));
 
     // A hand edit of the mirror (scope widened) must be caught by the verifier.
-    let edited = std::fs::read_to_string(&seed_path)
-        .unwrap()
-        .replace("resource_scope = \"*\"", "resource_scope = \"api.openai.com*\"");
+    let edited = std::fs::read_to_string(&seed_path).unwrap().replace(
+        "resource_scope = \"*\"",
+        "resource_scope = \"api.openai.com*\"",
+    );
     std::fs::write(&seed_path, edited).unwrap();
     let err = read_seed(&seed_path)
         .verify(&d.verifying_key())
@@ -190,7 +195,11 @@ fn ttl_is_clamped_to_max_and_reported() {
         seed_path.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("clamped to 3600s"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("clamped to 3600s"),
+        "{}",
+        text(&out.stderr)
+    );
     let c = read_seed(&seed_path).verify(&d.verifying_key()).unwrap();
     assert_eq!(c.exp - c.iat, 3600);
 }

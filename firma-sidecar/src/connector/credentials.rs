@@ -86,9 +86,8 @@ impl CredentialStore {
                             var: var.clone(),
                         })?;
                     let s = Secret::new(value);
-                    header_value(&c.prefix, &s).ok_or_else(|| CredentialError::BadValue {
-                        host: host.clone(),
-                    })?;
+                    header_value(&c.prefix, &s)
+                        .ok_or_else(|| CredentialError::BadValue { host: host.clone() })?;
                     Source::Basic(s)
                 }
                 CredentialMode::Vault => {

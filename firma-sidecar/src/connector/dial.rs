@@ -70,11 +70,12 @@ impl Dialer {
         }
         .map_err(|source| DialError::Connect { addr, source })?;
         if let Some(mark) = mark {
-            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
-                .map_err(|e| DialError::Mark {
+            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark).map_err(
+                |e| DialError::Mark {
                     mark,
                     detail: e.to_string(),
-                })?;
+                },
+            )?;
         }
         let tcp = socket
             .connect(addr)
@@ -84,9 +85,10 @@ impl Dialer {
         let Some(name) = tls_name else {
             return Ok(Either::Left(tcp));
         };
-        let server_name = ServerName::try_from(name.to_string()).map_err(|_| DialError::BadName {
-            name: name.to_string(),
-        })?;
+        let server_name =
+            ServerName::try_from(name.to_string()).map_err(|_| DialError::BadName {
+                name: name.to_string(),
+            })?;
         let tls = TlsConnector::from(self.tls.clone())
             .connect(server_name, tcp)
             .await

@@ -218,7 +218,10 @@ impl Connector {
             ));
         }
         // 3. Rate limit.
-        if let Some(l) = self.hosts.get(&target.host).and_then(|h| h.limiter.as_ref())
+        if let Some(l) = self
+            .hosts
+            .get(&target.host)
+            .and_then(|h| h.limiter.as_ref())
             && let Err(wait) = l.acquire(timeout).await
         {
             return Err((
@@ -233,17 +236,18 @@ impl Connector {
         }
         // 4. Rewrite for the upstream.
         prepare_headers(req.headers_mut());
-        let host_header = if (target.tls && target.port == 443) || (!target.tls && target.port == 80)
-        {
-            target.host.clone()
-        } else {
-            format!("{}:{}", target.host, target.port)
-        };
+        let host_header =
+            if (target.tls && target.port == 443) || (!target.tls && target.port == 80) {
+                target.host.clone()
+            } else {
+                format!("{}:{}", target.host, target.port)
+            };
         if let Ok(v) = HeaderValue::from_str(&host_header) {
             req.headers_mut().insert(header::HOST, v);
         }
         if let Some(inj) = &injection {
-            req.headers_mut().insert(inj.header.clone(), inj.value.clone());
+            req.headers_mut()
+                .insert(inj.header.clone(), inj.value.clone());
             outcome.credential_injected = true;
             outcome.credential_source = Some(inj.source);
         }
@@ -261,7 +265,9 @@ impl Connector {
         let mark = self.mark_for(conn);
         let started = Instant::now();
         let sent = tokio::time::timeout(timeout, async {
-            let mut sender = self.take_or_dial(slot, addr, tls_name.as_deref(), mark).await?;
+            let mut sender = self
+                .take_or_dial(slot, addr, tls_name.as_deref(), mark)
+                .await?;
             let resp = sender.send_request(req).await.map_err(|e| {
                 Failure::UpstreamUnavailable(format!("upstream {addr} request failed: {e}"))
             })?;
@@ -332,7 +338,11 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         .map(|s| s.trim().to_ascii_lowercase())
         .filter(|s| !s.is_empty())
         .collect();
-    for n in HOP_BY_HOP.iter().copied().chain(named.iter().map(String::as_str)) {
+    for n in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
         h.remove(n);
     }
 }

@@ -147,10 +147,7 @@ impl VaultClient {
             token: Mutex::new(token),
             ttl: Duration::from_secs(cfg.cache_ttl_seconds),
             timeout: Duration::from_millis(cfg.timeout_ms.max(1)),
-            entries: secrets
-                .into_iter()
-                .map(|k| (k, Mutex::new(None)))
-                .collect(),
+            entries: secrets.into_iter().map(|k| (k, Mutex::new(None))).collect(),
         })
     }
 
@@ -220,7 +217,8 @@ impl VaultClient {
                 detail: "no token".into(),
             });
         };
-        let body = serde_json::json!({"role_id": role_id.expose(), "secret_id": secret_id.expose()});
+        let body =
+            serde_json::json!({"role_id": role_id.expose(), "secret_id": secret_id.expose()});
         let (status, resp) = self
             .request(
                 http::Method::POST,

@@ -183,7 +183,10 @@ mod tests {
             );
         }
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(70_000));
-        assert!(matches!(head(big.as_bytes()).await, Err(HeadError::Malformed(_))));
+        assert!(matches!(
+            head(big.as_bytes()).await,
+            Err(HeadError::Malformed(_))
+        ));
         assert!(matches!(head(b"").await, Err(HeadError::Closed)));
     }
 }

@@ -57,7 +57,16 @@ pub async fn serve_http<S>(
             Err(HeadError::H2Preface) => h2 = true,
             Err(HeadError::Malformed(detail)) => {
                 let (host, port) = mode_host(&mode);
-                deny_raw(&state, &mut stream, &conn, host.as_deref(), port, None, &detail).await;
+                deny_raw(
+                    &state,
+                    &mut stream,
+                    &conn,
+                    host.as_deref(),
+                    port,
+                    None,
+                    &detail,
+                )
+                .await;
                 return;
             }
         }
@@ -69,7 +78,8 @@ pub async fn serve_http<S>(
         let conn = conn.clone();
         let mode = mode.clone();
         service_fn(move |req| {
-            let (state, conn, mode, slot) = (state.clone(), conn.clone(), mode.clone(), slot.clone());
+            let (state, conn, mode, slot) =
+                (state.clone(), conn.clone(), mode.clone(), slot.clone());
             async move { Ok::<_, Infallible>(handle(&state, &conn, &mode, &slot, req).await) }
         })
     };
@@ -268,7 +278,15 @@ async fn handle(
         Ok(t) => t,
         Err(detail) => {
             let d = Decision::deny(DenyReason::MalformedRequest, detail);
-            audit_deny(state, conn, Some(method.as_str()), mode_h.as_deref(), mode_p, None, &d);
+            audit_deny(
+                state,
+                conn,
+                Some(method.as_str()),
+                mode_h.as_deref(),
+                mode_p,
+                None,
+                &d,
+            );
             return response::deny(&d);
         }
     };
@@ -354,7 +372,10 @@ mod tests {
 
     #[test]
     fn hosts_normalize() {
-        assert_eq!(normalize_host("API.OpenAI.com:443").unwrap(), "api.openai.com");
+        assert_eq!(
+            normalize_host("API.OpenAI.com:443").unwrap(),
+            "api.openai.com"
+        );
         assert_eq!(normalize_host("[::1]:8080").unwrap(), "::1");
         assert_eq!(normalize_host("127.0.0.1").unwrap(), "127.0.0.1");
         assert!(normalize_host("a b").is_none());

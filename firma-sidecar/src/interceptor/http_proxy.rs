@@ -59,7 +59,16 @@ async fn handle(state: Arc<SidecarState>, mut stream: TcpStream, peer: SocketAdd
                 let rest = buf.split_off(h.len);
                 let Some((host, port)) = connect_target(&h.target) else {
                     let detail = format!("CONNECT target {:?} is not host:port", h.target);
-                    deny_raw(&state, &mut stream, &conn, None, 0, Some("CONNECT"), &detail).await;
+                    deny_raw(
+                        &state,
+                        &mut stream,
+                        &conn,
+                        None,
+                        0,
+                        Some("CONNECT"),
+                        &detail,
+                    )
+                    .await;
                     return;
                 };
                 connect(state, stream, rest, conn, host, port).await;

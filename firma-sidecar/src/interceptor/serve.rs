@@ -156,7 +156,11 @@ async fn mitm<S>(
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return fail(e.to_string()),
-        Err(_) => return fail(format!("handshake not completed within {HANDSHAKE_TIMEOUT:?}")),
+        Err(_) => {
+            return fail(format!(
+                "handshake not completed within {HANDSHAKE_TIMEOUT:?}"
+            ));
+        }
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
     let mode = HttpMode::Bound {

@@ -73,7 +73,12 @@ pub async fn decide_and_connect(
     outcome.upstream_us = started.elapsed().as_micros() as u64;
     match connected {
         Ok(io) => {
-            tracing::info!(conn = conn.conn_id, host = host.unwrap_or("-"), port, "tunnel allowed");
+            tracing::info!(
+                conn = conn.conn_id,
+                host = host.unwrap_or("-"),
+                port,
+                "tunnel allowed"
+            );
             record(&decision, Some(outcome));
             TunnelStart::Open(Box::new(io))
         }

@@ -84,9 +84,7 @@ impl LeafCache {
                     }
                 }
             };
-            let minted = slot
-                .get_or_try_init(|| async { self.mint(host) })
-                .await?;
+            let minted = slot.get_or_try_init(|| async { self.mint(host) }).await?;
             if minted.at.elapsed() < REMINT_AFTER {
                 return Ok(minted.config.clone());
             }

@@ -216,7 +216,10 @@ pub fn assert_eventually<T>(within: Duration, what: &str, mut f: impl FnMut() ->
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {within:?}: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?}: {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
