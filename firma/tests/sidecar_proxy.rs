@@ -236,11 +236,13 @@ fn rate_limit_timeout_and_unreachable_upstream_abort_with_reasons() {
 
     // Upstream address with nothing listening: 502.
     let closed = free_port();
-    let mut s = Settings::default();
-    s.upstream_hosts = vec![];
-    s.extra = format!(
-        "[[sidecar.connector.hosts]]\nhost = \"api.openai.com\"\naddress = \"127.0.0.1:{closed}\"\n"
-    );
+    let s = Settings {
+        upstream_hosts: vec![],
+        extra: format!(
+            "[[sidecar.connector.hosts]]\nhost = \"api.openai.com\"\naddress = \"127.0.0.1:{closed}\"\n"
+        ),
+        ..Settings::default()
+    };
     d.write(Some(&up), &s);
     let sc = d.start(&[]);
     let out = curl(
