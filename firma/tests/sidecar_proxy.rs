@@ -510,3 +510,59 @@ fn python_requests_and_httpx_through_the_proxy() {
             .all(|r| r.headers["authorization"] == format!("Bearer {CANARY}"))
     );
 }
+
+/// Prints per-request latency through the MITM'd proxy vs. straight to the upstream, both
+/// over one keep-alive curl connection (debug build: an upper bound, not a benchmark).
+#[test]
+fn latency_figures_through_proxy_vs_direct() {
+    let (up, d, sc) = setup(Settings::default());
+    let n = 200;
+    let urls: Vec<String> = (0..n)
+        .map(|i| format!("https://api.openai.com/v1/models?i={i}"))
+        .collect();
+    let run = |extra: &[String]| {
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--http1.1",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}\n",
+            ])
+            .args(extra)
+            .args(&urls)
+            .output()
+            .unwrap();
+        let ok = text(&out.stdout)
+            .lines()
+            .filter(|l| l.ends_with("200"))
+            .count();
+        (started.elapsed() / n, ok)
+    };
+    let (proxied, ok_p) = run(&[
+        "--noproxy".into(),
+        "".into(),
+        "--proxy".into(),
+        sc.proxy_url(),
+        "--cacert".into(),
+        d.ca_cert().display().to_string(),
+    ]);
+    let (direct, ok_d) = run(&[
+        "--noproxy".into(),
+        "*".into(),
+        "--resolve".into(),
+        format!("api.openai.com:443:{}", up.addr.ip()),
+        "--connect-to".into(),
+        format!("api.openai.com:443:127.0.0.1:{}", up.addr.port()),
+        "--cacert".into(),
+        up.ca_path.display().to_string(),
+    ]);
+    // -o applies to the first URL only; every line still ends with the status.
+    assert_eq!(ok_p, n as usize);
+    assert_eq!(ok_d, n as usize);
+    eprintln!(
+        "FIGURES: {n} keep-alive requests; via sidecar (MITM + pipeline + audit) {proxied:?}/req, direct {direct:?}/req"
+    );
+}

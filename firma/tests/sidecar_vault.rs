@@ -142,3 +142,40 @@ fn vault_refusal_and_missing_key_deny_credential_unavailable() {
     );
     assert_eq!(up.count(), 0);
 }
+
+#[test]
+fn approle_login_from_env_vars_named_in_config() {
+    let Some((_tmp, up, vault)) = start() else {
+        return;
+    };
+    vault.put("acme-vendor/api-key", "value", "approle-fetched-secret");
+    let (role_id, secret_id) = vault.approle();
+    let s = Settings {
+        extra: format!(
+            "[[sidecar.credentials]]\nhost = \"api.acme-vendor.com\"\nmode = \"vault\"\nheader = \"x-api-key\"\nsecret_path = \"secret/acme-vendor/api-key\"\nsecret_key = \"value\"\n\n[sidecar.credentials.vault]\naddr = \"{}\"\napprole_role_id_env = \"FIRMA_T_ROLE\"\napprole_secret_id_env = \"FIRMA_T_SECRET\"\n",
+            vault.addr
+        ),
+        ..Settings::default()
+    };
+    let d = Deployment::new(Some(&up), &s);
+    // Without the AppRole variables there is no way to authenticate: startup refuses.
+    let out = firma(&["sidecar", "-c", d.config.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("FIRMA_T_ROLE"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let sc = d.start(&[("FIRMA_T_ROLE", &role_id), ("FIRMA_T_SECRET", &secret_id)]);
+    let out = curl(
+        &sc.proxy_url(),
+        &d.ca_cert(),
+        "https://api.acme-vendor.com/v1/send",
+        &[],
+    );
+    assert_eq!(out.status, 200, "{out:?}\n{}", sc.log_text());
+    assert_eq!(up.seen()[0].headers["x-api-key"], "approle-fetched-secret");
+    assert!(!sc.log_text().contains(&secret_id));
+    assert!(!d.audit_text().contains(&secret_id));
+}

@@ -491,6 +491,7 @@ impl Sidecar {
             .args(["sidecar", "-c", config.to_str().unwrap()])
             .env("NO_COLOR", "1")
             .env_remove("RUST_LOG")
+            .env_remove("VAULT_TOKEN")
             .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -747,6 +748,43 @@ impl Vault {
             &serde_json::json!({ key: value }).to_string(),
         );
         assert!(code == 200 || code == 204, "vault write: {code} {body}");
+    }
+
+    /// Enables AppRole, creates role `firma` and returns `(role_id, secret_id)`.
+    pub fn approle(&self) -> (String, String) {
+        let t = Some(self.token.as_str());
+        let (c, b) = vault_call(
+            &self.addr,
+            "POST",
+            "sys/auth/approle",
+            t,
+            r#"{"type":"approle"}"#,
+        );
+        assert!(c == 200 || c == 204, "enable approle: {c} {b}");
+        let (c, b) = vault_call(
+            &self.addr,
+            "POST",
+            "auth/approle/role/firma",
+            t,
+            r#"{"token_policies":"default"}"#,
+        );
+        assert!(c == 200 || c == 204, "create role: {c} {b}");
+        let (c, b) = vault_call(&self.addr, "GET", "auth/approle/role/firma/role-id", t, "");
+        assert_eq!(c, 200, "role-id: {b}");
+        let role: serde_json::Value = serde_json::from_str(&b).unwrap();
+        let (c, b) = vault_call(
+            &self.addr,
+            "POST",
+            "auth/approle/role/firma/secret-id",
+            t,
+            "",
+        );
+        assert_eq!(c, 200, "secret-id: {b}");
+        let secret: serde_json::Value = serde_json::from_str(&b).unwrap();
+        (
+            role["data"]["role_id"].as_str().unwrap().to_string(),
+            secret["data"]["secret_id"].as_str().unwrap().to_string(),
+        )
     }
 
     /// Stops the server (our own child, by handle).
