@@ -168,6 +168,7 @@ async fn authority_streams_drive_revocation_staleness_and_recovery() {
     })
     .await
     .expect("revocation reached the sidecar");
+    eprintln!("revocation reached the pipeline {revoked:?} after `revocations add` returned");
     assert!(
         revoked < Duration::from_secs(1),
         "revocation took {revoked:?}"
@@ -211,6 +212,7 @@ async fn authority_streams_drive_revocation_staleness_and_recovery() {
     })
     .await
     .expect("stale after the authority stopped");
+    eprintln!("PolicyBundleStale {stale_after:?} after the authority stopped (sidecar ttl 3 s)");
     assert!(
         stale_after >= Duration::from_secs(1),
         "stale too early: {stale_after:?}"
