@@ -38,7 +38,7 @@ pub fn grpc_config(url: &str, key: &Path) -> AuditConfig {
 /// Decides `r` and records it as an interceptor would (with a connector outcome on allow).
 pub async fn decide_and_record(p: &Pipeline, log: &AuditLog, r: &RequestContext) {
     let d = p.decide(r).await;
-    let connector = d.is_allow().then(|| ConnectorOutcome {
+    let connector = d.is_allow().then_some(ConnectorOutcome {
         credential_injected: true,
         credential_source: Some("basic"),
         upstream_status: Some(200),
