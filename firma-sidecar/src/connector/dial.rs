@@ -119,3 +119,36 @@ impl Dialer {
         Ok(sender)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Transparent mode depends on the mark being on the socket before `connect`.
+    #[tokio::test]
+    async fn upstream_socket_carries_so_mark() {
+        crate::tls::install_crypto_provider();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dialer = Dialer::new(crate::tls::upstream::client_config(
+            rustls::RootCertStore::empty(),
+        ));
+        match dialer.connect(addr, None, Some(0x4649_524d)).await {
+            Ok(Either::Left(tcp)) => {
+                let mark =
+                    nix::sys::socket::getsockopt(&tcp, nix::sys::socket::sockopt::Mark).unwrap();
+                assert_eq!(mark, 0x4649_524d);
+            }
+            Err(DialError::Mark { .. }) => {
+                eprintln!("SKIP: setting SO_MARK needs CAP_NET_ADMIN");
+            }
+            other => panic!("unexpected: {:?}", other.map(|_| ())),
+        }
+        let plain = dialer.connect(addr, None, None).await.unwrap();
+        let Either::Left(tcp) = plain else { panic!() };
+        assert_eq!(
+            nix::sys::socket::getsockopt(&tcp, nix::sys::socket::sockopt::Mark).unwrap(),
+            0
+        );
+    }
+}
