@@ -9,6 +9,8 @@
 pub mod maps;
 
 #[cfg(feature = "user")]
+pub mod audit;
+#[cfg(feature = "user")]
 pub mod capability;
 #[cfg(feature = "user")]
 pub mod config;
