@@ -77,6 +77,16 @@ pub enum AuditError {
 struct Inner {
     tx: Mutex<Sender<writer::Msg>>,
     grpc: Option<grpc::GrpcQueue>,
+    /// The grpc shipper task, stopped when the last handle goes (call `flush` first).
+    shipper: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(s) = &self.shipper {
+            s.abort();
+        }
+    }
 }
 
 /// The configured sink. Cheap to clone.
@@ -111,6 +121,7 @@ impl AuditLog {
                 )));
             }
         };
+        let mut shipper = None;
         let (sealer, sink, grpc) = match cfg.sink {
             AuditSink::File => {
                 let path = cfg.path.clone().ok_or_else(|| {
@@ -132,7 +143,7 @@ impl AuditLog {
                     "[sidecar.audit] ca_cert_path",
                 )?;
                 let q = grpc::GrpcQueue::default();
-                tokio::spawn(q.clone().ship(endpoint, addr));
+                shipper = Some(tokio::spawn(q.clone().ship(endpoint, addr)).abort_handle());
                 (Sealer::new(key), writer::Sink::Grpc(q.clone()), Some(q))
             }
         };
@@ -145,6 +156,7 @@ impl AuditLog {
             inner: Arc::new(Inner {
                 tx: Mutex::new(tx),
                 grpc,
+                shipper,
             }),
         })
     }

@@ -70,6 +70,30 @@ struct Inner {
     counters: ActionCounters,
     revoked: Arc<RevocationSet>,
     budget: Duration,
+    /// Background tasks (authority streams, directory reload), stopped with the pipeline.
+    _tasks: Tasks,
+}
+
+/// Aborts the tasks it holds when dropped, so a dropped or failed pipeline leaves nothing
+/// running.
+#[derive(Default)]
+struct Tasks(Vec<tokio::task::AbortHandle>);
+
+impl Tasks {
+    fn spawn<F>(&mut self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.0.push(tokio::spawn(fut).abort_handle());
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 /// classify -> identify -> Stage 1 -> Stage 2. Cheap to clone (`Arc` inside).
@@ -99,6 +123,7 @@ impl Pipeline {
         capabilities.load_seeds(&cfg.capability_seed.paths, now_unix())?;
         let ttl = Duration::from_secs(cfg.constraint_enforcement.bundle_ttl_seconds);
         let policies = Arc::new(PolicyStore::new(ttl, mapping.clone()));
+        let mut tasks = Tasks::default();
 
         match &cfg.policy.authority_url {
             Some(url) => {
@@ -110,11 +135,11 @@ impl Pipeline {
                     tracing::warn!(target: "firma_sidecar::policy", "ignoring cached bundle: {e}");
                 }
                 let store = policies.clone();
-                tokio::spawn(authority_client::run_bundle_stream(ep.clone(), move |b| {
+                tasks.spawn(authority_client::run_bundle_stream(ep.clone(), move |b| {
                     bundle_source::on_streamed(&store, cache.as_deref(), b)
                 }));
                 let set = revoked.clone();
-                tokio::spawn(authority_client::run_revocation_stream(
+                tasks.spawn(authority_client::run_revocation_stream(
                     ep.clone(),
                     move |id, replay| {
                         if set.insert(id) && !replay {
@@ -126,6 +151,11 @@ impl Pipeline {
                     },
                 ));
                 if !policies.wait_ready(FIRST_BUNDLE_WAIT).await {
+                    if let Some(why) = policies.mapping_refusal() {
+                        return Err(PipelineError::Startup(format!(
+                            "[sidecar.mapping]: the authority's bundle does not fit the mapping rules: {why}"
+                        )));
+                    }
                     tracing::warn!(
                         target: "firma_sidecar::startup::authority",
                         "no policy bundle from authority {} yet; denying PolicyBundleNotReady until one arrives",
@@ -147,7 +177,7 @@ impl Pipeline {
                     bundle.file_count(),
                     dir.display()
                 );
-                tokio::spawn(bundle_source::watch_dir(
+                tasks.spawn(bundle_source::watch_dir(
                     dir,
                     policies.clone(),
                     bundle_source::reload_period(ttl),
@@ -163,6 +193,7 @@ impl Pipeline {
                 counters: ActionCounters::new(),
                 revoked,
                 budget: Duration::from_millis(cfg.constraint_enforcement.enforcement_timeout_ms),
+                _tasks: tasks,
             }),
         })
     }

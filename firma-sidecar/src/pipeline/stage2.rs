@@ -35,8 +35,10 @@ pub struct PolicyStore {
     current: RwLock<Option<Installed>>,
     ttl: Duration,
     mapping: Arc<MappingRules>,
-    /// Notified on every install, so startup can wait for the first bundle.
+    /// Notified on every install or mapping refusal, so startup can wait for the first bundle.
     installed: tokio::sync::watch::Sender<u64>,
+    /// The last bundle refused because the mapping rules use an action class it lacks.
+    mapping_refusal: std::sync::Mutex<Option<String>>,
 }
 
 /// What Stage 2 needs from one request.
@@ -67,6 +69,15 @@ impl PolicyStore {
             ttl,
             mapping,
             installed: tokio::sync::watch::channel(0).0,
+            mapping_refusal: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Why the last bundle was refused for lacking a mapped action class, if it was.
+    pub fn mapping_refusal(&self) -> Option<String> {
+        match self.mapping_refusal.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
         }
     }
 
@@ -86,7 +97,13 @@ impl PolicyStore {
             Some(p) => p,
             None => {
                 let compiled = bundle.compile()?;
-                self.mapping.check_actions(compiled.action_classes())?;
+                if let Err(e) = self.mapping.check_actions(compiled.action_classes()) {
+                    if let Ok(mut r) = self.mapping_refusal.lock() {
+                        *r = Some(e.to_string());
+                    }
+                    self.installed.send_modify(|n| *n += 1);
+                    return Err(e.into());
+                }
                 Arc::new(compiled)
             }
         };
@@ -127,11 +144,12 @@ impl PolicyStore {
             .map(|i| i.policies.version().to_owned())
     }
 
-    /// Waits until a bundle is installed or `timeout` passes; returns whether one is.
+    /// Waits until a bundle is installed, one is refused for the mapping rules, or `timeout`
+    /// passes; returns whether one is installed.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         let mut rx = self.installed.subscribe();
         let ready = async {
-            while self.read().is_none() {
+            while self.read().is_none() && self.mapping_refusal().is_none() {
                 if rx.changed().await.is_err() {
                     return;
                 }
