@@ -1,1 +1,16 @@
-//! Placeholder
+//! The Firma Authority: mints PASETO capability tokens under a Cedar issuance policy, and
+//! streams the runtime Cedar bundle and revocations to sidecars over gRPC.
+//!
+//! Modules: [`issuance`] (validate, evaluate, clamp, sign), [`revocations`] (the file),
+//! [`revocation_hub`] (watch the file, fan out), [`bundles`] (load, watch, publish),
+//! [`service`] (gRPC), [`server`] (TLS, listen, drain), [`error`].
+
+pub mod bundles;
+pub mod error;
+pub mod issuance;
+pub mod revocation_hub;
+pub mod revocations;
+pub mod server;
+pub mod service;
+
+pub use error::AuthorityError;

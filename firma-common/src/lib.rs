@@ -9,10 +9,14 @@
 pub mod maps;
 
 #[cfg(feature = "user")]
+pub mod audit;
+#[cfg(feature = "user")]
 pub mod capability;
 #[cfg(feature = "user")]
 pub mod config;
 #[cfg(feature = "user")]
 pub mod keys;
+#[cfg(feature = "user")]
+pub mod policy;
 #[cfg(feature = "user")]
 pub mod proto;

@@ -4,9 +4,17 @@
 //! run through the one **pipeline** (classify -> identify -> Stage 1 -> Stage 2), allowed requests
 //! go out through the **connector** (credentials, rate limits, upstream TLS), and every decision
 //! is written by **audit**. Interceptors differ only in how a connection and its destination
-//! arrive; everything after that is shared.
+//! arrive; everything after that is shared ([`interceptor::serve::serve_stream`]).
 
 pub mod audit;
+pub mod authority_client;
+pub mod connector;
 pub mod control;
+pub mod drain;
 pub mod ebpf;
+pub mod interceptor;
 pub mod pipeline;
+pub mod response;
+pub mod server;
+pub mod state;
+pub mod tls;

@@ -3,45 +3,379 @@
 //! Contract between interceptors/connector and the decision stages. Interceptors build a
 //! [`RequestContext`] per HTTP request (or a [`DestinationContext`] per opaque tunnel) and get a
 //! [`Decision`]; they never decide anything themselves.
+//!
+//! Phases of [`Pipeline::decide`], in order:
+//! 1. **classify** ([`mapping`]): method + host + path -> action class. Unmapped requests deny
+//!    `UnclassifiedIntent` when `default_protected`, else pass through (`passthrough = true`);
+//! 2. **bundle state** ([`stage2::PolicyStore`]): no bundle yet -> `PolicyBundleNotReady`, no
+//!    refresh for `bundle_ttl_seconds` -> `PolicyBundleStale`. This applies to pass-through
+//!    requests too: a stale sidecar denies everything;
+//! 3. **Stage 1** ([`stage1`]): identity -> capability, scope, revocation, expiry;
+//! 4. **Stage 2** ([`stage2`]): Cedar with `action_count`, `session_id`, `method`.
+//!
+//! The whole decision must finish within `enforcement_timeout_ms` or it is
+//! `EnforcementTimeout`: the stages are synchronous CPU work, so the budget is checked when
+//! they return (a decision that overran is never turned into an allow).
 
+pub mod bundle_source;
+pub mod mapping;
+pub mod revocations;
+pub mod sessions;
+pub mod stage1;
+pub mod stage2;
 mod types;
 
 pub use types::*;
 
+use crate::authority_client::{self, AuthorityEndpoint, ClientError};
+use firma_common::capability::now_unix;
 use firma_common::config::SidecarConfig;
+use firma_common::policy::{PolicyBundle, PolicyError};
+use mapping::{MappingError, MappingRules};
+use revocations::RevocationSet;
+use sessions::ActionCounters;
+use stage1::{CapabilityStore, SeedError, Stage1Request};
+use stage2::{InstallError, PolicyStore, Stage2Request};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long startup waits for the first bundle from the Authority before going on without
+/// one (requests then deny `PolicyBundleNotReady` until it arrives).
+const FIRST_BUNDLE_WAIT: Duration = Duration::from_secs(3);
 
 /// Errors that stop the sidecar from starting (bad seed, bad mapping rules, ...).
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error("{0}")]
     Startup(String),
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+    #[error(transparent)]
+    Seed(#[from] SeedError),
+    #[error("[sidecar.authority] public_key_path: {0}")]
+    PublicKey(#[from] firma_common::keys::KeyError),
+    #[error("[sidecar.policy] dir: {0}")]
+    PolicyDir(#[from] PolicyError),
+    #[error("[sidecar.policy] {0}")]
+    Bundle(#[from] InstallError),
+    #[error("[sidecar.policy] {0}")]
+    Authority(#[from] ClientError),
+}
+
+struct Inner {
+    mapping: Arc<MappingRules>,
+    default_protected: bool,
+    capabilities: CapabilityStore,
+    policies: Arc<PolicyStore>,
+    counters: ActionCounters,
+    revoked: Arc<RevocationSet>,
+    budget: Duration,
 }
 
 /// classify -> identify -> Stage 1 -> Stage 2. Cheap to clone (`Arc` inside).
-///
-/// CONTRACT STUB: the decision-stages work replaces the body; until then it denies everything.
 #[derive(Clone)]
 pub struct Pipeline {
-    _inner: Arc<()>,
+    inner: Arc<Inner>,
 }
 
 impl Pipeline {
     /// Builds the pipeline from config: mapping rules, seeds, bundle source, revocations.
-    /// Spawns background tasks (authority streams) on the current tokio runtime.
-    pub async fn start(_cfg: &SidecarConfig) -> Result<Self, PipelineError> {
+    /// Spawns background tasks (authority streams, local reload) on the current tokio runtime.
+    pub async fn start(cfg: &SidecarConfig) -> Result<Self, PipelineError> {
+        let mapping = Arc::new(MappingRules::load(&cfg.mapping.all_paths())?);
+        tracing::info!(
+            target: "firma_sidecar::startup::mapping",
+            "loaded {} mapping rule(s) from {} file(s)",
+            mapping.len(),
+            mapping.files().len()
+        );
+        let key = firma_common::keys::load_verifying_key(&cfg.authority.public_key_path)?;
+        let revoked = Arc::new(RevocationSet::new());
+        let mut capabilities = CapabilityStore::new(
+            key,
+            cfg.capability_validation.clock_skew_tolerance_seconds,
+            revoked.clone(),
+        );
+        capabilities.load_seeds(&cfg.capability_seed.paths, now_unix())?;
+        let ttl = Duration::from_secs(cfg.constraint_enforcement.bundle_ttl_seconds);
+        let policies = Arc::new(PolicyStore::new(ttl, mapping.clone()));
+
+        match &cfg.policy.authority_url {
+            Some(url) => {
+                let ep = AuthorityEndpoint::new(url, cfg.authority.ca_cert_path.as_deref())?;
+                let cache = cfg.policy.dir.clone();
+                if let Some(dir) = &cache
+                    && let Err(e) = bundle_source::load_cache(&policies, dir)
+                {
+                    tracing::warn!(target: "firma_sidecar::policy", "ignoring cached bundle: {e}");
+                }
+                let store = policies.clone();
+                tokio::spawn(authority_client::run_bundle_stream(ep.clone(), move |b| {
+                    bundle_source::on_streamed(&store, cache.as_deref(), b)
+                }));
+                let set = revoked.clone();
+                tokio::spawn(authority_client::run_revocation_stream(
+                    ep.clone(),
+                    move |id, replay| {
+                        if set.insert(id) && !replay {
+                            tracing::info!(target: "firma_sidecar::revocation", "revoked capability {id}");
+                        }
+                        if !replay {
+                            set.mark_synced();
+                        }
+                    },
+                ));
+                if !policies.wait_ready(FIRST_BUNDLE_WAIT).await {
+                    tracing::warn!(
+                        target: "firma_sidecar::startup::authority",
+                        "no policy bundle from authority {} yet; denying PolicyBundleNotReady until one arrives",
+                        ep.addr
+                    );
+                }
+            }
+            None => {
+                let dir = cfg.policy.dir.clone().ok_or_else(|| {
+                    PipelineError::Startup(
+                        "[sidecar.policy]: expected `dir` or `authority_url`".into(),
+                    )
+                })?;
+                let bundle = PolicyBundle::load_dir(&dir)?;
+                policies.install(&bundle)?;
+                tracing::info!(
+                    target: "firma_sidecar::startup::policy",
+                    "loaded runtime bundle ({} file(s)) from {}",
+                    bundle.file_count(),
+                    dir.display()
+                );
+                tokio::spawn(bundle_source::watch_dir(
+                    dir,
+                    policies.clone(),
+                    bundle_source::reload_period(ttl),
+                ));
+            }
+        }
         Ok(Self {
-            _inner: Arc::new(()),
+            inner: Arc::new(Inner {
+                mapping,
+                default_protected: cfg.mapping.default_protected,
+                capabilities,
+                policies,
+                counters: ActionCounters::new(),
+                revoked,
+                budget: Duration::from_millis(cfg.constraint_enforcement.enforcement_timeout_ms),
+            }),
         })
     }
 
     /// Decides one HTTP request.
-    pub async fn decide(&self, _req: &RequestContext) -> Decision {
-        Decision::deny(DenyReason::PolicyBundleNotReady, "pipeline not built")
+    pub async fn decide(&self, req: &RequestContext) -> Decision {
+        let t0 = Instant::now();
+        let class = self
+            .inner
+            .mapping
+            .classify(req.method.as_str(), &req.host, &req.path)
+            .map(|m| m.action_class.to_owned());
+        let d = self.run(
+            t0,
+            Subject {
+                class,
+                method: req.method.as_str(),
+                host: &req.host,
+                path: &req.path,
+                headers: &req.headers,
+                workload: req.conn.workload.as_ref(),
+            },
+        );
+        self.bounded(t0, d)
     }
 
-    /// Decides a connection that will be tunnelled without HTTP parsing.
-    pub async fn decide_destination(&self, _dst: &DestinationContext) -> Decision {
-        Decision::deny(DenyReason::PolicyBundleNotReady, "pipeline not built")
+    /// Decides a connection that will be tunnelled without HTTP parsing (see
+    /// [`mapping`] for which rules classify destinations).
+    pub async fn decide_destination(&self, dst: &DestinationContext) -> Decision {
+        self.decide_connect(dst, &http::HeaderMap::new()).await
     }
+
+    /// [`Pipeline::decide_destination`] with the headers of the `CONNECT` request that opened
+    /// the tunnel (http_proxy mode), so `x-firma-capability`/`x-firma-session` apply to it.
+    pub async fn decide_connect(
+        &self,
+        dst: &DestinationContext,
+        headers: &http::HeaderMap,
+    ) -> Decision {
+        let t0 = Instant::now();
+        let host = match (&dst.host, dst.conn.original_dst) {
+            (Some(h), _) => h.to_ascii_lowercase(),
+            (None, Some(addr)) => addr.to_string(),
+            (None, None) => {
+                return Decision::deny(
+                    DenyReason::MalformedRequest,
+                    "destination has neither a host name nor an address",
+                );
+            }
+        };
+        let class = self
+            .inner
+            .mapping
+            .classify_destination(&host)
+            .map(|m| m.action_class.to_owned());
+        let d = self.run(
+            t0,
+            Subject {
+                class,
+                method: "CONNECT",
+                host: &host,
+                path: "",
+                headers,
+                workload: dst.conn.workload.as_ref(),
+            },
+        );
+        self.bounded(t0, d)
+    }
+
+    /// Applies the enforcement budget to a finished decision.
+    fn bounded(&self, t0: Instant, mut d: Decision) -> Decision {
+        let total = t0.elapsed();
+        d.timings_us.push(("total_us", micros(total)));
+        if total > self.inner.budget {
+            let mut late = Decision::deny(
+                DenyReason::EnforcementTimeout,
+                format!(
+                    "decision took {} us, over enforcement_timeout_ms = {}",
+                    total.as_micros(),
+                    self.inner.budget.as_millis()
+                ),
+            );
+            late.action_class = d.action_class;
+            late.capability = d.capability;
+            late.timings_us = d.timings_us;
+            return late;
+        }
+        d
+    }
+
+    fn run(&self, t0: Instant, s: Subject<'_>) -> Decision {
+        let inner = &*self.inner;
+        let mut timings = vec![("classify_us", micros(t0.elapsed()))];
+        let with = |mut d: Decision, timings: Vec<(&'static str, u64)>, class: &Option<String>| {
+            d.action_class = class.clone();
+            d.timings_us = timings;
+            d
+        };
+        let Some(class) = s.class.as_deref() else {
+            if inner.default_protected {
+                let what = if s.method == "CONNECT" {
+                    format!("no mapping rule claims destination {}", s.host)
+                } else {
+                    format!("no mapping rule for {} {}{}", s.method, s.host, s.path)
+                };
+                return with(
+                    Decision::deny(DenyReason::UnclassifiedIntent, what),
+                    timings,
+                    &None,
+                );
+            }
+            return match inner.policies.usable(Instant::now()) {
+                Err((reason, detail)) => with(Decision::deny(reason, detail), timings, &None),
+                Ok(_) => Decision {
+                    outcome: Outcome::Allow,
+                    reason: None,
+                    detail: "unmapped; passed through (default_protected = false)".into(),
+                    action_class: None,
+                    passthrough: true,
+                    capability: None,
+                    matched_policies: Vec::new(),
+                    timings_us: timings,
+                },
+            };
+        };
+        let policies = match inner.policies.usable(Instant::now()) {
+            Ok(p) => p,
+            Err((reason, detail)) => {
+                return with(Decision::deny(reason, detail), timings, &s.class);
+            }
+        };
+
+        let t1 = Instant::now();
+        let resource = format!("{}{}", s.host, s.path);
+        let cap = inner.capabilities.check(&Stage1Request {
+            headers: s.headers,
+            workload: s.workload,
+            action_class: class,
+            resource: &resource,
+            now: now_unix(),
+        });
+        timings.push(("stage1_us", micros(t1.elapsed())));
+        let cap = match cap {
+            Ok(c) => c,
+            Err(d) => {
+                return with(Decision::deny(d.reason, d.detail), timings, &s.class);
+            }
+        };
+
+        let t2 = Instant::now();
+        let r = stage2::evaluate(
+            &policies,
+            &inner.counters,
+            &Stage2Request {
+                agent_id: &cap.claims.agent_id,
+                session_id: &cap.claims.session_id,
+                action_class: class,
+                host: s.host,
+                path: s.path,
+                method: s.method,
+            },
+        );
+        timings.push(("stage2_us", micros(t2.elapsed())));
+        let (outcome, reason, detail) = match r.deny {
+            None => (
+                Outcome::Allow,
+                None,
+                format!(
+                    "allowed by {} (action_count = {})",
+                    r.matched_policies.join(", "),
+                    r.action_count
+                ),
+            ),
+            Some((reason, detail)) => (Outcome::Deny, Some(reason), detail),
+        };
+        Decision {
+            outcome,
+            reason,
+            detail,
+            action_class: s.class.clone(),
+            passthrough: false,
+            capability: Some(cap.summary.clone()),
+            matched_policies: r.matched_policies,
+            timings_us: timings,
+        }
+    }
+
+    /// Version of the installed runtime bundle, if any (for status and health output).
+    pub fn bundle_version(&self) -> Option<String> {
+        self.inner.policies.version()
+    }
+
+    /// Number of revoked token ids known.
+    pub fn revocation_count(&self) -> usize {
+        self.inner.revoked.len()
+    }
+
+    /// Calls of `action_class` already allowed in `session` (Stage 2's counter).
+    pub fn action_count(&self, session: &str, action_class: &str) -> i64 {
+        self.inner.counters.get(session, action_class)
+    }
+}
+
+/// What the phases look at, for requests and destinations alike.
+struct Subject<'a> {
+    class: Option<String>,
+    method: &'a str,
+    host: &'a str,
+    path: &'a str,
+    headers: &'a http::HeaderMap,
+    workload: Option<&'a Workload>,
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }

@@ -1,0 +1,48 @@
+//! One error type for the Authority library; every message names the file or address at fault.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityError {
+    #[error(transparent)]
+    Config(#[from] firma_common::config::ConfigError),
+    #[error("signing key: {0}")]
+    Key(#[from] firma_common::keys::KeyError),
+    #[error("{which} bundle {dir}: {source}")]
+    Policy {
+        which: &'static str,
+        dir: PathBuf,
+        #[source]
+        source: firma_common::policy::PolicyError,
+    },
+    #[error("revocation file {path}: {source}")]
+    Revocations {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "revocation file {path} does not exist; create it (e.g. `touch {path}`) or fix authority.revocation_file"
+    )]
+    RevocationFileMissing { path: PathBuf },
+    #[error(
+        "refusing to serve plaintext gRPC on non-loopback address {addr}; set authority.tls_cert_path and authority.tls_key_path, or listen on 127.0.0.1/[::1]"
+    )]
+    PlaintextNonLoopback { addr: std::net::SocketAddr },
+    #[error("TLS: {path}: {message}")]
+    Tls { path: PathBuf, message: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(String),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,137 @@
+//! `firma authority -c F`: load keys and bundles, bind, serve gRPC (TLS when configured) until
+//! the shutdown future resolves, then drain.
+
+use crate::bundles::{self, describe_count};
+use crate::error::AuthorityError;
+use crate::revocation_hub::{self, RevocationHub};
+use crate::revocations::RevocationFile;
+use crate::service::AuthorityService;
+use firma_common::config::AuthorityConfig;
+use firma_common::keys::{check_owner_only, load_signing_key};
+use firma_common::proto::authority::authority_server::AuthorityServer;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+/// How long in-flight RPCs get to finish after shutdown is requested.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+const STARTUP: &str = "firma_authority::startup";
+
+/// Reads the TLS identity, refusing a private key others can read.
+fn tls_identity(cert: &Path, key: &Path) -> Result<Identity, AuthorityError> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|e| AuthorityError::Tls {
+            path: p.to_path_buf(),
+            message: e.to_string(),
+        })
+    };
+    check_owner_only(key)?;
+    Ok(Identity::from_pem(read(cert)?, read(key)?))
+}
+
+/// Refuses plaintext anywhere but loopback: capabilities and bundles must not cross a network
+/// in the clear.
+pub fn check_listen(addr: SocketAddr, tls: bool) -> Result<(), AuthorityError> {
+    if !tls && !addr.ip().is_loopback() {
+        return Err(AuthorityError::PlaintextNonLoopback { addr });
+    }
+    Ok(())
+}
+
+/// Runs the Authority until `shutdown` resolves. Startup fails (before binding) on a bad key,
+/// an invalid bundle, a missing revocation file or a plaintext non-loopback address.
+pub async fn run(
+    cfg: &AuthorityConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AuthorityError> {
+    tracing::debug!(target: STARTUP, config = ?cfg, "effective configuration");
+    let addr = cfg.socket_addr();
+    let tls = match (&cfg.tls_cert_path, &cfg.tls_key_path) {
+        (Some(cert), Some(key)) => Some(tls_identity(cert, key)?),
+        _ => None,
+    };
+    check_listen(addr, tls.is_some())?;
+    let key = Arc::new(load_signing_key(&cfg.key_file)?);
+
+    let issuance = bundles::load("issuance", &cfg.issuance_policy_dir)?;
+    tracing::info!(target: STARTUP, version = %issuance.bundle.version,
+        "loaded issuance bundle ({})", describe_count(issuance.bundle.file_count()));
+    let runtime = bundles::load("runtime", &cfg.policy_dir)?;
+    tracing::info!(target: STARTUP, version = %runtime.bundle.version,
+        "loaded runtime bundle ({})", describe_count(runtime.bundle.file_count()));
+
+    let revocation_file = RevocationFile::new(&cfg.revocation_file);
+    let list = revocation_file.read()?;
+    for (line, text) in &list.malformed {
+        tracing::warn!(target: STARTUP, file = %cfg.revocation_file.display(), line,
+            "ignoring malformed revocation line {text:?}");
+    }
+    let hub = RevocationHub::new(list.entries.into_iter().map(|e| e.token_id));
+    tracing::debug!(target: STARTUP, count = hub.len(), "loaded revocations");
+
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| AuthorityError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| AuthorityError::Bind { addr, source })?;
+    tracing::info!(target: STARTUP, tls = tls.is_some(), "gRPC listening on {bound}");
+
+    let cancel = CancellationToken::new();
+    let service = AuthorityService {
+        key,
+        issuance: bundles::watch_dir(
+            "issuance",
+            cfg.issuance_policy_dir.clone(),
+            issuance,
+            cancel.clone(),
+        ),
+        runtime: bundles::watch_dir("runtime", cfg.policy_dir.clone(), runtime, cancel.clone()),
+        revocations: hub.clone(),
+        max_ttl_seconds: cfg.max_ttl_seconds,
+        bundle_ttl: Duration::from_secs(cfg.bundle_ttl_seconds),
+        shutdown: cancel.clone(),
+    };
+    tokio::spawn(revocation_hub::watch_file(
+        hub,
+        revocation_file,
+        cancel.clone(),
+    ));
+
+    let mut builder = Server::builder();
+    if let Some(identity) = tls {
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .map_err(|e| AuthorityError::Tls {
+                path: cfg.tls_cert_path.clone().unwrap_or_default(),
+                message: e.to_string(),
+            })?;
+    }
+    let router = builder.add_service(AuthorityServer::new(service));
+    tracing::info!(target: "firma_authority", "authority ready");
+
+    let stop = cancel.clone();
+    let serve = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        shutdown.await;
+        tracing::info!(target: "firma_authority", "shutting down: draining connections");
+        stop.cancel();
+    });
+    let deadline = async {
+        cancel.cancelled().await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    tokio::select! {
+        r = serve => r.map_err(|e| AuthorityError::Serve(e.to_string()))?,
+        _ = deadline => tracing::warn!(target: "firma_authority",
+            "drain timeout ({DRAIN_TIMEOUT:?}) reached; closing remaining connections"),
+    }
+    cancel.cancel();
+    tracing::info!(target: "firma_authority", "authority stopped");
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! The `firma.authority.v1.Authority` gRPC service.
+
+use crate::bundles::LoadedBundle;
+use crate::issuance::{IssueRequest, Issuer};
+use crate::revocation_hub::RevocationHub;
+use firma_common::capability::now_unix;
+use firma_common::keys::SigningKey;
+use firma_common::proto::authority as pb;
+use firma_common::proto::authority::authority_server::Authority;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// Shared state behind every RPC.
+#[derive(Clone)]
+pub struct AuthorityService {
+    pub key: Arc<SigningKey>,
+    pub issuance: watch::Receiver<Arc<LoadedBundle>>,
+    pub runtime: watch::Receiver<Arc<LoadedBundle>>,
+    pub revocations: Arc<RevocationHub>,
+    pub max_ttl_seconds: u64,
+    /// Re-send period for bundle streams.
+    pub bundle_ttl: Duration,
+    /// Cancelled at shutdown so long-lived streams end and connections can drain.
+    pub shutdown: CancellationToken,
+}
+
+fn peer(req: &Request<impl Sized>) -> String {
+    req.remote_addr()
+        .map_or_else(|| "unknown".into(), |a| a.to_string())
+}
+
+type Tx<T> = mpsc::Sender<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl Authority for AuthorityService {
+    async fn issue_capability(
+        &self,
+        request: Request<pb::IssuanceRequest>,
+    ) -> Result<Response<pb::IssuanceResponse>, Status> {
+        let peer = peer(&request);
+        let req = IssueRequest::from(request.into_inner());
+        let bundle = self.issuance.borrow().clone();
+        let issuer = Issuer {
+            key: &self.key,
+            policies: &bundle.compiled,
+            max_ttl_seconds: self.max_ttl_seconds,
+        };
+        let result = match issuer.issue(&req) {
+            Ok(issued) => {
+                tracing::info!(
+                    %peer,
+                    token_id = %issued.claims.token_id,
+                    agent = %issued.claims.agent_id,
+                    session = %issued.claims.session_id,
+                    actions = ?issued.claims.action_set,
+                    clamped_from = ?issued.clamped_from,
+                    "issued capability"
+                );
+                pb::issuance_response::Result::Allowed(issued.to_proto())
+            }
+            Err(denial) => {
+                tracing::warn!(
+                    %peer,
+                    agent = %req.agent_id,
+                    code = denial.code.as_str(),
+                    policies = ?denial.policies,
+                    "refused capability: {}",
+                    denial.reason
+                );
+                pb::issuance_response::Result::Denied(denial.to_proto())
+            }
+        };
+        Ok(Response::new(pb::IssuanceResponse {
+            result: Some(result),
+        }))
+    }
+
+    type StreamPolicyBundlesStream = ReceiverStream<Result<pb::PolicyBundle, Status>>;
+
+    async fn stream_policy_bundles(
+        &self,
+        request: Request<pb::BundleStreamRequest>,
+    ) -> Result<Response<Self::StreamPolicyBundlesStream>, Status> {
+        let peer = peer(&request);
+        let sidecar = request.into_inner().sidecar_id;
+        tracing::info!(%peer, %sidecar, "bundle stream opened");
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(push_bundles(
+            tx,
+            self.runtime.clone(),
+            self.bundle_ttl,
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type StreamRevocationsStream = ReceiverStream<Result<pb::Revocation, Status>>;
+
+    async fn stream_revocations(
+        &self,
+        request: Request<pb::RevocationStreamRequest>,
+    ) -> Result<Response<Self::StreamRevocationsStream>, Status> {
+        let peer = peer(&request);
+        let sidecar = request.into_inner().sidecar_id;
+        tracing::info!(%peer, %sidecar, "revocation stream opened");
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(push_revocations(
+            tx,
+            self.revocations.clone(),
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Current bundle on connect, every new version, and a re-send every `period` (the sidecar's
+/// freshness signal).
+async fn push_bundles(
+    tx: Tx<pb::PolicyBundle>,
+    mut bundles: watch::Receiver<Arc<LoadedBundle>>,
+    period: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut current = bundles.borrow_and_update().clone();
+    let mut resend = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // First pass: the push on connect; then after each change or period.
+        if tx
+            .send(Ok(current.bundle.to_proto(now_unix())))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tx.closed() => return,
+            changed = bundles.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                current = bundles.borrow_and_update().clone();
+                resend.reset();
+            }
+            _ = resend.tick() => {}
+        }
+    }
+}
+
+/// Replay then live. A client too slow to keep up with the broadcast gets the full set again
+/// (marked `replay`) rather than silently missing ids.
+async fn push_revocations(
+    tx: Tx<pb::Revocation>,
+    hub: Arc<RevocationHub>,
+    shutdown: CancellationToken,
+) {
+    let (snapshot, mut rx) = hub.subscribe();
+    if replay(&tx, snapshot).await.is_err() {
+        return;
+    }
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tx.closed() => return,
+            next = rx.recv() => next,
+        };
+        let sent = match next {
+            Ok(token_id) => {
+                tx.send(Ok(pb::Revocation {
+                    token_id,
+                    replay: false,
+                }))
+                .await
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                let (snapshot, fresh) = hub.subscribe();
+                rx = fresh;
+                replay(&tx, snapshot).await
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+async fn replay(
+    tx: &Tx<pb::Revocation>,
+    ids: Vec<String>,
+) -> Result<(), mpsc::error::SendError<Result<pb::Revocation, Status>>> {
+    for token_id in ids {
+        tx.send(Ok(pb::Revocation {
+            token_id,
+            replay: true,
+        }))
+        .await?;
+    }
+    Ok(())
+}

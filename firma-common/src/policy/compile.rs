@@ -1,0 +1,194 @@
+use super::NAMESPACE;
+use super::bundle::PolicyBundle;
+use super::error::{PolicyDiagnostic, PolicyError, diagnose};
+use cedar_policy::{
+    Authorizer, EntityTypeName, PolicyId, PolicySet, Schema, ValidationMode, Validator,
+};
+use std::collections::{BTreeSet, HashMap};
+use std::str::FromStr;
+
+/// A bundle parsed and strictly validated against its schema, ready to evaluate.
+///
+/// Cheap to share behind an `Arc`; evaluation takes `&self`.
+pub struct CompiledPolicies {
+    pub(super) policies: PolicySet,
+    pub(super) schema: Schema,
+    pub(super) authorizer: Authorizer,
+    pub(super) agent_type: EntityTypeName,
+    pub(super) resource_type: EntityTypeName,
+    pub(super) action_type: EntityTypeName,
+    action_classes: BTreeSet<String>,
+    policy_ids: Vec<String>,
+    version: String,
+}
+
+impl std::fmt::Debug for CompiledPolicies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledPolicies")
+            .field("version", &self.version)
+            .field("policy_ids", &self.policy_ids)
+            .field("action_classes", &self.action_classes)
+            .finish()
+    }
+}
+
+/// `Firma::<name>` as a Cedar type name.
+fn type_name(name: &str) -> Result<EntityTypeName, PolicyError> {
+    EntityTypeName::from_str(&format!("{NAMESPACE}::{name}")).map_err(|e| {
+        PolicyError::Invalid(vec![PolicyDiagnostic {
+            file: "schema".into(),
+            line: None,
+            message: format!("entity type {NAMESPACE}::{name}: {e}"),
+        }])
+    })
+}
+
+impl PolicyBundle {
+    /// Parses every file and validates the whole set strictly against the schema.
+    ///
+    /// Policy ids: the `@id("…")` annotation when present, else `<file stem>:<index>` (index of
+    /// the policy in its file, from 0). Errors name the file and, where Cedar gives one, the
+    /// line; all problems in all files are reported at once.
+    pub fn compile(&self) -> Result<CompiledPolicies, PolicyError> {
+        let schema = compile_schema(&self.schema)?;
+        let mut diags = Vec::new();
+        let mut policies = PolicySet::new();
+        // policy id -> index of its file in `self.files`, to locate validation errors.
+        let mut origin: HashMap<PolicyId, usize> = HashMap::new();
+        let mut policy_ids = Vec::new();
+        for (file_idx, file) in self.files.iter().enumerate() {
+            let set = match PolicySet::from_str(&file.content) {
+                Ok(set) => set,
+                Err(errs) => {
+                    diags.extend(errs.iter().map(|e| diagnose(&file.name, &file.content, e)));
+                    continue;
+                }
+            };
+            if set.templates().next().is_some() {
+                diags.push(PolicyDiagnostic {
+                    file: file.name.clone(),
+                    line: None,
+                    message: "policy templates (?principal/?resource) are not supported".into(),
+                });
+                continue;
+            }
+            let stem = file.name.strip_suffix(".cedar").unwrap_or(&file.name);
+            // The parser names policies `policy0`, `policy1`, … in source order.
+            let mut parsed: Vec<(usize, &cedar_policy::Policy)> = set
+                .policies()
+                .map(|p| {
+                    let n = p.id().to_string().trim_start_matches("policy").parse();
+                    (n.unwrap_or(usize::MAX), p)
+                })
+                .collect();
+            parsed.sort_by_key(|(n, _)| *n);
+            for (n, policy) in parsed {
+                let id = match policy.annotation("id") {
+                    Some(id) => id.to_string(),
+                    None => format!("{stem}:{n}"),
+                };
+                let pid = PolicyId::new(&id);
+                if let Some(other) = origin.get(&pid) {
+                    diags.push(PolicyDiagnostic {
+                        file: file.name.clone(),
+                        line: None,
+                        message: format!(
+                            "policy id `{id}` is already used in {}",
+                            self.files[*other].name
+                        ),
+                    });
+                    continue;
+                }
+                if let Err(e) = policies.add(policy.new_id(pid.clone())) {
+                    diags.push(PolicyDiagnostic {
+                        file: file.name.clone(),
+                        line: None,
+                        message: e.to_string(),
+                    });
+                    continue;
+                }
+                origin.insert(pid, file_idx);
+                policy_ids.push(id);
+            }
+        }
+        if !diags.is_empty() {
+            return Err(PolicyError::Invalid(diags));
+        }
+        let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+        for e in result.validation_errors() {
+            let diag = match origin.get(e.policy_id()).and_then(|i| self.files.get(*i)) {
+                Some(file) => diagnose(&file.name, &file.content, e),
+                None => diagnose("<bundle>", "", e),
+            };
+            diags.push(diag);
+        }
+        if !diags.is_empty() {
+            return Err(PolicyError::Invalid(diags));
+        }
+        let action_type = type_name("Action")?;
+        let action_classes = schema
+            .actions()
+            .filter(|a| a.type_name() == &action_type)
+            .map(|a| a.id().unescaped().to_string())
+            .collect();
+        Ok(CompiledPolicies {
+            policies,
+            schema,
+            authorizer: Authorizer::new(),
+            agent_type: type_name("Agent")?,
+            resource_type: type_name("Resource")?,
+            action_type,
+            action_classes,
+            policy_ids,
+            version: self.version.clone(),
+        })
+    }
+}
+
+/// Parses the schema and checks it declares the entity types Firma builds requests from.
+fn compile_schema(text: &str) -> Result<Schema, PolicyError> {
+    let schema = match Schema::from_cedarschema_str(text) {
+        Ok((schema, _warnings)) => schema,
+        Err(e) => return Err(PolicyError::Invalid(vec![diagnose("schema", text, &e)])),
+    };
+    let mut missing = Vec::new();
+    for name in ["Agent", "Resource"] {
+        let t = type_name(name)?;
+        if !schema.entity_types().any(|have| *have == t) {
+            missing.push(t.to_string());
+        }
+    }
+    if !missing.is_empty() {
+        return Err(PolicyError::Invalid(vec![PolicyDiagnostic {
+            file: "schema".into(),
+            line: None,
+            message: format!(
+                "schema must declare entity types {} (Firma builds every request from them)",
+                missing.join(", ")
+            ),
+        }]));
+    }
+    Ok(schema)
+}
+
+impl CompiledPolicies {
+    /// Action ids (`Firma::Action::"…"`) the schema declares: the valid action classes.
+    pub fn action_classes(&self) -> &BTreeSet<String> {
+        &self.action_classes
+    }
+
+    /// Whether `class` is a declared action class.
+    pub fn is_action_class(&self, class: &str) -> bool {
+        self.action_classes.contains(class)
+    }
+
+    /// Ids of every policy, in file then source order.
+    pub fn policy_ids(&self) -> &[String] {
+        &self.policy_ids
+    }
+
+    /// Version of the bundle this was compiled from.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+}

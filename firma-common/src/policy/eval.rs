@@ -1,0 +1,114 @@
+use super::compile::CompiledPolicies;
+use cedar_policy::{
+    Context, Decision, Entities, Entity, EntityId, EntityUid, Request, RestrictedExpression,
+};
+use std::collections::{HashMap, HashSet};
+
+/// Everything a Firma decision feeds to Cedar. Issuance and Stage 2 fill the same fields
+/// (see `policies/firma.cedarschema` for what each side puts where).
+#[derive(Debug, Clone, Copy)]
+pub struct EvalRequest<'a> {
+    /// Principal: `Firma::Agent::"<agent_id>"`.
+    pub agent_id: &'a str,
+    /// Action class: `Firma::Action::"<action>"`.
+    pub action: &'a str,
+    /// Resource id: `Firma::Resource::"<resource_id>"` (host+path at runtime, scope at issuance).
+    pub resource_id: &'a str,
+    /// `resource.host`, absent at issuance.
+    pub host: Option<&'a str>,
+    /// `resource.path`, absent at issuance.
+    pub path: Option<&'a str>,
+    /// `context.action_count`.
+    pub action_count: i64,
+    /// `context.session_id`.
+    pub session_id: &'a str,
+    /// `context.method` (HTTP method, or `ISSUE`).
+    pub method: &'a str,
+}
+
+/// A Cedar decision, with the policies that made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvalResult {
+    pub allowed: bool,
+    /// Ids of the policies that decided: the permits that allowed, or the forbids that denied.
+    /// Empty on a default deny (nothing permitted).
+    pub determining_policies: Vec<String>,
+    /// Evaluation errors (a policy that errors does not apply; the request itself is invalid
+    /// when the action class is unknown). Any entry here with `allowed == false` explains why.
+    pub errors: Vec<String>,
+}
+
+impl EvalResult {
+    fn error(msg: String) -> Self {
+        Self {
+            allowed: false,
+            determining_policies: Vec::new(),
+            errors: vec![msg],
+        }
+    }
+}
+
+impl CompiledPolicies {
+    /// Evaluates `req`. Never fails open: an unknown action class, an id Cedar cannot hold or a
+    /// request the schema rejects yields `allowed: false` with the cause in `errors`.
+    pub fn evaluate(&self, req: &EvalRequest<'_>) -> EvalResult {
+        if !self.is_action_class(req.action) {
+            return EvalResult::error(format!("unknown action class `{}`", req.action));
+        }
+        match self.build(req) {
+            Ok((request, entities)) => {
+                let resp = self
+                    .authorizer
+                    .is_authorized(&request, &self.policies, &entities);
+                let mut determining: Vec<String> =
+                    resp.diagnostics().reason().map(|p| p.to_string()).collect();
+                determining.sort();
+                EvalResult {
+                    allowed: resp.decision() == Decision::Allow,
+                    determining_policies: determining,
+                    errors: resp.diagnostics().errors().map(|e| e.to_string()).collect(),
+                }
+            }
+            Err(msg) => EvalResult::error(msg),
+        }
+    }
+
+    fn build(&self, req: &EvalRequest<'_>) -> Result<(Request, Entities), String> {
+        let uid = |ty: &cedar_policy::EntityTypeName, id: &str| {
+            EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
+        };
+        let principal = uid(&self.agent_type, req.agent_id);
+        let action = uid(&self.action_type, req.action);
+        let resource = uid(&self.resource_type, req.resource_id);
+        let mut attrs = HashMap::with_capacity(2);
+        if let Some(host) = req.host {
+            attrs.insert("host".into(), RestrictedExpression::new_string(host.into()));
+        }
+        if let Some(path) = req.path {
+            attrs.insert("path".into(), RestrictedExpression::new_string(path.into()));
+        }
+        let resource_entity =
+            Entity::new(resource.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?;
+        let agent_entity = Entity::new_no_attrs(principal.clone(), HashSet::new());
+        let entities = Entities::from_entities([resource_entity, agent_entity], None)
+            .map_err(|e| e.to_string())?;
+        let context = Context::from_pairs([
+            (
+                "action_count".to_string(),
+                RestrictedExpression::new_long(req.action_count),
+            ),
+            (
+                "session_id".to_string(),
+                RestrictedExpression::new_string(req.session_id.into()),
+            ),
+            (
+                "method".to_string(),
+                RestrictedExpression::new_string(req.method.into()),
+            ),
+        ])
+        .map_err(|e| e.to_string())?;
+        let request = Request::new(principal, action, resource, context, Some(&self.schema))
+            .map_err(|e| e.to_string())?;
+        Ok((request, entities))
+    }
+}

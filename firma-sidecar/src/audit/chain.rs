@@ -1,0 +1,169 @@
+//! Chaining and signing: turns event bodies into signed lines (format in
+//! [`firma_common::audit`]), and resumes a file's chain after a restart.
+
+use firma_common::audit::{AuditLineError, ChainPos, GENESIS_HASH, key_id, line_hash, seal};
+use firma_common::keys::SigningKey;
+use serde_json::{Map, Value};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+/// Appends chain members to bodies and signs them, one chain per writer.
+pub struct Sealer {
+    key: SigningKey,
+    key_id: String,
+    chain_id: String,
+    next_seq: u64,
+    prev_hash: String,
+}
+
+impl Sealer {
+    /// A new chain (`seq` 0, genesis `prev_hash`).
+    pub fn new(key: SigningKey) -> Self {
+        let key_id = key_id(&key.verifying_key());
+        Self {
+            key,
+            key_id,
+            chain_id: uuid::Uuid::new_v4().to_string(),
+            next_seq: 0,
+            prev_hash: GENESIS_HASH.to_owned(),
+        }
+    }
+
+    /// Continues the chain whose last line is `last_line`.
+    pub fn resume(key: SigningKey, last_line: &str) -> Result<Self, AuditLineError> {
+        let body: Map<String, Value> = match serde_json::from_str(last_line) {
+            Ok(Value::Object(m)) => m,
+            Ok(_) => return Err(AuditLineError::Malformed("not an object".into())),
+            Err(e) => return Err(AuditLineError::Malformed(e.to_string())),
+        };
+        let pos = ChainPos::of(&body)?;
+        let mut s = Self::new(key);
+        s.chain_id = pos.chain_id;
+        s.next_seq = pos.seq + 1;
+        s.prev_hash = line_hash(last_line);
+        Ok(s)
+    }
+
+    /// Chains and signs `body`, returning the line (no newline).
+    pub fn seal(&mut self, mut body: Map<String, Value>) -> Result<String, AuditLineError> {
+        body.insert("chain_id".into(), self.chain_id.clone().into());
+        body.insert("seq".into(), self.next_seq.into());
+        body.insert("prev_hash".into(), self.prev_hash.clone().into());
+        body.insert("key_id".into(), self.key_id.clone().into());
+        let line = seal(&body, &self.key)?;
+        self.prev_hash = line_hash(&line);
+        self.next_seq += 1;
+        Ok(line)
+    }
+
+    pub fn chain_id(&self) -> &str {
+        &self.chain_id
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+}
+
+/// The tail of a file: its last complete line, and whether the file ends mid-line (a torn
+/// write; the writer then starts on a fresh line).
+pub struct Tail {
+    pub last_line: Option<String>,
+    pub torn: bool,
+}
+
+/// Reads backwards from the end of `path` until a complete line is found.
+pub fn read_tail(path: &Path) -> std::io::Result<Tail> {
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Tail {
+                last_line: None,
+                torn: false,
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    let mut window: u64 = 64 * 1024;
+    loop {
+        let start = len.saturating_sub(window);
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = Vec::new();
+        f.by_ref().take(len - start).read_to_end(&mut buf)?;
+        let torn = buf.last().is_some_and(|b| *b != b'\n');
+        let complete = match buf.iter().rposition(|b| *b == b'\n') {
+            Some(end) => &buf[..end],
+            None if start == 0 => {
+                return Ok(Tail {
+                    last_line: None,
+                    torn,
+                });
+            }
+            None => {
+                window = window.saturating_mul(4);
+                continue;
+            }
+        };
+        match complete.iter().rposition(|b| *b == b'\n') {
+            Some(nl) => {
+                return Ok(Tail {
+                    last_line: Some(String::from_utf8_lossy(&complete[nl + 1..]).into_owned()),
+                    torn,
+                });
+            }
+            None if start == 0 => {
+                return Ok(Tail {
+                    last_line: Some(String::from_utf8_lossy(complete).into_owned()),
+                    torn,
+                });
+            }
+            None => window = window.saturating_mul(4),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use firma_common::audit::ChainVerifier;
+
+    fn body(n: u64) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("n".into(), n.into());
+        m
+    }
+
+    #[test]
+    fn resume_continues_the_chain() {
+        let k = SigningKey::generate(&mut rand::rngs::OsRng);
+        let mut s = Sealer::new(k.clone());
+        let a = s.seal(body(0)).unwrap();
+        let b = s.seal(body(1)).unwrap();
+        let mut s2 = Sealer::resume(k.clone(), &b).unwrap();
+        let c = s2.seal(body(2)).unwrap();
+        let mut v = ChainVerifier::new(vec![k.verifying_key()]);
+        for l in [&a, &b, &c] {
+            v.push(l).unwrap();
+        }
+        assert_eq!(s2.next_seq(), 3);
+    }
+
+    #[test]
+    fn tail_finds_last_complete_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        assert!(read_tail(&p).unwrap().last_line.is_none());
+        let long = "x".repeat(200_000);
+        std::fs::write(&p, format!("first\n{long}\n")).unwrap();
+        let t = read_tail(&p).unwrap();
+        assert_eq!(t.last_line.as_deref(), Some(long.as_str()));
+        assert!(!t.torn);
+        std::fs::write(&p, "first\nsecond\nthi").unwrap();
+        let t = read_tail(&p).unwrap();
+        assert_eq!(t.last_line.as_deref(), Some("second"));
+        assert!(t.torn);
+        std::fs::write(&p, "only\n").unwrap();
+        assert_eq!(read_tail(&p).unwrap().last_line.as_deref(), Some("only"));
+    }
+}

@@ -1,0 +1,243 @@
+//! The sidecar's side of the Authority's two server streams: runtime policy bundles and
+//! revocations.
+//!
+//! Each stream runs in its own task and reconnects forever with exponential backoff (100 ms
+//! doubling to 5 s, reset after a message arrives). `https://` URLs are verified against
+//! `[sidecar.authority] ca_cert_path` (required for https); `http://` is accepted only for a
+//! loopback host, so streamed policy and revocations are never taken from an unauthenticated
+//! peer across a network.
+
+use firma_common::proto::authority::{
+    BundleStreamRequest, PolicyBundle as PbBundle, RevocationStreamRequest,
+    authority_client::AuthorityClient as GrpcClient,
+};
+use std::future::Future;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("authority_url {url:?}: {message}")]
+    Url { url: String, message: String },
+    #[error("{path}: cannot read the Authority CA certificate: {source}")]
+    Ca {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("authority_url {url:?}: TLS setup failed: {message}")]
+    Tls { url: String, message: String },
+}
+
+/// Where and how to reach the Authority.
+#[derive(Clone)]
+pub struct AuthorityEndpoint {
+    endpoint: Endpoint,
+    /// `host:port` as written in the URL (for logs).
+    pub addr: String,
+    /// Sent as `sidecar_id` so the Authority's logs can tell sidecars apart.
+    pub sidecar_id: String,
+}
+
+fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Builds a gRPC endpoint for `url` under the transport rules of this module: `https://`
+/// verified with the PEM CA at `ca_cert_path` (named `ca_key` in errors), `http://` only to
+/// loopback. Returns the endpoint and `host:port` for logs.
+pub fn grpc_endpoint(
+    url: &str,
+    ca_cert_path: Option<&Path>,
+    ca_key: &str,
+) -> Result<(Endpoint, String), ClientError> {
+    let bad = |message: &str| ClientError::Url {
+        url: url.to_owned(),
+        message: message.to_owned(),
+    };
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+    let host = uri.host().ok_or_else(|| bad("expected a host"))?.to_owned();
+    let port = uri
+        .port_u16()
+        .ok_or_else(|| bad("expected an explicit port"))?;
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| bad(&e.to_string()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    match uri.scheme_str() {
+        Some("https") => {
+            let ca = ca_cert_path
+                .ok_or_else(|| bad(&format!("https requires {ca_key} to verify the server")))?;
+            let pem = std::fs::read(ca).map_err(|source| ClientError::Ca {
+                path: ca.to_path_buf(),
+                source,
+            })?;
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(pem))
+                .domain_name(host.trim_start_matches('[').trim_end_matches(']'));
+            endpoint = endpoint.tls_config(tls).map_err(|e| ClientError::Tls {
+                url: url.to_owned(),
+                message: e.to_string(),
+            })?;
+        }
+        Some("http") if is_loopback(&host) => {}
+        Some("http") => {
+            return Err(bad(&format!(
+                "plain http is only allowed to a loopback address; use https with {ca_key}"
+            )));
+        }
+        _ => return Err(bad("expected an http:// or https:// URL")),
+    }
+    Ok((endpoint, format!("{host}:{port}")))
+}
+
+impl AuthorityEndpoint {
+    /// Validates `url` and prepares TLS. Does not connect.
+    pub fn new(url: &str, ca_cert_path: Option<&Path>) -> Result<Self, ClientError> {
+        let (endpoint, addr) =
+            grpc_endpoint(url, ca_cert_path, "[sidecar.authority] ca_cert_path")?;
+        Ok(Self {
+            endpoint,
+            addr,
+            sidecar_id: format!("firma-sidecar-{}", std::process::id()),
+        })
+    }
+
+    async fn connect(&self) -> Result<GrpcClient<Channel>, tonic::transport::Error> {
+        Ok(GrpcClient::new(self.endpoint.connect().await?))
+    }
+}
+
+/// Retries `session` forever with exponential backoff. `session` returns `true` if it received
+/// at least one message before ending (which resets the backoff).
+async fn reconnect_loop<F, Fut>(what: &'static str, mut session: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = (bool, String)>,
+{
+    let mut backoff = BACKOFF_START;
+    loop {
+        let (progressed, why) = session().await;
+        if progressed {
+            backoff = BACKOFF_START;
+        }
+        tracing::warn!(
+            target: "firma_sidecar::authority",
+            "{what} stream ended ({why}); reconnecting in {} ms",
+            backoff.as_millis()
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Streams bundles into `on_bundle` forever. Logs `connected to authority <addr>` on each
+/// successful subscription.
+pub async fn run_bundle_stream<F>(ep: AuthorityEndpoint, on_bundle: F)
+where
+    F: Fn(PbBundle) + Send + Sync + 'static,
+{
+    reconnect_loop("policy bundle", || async {
+        let mut client = match ep.connect().await {
+            Ok(c) => c,
+            Err(e) => return (false, format!("connect {}: {e}", ep.addr)),
+        };
+        let req = BundleStreamRequest {
+            sidecar_id: ep.sidecar_id.clone(),
+        };
+        let mut stream = match client.stream_policy_bundles(req).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return (false, format!("subscribe: {}", s.message())),
+        };
+        tracing::info!(
+            target: "firma_sidecar::startup::authority",
+            "connected to authority {}",
+            ep.addr
+        );
+        let mut got = false;
+        loop {
+            match stream.message().await {
+                Ok(Some(b)) => {
+                    got = true;
+                    on_bundle(b);
+                }
+                Ok(None) => return (got, "closed by the authority".into()),
+                Err(s) => return (got, s.message().to_owned()),
+            }
+        }
+    })
+    .await
+}
+
+/// Streams revocations into `on_revoked(token_id, replay)` forever.
+pub async fn run_revocation_stream<F>(ep: AuthorityEndpoint, on_revoked: F)
+where
+    F: Fn(&str, bool) + Send + Sync + 'static,
+{
+    reconnect_loop("revocation", || async {
+        let mut client = match ep.connect().await {
+            Ok(c) => c,
+            Err(e) => return (false, format!("connect {}: {e}", ep.addr)),
+        };
+        let req = RevocationStreamRequest {
+            sidecar_id: ep.sidecar_id.clone(),
+        };
+        let mut stream = match client.stream_revocations(req).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return (false, format!("subscribe: {}", s.message())),
+        };
+        tracing::debug!(target: "firma_sidecar::authority", "revocation stream open");
+        let mut got = false;
+        loop {
+            match stream.message().await {
+                Ok(Some(r)) => {
+                    got = true;
+                    on_revoked(&r.token_id, r.replay);
+                }
+                Ok(None) => return (got, "closed by the authority".into()),
+                Err(s) => return (got, s.message().to_owned()),
+            }
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_rules() {
+        assert!(AuthorityEndpoint::new("http://127.0.0.1:50051", None).is_ok());
+        assert!(AuthorityEndpoint::new("http://[::1]:50051", None).is_ok());
+        assert!(AuthorityEndpoint::new("http://localhost:50051", None).is_ok());
+        let e = AuthorityEndpoint::new("http://10.1.2.3:50051", None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("loopback"), "{e}");
+        let e = AuthorityEndpoint::new("https://auth.internal:50051", None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("ca_cert_path"), "{e}");
+        assert!(AuthorityEndpoint::new("ftp://x:1", None).is_err());
+        assert!(AuthorityEndpoint::new("http://127.0.0.1", None).is_err());
+        assert_eq!(
+            AuthorityEndpoint::new("http://[::1]:50051", None)
+                .unwrap()
+                .addr,
+            "[::1]:50051"
+        );
+    }
+}

@@ -1,0 +1,379 @@
+//! After an allow: credential injection, per-host rate limit, upstream request.
+//!
+//! Order is fixed and matters: the credential is resolved first (a Vault failure denies
+//! `CredentialUnavailable` before anything leaves), then the rate limit, then the upstream.
+//! Firma headers (`x-firma-*`) and hop-by-hop headers never leave the sidecar.
+
+pub mod credentials;
+pub mod dial;
+pub mod ratelimit;
+pub mod secret;
+pub mod vault;
+
+use crate::audit::ConnectorOutcome;
+use crate::pipeline::{ConnectionInfo, InterceptKind};
+use bytes::Bytes;
+use credentials::{CredentialError, CredentialStore};
+use dial::{DialError, Dialer, ReqBody};
+use firma_common::config::SidecarConfig;
+use http::{HeaderMap, HeaderValue, Request, Response, header};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use ratelimit::HostLimiter;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+pub type RespBody = BoxBody<Bytes, hyper::Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    #[error("{0}")]
+    Credentials(#[from] CredentialError),
+    #[error("{0}")]
+    Roots(#[from] crate::tls::upstream::RootsError),
+}
+
+/// Why a request that was allowed did not get an upstream response.
+#[derive(Debug)]
+pub enum Failure {
+    /// The credential could not be obtained: a denial (`CredentialUnavailable`), nothing sent.
+    CredentialUnavailable(String),
+    /// No rate-limit permit within the request's timeout: 429.
+    RateLimited(String),
+    /// Connect, TLS or protocol failure upstream: 502.
+    UpstreamUnavailable(String),
+    /// No response head within the timeout: 504.
+    UpstreamTimeout(String),
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone)]
+pub struct UpstreamTarget {
+    /// Lowercase host name (TLS server name when `tls`).
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+/// How the upstream address was chosen. A client-chosen address over plain HTTP is never
+/// sent a credential: nothing proves the peer is the host the credential is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AddrSource {
+    Configured,
+    Resolved,
+    OriginalDst,
+}
+
+struct HostSettings {
+    address: Option<SocketAddr>,
+    timeout: Duration,
+    limiter: Option<HostLimiter>,
+}
+
+pub struct Connector {
+    hosts: HashMap<String, HostSettings>,
+    default_timeout: Duration,
+    dialer: Dialer,
+    credentials: CredentialStore,
+    /// `SO_MARK` for upstream sockets of transparent-mode connections.
+    transparent_mark: u32,
+}
+
+/// A per-downstream-connection upstream connection kept for reuse (keep-alive). Requests on
+/// one client connection mostly go to one upstream, so this single slot is most of the value
+/// of a pool without a shared pool's keying problems (original destinations, marks).
+#[derive(Default)]
+pub struct UpstreamSlot {
+    slot: tokio::sync::Mutex<Option<Pooled>>,
+}
+
+/// An idle upstream connection: address, TLS name, sender.
+type Pooled = (SocketAddr, Option<String>, SendRequest<ReqBody>);
+
+impl Connector {
+    pub fn new(cfg: &SidecarConfig) -> Result<Self, ConnectorError> {
+        let roots = crate::tls::upstream::root_store(&cfg.connector.extra_root_certs)?;
+        let dialer = Dialer::new(crate::tls::upstream::client_config(roots));
+        let vault_dialer = match cfg.vault().and_then(|v| v.ca_cert_path.clone()) {
+            Some(ca) => Dialer::new(crate::tls::upstream::client_config(
+                crate::tls::upstream::root_store(&[ca])?,
+            )),
+            None => dialer.clone(),
+        };
+        let credentials = CredentialStore::from_config(cfg, vault_dialer)?;
+        let default_timeout = Duration::from_millis(cfg.connector.default_timeout_ms.max(1));
+        let hosts = cfg
+            .connector
+            .hosts
+            .iter()
+            .map(|h| {
+                (
+                    h.host.trim().to_ascii_lowercase(),
+                    HostSettings {
+                        // Validated as ip:port by the config loader.
+                        address: h.address.as_deref().and_then(|a| a.parse().ok()),
+                        timeout: h.timeout_ms.map_or(default_timeout, Duration::from_millis),
+                        limiter: HostLimiter::new(h.rps, h.burst),
+                    },
+                )
+            })
+            .collect();
+        Ok(Self {
+            hosts,
+            default_timeout,
+            dialer,
+            credentials,
+            transparent_mark: cfg.interceptor.transparent.socket_mark,
+        })
+    }
+
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
+    }
+
+    pub fn timeout_for(&self, host: &str) -> Duration {
+        self.hosts
+            .get(host)
+            .map_or(self.default_timeout, |h| h.timeout)
+    }
+
+    /// `SO_MARK` to put on upstream sockets for this connection (transparent mode only).
+    pub fn mark_for(&self, conn: &ConnectionInfo) -> Option<u32> {
+        (conn.kind == InterceptKind::Transparent).then_some(self.transparent_mark)
+    }
+
+    /// Transparent: the original destination. Otherwise the configured `address`, else DNS.
+    async fn resolve(
+        &self,
+        host: &str,
+        port: u16,
+        conn: &ConnectionInfo,
+    ) -> Result<(SocketAddr, AddrSource), String> {
+        if conn.kind == InterceptKind::Transparent
+            && let Some(dst) = conn.original_dst
+        {
+            return Ok((dst, AddrSource::OriginalDst));
+        }
+        if let Some(a) = self.hosts.get(host).and_then(|h| h.address) {
+            return Ok((a, AddrSource::Configured));
+        }
+        if let Ok(ip) = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+            return Ok((SocketAddr::new(ip, port), AddrSource::Resolved));
+        }
+        match tokio::net::lookup_host((host, port)).await {
+            Ok(mut it) => it
+                .next()
+                .map(|a| (a, AddrSource::Resolved))
+                .ok_or_else(|| format!("{host} resolves to no address")),
+            Err(e) => Err(format!("cannot resolve {host}: {e}")),
+        }
+    }
+
+    /// Address for a blind tunnel to `host:port` (or the original destination).
+    pub async fn tunnel_addr(
+        &self,
+        host: Option<&str>,
+        port: u16,
+        conn: &ConnectionInfo,
+    ) -> Result<SocketAddr, String> {
+        match host {
+            Some(h) => self.resolve(h, port, conn).await.map(|(a, _)| a),
+            None => conn
+                .original_dst
+                .ok_or_else(|| "no destination known for this connection".to_string()),
+        }
+    }
+
+    /// Sends an allowed request upstream and returns the response head (body streams).
+    pub async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        target: &UpstreamTarget,
+        conn: &ConnectionInfo,
+        slot: &UpstreamSlot,
+    ) -> Result<(Response<RespBody>, ConnectorOutcome), (Failure, ConnectorOutcome)> {
+        let mut outcome = ConnectorOutcome::default();
+        let timeout = self.timeout_for(&target.host);
+
+        // 1. Where to, and may a credential go there?
+        let (addr, source) = match self.resolve(&target.host, target.port, conn).await {
+            Ok(r) => r,
+            Err(e) => return Err((Failure::UpstreamUnavailable(e), outcome)),
+        };
+        // 2. Credential (fail closed: nothing is sent without it).
+        let injection = match self.credentials.resolve(&target.host).await {
+            Ok(i) => i,
+            Err(e) => return Err((Failure::CredentialUnavailable(e.to_string()), outcome)),
+        };
+        if injection.is_some() && !target.tls && source == AddrSource::OriginalDst {
+            return Err((
+                Failure::CredentialUnavailable(format!(
+                    "refusing to send the credential for {} over plain HTTP to a client-chosen address",
+                    target.host
+                )),
+                outcome,
+            ));
+        }
+        // 3. Rate limit.
+        if let Some(l) = self
+            .hosts
+            .get(&target.host)
+            .and_then(|h| h.limiter.as_ref())
+            && let Err(wait) = l.acquire(timeout).await
+        {
+            return Err((
+                Failure::RateLimited(format!(
+                    "rate limit for {}: next permit in {} ms, beyond the {} ms timeout",
+                    target.host,
+                    wait.as_millis(),
+                    timeout.as_millis()
+                )),
+                outcome,
+            ));
+        }
+        // 4. Rewrite for the upstream.
+        prepare_headers(req.headers_mut());
+        let host_header =
+            if (target.tls && target.port == 443) || (!target.tls && target.port == 80) {
+                target.host.clone()
+            } else {
+                format!("{}:{}", target.host, target.port)
+            };
+        if let Ok(v) = HeaderValue::from_str(&host_header) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+        if let Some(inj) = &injection {
+            req.headers_mut()
+                .insert(inj.header.clone(), inj.value.clone());
+            outcome.credential_injected = true;
+            outcome.credential_source = Some(inj.source);
+        }
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        *req.uri_mut() = pq.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+        *req.version_mut() = http::Version::HTTP_11;
+        let req = req.map(|b| b.boxed());
+
+        // 5. Upstream, bounded by the host's timeout.
+        let tls_name = target.tls.then_some(target.host.clone());
+        let mark = self.mark_for(conn);
+        let started = Instant::now();
+        let sent = tokio::time::timeout(timeout, async {
+            let mut sender = self
+                .take_or_dial(slot, addr, tls_name.as_deref(), mark)
+                .await?;
+            let resp = sender.send_request(req).await.map_err(|e| {
+                Failure::UpstreamUnavailable(format!("upstream {addr} request failed: {e}"))
+            })?;
+            *slot.slot.lock().await = Some((addr, tls_name.clone(), sender));
+            Ok::<_, Failure>(resp)
+        })
+        .await;
+        outcome.upstream_us = started.elapsed().as_micros() as u64;
+        let resp = match sent {
+            Err(_) => {
+                return Err((
+                    Failure::UpstreamTimeout(format!(
+                        "no response from {} ({addr}) within {} ms",
+                        target.host,
+                        timeout.as_millis()
+                    )),
+                    outcome,
+                ));
+            }
+            Ok(Err(f)) => return Err((f, outcome)),
+            Ok(Ok(r)) => r,
+        };
+        outcome.upstream_status = Some(resp.status().as_u16());
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok((Response::from_parts(parts, body.boxed()), outcome))
+    }
+
+    async fn take_or_dial(
+        &self,
+        slot: &UpstreamSlot,
+        addr: SocketAddr,
+        tls_name: Option<&str>,
+        mark: Option<u32>,
+    ) -> Result<SendRequest<ReqBody>, Failure> {
+        if let Some((a, n, s)) = slot.slot.lock().await.take()
+            && a == addr
+            && n.as_deref() == tls_name
+            && s.is_ready()
+        {
+            return Ok(s);
+        }
+        self.dialer
+            .http1(addr, tls_name, mark)
+            .await
+            .map_err(|e: DialError| Failure::UpstreamUnavailable(e.to_string()))
+    }
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for n in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        h.remove(n);
+    }
+}
+
+/// Removes Firma and hop-by-hop headers before forwarding.
+fn prepare_headers(h: &mut HeaderMap) {
+    strip_hop_by_hop(h);
+    let firma: Vec<_> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-firma-"))
+        .cloned()
+        .collect();
+    for k in firma {
+        h.remove(k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firma_and_hop_headers_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("x-firma-capability", "tok".parse().unwrap());
+        h.insert("x-firma-session", "s".parse().unwrap());
+        h.insert("connection", "close, x-secret-hop".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("authorization", "keep".parse().unwrap());
+        prepare_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("authorization"));
+    }
+}

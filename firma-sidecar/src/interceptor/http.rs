@@ -1,0 +1,385 @@
+//! Serving HTTP on an accepted (or decrypted) connection: one pipeline decision per request.
+//!
+//! Phases per request, in order: framing check -> target (host, port, path) -> decide
+//! (pipeline) -> connector (credential -> rate limit -> upstream) -> audit -> respond.
+//! Every request gets exactly one audit record: denials without a connector outcome, allows
+//! with one (including 429/502/504 aborts).
+
+use super::head::{self, HeadError};
+use super::rewind::Rewind;
+use crate::audit::{AuditInput, ConnectorOutcome};
+use crate::connector::{Failure, RespBody, UpstreamSlot, UpstreamTarget};
+use crate::pipeline::{ConnectionInfo, Decision, DenyReason, Outcome, RequestContext};
+use crate::response;
+use crate::state::SidecarState;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+/// A client that opens a connection must send its request head within this time.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the requests on a connection name their destination.
+#[derive(Debug, Clone)]
+pub enum HttpMode {
+    /// The `http_proxy` listener: every request carries an absolute-form URI.
+    Proxy,
+    /// The host is fixed by the connection (TLS SNI, `CONNECT` target); requests must name
+    /// the same host in `Host`/`:authority`, otherwise they are denied `MalformedRequest`
+    /// (no domain fronting through an intercepted name).
+    Bound { host: String, port: u16, tls: bool },
+    /// Transparent plain HTTP: each request's `Host` header names the host; the upstream is
+    /// the original destination.
+    HostHeader { port: u16 },
+}
+
+/// Serves HTTP/1.1 (or HTTP/2 when `h2`) on `stream`, whose first bytes may already be in
+/// `buf`. Returns when the connection ends.
+pub async fn serve_http<S>(
+    state: Arc<SidecarState>,
+    mut stream: S,
+    mut buf: Vec<u8>,
+    conn: ConnectionInfo,
+    mode: HttpMode,
+    mut h2: bool,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if !h2 {
+        match head::read_head(&mut stream, &mut buf, HEAD_TIMEOUT).await {
+            Ok(_) => {}
+            Err(HeadError::Closed) => return,
+            Err(HeadError::H2Preface) => h2 = true,
+            Err(HeadError::Malformed(detail)) => {
+                let (host, port) = mode_host(&mode);
+                deny_raw(
+                    &state,
+                    &mut stream,
+                    &conn,
+                    host.as_deref(),
+                    port,
+                    None,
+                    &detail,
+                )
+                .await;
+                return;
+            }
+        }
+    }
+    let io = TokioIo::new(Rewind::new(buf, stream));
+    let slot = Arc::new(UpstreamSlot::default());
+    let svc = {
+        let state = state.clone();
+        let conn = conn.clone();
+        let mode = mode.clone();
+        service_fn(move |req| {
+            let (state, conn, mode, slot) =
+                (state.clone(), conn.clone(), mode.clone(), slot.clone());
+            async move { Ok::<_, Infallible>(handle(&state, &conn, &mode, &slot, req).await) }
+        })
+    };
+    let result = if h2 {
+        let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        let c = builder.serve_connection(io, svc);
+        tokio::pin!(c);
+        tokio::select! {
+            r = c.as_mut() => r,
+            _ = state.drain.cancelled() => { c.as_mut().graceful_shutdown(); c.await }
+        }
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEAD_TIMEOUT)
+            .max_buf_size(head::MAX_HEAD + 8192);
+        let c = builder.serve_connection(io, svc);
+        tokio::pin!(c);
+        tokio::select! {
+            r = c.as_mut() => r,
+            _ = state.drain.cancelled() => { c.as_mut().graceful_shutdown(); c.await }
+        }
+    };
+    if let Err(e) = result {
+        // hyper refused a later request on this connection (it answered 400/431 itself):
+        // still one audit record for it.
+        if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() {
+            let (host, port) = mode_host(&mode);
+            let d = Decision::deny(
+                DenyReason::MalformedRequest,
+                format!("malformed HTTP request: {e}"),
+            );
+            audit_deny(&state, &conn, None, host.as_deref(), port, None, &d);
+        } else {
+            tracing::debug!(conn = conn.conn_id, error = %e, "client connection ended with an error");
+        }
+    }
+}
+
+fn mode_host(mode: &HttpMode) -> (Option<String>, u16) {
+    match mode {
+        HttpMode::Proxy => (None, 0),
+        HttpMode::Bound { host, port, .. } => (Some(host.clone()), *port),
+        HttpMode::HostHeader { port } => (None, *port),
+    }
+}
+
+/// Audits a `MalformedRequest` denial and writes it as a raw HTTP/1.1 response, then closes.
+pub async fn deny_raw<S: AsyncWrite + Unpin>(
+    state: &SidecarState,
+    stream: &mut S,
+    conn: &ConnectionInfo,
+    host: Option<&str>,
+    port: u16,
+    method: Option<&str>,
+    detail: &str,
+) {
+    let d = Decision::deny(DenyReason::MalformedRequest, detail);
+    audit_deny(state, conn, method, host, port, None, &d);
+    let _ = stream.write_all(&response::raw_deny(&d)).await;
+    let _ = stream.shutdown().await;
+}
+
+fn audit_deny(
+    state: &SidecarState,
+    conn: &ConnectionInfo,
+    method: Option<&str>,
+    host: Option<&str>,
+    port: u16,
+    path: Option<&str>,
+    decision: &Decision,
+) {
+    tracing::info!(
+        conn = conn.conn_id,
+        host = host.unwrap_or("-"),
+        reason = decision.reason.map_or("-", DenyReason::as_str),
+        detail = %decision.detail,
+        "denied"
+    );
+    state.record(AuditInput {
+        conn,
+        method,
+        host,
+        port,
+        path,
+        decision,
+        connector: None,
+    });
+}
+
+/// Lowercase host without port or brackets, if it is a plausible DNS name or IP literal.
+pub fn normalize_host(raw: &str) -> Option<String> {
+    let raw = raw.trim();
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        let end = rest.find(']')?;
+        let ip: std::net::Ipv6Addr = rest[..end].parse().ok()?;
+        return Some(ip.to_string());
+    } else {
+        match raw.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => raw,
+        }
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    ok.then_some(host)
+}
+
+struct Target {
+    upstream: UpstreamTarget,
+    path: String,
+}
+
+fn target_of(req: &Request<Incoming>, mode: &HttpMode) -> Result<Target, String> {
+    let uri = req.uri();
+    let named = uri.authority().map(|a| a.as_str().to_string()).or_else(|| {
+        req.headers()
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    });
+    let path = uri.path();
+    if !path.starts_with('/') {
+        return Err(format!("request target {:?} has no absolute path", uri));
+    }
+    let path = path.to_string();
+    let upstream = match mode {
+        HttpMode::Proxy => {
+            let tls = match uri.scheme_str() {
+                Some("http") => false,
+                Some("https") => true,
+                _ => {
+                    return Err(
+                        "proxy requests must use an absolute URI (http://host/path) or CONNECT"
+                            .into(),
+                    );
+                }
+            };
+            let auth = uri.authority().ok_or("absolute URI without a host")?;
+            let host = normalize_host(auth.host()).ok_or("invalid host in request URI")?;
+            let port = auth.port_u16().unwrap_or(if tls { 443 } else { 80 });
+            UpstreamTarget { host, port, tls }
+        }
+        HttpMode::Bound { host, port, tls } => {
+            if let Some(n) = &named {
+                let n = normalize_host(n).ok_or("invalid Host header")?;
+                if &n != host {
+                    return Err(format!(
+                        "Host {n:?} does not match the connection's server name {host:?}"
+                    ));
+                }
+            }
+            UpstreamTarget {
+                host: host.clone(),
+                port: *port,
+                tls: *tls,
+            }
+        }
+        HttpMode::HostHeader { port } => {
+            let n = named.ok_or("request without a Host header")?;
+            UpstreamTarget {
+                host: normalize_host(&n).ok_or("invalid Host header")?,
+                port: *port,
+                tls: false,
+            }
+        }
+    };
+    Ok(Target { upstream, path })
+}
+
+async fn handle(
+    state: &SidecarState,
+    conn: &ConnectionInfo,
+    mode: &HttpMode,
+    slot: &UpstreamSlot,
+    req: Request<Incoming>,
+) -> Response<RespBody> {
+    let method = req.method().clone();
+    let (mode_h, mode_p) = mode_host(mode);
+    // Malformed: framing or target problems are denied before any decision.
+    let target = head::check_framing(req.headers())
+        .and_then(|()| {
+            if method == http::Method::CONNECT {
+                Err("CONNECT is only accepted as the first request of a proxy connection".into())
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| target_of(&req, mode));
+    let target = match target {
+        Ok(t) => t,
+        Err(detail) => {
+            let d = Decision::deny(DenyReason::MalformedRequest, detail);
+            audit_deny(
+                state,
+                conn,
+                Some(method.as_str()),
+                mode_h.as_deref(),
+                mode_p,
+                None,
+                &d,
+            );
+            return response::deny(&d);
+        }
+    };
+    let up = &target.upstream;
+    let ctx = RequestContext {
+        conn: conn.clone(),
+        method: method.clone(),
+        host: up.host.clone(),
+        port: up.port,
+        path: target.path.clone(),
+        headers: req.headers().clone(),
+        tls: matches!(mode, HttpMode::Bound { tls: true, .. }),
+    };
+    let decision = state.pipeline.decide(&ctx).await;
+    let audit = |d: &Decision, outcome: Option<ConnectorOutcome>| {
+        state.record(AuditInput {
+            conn,
+            method: Some(method.as_str()),
+            host: Some(&up.host),
+            port: up.port,
+            path: Some(&target.path),
+            decision: d,
+            connector: outcome,
+        });
+    };
+    if !decision.is_allow() {
+        tracing::info!(
+            conn = conn.conn_id,
+            method = %method,
+            host = %up.host,
+            path = %target.path,
+            reason = decision.reason.map_or("-", DenyReason::as_str),
+            "denied"
+        );
+        audit(&decision, None);
+        return response::deny(&decision);
+    }
+    match state.connector.forward(req, up, conn, slot).await {
+        Ok((resp, outcome)) => {
+            tracing::info!(
+                conn = conn.conn_id,
+                method = %method,
+                host = %up.host,
+                path = %target.path,
+                status = resp.status().as_u16(),
+                credential_injected = outcome.credential_injected,
+                "allowed"
+            );
+            audit(&decision, Some(outcome));
+            resp
+        }
+        Err((Failure::CredentialUnavailable(detail), _)) => {
+            // Fail closed: the allow becomes a denial; nothing was sent upstream.
+            let denied = Decision {
+                outcome: Outcome::Deny,
+                reason: Some(DenyReason::CredentialUnavailable),
+                detail,
+                ..decision
+            };
+            tracing::warn!(conn = conn.conn_id, host = %up.host, detail = %denied.detail, "denied: credential unavailable");
+            audit(&denied, None);
+            response::deny(&denied)
+        }
+        Err((failure, mut outcome)) => {
+            let (status, reason, detail) = match failure {
+                Failure::RateLimited(d) => (StatusCode::TOO_MANY_REQUESTS, "RateLimited", d),
+                Failure::UpstreamTimeout(d) => (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout", d),
+                Failure::UpstreamUnavailable(d) | Failure::CredentialUnavailable(d) => {
+                    (StatusCode::BAD_GATEWAY, "UpstreamUnavailable", d)
+                }
+            };
+            tracing::warn!(conn = conn.conn_id, host = %up.host, reason, detail = %detail, "aborted after allow");
+            outcome.aborted = Some(reason.to_string());
+            audit(&decision, Some(outcome));
+            response::abort(status, reason, &detail)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_host;
+
+    #[test]
+    fn hosts_normalize() {
+        assert_eq!(
+            normalize_host("API.OpenAI.com:443").unwrap(),
+            "api.openai.com"
+        );
+        assert_eq!(normalize_host("[::1]:8080").unwrap(), "::1");
+        assert_eq!(normalize_host("127.0.0.1").unwrap(), "127.0.0.1");
+        assert!(normalize_host("a b").is_none());
+        assert!(normalize_host("").is_none());
+        assert!(normalize_host("evil.com/x").is_none());
+    }
+}

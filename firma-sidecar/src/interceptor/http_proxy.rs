@@ -1,0 +1,147 @@
+//! `mode = "http_proxy"`: the listener apps reach with `HTTP_PROXY`/`HTTPS_PROXY`.
+//!
+//! The first request head on a connection decides: `CONNECT host:port` becomes a tunnel
+//! (MITM'd via [`serve_stream`] for intercepted hosts, otherwise a destination-level decision
+//! *before* answering 200, so a denied tunnel gets a readable 403); anything else is served as
+//! HTTP with absolute-form URIs.
+
+use super::head::{self, HeadError};
+use super::http::{HEAD_TIMEOUT, HttpMode, deny_raw, normalize_host, serve_http};
+use super::rewind::Rewind;
+use super::serve::serve_stream;
+use super::tunnel::{TunnelStart, decide_and_connect, pump};
+use crate::pipeline::InterceptKind;
+use crate::response;
+use crate::state::{SidecarState, TlsPlan};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
+
+/// Accepts until drain begins; each connection is a task the drain waits for.
+pub async fn serve(state: Arc<SidecarState>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = state.drain.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let st = state.clone();
+                state.drain.spawn(handle(st, stream, peer));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    tracing::info!("http_proxy listener stopped accepting");
+}
+
+async fn handle(state: Arc<SidecarState>, mut stream: TcpStream, peer: SocketAddr) {
+    let conn = state.new_conn(InterceptKind::HttpProxy, peer, None, None);
+    let span = tracing::info_span!("conn", id = conn.conn_id, %peer);
+    async move {
+        let mut buf = Vec::new();
+        match head::read_head(&mut stream, &mut buf, HEAD_TIMEOUT).await {
+            Err(HeadError::Closed) => {}
+            Err(HeadError::H2Preface) => {
+                serve_http(state, stream, buf, conn, HttpMode::Proxy, true).await
+            }
+            Err(HeadError::Malformed(detail)) => {
+                deny_raw(&state, &mut stream, &conn, None, 0, None, &detail).await
+            }
+            Ok(h) if h.method == "CONNECT" => {
+                let rest = buf.split_off(h.len);
+                let Some((host, port)) = connect_target(&h.target) else {
+                    let detail = format!("CONNECT target {:?} is not host:port", h.target);
+                    deny_raw(
+                        &state,
+                        &mut stream,
+                        &conn,
+                        None,
+                        0,
+                        Some("CONNECT"),
+                        &detail,
+                    )
+                    .await;
+                    return;
+                };
+                connect(state, stream, rest, conn, host, port).await;
+            }
+            Ok(_) => serve_http(state, stream, buf, conn, HttpMode::Proxy, false).await,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn connect_target(target: &str) -> Option<(String, u16)> {
+    let auth: http::uri::Authority = target.parse().ok()?;
+    let port = auth.port_u16().filter(|p| *p != 0)?;
+    if auth.as_str() != target {
+        return None;
+    }
+    Some((normalize_host(auth.host())?, port))
+}
+
+const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection Established\r\n\r\n";
+
+async fn connect(
+    state: Arc<SidecarState>,
+    mut stream: TcpStream,
+    rest: Vec<u8>,
+    conn: crate::pipeline::ConnectionInfo,
+    host: String,
+    port: u16,
+) {
+    if matches!(state.tls_plan(&host), TlsPlan::Intercept { .. }) {
+        if stream.write_all(ESTABLISHED).await.is_err() {
+            return;
+        }
+        serve_stream(state, Rewind::new(rest, stream), conn, Some(host), port).await;
+        return;
+    }
+    match decide_and_connect(&state, &conn, Some(&host), port).await {
+        TunnelStart::Denied(d) => {
+            let _ = stream.write_all(&response::raw_deny(&d)).await;
+            let _ = stream.shutdown().await;
+        }
+        TunnelStart::Failed(detail) => {
+            let body = serde_json::json!({"aborted": true, "reason": "UpstreamUnavailable", "detail": detail}).to_string();
+            let msg = format!(
+                "HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(msg.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        }
+        TunnelStart::Open(up) => {
+            if stream.write_all(ESTABLISHED).await.is_ok() {
+                pump(stream, up, &rest).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connect_target;
+
+    #[test]
+    fn connect_targets() {
+        assert_eq!(
+            connect_target("API.example.com:443"),
+            Some(("api.example.com".into(), 443))
+        );
+        assert_eq!(connect_target("[::1]:8443"), Some(("::1".into(), 8443)));
+        assert_eq!(connect_target("example.com"), None);
+        assert_eq!(connect_target("example.com:0"), None);
+        assert_eq!(connect_target("http://example.com:80/"), None);
+        assert_eq!(connect_target("exa mple.com:80"), None);
+    }
+}

@@ -1,0 +1,14 @@
+//! How connections reach the sidecar and how they are served.
+//!
+//! - [`http_proxy`]: the `HTTP_PROXY` listener (absolute-form requests and `CONNECT`).
+//! - [`transparent`]: eBPF-redirected connections.
+//! - [`serve`]: the shared per-connection logic both use once the destination is known.
+//! - [`http`]: per-request pipeline + connector, on plain or decrypted streams.
+
+pub mod head;
+pub mod http;
+pub mod http_proxy;
+pub mod rewind;
+pub mod serve;
+pub mod transparent;
+pub mod tunnel;

@@ -1,0 +1,172 @@
+//! The connection-serving function shared by every interception mode.
+
+use super::http::{HttpMode, deny_raw, serve_http};
+use super::rewind::Rewind;
+use super::tunnel::{TunnelStart, decide_and_connect, pump};
+use crate::pipeline::ConnectionInfo;
+use crate::state::{SidecarState, TlsPlan};
+use crate::tls::sniff::{Sniffed, sniff};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::TlsAcceptor;
+
+/// Time a new connection has to show its protocol (a ClientHello or a request line). A
+/// server-speaks-first protocol sends nothing and is treated as unknown after this.
+pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time to complete the MITM TLS handshake once the ClientHello is in.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one client connection whose destination is known, until it ends.
+///
+/// # Contract (shared by `CONNECT` in `http_proxy` mode and the transparent interceptor)
+/// - `stream`: the client side, nothing read yet (for `CONNECT`, any bytes the client sent
+///   after the `CONNECT` head must be replayed first, e.g. with [`Rewind`]).
+/// - `conn`: from [`SidecarState::new_conn`]. Transparent mode passes
+///   `kind = InterceptKind::Transparent`, `original_dst = Some(orig)` (the address the app
+///   connected to) and `workload = Some(..)` (from the kernel's record). In transparent mode
+///   the upstream of every request and tunnel is `original_dst` and upstream sockets carry
+///   `SO_MARK = [sidecar.interceptor.transparent] socket_mark`.
+/// - `host_hint`: the name the client asked for when known (`CONNECT` target); `None` in
+///   transparent mode, where SNI or `Host` supplies it.
+/// - `port`: the destination port (`CONNECT` port or `original_dst.port()`).
+///
+/// What happens: the first bytes are sniffed. A TLS ClientHello for an intercepted host
+/// (SNI, else `host_hint`) is MITM'd with a leaf certificate for that name and each HTTP/1.1 or
+/// HTTP/2 request runs the pipeline; any other TLS gets a destination-level decision and a blind
+/// tunnel. Plain HTTP runs the pipeline per request (host from `host_hint`, else `Host`). Other
+/// bytes get a destination decision on `host_hint` (or ip:port when `None`) and a tunnel,
+/// except to an intercepted host, which is denied `MalformedRequest`. Every decision is
+/// audited exactly once; denied connections are closed (HTTP ones after a 403/400 JSON body).
+/// Never panics on client input; returns when the connection is done.
+pub async fn serve_stream<S>(
+    state: Arc<SidecarState>,
+    mut stream: S,
+    conn: ConnectionInfo,
+    host_hint: Option<String>,
+    port: u16,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut buf = Vec::new();
+    match sniff(&mut stream, &mut buf, SNIFF_TIMEOUT).await {
+        Sniffed::Closed => {}
+        Sniffed::Http => {
+            let mode = match host_hint {
+                Some(host) => HttpMode::Bound {
+                    host,
+                    port,
+                    tls: false,
+                },
+                None => HttpMode::HostHeader { port },
+            };
+            serve_http(state, stream, buf, conn, mode, false).await;
+        }
+        Sniffed::Tls { sni } => {
+            // A name in CONNECT and a different name in SNI is domain fronting: refuse.
+            if let (Some(h), Some(s)) = (&host_hint, &sni)
+                && h != s
+                && h.parse::<std::net::IpAddr>().is_err()
+            {
+                let detail = format!("TLS server name {s:?} differs from the requested host {h:?}");
+                deny_raw(&state, &mut stream, &conn, Some(h), port, None, &detail).await;
+                return;
+            }
+            let name = sni.or(host_hint);
+            let plan = name.as_deref().map(|n| state.tls_plan(n));
+            match (name, plan) {
+                (Some(name), Some(TlsPlan::Intercept { strict })) => {
+                    mitm(state, stream, buf, conn, name, port, strict).await
+                }
+                (name, _) => tunnel(&state, stream, &buf, &conn, name.as_deref(), port).await,
+            }
+        }
+        Sniffed::Unknown { detail } => {
+            if let Some(h) = &host_hint
+                && matches!(state.tls_plan(h), TlsPlan::Intercept { .. })
+            {
+                let detail = format!("intercepted host {h} requires TLS or HTTP: {detail}");
+                deny_raw(&state, &mut stream, &conn, Some(h), port, None, &detail).await;
+                return;
+            }
+            tunnel(&state, stream, &buf, &conn, host_hint.as_deref(), port).await;
+        }
+    }
+}
+
+async fn tunnel<S>(
+    state: &SidecarState,
+    mut stream: S,
+    prefix: &[u8],
+    conn: &ConnectionInfo,
+    host: Option<&str>,
+    port: u16,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match decide_and_connect(state, conn, host, port).await {
+        TunnelStart::Open(up) => pump(stream, up, prefix).await,
+        TunnelStart::Denied(_) | TunnelStart::Failed(_) => {
+            let _ = stream.shutdown().await;
+        }
+    }
+}
+
+async fn mitm<S>(
+    state: Arc<SidecarState>,
+    stream: S,
+    buf: Vec<u8>,
+    conn: ConnectionInfo,
+    name: String,
+    port: u16,
+    strict: bool,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(m) = state.mitm.as_ref() else {
+        return;
+    };
+    let fail = |detail: String| {
+        m.note_failure(&name);
+        let fallback = if strict {
+            "strict host: denied, no fallback"
+        } else {
+            "falling back to a blind tunnel for this host for 300 s"
+        };
+        let d = crate::pipeline::Decision::deny(
+            crate::pipeline::DenyReason::MalformedRequest,
+            format!("TLS interception of {name} failed ({fallback}): {detail}"),
+        );
+        tracing::warn!(conn = conn.conn_id, host = %name, detail = %d.detail, "MITM failed");
+        state.record(crate::audit::AuditInput {
+            conn: &conn,
+            method: None,
+            host: Some(&name),
+            port,
+            path: None,
+            decision: &d,
+            connector: None,
+        });
+    };
+    let config = match m.leaves.server_config(&name).await {
+        Ok(c) => c,
+        Err(e) => return fail(e.to_string()),
+    };
+    let accept = TlsAcceptor::from(config).accept(Rewind::new(buf, stream));
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return fail(e.to_string()),
+        Err(_) => {
+            return fail(format!(
+                "handshake not completed within {HANDSHAKE_TIMEOUT:?}"
+            ));
+        }
+    };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+    let mode = HttpMode::Bound {
+        host: name,
+        port,
+        tls: true,
+    };
+    serve_http(state, tls, Vec::new(), conn, mode, h2).await;
+}

@@ -1,0 +1,636 @@
+//! Stage 1: which capability applies to a request, and does it cover it?
+//!
+//! Identity, in order (DESIGN.md section 4):
+//! 1. a raw token in `x-firma-capability`: verified on first sight against the Authority's
+//!    public key and cached by SHA-256 of the token (bad tokens are cached too, so a flood of
+//!    one bad token costs one verification); a verified token also joins the map under its
+//!    session so later requests can name it with `x-firma-session`;
+//! 2. a session named by `x-firma-session`;
+//! 3. the transparent-mode workload binding (its `session_id`, or every capability of its
+//!    `agent_id` when the binding names no session);
+//! 4. the one seeded session, when exactly one session was seeded.
+//!
+//! When the connection has a workload binding, the capability's agent must be the bound agent
+//! (`WorkloadMismatch`): the kernel's identity outranks anything the app sends.
+//!
+//! The candidates are then narrowed: holding the action class (else `CapabilityNotFound`), with
+//! a resource scope covering `host + path` (else `CapabilityScopeMismatch`), not revoked (else
+//! `CapabilityRevoked`), within `iat - skew ..= exp + skew` (else `CapabilityExpired`).
+
+use super::revocations::RevocationSet;
+use super::types::{CapabilitySummary, DenyReason, Workload};
+use firma_common::capability::{CapabilityClaims, CapabilityError, CapabilitySeed};
+use firma_common::keys::VerifyingKey;
+use lru::LruCache;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Request header carrying a raw capability token.
+pub const CAPABILITY_HEADER: &str = "x-firma-capability";
+/// Request header naming a session whose capabilities apply.
+pub const SESSION_HEADER: &str = "x-firma-session";
+
+/// Distinct header tokens remembered (verified or rejected).
+const TOKEN_CACHE_SIZE: usize = 4096;
+
+/// A seed that stops startup.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error("{file}: cannot read capability seed: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: not a capability seed file: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: {source}")]
+    Invalid {
+        file: PathBuf,
+        #[source]
+        source: CapabilityError,
+    },
+}
+
+/// A verified capability.
+#[derive(Debug)]
+pub struct Capability {
+    pub claims: CapabilityClaims,
+    pub summary: CapabilitySummary,
+}
+
+impl Capability {
+    fn new(claims: CapabilityClaims) -> Arc<Self> {
+        let summary = CapabilitySummary {
+            token_id: claims.token_id.clone(),
+            agent_id: claims.agent_id.clone(),
+            session_id: claims.session_id.clone(),
+            action_set: claims.action_set.clone(),
+        };
+        Arc::new(Self { claims, summary })
+    }
+}
+
+/// A Stage 1 denial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stage1Deny {
+    pub reason: DenyReason,
+    pub detail: String,
+}
+
+fn deny(reason: DenyReason, detail: impl Into<String>) -> Stage1Deny {
+    Stage1Deny {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+/// What Stage 1 looks at for one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Stage1Request<'a> {
+    pub headers: &'a http::HeaderMap,
+    pub workload: Option<&'a Workload>,
+    pub action_class: &'a str,
+    /// `host + path` (path empty for destination decisions).
+    pub resource: &'a str,
+    /// Unix seconds.
+    pub now: i64,
+}
+
+/// Header tokens by SHA-256: the verified capability, or why verification failed.
+type TokenCache = LruCache<[u8; 32], Result<Arc<Capability>, String>>;
+
+/// The capability map: session -> capabilities, plus the header-token cache.
+pub struct CapabilityStore {
+    key: VerifyingKey,
+    skew: u64,
+    revoked: Arc<RevocationSet>,
+    seeded_sessions: Vec<String>,
+    sessions: RwLock<HashMap<String, Vec<Arc<Capability>>>>,
+    tokens: Mutex<TokenCache>,
+}
+
+impl CapabilityStore {
+    pub fn new(key: VerifyingKey, skew: u64, revoked: Arc<RevocationSet>) -> Self {
+        Self {
+            key,
+            skew,
+            revoked,
+            seeded_sessions: Vec::new(),
+            sessions: RwLock::new(HashMap::new()),
+            tokens: Mutex::new(LruCache::new(
+                NonZeroUsize::new(TOKEN_CACHE_SIZE).unwrap_or(NonZeroUsize::MIN),
+            )),
+        }
+    }
+
+    /// Reads and verifies every seed file; any failure stops startup. Logs one line per
+    /// (agent, session): `seeded N capability (agent=… session=…)`.
+    pub fn load_seeds(&mut self, paths: &[PathBuf], now: i64) -> Result<usize, SeedError> {
+        let mut groups: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for file in paths {
+            let claims = self.verify_seed(file, now)?;
+            *groups
+                .entry((claims.agent_id.clone(), claims.session_id.clone()))
+                .or_default() += 1;
+            if !self.seeded_sessions.contains(&claims.session_id) {
+                self.seeded_sessions.push(claims.session_id.clone());
+            }
+            self.insert(Capability::new(claims), now);
+        }
+        for ((agent, session), n) in &groups {
+            tracing::info!(
+                target: "firma_sidecar::startup::capability",
+                "seeded {n} capability (agent={agent} session={session})"
+            );
+        }
+        Ok(paths.len())
+    }
+
+    fn verify_seed(&self, file: &Path, now: i64) -> Result<CapabilityClaims, SeedError> {
+        let text = std::fs::read_to_string(file).map_err(|source| SeedError::Read {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        let seed: CapabilitySeed = toml::from_str(&text).map_err(|e| SeedError::Parse {
+            file: file.to_path_buf(),
+            message: e.message().to_string(),
+        })?;
+        let invalid = |source| SeedError::Invalid {
+            file: file.to_path_buf(),
+            source,
+        };
+        let claims = seed.verify(&self.key).map_err(invalid)?;
+        claims.check_time(now, self.skew).map_err(invalid)?;
+        Ok(claims)
+    }
+
+    /// Adds a verified capability under its session (dropping expired and duplicate entries).
+    fn insert(&self, cap: Arc<Capability>, now: i64) {
+        let skew = i64::try_from(self.skew).unwrap_or(i64::MAX);
+        let mut sessions = match self.sessions.write() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        let v = sessions.entry(cap.claims.session_id.clone()).or_default();
+        v.retain(|c| {
+            c.claims.token_id != cap.claims.token_id && c.claims.exp.saturating_add(skew) >= now
+        });
+        v.push(cap);
+    }
+
+    /// Sessions named by seed files, in file order.
+    pub fn seeded_sessions(&self) -> &[String] {
+        &self.seeded_sessions
+    }
+
+    /// Verifies (or recalls) a header token.
+    fn resolve_token(&self, token: &str, now: i64) -> Result<Arc<Capability>, Stage1Deny> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let cached = self.lock_tokens().get(&digest).cloned();
+        let result = match cached {
+            Some(r) => r,
+            None => {
+                let r = CapabilityClaims::verify(token, &self.key)
+                    .map(Capability::new)
+                    .map_err(|e| e.to_string());
+                if let Ok(cap) = &r {
+                    self.insert(cap.clone(), now);
+                }
+                self.lock_tokens().put(digest, r.clone());
+                r
+            }
+        };
+        result.map_err(|e| {
+            deny(
+                DenyReason::CapabilityInvalid,
+                format!("{CAPABILITY_HEADER}: {e}"),
+            )
+        })
+    }
+
+    fn lock_tokens(&self) -> std::sync::MutexGuard<'_, TokenCache> {
+        match self.tokens.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn session(&self, id: &str) -> Vec<Arc<Capability>> {
+        let sessions = match self.sessions.read() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        sessions.get(id).cloned().unwrap_or_default()
+    }
+
+    fn agent(&self, agent: &str) -> Vec<Arc<Capability>> {
+        let sessions = match self.sessions.read() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        sessions
+            .values()
+            .flatten()
+            .filter(|c| c.claims.agent_id == agent)
+            .cloned()
+            .collect()
+    }
+
+    /// Runs Stage 1 for one request.
+    pub fn check(&self, req: &Stage1Request<'_>) -> Result<Arc<Capability>, Stage1Deny> {
+        let (candidates, who) = self.candidates(req)?;
+        if let Some(w) = req.workload
+            && !candidates.is_empty()
+            && candidates.iter().all(|c| c.claims.agent_id != w.agent_id)
+        {
+            return Err(deny(
+                DenyReason::WorkloadMismatch,
+                format!(
+                    "capability agent {:?} is not the agent {:?} bound to workload {}",
+                    candidates[0].claims.agent_id, w.agent_id, w.cgroup_path
+                ),
+            ));
+        }
+        let bound =
+            |c: &&Arc<Capability>| req.workload.is_none_or(|w| c.claims.agent_id == w.agent_id);
+        let with_action: Vec<&Arc<Capability>> = candidates
+            .iter()
+            .filter(bound)
+            .filter(|c| c.claims.action_set.iter().any(|a| a == req.action_class))
+            .collect();
+        if with_action.is_empty() {
+            return Err(deny(
+                DenyReason::CapabilityNotFound,
+                format!("no capability for action {:?} ({who})", req.action_class),
+            ));
+        }
+        let in_scope: Vec<&Arc<Capability>> = with_action
+            .iter()
+            .copied()
+            .filter(|c| c.claims.covers(req.resource))
+            .collect();
+        if in_scope.is_empty() {
+            let scopes: Vec<&str> = with_action
+                .iter()
+                .map(|c| c.claims.resource_scope.as_str())
+                .collect();
+            return Err(deny(
+                DenyReason::CapabilityScopeMismatch,
+                format!(
+                    "resource {:?} is outside resource_scope {:?} ({who})",
+                    req.resource, scopes
+                ),
+            ));
+        }
+        let mut last: Option<Stage1Deny> = None;
+        for c in in_scope {
+            if self.revoked.contains(&c.claims.token_id) {
+                last = Some(deny(
+                    DenyReason::CapabilityRevoked,
+                    format!("capability {} is revoked", c.claims.token_id),
+                ));
+                continue;
+            }
+            match c.claims.check_time(req.now, self.skew) {
+                Ok(()) => return Ok(c.clone()),
+                Err(e) => {
+                    let reason = match e {
+                        CapabilityError::Expired { .. } => DenyReason::CapabilityExpired,
+                        _ => DenyReason::CapabilityInvalid,
+                    };
+                    if last
+                        .as_ref()
+                        .is_none_or(|d| d.reason != DenyReason::CapabilityRevoked)
+                    {
+                        last = Some(deny(reason, e.to_string()));
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| deny(DenyReason::CapabilityNotFound, who)))
+    }
+
+    /// The capabilities the request's identity points at, and a description for details.
+    fn candidates(
+        &self,
+        req: &Stage1Request<'_>,
+    ) -> Result<(Vec<Arc<Capability>>, String), Stage1Deny> {
+        if let Some(token) = single_header(req.headers, CAPABILITY_HEADER)? {
+            let cap = self.resolve_token(token, req.now)?;
+            let who = format!("token {}", cap.claims.token_id);
+            return Ok((vec![cap], who));
+        }
+        if let Some(session) = single_header(req.headers, SESSION_HEADER)? {
+            return Ok((self.session(session), format!("session {session:?}")));
+        }
+        if let Some(w) = req.workload {
+            return Ok(match &w.session_id {
+                Some(s) => (self.session(s), format!("workload session {s:?}")),
+                None => (
+                    self.agent(&w.agent_id),
+                    format!("workload agent {:?}", w.agent_id),
+                ),
+            });
+        }
+        match self.seeded_sessions.as_slice() {
+            [only] => Ok((self.session(only), format!("seeded session {only:?}"))),
+            many => Err(deny(
+                DenyReason::CapabilityNotFound,
+                format!(
+                    "no session identified: no {CAPABILITY_HEADER} or {SESSION_HEADER} header, \
+                     no workload binding, and {} seeded sessions",
+                    many.len()
+                ),
+            )),
+        }
+    }
+}
+
+/// The value of a Firma header that may appear at most once.
+fn single_header<'a>(
+    headers: &'a http::HeaderMap,
+    name: &str,
+) -> Result<Option<&'a str>, Stage1Deny> {
+    let mut values = headers.get_all(name).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(deny(
+            DenyReason::MalformedRequest,
+            format!("header {name} appears more than once"),
+        ));
+    }
+    first.to_str().map(|s| Some(s.trim())).map_err(|_| {
+        deny(
+            DenyReason::MalformedRequest,
+            format!("header {name} is not ASCII"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use firma_common::capability::now_unix;
+    use firma_common::keys::SigningKey;
+
+    fn claims(
+        token: &str,
+        agent: &str,
+        session: &str,
+        actions: &[&str],
+        scope: &str,
+    ) -> CapabilityClaims {
+        let now = now_unix();
+        CapabilityClaims {
+            token_id: token.into(),
+            agent_id: agent.into(),
+            session_id: session.into(),
+            action_set: actions.iter().map(|s| s.to_string()).collect(),
+            resource_scope: scope.into(),
+            iat: now - 10,
+            exp: now + 600,
+            context_hash: "00".into(),
+        }
+    }
+
+    struct Fixture {
+        key: SigningKey,
+        store: CapabilityStore,
+        revoked: Arc<RevocationSet>,
+        dir: tempfile::TempDir,
+    }
+
+    fn fixture(seeds: &[CapabilityClaims]) -> Fixture {
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let revoked = Arc::new(RevocationSet::new());
+        let mut store = CapabilityStore::new(key.verifying_key(), 5, revoked.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let paths: Vec<PathBuf> = seeds
+            .iter()
+            .map(|c| {
+                let p = dir.path().join(format!("{}.toml", c.token_id));
+                let seed = CapabilitySeed::new(c.sign(&key).unwrap(), c);
+                std::fs::write(&p, toml::to_string(&seed).unwrap()).unwrap();
+                p
+            })
+            .collect();
+        store.load_seeds(&paths, now_unix()).unwrap();
+        Fixture {
+            key,
+            store,
+            revoked,
+            dir,
+        }
+    }
+
+    fn check(
+        f: &Fixture,
+        headers: &[(&str, &str)],
+        workload: Option<&Workload>,
+        action: &str,
+        resource: &str,
+    ) -> Result<String, DenyReason> {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        f.store
+            .check(&Stage1Request {
+                headers: &h,
+                workload,
+                action_class: action,
+                resource,
+                now: now_unix(),
+            })
+            .map(|c| c.claims.token_id.clone())
+            .map_err(|d| d.reason)
+    }
+
+    const CHAT: &str = "model.inference.chat";
+    const SEND: &str = "communication.external.send";
+
+    #[test]
+    fn single_seeded_session_applies_and_scope_is_checked() {
+        let f = fixture(&[claims("t1", "a", "s1", &[CHAT], "api.openai.com")]);
+        assert_eq!(
+            check(&f, &[], None, CHAT, "api.openai.com/v1/chat/completions"),
+            Ok("t1".into())
+        );
+        assert_eq!(
+            check(&f, &[], None, CHAT, "api.openai.com.evil.com/v1"),
+            Err(DenyReason::CapabilityScopeMismatch)
+        );
+        assert_eq!(
+            check(&f, &[], None, SEND, "api.openai.com/x"),
+            Err(DenyReason::CapabilityNotFound)
+        );
+    }
+
+    #[test]
+    fn two_seeded_sessions_need_a_session_header() {
+        let f = fixture(&[
+            claims("t1", "a", "s1", &[CHAT], "*"),
+            claims("t2", "b", "s2", &[SEND], "*"),
+        ]);
+        assert_eq!(
+            check(&f, &[], None, CHAT, "h/p"),
+            Err(DenyReason::CapabilityNotFound)
+        );
+        assert_eq!(
+            check(&f, &[("x-firma-session", "s1")], None, CHAT, "h/p"),
+            Ok("t1".into())
+        );
+        assert_eq!(
+            check(&f, &[("x-firma-session", "s2")], None, SEND, "h/p"),
+            Ok("t2".into())
+        );
+        assert_eq!(
+            check(&f, &[("x-firma-session", "s3")], None, SEND, "h/p"),
+            Err(DenyReason::CapabilityNotFound)
+        );
+        assert_eq!(
+            check(
+                &f,
+                &[("x-firma-session", "s1"), ("x-firma-session", "s2")],
+                None,
+                CHAT,
+                "h/p"
+            ),
+            Err(DenyReason::MalformedRequest)
+        );
+    }
+
+    #[test]
+    fn header_token_verified_cached_and_joins_its_session() {
+        let f = fixture(&[]);
+        let c = claims("t9", "tenant-acme", "u-1", &[CHAT], "*");
+        let tok = c.sign(&f.key).unwrap();
+        assert_eq!(
+            check(&f, &[("x-firma-capability", &tok)], None, CHAT, "h/p"),
+            Ok("t9".into())
+        );
+        // Now the session header alone finds it.
+        assert_eq!(
+            check(&f, &[("x-firma-session", "u-1")], None, CHAT, "h/p"),
+            Ok("t9".into())
+        );
+        let other = SigningKey::generate(&mut rand::rngs::OsRng);
+        let forged = c.sign(&other).unwrap();
+        assert_eq!(
+            check(&f, &[("x-firma-capability", &forged)], None, CHAT, "h/p"),
+            Err(DenyReason::CapabilityInvalid)
+        );
+        assert_eq!(
+            check(&f, &[("x-firma-capability", "garbage")], None, CHAT, "h/p"),
+            Err(DenyReason::CapabilityInvalid)
+        );
+        f.revoked.insert("t9");
+        assert_eq!(
+            check(&f, &[("x-firma-capability", &tok)], None, CHAT, "h/p"),
+            Err(DenyReason::CapabilityRevoked)
+        );
+    }
+
+    #[test]
+    fn expired_beyond_skew_denied_within_skew_allowed() {
+        let f = fixture(&[]);
+        let mut c = claims("t1", "a", "s", &[CHAT], "*");
+        c.exp = now_unix() - 3;
+        let tok = c.sign(&f.key).unwrap();
+        assert_eq!(
+            check(&f, &[("x-firma-capability", &tok)], None, CHAT, "h/p"),
+            Ok("t1".into())
+        );
+        c.exp = now_unix() - 30;
+        c.token_id = "t2".into();
+        let tok = c.sign(&f.key).unwrap();
+        assert_eq!(
+            check(&f, &[("x-firma-capability", &tok)], None, CHAT, "h/p"),
+            Err(DenyReason::CapabilityExpired)
+        );
+    }
+
+    #[test]
+    fn workload_binding_selects_and_constrains() {
+        let f = fixture(&[
+            claims("t1", "agent-a", "s1", &[CHAT], "*"),
+            claims("t2", "agent-b", "s2", &[CHAT], "*"),
+        ]);
+        let w = |agent: &str, session: Option<&str>| Workload {
+            cgroup_id: 7,
+            cgroup_path: "/firma/x".into(),
+            pid: 42,
+            agent_id: agent.into(),
+            session_id: session.map(str::to_owned),
+        };
+        let wa = w("agent-a", None);
+        assert_eq!(check(&f, &[], Some(&wa), CHAT, "h/p"), Ok("t1".into()));
+        let wb = w("agent-b", Some("s2"));
+        assert_eq!(check(&f, &[], Some(&wb), CHAT, "h/p"), Ok("t2".into()));
+        // App names another agent's session: the kernel binding wins.
+        assert_eq!(
+            check(&f, &[("x-firma-session", "s2")], Some(&wa), CHAT, "h/p"),
+            Err(DenyReason::WorkloadMismatch)
+        );
+        let tok = claims("t3", "agent-b", "s3", &[CHAT], "*")
+            .sign(&f.key)
+            .unwrap();
+        assert_eq!(
+            check(&f, &[("x-firma-capability", &tok)], Some(&wa), CHAT, "h/p"),
+            Err(DenyReason::WorkloadMismatch)
+        );
+        let wc = w("agent-c", None);
+        assert_eq!(
+            check(&f, &[], Some(&wc), CHAT, "h/p"),
+            Err(DenyReason::CapabilityNotFound)
+        );
+    }
+
+    #[test]
+    fn bad_seeds_stop_startup_with_the_seed_messages() {
+        let f = fixture(&[]);
+        let c = claims("t1", "a", "s", &[CHAT], "*");
+        let mut seed = CapabilitySeed::new(c.sign(&f.key).unwrap(), &c);
+        seed.action_set.push(SEND.into());
+        let p = f.dir.path().join("edited.toml");
+        std::fs::write(&p, toml::to_string(&seed).unwrap()).unwrap();
+        let mut store =
+            CapabilityStore::new(f.key.verifying_key(), 5, Arc::new(RevocationSet::new()));
+        let e = store
+            .load_seeds(std::slice::from_ref(&p), now_unix())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("raw_token claims do not match seed claims") && e.contains("edited.toml"),
+            "{e}"
+        );
+
+        let other = SigningKey::generate(&mut rand::rngs::OsRng);
+        let seed = CapabilitySeed::new(c.sign(&other).unwrap(), &c);
+        std::fs::write(&p, toml::to_string(&seed).unwrap()).unwrap();
+        let e = store
+            .load_seeds(std::slice::from_ref(&p), now_unix())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("raw_token failed PASETO verification"), "{e}");
+
+        let mut old = c.clone();
+        old.exp = now_unix() - 100;
+        let seed = CapabilitySeed::new(old.sign(&f.key).unwrap(), &old);
+        std::fs::write(&p, toml::to_string(&seed).unwrap()).unwrap();
+        let e = store
+            .load_seeds(std::slice::from_ref(&p), now_unix())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expired"), "{e}");
+    }
+}

@@ -1,0 +1,223 @@
+//! Stage 2: Cedar over the current runtime bundle, with session state.
+//!
+//! The [`PolicyStore`] holds the last installed bundle and when it was last refreshed. A
+//! bundle is *refreshed* whenever the source delivers it again (the Authority re-sends at least
+//! every `[authority] bundle_ttl_seconds`; the local directory is re-read periodically), even if
+//! unchanged. No refresh for `[sidecar.constraint_enforcement] bundle_ttl_seconds` makes every
+//! decision `PolicyBundleStale`; before the first bundle every decision is
+//! `PolicyBundleNotReady`. A bundle that does not compile, or whose schema lacks an action
+//! class the mapping rules produce, is refused and does not count as a refresh, so a broken
+//! source ends in a fail-closed stale state rather than in evaluating something unchecked.
+
+use super::mapping::{MappingError, MappingRules};
+use super::sessions::{ActionCounters, count_and_decide};
+use super::types::DenyReason;
+use firma_common::policy::{CompiledPolicies, EvalRequest, PolicyBundle, PolicyError};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// Why a bundle was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("policy bundle does not compile: {0}")]
+    Compile(#[from] PolicyError),
+    #[error("policy bundle does not declare an action class the mapping rules use: {0}")]
+    Mapping(#[from] MappingError),
+}
+
+struct Installed {
+    policies: Arc<CompiledPolicies>,
+    refreshed: Instant,
+}
+
+/// The current bundle and its freshness.
+pub struct PolicyStore {
+    current: RwLock<Option<Installed>>,
+    ttl: Duration,
+    mapping: Arc<MappingRules>,
+    /// Notified on every install, so startup can wait for the first bundle.
+    installed: tokio::sync::watch::Sender<u64>,
+}
+
+/// What Stage 2 needs from one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Stage2Request<'a> {
+    pub agent_id: &'a str,
+    pub session_id: &'a str,
+    pub action_class: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub method: &'a str,
+}
+
+/// Stage 2's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stage2Result {
+    /// `None` when allowed.
+    pub deny: Option<(DenyReason, String)>,
+    pub matched_policies: Vec<String>,
+    /// The `action_count` the policies saw.
+    pub action_count: i64,
+}
+
+impl PolicyStore {
+    pub fn new(ttl: Duration, mapping: Arc<MappingRules>) -> Self {
+        Self {
+            current: RwLock::new(None),
+            ttl,
+            mapping,
+            installed: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    /// Compiles and installs `bundle` as refreshed at `refreshed`; returns whether its version
+    /// differs from the one it replaces.
+    pub fn install_at(
+        &self,
+        bundle: &PolicyBundle,
+        refreshed: Instant,
+    ) -> Result<bool, InstallError> {
+        let same = self
+            .read()
+            .as_ref()
+            .filter(|i| i.policies.version() == bundle.version)
+            .map(|i| i.policies.clone());
+        let policies = match same {
+            Some(p) => p,
+            None => {
+                let compiled = bundle.compile()?;
+                self.mapping.check_actions(compiled.action_classes())?;
+                Arc::new(compiled)
+            }
+        };
+        let changed = {
+            let mut cur = match self.current.write() {
+                Ok(c) => c,
+                Err(p) => p.into_inner(),
+            };
+            let changed = cur
+                .as_ref()
+                .is_none_or(|i| i.policies.version() != policies.version());
+            *cur = Some(Installed {
+                policies,
+                refreshed,
+            });
+            changed
+        };
+        self.installed.send_modify(|n| *n += 1);
+        Ok(changed)
+    }
+
+    /// [`PolicyStore::install_at`] now.
+    pub fn install(&self, bundle: &PolicyBundle) -> Result<bool, InstallError> {
+        self.install_at(bundle, Instant::now())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Option<Installed>> {
+        match self.current.read() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Version of the installed bundle.
+    pub fn version(&self) -> Option<String> {
+        self.read()
+            .as_ref()
+            .map(|i| i.policies.version().to_owned())
+    }
+
+    /// Waits until a bundle is installed or `timeout` passes; returns whether one is.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let mut rx = self.installed.subscribe();
+        let ready = async {
+            while self.read().is_none() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, ready).await;
+        self.read().is_some()
+    }
+
+    /// The policies to evaluate with, or why there are none usable.
+    pub fn usable(&self, now: Instant) -> Result<Arc<CompiledPolicies>, (DenyReason, String)> {
+        match self.read().as_ref() {
+            None => Err((
+                DenyReason::PolicyBundleNotReady,
+                "no runtime policy bundle received yet".into(),
+            )),
+            Some(i) => {
+                let age = now.saturating_duration_since(i.refreshed);
+                if age > self.ttl {
+                    Err((
+                        DenyReason::PolicyBundleStale,
+                        format!(
+                            "policy bundle {} last refreshed {}s ago (bundle_ttl_seconds = {})",
+                            short(i.policies.version()),
+                            age.as_secs(),
+                            self.ttl.as_secs()
+                        ),
+                    ))
+                } else {
+                    Ok(i.policies.clone())
+                }
+            }
+        }
+    }
+}
+
+fn short(version: &str) -> &str {
+    version.get(..12).unwrap_or(version)
+}
+
+/// Evaluates one request with `policies`, counting it against the session on allow.
+pub fn evaluate(
+    policies: &CompiledPolicies,
+    counters: &ActionCounters,
+    req: &Stage2Request<'_>,
+) -> Stage2Result {
+    let resource_id = format!("{}{}", req.host, req.path);
+    let counter = counters.counter(req.session_id, req.action_class);
+    count_and_decide(
+        &counter,
+        |n| {
+            let r = policies.evaluate(&EvalRequest {
+                agent_id: req.agent_id,
+                action: req.action_class,
+                resource_id: &resource_id,
+                host: Some(req.host),
+                path: Some(req.path),
+                action_count: n,
+                session_id: req.session_id,
+                method: req.method,
+            });
+            let deny = (!r.allowed).then(|| {
+                let why = if r.determining_policies.is_empty() {
+                    "no policy permits it".to_string()
+                } else {
+                    format!("forbidden by {}", r.determining_policies.join(", "))
+                };
+                let errs = if r.errors.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (errors: {})", r.errors.join("; "))
+                };
+                (
+                    DenyReason::PolicyDenied,
+                    format!(
+                        "{} on {resource_id} (action_count = {n}): {why}{errs}",
+                        req.action_class
+                    ),
+                )
+            });
+            Stage2Result {
+                deny,
+                matched_policies: r.determining_policies,
+                action_count: n,
+            }
+        },
+        |r| r.deny.is_none(),
+    )
+}

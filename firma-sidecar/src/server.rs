@@ -1,0 +1,181 @@
+//! Starting, running and stopping the sidecar.
+//!
+//! Startup order: connector (credentials: a missing env var stops here) -> MITM CA ->
+//! audit -> pipeline -> listeners -> `sidecar ready`. Every bound address is logged. On
+//! SIGTERM/SIGINT: drain (see [`crate::drain`]) then flush audit.
+
+use crate::audit::{AuditError, AuditLog};
+use crate::connector::{Connector, ConnectorError};
+use crate::drain::Drain;
+use crate::interceptor::{http_proxy, transparent};
+use crate::pipeline::{Pipeline, PipelineError};
+use crate::state::{Mitm, SidecarState};
+use crate::tls::ca::{CaError, CertificateAuthority};
+use crate::tls::leaf::{LeafCache, LeafError};
+use firma_common::config::{InterceptMode, SidecarConfig};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Leaf certificates kept in memory (one per intercepted host name seen).
+const LEAF_CACHE: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    /// Bad or incomplete configuration (exit code 78): `key` names the config key.
+    #[error("{message}")]
+    Config { key: &'static str, message: String },
+    #[error("pipeline: {0}")]
+    Pipeline(#[from] PipelineError),
+    #[error("audit: {0}")]
+    Audit(#[from] AuditError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Transparent(#[from] transparent::TransparentError),
+    #[error("{0}")]
+    Leaf(#[from] LeafError),
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+impl SidecarError {
+    /// The config key to blame when this is a configuration problem.
+    pub fn config_key(&self) -> Option<&'static str> {
+        match self {
+            Self::Config { key, .. } => Some(key),
+            Self::Pipeline(e) => Some(match e {
+                PipelineError::Mapping(_) => "sidecar.mapping",
+                PipelineError::Seed(_) => "sidecar.capability_seed",
+                PipelineError::PublicKey(_) => "sidecar.authority.public_key_path",
+                PipelineError::PolicyDir(_)
+                | PipelineError::Bundle(_)
+                | PipelineError::Authority(_) => "sidecar.policy",
+                PipelineError::Startup(_) => "sidecar",
+            }),
+            Self::Audit(e) => Some(match e {
+                AuditError::Key(_) => "sidecar.audit.signing_key_path",
+                AuditError::File { .. } => "sidecar.audit.path",
+                AuditError::Grpc(_) => "sidecar.audit.grpc_url",
+                AuditError::Startup(_) => "sidecar.audit",
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl From<ConnectorError> for SidecarError {
+    fn from(e: ConnectorError) -> Self {
+        let key = match e {
+            ConnectorError::Credentials(_) => "sidecar.credentials",
+            ConnectorError::Roots(_) => "sidecar.connector.extra_root_certs",
+        };
+        Self::Config {
+            key,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<CaError> for SidecarError {
+    fn from(e: CaError) -> Self {
+        Self::Config {
+            key: "sidecar.ca.dir",
+            message: e.to_string(),
+        }
+    }
+}
+
+fn log_effective_config(cfg: &SidecarConfig) {
+    let mitm = &cfg.interceptor.https_mitm;
+    tracing::info!(
+        mode = ?cfg.interceptor.mode,
+        listen_addr = %cfg.interceptor.listen_addr,
+        drain_timeout_secs = cfg.interceptor.drain_timeout_secs,
+        mitm_enabled = mitm.enabled,
+        intercept_hosts = ?mitm.intercept_hosts,
+        strict_hosts = ?mitm.strict_hosts,
+        "effective interceptor config"
+    );
+    for h in &cfg.connector.hosts {
+        tracing::info!(host = %h.host, rps = ?h.rps, burst = ?h.burst, timeout_ms = ?h.timeout_ms, address = ?h.address, "connector host");
+    }
+    for c in &cfg.credentials {
+        // Names only: the value is never logged.
+        tracing::info!(host = %c.host, mode = ?c.mode, header = %c.header, env = ?c.value_from_env, secret_path = ?c.secret_path, "credential configured");
+    }
+}
+
+/// Runs the sidecar until SIGTERM/SIGINT, then drains and returns.
+pub async fn run(cfg: &SidecarConfig) -> Result<(), SidecarError> {
+    crate::tls::install_crypto_provider();
+    log_effective_config(cfg);
+    let connector = Connector::new(cfg)?;
+    let mitm = if cfg.interceptor.https_mitm.enabled {
+        let (ca, created) = CertificateAuthority::load_or_init(&cfg.ca.dir)?;
+        if created {
+            tracing::info!(cert = %ca.cert_path().display(), "generated MITM CA; clients must trust this certificate");
+        } else {
+            tracing::info!(cert = %ca.cert_path().display(), "loaded MITM CA");
+        }
+        Some(Mitm::new(cfg, LeafCache::new(ca, LEAF_CACHE)?))
+    } else {
+        None
+    };
+    let audit = AuditLog::start(&cfg.audit).await?;
+    let pipeline = Pipeline::start(cfg).await?;
+    let drain = Drain::new();
+    let state = Arc::new(SidecarState::new(
+        pipeline,
+        audit.clone(),
+        connector,
+        mitm,
+        drain.clone(),
+    ));
+
+    // Register signals before announcing readiness so an early SIGTERM still drains.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(SidecarError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(SidecarError::Signals)?;
+
+    match cfg.interceptor.mode {
+        InterceptMode::HttpProxy => {
+            let addr = &cfg.interceptor.listen_addr;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| SidecarError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            let local = listener.local_addr().map_err(|source| SidecarError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+            tracing::info!(target: "firma_sidecar", "http_proxy listening on {local}");
+            drain.spawn(http_proxy::serve(state.clone(), listener));
+        }
+        InterceptMode::Transparent => {
+            transparent::serve(state.clone(), cfg, drain.clone()).await?;
+        }
+    }
+    tracing::info!(target: "firma_sidecar", "sidecar ready");
+
+    let sig = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    let deadline = Duration::from_secs(cfg.interceptor.drain_timeout_secs);
+    tracing::info!(target: "firma_sidecar", "{sig} received: draining (up to {}s)", deadline.as_secs());
+    let left = drain.drain(deadline).await;
+    if left > 0 {
+        tracing::warn!(target: "firma_sidecar", "drain deadline reached; cutting {left} connection(s)");
+    } else {
+        tracing::info!(target: "firma_sidecar", "drained: all connections finished");
+    }
+    audit.flush().await;
+    tracing::info!(target: "firma_sidecar", "sidecar stopped");
+    Ok(())
+}

