@@ -6,6 +6,7 @@
 //! [`service`] (gRPC), [`server`] (TLS, listen, drain), [`error`].
 
 pub mod bundles;
+pub mod collector;
 pub mod error;
 pub mod issuance;
 pub mod revocation_hub;

@@ -282,3 +282,38 @@ fn revocations_add_list_compact() {
     let out = d.authority(&["revocations", "add", "two words"]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn policy_validate_accepts_shipped_examples_and_locates_errors() {
+    let root = repo_root().join("policies");
+    let dirs: Vec<String> = [
+        "issuance/dev",
+        "issuance/production",
+        "issuance/genai-app",
+        "runtime/genai-app",
+        "runtime/first-policy",
+    ]
+    .iter()
+    .map(|d| root.join(d).display().to_string())
+    .collect();
+    let mut args = vec!["policy", "validate"];
+    args.extend(dirs.iter().map(String::as_str));
+    let out = firma(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).matches(": ok:").count(), 5);
+    assert!(text(&out.stdout).contains("genai-app:2"));
+
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::write(
+        bad.path().join("a.cedar"),
+        "permit (principal, action, resource);\nforbid (principal, action == Firma::Action::\"payment.steal\", resource);\n",
+    )
+    .unwrap();
+    let out = firma(&["policy", "validate", bad.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("a.cedar:2") && err.contains("payment.steal"),
+        "{err}"
+    );
+}

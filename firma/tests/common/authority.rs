@@ -230,3 +230,34 @@ pub fn read_seed(path: &Path) -> firma_common::capability::CapabilitySeed {
 }
 
 pub const PERMIT_ALL: &str = "permit (principal, action, resource);\n";
+
+/// A CA and a server certificate for `localhost` / 127.0.0.1 / ::1, written as PEM into
+/// `dir`: (ca.crt, server.crt, server.key with mode 0600).
+pub fn write_tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use std::os::unix::fs::PermissionsExt;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "firma test authority CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_params = CertificateParams::new(vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ])
+    .unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    let ca = dir.join("ca.crt");
+    let cert = dir.join("server.crt");
+    let key = dir.join("server.key");
+    std::fs::write(&ca, ca_cert.pem()).unwrap();
+    std::fs::write(&cert, leaf.pem()).unwrap();
+    std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (ca, cert, key)
+}
