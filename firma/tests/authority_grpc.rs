@@ -332,3 +332,31 @@ async fn sigterm_drains_and_exits_cleanly_with_open_streams() {
         "stream still open"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuance_policy_edits_apply_without_restart() {
+    let d = Deployment::new(PERMIT_ALL, PERMIT_ALL);
+    let server = d.start();
+    let mut c = client(&server).await;
+    let ask = || request("tenant-acme", &["payment.transfer"], 60);
+    let resp = c.issue_capability(ask()).await.unwrap().into_inner();
+    assert!(matches!(
+        resp.result,
+        Some(pb::issuance_response::Result::Allowed(_))
+    ));
+    std::fs::write(
+        d.issuance_dir.join("issuance.cedar"),
+        shipped_policy(GENAI_ISSUANCE),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let resp = c.issue_capability(ask()).await.unwrap().into_inner();
+        if let Some(pb::issuance_response::Result::Denied(d)) = resp.result {
+            assert_eq!(d.policies, ["issuance:1"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "issuance edit not applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
