@@ -6,6 +6,13 @@
 //! variables. Names come from a hosts file bind-mounted in a private mount namespace; clients
 //! trust the Firma CA through their usual variables or flags.
 //!
+//! Proves, per client: allowed call reaches the upstream with the injected credential and not
+//! the client's own; denied call gets 403 and reaches nobody; audit events carry the decision,
+//! reason, cgroup path and the client's pid; the same client outside the cgroup goes direct.
+//! Also: IPv6 destinations (the [::1] listener), no redirect loop when the destination port is
+//! the sidecar's own, tagging the sidecar's own cgroup refused, unredirected connections closed
+//! and audited, kill -9 fails closed and a restart re-adopts, detach, `WorkloadMismatch`.
+//!
 //! Every test needs root + BPF and prints SKIP otherwise. Each runs in its own network
 //! namespace (see `common/transparent.rs`), with its own cgroups, pins and control socket.
 
@@ -18,7 +25,7 @@ use harness::{Deployment, Settings, Sidecar, Upstream, assert_eventually, text};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use tcommon::{DST_V4, TestCgroup, TestPins, free_dual_port, in_fresh_netns, unique};
+use tcommon::{DST_V4, DST_V6, TestCgroup, TestPins, free_dual_port, in_fresh_netns, unique};
 
 const CANARY: &str = "sk-canary-transparent-51d0";
 const CLIENT_KEY: &str = "Bearer agent-own-key";
@@ -42,18 +49,15 @@ impl Env {
     /// Upstream on `DST_V4:443`, transparent sidecar started on a free port, tagged cgroup
     /// created but not attached yet.
     fn new() -> Self {
-        Self::build(443, free_dual_port())
+        Self::build(DST_V4, 443, free_dual_port())
     }
 
-    /// Upstream on `DST_V4:upstream_port`, sidecar listeners on `port`.
-    fn build(upstream_port: u16, port: u16) -> Self {
+    /// Upstream on `up_ip:upstream_port` (the hosts file points the names there), sidecar
+    /// listeners on `port`.
+    fn build(up_ip: &str, upstream_port: u16, port: u16) -> Self {
         let tmp = tempfile::tempdir().unwrap();
-        let up_addr = format!("{DST_V4}:{upstream_port}");
-        let up = Upstream::start_at(
-            tmp.path(),
-            &["api.openai.com", "paste.rs"],
-            up_addr.parse().unwrap(),
-        );
+        let up_addr = std::net::SocketAddr::new(up_ip.parse().unwrap(), upstream_port);
+        let up = Upstream::start_at(tmp.path(), &["api.openai.com", "paste.rs"], up_addr);
         let pins = TestPins::new();
         let cg = TestCgroup::top(&unique("firma-e2e"));
         let settings = Settings {
@@ -87,7 +91,7 @@ impl Env {
         let hosts = d.root().join("hosts");
         std::fs::write(
             &hosts,
-            format!("127.0.0.1 localhost\n::1 localhost\n{DST_V4} api.openai.com paste.rs\n"),
+            format!("127.0.0.1 localhost\n::1 localhost\n{up_ip} api.openai.com paste.rs\n"),
         )
         .unwrap();
         let sc = start_sidecar(&d);
@@ -457,6 +461,47 @@ fn node_fetch_in_tagged_cgroup_is_enforced_and_outside_is_not() {
     }
 }
 
+/// An IPv6 destination arrives on the sidecar's [::1] listener and goes upstream to the
+/// original IPv6 address, with the same enforcement.
+#[test]
+fn ipv6_destination_is_enforced_through_the_v6_listener() {
+    if !in_fresh_netns("ipv6_destination_is_enforced_through_the_v6_listener") {
+        return;
+    }
+    let env = Env::build(DST_V6, 443, free_dual_port());
+    env.attach();
+    let ca = env.d.ca_cert();
+    let run = run_client(
+        Client::PySocket,
+        Some(&env.cg.dir),
+        &env.hosts,
+        &ca,
+        "https://api.openai.com/v1/models",
+        "",
+    );
+    assert_eq!(run.status, 200, "{run:?}\n{}", env.log());
+    assert_eq!(run.peer.as_deref(), Some(&*format!("{DST_V6} 443")));
+    assert_eq!(
+        env.up.seen()[0].headers["authorization"],
+        format!("Bearer {CANARY}")
+    );
+    let run = run_client(
+        Client::Curl,
+        Some(&env.cg.dir),
+        &env.hosts,
+        &ca,
+        "https://paste.rs/",
+        "x=1",
+    );
+    assert_eq!(run.status, 403, "{run:?}");
+    assert_eq!(env.up.count(), 1);
+    assert_eventually(Duration::from_secs(5), "v6 audit", || {
+        env.audit_from_cg("api.openai.com")
+            .iter()
+            .any(|e| e["decision"]["outcome"] == "ALLOW" && e["workload"]["agent_id"] == AGENT)
+    });
+}
+
 /// The upstream listens on the sidecar's own port (at the namespace address): a redirect of the
 /// sidecar's upstream connection would loop into itself. One request must produce exactly one
 /// upstream request and one audit event. Tagging a cgroup that contains the sidecar is refused,
@@ -468,7 +513,7 @@ fn sidecar_upstream_is_never_redirected_even_to_its_own_port() {
     }
     // The upstream port equals the transparent port.
     let port = free_dual_port();
-    let env = Env::build(port, port);
+    let env = Env::build(DST_V4, port, port);
     env.attach();
     let run = run_client(
         Client::Curl,
