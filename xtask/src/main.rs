@@ -1,5 +1,7 @@
 //! `cargo xtask …`: build the eBPF object, run the tests, VM tests, demo, benchmarks.
 
+mod demo;
+
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use std::process::Command;
@@ -22,6 +24,9 @@ enum Task {
     /// Build the eBPF object (nightly, `-Z build-std=core`, bpf-linker) and print its path.
     /// `cargo build -p firma-sidecar` does the same through its build script and embeds it.
     BuildEbpf,
+    /// Transparent-mode demo (root): authority, sidecar, a local HTTPS "api.openai.com", a
+    /// tagged cgroup and unmodified curl showing credential injection and a deny.
+    Demo,
 }
 
 /// Runs a command, printing it first and naming it if it fails.
@@ -38,7 +43,7 @@ pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// `cargo +nightly build --release` in firma-ebpf (its `.cargo/config.toml` sets the BPF target
 /// and build-std), with the same flags as firma-sidecar/build.rs.
-fn build_ebpf() -> anyhow::Result<()> {
+pub fn build_ebpf() -> anyhow::Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     exec(Command::new("bash").arg(root.join("scripts/install-bpf-linker.sh")))?;
     let arch = std::env::consts::ARCH;
@@ -62,6 +67,7 @@ fn build_ebpf() -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf => build_ebpf(),
+        Task::Demo => demo::run(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")),
         Task::Test { args } => {
             // The eBPF object must exist for the transparent tests; fail here rather than let
             // them skip silently in CI.

@@ -88,7 +88,9 @@ pub struct TransparentConfig {
     /// Workloads attached at startup (more can be attached at runtime).
     #[serde(default)]
     pub workloads: Vec<WorkloadConfig>,
-    /// Destinations never redirected, e.g. `"10.0.0.0/8"`. Loopback is always excluded.
+    /// Destinations never redirected, e.g. `"10.0.0.0/8"`. Always excluded: 127.0.0.1, 0.0.0.0,
+    /// ::1 and :: (localhost); other 127/8 addresses are redirected like any remote (tests and
+    /// the demo use them), add `"127.0.0.0/8"` here to exclude them too.
     #[serde(default)]
     pub excluded_cidrs: Vec<String>,
     /// Destination ports never redirected.

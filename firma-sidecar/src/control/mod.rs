@@ -11,4 +11,4 @@ mod server;
 
 pub use client::{ClientError, request};
 pub use protocol::{Request, Response, StatusReport, WorkloadStatus};
-pub use server::{ControlError, serve};
+pub use server::{ControlError, bind, serve, serve_bound};

@@ -30,6 +30,23 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ControlError> {
     let listener = bind_owner_only(path)?;
+    serve_bound(listener, path, redirector, shutdown).await;
+    Ok(())
+}
+
+/// Binds the control socket at `path` (0600) without serving it yet, so a caller can fail
+/// startup on a bind error before spawning [`serve_bound`].
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    bind_owner_only(path)
+}
+
+/// Serves an already bound control socket until `shutdown`; removes `path` on exit.
+pub async fn serve_bound(
+    listener: UnixListener,
+    path: &Path,
+    redirector: Arc<Redirector>,
+    shutdown: CancellationToken,
+) {
     tracing::info!(path = %path.display(), "control socket listening");
     loop {
         tokio::select! {
@@ -48,7 +65,6 @@ pub async fn serve(
         }
     }
     let _ = std::fs::remove_file(path);
-    Ok(())
 }
 
 fn bind_owner_only(path: &Path) -> Result<UnixListener, ControlError> {

@@ -22,6 +22,10 @@ pub enum CgroupError {
     Traversal(String),
     #[error("{path} is not a cgroup directory under the cgroup2 mount {mount}")]
     NotACgroup { path: PathBuf, mount: PathBuf },
+    #[error(
+        "refusing to tag {target}: the sidecar itself runs in {own}, so its own connections would be redirected to itself; run the sidecar outside the workload's cgroup"
+    )]
+    ContainsSidecar { target: String, own: String },
     #[error("{0:?} is not a Kubernetes pod UID (expected hex digits and dashes)")]
     BadPodUid(String),
     #[error("no cgroup for pod {uid} under {mount}; looked for: {tried}")]
@@ -30,6 +34,25 @@ pub enum CgroupError {
         mount: PathBuf,
         tried: String,
     },
+}
+
+/// This process's cgroup v2 path (the `0::` line of `/proc/self/cgroup`), e.g. `/user.slice/x`.
+pub fn own_cgroup_path() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim().to_string())
+}
+
+/// Whether `target` (mount-relative, `/a/b`) is `own` or one of its ancestors, i.e. tagging it
+/// would tag the process whose cgroup is `own` (cgroup programs apply to descendants too).
+pub fn contains(target: &str, own: &str) -> bool {
+    let t = target.trim_end_matches('/');
+    t.is_empty()
+        || own == t
+        || own
+            .strip_prefix(t)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// One cgroup: where it is and its id.
@@ -283,6 +306,16 @@ mod tests {
         assert!(c.contains(&"kubepods/podab-12".to_string()));
         assert!(c.contains(&"kubepods/burstable/podab-12".to_string()));
         assert!(c.contains(&"kubepods/besteffort/podab-12".to_string()));
+    }
+
+    #[test]
+    fn containment_is_by_path_component() {
+        assert!(contains("/", "/a/b"));
+        assert!(contains("/a", "/a/b"));
+        assert!(contains("/a/b", "/a/b"));
+        assert!(!contains("/a/b", "/a"));
+        assert!(!contains("/a/bc", "/a/b"));
+        assert!(!contains("/a/b", "/a/bc"));
     }
 
     #[test]

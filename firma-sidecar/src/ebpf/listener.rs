@@ -3,6 +3,7 @@
 //! entry already gone) is closed and reported, never served with a guessed destination.
 
 use super::Redirector;
+use crate::drain::Drain;
 use crate::pipeline::Workload;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -33,11 +34,13 @@ pub async fn bind(port: u16) -> std::io::Result<Vec<TcpListener>> {
     Ok(vec![v4, v6])
 }
 
-/// Accepts on `listener` forever, resolving each connection through the redirector and
-/// handing it to `serve` (or `reject` when there is no record; the stream is then dropped).
+/// Accepts on `listener` until `drain` begins, resolving each connection through the
+/// redirector and handing it to `serve` as a task `drain` tracks (or to `reject` when there is
+/// no record; the stream is then dropped, which closes it).
 pub async fn accept_loop<S, SF, R>(
     listener: TcpListener,
     redirector: Arc<Redirector>,
+    drain: Drain,
     serve: S,
     reject: R,
 ) where
@@ -46,7 +49,11 @@ pub async fn accept_loop<S, SF, R>(
     R: Fn(Unredirected) + Send + Sync + 'static,
 {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = drain.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "transparent accept failed");
@@ -63,7 +70,7 @@ pub async fn accept_loop<S, SF, R>(
                     original_dst: orig.socket_addr(),
                     workload,
                 };
-                tokio::spawn(serve(conn));
+                drain.spawn(serve(conn));
             }
             None => {
                 tracing::warn!(%peer, "transparent connection without a redirect record; closing");

@@ -269,6 +269,17 @@ impl Redirector {
         session_id: Option<&str>,
     ) -> Result<AttachOutcome, EbpfError> {
         let cg = self.resolve(target)?;
+        // The sidecar must never be inside a tagged cgroup (DESIGN 3.1): its listeners would
+        // still work, but anything it connects to without SO_MARK would loop back into itself.
+        if let Some(own) = cgroup::own_cgroup_path()
+            && cgroup::contains(&cg.path, &own)
+        {
+            return Err(CgroupError::ContainsSidecar {
+                target: cg.path,
+                own,
+            }
+            .into());
+        }
         let binding = WorkloadBinding::new(&cg.path, agent_id, session_id)
             .map_err(|e| EbpfError::Binding(cg.path.clone(), e))?;
         let mut control = self.lock();

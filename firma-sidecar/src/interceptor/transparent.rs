@@ -1,28 +1,219 @@
-//! Transparent interception (eBPF cgroup redirection).
+//! Transparent interception: connections the eBPF cgroup programs redirected to us.
 //!
-//! STUB in this build: the transparent-interception work replaces this file. Contract for the
-//! replacement: bind the transparent listeners, spawn accept loops through `shutdown`
-//! ([`Drain::spawn`], so drain waits for them and they stop on [`Drain::cancelled`]), and
-//! return `Ok(())` once listening. For each accepted connection look up the original
-//! destination and workload, then call [`crate::interceptor::serve::serve_stream`] with
-//! `conn.kind = Transparent`, `conn.original_dst = Some(orig)`, `conn.workload = Some(..)`,
-//! `host_hint = None`, `port = orig.port()`.
+//! Startup ([`serve`]): load (or re-adopt) the pinned programs and maps, attach the workloads
+//! from `[sidecar.interceptor.transparent] workloads`, bind 127.0.0.1:port and [::1]:port and
+//! the owner-only control socket, then run under the drain: one accept loop per listener, the
+//! control socket (`firma sidecar attach|detach|status`) and the eBPF log pump. Any failure here
+//! stops startup: a sidecar that half-started would leave tagged workloads refused without
+//! saying why.
+//!
+//! Per connection: the kernel's record (original destination, cgroup, pid) is looked up by
+//! peer address; the connection then goes through the same [`serve_stream`] as `CONNECT` in
+//! `http_proxy` mode, with the original destination as upstream (the connector marks those
+//! sockets with `SO_MARK`, so they are never redirected back here). A connection without a
+//! record, or whose cgroup lost its binding, is closed and audited: never served with a guessed
+//! destination or identity.
+//!
+//! Shutdown leaves the programs pinned on purpose: while no sidecar listens, tagged workloads'
+//! connects are refused (fail closed); the next start re-adopts them.
 
+use crate::audit::AuditInput;
+use crate::control;
 use crate::drain::Drain;
+use crate::ebpf::listener::{self, Redirected, Unredirected};
+use crate::ebpf::{EbpfError, RedirectSettings, Redirector, Target};
+use crate::interceptor::serve::serve_stream;
+use crate::pipeline::{Decision, DenyReason, InterceptKind};
 use crate::state::SidecarState;
-use firma_common::config::SidecarConfig;
+use firma_common::config::{SidecarConfig, WorkloadConfig};
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransparentError {
-    #[error("transparent mode not available in this build")]
-    Unavailable,
+    #[error("[sidecar.interceptor.transparent] {0}")]
+    Kernel(#[from] EbpfError),
+    #[error("[sidecar.interceptor.transparent] workloads[{index}] ({what}): {source}")]
+    Workload {
+        index: usize,
+        what: String,
+        #[source]
+        source: EbpfError,
+    },
+    #[error(
+        "[sidecar.interceptor.transparent] workloads[{0}]: give exactly one of `cgroup` and `pod`"
+    )]
+    WorkloadTarget(usize),
+    #[error(
+        "[sidecar.interceptor.transparent] port {port}: cannot listen on 127.0.0.1 and [::1]: {source}"
+    )]
+    Bind {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Control(#[from] control::ControlError),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
+/// Runs a blocking kernel operation (bpf syscalls, cgroupfs walks) off the async workers.
+async fn blocking<T, F>(f: F) -> Result<T, TransparentError>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TransparentError::Internal(e.to_string()))
+}
+
+fn target_of(w: &WorkloadConfig) -> Option<Target> {
+    match (&w.cgroup, &w.pod) {
+        (Some(c), None) => Some(Target::Cgroup(c.clone())),
+        (None, Some(p)) => Some(Target::Pod(p.clone())),
+        _ => None,
+    }
+}
+
+/// Starts transparent mode; returns once listening (the work continues under `shutdown`).
 pub async fn serve(
-    _state: Arc<SidecarState>,
-    _cfg: &SidecarConfig,
-    _shutdown: Drain,
+    state: Arc<SidecarState>,
+    cfg: &SidecarConfig,
+    shutdown: Drain,
 ) -> Result<(), TransparentError> {
-    Err(TransparentError::Unavailable)
+    let t = &cfg.interceptor.transparent;
+    let settings = RedirectSettings::from_config(t)?;
+    let port = settings.port;
+    let (redirector, pump) = blocking(move || Redirector::start(settings)).await??;
+    let redirector = Arc::new(redirector);
+    tracing::info!(
+        pin_dir = %redirector.pin_dir().display(),
+        cgroup2 = %redirector.cgroup2().mount().display(),
+        adopted_programs = redirector.adopted_programs(),
+        "eBPF redirector loaded"
+    );
+
+    for (index, w) in t.workloads.iter().enumerate() {
+        // The config loader checks exactly one of cgroup/pod; keep this total anyway.
+        let Some(target) = target_of(w) else {
+            return Err(TransparentError::WorkloadTarget(index));
+        };
+        let (r, agent, session, tgt) = (
+            redirector.clone(),
+            w.agent_id.clone(),
+            w.session_id.clone(),
+            target.clone(),
+        );
+        blocking(move || r.attach(&tgt, &agent, session.as_deref()))
+            .await?
+            .map_err(|source| TransparentError::Workload {
+                index,
+                what: format!("{target:?}"),
+                source,
+            })?;
+    }
+
+    let listeners = listener::bind(port)
+        .await
+        .map_err(|source| TransparentError::Bind { port, source })?;
+    let control_path = t.control_socket.clone();
+    let control_listener = control::bind(&control_path)?;
+
+    // The control socket and log pump take a token; cancel it when the drain begins.
+    let stop = CancellationToken::new();
+    {
+        let (stop, drain) = (stop.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            drain.cancelled().await;
+            stop.cancel();
+        });
+    }
+    {
+        let (r, stop) = (redirector.clone(), stop.clone());
+        shutdown.spawn(async move {
+            control::serve_bound(control_listener, &control_path, r, stop).await
+        });
+    }
+    if let Some(pump) = pump {
+        shutdown.spawn(pump.run(stop.clone()));
+    }
+    for l in listeners {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(target: "firma_sidecar", "transparent listening on {addr}");
+        }
+        let serve_state = state.clone();
+        let reject_state = state.clone();
+        shutdown.spawn(listener::accept_loop(
+            l,
+            redirector.clone(),
+            shutdown.clone(),
+            move |c| handle(serve_state.clone(), c),
+            move |u| reject(&reject_state, u, port),
+        ));
+    }
+    Ok(())
+}
+
+/// Serves one redirected connection through the shared pipeline.
+async fn handle(state: Arc<SidecarState>, c: Redirected) {
+    let Redirected {
+        stream,
+        peer,
+        original_dst,
+        workload,
+    } = c;
+    let port = original_dst.port();
+    let has_workload = workload.is_some();
+    let conn = state.new_conn(
+        InterceptKind::Transparent,
+        peer,
+        Some(original_dst),
+        workload,
+    );
+    if !has_workload {
+        // The cgroup was detached between connect() and accept(): no identity, fail closed.
+        let d = Decision::deny(
+            DenyReason::WorkloadMismatch,
+            format!(
+                "connection from {peer} to {original_dst} was redirected but its cgroup has no workload binding any more; closed"
+            ),
+        );
+        tracing::warn!(conn = conn.conn_id, %peer, %original_dst, "redirected connection without a workload binding; closing");
+        state.record(AuditInput {
+            conn: &conn,
+            method: None,
+            host: None,
+            port,
+            path: None,
+            decision: &d,
+            connector: None,
+        });
+        return;
+    }
+    tracing::debug!(conn = conn.conn_id, %peer, %original_dst, "transparent connection");
+    serve_stream(state, stream, conn, None, port).await;
+}
+
+/// Audits a connection that reached a transparent listener with no kernel record (something
+/// connected to the listener directly, or its entry expired). It has already been closed.
+fn reject(state: &SidecarState, u: Unredirected, port: u16) {
+    let conn = state.new_conn(InterceptKind::Transparent, u.peer, None, None);
+    let d = Decision::deny(
+        DenyReason::MalformedRequest,
+        format!(
+            "connection from {} reached the transparent listener without a redirect record (not redirected by the kernel, or its entry expired); closed",
+            u.peer
+        ),
+    );
+    state.record(AuditInput {
+        conn: &conn,
+        method: None,
+        host: None,
+        port,
+        path: None,
+        decision: &d,
+        connector: None,
+    });
 }

@@ -88,6 +88,12 @@ impl Upstream {
     /// Serves HTTPS on 127.0.0.1 for `names` (certificate SANs). `GET /slow?ms=N` answers after
     /// N ms; everything else answers 200 `{"ok":true,"path":…}`.
     pub fn start(dir: &Path, names: &[&str]) -> Self {
+        Self::start_at(dir, names, "127.0.0.1:0".parse().unwrap())
+    }
+
+    /// As [`Upstream::start`], listening on `bind` (transparent-mode tests put it at an
+    /// address inside their network namespace, which is what the client connects to).
+    pub fn start_at(dir: &Path, names: &[&str], bind: SocketAddr) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -124,9 +130,7 @@ impl Upstream {
             .enable_all()
             .build()
             .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind(bind)).unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let raw = Arc::new(Mutex::new(Vec::new()));
@@ -523,9 +527,11 @@ impl Sidecar {
             std::thread::sleep(Duration::from_millis(20));
         }
         let text = s.log_text();
+        // http_proxy mode logs its listener; transparent mode its 127.0.0.1 listener first.
         let addr = text
             .split("http_proxy listening on ")
             .nth(1)
+            .or_else(|| text.split("transparent listening on ").nth(1))
             .and_then(|r| r.split_whitespace().next())
             .expect("listening line");
         s.addr = addr.parse().expect("proxy address");
