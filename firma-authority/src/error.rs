@@ -8,6 +8,8 @@ pub enum AuthorityError {
     Config(#[from] firma_common::config::ConfigError),
     #[error("signing key: {0}")]
     Key(#[from] firma_common::keys::KeyError),
+    #[error("audit collector: {0}")]
+    Collector(#[from] crate::collector::CollectorError),
     #[error("{which} bundle {dir}: {source}")]
     Policy {
         which: &'static str,

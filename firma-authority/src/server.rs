@@ -113,7 +113,18 @@ pub async fn run(
                 message: e.to_string(),
             })?;
     }
-    let router = builder.add_service(AuthorityServer::new(service));
+    // The collector behind sidecars' `grpc` audit sink rides on the same listener when asked for.
+    let collector = match &cfg.audit_collector_path {
+        Some(path) => {
+            let c = crate::collector::Collector::open(path, Vec::new())?;
+            tracing::info!(target: STARTUP, "audit collector writing to {}", path.display());
+            Some(c.into_service())
+        }
+        None => None,
+    };
+    let router = builder
+        .add_service(AuthorityServer::new(service))
+        .add_optional_service(collector);
     tracing::info!(target: "firma_authority", "authority ready");
 
     let stop = cancel.clone();
