@@ -38,3 +38,14 @@ fn wrong_type_names_key() {
         .to_string();
     assert!(e.contains("authority.max_ttl_seconds"), "{e}");
 }
+
+#[test]
+fn shipped_example_config_parses() {
+    let text = include_str!("../../../policies/firma.toml");
+    let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();
+    let s = c.sidecar().unwrap();
+    assert_eq!(s.credentials.len(), 2);
+    assert!(s.vault().is_some());
+    assert_eq!(s.interceptor.transparent.workloads.len(), 1);
+    assert_eq!(c.authority().unwrap().bundle_ttl_seconds, 30);
+}
