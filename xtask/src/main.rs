@@ -4,6 +4,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use std::process::Command;
 
+mod vm;
+
 #[derive(Parser)]
 #[command(about = "Firma developer tasks")]
 struct Cli {
@@ -22,6 +24,8 @@ enum Task {
     /// Build the eBPF object (nightly, `-Z build-std=core`, bpf-linker) and print its path.
     /// `cargo build -p firma-sidecar` does the same through its build script and embeds it.
     BuildEbpf,
+    /// Run vm-tests inside a QEMU VM with a kernel of its own (see vm-tests/README.md).
+    VmTest(vm::VmTestArgs),
 }
 
 /// Runs a command, printing it first and naming it if it fails.
@@ -62,6 +66,7 @@ fn build_ebpf() -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf => build_ebpf(),
+        Task::VmTest(args) => vm::run(args),
         Task::Test { args } => {
             // The eBPF object must exist for the transparent tests; fail here rather than let
             // them skip silently in CI.
