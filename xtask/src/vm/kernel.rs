@@ -55,8 +55,10 @@ pub fn vmlinux(cache: &Path) -> anyhow::Result<PathBuf> {
         .context("cannot run dpkg-deb")?;
     let tar_in = dpkg.stdout.take().context("dpkg-deb stdout")?;
     let tar = Command::new("tar")
-        .args(["-x", "--wildcards", "./boot/vmlinuz-*", "-C"])
+        .arg("-x")
+        .arg("-C")
         .arg(&dir)
+        .args(["--wildcards", "./boot/vmlinuz-*"])
         .stdin(tar_in)
         .status()
         .context("cannot run tar")?;
