@@ -6,6 +6,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use std::process::Command;
 
+mod vm;
+
 #[derive(Parser)]
 #[command(about = "Firma developer tasks")]
 struct Cli {
@@ -27,6 +29,8 @@ enum Task {
     /// Transparent-mode demo (root): authority, sidecar, a local HTTPS "api.openai.com", a
     /// tagged cgroup and unmodified curl showing credential injection and a deny.
     Demo,
+    /// Run vm-tests inside a QEMU VM with a kernel of its own (see vm-tests/README.md).
+    VmTest(vm::VmTestArgs),
 }
 
 /// Runs a command, printing it first and naming it if it fails.
@@ -68,6 +72,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf => build_ebpf(),
         Task::Demo => demo::run(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")),
+        Task::VmTest(args) => vm::run(args),
         Task::Test { args } => {
             // The eBPF object must exist for the transparent tests; fail here rather than let
             // them skip silently in CI.

@@ -1,0 +1,217 @@
+//! The workload: this same binary re-executed as `vm-kernel-tests client [--cgroup DIR] MODE …`.
+//! The child moves itself into the cgroup before opening any socket (never the test process:
+//! writing `cgroup.procs` moves the whole process), then reports what the kernel did on stdout.
+//!
+//! Modes and their output lines:
+//! - `tcp ADDR [MARK]`: `CONNECT ok` or `CONNECT err <errno>`; then `PEER <getpeername>`,
+//!   `PID <pid>`, `GOT <first line received>`.
+//! - `udp ADDR`: `SENDTO ok|err <errno>` (unconnected) and `CONNECT ok|err <errno>`.
+//! - `many ADDR N`: N sequential connects, each reading one line; `OK <count starting ORIG>`.
+
+use nix::sys::socket::{
+    AddressFamily, SockFlag, SockType, SockaddrStorage, connect, sendto, setsockopt, socket,
+    sockopt,
+};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// Entry point of the child. Returns the process exit code.
+pub fn main(args: &[String]) -> i32 {
+    match run(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("client error: {e}");
+            2
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let mut args = args;
+    if let [flag, dir, rest @ ..] = args
+        && flag == "--cgroup"
+    {
+        let procs = Path::new(dir).join("cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string())
+            .map_err(|e| format!("cannot join {}: {e}", procs.display()))?;
+        args = rest;
+    }
+    let addr = |s: Option<&String>| -> Result<SocketAddr, String> {
+        let s = s.ok_or("missing address")?;
+        s.parse().map_err(|e| format!("bad address {s:?}: {e}"))
+    };
+    match args.first().map(String::as_str) {
+        Some("tcp") => {
+            let mark = match args.get(2) {
+                Some(m) => Some(m.parse::<u32>().map_err(|e| format!("bad mark: {e}"))?),
+                None => None,
+            };
+            tcp(addr(args.get(1))?, mark)
+        }
+        Some("udp") => {
+            udp(addr(args.get(1))?);
+            Ok(())
+        }
+        Some("many") => {
+            let n: usize = args
+                .get(2)
+                .ok_or("missing count")?
+                .parse()
+                .map_err(|e| format!("bad count: {e}"))?;
+            many(addr(args.get(1))?, n)
+        }
+        other => Err(format!("unknown client mode {other:?}")),
+    }
+}
+
+fn family(addr: &SocketAddr) -> AddressFamily {
+    if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    }
+}
+
+/// An IPv6 address (including v4-mapped) gets an AF_INET6 socket, as an app would use.
+fn tcp(addr: SocketAddr, mark: Option<u32>) -> Result<(), String> {
+    let fd = socket(
+        family(&addr),
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    if let Some(m) = mark {
+        setsockopt(&fd, sockopt::Mark, &m).map_err(|e| format!("SO_MARK: {e}"))?;
+    }
+    if let Err(e) = connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
+        println!("CONNECT err {}", e as i32);
+        return Ok(());
+    }
+    println!("CONNECT ok");
+    let stream = TcpStream::from(fd);
+    let peer = stream
+        .peer_addr()
+        .map_err(|e| format!("getpeername: {e}"))?;
+    println!("PEER {peer}");
+    println!("PID {}", std::process::id());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| format!("read: {e}"))?;
+    println!("GOT {}", line.trim());
+    Ok(())
+}
+
+fn udp(addr: SocketAddr) {
+    match socket(
+        family(&addr),
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) {
+        Ok(fd) => match sendto(
+            fd.as_raw_fd(),
+            b"x",
+            &SockaddrStorage::from(addr),
+            nix::sys::socket::MsgFlags::empty(),
+        ) {
+            Ok(_) => println!("SENDTO ok"),
+            Err(e) => println!("SENDTO err {}", e as i32),
+        },
+        Err(e) => println!("SENDTO err {}", e as i32),
+    }
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    match UdpSocket::bind(bind).and_then(|u| u.connect(addr)) {
+        Ok(()) => println!("CONNECT ok"),
+        Err(e) => println!("CONNECT err {}", e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+fn many(addr: SocketAddr, n: usize) -> Result<(), String> {
+    let mut ok = 0;
+    for i in 0..n {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .map_err(|e| format!("connect #{i}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(s)
+            .read_line(&mut line)
+            .map_err(|e| format!("read #{i}: {e}"))?;
+        if line.starts_with("ORIG ") {
+            ok += 1;
+        }
+    }
+    println!("OK {ok}");
+    Ok(())
+}
+
+/// What a client child printed.
+#[derive(Debug)]
+pub struct ClientOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ClientOutput {
+    /// The rest of the first line starting with `tag ` (e.g. `line("GOT")`).
+    pub fn line(&self, tag: &str) -> Result<&str, String> {
+        let prefix = format!("{tag} ");
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(str::trim)
+            .ok_or_else(|| format!("client printed no {tag} line: {self}"))
+    }
+}
+
+impl std::fmt::Display for ClientOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stdout={:?} stderr={:?}",
+            self.stdout.trim(),
+            self.stderr.trim()
+        )
+    }
+}
+
+/// Runs this binary as a client child, in `cgroup` when given, without proxy variables.
+pub fn run_client(cgroup: Option<&Path>, args: &[&str]) -> Result<ClientOutput, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("client");
+    if let Some(cg) = cgroup {
+        cmd.arg("--cgroup").arg(cg);
+    }
+    cmd.args(args);
+    for v in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        cmd.env_remove(v);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot spawn client: {e}"))?;
+    let out = ClientOutput {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    if out.success {
+        Ok(out)
+    } else {
+        Err(format!("client {args:?} failed: {out}"))
+    }
+}

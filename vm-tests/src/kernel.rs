@@ -1,0 +1,415 @@
+//! The kernel tests, through firma-sidecar's `Redirector` (what `firma sidecar` and
+//! `firma workload attach` use). Each test builds its own pins, cgroup, listener and upstreams.
+
+use crate::check;
+use crate::client::{ClientOutput, run_client};
+use crate::env::*;
+use crate::harness::{Test, TestResult};
+use crate::servers::{Server, fake_sidecar, upstream};
+use firma_sidecar::ebpf::{
+    Cgroup2, Cidr, LINKS_PER_CGROUP, RedirectSettings, Redirector, Target, embedded_object,
+};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+const AGENT: &str = "agent-vm";
+const SESSION: &str = "sess-vm";
+const PORT: u16 = 4443;
+const EXCLUDED_PORT: u16 = 4444;
+const MARK: u32 = 0x4649_524d;
+const ECONNREFUSED: i32 = 111;
+const EPERM: i32 = 1;
+
+/// Every test, in run order.
+pub const TESTS: &[Test] = &[
+    Test {
+        name: "redirect_ipv4",
+        run: redirect_ipv4,
+    },
+    Test {
+        name: "redirect_ipv6",
+        run: redirect_ipv6,
+    },
+    Test {
+        name: "redirect_v4_mapped",
+        run: redirect_v4_mapped,
+    },
+    Test {
+        name: "not_redirected_untagged_excluded_marked",
+        run: not_redirected,
+    },
+    Test {
+        name: "udp_443_refused",
+        run: udp_443_refused,
+    },
+    Test {
+        name: "entries_removed_after_close",
+        run: entries_removed_after_close,
+    },
+    Test {
+        name: "detach_removes_links_and_binding",
+        run: detach_removes_everything,
+    },
+    Test {
+        name: "fail_closed_without_redirector",
+        run: fail_closed_without_redirector,
+    },
+    Test {
+        name: "restart_readopts_pinned_state",
+        run: restart_readopts,
+    },
+    Test {
+        name: "pod_uid_resolution",
+        run: pod_uid_resolution,
+    },
+];
+
+fn addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|e| format!("bad address {s}: {e}"))
+}
+
+fn settings(pins: &TestPins, port: u16) -> Result<RedirectSettings, String> {
+    Ok(RedirectSettings {
+        pin_dir: pins.dir.clone(),
+        port,
+        mark: MARK,
+        block_quic: true,
+        redirect_dns: false,
+        excluded_cidrs: vec![Cidr::parse(EXCLUDED_CIDR).map_err(|e| e.to_string())?],
+        excluded_ports: vec![EXCLUDED_PORT],
+    })
+}
+
+fn load(pins: &TestPins, port: u16, cgroup2: Cgroup2) -> Result<Arc<Redirector>, String> {
+    let object = embedded_object().map_err(|e| e.to_string())?;
+    let (r, _logs) = Redirector::start_with(object, cgroup2, settings(pins, port)?)
+        .map_err(|e| format!("load eBPF redirector: {e}"))?;
+    Ok(Arc::new(r))
+}
+
+/// A loaded redirector with a tagged cgroup, the fake sidecar, and the upstreams a workload
+/// would reach directly. Field order is drop order: listeners, then kernel state, then cgroup.
+struct Fixture {
+    sidecar: Option<Server>,
+    up_v4: Server,
+    up_v6: Server,
+    up_excluded: Server,
+    up_excluded_port: Server,
+    /// `None` once a test has dropped the loader (as a crash would).
+    r: Option<Arc<Redirector>>,
+    pins: TestPins,
+    cg: TestCgroup,
+    cgroup_id: u64,
+}
+
+impl Fixture {
+    fn new() -> Result<Self, String> {
+        let pins = TestPins::new();
+        let cg = TestCgroup::top("firma-vm")?;
+        // A fixed listener port is fine: each run has its own network namespace.
+        let port = 15001;
+        let r = load(&pins, port, Cgroup2::discover().map_err(|e| e.to_string())?)?;
+        check!(
+            r.adopted_programs() == 0,
+            "fresh pins adopted {} programs",
+            r.adopted_programs()
+        );
+        let out = r
+            .attach(&Target::Cgroup(cg.rel_path()), AGENT, Some(SESSION))
+            .map_err(|e| format!("attach: {e}"))?;
+        check!(
+            out.links_created == LINKS_PER_CGROUP,
+            "attach created {} links, expected {LINKS_PER_CGROUP}",
+            out.links_created
+        );
+        Ok(Self {
+            sidecar: Some(fake_sidecar(port, r.clone())?),
+            up_v4: upstream(addr(&format!("{DST_V4}:{PORT}"))?)?,
+            up_v6: upstream(addr(&format!("[{DST_V6}]:{PORT}"))?)?,
+            up_excluded: upstream(addr(&format!("{EXCLUDED_V4}:{PORT}"))?)?,
+            up_excluded_port: upstream(addr(&format!("{DST_V4}:{EXCLUDED_PORT}"))?)?,
+            r: Some(r),
+            pins,
+            cg,
+            cgroup_id: out.cgroup_id,
+        })
+    }
+
+    fn r(&self) -> Result<&Redirector, String> {
+        self.r
+            .as_deref()
+            .ok_or_else(|| "the redirector was dropped".to_string())
+    }
+
+    fn tagged(&self, args: &[&str]) -> Result<ClientOutput, String> {
+        run_client(Some(&self.cg.dir), args)
+    }
+
+    fn upstream_hits(&self) -> usize {
+        self.up_v4.accepted() + self.up_v6.accepted()
+    }
+
+    /// A tagged TCP connect to `dst`: must reach the sidecar with `dst` as its original
+    /// destination, the client's pid and the binding, and getpeername must show `dst`.
+    fn expect_redirected(&self, dst: &str, expected_orig: &str) -> TestResult {
+        let o = self.tagged(&["tcp", dst])?;
+        check!(o.line("CONNECT")? == "ok", "tagged connect failed: {o}");
+        check!(
+            o.line("PEER")? == dst,
+            "getpeername shows {} instead of the original peer {dst}",
+            o.line("PEER")?
+        );
+        let want = format!(
+            "ORIG {expected_orig} {AGENT} {} {}",
+            self.cg.rel_path(),
+            o.line("PID")?
+        );
+        check!(
+            o.line("GOT")? == want,
+            "sidecar said {o}, expected {want:?}"
+        );
+        check!(
+            self.upstream_hits() == 0,
+            "upstream saw a tagged connect ({} hits)",
+            self.upstream_hits()
+        );
+        Ok(())
+    }
+}
+
+fn redirect_ipv4() -> TestResult {
+    let f = Fixture::new()?;
+    let dst = format!("{DST_V4}:{PORT}");
+    f.expect_redirected(&dst, &dst)
+}
+
+fn redirect_ipv6() -> TestResult {
+    let f = Fixture::new()?;
+    let dst = format!("[{DST_V6}]:{PORT}");
+    f.expect_redirected(&dst, &dst)
+}
+
+/// A v4-mapped destination on an AF_INET6 socket is recorded as the IPv4 destination.
+fn redirect_v4_mapped() -> TestResult {
+    let f = Fixture::new()?;
+    f.expect_redirected(
+        &format!("[::ffff:{DST_V4}]:{PORT}"),
+        &format!("{DST_V4}:{PORT}"),
+    )
+}
+
+/// Untagged clients, excluded CIDRs, excluded ports and the sidecar's own SO_MARK go direct.
+fn not_redirected() -> TestResult {
+    let f = Fixture::new()?;
+    let v4 = format!("{DST_V4}:{PORT}");
+    let v6 = format!("[{DST_V6}]:{PORT}");
+    for dst in [&v4, &v6] {
+        let o = run_client(None, &["tcp", dst])?;
+        check!(
+            o.line("GOT")? == "UPSTREAM",
+            "untagged {dst} not direct: {o}"
+        );
+    }
+    check!(
+        f.upstream_hits() == 2,
+        "upstreams saw {} untagged connects, expected 2",
+        f.upstream_hits()
+    );
+    let o = f.tagged(&["tcp", &format!("{EXCLUDED_V4}:{PORT}")])?;
+    check!(
+        o.line("GOT")? == "UPSTREAM",
+        "excluded CIDR redirected: {o}"
+    );
+    check!(f.up_excluded.accepted() == 1, "excluded upstream not hit");
+    let o = f.tagged(&["tcp", &format!("{DST_V4}:{EXCLUDED_PORT}")])?;
+    check!(
+        o.line("GOT")? == "UPSTREAM",
+        "excluded port redirected: {o}"
+    );
+    check!(
+        f.up_excluded_port.accepted() == 1,
+        "excluded-port upstream not hit"
+    );
+    let o = f.tagged(&["tcp", &v4, &MARK.to_string()])?;
+    check!(
+        o.line("GOT")? == "UPSTREAM",
+        "connect with the sidecar's mark redirected: {o}"
+    );
+    check!(
+        f.sidecar.as_ref().is_some_and(|s| s.accepted() == 0),
+        "the sidecar received a connection that should have gone direct"
+    );
+    Ok(())
+}
+
+/// QUIC is refused so clients fall back to TCP (which is redirected): UDP to 443 fails with
+/// EPERM for sendto and connect, v4 and v6; other UDP ports and untagged sockets are untouched.
+fn udp_443_refused() -> TestResult {
+    let f = Fixture::new()?;
+    for host in [DST_V4.to_string(), format!("[{DST_V6}]")] {
+        let o = f.tagged(&["udp", &format!("{host}:443")])?;
+        check!(
+            o.line("SENDTO")? == format!("err {EPERM}")
+                && o.line("CONNECT")? == format!("err {EPERM}"),
+            "tagged UDP {host}:443 not refused: {o}"
+        );
+        let o = f.tagged(&["udp", &format!("{host}:{PORT}")])?;
+        check!(
+            o.line("SENDTO")? == "ok" && o.line("CONNECT")? == "ok",
+            "tagged UDP {host}:{PORT} refused: {o}"
+        );
+    }
+    let o = run_client(None, &["udp", &format!("{DST_V4}:443")])?;
+    check!(
+        o.line("SENDTO")? == "ok" && o.line("CONNECT")? == "ok",
+        "untagged UDP to 443 refused: {o}"
+    );
+    Ok(())
+}
+
+/// Tracking entries go when connections close, and stay bounded over many connections.
+fn entries_removed_after_close() -> TestResult {
+    let f = Fixture::new()?;
+    let n = 500;
+    let o = f.tagged(&["many", &format!("{DST_V4}:{PORT}"), &n.to_string()])?;
+    check!(
+        o.line("OK")? == n.to_string(),
+        "not every connection was redirected with a record: {o}"
+    );
+    eventually("tracking maps drained", Duration::from_secs(10), || {
+        (f.r().is_ok_and(|r| r.tracked() == (0, 0))).then_some(())
+    })
+    .map_err(|e| {
+        let left = f.r().map(|r| r.tracked());
+        format!("{e}; still tracked (by cookie, by peer): {left:?}")
+    })?;
+    Ok(())
+}
+
+/// Detach removes the links and the binding; the workload then connects directly.
+fn detach_removes_everything() -> TestResult {
+    let f = Fixture::new()?;
+    let dst = format!("{DST_V4}:{PORT}");
+    f.expect_redirected(&dst, &dst)?;
+    f.r()?
+        .detach(&Target::Cgroup(f.cg.rel_path()))
+        .map_err(|e| format!("detach: {e}"))?;
+    let links = f.pins.dir.join("links").join(f.cgroup_id.to_string());
+    check!(!links.exists(), "{} still exists", links.display());
+    check!(f.r()?.status().is_empty(), "status not empty after detach");
+    let o = f.tagged(&["tcp", &dst])?;
+    check!(
+        o.line("GOT")? == "UPSTREAM",
+        "detached cgroup not direct: {o}"
+    );
+    Ok(())
+}
+
+/// With the redirector and listener gone (as after a crash), pinned links keep rewriting tagged
+/// connects to the dead listener: refused, never direct.
+fn fail_closed_without_redirector() -> TestResult {
+    let mut f = Fixture::new()?;
+    let dst = format!("{DST_V4}:{PORT}");
+    f.expect_redirected(&dst, &dst)?;
+    f.sidecar = None;
+    // The test's last reference to the loader: the process state is gone, the pins stay.
+    f.r = None;
+    for dst in [dst.clone(), format!("[{DST_V6}]:{PORT}")] {
+        let o = f.tagged(&["tcp", &dst])?;
+        check!(
+            o.line("CONNECT")? == format!("err {ECONNREFUSED}"),
+            "tagged connect to {dst} without a listener was not refused: {o}"
+        );
+    }
+    check!(
+        f.upstream_hits() == 0,
+        "a tagged workload reached upstream without the sidecar"
+    );
+    Ok(())
+}
+
+/// A restarted loader adopts pinned programs, maps, links and the binding without attaching
+/// twice, and redirection works again.
+fn restart_readopts() -> TestResult {
+    let mut f = Fixture::new()?;
+    f.sidecar = None;
+    f.r = None;
+    let port = 15001;
+    let r = load(
+        &f.pins,
+        port,
+        Cgroup2::discover().map_err(|e| e.to_string())?,
+    )?;
+    check!(
+        r.adopted_programs() == LINKS_PER_CGROUP,
+        "adopted {} programs, expected {LINKS_PER_CGROUP}",
+        r.adopted_programs()
+    );
+    let st = r.status();
+    check!(
+        st.len() == 1,
+        "{} workloads re-adopted, expected 1",
+        st.len()
+    );
+    let (bound, links) = &st[0];
+    check!(
+        bound.agent_id == AGENT && bound.session_id.as_deref() == Some(SESSION),
+        "binding not re-read: {bound:?}"
+    );
+    check!(
+        *links == LINKS_PER_CGROUP,
+        "{links} links pinned after restart"
+    );
+    let again = r
+        .attach(&Target::Cgroup(f.cg.rel_path()), AGENT, Some(SESSION))
+        .map_err(|e| format!("re-attach: {e}"))?;
+    check!(
+        again.links_created == 0,
+        "re-attach created {} links (double attach)",
+        again.links_created
+    );
+    f.r = Some(r.clone());
+    f.sidecar = Some(fake_sidecar(port, r)?);
+    let dst = format!("{DST_V4}:{PORT}");
+    f.expect_redirected(&dst, &dst)
+}
+
+/// `--pod <uid>` finds the pod cgroup for both kubelet cgroup drivers, and connections from a
+/// container cgroup below it carry the container's path.
+fn pod_uid_resolution() -> TestResult {
+    let pins = TestPins::new();
+    let root = TestCgroup::top("firma-vm-pods")?;
+    let port = 15002;
+    let r = load(&pins, port, Cgroup2::at(&root.dir))?;
+    let _sidecar = fake_sidecar(port, r.clone())?;
+    let layouts = [
+        (
+            "7d3c1a2b-0000-4000-8000-00000000000a",
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod7d3c1a2b_0000_4000_8000_00000000000a.slice",
+        ),
+        (
+            "7d3c1a2b-0000-4000-8000-00000000000b",
+            "kubepods/besteffort/pod7d3c1a2b-0000-4000-8000-00000000000b",
+        ),
+    ];
+    for (uid, rel) in layouts {
+        let container = root.dir.join(rel).join("cri-containerd-1.scope");
+        std::fs::create_dir_all(&container).map_err(|e| format!("mkdir: {e}"))?;
+        let agent = format!("agent-{uid}");
+        let out = r
+            .attach(&Target::Pod(uid.into()), &agent, None)
+            .map_err(|e| format!("attach pod {uid}: {e}"))?;
+        check!(
+            out.cgroup_path == format!("/{rel}"),
+            "pod {uid} resolved to {}",
+            out.cgroup_path
+        );
+        let o = run_client(Some(&container), &["tcp", &format!("{DST_V4}:{PORT}")])?;
+        let want = format!("ORIG {DST_V4}:{PORT} {agent} /{rel}/cri-containerd-1.scope ");
+        check!(o.line("GOT")?.starts_with(&want), "pod {uid}: {o}");
+        r.detach(&Target::Pod(uid.into()))
+            .map_err(|e| format!("detach pod {uid}: {e}"))?;
+    }
+    Ok(())
+}
