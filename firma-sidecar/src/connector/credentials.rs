@@ -4,7 +4,6 @@
 //! injected header replaces any value the agent set for the same header name ("injection
 //! clobbers"), so an agent cannot choose what the upstream sees under that name.
 
-use super::dial::Dialer;
 use super::secret::Secret;
 use super::vault::{VaultClient, VaultError};
 use firma_common::config::{CredentialMode, SidecarConfig};
@@ -64,7 +63,7 @@ pub struct CredentialStore {
 impl CredentialStore {
     /// Reads every basic-mode environment variable now (a missing one stops startup) and
     /// prepares the Vault client (which connects lazily).
-    pub fn from_config(cfg: &SidecarConfig, dialer: Dialer) -> Result<Self, CredentialError> {
+    pub fn from_config(cfg: &SidecarConfig) -> Result<Self, CredentialError> {
         let mut by_host = HashMap::new();
         let mut vault_secrets = Vec::new();
         for c in &cfg.credentials {
@@ -107,9 +106,11 @@ impl CredentialStore {
             }
         }
         let vault = match cfg.vault() {
-            Some(v) if !vault_secrets.is_empty() => {
-                Some(Arc::new(VaultClient::new(v, dialer, vault_secrets)?))
-            }
+            Some(v) if !vault_secrets.is_empty() => Some(Arc::new(VaultClient::new(
+                v,
+                &cfg.connector.extra_root_certs,
+                vault_secrets,
+            )?)),
             _ => None,
         };
         Ok(Self { by_host, vault })

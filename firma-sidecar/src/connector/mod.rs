@@ -97,13 +97,7 @@ impl Connector {
     pub fn new(cfg: &SidecarConfig) -> Result<Self, ConnectorError> {
         let roots = crate::tls::upstream::root_store(&cfg.connector.extra_root_certs)?;
         let dialer = Dialer::new(crate::tls::upstream::client_config(roots));
-        let vault_dialer = match cfg.vault().and_then(|v| v.ca_cert_path.clone()) {
-            Some(ca) => Dialer::new(crate::tls::upstream::client_config(
-                crate::tls::upstream::root_store(&[ca])?,
-            )),
-            None => dialer.clone(),
-        };
-        let credentials = CredentialStore::from_config(cfg, vault_dialer)?;
+        let credentials = CredentialStore::from_config(cfg)?;
         let default_timeout = Duration::from_millis(cfg.connector.default_timeout_ms.max(1));
         let hosts = cfg
             .connector
