@@ -78,20 +78,24 @@ pub fn generate(path: &Path, force: bool) -> Result<(PathBuf, PathBuf), KeyError
     Ok((path.to_path_buf(), pub_path))
 }
 
-/// Writes `data` to `path` with `mode`, replacing any existing file atomically.
-fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), KeyError> {
+/// Writes `data` to `path` with `mode` via a temporary file, fsync and rename, so a reader
+/// never sees a half-written key and the mode is right from the first byte.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp-firma");
     let _ = std::fs::remove_file(&tmp);
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(data).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&tmp, path)
+}
+
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), KeyError> {
+    write_atomic(path, data, mode).map_err(io(path))
 }
 
 /// Fails unless `path` is readable by its owner only (group/other bits clear).

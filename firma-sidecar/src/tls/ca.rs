@@ -13,9 +13,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 pub const CA_CERT_FILE: &str = "firma-ca.crt";
@@ -177,20 +175,8 @@ impl CertificateAuthority {
     }
 }
 
-/// Writes `data` to `path` with `mode` via a temporary file and rename.
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
-    let tmp = path.with_extension("tmp-firma");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(data).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    firma_common::keys::write_atomic(path, data, mode).map_err(io(path))
 }
 
 #[cfg(test)]
