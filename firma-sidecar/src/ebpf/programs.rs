@@ -183,6 +183,12 @@ pub fn detach(links_dir: &Path) -> Result<usize, EbpfError> {
     let mut removed = 0;
     for (name, _) in PROGRAMS.iter().rev() {
         let pin = links_dir.join(name);
+        if pin.exists() {
+            detach_link_now(&pin).map_err(|e| EbpfError::Io {
+                path: pin.clone(),
+                detail: format!("BPF_LINK_DETACH: {e}"),
+            })?;
+        }
         match std::fs::remove_file(&pin) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -202,6 +208,70 @@ pub fn detach(links_dir: &Path) -> Result<usize, EbpfError> {
             detail: e.to_string(),
         }),
     }
+}
+
+/// Detaches the pinned link at `pin` from its cgroup before this returns.
+///
+/// Removing the pin alone is not enough: bpffs drops its reference from an RCU callback and the
+/// kernel frees the link from a workqueue, so the program would keep redirecting for a moment
+/// after `detach` returned. `BPF_LINK_DETACH` (Linux 5.9+) detaches synchronously; aya 0.14 has
+/// no wrapper for it, hence the two raw `bpf(2)` calls.
+fn detach_link_now(pin: &Path) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    /// `union bpf_attr` for BPF_OBJ_GET.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    /// `union bpf_attr` for BPF_LINK_DETACH.
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: `get` is a valid, initialised bpf_attr prefix of the size passed; `path` outlives
+    // the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let raw = i32::try_from(fd).map_err(|_| std::io::Error::other("fd out of range"))?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    let link = unsafe { OwnedFd::from_raw_fd(raw) };
+    let attr = LinkDetach {
+        link_fd: link.as_raw_fd() as u32,
+    };
+    // SAFETY: as above, for BPF_LINK_DETACH's attr.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &attr as *const LinkDetach,
+            std::mem::size_of::<LinkDetach>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// How many of the links of one cgroup are pinned.
