@@ -1,5 +1,6 @@
 //! `cargo xtask …`: build the eBPF object, run the tests, VM tests, demo, benchmarks.
 
+mod bench;
 mod demo;
 
 use anyhow::{Context, bail};
@@ -27,6 +28,8 @@ enum Task {
     /// Transparent-mode demo (root): authority, sidecar, a local HTTPS "api.openai.com", a
     /// tagged cgroup and unmodified curl showing credential injection and a deny.
     Demo,
+    /// Criterion benches, then the end-to-end load harness (direct vs through the sidecar).
+    Bench(bench::BenchArgs),
 }
 
 /// Runs a command, printing it first and naming it if it fails.
@@ -68,6 +71,10 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf => build_ebpf(),
         Task::Demo => demo::run(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")),
+        Task::Bench(args) => bench::run(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+            &args,
+        ),
         Task::Test { args } => {
             // The eBPF object must exist for the transparent tests; fail here rather than let
             // them skip silently in CI.
