@@ -18,6 +18,7 @@ pub struct BenchArgs {
 }
 
 pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+    let root = &root.canonicalize()?;
     if !args.skip_criterion {
         exec(
             Command::new("cargo")
