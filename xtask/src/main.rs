@@ -1,5 +1,6 @@
 //! `cargo xtask …`: build the eBPF object, run the tests, VM tests, demo, benchmarks.
 
+mod bench;
 mod demo;
 
 use anyhow::{Context, bail};
@@ -31,6 +32,8 @@ enum Task {
     Demo,
     /// Run vm-tests inside a QEMU VM with a kernel of its own (see vm-tests/README.md).
     VmTest(vm::VmTestArgs),
+    /// Criterion benches, then the end-to-end load harness (direct vs through the sidecar).
+    Bench(bench::BenchArgs),
 }
 
 /// Runs a command, printing it first and naming it if it fails.
@@ -73,6 +76,10 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf(),
         Task::Demo => demo::run(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")),
         Task::VmTest(args) => vm::run(args),
+        Task::Bench(args) => bench::run(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+            &args,
+        ),
         Task::Test { args } => {
             // The eBPF object must exist for the transparent tests; fail here rather than let
             // them skip silently in CI.

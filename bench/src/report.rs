@@ -1,0 +1,152 @@
+//! The results file (`target/bench/e2e.json`) and the printed table.
+
+use crate::client::ClientResult;
+use serde::Serialize;
+
+/// One measured scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scenario {
+    pub name: String,
+    pub result: ClientResult,
+}
+
+/// `slow` relative to `base`: latency ratios (slow/base) and throughput ratio (base/slow),
+/// so every figure reads "how many times worse".
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    pub what: String,
+    pub latency_p50: f64,
+    pub latency_p90: f64,
+    pub latency_p99: f64,
+    pub throughput: f64,
+}
+
+impl Ratio {
+    pub fn new(what: &str, base: &ClientResult, slow: &ClientResult) -> Self {
+        let r = |a: u64, b: u64| {
+            if b == 0 {
+                f64::NAN
+            } else {
+                a as f64 / b as f64
+            }
+        };
+        Self {
+            what: what.to_string(),
+            latency_p50: r(slow.p50_us, base.p50_us),
+            latency_p90: r(slow.p90_us, base.p90_us),
+            latency_p99: r(slow.p99_us, base.p99_us),
+            throughput: if slow.throughput_rps > 0.0 {
+                base.throughput_rps / slow.throughput_rps
+            } else {
+                f64::NAN
+            },
+        }
+    }
+}
+
+/// Proof that the measured traffic took the path its name says.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Checks {
+    /// Requests the upstream answered during the run.
+    pub upstream_requests: u64,
+    /// Of those, requests carrying the credential only the sidecar injects.
+    pub upstream_injected: u64,
+    /// Requests the sidecar scenarios completed (warmup included).
+    pub sidecar_requests_expected: u64,
+    /// Signed audit events in the sidecar's file sink at the end.
+    pub audit_events: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub date_unix: u64,
+    pub cpus: usize,
+    pub requests: usize,
+    pub concurrency: usize,
+    pub warmup: usize,
+    pub new_connection_requests: usize,
+    pub scenarios: Vec<Scenario>,
+    pub ratios: Vec<Ratio>,
+    pub checks: Checks,
+    /// Transparent-mode results, or why they were skipped.
+    pub transparent: Transparent,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transparent {
+    Measured {
+        scenarios: Vec<Scenario>,
+        ratio: Ratio,
+    },
+    Skipped(String),
+    Failed(String),
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.3}", us as f64 / 1000.0)
+}
+
+fn scenario_rows(out: &mut String, rows: &[Scenario]) {
+    for s in rows {
+        let r = &s.result;
+        out.push_str(&format!(
+            "{:<34} {:>6} {:>5} {:>10.0} {:>9} {:>9} {:>9} {:>6}{}\n",
+            s.name,
+            r.ok,
+            r.concurrency,
+            r.throughput_rps,
+            ms(r.p50_us),
+            ms(r.p90_us),
+            ms(r.p99_us),
+            r.errors,
+            if r.time_limited {
+                "  (time limit hit)"
+            } else {
+                ""
+            },
+        ));
+    }
+}
+
+fn ratio_row(out: &mut String, r: &Ratio) {
+    out.push_str(&format!(
+        "{:<34} latency p50 x{:.2}  p90 x{:.2}  p99 x{:.2}   throughput x{:.2}\n",
+        r.what, r.latency_p50, r.latency_p90, r.latency_p99, r.throughput
+    ));
+}
+
+impl Report {
+    /// The human table printed at the end of `cargo xtask bench`.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "{:<34} {:>6} {:>5} {:>10} {:>9} {:>9} {:>9} {:>6}\n",
+            "scenario", "reqs", "conc", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors"
+        );
+        out.push_str(&"-".repeat(96));
+        out.push('\n');
+        scenario_rows(&mut out, &self.scenarios);
+        if let Transparent::Measured { scenarios, .. } = &self.transparent {
+            scenario_rows(&mut out, scenarios);
+        }
+        out.push_str("\nratios (latency: slower/faster; throughput: faster/slower)\n");
+        for r in &self.ratios {
+            ratio_row(&mut out, r);
+        }
+        match &self.transparent {
+            Transparent::Measured { ratio, .. } => ratio_row(&mut out, ratio),
+            Transparent::Skipped(why) => {
+                out.push_str(&format!("transparent mode: SKIPPED ({why})\n"))
+            }
+            Transparent::Failed(why) => {
+                out.push_str(&format!("transparent mode: FAILED ({why})\n"))
+            }
+        }
+        let c = &self.checks;
+        out.push_str(&format!(
+            "\nchecks: upstream answered {} requests, {} with the injected credential (sidecar sent {}); {} signed audit events\n",
+            c.upstream_requests, c.upstream_injected, c.sidecar_requests_expected, c.audit_events
+        ));
+        out
+    }
+}
