@@ -287,6 +287,7 @@ async fn handle(
                 None,
                 &d,
             );
+            discard_body(req.into_body()).await;
             return response::deny(&d);
         }
     };
@@ -322,6 +323,7 @@ async fn handle(
             "denied"
         );
         audit(&decision, None);
+        discard_body(req.into_body()).await;
         return response::deny(&decision);
     }
     match state.connector.forward(req, up, conn, slot).await {
@@ -364,6 +366,30 @@ async fn handle(
             response::abort(status, reason, &detail)
         }
     }
+}
+
+/// Most of a denied request's body we read (and drop) before answering.
+const DISCARD_MAX: usize = 64 * 1024;
+/// How long we wait for it.
+const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads and drops what is left of a request body we answer without forwarding, up to
+/// [`DISCARD_MAX`] or [`DISCARD_TIME`]. Over HTTP/2, answering while the client is still
+/// sending makes hyper reset the stream (RST_STREAM), and clients such as curl then report the
+/// 403 as a framing error instead of showing it; a small body read to its end lets the stream
+/// close cleanly. Anything larger is not worth receiving: the reset is the right answer then.
+async fn discard_body(mut body: Incoming) {
+    use http_body_util::BodyExt;
+    let mut seen = 0usize;
+    let _ = tokio::time::timeout(DISCARD_TIME, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > DISCARD_MAX {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]
