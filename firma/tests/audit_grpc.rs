@@ -97,3 +97,64 @@ async fn grpc_sink_buffers_until_the_collector_is_up_and_the_collected_file_veri
     assert_eq!(rogue.shipped(), 1, "the collector answered");
     assert_eq!(lines(&out).len(), 4, "unverifiable event refused");
 }
+
+/// `[authority] audit_collector_path`: the Authority serves the same collector on its gRPC
+/// listener, so a deployment needs no separate collector process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_authority_serves_the_collector_when_audit_collector_path_is_set() {
+    let env = Env::new();
+    let seed = env.seed(&env.claims("t-2", "tenant-acme", "s-2", &[CHAT, SEND], "*"));
+    let p = env.pipeline(&[seed], &Opts::default()).await;
+    let (key, public) = audit_key(&env, "audit.key");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let authority_key = env.path("collector-authority.key");
+    firma_common::keys::generate(&authority_key, false).expect("authority key");
+    let revocations = env.path("revocations.txt");
+    std::fs::write(&revocations, "").expect("revocation file");
+    let out = env.path("collected-by-authority.jsonl");
+    let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
+    let config = env.path("authority.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[authority]\nlisten_addr = \"127.0.0.1:{port}\"\npolicy_dir = \"{policies}/runtime/genai-app\"\n\
+             issuance_policy_dir = \"{policies}/issuance/genai-app\"\nrevocation_file = \"{}\"\n\
+             key_file = \"{}\"\naudit_collector_path = \"{}\"\n",
+            revocations.display(),
+            authority_key.display(),
+            out.display()
+        ),
+    )
+    .expect("write config");
+    let _authority = Collector(
+        Command::new(FIRMA)
+            .args(["authority", "-c"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn firma authority"),
+    );
+    let log = AuditLog::start(&grpc_config(&format!("http://127.0.0.1:{port}"), &key))
+        .await
+        .expect("audit starts");
+    decide_and_record(
+        &p,
+        &log,
+        &req("POST", "api.openai.com", "/v1/chat/completions", &[]),
+    )
+    .await;
+    decide_and_record(&p, &log, &req("POST", "paste.rs", "/", &[])).await;
+    eventually(Duration::from_secs(20), async || {
+        (lines(&out).len() == 2).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("2 events collected by the authority, got {:?}", lines(&out)));
+    let (ok, report) = verify(&out, &[&public]);
+    assert!(ok && report.contains("OK: 2 event(s)"), "{report}");
+    assert_eq!(json(&lines(&out)[1])["decision"]["reason"], "PolicyDenied");
+}
