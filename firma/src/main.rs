@@ -43,6 +43,23 @@ enum Command {
 #[error(transparent)]
 pub struct ConfigFailure(#[from] pub firma_common::config::ConfigError);
 
+/// The error and its causes on one line, skipping a cause whose text the message already
+/// carries (many library errors embed their source in their own message).
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -56,7 +73,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             if e.downcast_ref::<ConfigFailure>().is_some() {
                 ExitCode::from(78)
             } else {
