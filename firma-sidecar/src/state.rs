@@ -1,13 +1,12 @@
 //! Everything a connection handler needs, built once at startup and shared.
 
-use crate::audit::{AuditInput, AuditLog};
+use crate::audit::AuditLog;
 use crate::connector::Connector;
 use crate::drain::Drain;
 use crate::pipeline::{ConnectionInfo, InterceptKind, Pipeline, Workload};
 use crate::tls::HostPatterns;
 use crate::tls::leaf::LeafCache;
 use firma_common::config::SidecarConfig;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,12 +16,35 @@ use std::time::{Duration, Instant};
 /// instead of intercepted (see [`Mitm::note_failure`]).
 pub const MITM_FALLBACK: Duration = Duration::from_secs(300);
 
+/// Most (client, host) fallback entries kept; the oldest is forgotten first (it then gets
+/// MITM again, the safe side).
+const FALLBACK_ENTRIES: usize = 4096;
+
 /// MITM settings and the leaf certificate cache.
 pub struct Mitm {
     pub intercept: HostPatterns,
     pub strict: HostPatterns,
     pub leaves: LeafCache,
-    fallback: Mutex<HashMap<String, Instant>>,
+    /// (client, host) pairs whose interception failed recently. Keyed by the client so that
+    /// nothing one client does changes how another client's connections are treated.
+    fallback: Mutex<lru::LruCache<(ClientKey, String), Instant>>,
+}
+
+/// Who a connection belongs to, for per-client state: the workload's cgroup in transparent
+/// mode (the kernel's word), else the peer's IP address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    Cgroup(u64),
+    Ip(std::net::IpAddr),
+}
+
+impl ClientKey {
+    pub fn of(conn: &ConnectionInfo) -> Self {
+        match &conn.workload {
+            Some(w) => Self::Cgroup(w.cgroup_id),
+            None => Self::Ip(conn.peer.ip()),
+        }
+    }
 }
 
 /// What to do with TLS to a given host.
@@ -41,7 +63,10 @@ impl Mitm {
             intercept: HostPatterns::new(&m.intercept_hosts),
             strict: HostPatterns::new(&m.strict_hosts),
             leaves,
-            fallback: Mutex::new(HashMap::new()),
+            fallback: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(FALLBACK_ENTRIES)
+                    .unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
         }
     }
 
@@ -50,8 +75,10 @@ impl Mitm {
     /// non-strict intercepted host whose interception failed (the client rejected our
     /// certificate, e.g. a pinned client) is tunnelled blind with a destination-level decision
     /// for [`MITM_FALLBACK`], like a plain `CONNECT` proxy would: weaker (no per-request policy,
-    /// no credential), which is exactly what `strict_hosts` exists to forbid.
-    pub fn plan(&self, host: &str) -> TlsPlan {
+    /// no credential), which is exactly what `strict_hosts` exists to forbid. The fallback is
+    /// kept per (client, host): one client that aborts handshakes cannot switch a host to
+    /// blind tunnelling for anyone else.
+    pub fn plan(&self, client: &ClientKey, host: &str) -> TlsPlan {
         if self.strict.matches(host) {
             return TlsPlan::Intercept { strict: true };
         }
@@ -59,20 +86,21 @@ impl Mitm {
             return TlsPlan::Tunnel;
         }
         let mut fb = self.fallback.lock().unwrap_or_else(|p| p.into_inner());
-        match fb.get(host) {
+        let key = (client.clone(), host.to_string());
+        match fb.get(&key) {
             Some(at) if at.elapsed() < MITM_FALLBACK => TlsPlan::Tunnel,
             Some(_) => {
-                fb.remove(host);
+                fb.pop(&key);
                 TlsPlan::Intercept { strict: false }
             }
             None => TlsPlan::Intercept { strict: false },
         }
     }
 
-    pub fn note_failure(&self, host: &str) {
+    pub fn note_failure(&self, client: &ClientKey, host: &str) {
         if !self.strict.matches(host) {
             let mut fb = self.fallback.lock().unwrap_or_else(|p| p.into_inner());
-            fb.insert(host.to_string(), Instant::now());
+            fb.put((client.clone(), host.to_string()), Instant::now());
         }
     }
 }
@@ -105,9 +133,11 @@ impl SidecarState {
         }
     }
 
-    /// TLS plan for `host`; without MITM everything is tunnelled.
-    pub fn tls_plan(&self, host: &str) -> TlsPlan {
-        self.mitm.as_ref().map_or(TlsPlan::Tunnel, |m| m.plan(host))
+    /// TLS plan for `host` as seen by `conn`'s client; without MITM everything is tunnelled.
+    pub fn tls_plan(&self, conn: &ConnectionInfo, host: &str) -> TlsPlan {
+        self.mitm
+            .as_ref()
+            .map_or(TlsPlan::Tunnel, |m| m.plan(&ClientKey::of(conn), host))
     }
 
     /// A fresh [`ConnectionInfo`] with a process-unique id.
@@ -125,10 +155,5 @@ impl SidecarState {
             original_dst,
             workload,
         }
-    }
-
-    /// Records one decision (exactly one call per decision).
-    pub fn record(&self, input: AuditInput<'_>) {
-        self.audit.record(input);
     }
 }

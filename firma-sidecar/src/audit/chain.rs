@@ -56,6 +56,17 @@ impl Sealer {
         Ok(line)
     }
 
+    /// Where the chain stands, to return to with [`Self::rollback`] when sealed lines could not
+    /// be persisted: the next line then takes their place, so the chain has no gap.
+    pub fn position(&self) -> (u64, String) {
+        (self.next_seq, self.prev_hash.clone())
+    }
+
+    pub fn rollback(&mut self, (next_seq, prev_hash): (u64, String)) {
+        self.next_seq = next_seq;
+        self.prev_hash = prev_hash;
+    }
+
     pub fn chain_id(&self) -> &str {
         &self.chain_id
     }

@@ -1,6 +1,16 @@
-//! The JSON body of one audit event (before chaining and signing).
+//! The JSON bodies of audit events (before chaining and signing).
 //!
-//! Field layout (DESIGN.md section 8; the seeds' examples are sub-objects of it):
+//! `event` says which kind a line is:
+//! - `decision`: one per decision, allow or deny. For an allow it is persisted *before* anything
+//!   is sent upstream; `connector.credential_injected`/`credential_source` say what will be
+//!   attached.
+//! - `outcome`: after an allowed request or tunnel was sent: `decision_event_id` names its
+//!   decision; `connector{upstream_status, aborted, client_gone}` and `timings_us.upstream_us`
+//!   say what happened (`aborted` = `UpstreamUnavailable`, `UpstreamTimeout`, `ClientGone`).
+//! - `abandoned`: the client went away before a decision; nothing was sent upstream.
+//! - `recovery`: written at start when the file ended in a torn line that was cut.
+//!
+//! Decision field layout (the seeds' examples are sub-objects of it):
 //! `event_id`, `timestamp` (RFC 3339, UTC), `conn{id, intercept, peer, original_dst}`,
 //! `workload{cgroup_id, cgroup_path, pid, agent_id, session_id}` (transparent mode, else null),
 //! `envelope.intent{action_class, resource{host, path}, method, port, passthrough}`,
@@ -40,10 +50,9 @@ pub fn body(input: &AuditInput<'_>) -> Map<String, Value> {
         // Nothing was sent upstream, so certainly no credential.
         None => json!({ "credential_injected": false, "credential_source": null }),
     };
-    let timestamp = OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_default();
+    let timestamp = now();
     let v = json!({
+        "event": "decision",
         "event_id": uuid::Uuid::new_v4().to_string(),
         "timestamp": timestamp,
         "conn": {
@@ -72,8 +81,86 @@ pub fn body(input: &AuditInput<'_>) -> Map<String, Value> {
         "connector": connector,
         "timings_us": timings,
     });
+    object(v)
+}
+
+fn now() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default()
+}
+
+fn object(v: Value) -> Map<String, Value> {
     match v {
         Value::Object(m) => m,
         _ => Map::new(),
     }
+}
+
+/// The `outcome` event of an allowed request or tunnel whose decision is `decision_event_id`.
+pub fn outcome(input: &AuditInput<'_>, decision_event_id: &str) -> Map<String, Value> {
+    let c = input.connector.clone().unwrap_or_default();
+    let conn = input.conn;
+    object(json!({
+        "event": "outcome",
+        "event_id": uuid::Uuid::new_v4().to_string(),
+        "timestamp": now(),
+        "decision_event_id": decision_event_id,
+        "conn": { "id": conn.conn_id, "intercept": conn.kind },
+        "envelope": {
+            "intent": {
+                "action_class": input.decision.action_class,
+                "resource": { "host": input.host, "path": input.path },
+                "method": input.method,
+                "port": input.port,
+            }
+        },
+        "connector": {
+            "credential_injected": c.credential_injected,
+            "credential_source": c.credential_source,
+            "upstream_status": c.upstream_status,
+            "aborted": c.aborted,
+            "client_gone": c.client_gone,
+            "bytes_up": c.bytes_up,
+            "bytes_down": c.bytes_down,
+        },
+        "timings_us": { "upstream_us": c.upstream_us },
+    }))
+}
+
+/// The `abandoned` event: the client left before a decision was made.
+pub fn abandoned(input: &AuditInput<'_>) -> Map<String, Value> {
+    let conn = input.conn;
+    object(json!({
+        "event": "abandoned",
+        "event_id": uuid::Uuid::new_v4().to_string(),
+        "timestamp": now(),
+        "conn": {
+            "id": conn.conn_id,
+            "intercept": conn.kind,
+            "peer": conn.peer.to_string(),
+            "original_dst": conn.original_dst.map(|a| a.to_string()),
+        },
+        "workload": conn.workload,
+        "envelope": {
+            "intent": {
+                "resource": { "host": input.host, "path": input.path },
+                "method": input.method,
+                "port": input.port,
+            }
+        },
+        "detail": "client went away before a decision; nothing was sent upstream",
+    }))
+}
+
+/// The `recovery` event: `cut` bytes of a torn last line (hex SHA-256 `sha256`) were removed.
+pub fn recovery(cut: u64, sha256: &str) -> Map<String, Value> {
+    object(json!({
+        "event": "recovery",
+        "event_id": uuid::Uuid::new_v4().to_string(),
+        "timestamp": now(),
+        "detail": format!("the file ended in a torn line ({cut} bytes, from a crash or a full disk); it was cut back to the last complete line"),
+        "cut_bytes": cut,
+        "cut_sha256": sha256,
+    }))
 }

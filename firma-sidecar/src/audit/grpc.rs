@@ -3,7 +3,8 @@
 //! Requests never wait for the collector: the writer thread only pushes onto the queue. A
 //! shipper task sends batches (one `Submit` stream each) and removes lines only once the
 //! collector acknowledged them, so a collector outage loses nothing until the queue is full;
-//! then new lines are dropped and counted (logged as errors). Reconnects back off
+//! then new lines are refused ([`QueueFull`]), which the writer reports as a failure to persist
+//! (requests are denied `AuditUnavailable` until the queue drains). Reconnects back off
 //! exponentially (100 ms to 5 s). A batch re-sent after a lost ack reaches the collector twice;
 //! the collector drops lines whose `(chain_id, seq)` it already holds.
 
@@ -14,6 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint};
+
+/// The queue is full (collector unreachable for a long time): nothing more can be persisted.
+#[derive(Debug, thiserror::Error)]
+#[error("audit collector unreachable and its queue of {QUEUE_CAPACITY} events is full")]
+pub struct QueueFull;
 
 /// Lines kept while the collector is unreachable.
 pub const QUEUE_CAPACITY: usize = 100_000;
@@ -42,23 +48,22 @@ impl GrpcQueue {
         }
     }
 
-    pub fn push(&self, line: String) {
+    /// Queues `lines` all together, or none of them when they do not fit: the writer then
+    /// reports the events as not persisted and the requests they belong to are denied
+    /// (`AuditUnavailable`), instead of being forwarded with their events dropped.
+    pub fn push_all(&self, lines: Vec<String>) -> Result<(), QueueFull> {
         {
             let mut q = self.lines();
-            if q.len() >= QUEUE_CAPACITY {
-                // Drop the newest: the front may be a batch on the wire awaiting its ack.
-                let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    tracing::error!(
-                        target: "firma_sidecar::audit",
-                        "audit collector unreachable and queue full: {n} event(s) dropped so far"
-                    );
-                }
-                return;
+            if q.len() + lines.len() > QUEUE_CAPACITY {
+                self.shared
+                    .dropped
+                    .fetch_add(lines.len() as u64, Ordering::Relaxed);
+                return Err(QueueFull);
             }
-            q.push_back(line);
+            q.extend(lines);
         }
         self.shared.wake.notify_one();
+        Ok(())
     }
 
     /// Lines waiting (including an unacknowledged batch).

@@ -14,16 +14,20 @@
 mod chain;
 mod event;
 mod grpc;
+mod recorder;
 mod writer;
 
 pub use chain::{Sealer, read_tail};
 pub use event::body as event_body;
+pub use recorder::{Committed, RequestAudit};
+pub use writer::Health;
 
 use crate::pipeline::{ConnectionInfo, Decision};
 use firma_common::config::{AuditConfig, AuditSink};
 use firma_common::keys::SigningKey;
+use serde_json::{Map, Value};
+use sha2::Digest;
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -44,7 +48,17 @@ pub struct ConnectorOutcome {
     pub aborted: Option<String>,
     /// Time from sending the request upstream to the response head.
     pub upstream_us: u64,
+    /// The client went away after the request was committed (closed, reset its stream).
+    pub client_gone: bool,
+    /// Tunnels: bytes from the client to the upstream and back.
+    pub bytes_up: Option<u64>,
+    pub bytes_down: Option<u64>,
 }
+
+/// The audit sink could not persist a decision: the request must not go anywhere.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the audit sink cannot persist events: {0}")]
+pub struct AuditUnavailable(pub Arc<str>);
 
 /// Everything one audit event is made from.
 #[derive(Debug, Clone)]
@@ -76,6 +90,7 @@ pub enum AuditError {
 
 struct Inner {
     tx: Mutex<Sender<writer::Msg>>,
+    health: Arc<Health>,
     grpc: Option<grpc::GrpcQueue>,
     /// The grpc shipper task, stopped when the last handle goes (call `flush` first).
     shipper: Option<tokio::task::AbortHandle>,
@@ -122,13 +137,15 @@ impl AuditLog {
             }
         };
         let mut shipper = None;
+        let mut recovered = None;
         let (sealer, sink, grpc) = match cfg.sink {
             AuditSink::File => {
                 let path = cfg.path.clone().ok_or_else(|| {
                     AuditError::Startup("[sidecar.audit] path: required for sink = \"file\"".into())
                 })?;
-                let (sealer, file) = open_file(&path, key)?;
-                (sealer, writer::Sink::file(file, cfg.fsync), None)
+                let (sealer, file, len, rec) = open_file(&path, key)?;
+                recovered = rec;
+                (sealer, writer::Sink::file(file, cfg.fsync, len), None)
             }
             AuditSink::Stdout => (Sealer::new(key), writer::Sink::Stdout, None),
             AuditSink::Grpc => {
@@ -147,24 +164,60 @@ impl AuditLog {
                 (Sealer::new(key), writer::Sink::Grpc(q.clone()), Some(q))
             }
         };
+        let health = Arc::new(Health::default());
+        let mut w = writer::Writer::new(sealer, sink, health.clone());
+        if let Some(recovery) = recovered {
+            w.persist(vec![recovery]).map_err(|e| {
+                AuditError::Startup(format!(
+                    "[sidecar.audit] path: cannot write the recovery event: {e}"
+                ))
+            })?;
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("firma-audit".into())
-            .spawn(move || writer::run(rx, sealer, sink))
+            .spawn(move || writer::run(rx, w))
             .map_err(|e| AuditError::Startup(format!("cannot start audit writer: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 tx: Mutex::new(tx),
+                health,
                 grpc,
                 shipper,
             }),
         })
     }
 
-    /// Records one decision. Never blocks the request path on I/O.
+    /// Queues an event without waiting for it to be persisted: for events after which nothing
+    /// leaves the sidecar (denials, outcomes). Request handlers go through [`RequestAudit`].
+    pub(crate) fn record_body(&self, body: Map<String, Value>) {
+        self.send(writer::Msg::Event(body, None));
+    }
+
+    /// Persists an event and waits until the sink has it (file: written, so it survives a
+    /// `kill -9`; grpc: queued within its bound). Anything the caller is about to send may
+    /// only leave after this returns `Ok`.
+    pub(crate) async fn persist_body(
+        &self,
+        body: Map<String, Value>,
+    ) -> Result<(), AuditUnavailable> {
+        let (ack, wait) = tokio::sync::oneshot::channel();
+        self.send(writer::Msg::Event(body, Some(ack)));
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(AuditUnavailable(e)),
+            Err(_) => Err(AuditUnavailable("the audit writer has stopped".into())),
+        }
+    }
+
+    /// Records one decision body made from `input` without waiting (tests, tools).
     pub fn record(&self, input: AuditInput<'_>) {
-        let body = event::body(&input);
-        self.send(writer::Msg::Event(body));
+        self.record_body(event::body(&input));
+    }
+
+    /// Whether the last write succeeded, and the counters.
+    pub fn health(&self) -> &Health {
+        &self.inner.health
     }
 
     fn send(&self, msg: writer::Msg) {
@@ -172,8 +225,11 @@ impl AuditLog {
             Ok(t) => t,
             Err(p) => p.into_inner(),
         };
-        if tx.send(msg).is_err() {
+        if let Err(std::sync::mpsc::SendError(msg)) = tx.send(msg) {
             tracing::error!(target: "firma_sidecar::audit", "audit writer has stopped; event lost");
+            if let writer::Msg::Event(_, Some(ack)) = msg {
+                let _ = ack.send(Err("the audit writer has stopped".into()));
+            }
         }
     }
 
@@ -200,29 +256,37 @@ impl AuditLog {
     }
 }
 
-/// Opens the audit file for appending (created 0600) and resumes its chain.
-fn open_file(
-    path: &std::path::Path,
-    key: SigningKey,
-) -> Result<(Sealer, std::fs::File), AuditError> {
+/// The sealer resuming the file's chain, the file, its length, and a recovery event to write.
+type OpenedFile = (Sealer, std::fs::File, u64, Option<Map<String, Value>>);
+
+/// Opens the audit file for appending (created 0600) and resumes its chain. A torn last line
+/// (crash or full disk mid-write) is cut back to the last complete line; the returned recovery
+/// event, persisted before anything else, records what was cut.
+fn open_file(path: &std::path::Path, key: SigningKey) -> Result<OpenedFile, AuditError> {
     let err = |source| AuditError::File {
         path: path.to_path_buf(),
         source,
     };
     let tail = read_tail(path).map_err(err)?;
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o600)
         .open(path)
         .map_err(err)?;
+    let mut len = file.metadata().map_err(err)?.len();
+    let mut recovered = None;
     if tail.torn {
+        let cut = cut_torn_tail(&file, len).map_err(err)?;
+        len -= cut.len() as u64;
+        let sha = hex::encode(sha2::Sha256::digest(&cut));
         tracing::warn!(
             target: "firma_sidecar::startup::audit",
-            "{}: last line is incomplete (torn write); `firma audit verify` will report it",
-            path.display()
+            "{}: cut a torn last line ({} bytes, sha256 {sha}); a recovery event records it",
+            path.display(),
+            cut.len()
         );
-        file.write_all(b"\n").map_err(err)?;
+        recovered = Some(event::recovery(cut.len() as u64, &sha));
     }
     let sealer = match &tail.last_line {
         None => Sealer::new(key),
@@ -245,5 +309,39 @@ fn open_file(
         sealer.chain_id(),
         sealer.next_seq()
     );
-    Ok((sealer, file))
+    Ok((sealer, file, len, recovered))
+}
+
+/// Truncates `file` (of length `len`) after its last `\n`; returns the bytes cut.
+fn cut_torn_tail(file: &std::fs::File, len: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut end = len;
+    let mut cut = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let n = (end - start) as usize;
+        file.read_exact_at(&mut chunk[..n], start)?;
+        match chunk[..n].iter().rposition(|b| *b == b'\n') {
+            Some(p) => {
+                let keep = start + p as u64 + 1;
+                let mut tail = chunk[p + 1..n].to_vec();
+                tail.extend_from_slice(&cut);
+                file.set_len(keep)?;
+                return Ok(tail);
+            }
+            None if start == 0 => {
+                let mut tail = chunk[..n].to_vec();
+                tail.extend_from_slice(&cut);
+                file.set_len(0)?;
+                return Ok(tail);
+            }
+            None => {
+                let mut tail = chunk[..n].to_vec();
+                tail.extend_from_slice(&cut);
+                cut = tail;
+                end = start;
+            }
+        }
+    }
 }

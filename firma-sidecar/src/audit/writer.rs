@@ -1,10 +1,23 @@
 //! The single writer thread: receives event bodies, chains and signs them in arrival order,
-//! and hands the lines to the sink. One thread means one chain order and no lock on the
-//! request path (`record` only sends on a channel).
+//! and hands them to the sink. One thread means one chain order and no lock on the request
+//! path (callers only send on a channel).
+//!
+//! Group commit: whatever is queued when the thread wakes (up to [`MAX_BATCH`] events) is sealed
+//! and written with one `write` (and one `fdatasync` under `fsync = "always"`), then every
+//! waiting caller gets its acknowledgement. Under load this is what keeps "persisted before the
+//! request leaves" cheap.
+//!
+//! Fail closed: a batch that cannot be persisted (ENOSPC, EIO, a full grpc queue) is cut back
+//! from the file (`ftruncate` to the last complete line, so there is never a torn line), the
+//! chain is rolled back (the next line takes the lost ones' place, no gap), and its callers get
+//! an error: an allowed request is then denied `AuditUnavailable` instead of being forwarded
+//! unaudited. The thread logs the failure at once, every [`FAILING_LOG_EVERY`] while it lasts,
+//! and the recovery.
 //!
 //! File sink fsync policy (`[sidecar.audit] fsync`): `always` calls `fdatasync` after every
-//! line; `interval` (default) at most every 100 ms while there are unsynced lines, and on
-//! flush/shutdown; `never` leaves it to the OS (flush still syncs).
+//! batch; `interval` (default) at most every 100 ms while there are unsynced lines, and on
+//! flush/shutdown; `never` leaves it to the OS (flush still syncs). A line that `write` accepted
+//! is in the page cache: it survives a `kill -9` of the sidecar under every policy.
 
 use super::chain::Sealer;
 use super::grpc::GrpcQueue;
@@ -12,14 +25,58 @@ use firma_common::config::FsyncPolicy;
 use serde_json::{Map, Value};
 use std::fs::File;
 use std::io::Write;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 const SYNC_INTERVAL: Duration = Duration::from_millis(100);
+/// Most events sealed and written together.
+const MAX_BATCH: usize = 256;
+/// How often a sink that keeps failing is reported again.
+const FAILING_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The reason an event was not persisted.
+pub type Lost = Arc<str>;
+/// Told whether the event was persisted.
+pub type Ack = tokio::sync::oneshot::Sender<Result<(), Lost>>;
 
 pub enum Msg {
-    Event(Map<String, Value>),
+    Event(Map<String, Value>, Option<Ack>),
     Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// What the request path and readiness checks can see of the writer.
+#[derive(Debug)]
+pub struct Health {
+    healthy: AtomicBool,
+    written: AtomicU64,
+    lost: AtomicU64,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            healthy: AtomicBool::new(true),
+            written: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Health {
+    /// `false` while the last write failed.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+    /// Events persisted since start.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+    /// Events that could not be persisted since start.
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
 }
 
 /// Where sealed lines go.
@@ -29,50 +86,83 @@ pub enum Sink {
         fsync: FsyncPolicy,
         dirty: bool,
         last_sync: Instant,
+        /// Length of the file up to its last complete, persisted line.
+        good_len: u64,
+        /// A failed write may have left part of a batch behind: cut it before writing again.
+        needs_cut: bool,
     },
     Stdout,
     Grpc(GrpcQueue),
 }
 
 impl Sink {
-    pub fn file(file: File, fsync: FsyncPolicy) -> Self {
+    /// `len`: the file's length, which must end with a complete line (or be 0).
+    pub fn file(file: File, fsync: FsyncPolicy, len: u64) -> Self {
         Sink::File {
             file,
             fsync,
             dirty: false,
             last_sync: Instant::now(),
+            good_len: len,
+            needs_cut: false,
         }
     }
 
-    fn write(&mut self, line: String) -> std::io::Result<()> {
+    /// Writes complete lines (each ending in `\n`) all together, or leaves the sink as it was.
+    fn write_lines(&mut self, lines: Vec<String>) -> std::io::Result<()> {
         match self {
             Sink::File {
                 file,
                 fsync,
                 dirty,
                 last_sync,
+                good_len,
+                needs_cut,
             } => {
-                let mut buf = line.into_bytes();
-                buf.push(b'\n');
-                // One write per line: concurrent readers never see half of a line.
-                file.write_all(&buf)?;
-                *dirty = true;
+                if *needs_cut {
+                    file.set_len(*good_len)?;
+                    *needs_cut = false;
+                }
+                let buf: Vec<u8> = lines.concat().into_bytes();
+                let written = file.write_all(&buf).and_then(|()| {
+                    if *fsync == FsyncPolicy::Always {
+                        file.sync_data()
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Err(e) = written {
+                    // Never leave a torn line: cut back to the last complete one now, or before
+                    // the next write if even that fails.
+                    if file.set_len(*good_len).is_err() {
+                        *needs_cut = true;
+                    }
+                    return Err(e);
+                }
+                *good_len += buf.len() as u64;
                 if *fsync == FsyncPolicy::Always {
-                    file.sync_data()?;
-                    *dirty = false;
                     *last_sync = Instant::now();
+                } else {
+                    *dirty = true;
                 }
                 Ok(())
             }
             Sink::Stdout => {
                 let mut out = std::io::stdout().lock();
-                writeln!(out, "{line}")?;
+                out.write_all(lines.concat().as_bytes())?;
                 out.flush()
             }
-            Sink::Grpc(q) => {
-                q.push(line);
-                Ok(())
-            }
+            Sink::Grpc(q) => q
+                .push_all(
+                    lines
+                        .into_iter()
+                        .map(|mut l| {
+                            l.pop();
+                            l
+                        })
+                        .collect(),
+                )
+                .map_err(std::io::Error::other),
         }
     }
 
@@ -82,6 +172,7 @@ impl Sink {
             fsync,
             dirty,
             last_sync,
+            ..
         } = self
             && *dirty
             && (force || (*fsync == FsyncPolicy::Interval && last_sync.elapsed() >= SYNC_INTERVAL))
@@ -94,35 +185,135 @@ impl Sink {
     }
 }
 
-/// Runs until every sender is gone.
-pub fn run(rx: Receiver<Msg>, mut sealer: Sealer, mut sink: Sink) {
-    loop {
-        match rx.recv_timeout(SYNC_INTERVAL) {
-            Ok(Msg::Event(body)) => {
-                let result = sealer
-                    .seal(body)
-                    .map_err(|e| e.to_string())
-                    .and_then(|line| sink.write(line).map_err(|e| e.to_string()));
-                if let Err(e) = result {
-                    tracing::error!(target: "firma_sidecar::audit", "audit event lost: {e}");
+/// The writer's state across batches.
+pub struct Writer {
+    pub sealer: Sealer,
+    pub sink: Sink,
+    pub health: Arc<Health>,
+    failing_since: Option<(Instant, Instant)>,
+}
+
+impl Writer {
+    pub fn new(sealer: Sealer, sink: Sink, health: Arc<Health>) -> Self {
+        Self {
+            sealer,
+            sink,
+            health,
+            failing_since: None,
+        }
+    }
+
+    /// Seals and persists `bodies` together; on failure nothing of them remains and the chain
+    /// is where it was.
+    pub fn persist(&mut self, bodies: Vec<Map<String, Value>>) -> Result<(), Lost> {
+        let n = bodies.len() as u64;
+        let before = self.sealer.position();
+        let mut lines = Vec::with_capacity(bodies.len());
+        let mut result = Ok(());
+        for body in bodies {
+            match self.sealer.seal(body) {
+                Ok(mut line) => {
+                    line.push('\n');
+                    lines.push(line);
                 }
-                if let Err(e) = sink.tick(false) {
+                Err(e) => {
+                    result = Err(e.to_string());
+                    break;
+                }
+            }
+        }
+        if result.is_ok() {
+            result = self.sink.write_lines(lines).map_err(|e| e.to_string());
+        }
+        match result {
+            Ok(()) => {
+                self.health.written.fetch_add(n, Ordering::Relaxed);
+                if let Some((since, _)) = self.failing_since.take() {
+                    self.health.healthy.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        target: "firma_sidecar::audit",
+                        "audit sink recovered after {:.1} s; {} event(s) lost in all since start",
+                        since.elapsed().as_secs_f64(),
+                        self.health.lost()
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.sealer.rollback(before);
+                let lost = self.health.lost.fetch_add(n, Ordering::Relaxed) + n;
+                self.health.healthy.store(false, Ordering::Relaxed);
+                let now = Instant::now();
+                match &mut self.failing_since {
+                    None => {
+                        self.failing_since = Some((now, now));
+                        tracing::error!(
+                            target: "firma_sidecar::audit",
+                            "AUDIT FAILING: cannot persist audit events ({e}); allowed requests are denied AuditUnavailable until it recovers"
+                        );
+                    }
+                    Some((since, last_log)) if last_log.elapsed() >= FAILING_LOG_EVERY => {
+                        *last_log = now;
+                        tracing::error!(
+                            target: "firma_sidecar::audit",
+                            "AUDIT STILL FAILING for {:.0} s ({e}): {lost} event(s) not persisted since start; requests are being denied AuditUnavailable",
+                            since.elapsed().as_secs_f64()
+                        );
+                    }
+                    Some(_) => {}
+                }
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// Runs until every sender is gone.
+pub fn run(rx: Receiver<Msg>, mut w: Writer) {
+    let mut pending: Option<Msg> = None;
+    loop {
+        let first = match pending.take() {
+            Some(m) => Ok(m),
+            None => rx.recv_timeout(SYNC_INTERVAL),
+        };
+        match first {
+            Ok(Msg::Event(body, ack)) => {
+                let mut bodies = vec![body];
+                let mut acks = vec![ack];
+                while bodies.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(Msg::Event(b, a)) => {
+                            bodies.push(b);
+                            acks.push(a);
+                        }
+                        Ok(flush) => {
+                            pending = Some(flush);
+                            break;
+                        }
+                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                    }
+                }
+                let result = w.persist(bodies);
+                for ack in acks.into_iter().flatten() {
+                    let _ = ack.send(result.clone());
+                }
+                if let Err(e) = w.sink.tick(false) {
                     tracing::error!(target: "firma_sidecar::audit", "audit fsync failed: {e}");
                 }
             }
             Ok(Msg::Flush(done)) => {
-                if let Err(e) = sink.tick(true) {
+                if let Err(e) = w.sink.tick(true) {
                     tracing::error!(target: "firma_sidecar::audit", "audit fsync failed: {e}");
                 }
                 let _ = done.send(());
             }
             Err(RecvTimeoutError::Timeout) => {
-                if let Err(e) = sink.tick(false) {
+                if let Err(e) = w.sink.tick(false) {
                     tracing::error!(target: "firma_sidecar::audit", "audit fsync failed: {e}");
                 }
             }
             Err(RecvTimeoutError::Disconnected) => {
-                let _ = sink.tick(true);
+                let _ = w.sink.tick(true);
                 return;
             }
         }

@@ -47,6 +47,21 @@ pub enum Failure {
     UpstreamUnavailable(String),
     /// No response head within the timeout: 504.
     UpstreamTimeout(String),
+    /// A credential would leave over plaintext (or TLS not verified for its host): a denial
+    /// (`InsecureUpstream`), nothing sent.
+    InsecureUpstream(String),
+}
+
+/// An allowed request with its destination, credential and permit settled, not yet sent.
+pub struct Prepared {
+    req: Request<ReqBody>,
+    addr: SocketAddr,
+    tls_name: Option<String>,
+    host: String,
+    mark: Option<u32>,
+    timeout: Duration,
+    /// What the connector will do: the credential it attaches.
+    pub planned: ConnectorOutcome,
 }
 
 /// Where a request goes.
@@ -56,15 +71,6 @@ pub struct UpstreamTarget {
     pub host: String,
     pub port: u16,
     pub tls: bool,
-}
-
-/// How the upstream address was chosen. A client-chosen address over plain HTTP is never
-/// sent a credential: nothing proves the peer is the host the credential is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AddrSource {
-    Configured,
-    Resolved,
-    OriginalDst,
 }
 
 struct HostSettings {
@@ -145,22 +151,21 @@ impl Connector {
         host: &str,
         port: u16,
         conn: &ConnectionInfo,
-    ) -> Result<(SocketAddr, AddrSource), String> {
+    ) -> Result<SocketAddr, String> {
         if conn.kind == InterceptKind::Transparent
             && let Some(dst) = conn.original_dst
         {
-            return Ok((dst, AddrSource::OriginalDst));
+            return Ok(dst);
         }
         if let Some(a) = self.hosts.get(host).and_then(|h| h.address) {
-            return Ok((a, AddrSource::Configured));
+            return Ok(a);
         }
         if let Ok(ip) = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
-            return Ok((SocketAddr::new(ip, port), AddrSource::Resolved));
+            return Ok(SocketAddr::new(ip, port));
         }
         match tokio::net::lookup_host((host, port)).await {
             Ok(mut it) => it
                 .next()
-                .map(|a| (a, AddrSource::Resolved))
                 .ok_or_else(|| format!("{host} resolves to no address")),
             Err(e) => Err(format!("cannot resolve {host}: {e}")),
         }
@@ -174,44 +179,59 @@ impl Connector {
         conn: &ConnectionInfo,
     ) -> Result<SocketAddr, String> {
         match host {
-            Some(h) => self.resolve(h, port, conn).await.map(|(a, _)| a),
+            Some(h) => self.resolve(h, port, conn).await,
             None => conn
                 .original_dst
                 .ok_or_else(|| "no destination known for this connection".to_string()),
         }
     }
 
-    /// Sends an allowed request upstream and returns the response head (body streams).
-    pub async fn forward(
+    /// Why a request to `target` may not leave: its host has a credential and the request
+    /// would not travel over TLS verified for that host (the connector verifies upstream TLS
+    /// for `target.host`, the name the credential is configured for).
+    pub fn insecure(&self, target: &UpstreamTarget) -> Option<String> {
+        (!target.tls && self.credentials.has(&target.host)).then(|| {
+            format!(
+                "{host} has a credential, which is only sent over TLS verified for {host}; this request would leave in plaintext (use https://)",
+                host = target.host
+            )
+        })
+    }
+
+    /// Settles everything an allowed request needs before it may leave: where to, whether a
+    /// credential may go there, the credential itself, the rate-limit permit; and rewrites the
+    /// request for the upstream. Nothing is sent. The caller records the decision (persisted)
+    /// and only then calls [`Self::send`].
+    ///
+    /// A credential is attached only to a request that leaves over TLS verified for the
+    /// credential's host name: a credentialed host reached over plain HTTP (absolute-form
+    /// `http://` through the proxy, `CONNECT host:80` followed by plaintext, h2c with
+    /// `:scheme http`, transparent port 80) is refused with [`Failure::InsecureUpstream`]
+    /// before the credential is even fetched.
+    pub async fn prepare(
         &self,
         mut req: Request<Incoming>,
         target: &UpstreamTarget,
         conn: &ConnectionInfo,
-        slot: &UpstreamSlot,
-    ) -> Result<(Response<RespBody>, ConnectorOutcome), (Failure, ConnectorOutcome)> {
+    ) -> Result<Prepared, (Failure, ConnectorOutcome)> {
         let mut outcome = ConnectorOutcome::default();
         let timeout = self.timeout_for(&target.host);
 
-        // 1. Where to, and may a credential go there?
-        let (addr, source) = match self.resolve(&target.host, target.port, conn).await {
+        // 1. May a credential go there at all?
+        if let Some(detail) = self.insecure(target) {
+            return Err((Failure::InsecureUpstream(detail), outcome));
+        }
+        // 2. Where to.
+        let addr = match self.resolve(&target.host, target.port, conn).await {
             Ok(r) => r,
             Err(e) => return Err((Failure::UpstreamUnavailable(e), outcome)),
         };
-        // 2. Credential (fail closed: nothing is sent without it).
+        // 3. Credential (fail closed: nothing is sent without it).
         let injection = match self.credentials.resolve(&target.host).await {
             Ok(i) => i,
             Err(e) => return Err((Failure::CredentialUnavailable(e.to_string()), outcome)),
         };
-        if injection.is_some() && !target.tls && source == AddrSource::OriginalDst {
-            return Err((
-                Failure::CredentialUnavailable(format!(
-                    "refusing to send the credential for {} over plain HTTP to a client-chosen address",
-                    target.host
-                )),
-                outcome,
-            ));
-        }
-        // 3. Rate limit.
+        // 4. Rate limit.
         if let Some(l) = self
             .hosts
             .get(&target.host)
@@ -228,7 +248,7 @@ impl Connector {
                 outcome,
             ));
         }
-        // 4. Rewrite for the upstream.
+        // 5. Rewrite for the upstream.
         prepare_headers(req.headers_mut());
         let host_header =
             if (target.tls && target.port == 443) || (!target.tls && target.port == 80) {
@@ -252,11 +272,32 @@ impl Connector {
             .to_string();
         *req.uri_mut() = pq.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
         *req.version_mut() = http::Version::HTTP_11;
-        let req = req.map(|b| b.boxed());
+        Ok(Prepared {
+            req: req.map(|b| b.boxed()),
+            addr,
+            tls_name: target.tls.then_some(target.host.clone()),
+            host: target.host.clone(),
+            mark: self.mark_for(conn),
+            timeout,
+            planned: outcome,
+        })
+    }
 
-        // 5. Upstream, bounded by the host's timeout.
-        let tls_name = target.tls.then_some(target.host.clone());
-        let mark = self.mark_for(conn);
+    /// Sends a [`Prepared`] request and returns the response head (the body streams).
+    pub async fn send(
+        &self,
+        p: Prepared,
+        slot: &UpstreamSlot,
+    ) -> Result<(Response<RespBody>, ConnectorOutcome), (Failure, ConnectorOutcome)> {
+        let Prepared {
+            req,
+            addr,
+            tls_name,
+            host,
+            mark,
+            timeout,
+            planned: mut outcome,
+        } = p;
         let started = Instant::now();
         let sent = tokio::time::timeout(timeout, async {
             let mut sender = self
@@ -274,8 +315,7 @@ impl Connector {
             Err(_) => {
                 return Err((
                     Failure::UpstreamTimeout(format!(
-                        "no response from {} ({addr}) within {} ms",
-                        target.host,
+                        "no response from {host} ({addr}) within {} ms",
                         timeout.as_millis()
                     )),
                     outcome,

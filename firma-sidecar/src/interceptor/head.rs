@@ -5,8 +5,8 @@
 //! `MalformedRequest` denial and an audit record, and rejects request-smuggling shapes hyper
 //! tolerates (both `Content-Length` and `Transfer-Encoding`, duplicate `Content-Length`,
 //! transfer codings other than `chunked`). Later requests on a keep-alive connection are
-//! checked by [`check_framing`] on the parsed headers, and hyper's own parse errors are audited
-//! from the connection result (see `interceptor::http`).
+//! checked the same way by [`super::framing::FramingGuard`] before hyper sees them, and
+//! hyper's own parse errors are audited from the connection result (see `interceptor::http`).
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::{Duration, Instant};
@@ -25,6 +25,16 @@ pub struct Head {
     pub host_header: Option<String>,
     /// Bytes of the head in the buffer (anything after belongs to the body or tunnel).
     pub len: usize,
+    /// How the body that follows is framed.
+    pub body: BodyLength,
+}
+
+/// Request body framing, once [`check_framing`] made it unambiguous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLength {
+    None,
+    Length(u64),
+    Chunked,
 }
 
 #[derive(Debug)]
@@ -66,6 +76,20 @@ pub async fn read_head<S: AsyncRead + Unpin>(
                     "incomplete request head after {timeout:?}"
                 )));
             }
+            // A client that opens a connection (or a TLS session) and leaves without a request,
+            // with or without close_notify, is not sending anything malformed.
+            Ok(Err(e))
+                if buf.is_empty()
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::UnexpectedEof
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::BrokenPipe
+                    ) =>
+            {
+                return Err(HeadError::Closed);
+            }
             Ok(Err(e)) => return Err(HeadError::Malformed(format!("read error: {e}"))),
             Ok(Ok(0)) if buf.is_empty() => return Err(HeadError::Closed),
             Ok(Ok(0)) => {
@@ -86,7 +110,8 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
 
-fn parse(head: &[u8]) -> Result<Head, HeadError> {
+/// Parses and validates one complete head (`head` ends with the blank line).
+pub fn parse(head: &[u8]) -> Result<Head, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head) {
@@ -107,6 +132,22 @@ fn parse(head: &[u8]) -> Result<Head, HeadError> {
         map.append(name, value);
     }
     check_framing(&map).map_err(HeadError::Malformed)?;
+    let body = if map.contains_key(http::header::TRANSFER_ENCODING) {
+        BodyLength::Chunked
+    } else if let Some(cl) = map.get(http::header::CONTENT_LENGTH) {
+        let n = cl
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| HeadError::Malformed("Content-Length out of range".into()))?;
+        if n == 0 {
+            BodyLength::None
+        } else {
+            BodyLength::Length(n)
+        }
+    } else {
+        BodyLength::None
+    };
     let hosts: Vec<_> = map.get_all(http::header::HOST).iter().collect();
     if hosts.len() > 1 {
         return Err(HeadError::Malformed("more than one Host header".into()));
@@ -120,6 +161,7 @@ fn parse(head: &[u8]) -> Result<Head, HeadError> {
         target,
         host_header,
         len: head.len(),
+        body,
     })
 }
 

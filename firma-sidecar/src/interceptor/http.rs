@@ -2,14 +2,17 @@
 //!
 //! Phases per request, in order: framing check -> target (host, port, path) -> decide
 //! (pipeline) -> connector (credential -> rate limit -> upstream) -> audit -> respond.
-//! Every request gets exactly one audit record: denials without a connector outcome, allows
-//! with one (including 429/502/504 aborts).
+//! Every request goes through one [`RequestAudit`]: a denial is one `decision` event; an allow
+//! is a `decision` event persisted before the request leaves, then an `outcome` event (also
+//! when the client goes away mid-request). If the decision cannot be persisted the request is
+//! denied `AuditUnavailable`.
 
+use super::framing::{FramingGuard, Verdict};
 use super::head::{self, HeadError};
 use super::rewind::Rewind;
-use crate::audit::{AuditInput, ConnectorOutcome};
+use crate::audit::RequestAudit;
 use crate::connector::{Failure, RespBody, UpstreamSlot, UpstreamTarget};
-use crate::pipeline::{ConnectionInfo, Decision, DenyReason, Outcome, RequestContext};
+use crate::pipeline::{ConnectionInfo, Decision, DenyReason, RequestContext};
 use crate::response;
 use crate::state::SidecarState;
 use http::{Request, Response, StatusCode};
@@ -71,7 +74,6 @@ pub async fn serve_http<S>(
             }
         }
     }
-    let io = TokioIo::new(Rewind::new(buf, stream));
     let slot = Arc::new(UpstreamSlot::default());
     let svc = {
         let state = state.clone();
@@ -83,7 +85,9 @@ pub async fn serve_http<S>(
             async move { Ok::<_, Infallible>(handle(&state, &conn, &mode, &slot, req).await) }
         })
     };
+    let verdict = Arc::new(Verdict::default());
     let result = if h2 {
+        let io = TokioIo::new(Rewind::new(buf, stream));
         let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         let c = builder.serve_connection(io, svc);
         tokio::pin!(c);
@@ -92,6 +96,8 @@ pub async fn serve_http<S>(
             _ = state.drain.cancelled() => { c.as_mut().graceful_shutdown(); c.await }
         }
     } else {
+        // Every later head on the connection is checked like the first (see `framing`).
+        let io = TokioIo::new(FramingGuard::new(Rewind::new(buf, stream), verdict.clone()));
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -101,23 +107,57 @@ pub async fn serve_http<S>(
         tokio::pin!(c);
         tokio::select! {
             r = c.as_mut() => r,
+            _ = verdict.notify.notified() => { c.as_mut().graceful_shutdown(); c.await }
             _ = state.drain.cancelled() => { c.as_mut().graceful_shutdown(); c.await }
         }
     };
+    let (host, port) = mode_host(&mode);
+    if let Some(detail) = verdict.rejected() {
+        // The guard refused a later head: hyper never saw it; the guard wrote the 400.
+        RequestAudit::new(&state.audit, &conn)
+            .target(host.as_deref(), port, None)
+            .deny(&Decision::deny(DenyReason::MalformedRequest, detail));
+        return;
+    }
     if let Err(e) = result {
-        // hyper refused a later request on this connection (it answered 400/431 itself):
-        // still one audit record for it.
-        if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() {
-            let (host, port) = mode_host(&mode);
-            let d = Decision::deny(
-                DenyReason::MalformedRequest,
-                format!("malformed HTTP request: {e}"),
-            );
-            audit_deny(&state, &conn, None, host.as_deref(), port, None, &d);
+        // hyper refused a request on this connection (it answered 400/431 itself, or an HTTP/2
+        // protocol error ended the connection): still one audit record for it.
+        if e.is_parse()
+            || e.is_parse_too_large()
+            || e.is_parse_status()
+            || (h2 && is_h2_protocol_error(&e))
+        {
+            RequestAudit::new(&state.audit, &conn)
+                .target(host.as_deref(), port, None)
+                .deny(&Decision::deny(
+                    DenyReason::MalformedRequest,
+                    format!("malformed HTTP request: {e}"),
+                ));
         } else {
             tracing::debug!(conn = conn.conn_id, error = %e, "client connection ended with an error");
         }
     }
+}
+
+/// An HTTP/2 connection error caused by what the client sent (a GOAWAY for a protocol
+/// violation), as opposed to I/O errors and timeouts.
+fn is_h2_protocol_error(e: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    let mut src = e.source();
+    while let Some(s) = src {
+        if s.is::<std::io::Error>() {
+            return false;
+        }
+        let text = s.to_string();
+        if text.contains("protocol error")
+            || text.contains("frame with invalid size")
+            || text.contains("compression error")
+        {
+            return true;
+        }
+        src = s.source();
+    }
+    false
 }
 
 fn mode_host(mode: &HttpMode) -> (Option<String>, u16) {
@@ -139,36 +179,12 @@ pub async fn deny_raw<S: AsyncWrite + Unpin>(
     detail: &str,
 ) {
     let d = Decision::deny(DenyReason::MalformedRequest, detail);
-    audit_deny(state, conn, method, host, port, None, &d);
+    RequestAudit::new(&state.audit, conn)
+        .method(method)
+        .target(host, port, None)
+        .deny(&d);
     let _ = stream.write_all(&response::raw_deny(&d)).await;
     let _ = stream.shutdown().await;
-}
-
-fn audit_deny(
-    state: &SidecarState,
-    conn: &ConnectionInfo,
-    method: Option<&str>,
-    host: Option<&str>,
-    port: u16,
-    path: Option<&str>,
-    decision: &Decision,
-) {
-    tracing::info!(
-        conn = conn.conn_id,
-        host = host.unwrap_or("-"),
-        reason = decision.reason.map_or("-", DenyReason::as_str),
-        detail = %decision.detail,
-        "denied"
-    );
-    state.record(AuditInput {
-        conn,
-        method,
-        host,
-        port,
-        path,
-        decision,
-        connector: None,
-    });
 }
 
 /// Lowercase host without port or brackets, if it is a plausible DNS name or IP literal.
@@ -264,6 +280,10 @@ async fn handle(
 ) -> Response<RespBody> {
     let method = req.method().clone();
     let (mode_h, mode_p) = mode_host(mode);
+    // From here on, whatever happens (including the client leaving), one record.
+    let rec = RequestAudit::new(&state.audit, conn)
+        .method(Some(method.as_str()))
+        .target(mode_h.as_deref(), mode_p, None);
     // Malformed: framing or target problems are denied before any decision.
     let target = head::check_framing(req.headers())
         .and_then(|()| {
@@ -278,20 +298,13 @@ async fn handle(
         Ok(t) => t,
         Err(detail) => {
             let d = Decision::deny(DenyReason::MalformedRequest, detail);
-            audit_deny(
-                state,
-                conn,
-                Some(method.as_str()),
-                mode_h.as_deref(),
-                mode_p,
-                None,
-                &d,
-            );
+            rec.deny(&d);
             discard_body(req.into_body()).await;
             return response::deny(&d);
         }
     };
     let up = &target.upstream;
+    let rec = rec.target(Some(&up.host), up.port, Some(&target.path));
     let ctx = RequestContext {
         conn: conn.clone(),
         method: method.clone(),
@@ -301,70 +314,65 @@ async fn handle(
         headers: req.headers().clone(),
         tls: matches!(mode, HttpMode::Bound { tls: true, .. }),
     };
-    let decision = state.pipeline.decide(&ctx).await;
-    let audit = |d: &Decision, outcome: Option<ConnectorOutcome>| {
-        state.record(AuditInput {
-            conn,
-            method: Some(method.as_str()),
-            host: Some(&up.host),
-            port: up.port,
-            path: Some(&target.path),
-            decision: d,
-            connector: outcome,
-        });
-    };
+    let mut decision = state.pipeline.decide(&ctx).await;
+    if decision.is_allow()
+        && let Some(detail) = state.connector.insecure(up)
+    {
+        decision = decision.into_deny(DenyReason::InsecureUpstream, detail);
+    }
     if !decision.is_allow() {
-        tracing::info!(
-            conn = conn.conn_id,
-            method = %method,
-            host = %up.host,
-            path = %target.path,
-            reason = decision.reason.map_or("-", DenyReason::as_str),
-            "denied"
-        );
-        audit(&decision, None);
+        rec.deny(&decision);
         discard_body(req.into_body()).await;
         return response::deny(&decision);
     }
-    match state.connector.forward(req, up, conn, slot).await {
-        Ok((resp, outcome)) => {
-            tracing::info!(
-                conn = conn.conn_id,
-                method = %method,
-                host = %up.host,
-                path = %target.path,
-                status = resp.status().as_u16(),
-                credential_injected = outcome.credential_injected,
-                "allowed"
-            );
-            audit(&decision, Some(outcome));
-            resp
-        }
+    let prepared = match state.connector.prepare(req, up, conn).await {
+        Ok(p) => p,
         Err((Failure::CredentialUnavailable(detail), _)) => {
             // Fail closed: the allow becomes a denial; nothing was sent upstream.
-            let denied = Decision {
-                outcome: Outcome::Deny,
-                reason: Some(DenyReason::CredentialUnavailable),
-                detail,
-                ..decision
-            };
-            tracing::warn!(conn = conn.conn_id, host = %up.host, detail = %denied.detail, "denied: credential unavailable");
-            audit(&denied, None);
-            response::deny(&denied)
+            let denied = decision.into_deny(DenyReason::CredentialUnavailable, detail);
+            rec.deny(&denied);
+            return response::deny(&denied);
+        }
+        Err((Failure::InsecureUpstream(detail), _)) => {
+            let denied = decision.into_deny(DenyReason::InsecureUpstream, detail);
+            rec.deny(&denied);
+            return response::deny(&denied);
         }
         Err((failure, mut outcome)) => {
-            let (status, reason, detail) = match failure {
-                Failure::RateLimited(d) => (StatusCode::TOO_MANY_REQUESTS, "RateLimited", d),
-                Failure::UpstreamTimeout(d) => (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout", d),
-                Failure::UpstreamUnavailable(d) | Failure::CredentialUnavailable(d) => {
-                    (StatusCode::BAD_GATEWAY, "UpstreamUnavailable", d)
-                }
-            };
+            let (status, reason, detail) = abort_of(failure);
+            outcome.aborted = Some(reason.to_string());
+            rec.abort_before_send(&decision, outcome);
+            return response::abort(status, reason, &detail);
+        }
+    };
+    // The decision is in the audit sink before anything leaves.
+    let committed = match rec.commit(&decision, prepared.planned.clone()).await {
+        Ok(c) => c,
+        Err((rec, e)) => return response::deny(&rec.deny_unaudited(&e)),
+    };
+    match state.connector.send(prepared, slot).await {
+        Ok((resp, outcome)) => {
+            committed.finish(outcome);
+            resp
+        }
+        Err((failure, mut outcome)) => {
+            let (status, reason, detail) = abort_of(failure);
             tracing::warn!(conn = conn.conn_id, host = %up.host, reason, detail = %detail, "aborted after allow");
             outcome.aborted = Some(reason.to_string());
-            audit(&decision, Some(outcome));
+            committed.finish(outcome);
             response::abort(status, reason, &detail)
         }
+    }
+}
+
+/// Status, reason and detail of an abort after an allow.
+fn abort_of(failure: Failure) -> (StatusCode, &'static str, String) {
+    match failure {
+        Failure::RateLimited(d) => (StatusCode::TOO_MANY_REQUESTS, "RateLimited", d),
+        Failure::UpstreamTimeout(d) => (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout", d),
+        Failure::UpstreamUnavailable(d)
+        | Failure::CredentialUnavailable(d)
+        | Failure::InsecureUpstream(d) => (StatusCode::BAD_GATEWAY, "UpstreamUnavailable", d),
     }
 }
 

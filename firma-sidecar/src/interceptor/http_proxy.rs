@@ -99,7 +99,7 @@ async fn connect(
     host: String,
     port: u16,
 ) {
-    if matches!(state.tls_plan(&host), TlsPlan::Intercept { .. }) {
+    if matches!(state.tls_plan(&conn, &host), TlsPlan::Intercept { .. }) {
         if stream.write_all(ESTABLISHED).await.is_err() {
             return;
         }
@@ -120,9 +120,9 @@ async fn connect(
             let _ = stream.write_all(msg.as_bytes()).await;
             let _ = stream.shutdown().await;
         }
-        TunnelStart::Open(up) => {
+        TunnelStart::Open(up, committed) => {
             if stream.write_all(ESTABLISHED).await.is_ok() {
-                pump(stream, up, &rest).await;
+                pump(stream, up, &rest, committed).await;
             }
         }
     }

@@ -5,6 +5,7 @@
 //! - [`serve`]: the shared per-connection logic both use once the destination is known.
 //! - [`http`]: per-request pipeline + connector, on plain or decrypted streams.
 
+pub mod framing;
 pub mod head;
 pub mod http;
 pub mod http_proxy;

@@ -73,7 +73,7 @@ pub async fn serve_stream<S>(
                 return;
             }
             let name = sni.or(host_hint);
-            let plan = name.as_deref().map(|n| state.tls_plan(n));
+            let plan = name.as_deref().map(|n| state.tls_plan(&conn, n));
             match (name, plan) {
                 (Some(name), Some(TlsPlan::Intercept { strict })) => {
                     mitm(state, stream, buf, conn, name, port, strict).await
@@ -83,7 +83,7 @@ pub async fn serve_stream<S>(
         }
         Sniffed::Unknown { detail } => {
             if let Some(h) = &host_hint
-                && matches!(state.tls_plan(h), TlsPlan::Intercept { .. })
+                && matches!(state.tls_plan(&conn, h), TlsPlan::Intercept { .. })
             {
                 let detail = format!("intercepted host {h} requires TLS or HTTP: {detail}");
                 deny_raw(&state, &mut stream, &conn, Some(h), port, None, &detail).await;
@@ -105,7 +105,7 @@ async fn tunnel<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     match decide_and_connect(state, conn, host, port).await {
-        TunnelStart::Open(up) => pump(stream, up, prefix).await,
+        TunnelStart::Open(up, committed) => pump(stream, up, prefix, committed).await,
         TunnelStart::Denied(_) | TunnelStart::Failed(_) => {
             let _ = stream.shutdown().await;
         }
@@ -127,26 +127,20 @@ async fn mitm<S>(
         return;
     };
     let fail = |detail: String| {
-        m.note_failure(&name);
+        m.note_failure(&crate::state::ClientKey::of(&conn), &name);
         let fallback = if strict {
             "strict host: denied, no fallback"
         } else {
-            "falling back to a blind tunnel for this host for 300 s"
+            "falling back to a blind tunnel for this host, for this client only, for 300 s"
         };
         let d = crate::pipeline::Decision::deny(
             crate::pipeline::DenyReason::MalformedRequest,
             format!("TLS interception of {name} failed ({fallback}): {detail}"),
         );
         tracing::warn!(conn = conn.conn_id, host = %name, detail = %d.detail, "MITM failed");
-        state.record(crate::audit::AuditInput {
-            conn: &conn,
-            method: None,
-            host: Some(&name),
-            port,
-            path: None,
-            decision: &d,
-            connector: None,
-        });
+        crate::audit::RequestAudit::new(&state.audit, &conn)
+            .target(Some(&name), port, None)
+            .deny(&d);
     };
     let config = match m.leaves.server_config(&name).await {
         Ok(c) => c,

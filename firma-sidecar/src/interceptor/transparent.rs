@@ -17,7 +17,7 @@
 //! Shutdown leaves the programs pinned on purpose: while no sidecar listens, tagged workloads'
 //! connects are refused (fail closed); the next start re-adopts them.
 
-use crate::audit::AuditInput;
+use crate::audit::RequestAudit;
 use crate::control;
 use crate::drain::Drain;
 use crate::ebpf::listener::{self, Redirected, Unredirected};
@@ -181,15 +181,9 @@ async fn handle(state: Arc<SidecarState>, c: Redirected) {
             ),
         );
         tracing::warn!(conn = conn.conn_id, %peer, %original_dst, "redirected connection without a workload binding; closing");
-        state.record(AuditInput {
-            conn: &conn,
-            method: None,
-            host: None,
-            port,
-            path: None,
-            decision: &d,
-            connector: None,
-        });
+        RequestAudit::new(&state.audit, &conn)
+            .target(None, port, None)
+            .deny(&d);
         return;
     }
     tracing::debug!(conn = conn.conn_id, %peer, %original_dst, "transparent connection");
@@ -207,13 +201,7 @@ fn reject(state: &SidecarState, u: Unredirected, port: u16) {
             u.peer
         ),
     );
-    state.record(AuditInput {
-        conn: &conn,
-        method: None,
-        host: None,
-        port,
-        path: None,
-        decision: &d,
-        connector: None,
-    });
+    RequestAudit::new(&state.audit, &conn)
+        .target(None, port, None)
+        .deny(&d);
 }

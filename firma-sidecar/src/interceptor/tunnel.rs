@@ -1,21 +1,21 @@
 //! Destination-level decisions and blind tunnels (no HTTP parsing).
 
-use crate::audit::{AuditInput, ConnectorOutcome};
+use crate::audit::{Committed, ConnectorOutcome, RequestAudit};
 use crate::connector::dial::UpstreamIo;
-use crate::pipeline::{ConnectionInfo, Decision, DenyReason, DestinationContext};
+use crate::pipeline::{ConnectionInfo, Decision, DestinationContext};
 use crate::state::SidecarState;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 pub enum TunnelStart {
-    /// Denied by the pipeline (already audited).
+    /// Denied by the pipeline, or its decision could not be persisted (already audited).
     Denied(Decision),
     /// Allowed but the upstream could not be reached (already audited as an abort).
     Failed(String),
-    /// Allowed and connected (already audited).
-    Open(Box<UpstreamIo>),
+    /// Allowed, persisted and connected; [`pump`] records the outcome when it ends.
+    Open(Box<UpstreamIo>, Box<Committed>),
 }
 
-/// Decides the destination, connects when allowed, and writes exactly one audit record.
+/// Decides the destination, persists the decision, then connects when allowed.
 pub async fn decide_and_connect(
     state: &SidecarState,
     conn: &ConnectionInfo,
@@ -27,30 +27,17 @@ pub async fn decide_and_connect(
         host: host.map(str::to_string),
         port,
     };
+    let rec = RequestAudit::new(&state.audit, conn).target(host, port, None);
     let decision = state.pipeline.decide_destination(&dst).await;
-    let record = |d: &Decision, outcome: Option<ConnectorOutcome>| {
-        state.record(AuditInput {
-            conn,
-            method: None,
-            host,
-            port,
-            path: None,
-            decision: d,
-            connector: outcome,
-        })
-    };
     if !decision.is_allow() {
-        tracing::info!(
-            conn = conn.conn_id,
-            host = host.unwrap_or("-"),
-            port,
-            reason = decision.reason.map_or("-", DenyReason::as_str),
-            "tunnel denied"
-        );
-        record(&decision, None);
+        rec.deny(&decision);
         return TunnelStart::Denied(decision);
     }
-    let mut outcome = ConnectorOutcome::default();
+    // Nothing is sent (not even a SYN) before the decision is in the audit sink.
+    let mut committed = match rec.commit(&decision, ConnectorOutcome::default()).await {
+        Ok(c) => c,
+        Err((rec, e)) => return TunnelStart::Denied(rec.deny_unaudited(&e)),
+    };
     let started = std::time::Instant::now();
     let connected = async {
         let addr = state.connector.tunnel_addr(host, port, conn).await?;
@@ -70,35 +57,39 @@ pub async fn decide_and_connect(
         }
     }
     .await;
-    outcome.upstream_us = started.elapsed().as_micros() as u64;
+    committed.outcome_mut().upstream_us = started.elapsed().as_micros() as u64;
     match connected {
-        Ok(io) => {
-            tracing::info!(
-                conn = conn.conn_id,
-                host = host.unwrap_or("-"),
-                port,
-                "tunnel allowed"
-            );
-            record(&decision, Some(outcome));
-            TunnelStart::Open(Box::new(io))
-        }
+        Ok(io) => TunnelStart::Open(Box::new(io), Box::new(committed)),
         Err(e) => {
             tracing::warn!(conn = conn.conn_id, host = host.unwrap_or("-"), port, error = %e, "tunnel upstream unavailable");
+            let mut outcome = committed.outcome_mut().clone();
             outcome.aborted = Some("UpstreamUnavailable".into());
-            record(&decision, Some(outcome));
+            committed.finish(outcome);
             TunnelStart::Failed(e)
         }
     }
 }
 
 /// Copies both ways until either side closes; `prefix` (bytes already read from the client)
-/// goes upstream first.
-pub async fn pump<C>(mut client: C, mut upstream: Box<UpstreamIo>, prefix: &[u8])
-where
+/// goes upstream first. The tunnel's outcome (bytes each way) is recorded when it ends.
+pub async fn pump<C>(
+    mut client: C,
+    mut upstream: Box<UpstreamIo>,
+    prefix: &[u8],
+    mut committed: Box<Committed>,
+) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut outcome = committed.outcome_mut().clone();
     if !prefix.is_empty() && upstream.write_all(prefix).await.is_err() {
+        outcome.aborted = Some("UpstreamUnavailable".into());
+        committed.finish(outcome);
         return;
     }
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let r = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    if let Ok((up, down)) = r {
+        outcome.bytes_up = Some(up + prefix.len() as u64);
+        outcome.bytes_down = Some(down);
+    }
+    committed.finish(outcome);
 }

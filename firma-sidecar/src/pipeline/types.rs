@@ -18,6 +18,10 @@ pub enum DenyReason {
     EnforcementTimeout,
     CredentialUnavailable,
     WorkloadMismatch,
+    /// A credential would leave over plaintext or over TLS not verified for its host.
+    InsecureUpstream,
+    /// The audit sink cannot persist the decision: nothing is allowed unaudited.
+    AuditUnavailable,
 }
 
 impl DenyReason {
@@ -36,6 +40,8 @@ impl DenyReason {
             Self::EnforcementTimeout => "EnforcementTimeout",
             Self::CredentialUnavailable => "CredentialUnavailable",
             Self::WorkloadMismatch => "WorkloadMismatch",
+            Self::InsecureUpstream => "InsecureUpstream",
+            Self::AuditUnavailable => "AuditUnavailable",
         }
     }
 }
@@ -152,6 +158,17 @@ impl Decision {
             capability: None,
             matched_policies: Vec::new(),
             timings_us: Vec::new(),
+        }
+    }
+
+    /// Turns an allow into a denial after the pipeline (connector-level refusals), keeping
+    /// what the stages found (action class, capability, matched policies, timings).
+    pub fn into_deny(self, reason: DenyReason, detail: impl Into<String>) -> Self {
+        Self {
+            outcome: Outcome::Deny,
+            reason: Some(reason),
+            detail: detail.into(),
+            ..self
         }
     }
 

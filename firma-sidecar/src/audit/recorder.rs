@@ -1,0 +1,221 @@
+//! The audit funnel: the only way request handlers write audit events.
+//!
+//! A [`RequestAudit`] is made when a request (or a tunnel, or a connection that fails before
+//! HTTP) is accepted, and ends in exactly one of:
+//! - [`RequestAudit::deny`]: one `decision` event (DENY); nothing was sent upstream.
+//! - [`RequestAudit::commit`]: one `decision` event (ALLOW), *persisted before it returns*;
+//!   only then may the caller send anything upstream. If the sink cannot persist it, the caller
+//!   gets the recorder back and must deny (`AuditUnavailable`). The [`Committed`] it returns
+//!   ends in one `outcome` event: [`Committed::finish`], or, when the handler is dropped
+//!   (client closed, stream reset, panic), an outcome with `aborted = "ClientGone"`.
+//! - dropped undecided: one `abandoned` event.
+//!
+//! So "the upstream saw it" implies "the audit has its ALLOW decision", whatever the client
+//! does, and a `kill -9` after the decision was acknowledged cannot lose it.
+
+use super::{AuditInput, AuditLog, AuditUnavailable, ConnectorOutcome, event};
+use crate::pipeline::{ConnectionInfo, Decision, DenyReason};
+
+/// Where a request or tunnel was going, as far as known.
+#[derive(Debug, Clone, Default)]
+struct Intent {
+    method: Option<String>,
+    host: Option<String>,
+    port: u16,
+    path: Option<String>,
+}
+
+/// The audit record of one request or tunnel, from acceptance to its decision.
+pub struct RequestAudit {
+    log: AuditLog,
+    conn: ConnectionInfo,
+    intent: Intent,
+    done: bool,
+}
+
+impl RequestAudit {
+    pub fn new(log: &AuditLog, conn: &ConnectionInfo) -> Self {
+        Self {
+            log: log.clone(),
+            conn: conn.clone(),
+            intent: Intent::default(),
+            done: false,
+        }
+    }
+
+    pub fn method(mut self, method: Option<&str>) -> Self {
+        self.intent.method = method.map(str::to_owned);
+        self
+    }
+
+    /// What is known of the destination so far (host may be unknown, path is for requests).
+    pub fn target(mut self, host: Option<&str>, port: u16, path: Option<&str>) -> Self {
+        self.intent.host = host.map(str::to_owned);
+        self.intent.port = port;
+        self.intent.path = path.map(str::to_owned);
+        self
+    }
+
+    fn input<'a>(
+        &'a self,
+        decision: &'a Decision,
+        connector: Option<ConnectorOutcome>,
+    ) -> AuditInput<'a> {
+        AuditInput {
+            conn: &self.conn,
+            method: self.intent.method.as_deref(),
+            host: self.intent.host.as_deref(),
+            port: self.intent.port,
+            path: self.intent.path.as_deref(),
+            decision,
+            connector,
+        }
+    }
+
+    /// Records a denial (nothing was or will be sent upstream).
+    pub fn deny(mut self, decision: &Decision) {
+        self.done = true;
+        tracing::info!(
+            conn = self.conn.conn_id,
+            method = self.intent.method.as_deref().unwrap_or("-"),
+            host = self.intent.host.as_deref().unwrap_or("-"),
+            port = self.intent.port,
+            path = self.intent.path.as_deref().unwrap_or("-"),
+            reason = decision.reason.map_or("-", DenyReason::as_str),
+            detail = %decision.detail,
+            "denied"
+        );
+        self.log
+            .record_body(event::body(&self.input(decision, None)));
+    }
+
+    /// Persists the ALLOW decision; `planned` says which credential will be attached. On
+    /// `Err` nothing may be sent: deny the request with [`DenyReason::AuditUnavailable`]
+    /// through the returned recorder.
+    pub async fn commit(
+        mut self,
+        decision: &Decision,
+        planned: ConnectorOutcome,
+    ) -> Result<Committed, (Self, AuditUnavailable)> {
+        let body = event::body(&self.input(decision, Some(planned.clone())));
+        let id = body
+            .get("event_id")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        match self.log.persist_body(body).await {
+            Ok(()) => {
+                self.done = true;
+                Ok(Committed {
+                    log: self.log.clone(),
+                    conn: self.conn.clone(),
+                    intent: std::mem::take(&mut self.intent),
+                    decision: decision.clone(),
+                    decision_event_id: id,
+                    outcome: planned,
+                    done: false,
+                })
+            }
+            Err(e) => Err((self, e)),
+        }
+    }
+
+    /// Records an allowed decision that ended before anything was sent (no rate-limit permit,
+    /// no upstream address): one `decision` event with `connector.aborted` set.
+    pub fn abort_before_send(mut self, decision: &Decision, outcome: ConnectorOutcome) {
+        self.done = true;
+        tracing::warn!(
+            conn = self.conn.conn_id,
+            host = self.intent.host.as_deref().unwrap_or("-"),
+            aborted = outcome.aborted.as_deref().unwrap_or("-"),
+            "aborted after allow, before sending"
+        );
+        self.log
+            .record_body(event::body(&self.input(decision, Some(outcome))));
+    }
+
+    /// Denies with [`DenyReason::AuditUnavailable`] after a failed [`Self::commit`].
+    pub fn deny_unaudited(self, e: &AuditUnavailable) -> Decision {
+        let d = Decision::deny(
+            DenyReason::AuditUnavailable,
+            format!("{e}; nothing is allowed unaudited"),
+        );
+        self.deny(&d);
+        d
+    }
+}
+
+impl Drop for RequestAudit {
+    fn drop(&mut self) {
+        if !self.done {
+            let d = Decision::deny(DenyReason::MalformedRequest, "");
+            self.log
+                .record_body(event::abandoned(&self.input(&d, None)));
+        }
+    }
+}
+
+/// An allowed request or tunnel whose decision is persisted; ends in one `outcome` event.
+pub struct Committed {
+    log: AuditLog,
+    conn: ConnectionInfo,
+    intent: Intent,
+    decision: Decision,
+    decision_event_id: String,
+    outcome: ConnectorOutcome,
+    done: bool,
+}
+
+impl Committed {
+    /// Records what happened upstream (fields of `outcome` override the planned ones).
+    pub fn finish(mut self, outcome: ConnectorOutcome) {
+        self.outcome = outcome;
+        self.write();
+    }
+
+    /// The outcome so far, to update before [`Self::finish`] (or before a drop).
+    pub fn outcome_mut(&mut self) -> &mut ConnectorOutcome {
+        &mut self.outcome
+    }
+
+    fn write(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let input = AuditInput {
+            conn: &self.conn,
+            method: self.intent.method.as_deref(),
+            host: self.intent.host.as_deref(),
+            port: self.intent.port,
+            path: self.intent.path.as_deref(),
+            decision: &self.decision,
+            connector: Some(self.outcome.clone()),
+        };
+        tracing::info!(
+            conn = self.conn.conn_id,
+            method = self.intent.method.as_deref().unwrap_or("-"),
+            host = self.intent.host.as_deref().unwrap_or("-"),
+            port = self.intent.port,
+            path = self.intent.path.as_deref().unwrap_or("-"),
+            status = self.outcome.upstream_status,
+            aborted = self.outcome.aborted.as_deref().unwrap_or("-"),
+            credential_injected = self.outcome.credential_injected,
+            "allowed"
+        );
+        self.log
+            .record_body(event::outcome(&input, &self.decision_event_id));
+    }
+}
+
+impl Drop for Committed {
+    fn drop(&mut self) {
+        if !self.done {
+            self.outcome.client_gone = true;
+            if self.outcome.aborted.is_none() && self.outcome.upstream_status.is_none() {
+                self.outcome.aborted = Some("ClientGone".into());
+            }
+            self.write();
+        }
+    }
+}
