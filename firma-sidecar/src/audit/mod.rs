@@ -269,6 +269,7 @@ fn open_file(path: &std::path::Path, key: SigningKey) -> Result<OpenedFile, Audi
     };
     let tail = read_tail(path).map_err(err)?;
     let file = OpenOptions::new()
+        .read(true)
         .append(true)
         .create(true)
         .mode(0o600)

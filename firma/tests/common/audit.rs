@@ -44,6 +44,7 @@ pub async fn decide_and_record(p: &Pipeline, log: &AuditLog, r: &RequestContext)
         upstream_status: Some(200),
         aborted: None,
         upstream_us: 1500,
+        ..ConnectorOutcome::default()
     });
     log.record(AuditInput {
         conn: &r.conn,
