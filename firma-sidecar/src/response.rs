@@ -57,3 +57,16 @@ pub fn raw_deny(decision: &Decision) -> Vec<u8> {
     )
     .into_bytes()
 }
+
+/// A complete HTTP/1.1 abort (`{"aborted":true,…}`) written straight to a socket, closing it.
+pub fn raw_abort(status: StatusCode, reason: &str, detail: &str) -> Vec<u8> {
+    let body = serde_json::json!({"aborted": true, "reason": reason, "detail": detail}).to_string();
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len(),
+        body
+    )
+    .into_bytes()
+}

@@ -511,3 +511,48 @@ fn later_requests_on_a_connection_get_the_same_checks() {
     }
     assert!(up.seen().iter().all(|s| s.path == "/v1/first"));
 }
+
+/// A `CONNECT` to a host that is tunnelled (not intercepted) is decided with the CONNECT
+/// request's own Firma headers: a bad `x-firma-capability` there is refused, not ignored.
+#[test]
+fn connect_headers_select_the_tunnel_capability() {
+    let (up, d, sc) = setup(Settings {
+        intercept_hosts: vec!["api.openai.com".into()],
+        strict_hosts: Vec::new(),
+        ..Settings::default()
+    });
+    let proxy = sc.proxy_url();
+    let upstream_ca = d.root().join("upstream-ca.crt");
+    let bad = curl(
+        &proxy,
+        &upstream_ca,
+        "https://api.acme-vendor.com/v1/x",
+        &[
+            "--proxy-header",
+            "x-firma-capability: v4.public.not-a-token",
+        ],
+    );
+    assert_eq!(bad.status, 0, "the CONNECT was refused: {bad:?}");
+    assert!(bad.stderr.contains("403"), "{bad:?}");
+    assert_eventually(Duration::from_secs(5), "CONNECT denial audited", || {
+        decisions(&d, "DENY").iter().any(|e| {
+            e["decision"]["reason"] == "CapabilityInvalid"
+                && e["envelope"]["intent"]["resource"]["host"] == "api.acme-vendor.com"
+        })
+    });
+    // Without the header the seeded capability applies and the tunnel opens (end-to-end TLS
+    // with the upstream itself: Firma sees no request inside).
+    let ok = curl(
+        &proxy,
+        &upstream_ca,
+        "https://api.acme-vendor.com/v1/x",
+        &[],
+    );
+    assert_eq!(ok.status, 200, "{ok:?}\n{}", sc.log_text());
+    assert_eq!(up.count(), 1);
+    assert_eventually(Duration::from_secs(5), "tunnel outcome with bytes", || {
+        d.audit().iter().any(|e| {
+            e["event"] == "outcome" && e["connector"]["bytes_down"].as_u64().unwrap_or(0) > 0
+        })
+    });
+}

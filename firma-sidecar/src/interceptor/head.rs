@@ -27,6 +27,8 @@ pub struct Head {
     pub len: usize,
     /// How the body that follows is framed.
     pub body: BodyLength,
+    /// All headers (a `CONNECT`'s Firma headers select its capability).
+    pub headers: http::HeaderMap,
 }
 
 /// Request body framing, once [`check_framing`] made it unambiguous.
@@ -162,6 +164,7 @@ pub fn parse(head: &[u8]) -> Result<Head, HeadError> {
         host_header,
         len: head.len(),
         body,
+        headers: map,
     })
 }
 

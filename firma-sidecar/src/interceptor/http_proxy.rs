@@ -9,9 +9,8 @@ use super::head::{self, HeadError};
 use super::http::{HEAD_TIMEOUT, HttpMode, deny_raw, normalize_host, serve_http};
 use super::rewind::Rewind;
 use super::serve::serve_stream;
-use super::tunnel::{TunnelStart, decide_and_connect, pump};
+use super::tunnel::{Reply, tunnel};
 use crate::pipeline::InterceptKind;
-use crate::response;
 use crate::state::{SidecarState, TlsPlan};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -71,7 +70,7 @@ async fn handle(state: Arc<SidecarState>, mut stream: TcpStream, peer: SocketAdd
                     .await;
                     return;
                 };
-                connect(state, stream, rest, conn, host, port).await;
+                connect(state, stream, rest, conn, (host, port), h.headers).await;
             }
             Ok(_) => serve_http(state, stream, buf, conn, HttpMode::Proxy, false).await,
         }
@@ -91,14 +90,18 @@ fn connect_target(target: &str) -> Option<(String, u16)> {
 
 const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection Established\r\n\r\n";
 
+/// `CONNECT host:port`: an intercepted host is answered 200 at once and served like any TLS
+/// connection (each request decided); any other goes down the one tunnel path, decided with
+/// the `CONNECT` request's own headers and answered before any byte is tunnelled.
 async fn connect(
     state: Arc<SidecarState>,
     mut stream: TcpStream,
     rest: Vec<u8>,
     conn: crate::pipeline::ConnectionInfo,
-    host: String,
-    port: u16,
+    target: (String, u16),
+    headers: http::HeaderMap,
 ) {
+    let (host, port) = target;
     if matches!(state.tls_plan(&conn, &host), TlsPlan::Intercept { .. }) {
         if stream.write_all(ESTABLISHED).await.is_err() {
             return;
@@ -106,26 +109,17 @@ async fn connect(
         serve_stream(state, Rewind::new(rest, stream), conn, Some(host), port).await;
         return;
     }
-    match decide_and_connect(&state, &conn, Some(&host), port).await {
-        TunnelStart::Denied(d) => {
-            let _ = stream.write_all(&response::raw_deny(&d)).await;
-            let _ = stream.shutdown().await;
-        }
-        TunnelStart::Failed(detail) => {
-            let body = serde_json::json!({"aborted": true, "reason": "UpstreamUnavailable", "detail": detail}).to_string();
-            let msg = format!(
-                "HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(msg.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        }
-        TunnelStart::Open(up, committed) => {
-            if stream.write_all(ESTABLISHED).await.is_ok() {
-                pump(stream, up, &rest, committed).await;
-            }
-        }
-    }
+    tunnel(
+        &state,
+        stream,
+        &rest,
+        &conn,
+        Some(&host),
+        port,
+        &headers,
+        Reply::Connect,
+    )
+    .await;
 }
 
 #[cfg(test)]

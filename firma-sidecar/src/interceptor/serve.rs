@@ -2,13 +2,13 @@
 
 use super::http::{HttpMode, deny_raw, serve_http};
 use super::rewind::Rewind;
-use super::tunnel::{TunnelStart, decide_and_connect, pump};
+use super::tunnel::{self, Reply};
 use crate::pipeline::ConnectionInfo;
 use crate::state::{SidecarState, TlsPlan};
 use crate::tls::sniff::{Sniffed, sniff};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 
 /// Time a new connection has to show its protocol (a ClientHello or a request line). A
@@ -96,7 +96,7 @@ pub async fn serve_stream<S>(
 
 async fn tunnel<S>(
     state: &SidecarState,
-    mut stream: S,
+    stream: S,
     prefix: &[u8],
     conn: &ConnectionInfo,
     host: Option<&str>,
@@ -104,12 +104,18 @@ async fn tunnel<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match decide_and_connect(state, conn, host, port).await {
-        TunnelStart::Open(up, committed) => pump(stream, up, prefix, committed).await,
-        TunnelStart::Denied(_) | TunnelStart::Failed(_) => {
-            let _ = stream.shutdown().await;
-        }
-    }
+    let none = http::HeaderMap::new();
+    tunnel::tunnel(
+        state,
+        stream,
+        prefix,
+        conn,
+        host,
+        port,
+        &none,
+        Reply::Silent,
+    )
+    .await;
 }
 
 async fn mitm<S>(

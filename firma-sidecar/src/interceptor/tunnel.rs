@@ -1,8 +1,9 @@
-//! Destination-level decisions and blind tunnels (no HTTP parsing).
+//! Destination-level decisions and blind tunnels (no HTTP parsing), for every mode.
 
 use crate::audit::{Committed, ConnectorOutcome, RequestAudit};
 use crate::connector::dial::UpstreamIo;
 use crate::pipeline::{ConnectionInfo, Decision, DestinationContext};
+use crate::response;
 use crate::state::SidecarState;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -15,12 +16,62 @@ pub enum TunnelStart {
     Open(Box<UpstreamIo>, Box<Committed>),
 }
 
+/// How a client learns its tunnel's fate: a transparent client only sees the connection open
+/// or close; a `CONNECT` client gets an HTTP answer (200, 403, 502) before any tunnelled byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    Silent,
+    Connect,
+}
+
+const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection Established\r\n\r\n";
+
+/// The one tunnel path for every mode: decide the destination (with the `CONNECT` request's
+/// headers when there was one, so `x-firma-capability`/`x-firma-session` apply), persist the
+/// decision, connect, answer the client as `reply` says, and pump until either side closes.
+/// `prefix`: bytes already read from the client, sent upstream first.
+#[allow(clippy::too_many_arguments)]
+pub async fn tunnel<S>(
+    state: &SidecarState,
+    mut stream: S,
+    prefix: &[u8],
+    conn: &ConnectionInfo,
+    host: Option<&str>,
+    port: u16,
+    headers: &http::HeaderMap,
+    reply: Reply,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let answer: Option<Vec<u8>> = match decide_and_connect(state, conn, host, port, headers).await {
+        TunnelStart::Open(up, committed) => {
+            if reply == Reply::Connect && stream.write_all(ESTABLISHED).await.is_err() {
+                return;
+            }
+            return pump(stream, up, prefix, committed).await;
+        }
+        TunnelStart::Denied(d) => (reply == Reply::Connect).then(|| response::raw_deny(&d)),
+        TunnelStart::Failed(detail) => (reply == Reply::Connect).then(|| {
+            response::raw_abort(
+                http::StatusCode::BAD_GATEWAY,
+                "UpstreamUnavailable",
+                &detail,
+            )
+        }),
+    };
+    if let Some(bytes) = answer {
+        let _ = stream.write_all(&bytes).await;
+    }
+    let _ = stream.shutdown().await;
+}
+
 /// Decides the destination, persists the decision, then connects when allowed.
 pub async fn decide_and_connect(
     state: &SidecarState,
     conn: &ConnectionInfo,
     host: Option<&str>,
     port: u16,
+    headers: &http::HeaderMap,
 ) -> TunnelStart {
     let dst = DestinationContext {
         conn: conn.clone(),
@@ -28,7 +79,7 @@ pub async fn decide_and_connect(
         port,
     };
     let rec = RequestAudit::new(&state.audit, conn).target(host, port, None);
-    let decision = state.pipeline.decide_destination(&dst).await;
+    let decision = state.pipeline.decide_connect(&dst, headers).await;
     if !decision.is_allow() {
         rec.deny(&decision);
         return TunnelStart::Denied(decision);
