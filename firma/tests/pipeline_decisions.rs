@@ -1,6 +1,6 @@
 //! The decision pipeline with real parts: an Ed25519 Authority key, PASETO seeds and header
 //! tokens, seed 000's `genai-app.cedar`, the shipped `mapping-rules.toml`. One test per
-//! outcome the seeds and DESIGN.md section 7 name.
+//! outcome the seeds and docs/architecture.md (Decisions) name.
 
 #[path = "common/pipeline.rs"]
 mod fixtures;

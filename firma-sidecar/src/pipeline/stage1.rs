@@ -1,6 +1,6 @@
 //! Stage 1: which capability applies to a request, and does it cover it?
 //!
-//! Identity, in order (DESIGN.md section 4):
+//! Identity, in order (docs/architecture.md, "Identity"):
 //! 1. a raw token in `x-firma-capability`: verified on first sight against the Authority's
 //!    public key and cached by SHA-256 of the token (bad tokens are cached too, so a flood of
 //!    one bad token costs one verification); a verified token also joins the map under its
