@@ -5,6 +5,10 @@
 //! [`Decision`]; they never decide anything themselves.
 //!
 //! Phases of [`Pipeline::decide`], in order:
+//! 0. **normalise** ([`path`]): the path every later phase sees, with dot segments resolved;
+//!    an ambiguous one (`%2F`, a backslash, NUL, ...) denies `MalformedRequest`. Interceptors
+//!    normalise before calling and forward the normalised form, so this is a no-op for them
+//!    and a guard for any other caller;
 //! 1. **classify** ([`mapping`]): method + host + path -> action class. Unmapped requests deny
 //!    `UnclassifiedIntent` when `default_protected`, else pass through (`passthrough = true`);
 //! 2. **bundle state** ([`stage2::PolicyStore`]): no bundle yet -> `PolicyBundleNotReady`, no
@@ -19,6 +23,7 @@
 
 pub mod bundle_source;
 pub mod mapping;
+pub mod path;
 pub mod revocations;
 pub mod sessions;
 pub mod stage1;
@@ -201,10 +206,19 @@ impl Pipeline {
     /// Decides one HTTP request.
     pub async fn decide(&self, req: &RequestContext) -> Decision {
         let t0 = Instant::now();
+        let path = match path::normalize(&req.path) {
+            Ok(p) => p,
+            Err(e) => {
+                return self.bounded(
+                    t0,
+                    Decision::deny(DenyReason::MalformedRequest, e.to_string()),
+                );
+            }
+        };
         let class = self
             .inner
             .mapping
-            .classify(req.method.as_str(), &req.host, &req.path)
+            .classify(req.method.as_str(), &req.host, &path)
             .map(|m| m.action_class.to_owned());
         let d = self.run(
             t0,
@@ -212,7 +226,7 @@ impl Pipeline {
                 class,
                 method: req.method.as_str(),
                 host: &req.host,
-                path: &req.path,
+                path: &path,
                 headers: &req.headers,
                 workload: req.conn.workload.as_ref(),
             },
