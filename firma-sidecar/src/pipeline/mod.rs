@@ -39,7 +39,7 @@ use firma_common::policy::{PolicyBundle, PolicyError};
 use mapping::{MappingError, MappingRules};
 use revocations::RevocationSet;
 use sessions::ActionCounters;
-use stage1::{CapabilityStore, SeedError, Stage1Request};
+use stage1::{Caller, CapabilityStore, SeedError, Stage1Request};
 use stage2::{InstallError, PolicyStore, Stage2Request};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -228,6 +228,7 @@ impl Pipeline {
                 host: &req.host,
                 path: &path,
                 headers: &req.headers,
+                caller: Caller::of(&req.conn),
                 workload: req.conn.workload.as_ref(),
             },
         );
@@ -271,6 +272,7 @@ impl Pipeline {
                 host: &host,
                 path: "",
                 headers,
+                caller: Caller::of(&dst.conn),
                 workload: dst.conn.workload.as_ref(),
             },
         );
@@ -343,6 +345,7 @@ impl Pipeline {
         let t1 = Instant::now();
         let resource = format!("{}{}", s.host, s.path);
         let cap = inner.capabilities.check(&Stage1Request {
+            caller: s.caller,
             headers: s.headers,
             workload: s.workload,
             action_class: class,
@@ -409,6 +412,12 @@ impl Pipeline {
     pub fn action_count(&self, session: &str, action_class: &str) -> i64 {
         self.inner.counters.get(session, action_class)
     }
+
+    /// Header-presented capabilities remembered now, over all callers (bounded, see
+    /// [`stage1`]).
+    pub fn presented_capabilities(&self) -> usize {
+        self.inner.capabilities.presented_len()
+    }
 }
 
 /// What the phases look at, for requests and destinations alike.
@@ -418,6 +427,7 @@ struct Subject<'a> {
     host: &'a str,
     path: &'a str,
     headers: &'a http::HeaderMap,
+    caller: Caller,
     workload: Option<&'a Workload>,
 }
 
