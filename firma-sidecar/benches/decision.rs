@@ -129,6 +129,8 @@ fn stage2(c: &mut Criterion) {
                     host: "api.openai.com",
                     path: "/v1/chat/completions",
                     method: "POST",
+                    live_until: i64::MAX,
+                    now: now_unix(),
                 },
             )
         })
@@ -145,6 +147,8 @@ fn stage2(c: &mut Criterion) {
                     host: "paste.rs",
                     path: "/",
                     method: "POST",
+                    live_until: i64::MAX,
+                    now: now_unix(),
                 },
             )
         })

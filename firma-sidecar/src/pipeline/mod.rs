@@ -344,17 +344,18 @@ impl Pipeline {
 
         let t1 = Instant::now();
         let resource = format!("{}{}", s.host, s.path);
-        let cap = inner.capabilities.check(&Stage1Request {
+        let now = now_unix();
+        let cleared = inner.capabilities.check(&Stage1Request {
             caller: s.caller,
             headers: s.headers,
             workload: s.workload,
             action_class: class,
             resource: &resource,
-            now: now_unix(),
+            now,
         });
         timings.push(("stage1_us", micros(t1.elapsed())));
-        let cap = match cap {
-            Ok(c) => c,
+        let (cap, live_until) = match cleared {
+            Ok(c) => (c.cap, c.live_until),
             Err(d) => {
                 return with(Decision::deny(d.reason, d.detail), timings, &s.class);
             }
@@ -371,6 +372,8 @@ impl Pipeline {
                 host: s.host,
                 path: s.path,
                 method: s.method,
+                live_until,
+                now,
             },
         );
         timings.push(("stage2_us", micros(t2.elapsed())));
@@ -411,6 +414,11 @@ impl Pipeline {
     /// Calls of `action_class` already allowed in `session` (Stage 2's counter).
     pub fn action_count(&self, session: &str, action_class: &str) -> i64 {
         self.inner.counters.get(session, action_class)
+    }
+
+    /// Sessions whose Stage 2 counters are tracked now (bounded, see [`sessions`]).
+    pub fn tracked_sessions(&self) -> usize {
+        self.inner.counters.len()
     }
 
     /// Header-presented capabilities remembered now, over all callers (bounded, see

@@ -148,6 +148,15 @@ pub struct Stage1Request<'a> {
 /// Header tokens by SHA-256: the verified capability, or why verification failed.
 type TokenCache = LruCache<[u8; 32], Result<Arc<Capability>, String>>;
 
+/// Stage 1's answer when a capability applies.
+#[derive(Debug, Clone)]
+pub struct Cleared {
+    pub cap: Arc<Capability>,
+    /// The latest `exp + skew` among the capabilities of the same session that this request
+    /// could use: until then the session can make calls, so its Stage 2 counters must live.
+    pub live_until: i64,
+}
+
 /// Capabilities presented in `x-firma-capability`, per caller, most recently active last.
 struct Presented {
     callers: LruCache<Caller, Vec<Arc<Capability>>>,
@@ -343,7 +352,7 @@ impl CapabilityStore {
     }
 
     /// Runs Stage 1 for one request.
-    pub fn check(&self, req: &Stage1Request<'_>) -> Result<Arc<Capability>, Stage1Deny> {
+    pub fn check(&self, req: &Stage1Request<'_>) -> Result<Cleared, Stage1Deny> {
         let (candidates, who) = self.candidates(req)?;
         if let Some(w) = req.workload
             && !candidates.is_empty()
@@ -398,7 +407,19 @@ impl CapabilityStore {
                 continue;
             }
             match c.claims.check_time(req.now, self.skew) {
-                Ok(()) => return Ok(c.clone()),
+                Ok(()) => {
+                    let skew = self.skew_secs();
+                    let live_until = candidates
+                        .iter()
+                        .filter(|o| o.claims.session_id == c.claims.session_id)
+                        .map(|o| o.claims.exp.saturating_add(skew))
+                        .max()
+                        .unwrap_or(c.claims.exp.saturating_add(skew));
+                    return Ok(Cleared {
+                        cap: (*c).clone(),
+                        live_until,
+                    });
+                }
                 Err(e) => {
                     let reason = match e {
                         CapabilityError::Expired { .. } => DenyReason::CapabilityExpired,
@@ -585,7 +606,7 @@ mod tests {
                 resource,
                 now: now_unix(),
             })
-            .map(|c| c.claims.token_id.clone())
+            .map(|c| c.cap.claims.token_id.clone())
             .map_err(|d| d.reason)
     }
 
@@ -849,6 +870,34 @@ mod tests {
             check(&f, &[], Some(&w2), CHAT, "h/p"),
             Err(DenyReason::CapabilityNotFound)
         );
+    }
+
+    #[test]
+    fn live_until_covers_every_capability_of_the_session() {
+        let f = fixture(&[]);
+        let mut short = claims("a1", "a", "s", &[CHAT], "*");
+        short.exp = now_unix() + 60;
+        let mut long = claims("a2", "a", "s", &[CHAT], "*");
+        long.exp = now_unix() + 6000;
+        for c in [&short, &long] {
+            let tok = c.sign(&f.key).unwrap();
+            check(&f, &[("x-firma-capability", &tok)], None, CHAT, "h/p").unwrap();
+        }
+        let mut h = http::HeaderMap::new();
+        h.insert("x-firma-session", "s".parse().unwrap());
+        let cleared = f
+            .store
+            .check(&Stage1Request {
+                caller: Caller::Connection(1),
+                headers: &h,
+                workload: None,
+                action_class: CHAT,
+                resource: "h/p",
+                now: now_unix(),
+            })
+            .unwrap();
+        assert_eq!(cleared.cap.claims.token_id, "a1");
+        assert_eq!(cleared.live_until, long.exp + 5);
     }
 
     /// 100k callers presenting 100k sessions: what is remembered stays within the bounds.
