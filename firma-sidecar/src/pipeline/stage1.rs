@@ -26,7 +26,7 @@
 //! 8): they are the seeds' join key for per-tenant and per-user accounting, and since a session
 //! id alone no longer selects a presented capability, exposing it grants nothing.
 //!
-//! Registrations are bounded: per caller at most [`MAX_SESSIONS_PER_CALLER`] capabilities
+//! Registrations are bounded: per caller at most [`MAX_PRESENTED_PER_CALLER`] capabilities
 //! (expired ones go first), and at most [`MAX_PRESENTED`] in all (least recently active callers
 //! go first). Forgetting one only means the caller has to present its token again; it never
 //! widens what anyone may do, and Stage 2's counters live elsewhere (`sessions`).
@@ -58,7 +58,7 @@ pub const SESSION_HEADER: &str = "x-firma-session";
 /// Distinct header tokens remembered (verified or rejected).
 const TOKEN_CACHE_SIZE: usize = 4096;
 /// Presented capabilities remembered per caller.
-pub const MAX_SESSIONS_PER_CALLER: usize = 64;
+pub const MAX_PRESENTED_PER_CALLER: usize = 64;
 /// Presented capabilities remembered in all.
 pub const MAX_PRESENTED: usize = 65_536;
 
@@ -268,7 +268,7 @@ impl CapabilityStore {
         let before = v.len();
         v.retain(|c| c.claims.exp.saturating_add(skew) >= now);
         v.push(cap.clone());
-        if v.len() > MAX_SESSIONS_PER_CALLER {
+        if v.len() > MAX_PRESENTED_PER_CALLER {
             // The one that expires first goes.
             if let Some(i) = (0..v.len()).min_by_key(|&i| v[i].claims.exp) {
                 v.swap_remove(i);
@@ -927,7 +927,7 @@ mod tests {
             }
             store.register(Caller::Workload(9), &Capability::new(c), now);
         }
-        assert!(store.presented_len() <= MAX_SESSIONS_PER_CALLER);
+        assert!(store.presented_len() <= MAX_PRESENTED_PER_CALLER);
         assert_eq!(store.presented_callers(), 1);
     }
 }
