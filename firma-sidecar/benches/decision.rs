@@ -9,7 +9,7 @@ use firma_sidecar::audit::{AuditInput, ConnectorOutcome, Sealer, event_body};
 use firma_sidecar::pipeline::mapping::MappingRules;
 use firma_sidecar::pipeline::revocations::RevocationSet;
 use firma_sidecar::pipeline::sessions::ActionCounters;
-use firma_sidecar::pipeline::stage1::{CapabilityStore, Stage1Request};
+use firma_sidecar::pipeline::stage1::{Caller, CapabilityStore, Stage1Request};
 use firma_sidecar::pipeline::stage2::{Stage2Request, evaluate};
 use firma_sidecar::pipeline::{ConnectionInfo, Decision, InterceptKind, Outcome};
 use std::path::Path;
@@ -74,6 +74,7 @@ fn stage1(c: &mut Criterion) {
     c.bench_function("stage1/session_header_1000_sessions", |b| {
         b.iter(|| {
             store.check(&Stage1Request {
+                caller: Caller::Connection(1),
                 headers: &by_session,
                 workload: None,
                 action_class: "model.inference.chat",
@@ -100,6 +101,7 @@ fn stage1(c: &mut Criterion) {
     c.bench_function("stage1/header_token_cached", |b| {
         b.iter(|| {
             store.check(&Stage1Request {
+                caller: Caller::Connection(1),
                 headers: &by_token,
                 workload: None,
                 action_class: "model.inference.chat",
@@ -127,6 +129,8 @@ fn stage2(c: &mut Criterion) {
                     host: "api.openai.com",
                     path: "/v1/chat/completions",
                     method: "POST",
+                    live_until: i64::MAX,
+                    now: now_unix(),
                 },
             )
         })
@@ -143,6 +147,8 @@ fn stage2(c: &mut Criterion) {
                     host: "paste.rs",
                     path: "/",
                     method: "POST",
+                    live_until: i64::MAX,
+                    now: now_unix(),
                 },
             )
         })

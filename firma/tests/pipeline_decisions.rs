@@ -163,6 +163,19 @@ async fn header_tokens_invalid_expired_and_session_reuse() {
         ))
         .await;
     assert_eq!(d.reason, Some(DenyReason::CapabilityNotFound));
+    // ...but only by the connection that presented the token: a session id is not a bearer.
+    let mut elsewhere = conn(None);
+    elsewhere.conn_id = 8;
+    let d = p
+        .decide(&req_from(
+            elsewhere,
+            "POST",
+            "api.openai.com",
+            "/v1/chat/completions",
+            &[("x-firma-session", "web-42")],
+        ))
+        .await;
+    assert_eq!(d.reason, Some(DenyReason::CapabilityNotFound), "{d:?}");
 
     let other = firma_common::keys::SigningKey::from_bytes(&[7u8; 32]);
     let forged = env
@@ -429,4 +442,55 @@ async fn bad_rules_and_seeds_stop_startup_with_actionable_errors() {
         .expect("fails")
         .to_string();
     assert!(e.contains("raw_token failed PASETO verification"), "{e}");
+}
+
+#[tokio::test]
+async fn paths_are_normalised_before_classification_and_scope() {
+    let env = Env::new();
+    let seed = env.seed(&env.claims(
+        "t-1",
+        "tenant-acme",
+        "s-1",
+        &[CHAT],
+        "api.openai.com/v1/models",
+    ));
+    let p = env.pipeline(&[seed], &Opts::default()).await;
+    let d = p
+        .decide(&req(
+            "GET",
+            "api.openai.com",
+            "/v1/models/x/%2E%2E/./gpt-4o",
+            &[],
+        ))
+        .await;
+    assert!(d.is_allow(), "{d:?}");
+    // `/v1/models/*` would match the raw path; the normalised one has no rule.
+    let d = p
+        .decide(&req(
+            "GET",
+            "api.openai.com",
+            "/v1/models/../../v1/organization/api_keys",
+            &[],
+        ))
+        .await;
+    assert_eq!(d.reason, Some(DenyReason::UnclassifiedIntent), "{d:?}");
+    // Mapped, but outside the capability's scope once the dots are resolved.
+    let d = p
+        .decide(&req(
+            "POST",
+            "api.openai.com",
+            "/v1/models/./../chat/completions",
+            &[],
+        ))
+        .await;
+    assert_eq!(d.reason, Some(DenyReason::CapabilityScopeMismatch), "{d:?}");
+    for bad in [
+        "/v1/models%2F..%2Fx",
+        "/v1/models/..%5Cx",
+        "/v1/%00",
+        "/../v1/models",
+    ] {
+        let d = p.decide(&req("GET", "api.openai.com", bad, &[])).await;
+        assert_eq!(d.reason, Some(DenyReason::MalformedRequest), "{bad}: {d:?}");
+    }
 }

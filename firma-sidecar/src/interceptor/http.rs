@@ -214,7 +214,9 @@ struct Target {
     path: String,
 }
 
-fn target_of(req: &Request<Incoming>, mode: &HttpMode) -> Result<Target, String> {
+fn target_of(req: &mut Request<Incoming>, mode: &HttpMode) -> Result<Target, String> {
+    // Decide on, audit and forward one spelling of the path (see `pipeline::path`).
+    *req.uri_mut() = crate::pipeline::path::normalize_uri(req.uri()).map_err(|e| e.to_string())?;
     let uri = req.uri();
     let named = uri.authority().map(|a| a.as_str().to_string()).or_else(|| {
         req.headers()
@@ -276,7 +278,7 @@ async fn handle(
     conn: &ConnectionInfo,
     mode: &HttpMode,
     slot: &UpstreamSlot,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<RespBody> {
     let method = req.method().clone();
     let (mode_h, mode_p) = mode_host(mode);
@@ -293,7 +295,7 @@ async fn handle(
                 Ok(())
             }
         })
-        .and_then(|()| target_of(&req, mode));
+        .and_then(|()| target_of(&mut req, mode));
     let target = match target {
         Ok(t) => t,
         Err(detail) => {

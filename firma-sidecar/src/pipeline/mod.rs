@@ -5,6 +5,10 @@
 //! [`Decision`]; they never decide anything themselves.
 //!
 //! Phases of [`Pipeline::decide`], in order:
+//! 0. **normalise** ([`path`]): the path every later phase sees, with dot segments resolved;
+//!    an ambiguous one (`%2F`, a backslash, NUL, ...) denies `MalformedRequest`. Interceptors
+//!    normalise before calling and forward the normalised form, so this is a no-op for them
+//!    and a guard for any other caller;
 //! 1. **classify** ([`mapping`]): method + host + path -> action class. Unmapped requests deny
 //!    `UnclassifiedIntent` when `default_protected`, else pass through (`passthrough = true`);
 //! 2. **bundle state** ([`stage2::PolicyStore`]): no bundle yet -> `PolicyBundleNotReady`, no
@@ -19,6 +23,7 @@
 
 pub mod bundle_source;
 pub mod mapping;
+pub mod path;
 pub mod revocations;
 pub mod sessions;
 pub mod stage1;
@@ -34,7 +39,7 @@ use firma_common::policy::{PolicyBundle, PolicyError};
 use mapping::{MappingError, MappingRules};
 use revocations::RevocationSet;
 use sessions::ActionCounters;
-use stage1::{CapabilityStore, SeedError, Stage1Request};
+use stage1::{Caller, CapabilityStore, SeedError, Stage1Request};
 use stage2::{InstallError, PolicyStore, Stage2Request};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -201,10 +206,19 @@ impl Pipeline {
     /// Decides one HTTP request.
     pub async fn decide(&self, req: &RequestContext) -> Decision {
         let t0 = Instant::now();
+        let path = match path::normalize(&req.path) {
+            Ok(p) => p,
+            Err(e) => {
+                return self.bounded(
+                    t0,
+                    Decision::deny(DenyReason::MalformedRequest, e.to_string()),
+                );
+            }
+        };
         let class = self
             .inner
             .mapping
-            .classify(req.method.as_str(), &req.host, &req.path)
+            .classify(req.method.as_str(), &req.host, &path)
             .map(|m| m.action_class.to_owned());
         let d = self.run(
             t0,
@@ -212,8 +226,9 @@ impl Pipeline {
                 class,
                 method: req.method.as_str(),
                 host: &req.host,
-                path: &req.path,
+                path: &path,
                 headers: &req.headers,
+                caller: Caller::of(&req.conn),
                 workload: req.conn.workload.as_ref(),
             },
         );
@@ -257,6 +272,7 @@ impl Pipeline {
                 host: &host,
                 path: "",
                 headers,
+                caller: Caller::of(&dst.conn),
                 workload: dst.conn.workload.as_ref(),
             },
         );
@@ -328,16 +344,18 @@ impl Pipeline {
 
         let t1 = Instant::now();
         let resource = format!("{}{}", s.host, s.path);
-        let cap = inner.capabilities.check(&Stage1Request {
+        let now = now_unix();
+        let cleared = inner.capabilities.check(&Stage1Request {
+            caller: s.caller,
             headers: s.headers,
             workload: s.workload,
             action_class: class,
             resource: &resource,
-            now: now_unix(),
+            now,
         });
         timings.push(("stage1_us", micros(t1.elapsed())));
-        let cap = match cap {
-            Ok(c) => c,
+        let (cap, live_until) = match cleared {
+            Ok(c) => (c.cap, c.live_until),
             Err(d) => {
                 return with(Decision::deny(d.reason, d.detail), timings, &s.class);
             }
@@ -354,6 +372,8 @@ impl Pipeline {
                 host: s.host,
                 path: s.path,
                 method: s.method,
+                live_until,
+                now,
             },
         );
         timings.push(("stage2_us", micros(t2.elapsed())));
@@ -395,6 +415,17 @@ impl Pipeline {
     pub fn action_count(&self, session: &str, action_class: &str) -> i64 {
         self.inner.counters.get(session, action_class)
     }
+
+    /// Sessions whose Stage 2 counters are tracked now (bounded, see [`sessions`]).
+    pub fn tracked_sessions(&self) -> usize {
+        self.inner.counters.len()
+    }
+
+    /// Header-presented capabilities remembered now, over all callers (bounded, see
+    /// [`stage1`]).
+    pub fn presented_capabilities(&self) -> usize {
+        self.inner.capabilities.presented_len()
+    }
 }
 
 /// What the phases look at, for requests and destinations alike.
@@ -404,6 +435,7 @@ struct Subject<'a> {
     host: &'a str,
     path: &'a str,
     headers: &'a http::HeaderMap,
+    caller: Caller,
     workload: Option<&'a Workload>,
 }
 

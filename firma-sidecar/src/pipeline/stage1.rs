@@ -3,22 +3,44 @@
 //! Identity, in order (docs/architecture.md, "Identity"):
 //! 1. a raw token in `x-firma-capability`: verified on first sight against the Authority's
 //!    public key and cached by SHA-256 of the token (bad tokens are cached too, so a flood of
-//!    one bad token costs one verification); a verified token also joins the map under its
-//!    session so later requests can name it with `x-firma-session`;
-//! 2. a session named by `x-firma-session`;
+//!    one bad token costs one verification). Presenting it also registers it for the
+//!    presenting **caller** (below), so that caller's later requests can name its session with
+//!    `x-firma-session`;
+//! 2. a session named by `x-firma-session`: the seeded capabilities of that session, plus the
+//!    ones *this caller* presented. A session id is a name, not a secret: it never selects a
+//!    token another caller presented (otherwise anyone who learns or guesses a session id,
+//!    which audit events and logs carry, would act with that session's capability);
 //! 3. the transparent-mode workload binding (its `session_id`, or every capability of its
-//!    `agent_id` when the binding names no session);
+//!    `agent_id` when the binding names no session), with the same rule: seeded capabilities
+//!    plus those the same workload presented;
 //! 4. the one seeded session, when exactly one session was seeded.
+//!
+//! The **caller** ([`Caller`]) is the kernel-reported workload (its cgroup id) in transparent
+//! mode, so every connection of one workload shares what it presented; in http_proxy mode,
+//! where nothing but the connection identifies a client (every local process shares the
+//! loopback address), it is the client connection. An app that spreads a session over several
+//! proxy connections sends `x-firma-capability` on each request (a cache hit after the first).
+//! Seeded capabilities are deployment configuration and stay visible to every caller.
+//!
+//! Session ids are still recorded in audit events (`capability.session_id`, DESIGN.md section
+//! 8): they are the seeds' join key for per-tenant and per-user accounting, and since a session
+//! id alone no longer selects a presented capability, exposing it grants nothing.
+//!
+//! Registrations are bounded: per caller at most [`MAX_PRESENTED_PER_CALLER`] capabilities
+//! (expired ones go first), and at most [`MAX_PRESENTED`] in all (least recently active callers
+//! go first). Forgetting one only means the caller has to present its token again; it never
+//! widens what anyone may do, and Stage 2's counters live elsewhere (`sessions`).
 //!
 //! When the connection has a workload binding, the capability's agent must be the bound agent
 //! (`WorkloadMismatch`): the kernel's identity outranks anything the app sends.
 //!
 //! The candidates are then narrowed: holding the action class (else `CapabilityNotFound`), with
 //! a resource scope covering `host + path` (else `CapabilityScopeMismatch`), not revoked (else
-//! `CapabilityRevoked`), within `iat - skew ..= exp + skew` (else `CapabilityExpired`).
+//! `CapabilityRevoked`), within `iat - skew ..= exp + skew` (else `CapabilityExpired`). The
+//! path is already normalised (`super::path`), so dot segments cannot step out of a scope.
 
 use super::revocations::RevocationSet;
-use super::types::{CapabilitySummary, DenyReason, Workload};
+use super::types::{CapabilitySummary, ConnectionInfo, DenyReason, Workload};
 use firma_common::capability::{CapabilityClaims, CapabilityError, CapabilitySeed};
 use firma_common::keys::VerifyingKey;
 use lru::LruCache;
@@ -26,7 +48,7 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 /// Request header carrying a raw capability token.
 pub const CAPABILITY_HEADER: &str = "x-firma-capability";
@@ -35,6 +57,28 @@ pub const SESSION_HEADER: &str = "x-firma-session";
 
 /// Distinct header tokens remembered (verified or rejected).
 const TOKEN_CACHE_SIZE: usize = 4096;
+/// Presented capabilities remembered per caller.
+pub const MAX_PRESENTED_PER_CALLER: usize = 64;
+/// Presented capabilities remembered in all.
+pub const MAX_PRESENTED: usize = 65_536;
+
+/// Who presented a header token: the unit a presented capability is private to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Caller {
+    /// Transparent mode: the workload's cgroup id, as the kernel reported it.
+    Workload(u64),
+    /// http_proxy mode: one client connection (`ConnectionInfo::conn_id`).
+    Connection(u64),
+}
+
+impl Caller {
+    pub fn of(conn: &ConnectionInfo) -> Self {
+        match &conn.workload {
+            Some(w) => Self::Workload(w.cgroup_id),
+            None => Self::Connection(conn.conn_id),
+        }
+    }
+}
 
 /// A seed that stops startup.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +135,7 @@ fn deny(reason: DenyReason, detail: impl Into<String>) -> Stage1Deny {
 /// What Stage 1 looks at for one request.
 #[derive(Debug, Clone, Copy)]
 pub struct Stage1Request<'a> {
+    pub caller: Caller,
     pub headers: &'a http::HeaderMap,
     pub workload: Option<&'a Workload>,
     pub action_class: &'a str,
@@ -103,13 +148,32 @@ pub struct Stage1Request<'a> {
 /// Header tokens by SHA-256: the verified capability, or why verification failed.
 type TokenCache = LruCache<[u8; 32], Result<Arc<Capability>, String>>;
 
-/// The capability map: session -> capabilities, plus the header-token cache.
+/// Stage 1's answer when a capability applies.
+#[derive(Debug, Clone)]
+pub struct Cleared {
+    pub cap: Arc<Capability>,
+    /// The latest `exp + skew` among the capabilities of the same session that this request
+    /// could use: until then the session can make calls, so its Stage 2 counters must live.
+    pub live_until: i64,
+}
+
+/// Capabilities presented in `x-firma-capability`, per caller, most recently active last.
+struct Presented {
+    callers: LruCache<Caller, Vec<Arc<Capability>>>,
+    /// Capabilities held over all callers.
+    total: usize,
+}
+
+/// The capability map: seeded sessions, capabilities presented per caller, and the
+/// header-token cache.
 pub struct CapabilityStore {
     key: VerifyingKey,
     skew: u64,
     revoked: Arc<RevocationSet>,
     seeded_sessions: Vec<String>,
-    sessions: RwLock<HashMap<String, Vec<Arc<Capability>>>>,
+    /// Session -> seeded capabilities. Fixed after startup.
+    seeded: HashMap<String, Vec<Arc<Capability>>>,
+    presented: Mutex<Presented>,
     tokens: Mutex<TokenCache>,
 }
 
@@ -120,7 +184,11 @@ impl CapabilityStore {
             skew,
             revoked,
             seeded_sessions: Vec::new(),
-            sessions: RwLock::new(HashMap::new()),
+            seeded: HashMap::new(),
+            presented: Mutex::new(Presented {
+                callers: LruCache::unbounded(),
+                total: 0,
+            }),
             tokens: Mutex::new(LruCache::new(
                 NonZeroUsize::new(TOKEN_CACHE_SIZE).unwrap_or(NonZeroUsize::MIN),
             )),
@@ -139,7 +207,13 @@ impl CapabilityStore {
             if !self.seeded_sessions.contains(&claims.session_id) {
                 self.seeded_sessions.push(claims.session_id.clone());
             }
-            self.insert(Capability::new(claims), now);
+            let cap = Capability::new(claims);
+            let v = self
+                .seeded
+                .entry(cap.claims.session_id.clone())
+                .or_default();
+            v.retain(|c| c.claims.token_id != cap.claims.token_id);
+            v.push(cap);
         }
         for ((agent, session), n) in &groups {
             tracing::info!(
@@ -168,18 +242,55 @@ impl CapabilityStore {
         Ok(claims)
     }
 
-    /// Adds a verified capability under its session (dropping expired and duplicate entries).
-    fn insert(&self, cap: Arc<Capability>, now: i64) {
-        let skew = i64::try_from(self.skew).unwrap_or(i64::MAX);
-        let mut sessions = match self.sessions.write() {
-            Ok(s) => s,
+    fn skew_secs(&self) -> i64 {
+        i64::try_from(self.skew).unwrap_or(i64::MAX)
+    }
+
+    fn lock_presented(&self) -> std::sync::MutexGuard<'_, Presented> {
+        match self.presented.lock() {
+            Ok(g) => g,
             Err(p) => p.into_inner(),
-        };
-        let v = sessions.entry(cap.claims.session_id.clone()).or_default();
-        v.retain(|c| {
-            c.claims.token_id != cap.claims.token_id && c.claims.exp.saturating_add(skew) >= now
-        });
-        v.push(cap);
+        }
+    }
+
+    /// Remembers that `caller` presented `cap`, within the per-caller and total bounds.
+    fn register(&self, caller: Caller, cap: &Arc<Capability>, now: i64) {
+        let skew = self.skew_secs();
+        let mut p = self.lock_presented();
+        if p.callers
+            .get(&caller)
+            .is_some_and(|v| v.iter().any(|c| c.claims.token_id == cap.claims.token_id))
+        {
+            return;
+        }
+        let p = &mut *p;
+        let v = p.callers.get_or_insert_mut(caller, Vec::new);
+        let before = v.len();
+        v.retain(|c| c.claims.exp.saturating_add(skew) >= now);
+        v.push(cap.clone());
+        if v.len() > MAX_PRESENTED_PER_CALLER {
+            // The one that expires first goes.
+            if let Some(i) = (0..v.len()).min_by_key(|&i| v[i].claims.exp) {
+                v.swap_remove(i);
+            }
+        }
+        p.total = (p.total + v.len()).saturating_sub(before);
+        while p.total > MAX_PRESENTED {
+            match p.callers.pop_lru() {
+                Some((_, gone)) => p.total = p.total.saturating_sub(gone.len()),
+                None => break,
+            }
+        }
+    }
+
+    /// Presented capabilities remembered now, over all callers (for bounds tests and status).
+    pub fn presented_len(&self) -> usize {
+        self.lock_presented().total
+    }
+
+    /// Callers with presented capabilities remembered now.
+    pub fn presented_callers(&self) -> usize {
+        self.lock_presented().callers.len()
     }
 
     /// Sessions named by seed files, in file order.
@@ -188,7 +299,7 @@ impl CapabilityStore {
     }
 
     /// Verifies (or recalls) a header token.
-    fn resolve_token(&self, token: &str, now: i64) -> Result<Arc<Capability>, Stage1Deny> {
+    fn resolve_token(&self, token: &str) -> Result<Arc<Capability>, Stage1Deny> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let cached = self.lock_tokens().get(&digest).cloned();
         let result = match cached {
@@ -197,9 +308,6 @@ impl CapabilityStore {
                 let r = CapabilityClaims::verify(token, &self.key)
                     .map(Capability::new)
                     .map_err(|e| e.to_string());
-                if let Ok(cap) = &r {
-                    self.insert(cap.clone(), now);
-                }
                 self.lock_tokens().put(digest, r.clone());
                 r
             }
@@ -219,29 +327,32 @@ impl CapabilityStore {
         }
     }
 
-    fn session(&self, id: &str) -> Vec<Arc<Capability>> {
-        let sessions = match self.sessions.read() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        sessions.get(id).cloned().unwrap_or_default()
+    /// Seeded capabilities of `session`, then those `caller` presented for it.
+    fn session(&self, caller: Caller, session: &str) -> Vec<Arc<Capability>> {
+        let mut out = self.seeded.get(session).cloned().unwrap_or_default();
+        if let Some(v) = self.lock_presented().callers.get(&caller) {
+            out.extend(v.iter().filter(|c| c.claims.session_id == session).cloned());
+        }
+        out
     }
 
-    fn agent(&self, agent: &str) -> Vec<Arc<Capability>> {
-        let sessions = match self.sessions.read() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        sessions
+    /// Seeded capabilities of `agent`, then those `caller` presented for it.
+    fn agent(&self, caller: Caller, agent: &str) -> Vec<Arc<Capability>> {
+        let mut out: Vec<Arc<Capability>> = self
+            .seeded
             .values()
             .flatten()
             .filter(|c| c.claims.agent_id == agent)
             .cloned()
-            .collect()
+            .collect();
+        if let Some(v) = self.lock_presented().callers.get(&caller) {
+            out.extend(v.iter().filter(|c| c.claims.agent_id == agent).cloned());
+        }
+        out
     }
 
     /// Runs Stage 1 for one request.
-    pub fn check(&self, req: &Stage1Request<'_>) -> Result<Arc<Capability>, Stage1Deny> {
+    pub fn check(&self, req: &Stage1Request<'_>) -> Result<Cleared, Stage1Deny> {
         let (candidates, who) = self.candidates(req)?;
         if let Some(w) = req.workload
             && !candidates.is_empty()
@@ -296,7 +407,19 @@ impl CapabilityStore {
                 continue;
             }
             match c.claims.check_time(req.now, self.skew) {
-                Ok(()) => return Ok(c.clone()),
+                Ok(()) => {
+                    let skew = self.skew_secs();
+                    let live_until = candidates
+                        .iter()
+                        .filter(|o| o.claims.session_id == c.claims.session_id)
+                        .map(|o| o.claims.exp.saturating_add(skew))
+                        .max()
+                        .unwrap_or(c.claims.exp.saturating_add(skew));
+                    return Ok(Cleared {
+                        cap: (*c).clone(),
+                        live_until,
+                    });
+                }
                 Err(e) => {
                     let reason = match e {
                         CapabilityError::Expired { .. } => DenyReason::CapabilityExpired,
@@ -320,24 +443,39 @@ impl CapabilityStore {
         req: &Stage1Request<'_>,
     ) -> Result<(Vec<Arc<Capability>>, String), Stage1Deny> {
         if let Some(token) = single_header(req.headers, CAPABILITY_HEADER)? {
-            let cap = self.resolve_token(token, req.now)?;
+            let cap = self.resolve_token(token)?;
+            if req
+                .workload
+                .is_none_or(|w| w.agent_id == cap.claims.agent_id)
+            {
+                self.register(req.caller, &cap, req.now);
+            }
             let who = format!("token {}", cap.claims.token_id);
             return Ok((vec![cap], who));
         }
         if let Some(session) = single_header(req.headers, SESSION_HEADER)? {
-            return Ok((self.session(session), format!("session {session:?}")));
+            return Ok((
+                self.session(req.caller, session),
+                format!("session {session:?}"),
+            ));
         }
         if let Some(w) = req.workload {
             return Ok(match &w.session_id {
-                Some(s) => (self.session(s), format!("workload session {s:?}")),
+                Some(s) => (
+                    self.session(req.caller, s),
+                    format!("workload session {s:?}"),
+                ),
                 None => (
-                    self.agent(&w.agent_id),
+                    self.agent(req.caller, &w.agent_id),
                     format!("workload agent {:?}", w.agent_id),
                 ),
             });
         }
         match self.seeded_sessions.as_slice() {
-            [only] => Ok((self.session(only), format!("seeded session {only:?}"))),
+            [only] => Ok((
+                self.session(req.caller, only),
+                format!("seeded session {only:?}"),
+            )),
             many => Err(deny(
                 DenyReason::CapabilityNotFound,
                 format!(
@@ -429,8 +567,24 @@ mod tests {
         }
     }
 
+    /// Connection 1 in http_proxy mode, or the workload's cgroup.
+    fn caller_of(workload: Option<&Workload>) -> Caller {
+        workload.map_or(Caller::Connection(1), |w| Caller::Workload(w.cgroup_id))
+    }
+
     fn check(
         f: &Fixture,
+        headers: &[(&str, &str)],
+        workload: Option<&Workload>,
+        action: &str,
+        resource: &str,
+    ) -> Result<String, DenyReason> {
+        check_as(f, caller_of(workload), headers, workload, action, resource)
+    }
+
+    fn check_as(
+        f: &Fixture,
+        caller: Caller,
         headers: &[(&str, &str)],
         workload: Option<&Workload>,
         action: &str,
@@ -445,13 +599,14 @@ mod tests {
         }
         f.store
             .check(&Stage1Request {
+                caller,
                 headers: &h,
                 workload,
                 action_class: action,
                 resource,
                 now: now_unix(),
             })
-            .map(|c| c.claims.token_id.clone())
+            .map(|c| c.cap.claims.token_id.clone())
             .map_err(|d| d.reason)
     }
 
@@ -518,10 +673,21 @@ mod tests {
             check(&f, &[("x-firma-capability", &tok)], None, CHAT, "h/p"),
             Ok("t9".into())
         );
-        // Now the session header alone finds it.
+        // Now the session header alone finds it, for the caller that presented it.
         assert_eq!(
             check(&f, &[("x-firma-session", "u-1")], None, CHAT, "h/p"),
             Ok("t9".into())
+        );
+        assert_eq!(
+            check_as(
+                &f,
+                Caller::Connection(2),
+                &[("x-firma-session", "u-1")],
+                None,
+                CHAT,
+                "h/p"
+            ),
+            Err(DenyReason::CapabilityNotFound)
         );
         let other = SigningKey::generate(&mut rand::rngs::OsRng);
         let forged = c.sign(&other).unwrap();
@@ -632,5 +798,136 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("expired"), "{e}");
+    }
+
+    #[test]
+    fn a_session_id_is_not_a_bearer_token() {
+        let f = fixture(&[claims("t1", "seeded", "shared", &[CHAT], "*")]);
+        let tok = claims("g1", "tenant-globex", "globex-sess-1", &[CHAT], "*")
+            .sign(&f.key)
+            .unwrap();
+        let (a, b) = (Caller::Connection(10), Caller::Connection(11));
+        let by_session = [("x-firma-session", "globex-sess-1")];
+        assert_eq!(
+            check_as(&f, a, &[("x-firma-capability", &tok)], None, CHAT, "h/p"),
+            Ok("g1".into())
+        );
+        // Another connection names the session: nothing, even though the token is cached.
+        assert_eq!(
+            check_as(&f, b, &by_session, None, CHAT, "h/p"),
+            Err(DenyReason::CapabilityNotFound)
+        );
+        assert_eq!(
+            check_as(&f, a, &by_session, None, CHAT, "h/p"),
+            Ok("g1".into())
+        );
+        // Seeded sessions stay visible to everyone.
+        assert_eq!(
+            check_as(&f, b, &[("x-firma-session", "shared")], None, CHAT, "h/p"),
+            Ok("t1".into())
+        );
+        // Presenting the token on B makes it B's too.
+        assert_eq!(
+            check_as(&f, b, &[("x-firma-capability", &tok)], None, CHAT, "h/p"),
+            Ok("g1".into())
+        );
+        assert_eq!(
+            check_as(&f, b, &by_session, None, CHAT, "h/p"),
+            Ok("g1".into())
+        );
+    }
+
+    #[test]
+    fn transparent_mode_shares_presented_tokens_per_workload_only() {
+        let f = fixture(&[]);
+        let w = |cgroup_id: u64| Workload {
+            cgroup_id,
+            cgroup_path: format!("/firma/{cgroup_id}"),
+            pid: 42,
+            agent_id: "agent-a".into(),
+            session_id: None,
+        };
+        let (w1, w2) = (w(1), w(2));
+        let tok = claims("p1", "agent-a", "s-p", &[CHAT], "*")
+            .sign(&f.key)
+            .unwrap();
+        assert_eq!(
+            check(&f, &[("x-firma-capability", &tok)], Some(&w1), CHAT, "h/p"),
+            Ok("p1".into())
+        );
+        // Any later connection of the same cgroup: by session, and by the agent binding.
+        assert_eq!(
+            check(&f, &[("x-firma-session", "s-p")], Some(&w1), CHAT, "h/p"),
+            Ok("p1".into())
+        );
+        assert_eq!(check(&f, &[], Some(&w1), CHAT, "h/p"), Ok("p1".into()));
+        // Another cgroup bound to the same agent holds nothing.
+        assert_eq!(
+            check(&f, &[("x-firma-session", "s-p")], Some(&w2), CHAT, "h/p"),
+            Err(DenyReason::CapabilityNotFound)
+        );
+        assert_eq!(
+            check(&f, &[], Some(&w2), CHAT, "h/p"),
+            Err(DenyReason::CapabilityNotFound)
+        );
+    }
+
+    #[test]
+    fn live_until_covers_every_capability_of_the_session() {
+        let f = fixture(&[]);
+        let mut short = claims("a1", "a", "s", &[CHAT], "*");
+        short.exp = now_unix() + 60;
+        let mut long = claims("a2", "a", "s", &[CHAT], "*");
+        long.exp = now_unix() + 6000;
+        for c in [&short, &long] {
+            let tok = c.sign(&f.key).unwrap();
+            check(&f, &[("x-firma-capability", &tok)], None, CHAT, "h/p").unwrap();
+        }
+        let mut h = http::HeaderMap::new();
+        h.insert("x-firma-session", "s".parse().unwrap());
+        let cleared = f
+            .store
+            .check(&Stage1Request {
+                caller: Caller::Connection(1),
+                headers: &h,
+                workload: None,
+                action_class: CHAT,
+                resource: "h/p",
+                now: now_unix(),
+            })
+            .unwrap();
+        assert_eq!(cleared.cap.claims.token_id, "a1");
+        assert_eq!(cleared.live_until, long.exp + 5);
+    }
+
+    /// 100k callers presenting 100k sessions: what is remembered stays within the bounds.
+    #[test]
+    fn presented_capabilities_are_bounded() {
+        let f = fixture(&[]);
+        let now = now_unix();
+        for i in 0..100_000u64 {
+            let cap = Capability::new(claims(
+                &format!("t{i}"),
+                "a",
+                &format!("s{i}"),
+                &[CHAT],
+                "*",
+            ));
+            f.store.register(Caller::Connection(i), &cap, now);
+        }
+        assert_eq!(f.store.presented_len(), MAX_PRESENTED);
+        assert_eq!(f.store.presented_callers(), MAX_PRESENTED);
+        // One caller churning through sessions keeps at most its own bound.
+        let store = CapabilityStore::new(f.key.verifying_key(), 5, Arc::new(RevocationSet::new()));
+        for i in 0..10_000 {
+            let mut c = claims(&format!("u{i}"), "a", &format!("s{i}"), &[CHAT], "*");
+            // Half of them already expired: those go first.
+            if i % 2 == 0 {
+                c.exp = now - 60;
+            }
+            store.register(Caller::Workload(9), &Capability::new(c), now);
+        }
+        assert!(store.presented_len() <= MAX_PRESENTED_PER_CALLER);
+        assert_eq!(store.presented_callers(), 1);
     }
 }

@@ -50,6 +50,11 @@ pub struct Stage2Request<'a> {
     pub host: &'a str,
     pub path: &'a str,
     pub method: &'a str,
+    /// Unix second after which no capability of the session known to Stage 1 is valid
+    /// (bounds how long its counters must be kept, see [`super::sessions`]).
+    pub live_until: i64,
+    /// The time Stage 1 checked the capability against.
+    pub now: i64,
 }
 
 /// Stage 2's answer.
@@ -197,7 +202,24 @@ pub fn evaluate(
     req: &Stage2Request<'_>,
 ) -> Stage2Result {
     let resource_id = format!("{}{}", req.host, req.path);
-    let counter = counters.counter(req.session_id, req.action_class);
+    let counter = match counters.counter(req.session_id, req.action_class, req.live_until, req.now)
+    {
+        Ok(c) => c,
+        Err(full) => {
+            // Fail closed: without a counter `action_count` limits could not hold.
+            return Stage2Result {
+                deny: Some((
+                    DenyReason::PolicyDenied,
+                    format!(
+                        "{} on {resource_id}: session {:?} cannot be counted: {full}",
+                        req.action_class, req.session_id
+                    ),
+                )),
+                matched_policies: Vec::new(),
+                action_count: 0,
+            };
+        }
+    };
     count_and_decide(
         &counter,
         |n| {
