@@ -466,11 +466,14 @@ default_timeout_ms = {dt}
         std::fs::read_to_string(&self.audit_path).unwrap_or_default()
     }
 
-    /// Audit events for `host` (envelope.intent.resource.host).
+    /// Decision events for `host` (envelope.intent.resource.host): one per decision; the
+    /// `outcome` events that follow allows are in [`Deployment::audit`].
     pub fn audit_for(&self, host: &str) -> Vec<serde_json::Value> {
         self.audit()
             .into_iter()
-            .filter(|e| e["envelope"]["intent"]["resource"]["host"] == host)
+            .filter(|e| {
+                e["event"] == "decision" && e["envelope"]["intent"]["resource"]["host"] == host
+            })
             .collect()
     }
 
