@@ -91,7 +91,8 @@ pub async fn decide_and_connect(
     }
 }
 
-/// Copies both ways until either side closes; `prefix` (bytes already read from the client)
+/// Copies both ways until either side closes or nothing moves for the tunnel idle timeout
+/// (`[sidecar.limits] tunnel_idle_timeout_secs`); `prefix` (bytes already read from the client)
 /// goes upstream first.
 pub async fn pump<C>(mut client: C, mut upstream: Box<UpstreamIo>, prefix: &[u8])
 where
@@ -100,5 +101,8 @@ where
     if !prefix.is_empty() && upstream.write_all(prefix).await.is_err() {
         return;
     }
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let idle = super::limits::timeouts().tunnel_idle;
+    if let Ok(true) = super::limits::copy_until_idle(&mut client, &mut upstream, idle).await {
+        tracing::debug!(idle_secs = idle.as_secs(), "closing idle tunnel");
+    }
 }
