@@ -203,7 +203,7 @@ impl Idle {
 
 /// (still open, closed) after polling every connection.
 fn census(conns: &mut [Idle]) -> (usize, usize) {
-    let closed = conns.iter_mut().filter(|c| c.poll()).count();
+    let closed = conns.iter_mut().map(Idle::poll).filter(|c| *c).count();
     (conns.len() - closed, closed)
 }
 
@@ -269,6 +269,7 @@ fn idle_h2_flood_is_capped_and_closed_while_normal_clients_and_reloads_work() {
     // (a 503, not a timeout), and the descriptors stay below the limit.
     std::thread::sleep(Duration::from_millis(300)); // the normal client's connections close
     let mut b = flood("127.0.0.3", sc.addr, FLOOD);
+    let flood_b_sent = Instant::now();
     std::thread::sleep(Duration::from_millis(1500));
     let (open_b, closed_b) = census(&mut b);
     let (open_a2, _) = census(&mut a);
@@ -277,9 +278,12 @@ fn idle_h2_flood_is_capped_and_closed_while_normal_clients_and_reloads_work() {
     let fds_full = fds_of(&sc);
     eprintln!("flood B: {open_b} open, {closed_b} refused; sidecar fds at the cap = {fds_full}");
     assert!(fds_full + 64 <= NOFILE as usize, "fds {fds_full}");
+    let asked = Instant::now();
     let refused = normal_request(&sc, &d, &["--max-time", "5"]);
+    let refused_in = asked.elapsed();
+    eprintln!("new client at the total cap: refused in {refused_in:?}: {refused:?}");
     assert!(
-        refused.stderr.contains("503") || refused.status == 503 || refused.status == 0,
+        refused.status != 200 && refused_in < Duration::from_secs(2),
         "at the total cap a new client is refused at once: {refused:?}"
     );
 
@@ -294,24 +298,27 @@ fn idle_h2_flood_is_capped_and_closed_while_normal_clients_and_reloads_work() {
         installs(&sc.log_text()) > before
     });
 
-    // Idle connections are closed after the idle timeout (plus the GOAWAY grace for peers
-    // that never answer), freeing every slot.
-    let deadline = Instant::now() + Duration::from_secs(IDLE_SECS + 10);
-    let mut all: Vec<&mut Idle> = a.iter_mut().chain(b.iter_mut()).collect();
-    while all.iter_mut().any(|c| !c.poll()) {
-        assert!(
-            Instant::now() < deadline,
-            "idle connections still open:\n{}",
-            sc.log_text()
+    // Idle connections are closed after the idle timeout (plus at most the GOAWAY grace for
+    // peers that never answer the shutdown PING, as these do not), freeing every slot.
+    let wait_closed = |conns: &mut [Idle], since: Instant, what: &str| {
+        let deadline = since + Duration::from_secs(IDLE_SECS + 8);
+        while conns.iter_mut().any(|c| !c.poll()) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: idle connections still open:\n{}",
+                sc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let after = since.elapsed();
+        eprintln!(
+            "{what}: all idle connections closed {:.2}s after they went quiet (idle_timeout_secs = {IDLE_SECS})",
+            after.as_secs_f64()
         );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let closed_after = flood_a_sent.elapsed();
-    eprintln!(
-        "all idle connections closed {:.1}s after flood A (idle_timeout_secs = {IDLE_SECS})",
-        closed_after.as_secs_f64()
-    );
-    assert!(closed_after >= Duration::from_secs(IDLE_SECS));
+        assert!(after >= Duration::from_secs(IDLE_SECS), "{what}: {after:?}");
+    };
+    wait_closed(&mut a, flood_a_sent, "flood A");
+    wait_closed(&mut b, flood_b_sent, "flood B");
     assert_eventually(Duration::from_secs(3), "descriptors released", || {
         fds_of(&sc) <= fds_idle + 2
     });

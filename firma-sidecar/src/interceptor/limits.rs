@@ -452,7 +452,7 @@ pub fn hold_until_sent(resp: Response<RespBody>, guard: InFlight) -> Response<Re
 
 /// How long a connection closed for idleness gets to finish its shutdown (HTTP/2 GOAWAY and
 /// PING exchange) before it is dropped: a dead peer must not keep it open.
-pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
 /// Awaits a connection told to shut down gracefully, at most [`CLOSE_GRACE`].
 pub async fn finish_closing<F>(conn: Pin<&mut F>) -> Result<(), hyper::Error>
