@@ -439,15 +439,42 @@ impl Activity {
 }
 
 /// Keeps `guard` alive until the response body has been sent (or dropped): a slow streaming
-/// response (SSE) keeps its connection busy.
+/// response (SSE) keeps its connection busy. Size hint and end of stream pass through, so
+/// hyper still frames a known-length body with `content-length`.
 pub fn hold_until_sent(resp: Response<RespBody>, guard: InFlight) -> Response<RespBody> {
-    resp.map(|body| {
-        body.map_frame(move |frame| {
-            let _busy = &guard;
-            frame
-        })
+    resp.map(|inner| {
+        GuardedBody {
+            inner,
+            _guard: guard,
+        }
         .boxed()
     })
+}
+
+/// A response body carrying an [`InFlight`] guard.
+struct GuardedBody {
+    inner: RespBody,
+    _guard: InFlight,
+}
+
+impl hyper::body::Body for GuardedBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// How long a connection closed for idleness gets to finish its shutdown (HTTP/2 GOAWAY and
@@ -661,6 +688,20 @@ mod tests {
         idle.await;
         let waited = started.elapsed();
         assert!(waited >= limit && waited < limit * 3, "{waited:?}");
+    }
+
+    #[test]
+    fn guarded_body_keeps_its_length_and_holds_the_connection_busy() {
+        use hyper::body::Body;
+        let a = Arc::new(Activity::default());
+        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"hello"))
+            .map_err(|never| match never {})
+            .boxed();
+        let resp = hold_until_sent(Response::new(body), a.begin());
+        assert_eq!(resp.body().size_hint().exact(), Some(5));
+        assert!(a.idle_for().is_none());
+        drop(resp);
+        assert!(a.idle_for().is_some());
     }
 
     #[tokio::test]
