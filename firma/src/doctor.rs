@@ -176,6 +176,15 @@ fn pins_check(config: Option<&Path>) -> Check {
     };
     match bpffs::bpffs_covering(pin_dir) {
         Err(e) => check("pins", Status::Fail, e.to_string()),
+        Ok(None) if !pin_dir.starts_with(bpffs::DEFAULT_BPFFS) => check(
+            "pins",
+            Status::Fail,
+            format!(
+                "pin_dir {} is not on a bpffs and not under {}: the sidecar would refuse it; mount bpffs there or move pin_dir",
+                pin_dir.display(),
+                bpffs::DEFAULT_BPFFS
+            ),
+        ),
         Ok(None) => {
             let own_ns = pins::shares_init_mount_ns() == Some(true);
             let container = pins::in_initial_pid_ns() == Some(false);
