@@ -7,6 +7,7 @@
 use crate::audit::{AuditError, AuditLog};
 use crate::connector::{Connector, ConnectorError};
 use crate::drain::Drain;
+use crate::interceptor::limits::{self, Limits};
 use crate::interceptor::{http_proxy, transparent};
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::state::{Mitm, SidecarState};
@@ -62,6 +63,9 @@ impl SidecarError {
                 AuditError::Grpc(_) => "sidecar.audit.grpc_url",
                 AuditError::Startup(_) => "sidecar.audit",
             }),
+            Self::Transparent(transparent::TransparentError::Pins(_)) => {
+                Some("sidecar.interceptor.transparent.pin_dir")
+            }
             _ => None,
         }
     }
@@ -125,9 +129,12 @@ pub async fn run(cfg: &SidecarConfig) -> Result<(), SidecarError> {
     } else {
         None
     };
+    // Before anything opens descriptors that count against the reserve.
+    let nofile = limits::raise_nofile();
     let audit = AuditLog::start(&cfg.audit).await?;
     let pipeline = Pipeline::start(cfg).await?;
     let drain = Drain::new();
+    let limits = Limits::from_config(&cfg.limits, nofile, limits::open_fds());
     let state = Arc::new(SidecarState::new(
         pipeline,
         audit.clone(),
@@ -155,10 +162,10 @@ pub async fn run(cfg: &SidecarConfig) -> Result<(), SidecarError> {
                 source,
             })?;
             tracing::info!(target: "firma_sidecar", "http_proxy listening on {local}");
-            drain.spawn(http_proxy::serve(state.clone(), listener));
+            drain.spawn(http_proxy::serve(state.clone(), listener, limits));
         }
         InterceptMode::Transparent => {
-            transparent::serve(state.clone(), cfg, drain.clone()).await?;
+            transparent::serve(state.clone(), cfg, drain.clone(), limits).await?;
         }
     }
     tracing::info!(target: "firma_sidecar", "sidecar ready");

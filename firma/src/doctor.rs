@@ -3,7 +3,7 @@
 //! object), plus the modes of the key files a config names.
 
 use firma_common::config::FirmaConfig;
-use firma_sidecar::ebpf::{Cgroup2, bpffs, embedded_object};
+use firma_sidecar::ebpf::{Cgroup2, bpffs, embedded_object, pins};
 use serde::Serialize;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -44,6 +44,7 @@ fn check(name: &'static str, status: Status, detail: impl Into<String>) -> Check
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut checks = kernel_checks();
+    checks.push(pins_check(args.config.as_deref()));
     if let Some(path) = &args.config {
         checks.extend(key_checks(path));
     }
@@ -147,6 +148,92 @@ fn kernel_checks() -> Vec<Check> {
         Err(e) => check("eBPF object", Status::Fail, e.to_string()),
     });
     out
+}
+
+/// Whether programs pinned under `pin_dir` would outlive the sidecar (see
+/// `firma_sidecar::ebpf::pins`): a bpffs that only a private mount namespace holds vanishes
+/// with the process, and tagged workloads then go direct.
+fn pins_check(config: Option<&Path>) -> Check {
+    let transparent = config
+        .and_then(|p| FirmaConfig::load(p).ok())
+        .and_then(|c| c.sidecar)
+        .map(|s| s.interceptor.transparent)
+        .unwrap_or_default();
+    let pin_dir = &transparent.pin_dir;
+    let allowed = transparent.allow_ephemeral_pins;
+    let ephemeral = |detail: String| {
+        if allowed {
+            check(
+                "pins",
+                Status::Warn,
+                format!(
+                    "{detail} (accepted by allow_ephemeral_pins = true: fail-open after a crash)"
+                ),
+            )
+        } else {
+            check("pins", Status::Fail, detail)
+        }
+    };
+    match bpffs::bpffs_covering(pin_dir) {
+        Err(e) => check("pins", Status::Fail, e.to_string()),
+        Ok(None) if !pin_dir.starts_with(bpffs::DEFAULT_BPFFS) => check(
+            "pins",
+            Status::Fail,
+            format!(
+                "pin_dir {} is not on a bpffs and not under {}: the sidecar would refuse it; mount bpffs there or move pin_dir",
+                pin_dir.display(),
+                bpffs::DEFAULT_BPFFS
+            ),
+        ),
+        Ok(None) => {
+            let own_ns = pins::shares_init_mount_ns() == Some(true);
+            let container = pins::in_initial_pid_ns() == Some(false);
+            if own_ns && !container {
+                check(
+                    "pins",
+                    Status::Ok,
+                    format!(
+                        "pin_dir {} has no bpffs yet; the sidecar mounts one at {} in PID 1's mount namespace, so pins outlive it",
+                        pin_dir.display(),
+                        bpffs::DEFAULT_BPFFS
+                    ),
+                )
+            } else {
+                ephemeral(format!(
+                    "pin_dir {} has no bpffs, and one the sidecar mounted here would live only in this {} (pins vanish with it); mount bpffs in the host's mount namespace or bind-mount the host's {}",
+                    pin_dir.display(),
+                    if container {
+                        "container"
+                    } else {
+                        "private mount namespace"
+                    },
+                    bpffs::DEFAULT_BPFFS
+                ))
+            }
+        }
+        Ok(Some(_)) => match pins::durability(pin_dir) {
+            Err(e) => check("pins", Status::Fail, format!("{}: {e}", pin_dir.display())),
+            Ok(pins::Durability::Durable { mount }) => check(
+                "pins",
+                Status::Ok,
+                format!(
+                    "pin_dir {} is on the bpffs at {} that PID 1's mount namespace holds: pins outlive the sidecar",
+                    pin_dir.display(),
+                    mount.display()
+                ),
+            ),
+            Ok(pins::Durability::ContainerScoped { mount }) => check(
+                "pins",
+                Status::Warn,
+                format!(
+                    "in a container's PID namespace: pins under {} outlive the sidecar, and the container only if {} is the host's bpffs bind-mounted in",
+                    pin_dir.display(),
+                    mount.display()
+                ),
+            ),
+            Ok(pins::Durability::Ephemeral { detail }) => ephemeral(detail),
+        },
+    }
 }
 
 fn parse_version(release: &str) -> (u32, u32) {

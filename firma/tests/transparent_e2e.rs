@@ -11,7 +11,8 @@
 //! reason, cgroup path and the client's pid; the same client outside the cgroup goes direct.
 //! Also: IPv6 destinations (the [::1] listener), no redirect loop when the destination port is
 //! the sidecar's own, tagging the sidecar's own cgroup refused, unredirected connections closed
-//! and audited, kill -9 fails closed and a restart re-adopts, detach, `WorkloadMismatch`.
+//! and audited, kill -9 fails closed and a restart re-adopts, detach, `WorkloadMismatch`, the
+//! per-cgroup connection cap.
 //!
 //! Every test needs root + BPF and prints SKIP otherwise. Each runs in its own network
 //! namespace (see `common/transparent.rs`), with its own cgroups, pins and control socket.
@@ -729,4 +730,53 @@ fn find_raw_token(v: &toml::Value) -> Option<String> {
         toml::Value::Array(a) => a.iter().find_map(find_raw_token),
         _ => None,
     }
+}
+
+/// `[sidecar.limits] max_connections_per_client` counts per workload cgroup in transparent
+/// mode: a tagged process holding connections open gets the first N served (they sit in the
+/// sniff phase) and the rest closed at once, reported by one WARN naming the cgroup.
+#[test]
+fn connections_per_workload_cgroup_are_capped() {
+    if !in_fresh_netns("connections_per_workload_cgroup_are_capped") {
+        return;
+    }
+    let mut env = Env::new();
+    drop(env.sc.take());
+    let mut cfg = std::fs::read_to_string(&env.d.config).unwrap();
+    cfg.push_str("\n[sidecar.limits]\nmax_connections_per_client = 5\n");
+    std::fs::write(&env.d.config, cfg).unwrap();
+    env.sc = Some(start_sidecar(&env.d));
+    env.attach();
+    let script = format!(
+        r#"
+import socket, time
+conns = [socket.create_connection(("{DST_V4}", 443), timeout=5) for _ in range(8)]
+time.sleep(0.5)
+closed = 0
+for s in conns:
+    s.setblocking(False)
+    try:
+        closed += s.recv(1) == b""
+    except BlockingIOError:
+        pass
+    except OSError:
+        closed += 1
+print("CLOSED", closed)
+"#
+    );
+    let out = tcommon::run_in_cgroup(Some(&env.cg.dir), "python3", &["-c", &script]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("CLOSED 3"),
+        "8 connections, cap 5: {stdout}{}\n{}",
+        text(&out.stderr),
+        env.log()
+    );
+    let log = env.log();
+    let warns: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connection limit reached"))
+        .collect();
+    assert_eq!(warns.len(), 1, "{log}");
+    assert!(warns[0].contains("client=cgroup "), "{}", warns[0]);
 }

@@ -28,6 +28,8 @@ pub struct SidecarConfig {
     pub audit: AuditConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// How connections reach the sidecar.
@@ -111,6 +113,11 @@ pub struct TransparentConfig {
     /// Owner-only Unix socket for `firma sidecar attach|detach|status`.
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// Start even when `pin_dir` is on a bpffs that dies with the sidecar (one mounted in a
+    /// private mount namespace): tagged traffic then goes direct after a crash. Off by default
+    /// because that is fail-open; only for throwaway setups.
+    #[serde(default)]
+    pub allow_ephemeral_pins: bool,
 }
 
 impl Default for TransparentConfig {
@@ -125,6 +132,7 @@ impl Default for TransparentConfig {
             socket_mark: default_mark(),
             pin_dir: default_pin_dir(),
             control_socket: default_control_socket(),
+            allow_ephemeral_pins: false,
         }
     }
 }
@@ -143,6 +151,76 @@ fn default_pin_dir() -> PathBuf {
 }
 fn default_control_socket() -> PathBuf {
     PathBuf::from("/run/firma/sidecar.sock")
+}
+
+/// `[sidecar.limits]`: what one connection, or one client, may hold, so idle or abusive
+/// clients cannot exhaust descriptors that policy reloads and upstream connects need.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// An HTTP connection with no request in flight (HTTP/1 keep-alive between requests,
+    /// HTTP/2 with no open stream) is closed after this long. A request waiting for its
+    /// response, or a response still streaming, is never idle.
+    #[serde(default = "default_idle")]
+    pub idle_timeout_secs: u64,
+    /// A blind tunnel (non-intercepted TLS, unknown protocol) with no byte either way is closed
+    /// after this long.
+    #[serde(default = "default_tunnel_idle")]
+    pub tunnel_idle_timeout_secs: u64,
+    /// HTTP/2 PING interval on client connections (0: off); a peer that does not answer within
+    /// `h2_keepalive_timeout_secs` is dropped.
+    #[serde(default = "default_h2_ping")]
+    pub h2_keepalive_interval_secs: u64,
+    #[serde(default = "default_h2_ping_timeout")]
+    pub h2_keepalive_timeout_secs: u64,
+    /// Concurrent client connections; lowered at startup so two descriptors per connection
+    /// plus `fd_reserve` fit in RLIMIT_NOFILE. Beyond it new connections are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Concurrent connections per client: peer IP in `http_proxy` mode, workload cgroup in
+    /// `transparent` mode.
+    #[serde(default = "default_max_per_client")]
+    pub max_connections_per_client: usize,
+    /// Descriptors kept free for everything that is not a client connection (policy reloads,
+    /// audit, Vault, the control socket), on top of those open at startup.
+    #[serde(default = "default_fd_reserve")]
+    pub fd_reserve: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout_secs: default_idle(),
+            tunnel_idle_timeout_secs: default_tunnel_idle(),
+            h2_keepalive_interval_secs: default_h2_ping(),
+            h2_keepalive_timeout_secs: default_h2_ping_timeout(),
+            max_connections: default_max_connections(),
+            max_connections_per_client: default_max_per_client(),
+            fd_reserve: default_fd_reserve(),
+        }
+    }
+}
+
+fn default_idle() -> u64 {
+    60
+}
+fn default_tunnel_idle() -> u64 {
+    300
+}
+fn default_h2_ping() -> u64 {
+    30
+}
+fn default_h2_ping_timeout() -> u64 {
+    20
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_per_client() -> usize {
+    1024
+}
+fn default_fd_reserve() -> usize {
+    64
 }
 
 /// One workload attached at startup: a cgroup (path or Kubernetes pod UID) bound to an agent.
@@ -473,6 +551,28 @@ impl SidecarConfig {
                     self.interceptor.listen_addr
                 ),
             ));
+        }
+        let l = &self.limits;
+        for (key, value) in [
+            ("idle_timeout_secs", l.idle_timeout_secs as usize),
+            (
+                "tunnel_idle_timeout_secs",
+                l.tunnel_idle_timeout_secs as usize,
+            ),
+            (
+                "h2_keepalive_timeout_secs",
+                l.h2_keepalive_timeout_secs as usize,
+            ),
+            ("max_connections", l.max_connections),
+            ("max_connections_per_client", l.max_connections_per_client),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(
+                    file,
+                    &format!("sidecar.limits.{key}"),
+                    "expected a positive number",
+                ));
+            }
         }
         if self.policy.dir.is_none() && self.policy.authority_url.is_none() {
             return Err(ConfigError::invalid(

@@ -4,6 +4,7 @@
 
 use super::Redirector;
 use crate::drain::Drain;
+use crate::interceptor::limits::{self, AcceptBackoff, ClientKey, Limits};
 use crate::pipeline::Workload;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -36,11 +37,13 @@ pub async fn bind(port: u16) -> std::io::Result<Vec<TcpListener>> {
 
 /// Accepts on `listener` until `drain` begins, resolving each connection through the
 /// redirector and handing it to `serve` as a task `drain` tracks (or to `reject` when there is
-/// no record; the stream is then dropped, which closes it).
+/// no record; the stream is then dropped, which closes it). A connection over `limits` (per
+/// workload cgroup and in total) is closed at once.
 pub async fn accept_loop<S, SF, R>(
     listener: TcpListener,
     redirector: Arc<Redirector>,
     drain: Drain,
+    limits: Arc<Limits>,
     serve: S,
     reject: R,
 ) where
@@ -48,21 +51,29 @@ pub async fn accept_loop<S, SF, R>(
     SF: std::future::Future<Output = ()> + Send + 'static,
     R: Fn(Unredirected) + Send + Sync + 'static,
 {
+    let mut backoff = AcceptBackoff::new("transparent");
     loop {
         let accepted = tokio::select! {
             _ = drain.cancelled() => return,
             a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
-            Ok(a) => a,
+            Ok(a) => {
+                backoff.reset();
+                a
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "transparent accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                backoff.failed(&e).await;
                 continue;
             }
         };
         match redirector.original_destination(peer) {
             Some(orig) => {
+                // Over the limit: closed at once (the client sees a reset or EOF).
+                let Ok(permit) = limits.admit(ClientKey::Cgroup(orig.cgroup_id)) else {
+                    limits::refuse(stream, &[]);
+                    continue;
+                };
                 let workload = redirector.workload(&orig);
                 let conn = Redirected {
                     stream,
@@ -70,7 +81,7 @@ pub async fn accept_loop<S, SF, R>(
                     original_dst: orig.socket_addr(),
                     workload,
                 };
-                drain.spawn(serve(conn));
+                drain.spawn(limits.scope(permit, serve(conn)));
             }
             None => {
                 tracing::warn!(%peer, "transparent connection without a redirect record; closing");

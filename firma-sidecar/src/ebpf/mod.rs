@@ -10,6 +10,7 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod listener;
 mod logs;
+pub mod pins;
 mod programs;
 mod settings;
 mod workloads;

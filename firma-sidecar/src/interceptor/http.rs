@@ -9,6 +9,7 @@
 
 use super::framing::{FramingGuard, Verdict};
 use super::head::{self, HeadError};
+use super::limits;
 use super::rewind::Rewind;
 use crate::audit::RequestAudit;
 use crate::connector::{Failure, RespBody, UpstreamSlot, UpstreamTarget};
@@ -75,25 +76,44 @@ pub async fn serve_http<S>(
         }
     }
     let slot = Arc::new(UpstreamSlot::default());
+    // Idle = no request in flight; each request and its response body hold `activity` busy.
+    let timeouts = limits::timeouts();
+    let activity = Arc::new(limits::Activity::default());
     let svc = {
         let state = state.clone();
         let conn = conn.clone();
         let mode = mode.clone();
+        let activity = activity.clone();
         service_fn(move |req| {
             let (state, conn, mode, slot) =
                 (state.clone(), conn.clone(), mode.clone(), slot.clone());
-            async move { Ok::<_, Infallible>(handle(&state, &conn, &mode, &slot, req).await) }
+            let busy = activity.begin();
+            async move {
+                let resp = handle(&state, &conn, &mode, &slot, req).await;
+                Ok::<_, Infallible>(limits::hold_until_sent(resp, busy))
+            }
         })
     };
     let verdict = Arc::new(Verdict::default());
     let result = if h2 {
         let io = TokioIo::new(Rewind::new(buf, stream));
-        let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new());
+        if let Some((interval, timeout)) = timeouts.h2_keepalive {
+            builder
+                .keep_alive_interval(interval)
+                .keep_alive_timeout(timeout);
+        }
         let c = builder.serve_connection(io, svc);
         tokio::pin!(c);
         tokio::select! {
             r = c.as_mut() => r,
             _ = state.drain.cancelled() => { c.as_mut().graceful_shutdown(); c.await }
+            _ = activity.idle_timeout(timeouts.http_idle) => {
+                tracing::debug!(conn = conn.conn_id, "closing idle HTTP/2 connection");
+                c.as_mut().graceful_shutdown();
+                limits::finish_closing(c).await
+            }
         }
     } else {
         // Every later head on the connection is checked like the first (see `framing`).
@@ -109,6 +129,11 @@ pub async fn serve_http<S>(
             r = c.as_mut() => r,
             _ = verdict.notify.notified() => { c.as_mut().graceful_shutdown(); c.await }
             _ = state.drain.cancelled() => { c.as_mut().graceful_shutdown(); c.await }
+            _ = activity.idle_timeout(timeouts.http_idle) => {
+                tracing::debug!(conn = conn.conn_id, "closing idle HTTP/1 connection");
+                c.as_mut().graceful_shutdown();
+                limits::finish_closing(c).await
+            }
         }
     };
     let (host, port) = mode_host(&mode);

@@ -7,6 +7,7 @@
 
 use super::head::{self, HeadError};
 use super::http::{HEAD_TIMEOUT, HttpMode, deny_raw, normalize_host, serve_http};
+use super::limits::{self, AcceptBackoff, ClientKey, Limits};
 use super::rewind::Rewind;
 use super::serve::serve_stream;
 use super::tunnel::{Reply, tunnel};
@@ -18,8 +19,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
-/// Accepts until drain begins; each connection is a task the drain waits for.
-pub async fn serve(state: Arc<SidecarState>, listener: TcpListener) {
+/// Accepts until drain begins; each admitted connection is a task the drain waits for. A
+/// connection over `[sidecar.limits]` gets a 503 and is closed at once.
+pub async fn serve(state: Arc<SidecarState>, listener: TcpListener, limits: Arc<Limits>) {
+    let mut backoff = AcceptBackoff::new("http_proxy");
     loop {
         let accepted = tokio::select! {
             _ = state.drain.cancelled() => break,
@@ -27,15 +30,19 @@ pub async fn serve(state: Arc<SidecarState>, listener: TcpListener) {
         };
         match accepted {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let st = state.clone();
-                state.drain.spawn(handle(st, stream, peer));
+                backoff.reset();
+                match limits.admit(ClientKey::Ip(peer.ip())) {
+                    Ok(permit) => {
+                        let _ = stream.set_nodelay(true);
+                        let st = state.clone();
+                        state
+                            .drain
+                            .spawn(limits.scope(permit, handle(st, stream, peer)));
+                    }
+                    Err(r) => limits::refuse(stream, &limits::rejection_response(r)),
+                }
             }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
+            Err(e) => backoff.failed(&e).await,
         }
     }
     tracing::info!("http_proxy listener stopped accepting");

@@ -4,11 +4,13 @@
 //! - [`transparent`]: eBPF-redirected connections.
 //! - [`serve`]: the shared per-connection logic both use once the destination is known.
 //! - [`http`]: per-request pipeline + connector, on plain or decrypted streams.
+//! - [`limits`]: connection caps, idle timeouts, accept backoff.
 
 pub mod framing;
 pub mod head;
 pub mod http;
 pub mod http_proxy;
+pub mod limits;
 pub mod rewind;
 pub mod serve;
 pub mod transparent;

@@ -21,7 +21,9 @@ use crate::audit::RequestAudit;
 use crate::control;
 use crate::drain::Drain;
 use crate::ebpf::listener::{self, Redirected, Unredirected};
+use crate::ebpf::pins::{self, PinsError};
 use crate::ebpf::{EbpfError, RedirectSettings, Redirector, Target};
+use crate::interceptor::limits::Limits;
 use crate::interceptor::serve::serve_stream;
 use crate::pipeline::{Decision, DenyReason, InterceptKind};
 use crate::state::SidecarState;
@@ -52,6 +54,8 @@ pub enum TransparentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("[sidecar.interceptor.transparent] {0}")]
+    Pins(#[from] PinsError),
     #[error("{0}")]
     Control(#[from] control::ControlError),
     #[error("internal error: {0}")]
@@ -82,10 +86,14 @@ pub async fn serve(
     state: Arc<SidecarState>,
     cfg: &SidecarConfig,
     shutdown: Drain,
+    limits: Arc<Limits>,
 ) -> Result<(), TransparentError> {
     let t = &cfg.interceptor.transparent;
     let settings = RedirectSettings::from_config(t)?;
     let port = settings.port;
+    // Fail closed on a crash only if the pins outlive us: check before loading anything.
+    let (pin_dir, allow) = (settings.pin_dir.clone(), t.allow_ephemeral_pins);
+    blocking(move || pins::ensure_durable(&pin_dir, allow)).await??;
     let (redirector, pump) = blocking(move || Redirector::start(settings)).await??;
     let redirector = Arc::new(redirector);
     tracing::info!(
@@ -149,6 +157,7 @@ pub async fn serve(
             l,
             redirector.clone(),
             shutdown.clone(),
+            limits.clone(),
             move |c| handle(serve_state.clone(), c),
             move |u| reject(&reject_state, u, port),
         ));

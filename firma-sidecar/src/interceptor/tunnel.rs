@@ -1,5 +1,6 @@
 //! Destination-level decisions and blind tunnels (no HTTP parsing), for every mode.
 
+use super::limits::Moved;
 use crate::audit::{Committed, ConnectorOutcome, RequestAudit};
 use crate::connector::dial::UpstreamIo;
 use crate::pipeline::{ConnectionInfo, Decision, DestinationContext};
@@ -121,7 +122,8 @@ pub async fn decide_and_connect(
     }
 }
 
-/// Copies both ways until either side closes; `prefix` (bytes already read from the client)
+/// Copies both ways until either side closes or nothing moves for the tunnel idle timeout
+/// (`[sidecar.limits] tunnel_idle_timeout_secs`); `prefix` (bytes already read from the client)
 /// goes upstream first. The tunnel's outcome (bytes each way) is recorded when it ends.
 pub async fn pump<C>(
     mut client: C,
@@ -137,10 +139,21 @@ pub async fn pump<C>(
         committed.finish(outcome);
         return;
     }
-    let r = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-    if let Ok((up, down)) = r {
-        outcome.bytes_up = Some(up + prefix.len() as u64);
-        outcome.bytes_down = Some(down);
+    let idle = super::limits::timeouts().tunnel_idle;
+    match super::limits::copy_until_idle(&mut client, &mut upstream, idle).await {
+        Ok(Moved {
+            up,
+            down,
+            idle: went_idle,
+        }) => {
+            if went_idle {
+                tracing::debug!(idle_secs = idle.as_secs(), "closing idle tunnel");
+                outcome.aborted = Some("Idle".into());
+            }
+            outcome.bytes_up = Some(up + prefix.len() as u64);
+            outcome.bytes_down = Some(down);
+        }
+        Err(e) => tracing::debug!(error = %e, "tunnel ended with an error"),
     }
     committed.finish(outcome);
 }

@@ -1,0 +1,393 @@
+//! `[sidecar.limits]` end to end: the real `firma sidecar` (http_proxy mode) under a 256
+//! descriptor limit, flooded with idle HTTP/2 (h2c prior-knowledge) connections that send the
+//! preface and then nothing, as in the reported incident. Shows that:
+//! - the effective `max_connections` is derived from RLIMIT_NOFILE and logged;
+//! - connections beyond the per-client and the total cap are refused at once (503 or close),
+//!   never left to time out, and without one WARN per connection;
+//! - idle connections are closed after `idle_timeout_secs` (HTTP/2 with no stream, HTTP/1
+//!   keep-alive), freeing their descriptors;
+//! - a normal client from another address is served throughout the per-client flood, the policy
+//!   directory still reloads while every slot is taken, and accept never hits EMFILE;
+//! - a request whose upstream takes longer than the idle timeout is not cut (HTTP/1 and HTTP/2).
+//!
+//! Every address is on loopback (127.0.0.1 floods, 127.0.0.3 floods, 127.0.0.2 is the normal
+//! client); `prlimit` (util-linux) sets the limit.
+
+#[path = "common/sidecar.rs"]
+mod harness;
+
+use harness::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const NOFILE: u32 = 256;
+const IDLE_SECS: u64 = 3;
+const PER_CLIENT: usize = 60;
+const FLOOD: usize = 300;
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An empty SETTINGS frame: what a client sends right after the preface.
+const H2_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+fn limits_toml(idle: u64, per_client: usize) -> String {
+    format!(
+        "[sidecar.constraint_enforcement]\nbundle_ttl_seconds = 6\n\n[sidecar.limits]\nidle_timeout_secs = {idle}\nmax_connections_per_client = {per_client}\n"
+    )
+}
+
+fn deployment(extra: String) -> (Upstream, Deployment) {
+    let tmp = tempfile::tempdir().unwrap();
+    let up = Upstream::start(tmp.path(), &["api.openai.com", "api.acme-vendor.com"]);
+    let d = Deployment::new(
+        Some(&up),
+        &Settings {
+            upstream_hosts: vec!["api.openai.com".into(), "api.acme-vendor.com".into()],
+            default_timeout_ms: 15_000,
+            extra,
+            ..Settings::default()
+        },
+    );
+    std::mem::forget(tmp); // the upstream CA file must outlive the sidecar
+    (up, d)
+}
+
+/// `firma sidecar` started through `prlimit --nofile=N:N` (prlimit execs it: same pid).
+fn start_limited(config: &std::path::Path, nofile: u32) -> Sidecar {
+    let mut child = Command::new("prlimit")
+        .arg(format!("--nofile={nofile}:{nofile}"))
+        .args([FIRMA, "sidecar", "-c", config.to_str().unwrap()])
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn prlimit firma sidecar");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let mut sc = Sidecar {
+        child,
+        addr: "0.0.0.0:0".parse().unwrap(),
+        log,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sc.log_text().contains("sidecar ready") {
+        if let Some(status) = sc.child.try_wait().unwrap() {
+            panic!("sidecar exited early ({status}):\n{}", sc.log_text());
+        }
+        assert!(Instant::now() < deadline, "not ready:\n{}", sc.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = sc.log_text();
+    let addr = text
+        .split("http_proxy listening on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("listening line");
+    sc.addr = addr.parse().unwrap();
+    sc
+}
+
+/// Descriptors the sidecar process has open.
+fn fds_of(sc: &Sidecar) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", sc.child.id()))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// The number after `key=` in the first log line containing it.
+fn logged_number(log: &str, key: &str) -> usize {
+    log.split(key)
+        .nth(1)
+        .and_then(|r| {
+            r.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no {key} in log:\n{log}"))
+}
+
+/// One flood connection from `from`, having sent the HTTP/2 preface and SETTINGS.
+struct Idle {
+    s: TcpStream,
+    seen: Vec<u8>,
+    closed: bool,
+}
+
+fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        sock.connect(to).await.unwrap()
+    });
+    let s = s.into_std().unwrap();
+    s.set_nonblocking(false).unwrap();
+    s
+}
+
+fn flood(from: &str, to: SocketAddr, n: usize) -> Vec<Idle> {
+    (0..n)
+        .map(|_| {
+            let mut s = connect_from(from, to);
+            // A refused connection may already be closed: a failed write is a result too.
+            let _ = s.write_all(H2_PREFACE);
+            let _ = s.write_all(&H2_SETTINGS);
+            Idle {
+                s,
+                seen: Vec::new(),
+                closed: false,
+            }
+        })
+        .collect()
+}
+
+impl Idle {
+    /// Reads what is there without waiting long; notes EOF or reset as closed.
+    fn poll(&mut self) -> bool {
+        if self.closed {
+            return true;
+        }
+        self.s
+            .set_read_timeout(Some(Duration::from_millis(5)))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.s.read(&mut buf) {
+                Ok(0) => {
+                    self.closed = true;
+                    break;
+                }
+                Ok(n) => self.seen.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(_) => {
+                    self.closed = true;
+                    break;
+                }
+            }
+        }
+        self.closed
+    }
+
+    /// The server answered with HTTP/2 frames (its SETTINGS first).
+    fn served_h2(&self) -> bool {
+        self.seen.len() >= 9 && self.seen[3] == 4
+    }
+
+    fn got_503(&self) -> bool {
+        self.seen.starts_with(b"HTTP/1.1 503")
+    }
+}
+
+/// (still open, closed) after polling every connection.
+fn census(conns: &mut [Idle]) -> (usize, usize) {
+    let closed = conns.iter_mut().map(Idle::poll).filter(|c| *c).count();
+    (conns.len() - closed, closed)
+}
+
+/// A normal client from 127.0.0.2: one request over MITM'd HTTPS.
+fn normal_request(sc: &Sidecar, d: &Deployment, extra: &[&str]) -> CurlOut {
+    let mut args = vec!["--interface", "127.0.0.2"];
+    args.extend_from_slice(extra);
+    curl(
+        &sc.proxy_url(),
+        &d.ca_cert(),
+        "https://api.openai.com/v1/models",
+        &args,
+    )
+}
+
+fn warn_lines(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.contains("WARN")).collect()
+}
+
+#[test]
+fn idle_h2_flood_is_capped_and_closed_while_normal_clients_and_reloads_work() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("SKIP idle_h2_flood: `prlimit` (util-linux) not installed");
+        return;
+    }
+    let (_up, d) = deployment(limits_toml(IDLE_SECS, PER_CLIENT));
+    let sc = start_limited(&d.config, NOFILE);
+    let log = sc.log_text();
+    let max = logged_number(&log, "max_connections=");
+    assert!(
+        max < NOFILE as usize / 2 && max > PER_CLIENT,
+        "effective max_connections {max} must leave room under {NOFILE} descriptors:\n{log}"
+    );
+    assert!(log.contains("max_connections lowered"), "{log}");
+    let fds_idle = fds_of(&sc);
+    eprintln!("effective max_connections = {max}; sidecar fds at rest = {fds_idle}");
+
+    // Flood A from 127.0.0.1: the first PER_CLIENT are served, the rest refused at once.
+    let mut a = flood("127.0.0.1", sc.addr, FLOOD);
+    let flood_a_sent = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (open_a, closed_a) = census(&mut a);
+    assert_eq!(
+        (open_a, closed_a),
+        (PER_CLIENT, FLOOD - PER_CLIENT),
+        "per-client cap\n{}",
+        sc.log_text()
+    );
+    let served = a.iter().filter(|c| !c.closed).all(Idle::served_h2);
+    assert!(served, "admitted connections get HTTP/2 SETTINGS");
+    let answered_503 = a.iter().filter(|c| c.got_503()).count();
+    eprintln!(
+        "flood A: {open_a} open, {closed_a} refused ({answered_503} read the 503 before the close)"
+    );
+
+    // A normal client from another address is served during the flood, over h1 and h2.
+    let out = normal_request(&sc, &d, &[]);
+    assert_eq!(out.status, 200, "{out:?}\n{}", sc.log_text());
+    let out = normal_request(&sc, &d, &["--http2"]);
+    assert_eq!(out.status, 200, "{out:?}");
+
+    // Flood B from 127.0.0.3 fills the total cap; beyond it everyone is refused cleanly
+    // (a 503, not a timeout), and the descriptors stay below the limit.
+    std::thread::sleep(Duration::from_millis(300)); // the normal client's connections close
+    let mut b = flood("127.0.0.3", sc.addr, FLOOD);
+    let flood_b_sent = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (open_b, closed_b) = census(&mut b);
+    let (open_a2, _) = census(&mut a);
+    assert_eq!(open_a2 + open_b, max, "total cap");
+    assert_eq!(open_b + closed_b, FLOOD);
+    let fds_full = fds_of(&sc);
+    eprintln!("flood B: {open_b} open, {closed_b} refused; sidecar fds at the cap = {fds_full}");
+    assert!(fds_full + 64 <= NOFILE as usize, "fds {fds_full}");
+    let asked = Instant::now();
+    let refused = normal_request(&sc, &d, &["--max-time", "5"]);
+    let refused_in = asked.elapsed();
+    eprintln!("new client at the total cap: refused in {refused_in:?}: {refused:?}");
+    assert!(
+        refused.status != 200 && refused_in < Duration::from_secs(2),
+        "at the total cap a new client is refused at once: {refused:?}"
+    );
+
+    // The policy directory still reloads with every slot taken.
+    let installs = |log: &str| log.matches("installed runtime bundle").count();
+    let before = installs(&sc.log_text());
+    let policy = d.root().join("policies/runtime.cedar");
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str("\n// reloaded under connection pressure\n");
+    std::fs::write(&policy, text).unwrap();
+    assert_eventually(Duration::from_secs(8), "policy reload at the cap", || {
+        installs(&sc.log_text()) > before
+    });
+
+    // Idle connections are closed after the idle timeout (plus at most the GOAWAY grace for
+    // peers that never answer the shutdown PING, as these do not), freeing every slot.
+    let wait_closed = |conns: &mut [Idle], since: Instant, what: &str| {
+        let deadline = since + Duration::from_secs(IDLE_SECS + 8);
+        while conns.iter_mut().any(|c| !c.poll()) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: idle connections still open:\n{}",
+                sc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let after = since.elapsed();
+        eprintln!(
+            "{what}: all idle connections closed {:.2}s after they went quiet (idle_timeout_secs = {IDLE_SECS})",
+            after.as_secs_f64()
+        );
+        assert!(after >= Duration::from_secs(IDLE_SECS), "{what}: {after:?}");
+    };
+    wait_closed(&mut a, flood_a_sent, "flood A");
+    wait_closed(&mut b, flood_b_sent, "flood B");
+    assert_eventually(Duration::from_secs(3), "descriptors released", || {
+        fds_of(&sc) <= fds_idle + 2
+    });
+    eprintln!("sidecar fds after idle close = {}", fds_of(&sc));
+
+    // Served again, not stale.
+    let out = normal_request(&sc, &d, &[]);
+    assert_eq!(out.status, 200, "{out:?}");
+
+    let log = sc.log_text();
+    assert!(!log.contains("Too many open files"), "EMFILE:\n{log}");
+    assert!(!log.contains("PolicyBundleStale"), "{log}");
+    let warns = warn_lines(&log);
+    eprintln!(
+        "{} WARN lines for {} refused connections",
+        warns.len(),
+        closed_a + closed_b
+    );
+    assert!(warns.len() <= 6, "WARN flood:\n{}", warns.join("\n"));
+    assert!(
+        log.contains("rejected_since_last_report"),
+        "refusals reported:\n{log}"
+    );
+}
+
+#[test]
+fn http1_keep_alive_idle_connection_is_closed() {
+    let (_up, d) = deployment(limits_toml(1, 100));
+    let sc = d.start(&[]);
+    let mut s = TcpStream::connect(sc.addr).unwrap();
+    // A denied request (no upstream needed) on a keep-alive connection.
+    s.write_all(b"GET http://paste.rs/ HTTP/1.1\r\nHost: paste.rs\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let started = Instant::now();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let idle = started.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+    eprintln!("HTTP/1 keep-alive connection closed {idle:?} after its request");
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_secs(4),
+        "{idle:?}"
+    );
+}
+
+#[test]
+fn slow_response_longer_than_the_idle_timeout_is_not_cut() {
+    let (up, d) = deployment(limits_toml(1, 100));
+    let sc = d.start(&[]);
+    for version in ["--http1.1", "--http2"] {
+        let started = Instant::now();
+        let out = curl(
+            &sc.proxy_url(),
+            &d.ca_cert(),
+            "https://api.acme-vendor.com/slow?ms=3500",
+            &[version],
+        );
+        let took = started.elapsed();
+        assert_eq!(out.status, 200, "{version}: {out:?}\n{}", sc.log_text());
+        assert!(took >= Duration::from_millis(3500), "{took:?}");
+        eprintln!("{version}: slow response after {took:?} with idle_timeout_secs = 1");
+    }
+    assert_eq!(up.count(), 2);
+}
