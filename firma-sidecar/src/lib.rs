@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod authority_client;
+pub mod conn;
 pub mod connector;
 pub mod control;
 pub mod drain;

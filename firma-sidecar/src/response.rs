@@ -3,8 +3,8 @@
 //! Bodies are JSON and name the reason exactly as the audit event does, so an operator can go
 //! from a client error to the audit line. They never contain credentials.
 
+use crate::conn::Decision;
 use crate::connector::RespBody;
-use crate::pipeline::Decision;
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
@@ -30,7 +30,7 @@ pub fn deny(decision: &Decision) -> Response<RespBody> {
 
 pub fn deny_status(decision: &Decision) -> StatusCode {
     match decision.reason {
-        Some(crate::pipeline::DenyReason::MalformedRequest) => StatusCode::BAD_REQUEST,
+        Some(crate::conn::DenyReason::MalformedRequest) => StatusCode::BAD_REQUEST,
         _ => StatusCode::FORBIDDEN,
     }
 }

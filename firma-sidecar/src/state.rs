@@ -1,9 +1,10 @@
 //! Everything a connection handler needs, built once at startup and shared.
 
 use crate::audit::AuditLog;
+use crate::conn::{ConnectionInfo, InterceptKind, Workload};
 use crate::connector::Connector;
 use crate::drain::Drain;
-use crate::pipeline::{ConnectionInfo, InterceptKind, Pipeline, Workload};
+use crate::pipeline::Pipeline;
 use crate::tls::HostPatterns;
 use crate::tls::leaf::LeafCache;
 use firma_common::config::SidecarConfig;

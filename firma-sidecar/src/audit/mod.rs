@@ -22,7 +22,7 @@ pub use event::body as event_body;
 pub use recorder::{Committed, RequestAudit};
 pub use writer::Health;
 
-use crate::pipeline::{ConnectionInfo, Decision};
+use crate::conn::{ConnectionInfo, Decision};
 use firma_common::config::{AuditConfig, AuditSink};
 use firma_common::keys::SigningKey;
 use serde_json::{Map, Value};
@@ -36,24 +36,7 @@ use std::time::Duration;
 /// How long [`AuditLog::flush`] waits for the collector to acknowledge queued events.
 const GRPC_FLUSH_WAIT: Duration = Duration::from_secs(5);
 
-/// What the connector did after an allow (absent for denials: nothing was sent).
-#[derive(Debug, Clone, Default)]
-pub struct ConnectorOutcome {
-    pub credential_injected: bool,
-    /// `"basic"` or `"vault"` when a credential was injected.
-    pub credential_source: Option<&'static str>,
-    /// Upstream response status, when one arrived.
-    pub upstream_status: Option<u16>,
-    /// Set when the upstream failed after the allow (502/504 to the client).
-    pub aborted: Option<String>,
-    /// Time from sending the request upstream to the response head.
-    pub upstream_us: u64,
-    /// The client went away after the request was committed (closed, reset its stream).
-    pub client_gone: bool,
-    /// Tunnels: bytes from the client to the upstream and back.
-    pub bytes_up: Option<u64>,
-    pub bytes_down: Option<u64>,
-}
+pub use crate::conn::ConnectorOutcome;
 
 /// The audit sink could not persist a decision: the request must not go anywhere.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -14,7 +14,7 @@
 //! does, and a `kill -9` after the decision was acknowledged cannot lose it.
 
 use super::{AuditInput, AuditLog, AuditUnavailable, ConnectorOutcome, event};
-use crate::pipeline::{ConnectionInfo, Decision, DenyReason};
+use crate::conn::{ConnectionInfo, Decision, DenyReason};
 
 /// Where a request or tunnel was going, as far as known.
 #[derive(Debug, Clone, Default)]

@@ -10,8 +10,7 @@ pub mod ratelimit;
 pub mod secret;
 pub mod vault;
 
-use crate::audit::ConnectorOutcome;
-use crate::pipeline::{ConnectionInfo, InterceptKind};
+use crate::conn::{ConnectionInfo, ConnectorOutcome, InterceptKind};
 use bytes::Bytes;
 use credentials::{CredentialError, CredentialStore};
 use dial::{DialError, Dialer, ReqBody};

@@ -3,9 +3,9 @@
 //! entry already gone) is closed and reported, never served with a guessed destination.
 
 use super::Redirector;
+use crate::conn::Workload;
 use crate::drain::Drain;
 use crate::interceptor::limits::{self, AcceptBackoff, ClientKey, Limits};
-use crate::pipeline::Workload;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};

@@ -21,7 +21,7 @@ pub use programs::LINKS_PER_CGROUP;
 pub use settings::{Cidr, RedirectSettings};
 pub use workloads::Bound;
 
-use crate::pipeline::Workload;
+use crate::conn::Workload;
 use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key};
 use aya::{Ebpf, EbpfLoader};
 use firma_common::maps::{

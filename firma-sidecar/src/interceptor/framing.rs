@@ -96,10 +96,8 @@ impl<S> FramingGuard<S> {
     fn reject(&mut self, detail: String) {
         self.state = State::Rejected;
         self.head.clear();
-        let d = crate::pipeline::Decision::deny(
-            crate::pipeline::DenyReason::MalformedRequest,
-            detail.clone(),
-        );
+        let d =
+            crate::conn::Decision::deny(crate::conn::DenyReason::MalformedRequest, detail.clone());
         self.reply = Some((crate::response::raw_deny(&d), 0));
         *self
             .verdict

@@ -11,7 +11,7 @@ use super::limits::{self, AcceptBackoff, ClientKey, Limits};
 use super::rewind::Rewind;
 use super::serve::serve_stream;
 use super::tunnel::{Reply, tunnel};
-use crate::pipeline::InterceptKind;
+use crate::conn::InterceptKind;
 use crate::state::{SidecarState, TlsPlan};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -104,7 +104,7 @@ async fn connect(
     state: Arc<SidecarState>,
     mut stream: TcpStream,
     rest: Vec<u8>,
-    conn: crate::pipeline::ConnectionInfo,
+    conn: crate::conn::ConnectionInfo,
     target: (String, u16),
     headers: http::HeaderMap,
 ) {

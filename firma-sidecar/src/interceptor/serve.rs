@@ -3,7 +3,7 @@
 use super::http::{HttpMode, deny_raw, serve_http};
 use super::rewind::Rewind;
 use super::tunnel::{self, Reply};
-use crate::pipeline::ConnectionInfo;
+use crate::conn::ConnectionInfo;
 use crate::state::{SidecarState, TlsPlan};
 use crate::tls::sniff::{Sniffed, sniff};
 use std::sync::Arc;
@@ -139,8 +139,8 @@ async fn mitm<S>(
         } else {
             "falling back to a blind tunnel for this host, for this client only, for 300 s"
         };
-        let d = crate::pipeline::Decision::deny(
-            crate::pipeline::DenyReason::MalformedRequest,
+        let d = crate::conn::Decision::deny(
+            crate::conn::DenyReason::MalformedRequest,
             format!("TLS interception of {name} failed ({fallback}): {detail}"),
         );
         tracing::warn!(conn = conn.conn_id, host = %name, detail = %d.detail, "MITM failed");

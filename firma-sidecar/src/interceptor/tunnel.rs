@@ -2,8 +2,9 @@
 
 use super::limits::Moved;
 use crate::audit::{Committed, ConnectorOutcome, RequestAudit};
+use crate::conn::{ConnectionInfo, Decision};
 use crate::connector::dial::UpstreamIo;
-use crate::pipeline::{ConnectionInfo, Decision, DestinationContext};
+use crate::pipeline::DestinationContext;
 use crate::response;
 use crate::state::SidecarState;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};

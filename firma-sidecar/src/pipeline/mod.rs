@@ -31,6 +31,10 @@ pub mod stage2;
 mod types;
 
 pub use types::*;
+// The decision types live on the ground floor; re-exported for the pipeline's callers.
+pub use crate::conn::{
+    CapabilitySummary, ConnectionInfo, Decision, DenyReason, InterceptKind, Outcome, Workload,
+};
 
 use crate::authority_client::{self, AuthorityEndpoint, ClientError};
 use firma_common::capability::now_unix;

@@ -40,7 +40,7 @@
 //! path is already normalised (`super::path`), so dot segments cannot step out of a scope.
 
 use super::revocations::RevocationSet;
-use super::types::{CapabilitySummary, ConnectionInfo, DenyReason, Workload};
+use crate::conn::{CapabilitySummary, ConnectionInfo, DenyReason, Workload};
 use firma_common::capability::{CapabilityClaims, CapabilityError, CapabilitySeed};
 use firma_common::keys::VerifyingKey;
 use lru::LruCache;

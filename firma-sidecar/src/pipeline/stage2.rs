@@ -11,7 +11,7 @@
 
 use super::mapping::{MappingError, MappingRules};
 use super::sessions::{ActionCounters, count_and_decide};
-use super::types::DenyReason;
+use crate::conn::DenyReason;
 use firma_common::policy::{CompiledPolicies, EvalRequest, PolicyBundle, PolicyError};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
