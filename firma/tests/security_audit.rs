@@ -556,3 +556,34 @@ fn connect_headers_select_the_tunnel_capability() {
         })
     });
 }
+
+/// An HTTP/2 client that breaks the protocol (a SETTINGS frame of invalid size) ends its
+/// connection with a GOAWAY and one `MalformedRequest` audit event, like HTTP/1 garbage does.
+#[test]
+fn http2_protocol_errors_are_audited() {
+    let (up, d, sc) = setup(Settings::default());
+    let before = decisions(&d, "DENY").len();
+    let mut s = std::net::TcpStream::connect(sc.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    // SETTINGS with a 5-byte payload: FRAME_SIZE_ERROR (RFC 9113 6.5).
+    s.write_all(&[0, 0, 5, 0x4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    // A GOAWAY frame (type 0x7) came back before the close.
+    assert!(
+        out.windows(4).any(|w| w[3] == 0x7 && w[0] == 0),
+        "GOAWAY expected: {out:?}"
+    );
+    assert_eventually(Duration::from_secs(5), "protocol error audited", || {
+        decisions(&d, "DENY").len() == before + 1
+            && decisions(&d, "DENY").iter().any(|e| {
+                e["decision"]["reason"] == "MalformedRequest"
+                    && e["decision"]["detail"]
+                        .as_str()
+                        .is_some_and(|s| s.contains("malformed HTTP request"))
+            })
+    });
+    assert_eq!(up.count(), 0);
+}
