@@ -6,10 +6,10 @@ use std::path::PathBuf;
 pub enum AuthorityError {
     #[error(transparent)]
     Config(#[from] firma_common::config::ConfigError),
-    #[error("signing key")]
-    Key(#[from] firma_common::keys::KeyError),
-    #[error("audit collector")]
-    Collector(#[from] crate::collector::CollectorError),
+    #[error("signing key: {0}")]
+    Key(firma_common::keys::KeyError),
+    #[error("audit collector: {0}")]
+    Collector(crate::collector::CollectorError),
     #[error("{which} bundle {dir}: {cause}")]
     Policy {
         which: &'static str,
@@ -43,4 +43,17 @@ pub enum AuthorityError {
         path: PathBuf,
         cause: std::io::Error,
     },
+}
+
+/// Embedding conversions: the message carries the cause, so it is not chained too.
+impl From<firma_common::keys::KeyError> for AuthorityError {
+    fn from(e: firma_common::keys::KeyError) -> Self {
+        Self::Key(e)
+    }
+}
+
+impl From<crate::collector::CollectorError> for AuthorityError {
+    fn from(e: crate::collector::CollectorError) -> Self {
+        Self::Collector(e)
+    }
 }

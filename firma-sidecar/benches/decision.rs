@@ -5,7 +5,9 @@ use criterion::{Criterion, black_box, criterion_group, criterion_main};
 use firma_common::capability::{CapabilityClaims, CapabilitySeed, now_unix};
 use firma_common::keys::SigningKey;
 use firma_common::policy::PolicyBundle;
-use firma_sidecar::audit::{AuditInput, ConnectorOutcome, Sealer, event_body};
+use firma_sidecar::audit::{
+    AuditInput, AuditLog, ConnectorOutcome, RequestAudit, Sealer, event_body,
+};
 use firma_sidecar::pipeline::mapping::MappingRules;
 use firma_sidecar::pipeline::revocations::RevocationSet;
 use firma_sidecar::pipeline::sessions::ActionCounters;
@@ -186,6 +188,49 @@ fn audit(c: &mut Criterion) {
     };
     c.bench_function("audit/build_chain_sign_event", |b| {
         b.iter(|| sealer.seal(event_body(&input)).expect("seal"))
+    });
+
+    // What an allowed request waits for before it may leave: its decision written to the
+    // file sink (fsync = interval) by the writer thread, alone and with 16 requests at once
+    // (group commit).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_path = dir.path().join("audit.key");
+    firma_common::keys::generate(&key_path, false).expect("key");
+    let cfg = firma_common::config::AuditConfig {
+        sink: firma_common::config::AuditSink::File,
+        path: Some(dir.path().join("audit.jsonl")),
+        signing_key_path: Some(key_path),
+        ..Default::default()
+    };
+    let log = rt.block_on(AuditLog::start(&cfg)).expect("audit log");
+    let commit = |log: AuditLog, conn: ConnectionInfo, decision: Decision| async move {
+        let committed = RequestAudit::new(&log, &conn)
+            .target(Some("api.openai.com"), 443, Some("/v1/chat/completions"))
+            .commit(&decision, ConnectorOutcome::default())
+            .await
+            .map_err(|(_, e)| e)
+            .expect("persisted");
+        committed.finish(ConnectorOutcome::default());
+    };
+    c.bench_function("audit/commit_decision_file", |b| {
+        b.iter(|| rt.block_on(commit(log.clone(), conn.clone(), decision.clone())))
+    });
+    c.bench_function("audit/commit_decision_file_x16_concurrent", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let tasks: Vec<_> = (0..16)
+                    .map(|_| tokio::spawn(commit(log.clone(), conn.clone(), decision.clone())))
+                    .collect();
+                for t in tasks {
+                    t.await.expect("task");
+                }
+            })
+        })
     });
 }
 

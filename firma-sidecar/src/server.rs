@@ -25,10 +25,10 @@ pub enum SidecarError {
     /// Bad or incomplete configuration (exit code 78): `key` names the config key.
     #[error("{message}")]
     Config { key: &'static str, message: String },
-    #[error("pipeline")]
-    Pipeline(#[from] PipelineError),
-    #[error("audit")]
-    Audit(#[from] AuditError),
+    #[error("pipeline: {0}")]
+    Pipeline(PipelineError),
+    #[error("audit: {0}")]
+    Audit(AuditError),
     #[error("binding {addr}: {cause}")]
     Bind { addr: String, cause: std::io::Error },
     #[error(transparent)]
@@ -37,6 +37,19 @@ pub enum SidecarError {
     Leaf(#[from] LeafError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+}
+
+/// Embedding conversions: the message carries the cause, so it is not chained too.
+impl From<PipelineError> for SidecarError {
+    fn from(e: PipelineError) -> Self {
+        Self::Pipeline(e)
+    }
+}
+
+impl From<AuditError> for SidecarError {
+    fn from(e: AuditError) -> Self {
+        Self::Audit(e)
+    }
 }
 
 impl SidecarError {

@@ -59,15 +59,28 @@ pub struct AuditInput<'a> {
 pub enum AuditError {
     #[error("{0}")]
     Startup(String),
-    #[error("[sidecar.audit] signing_key_path")]
-    Key(#[from] firma_common::keys::KeyError),
+    #[error("[sidecar.audit] signing_key_path: {0}")]
+    Key(firma_common::keys::KeyError),
     #[error("[sidecar.audit] path {path}: {cause}")]
     File {
         path: std::path::PathBuf,
         cause: std::io::Error,
     },
-    #[error("[sidecar.audit] grpc_url")]
-    Grpc(#[from] crate::authority_client::ClientError),
+    #[error("[sidecar.audit] grpc_url: {0}")]
+    Grpc(crate::authority_client::ClientError),
+}
+
+/// Embedding conversions: the message carries the cause, so it is not chained too.
+impl From<firma_common::keys::KeyError> for AuditError {
+    fn from(e: firma_common::keys::KeyError) -> Self {
+        Self::Key(e)
+    }
+}
+
+impl From<crate::authority_client::ClientError> for AuditError {
+    fn from(e: crate::authority_client::ClientError) -> Self {
+        Self::Grpc(e)
+    }
 }
 
 struct Inner {

@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransparentError {
-    #[error("[sidecar.interceptor.transparent]")]
-    Kernel(#[from] EbpfError),
+    #[error("[sidecar.interceptor.transparent] {0}")]
+    Kernel(EbpfError),
     #[error("[sidecar.interceptor.transparent] workloads[{index}] ({what}): {cause}")]
     Workload {
         index: usize,
@@ -53,12 +53,25 @@ pub enum TransparentError {
         #[source]
         source: std::io::Error,
     },
-    #[error("[sidecar.interceptor.transparent]")]
-    Pins(#[from] PinsError),
+    #[error("[sidecar.interceptor.transparent] {0}")]
+    Pins(PinsError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Embedding conversions: the message carries the cause, so it is not chained too.
+impl From<EbpfError> for TransparentError {
+    fn from(e: EbpfError) -> Self {
+        Self::Kernel(e)
+    }
+}
+
+impl From<PinsError> for TransparentError {
+    fn from(e: PinsError) -> Self {
+        Self::Pins(e)
+    }
 }
 
 /// Runs a blocking kernel operation (bpf syscalls, cgroupfs walks) off the async workers.

@@ -61,14 +61,39 @@ pub enum PipelineError {
     Mapping(#[from] MappingError),
     #[error(transparent)]
     Seed(#[from] SeedError),
-    #[error("[sidecar.authority] public_key_path")]
-    PublicKey(#[from] firma_common::keys::KeyError),
-    #[error("[sidecar.policy] dir")]
-    PolicyDir(#[from] PolicyError),
-    #[error("[sidecar.policy]")]
-    Bundle(#[from] InstallError),
-    #[error("[sidecar.policy]")]
-    Authority(#[from] ClientError),
+    #[error("[sidecar.authority] public_key_path: {0}")]
+    PublicKey(firma_common::keys::KeyError),
+    #[error("[sidecar.policy] dir: {0}")]
+    PolicyDir(PolicyError),
+    #[error("[sidecar.policy] {0}")]
+    Bundle(InstallError),
+    #[error("[sidecar.policy] {0}")]
+    Authority(ClientError),
+}
+
+/// Embedding conversions: the message carries the cause, so it is not chained too.
+impl From<firma_common::keys::KeyError> for PipelineError {
+    fn from(e: firma_common::keys::KeyError) -> Self {
+        Self::PublicKey(e)
+    }
+}
+
+impl From<PolicyError> for PipelineError {
+    fn from(e: PolicyError) -> Self {
+        Self::PolicyDir(e)
+    }
+}
+
+impl From<InstallError> for PipelineError {
+    fn from(e: InstallError) -> Self {
+        Self::Bundle(e)
+    }
+}
+
+impl From<ClientError> for PipelineError {
+    fn from(e: ClientError) -> Self {
+        Self::Authority(e)
+    }
 }
 
 struct Inner {

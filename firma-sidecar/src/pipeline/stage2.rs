@@ -19,10 +19,23 @@ use std::time::{Duration, Instant};
 /// Why a bundle was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
-    #[error("policy bundle does not compile")]
-    Compile(#[from] PolicyError),
-    #[error("policy bundle does not declare an action class the mapping rules use")]
-    Mapping(#[from] MappingError),
+    #[error("policy bundle does not compile: {0}")]
+    Compile(PolicyError),
+    #[error("policy bundle does not declare an action class the mapping rules use: {0}")]
+    Mapping(MappingError),
+}
+
+/// Embedding conversions: the message carries the cause, so it is not chained too.
+impl From<PolicyError> for InstallError {
+    fn from(e: PolicyError) -> Self {
+        Self::Compile(e)
+    }
+}
+
+impl From<MappingError> for InstallError {
+    fn from(e: MappingError) -> Self {
+        Self::Mapping(e)
+    }
 }
 
 struct Installed {
