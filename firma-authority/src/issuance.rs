@@ -179,11 +179,11 @@ impl Issuer<'_> {
             iat,
             exp: iat.saturating_add(ttl),
         };
-        let raw_token = claims.sign(self.key).map_err(|e| Denial {
-            code: DenialCode::InvalidRequest,
-            reason: e.to_string(),
-            policies: Vec::new(),
-        })?;
+        // Signing only fails on an expiry past year 9999 (a huge TTL under a huge
+        // max_ttl_seconds): refuse it rather than mint a token no sidecar could verify.
+        let raw_token = claims
+            .sign(self.key)
+            .map_err(|e| InvalidRequest::new("requested_ttl_seconds", e.to_string()))?;
         Ok(Issued {
             claims,
             raw_token,
@@ -354,6 +354,29 @@ mod tests {
             assert_eq!(d.code, DenialCode::InvalidRequest, "{r:?}");
             assert!(d.reason.contains(needle), "{}", d.reason);
         }
+    }
+
+    /// Found by the `capability` fuzz target: an expiry past year 9999 was signed as a bare
+    /// number that no verifier accepts.
+    #[test]
+    fn unrepresentable_expiry_is_refused_not_minted() {
+        let key = new_key();
+        let p = policies("permit (principal, action, resource);");
+        let issuer = Issuer {
+            key: &key,
+            policies: &p,
+            max_ttl_seconds: u64::MAX,
+        };
+        let d = issuer.issue(&req(&["data.read"], i64::MAX)).unwrap_err();
+        assert_eq!(d.code, DenialCode::InvalidRequest);
+        assert!(
+            d.reason
+                .starts_with("InvalidRequest: requested_ttl_seconds: "),
+            "{}",
+            d.reason
+        );
+        // Ten years is fine.
+        issuer.issue(&req(&["data.read"], 315_360_000)).unwrap();
     }
 
     fn new_key() -> SigningKey {
