@@ -3,6 +3,7 @@
 //! `IssueCapability` RPC so both mint identically.
 
 use crate::error::AuthorityError;
+use crate::validate::{InvalidRequest, validate_request};
 use firma_common::capability::{CapabilityClaims, CapabilitySeed, now_unix};
 use firma_common::keys::SigningKey;
 use firma_common::policy::{CompiledPolicies, EvalRequest};
@@ -70,7 +71,8 @@ impl Issued {
 pub enum DenialCode {
     /// The issuance policy did not permit an action.
     IssuanceDenied,
-    /// The request is malformed (empty ids, no actions, unknown class, bad TTL).
+    /// The request is malformed (see [`crate::validate`], or an action class the schema does
+    /// not declare). Over gRPC this is the status `INVALID_ARGUMENT`, not a `Denied` answer.
     InvalidRequest,
 }
 
@@ -93,15 +95,17 @@ pub struct Denial {
     pub policies: Vec<String>,
 }
 
-impl Denial {
-    fn invalid(reason: impl Into<String>) -> Self {
+impl From<InvalidRequest> for Denial {
+    fn from(e: InvalidRequest) -> Self {
         Self {
             code: DenialCode::InvalidRequest,
-            reason: reason.into(),
+            reason: e.to_string(),
             policies: Vec::new(),
         }
     }
+}
 
+impl Denial {
     pub fn to_proto(&self) -> pb::Denied {
         pb::Denied {
             reason: self.reason.clone(),
@@ -175,11 +179,11 @@ impl Issuer<'_> {
             iat,
             exp: iat.saturating_add(ttl),
         };
-        let raw_token = claims.sign(self.key).map_err(|e| Denial {
-            code: DenialCode::InvalidRequest,
-            reason: e.to_string(),
-            policies: Vec::new(),
-        })?;
+        // Signing only fails on an expiry past year 9999 (a huge TTL under a huge
+        // max_ttl_seconds): refuse it rather than mint a token no sidecar could verify.
+        let raw_token = claims
+            .sign(self.key)
+            .map_err(|e| InvalidRequest::new("requested_ttl_seconds", e.to_string()))?;
         Ok(Issued {
             claims,
             raw_token,
@@ -187,27 +191,10 @@ impl Issuer<'_> {
         })
     }
 
-    /// Structural checks; returns the action set de-duplicated in request order.
+    /// [`validate_request`], then every action must be a class of the live schema; returns
+    /// the action set de-duplicated in request order.
     fn validate(&self, req: &IssueRequest) -> Result<Vec<String>, Denial> {
-        for (name, value) in [
-            ("agent_id", &req.agent_id),
-            ("session_id", &req.session_id),
-            ("resource_scope", &req.resource_scope),
-        ] {
-            if value.trim().is_empty() {
-                return Err(Denial::invalid(format!("{name} must not be empty")));
-            }
-            if value.chars().any(char::is_control) {
-                return Err(Denial::invalid(format!(
-                    "{name} must not contain control characters"
-                )));
-            }
-        }
-        if req.actions.is_empty() {
-            return Err(Denial::invalid(
-                "the action set is empty; request at least one action class",
-            ));
-        }
+        validate_request(req)?;
         let mut actions: Vec<String> = Vec::with_capacity(req.actions.len());
         for a in &req.actions {
             if !self.policies.is_action_class(a) {
@@ -217,20 +204,15 @@ impl Issuer<'_> {
                     .iter()
                     .map(String::as_str)
                     .collect();
-                return Err(Denial::invalid(format!(
-                    "unknown action class `{a}` (known: {})",
-                    known.join(", ")
-                )));
+                return Err(InvalidRequest::new(
+                    "requested_actions",
+                    format!("unknown action class `{a}` (known: {})", known.join(", ")),
+                )
+                .into());
             }
             if !actions.contains(a) {
                 actions.push(a.clone());
             }
-        }
-        if req.ttl_seconds <= 0 {
-            return Err(Denial::invalid(format!(
-                "ttl_seconds must be positive, got {}",
-                req.ttl_seconds
-            )));
         }
         Ok(actions)
     }
@@ -365,13 +347,36 @@ mod tests {
                     agent_id: " ".into(),
                     ..req(&["data.read"], 5)
                 },
-                "agent_id",
+                "InvalidRequest: agent_id: ",
             ),
         ] {
             let d = issuer.issue(&r).unwrap_err();
             assert_eq!(d.code, DenialCode::InvalidRequest, "{r:?}");
             assert!(d.reason.contains(needle), "{}", d.reason);
         }
+    }
+
+    /// Found by the `capability` fuzz target: an expiry past year 9999 was signed as a bare
+    /// number that no verifier accepts.
+    #[test]
+    fn unrepresentable_expiry_is_refused_not_minted() {
+        let key = new_key();
+        let p = policies("permit (principal, action, resource);");
+        let issuer = Issuer {
+            key: &key,
+            policies: &p,
+            max_ttl_seconds: u64::MAX,
+        };
+        let d = issuer.issue(&req(&["data.read"], i64::MAX)).unwrap_err();
+        assert_eq!(d.code, DenialCode::InvalidRequest);
+        assert!(
+            d.reason
+                .starts_with("InvalidRequest: requested_ttl_seconds: "),
+            "{}",
+            d.reason
+        );
+        // Ten years is fine.
+        issuer.issue(&req(&["data.read"], 315_360_000)).unwrap();
     }
 
     fn new_key() -> SigningKey {

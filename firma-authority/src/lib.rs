@@ -1,9 +1,9 @@
 //! The Firma Authority: mints PASETO capability tokens under a Cedar issuance policy, and
 //! streams the runtime Cedar bundle and revocations to sidecars over gRPC.
 //!
-//! Modules: [`issuance`] (validate, evaluate, clamp, sign), [`revocations`] (the file),
-//! [`revocation_hub`] (watch the file, fan out), [`bundles`] (load, watch, publish),
-//! [`service`] (gRPC), [`server`] (TLS, listen, drain), [`error`].
+//! Modules: [`validate`] (bounds on requests), [`issuance`] (evaluate, clamp, sign),
+//! [`revocations`] (the file), [`revocation_hub`] (watch the file, fan out), [`bundles`] (load,
+//! watch, publish), [`service`] (gRPC), [`server`] (TLS, listen, drain), [`error`].
 
 pub mod bundles;
 pub mod collector;
@@ -13,5 +13,6 @@ pub mod revocation_hub;
 pub mod revocations;
 pub mod server;
 pub mod service;
+pub mod validate;
 
 pub use error::AuthorityError;

@@ -21,6 +21,12 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 /// How long in-flight RPCs get to finish after shutdown is requested.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Largest gRPC message the `Authority` service decodes. A valid `IssuanceRequest` is at most
+/// about 3.5 KiB (see [`crate::validate`]) and the stream requests are smaller, so anything
+/// bigger is refused from its length prefix (`OUT_OF_RANGE`) before it is buffered or parsed
+/// (tonic's default would read up to 4 MiB).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
 const STARTUP: &str = "firma_authority::startup";
 
 /// Reads the TLS identity, refusing a private key others can read.
@@ -129,7 +135,7 @@ pub async fn run(
         None => None,
     };
     let router = builder
-        .add_service(AuthorityServer::new(service))
+        .add_service(AuthorityServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
         .add_optional_service(collector);
     tracing::info!(target: "firma_authority", "authority ready");
 

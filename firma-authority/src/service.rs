@@ -1,7 +1,7 @@
 //! The `firma.authority.v1.Authority` gRPC service.
 
 use crate::bundles::LoadedBundle;
-use crate::issuance::{IssueRequest, Issuer};
+use crate::issuance::{DenialCode, IssueRequest, Issuer};
 use crate::revocation_hub::RevocationHub;
 use firma_common::capability::now_unix;
 use firma_common::keys::SigningKey;
@@ -61,6 +61,12 @@ impl Authority for AuthorityService {
                     "issued capability"
                 );
                 pb::issuance_response::Result::Allowed(issued.to_proto())
+            }
+            // A malformed request is the caller's bug, not a policy answer: INVALID_ARGUMENT.
+            // Its fields are not logged (they are what was malformed); the reason names them.
+            Err(denial) if denial.code == DenialCode::InvalidRequest => {
+                tracing::warn!(%peer, "refused capability request: {}", denial.reason);
+                return Err(Status::invalid_argument(denial.reason));
             }
             Err(denial) => {
                 tracing::warn!(

@@ -65,6 +65,19 @@ pub fn rfc3339(unix: i64) -> String {
         .unwrap_or_else(|| unix.to_string())
 }
 
+/// Formats Unix seconds as RFC 3339 for the signed claims: unlike [`rfc3339`], refuses a time
+/// outside what RFC 3339 can express (years 0000-9999), which no verifier would accept.
+fn rfc3339_strict(unix: i64, what: &str) -> Result<String, CapabilityError> {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .ok_or_else(|| {
+            CapabilityError::Sign(format!(
+                "`{what}` ({unix}) is outside the RFC 3339 range (years 0000-9999)"
+            ))
+        })
+}
+
 /// Parses RFC 3339 into Unix seconds.
 pub fn parse_rfc3339(s: &str) -> Option<i64> {
     OffsetDateTime::parse(s, &Rfc3339)
@@ -89,7 +102,8 @@ fn public_key(key: &VerifyingKey) -> Result<AsymmetricPublicKey<V4>, CapabilityE
 }
 
 impl CapabilityClaims {
-    /// Signs the claims into a `v4.public.…` token.
+    /// Signs the claims into a `v4.public.…` token. Fails rather than sign times that
+    /// [`CapabilityClaims::verify`] could not read back.
     pub fn sign(&self, key: &SigningKey) -> Result<String, CapabilityError> {
         let wire = WireClaims {
             token_id: self.token_id.clone(),
@@ -97,8 +111,8 @@ impl CapabilityClaims {
             session_id: self.session_id.clone(),
             action_set: self.action_set.clone(),
             resource_scope: self.resource_scope.clone(),
-            iat: rfc3339(self.iat),
-            exp: rfc3339(self.exp),
+            iat: rfc3339_strict(self.iat, "iat")?,
+            exp: rfc3339_strict(self.exp, "exp")?,
             context_hash: self.context_hash.clone(),
         };
         let payload =
@@ -249,6 +263,38 @@ mod tests {
         let other = SigningKey::generate(&mut rand::rngs::OsRng);
         assert!(CapabilityClaims::verify(&t, &other.verifying_key()).is_err());
         assert!(CapabilityClaims::verify("v4.public.garbage", &k.verifying_key()).is_err());
+    }
+
+    /// Found by the `capability` fuzz target: `sign` wrote times outside RFC 3339 as bare
+    /// numbers, producing tokens that `verify` always rejects.
+    #[test]
+    fn times_outside_rfc3339_are_not_signed() {
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        for (iat, exp) in [
+            (0, i64::MAX),
+            (i64::MIN, 0),
+            (0, 253_402_300_800), // 10000-01-01T00:00:00Z
+        ] {
+            let c = CapabilityClaims {
+                iat,
+                exp,
+                ..claims()
+            };
+            assert!(
+                matches!(c.sign(&key), Err(CapabilityError::Sign(_))),
+                "{iat} {exp}"
+            );
+        }
+        let last = CapabilityClaims {
+            iat: -62_167_219_200, // 0000-01-01T00:00:00Z
+            exp: 253_402_300_799, // 9999-12-31T23:59:59Z
+            ..claims()
+        };
+        let token = last.sign(&key).unwrap();
+        assert_eq!(
+            CapabilityClaims::verify(&token, &key.verifying_key()).unwrap(),
+            last
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use crate::ConfigFailure;
 use anyhow::{Context, bail};
-use firma_authority::issuance::{IssueRequest, Issuer, seed_toml, write_seed};
+use firma_authority::issuance::{DenialCode, IssueRequest, Issuer, seed_toml, write_seed};
 use firma_authority::revocations::RevocationFile;
 use firma_common::capability::{now_unix, rfc3339};
 use firma_common::config::{AuthorityConfig, FirmaConfig};
@@ -134,6 +134,8 @@ fn issue(cfg: &AuthorityConfig, a: IssueArgs) -> anyhow::Result<ExitCode> {
     };
     let issued = match issuer.issue(&req) {
         Ok(i) => i,
+        // An InvalidRequest reason already starts with its code and names the field.
+        Err(denial) if denial.code == DenialCode::InvalidRequest => bail!("{}", denial.reason),
         Err(denial) => bail!("{} [{}]", denial.reason, denial.code.as_str()),
     };
     if let Some(asked) = issued.clamped_from {

@@ -213,7 +213,10 @@ fn bad_issue_requests_are_refused() {
             &["--action", "payment.steal", "--ttl-seconds", "60"],
             "unknown action class `payment.steal`",
         ),
-        (&["--ttl-seconds", "60"], "action set is empty"),
+        (
+            &["--ttl-seconds", "60"],
+            "requested_actions: the action set is empty",
+        ),
         (
             &["--action", "data.read", "--ttl-seconds", "0"],
             "must be positive",
@@ -231,7 +234,7 @@ fn bad_issue_requests_are_refused() {
                 "--resource-scope",
                 "",
             ],
-            "resource_scope must not be empty",
+            "InvalidRequest: resource_scope: must not be empty",
         ),
     ];
     for (extra, needle) in cases {

@@ -116,21 +116,24 @@ async fn issue_capability_allowed_and_denied() {
             request("tenant-acme", &["model.inference.chat"], -1),
             "positive",
         ),
-        (request("", &["model.inference.chat"], 60), "agent_id"),
+        (request("", &["model.inference.chat"], 60), "agent_id: "),
         (
             pb::IssuanceRequest {
                 session_id: String::new(),
                 ..request("tenant-acme", &["model.inference.chat"], 60)
             },
-            "session_id",
+            "session_id: ",
         ),
     ] {
-        let resp = c.issue_capability(req.clone()).await.unwrap().into_inner();
-        let Some(pb::issuance_response::Result::Denied(denied)) = resp.result else {
-            panic!("expected denial for {req:?}");
-        };
-        assert_eq!(denied.code, "InvalidRequest", "{req:?}");
-        assert!(denied.reason.contains(needle), "{}", denied.reason);
+        // Malformed requests are a status, not a policy answer.
+        let status = c.issue_capability(req.clone()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{req:?}");
+        assert!(
+            status.message().starts_with("InvalidRequest: "),
+            "{}",
+            status.message()
+        );
+        assert!(status.message().contains(needle), "{}", status.message());
     }
 }
 

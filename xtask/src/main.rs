@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -34,6 +35,8 @@ enum Task {
     VmTest(vm::VmTestArgs),
     /// Criterion benches, then the end-to-end load harness (direct vs through the sidecar).
     Bench(bench::BenchArgs),
+    /// Build the cargo-fuzz targets (nightly) and run each for N seconds from its seed corpus.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 /// Runs a command, printing it first and naming it if it fails.
@@ -76,6 +79,10 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf(),
         Task::Demo => demo::run(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")),
         Task::VmTest(args) => vm::run(args),
+        Task::Fuzz(args) => fuzz::run(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+            args,
+        ),
         Task::Bench(args) => bench::run(
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
             &args,

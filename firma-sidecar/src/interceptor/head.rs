@@ -62,7 +62,11 @@ pub async fn read_head<S: AsyncRead + Unpin>(
         if buf.starts_with(H2_PREFACE) {
             return Err(HeadError::H2Preface);
         }
-        if let Some(end) = find_head_end(buf) {
+        // The preface begins with `PRI * HTTP/2.0\r\n\r\n`, which on its own is a complete
+        // (invalid) HTTP/1 head: while the bytes so far are a prefix of the preface, wait for
+        // the rest, or an h2c client whose preface was split after that blank line is refused.
+        let maybe_h2 = buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(buf);
+        if let Some(end) = find_head_end(buf).filter(|_| !maybe_h2) {
             if end > MAX_HEAD {
                 return Err(too_large());
             }
@@ -233,5 +237,26 @@ mod tests {
             Err(HeadError::Malformed(_))
         ));
         assert!(matches!(head(b"").await, Err(HeadError::Closed)));
+    }
+
+    /// Found by the `http_head` fuzz target: the HTTP/2 preface split after its first blank
+    /// line was parsed as a malformed HTTP/1 head.
+    #[tokio::test]
+    async fn h2_preface_split_across_reads_is_still_h2() {
+        let mut input = H2_PREFACE.to_vec();
+        input.extend_from_slice(b"\x00\x00\x12\x04\x00");
+        for split in 1..H2_PREFACE.len() {
+            let (a, b) = input.split_at(split);
+            let mut s = a.chain(b);
+            let mut buf = Vec::new();
+            let r = read_head(&mut s, &mut buf, Duration::from_secs(1)).await;
+            assert!(
+                matches!(r, Err(HeadError::H2Preface)),
+                "split at {split}: {r:?}"
+            );
+        }
+        // A client that stops in the middle of the preface is malformed, not h2.
+        let r = head(&H2_PREFACE[..18]).await;
+        assert!(matches!(r, Err(HeadError::Malformed(_))), "{r:?}");
     }
 }
