@@ -18,7 +18,7 @@ fn main() {
     for p in ["src", "Cargo.toml", "Cargo.lock", ".cargo/config.toml"] {
         println!("cargo:rerun-if-changed={}", ebpf_dir.join(p).display());
     }
-    println!("cargo:rerun-if-changed=../firma-common/src/maps.rs");
+    println!("cargo:rerun-if-changed=../firma-maps");
     for v in ["FIRMA_EBPF_OBJECT", "FIRMA_EBPF_REQUIRED"] {
         println!("cargo:rerun-if-env-changed={v}");
     }

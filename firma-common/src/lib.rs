@@ -6,7 +6,7 @@
 //! audit events and the generated gRPC code.
 #![cfg_attr(not(feature = "user"), no_std)]
 
-pub mod maps;
+pub use firma_maps as maps;
 
 #[cfg(feature = "user")]
 pub mod audit;
