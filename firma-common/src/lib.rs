@@ -1,24 +1,15 @@
-//! Types shared by every Firma component.
+//! Types shared by the Firma userspace components: the configuration schema, capability tokens
+//! (PASETO v4.public), key files, Cedar bundle loading, audit events and the generated gRPC code.
 //!
-//! Without the `user` feature this crate is `no_std` and holds only the `#[repr(C)]` map layouts
-//! that the eBPF programs and the userspace loader both read. With `user` it also carries the
-//! configuration schema, capability tokens (PASETO v4.public), key files, Cedar bundle loading,
-//! audit events and the generated gRPC code.
-#![cfg_attr(not(feature = "user"), no_std)]
+//! The eBPF map layouts live in the `no_std` crate `firma-maps` (which `firma-ebpf` depends on
+//! directly) and are re-exported here as [`maps`], with its userspace `user` feature on.
 
-pub mod maps;
+pub use firma_maps as maps;
 
-#[cfg(feature = "user")]
 pub mod audit;
-#[cfg(feature = "user")]
 pub mod capability;
-#[cfg(feature = "user")]
 pub mod config;
-#[cfg(feature = "user")]
 pub mod errors;
-#[cfg(feature = "user")]
 pub mod keys;
-#[cfg(feature = "user")]
 pub mod policy;
-#[cfg(feature = "user")]
 pub mod proto;

@@ -19,10 +19,6 @@
 #![no_std]
 #![no_main]
 
-#[path = "../../firma-common/src/maps.rs"]
-#[allow(dead_code)]
-mod maps;
-
 use aya_ebpf::{
     EbpfContext,
     bindings::{
@@ -35,7 +31,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
-use maps::{
+use firma_maps::{
     FAMILY_V4, FAMILY_V6, FLAG_BLOCK_QUIC, FLAG_REDIRECT_DNS, MAX_BINDINGS, MAX_EXCLUDED_CIDRS,
     MAX_EXCLUDED_PORTS, MAX_TRACKED_CONNECTIONS, OrigDst, PeerKey, RedirectConfig, WorkloadBinding,
     as_v4_mapped, v4_mapped,

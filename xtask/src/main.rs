@@ -51,25 +51,17 @@ pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cargo +nightly build --release` in firma-ebpf (its `.cargo/config.toml` sets the BPF target
-/// and build-std), with the same flags as firma-sidecar/build.rs.
+/// Installs bpf-linker if missing, then builds the eBPF object through
+/// `firma_ebpf_build::build`, the code path firma-sidecar/build.rs uses too, and prints its path.
 pub fn build_ebpf() -> anyhow::Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     exec(Command::new("bash").arg(root.join("scripts/install-bpf-linker.sh")))?;
-    let arch = std::env::consts::ARCH;
-    exec(
-        Command::new("rustup")
-            .args(["run", "nightly", "cargo", "build", "--release"])
-            .current_dir(root.join("firma-ebpf"))
-            .env(
-                "CARGO_ENCODED_RUSTFLAGS",
-                format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf"),
-            )
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .env_remove("RUSTC")
-            .env_remove("CARGO_TARGET_DIR"),
-    )?;
-    let obj = root.join("firma-ebpf/target/bpfel-unknown-none/release/firma-ebpf");
+    eprintln!(
+        "+ {:?}",
+        firma_ebpf_build::command(&root, &firma_ebpf_build::target_arch())
+    );
+    let obj = firma_ebpf_build::build(&root, firma_ebpf_build::Output::Inherit)
+        .map_err(anyhow::Error::msg)?;
     println!("{}", obj.canonicalize().unwrap_or(obj).display());
     Ok(())
 }

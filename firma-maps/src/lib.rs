@@ -7,8 +7,13 @@
 //! IPv4-mapped IPv6 form (`::ffff:a.b.c.d`) wherever one field holds both families, so a v4
 //! socket and a v6 socket connecting to a v4-mapped address produce the same key.
 //!
-//! This file is also compiled directly into `firma-ebpf` (`#[path]`), which is why it depends on
-//! nothing but `core`.
+//! Without the `user` feature the crate is `no_std`, has no dependencies and no build script, so
+//! `firma-ebpf` depends on it directly when building for `bpfel-unknown-none`. With `user` it adds
+//! the `aya::Pod` impls and the std helpers the sidecar uses.
+#![no_std]
+
+#[cfg(any(feature = "user", test))]
+extern crate std;
 
 /// Name of the single-entry array holding [`RedirectConfig`].
 pub const MAP_CONFIG: &str = "FIRMA_CONFIG";
@@ -149,7 +154,9 @@ mod pod {
 #[cfg(feature = "user")]
 mod user {
     use super::*;
+    use core::fmt;
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    use std::string::String;
 
     impl PeerKey {
         /// The key for a socket address as `accept()` reports it.
@@ -178,15 +185,26 @@ mod user {
     }
 
     /// Why a binding cannot be stored.
-    #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+    #[derive(Debug, PartialEq, Eq)]
     pub enum BindingError {
-        #[error("{field} is {len} bytes long; at most {max} fit")]
         TooLong {
             field: &'static str,
             len: usize,
             max: usize,
         },
     }
+
+    impl fmt::Display for BindingError {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match self {
+                Self::TooLong { field, len, max } => {
+                    write!(f, "{field} is {len} bytes long; at most {max} fit")
+                }
+            }
+        }
+    }
+
+    impl core::error::Error for BindingError {}
 
     fn copy_into<const N: usize>(
         field: &'static str,
@@ -277,6 +295,16 @@ mod user {
         }
 
         #[test]
+        fn binding_error_names_field_and_limit() {
+            let long = "x".repeat(BINDING_ID_MAX + 1);
+            let err = WorkloadBinding::new("/a", "x", Some(&long)).unwrap_err();
+            assert_eq!(
+                std::format!("{err}"),
+                "session id is 129 bytes long; at most 128 fit"
+            );
+        }
+
+        #[test]
         fn binding_round_trips_and_rejects_long_fields() {
             let b = WorkloadBinding::new("/a/b", "agent-1", Some("s1")).unwrap();
             assert_eq!(b.cgroup_path(), "/a/b");
@@ -293,19 +321,42 @@ mod user {
                 })
             ));
         }
-
-        #[test]
-        fn layouts_have_no_hidden_padding() {
-            assert_eq!(std::mem::size_of::<RedirectConfig>(), 32);
-            assert_eq!(std::mem::size_of::<OrigDst>(), 32);
-            assert_eq!(std::mem::size_of::<PeerKey>(), 20);
-            assert_eq!(
-                std::mem::size_of::<WorkloadBinding>(),
-                BINDING_PATH_MAX + 2 * BINDING_ID_MAX + 8
-            );
-        }
     }
 }
 
 #[cfg(feature = "user")]
 pub use user::BindingError;
+
+// Layout checks hold with or without `user` (`cargo test -p firma-maps`); the helper tests above
+// need `--features user` (a workspace-wide `cargo test` enables it through firma-common).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, size_of};
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<RedirectConfig>(), 32);
+        assert_eq!(size_of::<OrigDst>(), 32);
+        assert_eq!(size_of::<PeerKey>(), 20);
+        assert_eq!(
+            size_of::<WorkloadBinding>(),
+            BINDING_PATH_MAX + 2 * BINDING_ID_MAX + 8
+        );
+    }
+
+    #[test]
+    fn alignments_match_the_largest_field() {
+        assert_eq!(align_of::<RedirectConfig>(), 4);
+        assert_eq!(align_of::<OrigDst>(), 8);
+        assert_eq!(align_of::<PeerKey>(), 2);
+        assert_eq!(align_of::<WorkloadBinding>(), 2);
+    }
+
+    #[test]
+    fn v4_mapped_round_trips() {
+        let m = v4_mapped([10, 1, 2, 3]);
+        assert_eq!(as_v4_mapped(&m), Some([10, 1, 2, 3]));
+        assert_eq!(as_v4_mapped(&[0; 16]), None);
+    }
+}
