@@ -10,16 +10,15 @@
 //! re-adopts pinned state without double attaching; `--pod` resolution for both kubelet
 //! cgroup drivers; detach removes everything.
 
-#[path = "common/transparent.rs"]
-mod transparent_common;
-
 use firma_sidecar::ebpf::{Cgroup2, Cidr, RedirectSettings, Redirector, Target};
+use firma_testing::client::{PY_TCP_CLIENT, PY_UDP_CLIENT, run_in_cgroup};
+use firma_testing::kernel::*;
+use firma_testing::{assert_eventually, free_dual_port, unique};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
-use transparent_common::*;
 
 const AGENT: &str = "agent-kernel";
 const EXCLUDED_PORT: u16 = 4444;
@@ -138,7 +137,7 @@ fn tagged_connects_are_redirected_with_original_destination_and_peer() {
         return;
     }
     let pins = TestPins::new();
-    let cg = TestCgroup::top(&unique("firma-k-redirect"));
+    let cg = TestCgroup::top(&unique("firma-k-redirect")).expect("test cgroup");
     let port = free_dual_port();
     let r = start(&pins, port);
     let up4 = upstream(format!("{DST_V4}:4443").parse().unwrap());
@@ -230,7 +229,7 @@ fn tagged_connects_are_redirected_with_original_destination_and_peer() {
     assert!(String::from_utf8_lossy(&u.stdout).contains("SENDTO ok"));
 
     // Closed connections leave no entries behind.
-    eventually("entries removed on close", Duration::from_secs(5), || {
+    assert_eventually(Duration::from_secs(5), "entries removed on close", || {
         (r.tracked() == (0, 0)).then_some(())
     });
 
@@ -259,7 +258,7 @@ fn entries_stay_bounded_over_10000_connections() {
         return;
     }
     let pins = TestPins::new();
-    let cg = TestCgroup::top(&unique("firma-k-bounded"));
+    let cg = TestCgroup::top(&unique("firma-k-bounded")).expect("test cgroup");
     let port = free_dual_port();
     let r = start(&pins, port);
     let sidecar = FakeSidecar::start(port, r.clone());
@@ -283,7 +282,7 @@ print('OK', ok)
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    eventually("tracking maps drained", Duration::from_secs(10), || {
+    assert_eventually(Duration::from_secs(10), "tracking maps drained", || {
         (r.tracked() == (0, 0)).then_some(())
     });
     assert!(sidecar.accepted.load(Ordering::Relaxed) >= 10_000);
@@ -296,7 +295,7 @@ fn dead_sidecar_means_refused_and_restart_readopts_pins() {
         return;
     }
     let pins = TestPins::new();
-    let cg = TestCgroup::top(&unique("firma-k-failclosed"));
+    let cg = TestCgroup::top(&unique("firma-k-failclosed")).expect("test cgroup");
     let port = free_dual_port();
     let up = upstream(format!("{DST_V4}:4443").parse().unwrap());
     let target = Target::Cgroup(cg.dir.display().to_string());
@@ -355,7 +354,7 @@ fn pod_uid_resolves_for_systemd_and_cgroupfs_drivers() {
         return;
     }
     let pins = TestPins::new();
-    let root = TestCgroup::top(&unique("firma-k-pods"));
+    let root = TestCgroup::top(&unique("firma-k-pods")).expect("test cgroup");
     let port = free_dual_port();
     let (r, _) = Redirector::start_with(
         firma_sidecar::ebpf::embedded_object().unwrap(),
@@ -417,7 +416,7 @@ fn connect_overhead_with_and_without_redirect() {
         return;
     }
     let pins = TestPins::new();
-    let cg = TestCgroup::top(&unique("firma-k-bench"));
+    let cg = TestCgroup::top(&unique("firma-k-bench")).expect("test cgroup");
     let port = free_dual_port();
     let r = start(&pins, port);
     let _up = upstream(format!("{DST_V4}:4443").parse().unwrap());
