@@ -79,9 +79,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     )?;
     let d = Deployment::new(&firma, tmp.path(), up.addr, &up.ca_path, &Mode::HttpProxy)?;
     let mut sc = d.start_sidecar()?;
-    let proxy = sc
-        .addr
-        .context("sidecar did not log its http_proxy address")?;
+    let proxy = sc.addr;
     eprintln!(
         "upstream https://{} (as {}), sidecar http_proxy {proxy}, deployment {}",
         up.addr,
@@ -110,7 +108,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         eprintln!("running: {name} ({} requests)", client.requests);
         let result = spawn_client(&client, None, tmp.path())?;
         if !sc.alive() {
-            bail!("the sidecar exited during \"{name}\":\n{}", sc.log());
+            bail!("the sidecar exited during \"{name}\":\n{}", sc.log_text());
         }
         let injected = up.injected() - injected_before;
         if through_sidecar {
