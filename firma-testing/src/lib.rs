@@ -9,6 +9,7 @@
 //! - [`client`]: curl, raw exchanges, clients started inside a cgroup;
 //! - [`vault`]: a RustyVault launcher;
 //! - [`pipeline`], [`audit`]: in-process fixtures for the pipeline and audit libraries;
+//! - [`kernel_suite`]: the kernel tests run both on a root host and inside the VM;
 //! - [`assert_eventually`] and small helpers below.
 
 pub mod audit;
@@ -16,6 +17,7 @@ pub mod authority;
 pub mod client;
 pub mod config;
 pub mod kernel;
+pub mod kernel_suite;
 pub mod pipeline;
 pub mod pki;
 pub mod process;
