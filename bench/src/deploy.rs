@@ -77,6 +77,8 @@ impl Deployment {
             "tenant-acme",
             "bench",
             &["model.inference.chat"],
+            "*",
+            3600,
             &root.join("seed.toml"),
         )
         .map_err(|e| anyhow!(e))?;

@@ -67,9 +67,14 @@ pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     text(&out)
 }
 
-/// Runs `program args…` as a child that first moves itself into `cgroup` (never the test
-/// process itself), with no proxy variables in its environment.
-pub fn run_in_cgroup(cgroup: Option<&Path>, program: &str, args: &[&str]) -> Output {
+/// `program args…` as a command that first moves itself into `cgroup` (never the test
+/// process itself: `sh` writes its own pid, then execs), with no proxy variables in its
+/// environment.
+pub fn in_cgroup_command<S: AsRef<std::ffi::OsStr>>(
+    cgroup: Option<&Path>,
+    program: impl AsRef<std::ffi::OsStr>,
+    args: &[S],
+) -> Command {
     let mut cmd = Command::new("sh");
     match cgroup {
         Some(cg) => cmd.arg("-c").arg(format!(
@@ -82,7 +87,14 @@ pub fn run_in_cgroup(cgroup: Option<&Path>, program: &str, args: &[&str]) -> Out
     for v in PROXY_VARS {
         cmd.env_remove(v);
     }
-    cmd.output().expect("spawn client")
+    cmd
+}
+
+/// Runs [`in_cgroup_command`] to completion.
+pub fn run_in_cgroup(cgroup: Option<&Path>, program: &str, args: &[&str]) -> Output {
+    in_cgroup_command(cgroup, program, args)
+        .output()
+        .expect("spawn client")
 }
 
 /// Python client: connects (TCP) to `host:port` (`family` 4, 6), prints

@@ -40,16 +40,21 @@ pub fn prepare_root(bin: &Path, root: &Path, runtime_policy: &str) -> Result<(),
     Ok(())
 }
 
-/// `bin authority -c CONFIG issue` of a one-hour seed capability (scope `*`) into `output`.
+/// `bin authority -c CONFIG issue` of a seed capability for `actions` within `scope`, valid
+/// for `ttl_secs`, into `output`.
+#[allow(clippy::too_many_arguments)]
 pub fn issue_seed(
     bin: &Path,
     config: &Path,
     agent: &str,
     session: &str,
     actions: &[&str],
+    scope: &str,
+    ttl_secs: u32,
     output: &Path,
 ) -> Result<(), String> {
     let (config, output) = (config.display().to_string(), output.display().to_string());
+    let ttl = ttl_secs.to_string();
     let mut args = vec![
         "authority",
         "-c",
@@ -65,9 +70,9 @@ pub fn issue_seed(
     }
     args.extend([
         "--resource-scope",
-        "*",
+        scope,
         "--ttl-seconds",
-        "3600",
+        &ttl,
         "--output",
         &output,
     ]);
@@ -166,6 +171,8 @@ impl Deployment {
             "tenant-acme",
             "s1",
             &["model.inference.chat", "communication.external.send"],
+            "*",
+            3600,
             &root.join("seed.toml"),
         )
         .expect("issue seed");
@@ -174,6 +181,26 @@ impl Deployment {
 
     pub fn root(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Issues a capability (`action` within `scope`, 600 s) with `firma authority issue` into
+    /// `<root>/<session>.toml` and returns its raw token.
+    pub fn issue_token(&self, agent: &str, session: &str, action: &str, scope: &str) -> String {
+        let out = self.root().join(format!("{session}.toml"));
+        issue_seed(
+            &firma_bin(),
+            &self.config,
+            agent,
+            session,
+            &[action],
+            scope,
+            600,
+            &out,
+        )
+        .unwrap_or_else(|e| panic!("issue: {e}"));
+        let seed: toml::Value =
+            toml::from_str(&std::fs::read_to_string(&out).expect("seed file")).expect("seed TOML");
+        seed["raw_token"].as_str().expect("raw_token").to_owned()
     }
 
     /// The config `s` describes for this deployment and `upstream`.

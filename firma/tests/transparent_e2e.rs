@@ -17,7 +17,7 @@
 //! Every test needs root + BPF and prints SKIP otherwise. Each runs in its own network
 //! namespace (see `firma_testing::kernel`), with its own cgroups, pins and control socket.
 
-use firma_testing::client::{raw_exchange, run_in_cgroup};
+use firma_testing::client::{PROXY_VARS, raw_exchange, run_in_cgroup};
 use firma_testing::config::Mode;
 use firma_testing::kernel::{DST_V4, DST_V6, TestCgroup, TestPins, in_fresh_netns};
 use firma_testing::sidecar::{Deployment, Settings, Sidecar};
@@ -261,16 +261,7 @@ fn run_client(
         .arg("sh")
         .arg(program)
         .args(&args);
-    for v in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "NO_PROXY",
-        "no_proxy",
-    ] {
+    for v in PROXY_VARS.iter().chain(&["NO_PROXY", "no_proxy"]) {
         cmd.env_remove(v);
     }
     cmd.env("SSL_CERT_FILE", ca)
@@ -650,28 +641,9 @@ fn token_for_another_agent_is_denied_workload_mismatch() {
     }
     let env = Env::new();
     env.attach();
-    let other = env.d.root().join("other.toml");
-    let out = firma(&[
-        "authority",
-        "-c",
-        env.d.config.to_str().unwrap(),
-        "issue",
-        "--agent-id",
-        "other-agent",
-        "--session-id",
-        "s9",
-        "--action",
-        "model.inference.chat",
-        "--resource-scope",
-        "*",
-        "--ttl-seconds",
-        "600",
-        "--output",
-        other.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "issue: {}", text(&out.stderr));
-    let seed: toml::Value = toml::from_str(&std::fs::read_to_string(&other).unwrap()).unwrap();
-    let raw = find_raw_token(&seed).expect("raw_token in the issued seed");
+    let raw = env
+        .d
+        .issue_token("other-agent", "s9", "model.inference.chat", "*");
     let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
         .arg(format!(
@@ -703,17 +675,6 @@ fn token_for_another_agent_is_denied_workload_mismatch() {
             .iter()
             .any(|e| e["decision"]["reason"] == "WorkloadMismatch")
     });
-}
-
-fn find_raw_token(v: &toml::Value) -> Option<String> {
-    match v {
-        toml::Value::Table(t) => t
-            .get("raw_token")
-            .and_then(|r| r.as_str().map(str::to_string))
-            .or_else(|| t.values().find_map(find_raw_token)),
-        toml::Value::Array(a) => a.iter().find_map(find_raw_token),
-        _ => None,
-    }
 }
 
 /// `[sidecar.limits] max_connections_per_client` counts per workload cgroup in transparent

@@ -171,6 +171,24 @@ impl Fixture {
         self.up_v4.accepted() + self.up_v6.accepted()
     }
 
+    /// `n` sequential tagged connections, each redirected with a record; both tracking maps
+    /// are empty afterwards.
+    fn redirect_many(&self, n: usize) -> TestResult {
+        let o = self.tagged(&["many", &format!("{DST_V4}:{PORT}"), &n.to_string()])?;
+        check!(
+            o.line("OK")? == n.to_string(),
+            "not every connection was redirected with a record: {o}"
+        );
+        eventually(Duration::from_secs(10), "tracking maps drained", || {
+            self.r().is_ok_and(|r| r.tracked() == (0, 0))
+        })
+        .map_err(|e| {
+            let left = self.r().map(|r| r.tracked());
+            format!("{e}; still tracked (by cookie, by peer): {left:?}")
+        })?;
+        Ok(())
+    }
+
     /// A tagged TCP connect to `dst`: must reach the sidecar with `dst` as its original
     /// destination, the client's pid and the binding, and getpeername must show `dst`.
     fn expect_redirected(&self, dst: &str, expected_orig: &str) -> TestResult {
@@ -292,20 +310,7 @@ fn udp_443_refused() -> TestResult {
 /// Tracking entries go when connections close, and stay bounded over many connections.
 fn entries_removed_after_close() -> TestResult {
     let f = Fixture::new()?;
-    let n = 500;
-    let o = f.tagged(&["many", &format!("{DST_V4}:{PORT}"), &n.to_string()])?;
-    check!(
-        o.line("OK")? == n.to_string(),
-        "not every connection was redirected with a record: {o}"
-    );
-    eventually(Duration::from_secs(10), "tracking maps drained", || {
-        f.r().is_ok_and(|r| r.tracked() == (0, 0))
-    })
-    .map_err(|e| {
-        let left = f.r().map(|r| r.tracked());
-        format!("{e}; still tracked (by cookie, by peer): {left:?}")
-    })?;
-    Ok(())
+    f.redirect_many(500)
 }
 
 /// Detach removes the links and the binding; the workload then connects directly.
@@ -445,14 +450,7 @@ fn pod_uid_resolution() -> TestResult {
 fn entries_stay_bounded_over_10000_connections() -> TestResult {
     let f = Fixture::new()?;
     let n = 10_000;
-    let o = f.tagged(&["many", &format!("{DST_V4}:{PORT}"), &n.to_string()])?;
-    check!(
-        o.line("OK")? == n.to_string(),
-        "not every connection was redirected with a record: {o}"
-    );
-    eventually(Duration::from_secs(10), "tracking maps drained", || {
-        f.r().is_ok_and(|r| r.tracked() == (0, 0))
-    })?;
+    f.redirect_many(n)?;
     let accepted = f.sidecar.as_ref().map_or(0, Server::accepted);
     check!(accepted >= n, "the sidecar accepted {accepted} of {n}");
     Ok(())
