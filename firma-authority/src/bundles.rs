@@ -36,7 +36,7 @@ pub fn load(which: &'static str, dir: &Path) -> Result<LoadedBundle, AuthorityEr
     load_and_compile(dir).map_err(|source| AuthorityError::Policy {
         which,
         dir: dir.to_path_buf(),
-        source,
+        cause: source,
     })
 }
 

@@ -26,11 +26,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectorError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("audit collector on {addr}: {message}")]
     Serve { addr: SocketAddr, message: String },
@@ -63,7 +62,7 @@ impl Collector {
     pub fn open(output: &Path, keys: Vec<VerifyingKey>) -> Result<Self, CollectorError> {
         let io = |source| CollectorError::Io {
             path: output.to_path_buf(),
-            source,
+            cause: source,
         };
         let mut chains: HashMap<String, u64> = HashMap::new();
         if let Ok(f) = File::open(output) {

@@ -6,22 +6,20 @@ use std::path::PathBuf;
 pub enum AuthorityError {
     #[error(transparent)]
     Config(#[from] firma_common::config::ConfigError),
-    #[error("signing key: {0}")]
+    #[error("signing key")]
     Key(#[from] firma_common::keys::KeyError),
-    #[error("audit collector: {0}")]
+    #[error("audit collector")]
     Collector(#[from] crate::collector::CollectorError),
-    #[error("{which} bundle {dir}: {source}")]
+    #[error("{which} bundle {dir}: {cause}")]
     Policy {
         which: &'static str,
         dir: PathBuf,
-        #[source]
-        source: firma_common::policy::PolicyError,
+        cause: firma_common::policy::PolicyError,
     },
-    #[error("revocation file {path}: {source}")]
+    #[error("revocation file {path}: {cause}")]
     Revocations {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(
         "revocation file {path} does not exist; create it (e.g. `touch {path}`) or fix authority.revocation_file"
@@ -33,18 +31,16 @@ pub enum AuthorityError {
     PlaintextNonLoopback { addr: std::net::SocketAddr },
     #[error("TLS: {path}: {message}")]
     Tls { path: PathBuf, message: String },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {cause}")]
     Bind {
         addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("gRPC server failed: {0}")]
     Serve(String),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {cause}")]
     Write {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }

@@ -269,7 +269,7 @@ pub fn seed_toml(seed: &CapabilitySeed) -> Result<String, toml::ser::Error> {
 pub fn write_seed(path: &Path, seed: &CapabilitySeed) -> Result<(), AuthorityError> {
     let err = |source| AuthorityError::Write {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     };
     let text = seed_toml(seed).map_err(|e| err(std::io::Error::other(e)))?;
     let tmp = path.with_extension("toml.tmp-firma");

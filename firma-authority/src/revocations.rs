@@ -108,7 +108,7 @@ impl RevocationFile {
     fn io(&self) -> impl FnOnce(std::io::Error) -> AuthorityError + '_ {
         move |source| AuthorityError::Revocations {
             path: self.path.clone(),
-            source,
+            cause: source,
         }
     }
 

@@ -77,10 +77,16 @@ pub async fn run(
 
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| AuthorityError::Bind { addr, source })?;
+        .map_err(|source| AuthorityError::Bind {
+            addr,
+            cause: source,
+        })?;
     let bound = listener
         .local_addr()
-        .map_err(|source| AuthorityError::Bind { addr, source })?;
+        .map_err(|source| AuthorityError::Bind {
+            addr,
+            cause: source,
+        })?;
     tracing::info!(target: STARTUP, tls = tls.is_some(), "gRPC listening on {bound}");
 
     let cancel = CancellationToken::new();

@@ -15,6 +15,8 @@ pub mod capability;
 #[cfg(feature = "user")]
 pub mod config;
 #[cfg(feature = "user")]
+pub mod errors;
+#[cfg(feature = "user")]
 pub mod keys;
 #[cfg(feature = "user")]
 pub mod policy;

@@ -25,19 +25,15 @@ pub enum SidecarError {
     /// Bad or incomplete configuration (exit code 78): `key` names the config key.
     #[error("{message}")]
     Config { key: &'static str, message: String },
-    #[error("pipeline: {0}")]
+    #[error("pipeline")]
     Pipeline(#[from] PipelineError),
-    #[error("audit: {0}")]
+    #[error("audit")]
     Audit(#[from] AuditError),
-    #[error("binding {addr}: {source}")]
-    Bind {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}")]
+    #[error("binding {addr}: {cause}")]
+    Bind { addr: String, cause: std::io::Error },
+    #[error(transparent)]
     Transparent(#[from] transparent::TransparentError),
-    #[error("{0}")]
+    #[error(transparent)]
     Leaf(#[from] LeafError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
@@ -155,11 +151,11 @@ pub async fn run(cfg: &SidecarConfig) -> Result<(), SidecarError> {
                 .await
                 .map_err(|source| SidecarError::Bind {
                     addr: addr.clone(),
-                    source,
+                    cause: source,
                 })?;
             let local = listener.local_addr().map_err(|source| SidecarError::Bind {
                 addr: addr.clone(),
-                source,
+                cause: source,
             })?;
             tracing::info!(target: "firma_sidecar", "http_proxy listening on {local}");
             drain.spawn(http_proxy::serve(state.clone(), listener, limits));

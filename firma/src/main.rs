@@ -43,21 +43,13 @@ enum Command {
 #[error(transparent)]
 pub struct ConfigFailure(#[from] pub firma_common::config::ConfigError);
 
-/// The error and its causes on one line, skipping a cause whose text the message already
-/// carries (many library errors embed their source in their own message).
+/// The error and its causes on one line. Every library error follows one rule (a message
+/// embeds its cause or chains it, never both: `firma_common::errors`), so each cause shows once.
 fn describe(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn main() -> ExitCode {

@@ -584,3 +584,52 @@ fn http2_protocol_errors_are_audited() {
     });
     assert_eq!(up.count(), 0);
 }
+
+/// `kill -9` of the sidecar while requests are in flight upstream: every request the upstream
+/// received has its ALLOW decision in the file (written before the request left), and the
+/// chain verifies; the restarted sidecar continues it.
+#[test]
+fn kill_9_mid_request_loses_no_decision() {
+    let (up, d, mut sc) = setup(Settings {
+        extra: credential("api.acme-vendor.com"),
+        ..Settings::default()
+    });
+    let proxy = sc.proxy_url();
+    let ca = d.ca_cert();
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            let (p, c) = (proxy.clone(), ca.clone());
+            std::thread::spawn(move || {
+                curl(
+                    &p,
+                    &c,
+                    &format!("https://api.acme-vendor.com/slow?ms=1500&i={i}"),
+                    &["-d", "x=1"],
+                )
+            })
+        })
+        .collect();
+    assert_eventually(Duration::from_secs(10), "upstream has them all", || {
+        up.count() == 4
+    });
+    let _ = sc.child.kill(); // SIGKILL
+    let _ = sc.child.wait();
+    for c in clients {
+        assert_ne!(c.join().unwrap().status, 200, "cut by the kill");
+    }
+    assert_eq!(decisions(&d, "ALLOW").len(), up.count());
+    let (ok, out) = verify(&d, &d.audit_path);
+    assert!(ok, "{out}");
+    let sc2 = d.start(&[("FIRMA_TEST_KEY", CANARY)]);
+    let ok = curl(
+        &sc2.proxy_url(),
+        &ca,
+        "https://api.acme-vendor.com/v1/x",
+        &[],
+    );
+    assert_eq!(ok.status, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(decisions(&d, "ALLOW").len(), up.count());
+    let (ok, out) = verify(&d, &d.audit_path);
+    assert!(ok, "{out}");
+}

@@ -3,11 +3,10 @@ use std::path::PathBuf;
 /// A configuration problem, always naming the file and, where there is one, the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{file}: cannot read config: {source}")]
+    #[error("{file}: cannot read config: {cause}")]
     Read {
         file: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{file}: not valid TOML: {message}")]
     Syntax { file: PathBuf, message: String },

@@ -33,7 +33,7 @@ impl FirmaConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
             file: path.to_path_buf(),
-            source: e,
+            cause: e,
         })?;
         Self::parse(&text, path)
     }

@@ -50,7 +50,10 @@ impl PolicyBundle {
         }
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| PolicyError::Io { path, source }
+            move |source| PolicyError::Io {
+                path,
+                cause: source,
+            }
         };
         let mut files = Vec::new();
         let mut schema: Option<(String, String)> = None;

@@ -23,11 +23,10 @@ impl fmt::Display for PolicyDiagnostic {
 /// Why a bundle could not be loaded or compiled.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: policy directory does not exist or is not a directory")]
     NotADirectory { path: PathBuf },

@@ -59,15 +59,14 @@ pub struct AuditInput<'a> {
 pub enum AuditError {
     #[error("{0}")]
     Startup(String),
-    #[error("[sidecar.audit] signing_key_path: {0}")]
+    #[error("[sidecar.audit] signing_key_path")]
     Key(#[from] firma_common::keys::KeyError),
-    #[error("[sidecar.audit] path {path}: {source}")]
+    #[error("[sidecar.audit] path {path}: {cause}")]
     File {
         path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("[sidecar.audit] grpc_url: {0}")]
+    #[error("[sidecar.audit] grpc_url")]
     Grpc(#[from] crate::authority_client::ClientError),
 }
 
@@ -248,7 +247,7 @@ type OpenedFile = (Sealer, std::fs::File, u64, Option<Map<String, Value>>);
 fn open_file(path: &std::path::Path, key: SigningKey) -> Result<OpenedFile, AuditError> {
     let err = |source| AuditError::File {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     };
     let tail = read_tail(path).map_err(err)?;
     let file = OpenOptions::new()

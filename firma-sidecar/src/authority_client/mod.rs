@@ -25,11 +25,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub enum ClientError {
     #[error("authority_url {url:?}: {message}")]
     Url { url: String, message: String },
-    #[error("{path}: cannot read the Authority CA certificate: {source}")]
+    #[error("{path}: cannot read the Authority CA certificate: {cause}")]
     Ca {
         path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("authority_url {url:?}: TLS setup failed: {message}")]
     Tls { url: String, message: String },
@@ -80,7 +79,7 @@ pub fn grpc_endpoint(
                 .ok_or_else(|| bad(&format!("https requires {ca_key} to verify the server")))?;
             let pem = std::fs::read(ca).map_err(|source| ClientError::Ca {
                 path: ca.to_path_buf(),
-                source,
+                cause: source,
             })?;
             let tls = ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(pem))

@@ -23,7 +23,7 @@ pub enum CredentialError {
     BadValue { host: String },
     #[error("two [[sidecar.credentials]] entries for host {host}")]
     Duplicate { host: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Vault(#[from] VaultError),
 }
 

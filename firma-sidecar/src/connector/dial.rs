@@ -19,28 +19,25 @@ pub type ReqBody = BoxBody<Bytes, hyper::Error>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
-    #[error("connecting to {addr}: {source}")]
+    #[error("connecting to {addr}: {cause}")]
     Connect {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("setting SO_MARK {mark:#x} on the upstream socket (needs CAP_NET_ADMIN): {detail}")]
     Mark { mark: u32, detail: String },
     #[error("{name:?} is not a valid TLS server name")]
     BadName { name: String },
-    #[error("TLS handshake with {name} at {addr}: {source}")]
+    #[error("TLS handshake with {name} at {addr}: {cause}")]
     Tls {
         name: String,
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("HTTP/1.1 handshake with {addr}: {source}")]
+    #[error("HTTP/1.1 handshake with {addr}: {cause}")]
     Http {
         addr: SocketAddr,
-        #[source]
-        source: hyper::Error,
+        cause: hyper::Error,
     },
 }
 
@@ -68,7 +65,10 @@ impl Dialer {
         } else {
             TcpSocket::new_v6()
         }
-        .map_err(|source| DialError::Connect { addr, source })?;
+        .map_err(|source| DialError::Connect {
+            addr,
+            cause: source,
+        })?;
         if let Some(mark) = mark {
             nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark).map_err(
                 |e| DialError::Mark {
@@ -80,7 +80,10 @@ impl Dialer {
         let tcp = socket
             .connect(addr)
             .await
-            .map_err(|source| DialError::Connect { addr, source })?;
+            .map_err(|source| DialError::Connect {
+                addr,
+                cause: source,
+            })?;
         let _ = tcp.set_nodelay(true);
         let Some(name) = tls_name else {
             return Ok(Either::Left(tcp));
@@ -95,7 +98,7 @@ impl Dialer {
             .map_err(|source| DialError::Tls {
                 name: name.to_string(),
                 addr,
-                source,
+                cause: source,
             })?;
         Ok(Either::Right(tls))
     }
@@ -110,7 +113,10 @@ impl Dialer {
         let io = self.connect(addr, tls_name, mark).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
-            .map_err(|source| DialError::Http { addr, source })?;
+            .map_err(|source| DialError::Http {
+                addr,
+                cause: source,
+            })?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");

@@ -29,9 +29,9 @@ pub type RespBody = BoxBody<Bytes, hyper::Error>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
-    #[error("{0}")]
+    #[error(transparent)]
     Credentials(#[from] CredentialError),
-    #[error("{0}")]
+    #[error(transparent)]
     Roots(#[from] crate::tls::upstream::RootsError),
 }
 

@@ -15,10 +15,10 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("control socket {path} answered something that is not a response: {detail}")]
     BadResponse { path: PathBuf, detail: String },
@@ -28,7 +28,7 @@ pub enum ClientError {
 pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
     let io = |source| ClientError::Io {
         path: socket.into(),
-        source,
+        cause: source,
     };
     let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
         path: socket.into(),

@@ -14,10 +14,10 @@ const MAX_LINE: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("control socket {0} is in use by a running sidecar")]
     InUse(PathBuf),
@@ -70,7 +70,7 @@ pub async fn serve_bound(
 fn bind_owner_only(path: &Path) -> Result<UnixListener, ControlError> {
     let io = |source| ControlError::Io {
         path: path.into(),
-        source,
+        cause: source,
     };
     if let Some(dir) = path.parent()
         && !dir.exists()

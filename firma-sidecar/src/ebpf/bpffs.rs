@@ -17,10 +17,10 @@ pub enum BpffsError {
     NotOnBpffs(PathBuf),
     #[error("cannot mount bpffs at {DEFAULT_BPFFS}: {0} (needs CAP_SYS_ADMIN)")]
     Mount(nix::Error),
-    #[error("cannot create {path}: {source}")]
+    #[error("cannot create {path}: {cause}")]
     Create {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -41,7 +41,7 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), BpffsError> {
         }
         std::fs::create_dir_all(DEFAULT_BPFFS).map_err(|source| BpffsError::Create {
             path: DEFAULT_BPFFS.into(),
-            source,
+            cause: source,
         })?;
         nix::mount::mount(
             Some("bpf"),
@@ -55,7 +55,10 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), BpffsError> {
     }
     for sub in ["", "maps", "progs", "links"] {
         let dir = pin_dir.join(sub);
-        std::fs::create_dir_all(&dir).map_err(|source| BpffsError::Create { path: dir, source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| BpffsError::Create {
+            path: dir,
+            cause: source,
+        })?;
     }
     Ok(())
 }

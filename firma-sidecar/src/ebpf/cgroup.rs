@@ -13,10 +13,10 @@ pub enum CgroupError {
         "no cgroup2 filesystem in /proc/self/mountinfo (mount one: `mount -t cgroup2 none /sys/fs/cgroup`)"
     )]
     NoCgroup2,
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("cgroup path {0:?} must not contain `..`")]
     Traversal(String),
@@ -79,7 +79,7 @@ impl Cgroup2 {
         let path = Path::new("/proc/self/mountinfo");
         let text = std::fs::read_to_string(path).map_err(|source| CgroupError::Io {
             path: path.into(),
-            source,
+            cause: source,
         })?;
         find_mount(&text, "cgroup2")
             .map(|mount| Self { mount })
@@ -126,7 +126,7 @@ impl Cgroup2 {
     fn cgroup_at(&self, dir: &Path) -> Result<CgroupRef, CgroupError> {
         let meta = std::fs::metadata(dir).map_err(|source| CgroupError::Io {
             path: dir.into(),
-            source,
+            cause: source,
         })?;
         let rel = dir.strip_prefix(&self.mount).ok();
         match rel {

@@ -153,11 +153,10 @@ pub fn shares_init_mount_ns() -> Option<bool> {
 pub enum PinsError {
     #[error(transparent)]
     Bpffs(#[from] super::bpffs::BpffsError),
-    #[error("cannot inspect pin_dir {path}: {source}")]
+    #[error("cannot inspect pin_dir {path}: {cause}")]
     Inspect {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(
         "refusing to start transparent mode: {0}. (To accept pins that vanish with the sidecar, which is fail-open, set allow_ephemeral_pins = true.)"
@@ -173,7 +172,7 @@ pub fn ensure_durable(pin_dir: &Path, allow_ephemeral: bool) -> Result<Durabilit
     super::bpffs::ensure_pin_dir(pin_dir)?;
     let inspect = |source| PinsError::Inspect {
         path: pin_dir.into(),
-        source,
+        cause: source,
     };
     let mut verdict = durability(pin_dir).map_err(inspect)?;
     if let Durability::ContainerScoped { mount } = &verdict

@@ -33,14 +33,13 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransparentError {
-    #[error("[sidecar.interceptor.transparent] {0}")]
+    #[error("[sidecar.interceptor.transparent]")]
     Kernel(#[from] EbpfError),
-    #[error("[sidecar.interceptor.transparent] workloads[{index}] ({what}): {source}")]
+    #[error("[sidecar.interceptor.transparent] workloads[{index}] ({what}): {cause}")]
     Workload {
         index: usize,
         what: String,
-        #[source]
-        source: EbpfError,
+        cause: EbpfError,
     },
     #[error(
         "[sidecar.interceptor.transparent] workloads[{0}]: give exactly one of `cgroup` and `pod`"
@@ -54,9 +53,9 @@ pub enum TransparentError {
         #[source]
         source: std::io::Error,
     },
-    #[error("[sidecar.interceptor.transparent] {0}")]
+    #[error("[sidecar.interceptor.transparent]")]
     Pins(#[from] PinsError),
-    #[error("{0}")]
+    #[error(transparent)]
     Control(#[from] control::ControlError),
     #[error("internal error: {0}")]
     Internal(String),
@@ -119,7 +118,7 @@ pub async fn serve(
             .map_err(|source| TransparentError::Workload {
                 index,
                 what: format!("{target:?}"),
-                source,
+                cause: source,
             })?;
     }
 

@@ -8,6 +8,7 @@
 //! an old cache is stale at once and a fresh one bridges a short Authority outage.
 
 use super::stage2::PolicyStore;
+use firma_common::errors::Chain;
 use firma_common::policy::{PolicyBundle, PolicyError};
 use firma_common::proto::authority::PolicyBundle as PbBundle;
 use std::path::{Path, PathBuf};
@@ -42,11 +43,12 @@ pub async fn watch_dir(dir: PathBuf, store: Arc<PolicyStore>, period: Duration) 
                 Ok(false) => {}
                 Err(e) => tracing::error!(
                     target: "firma_sidecar::policy",
-                    "{}: refusing changed bundle, keeping the previous one until it goes stale: {e}",
-                    dir.display()
+                    "{}: refusing changed bundle, keeping the previous one until it goes stale: {}",
+                    dir.display(),
+                    Chain(&e)
                 ),
             },
-            Ok(Err(e)) => tracing::error!(target: "firma_sidecar::policy", "{e}"),
+            Ok(Err(e)) => tracing::error!(target: "firma_sidecar::policy", "{}", Chain(&e)),
             Err(e) => tracing::error!(target: "firma_sidecar::policy", "reload task failed: {e}"),
         }
     }
@@ -79,8 +81,9 @@ pub fn on_streamed(store: &PolicyStore, cache: Option<&Path>, msg: PbBundle) {
         }
         Err(e) => tracing::error!(
             target: "firma_sidecar::policy",
-            "refusing streamed bundle {}: {e}",
-            bundle.version
+            "refusing streamed bundle {}: {}",
+            bundle.version,
+            Chain(&e)
         ),
     }
 }

@@ -29,11 +29,10 @@ use std::path::{Path, PathBuf};
 /// A rules-file problem; always names the file and, where there is one, the rule index.
 #[derive(Debug, thiserror::Error)]
 pub enum MappingError {
-    #[error("{file}: cannot read mapping rules: {source}")]
+    #[error("{file}: cannot read mapping rules: {cause}")]
     Read {
         file: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{file}: not valid mapping rules TOML: {message}")]
     Syntax { file: PathBuf, message: String },
@@ -234,7 +233,7 @@ impl MappingRules {
         for file in paths {
             let text = std::fs::read_to_string(file).map_err(|source| MappingError::Read {
                 file: file.clone(),
-                source,
+                cause: source,
             })?;
             rules.extend(Self::parse_file(&text, file)?);
         }

@@ -61,13 +61,13 @@ pub enum PipelineError {
     Mapping(#[from] MappingError),
     #[error(transparent)]
     Seed(#[from] SeedError),
-    #[error("[sidecar.authority] public_key_path: {0}")]
+    #[error("[sidecar.authority] public_key_path")]
     PublicKey(#[from] firma_common::keys::KeyError),
-    #[error("[sidecar.policy] dir: {0}")]
+    #[error("[sidecar.policy] dir")]
     PolicyDir(#[from] PolicyError),
-    #[error("[sidecar.policy] {0}")]
+    #[error("[sidecar.policy]")]
     Bundle(#[from] InstallError),
-    #[error("[sidecar.policy] {0}")]
+    #[error("[sidecar.policy]")]
     Authority(#[from] ClientError),
 }
 

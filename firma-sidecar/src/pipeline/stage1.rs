@@ -83,19 +83,17 @@ impl Caller {
 /// A seed that stops startup.
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
-    #[error("{file}: cannot read capability seed: {source}")]
+    #[error("{file}: cannot read capability seed: {cause}")]
     Read {
         file: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{file}: not a capability seed file: {message}")]
     Parse { file: PathBuf, message: String },
-    #[error("{file}: {source}")]
+    #[error("{file}: {cause}")]
     Invalid {
         file: PathBuf,
-        #[source]
-        source: CapabilityError,
+        cause: CapabilityError,
     },
 }
 
@@ -227,7 +225,7 @@ impl CapabilityStore {
     fn verify_seed(&self, file: &Path, now: i64) -> Result<CapabilityClaims, SeedError> {
         let text = std::fs::read_to_string(file).map_err(|source| SeedError::Read {
             file: file.to_path_buf(),
-            source,
+            cause: source,
         })?;
         let seed: CapabilitySeed = toml::from_str(&text).map_err(|e| SeedError::Parse {
             file: file.to_path_buf(),
@@ -235,7 +233,7 @@ impl CapabilityStore {
         })?;
         let invalid = |source| SeedError::Invalid {
             file: file.to_path_buf(),
-            source,
+            cause: source,
         };
         let claims = seed.verify(&self.key).map_err(invalid)?;
         claims.check_time(now, self.skew).map_err(invalid)?;

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 /// Why a bundle was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
-    #[error("policy bundle does not compile: {0}")]
+    #[error("policy bundle does not compile")]
     Compile(#[from] PolicyError),
-    #[error("policy bundle does not declare an action class the mapping rules use: {0}")]
+    #[error("policy bundle does not declare an action class the mapping rules use")]
     Mapping(#[from] MappingError),
 }
 

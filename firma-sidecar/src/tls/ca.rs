@@ -23,11 +23,10 @@ const CA_ORG: &str = "Firma";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(
         "CA directory {dir}: {present} exists but {missing} is missing; refusing to create a new CA \
@@ -68,7 +67,7 @@ impl std::fmt::Debug for CertificateAuthority {
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
     move |source| CaError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     }
 }
 
