@@ -6,7 +6,7 @@ use crate::report::{Checks, Ratio, Report, Scenario, Transparent};
 use crate::upstream::Upstream;
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -79,9 +79,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     )?;
     let d = Deployment::new(&firma, tmp.path(), up.addr, &up.ca_path, &Mode::HttpProxy)?;
     let mut sc = d.start_sidecar()?;
-    let proxy = sc
-        .addr
-        .context("sidecar did not log its http_proxy address")?;
+    let proxy = sc.addr;
     eprintln!(
         "upstream https://{} (as {}), sidecar http_proxy {proxy}, deployment {}",
         up.addr,
@@ -110,7 +108,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         eprintln!("running: {name} ({} requests)", client.requests);
         let result = spawn_client(&client, None, tmp.path())?;
         if !sc.alive() {
-            bail!("the sidecar exited during \"{name}\":\n{}", sc.log());
+            bail!("the sidecar exited during \"{name}\":\n{}", sc.log_text());
         }
         let injected = up.injected() - injected_before;
         if through_sidecar {
@@ -234,25 +232,7 @@ pub fn spawn_client(
     for ca in &args.cas {
         argv.extend(["--ca".into(), deploy::path_str(ca)?.to_string()]);
     }
-    let mut cmd = Command::new("sh");
-    match cgroup {
-        Some(cg) => cmd.arg("-c").arg(format!(
-            "echo $$ > '{}/cgroup.procs' && exec \"$@\"",
-            cg.display()
-        )),
-        None => cmd.arg("-c").arg("exec \"$@\""),
-    };
-    cmd.arg("sh").arg(&exe).args(&argv);
-    for v in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ] {
-        cmd.env_remove(v);
-    }
+    let mut cmd = firma_testing::client::in_cgroup_command(cgroup, &exe, &argv);
     let out_path = scratch.join("client.json");
     let err_path = scratch.join("client.err");
     let mut child = cmd

@@ -186,6 +186,7 @@ fn inner_run(args: &RunArgs) -> anyhow::Result<InnerOut> {
         port,
         pin_dir: cleanup.pins.clone(),
         control_socket: tmp.path().join("run/sidecar.sock"),
+        allow_ephemeral_pins: None,
     };
     let d = Deployment::new(firma, tmp.path(), up.addr, &up.ca_path, &mode)?;
     let mut sc = match d.start_sidecar() {
@@ -219,7 +220,7 @@ fn inner_run(args: &RunArgs) -> anyhow::Result<InnerOut> {
     );
     let tagged = spawn_client(&client, Some(&cleanup.cgroup), tmp.path())?;
     if !sc.alive() {
-        bail!("the transparent sidecar exited:\n{}", sc.log());
+        bail!("the transparent sidecar exited:\n{}", sc.log_text());
     }
     if up.injected() < tagged.ok as u64 {
         bail!(

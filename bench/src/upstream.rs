@@ -42,33 +42,9 @@ impl Upstream {
         bind: SocketAddr,
         expected_auth: &str,
     ) -> anyhow::Result<Self> {
-        let ca_key = rcgen::KeyPair::generate()?;
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "firma bench upstream CA");
-        ca_params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf_key = rcgen::KeyPair::generate()?;
-        let leaf =
-            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?
-                .signed_by(&leaf_key, &issuer)?;
-        let ca_path = dir.join("upstream-ca.crt");
-        std::fs::write(&ca_path, ca_cert.pem()).context("write upstream CA")?;
-
-        let mut tls = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![leaf.der().clone()],
-                rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-            )?;
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let (tls, ca_path) =
+            firma_testing::pki::upstream_tls(dir, "firma bench upstream CA", names, &[b"http/1.1"]);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
 
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

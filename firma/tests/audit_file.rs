@@ -2,14 +2,9 @@
 //! show it, chain resumed across a restart, and tampering (edit, removal, reordering, other
 //! key) reported at the first bad line with a non-zero exit.
 
-#[path = "common/audit.rs"]
-mod audit_fixtures;
-#[path = "common/pipeline.rs"]
-mod fixtures;
-
-use audit_fixtures::*;
 use firma_sidecar::audit::AuditLog;
-use fixtures::*;
+use firma_testing::audit::*;
+use firma_testing::pipeline::*;
 
 #[tokio::test]
 async fn file_events_have_the_seed_shape_and_verify_until_tampered() {

@@ -2,14 +2,9 @@
 //! the collector is down are buffered and delivered once it starts, the collector's file
 //! verifies, and events signed with a key the collector does not trust are refused.
 
-#[path = "common/audit.rs"]
-mod audit_fixtures;
-#[path = "common/pipeline.rs"]
-mod fixtures;
-
-use audit_fixtures::*;
 use firma_sidecar::audit::AuditLog;
-use fixtures::*;
+use firma_testing::audit::*;
+use firma_testing::pipeline::*;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -50,7 +45,7 @@ async fn grpc_sink_buffers_until_the_collector_is_up_and_the_collected_file_veri
 
     let out = env.path("collected.jsonl");
     let _collector = Collector(
-        Command::new(FIRMA)
+        Command::new(firma_testing::firma_bin())
             .args(["audit", "collect", "--listen", &format!("127.0.0.1:{port}")])
             .arg("--output")
             .arg(&out)
@@ -61,7 +56,7 @@ async fn grpc_sink_buffers_until_the_collector_is_up_and_the_collected_file_veri
             .spawn()
             .expect("spawn firma audit collect"),
     );
-    eventually(Duration::from_secs(20), async || {
+    eventually_async(Duration::from_secs(20), async || {
         (lines(&out).len() == 3).then_some(())
     })
     .await
@@ -131,7 +126,7 @@ async fn the_authority_serves_the_collector_when_audit_collector_path_is_set() {
     )
     .expect("write config");
     let _authority = Collector(
-        Command::new(FIRMA)
+        Command::new(firma_testing::firma_bin())
             .args(["authority", "-c"])
             .arg(&config)
             .stdout(Stdio::null())
@@ -149,7 +144,7 @@ async fn the_authority_serves_the_collector_when_audit_collector_path_is_set() {
     )
     .await;
     decide_and_record(&p, &log, &req("POST", "paste.rs", "/", &[])).await;
-    eventually(Duration::from_secs(20), async || {
+    eventually_async(Duration::from_secs(20), async || {
         (lines(&out).len() == 2).then_some(())
     })
     .await

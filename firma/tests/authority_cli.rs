@@ -1,11 +1,9 @@
 //! Offline `firma authority` commands through the built binary: key generation, issuance
 //! (allow, deny, clamp, bad input), seed verification and revocation file management.
 
-#[path = "common/authority.rs"]
-mod harness;
-
 use firma_common::capability::{CapabilityError, now_unix};
-use harness::*;
+use firma_testing::authority::*;
+use firma_testing::*;
 use std::os::unix::fs::PermissionsExt;
 
 const PRODUCTION: &str = "issuance/production/issuance.cedar";

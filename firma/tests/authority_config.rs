@@ -1,9 +1,7 @@
 //! `firma authority` refuses to start on bad input, and says exactly what is wrong.
 
-#[path = "common/authority.rs"]
-mod harness;
-
-use harness::*;
+use firma_testing::authority::*;
+use firma_testing::*;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
 

@@ -2,14 +2,12 @@
 //! (push on connect, on edit within 1 s, periodic re-send, broken edits ignored), the
 //! revocation stream (replay, then CLI additions within 1 s) and graceful shutdown.
 
-#[path = "common/authority.rs"]
-mod harness;
-
 use firma_common::capability::CapabilityClaims;
 use firma_common::policy::PolicyBundle;
 use firma_common::proto::authority as pb;
 use firma_common::proto::authority::authority_client::AuthorityClient;
-use harness::*;
+use firma_testing::authority::*;
+use firma_testing::*;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 

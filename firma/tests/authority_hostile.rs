@@ -4,12 +4,10 @@
 //! `INVALID_ARGUMENT` "InvalidRequest: <field>: …"; CLI: exit 1, same message, no seed written),
 //! nothing hostile may reach the log, and a valid request must still be served.
 
-#[path = "common/authority.rs"]
-mod harness;
-
 use firma_common::proto::authority as pb;
 use firma_common::proto::authority::authority_client::AuthorityClient;
-use harness::*;
+use firma_testing::authority::*;
+use firma_testing::*;
 use std::time::{Duration, Instant};
 use tonic::Code;
 

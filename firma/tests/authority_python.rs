@@ -3,11 +3,9 @@
 //! forbidden action class is denied naming the policy, and the bundle stream delivers.
 //! Fails (never skips) when grpcio/grpcio-tools are missing: CI installs them.
 
-#[path = "common/authority.rs"]
-mod harness;
-
 use firma_common::capability::CapabilityClaims;
-use harness::*;
+use firma_testing::authority::*;
+use firma_testing::*;
 use std::path::Path;
 use std::process::Command;
 

@@ -2,12 +2,10 @@
 //! that trusts the CA issues a capability, a plaintext client is refused, and a TLS key that
 //! others can read stops startup.
 
-#[path = "common/authority.rs"]
-mod harness;
-
 use firma_common::proto::authority as pb;
 use firma_common::proto::authority::authority_client::AuthorityClient;
-use harness::*;
+use firma_testing::authority::*;
+use firma_testing::*;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};

@@ -4,10 +4,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-const FIRMA: &str = env!("CARGO_BIN_EXE_firma");
-
 fn doctor(config: &std::path::Path) -> (i32, serde_json::Value) {
-    let out = Command::new(FIRMA)
+    let out = Command::new(firma_testing::firma_bin())
         .args(["doctor", "--json", "-c"])
         .arg(config)
         .output()

@@ -3,88 +3,32 @@
 //! Authority past `bundle_ttl_seconds` makes every call `PolicyBundleStale`, and a restarted
 //! Authority brings the sidecar back.
 
-#[path = "common/pipeline.rs"]
-mod fixtures;
-
 use firma_sidecar::pipeline::{DenyReason, Pipeline};
-use fixtures::*;
+use firma_testing::authority::Server;
+use firma_testing::pipeline::*;
+use firma_testing::{free_port, text};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const FIRMA: &str = env!("CARGO_BIN_EXE_firma");
-
-/// A running `firma authority`, killed on drop.
-struct Authority {
-    child: Child,
-}
-
-impl Authority {
-    fn start(cfg: &Path, log: &Path) -> Self {
-        let log = std::fs::File::create(log).expect("log file");
-        let child = Command::new(FIRMA)
-            .args(["authority", "-c"])
-            .arg(cfg)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn firma authority");
-        Self { child }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Authority {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-fn wait_listening(port: u16, log: &Path) {
-    let end = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < end,
-            "authority did not listen on {port}: {}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
+/// `firma authority -c CFG ARGS…`, which must succeed; returns stdout.
 fn firma(cfg: &Path, args: &[&str]) -> String {
-    let out = Command::new(FIRMA)
-        .arg("authority")
-        .arg("-c")
-        .arg(cfg)
-        .args(args)
-        .output()
-        .expect("run firma");
+    let cfg = cfg.to_str().expect("utf8");
+    let mut all = vec!["authority", "-c", cfg];
+    all.extend_from_slice(args);
+    let out = firma_testing::firma(&all);
     assert!(
         out.status.success(),
         "firma authority {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+        text(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    text(&out.stdout)
 }
 
 fn authority_config(env: &Env, port: u16) -> PathBuf {
     let issuance = env.path("issuance");
     std::fs::create_dir_all(&issuance).expect("mkdir");
     std::fs::copy(
-        repo().join("policies/issuance/dev/issuance.cedar"),
+        firma_testing::repo_root().join("policies/issuance/dev/issuance.cedar"),
         issuance.join("issuance.cedar"),
     )
     .expect("copy issuance");
@@ -113,9 +57,7 @@ async fn authority_streams_drive_revocation_staleness_and_recovery() {
     let env = Env::new();
     let port = free_port();
     let cfg = authority_config(&env, port);
-    let log = env.path("authority.log");
-    let mut authority = Authority::start(&cfg, &log);
-    wait_listening(port, &log);
+    let mut authority = Server::start(&cfg);
 
     // A seed minted by the real CLI.
     let seed = env.path("seed.toml");
@@ -154,7 +96,7 @@ async fn authority_streams_drive_revocation_staleness_and_recovery() {
     let chat = req("POST", "api.openai.com", "/v1/chat/completions", &[]);
     let d = p.decide(&chat).await;
     assert!(d.is_allow(), "{d:?}");
-    eventually(Duration::from_secs(2), async || {
+    eventually_async(Duration::from_secs(2), async || {
         cache.join("genai-app.cedar").is_file().then_some(())
     })
     .await
@@ -163,7 +105,7 @@ async fn authority_streams_drive_revocation_staleness_and_recovery() {
     // Revocation: the next call after `revocations add` returns is denied within 1 s.
     firma(&cfg, &["revocations", "add", &token_id]);
     let t = Instant::now();
-    let revoked = eventually(Duration::from_secs(5), async || {
+    let revoked = eventually_async(Duration::from_secs(5), async || {
         (p.decide(&chat).await.reason == Some(DenyReason::CapabilityRevoked)).then(|| t.elapsed())
     })
     .await
@@ -189,7 +131,7 @@ async fn authority_streams_drive_revocation_staleness_and_recovery() {
         "@id(\"stop-chat\")\nforbid (principal, action == Firma::Action::\"model.inference.chat\", resource);\n",
     )
     .expect("write policy");
-    let d = eventually(Duration::from_secs(5), async || {
+    let d = eventually_async(Duration::from_secs(5), async || {
         let d = p.decide(&chat2).await;
         (d.reason == Some(DenyReason::PolicyDenied)).then_some(d)
     })
@@ -197,16 +139,16 @@ async fn authority_streams_drive_revocation_staleness_and_recovery() {
     .expect("policy edit propagated");
     assert_eq!(d.matched_policies, vec!["stop-chat".to_string()]);
     std::fs::remove_file(&stop_chat).expect("rm");
-    eventually(Duration::from_secs(5), async || {
+    eventually_async(Duration::from_secs(5), async || {
         p.decide(&chat2).await.is_allow().then_some(())
     })
     .await
     .expect("policy removal propagated");
 
     // Authority gone: allowed until bundle_ttl_seconds passes without a refresh, then stale.
-    authority.stop();
+    authority.kill();
     let stopped = Instant::now();
-    let stale_after = eventually(Duration::from_secs(10), async || {
+    let stale_after = eventually_async(Duration::from_secs(10), async || {
         (p.decide(&chat2).await.reason == Some(DenyReason::PolicyBundleStale))
             .then(|| stopped.elapsed())
     })
@@ -219,8 +161,8 @@ async fn authority_streams_drive_revocation_staleness_and_recovery() {
     );
 
     // Back up on the same address: the stream reconnects and decisions recover.
-    let _authority = Authority::start(&cfg, &env.path("authority2.log"));
-    eventually(Duration::from_secs(20), async || {
+    let _authority = Server::start(&cfg);
+    eventually_async(Duration::from_secs(20), async || {
         p.decide(&chat2).await.is_allow().then_some(())
     })
     .await

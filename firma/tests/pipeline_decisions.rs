@@ -2,12 +2,9 @@
 //! tokens, seed 000's `genai-app.cedar`, the shipped `mapping-rules.toml`. One test per
 //! outcome the seeds and docs/architecture.md (Decisions) name.
 
-#[path = "common/pipeline.rs"]
-mod fixtures;
-
 use firma_common::capability::now_unix;
 use firma_sidecar::pipeline::{DenyReason, Outcome, Pipeline};
-use fixtures::*;
+use firma_testing::pipeline::*;
 use std::time::Duration;
 
 #[tokio::test]
@@ -311,7 +308,7 @@ async fn local_bundle_that_stops_loading_goes_stale_then_recovers() {
         "permit (principal, action, resource) when { nope };",
     )
     .expect("write");
-    let stale = eventually(Duration::from_secs(10), async || {
+    let stale = eventually_async(Duration::from_secs(10), async || {
         let d = p.decide(&chat).await;
         (d.reason == Some(DenyReason::PolicyBundleStale)).then_some(d)
     })
@@ -323,7 +320,7 @@ async fn local_bundle_that_stops_loading_goes_stale_then_recovers() {
         stale.detail
     );
     std::fs::remove_file(&broken).expect("rm");
-    eventually(Duration::from_secs(10), async || {
+    eventually_async(Duration::from_secs(10), async || {
         p.decide(&chat).await.is_allow().then_some(())
     })
     .await

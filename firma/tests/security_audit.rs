@@ -4,10 +4,10 @@
 //! leaves a torn line; one client cannot switch interception off for another; later requests
 //! on a connection get the same framing checks as the first.
 
-#[path = "common/sidecar.rs"]
-mod harness;
-
-use harness::*;
+use firma_testing::client::*;
+use firma_testing::sidecar::*;
+use firma_testing::upstream::*;
+use firma_testing::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
@@ -45,16 +45,13 @@ fn decisions(d: &Deployment, outcome: &str) -> Vec<serde_json::Value> {
 }
 
 fn verify(d: &Deployment, file: &Path) -> (bool, String) {
-    let out = firma(
-        &[
-            "audit",
-            "verify",
-            file.to_str().unwrap(),
-            "--public-key",
-            d.root().join("audit.pub").to_str().unwrap(),
-        ],
-        &[],
-    );
+    let out = firma(&[
+        "audit",
+        "verify",
+        file.to_str().unwrap(),
+        "--public-key",
+        d.root().join("audit.pub").to_str().unwrap(),
+    ]);
     (
         out.status.success(),
         format!("{}{}", text(&out.stdout), text(&out.stderr)),

@@ -13,14 +13,13 @@
 //! Every address is on loopback (127.0.0.1 floods, 127.0.0.3 floods, 127.0.0.2 is the normal
 //! client); `prlimit` (util-linux) sets the limit.
 
-#[path = "common/sidecar.rs"]
-mod harness;
-
-use harness::*;
+use firma_testing::client::*;
+use firma_testing::sidecar::*;
+use firma_testing::upstream::*;
+use firma_testing::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const NOFILE: u32 = 256;
@@ -56,48 +55,13 @@ fn deployment(extra: String) -> (Upstream, Deployment) {
 
 /// `firma sidecar` started through `prlimit --nofile=N:N` (prlimit execs it: same pid).
 fn start_limited(config: &std::path::Path, nofile: u32) -> Sidecar {
-    let mut child = Command::new("prlimit")
-        .arg(format!("--nofile={nofile}:{nofile}"))
-        .args([FIRMA, "sidecar", "-c", config.to_str().unwrap()])
+    let mut cmd = Command::new("prlimit");
+    cmd.arg(format!("--nofile={nofile}:{nofile}"))
+        .arg(firma_bin())
+        .args(["sidecar", "-c", config.to_str().unwrap()])
         .env("NO_COLOR", "1")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn prlimit firma sidecar");
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let stderr = child.stderr.take().unwrap();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let mut sc = Sidecar {
-        child,
-        addr: "0.0.0.0:0".parse().unwrap(),
-        log,
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sc.log_text().contains("sidecar ready") {
-        if let Some(status) = sc.child.try_wait().unwrap() {
-            panic!("sidecar exited early ({status}):\n{}", sc.log_text());
-        }
-        assert!(Instant::now() < deadline, "not ready:\n{}", sc.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let text = sc.log_text();
-    let addr = text
-        .split("http_proxy listening on ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .expect("listening line");
-    sc.addr = addr.parse().unwrap();
-    sc
+        .env_remove("RUST_LOG");
+    Sidecar::spawn(cmd).unwrap_or_else(|e| panic!("prlimit firma sidecar: {e}"))
 }
 
 /// Descriptors the sidecar process has open.

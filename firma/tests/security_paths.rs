@@ -3,10 +3,10 @@
 //! upstream and the signed audit file. What is decided, what is audited and what the upstream
 //! receives must be the same normalised path; ambiguous paths are refused before any decision.
 
-#[path = "common/sidecar.rs"]
-mod harness;
-
-use harness::*;
+use firma_testing::client::*;
+use firma_testing::sidecar::*;
+use firma_testing::upstream::*;
+use firma_testing::*;
 use std::time::Duration;
 
 const CANARY: &str = "sk-canary-paths-31d7";
@@ -52,34 +52,7 @@ fn get(sc: &Sidecar, d: &Deployment, url: &str, headers: &[&str]) -> CurlOut {
 
 /// Issues a capability with `firma authority issue` and returns its raw token.
 fn issue(d: &Deployment, session: &str, scope: &str) -> String {
-    let out_path = d.root().join(format!("{session}.toml"));
-    let out = firma(
-        &[
-            "authority",
-            "-c",
-            d.config.to_str().unwrap(),
-            "issue",
-            "--agent-id",
-            "tenant-acme",
-            "--session-id",
-            session,
-            "--action",
-            "model.inference.chat",
-            "--resource-scope",
-            scope,
-            "--ttl-seconds",
-            "600",
-            "--output",
-            out_path.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "issue: {}", text(&out.stderr));
-    let seed: toml::Value = toml::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
-    seed.get("raw_token")
-        .and_then(|t| t.as_str())
-        .expect("raw_token")
-        .to_owned()
+    d.issue_token("tenant-acme", session, "model.inference.chat", scope)
 }
 
 fn audited(d: &Deployment, what: &str, f: impl Fn(&serde_json::Value) -> bool) {

@@ -3,10 +3,9 @@
 //! (so which request travels on which connection is certain), a local HTTPS upstream and the
 //! signed audit file.
 
-#[path = "common/sidecar.rs"]
-mod harness;
-
-use harness::*;
+use firma_testing::sidecar::*;
+use firma_testing::upstream::*;
+use firma_testing::*;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -64,31 +63,12 @@ fn a_session_id_does_not_lend_another_connections_token() {
     let tmp = tempfile::tempdir().unwrap();
     let up = Upstream::start(tmp.path(), &["api.openai.com"]);
     let d = Deployment::new(Some(&up), &Settings::default());
-    let globex = d.root().join("globex.toml");
-    let out = firma(
-        &[
-            "authority",
-            "-c",
-            d.config.to_str().unwrap(),
-            "issue",
-            "--agent-id",
-            "tenant-globex",
-            "--session-id",
-            "globex-sess-1",
-            "--action",
-            "model.inference.chat",
-            "--resource-scope",
-            "api.openai.com",
-            "--ttl-seconds",
-            "600",
-            "--output",
-            globex.to_str().unwrap(),
-        ],
-        &[],
+    let token = d.issue_token(
+        "tenant-globex",
+        "globex-sess-1",
+        "model.inference.chat",
+        "api.openai.com",
     );
-    assert!(out.status.success(), "issue: {}", text(&out.stderr));
-    let seed: toml::Value = toml::from_str(&std::fs::read_to_string(&globex).unwrap()).unwrap();
-    let token = seed["raw_token"].as_str().expect("raw_token").to_owned();
     let sc = d.start(&[]);
 
     let by_session = serde_json::json!({"x-firma-session": "globex-sess-1"});

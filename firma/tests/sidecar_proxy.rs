@@ -2,10 +2,10 @@
 //! a local HTTPS upstream with its own CA, the shipped genai-app runtime policy and mapping
 //! rules, and the signed audit file.
 
-#[path = "common/sidecar.rs"]
-mod harness;
-
-use harness::*;
+use firma_testing::client::*;
+use firma_testing::sidecar::*;
+use firma_testing::upstream::*;
+use firma_testing::*;
 use std::time::Duration;
 
 const CANARY: &str = "sk-canary-7f3a9c1e5b";

@@ -1,10 +1,10 @@
 //! Sidecar lifecycle through the binary: config errors exit 78, the MITM CA is created once
 //! and never silently replaced, `firma ca init`, and SIGTERM drains in-flight requests.
 
-#[path = "common/sidecar.rs"]
-mod harness;
-
-use harness::*;
+use firma_testing::client::*;
+use firma_testing::sidecar::*;
+use firma_testing::upstream::*;
+use firma_testing::*;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ fn missing_credential_env_var_stops_startup_with_78() {
             ..Settings::default()
         },
     );
-    let out = firma(&["sidecar", "-c", d.config.to_str().unwrap()], &[]);
+    let out = firma(&["sidecar", "-c", d.config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("FIRMA_TEST_NOT_SET_ANYWHERE"),
@@ -49,7 +49,7 @@ fn ca_created_once_and_never_silently_replaced() {
 
     // Group-readable key: refuse.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let out = firma(&["sidecar", "-c", d.config.to_str().unwrap()], &[]);
+    let out = firma(&["sidecar", "-c", d.config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(78));
     assert!(
         text(&out.stderr).contains("chmod 600"),
@@ -58,7 +58,7 @@ fn ca_created_once_and_never_silently_replaced() {
     );
     // Key missing: refuse rather than mint a new CA.
     std::fs::remove_file(&key).unwrap();
-    let out = firma(&["sidecar", "-c", d.config.to_str().unwrap()], &[]);
+    let out = firma(&["sidecar", "-c", d.config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(78));
     assert!(
         text(&out.stderr).contains("firma-ca.key is missing"),
@@ -69,10 +69,10 @@ fn ca_created_once_and_never_silently_replaced() {
 
     // `firma ca init` refuses without --force, replaces with it.
     let cfg = d.config.to_str().unwrap();
-    let out = firma(&["ca", "init", "-c", cfg], &[]);
+    let out = firma(&["ca", "init", "-c", cfg]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("--force"));
-    let out = firma(&["ca", "init", "-c", cfg, "--force"], &[]);
+    let out = firma(&["ca", "init", "-c", cfg, "--force"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_ne!(std::fs::read(d.ca_cert()).unwrap(), cert);
     assert_eq!(

@@ -2,10 +2,11 @@
 //! injection, rotation visible after the cache TTL, fail-closed `CredentialUnavailable` when
 //! Vault is down or refuses, and the secret never in audit or logs.
 
-#[path = "common/sidecar.rs"]
-mod harness;
-
-use harness::*;
+use firma_testing::client::*;
+use firma_testing::sidecar::*;
+use firma_testing::upstream::*;
+use firma_testing::vault::*;
+use firma_testing::*;
 use std::time::Duration;
 
 fn vault_settings(vault: &Vault, token: &str, ttl: u64) -> Settings {
@@ -159,7 +160,7 @@ fn approle_login_from_env_vars_named_in_config() {
     };
     let d = Deployment::new(Some(&up), &s);
     // Without the AppRole variables there is no way to authenticate: startup refuses.
-    let out = firma(&["sidecar", "-c", d.config.to_str().unwrap()], &[]);
+    let out = firma(&["sidecar", "-c", d.config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("FIRMA_T_ROLE"),

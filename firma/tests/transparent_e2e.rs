@@ -15,18 +15,17 @@
 //! per-cgroup connection cap.
 //!
 //! Every test needs root + BPF and prints SKIP otherwise. Each runs in its own network
-//! namespace (see `common/transparent.rs`), with its own cgroups, pins and control socket.
+//! namespace (see `firma_testing::kernel`), with its own cgroups, pins and control socket.
 
-#[path = "common/sidecar.rs"]
-mod harness;
-#[path = "common/transparent.rs"]
-mod tcommon;
-
-use harness::{Deployment, Settings, Sidecar, Upstream, assert_eventually, text};
+use firma_testing::client::{PROXY_VARS, raw_exchange, run_in_cgroup};
+use firma_testing::config::Mode;
+use firma_testing::kernel::{DST_V4, DST_V6, TestCgroup, TestPins, in_fresh_netns};
+use firma_testing::sidecar::{Deployment, Settings, Sidecar};
+use firma_testing::upstream::Upstream;
+use firma_testing::{assert_eventually, firma, free_dual_port, text, unique};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use tcommon::{DST_V4, DST_V6, TestCgroup, TestPins, free_dual_port, in_fresh_netns, unique};
 
 const CANARY: &str = "sk-canary-transparent-51d0";
 const CLIENT_KEY: &str = "Bearer agent-own-key";
@@ -60,35 +59,23 @@ impl Env {
         let up_addr = std::net::SocketAddr::new(up_ip.parse().unwrap(), upstream_port);
         let up = Upstream::start_at(tmp.path(), &["api.openai.com", "paste.rs"], up_addr);
         let pins = TestPins::new();
-        let cg = TestCgroup::top(&unique("firma-e2e"));
-        let settings = Settings {
-            // Transparent mode: the upstream is the original destination, no host addresses.
+        let cg = TestCgroup::top(&unique("firma-e2e")).expect("test cgroup");
+        // Transparent mode: the upstream is the original destination, no host addresses.
+        let mut settings = Settings {
             upstream_hosts: Vec::new(),
-            extra: String::new(),
+            extra: CREDENTIAL.into(),
             ..Settings::default()
         };
         let d = Deployment::new(Some(&up), &settings);
         std::fs::copy(&up.ca_path, d.root().join("upstream-ca.crt")).unwrap();
         std::mem::forget(tmp); // the upstream CA file must outlive the sidecar
-        let extra = format!(
-            "{}\n[sidecar.interceptor.transparent]\nport = {port}\npin_dir = {:?}\ncontrol_socket = {:?}\n",
-            CREDENTIAL,
-            pins.dir.display().to_string(),
-            d.root().join("run/sidecar.sock").display().to_string(),
-        );
-        d.write(
-            Some(&up),
-            &Settings {
-                extra,
-                ..settings.clone()
-            },
-        );
-        let cfg = std::fs::read_to_string(&d.config).unwrap();
-        std::fs::write(
-            &d.config,
-            cfg.replace("mode = \"http_proxy\"", "mode = \"transparent\""),
-        )
-        .unwrap();
+        settings.mode = Mode::Transparent {
+            port,
+            pin_dir: pins.dir.clone(),
+            control_socket: d.root().join("run/sidecar.sock"),
+            allow_ephemeral_pins: None,
+        };
+        d.write(Some(&up), &settings);
         let hosts = d.root().join("hosts");
         std::fs::write(
             &hosts,
@@ -115,7 +102,7 @@ impl Env {
     fn firma_sidecar(&self, args: &[&str]) -> std::process::Output {
         let mut full = vec!["sidecar", "-c", self.d.config.to_str().unwrap()];
         full.extend_from_slice(args);
-        harness::firma(&full, &[])
+        firma(&full)
     }
 
     fn attach(&self) {
@@ -274,16 +261,7 @@ fn run_client(
         .arg("sh")
         .arg(program)
         .args(&args);
-    for v in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "NO_PROXY",
-        "no_proxy",
-    ] {
+    for v in PROXY_VARS.iter().chain(&["NO_PROXY", "no_proxy"]) {
         cmd.env_remove(v);
     }
     cmd.env("SSL_CERT_FILE", ca)
@@ -532,7 +510,7 @@ fn sidecar_upstream_is_never_redirected_even_to_its_own_port() {
     assert_eq!(events[0]["decision"]["outcome"], "ALLOW");
 
     // Tagging a cgroup the sidecar runs in is refused.
-    let sc_parent = TestCgroup::top(&unique("firma-e2e-sc"));
+    let sc_parent = TestCgroup::top(&unique("firma-e2e-sc")).expect("test cgroup");
     let sc_cg = sc_parent.dir.join("sidecar");
     std::fs::create_dir_all(&sc_cg).unwrap();
     let pid = env.sc.as_ref().unwrap().child.id();
@@ -552,7 +530,7 @@ fn sidecar_upstream_is_never_redirected_even_to_its_own_port() {
     std::fs::write(Cgroup2Root::path().join("cgroup.procs"), pid.to_string()).unwrap();
 
     // A direct (unredirected) connection to the listener is closed and audited.
-    let got = harness::raw_exchange(
+    let got = raw_exchange(
         format!("127.0.0.1:{}", env.port).parse().unwrap(),
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
     );
@@ -663,31 +641,9 @@ fn token_for_another_agent_is_denied_workload_mismatch() {
     }
     let env = Env::new();
     env.attach();
-    let other = env.d.root().join("other.toml");
-    let out = harness::firma(
-        &[
-            "authority",
-            "-c",
-            env.d.config.to_str().unwrap(),
-            "issue",
-            "--agent-id",
-            "other-agent",
-            "--session-id",
-            "s9",
-            "--action",
-            "model.inference.chat",
-            "--resource-scope",
-            "*",
-            "--ttl-seconds",
-            "600",
-            "--output",
-            other.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "issue: {}", text(&out.stderr));
-    let seed: toml::Value = toml::from_str(&std::fs::read_to_string(&other).unwrap()).unwrap();
-    let raw = find_raw_token(&seed).expect("raw_token in the issued seed");
+    let raw = env
+        .d
+        .issue_token("other-agent", "s9", "model.inference.chat", "*");
     let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
         .arg(format!(
@@ -719,17 +675,6 @@ fn token_for_another_agent_is_denied_workload_mismatch() {
             .iter()
             .any(|e| e["decision"]["reason"] == "WorkloadMismatch")
     });
-}
-
-fn find_raw_token(v: &toml::Value) -> Option<String> {
-    match v {
-        toml::Value::Table(t) => t
-            .get("raw_token")
-            .and_then(|r| r.as_str().map(str::to_string))
-            .or_else(|| t.values().find_map(find_raw_token)),
-        toml::Value::Array(a) => a.iter().find_map(find_raw_token),
-        _ => None,
-    }
 }
 
 /// `[sidecar.limits] max_connections_per_client` counts per workload cgroup in transparent
@@ -764,7 +709,7 @@ for s in conns:
 print("CLOSED", closed)
 "#
     );
-    let out = tcommon::run_in_cgroup(Some(&env.cg.dir), "python3", &["-c", &script]);
+    let out = run_in_cgroup(Some(&env.cg.dir), "python3", &["-c", &script]);
     let stdout = text(&out.stdout);
     assert!(
         stdout.contains("CLOSED 3"),

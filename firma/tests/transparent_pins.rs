@@ -6,39 +6,28 @@
 //! normal case (a directory on the host's /sys/fs/bpf) and `firma doctor`'s `pins` check.
 //! Needs root + BPF; prints SKIP otherwise. Runs in its own network namespace.
 
-#[path = "common/sidecar.rs"]
-mod harness;
-#[path = "common/transparent.rs"]
-mod tcommon;
-
-use harness::{Deployment, FIRMA, Settings, Sidecar, text};
+use firma_testing::config::Mode;
+use firma_testing::kernel::{TestPins, in_fresh_netns};
+use firma_testing::process::Process;
+use firma_testing::sidecar::{Deployment, Settings, Sidecar};
+use firma_testing::{firma, firma_bin, free_dual_port, text};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
-use tcommon::{TestPins, free_dual_port, in_fresh_netns};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 /// A transparent-mode deployment with `pin_dir` and no workloads (nothing is redirected).
 fn deployment(pin_dir: &Path, allow_ephemeral: bool) -> Deployment {
     let d = Deployment::new(None, &Settings::default());
-    let extra = format!(
-        "[sidecar.interceptor.transparent]\nport = {}\npin_dir = {:?}\ncontrol_socket = {:?}\nallow_ephemeral_pins = {allow_ephemeral}\n",
-        free_dual_port(),
-        pin_dir.display().to_string(),
-        d.root().join("run/sidecar.sock").display().to_string(),
-    );
-    d.write(
-        None,
-        &Settings {
-            extra,
-            ..Settings::default()
+    let settings = Settings {
+        mode: Mode::Transparent {
+            port: free_dual_port(),
+            pin_dir: pin_dir.to_path_buf(),
+            control_socket: d.root().join("run/sidecar.sock"),
+            allow_ephemeral_pins: Some(allow_ephemeral),
         },
-    );
-    let cfg = std::fs::read_to_string(&d.config).unwrap();
-    std::fs::write(
-        &d.config,
-        cfg.replace("mode = \"http_proxy\"", "mode = \"transparent\""),
-    )
-    .unwrap();
+        ..Settings::default()
+    };
+    d.write(None, &settings);
     d
 }
 
@@ -49,7 +38,7 @@ fn in_private_bpffs(dir: &Path, args: &[&str]) -> Command {
     c.args(["--mount", "--propagation", "private", "sh", "-c"])
         .arg(r#"mount -t bpf bpf "$0" && exec "$@""#)
         .arg(dir)
-        .arg(FIRMA)
+        .arg(firma_bin())
         .args(args)
         .env("NO_COLOR", "1")
         .env_remove("RUST_LOG");
@@ -103,34 +92,14 @@ fn ephemeral_pins_are_refused_unless_explicitly_allowed() {
 
     // Allowed explicitly: starts, with a loud warning; then stopped.
     let d = deployment(&pin_dir, true);
-    let mut child = in_private_bpffs(&pins, &["sidecar", "-c", d.config.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    {
-        let (log, mut stderr) = (log.clone(), child.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            use std::io::Read;
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                log.lock().unwrap().push_str(&text(&buf[..n]));
-            }
-        });
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !log.lock().unwrap().contains("sidecar ready") {
-        if let Some(s) = child.try_wait().unwrap() {
-            panic!("exited ({s}):\n{}", log.lock().unwrap());
-        }
-        assert!(Instant::now() < deadline, "{}", log.lock().unwrap());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let text_now = log.lock().unwrap().clone();
+    let mut sc = Process::spawn(in_private_bpffs(
+        &pins,
+        &["sidecar", "-c", d.config.to_str().unwrap()],
+    ))
+    .unwrap();
+    sc.wait_for("sidecar ready", Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text_now = sc.log_text();
     assert!(text_now.contains("FAIL-OPEN CONFIGURATION"), "{text_now}");
     assert!(text_now.contains("WARN"), "{text_now}");
     let out = run(in_private_bpffs(
@@ -146,18 +115,8 @@ fn ephemeral_pins_are_refused_unless_explicitly_allowed() {
         .cloned()
         .unwrap();
     assert_eq!(pins_check["status"], "warn", "{pins_check}");
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.wait();
+    sc.terminate(Duration::from_secs(10));
+    sc.kill();
     // The private bpffs (and the pins in it) went with the process: nothing was pinned here.
     assert!(!pin_dir.join("progs").exists());
 }
@@ -172,7 +131,7 @@ fn pins_on_the_hosts_bpffs_start_normally() {
     let mut sc = Sidecar::start(&d.config, &[]);
     let log = sc.log_text();
     assert!(log.contains("pins outlive the sidecar"), "{log}");
-    let out = harness::firma(&["doctor", "--json", "-c", d.config.to_str().unwrap()], &[]);
+    let out = firma(&["doctor", "--json", "-c", d.config.to_str().unwrap()]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let check = report["checks"]
         .as_array()

@@ -1,4 +1,7 @@
-//! The workload: this same binary re-executed as `vm-kernel-tests client [--cgroup DIR] MODE …`.
+//! The workload: the test executable re-run with `FIRMA_KERNEL_CLIENT` set to its arguments
+//! (`[--cgroup DIR] MODE …`, one a line); [`client_entry`] turns such a process into the client.
+//! In `vm-kernel-tests` that is the first thing `main` does; under libtest it is a test of its
+//! own that the suite names in [`set_client_args`].
 //! The child moves itself into the cgroup before opening any socket (never the test process:
 //! writing `cgroup.procs` moves the whole process), then reports what the kernel did on stdout.
 //!
@@ -7,6 +10,8 @@
 //!   `PID <pid>`, `GOT <first line received>`.
 //! - `udp ADDR`: `SENDTO ok|err <errno>` (unconnected) and `CONNECT ok|err <errno>`.
 //! - `many ADDR N`: N sequential connects, each reading one line; `OK <count starting ORIG>`.
+//! - `latency ADDR N`: N sequential connects, timed and closed at once;
+//!   `RESULT n=N mean_us=… p50_us=… p99_us=…`.
 
 use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrStorage, connect, sendto, setsockopt, socket,
@@ -17,7 +22,27 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Carries the client's arguments (one a line) to the re-run executable.
+pub const CLIENT_ENV: &str = "FIRMA_KERNEL_CLIENT";
+
+static CLIENT_ARGS: OnceLock<Vec<String>> = OnceLock::new();
+
+/// Command-line arguments that make the test executable reach [`client_entry`] (none for
+/// `vm-kernel-tests`; under libtest, the name of the test that calls it with `--exact`).
+pub fn set_client_args(args: &[&str]) {
+    let _ = CLIENT_ARGS.set(args.iter().map(|a| a.to_string()).collect());
+}
+
+/// When this process was started as a client ([`CLIENT_ENV`] set), runs it and exits.
+pub fn client_entry() {
+    if let Some(args) = std::env::var_os(CLIENT_ENV) {
+        let args: Vec<String> = args.to_string_lossy().lines().map(String::from).collect();
+        std::process::exit(main(&args));
+    }
+}
 
 /// Entry point of the child. Returns the process exit code.
 pub fn main(args: &[String]) -> i32 {
@@ -63,6 +88,14 @@ fn run(args: &[String]) -> Result<(), String> {
                 .parse()
                 .map_err(|e| format!("bad count: {e}"))?;
             many(addr(args.get(1))?, n)
+        }
+        Some("latency") => {
+            let n: usize = args
+                .get(2)
+                .ok_or("missing count")?
+                .parse()
+                .map_err(|e| format!("bad count: {e}"))?;
+            latency(addr(args.get(1))?, n)
         }
         other => Err(format!("unknown client mode {other:?}")),
     }
@@ -158,6 +191,25 @@ fn many(addr: SocketAddr, n: usize) -> Result<(), String> {
     Ok(())
 }
 
+fn latency(addr: SocketAddr, n: usize) -> Result<(), String> {
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .map_err(|e| format!("connect #{i}: {e}"))?;
+        lat.push(t.elapsed().as_nanos() as f64 / 1000.0);
+        drop(s);
+    }
+    lat.sort_by(f64::total_cmp);
+    let mean = lat.iter().sum::<f64>() / n as f64;
+    println!(
+        "RESULT n={n} mean_us={mean:.2} p50_us={:.2} p99_us={:.2}",
+        lat[n / 2],
+        lat[n * 99 / 100]
+    );
+    Ok(())
+}
+
 /// What a client child printed.
 #[derive(Debug)]
 pub struct ClientOutput {
@@ -189,16 +241,18 @@ impl std::fmt::Display for ClientOutput {
     }
 }
 
-/// Runs this binary as a client child, in `cgroup` when given, without proxy variables.
+/// Runs this executable as a client child, in `cgroup` when given, without proxy variables.
 pub fn run_client(cgroup: Option<&Path>, args: &[&str]) -> Result<ClientOutput, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let mut cmd = Command::new(exe);
-    cmd.arg("client");
+    cmd.args(CLIENT_ARGS.get().into_iter().flatten());
+    let mut all: Vec<String> = Vec::new();
     if let Some(cg) = cgroup {
-        cmd.arg("--cgroup").arg(cg);
+        all.extend(["--cgroup".into(), cg.display().to_string()]);
     }
-    cmd.args(args);
-    for v in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+    all.extend(args.iter().map(|a| a.to_string()));
+    cmd.env(CLIENT_ENV, all.join("\n"));
+    for v in crate::client::PROXY_VARS {
         cmd.env_remove(v);
     }
     let out = cmd

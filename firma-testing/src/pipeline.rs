@@ -1,7 +1,8 @@
 //! Shared fixtures for the pipeline and audit tests: a real Authority key pair, real signed
 //! seeds and tokens, the shipped Cedar policies and mapping rules, and request builders.
-#![allow(dead_code)]
 
+use crate::config::{PolicySource, SidecarToml};
+use crate::repo_root;
 use firma_common::capability::{CapabilityClaims, CapabilitySeed, now_unix};
 use firma_common::config::{FirmaConfig, SidecarConfig};
 use firma_common::keys::{SigningKey, load_signing_key};
@@ -9,16 +10,11 @@ use firma_sidecar::pipeline::{
     ConnectionInfo, Decision, DenyReason, DestinationContext, InterceptKind, Pipeline,
     RequestContext, Workload,
 };
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub const CHAT: &str = "model.inference.chat";
 pub const SEND: &str = "communication.external.send";
-
-/// The repository root (policies/ lives there).
-pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// A temp directory with an Authority key pair, the seed 000 runtime policy and the shipped
 /// mapping rules.
@@ -30,6 +26,12 @@ pub struct Env {
     pub rules: PathBuf,
 }
 
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Env {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -39,11 +41,11 @@ impl Env {
         let policy_dir = dir.path().join("policies");
         std::fs::create_dir_all(&policy_dir).expect("mkdir");
         std::fs::copy(
-            repo().join("policies/runtime/genai-app/genai-app.cedar"),
+            repo_root().join("policies/runtime/genai-app/genai-app.cedar"),
             policy_dir.join("genai-app.cedar"),
         )
         .expect("copy genai-app.cedar");
-        let rules = repo().join("policies/mapping-rules.toml");
+        let rules = repo_root().join("policies/mapping-rules.toml");
         Self {
             dir,
             key,
@@ -91,49 +93,22 @@ impl Env {
         p
     }
 
-    /// A `[sidecar.*]` config reading the local policy dir. `extra` is appended verbatim
-    /// inside the tables it names.
+    /// A `[sidecar.*]` config reading the local policy dir (or the authority in `opts`),
+    /// written to `firma.toml` and parsed.
     pub fn config(&self, seeds: &[PathBuf], opts: &Opts) -> SidecarConfig {
-        let seeds: Vec<String> = seeds
-            .iter()
-            .map(|p| format!("{:?}", p.display().to_string()))
-            .collect();
-        let policy = match &opts.authority_url {
-            Some(url) => format!(
-                "authority_url = {url:?}\n{}",
-                opts.cache_dir
-                    .as_ref()
-                    .map(|d| format!("dir = {:?}\n", d.display().to_string()))
-                    .unwrap_or_default()
-            ),
-            None => format!("dir = {:?}\n", self.policy_dir.display().to_string()),
-        };
-        let rules = opts.rules.clone().unwrap_or_else(|| self.rules.clone());
-        let text = format!(
-            r#"
-[sidecar.interceptor]
-mode = "http_proxy"
-listen_addr = "127.0.0.1:8080"
-[sidecar.mapping]
-rules_path = {rules:?}
-default_protected = {protected}
-[sidecar.policy]
-{policy}
-[sidecar.constraint_enforcement]
-bundle_ttl_seconds = {ttl}
-enforcement_timeout_ms = {timeout}
-[sidecar.capability_seed]
-paths = [{seeds}]
-[sidecar.authority]
-public_key_path = {pubkey:?}
-"#,
-            rules = rules.display().to_string(),
-            protected = opts.default_protected,
-            ttl = opts.bundle_ttl,
-            timeout = opts.timeout_ms,
-            seeds = seeds.join(", "),
-            pubkey = self.pub_path.display().to_string(),
-        );
+        let mut t = SidecarToml::new(&self.policy_dir, &self.pub_path);
+        t.listen_addr = "127.0.0.1:8080".into();
+        t.rules_path = opts.rules.clone().unwrap_or_else(|| self.rules.clone());
+        t.default_protected = opts.default_protected;
+        if let Some(url) = &opts.authority_url {
+            t.policy = PolicySource::Authority {
+                url: url.clone(),
+                cache_dir: opts.cache_dir.clone(),
+            };
+        }
+        t.constraint_enforcement = Some((opts.bundle_ttl, opts.timeout_ms));
+        t.seeds = seeds.to_vec();
+        let text = t.render();
         let file = self.path("firma.toml");
         std::fs::write(&file, &text).expect("write config");
         FirmaConfig::parse(&text, &file)
@@ -241,7 +216,10 @@ pub fn reason(d: &Decision) -> Option<DenyReason> {
 }
 
 /// Polls `f` until it returns `Some` or `deadline` passes.
-pub async fn eventually<T>(deadline: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> Option<T> {
+pub async fn eventually_async<T>(
+    deadline: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> Option<T> {
     let end = Instant::now() + deadline;
     loop {
         if let Some(v) = f().await {

@@ -1,15 +1,13 @@
 //! Audit test helpers: an audit signing key, events made from real pipeline decisions, and the
 //! `firma audit` binary.
-#![allow(dead_code)]
 
-use crate::fixtures::*;
+use crate::pipeline::Env;
+use crate::process::firma_bin;
 use firma_common::config::{AuditConfig, AuditSink, FsyncPolicy};
 use firma_sidecar::audit::{AuditInput, AuditLog, ConnectorOutcome};
 use firma_sidecar::pipeline::{Pipeline, RequestContext};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-pub const FIRMA: &str = env!("CARGO_BIN_EXE_firma");
 
 /// Generates an audit key pair in `env`; returns (private, public) paths.
 pub fn audit_key(env: &Env, name: &str) -> (PathBuf, PathBuf) {
@@ -59,7 +57,7 @@ pub async fn decide_and_record(p: &Pipeline, log: &AuditLog, r: &RequestContext)
 
 /// Runs `firma audit verify FILE --public-key K…`; returns (success, stdout).
 pub fn verify(file: &Path, keys: &[&Path]) -> (bool, String) {
-    let mut cmd = Command::new(FIRMA);
+    let mut cmd = Command::new(firma_bin());
     cmd.args(["audit", "verify"]).arg(file);
     for k in keys {
         cmd.arg("--public-key").arg(k);

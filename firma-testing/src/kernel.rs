@@ -1,10 +1,9 @@
-//! The test environment: root/BPF checks, a private network namespace with the test addresses,
-//! and test cgroups and pin directories that clean up after themselves.
+//! Kernel fixtures for transparent mode: root/BPF checks, private network namespaces with the
+//! test addresses, and test cgroups and bpffs pin directories that clean up after themselves.
 
+use crate::unique;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
 
 /// Addresses put on `lo` inside the private network namespace. Nothing outside the namespace is
 /// ever a destination; without the namespace these have no route and fail rather than leak.
@@ -13,16 +12,24 @@ pub const DST_V6: &str = "fd77::2";
 pub const EXCLUDED_V4: &str = "10.77.1.2";
 pub const EXCLUDED_CIDR: &str = "10.77.1.0/24";
 
+/// Env var marking the inner run of [`in_fresh_netns`].
+const NETNS_VAR: &str = "FIRMA_TEST_NETNS";
+
 /// `Some(reason)` when this machine cannot run the kernel tests.
 pub fn skip_reason() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
         return Some("not root (the tests load eBPF programs and create cgroups)".into());
     }
     if let Err(e) = firma_sidecar::ebpf::embedded_object() {
-        return Some(e.to_string());
+        return Some(format!(
+            "no eBPF object in this build (run scripts/install-bpf-linker.sh): {e}"
+        ));
     }
     if let Err(e) = firma_sidecar::ebpf::Cgroup2::discover() {
         return Some(format!("no cgroup2: {e}"));
+    }
+    if !Path::new(firma_sidecar::ebpf::bpffs::DEFAULT_BPFFS).exists() {
+        return Some("kernel without BPF filesystem support".into());
     }
     if Command::new("ip").arg("-V").output().is_err() {
         return Some("`ip` not installed (iproute2 or busybox)".into());
@@ -36,6 +43,11 @@ pub fn skip_reason() -> Option<String> {
 pub fn enter_private_netns() -> Result<(), String> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+    add_test_addresses()
+}
+
+/// Brings `lo` up and adds the test addresses to it (in the current network namespace).
+pub fn add_test_addresses() -> Result<(), String> {
     ip(&["link", "set", "lo", "up"])?;
     ip(&["addr", "add", &format!("{DST_V4}/32"), "dev", "lo"])?;
     ip(&["addr", "add", &format!("{EXCLUDED_V4}/32"), "dev", "lo"])?;
@@ -58,15 +70,61 @@ fn ip(args: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+/// For libtest tests: runs the calling test again inside `unshare --net` (a fresh network
+/// namespace with `lo` up and the test addresses on it). Returns `true` in the inner run,
+/// where the test body goes; in the outer run it waits for the inner one, asserts it passed
+/// and returns `false`. Prints `SKIP` and returns `false` when [`skip_reason`] says so.
+pub fn in_fresh_netns(test_name: &str) -> bool {
+    if std::env::var_os(NETNS_VAR).is_some() {
+        add_test_addresses().expect("test addresses");
+        return true;
+    }
+    let why = skip_reason().or_else(|| {
+        Command::new("unshare")
+            .arg("--help")
+            .output()
+            .is_err()
+            .then(|| "`unshare` not installed".to_string())
+    });
+    if let Some(why) = why {
+        eprintln!("SKIP {test_name}: {why}");
+        return false;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = Command::new("unshare")
+        .arg("--net")
+        .arg("--")
+        .arg(exe)
+        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(NETNS_VAR, "1")
+        .output()
+        .expect("run unshare");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("--- inner run of {test_name} ---\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "{test_name} failed inside its network namespace"
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "{test_name} did not run inside its network namespace"
+    );
+    false
+}
 
-/// A name unique to this process and call (cgroups and pins of concurrent runs never clash).
-pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+/// Runs `args` as a command and returns its stdout; panics when it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A cgroup made by a test, removed (with its children) on drop.
@@ -81,10 +139,15 @@ impl TestCgroup {
         Ok(Self { dir })
     }
 
-    /// A test cgroup directly under the cgroup2 mount.
-    pub fn top(prefix: &str) -> Result<Self, String> {
+    /// A test cgroup named `name` directly under the cgroup2 mount.
+    pub fn top(name: &str) -> Result<Self, String> {
         let cg2 = firma_sidecar::ebpf::Cgroup2::discover().map_err(|e| e.to_string())?;
-        Self::new(cg2.mount().join(unique(prefix)))
+        Self::new(cg2.mount().join(name))
+    }
+
+    /// A test cgroup with a [`unique`] name from `prefix` under the cgroup2 mount.
+    pub fn unique(prefix: &str) -> Result<Self, String> {
+        Self::top(&unique(prefix))
     }
 
     /// The mount-relative path (`/name`), as the redirector reports it.
@@ -123,7 +186,8 @@ pub struct TestPins {
 impl TestPins {
     pub fn new() -> Self {
         Self {
-            dir: PathBuf::from(firma_sidecar::ebpf::bpffs::DEFAULT_BPFFS).join(unique("firma-vm")),
+            dir: PathBuf::from(firma_sidecar::ebpf::bpffs::DEFAULT_BPFFS)
+                .join(unique("firma-test")),
         }
     }
 }
@@ -137,24 +201,5 @@ impl Default for TestPins {
 impl Drop for TestPins {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Polls `f` until it returns `Some` or `deadline` passes (things the kernel does after a
-/// socket closes are not synchronous with the close).
-pub fn eventually<T>(
-    what: &str,
-    deadline: Duration,
-    mut f: impl FnMut() -> Option<T>,
-) -> Result<T, String> {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if start.elapsed() > deadline {
-            return Err(format!("timed out after {deadline:?} waiting for {what}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }

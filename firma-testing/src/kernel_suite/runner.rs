@@ -1,4 +1,4 @@
-//! A minimal test runner that prints one marker line per test, because the VM's only output
+//! A minimal runner for the VM that prints one marker line per test, because the VM's only output
 //! channel is the serial console and cargo's test harness would not run there.
 //!
 //! Markers (parsed by `cargo xtask vm-test`, anywhere in a line):
@@ -13,9 +13,12 @@ use std::time::Instant;
 pub type TestResult = Result<(), String>;
 
 /// A named test.
+#[derive(Clone, Copy)]
 pub struct Test {
     pub name: &'static str,
     pub run: fn() -> TestResult,
+    /// Not run in the VM (too slow or meaningless under TCG); run on a root host.
+    pub host_only: bool,
 }
 
 /// Fails the test with a formatted message unless the condition holds.
@@ -36,7 +39,7 @@ pub struct Summary {
 }
 
 /// Runs the tests whose name contains `filter` (all when `None`), one after another, printing a
-/// marker for each and the final DONE marker. A panicking test counts as failed; the rest run.
+/// marker for each and the final DONE marker (the VM's runner; libtest runs them on a host). A panicking test counts as failed; the rest run.
 pub fn run(tests: &[Test], filter: Option<&str>) -> Summary {
     let mut summary = Summary {
         passed: 0,
