@@ -1,4 +1,4 @@
-//! Transparent mode refuses pins that would not outlive it (DESIGN.md section 9): a sidecar
+//! Transparent mode refuses pins that would not outlive it (docs/architecture.md, "Fail-closed rules"): a sidecar
 //! whose `pin_dir` is on a bpffs mounted inside its own private mount namespace would, once
 //! killed, take the pinned programs with it and leave tagged workloads connecting directly.
 //! Runs `unshare --mount --propagation private sh -c 'mount -t bpf bpf DIR && exec firma …'`

@@ -22,8 +22,8 @@
 //! proxy connections sends `x-firma-capability` on each request (a cache hit after the first).
 //! Seeded capabilities are deployment configuration and stay visible to every caller.
 //!
-//! Session ids are still recorded in audit events (`capability.session_id`, DESIGN.md section
-//! 8): they are the seeds' join key for per-tenant and per-user accounting, and since a session
+//! Session ids are still recorded in audit events (`capability.session_id`, docs/architecture.md,
+//! "Audit events"): they are the seeds' join key for per-tenant and per-user accounting, and since a session
 //! id alone no longer selects a presented capability, exposing it grants nothing.
 //!
 //! Registrations are bounded: per caller at most [`MAX_PRESENTED_PER_CALLER`] capabilities
