@@ -37,30 +37,25 @@ pub fn deny_status(decision: &Decision) -> StatusCode {
 
 /// `{"aborted":true,"reason":…,"detail":…}` with 429, 502 or 504.
 pub fn abort(status: StatusCode, reason: &str, detail: &str) -> Response<RespBody> {
-    json(
-        status,
-        serde_json::json!({"aborted": true, "reason": reason, "detail": detail}).to_string(),
-    )
+    json(status, abort_body(reason, detail))
+}
+
+fn abort_body(reason: &str, detail: &str) -> String {
+    serde_json::json!({"aborted": true, "reason": reason, "detail": detail}).to_string()
 }
 
 /// A complete HTTP/1.1 denial written straight to a socket (before or instead of hyper),
 /// closing the connection.
 pub fn raw_deny(decision: &Decision) -> Vec<u8> {
-    let status = deny_status(decision);
-    let body = decision.deny_body();
-    format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        body.len(),
-        body
-    )
-    .into_bytes()
+    raw_json(deny_status(decision), &decision.deny_body())
 }
 
 /// A complete HTTP/1.1 abort (`{"aborted":true,…}`) written straight to a socket, closing it.
 pub fn raw_abort(status: StatusCode, reason: &str, detail: &str) -> Vec<u8> {
-    let body = serde_json::json!({"aborted": true, "reason": reason, "detail": detail}).to_string();
+    raw_json(status, &abort_body(reason, detail))
+}
+
+fn raw_json(status: StatusCode, body: &str) -> Vec<u8> {
     format!(
         "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
         status.as_u16(),

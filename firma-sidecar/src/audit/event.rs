@@ -55,12 +55,7 @@ pub fn body(input: &AuditInput<'_>) -> Map<String, Value> {
         "event": "decision",
         "event_id": uuid::Uuid::new_v4().to_string(),
         "timestamp": timestamp,
-        "conn": {
-            "id": conn.conn_id,
-            "intercept": conn.kind,
-            "peer": conn.peer.to_string(),
-            "original_dst": conn.original_dst.map(|a| a.to_string()),
-        },
+        "conn": conn_json(conn),
         "workload": conn.workload,
         "envelope": {
             "intent": {
@@ -135,12 +130,7 @@ pub fn abandoned(input: &AuditInput<'_>) -> Map<String, Value> {
         "event": "abandoned",
         "event_id": uuid::Uuid::new_v4().to_string(),
         "timestamp": now(),
-        "conn": {
-            "id": conn.conn_id,
-            "intercept": conn.kind,
-            "peer": conn.peer.to_string(),
-            "original_dst": conn.original_dst.map(|a| a.to_string()),
-        },
+        "conn": conn_json(conn),
         "workload": conn.workload,
         "envelope": {
             "intent": {
@@ -163,4 +153,14 @@ pub fn recovery(cut: u64, sha256: &str) -> Map<String, Value> {
         "cut_bytes": cut,
         "cut_sha256": sha256,
     }))
+}
+
+/// Where a connection came from, as every event that opens a record shows it.
+fn conn_json(conn: &crate::conn::ConnectionInfo) -> Value {
+    json!({
+        "id": conn.conn_id,
+        "intercept": conn.kind,
+        "peer": conn.peer.to_string(),
+        "original_dst": conn.original_dst.map(|a| a.to_string()),
+    })
 }

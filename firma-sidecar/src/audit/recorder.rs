@@ -25,6 +25,25 @@ struct Intent {
     path: Option<String>,
 }
 
+impl Intent {
+    fn input<'a>(
+        &'a self,
+        conn: &'a ConnectionInfo,
+        decision: &'a Decision,
+        connector: Option<ConnectorOutcome>,
+    ) -> AuditInput<'a> {
+        AuditInput {
+            conn,
+            method: self.method.as_deref(),
+            host: self.host.as_deref(),
+            port: self.port,
+            path: self.path.as_deref(),
+            decision,
+            connector,
+        }
+    }
+}
+
 /// The audit record of one request or tunnel, from acceptance to its decision.
 pub struct RequestAudit {
     log: AuditLog,
@@ -61,15 +80,7 @@ impl RequestAudit {
         decision: &'a Decision,
         connector: Option<ConnectorOutcome>,
     ) -> AuditInput<'a> {
-        AuditInput {
-            conn: &self.conn,
-            method: self.intent.method.as_deref(),
-            host: self.intent.host.as_deref(),
-            port: self.intent.port,
-            path: self.intent.path.as_deref(),
-            decision,
-            connector,
-        }
+        self.intent.input(&self.conn, decision, connector)
     }
 
     /// Records a denial (nothing was or will be sent upstream).
@@ -183,15 +194,9 @@ impl Committed {
             return;
         }
         self.done = true;
-        let input = AuditInput {
-            conn: &self.conn,
-            method: self.intent.method.as_deref(),
-            host: self.intent.host.as_deref(),
-            port: self.intent.port,
-            path: self.intent.path.as_deref(),
-            decision: &self.decision,
-            connector: Some(self.outcome.clone()),
-        };
+        let input = self
+            .intent
+            .input(&self.conn, &self.decision, Some(self.outcome.clone()));
         tracing::info!(
             conn = self.conn.conn_id,
             method = self.intent.method.as_deref().unwrap_or("-"),
