@@ -175,10 +175,7 @@ pub async fn serve(
     tracing::info!(target: "firma_authority::collector", "audit collector listening on {local}");
     tonic::transport::Server::builder()
         .add_service(collector.into_service())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(crate::server::incoming(listener), shutdown)
         .await
         .map_err(|e| CollectorError::Serve {
             addr: local,

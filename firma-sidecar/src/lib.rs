@@ -17,5 +17,6 @@ pub mod interceptor;
 pub mod pipeline;
 pub mod response;
 pub mod server;
+pub mod sockopt;
 pub mod state;
 pub mod tls;
