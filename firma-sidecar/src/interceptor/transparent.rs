@@ -18,6 +18,7 @@
 //! connects are refused (fail closed); the next start re-adopts them.
 
 use crate::audit::RequestAudit;
+use crate::config::{SidecarConfig, WorkloadConfig};
 use crate::conn::{Decision, DenyReason, InterceptKind};
 use crate::control;
 use crate::drain::Drain;
@@ -27,7 +28,6 @@ use crate::ebpf::{EbpfError, RedirectSettings, Redirector, Target};
 use crate::interceptor::limits::Limits;
 use crate::interceptor::serve::serve_stream;
 use crate::state::SidecarState;
-use firma_common::config::{SidecarConfig, WorkloadConfig};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
