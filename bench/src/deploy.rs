@@ -97,6 +97,31 @@ impl Deployment {
             .unwrap_or(0)
     }
 
+    /// `firma audit verify` on the audit file: every signature and chain link verifies and every
+    /// line is covered by a signature (one per written batch).
+    pub fn verify_audit(&self) -> anyhow::Result<()> {
+        let out = firma_command(
+            &self.firma,
+            &[
+                "audit",
+                "verify",
+                path_str(&self.audit_path)?,
+                "--public-key",
+                path_str(&self.root.join("audit.pub"))?,
+            ],
+        )
+        .output()
+        .context("run firma audit verify")?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "firma audit verify failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Starts `firma sidecar -c CONFIG` (its log captured), waits up to 30 s for `sidecar
     /// ready`.
     pub fn start_sidecar(&self) -> anyhow::Result<Sidecar> {

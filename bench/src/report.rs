@@ -161,7 +161,7 @@ impl Report {
         }
         let c = &self.checks;
         out.push_str(&format!(
-            "\nchecks: upstream answered {} requests, {} with the injected credential (sidecar sent {}); {} signed audit events\n",
+            "\nchecks: upstream answered {} requests, {} with the injected credential (sidecar sent {}); {} audit events, `firma audit verify` OK\n",
             c.upstream_requests, c.upstream_injected, c.sidecar_requests_expected, c.audit_events
         ));
         out

@@ -151,6 +151,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         );
     }
     drop(sc);
+    d.verify_audit()?;
 
     let ratios = vec![
         Ratio::new(
