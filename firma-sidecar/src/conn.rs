@@ -182,4 +182,8 @@ pub struct ConnectorOutcome {
     /// Tunnels: bytes from the client to the upstream and back.
     pub bytes_up: Option<u64>,
     pub bytes_down: Option<u64>,
+    /// `"h2"` or `"http/1.1"`: what the upstream connection spoke.
+    pub upstream_protocol: Option<&'static str>,
+    /// Whether the request went on a pooled (already open) upstream connection.
+    pub upstream_reused: Option<bool>,
 }

@@ -20,6 +20,10 @@ pub struct Seen {
     pub body: Vec<u8>,
     /// SNI the client sent.
     pub sni: Option<String>,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
+    /// Which accepted connection (0, 1, …) carried it.
+    pub conn: usize,
 }
 
 pub struct Upstream {
@@ -29,6 +33,8 @@ pub struct Upstream {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// Every raw byte the upstream received, decrypted (for canary checks).
     pub raw: Arc<Mutex<Vec<u8>>>,
+    /// TLS connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -42,8 +48,13 @@ impl Upstream {
     /// As [`Upstream::start`], listening on `bind` (transparent-mode tests put it at an
     /// address inside their network namespace, which is what the client connects to).
     pub fn start_at(dir: &Path, names: &[&str], bind: SocketAddr) -> Self {
-        let (tls, ca_path) =
-            crate::pki::upstream_tls(dir, "firma test upstream CA", names, &[b"h2", b"http/1.1"]);
+        Self::start_with_alpn(dir, names, bind, &[b"h2", b"http/1.1"])
+    }
+
+    /// As [`Upstream::start_at`], offering only `alpn` (e.g. `http/1.1` alone: an upstream
+    /// without HTTP/2).
+    pub fn start_with_alpn(dir: &Path, names: &[&str], bind: SocketAddr, alpn: &[&[u8]]) -> Self {
+        let (tls, ca_path) = crate::pki::upstream_tls(dir, "firma test upstream CA", names, alpn);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
 
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -55,17 +66,20 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let raw = Arc::new(Mutex::new(Vec::new()));
-        let (seen2, raw2) = (seen.clone(), raw.clone());
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (seen2, raw2, conns2) = (seen.clone(), raw.clone(), connections.clone());
         rt.spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
                 let (acceptor, seen, raw) = (acceptor.clone(), seen2.clone(), raw2.clone());
+                let conns = conns2.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    let conn = conns.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let sni = tls.get_ref().1.server_name().map(str::to_string);
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let (seen, raw, sni) = (seen.clone(), raw.clone(), sni.clone());
@@ -87,10 +101,19 @@ impl Upstream {
                                     })
                                     .or_insert(v);
                             }
+                            // HTTP/2 names the host in :authority (RFC 9113 8.3.1), which is
+                            // what Host is for HTTP/1.1: show it under the same name.
+                            if let Some(a) = parts.uri.authority() {
+                                headers
+                                    .entry("host".to_string())
+                                    .or_insert_with(|| a.as_str().to_string());
+                            }
                             {
                                 let mut r = raw.lock().unwrap();
+                                // The request target in origin form, whatever the version.
+                                let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                                 r.extend_from_slice(
-                                    format!("{} {}\r\n", parts.method, parts.uri).as_bytes(),
+                                    format!("{} {target}\r\n", parts.method).as_bytes(),
                                 );
                                 for (k, v) in parts.headers.iter() {
                                     r.extend_from_slice(k.as_str().as_bytes());
@@ -107,6 +130,8 @@ impl Upstream {
                                 headers,
                                 body: body.to_vec(),
                                 sni,
+                                version: format!("{:?}", parts.version),
+                                conn,
                             });
                             if path == "/slow" {
                                 let ms = parts
@@ -134,12 +159,18 @@ impl Upstream {
             ca_path,
             seen,
             raw,
+            connections,
             _rt: rt,
         }
     }
 
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// TLS connections the upstream has accepted.
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn count(&self) -> usize {

@@ -118,6 +118,8 @@ pub fn outcome(input: &AuditInput<'_>, decision_event_id: &str) -> Map<String, V
             "client_gone": c.client_gone,
             "bytes_up": c.bytes_up,
             "bytes_down": c.bytes_down,
+            "upstream_protocol": c.upstream_protocol,
+            "upstream_reused": c.upstream_reused,
         },
         "timings_us": { "upstream_us": c.upstream_us },
     }))

@@ -1,10 +1,10 @@
-//! Opening upstream connections: TCP (optionally `SO_MARK`ed), TLS verified for a host name,
-//! and an HTTP/1.1 client handshake on top.
+//! Opening upstream connections: TCP (optionally `SO_MARK`ed), TLS verified for a host name
+//! (offering ALPN `h2` then `http/1.1`), and the HTTP client handshake the server chose.
 
+use super::pool::Sender;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use std::net::SocketAddr;
@@ -36,6 +36,11 @@ pub enum DialError {
     },
     #[error("HTTP/1.1 handshake with {addr}: {cause}")]
     Http {
+        addr: SocketAddr,
+        cause: hyper::Error,
+    },
+    #[error("HTTP/2 handshake with {addr}: {cause}")]
+    Http2 {
         addr: SocketAddr,
         cause: hyper::Error,
     },
@@ -103,28 +108,56 @@ impl Dialer {
         Ok(Either::Right(tls))
     }
 
-    /// [`Self::connect`] plus an HTTP/1.1 handshake; the connection task runs in the background.
-    pub async fn http1(
+    /// [`Self::connect`] plus the HTTP handshake: HTTP/2 when TLS negotiated `h2` or when
+    /// `h2c` asks for plaintext HTTP/2 with prior knowledge, HTTP/1.1 otherwise. The connection
+    /// task runs in the background until every sender is dropped.
+    pub async fn open(
         &self,
         addr: SocketAddr,
         tls_name: Option<&str>,
         mark: Option<u32>,
-    ) -> Result<SendRequest<ReqBody>, DialError> {
+        h2c: bool,
+    ) -> Result<Sender, DialError> {
         let io = self.connect(addr, tls_name, mark).await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        let h2 = match &io {
+            Either::Left(_) => h2c,
+            Either::Right(tls) => tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice()),
+        };
+        let io = TokioIo::new(io);
+        if h2 {
+            let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                .adaptive_window(true)
+                .keep_alive_interval(H2_PING_INTERVAL)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
+                .keep_alive_while_idle(true);
+            let (sender, conn) = b
+                .handshake(io)
+                .await
+                .map_err(|cause| DialError::Http2 { addr, cause })?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                }
+            });
+            return Ok(Sender::H2(sender));
+        }
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
-            .map_err(|source| DialError::Http {
-                addr,
-                cause: source,
-            })?;
+            .map_err(|cause| DialError::Http { addr, cause })?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok(Sender::H1(sender))
     }
 }
+
+/// An idle pooled HTTP/2 connection is pinged this often, so a dead one is noticed before a
+/// request is put on it.
+const H2_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const H2_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,7 @@ use super::limits;
 use super::rewind::Rewind;
 use crate::audit::RequestAudit;
 use crate::conn::{ConnectionInfo, Decision, DenyReason};
-use crate::connector::{Failure, RespBody, UpstreamSlot, UpstreamTarget};
+use crate::connector::{Failure, RespBody, UpstreamTarget};
 use crate::pipeline::RequestContext;
 use crate::response;
 use crate::state::SidecarState;
@@ -76,7 +76,6 @@ pub async fn serve_http<S>(
             }
         }
     }
-    let slot = Arc::new(UpstreamSlot::default());
     // Idle = no request in flight; each request and its response body hold `activity` busy.
     let timeouts = limits::timeouts();
     let activity = Arc::new(limits::Activity::default());
@@ -86,11 +85,10 @@ pub async fn serve_http<S>(
         let mode = mode.clone();
         let activity = activity.clone();
         service_fn(move |req| {
-            let (state, conn, mode, slot) =
-                (state.clone(), conn.clone(), mode.clone(), slot.clone());
+            let (state, conn, mode) = (state.clone(), conn.clone(), mode.clone());
             let busy = activity.begin();
             async move {
-                let resp = handle(&state, &conn, &mode, &slot, req).await;
+                let resp = handle(&state, &conn, &mode, req).await;
                 Ok::<_, Infallible>(limits::hold_until_sent(resp, busy))
             }
         })
@@ -303,10 +301,25 @@ async fn handle(
     state: &SidecarState,
     conn: &ConnectionInfo,
     mode: &HttpMode,
-    slot: &UpstreamSlot,
     mut req: Request<Incoming>,
 ) -> Response<RespBody> {
     let method = req.method().clone();
+    // gRPC clients get denials and aborts as grpc-status, everything else the JSON bodies.
+    let grpc = crate::connector::is_grpc(req.headers());
+    let deny = |d: &Decision| {
+        if grpc {
+            response::grpc_deny(d)
+        } else {
+            response::deny(d)
+        }
+    };
+    let abort = |status: StatusCode, reason: &str, detail: &str| {
+        if grpc {
+            response::grpc_abort(status, reason, detail)
+        } else {
+            response::abort(status, reason, detail)
+        }
+    };
     let (mode_h, mode_p) = mode_host(mode);
     // From here on, whatever happens (including the client leaving), one record.
     let rec = RequestAudit::new(&state.audit, conn)
@@ -328,7 +341,7 @@ async fn handle(
             let d = Decision::deny(DenyReason::MalformedRequest, detail);
             rec.deny(&d);
             discard_body(req.into_body()).await;
-            return response::deny(&d);
+            return deny(&d);
         }
     };
     let up = &target.upstream;
@@ -351,7 +364,7 @@ async fn handle(
     if !decision.is_allow() {
         rec.deny(&decision);
         discard_body(req.into_body()).await;
-        return response::deny(&decision);
+        return deny(&decision);
     }
     let prepared = match state.connector.prepare(req, up, conn).await {
         Ok(p) => p,
@@ -359,26 +372,26 @@ async fn handle(
             // Fail closed: the allow becomes a denial; nothing was sent upstream.
             let denied = decision.into_deny(DenyReason::CredentialUnavailable, detail);
             rec.deny(&denied);
-            return response::deny(&denied);
+            return deny(&denied);
         }
         Err((Failure::InsecureUpstream(detail), _)) => {
             let denied = decision.into_deny(DenyReason::InsecureUpstream, detail);
             rec.deny(&denied);
-            return response::deny(&denied);
+            return deny(&denied);
         }
         Err((failure, mut outcome)) => {
             let (status, reason, detail) = abort_of(failure);
             outcome.aborted = Some(reason.to_string());
             rec.abort_before_send(&decision, outcome);
-            return response::abort(status, reason, &detail);
+            return abort(status, reason, &detail);
         }
     };
     // The decision is in the audit sink before anything leaves.
     let committed = match rec.commit(&decision, prepared.planned.clone()).await {
         Ok(c) => c,
-        Err((rec, e)) => return response::deny(&rec.deny_unaudited(&e)),
+        Err((rec, e)) => return deny(&rec.deny_unaudited(&e)),
     };
-    match state.connector.send(prepared, slot).await {
+    match state.connector.send(prepared).await {
         Ok((resp, outcome)) => {
             committed.finish(outcome);
             resp
@@ -388,7 +401,7 @@ async fn handle(
             tracing::warn!(conn = conn.conn_id, host = %up.host, reason, detail = %detail, "aborted after allow");
             outcome.aborted = Some(reason.to_string());
             committed.finish(outcome);
-            response::abort(status, reason, &detail)
+            abort(status, reason, &detail)
         }
     }
 }
