@@ -186,4 +186,6 @@ pub struct ConnectorOutcome {
     pub upstream_protocol: Option<&'static str>,
     /// Whether the request went on a pooled (already open) upstream connection.
     pub upstream_reused: Option<bool>,
+    /// Upgraded sessions (WebSocket): from the 101 to the close.
+    pub duration_ms: Option<u64>,
 }

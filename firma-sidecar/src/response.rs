@@ -143,7 +143,7 @@ mod tests {
 
     #[test]
     fn grpc_message_is_percent_encoded() {
-        assert_eq!(grpc_percent_encode("a 100% é\n"), "a 100%25 %C3%A9\\n");
+        assert_eq!(grpc_percent_encode("a 100% é\n"), "a 100%25 %C3%A9%0A");
         let r = grpc_abort(StatusCode::TOO_MANY_REQUESTS, "RateLimited", "slow down");
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.headers()["grpc-status"], "8");

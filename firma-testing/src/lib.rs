@@ -6,6 +6,7 @@
 //! - [`sidecar`], [`authority`]: temp deployments and the running processes;
 //! - [`pki`], [`upstream`]: test CAs and the local HTTPS upstream that records requests;
 //! - [`grpc`]: a real grpcio TLS server and client (Python);
+//! - [`ws`]: a real WebSocket echo server and client (Python `websockets`);
 //! - [`kernel`]: root/BPF checks, network namespaces, test cgroups and pin directories;
 //! - [`client`]: curl, raw exchanges, clients started inside a cgroup;
 //! - [`vault`]: a RustyVault launcher;
@@ -26,6 +27,7 @@ pub mod process;
 pub mod sidecar;
 pub mod upstream;
 pub mod vault;
+pub mod ws;
 
 pub use process::{firma, firma_bin, firma_env};
 

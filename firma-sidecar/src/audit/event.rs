@@ -120,6 +120,7 @@ pub fn outcome(input: &AuditInput<'_>, decision_event_id: &str) -> Map<String, V
             "bytes_down": c.bytes_down,
             "upstream_protocol": c.upstream_protocol,
             "upstream_reused": c.upstream_reused,
+            "duration_ms": c.duration_ms,
         },
         "timings_us": { "upstream_us": c.upstream_us },
     }))

@@ -50,11 +50,18 @@ pub enum DialError {
 #[derive(Clone)]
 pub struct Dialer {
     tls: Arc<ClientConfig>,
+    /// The same with ALPN `http/1.1` only (WebSocket upgrades need an HTTP/1.1 hop).
+    tls_h1: Arc<ClientConfig>,
 }
 
 impl Dialer {
     pub fn new(tls: Arc<ClientConfig>) -> Self {
-        Self { tls }
+        let mut h1 = (*tls).clone();
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self {
+            tls,
+            tls_h1: Arc::new(h1),
+        }
     }
 
     /// TCP to `addr`; TLS verified for `tls_name` when given. `mark` sets `SO_MARK` before
@@ -64,6 +71,16 @@ impl Dialer {
         addr: SocketAddr,
         tls_name: Option<&str>,
         mark: Option<u32>,
+    ) -> Result<UpstreamIo, DialError> {
+        self.connect_with(addr, tls_name, mark, &self.tls).await
+    }
+
+    async fn connect_with(
+        &self,
+        addr: SocketAddr,
+        tls_name: Option<&str>,
+        mark: Option<u32>,
+        tls_config: &Arc<ClientConfig>,
     ) -> Result<UpstreamIo, DialError> {
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()
@@ -97,7 +114,7 @@ impl Dialer {
             ServerName::try_from(name.to_string()).map_err(|_| DialError::BadName {
                 name: name.to_string(),
             })?;
-        let tls = TlsConnector::from(self.tls.clone())
+        let tls = TlsConnector::from(tls_config.clone())
             .connect(server_name, tcp)
             .await
             .map_err(|source| DialError::Tls {
@@ -151,6 +168,30 @@ impl Dialer {
             }
         });
         Ok(Sender::H1(sender))
+    }
+}
+
+impl Dialer {
+    /// An HTTP/1.1 connection (ALPN `http/1.1` only) that supports upgrades, for one WebSocket
+    /// session; never pooled.
+    pub async fn open_upgradable(
+        &self,
+        addr: SocketAddr,
+        tls_name: Option<&str>,
+        mark: Option<u32>,
+    ) -> Result<hyper::client::conn::http1::SendRequest<ReqBody>, DialError> {
+        let io = self
+            .connect_with(addr, tls_name, mark, &self.tls_h1)
+            .await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|cause| DialError::Http { addr, cause })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgrade connection ended with an error");
+            }
+        });
+        Ok(sender)
     }
 }
 

@@ -20,6 +20,7 @@ use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use pool::{CredentialFingerprint, Pool, PoolKey, Release, Sender};
 use ratelimit::HostLimiter;
 use std::collections::HashMap;
@@ -383,6 +384,66 @@ impl Connector {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok((Response::from_parts(parts, body), outcome))
+    }
+
+    /// Sends a [`Prepared`] WebSocket upgrade on its own HTTP/1.1 connection. On `101` the
+    /// response comes back with the upstream's upgrade (the caller relays once the client's
+    /// 101 is out); any other status is an ordinary response.
+    pub async fn send_upgrade(
+        &self,
+        p: Prepared,
+    ) -> Result<
+        (Response<RespBody>, Option<OnUpgrade>, ConnectorOutcome),
+        (Failure, ConnectorOutcome),
+    > {
+        let Prepared {
+            mut req,
+            key,
+            timeout,
+            planned: mut outcome,
+            ..
+        } = p;
+        crate::interceptor::websocket::restore_upgrade_headers(req.headers_mut());
+        req.headers_mut().remove(header::TE);
+        let started = Instant::now();
+        let (host, addr) = (key.host.clone(), key.addr);
+        let sent = tokio::time::timeout(timeout, async {
+            let mut s = self
+                .dialer
+                .open_upgradable(key.addr, key.tls_name.as_deref(), key.mark)
+                .await
+                .map_err(|e| Failure::UpstreamUnavailable(e.to_string()))?;
+            s.send_request(req).await.map_err(|e| {
+                Failure::UpstreamUnavailable(format!("upstream {addr} upgrade request failed: {e}"))
+            })
+        })
+        .await;
+        outcome.upstream_us = started.elapsed().as_micros() as u64;
+        let mut resp = match sent {
+            Err(_) => {
+                return Err((
+                    Failure::UpstreamTimeout(format!(
+                        "no response from {host} ({addr}) within {} ms",
+                        timeout.as_millis()
+                    )),
+                    outcome,
+                ));
+            }
+            Ok(Err(f)) => return Err((f, outcome)),
+            Ok(Ok(r)) => r,
+        };
+        outcome.upstream_status = Some(resp.status().as_u16());
+        outcome.upstream_protocol = Some("http/1.1");
+        outcome.upstream_reused = Some(false);
+        let upgrade = (resp.status() == http::StatusCode::SWITCHING_PROTOCOLS)
+            .then(|| hyper::upgrade::on(&mut resp));
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if upgrade.is_some() {
+            outcome.upstream_protocol = Some("websocket");
+            crate::interceptor::websocket::restore_upgrade_headers(&mut parts.headers);
+        }
+        Ok((Response::from_parts(parts, body.boxed()), upgrade, outcome))
     }
 
     async fn dial(&self, key: &PoolKey) -> Result<Sender, Failure> {

@@ -11,6 +11,7 @@ use super::framing::{FramingGuard, Verdict};
 use super::head::{self, HeadError};
 use super::limits;
 use super::rewind::Rewind;
+use super::websocket;
 use crate::audit::RequestAudit;
 use crate::conn::{ConnectionInfo, Decision, DenyReason};
 use crate::connector::{Failure, RespBody, UpstreamTarget};
@@ -122,7 +123,8 @@ pub async fn serve_http<S>(
             .timer(TokioTimer::new())
             .header_read_timeout(HEAD_TIMEOUT)
             .max_buf_size(head::MAX_HEAD + 8192);
-        let c = builder.serve_connection(io, svc);
+        // Upgrades: WebSocket requests that the upstream switched (see `websocket`).
+        let c = builder.serve_connection(io, svc).with_upgrades();
         tokio::pin!(c);
         tokio::select! {
             r = c.as_mut() => r,
@@ -303,6 +305,30 @@ async fn handle(
     mode: &HttpMode,
     mut req: Request<Incoming>,
 ) -> Response<RespBody> {
+    if !websocket::is_upgrade(req.method(), req.version(), req.headers()) {
+        return handle_request(state, conn, mode, req, None).await;
+    }
+    let client = hyper::upgrade::on(&mut req);
+    let mut resp = handle_request(state, conn, mode, req, Some(client)).await;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The framing guard stopped checking heads after the upgrade request: nothing may
+        // follow a refused one on this connection.
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
+}
+
+/// One request; `upgrade` is the client side of a WebSocket upgrade request.
+async fn handle_request(
+    state: &SidecarState,
+    conn: &ConnectionInfo,
+    mode: &HttpMode,
+    mut req: Request<Incoming>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<RespBody> {
     let method = req.method().clone();
     // gRPC clients get denials and aborts as grpc-status, everything else the JSON bodies.
     let grpc = crate::connector::is_grpc(req.headers());
@@ -391,6 +417,31 @@ async fn handle(
         Ok(c) => c,
         Err((rec, e)) => return deny(&rec.deny_unaudited(&e)),
     };
+    if let Some(client) = upgrade {
+        return match state.connector.send_upgrade(prepared).await {
+            Ok((resp, Some(upstream), outcome)) => {
+                let mut committed = committed;
+                *committed.outcome_mut() = outcome;
+                state.drain.spawn(websocket::relay(
+                    client,
+                    upstream,
+                    committed,
+                    state.drain.clone(),
+                ));
+                resp
+            }
+            Ok((resp, None, outcome)) => {
+                committed.finish(outcome);
+                resp
+            }
+            Err((failure, mut outcome)) => {
+                let (status, reason, detail) = abort_of(failure);
+                outcome.aborted = Some(reason.to_string());
+                committed.finish(outcome);
+                abort(status, reason, &detail)
+            }
+        };
+    }
     match state.connector.send(prepared).await {
         Ok((resp, outcome)) => {
             committed.finish(outcome);
