@@ -267,6 +267,13 @@ pub struct MappingConfig {
     /// Deny requests no rule maps (`UnclassifiedIntent`); otherwise they pass and are audited.
     #[serde(default = "yes")]
     pub default_protected: bool,
+    /// Largest request body read for a rule's `extract` (bigger: `MalformedRequest`).
+    #[serde(default = "default_extract_max_body_bytes")]
+    pub extract_max_body_bytes: usize,
+}
+
+fn default_extract_max_body_bytes() -> usize {
+    1024 * 1024
 }
 
 impl MappingConfig {

@@ -23,6 +23,26 @@ struct Intent {
     host: Option<String>,
     port: u16,
     path: Option<String>,
+    /// `envelope.intent.request`: attributes extracted from the body for Cedar.
+    request: Option<serde_json::Value>,
+}
+
+impl Intent {
+    /// Adds `envelope.intent.request` to an event body, when there is one.
+    fn annotate(
+        &self,
+        mut body: serde_json::Map<String, serde_json::Value>,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        if let Some(r) = &self.request
+            && let Some(intent) = body
+                .get_mut("envelope")
+                .and_then(|e| e.get_mut("intent"))
+                .and_then(|i| i.as_object_mut())
+        {
+            intent.insert("request".into(), r.clone());
+        }
+        body
+    }
 }
 
 impl Intent {
@@ -67,6 +87,12 @@ impl RequestAudit {
         self
     }
 
+    /// Attributes extracted from the request body (recorded with the decision and outcome).
+    pub fn request_attrs(mut self, attrs: Option<serde_json::Value>) -> Self {
+        self.intent.request = attrs;
+        self
+    }
+
     /// What is known of the destination so far (host may be unknown, path is for requests).
     pub fn target(mut self, host: Option<&str>, port: u16, path: Option<&str>) -> Self {
         self.intent.host = host.map(str::to_owned);
@@ -96,8 +122,10 @@ impl RequestAudit {
             detail = %decision.detail,
             "denied"
         );
-        self.log
-            .record_body(event::body(&self.input(decision, None)));
+        self.log.record_body(
+            self.intent
+                .annotate(event::body(&self.input(decision, None))),
+        );
     }
 
     /// Persists the ALLOW decision; `planned` says which credential will be attached. On
@@ -108,7 +136,9 @@ impl RequestAudit {
         decision: &Decision,
         planned: ConnectorOutcome,
     ) -> Result<Committed, (Self, AuditUnavailable)> {
-        let body = event::body(&self.input(decision, Some(planned.clone())));
+        let body = self
+            .intent
+            .annotate(event::body(&self.input(decision, Some(planned.clone()))));
         let id = body
             .get("event_id")
             .and_then(|v| v.as_str())
@@ -141,8 +171,10 @@ impl RequestAudit {
             aborted = outcome.aborted.as_deref().unwrap_or("-"),
             "aborted after allow, before sending"
         );
-        self.log
-            .record_body(event::body(&self.input(decision, Some(outcome))));
+        self.log.record_body(
+            self.intent
+                .annotate(event::body(&self.input(decision, Some(outcome)))),
+        );
     }
 
     /// Denies with [`DenyReason::AuditUnavailable`] after a failed [`Self::commit`].
@@ -208,8 +240,10 @@ impl Committed {
             credential_injected = self.outcome.credential_injected,
             "allowed"
         );
-        self.log
-            .record_body(event::outcome(&input, &self.decision_event_id));
+        let body = self
+            .intent
+            .annotate(event::outcome(&input, &self.decision_event_id));
+        self.log.record_body(body);
     }
 }
 

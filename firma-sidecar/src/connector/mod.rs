@@ -19,7 +19,6 @@ use dial::{DialError, Dialer, ReqBody};
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use pool::{CredentialFingerprint, Pool, PoolKey, Release, Sender};
 use ratelimit::HostLimiter;
@@ -225,7 +224,7 @@ impl Connector {
     /// before the credential is even fetched.
     pub async fn prepare(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ReqBody>,
         target: &UpstreamTarget,
         conn: &ConnectionInfo,
     ) -> Result<Prepared, (Failure, ConnectorOutcome)> {
@@ -297,7 +296,7 @@ impl Connector {
         *req.uri_mut() = pq.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
         *req.version_mut() = http::Version::HTTP_11;
         Ok(Prepared {
-            req: req.map(|b| b.boxed()),
+            req,
             key: PoolKey {
                 host: target.host.clone(),
                 addr,

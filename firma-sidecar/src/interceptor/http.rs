@@ -16,6 +16,7 @@ use crate::audit::RequestAudit;
 use crate::conn::{ConnectionInfo, Decision, DenyReason};
 use crate::connector::{Failure, RespBody, UpstreamTarget};
 use crate::pipeline::RequestContext;
+use crate::pipeline::extract;
 use crate::response;
 use crate::state::SidecarState;
 use http::{Request, Response, StatusCode};
@@ -372,6 +373,23 @@ async fn handle_request(
     };
     let up = &target.upstream;
     let rec = rec.target(Some(&up.host), up.port, Some(&target.path));
+    // Rules that extract body attributes for Cedar: read (bounded) and parse the body first.
+    let spec = state
+        .pipeline
+        .extraction(method.as_str(), &up.host, &target.path);
+    let (req, attrs) = if spec.is_empty() {
+        (req.map(http_body_util::BodyExt::boxed), None)
+    } else {
+        match read_for_extract(req, &spec, state.pipeline.extract_limit()).await {
+            Ok((req, attrs)) => (req, Some(attrs)),
+            Err(detail) => {
+                let d = Decision::deny(DenyReason::MalformedRequest, detail);
+                rec.deny(&d);
+                return deny(&d);
+            }
+        }
+    };
+    let rec = rec.request_attrs(attrs.as_ref().map(extract::to_json));
     let ctx = RequestContext {
         conn: conn.clone(),
         method: method.clone(),
@@ -380,6 +398,7 @@ async fn handle_request(
         path: target.path.clone(),
         headers: req.headers().clone(),
         tls: matches!(mode, HttpMode::Bound { tls: true, .. }),
+        request: attrs,
     };
     let mut decision = state.pipeline.decide(&ctx).await;
     if decision.is_allow()
@@ -468,6 +487,45 @@ fn abort_of(failure: Failure) -> (StatusCode, &'static str, String) {
     }
 }
 
+/// How long a client has to send a body that must be read before the decision.
+const EXTRACT_BODY_TIME: Duration = Duration::from_secs(30);
+
+/// Reads a body whose rule extracts attributes (at most `limit` bytes, within
+/// [`EXTRACT_BODY_TIME`]), extracts them, and gives the request back with the same bytes as its
+/// body. `Err` is the `MalformedRequest` detail.
+async fn read_for_extract(
+    req: Request<Incoming>,
+    spec: &[extract::Extract],
+    limit: usize,
+) -> Result<
+    (
+        Request<crate::connector::dial::ReqBody>,
+        extract::Attributes,
+    ),
+    String,
+> {
+    use http_body_util::{BodyExt, Full, Limited};
+    let (parts, body) = req.into_parts();
+    let collected = tokio::time::timeout(EXTRACT_BODY_TIME, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| {
+            format!("request body not received within {EXTRACT_BODY_TIME:?}")
+        })?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                format!(
+                    "request body larger than {limit} bytes ([sidecar.mapping] extract_max_body_bytes); this endpoint's mapping rule reads attributes from it"
+                )
+            } else {
+                format!("reading the request body: {e}")
+            }
+        })?;
+    let bytes = collected.to_bytes();
+    let attrs = extract::extract(spec, &bytes)?;
+    let body = Full::new(bytes).map_err(|never| match never {}).boxed();
+    Ok((Request::from_parts(parts, body), attrs))
+}
+
 /// Most of a denied request's body we read (and drop) before answering.
 const DISCARD_MAX: usize = 64 * 1024;
 /// How long we wait for it.
@@ -478,7 +536,7 @@ const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 /// sending makes hyper reset the stream (RST_STREAM), and clients such as curl then report the
 /// 403 as a framing error instead of showing it; a small body read to its end lets the stream
 /// close cleanly. Anything larger is not worth receiving: the reset is the right answer then.
-async fn discard_body(mut body: Incoming) {
+async fn discard_body<B: hyper::body::Body<Data = bytes::Bytes> + Unpin>(mut body: B) {
     use http_body_util::BodyExt;
     let mut seen = 0usize;
     let _ = tokio::time::timeout(DISCARD_TIME, async {

@@ -1,0 +1,175 @@
+//! LLM-native policies end to end (docs/llm-policies.md): request attributes extracted from
+//! JSON bodies by the shipped mapping rules and decided on by the shipped `runtime/llm` Cedar
+//! policy, token usage read from JSON and SSE responses into per-session totals and budgets.
+//! The real `firma sidecar` (http_proxy mode, MITM), curl and Python clients, the local HTTPS
+//! upstream playing OpenAI and Anthropic, the signed audit file.
+
+use firma_testing::client::*;
+use firma_testing::sidecar::*;
+use firma_testing::upstream::*;
+use firma_testing::*;
+use std::time::Duration;
+
+const CANARY: &str = "sk-canary-llm-77d0";
+const HOSTS: [&str; 3] = ["api.openai.com", "api.anthropic.com", "paste.rs"];
+
+fn llm_policy() -> String {
+    shipped_policy("runtime/llm/llm.cedar")
+}
+
+fn setup_with(policy: String, extra: &str) -> (Upstream, Deployment, Sidecar) {
+    let tmp = tempfile::tempdir().unwrap();
+    let up = Upstream::start(tmp.path(), &HOSTS);
+    let hosts: Vec<String> = HOSTS.map(String::from).to_vec();
+    let s = Settings {
+        intercept_hosts: hosts.clone(),
+        strict_hosts: Vec::new(),
+        upstream_hosts: hosts,
+        runtime_policy: policy,
+        extra: format!(
+            "[[sidecar.credentials]]\nhost = \"api.openai.com\"\nmode = \"basic\"\nheader = \"Authorization\"\nprefix = \"Bearer \"\nvalue_from_env = \"FIRMA_TEST_OPENAI_KEY\"\n\n{extra}"
+        ),
+        ..Settings::default()
+    };
+    let d = Deployment::new(Some(&up), &s);
+    std::fs::copy(&up.ca_path, d.root().join("upstream-ca.crt")).unwrap();
+    std::mem::forget(tmp);
+    let sc = d.start(&[("FIRMA_TEST_OPENAI_KEY", CANARY)]);
+    (up, d, sc)
+}
+
+fn setup() -> (Upstream, Deployment, Sidecar) {
+    setup_with(llm_policy(), "")
+}
+
+/// POST `body` (exact bytes) as JSON to `url` through the proxy.
+fn post(sc: &Sidecar, d: &Deployment, url: &str, body: &str) -> CurlOut {
+    curl(
+        &sc.proxy_url(),
+        &d.ca_cert(),
+        url,
+        &[
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+        ],
+    )
+}
+
+const CHAT: &str = "https://api.openai.com/v1/chat/completions";
+
+/// The decision event for the `n`-th request (0-based) to `host` `path`.
+fn decision(d: &Deployment, host: &str, path: &str, n: usize) -> serde_json::Value {
+    assert_eventually(Duration::from_secs(5), "decision audited", || {
+        d.audit_for(host)
+            .into_iter()
+            .filter(|e| e["envelope"]["intent"]["resource"]["path"] == path)
+            .nth(n)
+    })
+}
+
+#[test]
+fn model_allow_list_and_max_tokens_cap_decide_on_the_body() {
+    let (up, d, sc) = setup();
+    // Allowed model, cap respected: forwarded byte for byte (odd spacing kept).
+    let body = r#"{"model":  "gpt-4o-mini" , "max_tokens":100, "messages":[{"role":"user","content":"hi"}]}"#;
+    let out = post(&sc, &d, CHAT, body);
+    assert_eq!(out.status, 200, "{out:?}\n{}", sc.log_text());
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, body.as_bytes(), "body forwarded unchanged");
+    assert_eq!(seen[0].headers["authorization"], format!("Bearer {CANARY}"));
+    let e = decision(&d, "api.openai.com", "/v1/chat/completions", 0);
+    assert_eq!(e["decision"]["outcome"], "ALLOW");
+    assert_eq!(
+        e["envelope"]["intent"]["request"],
+        serde_json::json!({"model": "gpt-4o-mini", "max_tokens": 100})
+    );
+
+    // A model off the list: denied by policy, never sent.
+    let out = post(&sc, &d, CHAT, r#"{"model":"gpt-4o","messages":[]}"#);
+    assert_eq!(out.status, 403, "{out:?}");
+    assert_eq!(out.json()["reason"], "PolicyDenied");
+    let e = decision(&d, "api.openai.com", "/v1/chat/completions", 1);
+    assert_eq!(e["decision"]["reason"], "PolicyDenied");
+    assert_eq!(e["envelope"]["intent"]["request"]["model"], "gpt-4o");
+
+    // Over the max_tokens cap, under either field name the API accepts.
+    for body in [
+        r#"{"model":"gpt-4o-mini","max_tokens":8000}"#,
+        r#"{"model":"gpt-4o-mini","max_completion_tokens":8000,"max_tokens":10}"#,
+    ] {
+        let out = post(&sc, &d, CHAT, body);
+        assert_eq!(out.status, 403, "{body}: {out:?}");
+        assert_eq!(out.json()["reason"], "PolicyDenied");
+    }
+    assert_eq!(up.count(), 1, "denied calls reached the upstream");
+
+    // Anthropic Messages: its own rule and allow-list.
+    let out = post(
+        &sc,
+        &d,
+        "https://api.anthropic.com/v1/messages",
+        r#"{"model":"claude-3-5-haiku-latest","max_tokens":1024,"messages":[]}"#,
+    );
+    assert_eq!(out.status, 200, "{out:?}");
+    let out = post(
+        &sc,
+        &d,
+        "https://api.anthropic.com/v1/messages",
+        r#"{"model":"claude-opus-4","max_tokens":1024,"messages":[]}"#,
+    );
+    assert_eq!(out.status, 403, "{out:?}");
+
+    // Listing models has no body and no context.request: allowed by its own clause.
+    let out = curl(
+        &sc.proxy_url(),
+        &d.ca_cert(),
+        "https://api.openai.com/v1/models",
+        &[],
+    );
+    assert_eq!(out.status, 200, "{out:?}");
+}
+
+/// Hostile bodies on a rule that extracts: not JSON, wrong types, duplicate keys (a parser
+/// differential), over the size limit. Each is a 400 MalformedRequest, audited, never sent.
+#[test]
+fn malformed_bodies_on_extracting_rules_are_refused_and_audited() {
+    let (up, d, sc) = setup();
+    let big = format!(
+        r#"{{"model":"gpt-4o-mini","pad":"{}"}}"#,
+        "x".repeat(1024 * 1024 + 10)
+    );
+    let big_path = d.root().join("big.json");
+    std::fs::write(&big_path, &big).unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        ("not json at all".into(), "not valid JSON"),
+        (
+            r#"{"model":"gpt-4o-mini","max_tokens":"lots"}"#.into(),
+            "must be an integer",
+        ),
+        (
+            r#"{"model":"gpt-4o-mini","model":"gpt-4o"}"#.into(),
+            "duplicate key",
+        ),
+        (
+            format!("@{}", big_path.display()),
+            "larger than 1048576 bytes",
+        ),
+    ];
+    for (i, (body, why)) in cases.iter().enumerate() {
+        let out = post(&sc, &d, CHAT, body);
+        assert_eq!(out.status, 400, "case {i}: {out:?}");
+        assert_eq!(out.json()["reason"], "MalformedRequest");
+        let detail = out.json()["detail"].as_str().unwrap().to_string();
+        assert!(detail.contains(why), "case {i}: {detail}");
+        let e = decision(&d, "api.openai.com", "/v1/chat/completions", i);
+        assert_eq!(e["decision"]["reason"], "MalformedRequest");
+        assert!(e["decision"]["detail"].as_str().unwrap().contains(why));
+    }
+    assert_eq!(up.count(), 0);
+    // A rule without `extract` streams any body, JSON or not.
+    let out = post(&sc, &d, "https://api.openai.com/v1/models", "not json");
+    assert_ne!(out.status, 400, "{out:?}");
+}
