@@ -188,4 +188,15 @@ pub struct ConnectorOutcome {
     pub upstream_reused: Option<bool>,
     /// Upgraded sessions (WebSocket): from the 101 to the close.
     pub duration_ms: Option<u64>,
+    /// LLM calls: the tokens the response reported and their cost (with a price table).
+    pub usage: Option<UsageOutcome>,
+}
+
+/// Token usage of one LLM response (audit `connector.usage`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UsageOutcome {
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    /// `None` when the model has no `[[sidecar.llm.prices]]` entry.
+    pub cost_nano_usd: Option<i64>,
 }

@@ -191,6 +191,7 @@ pub async fn run(cfg: &SidecarConfig) -> Result<(), SidecarError> {
     } else {
         tracing::info!(target: "firma_sidecar", "drained: all connections finished");
     }
+    state.pipeline.flush_usage();
     audit.flush().await;
     tracing::info!(target: "firma_sidecar", "sidecar stopped");
     Ok(())

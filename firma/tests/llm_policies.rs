@@ -173,3 +173,146 @@ fn malformed_bodies_on_extracting_rules_are_refused_and_audited() {
     let out = post(&sc, &d, "https://api.openai.com/v1/models", "not json");
     assert_ne!(out.status, 400, "{out:?}");
 }
+
+/// A session budget of 400 tokens, and gpt-4o-mini priced.
+const BUDGET_POLICY: &str = r#"
+permit (principal, action == Firma::Action::"model.inference.chat", resource)
+when {
+  resource has "host" &&
+  context has request && context.request has model &&
+  ["gpt-4o-mini", "claude-3-5-haiku-latest"].contains(context.request.model) &&
+  context has session && context.session.tokens_used < 400
+};
+"#;
+
+fn llm_extra(state: &std::path::Path) -> String {
+    format!(
+        "[sidecar.llm]\nusage_state_path = {:?}\n\n[[sidecar.llm.prices]]\nmodel = \"gpt-4o-mini\"\ninput_per_1k_usd = 0.15\noutput_per_1k_usd = 0.6\n",
+        state.display().to_string()
+    )
+}
+
+/// `outcome` events of LLM calls, in order.
+fn usage_outcomes(d: &Deployment, n: usize) -> Vec<serde_json::Value> {
+    assert_eventually(Duration::from_secs(10), "usage outcomes", || {
+        let o: Vec<_> = d
+            .audit()
+            .into_iter()
+            .filter(|e| e["event"] == "outcome" && !e["connector"]["usage"].is_null())
+            .collect();
+        (o.len() >= n).then_some(o)
+    })
+}
+
+#[test]
+fn usage_from_json_and_sse_counts_against_the_session_budget_across_restarts() {
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("usage.json");
+    let (up, d, mut sc) = setup_with(BUDGET_POLICY.into(), &llm_extra(&state));
+
+    // 1. JSON response: 100 in + 150 out = 250 tokens.
+    let out = post(&sc, &d, CHAT, r#"{"model":"gpt-4o-mini","max_tokens":150}"#);
+    assert_eq!(out.status, 200, "{out:?}\n{}", sc.log_text());
+    let o = usage_outcomes(&d, 1);
+    let u = &o[0]["connector"]["usage"];
+    assert_eq!(u["input_tokens"], 100);
+    assert_eq!(u["output_tokens"], 150);
+    assert_eq!(u["total_tokens"], 250);
+    // 100 * 0.15/1k + 150 * 0.6/1k = 0.015 + 0.09
+    assert!(
+        (u["cost_usd"].as_f64().unwrap() - 0.105).abs() < 1e-9,
+        "{u}"
+    );
+    assert_eq!(o[0]["connector"]["upstream_status"], 200);
+
+    // 2. Streamed (SSE, usage in the last chunk): 100 + 100; the session is now at 450, over
+    //    the budget, but this call was decided at 250 and completes.
+    let out = post(
+        &sc,
+        &d,
+        CHAT,
+        r#"{"model":"gpt-4o-mini","max_tokens":100,"stream":true,"stream_options":{"include_usage":true}}"#,
+    );
+    assert_eq!(out.status, 200, "{out:?}");
+    assert!(out.body.contains("data: [DONE]"), "{}", out.body);
+    let o = usage_outcomes(&d, 2);
+    assert_eq!(o[1]["connector"]["usage"]["total_tokens"], 200);
+
+    // 3. The next call is denied: the budget ran out.
+    let out = post(&sc, &d, CHAT, r#"{"model":"gpt-4o-mini","max_tokens":1}"#);
+    assert_eq!(out.status, 403, "{out:?}");
+    assert_eq!(out.json()["reason"], "PolicyDenied");
+    assert_eq!(up.count(), 2);
+
+    // 4. Totals survive a restart (SIGTERM writes the snapshot): still denied.
+    sc.terminate(Duration::from_secs(10));
+    assert!(state.exists(), "usage state written at shutdown");
+    let sc = d.start(&[("FIRMA_TEST_OPENAI_KEY", CANARY)]);
+    let out = post(&sc, &d, CHAT, r#"{"model":"gpt-4o-mini","max_tokens":1}"#);
+    assert_eq!(out.status, 403, "{out:?}\n{}", sc.log_text());
+    assert!(
+        out.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no policy permits it"),
+        "{out:?}"
+    );
+    assert_eq!(up.count(), 2);
+}
+
+#[test]
+fn anthropic_stream_usage_and_first_event_not_delayed() {
+    let state_dir = tempfile::tempdir().unwrap();
+    let (_up, d, sc) = setup_with(
+        BUDGET_POLICY.into(),
+        &llm_extra(&state_dir.path().join("u.json")),
+    );
+    // The upstream sends the first event at once and the rest 1500 ms later: the client must
+    // see the first event long before the end (nothing buffers the stream).
+    let script = r#"
+import json, sys, time, requests
+proxy, ca, url = sys.argv[1], sys.argv[2], sys.argv[3]
+t0 = time.monotonic()
+r = requests.post(url, proxies={"https": proxy}, verify=ca, stream=True, timeout=20,
+    headers={"x-test-sse-gap-ms": "1500"},
+    data=json.dumps({"model": "claude-3-5-haiku-latest", "max_tokens": 64, "stream": True}))
+first = None
+events = 0
+for line in r.iter_lines():
+    if line.startswith(b"data:"):
+        events += 1
+        if first is None:
+            first = time.monotonic() - t0
+print(json.dumps({"status": r.status_code, "first": first, "total": time.monotonic() - t0, "events": events}))
+"#;
+    let out = firma_testing::client::in_cgroup_command(
+        None,
+        "python3",
+        &[
+            "-c",
+            script,
+            &sc.proxy_url(),
+            d.ca_cert().to_str().unwrap(),
+            "https://api.anthropic.com/v1/messages",
+        ],
+    )
+    .output()
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)));
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(v["events"], 4, "{v}");
+    let (first, total) = (v["first"].as_f64().unwrap(), v["total"].as_f64().unwrap());
+    assert!(total >= 1.5, "{v}");
+    assert!(
+        first < total - 1.0,
+        "first event arrived {first:.3}s after the request, the stream ended at {total:.3}s: buffered? {v}"
+    );
+    let o = usage_outcomes(&d, 1);
+    let u = &o[0]["connector"]["usage"];
+    assert_eq!(
+        (u["input_tokens"].as_i64(), u["output_tokens"].as_i64()),
+        (Some(100), Some(64))
+    );
+    assert!(u["cost_usd"].is_null(), "no price for this model: {u}");
+}

@@ -17,13 +17,13 @@ pub enum AttrValue {
 pub struct UsageTotals {
     pub input_tokens: i64,
     pub output_tokens: i64,
-    /// Cost in units of 1/10,000 USD (Cedar `decimal` precision).
-    pub cost_ten_thousandths_usd: i64,
+    /// Cost in nano-USD (shown to Cedar as a `decimal`, rounded down to 1/10,000 USD).
+    pub cost_nano_usd: i64,
 }
 
 impl UsageTotals {
     fn record(&self) -> RestrictedExpression {
-        let c = self.cost_ten_thousandths_usd;
+        let c = self.cost_nano_usd / 100_000;
         let cost = format!(
             "{}{}.{:04}",
             if c < 0 { "-" } else { "" },

@@ -121,6 +121,12 @@ pub fn outcome(input: &AuditInput<'_>, decision_event_id: &str) -> Map<String, V
             "upstream_protocol": c.upstream_protocol,
             "upstream_reused": c.upstream_reused,
             "duration_ms": c.duration_ms,
+            "usage": c.usage.map(|u| json!({
+                "input_tokens": u.input_tokens,
+                "output_tokens": u.output_tokens,
+                "total_tokens": u.input_tokens.saturating_add(u.output_tokens),
+                "cost_usd": u.cost_nano_usd.map(|n| n as f64 / 1e9),
+            })),
         },
         "timings_us": { "upstream_us": c.upstream_us },
     }))

@@ -9,6 +9,7 @@ pub mod dial;
 pub mod pool;
 pub mod ratelimit;
 pub mod secret;
+pub mod usage;
 pub mod vault;
 
 use crate::config::SidecarConfig;
@@ -91,6 +92,8 @@ pub struct Connector {
     /// Upstream connections shared by every client connection (see [`pool`]).
     pool: Arc<Pool>,
     fingerprint: CredentialFingerprint,
+    /// `[[sidecar.llm.prices]]`: model -> USD per 1k (input, output) tokens.
+    prices: HashMap<String, (f64, f64)>,
 }
 
 /// Whether a request is gRPC (`content-type: application/grpc[+proto|;…]`).
@@ -136,7 +139,18 @@ impl Connector {
             transparent_mark: cfg.interceptor.transparent.socket_mark,
             pool: Pool::new(),
             fingerprint: CredentialFingerprint::new(),
+            prices: cfg
+                .llm
+                .prices
+                .iter()
+                .map(|p| (p.model.clone(), (p.input_per_1k_usd, p.output_per_1k_usd)))
+                .collect(),
         })
+    }
+
+    /// USD per 1k (input, output) tokens of `model`, from `[[sidecar.llm.prices]]`.
+    pub fn price(&self, model: &str) -> Option<(f64, f64)> {
+        self.prices.get(model).copied()
     }
 
     /// The shared upstream pool (for tests and metrics).

@@ -377,7 +377,7 @@ async fn handle_request(
     let spec = state
         .pipeline
         .extraction(method.as_str(), &up.host, &target.path);
-    let (req, attrs) = if spec.is_empty() {
+    let (mut req, attrs) = if spec.is_empty() {
         (req.map(http_body_util::BodyExt::boxed), None)
     } else {
         match read_for_extract(req, &spec, state.pipeline.extract_limit()).await {
@@ -390,6 +390,15 @@ async fn handle_request(
         }
     };
     let rec = rec.request_attrs(attrs.as_ref().map(extract::to_json));
+    // An LLM call (its rule extracts): its usage is read from the response, which must then
+    // arrive uncompressed (see docs/llm-policies.md).
+    let llm_model = attrs.as_ref().map(|a| match a.get("model") {
+        Some(extract::AttrValue::String(m)) => Some(m.clone()),
+        _ => None,
+    });
+    if llm_model.is_some() {
+        req.headers_mut().remove(http::header::ACCEPT_ENCODING);
+    }
     let ctx = RequestContext {
         conn: conn.clone(),
         method: method.clone(),
@@ -462,10 +471,13 @@ async fn handle_request(
         };
     }
     match state.connector.send(prepared).await {
-        Ok((resp, outcome)) => {
-            committed.finish(outcome);
-            resp
-        }
+        Ok((resp, outcome)) => match llm_model {
+            Some(model) => track_usage(state, resp, outcome, committed, &decision, model),
+            None => {
+                committed.finish(outcome);
+                resp
+            }
+        },
         Err((failure, mut outcome)) => {
             let (status, reason, detail) = abort_of(failure);
             tracing::warn!(conn = conn.conn_id, host = %up.host, reason, detail = %detail, "aborted after allow");
@@ -474,6 +486,56 @@ async fn handle_request(
             abort(status, reason, &detail)
         }
     }
+}
+
+/// Streams an LLM response through a [`UsageTap`]; when it ends, its tokens (and cost) go to
+/// the session's and agent's totals and into the request's `outcome` event, which is written
+/// then rather than at the response head.
+fn track_usage(
+    state: &SidecarState,
+    resp: Response<RespBody>,
+    outcome: crate::conn::ConnectorOutcome,
+    mut committed: crate::audit::Committed,
+    decision: &Decision,
+    model: Option<String>,
+) -> Response<RespBody> {
+    use crate::connector::usage::{Done, UsageParser, UsageTap};
+    use http_body_util::BodyExt;
+    let parser = UsageParser::for_response(resp.headers());
+    *committed.outcome_mut() = outcome;
+    let who = decision
+        .capability
+        .as_ref()
+        .map(|c| (c.session_id.clone(), c.agent_id.clone()));
+    let pipeline = state.pipeline.clone();
+    let price = model.as_deref().and_then(|m| state.connector.price(m));
+    let done: Done = Box::new(move |tokens, complete| {
+        let mut outcome = committed.outcome_mut().clone();
+        if let Some(t) = tokens {
+            let cost = price.map(|p| crate::connector::usage::cost_nano_usd(p, t));
+            if let Some((session, agent)) = &who {
+                pipeline.usage().add(
+                    session,
+                    agent,
+                    &crate::pipeline::usage::Usage {
+                        input_tokens: t.input,
+                        output_tokens: t.output,
+                        cost_nano_usd: cost.unwrap_or(0),
+                    },
+                );
+            }
+            outcome.usage = Some(crate::conn::UsageOutcome {
+                input_tokens: t.input,
+                output_tokens: t.output,
+                cost_nano_usd: cost,
+            });
+        }
+        if !complete && outcome.aborted.is_none() {
+            outcome.aborted = Some("ResponseIncomplete".into());
+        }
+        committed.finish(outcome);
+    });
+    resp.map(|b| UsageTap::new(b, parser, done).boxed())
 }
 
 /// Status, reason and detail of an abort after an allow.

@@ -105,7 +105,7 @@ struct Inner {
     policies: Arc<PolicyStore>,
     counters: ActionCounters,
     /// Token usage per session and agent (`context.session` / `context.agent`).
-    usage: usage::UsageLedger,
+    usage: Arc<usage::UsageLedger>,
     revoked: Arc<RevocationSet>,
     budget: Duration,
     /// `[sidecar.mapping] extract_max_body_bytes`.
@@ -164,6 +164,21 @@ impl Pipeline {
         let ttl = Duration::from_secs(cfg.constraint_enforcement.bundle_ttl_seconds);
         let policies = Arc::new(PolicyStore::new(ttl, mapping.clone()));
         let mut tasks = Tasks::default();
+        let usage = Arc::new(
+            usage::UsageLedger::open(cfg.llm.usage_state_path.as_deref())
+                .map_err(|e| PipelineError::Startup(e.to_string()))?,
+        );
+        if cfg.llm.usage_state_path.is_some() {
+            let ledger = usage.clone();
+            tasks.spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if let Err(e) = ledger.flush() {
+                        tracing::warn!(target: "firma_sidecar::llm", "{e}");
+                    }
+                }
+            });
+        }
 
         match &cfg.policy.authority_url {
             Some(url) => {
@@ -231,7 +246,7 @@ impl Pipeline {
                 capabilities,
                 policies,
                 counters: ActionCounters::new(),
-                usage: usage::UsageLedger::default(),
+                usage,
                 revoked,
                 budget: Duration::from_millis(cfg.constraint_enforcement.enforcement_timeout_ms),
                 extract_limit: cfg.mapping.extract_max_body_bytes,
@@ -459,6 +474,13 @@ impl Pipeline {
     /// Largest body read for extraction.
     pub fn extract_limit(&self) -> usize {
         self.inner.extract_limit
+    }
+
+    /// Writes the usage snapshot now (at shutdown).
+    pub fn flush_usage(&self) {
+        if let Err(e) = self.inner.usage.flush() {
+            tracing::warn!(target: "firma_sidecar::llm", "{e}");
+        }
     }
 
     /// The token usage ledger (the connector adds each response's usage).
