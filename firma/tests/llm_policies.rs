@@ -316,3 +316,91 @@ print(json.dumps({"status": r.status_code, "first": first, "total": time.monoton
     );
     assert!(u["cost_usd"].is_null(), "no price for this model: {u}");
 }
+
+/// Transparent mode: an unmodified curl in a tagged cgroup (no proxy) calls api.openai.com
+/// (10.77.0.2 in the test's namespace): the same extraction, policy and usage accounting.
+#[test]
+fn llm_policy_and_usage_in_tagged_cgroup() {
+    use firma_testing::config::Mode;
+    use firma_testing::kernel::{DST_V4, TestCgroup, TestPins, in_fresh_netns};
+    if !in_fresh_netns("llm_policy_and_usage_in_tagged_cgroup") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let up = Upstream::start_at(
+        tmp.path(),
+        &["api.openai.com"],
+        format!("{DST_V4}:443").parse().unwrap(),
+    );
+    let pins = TestPins::new();
+    let cg = TestCgroup::top(&unique("firma-llm")).expect("test cgroup");
+    let mut s = Settings {
+        upstream_hosts: Vec::new(),
+        runtime_policy: BUDGET_POLICY.into(),
+        ..Settings::default()
+    };
+    let d = Deployment::new(Some(&up), &s);
+    s.mode = Mode::Transparent {
+        port: free_dual_port(),
+        pin_dir: pins.dir.clone(),
+        control_socket: d.root().join("sidecar.sock"),
+        allow_ephemeral_pins: None,
+    };
+    d.write(Some(&up), &s);
+    let _sc = d.start(&[]);
+    let cg_path = format!("/{}", cg.dir.file_name().unwrap().to_string_lossy());
+    let out = firma(&[
+        "sidecar",
+        "-c",
+        d.config.to_str().unwrap(),
+        "attach",
+        "--cgroup",
+        &cg_path,
+        "--agent-id",
+        "tenant-acme",
+        "--session-id",
+        "s1",
+    ]);
+    assert!(out.status.success(), "attach: {}", text(&out.stderr));
+    let hosts = tmp.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n{DST_V4} api.openai.com\n"),
+    )
+    .unwrap();
+    let call = |body: &str| {
+        let script = format!(
+            "mount --bind '{}' /etc/hosts && echo $$ > '{}/cgroup.procs' && exec \"$@\"",
+            hosts.display(),
+            cg.dir.display()
+        );
+        let out = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(script)
+            .args(["sh", "curl", "-sS", "--max-time", "10", "--cacert"])
+            .arg(d.ca_cert())
+            .args([
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                body,
+            ])
+            .args(["-w", "\n%{http_code}", CHAT])
+            .output()
+            .unwrap();
+        let t = text(&out.stdout);
+        let (b, code) = t.trim_end().rsplit_once('\n').unwrap_or(("", t.trim()));
+        (code.parse::<u16>().unwrap_or(0), b.to_string())
+    };
+    let (code, body) = call(r#"{"model":"gpt-4o","max_tokens":10}"#);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("PolicyDenied"));
+    let (code, body) = call(r#"{"model":"gpt-4o-mini","max_tokens":320}"#);
+    assert_eq!(code, 200, "{body}");
+    let o = usage_outcomes(&d, 1);
+    assert_eq!(o[0]["connector"]["usage"]["total_tokens"], 420);
+    assert_eq!(o[0]["conn"]["intercept"], "transparent");
+    let (code, body) = call(r#"{"model":"gpt-4o-mini","max_tokens":1}"#);
+    assert_eq!(code, 403, "budget spent: {body}");
+    assert_eq!(up.count(), 1);
+}
