@@ -204,7 +204,11 @@ fn run_inner(args: Args) -> Result<ExitCode, Failure> {
             .unwrap_or_else(|| "not a file sink".into())
     );
 
-    let env = child::environment(&prepared.secret_vars, &prepared.ca_bundle, &who);
+    let env = child::environment(
+        &prepared.secret_vars,
+        &prepared.ca_bundle_dir.path().join("ca-bundle.pem"),
+        &who,
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

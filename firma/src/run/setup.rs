@@ -11,6 +11,7 @@ use firma_common::config::{
 use firma_sidecar::tls::ca::CertificateAuthority;
 use std::collections::BTreeSet;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// System trust stores, first found wins (Debian/Ubuntu, Fedora/RHEL, openSUSE, Alpine/BSD).
@@ -125,7 +126,8 @@ pub struct Prepared {
     pub config: SidecarConfig,
     pub audit_path: Option<PathBuf>,
     pub audit_public_key: Option<PathBuf>,
-    pub ca_bundle: PathBuf,
+    /// Holds `ca-bundle.pem`; removed when dropped.
+    pub ca_bundle_dir: tempfile::TempDir,
     /// Environment variables holding secrets the sidecar injects: removed from the child.
     pub secret_vars: BTreeSet<String>,
     pub cgroup_rel: String,
@@ -408,12 +410,12 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
         .filter_map(|c| c.value_from_env.clone())
         .collect();
     let ca_dir = cfg.ca.dir.clone();
-    let ca_bundle = write_ca_bundle(&run_dir, &ca_dir)?;
+    let ca_bundle_dir = write_ca_bundle(&run_dir, &ca_dir)?;
     Ok(Prepared {
         config: cfg,
         audit_path,
         audit_public_key,
-        ca_bundle,
+        ca_bundle_dir,
         secret_vars,
         cgroup_rel,
     })
@@ -474,7 +476,7 @@ fsync = "interval"
 
 /// System roots + the Firma CA, readable by the child: clients that replace their trust store
 /// with `SSL_CERT_FILE` & co. still reach the hosts Firma does not intercept.
-fn write_ca_bundle(run_dir: &Path, ca_dir: &Path) -> anyhow::Result<PathBuf> {
+fn write_ca_bundle(run_dir: &Path, ca_dir: &Path) -> anyhow::Result<tempfile::TempDir> {
     let ca_cert = ca_dir.join("firma-ca.crt");
     let (_ca, _) = CertificateAuthority::load_or_init(ca_dir)?;
     let firma = std::fs::read_to_string(&ca_cert)
@@ -499,7 +501,19 @@ fn write_ca_bundle(run_dir: &Path, ca_dir: &Path) -> anyhow::Result<PathBuf> {
     }
     text.push_str("# Firma MITM CA\n");
     text.push_str(&firma);
-    let path = run_dir.join("ca-bundle.pem");
+    // In a fresh directory under the temp dir, not the run directory: the state directory may
+    // sit where an unprivileged child cannot traverse (/root), and the bundle must be readable.
+    let name = run_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{name}-"))
+        .tempdir()
+        .context("creating the CA bundle directory")?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .context("setting the mode of the CA bundle directory")?;
+    let path = dir.path().join("ca-bundle.pem");
     shipped::write(&path, &text, 0o644)?;
-    Ok(path)
+    Ok(dir)
 }
