@@ -450,8 +450,11 @@ fn two_concurrent_runs_are_enforced_separately() {
         let events = w.audit(&audit_of(o));
         assert_eq!(events.len(), 1, "{}", show(o));
         assert_eq!(events[0]["workload"]["agent_id"], agent);
-        assert_eq!(events[0]["capability"]["agent_id"], agent);
     }
+    let a_events = w.audit(&audit_of(&a));
+    assert_eq!(a_events[0]["capability"]["agent_id"], "agent-a");
+    let b_events = w.audit(&audit_of(&b));
+    assert_eq!(b_events[0]["decision"]["reason"], "CapabilityNotFound");
 }
 
 #[test]
