@@ -8,6 +8,7 @@ mod audit;
 mod authority;
 mod ca;
 mod doctor;
+mod init;
 mod logging;
 mod policy;
 mod run;
@@ -39,6 +40,8 @@ enum Command {
     Policy(policy::Args),
     /// Check kernel features, cgroup2, bpffs, key modes and reachability.
     Doctor(doctor::Args),
+    /// Create a working deployment directory: config, keys, CA, policies, a capability seed.
+    Init(init::Args),
     /// Run one program under enforcement: `firma run [OPTIONS] -- CMD [ARGS...]` (root).
     Run(run::Args),
 }
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Audit(a) => audit::run(a),
         Command::Policy(a) => policy::run(a),
         Command::Doctor(a) => doctor::run(a),
+        Command::Init(a) => init::run(a),
     };
     match result {
         Ok(code) => code,
