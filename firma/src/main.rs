@@ -7,6 +7,7 @@
 mod audit;
 mod authority;
 mod ca;
+mod config;
 mod doctor;
 mod init;
 mod logging;
