@@ -3,10 +3,10 @@
 //! the shipped policies and mapping rules, a sample capability seed. Afterwards
 //! `firma authority -c DIR/firma.toml` and `firma sidecar -c DIR/firma.toml` start unedited.
 
+use crate::config::FirmaConfig;
 use crate::shipped::{self, Issue};
 use anyhow::{Context, bail};
 use firma_common::capability::rfc3339;
-use firma_common::config::FirmaConfig;
 use firma_sidecar::tls::ca::CertificateAuthority;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -3,10 +3,11 @@
 //! control socket), and the sidecar configuration built from them.
 
 use super::Args;
+use crate::config::FirmaConfig;
 use crate::shipped::{self, Issue, RuleKey};
 use anyhow::{Context, bail};
-use firma_common::config::{
-    CredentialConfig, CredentialMode, FirmaConfig, InterceptMode, SidecarConfig, WorkloadConfig,
+use firma_sidecar::config::{
+    AuditSink, CredentialConfig, CredentialMode, InterceptMode, SidecarConfig, WorkloadConfig,
 };
 use firma_sidecar::tls::ca::CertificateAuthority;
 use std::collections::BTreeSet;
@@ -371,14 +372,14 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
 
     // Audit: --audit FILE, else the config's, else one file per run in the state directory.
     if let Some(a) = &args.audit {
-        cfg.audit.sink = firma_common::config::AuditSink::File;
+        cfg.audit.sink = AuditSink::File;
         cfg.audit.path = Some(a.clone());
         if cfg.audit.signing_key_path.is_none() {
             cfg.audit.signing_key_path = Some(state.audit_key());
         }
     }
     let audit_path = match cfg.audit.sink {
-        firma_common::config::AuditSink::File => cfg.audit.path.clone(),
+        AuditSink::File => cfg.audit.path.clone(),
         _ => None,
     };
     let audit_public_key = cfg
