@@ -596,3 +596,73 @@ fn run_with_an_init_config_uses_its_authority() {
         show(&out)
     );
 }
+
+#[test]
+fn sigkill_to_firma_fails_closed_and_the_next_run_cleans_up() {
+    if !in_fresh_netns("sigkill_to_firma_fails_closed_and_the_next_run_cleans_up") {
+        return;
+    }
+    let w = World::new();
+    let mut p = Process::spawn(w.command(&[], &["sleep", "300"])).expect("spawn firma run");
+    let pid = p.child.id();
+    let prefix = format!("firma-run-{pid}-");
+    let cg2 = firma_sidecar::ebpf::Cgroup2::discover().unwrap();
+    let cgroup = assert_eventually(
+        Duration::from_secs(20),
+        "the run's cgroup is populated",
+        || {
+            std::fs::read_dir(cg2.mount())
+                .ok()?
+                .flatten()
+                .find_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    let populated = std::fs::read_to_string(e.path().join("cgroup.procs"))
+                        .is_ok_and(|t| !t.trim().is_empty());
+                    (n.starts_with(&prefix) && populated).then(|| e.path())
+                })
+        },
+    );
+    p.kill(); // SIGKILL: no cleanup runs
+    // The cgroup and its links stay: a process in it is refused, never connected directly.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > '{}/cgroup.procs' && exec curl -sS --max-time 5 --resolve api.openai.com:443:{DST_V4} --cacert '{}' https://api.openai.com/v1/models",
+            cgroup.display(),
+            w.up.ca_path.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("refused") || text(&out.stderr).contains("Couldn't connect"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        w.up.count(),
+        0,
+        "a tagged process reached the upstream after firma died"
+    );
+    // While processes remain, the next run leaves the leftovers in place and says so.
+    let out = w.run(&[], &["true"]);
+    assert!(
+        text(&out.stderr).contains("still run, with their connects refused"),
+        "{}",
+        show(&out)
+    );
+    assert!(cgroup.exists());
+    // Once they are gone, the next run removes the cgroup, pins and run directory.
+    std::fs::write(cgroup.join("cgroup.kill"), "1").unwrap();
+    assert_eventually(Duration::from_secs(5), "cgroup empty", || {
+        std::fs::read_to_string(cgroup.join("cgroup.procs")).is_ok_and(|t| t.trim().is_empty())
+    });
+    let out = w.run(&[], &["true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains(&format!("removed the leftovers of run {prefix}")),
+        "{}",
+        show(&out)
+    );
+    nothing_left(pid, &w.state);
+}

@@ -13,6 +13,7 @@ mod cgroup;
 mod child;
 mod privileges;
 mod setup;
+mod stale;
 mod summary;
 
 use anyhow::Context;
@@ -174,6 +175,11 @@ fn run_inner(args: Args) -> Result<ExitCode, Failure> {
         .clone()
         .unwrap_or_else(setup::default_state_dir);
     let state = State::open(&state_dir)?;
+    stale::collect(
+        cgroup2.mount(),
+        std::path::Path::new(firma_sidecar::ebpf::bpffs::DEFAULT_BPFFS),
+        &state.dir.join("runs"),
+    );
     let ids = RunIds::new()?;
     let mut cleanup = Cleanup {
         run_dir: Some(state.dir.join("runs").join(&ids.name)),
@@ -190,7 +196,7 @@ fn run_inner(args: Args) -> Result<ExitCode, Failure> {
 
     if who.is_root() {
         eprintln!(
-            "firma: warning: CMD runs as root: a root process can move itself out of its cgroup or set the sidecar's socket mark, and so bypass enforcement; use --user NAME (under sudo the default is the invoking user)"
+            "firma: warning: CMD runs as root: a root process can move itself out of its cgroup, set the sidecar's socket mark or read firma's environment (the injected secrets), and so bypass enforcement; use --user NAME (under sudo the default is the invoking user)"
         );
     }
     eprintln!(
