@@ -165,6 +165,7 @@ impl Drop for Cleanup {
 }
 
 fn run_inner(args: Args) -> Result<ExitCode, Failure> {
+    setup::check_args(&args).map_err(Failure::config)?;
     let cgroup2 = privileges::check().map_err(Failure::config)?;
     let who = child::Identity::resolve(args.user.as_deref())
         .map_err(|e| Failure::config(crate::describe(&e)))?;
@@ -199,16 +200,6 @@ fn run_inner(args: Args) -> Result<ExitCode, Failure> {
             "firma: warning: CMD runs as root: a root process can move itself out of its cgroup, set the sidecar's socket mark or read firma's environment (the injected secrets), and so bypass enforcement; use --user NAME (under sudo the default is the invoking user)"
         );
     }
-    eprintln!(
-        "firma: enforcing as agent {} (cgroup {}, audit {})",
-        args.agent_id,
-        prepared.cgroup_rel,
-        prepared
-            .audit_path
-            .as_deref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "not a file sink".into())
-    );
 
     let env = child::environment(
         &prepared.secret_vars,
@@ -219,13 +210,35 @@ fn run_inner(args: Args) -> Result<ExitCode, Failure> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let outcome = rt.block_on(supervise(&prepared, &args.command, env, &procs, &who, &cg));
+    let started = format!(
+        "firma: enforcing as agent {} (cgroup {}, audit {})",
+        args.agent_id,
+        prepared.cgroup_rel,
+        prepared
+            .audit_path
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "not a file sink".into())
+    );
+    let mut spawned = false;
+    let outcome = rt.block_on(supervise(
+        &prepared,
+        Child {
+            argv: &args.command,
+            env,
+            procs: &procs,
+            who: &who,
+            banner: &started,
+            spawned: &mut spawned,
+        },
+        &cg,
+    ));
     rt.shutdown_timeout(Duration::from_secs(2));
     drop(procs);
     let leftovers = cleanup.finish();
     drop(cleanup);
 
-    if let Some(audit) = &prepared.audit_path {
+    if let Some(audit) = prepared.audit_path.as_ref().filter(|_| spawned) {
         let lines = summary::lines(audit, &prepared.cgroup_rel);
         eprintln!(
             "firma: {} decision(s); audit {}{}",
@@ -254,14 +267,27 @@ fn run_inner(args: Args) -> Result<ExitCode, Failure> {
 
 /// Starts the sidecar, spawns CMD once the sidecar is ready, waits, stops the sidecar.
 /// Returns CMD's exit code (128+N when killed by signal N).
-async fn supervise(
-    prepared: &Prepared,
-    argv: &[OsString],
+/// CMD and what starting it needs.
+struct Child<'a> {
+    argv: &'a [OsString],
     env: Vec<(OsString, OsString)>,
-    procs: &std::fs::File,
-    who: &child::Identity,
-    cg: &TransientCgroup,
-) -> Result<u8, Failure> {
+    procs: &'a std::fs::File,
+    who: &'a child::Identity,
+    /// Printed once the sidecar is ready, just before CMD starts.
+    banner: &'a str,
+    /// Set once CMD has started (a summary is printed only then).
+    spawned: &'a mut bool,
+}
+
+async fn supervise(prepared: &Prepared, c: Child<'_>, cg: &TransientCgroup) -> Result<u8, Failure> {
+    let Child {
+        argv,
+        env,
+        procs,
+        who,
+        banner,
+        spawned,
+    } = c;
     use tokio::signal::unix::{SignalKind, signal};
     let sig = |k| signal(k).context("installing signal handlers");
     let (mut int, mut term, mut hup) = (
@@ -306,8 +332,12 @@ async fn supervise(
         _ = term.recv() => return Err(Failure::from(anyhow::anyhow!("terminated during startup"))),
     }
 
+    eprintln!("{banner}");
     let mut child = match child::spawn(argv, env, procs, who) {
-        Ok(c) => c,
+        Ok(c) => {
+            *spawned = true;
+            c
+        }
         Err(e) => {
             let _ = stop_tx.send("CMD could not start");
             let _ = sidecar.await;

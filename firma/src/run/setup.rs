@@ -194,6 +194,20 @@ fn copy_policies(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Flag values that are wrong whatever the machine: refused (exit 78) before anything is made.
+pub fn check_args(args: &Args) -> Result<(), String> {
+    for h in &args.allow_hosts {
+        let h = h.trim();
+        let bare = h.strip_prefix("*.").unwrap_or(h);
+        if bare.is_empty() || bare.contains(['*', '/', ':', ' ', '"', '\\']) || !bare.is_ascii() {
+            return Err(format!(
+                "--allow-host {h:?}: expected a host name (exact, or *.suffix)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Builds the run: writes the run directory, issues the capability, assembles the config.
 pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepared> {
     let run_dir = state.dir.join("runs").join(&ids.name);
@@ -258,12 +272,6 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
         .iter()
         .map(|h| h.trim().to_ascii_lowercase())
         .collect();
-    if let Some(bad) = allow
-        .iter()
-        .find(|h| h.is_empty() || h.contains(['/', ':', ' ', '"']) || *h == "*")
-    {
-        bail!("--allow-host {bad:?}: expected a host name (exact, or *.suffix)");
-    }
     if !allow.is_empty() {
         let mut rules = String::from(
             "# firma run --allow-host: whole-host rules for hosts no shipped rule claims whole.\n",
