@@ -319,6 +319,21 @@ fn exit_status_propagates() {
     let out = w.run(&[], &["/nonexistent/program"]);
     assert_eq!(out.status.code(), Some(127), "{}", show(&out));
     assert!(text(&out.stderr).contains("cannot run /nonexistent/program"));
+    // Bad input is a configuration error (78) naming the flag, and leaves nothing behind.
+    let out = w.run(&["--action", "bogus.class"], &["true"]);
+    assert_eq!(out.status.code(), Some(78), "{}", show(&out));
+    assert!(text(&out.stderr).contains("unknown action class `bogus.class`"));
+    let out = w.run(&["--allow-host", "a b"], &["true"]);
+    assert_eq!(out.status.code(), Some(78), "{}", show(&out));
+    assert!(text(&out.stderr).contains("--allow-host \"a b\""));
+    let out = w.run(
+        &["--credential", "api.openai.com=FIRMA_TEST_UNSET_VAR"],
+        &["true"],
+    );
+    assert_eq!(out.status.code(), Some(78), "{}", show(&out));
+    assert!(text(&out.stderr).contains("FIRMA_TEST_UNSET_VAR is not set"));
+    let runs = std::fs::read_dir(w.state.join("runs")).unwrap().count();
+    assert_eq!(runs, 0, "run directories left behind");
     let out = w.run(&[], &["true"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert!(

@@ -102,9 +102,16 @@ impl Failure {
     }
 }
 
+/// A run that the flags or the config make impossible (exit 78, like a config error).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
 impl From<anyhow::Error> for Failure {
     fn from(e: anyhow::Error) -> Self {
-        let code = if e.downcast_ref::<crate::ConfigFailure>().is_some() {
+        let code = if e.downcast_ref::<crate::ConfigFailure>().is_some()
+            || e.downcast_ref::<Refused>().is_some()
+        {
             EXIT_CONFIG
         } else {
             EXIT_FIRMA_FAILED

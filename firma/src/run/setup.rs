@@ -2,7 +2,7 @@
 //! is set up once) and the per-run directory (policies, rules, capability seed, CA bundle,
 //! control socket), and the sidecar configuration built from them.
 
-use super::Args;
+use super::{Args, Refused};
 use crate::config::FirmaConfig;
 use crate::shipped::{self, Issue, RuleKey};
 use anyhow::{Context, bail};
@@ -240,13 +240,13 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
     });
     match &source {
         Some(dir) => copy_policies(dir, &policy_dir)?,
-        None if args.config.is_some() && !args.allow_hosts.is_empty() => bail!(
-            "--allow-host needs a local policy directory: the config streams its policy from {} (pass --policy DIR)",
-            cfg.policy
-                .authority_url
-                .as_deref()
-                .unwrap_or("the authority")
-        ),
+        None if args.config.is_some() && !args.allow_hosts.is_empty() => {
+            return Err(Refused(format!(
+                "--allow-host needs a local policy directory: the config streams its policy from {} (pass --policy DIR)",
+                cfg.policy.authority_url.as_deref().unwrap_or("the authority")
+            ))
+            .into());
+        }
         None if args.config.is_some() => {}
         None => shipped::write_runtime_policies(&policy_dir)?,
     }
@@ -372,7 +372,12 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
             ttl_seconds: args.ttl_seconds,
         }
         .issue()
-        .context("issuing the run's capability")?;
+        .map_err(|e| {
+            Refused(format!(
+                "issuing the run's capability: {}",
+                crate::describe(&e)
+            ))
+        })?;
         let seed = run_dir.join("capability.toml");
         firma_authority::issuance::write_seed(&seed, &issued.seed())?;
         cfg.capability_seed.paths.push(seed);
