@@ -531,3 +531,31 @@ fn write_ca_bundle(run_dir: &Path, ca_dir: &Path) -> anyhow::Result<tempfile::Te
     shipped::write(&path, &text, 0o644)?;
     Ok(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_flags() {
+        let c = parse_credential("API.openai.com=OPENAI_API_KEY").unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.env.as_str(), c.header),
+            ("api.openai.com", "OPENAI_API_KEY", None)
+        );
+        let c = parse_credential("api.anthropic.com=ANTHROPIC_API_KEY:x-api-key").unwrap();
+        assert_eq!(c.header.as_deref(), Some("x-api-key"));
+        for bad in [
+            "",
+            "host",
+            "=VAR",
+            "host=",
+            "*.x.com=VAR",
+            "h/p=VAR",
+            "host=VAR:",
+            "host=VAR:bad header",
+        ] {
+            assert!(parse_credential(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

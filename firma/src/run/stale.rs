@@ -51,3 +51,13 @@ pub fn collect(cgroup_mount: &Path, bpffs: &Path, runs: &Path) {
         eprintln!("firma: removed the leftovers of run {name} (its firma was killed)");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn owner_pid_from_the_name() {
+        assert_eq!(super::owner("firma-run-4242-1c9e0a"), Some(4242));
+        assert_eq!(super::owner("firma-run-x-1"), None);
+        assert_eq!(super::owner("firma-e2e-1-2"), None);
+    }
+}

@@ -52,3 +52,39 @@ pub fn line(e: &Value) -> String {
     };
     format!("{outcome:<5} {method} {target}{class}{tail}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn one_line_per_decision_of_the_run_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.jsonl");
+        let ev = |cg: &str, outcome: &str, reason: &str, injected: bool| {
+            json!({"event": "decision", "workload": {"cgroup_path": cg},
+                "envelope": {"intent": {"method": "GET", "action_class": "model.inference.chat",
+                    "resource": {"host": "api.openai.com", "path": "/v1/models"}}},
+                "decision": {"outcome": outcome, "reason": reason},
+                "connector": {"credential_injected": injected}})
+            .to_string()
+        };
+        let text = [
+            ev("/firma-run-1-a", "ALLOW", "", true),
+            ev("/other", "DENY", "PolicyDenied", false),
+            r#"{"event":"outcome"}"#.to_string(),
+            "torn".to_string(),
+            ev("/firma-run-1-a", "DENY", "PolicyDenied", false),
+        ]
+        .join("\n");
+        std::fs::write(&file, text).unwrap();
+        assert_eq!(
+            lines(&file, "/firma-run-1-a"),
+            [
+                "ALLOW GET api.openai.com/v1/models [model.inference.chat] credential injected",
+                "DENY  GET api.openai.com/v1/models [model.inference.chat] PolicyDenied",
+            ]
+        );
+    }
+}
