@@ -11,6 +11,7 @@ pub mod authority_client;
 pub mod conn;
 pub mod connector;
 pub mod control;
+pub mod dns;
 pub mod drain;
 pub mod ebpf;
 pub mod interceptor;

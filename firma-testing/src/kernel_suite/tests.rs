@@ -97,6 +97,7 @@ fn settings(pins: &TestPins, port: u16) -> Result<RedirectSettings, String> {
         mark: MARK,
         block_quic: true,
         redirect_dns: false,
+        dns_port: 0,
         excluded_cidrs: vec![Cidr::parse(EXCLUDED_CIDR).map_err(|e| e.to_string())?],
         excluded_ports: vec![EXCLUDED_PORT],
     })
