@@ -1,4 +1,6 @@
-use super::ConfigError;
+//! `[sidecar.*]`: the enforcement sidecar's section of `firma.toml`.
+
+use firma_common::config::{ConfigError, check_log_level};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -641,19 +643,21 @@ fn default_level() -> String {
     "info".into()
 }
 
-pub(super) fn check_log_level(file: &Path, key: &str, level: &str) -> Result<(), ConfigError> {
-    match level {
-        "error" | "warn" | "info" | "debug" | "trace" => Ok(()),
-        other => Err(ConfigError::invalid(
-            file,
-            key,
-            format!("expected one of error, warn, info, debug, trace; got {other:?}"),
-        )),
-    }
-}
-
 impl SidecarConfig {
-    pub(super) fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+    /// The `[sidecar]` section of the file at `path`, validated; other sections are ignored.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::parse(&firma_common::config::read(path)?, path)
+    }
+
+    /// The `[sidecar]` section of `text`, validated; `path` names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Self = firma_common::config::parse_section(text, path, "sidecar")?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Cross-field rules that serde cannot express.
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         check_log_level(file, "sidecar.log.level", &self.log.level)?;
         if self
             .interceptor
