@@ -31,10 +31,10 @@ use crate::audit::RequestAudit;
 use crate::conn::{ConnectorOutcome, Decision, DenyReason, InterceptKind, Outcome, Workload};
 use crate::drain::Drain;
 use crate::ebpf::Redirector;
-use crate::ebpf::listener::{self, Redirected, Unredirected};
+use crate::interceptor::redirect_listener::{self as listener, Redirected, Unredirected};
 use crate::interceptor::limits::Limits;
 use crate::state::SidecarState;
-use firma_common::config::SidecarConfig;
+use crate::config::SidecarConfig;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
@@ -132,7 +132,7 @@ impl DnsGuard {
             cfg.dns
                 .upstream
                 .iter()
-                .filter_map(|u| firma_common::config::parse_dns_server(u))
+                .filter_map(|u| crate::config::parse_dns_server(u))
                 .collect()
         };
         let d = &cfg.dns;

@@ -48,7 +48,7 @@ pub fn resolv_conf_servers(text: &str) -> Vec<SocketAddr> {
             (w.next() == Some("nameserver")).then(|| w.next()).flatten()
         })
         // A scoped IPv6 address (fe80::1%eth0) is skipped rather than misparsed.
-        .filter_map(firma_common::config::parse_dns_server)
+        .filter_map(crate::config::parse_dns_server)
         .collect()
 }
 
