@@ -28,13 +28,13 @@ pub use allow::AllowList;
 pub use upstream::{Upstream, UpstreamError, resolv_conf_servers};
 
 use crate::audit::RequestAudit;
+use crate::config::SidecarConfig;
 use crate::conn::{ConnectorOutcome, Decision, DenyReason, InterceptKind, Outcome, Workload};
 use crate::drain::Drain;
 use crate::ebpf::Redirector;
-use crate::interceptor::redirect_listener::{self as listener, Redirected, Unredirected};
 use crate::interceptor::limits::Limits;
+use crate::interceptor::redirect_listener::{self as listener, Redirected, Unredirected};
 use crate::state::SidecarState;
-use crate::config::SidecarConfig;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
@@ -532,11 +532,9 @@ async fn tcp_conn(guard: Arc<DnsGuard>, c: Redirected) {
             _ => return,
         };
         let mut body = vec![0u8; len];
-        let read = tokio::time::timeout(TCP_IDLE, read_full(&mut stream, &mut body)).await;
-        let got = match read {
-            Ok(got) => got,
-            Err(_) => 0,
-        };
+        let mut got = 0;
+        // A stall leaves `got` at what did arrive.
+        let _ = tokio::time::timeout(TCP_IDLE, read_full(&mut stream, &mut body, &mut got)).await;
         let Some(_permit) = guard.admit(&origin) else {
             return;
         };
@@ -575,14 +573,12 @@ async fn tcp_conn(guard: Arc<DnsGuard>, c: Redirected) {
     }
 }
 
-/// Reads until `buf` is full or the peer stops; how many bytes arrived.
-async fn read_full(s: &mut TcpStream, buf: &mut [u8]) -> usize {
-    let mut got = 0;
-    while got < buf.len() {
-        match s.read(&mut buf[got..]).await {
+/// Reads until `buf` is full or the peer stops, counting what arrived in `got`.
+async fn read_full(s: &mut TcpStream, buf: &mut [u8], got: &mut usize) {
+    while *got < buf.len() {
+        match s.read(&mut buf[*got..]).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
+            Ok(n) => *got += n,
         }
     }
-    got
 }
