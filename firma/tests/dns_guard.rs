@@ -473,6 +473,9 @@ fn tagged_dns_goes_through_the_guard() {
             );
         }
     }
+    // The closing note's transcript: the attempt as the workload saw it.
+    let o = env.dig(true, &["@8.8.8.8", SECRET]);
+    eprintln!("TRANSCRIPT $ dig @8.8.8.8 {SECRET}   # tagged workload\n{o}");
     let raw = env.raw(true, PUBLIC_RESOLVER, "name", &[SECRET]);
     assert!(raw.contains("RCODE 3 FROM 8.8.8.8:53 ID 16962"), "{raw}");
     let raw = env.raw(true, PUBLIC_RESOLVER, "tcp-name", &[SECRET]);
@@ -503,6 +506,13 @@ fn tagged_dns_goes_through_the_guard() {
         denied.iter().all(|e| e["decision"]["outcome"] == "DENY"),
         "{denied:#?}"
     );
+    if let Some(e) = denied
+        .iter()
+        .find(|e| e["conn"]["original_dst"] == "8.8.8.8:53")
+    {
+        eprintln!("TRANSCRIPT audit event:\n{e}");
+    }
+    eprintln!("TRANSCRIPT responder log:\n{}", env.responder.names());
     assert!(
         !env.dns_events(RANDOM).is_empty(),
         "random name not audited"
