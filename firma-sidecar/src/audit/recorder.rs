@@ -15,6 +15,7 @@
 
 use super::{AuditInput, AuditLog, AuditUnavailable, ConnectorOutcome, event};
 use crate::conn::{ConnectionInfo, Decision, DenyReason};
+use serde_json::{Map, Value};
 
 /// Where a request or tunnel was going, as far as known.
 #[derive(Debug, Clone, Default)]
@@ -23,29 +24,36 @@ struct Intent {
     host: Option<String>,
     port: u16,
     path: Option<String>,
+    /// DNS guard queries: `envelope.intent.dns` (`qname`, `qtype`, and after an answer `rcode`,
+    /// `answers`, `cname_chain`, `upstream`).
+    dns: Option<Map<String, Value>>,
     /// `envelope.intent.request`: attributes extracted from the body for Cedar.
-    request: Option<serde_json::Value>,
+    request: Option<Value>,
 }
 
 impl Intent {
-    /// Adds `envelope.intent.request` to an event body, when there is one.
-    fn annotate(
-        &self,
-        mut body: serde_json::Map<String, serde_json::Value>,
-    ) -> serde_json::Map<String, serde_json::Value> {
+    /// Adds `envelope.intent.dns` (DNS queries) and `envelope.intent.request` (extracted body
+    /// attributes) to an event body when there are any.
+    fn with_dns(&self, mut body: Map<String, Value>) -> Map<String, Value> {
+        if let Some(dns) = &self.dns
+            && let Some(intent) = body
+                .get_mut("envelope")
+                .and_then(|e| e.get_mut("intent"))
+                .and_then(Value::as_object_mut)
+        {
+            intent.insert("dns".into(), Value::Object(dns.clone()));
+        }
         if let Some(r) = &self.request
             && let Some(intent) = body
                 .get_mut("envelope")
                 .and_then(|e| e.get_mut("intent"))
-                .and_then(|i| i.as_object_mut())
+                .and_then(Value::as_object_mut)
         {
             intent.insert("request".into(), r.clone());
         }
         body
     }
-}
 
-impl Intent {
     fn input<'a>(
         &'a self,
         conn: &'a ConnectionInfo,
@@ -101,12 +109,23 @@ impl RequestAudit {
         self
     }
 
+    /// A DNS guard query: `fields` become `envelope.intent.dns`.
+    pub fn dns(mut self, fields: Map<String, Value>) -> Self {
+        self.intent.dns = Some(fields);
+        self
+    }
+
     fn input<'a>(
         &'a self,
         decision: &'a Decision,
         connector: Option<ConnectorOutcome>,
     ) -> AuditInput<'a> {
         self.intent.input(&self.conn, decision, connector)
+    }
+
+    fn body(&self, decision: &Decision, connector: Option<ConnectorOutcome>) -> Map<String, Value> {
+        self.intent
+            .with_dns(event::body(&self.input(decision, connector)))
     }
 
     /// Records a denial (nothing was or will be sent upstream).
@@ -122,10 +141,7 @@ impl RequestAudit {
             detail = %decision.detail,
             "denied"
         );
-        self.log.record_body(
-            self.intent
-                .annotate(event::body(&self.input(decision, None))),
-        );
+        self.log.record_body(self.body(decision, None));
     }
 
     /// Persists the ALLOW decision; `planned` says which credential will be attached. On
@@ -136,9 +152,7 @@ impl RequestAudit {
         decision: &Decision,
         planned: ConnectorOutcome,
     ) -> Result<Committed, (Self, AuditUnavailable)> {
-        let body = self
-            .intent
-            .annotate(event::body(&self.input(decision, Some(planned.clone()))));
+        let body = self.body(decision, Some(planned.clone()));
         let id = body
             .get("event_id")
             .and_then(|v| v.as_str())
@@ -171,10 +185,7 @@ impl RequestAudit {
             aborted = outcome.aborted.as_deref().unwrap_or("-"),
             "aborted after allow, before sending"
         );
-        self.log.record_body(
-            self.intent
-                .annotate(event::body(&self.input(decision, Some(outcome)))),
-        );
+        self.log.record_body(self.body(decision, Some(outcome)));
     }
 
     /// Denies with [`DenyReason::AuditUnavailable`] after a failed [`Self::commit`].
@@ -216,6 +227,12 @@ impl Committed {
         self.write();
     }
 
+    /// Adds what a DNS answer said (`rcode`, `answers`, ...) to the outcome's
+    /// `envelope.intent.dns`.
+    pub fn dns_result(&mut self, fields: Map<String, Value>) {
+        self.intent.dns.get_or_insert_with(Map::new).extend(fields);
+    }
+
     /// The outcome so far, to update before [`Self::finish`] (or before a drop).
     pub fn outcome_mut(&mut self) -> &mut ConnectorOutcome {
         &mut self.outcome
@@ -242,7 +259,7 @@ impl Committed {
         );
         let body = self
             .intent
-            .annotate(event::outcome(&input, &self.decision_event_id));
+            .with_dns(event::outcome(&input, &self.decision_event_id));
         self.log.record_body(body);
     }
 }

@@ -461,6 +461,11 @@ impl Pipeline {
         }
     }
 
+    /// Host patterns of the mapping rules (see [`MappingRules::host_patterns`]).
+    pub fn mapping_hosts(&self) -> Vec<String> {
+        self.inner.mapping.host_patterns()
+    }
+
     /// What the rule matching this request extracts from its body (empty: nothing, the body
     /// streams). `path` as the interceptor normalized it.
     pub fn extraction(&self, method: &str, host: &str, path: &str) -> Vec<extract::Extract> {
