@@ -32,6 +32,145 @@ pub struct SidecarConfig {
     pub log: LogConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default)]
+    pub llm: LlmConfig,
+}
+
+/// `[sidecar.dns]`: the DNS guard of transparent mode (`redirect_dns`). Tagged workloads resolve
+/// names only through the sidecar's DNS listener, which answers names that can lead to an allowed
+/// destination and NXDOMAIN for the rest (see docs/architecture.md, "DNS guard").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Port of the DNS listener (UDP and TCP) on 127.0.0.1 and [::1].
+    #[serde(default = "default_dns_port")]
+    pub port: u16,
+    /// Names answered besides the intercept, mapping-rule, connector and credential hosts:
+    /// exact names or `*.suffix` (any name below `suffix`, not `suffix` itself).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Resolvers allowed names are forwarded to (`"10.0.0.2"` or `"10.0.0.2:53"`); empty: the
+    /// `nameserver` lines of /etc/resolv.conf at startup.
+    #[serde(default)]
+    pub upstream: Vec<String>,
+    /// How long one upstream exchange may take before the next server is tried.
+    #[serde(default = "default_dns_timeout")]
+    pub upstream_timeout_ms: u64,
+    /// Queries per second per workload cgroup (sustained); above it queries are dropped and
+    /// counted, one audit event per workload per 10 s.
+    #[serde(default = "default_dns_rate")]
+    pub queries_per_second: u32,
+    /// Burst above `queries_per_second`.
+    #[serde(default = "default_dns_burst")]
+    pub burst: u32,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            port: default_dns_port(),
+            allow: Vec::new(),
+            upstream: Vec::new(),
+            upstream_timeout_ms: default_dns_timeout(),
+            queries_per_second: default_dns_rate(),
+            burst: default_dns_burst(),
+        }
+    }
+}
+
+impl DnsConfig {
+    fn validate(&self, file: &Path, transparent_port: u16) -> Result<(), ConfigError> {
+        if self.port == 0 || self.port == transparent_port {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.dns.port",
+                "expected a fixed port other than the transparent listener's (the kernel programs redirect DNS to it)",
+            ));
+        }
+        for (key, v) in [
+            ("queries_per_second", self.queries_per_second as u64),
+            ("burst", self.burst as u64),
+            ("upstream_timeout_ms", self.upstream_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(
+                    file,
+                    &format!("sidecar.dns.{key}"),
+                    "expected a positive number",
+                ));
+            }
+        }
+        for (i, name) in self.allow.iter().enumerate() {
+            let bare = name.strip_prefix("*.").unwrap_or(name);
+            if bare.is_empty() || bare.contains('*') || bare.contains(char::is_whitespace) {
+                return Err(ConfigError::invalid(
+                    file,
+                    &format!("sidecar.dns.allow[{i}]"),
+                    format!("expected a host name or `*.suffix`, got {name:?}"),
+                ));
+            }
+        }
+        for (i, u) in self.upstream.iter().enumerate() {
+            if parse_dns_server(u).is_none() {
+                return Err(ConfigError::invalid(
+                    file,
+                    &format!("sidecar.dns.upstream[{i}]"),
+                    format!(
+                        "expected an IP address or address:port like \"10.0.0.2:53\", got {u:?}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `"10.0.0.2"`, `"10.0.0.2:53"`, `"fd00::2"` or `"[fd00::2]:53"` as a socket address (port 53
+/// when none is given).
+pub fn parse_dns_server(s: &str) -> Option<std::net::SocketAddr> {
+    let s = s.trim();
+    if let Ok(a) = s.parse::<std::net::SocketAddr>() {
+        return Some(a);
+    }
+    s.parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| std::net::SocketAddr::new(ip, 53))
+}
+
+fn default_dns_port() -> u16 {
+    15053
+}
+fn default_dns_timeout() -> u64 {
+    2000
+}
+fn default_dns_rate() -> u32 {
+    50
+}
+fn default_dns_burst() -> u32 {
+    100
+}
+
+/// `[sidecar.llm]`: token usage accounting for the LLM APIs (see docs/llm-policies.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    /// Where per-session and per-agent usage totals are kept across restarts (written at most
+    /// once a second and at shutdown). Without it totals start at zero on every start.
+    pub usage_state_path: Option<PathBuf>,
+    /// `[[sidecar.llm.prices]]`: USD per 1,000 tokens, by the model the request named.
+    #[serde(default)]
+    pub prices: Vec<ModelPrice>,
+}
+
+/// One `[[sidecar.llm.prices]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    pub model: String,
+    pub input_per_1k_usd: f64,
+    pub output_per_1k_usd: f64,
 }
 
 /// How connections reach the sidecar.
@@ -103,8 +242,10 @@ pub struct TransparentConfig {
     /// Refuse UDP to port 443 from tagged workloads so QUIC cannot bypass the sidecar.
     #[serde(default = "yes")]
     pub block_quic: bool,
-    /// Also redirect DNS (port 53); off by default so name resolution is untouched.
-    #[serde(default)]
+    /// DNS guard: UDP and TCP port 53 of tagged workloads, whatever the resolver address, go to
+    /// the sidecar's DNS listener (`[sidecar.dns]`), which answers only allowed names. On by
+    /// default; `false` leaves name resolution untouched (and open as an exfiltration channel).
+    #[serde(default = "yes")]
     pub redirect_dns: bool,
     /// `SO_MARK` the sidecar puts on its own upstream sockets; marked sockets are never redirected.
     #[serde(default = "default_mark")]
@@ -130,7 +271,7 @@ impl Default for TransparentConfig {
             excluded_cidrs: Vec::new(),
             excluded_ports: Vec::new(),
             block_quic: true,
-            redirect_dns: false,
+            redirect_dns: true,
             socket_mark: default_mark(),
             pin_dir: default_pin_dir(),
             control_socket: default_control_socket(),
@@ -267,6 +408,13 @@ pub struct MappingConfig {
     /// Deny requests no rule maps (`UnclassifiedIntent`); otherwise they pass and are audited.
     #[serde(default = "yes")]
     pub default_protected: bool,
+    /// Largest request body read for a rule's `extract` (bigger: `MalformedRequest`).
+    #[serde(default = "default_extract_max_body_bytes")]
+    pub extract_max_body_bytes: usize,
+}
+
+fn default_extract_max_body_bytes() -> usize {
+    1024 * 1024
 }
 
 impl MappingConfig {
@@ -578,6 +726,23 @@ impl SidecarConfig {
                 ));
             }
         }
+        for (i, p) in self.llm.prices.iter().enumerate() {
+            let ok = |v: f64| v.is_finite() && v >= 0.0;
+            if p.model.trim().is_empty() || !ok(p.input_per_1k_usd) || !ok(p.output_per_1k_usd) {
+                return Err(ConfigError::invalid(
+                    file,
+                    &format!("sidecar.llm.prices[{i}]"),
+                    "expected a non-empty `model` and non-negative `input_per_1k_usd` / `output_per_1k_usd`",
+                ));
+            }
+        }
+        if self.mapping.extract_max_body_bytes == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.mapping.extract_max_body_bytes",
+                "expected a positive number of bytes",
+            ));
+        }
         if self.policy.dir.is_none() && self.policy.authority_url.is_none() {
             return Err(ConfigError::invalid(
                 file,
@@ -594,6 +759,7 @@ impl SidecarConfig {
                 ));
             }
         }
+        self.dns.validate(file, self.interceptor.transparent.port)?;
         for (i, h) in self.connector.hosts.iter().enumerate() {
             if h.rps == Some(0) {
                 return Err(ConfigError::invalid(

@@ -12,6 +12,7 @@ pub mod config;
 pub mod conn;
 pub mod connector;
 pub mod control;
+pub mod dns;
 pub mod drain;
 pub mod ebpf;
 pub mod interceptor;

@@ -15,6 +15,7 @@
 
 use super::{AuditInput, AuditLog, AuditUnavailable, ConnectorOutcome, event};
 use crate::conn::{ConnectionInfo, Decision, DenyReason};
+use serde_json::{Map, Value};
 
 /// Where a request or tunnel was going, as far as known.
 #[derive(Debug, Clone, Default)]
@@ -23,9 +24,36 @@ struct Intent {
     host: Option<String>,
     port: u16,
     path: Option<String>,
+    /// DNS guard queries: `envelope.intent.dns` (`qname`, `qtype`, and after an answer `rcode`,
+    /// `answers`, `cname_chain`, `upstream`).
+    dns: Option<Map<String, Value>>,
+    /// `envelope.intent.request`: attributes extracted from the body for Cedar.
+    request: Option<Value>,
 }
 
 impl Intent {
+    /// Adds `envelope.intent.dns` (DNS queries) and `envelope.intent.request` (extracted body
+    /// attributes) to an event body when there are any.
+    fn with_dns(&self, mut body: Map<String, Value>) -> Map<String, Value> {
+        if let Some(dns) = &self.dns
+            && let Some(intent) = body
+                .get_mut("envelope")
+                .and_then(|e| e.get_mut("intent"))
+                .and_then(Value::as_object_mut)
+        {
+            intent.insert("dns".into(), Value::Object(dns.clone()));
+        }
+        if let Some(r) = &self.request
+            && let Some(intent) = body
+                .get_mut("envelope")
+                .and_then(|e| e.get_mut("intent"))
+                .and_then(Value::as_object_mut)
+        {
+            intent.insert("request".into(), r.clone());
+        }
+        body
+    }
+
     fn input<'a>(
         &'a self,
         conn: &'a ConnectionInfo,
@@ -67,11 +95,23 @@ impl RequestAudit {
         self
     }
 
+    /// Attributes extracted from the request body (recorded with the decision and outcome).
+    pub fn request_attrs(mut self, attrs: Option<serde_json::Value>) -> Self {
+        self.intent.request = attrs;
+        self
+    }
+
     /// What is known of the destination so far (host may be unknown, path is for requests).
     pub fn target(mut self, host: Option<&str>, port: u16, path: Option<&str>) -> Self {
         self.intent.host = host.map(str::to_owned);
         self.intent.port = port;
         self.intent.path = path.map(str::to_owned);
+        self
+    }
+
+    /// A DNS guard query: `fields` become `envelope.intent.dns`.
+    pub fn dns(mut self, fields: Map<String, Value>) -> Self {
+        self.intent.dns = Some(fields);
         self
     }
 
@@ -81,6 +121,11 @@ impl RequestAudit {
         connector: Option<ConnectorOutcome>,
     ) -> AuditInput<'a> {
         self.intent.input(&self.conn, decision, connector)
+    }
+
+    fn body(&self, decision: &Decision, connector: Option<ConnectorOutcome>) -> Map<String, Value> {
+        self.intent
+            .with_dns(event::body(&self.input(decision, connector)))
     }
 
     /// Records a denial (nothing was or will be sent upstream).
@@ -96,8 +141,7 @@ impl RequestAudit {
             detail = %decision.detail,
             "denied"
         );
-        self.log
-            .record_body(event::body(&self.input(decision, None)));
+        self.log.record_body(self.body(decision, None));
     }
 
     /// Persists the ALLOW decision; `planned` says which credential will be attached. On
@@ -108,7 +152,7 @@ impl RequestAudit {
         decision: &Decision,
         planned: ConnectorOutcome,
     ) -> Result<Committed, (Self, AuditUnavailable)> {
-        let body = event::body(&self.input(decision, Some(planned.clone())));
+        let body = self.body(decision, Some(planned.clone()));
         let id = body
             .get("event_id")
             .and_then(|v| v.as_str())
@@ -141,8 +185,7 @@ impl RequestAudit {
             aborted = outcome.aborted.as_deref().unwrap_or("-"),
             "aborted after allow, before sending"
         );
-        self.log
-            .record_body(event::body(&self.input(decision, Some(outcome))));
+        self.log.record_body(self.body(decision, Some(outcome)));
     }
 
     /// Denies with [`DenyReason::AuditUnavailable`] after a failed [`Self::commit`].
@@ -184,6 +227,12 @@ impl Committed {
         self.write();
     }
 
+    /// Adds what a DNS answer said (`rcode`, `answers`, ...) to the outcome's
+    /// `envelope.intent.dns`.
+    pub fn dns_result(&mut self, fields: Map<String, Value>) {
+        self.intent.dns.get_or_insert_with(Map::new).extend(fields);
+    }
+
     /// The outcome so far, to update before [`Self::finish`] (or before a drop).
     pub fn outcome_mut(&mut self) -> &mut ConnectorOutcome {
         &mut self.outcome
@@ -208,8 +257,10 @@ impl Committed {
             credential_injected = self.outcome.credential_injected,
             "allowed"
         );
-        self.log
-            .record_body(event::outcome(&input, &self.decision_event_id));
+        let body = self
+            .intent
+            .with_dns(event::outcome(&input, &self.decision_event_id));
+        self.log.record_body(body);
     }
 }
 

@@ -24,8 +24,8 @@ use crate::conn::Workload;
 use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key};
 use aya::{Ebpf, EbpfLoader};
 use firma_common::maps::{
-    MAP_BINDINGS, MAP_BY_COOKIE, MAP_BY_PEER, MAP_CONFIG, MAP_EXCLUDED_PORTS, MAP_EXCLUDED_V4,
-    MAP_EXCLUDED_V6, OrigDst, PeerKey, RedirectConfig, WorkloadBinding,
+    MAP_BINDINGS, MAP_BY_COOKIE, MAP_BY_PEER, MAP_CONFIG, MAP_DNS_BY_PEER, MAP_EXCLUDED_PORTS,
+    MAP_EXCLUDED_V4, MAP_EXCLUDED_V6, OrigDst, PeerKey, RedirectConfig, WorkloadBinding,
 };
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -129,6 +129,7 @@ pub struct Redirector {
     control: Mutex<Control>,
     by_peer: BpfHashMap<MapData, PeerKey, OrigDst>,
     by_cookie: BpfHashMap<MapData, u64, OrigDst>,
+    dns_by_peer: BpfHashMap<MapData, PeerKey, OrigDst>,
     registry: Registry,
     cgroup2: Cgroup2,
     pin_dir: PathBuf,
@@ -176,6 +177,8 @@ impl Redirector {
             BpfHashMap::try_from(take(&mut ebpf, MAP_BY_PEER)?).map_err(map_err(MAP_BY_PEER))?;
         let by_cookie = BpfHashMap::try_from(take(&mut ebpf, MAP_BY_COOKIE)?)
             .map_err(map_err(MAP_BY_COOKIE))?;
+        let dns_by_peer = BpfHashMap::try_from(take(&mut ebpf, MAP_DNS_BY_PEER)?)
+            .map_err(map_err(MAP_DNS_BY_PEER))?;
         let adopted_programs = programs.adopted;
         let mut control = Control {
             _ebpf: ebpf,
@@ -192,6 +195,7 @@ impl Redirector {
             control: Mutex::new(control),
             by_peer,
             by_cookie,
+            dns_by_peer,
             registry,
             cgroup2,
             pin_dir,
@@ -351,6 +355,14 @@ impl Redirector {
     /// returned. `None`: not a redirected connection (or its entry is gone): close it.
     pub fn original_destination(&self, peer: SocketAddr) -> Option<OrigDst> {
         self.by_peer.get(&PeerKey::from_socket_addr(peer), 0).ok()
+    }
+
+    /// The resolver a tagged workload's UDP DNS query was meant for, and who sent it, by the
+    /// query's source address as `recv_from` reports it. `None`: not a redirected query.
+    pub fn dns_origin(&self, peer: SocketAddr) -> Option<OrigDst> {
+        self.dns_by_peer
+            .get(&PeerKey::from_socket_addr(peer), 0)
+            .ok()
     }
 
     /// The workload (binding + the exact cgroup and pid) that opened a redirected connection.

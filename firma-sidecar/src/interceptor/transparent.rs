@@ -7,6 +7,9 @@
 //! stops startup: a sidecar that half-started would leave tagged workloads refused without
 //! saying why.
 //!
+//! With `redirect_dns` (the default) the DNS guard ([`crate::dns`]) listens too, on
+//! `[sidecar.dns] port`, and the kernel sends every port-53 exchange of tagged workloads there.
+//!
 //! Per connection: the kernel's record (original destination, cgroup, pid) is looked up by
 //! peer address; the connection then goes through the same [`serve_stream`] as `CONNECT` in
 //! `http_proxy` mode, with the original destination as upstream (the connector marks those
@@ -46,17 +49,15 @@ pub enum TransparentError {
     )]
     WorkloadTarget(usize),
     #[error(
-        "[sidecar.interceptor.transparent] port {port}: cannot listen on 127.0.0.1 and [::1]: {source}"
+        "[sidecar.interceptor.transparent] port {port}: cannot listen on 127.0.0.1 and [::1]: {cause}"
     )]
-    Bind {
-        port: u16,
-        #[source]
-        source: std::io::Error,
-    },
+    Bind { port: u16, cause: std::io::Error },
     #[error("[sidecar.interceptor.transparent] {0}")]
     Pins(PinsError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -101,7 +102,8 @@ pub async fn serve(
     limits: Arc<Limits>,
 ) -> Result<(), TransparentError> {
     let t = &cfg.interceptor.transparent;
-    let settings = RedirectSettings::from_config(t)?;
+    let mut settings = RedirectSettings::from_config(t)?;
+    settings.dns_port = cfg.dns.port;
     let port = settings.port;
     // Fail closed on a crash only if the pins outlive us: check before loading anything.
     let (pin_dir, allow) = (settings.pin_dir.clone(), t.allow_ephemeral_pins);
@@ -137,7 +139,18 @@ pub async fn serve(
 
     let listeners = listener::bind(port)
         .await
-        .map_err(|source| TransparentError::Bind { port, source })?;
+        .map_err(|source| TransparentError::Bind {
+            port,
+            cause: source,
+        })?;
+    if t.redirect_dns {
+        let guard = Arc::new(crate::dns::DnsGuard::new(
+            state.clone(),
+            cfg,
+            redirector.clone(),
+        ));
+        crate::dns::serve(guard, cfg.dns.port, shutdown.clone(), limits.clone()).await?;
+    }
     let control_path = t.control_socket.clone();
     let control_listener = control::bind(&control_path)?;
 

@@ -78,6 +78,9 @@ struct RawRule {
     #[serde(default = "star")]
     path: String,
     action_class: String,
+    /// Request attributes from the JSON body (see [`super::extract`]).
+    #[serde(default)]
+    extract: Option<std::collections::BTreeMap<String, super::extract::RawPointers>>,
 }
 
 fn star() -> String {
@@ -107,6 +110,8 @@ pub struct Rule {
     host: HostPat,
     path: PathPat,
     pub action_class: String,
+    /// Attributes to read from the JSON body before the decision (empty: the body streams).
+    pub extract: Vec<super::extract::Extract>,
     /// Where the rule came from, for diagnostics.
     pub file: PathBuf,
     pub index: usize,
@@ -162,6 +167,8 @@ impl Rule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mapped<'a> {
     pub action_class: &'a str,
+    /// What the rule extracts from the body.
+    pub extract: &'a [super::extract::Extract],
     /// `file:rule[i]` of the winning rule.
     pub rule: (&'a Path, usize),
 }
@@ -227,6 +234,20 @@ fn parse_method(raw: &str) -> Result<Option<String>, String> {
 }
 
 impl MappingRules {
+    /// The host patterns the rules name, as written in a rules file (`api.example.com`,
+    /// `*.example.com`), without the catch-all `*`. The DNS guard answers these names.
+    pub fn host_patterns(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.by_host.keys().cloned().collect();
+        for r in &self.wildcard {
+            if let HostPat::Suffix(s) = &r.host {
+                out.push(format!("*{s}"));
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Loads and merges every file, in order. Duplicates across files are errors too.
     pub fn load(paths: &[PathBuf]) -> Result<Self, MappingError> {
         let mut rules = Vec::new();
@@ -264,6 +285,10 @@ impl MappingRules {
                     host: parse_host(&r.host).map_err(err)?,
                     path: parse_path(&r.path).map_err(err)?,
                     action_class: r.action_class,
+                    extract: match r.extract {
+                        Some(x) => super::extract::parse_spec(x).map_err(err)?,
+                        None => Vec::new(),
+                    },
                     file: file.to_path_buf(),
                     index,
                 })
@@ -344,6 +369,7 @@ impl MappingRules {
         let wild = self.wildcard.iter().filter(|r| r.host_matches(host));
         exact.chain(wild).find(|r| pred(r)).map(|r| Mapped {
             action_class: &r.action_class,
+            extract: &r.extract,
             rule: (&r.file, r.index),
         })
     }
