@@ -11,6 +11,7 @@
 mod client;
 mod deploy;
 mod issuance;
+mod peers;
 mod report;
 mod run;
 mod transparent;

@@ -1,6 +1,7 @@
 //! The results file (`target/bench/e2e.json`) and the printed table.
 
 use crate::client::ClientResult;
+use crate::peers::PeerOutcome;
 use serde::Serialize;
 
 /// One measured scenario.
@@ -68,6 +69,10 @@ pub struct Report {
     pub scenarios: Vec<Scenario>,
     pub ratios: Vec<Ratio>,
     pub checks: Checks,
+    /// CPU per 10k requests and peak RSS of each proxy process, per scenario.
+    pub costs: Vec<crate::peers::ProxyCost>,
+    /// Envoy and mitmproxy, measured with the same client and upstream, or why not.
+    pub peers: Vec<crate::peers::PeerOutcome>,
     /// Sequential issuance latency against the real Authority (`None` when skipped).
     pub issuance: Option<crate::issuance::Issuance>,
     /// Transparent-mode results, or why they were skipped.
@@ -119,6 +124,68 @@ fn ratio_row(out: &mut String, r: &Ratio) {
 }
 
 impl Report {
+    fn all_scenarios(&self) -> Vec<&Scenario> {
+        let mut all: Vec<&Scenario> = self.scenarios.iter().collect();
+        if let Transparent::Measured { scenarios, .. } = &self.transparent {
+            all.extend(scenarios);
+        }
+        for p in &self.peers {
+            if let PeerOutcome::Measured { scenarios, .. } = p {
+                all.extend(scenarios);
+            }
+        }
+        all
+    }
+
+    /// Each peer against direct, and each Firma mode against each peer (same kind of run).
+    pub fn peer_ratios(&self) -> Vec<Ratio> {
+        let all = self.all_scenarios();
+        let find = |n: &str| all.iter().find(|s| s.name == n).map(|s| &s.result);
+        let mut out = Vec::new();
+        for p in &self.peers {
+            let PeerOutcome::Measured { peer, .. } = p else {
+                continue;
+            };
+            for (kind, direct, mine, firma) in [
+                (
+                    "keep-alive",
+                    "direct, keep-alive",
+                    "keep-alive",
+                    [
+                        ("http_proxy", "sidecar http_proxy, keep-alive"),
+                        ("transparent", "netns, tagged cgroup (transparent)"),
+                    ],
+                ),
+                (
+                    "new conn",
+                    "direct, new connection each",
+                    "new conn each",
+                    [
+                        ("http_proxy", "sidecar http_proxy, new conn each"),
+                        ("transparent", "netns, transparent, new conn each"),
+                    ],
+                ),
+            ] {
+                let Some(theirs) = find(&format!("{peer}, {mine}")) else {
+                    continue;
+                };
+                if let Some(d) = find(direct) {
+                    out.push(Ratio::new(&format!("{peer} / direct, {kind}"), d, theirs));
+                }
+                for (mode, name) in firma {
+                    if let Some(f) = find(name) {
+                        out.push(Ratio::new(
+                            &format!("firma {mode} / {peer}, {kind}"),
+                            theirs,
+                            f,
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The human table printed at the end of `cargo xtask bench`.
     pub fn table(&self) -> String {
         let mut out = format!(
@@ -130,6 +197,28 @@ impl Report {
         scenario_rows(&mut out, &self.scenarios);
         if let Transparent::Measured { scenarios, .. } = &self.transparent {
             scenario_rows(&mut out, scenarios);
+        }
+        for p in &self.peers {
+            match p {
+                PeerOutcome::Measured { scenarios, .. } => scenario_rows(&mut out, scenarios),
+                PeerOutcome::Skipped { peer, why } => {
+                    out.push_str(&format!("{peer}: SKIPPED ({why})\n"))
+                }
+            }
+        }
+        out.push_str(&format!(
+            "\n{:<34} {:>12} {:>13}\n",
+            "proxy process cost", "CPU-s/10k", "peak RSS MB"
+        ));
+        let peer_costs = self.peers.iter().flat_map(|p| match p {
+            PeerOutcome::Measured { costs, .. } => costs.as_slice(),
+            PeerOutcome::Skipped { .. } => &[],
+        });
+        for c in self.costs.iter().chain(peer_costs) {
+            out.push_str(&format!(
+                "{:<34} {:>12.2} {:>13.1}\n",
+                c.scenario, c.cpu_s_per_10k, c.peak_rss_mb
+            ));
         }
         out.push_str("\nratios (latency: slower/faster; throughput: faster/slower)\n");
         for r in &self.ratios {

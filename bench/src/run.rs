@@ -38,6 +38,12 @@ pub struct RunArgs {
     /// Sequential `IssueCapability` calls measured against the real Authority (0 skips them).
     #[arg(long, default_value_t = 500)]
     pub issuance_requests: usize,
+    /// Where the peers (Envoy, mitmproxy) are installed: a venv, created once.
+    #[arg(long, default_value = "target/bench/peers")]
+    pub peers_dir: PathBuf,
+    /// Do not measure Envoy and mitmproxy.
+    #[arg(long)]
+    pub skip_peers: bool,
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/bench/e2e.json")]
     pub out: PathBuf,
@@ -105,9 +111,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         ),
     ];
     let mut scenarios = Vec::new();
+    let mut costs = Vec::new();
     let mut checks = Checks::default();
+    let sidecar_pid = sc.process.child.id();
     for (name, client, through_sidecar) in plan {
         let injected_before = up.injected();
+        let cpu_before = crate::peers::cpu_secs(sidecar_pid)?;
         eprintln!("running: {name} ({} requests)", client.requests);
         let result = spawn_client(&client, None, tmp.path())?;
         if !sc.alive() {
@@ -115,6 +124,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         }
         let injected = up.injected() - injected_before;
         if through_sidecar {
+            costs.push(crate::peers::ProxyCost::new(
+                name,
+                "firma",
+                sidecar_pid,
+                cpu_before,
+                result.ok + client.warmup,
+            ));
             checks.sidecar_requests_expected += (result.ok + client.warmup) as u64;
         } else if injected != 0 {
             bail!("\"{name}\" reached the upstream with the sidecar's credential: not direct");
@@ -165,6 +181,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             &scenarios[3].result,
         ),
     ];
+    let peers = if args.skip_peers {
+        Vec::new()
+    } else {
+        crate::peers::measure(args, &up, tmp.path())
+    };
     let issuance = if args.issuance_requests == 0 {
         None
     } else {
@@ -179,7 +200,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     } else {
         crate::transparent::outer(args, &firma)
     };
-    let report = Report {
+    let mut report = Report {
         date_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -192,9 +213,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         scenarios,
         ratios,
         checks,
+        costs,
+        peers,
         issuance,
         transparent,
     };
+    let peer_ratios = report.peer_ratios();
+    report.ratios.extend(peer_ratios);
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }

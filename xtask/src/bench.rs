@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the criterion benches of the decision pipeline, then the end-to-end
-//! load harness (`firma-bench run`, release build) comparing the same client direct and through
-//! the sidecar in one run. Results: `target/bench/e2e.json`, and the table on stdout.
+//! load harness (`firma-bench run`, release build) comparing the same client direct, through
+//! the sidecar, and through Envoy and mitmproxy (installed by the harness into a venv under
+//! `target/bench/peers`) in one run. Results: `target/bench/e2e.json`, and the table on stdout.
 
 use crate::exec;
 use std::path::Path;
@@ -45,6 +46,9 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             .env("FIRMA_BIN", target.join("release/firma"))
             .arg("--out")
             .arg(target.join("bench/e2e.json"))
+            // Envoy and mitmproxy are installed here once (a venv), then reused.
+            .arg("--peers-dir")
+            .arg(target.join("bench/peers"))
             .args(&args.args)
             .current_dir(root),
     )

