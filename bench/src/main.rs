@@ -8,6 +8,7 @@
 //! it runs as its own process so it can be placed in a cgroup and never shares a scheduler with
 //! the upstream.
 
+mod aborters;
 mod client;
 mod deploy;
 mod issuance;

@@ -56,6 +56,8 @@ pub struct Checks {
     pub sidecar_requests_expected: u64,
     /// Signed audit events in the sidecar's file sink at the end.
     pub audit_events: usize,
+    /// Handshakes the robustness step aborted mid-way during its scenario.
+    pub aborted_handshakes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -250,8 +252,12 @@ impl Report {
         }
         let c = &self.checks;
         out.push_str(&format!(
-            "\nchecks: upstream answered {} requests, {} with the injected credential (sidecar sent {}); {} audit events, `firma audit verify` OK\n",
-            c.upstream_requests, c.upstream_injected, c.sidecar_requests_expected, c.audit_events
+            "\nchecks: upstream answered {} requests, {} with the injected credential (sidecar sent {}); {} audit events, `firma audit verify` OK; {} handshakes aborted mid-way during \"sidecar http_proxy KA, aborters\"\n",
+            c.upstream_requests,
+            c.upstream_injected,
+            c.sidecar_requests_expected,
+            c.audit_events,
+            c.aborted_handshakes
         ));
         out
     }

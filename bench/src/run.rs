@@ -74,6 +74,9 @@ impl RunArgs {
     }
 }
 
+/// The keep-alive run through the sidecar repeated with handshake-aborting clients alongside.
+const ABORT_SCENARIO: &str = "sidecar http_proxy KA, aborters";
+
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let firma = args
         .firma
@@ -106,9 +109,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         ("direct, new connection each", args.new_conn(direct), false),
         (
             "sidecar http_proxy, new conn each",
-            args.new_conn(via),
+            args.new_conn(via.clone()),
             true,
         ),
+        // Robustness: the same keep-alive run while clients abort TLS handshakes mid-way.
+        (ABORT_SCENARIO, via, true),
     ];
     let mut scenarios = Vec::new();
     let mut costs = Vec::new();
@@ -118,7 +123,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         let injected_before = up.injected();
         let cpu_before = crate::peers::cpu_secs(sidecar_pid)?;
         eprintln!("running: {name} ({} requests)", client.requests);
+        let aborters = (name == ABORT_SCENARIO)
+            .then(|| crate::aborters::Aborters::start(proxy, &format!("{}:443", deploy::HOST), 2));
         let result = spawn_client(&client, None, tmp.path())?;
+        if let Some(a) = aborters {
+            let n = a.stop();
+            eprintln!("robustness: {n} TLS handshakes aborted mid-way during \"{name}\"");
+            checks.aborted_handshakes = n;
+        }
         if !sc.alive() {
             bail!("the sidecar exited during \"{name}\":\n{}", sc.log_text());
         }
@@ -179,6 +191,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             "sidecar / direct, new connection",
             &scenarios[2].result,
             &scenarios[3].result,
+        ),
+        Ratio::new(
+            "with aborted handshakes / without, keep-alive",
+            &scenarios[1].result,
+            &scenarios[4].result,
         ),
     ];
     let peers = if args.skip_peers {
