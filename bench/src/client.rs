@@ -63,6 +63,9 @@ pub struct ClientArgs {
     /// Stop taking new requests after this many seconds (warmup included).
     #[arg(long, default_value_t = 60)]
     pub time_limit_secs: u64,
+    /// Measure for this many seconds after the warmup instead of counting `requests` (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub duration_secs: u64,
     /// Runtime worker threads for the client.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
@@ -94,6 +97,8 @@ struct Target {
     server_name: ServerName<'static>,
     proxy_connect: Option<String>,
     tls: tokio_rustls::TlsConnector,
+    /// How long the measured phase lasts after the warmup (`None`: until `requests` are taken).
+    measure_for: Option<Duration>,
 }
 
 pub fn run(args: &ClientArgs) -> anyhow::Result<ClientResult> {
@@ -131,6 +136,7 @@ async fn run_async(args: &ClientArgs) -> anyhow::Result<ClientResult> {
             .with_context(|| format!("bad host name {}", args.host))?,
         proxy_connect: args.proxy_connect.clone(),
         tls: tokio_rustls::TlsConnector::from(Arc::new(tls_config(&args.cas)?)),
+        measure_for: (args.duration_secs > 0).then(|| Duration::from_secs(args.duration_secs)),
     });
     let deadline = Instant::now() + Duration::from_secs(args.time_limit_secs);
     let workers = args.concurrency;
@@ -148,7 +154,7 @@ async fn run_async(args: &ClientArgs) -> anyhow::Result<ClientResult> {
     }
     barrier.wait().await;
     let start = Instant::now();
-    let mut latencies = Vec::with_capacity(args.requests);
+    let mut latencies = Vec::with_capacity(args.requests.min(1 << 20));
     let (mut errors, mut first_error) = (0, None);
     for t in tasks {
         let out = t.await.context("client worker panicked")?;
@@ -175,7 +181,11 @@ async fn run_async(args: &ClientArgs) -> anyhow::Result<ClientResult> {
         ok,
         errors,
         first_error,
-        time_limited: ok + errors < args.requests,
+        time_limited: if args.duration_secs > 0 {
+            elapsed + 0.5 < args.duration_secs as f64
+        } else {
+            ok + errors < args.requests
+        },
         elapsed_secs: elapsed,
         throughput_rps: if elapsed > 0.0 {
             ok as f64 / elapsed
@@ -240,6 +250,9 @@ async fn worker(
         conn = timed(open(t)).await.ok();
     }
     barrier.wait().await;
+    let deadline = t
+        .measure_for
+        .map_or(deadline, |d| deadline.min(Instant::now() + d));
     while Instant::now() < deadline && next.fetch_add(1, Ordering::Relaxed) < total {
         let t0 = Instant::now();
         let r = if new_conn {

@@ -422,7 +422,7 @@ fn measure_one(
     ];
     let (mut scenarios, mut costs) = (Vec::new(), Vec::new());
     for (name, client) in plan {
-        eprintln!("running: {name} ({} requests)", client.requests);
+        eprintln!("running: {name}");
         let injected_before = up.injected();
         let cpu_before = cpu_secs(peer.pid())?;
         let result = crate::run::spawn_client(&client, None, scratch)?;

@@ -26,6 +26,9 @@ pub struct RunArgs {
     /// Measured requests (one connection each) per new-connection scenario.
     #[arg(long, default_value_t = 1000)]
     pub new_connection_requests: usize,
+    /// Seconds each scenario is measured for, after its warmup (0: use the request counts).
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
     /// Per-scenario time limit in seconds (the client stops taking requests after it).
     #[arg(long, default_value_t = 60)]
     pub time_limit_secs: u64,
@@ -57,18 +60,24 @@ impl RunArgs {
             host: deploy::HOST.to_string(),
             proxy_connect: None,
             cas,
-            requests: self.requests,
+            requests: self.count(self.requests),
             concurrency: self.concurrency,
             warmup: self.warmup,
             new_connection: false,
             time_limit_secs: self.time_limit_secs,
+            duration_secs: self.duration_secs,
             threads: self.client_threads,
         }
     }
 
+    /// The request cap: `n`, or unbounded when the run is timed by `--duration-secs`.
+    fn count(&self, n: usize) -> usize {
+        if self.duration_secs > 0 { 1 << 40 } else { n }
+    }
+
     pub fn new_conn(&self, mut a: ClientArgs) -> ClientArgs {
         a.new_connection = true;
-        a.requests = self.new_connection_requests;
+        a.requests = self.count(self.new_connection_requests);
         a.warmup = self.concurrency;
         a
     }
@@ -122,7 +131,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     for (name, client, through_sidecar) in plan {
         let injected_before = up.injected();
         let cpu_before = crate::peers::cpu_secs(sidecar_pid)?;
-        eprintln!("running: {name} ({} requests)", client.requests);
+        eprintln!("running: {name}");
         let aborters = (name == ABORT_SCENARIO)
             .then(|| crate::aborters::Aborters::start(proxy, &format!("{}:443", deploy::HOST), 2));
         let result = spawn_client(&client, None, tmp.path())?;
@@ -278,6 +287,8 @@ pub fn spawn_client(
         args.time_limit_secs.to_string(),
         "--threads".into(),
         args.threads.to_string(),
+        "--duration-secs".into(),
+        args.duration_secs.to_string(),
     ];
     if let Some(p) = &args.proxy_connect {
         argv.extend(["--proxy-connect".into(), p.clone()]);

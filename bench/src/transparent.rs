@@ -139,6 +139,7 @@ fn outer_run(args: &RunArgs, firma: &Path) -> anyhow::Result<InnerOut> {
             &args.new_connection_requests.to_string(),
         ])
         .args(["--time-limit-secs", &args.time_limit_secs.to_string()])
+        .args(["--duration-secs", &args.duration_secs.to_string()])
         .args(["--client-threads", &args.client_threads.to_string()])
         .arg("--result")
         .arg(&result)
@@ -235,32 +236,23 @@ fn inner_run(args: &RunArgs) -> anyhow::Result<InnerOut> {
     ])?;
     // The client trusts both CAs, so the exact same client config works on both paths.
     let client = args.client(dst, vec![up.ca_path.clone(), d.firma_ca()]);
-    eprintln!("running: netns, untagged ({} requests)", client.requests);
+    eprintln!("running: netns, untagged");
     let untagged = spawn_client(&client, None, tmp.path())?;
     if up.injected() != 0 {
         bail!("the untagged client went through the sidecar");
     }
-    eprintln!(
-        "running: netns, tagged cgroup ({} requests)",
-        client.requests
-    );
+    eprintln!("running: netns, tagged cgroup");
     let tagged = spawn_client(&client, Some(&cleanup.cgroup), tmp.path())?;
     // New connection each: the handshake path, where a listener socket without TCP_NODELAY
     // once added a delayed-ACK stall (~40 ms) to every connection.
     let nc = args.new_conn(client);
-    eprintln!(
-        "running: netns, untagged, new conn each ({} requests)",
-        nc.requests
-    );
+    eprintln!("running: netns, untagged, new conn each");
     let injected_before = up.injected();
     let untagged_new_conn = spawn_client(&nc, None, tmp.path())?;
     if up.injected() != injected_before {
         bail!("the untagged new-connection client went through the sidecar");
     }
-    eprintln!(
-        "running: netns, transparent, new conn each ({} requests)",
-        nc.requests
-    );
+    eprintln!("running: netns, transparent, new conn each");
     let tagged_new_conn = spawn_client(&nc, Some(&cleanup.cgroup), tmp.path())?;
     if !sc.alive() {
         bail!("the transparent sidecar exited:\n{}", sc.log_text());
