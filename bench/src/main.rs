@@ -33,6 +33,12 @@ enum Cmd {
     Run(run::RunArgs),
     /// The load generator: prints one JSON `ClientResult` on stdout.
     Client(client::ClientArgs),
+    /// Install Envoy and mitmproxy into DIR/venv (skipped when present); `run` does it too, but
+    /// `cargo xtask bench` calls this first because `run` goes into a namespace without network.
+    InstallPeers {
+        #[arg(long, default_value = "target/bench/peers")]
+        dir: std::path::PathBuf,
+    },
     /// Internal: the transparent-mode comparison, inside a fresh network namespace.
     #[command(hide = true)]
     TransparentInner(transparent::InnerArgs),
@@ -45,6 +51,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Client(args) => {
             let result = client::run(&args)?;
             println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+        Cmd::InstallPeers { dir } => {
+            peers::install_all(&dir);
             Ok(())
         }
         Cmd::TransparentInner(args) => transparent::inner(&args),

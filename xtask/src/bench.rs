@@ -37,9 +37,36 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
+    // The peers are installed first, with the host's network (the run itself has none).
     exec(
         Command::new(target.join("release/firma-bench"))
-            .arg("run")
+            .arg("install-peers")
+            .arg("--dir")
+            .arg(target.join("bench/peers")),
+    )?;
+    // A private network namespace of its own (loopback only) when root can make one, so no
+    // other traffic on the host shares the figures' sockets; otherwise host loopback.
+    let netns = nix_is_root()
+        && Command::new("unshare")
+            .args(["--net", "true"])
+            .status()
+            .is_ok_and(|s| s.success());
+    let mut cmd = if netns {
+        let mut c = Command::new("unshare");
+        c.args([
+            "--net",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$0\" \"$@\"",
+        ])
+        .arg(target.join("release/firma-bench"));
+        c
+    } else {
+        eprintln!("bench: not root or no unshare: running on the host's loopback");
+        Command::new(target.join("release/firma-bench"))
+    };
+    exec(
+        cmd.arg("run")
             .arg("--firma")
             .arg(target.join("release/firma"))
             // The Authority launcher of firma-testing (issuance latency) finds it here.
@@ -52,4 +79,15 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             .args(&args.args)
             .current_dir(root),
     )
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|u| u.split_whitespace().next() == Some("0"))
+        })
+        .unwrap_or(false)
 }
