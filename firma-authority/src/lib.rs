@@ -9,6 +9,7 @@ pub mod bundles;
 pub mod collector;
 pub mod error;
 pub mod issuance;
+pub mod metrics;
 pub mod revocation_hub;
 pub mod revocations;
 pub mod server;

@@ -14,6 +14,7 @@ pub mod control;
 pub mod drain;
 pub mod ebpf;
 pub mod interceptor;
+pub mod metrics;
 pub mod pipeline;
 pub mod response;
 pub mod server;

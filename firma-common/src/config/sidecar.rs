@@ -30,6 +30,25 @@ pub struct SidecarConfig {
     pub log: LogConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[sidecar.admin]`: the admin listener (`/metrics`, `/healthz`, `/readyz`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// e.g. `"127.0.0.1:9464"`; no admin listener (and no metrics recorded) when unset.
+    pub listen_addr: Option<String>,
+}
+
+/// Log line format: `text` (human, colours only on a terminal) or `json` (one object a line).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// How connections reach the sidecar.
@@ -510,13 +529,33 @@ pub struct AuditConfig {
 pub struct LogConfig {
     #[serde(default = "default_level")]
     pub level: String,
+    /// `text` or `json`; `--log-format` on the command line wins.
+    #[serde(default)]
+    pub format: LogFormat,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: default_level(),
+            format: LogFormat::Text,
         }
+    }
+}
+
+/// Checks an optional admin listen address.
+pub(super) fn check_admin_addr(
+    file: &Path,
+    key: &str,
+    addr: Option<&str>,
+) -> Result<(), ConfigError> {
+    match addr {
+        Some(a) if a.parse::<std::net::SocketAddr>().is_err() => Err(ConfigError::invalid(
+            file,
+            key,
+            format!("expected a socket address like \"127.0.0.1:9464\", got {a:?}"),
+        )),
+        _ => Ok(()),
     }
 }
 fn default_level() -> String {
@@ -537,6 +576,11 @@ pub(super) fn check_log_level(file: &Path, key: &str, level: &str) -> Result<(),
 impl SidecarConfig {
     pub(super) fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         check_log_level(file, "sidecar.log.level", &self.log.level)?;
+        check_admin_addr(
+            file,
+            "sidecar.admin.listen_addr",
+            self.admin.listen_addr.as_deref(),
+        )?;
         if self
             .interceptor
             .listen_addr

@@ -113,6 +113,15 @@ pub struct AttachOutcome {
     pub links_created: usize,
 }
 
+/// What `detach` did: the same numbers the log line reports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DetachOutcome {
+    pub cgroup_path: String,
+    pub cgroup_id: u64,
+    /// Pinned links removed (7 for a fully attached cgroup).
+    pub links_removed: usize,
+}
+
 /// Mutable kernel state, behind one lock (attach/detach/configure are rare).
 struct Control {
     _ebpf: Ebpf,
@@ -301,7 +310,7 @@ impl Redirector {
     }
 
     /// Removes everything `attach` added for the cgroup: its links and its binding.
-    pub fn detach(&self, target: &Target) -> Result<AttachOutcome, EbpfError> {
+    pub fn detach(&self, target: &Target) -> Result<DetachOutcome, EbpfError> {
         let (id, path) = match self.resolve(target) {
             Ok(cg) => (cg.id, cg.path),
             // The cgroup may be gone already; find it by its recorded path.
@@ -323,10 +332,10 @@ impl Redirector {
             return Err(EbpfError::NotAttached(path));
         }
         tracing::info!(cgroup = %path, cgroup_id = id, links_removed = removed, "workload detached");
-        Ok(AttachOutcome {
+        Ok(DetachOutcome {
             cgroup_path: path,
             cgroup_id: id,
-            links_created: 0,
+            links_removed: removed,
         })
     }
 

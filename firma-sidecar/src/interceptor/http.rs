@@ -306,6 +306,7 @@ async fn handle(
     slot: &UpstreamSlot,
     mut req: Request<Incoming>,
 ) -> Response<RespBody> {
+    let arrived = std::time::Instant::now();
     let method = req.method().clone();
     let (mode_h, mode_p) = mode_host(mode);
     // From here on, whatever happens (including the client leaving), one record.
@@ -350,10 +351,14 @@ async fn handle(
     }
     if !decision.is_allow() {
         rec.deny(&decision);
+        crate::metrics::overhead(arrived);
         discard_body(req.into_body()).await;
         return response::deny(&decision);
     }
-    let prepared = match state.connector.prepare(req, up, conn).await {
+    let connecting = std::time::Instant::now();
+    let prepared = state.connector.prepare(req, up, conn).await;
+    crate::metrics::stage(crate::metrics::Stage::Connector, connecting.elapsed());
+    let prepared = match prepared {
         Ok(p) => p,
         Err((Failure::CredentialUnavailable(detail), _)) => {
             // Fail closed: the allow becomes a denial; nothing was sent upstream.
@@ -378,6 +383,7 @@ async fn handle(
         Ok(c) => c,
         Err((rec, e)) => return response::deny(&rec.deny_unaudited(&e)),
     };
+    crate::metrics::overhead(arrived);
     match state.connector.send(prepared, slot).await {
         Ok((resp, outcome)) => {
             committed.finish(outcome);
