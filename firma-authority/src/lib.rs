@@ -7,6 +7,7 @@
 
 pub mod bundles;
 pub mod collector;
+pub mod config;
 pub mod error;
 pub mod issuance;
 pub mod metrics;

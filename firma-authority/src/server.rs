@@ -2,11 +2,11 @@
 //! the shutdown future resolves, then drain.
 
 use crate::bundles::{self, describe_count};
+use crate::config::AuthorityConfig;
 use crate::error::AuthorityError;
 use crate::revocation_hub::{self, RevocationHub};
 use crate::revocations::RevocationFile;
 use crate::service::AuthorityService;
-use firma_common::config::AuthorityConfig;
 use firma_common::keys::{check_owner_only, load_signing_key};
 use firma_common::proto::authority::authority_server::AuthorityServer;
 use std::future::Future;

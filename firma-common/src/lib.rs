@@ -1,4 +1,4 @@
-//! Types shared by the Firma userspace components: the configuration schema, capability tokens
+//! Types shared by the Firma userspace components: the config reader and error, capability tokens
 //! (PASETO v4.public), key files, Cedar bundle loading, audit events and the generated gRPC code.
 //!
 //! The eBPF map layouts live in the `no_std` crate `firma-maps` (which `firma-ebpf` depends on

@@ -201,8 +201,8 @@ fn audit(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let key_path = dir.path().join("audit.key");
     firma_common::keys::generate(&key_path, false).expect("key");
-    let cfg = firma_common::config::AuditConfig {
-        sink: firma_common::config::AuditSink::File,
+    let cfg = firma_sidecar::config::AuditConfig {
+        sink: firma_sidecar::config::AuditSink::File,
         path: Some(dir.path().join("audit.jsonl")),
         signing_key_path: Some(key_path),
         ..Default::default()

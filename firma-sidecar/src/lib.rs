@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod authority_client;
+pub mod config;
 pub mod conn;
 pub mod connector;
 pub mod control;

@@ -5,6 +5,7 @@
 //! SIGTERM/SIGINT: drain (see [`crate::drain`]) then flush audit.
 
 use crate::audit::{AuditError, AuditLog};
+use crate::config::{InterceptMode, SidecarConfig};
 use crate::connector::{Connector, ConnectorError};
 use crate::drain::Drain;
 use crate::interceptor::limits::{self, Limits};
@@ -13,7 +14,6 @@ use crate::pipeline::{Pipeline, PipelineError};
 use crate::state::{Mitm, SidecarState};
 use crate::tls::ca::{CaError, CertificateAuthority};
 use crate::tls::leaf::{LeafCache, LeafError};
-use firma_common::config::{InterceptMode, SidecarConfig};
 use std::sync::Arc;
 use std::time::Duration;
 

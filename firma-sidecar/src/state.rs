@@ -1,13 +1,13 @@
 //! Everything a connection handler needs, built once at startup and shared.
 
 use crate::audit::AuditLog;
+use crate::config::SidecarConfig;
 use crate::conn::{ConnectionInfo, InterceptKind, Workload};
 use crate::connector::Connector;
 use crate::drain::Drain;
 use crate::pipeline::Pipeline;
 use crate::tls::HostPatterns;
 use crate::tls::leaf::LeafCache;
-use firma_common::config::SidecarConfig;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};

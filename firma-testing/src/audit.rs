@@ -3,8 +3,8 @@
 
 use crate::pipeline::Env;
 use crate::process::firma_bin;
-use firma_common::config::{AuditConfig, AuditSink, FsyncPolicy};
 use firma_sidecar::audit::{AuditInput, AuditLog, ConnectorOutcome};
+use firma_sidecar::config::{AuditConfig, AuditSink, FsyncPolicy};
 use firma_sidecar::pipeline::{Pipeline, RequestContext};
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,8 +4,8 @@
 use crate::config::{PolicySource, SidecarToml};
 use crate::repo_root;
 use firma_common::capability::{CapabilityClaims, CapabilitySeed, now_unix};
-use firma_common::config::{FirmaConfig, SidecarConfig};
 use firma_common::keys::{SigningKey, load_signing_key};
+use firma_sidecar::config::SidecarConfig;
 use firma_sidecar::pipeline::{
     ConnectionInfo, Decision, DenyReason, DestinationContext, InterceptKind, Pipeline,
     RequestContext, Workload,
@@ -111,10 +111,7 @@ impl Env {
         let text = t.render();
         let file = self.path("firma.toml");
         std::fs::write(&file, &text).expect("write config");
-        FirmaConfig::parse(&text, &file)
-            .expect("config parses")
-            .sidecar
-            .expect("sidecar section")
+        SidecarConfig::parse(&text, &file).expect("config parses")
     }
 
     pub async fn pipeline(&self, seeds: &[PathBuf], opts: &Opts) -> Pipeline {

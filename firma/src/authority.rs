@@ -3,11 +3,11 @@
 //! except `generate-key -o KEY`, which needs no config.
 
 use crate::ConfigFailure;
+use crate::config::{AuthorityConfig, FirmaConfig};
 use anyhow::{Context, bail};
 use firma_authority::issuance::{DenialCode, IssueRequest, Issuer, seed_toml, write_seed};
 use firma_authority::revocations::RevocationFile;
 use firma_common::capability::{now_unix, rfc3339};
-use firma_common::config::{AuthorityConfig, FirmaConfig};
 use firma_common::keys;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

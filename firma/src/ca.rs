@@ -4,7 +4,7 @@
 //! time (to distribute `firma-ca.crt` before the first client connects) or to replace it.
 
 use crate::ConfigFailure;
-use firma_common::config::FirmaConfig;
+use crate::config::FirmaConfig;
 use firma_sidecar::tls::ca::CertificateAuthority;
 use std::path::PathBuf;
 use std::process::ExitCode;

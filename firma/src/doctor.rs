@@ -2,7 +2,7 @@
 //! transparent mode (kernel BPF + cgroup features, cgroup2 and bpffs mounts, the embedded eBPF
 //! object), plus the modes of the key files a config names.
 
-use firma_common::config::FirmaConfig;
+use crate::config::FirmaConfig;
 use firma_sidecar::ebpf::{Cgroup2, bpffs, embedded_object, pins};
 use serde::Serialize;
 use std::os::unix::fs::PermissionsExt;

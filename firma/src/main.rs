@@ -6,6 +6,7 @@
 mod audit;
 mod authority;
 mod ca;
+mod config;
 mod doctor;
 mod logging;
 mod policy;

@@ -2,8 +2,8 @@
 //! manage workloads of a running one (see `workload.rs`).
 
 use crate::ConfigFailure;
+use crate::config::{ConfigError, FirmaConfig};
 use anyhow::Context;
-use firma_common::config::{ConfigError, FirmaConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 

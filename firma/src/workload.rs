@@ -2,9 +2,9 @@
 //! socket (`[sidecar.interceptor.transparent] control_socket`, JSON lines).
 
 use crate::ConfigFailure;
+use crate::config::FirmaConfig;
 use anyhow::Context;
 use clap::Subcommand;
-use firma_common::config::FirmaConfig;
 use firma_sidecar::control::{Request, StatusReport, request};
 use std::path::Path;
 use std::process::ExitCode;

@@ -1,7 +1,7 @@
 //! Where connection ids continue after a restart: a resumed audit chain must not see
 //! `conn.id` start at 1 again, or two connections of one chain would share an id.
 
-use firma_common::config::{AuditConfig, AuditSink};
+use crate::config::{AuditConfig, AuditSink};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 

@@ -24,8 +24,8 @@ pub use event::body as event_body;
 pub use recorder::{Committed, RequestAudit};
 pub use writer::Health;
 
+use crate::config::{AuditConfig, AuditSink};
 use crate::conn::{ConnectionInfo, Decision};
-use firma_common::config::{AuditConfig, AuditSink};
 use firma_common::keys::SigningKey;
 use serde_json::{Map, Value};
 use sha2::Digest;

@@ -21,7 +21,7 @@
 
 use super::chain::Sealer;
 use super::grpc::GrpcQueue;
-use firma_common::config::FsyncPolicy;
+use crate::config::FsyncPolicy;
 use serde_json::{Map, Value};
 use std::fs::File;
 use std::io::Write;

@@ -6,7 +6,7 @@
 
 use super::secret::Secret;
 use super::vault::{VaultClient, VaultError};
-use firma_common::config::{CredentialMode, SidecarConfig};
+use crate::config::{CredentialMode, SidecarConfig};
 use http::{HeaderName, HeaderValue};
 use std::collections::HashMap;
 use std::sync::Arc;

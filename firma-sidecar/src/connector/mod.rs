@@ -10,11 +10,11 @@ pub mod ratelimit;
 pub mod secret;
 pub mod vault;
 
+use crate::config::SidecarConfig;
 use crate::conn::{ConnectionInfo, ConnectorOutcome, InterceptKind};
 use bytes::Bytes;
 use credentials::{CredentialError, CredentialStore};
 use dial::{DialError, Dialer, ReqBody};
-use firma_common::config::SidecarConfig;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;

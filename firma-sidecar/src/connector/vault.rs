@@ -33,7 +33,7 @@
 //!   response can hold the secret, and error text ends up in logs and audit events.
 
 use super::secret::Secret;
-use firma_common::config::VaultConfig;
+use crate::config::VaultConfig;
 use http::HeaderValue;
 use rustify::endpoint::Endpoint;
 use rustify::enums::{RequestMethod, RequestType, ResponseType};
@@ -451,7 +451,7 @@ fn extract(data: &serde_json::Value, key: &str) -> Option<Secret> {
 #[cfg(test)]
 mod tests {
     use super::{VaultClient, VaultError, extract};
-    use firma_common::config::VaultConfig;
+    use crate::config::VaultConfig;
     use serde_json::json;
     use std::time::Duration;
 

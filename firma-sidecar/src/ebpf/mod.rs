@@ -8,7 +8,6 @@
 
 pub mod bpffs;
 pub mod cgroup;
-pub mod listener;
 mod logs;
 pub mod pins;
 mod programs;

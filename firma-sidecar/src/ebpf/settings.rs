@@ -1,8 +1,8 @@
 //! Redirect settings: `[sidecar.interceptor.transparent]` parsed into what the kernel maps hold.
 
 use super::EbpfError;
+use crate::config::TransparentConfig;
 use aya::maps::lpm_trie::Key;
-use firma_common::config::TransparentConfig;
 use firma_common::maps::{FLAG_BLOCK_QUIC, FLAG_REDIRECT_DNS, RedirectConfig};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;

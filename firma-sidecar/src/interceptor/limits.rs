@@ -12,8 +12,8 @@
 //! - [`raise_nofile`] and [`Limits::from_config`] size `max_connections` so that two
 //!   descriptors per connection plus a reserve fit in RLIMIT_NOFILE.
 
+use crate::config::LimitsConfig;
 use crate::connector::RespBody;
-use firma_common::config::LimitsConfig;
 use http::Response;
 use http_body_util::BodyExt;
 use std::collections::HashMap;

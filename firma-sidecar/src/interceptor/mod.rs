@@ -11,6 +11,7 @@ pub mod head;
 pub mod http;
 pub mod http_proxy;
 pub mod limits;
+pub mod redirect_listener;
 pub mod rewind;
 pub mod serve;
 pub mod transparent;

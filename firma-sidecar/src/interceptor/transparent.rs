@@ -17,17 +17,17 @@
 //! Shutdown leaves the programs pinned on purpose: while no sidecar listens, tagged workloads'
 //! connects are refused (fail closed); the next start re-adopts them.
 
+use super::redirect_listener::{self as listener, Redirected, Unredirected};
 use crate::audit::RequestAudit;
+use crate::config::{SidecarConfig, WorkloadConfig};
 use crate::conn::{Decision, DenyReason, InterceptKind};
 use crate::control;
 use crate::drain::Drain;
-use crate::ebpf::listener::{self, Redirected, Unredirected};
 use crate::ebpf::pins::{self, PinsError};
 use crate::ebpf::{EbpfError, RedirectSettings, Redirector, Target};
 use crate::interceptor::limits::Limits;
 use crate::interceptor::serve::serve_stream;
 use crate::state::SidecarState;
-use firma_common::config::{SidecarConfig, WorkloadConfig};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 

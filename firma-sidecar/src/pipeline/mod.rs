@@ -37,8 +37,8 @@ pub use crate::conn::{
 };
 
 use crate::authority_client::{self, AuthorityEndpoint, ClientError};
+use crate::config::SidecarConfig;
 use firma_common::capability::now_unix;
-use firma_common::config::SidecarConfig;
 use firma_common::policy::{PolicyBundle, PolicyError};
 use mapping::{MappingError, MappingRules};
 use revocations::RevocationSet;

@@ -2,10 +2,10 @@
 //! looked up by its peer address; a connection with no kernel record (not redirected, or its
 //! entry already gone) is closed and reported, never served with a guessed destination.
 
-use super::Redirector;
+use super::limits::{self, AcceptBackoff, ClientKey, Limits};
 use crate::conn::Workload;
 use crate::drain::Drain;
-use crate::interceptor::limits::{self, AcceptBackoff, ClientKey, Limits};
+use crate::ebpf::Redirector;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};

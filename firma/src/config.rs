@@ -1,16 +1,13 @@
-//! The one sectioned `firma.toml` read by every `firma` subcommand.
+//! The one sectioned `firma.toml` read by every `firma` subcommand, assembled from the sections
+//! the components define (`firma_sidecar::config`, `firma_authority::config`).
 //!
 //! Parsing is strict: unknown keys are errors, and every error names the file, the dotted key
 //! and what was expected, so an operator can fix it without reading code. Structural checks
-//! happen in serde; rules that span fields live in [`FirmaConfig::validate`].
+//! happen in serde; rules that span fields live in each section's `validate`.
 
-mod authority;
-mod error;
-mod sidecar;
-
-pub use authority::AuthorityConfig;
-pub use error::ConfigError;
-pub use sidecar::*;
+pub use firma_authority::config::AuthorityConfig;
+pub use firma_common::config::ConfigError;
+pub use firma_sidecar::config::SidecarConfig;
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -31,28 +28,13 @@ pub struct FirmaConfig {
 impl FirmaConfig {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            file: path.to_path_buf(),
-            cause: e,
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&firma_common::config::read(path)?, path)
     }
 
-    /// Parses and validates `text`; `path` is only used in error messages and to resolve
-    /// nothing else (relative paths in the file are taken as given).
+    /// Parses and validates `text`; `path` only names the file in error messages (relative
+    /// paths in the file are taken as given).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax {
-            file: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        let mut cfg: FirmaConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            ConfigError::Invalid {
-                file: path.to_path_buf(),
-                key,
-                expected: error::describe_toml_error(e.inner()),
-            }
-        })?;
+        let mut cfg: FirmaConfig = firma_common::config::parse_toml(text, path)?;
         cfg.source = path.to_path_buf();
         cfg.validate()?;
         Ok(cfg)

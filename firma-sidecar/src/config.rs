@@ -1,4 +1,6 @@
-use super::ConfigError;
+//! `[sidecar.*]`: the enforcement sidecar's section of `firma.toml`.
+
+use firma_common::config::{ConfigError, LogFormat, check_admin_addr, check_log_level};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -40,15 +42,6 @@ pub struct SidecarConfig {
 pub struct AdminConfig {
     /// e.g. `"127.0.0.1:9464"`; no admin listener (and no metrics recorded) when unset.
     pub listen_addr: Option<String>,
-}
-
-/// Log line format: `text` (human, colours only on a terminal) or `json` (one object a line).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
 }
 
 /// How connections reach the sidecar.
@@ -543,38 +536,25 @@ impl Default for LogConfig {
     }
 }
 
-/// Checks an optional admin listen address.
-pub(super) fn check_admin_addr(
-    file: &Path,
-    key: &str,
-    addr: Option<&str>,
-) -> Result<(), ConfigError> {
-    match addr {
-        Some(a) if a.parse::<std::net::SocketAddr>().is_err() => Err(ConfigError::invalid(
-            file,
-            key,
-            format!("expected a socket address like \"127.0.0.1:9464\", got {a:?}"),
-        )),
-        _ => Ok(()),
-    }
-}
 fn default_level() -> String {
     "info".into()
 }
 
-pub(super) fn check_log_level(file: &Path, key: &str, level: &str) -> Result<(), ConfigError> {
-    match level {
-        "error" | "warn" | "info" | "debug" | "trace" => Ok(()),
-        other => Err(ConfigError::invalid(
-            file,
-            key,
-            format!("expected one of error, warn, info, debug, trace; got {other:?}"),
-        )),
-    }
-}
-
 impl SidecarConfig {
-    pub(super) fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+    /// The `[sidecar]` section of the file at `path`, validated; other sections are ignored.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::parse(&firma_common::config::read(path)?, path)
+    }
+
+    /// The `[sidecar]` section of `text`, validated; `path` names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Self = firma_common::config::parse_section(text, path, "sidecar")?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Cross-field rules that serde cannot express.
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         check_log_level(file, "sidecar.log.level", &self.log.level)?;
         check_admin_addr(
             file,

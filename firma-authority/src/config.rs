@@ -1,4 +1,6 @@
-use super::ConfigError;
+//! `[authority]`: the Authority's section of `firma.toml`.
+
+use firma_common::config::{ConfigError, check_admin_addr, check_log_level};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -37,7 +39,7 @@ pub struct AuthorityConfig {
     pub admin_addr: Option<String>,
     /// `text` or `json`; `--log-format` on the command line wins.
     #[serde(default)]
-    pub log_format: super::LogFormat,
+    pub log_format: firma_common::config::LogFormat,
 }
 
 fn default_max_ttl() -> u64 {
@@ -51,7 +53,20 @@ fn default_log_level() -> String {
 }
 
 impl AuthorityConfig {
-    pub(super) fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+    /// The `[authority]` section of the file at `path`, validated; other sections are ignored.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::parse(&firma_common::config::read(path)?, path)
+    }
+
+    /// The `[authority]` section of `text`, validated; `path` names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Self = firma_common::config::parse_section(text, path, "authority")?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Cross-field rules that serde cannot express.
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         if self.listen_addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::invalid(
                 file,
@@ -76,8 +91,8 @@ impl AuthorityConfig {
                 "expected a positive number of seconds",
             ));
         }
-        super::sidecar::check_log_level(file, "authority.log_level", &self.log_level)?;
-        super::sidecar::check_admin_addr(file, "authority.admin_addr", self.admin_addr.as_deref())?;
+        check_log_level(file, "authority.log_level", &self.log_level)?;
+        check_admin_addr(file, "authority.admin_addr", self.admin_addr.as_deref())?;
         if self.tls_cert_path.is_some() != self.tls_key_path.is_some() {
             return Err(ConfigError::invalid(
                 file,
