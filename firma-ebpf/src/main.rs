@@ -27,12 +27,12 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use firma_maps::{
-    FAMILY_V4, FAMILY_V6, FLAG_BLOCK_QUIC, FLAG_REDIRECT_DNS, MAX_BINDINGS, MAX_EXCLUDED_CIDRS,
+    COUNTER_REDIRECTED, COUNTER_UDP443_REFUSED, COUNTERS, FAMILY_V4, FAMILY_V6, FLAG_BLOCK_QUIC, FLAG_REDIRECT_DNS, MAX_BINDINGS, MAX_EXCLUDED_CIDRS,
     MAX_EXCLUDED_PORTS, MAX_TRACKED_CONNECTIONS, OrigDst, PeerKey, RedirectConfig, WorkloadBinding,
     as_v4_mapped, v4_mapped,
 };
@@ -58,6 +58,18 @@ static FIRMA_EXCL_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_EXCLUDED_CIDRS
 #[map]
 static FIRMA_EXCL_PORTS: HashMap<u16, u8> = HashMap::pinned(MAX_EXCLUDED_PORTS, 0);
 /// Read by userspace only; kept in the pinned object so bindings outlive the sidecar.
+#[map]
+static FIRMA_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS, 0);
+
+/// Adds one to this CPU's slot `index` of [`FIRMA_COUNTERS`] (per-CPU: no atomics needed).
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = FIRMA_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a valid per-CPU slot; programs do not migrate CPUs while running.
+        unsafe { *slot += 1 };
+    }
+}
+
 #[map]
 static FIRMA_BINDINGS: HashMap<u64, WorkloadBinding> = HashMap::pinned(MAX_BINDINGS, 0);
 
@@ -125,6 +137,7 @@ fn classify(ctx: &SockAddrContext, cfg: &RedirectConfig, addr: &[u8; 16], port: 
     let sock_type = unsafe { (*ctx.sock_addr).type_ };
     if sock_type == SOCK_DGRAM {
         if port == QUIC_PORT && cfg.flags & FLAG_BLOCK_QUIC != 0 {
+            count(COUNTER_UDP443_REFUSED);
             return Verdict::Refuse;
         }
         return Verdict::Untouched;
@@ -161,7 +174,11 @@ fn remember(ctx: &SockAddrContext, addr: [u8; 16], port: u16, family: u16) -> bo
         pid: (pid_tgid >> 32) as u32,
         cgroup_id,
     };
-    FIRMA_BY_COOKIE.insert(cookie, orig, 0).is_ok()
+    let ok = FIRMA_BY_COOKIE.insert(cookie, orig, 0).is_ok();
+    if ok {
+        count(COUNTER_REDIRECTED);
+    }
+    ok
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -283,6 +300,7 @@ fn refuse_quic(ctx: &SockAddrContext) -> i32 {
     let port = port_from_user(unsafe { (*ctx.sock_addr).user_port });
     if port == QUIC_PORT && cfg.flags & FLAG_BLOCK_QUIC != 0 {
         debug!(ctx, "refused UDP/443 (QUIC) sendmsg");
+        count(COUNTER_UDP443_REFUSED);
         REFUSE
     } else {
         ALLOW

@@ -112,6 +112,8 @@ pub struct Metrics {
     bundle_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     bundle_fresh: Gauge,
     revocations: Gauge,
+    ebpf_redirected: Counter,
+    ebpf_udp443_refused: Counter,
     ebpf_workloads: Gauge,
 }
 
@@ -264,7 +266,19 @@ impl Metrics {
             "Revoked capability ids known (from the authority's revocation stream)",
             revocations.clone(),
         );
+        let ebpf_redirected = Counter::default();
+        let ebpf_udp443_refused = Counter::default();
         let ebpf_workloads = Gauge::default();
+        r.register(
+            "ebpf_redirected_connects",
+            "TCP connects of tagged workloads redirected to the sidecar (kernel per-CPU counter)",
+            ebpf_redirected.clone(),
+        );
+        r.register(
+            "ebpf_udp443_refused",
+            "UDP/443 (QUIC) connects and sends of tagged workloads refused (kernel per-CPU counter)",
+            ebpf_udp443_refused.clone(),
+        );
         r.register(
             "ebpf_attached_workloads",
             "Workload cgroups attached (tagged) now",
@@ -294,6 +308,8 @@ impl Metrics {
             bundle_age,
             bundle_fresh,
             revocations,
+            ebpf_redirected,
+            ebpf_udp443_refused,
             ebpf_workloads,
         }
     }
@@ -421,11 +437,17 @@ pub fn audit_write(took: Duration) {
 
 /// What transparent mode's kernel side reports at scrape time.
 pub trait KernelState: Send + Sync {
+    /// (redirected connects, refused UDP/443), summed over CPUs.
+    fn counters(&self) -> (u64, u64);
     /// Attached workload cgroups, and whether each has all its programs' links pinned.
     fn workloads(&self) -> Vec<bool>;
 }
 
 impl KernelState for Redirector {
+    fn counters(&self) -> (u64, u64) {
+        self.kernel_counters()
+    }
+
     fn workloads(&self) -> Vec<bool> {
         self.status()
             .into_iter()
@@ -474,6 +496,13 @@ impl AdminSource for SidecarAdmin {
                 .store(lookups.saturating_sub(minted), Ordering::Relaxed);
         }
         if let Some(k) = &self.kernel {
+            let (redirected, refused) = k.counters();
+            m.ebpf_redirected
+                .inner()
+                .store(redirected, Ordering::Relaxed);
+            m.ebpf_udp443_refused
+                .inner()
+                .store(refused, Ordering::Relaxed);
             m.ebpf_workloads
                 .set(i64::try_from(k.workloads().len()).unwrap_or(i64::MAX));
         }

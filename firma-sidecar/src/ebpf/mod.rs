@@ -21,11 +21,12 @@ pub use settings::{Cidr, RedirectSettings};
 pub use workloads::Bound;
 
 use crate::conn::Workload;
-use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key};
+use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use aya::{Ebpf, EbpfLoader};
 use firma_common::maps::{
-    MAP_BINDINGS, MAP_BY_COOKIE, MAP_BY_PEER, MAP_CONFIG, MAP_EXCLUDED_PORTS, MAP_EXCLUDED_V4,
-    MAP_EXCLUDED_V6, OrigDst, PeerKey, RedirectConfig, WorkloadBinding,
+    COUNTER_REDIRECTED, COUNTER_UDP443_REFUSED, MAP_BINDINGS, MAP_BY_COOKIE, MAP_BY_PEER,
+    MAP_CONFIG, MAP_COUNTERS, MAP_EXCLUDED_PORTS, MAP_EXCLUDED_V4, MAP_EXCLUDED_V6, OrigDst,
+    PeerKey, RedirectConfig, WorkloadBinding,
 };
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -138,6 +139,8 @@ pub struct Redirector {
     control: Mutex<Control>,
     by_peer: BpfHashMap<MapData, PeerKey, OrigDst>,
     by_cookie: BpfHashMap<MapData, u64, OrigDst>,
+    /// Per-CPU event counters written by the programs (`COUNTER_*`), read for metrics.
+    counters: Option<PerCpuArray<MapData, u64>>,
     registry: Registry,
     cgroup2: Cgroup2,
     pin_dir: PathBuf,
@@ -185,6 +188,10 @@ impl Redirector {
             BpfHashMap::try_from(take(&mut ebpf, MAP_BY_PEER)?).map_err(map_err(MAP_BY_PEER))?;
         let by_cookie = BpfHashMap::try_from(take(&mut ebpf, MAP_BY_COOKIE)?)
             .map_err(map_err(MAP_BY_COOKIE))?;
+        // Absent only when programs pinned by an older sidecar were adopted with their maps.
+        let counters = ebpf
+            .take_map(MAP_COUNTERS)
+            .and_then(|m| PerCpuArray::try_from(m).ok());
         let adopted_programs = programs.adopted;
         let mut control = Control {
             _ebpf: ebpf,
@@ -201,6 +208,7 @@ impl Redirector {
             control: Mutex::new(control),
             by_peer,
             by_cookie,
+            counters,
             registry,
             cgroup2,
             pin_dir,
@@ -209,6 +217,20 @@ impl Redirector {
         };
         this.readopt()?;
         Ok((this, logger))
+    }
+
+    /// (redirected TCP connects, refused UDP/443) counted by the programs since the counter
+    /// map was created, summed over CPUs.
+    pub fn kernel_counters(&self) -> (u64, u64) {
+        let Some(c) = &self.counters else {
+            return (0, 0);
+        };
+        let sum = |i: u32| {
+            c.get(&i, 0)
+                .map(|per_cpu| per_cpu.iter().copied().fold(0u64, u64::wrapping_add))
+                .unwrap_or(0)
+        };
+        (sum(COUNTER_REDIRECTED), sum(COUNTER_UDP443_REFUSED))
     }
 
     /// Programs found pinned at start (0 on a fresh machine, 7 after a restart).
