@@ -10,6 +10,7 @@
 
 mod client;
 mod deploy;
+mod issuance;
 mod report;
 mod run;
 mod transparent;

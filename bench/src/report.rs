@@ -72,6 +72,8 @@ pub struct Report {
     pub scenarios: Vec<Scenario>,
     pub ratios: Vec<Ratio>,
     pub checks: Checks,
+    /// Sequential issuance latency against the real Authority (`None` when skipped).
+    pub issuance: Option<crate::issuance::Issuance>,
     /// Transparent-mode results, or why they were skipped.
     pub transparent: Transparent,
 }
@@ -81,7 +83,7 @@ pub struct Report {
 pub enum Transparent {
     Measured {
         scenarios: Vec<Scenario>,
-        ratio: Ratio,
+        ratios: Vec<Ratio>,
     },
     Skipped(String),
     Failed(String),
@@ -148,13 +150,28 @@ impl Report {
             ratio_row(&mut out, r);
         }
         match &self.transparent {
-            Transparent::Measured { ratio, .. } => ratio_row(&mut out, ratio),
+            Transparent::Measured { ratios, .. } => {
+                for r in ratios {
+                    ratio_row(&mut out, r);
+                }
+            }
             Transparent::Skipped(why) => {
                 out.push_str(&format!("transparent mode: SKIPPED ({why})\n"))
             }
             Transparent::Failed(why) => {
                 out.push_str(&format!("transparent mode: FAILED ({why})\n"))
             }
+        }
+        if let Some(i) = &self.issuance {
+            out.push_str(&format!(
+                "\nsequential issuance ({} calls, one at a time): p50 {} ms  p90 {} ms  p99 {} ms  min {} ms; authority CPU {:.0} us per call\n",
+                i.requests,
+                ms(i.p50_us),
+                ms(i.p90_us),
+                ms(i.p99_us),
+                ms(i.min_us),
+                i.server_cpu_us_per_call
+            ));
         }
         let c = &self.checks;
         out.push_str(&format!(

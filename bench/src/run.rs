@@ -38,6 +38,9 @@ pub struct RunArgs {
     /// Do not run the metrics on/off comparison (a second sidecar with `[sidecar.admin]`).
     #[arg(long)]
     pub skip_metrics: bool,
+    /// Sequential `IssueCapability` calls measured against the real Authority (0 skips them).
+    #[arg(long, default_value_t = 500)]
+    pub issuance_requests: usize,
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/bench/e2e.json")]
     pub out: PathBuf,
@@ -249,6 +252,15 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         }
     }
     drop(with_metrics);
+    let issuance = if args.issuance_requests == 0 {
+        None
+    } else {
+        eprintln!(
+            "running: sequential issuance ({} calls)",
+            args.issuance_requests
+        );
+        Some(crate::issuance::run(args.issuance_requests).context("issuance latency")?)
+    };
     let transparent = if args.skip_transparent {
         Transparent::Skipped("--skip-transparent".into())
     } else {
@@ -267,6 +279,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         scenarios,
         ratios,
         checks,
+        issuance,
         transparent,
     };
     if let Some(dir) = args.out.parent() {

@@ -35,6 +35,8 @@ enum InnerOut {
     Measured {
         untagged: Box<ClientResult>,
         tagged: Box<ClientResult>,
+        untagged_new_conn: Box<ClientResult>,
+        tagged_new_conn: Box<ClientResult>,
     },
     Skipped(String),
 }
@@ -77,8 +79,20 @@ pub fn outer(args: &RunArgs, firma: &Path) -> Transparent {
         return Transparent::Skipped(why);
     }
     match outer_run(args, firma) {
-        Ok(InnerOut::Measured { untagged, tagged }) => Transparent::Measured {
-            ratio: Ratio::new("tagged / untagged, transparent", &untagged, &tagged),
+        Ok(InnerOut::Measured {
+            untagged,
+            tagged,
+            untagged_new_conn,
+            tagged_new_conn,
+        }) => Transparent::Measured {
+            ratios: vec![
+                Ratio::new("tagged / untagged, transparent", &untagged, &tagged),
+                Ratio::new(
+                    "tagged / untagged, transparent new conn",
+                    &untagged_new_conn,
+                    &tagged_new_conn,
+                ),
+            ],
             scenarios: vec![
                 Scenario {
                     name: "netns, untagged (direct)".into(),
@@ -88,6 +102,16 @@ pub fn outer(args: &RunArgs, firma: &Path) -> Transparent {
                 Scenario {
                     name: "netns, tagged cgroup (transparent)".into(),
                     result: *tagged,
+                    sidecar_cpu_us_per_request: None,
+                },
+                Scenario {
+                    name: "netns, untagged, new conn each".into(),
+                    result: *untagged_new_conn,
+                    sidecar_cpu_us_per_request: None,
+                },
+                Scenario {
+                    name: "netns, transparent, new conn each".into(),
+                    result: *tagged_new_conn,
                     sidecar_cpu_us_per_request: None,
                 },
             ],
@@ -114,14 +138,18 @@ fn outer_run(args: &RunArgs, firma: &Path) -> anyhow::Result<InnerOut> {
         .args(["--requests", &args.requests.to_string()])
         .args(["--concurrency", &args.concurrency.to_string()])
         .args(["--warmup", &args.warmup.to_string()])
+        .args([
+            "--new-connection-requests",
+            &args.new_connection_requests.to_string(),
+        ])
         .args(["--time-limit-secs", &args.time_limit_secs.to_string()])
         .args(["--client-threads", &args.client_threads.to_string()])
         .arg("--result")
         .arg(&result)
         .spawn()
         .context("run unshare")?;
-    // Two client runs plus setup, bounded.
-    let deadline = Instant::now() + Duration::from_secs(2 * args.time_limit_secs + 120);
+    // Four client runs plus setup, bounded.
+    let deadline = Instant::now() + Duration::from_secs(4 * args.time_limit_secs + 120);
     let status = loop {
         if let Some(s) = child.try_wait()? {
             break s;
@@ -221,14 +249,31 @@ fn inner_run(args: &RunArgs) -> anyhow::Result<InnerOut> {
         client.requests
     );
     let tagged = spawn_client(&client, Some(&cleanup.cgroup), tmp.path())?;
+    // New connection each: the handshake path, where a listener socket without TCP_NODELAY
+    // once added a delayed-ACK stall (~40 ms) to every connection.
+    let nc = args.new_conn(client);
+    eprintln!(
+        "running: netns, untagged, new conn each ({} requests)",
+        nc.requests
+    );
+    let injected_before = up.injected();
+    let untagged_new_conn = spawn_client(&nc, None, tmp.path())?;
+    if up.injected() != injected_before {
+        bail!("the untagged new-connection client went through the sidecar");
+    }
+    eprintln!(
+        "running: netns, transparent, new conn each ({} requests)",
+        nc.requests
+    );
+    let tagged_new_conn = spawn_client(&nc, Some(&cleanup.cgroup), tmp.path())?;
     if !sc.alive() {
         bail!("the transparent sidecar exited:\n{}", sc.log_text());
     }
-    if up.injected() < tagged.ok as u64 {
+    let tagged_ok = (tagged.ok + tagged_new_conn.ok) as u64;
+    if up.injected() < tagged_ok {
         bail!(
-            "only {} of {} tagged requests reached the upstream with the injected credential",
+            "only {} of {tagged_ok} tagged requests reached the upstream with the injected credential",
             up.injected(),
-            tagged.ok
         );
     }
     drop(sc);
@@ -236,5 +281,7 @@ fn inner_run(args: &RunArgs) -> anyhow::Result<InnerOut> {
     Ok(InnerOut::Measured {
         untagged: Box::new(untagged),
         tagged: Box::new(tagged),
+        untagged_new_conn: Box::new(untagged_new_conn),
+        tagged_new_conn: Box::new(tagged_new_conn),
     })
 }

@@ -3,6 +3,7 @@
 //! `IssueCapability` RPC so both mint identically.
 
 use crate::error::AuthorityError;
+pub use crate::validate::IssueRequest;
 use crate::validate::{InvalidRequest, validate_request};
 use firma_common::capability::{CapabilityClaims, CapabilitySeed, now_unix};
 use firma_common::keys::SigningKey;
@@ -12,28 +13,6 @@ use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-
-/// What a caller asks for (CLI flags or `IssuanceRequest`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IssueRequest {
-    pub agent_id: String,
-    pub session_id: String,
-    pub actions: Vec<String>,
-    pub resource_scope: String,
-    pub ttl_seconds: i64,
-}
-
-impl From<pb::IssuanceRequest> for IssueRequest {
-    fn from(r: pb::IssuanceRequest) -> Self {
-        Self {
-            agent_id: r.agent_id,
-            session_id: r.session_id,
-            actions: r.requested_actions,
-            resource_scope: r.resource_scope,
-            ttl_seconds: r.requested_ttl_seconds,
-        }
-    }
-}
 
 /// A minted capability.
 #[derive(Debug, Clone)]

@@ -5,7 +5,29 @@
 //!
 //! Messages never echo the offending value: only its size or the code point at fault.
 
-use crate::issuance::IssueRequest;
+use firma_common::proto::authority as pb;
+
+/// What a caller asks for (CLI flags or `IssuanceRequest`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssueRequest {
+    pub agent_id: String,
+    pub session_id: String,
+    pub actions: Vec<String>,
+    pub resource_scope: String,
+    pub ttl_seconds: i64,
+}
+
+impl From<pb::IssuanceRequest> for IssueRequest {
+    fn from(r: pb::IssuanceRequest) -> Self {
+        Self {
+            agent_id: r.agent_id,
+            session_id: r.session_id,
+            actions: r.requested_actions,
+            resource_scope: r.resource_scope,
+            ttl_seconds: r.requested_ttl_seconds,
+        }
+    }
+}
 
 /// Longest `agent_id` / `session_id`, in bytes (= characters: only ASCII is allowed).
 pub const MAX_ID_LEN: usize = 128;

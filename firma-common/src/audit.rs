@@ -1,17 +1,24 @@
-//! The signed, hash-chained audit line format, shared by the sidecar (which writes it), the
-//! audit collector (which checks it on receipt) and `firma audit verify`.
+//! The hash-chained, batch-signed audit line format, shared by the sidecar (which writes it),
+//! the audit collector (which checks it on receipt) and `firma audit verify`.
 //!
-//! A line is one JSON object. Its last member is `"signature"`: Ed25519 over the exact bytes of
-//! the line with that member removed (`{…body…}`), base64 (standard alphabet). Signing the
-//! bytes rather than a re-serialised value means verification never depends on how a JSON
-//! library orders keys or escapes strings.
+//! A line is one JSON object carrying `chain_id`, `seq` (0, 1, 2, … within a chain) and
+//! `prev_hash`: the hex SHA-256 of the previous line of the same chain (exactly as written,
+//! without the newline), or [`GENESIS_HASH`] for `seq = 0`.
 //!
-//! Every line also carries `chain_id`, `seq` (0, 1, 2, … within a chain) and `prev_hash`: the
-//! hex SHA-256 of the previous line of the same chain (exactly as written, without the newline),
-//! or [`GENESIS_HASH`] for `seq = 0`. An edited line fails its signature; a removed or reordered
-//! line breaks the chain at the next line of that chain. Several chains may share one file (a
-//! collector receiving from many sidecars); each is checked on its own. Limitation shared by
-//! every hash chain: dropping the *last* lines of a chain is not detectable from the file alone.
+//! Signatures are per batch, not per line: the writer signs the **last line of every batch it
+//! writes** (one group commit), and that line's last member is `"signature"`: Ed25519 over the
+//! exact bytes of the line with that member removed (`{…body…}`), base64 (standard alphabet).
+//! The other lines carry no signature; each is covered by the next signed line of its chain,
+//! whose signed body contains `prev_hash`, which fixes the previous line's bytes, whose
+//! `prev_hash` fixes the one before, back to the previous signature. So one signature proves
+//! every line since the last one, and verification proves what per-line signatures proved: an
+//! edited line fails its own signature or breaks the link after it; a removed or reordered line
+//! breaks the chain at the next line of that chain; a line appended without the key is not
+//! covered by any signature ([`ChainVerifier::finish`] refuses it). Signing the bytes rather
+//! than a re-serialised value means verification never depends on how a JSON library orders
+//! keys or escapes strings. Several chains may share one file (a collector receiving from many
+//! sidecars); each is checked on its own. Limitation shared by every hash chain: dropping the
+//! *last* batches of a chain (down to a signed line) is not detectable from the file alone.
 
 use crate::keys::{SigningKey, VerifyingKey};
 use base64::Engine;
@@ -50,6 +57,14 @@ pub enum AuditLineError {
         expected: String,
         found: String,
     },
+    #[error(
+        "chain {chain_id}: the last {count} line(s) (from seq {first_seq}) are not covered by a signature (a Firma writer ends every batch with a signed line: appended without the key, or the signed line was removed)"
+    )]
+    Uncovered {
+        chain_id: String,
+        count: u64,
+        first_seq: u64,
+    },
     #[error("chain {chain_id}: expected seq {expected}, found {found} (line removed or reordered)")]
     SeqGap {
         chain_id: String,
@@ -76,13 +91,24 @@ pub fn key_id(key: &VerifyingKey) -> String {
 /// Serialises `body` and appends the signature member. `body` must be non-empty and must not
 /// contain `signature`.
 pub fn seal(body: &Map<String, Value>, key: &SigningKey) -> Result<String, AuditLineError> {
+    let text = unsigned_line(body)?;
+    Ok(sign_line(text, key))
+}
+
+/// Serialises `body` as a line without a signature (covered by a later signed line of its
+/// chain). Same preconditions as [`seal`].
+pub fn unsigned_line(body: &Map<String, Value>) -> Result<String, AuditLineError> {
     if body.contains_key("signature") {
         return Err(AuditLineError::BodyHasSignature);
     }
     if body.is_empty() {
         return Err(AuditLineError::Malformed("empty event".into()));
     }
-    let text = serde_json::to_string(body).map_err(|e| AuditLineError::Malformed(e.to_string()))?;
+    serde_json::to_string(body).map_err(|e| AuditLineError::Malformed(e.to_string()))
+}
+
+/// Appends the signature member to an unsigned line made by [`unsigned_line`].
+pub fn sign_line(text: String, key: &SigningKey) -> String {
     let sig = key.sign(text.as_bytes());
     let open = text.strip_suffix('}').unwrap_or(&text);
     let mut line = String::with_capacity(text.len() + 110);
@@ -90,7 +116,28 @@ pub fn seal(body: &Map<String, Value>, key: &SigningKey) -> Result<String, Audit
     line.push_str(SIGNATURE_MEMBER);
     line.push_str(&B64.encode(sig.to_bytes()));
     line.push_str("\"}");
-    Ok(line)
+    line
+}
+
+/// Whether `line` ends with a top-level signature member (it may still fail to verify). A
+/// member of that name inside a nested value is followed by more quoted text, so it is not one.
+pub fn is_signed(line: &str) -> bool {
+    let line = line.trim_end_matches(['\n', '\r']);
+    line.strip_suffix("\"}").is_some_and(|inner| {
+        inner
+            .rfind(SIGNATURE_MEMBER)
+            .is_some_and(|at| !inner[at + SIGNATURE_MEMBER.len()..].contains('"'))
+    })
+}
+
+/// Parses a line that carries no signature (its body is the whole line).
+fn parse_unsigned(line: &str) -> Result<Map<String, Value>, AuditLineError> {
+    match serde_json::from_str::<Value>(line.trim_end_matches(['\n', '\r'])) {
+        Ok(Value::Object(m)) if m.contains_key("signature") => Err(AuditLineError::Unsigned),
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(AuditLineError::Malformed("not an object".into())),
+        Err(e) => Err(AuditLineError::Malformed(e.to_string())),
+    }
 }
 
 /// Splits a line into the signed body text and the signature.
@@ -112,7 +159,8 @@ fn split(line: &str) -> Result<(String, Signature), AuditLineError> {
     Ok((body, sig))
 }
 
-/// Checks the signature of one line against any of `keys` and returns the parsed body.
+/// Checks the signature of one signed line against any of `keys` and returns the parsed body
+/// (an unsigned line is [`AuditLineError::Unsigned`]).
 pub fn verify_line(
     line: &str,
     keys: &[VerifyingKey],
@@ -156,11 +204,21 @@ impl ChainPos {
     }
 }
 
-/// Walks lines in file order, checking each signature and each chain link.
+/// Where a chain stands in a verification walk.
+#[derive(Debug)]
+struct ChainState {
+    seq: u64,
+    hash: String,
+    /// Lines since the last signed one (not yet covered by a signature).
+    uncovered: u64,
+}
+
+/// Walks lines in file order, checking each signature and each chain link; [`Self::finish`]
+/// then checks that every line is covered by a signature.
 pub struct ChainVerifier {
     keys: Vec<VerifyingKey>,
-    /// chain id -> (seq, hash) of the last line seen.
-    last: HashMap<String, (u64, String)>,
+    last: HashMap<String, ChainState>,
+    signatures: u64,
 }
 
 impl ChainVerifier {
@@ -168,16 +226,22 @@ impl ChainVerifier {
         Self {
             keys,
             last: HashMap::new(),
+            signatures: 0,
         }
     }
 
-    /// Checks the next line of the file.
+    /// Checks the next line of the file: its signature if it has one, its chain link always.
     pub fn push(&mut self, line: &str) -> Result<Map<String, Value>, AuditLineError> {
-        let body = verify_line(line, &self.keys)?;
+        let signed = is_signed(line);
+        let body = if signed {
+            verify_line(line, &self.keys)?
+        } else {
+            parse_unsigned(line)?
+        };
         let pos = ChainPos::of(&body)?;
-        let (expected_seq, expected_hash) = match self.last.get(&pos.chain_id) {
-            Some((seq, hash)) => (seq + 1, hash.as_str()),
-            None => (0, GENESIS_HASH),
+        let (expected_seq, expected_hash, uncovered) = match self.last.get(&pos.chain_id) {
+            Some(c) => (c.seq + 1, c.hash.as_str(), c.uncovered),
+            None => (0, GENESIS_HASH, 0),
         };
         if pos.seq != expected_seq {
             return Err(AuditLineError::SeqGap {
@@ -194,13 +258,44 @@ impl ChainVerifier {
                 found: pos.prev_hash,
             });
         }
-        self.last.insert(pos.chain_id, (pos.seq, line_hash(line)));
+        if signed {
+            self.signatures += 1;
+        }
+        self.last.insert(
+            pos.chain_id,
+            ChainState {
+                seq: pos.seq,
+                hash: line_hash(line),
+                uncovered: if signed { 0 } else { uncovered + 1 },
+            },
+        );
         Ok(body)
+    }
+
+    /// After the last line: every chain must end with a signed line, or its trailing lines are
+    /// proven by nothing (a sidecar always ends a batch with a signed line; see
+    /// docs/architecture.md, audit).
+    pub fn finish(&self) -> Result<(), AuditLineError> {
+        let mut open: Vec<_> = self.last.iter().filter(|(_, c)| c.uncovered > 0).collect();
+        open.sort_by(|a, b| a.0.cmp(b.0));
+        match open.first() {
+            None => Ok(()),
+            Some((chain_id, c)) => Err(AuditLineError::Uncovered {
+                chain_id: (*chain_id).clone(),
+                count: c.uncovered,
+                first_seq: c.seq + 1 - c.uncovered,
+            }),
+        }
     }
 
     /// Number of distinct chains seen.
     pub fn chains(&self) -> usize {
         self.last.len()
+    }
+
+    /// Signed lines seen.
+    pub fn signatures(&self) -> u64 {
+        self.signatures
     }
 }
 
@@ -237,7 +332,77 @@ mod tests {
         for (i, l) in lines.iter().enumerate() {
             v.push(l).map_err(|e| (i, e))?;
         }
-        Ok(())
+        v.finish().map_err(|e| (lines.len(), e))
+    }
+
+    /// Lines in batches of `batch`: only the last line of each batch is signed.
+    fn batched(k: &SigningKey, n: u64, batch: u64) -> Vec<String> {
+        let mut prev = GENESIS_HASH.to_string();
+        (0..n)
+            .map(|i| {
+                let b = body("c", i, &prev, &format!("e{i}"));
+                let l = if (i + 1) % batch == 0 || i + 1 == n {
+                    seal(&b, k).unwrap()
+                } else {
+                    unsigned_line(&b).unwrap()
+                };
+                prev = line_hash(&l);
+                l
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_signature_per_batch_covers_every_line() {
+        let k = key();
+        let lines = batched(&k, 7, 3);
+        let signed: Vec<bool> = lines.iter().map(|l| is_signed(l)).collect();
+        assert_eq!(signed, [false, false, true, false, false, true, true]);
+        check(&k, &lines).unwrap();
+        let mut v = ChainVerifier::new(vec![k.verifying_key()]);
+        for l in &lines {
+            v.push(l).unwrap();
+        }
+        assert_eq!(v.signatures(), 3);
+
+        // An unsigned line edited: the link after it breaks.
+        let mut edited = lines.clone();
+        edited[3] = edited[3].replace("e3", "e9");
+        assert!(matches!(
+            check(&k, &edited).unwrap_err(),
+            (4, AuditLineError::ChainBroken { .. })
+        ));
+        // ...and re-linking the next unsigned line only moves the break to the signed one.
+        let mut relinked = edited.clone();
+        relinked[4] = relinked[4].replace(&line_hash(&lines[3]), &line_hash(&edited[3]));
+        assert_eq!(check(&k, &relinked).unwrap_err().0, 5);
+        // Removed and reordered unsigned lines.
+        let mut removed = lines.clone();
+        removed.remove(1);
+        assert_eq!(check(&k, &removed).unwrap_err().0, 1);
+        let mut reordered = lines.clone();
+        reordered.swap(0, 1);
+        assert_eq!(check(&k, &reordered).unwrap_err().0, 0);
+        // The signed line removed (or lines appended without the key): the tail is uncovered.
+        let mut unsigned_tail = lines.clone();
+        unsigned_tail.truncate(5);
+        assert_eq!(
+            check(&k, &unsigned_tail).unwrap_err(),
+            (
+                5,
+                AuditLineError::Uncovered {
+                    chain_id: "c".into(),
+                    count: 2,
+                    first_seq: 3
+                }
+            )
+        );
+        let mut appended = lines.clone();
+        appended.push(unsigned_line(&body("c", 7, &line_hash(&lines[6]), "forged")).unwrap());
+        assert!(matches!(
+            check(&k, &appended).unwrap_err(),
+            (8, AuditLineError::Uncovered { count: 1, .. })
+        ));
     }
 
     #[test]

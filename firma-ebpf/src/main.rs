@@ -14,6 +14,15 @@
 //!    up after `accept()`; it deletes both entries when the socket reaches `TCP_CLOSE`.
 //! 3. `getpeername4`/`getpeername6` make the app see the original peer.
 //! 4. `sendmsg4`/`sendmsg6` refuse unconnected UDP to port 443.
+//! 5. DNS guard (with `FLAG_REDIRECT_DNS`): UDP and TCP to port 53, whatever the resolver address,
+//!    go to the sidecar's DNS listener (`dns_port` on the listener addresses). `connect4/6` and
+//!    `sendmsg4/6` rewrite the destination and record the original one by socket cookie (TCP in
+//!    the connection maps above, UDP in `FIRMA_DNS_BY_COOKIE`); `firma_dns_egress`
+//!    (`cgroup_skb/egress`) re-keys a UDP socket's record by its (address, port) as each query
+//!    leaves, which is what the sidecar looks up on receipt; `recvmsg4/6` make replies come from
+//!    the resolver the app asked. Localhost and excluded CIDRs/ports are *not* exempt: a local
+//!    resolver would be a way around the guard. While `dns_port` is 0, or a record cannot be
+//!    stored, DNS is refused.
 //!
 //! Return values of cgroup sock_addr programs: 1 lets the syscall continue, 0 refuses it (EPERM).
 #![no_std]
@@ -26,15 +35,15 @@ use aya_ebpf::{
         BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use firma_maps::{
     COUNTER_REDIRECTED, COUNTER_UDP443_REFUSED, COUNTERS, FAMILY_V4, FAMILY_V6, FLAG_BLOCK_QUIC, FLAG_REDIRECT_DNS, MAX_BINDINGS, MAX_EXCLUDED_CIDRS,
-    MAX_EXCLUDED_PORTS, MAX_TRACKED_CONNECTIONS, OrigDst, PeerKey, RedirectConfig, WorkloadBinding,
-    as_v4_mapped, v4_mapped,
+    MAX_EXCLUDED_PORTS, MAX_TRACKED_CONNECTIONS, MAX_TRACKED_DNS, OrigDst, PeerKey, RedirectConfig,
+    WorkloadBinding, as_v4_mapped, v4_mapped,
 };
 
 const ALLOW: i32 = 1;
@@ -44,6 +53,7 @@ const SOCK_DGRAM: u32 = 2;
 const AF_INET: u32 = 2;
 const QUIC_PORT: u16 = 443;
 const DNS_PORT: u16 = 53;
+const IPPROTO_UDP: u8 = 17;
 
 #[map]
 static FIRMA_CONFIG: Array<RedirectConfig> = Array::pinned(1, 0);
@@ -57,6 +67,10 @@ static FIRMA_EXCL_V4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(MAX_EXCLUDED_CIDRS,
 static FIRMA_EXCL_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_EXCLUDED_CIDRS, 0);
 #[map]
 static FIRMA_EXCL_PORTS: HashMap<u16, u8> = HashMap::pinned(MAX_EXCLUDED_PORTS, 0);
+#[map]
+static FIRMA_DNS_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_TRACKED_DNS, 0);
+#[map]
+static FIRMA_DNS_BY_PEER: LruHashMap<PeerKey, OrigDst> = LruHashMap::pinned(MAX_TRACKED_DNS, 0);
 /// Read by userspace only; kept in the pinned object so bindings outlive the sidecar.
 #[map]
 static FIRMA_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS, 0);
@@ -78,6 +92,8 @@ enum Verdict {
     Untouched,
     Refuse,
     Redirect,
+    /// Port 53 under the DNS guard: to the DNS listener.
+    Dns,
 }
 
 #[inline(always)]
@@ -133,6 +149,9 @@ fn v6_excluded(cfg: &RedirectConfig, addr: &[u8; 16]) -> bool {
 /// The decision shared by every connect hook; `addr` is v4-mapped for IPv4.
 #[inline(always)]
 fn classify(ctx: &SockAddrContext, cfg: &RedirectConfig, addr: &[u8; 16], port: u16) -> Verdict {
+    if dns_guarded(ctx, cfg, port) {
+        return Verdict::Dns;
+    }
     // SAFETY: `sock_addr` is the kernel-provided context.
     let sock_type = unsafe { (*ctx.sock_addr).type_ };
     if sock_type == SOCK_DGRAM {
@@ -159,6 +178,17 @@ fn classify(ctx: &SockAddrContext, cfg: &RedirectConfig, addr: &[u8; 16], port: 
 /// Remembers the original destination under the socket cookie.
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, addr: [u8; 16], port: u16, family: u16) -> bool {
+    remember_in(&FIRMA_BY_COOKIE, ctx, addr, port, family)
+}
+
+#[inline(always)]
+fn remember_in(
+    map: &LruHashMap<u64, OrigDst>,
+    ctx: &SockAddrContext,
+    addr: [u8; 16],
+    port: u16,
+    family: u16,
+) -> bool {
     // SAFETY: helpers valid in cgroup sock_addr programs.
     let (cookie, pid_tgid, cgroup_id) = unsafe {
         (
@@ -174,11 +204,7 @@ fn remember(ctx: &SockAddrContext, addr: [u8; 16], port: u16, family: u16) -> bo
         pid: (pid_tgid >> 32) as u32,
         cgroup_id,
     };
-    let ok = FIRMA_BY_COOKIE.insert(cookie, orig, 0).is_ok();
-    if ok {
-        count(COUNTER_REDIRECTED);
-    }
-    ok
+    map.insert(cookie, orig, 0).is_ok()
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -202,6 +228,7 @@ pub fn firma_connect4(ctx: SockAddrContext) -> i32 {
                 warn!(&ctx, "no redirect config or map full; refusing connect");
                 return REFUSE;
             }
+            count(COUNTER_REDIRECTED);
             // SAFETY: writes to user_ip4/user_port are allowed for connect4.
             unsafe {
                 (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(cfg.listen_v4);
@@ -209,6 +236,7 @@ pub fn firma_connect4(ctx: SockAddrContext) -> i32 {
             }
             ALLOW
         }
+        Verdict::Dns => dns_redirect4(&ctx, cfg, addr, port),
     }
 }
 
@@ -276,6 +304,7 @@ pub fn firma_connect6(ctx: SockAddrContext) -> i32 {
                 warn!(&ctx, "no redirect config or map full; refusing connect");
                 return REFUSE;
             }
+            count(COUNTER_REDIRECTED);
             // A v4-mapped destination stays v4-mapped (a dual-stack socket), aimed at the v4
             // listener; a real IPv6 destination goes to the v6 listener.
             let target = if mapped {
@@ -288,6 +317,7 @@ pub fn firma_connect6(ctx: SockAddrContext) -> i32 {
             unsafe { (*ctx.sock_addr).user_port = port_to_user(cfg.port) };
             ALLOW
         }
+        Verdict::Dns => dns_redirect6(&ctx, cfg, &addr, port),
     }
 }
 
@@ -309,12 +339,203 @@ fn refuse_quic(ctx: &SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn firma_sendmsg4(ctx: SockAddrContext) -> i32 {
+    if let Some(cfg) = config() {
+        // SAFETY: 4-byte reads of the context.
+        let (ip, user_port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+        let port = port_from_user(user_port);
+        if dns_guarded(&ctx, cfg, port) {
+            return dns_redirect4(&ctx, cfg, v4_mapped(ip.to_ne_bytes()), port);
+        }
+    }
     refuse_quic(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn firma_sendmsg6(ctx: SockAddrContext) -> i32 {
+    if let Some(cfg) = config() {
+        // SAFETY: 4-byte read of the context.
+        let port = port_from_user(unsafe { (*ctx.sock_addr).user_port });
+        if dns_guarded(&ctx, cfg, port) {
+            let addr = read_user_ip6(&ctx);
+            return dns_redirect6(&ctx, cfg, &addr, port);
+        }
+    }
     refuse_quic(&ctx)
+}
+
+/// DNS guard: is this port-53 traffic (any destination, any socket type) to send to the DNS
+/// listener? Never the sidecar's own (marked) sockets.
+#[inline(always)]
+fn dns_guarded(ctx: &SockAddrContext, cfg: &RedirectConfig, port: u16) -> bool {
+    port == DNS_PORT && cfg.flags & FLAG_REDIRECT_DNS != 0 && sock_mark(ctx) != cfg.mark
+}
+
+/// Records a DNS destination: TCP like any redirected connection (`sock_ops` re-keys it by client
+/// address), UDP in the DNS cookie map. `false` (refuse) when there is no DNS listener.
+#[inline(always)]
+fn dns_remember(
+    ctx: &SockAddrContext,
+    cfg: &RedirectConfig,
+    addr: [u8; 16],
+    port: u16,
+    family: u16,
+) -> bool {
+    if cfg.dns_port == 0 {
+        return false;
+    }
+    // SAFETY: `sock_addr` is the kernel-provided context.
+    let sock_type = unsafe { (*ctx.sock_addr).type_ };
+    if sock_type == SOCK_STREAM {
+        remember(ctx, addr, port, family)
+    } else {
+        remember_in(&FIRMA_DNS_BY_COOKIE, ctx, addr, port, family)
+    }
+}
+
+/// connect4/sendmsg4 under the DNS guard: to `listen_v4:dns_port`, or refused.
+#[inline(always)]
+fn dns_redirect4(ctx: &SockAddrContext, cfg: &RedirectConfig, addr: [u8; 16], port: u16) -> i32 {
+    if !dns_remember(ctx, cfg, addr, port, FAMILY_V4) {
+        warn!(
+            ctx,
+            "DNS guard: no DNS listener configured or map full; refusing"
+        );
+        return REFUSE;
+    }
+    // SAFETY: writes to user_ip4/user_port are allowed for connect4 and sendmsg4.
+    unsafe {
+        (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(cfg.listen_v4);
+        (*ctx.sock_addr).user_port = port_to_user(cfg.dns_port);
+    }
+    ALLOW
+}
+
+/// connect6/sendmsg6 under the DNS guard: a v4-mapped resolver goes to the v4 listener (mapped),
+/// an IPv6 one to `listen_v6`, both on `dns_port`; or refused.
+#[inline(always)]
+fn dns_redirect6(ctx: &SockAddrContext, cfg: &RedirectConfig, addr: &[u8; 16], port: u16) -> i32 {
+    let mapped = as_v4_mapped(addr).is_some();
+    let family = if mapped { FAMILY_V4 } else { FAMILY_V6 };
+    if !dns_remember(ctx, cfg, *addr, port, family) {
+        warn!(
+            ctx,
+            "DNS guard: no DNS listener configured or map full; refusing"
+        );
+        return REFUSE;
+    }
+    let target = if mapped {
+        v4_mapped(cfg.listen_v4)
+    } else {
+        cfg.listen_v6
+    };
+    write_user_ip6(ctx, &target);
+    // SAFETY: write of user_port is allowed for connect6 and sendmsg6.
+    unsafe { (*ctx.sock_addr).user_port = port_to_user(cfg.dns_port) };
+    ALLOW
+}
+
+/// The resolver a UDP socket asked, when `port` (of a datagram being received) is the DNS
+/// listener's.
+#[inline(always)]
+fn dns_reply_origin(ctx: &SockAddrContext, cfg: &RedirectConfig, port: u16) -> Option<OrigDst> {
+    if cfg.dns_port == 0 || port != cfg.dns_port {
+        return None;
+    }
+    // SAFETY: helper valid in cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup; the value is copied out.
+    unsafe { FIRMA_DNS_BY_COOKIE.get(cookie) }.copied()
+}
+
+/// DNS replies from the listener appear to come from the resolver the app queried.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn firma_recvmsg4(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else {
+        return ALLOW;
+    };
+    // SAFETY: 4-byte reads of the context.
+    let (ip, user_port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+    if ip.to_ne_bytes() == cfg.listen_v4
+        && let Some(orig) = dns_reply_origin(&ctx, cfg, port_from_user(user_port))
+        && let Some(v4) = as_v4_mapped(&orig.addr)
+    {
+        // SAFETY: writes to user_ip4/user_port are allowed for recvmsg4.
+        unsafe {
+            (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(v4);
+            (*ctx.sock_addr).user_port = port_to_user(orig.port);
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn firma_recvmsg6(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else {
+        return ALLOW;
+    };
+    let ip = read_user_ip6(&ctx);
+    // SAFETY: 4-byte read of the context.
+    let port = port_from_user(unsafe { (*ctx.sock_addr).user_port });
+    if (ip == cfg.listen_v6 || ip == v4_mapped(cfg.listen_v4))
+        && let Some(orig) = dns_reply_origin(&ctx, cfg, port)
+    {
+        write_user_ip6(&ctx, &orig.addr);
+        // SAFETY: write of user_port is allowed for recvmsg6.
+        unsafe { (*ctx.sock_addr).user_port = port_to_user(orig.port) };
+    }
+    ALLOW
+}
+
+/// DNS guard, UDP: as a tagged socket's datagram to the DNS listener leaves, file its record
+/// under the client's (address, port), which only now is certain (a connected UDP socket is
+/// bound after `connect4/6` ran). Never drops anything.
+#[cgroup_skb(egress)]
+pub fn firma_dns_egress(ctx: SkBuffContext) -> i32 {
+    let _ = dns_track_egress(&ctx);
+    1
+}
+
+#[inline(always)]
+fn dns_track_egress(ctx: &SkBuffContext) -> Option<()> {
+    let cfg = config()?;
+    if cfg.dns_port == 0 || cfg.flags & FLAG_REDIRECT_DNS == 0 {
+        return None;
+    }
+    let first: u8 = ctx.load(0).ok()?;
+    let (src, l4) = match first >> 4 {
+        4 => {
+            let proto: u8 = ctx.load(9).ok()?;
+            let dst: [u8; 4] = ctx.load(16).ok()?;
+            if proto != IPPROTO_UDP || dst != cfg.listen_v4 {
+                return None;
+            }
+            let src: [u8; 4] = ctx.load(12).ok()?;
+            (v4_mapped(src), usize::from(first & 0x0f) * 4)
+        }
+        6 => {
+            let next: u8 = ctx.load(6).ok()?;
+            let dst: [u8; 16] = ctx.load(24).ok()?;
+            if next != IPPROTO_UDP || dst != cfg.listen_v6 {
+                return None;
+            }
+            (ctx.load::<[u8; 16]>(8).ok()?, 40)
+        }
+        _ => return None,
+    };
+    let ports: [u8; 4] = ctx.load(l4).ok()?;
+    if u16::from_be_bytes([ports[2], ports[3]]) != cfg.dns_port {
+        return None;
+    }
+    // SAFETY: helper valid in cgroup_skb programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup; the value is copied out.
+    let orig = unsafe { FIRMA_DNS_BY_COOKIE.get(cookie) }.copied()?;
+    let key = PeerKey {
+        addr: src,
+        port: u16::from_be_bytes([ports[0], ports[1]]),
+        _pad: 0,
+    };
+    FIRMA_DNS_BY_PEER.insert(key, orig, 0).ok()
 }
 
 /// The original destination of this socket, if it is one we redirected and it is still pointed
@@ -328,11 +549,18 @@ fn redirected_orig(ctx: &SockAddrContext, cfg: &RedirectConfig) -> Option<OrigDs
             (*ctx.sock_addr).user_port,
         )
     };
-    if port_from_user(port) != cfg.port {
+    let port = port_from_user(port);
+    if port != cfg.port && !(cfg.dns_port != 0 && port == cfg.dns_port) {
         return None;
     }
-    // SAFETY: read-only lookup; the value is copied out.
-    unsafe { FIRMA_BY_COOKIE.get(cookie) }.copied()
+    // SAFETY: read-only lookups; the value is copied out. A DNS socket is in the connection
+    // maps (TCP) or the DNS map (connected UDP).
+    unsafe {
+        FIRMA_BY_COOKIE
+            .get(cookie)
+            .or_else(|| FIRMA_DNS_BY_COOKIE.get(cookie))
+    }
+    .copied()
 }
 
 #[cgroup_sock_addr(getpeername4)]

@@ -27,6 +27,12 @@ pub const MAP_EXCLUDED_V4: &str = "FIRMA_EXCL_V4";
 pub const MAP_EXCLUDED_V6: &str = "FIRMA_EXCL_V6";
 /// Name of the hash set of excluded destination ports (`u16` host order -> `u8`).
 pub const MAP_EXCLUDED_PORTS: &str = "FIRMA_EXCL_PORTS";
+/// Name of the map socket cookie -> [`OrigDst`] for DNS over UDP (written by `connect4/6` and
+/// `sendmsg4/6`, read by `recvmsg4/6` to restore the resolver's address on replies).
+pub const MAP_DNS_BY_COOKIE: &str = "FIRMA_DNS_BY_COOKIE";
+/// Name of the map client address [`PeerKey`] -> [`OrigDst`] for DNS over UDP (written by the
+/// `cgroup_skb/egress` program as the datagram leaves; what the sidecar looks up on receipt).
+pub const MAP_DNS_BY_PEER: &str = "FIRMA_DNS_BY_PEER";
 /// Name of the map cgroup id -> [`WorkloadBinding`]; only userspace reads it. It lives in the
 /// pinned object so a restarted sidecar recovers bindings made at runtime.
 pub const MAP_BINDINGS: &str = "FIRMA_BINDINGS";
@@ -42,6 +48,8 @@ pub const COUNTERS: u32 = 2;
 
 /// Capacity of the connection-tracking maps (LRU: the oldest entry goes first when full).
 pub const MAX_TRACKED_CONNECTIONS: u32 = 65_536;
+/// Capacity of the DNS tracking maps (LRU; UDP sockets have no close callback to clean up).
+pub const MAX_TRACKED_DNS: u32 = 16_384;
 /// Capacity of the CIDR tries.
 pub const MAX_EXCLUDED_CIDRS: u32 = 1_024;
 /// Capacity of the excluded-ports set.
@@ -51,7 +59,9 @@ pub const MAX_BINDINGS: u32 = 4_096;
 
 /// [`RedirectConfig::flags`]: refuse UDP to port 443 (QUIC) from tagged workloads.
 pub const FLAG_BLOCK_QUIC: u32 = 1;
-/// [`RedirectConfig::flags`]: redirect TCP port 53 too (otherwise DNS is never touched).
+/// [`RedirectConfig::flags`]: send DNS (UDP and TCP port 53, any destination) to the sidecar's
+/// DNS listener on [`RedirectConfig::dns_port`]; refused while that port is 0. Without the flag
+/// DNS is never touched.
 pub const FLAG_REDIRECT_DNS: u32 = 2;
 
 /// `OrigDst::family` values.
@@ -70,7 +80,8 @@ pub struct RedirectConfig {
     pub listen_v6: [u8; 16],
     /// Listener port, host order.
     pub port: u16,
-    pub _pad: u16,
+    /// DNS listener port (UDP and TCP, same addresses), host order; 0 = none.
+    pub dns_port: u16,
     /// `SO_MARK` of the sidecar's own sockets; marked sockets are never redirected.
     pub mark: u32,
     /// `FLAG_*` bits.

@@ -189,6 +189,15 @@ fn audit(c: &mut Criterion) {
     c.bench_function("audit/build_chain_sign_event", |b| {
         b.iter(|| sealer.seal(event_body(&input)).expect("seal"))
     });
+    // What the writer does per group commit under load: 16 events chained, the last one signed
+    // (divide by 16 for the amortised cost per event).
+    c.bench_function("audit/build_chain_batch16_one_signature", |b| {
+        b.iter(|| {
+            for i in 0..16 {
+                black_box(sealer.chain(event_body(&input), i == 15).expect("chain"));
+            }
+        })
+    });
 
     // What an allowed request waits for before it may leave: its decision written to the
     // file sink (fsync = interval) by the writer thread, alone and with 16 requests at once

@@ -34,6 +34,8 @@ pub struct SidecarConfig {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
 }
 
 /// `[sidecar.admin]`: the admin listener (`/metrics`, `/healthz`, `/readyz`).
@@ -42,6 +44,120 @@ pub struct SidecarConfig {
 pub struct AdminConfig {
     /// e.g. `"127.0.0.1:9464"`; no admin listener (and no metrics recorded) when unset.
     pub listen_addr: Option<String>,
+}
+
+/// `[sidecar.dns]`: the DNS guard of transparent mode (`redirect_dns`). Tagged workloads resolve
+/// names only through the sidecar's DNS listener, which answers names that can lead to an allowed
+/// destination and NXDOMAIN for the rest (see docs/architecture.md, "DNS guard").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Port of the DNS listener (UDP and TCP) on 127.0.0.1 and [::1].
+    #[serde(default = "default_dns_port")]
+    pub port: u16,
+    /// Names answered besides the intercept, mapping-rule, connector and credential hosts:
+    /// exact names or `*.suffix` (any name below `suffix`, not `suffix` itself).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Resolvers allowed names are forwarded to (`"10.0.0.2"` or `"10.0.0.2:53"`); empty: the
+    /// `nameserver` lines of /etc/resolv.conf at startup.
+    #[serde(default)]
+    pub upstream: Vec<String>,
+    /// How long one upstream exchange may take before the next server is tried.
+    #[serde(default = "default_dns_timeout")]
+    pub upstream_timeout_ms: u64,
+    /// Queries per second per workload cgroup (sustained); above it queries are dropped and
+    /// counted, one audit event per workload per 10 s.
+    #[serde(default = "default_dns_rate")]
+    pub queries_per_second: u32,
+    /// Burst above `queries_per_second`.
+    #[serde(default = "default_dns_burst")]
+    pub burst: u32,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            port: default_dns_port(),
+            allow: Vec::new(),
+            upstream: Vec::new(),
+            upstream_timeout_ms: default_dns_timeout(),
+            queries_per_second: default_dns_rate(),
+            burst: default_dns_burst(),
+        }
+    }
+}
+
+impl DnsConfig {
+    fn validate(&self, file: &Path, transparent_port: u16) -> Result<(), ConfigError> {
+        if self.port == 0 || self.port == transparent_port {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.dns.port",
+                "expected a fixed port other than the transparent listener's (the kernel programs redirect DNS to it)",
+            ));
+        }
+        for (key, v) in [
+            ("queries_per_second", self.queries_per_second as u64),
+            ("burst", self.burst as u64),
+            ("upstream_timeout_ms", self.upstream_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(
+                    file,
+                    &format!("sidecar.dns.{key}"),
+                    "expected a positive number",
+                ));
+            }
+        }
+        for (i, name) in self.allow.iter().enumerate() {
+            let bare = name.strip_prefix("*.").unwrap_or(name);
+            if bare.is_empty() || bare.contains('*') || bare.contains(char::is_whitespace) {
+                return Err(ConfigError::invalid(
+                    file,
+                    &format!("sidecar.dns.allow[{i}]"),
+                    format!("expected a host name or `*.suffix`, got {name:?}"),
+                ));
+            }
+        }
+        for (i, u) in self.upstream.iter().enumerate() {
+            if parse_dns_server(u).is_none() {
+                return Err(ConfigError::invalid(
+                    file,
+                    &format!("sidecar.dns.upstream[{i}]"),
+                    format!(
+                        "expected an IP address or address:port like \"10.0.0.2:53\", got {u:?}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `"10.0.0.2"`, `"10.0.0.2:53"`, `"fd00::2"` or `"[fd00::2]:53"` as a socket address (port 53
+/// when none is given).
+pub fn parse_dns_server(s: &str) -> Option<std::net::SocketAddr> {
+    let s = s.trim();
+    if let Ok(a) = s.parse::<std::net::SocketAddr>() {
+        return Some(a);
+    }
+    s.parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| std::net::SocketAddr::new(ip, 53))
+}
+
+fn default_dns_port() -> u16 {
+    15053
+}
+fn default_dns_timeout() -> u64 {
+    2000
+}
+fn default_dns_rate() -> u32 {
+    50
+}
+fn default_dns_burst() -> u32 {
+    100
 }
 
 /// How connections reach the sidecar.
@@ -113,8 +229,10 @@ pub struct TransparentConfig {
     /// Refuse UDP to port 443 from tagged workloads so QUIC cannot bypass the sidecar.
     #[serde(default = "yes")]
     pub block_quic: bool,
-    /// Also redirect DNS (port 53); off by default so name resolution is untouched.
-    #[serde(default)]
+    /// DNS guard: UDP and TCP port 53 of tagged workloads, whatever the resolver address, go to
+    /// the sidecar's DNS listener (`[sidecar.dns]`), which answers only allowed names. On by
+    /// default; `false` leaves name resolution untouched (and open as an exfiltration channel).
+    #[serde(default = "yes")]
     pub redirect_dns: bool,
     /// `SO_MARK` the sidecar puts on its own upstream sockets; marked sockets are never redirected.
     #[serde(default = "default_mark")]
@@ -140,7 +258,7 @@ impl Default for TransparentConfig {
             excluded_cidrs: Vec::new(),
             excluded_ports: Vec::new(),
             block_quic: true,
-            redirect_dns: false,
+            redirect_dns: true,
             socket_mark: default_mark(),
             pin_dir: default_pin_dir(),
             control_socket: default_control_socket(),
@@ -614,6 +732,7 @@ impl SidecarConfig {
                 ));
             }
         }
+        self.dns.validate(file, self.interceptor.transparent.port)?;
         for (i, h) in self.connector.hosts.iter().enumerate() {
             if h.rps == Some(0) {
                 return Err(ConfigError::invalid(

@@ -26,6 +26,9 @@ pub enum DenyReason {
     InsecureUpstream,
     /// The audit sink cannot persist the decision: nothing is allowed unaudited.
     AuditUnavailable,
+    /// DNS guard: the name is not one the configuration can send traffic to (NXDOMAIN), the
+    /// query type is not answered (REFUSED), or the workload is over its query rate.
+    DnsDenied,
 }
 
 impl DenyReason {
@@ -46,6 +49,7 @@ impl DenyReason {
             Self::WorkloadMismatch => "WorkloadMismatch",
             Self::InsecureUpstream => "InsecureUpstream",
             Self::AuditUnavailable => "AuditUnavailable",
+            Self::DnsDenied => "DnsDenied",
         }
     }
 }
@@ -62,6 +66,8 @@ impl std::fmt::Display for DenyReason {
 pub enum InterceptKind {
     HttpProxy,
     Transparent,
+    /// A DNS query redirected to the DNS guard (transparent mode, `redirect_dns`).
+    Dns,
 }
 
 /// The workload that opened a connection, as the kernel reported it (transparent mode only).

@@ -385,6 +385,8 @@ pub fn connection(kind: InterceptKind) -> ConnectionGuard {
     let i = match kind {
         InterceptKind::HttpProxy => 0,
         InterceptKind::Transparent => 1,
+        // DNS queries are not client connections.
+        InterceptKind::Dns => return ConnectionGuard(None),
     };
     if let Some(m) = get() {
         m.conns_total[i].inc();

@@ -2,7 +2,7 @@
 //!
 //! Startup order: connector (credentials: a missing env var stops here) -> MITM CA ->
 //! audit -> pipeline -> listeners -> `sidecar ready`. Every bound address is logged. On
-//! SIGTERM/SIGINT: drain (see [`crate::drain`]) then flush audit.
+//! SIGTERM/SIGINT (or the embedder's stop, [`run_until`]): drain (see [`crate::drain`]) then flush audit.
 
 use crate::audit::{AuditError, AuditLog};
 use crate::config::{InterceptMode, SidecarConfig};
@@ -135,6 +135,35 @@ fn log_effective_config(cfg: &SidecarConfig) {
 
 /// Runs the sidecar until SIGTERM/SIGINT, then drains and returns.
 pub async fn run(cfg: &SidecarConfig) -> Result<(), SidecarError> {
+    run_until(cfg, || {}, shutdown_signals).await
+}
+
+/// SIGTERM or SIGINT, whichever comes first (named for the log).
+fn shutdown_signals() -> Result<impl Future<Output = &'static str>, SidecarError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(SidecarError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(SidecarError::Signals)?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM received",
+            _ = int.recv() => "SIGINT received",
+        }
+    })
+}
+
+/// As [`run`], for an embedding process (`firma run`) that owns the signals: `stop` is called
+/// just before the listeners open and returns the future that ends the sidecar (its output
+/// names why, for the log); `ready` is called once every listener is up (transparent mode:
+/// the startup workloads are attached), which is when a workload may start.
+pub async fn run_until<S, F>(
+    cfg: &SidecarConfig,
+    ready: impl FnOnce(),
+    stop: S,
+) -> Result<(), SidecarError>
+where
+    S: FnOnce() -> Result<F, SidecarError>,
+    F: Future<Output = &'static str>,
+{
     crate::tls::install_crypto_provider();
     log_effective_config(cfg);
     let connector = Connector::new(cfg)?;
@@ -172,9 +201,7 @@ pub async fn run(cfg: &SidecarConfig) -> Result<(), SidecarError> {
     state.resume_conn_ids(first_conn_id);
 
     // Register signals before announcing readiness so an early SIGTERM still drains.
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(SidecarError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(SidecarError::Signals)?;
+    let stop = stop()?;
 
     let kernel: Option<Arc<dyn crate::metrics::KernelState>> = match cfg.interceptor.mode {
         InterceptMode::HttpProxy => {
@@ -207,13 +234,11 @@ pub async fn run(cfg: &SidecarConfig) -> Result<(), SidecarError> {
         tracing::info!(target: "firma_sidecar", "admin listening on {local} (/metrics, /healthz, /readyz)");
     }
     tracing::info!(target: "firma_sidecar", "sidecar ready");
+    ready();
 
-    let sig = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
+    let sig = stop.await;
     let deadline = Duration::from_secs(cfg.interceptor.drain_timeout_secs);
-    tracing::info!(target: "firma_sidecar", "{sig} received: draining (up to {}s)", deadline.as_secs());
+    tracing::info!(target: "firma_sidecar", "{sig}: draining (up to {}s)", deadline.as_secs());
     let left = drain.drain(deadline).await;
     if left > 0 {
         tracing::warn!(target: "firma_sidecar", "drain deadline reached; cutting {left} connection(s)");

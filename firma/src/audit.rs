@@ -85,7 +85,8 @@ async fn shutdown_signal() {
     }
 }
 
-/// Exit 0 when every line verifies; 1 with `FILE:LINE: reason` for the first bad line.
+/// Exit 0 when every line verifies and is covered by a signature (the last line of each batch
+/// is signed; docs/architecture.md, audit); 1 with `FILE:LINE: reason` for the first bad line.
 fn verify(file: &Path, keys: &[VerifyingKey]) -> anyhow::Result<ExitCode> {
     let f = std::fs::File::open(file).with_context(|| format!("{}", file.display()))?;
     let mut v = ChainVerifier::new(keys.to_vec());
@@ -102,9 +103,15 @@ fn verify(file: &Path, keys: &[VerifyingKey]) -> anyhow::Result<ExitCode> {
         }
         events += 1;
     }
+    if let Err(e) = v.finish() {
+        println!("{}: {e}", file.display());
+        println!("FAILED: the end of the file is not covered by a signature");
+        return Ok(ExitCode::FAILURE);
+    }
     println!(
-        "OK: {events} event(s) in {} chain(s); every signature and chain link verifies",
-        v.chains()
+        "OK: {events} event(s) in {} chain(s), {} signature(s); every signature and chain link verifies and covers every line",
+        v.chains(),
+        v.signatures()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -1,15 +1,19 @@
 //! `firma`: a thin CLI over the authority and sidecar libraries.
 //!
 //! Exit codes: 0 success, 1 runtime failure or denial, 2 usage error (clap),
-//! 78 (`EX_CONFIG`) configuration error.
+//! 78 (`EX_CONFIG`) configuration error. `firma run` passes CMD's status through and uses
+//! 125/126/127 for its own failures (see `run/mod.rs`).
 
 mod audit;
 mod authority;
 mod ca;
 mod config;
 mod doctor;
+mod init;
 mod logging;
 mod policy;
+mod run;
+mod shipped;
 mod sidecar;
 mod workload;
 
@@ -41,6 +45,10 @@ enum Command {
     Policy(policy::Args),
     /// Check kernel features, cgroup2, bpffs, key modes and reachability.
     Doctor(doctor::Args),
+    /// Create a working deployment directory: config, keys, CA, policies, a capability seed.
+    Init(init::Args),
+    /// Run one program under enforcement: `firma run [OPTIONS] -- CMD [ARGS...]` (root).
+    Run(run::Args),
 }
 
 /// A configuration problem: reported with exit code 78 so supervisors can tell it apart.
@@ -61,12 +69,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::set_cli_format(cli.log_format);
     let result = match cli.command {
+        // Its own exit codes: CMD's status, or 78/125/126/127 (run/mod.rs).
+        Command::Run(a) => return run::run(a),
         Command::Authority(a) => authority::run(a),
         Command::Sidecar(a) => sidecar::run(a),
         Command::Ca(a) => ca::run(a),
         Command::Audit(a) => audit::run(a),
         Command::Policy(a) => policy::run(a),
         Command::Doctor(a) => doctor::run(a),
+        Command::Init(a) => init::run(a),
     };
     match result {
         Ok(code) => code,

@@ -1,6 +1,7 @@
 //! The file audit sink with real decisions, and `firma audit verify`: event shape as the seeds
-//! show it, chain resumed across a restart, and tampering (edit, removal, reordering, other
-//! key) reported at the first bad line with a non-zero exit.
+//! show it, chain resumed across a restart, tampering (edit, removal, reordering, other key,
+//! a stripped or missing batch signature) reported at the first bad line with a non-zero exit,
+//! and one signature per group-committed batch.
 
 use firma_sidecar::audit::AuditLog;
 use firma_testing::audit::*;
@@ -57,7 +58,9 @@ async fn file_events_have_the_seed_shape_and_verify_until_tampered() {
     assert_eq!(allow["conn"]["intercept"], "http_proxy");
     assert_eq!(allow["seq"], 0);
     assert!(allow["timings_us"]["stage2_us"].is_u64());
-    assert!(allow["signature"].is_string() && allow["event_id"].is_string());
+    assert!(allow["event_id"].is_string());
+    // One signature per writer batch: the last line always carries one.
+    assert!(firma_common::audit::is_signed(&l[2]), "{}", l[2]);
     let deny = json(&l[1]);
     assert_eq!(deny["decision"]["outcome"], "DENY");
     assert_eq!(deny["decision"]["reason"], "PolicyDenied");
@@ -95,10 +98,13 @@ async fn file_events_have_the_seed_shape_and_verify_until_tampered() {
     let (ok, out) = tampered("edited.jsonl", &|l| {
         l[1] = l[1].replace("\"DENY\"", "\"ALLOW\"")
     });
-    assert!(
-        !ok && out.contains("edited.jsonl:2: signature does not verify"),
-        "{out}"
-    );
+    // A signed line fails its own signature; an unsigned one breaks the link after it.
+    let expected = if firma_common::audit::is_signed(&lines(&file)[1]) {
+        "edited.jsonl:2: signature does not verify"
+    } else {
+        "edited.jsonl:3: chain"
+    };
+    assert!(!ok && out.contains(expected), "{out}");
     let (ok, out) = tampered("removed.jsonl", &|l| {
         l.remove(2);
     });
@@ -109,9 +115,18 @@ async fn file_events_have_the_seed_shape_and_verify_until_tampered() {
         l.remove(0);
     });
     assert!(!ok && out.contains("first bad line is 1"), "{out}");
+    // Another key: refused at the first signed line (the lines before it are only proven by it).
     let (_, other) = audit_key(&env, "other.key");
     let (ok, out) = verify(&file, &[&other]);
-    assert!(!ok && out.contains("first bad line is 1"), "{out}");
+    let first_signed = lines(&file)
+        .iter()
+        .position(|l| firma_common::audit::is_signed(l))
+        .expect("a signed line")
+        + 1;
+    assert!(
+        !ok && out.contains(&format!("first bad line is {first_signed}")),
+        "{out}"
+    );
 }
 
 #[tokio::test]
@@ -139,4 +154,95 @@ async fn file_and_grpc_sinks_require_a_signing_key_with_owner_only_mode() {
         .expect("refused")
         .to_string();
     assert!(e.contains("0600"), "{e}");
+}
+
+/// Many events queued at once are group-committed with one signature per batch: fewer
+/// signatures than events, every line still proven; cutting the signed line of the last batch
+/// (or appending a line without the key) fails verification; a restart cuts unsigned lines a
+/// never-completed batch left and records a recovery event.
+#[tokio::test]
+async fn one_signature_per_batch_covers_every_line() {
+    let env = Env::new();
+    let seed = env.seed(&env.claims("t-1", "tenant-acme", "s-1", &[CHAT], "*"));
+    let p = env.pipeline(&[seed], &Opts::default()).await;
+    let (key, public) = audit_key(&env, "audit.key");
+    let file = env.path("audit.jsonl");
+    let log = AuditLog::start(&file_config(&file, &key))
+        .await
+        .expect("audit starts");
+    let r = req("POST", "api.openai.com", "/v1/chat/completions", &[]);
+    let d = p.decide(&r).await;
+    // Queued without waiting: the writer finds them together and commits them in batches.
+    for _ in 0..400 {
+        log.record(firma_sidecar::audit::AuditInput {
+            conn: &r.conn,
+            method: Some("POST"),
+            host: Some(&r.host),
+            port: r.port,
+            path: Some(&r.path),
+            decision: &d,
+            connector: None,
+        });
+    }
+    log.flush().await;
+    drop(log);
+    let l = lines(&file);
+    assert_eq!(l.len(), 400);
+    let signed = l
+        .iter()
+        .filter(|x| firma_common::audit::is_signed(x))
+        .count();
+    assert!(
+        signed < 400,
+        "one signature per batch, not per line: {signed}"
+    );
+    assert!(firma_common::audit::is_signed(&l[399]));
+    let (ok, out) = verify(&file, &[&public]);
+    assert!(
+        ok && out.contains(&format!(
+            "OK: 400 event(s) in 1 chain(s), {signed} signature(s)"
+        )),
+        "{out}"
+    );
+
+    // Without the last signed line, the lines of its batch before it are proven by nothing.
+    let last_unsigned = l.iter().rposition(|x| !firma_common::audit::is_signed(x));
+    if let Some(i) = last_unsigned.filter(|i| *i + 1 < l.len()) {
+        let cut = env.path("cut.jsonl");
+        std::fs::write(&cut, l[..=i].join("\n") + "\n").expect("write");
+        let (ok, out) = verify(&cut, &[&public]);
+        assert!(!ok && out.contains("not covered by a signature"), "{out}");
+    }
+    // A line appended without the key, chained correctly, is not covered either.
+    let mut body: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&l[399].replace(",\"signature\":", ",\"was\":")).expect("json");
+    body.remove("was");
+    body.insert("seq".into(), 400.into());
+    body.insert(
+        "prev_hash".into(),
+        firma_common::audit::line_hash(&l[399]).into(),
+    );
+    body.insert("event_id".into(), "forged".into());
+    let forged = firma_common::audit::unsigned_line(&body).expect("line");
+    let appended = env.path("appended.jsonl");
+    std::fs::write(&appended, l.join("\n") + "\n" + &forged + "\n").expect("write");
+    let (ok, out) = verify(&appended, &[&public]);
+    assert!(!ok && out.contains("not covered by a signature"), "{out}");
+
+    // A batch that never got its signed line (write failed, cut failed, then a crash): the
+    // restart cuts its lines and records the cut in a signed recovery event.
+    std::fs::write(&file, l.join("\n") + "\n" + &forged + "\n").expect("write");
+    let log = AuditLog::start(&file_config(&file, &key))
+        .await
+        .expect("audit restarts");
+    log.flush().await;
+    drop(log);
+    let after = lines(&file);
+    assert_eq!(after.len(), 401, "forged line cut, recovery added");
+    let rec: serde_json::Value = serde_json::from_str(&after[400]).expect("json");
+    assert_eq!(rec["event"], "recovery");
+    assert_eq!(rec["cut_unsigned_lines"], 1);
+    assert_eq!(rec["seq"], 400);
+    let (ok, out) = verify(&file, &[&public]);
+    assert!(ok && out.contains("OK: 401 event(s)"), "{out}");
 }

@@ -62,6 +62,7 @@ kernel_tests!(
     redirect_v4_mapped,
     not_redirected_untagged_excluded_marked,
     udp_443_refused,
+    dns_redirected_to_the_guard,
     entries_removed_after_close,
     detach_removes_links_and_binding,
     fail_closed_without_redirector,

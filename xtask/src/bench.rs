@@ -41,6 +41,8 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             .arg("run")
             .arg("--firma")
             .arg(target.join("release/firma"))
+            // The Authority launcher of firma-testing (issuance latency) finds it here.
+            .env("FIRMA_BIN", target.join("release/firma"))
             .arg("--out")
             .arg(target.join("bench/e2e.json"))
             .args(&args.args)

@@ -13,7 +13,14 @@ use std::process::Command;
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Every target in `fuzz/Cargo.toml`, in the order they run.
-pub const TARGETS: &[&str] = &["http_head", "tls_sniff", "mapping", "capability", "config"];
+pub const TARGETS: &[&str] = &[
+    "http_head",
+    "tls_sniff",
+    "mapping",
+    "capability",
+    "config",
+    "dns_query",
+];
 
 #[derive(clap::Args)]
 pub struct FuzzArgs {

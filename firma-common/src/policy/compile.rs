@@ -2,24 +2,41 @@ use super::NAMESPACE;
 use super::bundle::PolicyBundle;
 use super::error::{PolicyDiagnostic, PolicyError, diagnose};
 use cedar_policy::{
-    Authorizer, EntityTypeName, PolicyId, PolicySet, Schema, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, EntityId, EntityTypeName, EntityUid, PolicyId,
+    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
 
 /// A bundle parsed and strictly validated against its schema, ready to evaluate.
 ///
-/// Cheap to share behind an `Arc`; evaluation takes `&self`.
+/// Cheap to share behind an `Arc`; evaluation takes `&self`. The work that does not depend on
+/// the request is done here, once per bundle: the policies are partitioned by action class (a
+/// request is evaluated only against those whose action scope can match it), and the request
+/// shape Firma builds (principal and resource types, context types) is checked against the
+/// schema once per action class instead of on every request.
 pub struct CompiledPolicies {
-    pub(super) policies: PolicySet,
     pub(super) schema: Schema,
+    /// Per action class: its policies and whether the request shape validates.
+    pub(super) by_action: HashMap<String, ActionPolicies>,
+    /// The schema declares enumerated entity types, whose ids are checked per request: then
+    /// each request is validated against the schema as it is built.
+    pub(super) validate_each_request: bool,
     pub(super) authorizer: Authorizer,
     pub(super) agent_type: EntityTypeName,
     pub(super) resource_type: EntityTypeName,
-    pub(super) action_type: EntityTypeName,
     action_classes: BTreeSet<String>,
     policy_ids: Vec<String>,
     version: String,
+}
+
+/// The policies one action class is evaluated against.
+pub(super) struct ActionPolicies {
+    pub(super) policies: PolicySet,
+    pub(super) uid: EntityUid,
+    /// Why the schema rejects requests for this action (checked once, with representative
+    /// values: validation is by type), if it does.
+    pub(super) invalid: Option<String>,
 }
 
 impl std::fmt::Debug for CompiledPolicies {
@@ -126,23 +143,87 @@ impl PolicyBundle {
             return Err(PolicyError::Invalid(diags));
         }
         let action_type = type_name("Action")?;
-        let action_classes = schema
+        let agent_type = type_name("Agent")?;
+        let resource_type = type_name("Resource")?;
+        let action_classes: BTreeSet<String> = schema
             .actions()
             .filter(|a| a.type_name() == &action_type)
             .map(|a| a.id().unescaped().to_string())
             .collect();
+        // With action groups, `action in [G]` may match classes not named in it: such policies
+        // go to every class.
+        let has_groups = schema.action_groups().next().is_some();
+        let by_action = action_classes
+            .iter()
+            .map(|class| {
+                let uid = EntityUid::from_type_name_and_id(
+                    action_type.clone(),
+                    EntityId::new(class.as_str()),
+                );
+                let mut set = PolicySet::new();
+                for p in policies.policies() {
+                    let applies = match p.action_constraint() {
+                        ActionConstraint::Any => true,
+                        ActionConstraint::Eq(a) => a == uid,
+                        ActionConstraint::In(list) => has_groups || list.contains(&uid),
+                    };
+                    if applies {
+                        // Ids are unique in `policies`, so adding to a subset cannot fail.
+                        let _ = set.add(p.clone());
+                    }
+                }
+                let invalid = shape_error(&schema, &agent_type, &uid, &resource_type);
+                let entry = ActionPolicies {
+                    policies: set,
+                    uid,
+                    invalid,
+                };
+                (class.clone(), entry)
+            })
+            .collect();
         Ok(CompiledPolicies {
-            policies,
             schema,
+            by_action,
+            validate_each_request: self.schema.contains("enum"),
             authorizer: Authorizer::new(),
-            agent_type: type_name("Agent")?,
-            resource_type: type_name("Resource")?,
-            action_type,
+            agent_type,
+            resource_type,
             action_classes,
             policy_ids,
             version: self.version.clone(),
         })
     }
+}
+
+/// Whether the schema accepts the request Firma builds for `action` (types only; the values
+/// are representative), and why not.
+fn shape_error(
+    schema: &Schema,
+    agent: &EntityTypeName,
+    action: &EntityUid,
+    resource: &EntityTypeName,
+) -> Option<String> {
+    let uid = |t: &EntityTypeName| EntityUid::from_type_name_and_id(t.clone(), EntityId::new("x"));
+    let context = Context::from_pairs([
+        (
+            "action_count".to_string(),
+            RestrictedExpression::new_long(0),
+        ),
+        (
+            "session_id".to_string(),
+            RestrictedExpression::new_string(String::new()),
+        ),
+        (
+            "method".to_string(),
+            RestrictedExpression::new_string(String::new()),
+        ),
+    ])
+    .map_err(|e| e.to_string());
+    let checked = context.and_then(|c| {
+        Request::new(uid(agent), action.clone(), uid(resource), c, Some(schema))
+            .map_err(|e| e.to_string())
+    });
+    checked.err()
 }
 
 /// Parses the schema and checks it declares the entity types Firma builds requests from.

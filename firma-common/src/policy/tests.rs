@@ -332,3 +332,43 @@ fn evaluation_is_fast() {
         "{per:?} per decision"
     );
 }
+
+/// Policies are partitioned by action class once per bundle: `==`, `in [..]` and unconstrained
+/// action scopes each reach exactly the classes they can match, and the decisions are the ones
+/// the whole set gives (a forbid without an action scope still applies to every class).
+#[test]
+fn policies_partitioned_by_action_decide_as_the_whole_set() {
+    let p = bundle(&[(
+        "p.cedar",
+        r#"
+        permit (principal, action == Firma::Action::"model.inference.chat", resource);
+        permit (principal, action in [Firma::Action::"data.read", Firma::Action::"data.write"], resource);
+        forbid (principal, action, resource) when { context.session_id == "banned" };
+        "#,
+    )])
+    .compile()
+    .unwrap();
+    let count = |class: &str| p.by_action[class].policies.policies().count();
+    assert_eq!(count("model.inference.chat"), 2);
+    assert_eq!(count("data.read"), 2);
+    assert_eq!(count("data.write"), 2);
+    assert_eq!(count("payment.transfer"), 1);
+    for (action, allowed) in [
+        ("model.inference.chat", true),
+        ("data.read", true),
+        ("data.write", true),
+        ("payment.transfer", false),
+        ("code.execute", false),
+    ] {
+        let r = p.evaluate(&runtime("a", action, "h.example", 1));
+        assert_eq!(r.allowed, allowed, "{action}: {r:?}");
+        let mut banned = runtime("a", action, "h.example", 1);
+        banned.session_id = "banned";
+        let r = p.evaluate(&banned);
+        assert!(!r.allowed, "{action}");
+        if allowed {
+            assert_eq!(r.determining_policies, ["p:2"], "{action}");
+        }
+    }
+    assert!(!p.evaluate(&runtime("a", "no.such.class", "h", 1)).allowed);
+}

@@ -1,7 +1,9 @@
-//! Chaining and signing: turns event bodies into signed lines (format in
-//! [`firma_common::audit`]), and resumes a file's chain after a restart.
+//! Chaining and signing: turns event bodies into chained lines, the last of each batch signed
+//! (format in [`firma_common::audit`]), and resumes a file's chain after a restart.
 
-use firma_common::audit::{AuditLineError, ChainPos, GENESIS_HASH, key_id, line_hash, seal};
+use firma_common::audit::{
+    AuditLineError, ChainPos, GENESIS_HASH, key_id, line_hash, sign_line, unsigned_line,
+};
 use firma_common::keys::SigningKey;
 use serde_json::{Map, Value};
 use std::io::{Read, Seek, SeekFrom};
@@ -45,12 +47,25 @@ impl Sealer {
     }
 
     /// Chains and signs `body`, returning the line (no newline).
-    pub fn seal(&mut self, mut body: Map<String, Value>) -> Result<String, AuditLineError> {
+    pub fn seal(&mut self, body: Map<String, Value>) -> Result<String, AuditLineError> {
+        self.chain(body, true)
+    }
+
+    /// Chains `body`; signs it only when `sign` (the last line of a batch: its signature covers
+    /// every line since the previous signature through the hash chain).
+    pub fn chain(
+        &mut self,
+        mut body: Map<String, Value>,
+        sign: bool,
+    ) -> Result<String, AuditLineError> {
         body.insert("chain_id".into(), self.chain_id.clone().into());
         body.insert("seq".into(), self.next_seq.into());
         body.insert("prev_hash".into(), self.prev_hash.clone().into());
         body.insert("key_id".into(), self.key_id.clone().into());
-        let line = seal(&body, &self.key)?;
+        let mut line = unsigned_line(&body)?;
+        if sign {
+            line = sign_line(line, &self.key);
+        }
         self.prev_hash = line_hash(&line);
         self.next_seq += 1;
         Ok(line)

@@ -143,15 +143,23 @@ pub fn abandoned(input: &AuditInput<'_>) -> Map<String, Value> {
     }))
 }
 
-/// The `recovery` event: `cut` bytes of a torn last line (hex SHA-256 `sha256`) were removed.
-pub fn recovery(cut: u64, sha256: &str) -> Map<String, Value> {
+/// The `recovery` event: `cut` bytes after the last signed line (hex SHA-256 `sha256`) were
+/// removed: a torn line and/or `unsigned_lines` complete lines of a batch never completed.
+pub fn recovery(cut: u64, sha256: &str, torn: bool, unsigned_lines: u64) -> Map<String, Value> {
+    let what = match (torn, unsigned_lines) {
+        (true, 0) => "a torn line".to_string(),
+        (false, n) => format!("{n} complete line(s) no signature covers"),
+        (true, n) => format!("a torn line and {n} complete line(s) no signature covers"),
+    };
     object(json!({
         "event": "recovery",
         "event_id": uuid::Uuid::new_v4().to_string(),
         "timestamp": now(),
-        "detail": format!("the file ended in a torn line ({cut} bytes, from a crash or a full disk); it was cut back to the last complete line"),
+        "detail": format!("the file ended in {what} ({cut} bytes, from a crash or a full disk mid-batch); it was cut back to the last signed line"),
         "cut_bytes": cut,
         "cut_sha256": sha256,
+        "cut_torn_line": torn,
+        "cut_unsigned_lines": unsigned_lines,
     }))
 }
 

@@ -257,14 +257,13 @@ impl AuditLog {
 type OpenedFile = (Sealer, std::fs::File, u64, Option<Map<String, Value>>);
 
 /// Opens the audit file for appending (created 0600) and resumes its chain. A torn last line
-/// (crash or full disk mid-write) is cut back to the last complete line; the returned recovery
-/// event, persisted before anything else, records what was cut.
+/// (crash or full disk mid-write) and complete lines after the last signed one are cut; the
+/// returned recovery event, persisted before anything else, records what was cut.
 fn open_file(path: &std::path::Path, key: SigningKey) -> Result<OpenedFile, AuditError> {
     let err = |source| AuditError::File {
         path: path.to_path_buf(),
         cause: source,
     };
-    let tail = read_tail(path).map_err(err)?;
     let file = OpenOptions::new()
         .read(true)
         .append(true)
@@ -273,18 +272,46 @@ fn open_file(path: &std::path::Path, key: SigningKey) -> Result<OpenedFile, Audi
         .open(path)
         .map_err(err)?;
     let mut len = file.metadata().map_err(err)?.len();
+    // What a crash can leave behind the last batch: a torn line (cut), and complete lines no
+    // signature covers (a batch whose write failed and whose cut failed too; cut as well, so
+    // every line on disk stays covered by a signature). One recovery event records the bytes.
+    let mut cut: Vec<u8> = Vec::new();
+    let mut torn = false;
+    let mut unsigned = 0u64;
+    let tail = loop {
+        let tail = read_tail(path).map_err(err)?;
+        if tail.torn {
+            let mut c = cut_torn_tail(&file, len).map_err(err)?;
+            len -= c.len() as u64;
+            c.extend_from_slice(&cut);
+            cut = c;
+            torn = true;
+            continue;
+        }
+        match &tail.last_line {
+            Some(line) if is_unsigned_chain_line(line) => {
+                // Drop the newline, then cut the line as a torn one.
+                file.set_len(len - 1).map_err(err)?;
+                let mut c = cut_torn_tail(&file, len - 1).map_err(err)?;
+                len -= c.len() as u64 + 1;
+                c.push(b'\n');
+                c.extend_from_slice(&cut);
+                cut = c;
+                unsigned += 1;
+            }
+            _ => break tail,
+        }
+    };
     let mut recovered = None;
-    if tail.torn {
-        let cut = cut_torn_tail(&file, len).map_err(err)?;
-        len -= cut.len() as u64;
+    if !cut.is_empty() {
         let sha = hex::encode(sha2::Sha256::digest(&cut));
         tracing::warn!(
             target: "firma_sidecar::startup::audit",
-            "{}: cut a torn last line ({} bytes, sha256 {sha}); a recovery event records it",
+            "{}: cut {} bytes after the last signed line (torn line: {torn}, unsigned lines: {unsigned}; sha256 {sha}); a recovery event records it",
             path.display(),
             cut.len()
         );
-        recovered = Some(event::recovery(cut.len() as u64, &sha));
+        recovered = Some(event::recovery(cut.len() as u64, &sha, torn, unsigned));
     }
     let sealer = match &tail.last_line {
         None => Sealer::new(key),
@@ -308,6 +335,13 @@ fn open_file(path: &std::path::Path, key: SigningKey) -> Result<OpenedFile, Audi
         sealer.next_seq()
     );
     Ok((sealer, file, len, recovered))
+}
+
+/// A complete chained line without a signature: left by a batch that was never completed.
+fn is_unsigned_chain_line(line: &str) -> bool {
+    !firma_common::audit::is_signed(line)
+        && matches!(serde_json::from_str::<Value>(line), Ok(Value::Object(m))
+            if firma_common::audit::ChainPos::of(&m).is_ok())
 }
 
 /// Truncates `file` (of length `len`) after its last `\n`; returns the bytes cut.

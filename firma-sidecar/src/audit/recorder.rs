@@ -15,6 +15,7 @@
 
 use super::{AuditInput, AuditLog, AuditUnavailable, ConnectorOutcome, event};
 use crate::conn::{ConnectionInfo, Decision, DenyReason};
+use serde_json::{Map, Value};
 
 /// Where a request or tunnel was going, as far as known.
 #[derive(Debug, Clone, Default)]
@@ -23,9 +24,25 @@ struct Intent {
     host: Option<String>,
     port: u16,
     path: Option<String>,
+    /// DNS guard queries: `envelope.intent.dns` (`qname`, `qtype`, and after an answer `rcode`,
+    /// `answers`, `cname_chain`, `upstream`).
+    dns: Option<Map<String, Value>>,
 }
 
 impl Intent {
+    /// Adds `envelope.intent.dns` to an event body when this is a DNS query.
+    fn with_dns(&self, mut body: Map<String, Value>) -> Map<String, Value> {
+        if let Some(dns) = &self.dns
+            && let Some(intent) = body
+                .get_mut("envelope")
+                .and_then(|e| e.get_mut("intent"))
+                .and_then(Value::as_object_mut)
+        {
+            intent.insert("dns".into(), Value::Object(dns.clone()));
+        }
+        body
+    }
+
     fn input<'a>(
         &'a self,
         conn: &'a ConnectionInfo,
@@ -75,12 +92,23 @@ impl RequestAudit {
         self
     }
 
+    /// A DNS guard query: `fields` become `envelope.intent.dns`.
+    pub fn dns(mut self, fields: Map<String, Value>) -> Self {
+        self.intent.dns = Some(fields);
+        self
+    }
+
     fn input<'a>(
         &'a self,
         decision: &'a Decision,
         connector: Option<ConnectorOutcome>,
     ) -> AuditInput<'a> {
         self.intent.input(&self.conn, decision, connector)
+    }
+
+    fn body(&self, decision: &Decision, connector: Option<ConnectorOutcome>) -> Map<String, Value> {
+        self.intent
+            .with_dns(event::body(&self.input(decision, connector)))
     }
 
     /// Records a denial (nothing was or will be sent upstream).
@@ -97,8 +125,7 @@ impl RequestAudit {
             detail = %decision.detail,
             "denied"
         );
-        self.log
-            .record_body(event::body(&self.input(decision, None)));
+        self.log.record_body(self.body(decision, None));
     }
 
     /// Persists the ALLOW decision; `planned` says which credential will be attached. On
@@ -109,7 +136,7 @@ impl RequestAudit {
         decision: &Decision,
         planned: ConnectorOutcome,
     ) -> Result<Committed, (Self, AuditUnavailable)> {
-        let body = event::body(&self.input(decision, Some(planned.clone())));
+        let body = self.body(decision, Some(planned.clone()));
         let id = body
             .get("event_id")
             .and_then(|v| v.as_str())
@@ -145,8 +172,7 @@ impl RequestAudit {
             aborted = outcome.aborted.as_deref().unwrap_or("-"),
             "aborted after allow, before sending"
         );
-        self.log
-            .record_body(event::body(&self.input(decision, Some(outcome))));
+        self.log.record_body(self.body(decision, Some(outcome)));
     }
 
     /// Denies with [`DenyReason::AuditUnavailable`] after a failed [`Self::commit`].
@@ -188,6 +214,12 @@ impl Committed {
         self.write();
     }
 
+    /// Adds what a DNS answer said (`rcode`, `answers`, ...) to the outcome's
+    /// `envelope.intent.dns`.
+    pub fn dns_result(&mut self, fields: Map<String, Value>) {
+        self.intent.dns.get_or_insert_with(Map::new).extend(fields);
+    }
+
     /// The outcome so far, to update before [`Self::finish`] (or before a drop).
     pub fn outcome_mut(&mut self) -> &mut ConnectorOutcome {
         &mut self.outcome
@@ -213,8 +245,10 @@ impl Committed {
             credential_injected = self.outcome.credential_injected,
             "allowed"
         );
-        self.log
-            .record_body(event::outcome(&input, &self.decision_event_id));
+        let body = self
+            .intent
+            .with_dns(event::outcome(&input, &self.decision_event_id));
+        self.log.record_body(body);
     }
 }
 

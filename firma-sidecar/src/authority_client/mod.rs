@@ -72,7 +72,15 @@ pub fn grpc_endpoint(
     let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| bad(&e.to_string()))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
+        // The same socket options as every other sidecar socket (crate::sockopt).
+        .tcp_nodelay(true)
+        .tcp_keepalive(Some(Duration::from_secs(
+            crate::sockopt::KEEPALIVE_IDLE_SECS.into(),
+        )))
+        .tcp_keepalive_interval(Some(Duration::from_secs(
+            crate::sockopt::KEEPALIVE_INTERVAL_SECS.into(),
+        )))
+        .tcp_keepalive_retries(Some(crate::sockopt::KEEPALIVE_PROBES));
     match uri.scheme_str() {
         Some("https") => {
             let ca = ca_cert_path

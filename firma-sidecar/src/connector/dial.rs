@@ -84,7 +84,7 @@ impl Dialer {
                 addr,
                 cause: source,
             })?;
-        let _ = tcp.set_nodelay(true);
+        crate::sockopt::tune(&tcp);
         let Some(name) = tls_name else {
             return Ok(Either::Left(tcp));
         };

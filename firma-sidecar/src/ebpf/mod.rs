@@ -25,8 +25,8 @@ use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, lpm
 use aya::{Ebpf, EbpfLoader};
 use firma_common::maps::{
     COUNTER_REDIRECTED, COUNTER_UDP443_REFUSED, MAP_BINDINGS, MAP_BY_COOKIE, MAP_BY_PEER,
-    MAP_CONFIG, MAP_COUNTERS, MAP_EXCLUDED_PORTS, MAP_EXCLUDED_V4, MAP_EXCLUDED_V6, OrigDst,
-    PeerKey, RedirectConfig, WorkloadBinding,
+    MAP_CONFIG, MAP_COUNTERS, MAP_DNS_BY_PEER, MAP_EXCLUDED_PORTS, MAP_EXCLUDED_V4,
+    MAP_EXCLUDED_V6, OrigDst, PeerKey, RedirectConfig, WorkloadBinding,
 };
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -141,6 +141,7 @@ pub struct Redirector {
     by_cookie: BpfHashMap<MapData, u64, OrigDst>,
     /// Per-CPU event counters written by the programs (`COUNTER_*`), read for metrics.
     counters: Option<PerCpuArray<MapData, u64>>,
+    dns_by_peer: BpfHashMap<MapData, PeerKey, OrigDst>,
     registry: Registry,
     cgroup2: Cgroup2,
     pin_dir: PathBuf,
@@ -192,6 +193,8 @@ impl Redirector {
         let counters = ebpf
             .take_map(MAP_COUNTERS)
             .and_then(|m| PerCpuArray::try_from(m).ok());
+        let dns_by_peer = BpfHashMap::try_from(take(&mut ebpf, MAP_DNS_BY_PEER)?)
+            .map_err(map_err(MAP_DNS_BY_PEER))?;
         let adopted_programs = programs.adopted;
         let mut control = Control {
             _ebpf: ebpf,
@@ -209,6 +212,7 @@ impl Redirector {
             by_peer,
             by_cookie,
             counters,
+            dns_by_peer,
             registry,
             cgroup2,
             pin_dir,
@@ -382,6 +386,14 @@ impl Redirector {
     /// returned. `None`: not a redirected connection (or its entry is gone): close it.
     pub fn original_destination(&self, peer: SocketAddr) -> Option<OrigDst> {
         self.by_peer.get(&PeerKey::from_socket_addr(peer), 0).ok()
+    }
+
+    /// The resolver a tagged workload's UDP DNS query was meant for, and who sent it, by the
+    /// query's source address as `recv_from` reports it. `None`: not a redirected query.
+    pub fn dns_origin(&self, peer: SocketAddr) -> Option<OrigDst> {
+        self.dns_by_peer
+            .get(&PeerKey::from_socket_addr(peer), 0)
+            .ok()
     }
 
     /// The workload (binding + the exact cgroup and pid) that opened a redirected connection.

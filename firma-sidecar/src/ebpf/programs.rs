@@ -1,10 +1,13 @@
-//! The seven programs of the object: loading (or adopting pinned ones) and attaching them to one
+//! The ten programs of the object: loading (or adopting pinned ones) and attaching them to one
 //! cgroup with pinned links.
 
 use super::EbpfError;
 use aya::Ebpf;
 use aya::programs::links::{FdLink, LinkError};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockAddrAttachType, Program, SockOps};
+use aya::programs::{
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockAddrAttachType,
+    Program, SockOps,
+};
 use std::fs::File;
 use std::path::Path;
 
@@ -13,12 +16,24 @@ use std::path::Path;
 enum Kind {
     SockOps,
     SockAddr(CgroupSockAddrAttachType),
+    /// The DNS guard's egress hook.
+    SkbEgress,
 }
 
 /// Program names in the object, in attach order: bookkeeping first, `connect*` last, so a
 /// connection is never redirected before its entry can be re-keyed. Detach goes in reverse.
-const PROGRAMS: [(&str, Kind); 7] = [
+const PROGRAMS: [(&str, Kind); 10] = [
     ("firma_sock_ops", Kind::SockOps),
+    // DNS guard bookkeeping: replies and the by-client-address record, before any rewrite.
+    ("firma_dns_egress", Kind::SkbEgress),
+    (
+        "firma_recvmsg4",
+        Kind::SockAddr(CgroupSockAddrAttachType::UDPRecvMsg4),
+    ),
+    (
+        "firma_recvmsg6",
+        Kind::SockAddr(CgroupSockAddrAttachType::UDPRecvMsg6),
+    ),
     (
         "firma_getpeername4",
         Kind::SockAddr(CgroupSockAddrAttachType::GetPeerName4),
@@ -51,6 +66,7 @@ pub const LINKS_PER_CGROUP: usize = PROGRAMS.len();
 enum Handle {
     SockOps(SockOps),
     SockAddr(CgroupSockAddr),
+    Skb(CgroupSkb),
 }
 
 /// Loaded programs, each also pinned at `<pin_dir>/progs/<name>`.
@@ -83,6 +99,9 @@ impl Programs {
             let handle = match kind {
                 Kind::SockOps => SockOps::from_pin(&pin).map(Handle::SockOps),
                 Kind::SockAddr(t) => CgroupSockAddr::from_pin(&pin, t).map(Handle::SockAddr),
+                Kind::SkbEgress => {
+                    CgroupSkb::from_pin(&pin, CgroupSkbAttachType::Egress).map(Handle::Skb)
+                }
             }
             .map_err(|e| EbpfError::Program {
                 name,
@@ -127,6 +146,18 @@ impl Programs {
                         .map_err(|e| attach_err(name, cgroup_dir, e))?
                         .try_into()
                 }
+                Handle::Skb(p) => {
+                    let id = p
+                        .attach(
+                            &cgroup,
+                            CgroupSkbAttachType::Egress,
+                            CgroupAttachMode::Single,
+                        )
+                        .map_err(|e| attach_err(name, cgroup_dir, e))?;
+                    p.take_link(id)
+                        .map_err(|e| attach_err(name, cgroup_dir, e))?
+                        .try_into()
+                }
             }
             .map_err(|e: LinkError| EbpfError::Attach {
                 name,
@@ -149,6 +180,7 @@ fn load(prog: &mut Program, name: &'static str) -> Result<(), EbpfError> {
     let res = match prog {
         Program::SockOps(p) => p.load(),
         Program::CgroupSockAddr(p) => p.load(),
+        Program::CgroupSkb(p) => p.load(),
         _ => return Err(EbpfError::MissingProgram(name)),
     };
     res.map_err(|e| EbpfError::Program {

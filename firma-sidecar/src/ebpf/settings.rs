@@ -56,6 +56,9 @@ pub struct RedirectSettings {
     pub mark: u32,
     pub block_quic: bool,
     pub redirect_dns: bool,
+    /// The DNS listener's port (UDP and TCP on the listener addresses); 0 = none (DNS of tagged
+    /// workloads is then refused while `redirect_dns` is on).
+    pub dns_port: u16,
     pub excluded_cidrs: Vec<Cidr>,
     pub excluded_ports: Vec<u16>,
 }
@@ -82,6 +85,7 @@ impl RedirectSettings {
             mark: cfg.socket_mark,
             block_quic: cfg.block_quic,
             redirect_dns: cfg.redirect_dns,
+            dns_port: 0,
             excluded_cidrs: cfg
                 .excluded_cidrs
                 .iter()
@@ -103,7 +107,7 @@ impl RedirectSettings {
             listen_v4: Ipv4Addr::LOCALHOST.octets(),
             listen_v6: Ipv6Addr::LOCALHOST.octets(),
             port: self.port,
-            _pad: 0,
+            dns_port: if self.redirect_dns { self.dns_port } else { 0 },
             mark: self.mark,
             flags,
         }

@@ -33,7 +33,7 @@ pub async fn serve(state: Arc<SidecarState>, listener: TcpListener, limits: Arc<
                 backoff.reset();
                 match limits.admit(ClientKey::Ip(peer.ip())) {
                     Ok(permit) => {
-                        let _ = stream.set_nodelay(true);
+                        crate::sockopt::tune(&stream);
                         let st = state.clone();
                         state
                             .drain

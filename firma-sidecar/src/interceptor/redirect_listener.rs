@@ -60,6 +60,9 @@ pub async fn accept_loop<S, SF, R>(
         let (stream, peer) = match accepted {
             Ok(a) => {
                 backoff.reset();
+                // Before anything is written: the MITM handshake's small records must not wait
+                // for the client's delayed ACK.
+                crate::sockopt::tune(&a.0);
                 a
             }
             Err(e) => {

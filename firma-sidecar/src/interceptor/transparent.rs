@@ -7,6 +7,9 @@
 //! stops startup: a sidecar that half-started would leave tagged workloads refused without
 //! saying why.
 //!
+//! With `redirect_dns` (the default) the DNS guard ([`crate::dns`]) listens too, on
+//! `[sidecar.dns] port`, and the kernel sends every port-53 exchange of tagged workloads there.
+//!
 //! Per connection: the kernel's record (original destination, cgroup, pid) is looked up by
 //! peer address; the connection then goes through the same [`serve_stream`] as `CONNECT` in
 //! `http_proxy` mode, with the original destination as upstream (the connector marks those
@@ -57,6 +60,8 @@ pub enum TransparentError {
     Pins(PinsError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -101,7 +106,8 @@ pub async fn serve(
     limits: Arc<Limits>,
 ) -> Result<Arc<Redirector>, TransparentError> {
     let t = &cfg.interceptor.transparent;
-    let settings = RedirectSettings::from_config(t)?;
+    let mut settings = RedirectSettings::from_config(t)?;
+    settings.dns_port = cfg.dns.port;
     let port = settings.port;
     // Fail closed on a crash only if the pins outlive us: check before loading anything.
     let (pin_dir, allow) = (settings.pin_dir.clone(), t.allow_ephemeral_pins);
@@ -138,6 +144,14 @@ pub async fn serve(
     let listeners = listener::bind(port)
         .await
         .map_err(|source| TransparentError::Bind { port, source })?;
+    if t.redirect_dns {
+        let guard = Arc::new(crate::dns::DnsGuard::new(
+            state.clone(),
+            cfg,
+            redirector.clone(),
+        ));
+        crate::dns::serve(guard, cfg.dns.port, shutdown.clone(), limits.clone()).await?;
+    }
     let control_path = t.control_socket.clone();
     let control_listener = control::bind(&control_path)?;
 

@@ -227,6 +227,20 @@ fn parse_method(raw: &str) -> Result<Option<String>, String> {
 }
 
 impl MappingRules {
+    /// The host patterns the rules name, as written in a rules file (`api.example.com`,
+    /// `*.example.com`), without the catch-all `*`. The DNS guard answers these names.
+    pub fn host_patterns(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.by_host.keys().cloned().collect();
+        for r in &self.wildcard {
+            if let HostPat::Suffix(s) = &r.host {
+                out.push(format!("*{s}"));
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Loads and merges every file, in order. Duplicates across files are errors too.
     pub fn load(paths: &[PathBuf]) -> Result<Self, MappingError> {
         let mut rules = Vec::new();

@@ -430,6 +430,11 @@ impl Pipeline {
         }
     }
 
+    /// Host patterns of the mapping rules (see [`MappingRules::host_patterns`]).
+    pub fn mapping_hosts(&self) -> Vec<String> {
+        self.inner.mapping.host_patterns()
+    }
+
     /// Version of the installed runtime bundle, if any (for status and health output).
     pub fn bundle_version(&self) -> Option<String> {
         self.inner.policies.version()

@@ -9,6 +9,9 @@
 //! - `tcp ADDR [MARK]`: `CONNECT ok` or `CONNECT err <errno>`; then `PEER <getpeername>`,
 //!   `PID <pid>`, `GOT <first line received>`.
 //! - `udp ADDR`: `SENDTO ok|err <errno>` (unconnected) and `CONNECT ok|err <errno>`.
+//! - `dns ADDR`: one datagram unconnected (`UFROM <sender seen>`, `UGOT <reply>`), one on a
+//!   connected UDP socket (`CPEER <getpeername>`, `CGOT <reply>`), one TCP connection
+//!   (`TGOT <first line>`), `PID <pid>`; a failure prints `<TAG> err <errno or message>`.
 //! - `many ADDR N`: N sequential connects, each reading one line; `OK <count starting ORIG>`.
 //! - `latency ADDR N`: N sequential connects, timed and closed at once;
 //!   `RESULT n=N mean_us=… p50_us=… p99_us=…`.
@@ -79,6 +82,10 @@ fn run(args: &[String]) -> Result<(), String> {
         }
         Some("udp") => {
             udp(addr(args.get(1))?);
+            Ok(())
+        }
+        Some("dns") => {
+            dns(addr(args.get(1))?);
             Ok(())
         }
         Some("many") => {
@@ -169,6 +176,53 @@ fn udp(addr: SocketAddr) {
     match UdpSocket::bind(bind).and_then(|u| u.connect(addr)) {
         Ok(()) => println!("CONNECT ok"),
         Err(e) => println!("CONNECT err {}", e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+/// The three ways a resolver library talks to a DNS server, each reporting what came back and
+/// from where (the DNS guard's `recvmsg`/`getpeername` hooks must show `addr`).
+fn dns(addr: SocketAddr) {
+    println!("PID {}", std::process::id());
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let timeout = Some(Duration::from_secs(5));
+    let err = |e: std::io::Error| e.raw_os_error().map_or(e.to_string(), |n| n.to_string());
+    let unconnected = UdpSocket::bind(bind).and_then(|u| {
+        u.set_read_timeout(timeout)?;
+        u.send_to(b"q1", addr)?;
+        let mut buf = [0u8; 512];
+        let (n, from) = u.recv_from(&mut buf)?;
+        Ok((from, String::from_utf8_lossy(&buf[..n]).trim().to_string()))
+    });
+    match unconnected {
+        Ok((from, got)) => println!("UFROM {from}\nUGOT {got}"),
+        Err(e) => println!("UGOT err {}", err(e)),
+    }
+    let connected = UdpSocket::bind(bind).and_then(|u| {
+        u.set_read_timeout(timeout)?;
+        u.connect(addr)?;
+        let peer = u.peer_addr()?;
+        u.send(b"q2")?;
+        let mut buf = [0u8; 512];
+        let n = u.recv(&mut buf)?;
+        Ok((peer, String::from_utf8_lossy(&buf[..n]).trim().to_string()))
+    });
+    match connected {
+        Ok((peer, got)) => println!("CPEER {peer}\nCGOT {got}"),
+        Err(e) => println!("CGOT err {}", err(e)),
+    }
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).and_then(|s| {
+        s.set_read_timeout(timeout)?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        Ok(line.trim().to_string())
+    });
+    match tcp {
+        Ok(got) => println!("TGOT {got}"),
+        Err(e) => println!("TGOT err {}", err(e)),
     }
 }
 

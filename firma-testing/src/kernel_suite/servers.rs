@@ -92,6 +92,87 @@ pub fn fake_sidecar(port: u16, r: Arc<Redirector>) -> Result<Server, String> {
     )
 }
 
+/// Stands in for the sidecar's DNS guard listener: UDP on 127.0.0.1:port and [::1]:port answers
+/// each datagram with `ORIG …` as [`Redirector::dns_origin`] reports its sender (or `NOENTRY`);
+/// TCP is [`fake_sidecar`] on the same port (TCP/53 is tracked like any redirected connection).
+/// Returns the TCP server and the UDP threads' stop handle (drop both to stop).
+pub fn fake_dns(port: u16, r: Arc<Redirector>) -> Result<(Server, UdpServer), String> {
+    let addrs = [
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+    ];
+    let tcp = fake_sidecar(port, r.clone())?;
+    let udp = UdpServer::start(
+        &addrs,
+        Arc::new(move |peer| match r.dns_origin(peer) {
+            Some(o) => {
+                let w = r.workload(&o);
+                format!(
+                    "ORIG {} {} {} {}",
+                    o.socket_addr(),
+                    w.as_ref().map_or("-", |w| w.agent_id.as_str()),
+                    w.as_ref().map_or("-", |w| w.cgroup_path.as_str()),
+                    o.pid
+                )
+            }
+            None => "NOENTRY".into(),
+        }),
+    )?;
+    Ok((tcp, udp))
+}
+
+type UdpHandler = Arc<dyn Fn(SocketAddr) -> String + Send + Sync>;
+
+/// UDP receive loops answering each datagram with what the handler says about its sender;
+/// stopped on drop.
+pub struct UdpServer {
+    stop: Arc<AtomicBool>,
+    received: Arc<AtomicUsize>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl UdpServer {
+    pub fn start(addrs: &[SocketAddr], handler: UdpHandler) -> Result<Self, String> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicUsize::new(0));
+        let mut threads = Vec::new();
+        for addr in addrs {
+            let u = std::net::UdpSocket::bind(addr).map_err(|e| format!("bind udp {addr}: {e}"))?;
+            u.set_read_timeout(Some(Duration::from_millis(20)))
+                .map_err(|e| format!("timeout {addr}: {e}"))?;
+            let (stop, received, handler) = (stop.clone(), received.clone(), handler.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, peer)) = u.recv_from(&mut buf) {
+                        received.fetch_add(1, Ordering::Relaxed);
+                        let _ = u.send_to(handler(peer).as_bytes(), peer);
+                    }
+                }
+            }));
+        }
+        Ok(Self {
+            stop,
+            received,
+            threads,
+        })
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> usize {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A direct destination that answers `UPSTREAM`; its accept count proves whether a workload
 /// reached it.
 pub fn upstream(addr: SocketAddr) -> Result<Server, String> {

@@ -3,7 +3,7 @@
 
 use super::client::{ClientOutput, run_client};
 use super::runner::{Test, TestResult};
-use super::servers::{Server, fake_sidecar, upstream};
+use super::servers::{Server, UdpServer, fake_dns, fake_sidecar, upstream};
 use crate::check;
 use crate::eventually;
 use crate::kernel::*;
@@ -18,6 +18,8 @@ const AGENT: &str = "agent-vm";
 const SESSION: &str = "sess-vm";
 const PORT: u16 = 4443;
 const EXCLUDED_PORT: u16 = 4444;
+/// The DNS guard listener's port (UDP and TCP); every run has its own network namespace.
+const DNS_LISTEN: u16 = 15053;
 const MARK: u32 = 0x4649_524d;
 const ECONNREFUSED: i32 = 111;
 const EPERM: i32 = 1;
@@ -47,6 +49,11 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "udp_443_refused",
         run: udp_443_refused,
+        host_only: false,
+    },
+    Test {
+        name: "dns_redirected_to_the_guard",
+        run: dns_redirected,
         host_only: false,
     },
     Test {
@@ -96,7 +103,8 @@ fn settings(pins: &TestPins, port: u16) -> Result<RedirectSettings, String> {
         port,
         mark: MARK,
         block_quic: true,
-        redirect_dns: false,
+        redirect_dns: true,
+        dns_port: DNS_LISTEN,
         excluded_cidrs: vec![Cidr::parse(EXCLUDED_CIDR).map_err(|e| e.to_string())?],
         excluded_ports: vec![EXCLUDED_PORT],
     })
@@ -303,6 +311,65 @@ fn udp_443_refused() -> TestResult {
     check!(
         o.line("SENDTO")? == "ok" && o.line("CONNECT")? == "ok",
         "untagged UDP to 443 refused: {o}"
+    );
+    Ok(())
+}
+
+/// DNS guard: tagged UDP (unconnected and connected) and TCP to port 53, IPv4 and IPv6, reach
+/// the DNS listener with the resolver asked, the binding and the pid; replies and getpeername
+/// show the resolver; the resolver itself sees nothing. Untagged DNS goes direct. With no
+/// listener (a dead sidecar) tagged DNS fails and still reaches no resolver.
+fn dns_redirected() -> TestResult {
+    let f = Fixture::new()?;
+    let r = f.r.clone().ok_or("the redirector was dropped")?;
+    let dns = fake_dns(DNS_LISTEN, r)?;
+    let resolvers = [
+        addr(&format!("{DST_V4}:53"))?,
+        addr(&format!("[{DST_V6}]:53"))?,
+    ];
+    let direct = UdpServer::start(&resolvers, std::sync::Arc::new(|_| "UPSTREAM".into()))?;
+    let direct_tcp = upstream(resolvers[0])?;
+    for dst in resolvers {
+        let o = f.tagged(&["dns", &dst.to_string()])?;
+        let want = format!("ORIG {dst} {AGENT} {} {}", f.cg.rel_path(), o.line("PID")?);
+        check!(
+            o.line("UGOT")? == want,
+            "unconnected UDP to {dst}: {o}, expected {want:?}"
+        );
+        check!(
+            o.line("UFROM")? == dst.to_string(),
+            "reply not from {dst}: {o}"
+        );
+        check!(o.line("CGOT")? == want, "connected UDP to {dst}: {o}");
+        check!(
+            o.line("CPEER")? == dst.to_string(),
+            "getpeername not {dst}: {o}"
+        );
+        check!(o.line("TGOT")? == want, "TCP to {dst}: {o}");
+    }
+    check!(
+        direct.received() == 0 && direct_tcp.accepted() == 0,
+        "a resolver saw tagged DNS ({} datagrams, {} connections)",
+        direct.received(),
+        direct_tcp.accepted()
+    );
+    let o = run_client(None, &["dns", &resolvers[0].to_string()])?;
+    check!(
+        o.line("UGOT")? == "UPSTREAM" && o.line("TGOT")? == "UPSTREAM",
+        "untagged DNS not direct: {o}"
+    );
+    let (direct_udp, direct_conns) = (direct.received(), direct_tcp.accepted());
+    drop(dns);
+    let o = f.tagged(&["dns", &resolvers[0].to_string()])?;
+    check!(
+        o.line("UGOT")?.starts_with("err")
+            && o.line("CGOT")?.starts_with("err")
+            && o.line("TGOT")?.starts_with("err"),
+        "tagged DNS answered with no DNS listener: {o}"
+    );
+    check!(
+        direct.received() == direct_udp && direct_tcp.accepted() == direct_conns,
+        "tagged DNS went direct with no DNS listener"
     );
     Ok(())
 }

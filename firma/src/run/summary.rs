@@ -1,0 +1,90 @@
+//! The per-decision summary printed after the run, read back from the signed audit log (so
+//! it shows what was recorded, not what firma remembers).
+
+use serde_json::Value;
+use std::path::Path;
+
+/// One line per `decision` event of the run's workload (its cgroup), oldest first.
+pub fn lines(audit: &Path, cgroup_path: &str) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(audit) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["event"] == "decision" && e["workload"]["cgroup_path"] == cgroup_path)
+        .map(|e| line(&e))
+        .collect()
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("")
+}
+
+/// `ALLOW GET api.openai.com/v1/models [model.inference.chat] credential injected`
+/// `DENY  POST paste.rs/ [communication.external.send] PolicyDenied`
+pub fn line(e: &Value) -> String {
+    let d = &e["decision"];
+    let intent = &e["envelope"]["intent"];
+    let outcome = s(&d["outcome"]);
+    let method = match s(&intent["method"]) {
+        "" => "-",
+        m => m,
+    };
+    let host = s(&intent["resource"]["host"]);
+    let host = if host.is_empty() {
+        s(&e["conn"]["original_dst"])
+    } else {
+        host
+    };
+    let target = format!("{host}{}", s(&intent["resource"]["path"]));
+    let class = match s(&intent["action_class"]) {
+        "" => String::new(),
+        c => format!(" [{c}]"),
+    };
+    let tail = if outcome == "ALLOW" {
+        if e["connector"]["credential_injected"] == true {
+            " credential injected".to_string()
+        } else {
+            " no credential".to_string()
+        }
+    } else {
+        format!(" {}", s(&d["reason"]))
+    };
+    format!("{outcome:<5} {method} {target}{class}{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn one_line_per_decision_of_the_run_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.jsonl");
+        let ev = |cg: &str, outcome: &str, reason: &str, injected: bool| {
+            json!({"event": "decision", "workload": {"cgroup_path": cg},
+                "envelope": {"intent": {"method": "GET", "action_class": "model.inference.chat",
+                    "resource": {"host": "api.openai.com", "path": "/v1/models"}}},
+                "decision": {"outcome": outcome, "reason": reason},
+                "connector": {"credential_injected": injected}})
+            .to_string()
+        };
+        let text = [
+            ev("/firma-run-1-a", "ALLOW", "", true),
+            ev("/other", "DENY", "PolicyDenied", false),
+            r#"{"event":"outcome"}"#.to_string(),
+            "torn".to_string(),
+            ev("/firma-run-1-a", "DENY", "PolicyDenied", false),
+        ]
+        .join("\n");
+        std::fs::write(&file, text).unwrap();
+        assert_eq!(
+            lines(&file, "/firma-run-1-a"),
+            [
+                "ALLOW GET api.openai.com/v1/models [model.inference.chat] credential injected",
+                "DENY  GET api.openai.com/v1/models [model.inference.chat] PolicyDenied",
+            ]
+        );
+    }
+}
