@@ -116,6 +116,8 @@ impl Issuer<'_> {
                 action_count: 0,
                 session_id: &req.session_id,
                 method: "ISSUE",
+                request: None,
+                usage: None,
             });
             if !result.allowed {
                 let why = if result.determining_policies.is_empty() {

@@ -133,6 +133,8 @@ fn stage2(c: &mut Criterion) {
                     method: "POST",
                     live_until: i64::MAX,
                     now: now_unix(),
+                    request: None,
+                    usage: None,
                 },
             )
         })
@@ -151,6 +153,8 @@ fn stage2(c: &mut Criterion) {
                     method: "POST",
                     live_until: i64::MAX,
                     now: now_unix(),
+                    request: None,
+                    usage: None,
                 },
             )
         })

@@ -36,6 +36,8 @@ pub struct SidecarConfig {
     pub admin: AdminConfig,
     #[serde(default)]
     pub dns: DnsConfig,
+    #[serde(default)]
+    pub llm: LlmConfig,
 }
 
 /// `[sidecar.admin]`: the admin listener (`/metrics`, `/healthz`, `/readyz`).
@@ -158,6 +160,27 @@ fn default_dns_rate() -> u32 {
 }
 fn default_dns_burst() -> u32 {
     100
+}
+
+/// `[sidecar.llm]`: token usage accounting for the LLM APIs (see docs/llm-policies.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    /// Where per-session and per-agent usage totals are kept across restarts (written at most
+    /// once a second and at shutdown). Without it totals start at zero on every start.
+    pub usage_state_path: Option<PathBuf>,
+    /// `[[sidecar.llm.prices]]`: USD per 1,000 tokens, by the model the request named.
+    #[serde(default)]
+    pub prices: Vec<ModelPrice>,
+}
+
+/// One `[[sidecar.llm.prices]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    pub model: String,
+    pub input_per_1k_usd: f64,
+    pub output_per_1k_usd: f64,
 }
 
 /// How connections reach the sidecar.
@@ -395,6 +418,13 @@ pub struct MappingConfig {
     /// Deny requests no rule maps (`UnclassifiedIntent`); otherwise they pass and are audited.
     #[serde(default = "yes")]
     pub default_protected: bool,
+    /// Largest request body read for a rule's `extract` (bigger: `MalformedRequest`).
+    #[serde(default = "default_extract_max_body_bytes")]
+    pub extract_max_body_bytes: usize,
+}
+
+fn default_extract_max_body_bytes() -> usize {
+    1024 * 1024
 }
 
 impl MappingConfig {
@@ -715,6 +745,23 @@ impl SidecarConfig {
                     "expected a positive number",
                 ));
             }
+        }
+        for (i, p) in self.llm.prices.iter().enumerate() {
+            let ok = |v: f64| v.is_finite() && v >= 0.0;
+            if p.model.trim().is_empty() || !ok(p.input_per_1k_usd) || !ok(p.output_per_1k_usd) {
+                return Err(ConfigError::invalid(
+                    file,
+                    &format!("sidecar.llm.prices[{i}]"),
+                    "expected a non-empty `model` and non-negative `input_per_1k_usd` / `output_per_1k_usd`",
+                ));
+            }
+        }
+        if self.mapping.extract_max_body_bytes == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.mapping.extract_max_body_bytes",
+                "expected a positive number of bytes",
+            ));
         }
         if self.policy.dir.is_none() && self.policy.authority_url.is_none() {
             return Err(ConfigError::invalid(

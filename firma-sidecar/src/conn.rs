@@ -188,4 +188,21 @@ pub struct ConnectorOutcome {
     /// Tunnels: bytes from the client to the upstream and back.
     pub bytes_up: Option<u64>,
     pub bytes_down: Option<u64>,
+    /// `"h2"` or `"http/1.1"`: what the upstream connection spoke.
+    pub upstream_protocol: Option<&'static str>,
+    /// Whether the request went on a pooled (already open) upstream connection.
+    pub upstream_reused: Option<bool>,
+    /// Upgraded sessions (WebSocket): from the 101 to the close.
+    pub duration_ms: Option<u64>,
+    /// LLM calls: the tokens the response reported and their cost (with a price table).
+    pub usage: Option<UsageOutcome>,
+}
+
+/// Token usage of one LLM response (audit `connector.usage`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UsageOutcome {
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    /// `None` when the model has no `[[sidecar.llm.prices]]` entry.
+    pub cost_nano_usd: Option<i64>,
 }

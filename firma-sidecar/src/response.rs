@@ -1,7 +1,8 @@
 //! Responses the sidecar itself produces: denials (403/400) and aborts (429/502/504).
 //!
 //! Bodies are JSON and name the reason exactly as the audit event does, so an operator can go
-//! from a client error to the audit line. They never contain credentials.
+//! from a client error to the audit line. They never contain credentials. gRPC requests get the
+//! same reason in gRPC terms instead ([`grpc`]): HTTP 200, `grpc-status`, `grpc-message`.
 
 use crate::conn::Decision;
 use crate::connector::RespBody;
@@ -64,4 +65,88 @@ fn raw_json(status: StatusCode, body: &str) -> Vec<u8> {
         body
     )
     .into_bytes()
+}
+
+/// gRPC status codes Firma answers with.
+pub mod grpc_code {
+    pub const INVALID_ARGUMENT: u32 = 3;
+    pub const PERMISSION_DENIED: u32 = 7;
+    pub const RESOURCE_EXHAUSTED: u32 = 8;
+    pub const UNAVAILABLE: u32 = 14;
+}
+
+/// A gRPC "trailers-only" response: HTTP 200, `content-type: application/grpc`, `grpc-status`
+/// and `grpc-message` (percent-encoded as the gRPC spec requires) in the one HEADERS frame,
+/// no body. gRPC clients show the code and message instead of an opaque HTTP error.
+pub fn grpc(code: u32, reason: &str, detail: &str) -> Response<RespBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", header::HeaderValue::from(code));
+    if let Ok(v) =
+        header::HeaderValue::from_str(&grpc_percent_encode(&format!("Firma {reason}: {detail}")))
+    {
+        h.insert("grpc-message", v);
+    }
+    if let Ok(v) = header::HeaderValue::from_str(reason) {
+        h.insert("x-firma-reason", v);
+    }
+    r
+}
+
+/// A denial in gRPC terms: `MalformedRequest` is INVALID_ARGUMENT, every other denial
+/// PERMISSION_DENIED.
+pub fn grpc_deny(decision: &Decision) -> Response<RespBody> {
+    let code = match decision.reason {
+        Some(crate::conn::DenyReason::MalformedRequest) => grpc_code::INVALID_ARGUMENT,
+        _ => grpc_code::PERMISSION_DENIED,
+    };
+    let reason = decision
+        .reason
+        .map_or("Denied", crate::conn::DenyReason::as_str);
+    grpc(code, reason, &decision.detail)
+}
+
+/// An abort in gRPC terms: 429 is RESOURCE_EXHAUSTED, upstream failures UNAVAILABLE.
+pub fn grpc_abort(status: StatusCode, reason: &str, detail: &str) -> Response<RespBody> {
+    let code = if status == StatusCode::TOO_MANY_REQUESTS {
+        grpc_code::RESOURCE_EXHAUSTED
+    } else {
+        grpc_code::UNAVAILABLE
+    };
+    grpc(code, reason, detail)
+}
+
+/// gRPC's percent-encoding of `grpc-message`: bytes outside 0x20..=0x7E, and `%`, as `%XX`.
+fn grpc_percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(grpc_percent_encode("a 100% é\n"), "a 100%25 %C3%A9%0A");
+        let r = grpc_abort(StatusCode::TOO_MANY_REQUESTS, "RateLimited", "slow down");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "8");
+        assert_eq!(r.headers()["grpc-message"], "Firma RateLimited: slow down");
+    }
 }

@@ -245,6 +245,7 @@ where
     } else {
         tracing::info!(target: "firma_sidecar", "drained: all connections finished");
     }
+    state.pipeline.flush_usage();
     audit.flush().await;
     tracing::info!(target: "firma_sidecar", "sidecar stopped");
     Ok(())

@@ -5,6 +5,8 @@
 //! - [`config`]: the one sidecar TOML template ([`config::SidecarToml`]);
 //! - [`sidecar`], [`authority`]: temp deployments and the running processes;
 //! - [`pki`], [`upstream`]: test CAs and the local HTTPS upstream that records requests;
+//! - [`grpc`]: a real grpcio TLS server and client (Python);
+//! - [`ws`]: a real WebSocket echo server and client (Python `websockets`);
 //! - [`kernel`]: root/BPF checks, network namespaces, test cgroups and pin directories;
 //! - [`client`]: curl, raw exchanges, clients started inside a cgroup;
 //! - [`vault`]: a RustyVault launcher;
@@ -16,6 +18,7 @@ pub mod audit;
 pub mod authority;
 pub mod client;
 pub mod config;
+pub mod grpc;
 pub mod kernel;
 pub mod kernel_suite;
 pub mod pipeline;
@@ -24,6 +27,7 @@ pub mod process;
 pub mod sidecar;
 pub mod upstream;
 pub mod vault;
+pub mod ws;
 
 pub use process::{firma, firma_bin, firma_env};
 

@@ -195,6 +195,7 @@ pub fn req_from(
         path: path.into(),
         headers: h,
         tls: true,
+        request: None,
     }
 }
 

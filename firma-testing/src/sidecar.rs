@@ -108,6 +108,8 @@ pub struct Settings {
     /// `[[sidecar.connector.hosts]]` extra lines per host (address is added for every
     /// upstream host automatically).
     pub host_extra: Vec<(String, String)>,
+    /// `[sidecar.constraint_enforcement]` `(bundle_ttl_seconds, enforcement_timeout_ms)`.
+    pub constraint_enforcement: (u64, u64),
     /// Raw TOML appended at the end (credentials, vault).
     pub extra: String,
     /// Hosts routed to the upstream's address.
@@ -135,6 +137,7 @@ impl Default for Settings {
             drain_timeout_secs: 5,
             default_timeout_ms: 5000,
             host_extra: Vec::new(),
+            constraint_enforcement: crate::config::TEST_CONSTRAINT_ENFORCEMENT,
             extra: String::new(),
             upstream_hosts: hosts,
             runtime_policy: genai_app_policy(),
@@ -241,6 +244,7 @@ impl Deployment {
                 })
                 .collect();
         }
+        t.constraint_enforcement = Some(s.constraint_enforcement);
         t.extra = s.extra.clone();
         t
     }

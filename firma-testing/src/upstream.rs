@@ -1,4 +1,6 @@
 //! The local HTTPS upstream (HTTP/1.1 + HTTP/2) with its own CA, recording every request.
+//! It also plays an LLM provider on the shipped API paths ([`llm`]): JSON and SSE answers
+//! carrying token usage.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -20,6 +22,10 @@ pub struct Seen {
     pub body: Vec<u8>,
     /// SNI the client sent.
     pub sni: Option<String>,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
+    /// Which accepted connection (0, 1, …) carried it.
+    pub conn: usize,
 }
 
 pub struct Upstream {
@@ -29,6 +35,8 @@ pub struct Upstream {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// Every raw byte the upstream received, decrypted (for canary checks).
     pub raw: Arc<Mutex<Vec<u8>>>,
+    /// TLS connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -42,8 +50,13 @@ impl Upstream {
     /// As [`Upstream::start`], listening on `bind` (transparent-mode tests put it at an
     /// address inside their network namespace, which is what the client connects to).
     pub fn start_at(dir: &Path, names: &[&str], bind: SocketAddr) -> Self {
-        let (tls, ca_path) =
-            crate::pki::upstream_tls(dir, "firma test upstream CA", names, &[b"h2", b"http/1.1"]);
+        Self::start_with_alpn(dir, names, bind, &[b"h2", b"http/1.1"])
+    }
+
+    /// As [`Upstream::start_at`], offering only `alpn` (e.g. `http/1.1` alone: an upstream
+    /// without HTTP/2).
+    pub fn start_with_alpn(dir: &Path, names: &[&str], bind: SocketAddr, alpn: &[&[u8]]) -> Self {
+        let (tls, ca_path) = crate::pki::upstream_tls(dir, "firma test upstream CA", names, alpn);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
 
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -55,17 +68,20 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let raw = Arc::new(Mutex::new(Vec::new()));
-        let (seen2, raw2) = (seen.clone(), raw.clone());
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (seen2, raw2, conns2) = (seen.clone(), raw.clone(), connections.clone());
         rt.spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
                 let (acceptor, seen, raw) = (acceptor.clone(), seen2.clone(), raw2.clone());
+                let conns = conns2.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    let conn = conns.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let sni = tls.get_ref().1.server_name().map(str::to_string);
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let (seen, raw, sni) = (seen.clone(), raw.clone(), sni.clone());
@@ -87,10 +103,19 @@ impl Upstream {
                                     })
                                     .or_insert(v);
                             }
+                            // HTTP/2 names the host in :authority (RFC 9113 8.3.1), which is
+                            // what Host is for HTTP/1.1: show it under the same name.
+                            if let Some(a) = parts.uri.authority() {
+                                headers
+                                    .entry("host".to_string())
+                                    .or_insert_with(|| a.as_str().to_string());
+                            }
                             {
                                 let mut r = raw.lock().unwrap();
+                                // The request target in origin form, whatever the version.
+                                let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                                 r.extend_from_slice(
-                                    format!("{} {}\r\n", parts.method, parts.uri).as_bytes(),
+                                    format!("{} {target}\r\n", parts.method).as_bytes(),
                                 );
                                 for (k, v) in parts.headers.iter() {
                                     r.extend_from_slice(k.as_str().as_bytes());
@@ -107,6 +132,8 @@ impl Upstream {
                                 headers,
                                 body: body.to_vec(),
                                 sni,
+                                version: format!("{:?}", parts.version),
+                                conn,
                             });
                             if path == "/slow" {
                                 let ms = parts
@@ -117,10 +144,15 @@ impl Upstream {
                                     .unwrap_or(2000);
                                 tokio::time::sleep(Duration::from_millis(ms)).await;
                             }
+                            if let Some(resp) = llm::answer(&path, &parts.headers, &body) {
+                                return Ok::<_, std::convert::Infallible>(resp);
+                            }
                             let out = serde_json::json!({"ok": true, "path": path}).to_string();
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                                Bytes::from(out),
-                            )))
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                Full::new(Bytes::from(out))
+                                    .map_err(|never| match never {})
+                                    .boxed(),
+                            ))
                         }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -134,12 +166,18 @@ impl Upstream {
             ca_path,
             seen,
             raw,
+            connections,
             _rt: rt,
         }
     }
 
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// TLS connections the upstream has accepted.
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn count(&self) -> usize {
@@ -149,5 +187,143 @@ impl Upstream {
     pub fn raw_contains(&self, needle: &str) -> bool {
         let raw = self.raw.lock().unwrap();
         raw.windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
+}
+
+/// OpenAI- and Anthropic-shaped answers with usage, for the LLM policy tests.
+///
+/// `POST /v1/chat/completions`, `/v1/responses` (OpenAI) and `/v1/messages` (Anthropic): the
+/// output token count is the request's `max_tokens` (or `max_completion_tokens` /
+/// `max_output_tokens`), 50 when absent; input tokens are 100. With `"stream": true` the
+/// answer is SSE: a first event at once, then, after `x-test-sse-gap-ms` (default 0) ms, the
+/// rest with the usage in the final events, as the providers send it (OpenAI only with
+/// `stream_options.include_usage`). Everything else is not an LLM call (`None`).
+pub mod llm {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full, combinators::BoxBody};
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    pub type Body = BoxBody<Bytes, Infallible>;
+
+    pub const INPUT_TOKENS: i64 = 100;
+
+    pub fn answer(
+        path: &str,
+        headers: &http::HeaderMap,
+        body: &[u8],
+    ) -> Option<hyper::Response<Body>> {
+        let anthropic = path == "/v1/messages";
+        if !(anthropic || path == "/v1/chat/completions" || path == "/v1/responses") {
+            return None;
+        }
+        let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let output = [
+            "/max_tokens",
+            "/max_completion_tokens",
+            "/max_output_tokens",
+        ]
+        .iter()
+        .find_map(|p| req.pointer(p).and_then(|v| v.as_i64()))
+        .unwrap_or(50);
+        let model = req["model"].as_str().unwrap_or("unknown").to_string();
+        let stream = req["stream"].as_bool().unwrap_or(false);
+        let gap = headers
+            .get("x-test-sse-gap-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0u64);
+        let mut resp = if !stream {
+            let v = if anthropic {
+                serde_json::json!({"id": "msg_1", "type": "message", "model": model,
+                    "content": [{"type": "text", "text": "hi"}],
+                    "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": output}})
+            } else if path == "/v1/responses" {
+                serde_json::json!({"id": "resp_1", "object": "response", "model": model,
+                    "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": output, "total_tokens": INPUT_TOKENS + output}})
+            } else {
+                serde_json::json!({"id": "chatcmpl-1", "object": "chat.completion", "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+                    "usage": {"prompt_tokens": INPUT_TOKENS, "completion_tokens": output, "total_tokens": INPUT_TOKENS + output}})
+            };
+            let mut r = hyper::Response::new(Full::new(Bytes::from(v.to_string())).boxed());
+            r.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            r
+        } else {
+            let include_usage = anthropic
+                || req
+                    .pointer("/stream_options/include_usage")
+                    .and_then(|v| v.as_bool())
+                    == Some(true);
+            let (first, rest) = sse_events(anthropic, &model, output, include_usage);
+            let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(8);
+            tokio::spawn(async move {
+                let _ = tx.send_data(Bytes::from(first)).await;
+                if gap > 0 {
+                    tokio::time::sleep(Duration::from_millis(gap)).await;
+                }
+                for e in rest {
+                    if tx.send_data(Bytes::from(e)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut r = hyper::Response::new(body.boxed());
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            r
+        };
+        resp.headers_mut().insert(
+            "x-test-model",
+            model.parse().unwrap_or(http::HeaderValue::from_static("x")),
+        );
+        Some(resp)
+    }
+
+    /// The first SSE event, then the rest (usage in the last ones, split across writes the
+    /// way a real server's chunks fall).
+    fn sse_events(
+        anthropic: bool,
+        model: &str,
+        output: i64,
+        include_usage: bool,
+    ) -> (String, Vec<String>) {
+        if anthropic {
+            let start = format!(
+                "event: message_start\ndata: {}\n\n",
+                serde_json::json!({"type": "message_start", "message": {"id": "msg_1", "model": model, "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": 1}}})
+            );
+            let delta = format!(
+                "event: content_block_delta\ndata: {}\n\n",
+                serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}})
+            );
+            let end = format!(
+                "event: message_delta\ndata: {}\n\nevent: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n",
+                serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": output}})
+            );
+            let (a, b) = end.split_at(end.len() / 2);
+            return (start, vec![delta, a.to_string(), b.to_string()]);
+        }
+        let chunk = |content: &str| {
+            format!(
+                "data: {}\n\n",
+                serde_json::json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": model,
+                    "choices": [{"index": 0, "delta": {"content": content}}]})
+            )
+        };
+        let mut rest = vec![chunk(" there")];
+        if include_usage {
+            let usage = format!(
+                "data: {}\n\n",
+                serde_json::json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": model, "choices": [],
+                    "usage": {"prompt_tokens": INPUT_TOKENS, "completion_tokens": output, "total_tokens": INPUT_TOKENS + output}})
+            );
+            let (a, b) = usage.split_at(usage.len() / 3);
+            rest.push(a.to_string());
+            rest.push(b.to_string());
+        }
+        rest.push("data: [DONE]\n\n".to_string());
+        (chunk("hi"), rest)
     }
 }

@@ -166,7 +166,8 @@ port = 15001
 excluded_cidrs = []                  # destinations never redirected, e.g. ["10.0.0.0/8"]
 excluded_ports = []
 block_quic = true                    # refuse UDP/443 so QUIC cannot bypass the sidecar
-redirect_dns = false
+redirect_dns = true                  # tagged workloads resolve through the DNS guard ([sidecar.dns]):
+                                     # names that can lead to an allowed destination, NXDOMAIN for the rest
 pin_dir = "/sys/fs/bpf/firma"        # bpffs; pins outlive the sidecar so a crash fails closed
 control_socket = {control}           # `firma sidecar -c F attach --cgroup /agent --agent-id {agent}`
 allow_ephemeral_pins = false

@@ -654,4 +654,18 @@ fn hostile_dns_input_is_refused_and_audited() {
     assert!(!env.responder.names().contains("flood"));
     let o = env.dig(true, &["api.openai.com"]);
     assert_eq!(dig_status(&o), "NOERROR", "after the flood: {o}");
+    // Every DNS event is a signed, chained line like any other.
+    let out = firma_testing::firma(&[
+        "audit",
+        "verify",
+        env.d.audit_path.to_str().unwrap(),
+        "--public-key",
+        env.d.root().join("audit.pub").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "audit verify: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
 }

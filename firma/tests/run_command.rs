@@ -681,3 +681,28 @@ fn sigkill_to_firma_fails_closed_and_the_next_run_cleans_up() {
     );
     nothing_left(pid, &w.state);
 }
+
+#[test]
+fn dns_lookups_go_through_the_guard() {
+    if !in_fresh_netns("dns_lookups_go_through_the_guard") {
+        return;
+    }
+    let w = World::new();
+    // A name no rule, --allow-host or credential names: NXDOMAIN from the run's DNS guard
+    // (the kernel sends the child's port-53 traffic there), audited for this run.
+    let out = w.run(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "getent hosts secret-data.example.org; echo rc=$?",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(text(&out.stdout).contains("rc=2"), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("DENY  DNS A secret-data.example.org DnsDenied"),
+        "{}",
+        show(&out)
+    );
+}

@@ -33,7 +33,7 @@ const H2_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
 
 fn limits_toml(idle: u64, per_client: usize) -> String {
     format!(
-        "[sidecar.constraint_enforcement]\nbundle_ttl_seconds = 6\n\n[sidecar.limits]\nidle_timeout_secs = {idle}\nmax_connections_per_client = {per_client}\n"
+        "[sidecar.limits]\nidle_timeout_secs = {idle}\nmax_connections_per_client = {per_client}\n"
     )
 }
 
@@ -45,6 +45,7 @@ fn deployment(extra: String) -> (Upstream, Deployment) {
         &Settings {
             upstream_hosts: vec!["api.openai.com".into(), "api.acme-vendor.com".into()],
             default_timeout_ms: 15_000,
+            constraint_enforcement: (6, 2000),
             extra,
             ..Settings::default()
         },

@@ -2,7 +2,57 @@ use super::compile::CompiledPolicies;
 use cedar_policy::{
     Context, Decision, Entities, Entity, EntityId, EntityUid, Request, RestrictedExpression,
 };
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// A value taken from a request body for `context.request` (see the sidecar's mapping rules).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttrValue {
+    String(String),
+    Long(i64),
+    Bool(bool),
+}
+
+/// Token usage so far, for `context.session` / `context.agent`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    /// Cost in nano-USD (shown to Cedar as a `decimal`, rounded down to 1/10,000 USD).
+    pub cost_nano_usd: i64,
+}
+
+impl UsageTotals {
+    fn record(&self) -> RestrictedExpression {
+        let c = self.cost_nano_usd / 100_000;
+        let cost = format!(
+            "{}{}.{:04}",
+            if c < 0 { "-" } else { "" },
+            c.unsigned_abs() / 10_000,
+            c.unsigned_abs() % 10_000
+        );
+        RestrictedExpression::new_record([
+            (
+                "tokens_used".to_string(),
+                RestrictedExpression::new_long(
+                    self.input_tokens.saturating_add(self.output_tokens),
+                ),
+            ),
+            (
+                "input_tokens".to_string(),
+                RestrictedExpression::new_long(self.input_tokens),
+            ),
+            (
+                "output_tokens".to_string(),
+                RestrictedExpression::new_long(self.output_tokens),
+            ),
+            (
+                "cost_usd".to_string(),
+                RestrictedExpression::new_decimal(cost),
+            ),
+        ])
+        .unwrap_or_else(|_| RestrictedExpression::new_long(0))
+    }
+}
 
 /// Everything a Firma decision feeds to Cedar. Issuance and Stage 2 fill the same fields
 /// (see `policies/firma.cedarschema` for what each side puts where).
@@ -24,6 +74,11 @@ pub struct EvalRequest<'a> {
     pub session_id: &'a str,
     /// `context.method` (HTTP method, or `ISSUE`).
     pub method: &'a str,
+    /// `context.request`: attributes the mapping rule extracted from the body (runtime only,
+    /// and only for rules that extract).
+    pub request: Option<&'a BTreeMap<String, AttrValue>>,
+    /// `context.session` and `context.agent`: token usage so far (runtime only).
+    pub usage: Option<(UsageTotals, UsageTotals)>,
 }
 
 /// A Cedar decision, with the policies that made it.
@@ -100,7 +155,7 @@ impl CompiledPolicies {
         // same (`has` false, `in` only itself), one entity less to build per request.
         let entities =
             Entities::from_entities([resource_entity], None).map_err(|e| e.to_string())?;
-        let context = Context::from_pairs([
+        let mut pairs = vec![
             (
                 "action_count".to_string(),
                 RestrictedExpression::new_long(req.action_count),
@@ -113,8 +168,26 @@ impl CompiledPolicies {
                 "method".to_string(),
                 RestrictedExpression::new_string(req.method.into()),
             ),
-        ])
-        .map_err(|e| e.to_string())?;
+        ];
+        if let Some(attrs) = req.request {
+            let fields = attrs.iter().map(|(k, v)| {
+                let e = match v {
+                    AttrValue::String(s) => RestrictedExpression::new_string(s.clone()),
+                    AttrValue::Long(n) => RestrictedExpression::new_long(*n),
+                    AttrValue::Bool(b) => RestrictedExpression::new_bool(*b),
+                };
+                (k.clone(), e)
+            });
+            pairs.push((
+                "request".to_string(),
+                RestrictedExpression::new_record(fields).map_err(|e| e.to_string())?,
+            ));
+        }
+        if let Some((session, agent)) = req.usage {
+            pairs.push(("session".to_string(), session.record()));
+            pairs.push(("agent".to_string(), agent.record()));
+        }
+        let context = Context::from_pairs(pairs).map_err(|e| e.to_string())?;
         // The shape was validated once per action class (`compile`); ids of enumerated entity
         // types can only be checked here.
         let schema = self.validate_each_request.then_some(&self.schema);

@@ -36,6 +36,8 @@ fn runtime<'a>(agent: &'a str, action: &'a str, host: &'a str, count: i64) -> Ev
         action_count: count,
         session_id: "s-1",
         method: "POST",
+        request: None,
+        usage: None,
     }
 }
 
@@ -49,6 +51,8 @@ fn issuance<'a>(agent: &'a str, action: &'a str) -> EvalRequest<'a> {
         action_count: 0,
         session_id: "s-1",
         method: "ISSUE",
+        request: None,
+        usage: None,
     }
 }
 

@@ -118,6 +118,15 @@ pub fn outcome(input: &AuditInput<'_>, decision_event_id: &str) -> Map<String, V
             "client_gone": c.client_gone,
             "bytes_up": c.bytes_up,
             "bytes_down": c.bytes_down,
+            "upstream_protocol": c.upstream_protocol,
+            "upstream_reused": c.upstream_reused,
+            "duration_ms": c.duration_ms,
+            "usage": c.usage.map(|u| json!({
+                "input_tokens": u.input_tokens,
+                "output_tokens": u.output_tokens,
+                "total_tokens": u.input_tokens.saturating_add(u.output_tokens),
+                "cost_usd": u.cost_nano_usd.map(|n| n as f64 / 1e9),
+            })),
         },
         "timings_us": { "upstream_us": c.upstream_us },
     }))

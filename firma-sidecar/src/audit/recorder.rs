@@ -27,10 +27,13 @@ struct Intent {
     /// DNS guard queries: `envelope.intent.dns` (`qname`, `qtype`, and after an answer `rcode`,
     /// `answers`, `cname_chain`, `upstream`).
     dns: Option<Map<String, Value>>,
+    /// `envelope.intent.request`: attributes extracted from the body for Cedar.
+    request: Option<Value>,
 }
 
 impl Intent {
-    /// Adds `envelope.intent.dns` to an event body when this is a DNS query.
+    /// Adds `envelope.intent.dns` (DNS queries) and `envelope.intent.request` (extracted body
+    /// attributes) to an event body when there are any.
     fn with_dns(&self, mut body: Map<String, Value>) -> Map<String, Value> {
         if let Some(dns) = &self.dns
             && let Some(intent) = body
@@ -39,6 +42,14 @@ impl Intent {
                 .and_then(Value::as_object_mut)
         {
             intent.insert("dns".into(), Value::Object(dns.clone()));
+        }
+        if let Some(r) = &self.request
+            && let Some(intent) = body
+                .get_mut("envelope")
+                .and_then(|e| e.get_mut("intent"))
+                .and_then(Value::as_object_mut)
+        {
+            intent.insert("request".into(), r.clone());
         }
         body
     }
@@ -81,6 +92,12 @@ impl RequestAudit {
 
     pub fn method(mut self, method: Option<&str>) -> Self {
         self.intent.method = method.map(str::to_owned);
+        self
+    }
+
+    /// Attributes extracted from the request body (recorded with the decision and outcome).
+    pub fn request_attrs(mut self, attrs: Option<serde_json::Value>) -> Self {
+        self.intent.request = attrs;
         self
     }
 

@@ -1,10 +1,10 @@
-//! Opening upstream connections: TCP (optionally `SO_MARK`ed), TLS verified for a host name,
-//! and an HTTP/1.1 client handshake on top.
+//! Opening upstream connections: TCP (optionally `SO_MARK`ed), TLS verified for a host name
+//! (offering ALPN `h2` then `http/1.1`), and the HTTP client handshake the server chose.
 
+use super::pool::Sender;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use std::net::SocketAddr;
@@ -39,17 +39,29 @@ pub enum DialError {
         addr: SocketAddr,
         cause: hyper::Error,
     },
+    #[error("HTTP/2 handshake with {addr}: {cause}")]
+    Http2 {
+        addr: SocketAddr,
+        cause: hyper::Error,
+    },
 }
 
 /// Opens upstream connections with one TLS client configuration.
 #[derive(Clone)]
 pub struct Dialer {
     tls: Arc<ClientConfig>,
+    /// The same with ALPN `http/1.1` only (WebSocket upgrades need an HTTP/1.1 hop).
+    tls_h1: Arc<ClientConfig>,
 }
 
 impl Dialer {
     pub fn new(tls: Arc<ClientConfig>) -> Self {
-        Self { tls }
+        let mut h1 = (*tls).clone();
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self {
+            tls,
+            tls_h1: Arc::new(h1),
+        }
     }
 
     /// TCP to `addr`; TLS verified for `tls_name` when given. `mark` sets `SO_MARK` before
@@ -59,6 +71,16 @@ impl Dialer {
         addr: SocketAddr,
         tls_name: Option<&str>,
         mark: Option<u32>,
+    ) -> Result<UpstreamIo, DialError> {
+        self.connect_with(addr, tls_name, mark, &self.tls).await
+    }
+
+    async fn connect_with(
+        &self,
+        addr: SocketAddr,
+        tls_name: Option<&str>,
+        mark: Option<u32>,
+        tls_config: &Arc<ClientConfig>,
     ) -> Result<UpstreamIo, DialError> {
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()
@@ -92,7 +114,7 @@ impl Dialer {
             ServerName::try_from(name.to_string()).map_err(|_| DialError::BadName {
                 name: name.to_string(),
             })?;
-        let tls = TlsConnector::from(self.tls.clone())
+        let tls = TlsConnector::from(tls_config.clone())
             .connect(server_name, tcp)
             .await
             .map_err(|source| DialError::Tls {
@@ -103,28 +125,80 @@ impl Dialer {
         Ok(Either::Right(tls))
     }
 
-    /// [`Self::connect`] plus an HTTP/1.1 handshake; the connection task runs in the background.
-    pub async fn http1(
+    /// [`Self::connect`] plus the HTTP handshake: HTTP/2 when TLS negotiated `h2` or when
+    /// `h2c` asks for plaintext HTTP/2 with prior knowledge, HTTP/1.1 otherwise. The connection
+    /// task runs in the background until every sender is dropped.
+    pub async fn open(
         &self,
         addr: SocketAddr,
         tls_name: Option<&str>,
         mark: Option<u32>,
-    ) -> Result<SendRequest<ReqBody>, DialError> {
+        h2c: bool,
+    ) -> Result<Sender, DialError> {
         let io = self.connect(addr, tls_name, mark).await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        let h2 = match &io {
+            Either::Left(_) => h2c,
+            Either::Right(tls) => tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice()),
+        };
+        let io = TokioIo::new(io);
+        if h2 {
+            let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                .adaptive_window(true)
+                .keep_alive_interval(H2_PING_INTERVAL)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
+                .keep_alive_while_idle(true);
+            let (sender, conn) = b
+                .handshake(io)
+                .await
+                .map_err(|cause| DialError::Http2 { addr, cause })?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                }
+            });
+            return Ok(Sender::H2(sender));
+        }
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
-            .map_err(|source| DialError::Http {
-                addr,
-                cause: source,
-            })?;
+            .map_err(|cause| DialError::Http { addr, cause })?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
+        Ok(Sender::H1(sender))
+    }
+}
+
+impl Dialer {
+    /// An HTTP/1.1 connection (ALPN `http/1.1` only) that supports upgrades, for one WebSocket
+    /// session; never pooled.
+    pub async fn open_upgradable(
+        &self,
+        addr: SocketAddr,
+        tls_name: Option<&str>,
+        mark: Option<u32>,
+    ) -> Result<hyper::client::conn::http1::SendRequest<ReqBody>, DialError> {
+        let io = self
+            .connect_with(addr, tls_name, mark, &self.tls_h1)
+            .await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|cause| DialError::Http { addr, cause })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgrade connection ended with an error");
+            }
+        });
         Ok(sender)
     }
 }
+
+/// An idle pooled HTTP/2 connection is pinged this often, so a dead one is noticed before a
+/// request is put on it.
+const H2_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const H2_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

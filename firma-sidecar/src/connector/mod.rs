@@ -6,8 +6,10 @@
 
 pub mod credentials;
 pub mod dial;
+pub mod pool;
 pub mod ratelimit;
 pub mod secret;
+pub mod usage;
 pub mod vault;
 
 use crate::config::SidecarConfig;
@@ -18,11 +20,12 @@ use dial::{DialError, Dialer, ReqBody};
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
+use hyper::upgrade::OnUpgrade;
+use pool::{CredentialFingerprint, Pool, PoolKey, Release, Sender};
 use ratelimit::HostLimiter;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub type RespBody = BoxBody<Bytes, hyper::Error>;
@@ -54,10 +57,11 @@ pub enum Failure {
 /// An allowed request with its destination, credential and permit settled, not yet sent.
 pub struct Prepared {
     req: Request<ReqBody>,
-    addr: SocketAddr,
-    tls_name: Option<String>,
-    host: String,
-    mark: Option<u32>,
+    key: PoolKey,
+    /// `host[:port]` as the upstream is addressed (`Host` / `:authority`).
+    authority: String,
+    /// gRPC needs HTTP/2 end to end.
+    grpc: bool,
     timeout: Duration,
     /// What the connector will do: the credential it attaches.
     pub planned: ConnectorOutcome,
@@ -85,18 +89,25 @@ pub struct Connector {
     credentials: CredentialStore,
     /// `SO_MARK` for upstream sockets of transparent-mode connections.
     transparent_mark: u32,
+    /// Upstream connections shared by every client connection (see [`pool`]).
+    pool: Arc<Pool>,
+    fingerprint: CredentialFingerprint,
+    /// `[[sidecar.llm.prices]]`: model -> USD per 1k (input, output) tokens.
+    prices: HashMap<String, (f64, f64)>,
 }
 
-/// A per-downstream-connection upstream connection kept for reuse (keep-alive). Requests on
-/// one client connection mostly go to one upstream, so this single slot is most of the value
-/// of a pool without a shared pool's keying problems (original destinations, marks).
-#[derive(Default)]
-pub struct UpstreamSlot {
-    slot: tokio::sync::Mutex<Option<Pooled>>,
+/// Whether a request is gRPC (`content-type: application/grpc[+proto|;…]`).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            let v = v.trim().to_ascii_lowercase();
+            v == "application/grpc"
+                || v.starts_with("application/grpc+")
+                || v.starts_with("application/grpc;")
+        })
 }
-
-/// An idle upstream connection: address, TLS name, sender.
-type Pooled = (SocketAddr, Option<String>, SendRequest<ReqBody>);
 
 impl Connector {
     pub fn new(cfg: &SidecarConfig) -> Result<Self, ConnectorError> {
@@ -126,7 +137,25 @@ impl Connector {
             dialer,
             credentials,
             transparent_mark: cfg.interceptor.transparent.socket_mark,
+            pool: Pool::new(),
+            fingerprint: CredentialFingerprint::new(),
+            prices: cfg
+                .llm
+                .prices
+                .iter()
+                .map(|p| (p.model.clone(), (p.input_per_1k_usd, p.output_per_1k_usd)))
+                .collect(),
         })
+    }
+
+    /// USD per 1k (input, output) tokens of `model`, from `[[sidecar.llm.prices]]`.
+    pub fn price(&self, model: &str) -> Option<(f64, f64)> {
+        self.prices.get(model).copied()
+    }
+
+    /// The shared upstream pool (for tests and metrics).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
     }
 
     pub fn dialer(&self) -> &Dialer {
@@ -209,7 +238,7 @@ impl Connector {
     /// before the credential is even fetched.
     pub async fn prepare(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ReqBody>,
         target: &UpstreamTarget,
         conn: &ConnectionInfo,
     ) -> Result<Prepared, (Failure, ConnectorOutcome)> {
@@ -248,7 +277,14 @@ impl Connector {
             ));
         }
         // 5. Rewrite for the upstream.
+        let grpc = is_grpc(req.headers());
+        let trailers = wants_trailers(req.headers());
         prepare_headers(req.headers_mut());
+        if trailers {
+            // `te: trailers` is the one TE an HTTP/2 hop carries; gRPC servers require it.
+            req.headers_mut()
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         let host_header =
             if (target.tls && target.port == 443) || (!target.tls && target.port == 80) {
                 target.host.clone()
@@ -258,11 +294,13 @@ impl Connector {
         if let Ok(v) = HeaderValue::from_str(&host_header) {
             req.headers_mut().insert(header::HOST, v);
         }
+        let mut credential = None;
         if let Some(inj) = &injection {
             req.headers_mut()
                 .insert(inj.header.clone(), inj.value.clone());
             outcome.credential_injected = true;
             outcome.credential_source = Some(inj.source);
+            credential = Some(self.fingerprint.of(&inj.header, &inj.value));
         }
         let pq = req
             .uri()
@@ -272,45 +310,75 @@ impl Connector {
         *req.uri_mut() = pq.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
         *req.version_mut() = http::Version::HTTP_11;
         Ok(Prepared {
-            req: req.map(|b| b.boxed()),
-            addr,
-            tls_name: target.tls.then_some(target.host.clone()),
-            host: target.host.clone(),
-            mark: self.mark_for(conn),
+            req,
+            key: PoolKey {
+                host: target.host.clone(),
+                addr,
+                tls_name: target.tls.then_some(target.host.clone()),
+                mark: self.mark_for(conn),
+                h2c: grpc && !target.tls,
+                credential,
+            },
+            authority: host_header,
+            grpc,
             timeout,
             planned: outcome,
         })
     }
 
     /// Sends a [`Prepared`] request and returns the response head (the body streams).
+    ///
+    /// The connection comes from the shared pool when one matches the request's
+    /// [`PoolKey`], else it is dialled (ALPN `h2`, falling back to HTTP/1.1). A pooled
+    /// connection that turns out to be closed before the request was written is replaced by a
+    /// fresh one once; a request that reached the wire is never sent twice.
     pub async fn send(
         &self,
         p: Prepared,
-        slot: &UpstreamSlot,
     ) -> Result<(Response<RespBody>, ConnectorOutcome), (Failure, ConnectorOutcome)> {
         let Prepared {
             req,
-            addr,
-            tls_name,
-            host,
-            mark,
+            key,
+            authority,
+            grpc,
             timeout,
             planned: mut outcome,
         } = p;
         let started = Instant::now();
+        let host = key.host.clone();
+        let addr = key.addr;
         let sent = tokio::time::timeout(timeout, async {
-            let mut sender = self
-                .take_or_dial(slot, addr, tls_name.as_deref(), mark)
-                .await?;
-            let resp = sender.send_request(req).await.map_err(|e| {
-                Failure::UpstreamUnavailable(format!("upstream {addr} request failed: {e}"))
-            })?;
-            *slot.slot.lock().await = Some((addr, tls_name.clone(), sender));
-            Ok::<_, Failure>(resp)
+            let mut req = req;
+            let mut pooled = self.pool.checkout(&key);
+            loop {
+                let reused = pooled.is_some();
+                let sender = match pooled.take() {
+                    Some(s) => s,
+                    None => self.dial(&key).await?,
+                };
+                if grpc && matches!(sender, Sender::H1(_)) {
+                    return Err(Failure::UpstreamUnavailable(format!(
+                        "upstream {host} ({addr}) does not offer HTTP/2 (ALPN h2), which gRPC requires"
+                    )));
+                }
+                let protocol = sender.protocol();
+                match self.try_send(sender, req, &key, &authority).await {
+                    Ok(resp) => return Ok((resp, protocol, reused)),
+                    Err((e, Some(back))) if reused => {
+                        tracing::debug!(error = %e, host = %host, "pooled upstream connection was closed; dialling a new one");
+                        req = back;
+                    }
+                    Err((e, _)) => {
+                        return Err(Failure::UpstreamUnavailable(format!(
+                            "upstream {addr} request failed: {e}"
+                        )));
+                    }
+                }
+            }
         })
         .await;
         outcome.upstream_us = started.elapsed().as_micros() as u64;
-        let resp = match sent {
+        let (resp, protocol, reused) = match sent {
             Err(_) => {
                 return Err((
                     Failure::UpstreamTimeout(format!(
@@ -324,30 +392,134 @@ impl Connector {
             Ok(Ok(r)) => r,
         };
         outcome.upstream_status = Some(resp.status().as_u16());
+        outcome.upstream_protocol = Some(protocol);
+        outcome.upstream_reused = Some(reused);
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok((Response::from_parts(parts, body.boxed()), outcome))
+        Ok((Response::from_parts(parts, body), outcome))
     }
 
-    async fn take_or_dial(
+    /// Sends a [`Prepared`] WebSocket upgrade on its own HTTP/1.1 connection. On `101` the
+    /// response comes back with the upstream's upgrade (the caller relays once the client's
+    /// 101 is out); any other status is an ordinary response.
+    pub async fn send_upgrade(
         &self,
-        slot: &UpstreamSlot,
-        addr: SocketAddr,
-        tls_name: Option<&str>,
-        mark: Option<u32>,
-    ) -> Result<SendRequest<ReqBody>, Failure> {
-        if let Some((a, n, s)) = slot.slot.lock().await.take()
-            && a == addr
-            && n.as_deref() == tls_name
-            && s.is_ready()
-        {
-            return Ok(s);
+        p: Prepared,
+    ) -> Result<
+        (Response<RespBody>, Option<OnUpgrade>, ConnectorOutcome),
+        (Failure, ConnectorOutcome),
+    > {
+        let Prepared {
+            mut req,
+            key,
+            timeout,
+            planned: mut outcome,
+            ..
+        } = p;
+        crate::interceptor::websocket::restore_upgrade_headers(req.headers_mut());
+        req.headers_mut().remove(header::TE);
+        let started = Instant::now();
+        let (host, addr) = (key.host.clone(), key.addr);
+        let sent = tokio::time::timeout(timeout, async {
+            let mut s = self
+                .dialer
+                .open_upgradable(key.addr, key.tls_name.as_deref(), key.mark)
+                .await
+                .map_err(|e| Failure::UpstreamUnavailable(e.to_string()))?;
+            s.send_request(req).await.map_err(|e| {
+                Failure::UpstreamUnavailable(format!("upstream {addr} upgrade request failed: {e}"))
+            })
+        })
+        .await;
+        outcome.upstream_us = started.elapsed().as_micros() as u64;
+        let mut resp = match sent {
+            Err(_) => {
+                return Err((
+                    Failure::UpstreamTimeout(format!(
+                        "no response from {host} ({addr}) within {} ms",
+                        timeout.as_millis()
+                    )),
+                    outcome,
+                ));
+            }
+            Ok(Err(f)) => return Err((f, outcome)),
+            Ok(Ok(r)) => r,
+        };
+        outcome.upstream_status = Some(resp.status().as_u16());
+        outcome.upstream_protocol = Some("http/1.1");
+        outcome.upstream_reused = Some(false);
+        let upgrade = (resp.status() == http::StatusCode::SWITCHING_PROTOCOLS)
+            .then(|| hyper::upgrade::on(&mut resp));
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if upgrade.is_some() {
+            outcome.upstream_protocol = Some("websocket");
+            crate::interceptor::websocket::restore_upgrade_headers(&mut parts.headers);
         }
-        self.dialer
-            .http1(addr, tls_name, mark)
-            .await
-            .map_err(|e: DialError| Failure::UpstreamUnavailable(e.to_string()))
+        Ok((Response::from_parts(parts, body.boxed()), upgrade, outcome))
     }
+
+    async fn dial(&self, key: &PoolKey) -> Result<Sender, Failure> {
+        let s = self
+            .dialer
+            .open(key.addr, key.tls_name.as_deref(), key.mark, key.h2c)
+            .await
+            .map_err(|e: DialError| Failure::UpstreamUnavailable(e.to_string()))?;
+        if let Sender::H2(h2) = &s {
+            self.pool.share_h2(key.clone(), h2);
+        }
+        Ok(s)
+    }
+
+    /// One attempt on `sender`; on failure, the request back if it never reached the wire.
+    async fn try_send(
+        &self,
+        sender: Sender,
+        mut req: Request<ReqBody>,
+        key: &PoolKey,
+        authority: &str,
+    ) -> Result<Response<RespBody>, (String, Option<Request<ReqBody>>)> {
+        match sender {
+            Sender::H2(mut s) => {
+                // HTTP/2 names the target in :scheme/:authority, not in Host.
+                let scheme = if key.tls_name.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                if let Ok(uri) = format!("{scheme}://{authority}{pq}").parse() {
+                    *req.uri_mut() = uri;
+                }
+                req.headers_mut().remove(header::HOST);
+                *req.version_mut() = http::Version::HTTP_2;
+                let resp = s.try_send_request(req).await.map_err(|mut e| {
+                    let back = e.take_message();
+                    (e.into_error().to_string(), back)
+                })?;
+                Ok(resp.map(|b| b.boxed()))
+            }
+            Sender::H1(mut s) => {
+                req.headers_mut().remove(header::TE);
+                let resp = s.try_send_request(req).await.map_err(|mut e| {
+                    let back = e.take_message();
+                    (e.into_error().to_string(), back)
+                })?;
+                let back = Some((self.pool.clone(), key.clone(), s));
+                Ok(resp.map(|b| Release::new(b.boxed(), back).boxed()))
+            }
+        }
+    }
+}
+
+/// `te: trailers` (the only transfer coding an HTTP/2 request may name).
+fn wants_trailers(h: &HeaderMap) -> bool {
+    h.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    })
 }
 
 const HOP_BY_HOP: [&str; 8] = [

@@ -9,11 +9,11 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
-        "cannot reach the sidecar's control socket {path}: {source} (is `firma sidecar` running in transparent mode with this config?)"
+        "cannot reach the sidecar's control socket {path}: {cause} (is `firma sidecar` running in transparent mode with this config?)"
     )]
     Connect {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("control socket {path}: {cause}")]
     Io {
@@ -30,9 +30,9 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
         path: socket.into(),
         cause: source,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+    let mut stream = UnixStream::connect(socket).map_err(|cause| ClientError::Connect {
         path: socket.into(),
-        source,
+        cause,
     })?;
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))

@@ -59,13 +59,9 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
     #[error(
-        "[sidecar.dns] port {port}: cannot listen on 127.0.0.1 and [::1] (UDP and TCP): {source}"
+        "[sidecar.dns] port {port}: cannot listen on 127.0.0.1 and [::1] (UDP and TCP): {cause}"
     )]
-    Bind {
-        port: u16,
-        #[source]
-        source: std::io::Error,
-    },
+    Bind { port: u16, cause: std::io::Error },
 }
 
 /// How a query arrived.
@@ -416,7 +412,10 @@ pub async fn serve(
     drain: Drain,
     limits: Arc<Limits>,
 ) -> Result<(), DnsError> {
-    let bind_err = |source| DnsError::Bind { port, source };
+    let bind_err = |source| DnsError::Bind {
+        port,
+        cause: source,
+    };
     let addrs = [
         SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
         SocketAddr::from((Ipv6Addr::LOCALHOST, port)),

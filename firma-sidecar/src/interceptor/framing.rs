@@ -46,6 +46,10 @@ enum State {
     Body(u64),
     Chunked(Chunk),
     Rejected,
+    /// After a WebSocket upgrade request: what follows is the upgraded protocol (or, when the
+    /// upgrade is refused, nothing: the refusal closes the connection, see `websocket`), so the
+    /// bytes go to hyper unchecked.
+    Passthrough,
 }
 
 /// Shared between the guard (inside hyper) and `serve_http`.
@@ -112,6 +116,10 @@ impl<S> FramingGuard<S> {
         while !input.is_empty() {
             match self.state {
                 State::Rejected => return,
+                State::Passthrough => {
+                    self.ready.extend_from_slice(input);
+                    return;
+                }
                 State::Head => {
                     // A head may arrive in pieces: search from a little before the new bytes.
                     let from = self.head.len().saturating_sub(3);
@@ -134,8 +142,12 @@ impl<S> FramingGuard<S> {
                         self.reject(format!("request head larger than {} KiB", MAX_HEAD / 1024));
                         return;
                     }
-                    let body = match head::parse(&self.head[..end]) {
-                        Ok(h) => h.body,
+                    let (body, upgrade) = match head::parse(&self.head[..end]) {
+                        Ok(h) => {
+                            let upgrade = h.body == head::BodyLength::None
+                                && super::websocket::is_upgrade_head(&h.method, &h.headers);
+                            (h.body, upgrade)
+                        }
                         Err(head::HeadError::Malformed(d)) => {
                             self.reject(d);
                             return;
@@ -148,6 +160,7 @@ impl<S> FramingGuard<S> {
                     let rest = self.head.split_off(end);
                     self.ready.append(&mut self.head);
                     self.state = match body {
+                        _ if upgrade => State::Passthrough,
                         head::BodyLength::None => State::Head,
                         head::BodyLength::Length(n) => State::Body(n),
                         head::BodyLength::Chunked => State::Chunked(Chunk::Size {

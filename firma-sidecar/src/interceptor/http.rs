@@ -11,10 +11,12 @@ use super::framing::{FramingGuard, Verdict};
 use super::head::{self, HeadError};
 use super::limits;
 use super::rewind::Rewind;
+use super::websocket;
 use crate::audit::RequestAudit;
 use crate::conn::{ConnectionInfo, Decision, DenyReason};
-use crate::connector::{Failure, RespBody, UpstreamSlot, UpstreamTarget};
+use crate::connector::{Failure, RespBody, UpstreamTarget};
 use crate::pipeline::RequestContext;
+use crate::pipeline::extract;
 use crate::response;
 use crate::state::SidecarState;
 use http::{Request, Response, StatusCode};
@@ -76,7 +78,6 @@ pub async fn serve_http<S>(
             }
         }
     }
-    let slot = Arc::new(UpstreamSlot::default());
     // Idle = no request in flight; each request and its response body hold `activity` busy.
     let timeouts = limits::timeouts();
     let activity = Arc::new(limits::Activity::default());
@@ -86,11 +87,10 @@ pub async fn serve_http<S>(
         let mode = mode.clone();
         let activity = activity.clone();
         service_fn(move |req| {
-            let (state, conn, mode, slot) =
-                (state.clone(), conn.clone(), mode.clone(), slot.clone());
+            let (state, conn, mode) = (state.clone(), conn.clone(), mode.clone());
             let busy = activity.begin();
             async move {
-                let resp = handle(&state, &conn, &mode, &slot, req).await;
+                let resp = handle(&state, &conn, &mode, req).await;
                 Ok::<_, Infallible>(limits::hold_until_sent(resp, busy))
             }
         })
@@ -124,7 +124,8 @@ pub async fn serve_http<S>(
             .timer(TokioTimer::new())
             .header_read_timeout(HEAD_TIMEOUT)
             .max_buf_size(head::MAX_HEAD + 8192);
-        let c = builder.serve_connection(io, svc);
+        // Upgrades: WebSocket requests that the upstream switched (see `websocket`).
+        let c = builder.serve_connection(io, svc).with_upgrades();
         tokio::pin!(c);
         tokio::select! {
             r = c.as_mut() => r,
@@ -303,11 +304,50 @@ async fn handle(
     state: &SidecarState,
     conn: &ConnectionInfo,
     mode: &HttpMode,
-    slot: &UpstreamSlot,
     mut req: Request<Incoming>,
+) -> Response<RespBody> {
+    if !websocket::is_upgrade(req.method(), req.version(), req.headers()) {
+        return handle_request(state, conn, mode, req, None).await;
+    }
+    let client = hyper::upgrade::on(&mut req);
+    let mut resp = handle_request(state, conn, mode, req, Some(client)).await;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The framing guard stopped checking heads after the upgrade request: nothing may
+        // follow a refused one on this connection.
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
+}
+
+/// One request; `upgrade` is the client side of a WebSocket upgrade request.
+async fn handle_request(
+    state: &SidecarState,
+    conn: &ConnectionInfo,
+    mode: &HttpMode,
+    mut req: Request<Incoming>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<RespBody> {
     let arrived = std::time::Instant::now();
     let method = req.method().clone();
+    // gRPC clients get denials and aborts as grpc-status, everything else the JSON bodies.
+    let grpc = crate::connector::is_grpc(req.headers());
+    let deny = |d: &Decision| {
+        if grpc {
+            response::grpc_deny(d)
+        } else {
+            response::deny(d)
+        }
+    };
+    let abort = |status: StatusCode, reason: &str, detail: &str| {
+        if grpc {
+            response::grpc_abort(status, reason, detail)
+        } else {
+            response::abort(status, reason, detail)
+        }
+    };
     let (mode_h, mode_p) = mode_host(mode);
     // From here on, whatever happens (including the client leaving), one record.
     let rec = RequestAudit::new(&state.audit, conn)
@@ -329,11 +369,37 @@ async fn handle(
             let d = Decision::deny(DenyReason::MalformedRequest, detail);
             rec.deny(&d);
             discard_body(req.into_body()).await;
-            return response::deny(&d);
+            return deny(&d);
         }
     };
     let up = &target.upstream;
     let rec = rec.target(Some(&up.host), up.port, Some(&target.path));
+    // Rules that extract body attributes for Cedar: read (bounded) and parse the body first.
+    let spec = state
+        .pipeline
+        .extraction(method.as_str(), &up.host, &target.path);
+    let (mut req, attrs) = if spec.is_empty() {
+        (req.map(http_body_util::BodyExt::boxed), None)
+    } else {
+        match read_for_extract(req, &spec, state.pipeline.extract_limit()).await {
+            Ok((req, attrs)) => (req, Some(attrs)),
+            Err(detail) => {
+                let d = Decision::deny(DenyReason::MalformedRequest, detail);
+                rec.deny(&d);
+                return deny(&d);
+            }
+        }
+    };
+    let rec = rec.request_attrs(attrs.as_ref().map(extract::to_json));
+    // An LLM call (its rule extracts): its usage is read from the response, which must then
+    // arrive uncompressed (see docs/llm-policies.md).
+    let llm_model = attrs.as_ref().map(|a| match a.get("model") {
+        Some(extract::AttrValue::String(m)) => Some(m.clone()),
+        _ => None,
+    });
+    if llm_model.is_some() {
+        req.headers_mut().remove(http::header::ACCEPT_ENCODING);
+    }
     let ctx = RequestContext {
         conn: conn.clone(),
         method: method.clone(),
@@ -342,6 +408,7 @@ async fn handle(
         path: target.path.clone(),
         headers: req.headers().clone(),
         tls: matches!(mode, HttpMode::Bound { tls: true, .. }),
+        request: attrs,
     };
     let mut decision = state.pipeline.decide(&ctx).await;
     if decision.is_allow()
@@ -353,7 +420,7 @@ async fn handle(
         rec.deny(&decision);
         crate::metrics::overhead(arrived);
         discard_body(req.into_body()).await;
-        return response::deny(&decision);
+        return deny(&decision);
     }
     let connecting = std::time::Instant::now();
     let prepared = state.connector.prepare(req, up, conn).await;
@@ -364,39 +431,117 @@ async fn handle(
             // Fail closed: the allow becomes a denial; nothing was sent upstream.
             let denied = decision.into_deny(DenyReason::CredentialUnavailable, detail);
             rec.deny(&denied);
-            return response::deny(&denied);
+            return deny(&denied);
         }
         Err((Failure::InsecureUpstream(detail), _)) => {
             let denied = decision.into_deny(DenyReason::InsecureUpstream, detail);
             rec.deny(&denied);
-            return response::deny(&denied);
+            return deny(&denied);
         }
         Err((failure, mut outcome)) => {
             let (status, reason, detail) = abort_of(failure);
             outcome.aborted = Some(reason.to_string());
             rec.abort_before_send(&decision, outcome);
-            return response::abort(status, reason, &detail);
+            return abort(status, reason, &detail);
         }
     };
     // The decision is in the audit sink before anything leaves.
     let committed = match rec.commit(&decision, prepared.planned.clone()).await {
         Ok(c) => c,
-        Err((rec, e)) => return response::deny(&rec.deny_unaudited(&e)),
+        Err((rec, e)) => return deny(&rec.deny_unaudited(&e)),
     };
     crate::metrics::overhead(arrived);
-    match state.connector.send(prepared, slot).await {
-        Ok((resp, outcome)) => {
-            committed.finish(outcome);
-            resp
-        }
+    if let Some(client) = upgrade {
+        return match state.connector.send_upgrade(prepared).await {
+            Ok((resp, Some(upstream), outcome)) => {
+                let mut committed = committed;
+                *committed.outcome_mut() = outcome;
+                state.drain.spawn(websocket::relay(
+                    client,
+                    upstream,
+                    committed,
+                    state.drain.clone(),
+                ));
+                resp
+            }
+            Ok((resp, None, outcome)) => {
+                committed.finish(outcome);
+                resp
+            }
+            Err((failure, mut outcome)) => {
+                let (status, reason, detail) = abort_of(failure);
+                outcome.aborted = Some(reason.to_string());
+                committed.finish(outcome);
+                abort(status, reason, &detail)
+            }
+        };
+    }
+    match state.connector.send(prepared).await {
+        Ok((resp, outcome)) => match llm_model {
+            Some(model) => track_usage(state, resp, outcome, committed, &decision, model),
+            None => {
+                committed.finish(outcome);
+                resp
+            }
+        },
         Err((failure, mut outcome)) => {
             let (status, reason, detail) = abort_of(failure);
             tracing::warn!(conn = conn.conn_id, host = %up.host, reason, detail = %detail, "aborted after allow");
             outcome.aborted = Some(reason.to_string());
             committed.finish(outcome);
-            response::abort(status, reason, &detail)
+            abort(status, reason, &detail)
         }
     }
+}
+
+/// Streams an LLM response through a [`UsageTap`]; when it ends, its tokens (and cost) go to
+/// the session's and agent's totals and into the request's `outcome` event, which is written
+/// then rather than at the response head.
+fn track_usage(
+    state: &SidecarState,
+    resp: Response<RespBody>,
+    outcome: crate::conn::ConnectorOutcome,
+    mut committed: crate::audit::Committed,
+    decision: &Decision,
+    model: Option<String>,
+) -> Response<RespBody> {
+    use crate::connector::usage::{Done, UsageParser, UsageTap};
+    use http_body_util::BodyExt;
+    let parser = UsageParser::for_response(resp.headers());
+    *committed.outcome_mut() = outcome;
+    let who = decision
+        .capability
+        .as_ref()
+        .map(|c| (c.session_id.clone(), c.agent_id.clone()));
+    let pipeline = state.pipeline.clone();
+    let price = model.as_deref().and_then(|m| state.connector.price(m));
+    let done: Done = Box::new(move |tokens, complete| {
+        let mut outcome = committed.outcome_mut().clone();
+        if let Some(t) = tokens {
+            let cost = price.map(|p| crate::connector::usage::cost_nano_usd(p, t));
+            if let Some((session, agent)) = &who {
+                pipeline.usage().add(
+                    session,
+                    agent,
+                    &crate::pipeline::usage::Usage {
+                        input_tokens: t.input,
+                        output_tokens: t.output,
+                        cost_nano_usd: cost.unwrap_or(0),
+                    },
+                );
+            }
+            outcome.usage = Some(crate::conn::UsageOutcome {
+                input_tokens: t.input,
+                output_tokens: t.output,
+                cost_nano_usd: cost,
+            });
+        }
+        if !complete && outcome.aborted.is_none() {
+            outcome.aborted = Some("ResponseIncomplete".into());
+        }
+        committed.finish(outcome);
+    });
+    resp.map(|b| UsageTap::new(b, parser, done).boxed())
 }
 
 /// Status, reason and detail of an abort after an allow.
@@ -410,6 +555,45 @@ fn abort_of(failure: Failure) -> (StatusCode, &'static str, String) {
     }
 }
 
+/// How long a client has to send a body that must be read before the decision.
+const EXTRACT_BODY_TIME: Duration = Duration::from_secs(30);
+
+/// Reads a body whose rule extracts attributes (at most `limit` bytes, within
+/// [`EXTRACT_BODY_TIME`]), extracts them, and gives the request back with the same bytes as its
+/// body. `Err` is the `MalformedRequest` detail.
+async fn read_for_extract(
+    req: Request<Incoming>,
+    spec: &[extract::Extract],
+    limit: usize,
+) -> Result<
+    (
+        Request<crate::connector::dial::ReqBody>,
+        extract::Attributes,
+    ),
+    String,
+> {
+    use http_body_util::{BodyExt, Full, Limited};
+    let (parts, body) = req.into_parts();
+    let collected = tokio::time::timeout(EXTRACT_BODY_TIME, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| {
+            format!("request body not received within {EXTRACT_BODY_TIME:?}")
+        })?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                format!(
+                    "request body larger than {limit} bytes ([sidecar.mapping] extract_max_body_bytes); this endpoint's mapping rule reads attributes from it"
+                )
+            } else {
+                format!("reading the request body: {e}")
+            }
+        })?;
+    let bytes = collected.to_bytes();
+    let attrs = extract::extract(spec, &bytes)?;
+    let body = Full::new(bytes).map_err(|never| match never {}).boxed();
+    Ok((Request::from_parts(parts, body), attrs))
+}
+
 /// Most of a denied request's body we read (and drop) before answering.
 const DISCARD_MAX: usize = 64 * 1024;
 /// How long we wait for it.
@@ -420,7 +604,7 @@ const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 /// sending makes hyper reset the stream (RST_STREAM), and clients such as curl then report the
 /// 403 as a framing error instead of showing it; a small body read to its end lets the stream
 /// close cleanly. Anything larger is not worth receiving: the reset is the right answer then.
-async fn discard_body(mut body: Incoming) {
+async fn discard_body<B: hyper::body::Body<Data = bytes::Bytes> + Unpin>(mut body: B) {
     use http_body_util::BodyExt;
     let mut seen = 0usize;
     let _ = tokio::time::timeout(DISCARD_TIME, async {

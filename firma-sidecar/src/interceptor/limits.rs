@@ -524,7 +524,18 @@ where
             });
         }
         tokio::select! {
-            r = &mut copy => return r.map(|(up, down)| Moved { up, down, idle: false }),
+            r = &mut copy => {
+                // A side that ends with an error (a TLS peer closing without close_notify, a
+                // reset) still moved what it moved: report the counts, not just the error.
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "relay ended with an error");
+                }
+                return Ok(Moved {
+                    up: clock.up.load(Ordering::Relaxed),
+                    down: clock.down.load(Ordering::Relaxed),
+                    idle: false,
+                });
+            }
             _ = tokio::time::sleep(left) => {}
         }
     }

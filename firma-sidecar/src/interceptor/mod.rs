@@ -5,6 +5,7 @@
 //! - [`serve`]: the shared per-connection logic both use once the destination is known.
 //! - [`http`]: per-request pipeline + connector, on plain or decrypted streams.
 //! - [`limits`]: connection caps, idle timeouts, accept backoff.
+//! - [`websocket`]: HTTP/1.1 WebSocket upgrades and their relay.
 
 pub mod framing;
 pub mod head;
@@ -16,3 +17,4 @@ pub mod rewind;
 pub mod serve;
 pub mod transparent;
 pub mod tunnel;
+pub mod websocket;

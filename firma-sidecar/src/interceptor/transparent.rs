@@ -49,13 +49,9 @@ pub enum TransparentError {
     )]
     WorkloadTarget(usize),
     #[error(
-        "[sidecar.interceptor.transparent] port {port}: cannot listen on 127.0.0.1 and [::1]: {source}"
+        "[sidecar.interceptor.transparent] port {port}: cannot listen on 127.0.0.1 and [::1]: {cause}"
     )]
-    Bind {
-        port: u16,
-        #[source]
-        source: std::io::Error,
-    },
+    Bind { port: u16, cause: std::io::Error },
     #[error("[sidecar.interceptor.transparent] {0}")]
     Pins(PinsError),
     #[error(transparent)]
@@ -143,7 +139,10 @@ pub async fn serve(
 
     let listeners = listener::bind(port)
         .await
-        .map_err(|source| TransparentError::Bind { port, source })?;
+        .map_err(|source| TransparentError::Bind {
+            port,
+            cause: source,
+        })?;
     if t.redirect_dns {
         let guard = Arc::new(crate::dns::DnsGuard::new(
             state.clone(),

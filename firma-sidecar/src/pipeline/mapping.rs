@@ -78,6 +78,9 @@ struct RawRule {
     #[serde(default = "star")]
     path: String,
     action_class: String,
+    /// Request attributes from the JSON body (see [`super::extract`]).
+    #[serde(default)]
+    extract: Option<std::collections::BTreeMap<String, super::extract::RawPointers>>,
 }
 
 fn star() -> String {
@@ -107,6 +110,8 @@ pub struct Rule {
     host: HostPat,
     path: PathPat,
     pub action_class: String,
+    /// Attributes to read from the JSON body before the decision (empty: the body streams).
+    pub extract: Vec<super::extract::Extract>,
     /// Where the rule came from, for diagnostics.
     pub file: PathBuf,
     pub index: usize,
@@ -162,6 +167,8 @@ impl Rule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mapped<'a> {
     pub action_class: &'a str,
+    /// What the rule extracts from the body.
+    pub extract: &'a [super::extract::Extract],
     /// `file:rule[i]` of the winning rule.
     pub rule: (&'a Path, usize),
 }
@@ -278,6 +285,10 @@ impl MappingRules {
                     host: parse_host(&r.host).map_err(err)?,
                     path: parse_path(&r.path).map_err(err)?,
                     action_class: r.action_class,
+                    extract: match r.extract {
+                        Some(x) => super::extract::parse_spec(x).map_err(err)?,
+                        None => Vec::new(),
+                    },
                     file: file.to_path_buf(),
                     index,
                 })
@@ -358,6 +369,7 @@ impl MappingRules {
         let wild = self.wildcard.iter().filter(|r| r.host_matches(host));
         exact.chain(wild).find(|r| pred(r)).map(|r| Mapped {
             action_class: &r.action_class,
+            extract: &r.extract,
             rule: (&r.file, r.index),
         })
     }

@@ -22,6 +22,7 @@
 //! they return (a decision that overran is never turned into an allow).
 
 pub mod bundle_source;
+pub mod extract;
 pub mod mapping;
 pub mod path;
 pub mod revocations;
@@ -29,6 +30,7 @@ pub mod sessions;
 pub mod stage1;
 pub mod stage2;
 mod types;
+pub mod usage;
 
 pub use types::*;
 // The decision types live on the ground floor; re-exported for the pipeline's callers.
@@ -102,8 +104,12 @@ struct Inner {
     capabilities: CapabilityStore,
     policies: Arc<PolicyStore>,
     counters: ActionCounters,
+    /// Token usage per session and agent (`context.session` / `context.agent`).
+    usage: Arc<usage::UsageLedger>,
     revoked: Arc<RevocationSet>,
     budget: Duration,
+    /// `[sidecar.mapping] extract_max_body_bytes`.
+    extract_limit: usize,
     /// Background tasks (authority streams, directory reload), stopped with the pipeline.
     _tasks: Tasks,
 }
@@ -158,6 +164,21 @@ impl Pipeline {
         let ttl = Duration::from_secs(cfg.constraint_enforcement.bundle_ttl_seconds);
         let policies = Arc::new(PolicyStore::new(ttl, mapping.clone()));
         let mut tasks = Tasks::default();
+        let usage = Arc::new(
+            usage::UsageLedger::open(cfg.llm.usage_state_path.as_deref())
+                .map_err(|e| PipelineError::Startup(e.to_string()))?,
+        );
+        if cfg.llm.usage_state_path.is_some() {
+            let ledger = usage.clone();
+            tasks.spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if let Err(e) = ledger.flush() {
+                        tracing::warn!(target: "firma_sidecar::llm", "{e}");
+                    }
+                }
+            });
+        }
 
         match &cfg.policy.authority_url {
             Some(url) => {
@@ -225,8 +246,10 @@ impl Pipeline {
                 capabilities,
                 policies,
                 counters: ActionCounters::new(),
+                usage,
                 revoked,
                 budget: Duration::from_millis(cfg.constraint_enforcement.enforcement_timeout_ms),
+                extract_limit: cfg.mapping.extract_max_body_bytes,
                 _tasks: tasks,
             }),
         })
@@ -259,6 +282,7 @@ impl Pipeline {
                 headers: &req.headers,
                 caller: Caller::of(&req.conn),
                 workload: req.conn.workload.as_ref(),
+                request: req.request.as_ref(),
             },
         );
         self.bounded(t0, d)
@@ -303,6 +327,7 @@ impl Pipeline {
                 headers,
                 caller: Caller::of(&dst.conn),
                 workload: dst.conn.workload.as_ref(),
+                request: None,
             },
         );
         self.bounded(t0, d)
@@ -403,6 +428,12 @@ impl Pipeline {
                 method: s.method,
                 live_until,
                 now,
+                request: s.request,
+                usage: Some(
+                    inner
+                        .usage
+                        .totals(&cap.claims.session_id, &cap.claims.agent_id),
+                ),
             },
         );
         timings.push(("stage2_us", micros(t2.elapsed())));
@@ -433,6 +464,33 @@ impl Pipeline {
     /// Host patterns of the mapping rules (see [`MappingRules::host_patterns`]).
     pub fn mapping_hosts(&self) -> Vec<String> {
         self.inner.mapping.host_patterns()
+    }
+
+    /// What the rule matching this request extracts from its body (empty: nothing, the body
+    /// streams). `path` as the interceptor normalized it.
+    pub fn extraction(&self, method: &str, host: &str, path: &str) -> Vec<extract::Extract> {
+        self.inner
+            .mapping
+            .classify(method, host, path)
+            .map(|m| m.extract.to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Largest body read for extraction.
+    pub fn extract_limit(&self) -> usize {
+        self.inner.extract_limit
+    }
+
+    /// Writes the usage snapshot now (at shutdown).
+    pub fn flush_usage(&self) {
+        if let Err(e) = self.inner.usage.flush() {
+            tracing::warn!(target: "firma_sidecar::llm", "{e}");
+        }
+    }
+
+    /// The token usage ledger (the connector adds each response's usage).
+    pub fn usage(&self) -> &usage::UsageLedger {
+        &self.inner.usage
     }
 
     /// Version of the installed runtime bundle, if any (for status and health output).
@@ -486,6 +544,7 @@ struct Subject<'a> {
     headers: &'a http::HeaderMap,
     caller: Caller,
     workload: Option<&'a Workload>,
+    request: Option<&'a extract::Attributes>,
 }
 
 fn micros(d: Duration) -> u64 {

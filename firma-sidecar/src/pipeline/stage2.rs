@@ -12,7 +12,7 @@
 use super::mapping::{MappingError, MappingRules};
 use super::sessions::{ActionCounters, count_and_decide};
 use crate::conn::DenyReason;
-use firma_common::policy::{CompiledPolicies, EvalRequest, PolicyBundle, PolicyError};
+use firma_common::policy::{CompiledPolicies, EvalRequest, PolicyBundle, PolicyError, UsageTotals};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,10 @@ pub struct Stage2Request<'a> {
     pub live_until: i64,
     /// The time Stage 1 checked the capability against.
     pub now: i64,
+    /// `context.request` (rules that extract body attributes).
+    pub request: Option<&'a super::extract::Attributes>,
+    /// `context.session` / `context.agent` token usage so far.
+    pub usage: Option<(UsageTotals, UsageTotals)>,
 }
 
 /// Stage 2's answer.
@@ -252,6 +256,8 @@ pub fn evaluate(
                 action_count: n,
                 session_id: req.session_id,
                 method: req.method,
+                request: req.request,
+                usage: req.usage,
             });
             let deny = (!r.allowed).then(|| {
                 let why = if r.determining_policies.is_empty() {

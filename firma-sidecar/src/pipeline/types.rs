@@ -17,6 +17,8 @@ pub struct RequestContext {
     pub headers: http::HeaderMap,
     /// Whether the client spoke TLS to us (MITM) for this request.
     pub tls: bool,
+    /// Attributes from the JSON body, when the matched rule extracts (`context.request`).
+    pub request: Option<super::extract::Attributes>,
 }
 
 /// A connection the sidecar will not (or cannot) parse as HTTP: blind tunnel, unknown protocol.

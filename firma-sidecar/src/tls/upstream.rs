@@ -52,12 +52,13 @@ fn add_pem_roots(roots: &mut RootCertStore, path: &Path) -> Result<(), RootsErro
     Ok(())
 }
 
-/// HTTP/1.1-only client config: the connector always speaks HTTP/1.1 upstream, whatever the
-/// client spoke to us, which keeps header handling (Host, hop-by-hop) in one place.
+/// Upstream client config offering ALPN `h2` then `http/1.1`: the connector speaks HTTP/2 to
+/// upstreams that offer it (one shared, multiplexed connection; gRPC needs it) and HTTP/1.1 to
+/// the rest, whatever the client spoke to us.
 pub fn client_config(roots: RootCertStore) -> Arc<ClientConfig> {
     let mut cfg = ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Arc::new(cfg)
 }

@@ -88,6 +88,8 @@ pub struct RunIds {
     pub name: String,
     pub session_id: String,
     pub port: u16,
+    /// The DNS guard's port (UDP and TCP, both loopbacks).
+    pub dns_port: u16,
     pub mark: u32,
 }
 
@@ -100,10 +102,13 @@ impl RunIds {
             .unwrap_or(0);
         let tag = rand::random::<u32>() ^ nanos;
         let name = format!("firma-run-{pid}-{:06x}", tag & 0xff_ffff);
+        let port = free_dual_port()?;
+        let dns_port = free_dns_port(port)?;
         Ok(Self {
             session_id: format!("run-{pid}-{:06x}", tag & 0xff_ffff),
             name,
-            port: free_dual_port()?,
+            port,
+            dns_port,
             // Non-zero, and different from a system sidecar's default mark ("FIRM").
             mark: 0x4652_0000 | (tag & 0xffff),
         })
@@ -120,6 +125,23 @@ fn free_dual_port() -> anyhow::Result<u16> {
         }
     }
     bail!("no port free on both 127.0.0.1 and ::1 (is IPv6 loopback disabled?)")
+}
+
+/// A port free for UDP and TCP on both 127.0.0.1 and ::1, other than `not` (the DNS guard).
+fn free_dns_port(not: u16) -> anyhow::Result<u16> {
+    use std::net::{TcpListener, UdpSocket};
+    for _ in 0..50 {
+        let udp = UdpSocket::bind("127.0.0.1:0").context("binding 127.0.0.1:0/udp")?;
+        let port = udp.local_addr()?.port();
+        if port != not
+            && UdpSocket::bind(("::1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("::1", port)).is_ok()
+        {
+            return Ok(port);
+        }
+    }
+    bail!("no port free for UDP and TCP on both 127.0.0.1 and ::1 (for the DNS guard)")
 }
 
 /// The per-run directory, everything the sidecar reads, and what the child gets.
@@ -404,6 +426,7 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
     // Transparent mode on this run's own cgroup, port, mark, pins and control socket.
     cfg.interceptor.mode = InterceptMode::Transparent;
     cfg.interceptor.drain_timeout_secs = cfg.interceptor.drain_timeout_secs.min(5);
+    cfg.dns.port = ids.dns_port;
     let t = &mut cfg.interceptor.transparent;
     t.port = ids.port;
     t.socket_mark = ids.mark;

@@ -26,6 +26,15 @@ pub fn line(e: &Value) -> String {
     let d = &e["decision"];
     let intent = &e["envelope"]["intent"];
     let outcome = s(&d["outcome"]);
+    if let Some(dns) = intent["dns"].as_object() {
+        // A query the DNS guard answered (allowed name) or refused.
+        let q = |k: &str| dns.get(k).and_then(Value::as_str).unwrap_or("?");
+        let tail = match outcome {
+            "ALLOW" => String::new(),
+            _ => format!(" {}", s(&d["reason"])),
+        };
+        return format!("{outcome:<5} DNS {} {}{tail}", q("qtype"), q("qname"));
+    }
     let method = match s(&intent["method"]) {
         "" => "-",
         m => m,
@@ -76,6 +85,10 @@ mod tests {
             r#"{"event":"outcome"}"#.to_string(),
             "torn".to_string(),
             ev("/firma-run-1-a", "DENY", "PolicyDenied", false),
+            json!({"event": "decision", "workload": {"cgroup_path": "/firma-run-1-a"},
+                "envelope": {"intent": {"dns": {"qname": "x.example.org", "qtype": "A"}}},
+                "decision": {"outcome": "DENY", "reason": "DnsDenied"}})
+            .to_string(),
         ]
         .join("\n");
         std::fs::write(&file, text).unwrap();
@@ -84,6 +97,7 @@ mod tests {
             [
                 "ALLOW GET api.openai.com/v1/models [model.inference.chat] credential injected",
                 "DENY  GET api.openai.com/v1/models [model.inference.chat] PolicyDenied",
+                "DENY  DNS A x.example.org DnsDenied",
             ]
         );
     }

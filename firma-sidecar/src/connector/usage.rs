@@ -1,0 +1,358 @@
+//! Token usage from LLM responses, read while they stream to the client.
+//!
+//! [`UsageTap`] wraps a response body: every frame is passed on at once (no buffering, no
+//! delay) and a copy is fed to a [`UsageParser`]:
+//! - `application/json` bodies are kept (up to [`MAX_JSON`]) and parsed at the end;
+//! - `text/event-stream` bodies are parsed line by line as they pass (only the current,
+//!   unfinished line is kept, up to [`MAX_LINE`]), reading the usage from the events that carry
+//!   it: OpenAI chat chunks with `usage` (`stream_options.include_usage`), the Responses API's
+//!   `response.completed`, Anthropic's `message_start` and `message_delta`.
+//!
+//! Field names: `prompt_tokens`/`completion_tokens` (OpenAI chat, completions, embeddings) or
+//! `input_tokens`/`output_tokens` (OpenAI Responses, Anthropic). Values are cumulative, so the
+//! last one seen wins. When the body ends (or the client goes away, or the upstream breaks
+//! off), `done` gets what was seen.
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use serde_json::Value;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use super::RespBody;
+
+/// Largest JSON body kept for usage (larger: usage unknown).
+pub const MAX_JSON: usize = 4 * 1024 * 1024;
+/// Longest SSE line kept (longer lines are skipped).
+pub const MAX_LINE: usize = 1024 * 1024;
+
+/// Tokens one response reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub input: i64,
+    pub output: i64,
+}
+
+enum Kind {
+    Json { buf: Vec<u8>, overflow: bool },
+    Sse { line: Vec<u8>, skipping: bool },
+    Other,
+}
+
+pub struct UsageParser {
+    kind: Kind,
+    input: Option<i64>,
+    output: Option<i64>,
+}
+
+impl UsageParser {
+    /// By the response's `content-type` (and `content-encoding`: a compressed body cannot be
+    /// read, see `docs/llm-policies.md`).
+    pub fn for_response(headers: &http::HeaderMap) -> Self {
+        let ct = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let encoded = headers
+            .get(http::header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
+        let kind = if encoded {
+            Kind::Other
+        } else if ct.starts_with("text/event-stream") {
+            Kind::Sse {
+                line: Vec::new(),
+                skipping: false,
+            }
+        } else if ct.starts_with("application/json") || ct.is_empty() {
+            Kind::Json {
+                buf: Vec::new(),
+                overflow: false,
+            }
+        } else {
+            Kind::Other
+        };
+        Self {
+            kind,
+            input: None,
+            output: None,
+        }
+    }
+
+    pub fn feed(&mut self, data: &[u8]) {
+        match &mut self.kind {
+            Kind::Json { buf, overflow } => {
+                if buf.len() + data.len() > MAX_JSON {
+                    *overflow = true;
+                    buf.clear();
+                } else if !*overflow {
+                    buf.extend_from_slice(data);
+                }
+            }
+            Kind::Sse { .. } => self.feed_sse(data),
+            Kind::Other => {}
+        }
+    }
+
+    fn feed_sse(&mut self, data: &[u8]) {
+        let mut complete = Vec::new();
+        if let Kind::Sse { line, skipping } = &mut self.kind {
+            let mut rest = data;
+            while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+                let (part, tail) = rest.split_at(nl);
+                rest = &tail[1..];
+                if !*skipping && line.len() + part.len() <= MAX_LINE {
+                    line.extend_from_slice(part);
+                    complete.push(std::mem::take(line));
+                }
+                line.clear();
+                *skipping = false;
+            }
+            if !*skipping {
+                if line.len() + rest.len() > MAX_LINE {
+                    line.clear();
+                    *skipping = true;
+                } else {
+                    line.extend_from_slice(rest);
+                }
+            }
+        }
+        for l in complete {
+            self.sse_line(&l);
+        }
+    }
+
+    fn sse_line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        if data == b"[DONE]" {
+            return;
+        }
+        if let Ok(v) = serde_json::from_slice::<Value>(data) {
+            self.observe(&v);
+        }
+    }
+
+    /// Takes usage from one JSON object (a whole body or one event).
+    fn observe(&mut self, v: &Value) {
+        for ptr in ["/usage", "/message/usage", "/response/usage"] {
+            let Some(u) = v.pointer(ptr).filter(|u| u.is_object()) else {
+                continue;
+            };
+            let n = |k: &str| u.get(k).and_then(Value::as_i64);
+            if let Some(i) = n("prompt_tokens").or(n("input_tokens")) {
+                self.input = Some(i);
+            }
+            if let Some(o) = n("completion_tokens").or(n("output_tokens")) {
+                self.output = Some(o);
+            } else if n("prompt_tokens").is_some() && n("total_tokens").is_some() {
+                // Embeddings: prompt and total only.
+                self.output = Some(0);
+            }
+        }
+    }
+
+    /// What the response reported, if it reported anything.
+    pub fn finish(&mut self) -> Option<Tokens> {
+        if let Kind::Json { buf, overflow } = &mut self.kind
+            && !*overflow
+            && !buf.is_empty()
+        {
+            let body = std::mem::take(buf);
+            if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                self.observe(&v);
+            }
+        }
+        if let Kind::Sse { line, .. } = &mut self.kind
+            && !line.is_empty()
+        {
+            let last = std::mem::take(line);
+            self.sse_line(&last);
+        }
+        (self.input.is_some() || self.output.is_some()).then(|| Tokens {
+            input: self.input.unwrap_or(0),
+            output: self.output.unwrap_or(0),
+        })
+    }
+}
+
+/// The cost in nano-USD of `tokens` at `price` (USD per 1k input, output tokens).
+pub fn cost_nano_usd(price: (f64, f64), tokens: Tokens) -> i64 {
+    let nano = (tokens.input as f64) * price.0 * 1e6 + (tokens.output as f64) * price.1 * 1e6;
+    nano.round().clamp(0.0, i64::MAX as f64) as i64
+}
+
+/// Called once when the body ends: the tokens seen and whether the body completed.
+pub type Done = Box<dyn FnOnce(Option<Tokens>, bool) + Send + Sync>;
+
+/// A response body that reports its usage when it ends (see the module docs).
+pub struct UsageTap {
+    inner: RespBody,
+    parser: UsageParser,
+    done: Option<Done>,
+}
+
+impl UsageTap {
+    pub fn new(inner: RespBody, parser: UsageParser, done: Done) -> Self {
+        Self {
+            inner,
+            parser,
+            done: Some(done),
+        }
+    }
+
+    fn end(&mut self, complete: bool) {
+        if let Some(done) = self.done.take() {
+            done(self.parser.finish(), complete);
+        }
+    }
+}
+
+impl Body for UsageTap {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    let d = d.clone();
+                    self.parser.feed(&d);
+                }
+                if self.inner.is_end_stream() {
+                    self.end(true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.end(false),
+            Poll::Ready(None) => self.end(true),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UsageTap {
+    fn drop(&mut self) {
+        // The client went away mid-body: count what was seen (those tokens were spent).
+        self.end(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sse(chunks: &[&str]) -> Option<Tokens> {
+        let mut h = http::HeaderMap::new();
+        h.insert("content-type", "text/event-stream".parse().unwrap());
+        let mut p = UsageParser::for_response(&h);
+        for c in chunks {
+            p.feed(c.as_bytes());
+        }
+        p.finish()
+    }
+
+    #[test]
+    fn json_bodies_of_both_providers() {
+        let mut h = http::HeaderMap::new();
+        h.insert("content-type", "application/json".parse().unwrap());
+        let mut p = UsageParser::for_response(&h);
+        p.feed(br#"{"usage":{"prompt_tokens":12,"#);
+        p.feed(br#""completion_tokens":5,"total_tokens":17}}"#);
+        assert_eq!(
+            p.finish(),
+            Some(Tokens {
+                input: 12,
+                output: 5
+            })
+        );
+        let mut p = UsageParser::for_response(&h);
+        p.feed(br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#);
+        assert_eq!(
+            p.finish(),
+            Some(Tokens {
+                input: 3,
+                output: 4
+            })
+        );
+        let mut p = UsageParser::for_response(&h);
+        p.feed(br#"{"usage":{"prompt_tokens":8,"total_tokens":8}}"#);
+        assert_eq!(
+            p.finish(),
+            Some(Tokens {
+                input: 8,
+                output: 0
+            })
+        );
+        h.insert("content-encoding", "gzip".parse().unwrap());
+        let mut p = UsageParser::for_response(&h);
+        p.feed(br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#);
+        assert_eq!(p.finish(), None, "compressed bodies are not read");
+    }
+
+    #[test]
+    fn sse_events_split_anywhere() {
+        let openai = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":100,\"completion_tokens\":42,\"total_tokens\":142}}\n\ndata: [DONE]\n\n";
+        for split in 0..openai.len() {
+            let (a, b) = openai.split_at(split);
+            assert_eq!(
+                sse(&[a, b]),
+                Some(Tokens {
+                    input: 100,
+                    output: 42
+                }),
+                "split at {split}"
+            );
+        }
+        let anthropic = "event: message_start\r\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\r\n\r\nevent: message_delta\r\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\r\n\r\n";
+        assert_eq!(
+            sse(&[anthropic]),
+            Some(Tokens {
+                input: 25,
+                output: 15
+            })
+        );
+        let responses = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":2}}}\n\n";
+        assert_eq!(
+            sse(&[responses]),
+            Some(Tokens {
+                input: 9,
+                output: 2
+            })
+        );
+        assert_eq!(sse(&["data: {\"choices\":[]}\n\n"]), None);
+    }
+
+    #[test]
+    fn hostile_streams_stay_bounded() {
+        // A line longer than the limit is skipped without being kept; later lines still count.
+        let long = format!("data: {}", "x".repeat(MAX_LINE + 10));
+        let t = sse(&[
+            &long,
+            "\ndata: {\"usage\":{\"input_tokens\":1,\"output_tokens\":2}}\n",
+        ]);
+        assert_eq!(
+            t,
+            Some(Tokens {
+                input: 1,
+                output: 2
+            })
+        );
+    }
+}
