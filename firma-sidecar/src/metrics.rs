@@ -76,6 +76,17 @@ struct CredentialLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    direction: &'static str,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabel {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: String,
 }
@@ -104,6 +115,8 @@ pub struct Metrics {
     leaf_minted: Counter,
     credentials: [Counter; 4],
     audit_write: Histogram,
+    llm_tokens: Family<TokenLabels, Counter>,
+    llm_cost: Family<ModelLabel, Counter<f64, AtomicU64>>,
     // Read at scrape time.
     audit_written: Counter,
     audit_failures: Counter,
@@ -224,6 +237,18 @@ impl Metrics {
             "Time to write (and sync, per fsync policy) one batch of audit events",
             audit_write.clone(),
         );
+        let llm_tokens = Family::<TokenLabels, Counter>::default();
+        r.register(
+            "llm_tokens",
+            "LLM tokens reported by upstream responses, by direction (input, output) and model (priced models by name, others as `other`)",
+            llm_tokens.clone(),
+        );
+        let llm_cost = Family::<ModelLabel, Counter<f64, AtomicU64>>::default();
+        r.register(
+            "llm_cost_usd",
+            "Cost of LLM usage in USD from [[sidecar.llm.prices]], by model",
+            llm_cost.clone(),
+        );
         let audit_written = Counter::default();
         let audit_failures = Counter::default();
         let audit_healthy = Gauge::default();
@@ -301,6 +326,8 @@ impl Metrics {
             leaf_minted,
             credentials,
             audit_write,
+            llm_tokens,
+            llm_cost,
             audit_written,
             audit_failures,
             audit_healthy,
@@ -427,6 +454,25 @@ pub fn credential_fetch(source: &str, ok: bool) {
     if let Some(m) = get() {
         let i = usize::from(source == "vault") * 2 + usize::from(!ok);
         m.credentials[i].inc();
+    }
+}
+
+/// Token usage of one LLM response (`model`: a priced model's name or `other`).
+pub fn llm_usage(model: String, input: i64, output: i64, cost_nano_usd: Option<i64>) {
+    let Some(m) = get() else { return };
+    for (direction, n) in [("input", input), ("output", output)] {
+        let labels = TokenLabels {
+            direction,
+            model: model.clone(),
+        };
+        m.llm_tokens
+            .get_or_create(&labels)
+            .inc_by(u64::try_from(n).unwrap_or(0));
+    }
+    if let Some(c) = cost_nano_usd {
+        m.llm_cost
+            .get_or_create(&ModelLabel { model })
+            .inc_by(c as f64 / 1e9);
     }
 }
 

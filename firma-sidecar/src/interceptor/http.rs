@@ -515,10 +515,16 @@ fn track_usage(
         .map(|c| (c.session_id.clone(), c.agent_id.clone()));
     let pipeline = state.pipeline.clone();
     let price = model.as_deref().and_then(|m| state.connector.price(m));
+    // Priced models are configured (bounded); any other name the client sent is `other`.
+    let model_label = match (&model, price) {
+        (Some(m), Some(_)) => m.clone(),
+        _ => "other".to_string(),
+    };
     let done: Done = Box::new(move |tokens, complete| {
         let mut outcome = committed.outcome_mut().clone();
         if let Some(t) = tokens {
             let cost = price.map(|p| crate::connector::usage::cost_nano_usd(p, t));
+            crate::metrics::llm_usage(model_label, t.input, t.output, cost);
             if let Some((session, agent)) = &who {
                 pipeline.usage().add(
                     session,
