@@ -42,6 +42,7 @@ impl Deployment {
         upstream: SocketAddr,
         upstream_ca: &Path,
         mode: &Mode,
+        metrics: bool,
     ) -> anyhow::Result<Self> {
         prepare_root(firma, root, &genai_app_policy()).map_err(|e| anyhow!(e))?;
         let d = Self {
@@ -70,6 +71,10 @@ impl Deployment {
             host: HOST.into(),
             env: CREDENTIAL_ENV.into(),
         }];
+        if metrics {
+            // The admin listener turns metric recording on (README "Metrics and health").
+            t.extra = "[sidecar.admin]\nlisten_addr = \"127.0.0.1:0\"\n".into();
+        }
         t.write(&d.config).context("write firma.toml")?;
         issue_seed(
             firma,

@@ -458,7 +458,11 @@ fn measure_one(
                 result.ok
             );
         }
-        scenarios.push(crate::report::Scenario { name, result });
+        scenarios.push(crate::report::Scenario {
+            name,
+            result,
+            sidecar_cpu_us_per_request: None,
+        });
     }
     Ok(PeerOutcome::Measured {
         peer: peer.name.to_string(),

@@ -9,6 +9,10 @@ use serde::Serialize;
 pub struct Scenario {
     pub name: String,
     pub result: ClientResult,
+    /// CPU time (user + system) the sidecar process spent per completed request, warmup
+    /// included, when the scenario went through a sidecar of this run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sidecar_cpu_us_per_request: Option<f64>,
 }
 
 /// `slow` relative to `base`: latency ratios (slow/base) and throughput ratio (base/slow),
@@ -100,7 +104,7 @@ fn scenario_rows(out: &mut String, rows: &[Scenario]) {
     for s in rows {
         let r = &s.result;
         out.push_str(&format!(
-            "{:<34} {:>6} {:>5} {:>10.0} {:>9} {:>9} {:>9} {:>6}{}\n",
+            "{:<34} {:>6} {:>5} {:>10.0} {:>9} {:>9} {:>9} {:>6} {:>9}{}\n",
             s.name,
             r.ok,
             r.concurrency,
@@ -109,6 +113,8 @@ fn scenario_rows(out: &mut String, rows: &[Scenario]) {
             ms(r.p90_us),
             ms(r.p99_us),
             r.errors,
+            s.sidecar_cpu_us_per_request
+                .map_or_else(|| "-".to_string(), |c| format!("{c:.1}")),
             if r.time_limited {
                 "  (time limit hit)"
             } else {
@@ -191,10 +197,18 @@ impl Report {
     /// The human table printed at the end of `cargo xtask bench`.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "{:<34} {:>6} {:>5} {:>10} {:>9} {:>9} {:>9} {:>6}\n",
-            "scenario", "reqs", "conc", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors"
+            "{:<34} {:>6} {:>5} {:>10} {:>9} {:>9} {:>9} {:>6} {:>9}\n",
+            "scenario",
+            "reqs",
+            "conc",
+            "req/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "errors",
+            "cpu us/rq"
         );
-        out.push_str(&"-".repeat(96));
+        out.push_str(&"-".repeat(106));
         out.push('\n');
         scenario_rows(&mut out, &self.scenarios);
         if let Transparent::Measured { scenarios, .. } = &self.transparent {

@@ -38,6 +38,9 @@ pub struct RunArgs {
     /// Do not attempt the transparent-mode (eBPF) comparison.
     #[arg(long)]
     pub skip_transparent: bool,
+    /// Do not run the metrics on/off comparison (a second sidecar with `[sidecar.admin]`).
+    #[arg(long)]
+    pub skip_metrics: bool,
     /// Sequential `IssueCapability` calls measured against the real Authority (0 skips them).
     #[arg(long, default_value_t = 500)]
     pub issuance_requests: usize,
@@ -98,7 +101,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         "127.0.0.1:0".parse()?,
         &deploy::injected_auth(),
     )?;
-    let d = Deployment::new(&firma, tmp.path(), up.addr, &up.ca_path, &Mode::HttpProxy)?;
+    let d = Deployment::new(
+        &firma,
+        tmp.path(),
+        up.addr,
+        &up.ca_path,
+        &Mode::HttpProxy,
+        false,
+    )?;
     let mut sc = d.start_sidecar()?;
     let proxy = sc.addr;
     eprintln!(
@@ -108,30 +118,66 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         tmp.path().display()
     );
 
+    // The same deployment with the admin listener on (metrics recorded), as a second sidecar.
+    let metrics_root = tmp.path().join("metrics-on");
+    let mut with_metrics = None;
+    if !args.skip_metrics {
+        std::fs::create_dir_all(&metrics_root)?;
+        let dm = Deployment::new(
+            &firma,
+            &metrics_root,
+            up.addr,
+            &up.ca_path,
+            &Mode::HttpProxy,
+            true,
+        )?;
+        let scm = dm.start_sidecar()?;
+        let admin: std::net::SocketAddr = scm
+            .logged("admin listening on ")
+            .context("the metrics sidecar logged no admin address")?;
+        with_metrics = Some((dm, scm, admin));
+    }
+
     let direct = args.client(up.addr, vec![up.ca_path.clone()]);
     let mut via = args.client(proxy, vec![d.firma_ca()]);
     via.proxy_connect = Some(format!("{}:443", deploy::HOST));
 
-    let plan = [
-        ("direct, keep-alive", direct.clone(), false),
-        ("sidecar http_proxy, keep-alive", via.clone(), true),
-        ("direct, new connection each", args.new_conn(direct), false),
+    // (name, client, which sidecar: 0 none, 1 metrics off, 2 metrics on)
+    let mut plan = vec![
+        ("direct, keep-alive", direct.clone(), 0),
+        ("sidecar http_proxy, keep-alive", via.clone(), 1),
+        ("direct, new connection each", args.new_conn(direct), 0),
         (
             "sidecar http_proxy, new conn each",
             args.new_conn(via.clone()),
-            true,
+            1,
         ),
         // Robustness: the same keep-alive run while clients abort TLS handshakes mid-way.
-        (ABORT_SCENARIO, via, true),
+        (ABORT_SCENARIO, via.clone(), 1),
     ];
+    if let Some((dm, scm, _)) = &with_metrics {
+        let mut via_m = args.client(scm.addr, vec![dm.firma_ca()]);
+        via_m.proxy_connect = via.proxy_connect.clone();
+        // Alternated, so that drift in the machine's load hits both sides alike.
+        plan.push(("sidecar keep-alive, metrics off", via.clone(), 1));
+        plan.push(("sidecar keep-alive, metrics on", via_m.clone(), 2));
+        plan.push(("sidecar keep-alive, metrics off #2", via.clone(), 1));
+        plan.push(("sidecar keep-alive, metrics on #2", via_m, 2));
+    }
     let mut scenarios = Vec::new();
     let mut costs = Vec::new();
     let mut checks = Checks::default();
-    let sidecar_pid = sc.process.child.id();
-    for (name, client, through_sidecar) in plan {
+    let mut via_metrics = 0u64;
+    for (name, client, sidecar) in plan {
         let injected_before = up.injected();
-        let cpu_before = crate::peers::cpu_secs(sidecar_pid)?;
         eprintln!("running: {name}");
+        let pid = match (sidecar, &with_metrics) {
+            (1, _) => Some(sc.child.id()),
+            (2, Some((_, scm, _))) => Some(scm.child.id()),
+            _ => None,
+        };
+        let cpu_before = pid.and_then(cpu_time_us);
+        let cpu_secs_before = crate::peers::cpu_secs(sc.child.id())?;
         let aborters = (name == ABORT_SCENARIO)
             .then(|| crate::aborters::Aborters::start(proxy, &format!("{}:443", deploy::HOST), 2));
         let result = spawn_client(&client, None, tmp.path())?;
@@ -140,33 +186,55 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             eprintln!("robustness: {n} TLS handshakes aborted mid-way during \"{name}\"");
             checks.aborted_handshakes = n;
         }
+        if sidecar == 1 {
+            costs.push(crate::peers::ProxyCost::new(
+                name,
+                "firma",
+                sc.child.id(),
+                cpu_secs_before,
+                result.ok + client.warmup,
+            ));
+        }
+        let cpu = match (pid.and_then(cpu_time_us), cpu_before) {
+            (Some(after), Some(before)) if result.ok + client.warmup > 0 => {
+                Some((after - before) as f64 / (result.ok + client.warmup) as f64)
+            }
+            _ => None,
+        };
         if !sc.alive() {
             bail!("the sidecar exited during \"{name}\":\n{}", sc.log_text());
         }
         let injected = up.injected() - injected_before;
-        if through_sidecar {
-            costs.push(crate::peers::ProxyCost::new(
-                name,
-                "firma",
-                sidecar_pid,
-                cpu_before,
-                result.ok + client.warmup,
-            ));
-            checks.sidecar_requests_expected += (result.ok + client.warmup) as u64;
-        } else if injected != 0 {
-            bail!("\"{name}\" reached the upstream with the sidecar's credential: not direct");
+        match sidecar {
+            0 if injected != 0 => {
+                bail!("\"{name}\" reached the upstream with the sidecar's credential: not direct")
+            }
+            0 => {}
+            1 => checks.sidecar_requests_expected += (result.ok + client.warmup) as u64,
+            _ => via_metrics += (result.ok + client.warmup) as u64,
         }
         scenarios.push(Scenario {
             name: name.to_string(),
             result,
+            sidecar_cpu_us_per_request: cpu,
         });
+    }
+    if let Some((_, _, admin)) = &with_metrics {
+        // The metrics the on-side recorded must match what went through it.
+        let decisions = scrape_decisions(*admin)?;
+        if decisions != via_metrics {
+            bail!("the metrics sidecar counted {decisions} decisions for {via_metrics} requests");
+        }
+        eprintln!(
+            "metrics sidecar: firma_sidecar_decisions_total = {decisions} (requests {via_metrics})"
+        );
     }
     checks.upstream_requests = up.requests();
     checks.upstream_injected = up.injected();
     // Every completed request through the sidecar must have carried the injected credential.
     let measured_via: u64 = scenarios
         .iter()
-        .filter(|s| s.name.starts_with("sidecar"))
+        .filter(|s| s.name.starts_with("sidecar") && !s.name.contains("metrics on"))
         .map(|s| s.result.ok as u64)
         .sum();
     if checks.upstream_injected < measured_via {
@@ -190,7 +258,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     drop(sc);
     d.verify_audit()?;
 
-    let ratios = vec![
+    let mut ratios = vec![
         Ratio::new(
             "sidecar / direct, keep-alive",
             &scenarios[0].result,
@@ -201,12 +269,36 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             &scenarios[2].result,
             &scenarios[3].result,
         ),
-        Ratio::new(
-            "with aborted handshakes / without, keep-alive",
-            &scenarios[1].result,
-            &scenarios[4].result,
-        ),
     ];
+    let off_on = |off: &str, on: &str| {
+        let find = |n: &str| scenarios.iter().find(|s| s.name == n).map(|s| &s.result);
+        find(off).zip(find(on))
+    };
+    for (what, off, on) in [
+        (
+            "metrics on / off, keep-alive",
+            "sidecar keep-alive, metrics off",
+            "sidecar keep-alive, metrics on",
+        ),
+        (
+            "metrics on / off, keep-alive #2",
+            "sidecar keep-alive, metrics off #2",
+            "sidecar keep-alive, metrics on #2",
+        ),
+    ] {
+        if let Some((a, b)) = off_on(off, on) {
+            ratios.push(Ratio::new(what, a, b));
+        }
+    }
+    let find = |n: &str| scenarios.iter().find(|s| s.name == n).map(|s| &s.result);
+    if let Some((a, b)) = find("sidecar http_proxy, keep-alive").zip(find(ABORT_SCENARIO)) {
+        ratios.push(Ratio::new(
+            "with aborted handshakes / without, keep-alive",
+            a,
+            b,
+        ));
+    }
+    drop(with_metrics);
     let peers = if args.skip_peers {
         Vec::new()
     } else {
@@ -261,6 +353,32 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         bail!("transparent mode failed: {why}");
     }
     Ok(())
+}
+
+/// User + system CPU time of process `pid` so far, in microseconds (`/proc/PID/stat`).
+fn cpu_time_us(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at state (field 3).
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // /proc reports clock ticks of USER_HZ, which Linux fixes at 100 for user space.
+    Some(ticks * 10_000)
+}
+
+/// The sum of `firma_sidecar_decisions_total` on the admin listener at `admin`.
+fn scrape_decisions(admin: std::net::SocketAddr) -> anyhow::Result<u64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).context("connect to the admin listener")?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with("firma_sidecar_decisions_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64)
 }
 
 /// Runs `firma-bench client` as a child process (moved into `cgroup` first when given, via

@@ -97,18 +97,22 @@ pub fn outer(args: &RunArgs, firma: &Path) -> Transparent {
                 Scenario {
                     name: "netns, untagged (direct)".into(),
                     result: *untagged,
+                    sidecar_cpu_us_per_request: None,
                 },
                 Scenario {
                     name: "netns, tagged cgroup (transparent)".into(),
                     result: *tagged,
+                    sidecar_cpu_us_per_request: None,
                 },
                 Scenario {
                     name: "netns, untagged, new conn each".into(),
                     result: *untagged_new_conn,
+                    sidecar_cpu_us_per_request: None,
                 },
                 Scenario {
                     name: "netns, transparent, new conn each".into(),
                     result: *tagged_new_conn,
+                    sidecar_cpu_us_per_request: None,
                 },
             ],
         },
@@ -215,7 +219,7 @@ fn inner_run(args: &RunArgs) -> anyhow::Result<InnerOut> {
         control_socket: tmp.path().join("run/sidecar.sock"),
         allow_ephemeral_pins: None,
     };
-    let d = Deployment::new(firma, tmp.path(), up.addr, &up.ca_path, &mode)?;
+    let d = Deployment::new(firma, tmp.path(), up.addr, &up.ca_path, &mode, false)?;
     let mut sc = match d.start_sidecar() {
         Ok(sc) => sc,
         Err(e) if format!("{e:#}").contains("no eBPF object") => {

@@ -1,6 +1,6 @@
 //! `[authority]`: the Authority's section of `firma.toml`.
 
-use firma_common::config::{ConfigError, check_log_level};
+use firma_common::config::{ConfigError, check_admin_addr, check_log_level};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -34,6 +34,12 @@ pub struct AuthorityConfig {
     /// Where the audit collector service appends events received from sidecars
     /// (JSON lines); the collector is served only when this is set.
     pub audit_collector_path: Option<PathBuf>,
+    /// Admin listener (`/metrics`, `/healthz`, `/readyz`), e.g. `"127.0.0.1:9465"`; off when
+    /// unset.
+    pub admin_addr: Option<String>,
+    /// `text` or `json`; `--log-format` on the command line wins.
+    #[serde(default)]
+    pub log_format: firma_common::config::LogFormat,
 }
 
 fn default_max_ttl() -> u64 {
@@ -86,6 +92,7 @@ impl AuthorityConfig {
             ));
         }
         check_log_level(file, "authority.log_level", &self.log_level)?;
+        check_admin_addr(file, "authority.admin_addr", self.admin_addr.as_deref())?;
         if self.tls_cert_path.is_some() != self.tls_key_path.is_some() {
             return Err(ConfigError::invalid(
                 file,

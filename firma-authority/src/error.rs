@@ -36,6 +36,8 @@ pub enum AuthorityError {
         addr: std::net::SocketAddr,
         cause: std::io::Error,
     },
+    #[error(transparent)]
+    Admin(#[from] firma_common::admin::AdminError),
     #[error("gRPC server failed: {0}")]
     Serve(String),
     #[error("cannot write {path}: {cause}")]

@@ -10,6 +10,7 @@ pub mod collector;
 pub mod config;
 pub mod error;
 pub mod issuance;
+pub mod metrics;
 pub mod revocation_hub;
 pub mod revocations;
 pub mod server;

@@ -96,6 +96,7 @@ pub async fn run(
     tracing::info!(target: STARTUP, tls = tls.is_some(), "gRPC listening on {bound}");
 
     let cancel = CancellationToken::new();
+    let metrics = cfg.admin_addr.as_ref().map(|_| crate::metrics::enable());
     let service = AuthorityService {
         key,
         issuance: bundles::watch_dir(
@@ -110,6 +111,17 @@ pub async fn run(
         bundle_ttl: Duration::from_secs(cfg.bundle_ttl_seconds),
         shutdown: cancel.clone(),
     };
+    if let (Some(addr), Some(metrics)) = (&cfg.admin_addr, metrics) {
+        let admin = crate::metrics::AuthorityAdmin {
+            metrics,
+            runtime: service.runtime.clone(),
+            issuance: service.issuance.clone(),
+            revocations: hub.clone(),
+            key_file: cfg.key_file.clone(),
+        };
+        let local = firma_common::admin::serve(addr, Arc::new(admin)).await?;
+        tracing::info!(target: STARTUP, "admin listening on {local} (/metrics, /healthz, /readyz)");
+    }
     tokio::spawn(revocation_hub::watch_file(
         hub,
         revocation_file,

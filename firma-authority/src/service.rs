@@ -2,6 +2,7 @@
 
 use crate::bundles::LoadedBundle;
 use crate::issuance::{DenialCode, IssueRequest, Issuer};
+use crate::metrics::{self, Stream};
 use crate::revocation_hub::RevocationHub;
 use firma_common::capability::now_unix;
 use firma_common::keys::SigningKey;
@@ -51,6 +52,7 @@ impl Authority for AuthorityService {
         };
         let result = match issuer.issue(&req) {
             Ok(issued) => {
+                crate::metrics::issuance(Ok(()));
                 tracing::info!(
                     %peer,
                     token_id = %issued.claims.token_id,
@@ -65,10 +67,12 @@ impl Authority for AuthorityService {
             // A malformed request is the caller's bug, not a policy answer: INVALID_ARGUMENT.
             // Its fields are not logged (they are what was malformed); the reason names them.
             Err(denial) if denial.code == DenialCode::InvalidRequest => {
+                crate::metrics::issuance(Err(denial.code));
                 tracing::warn!(%peer, "refused capability request: {}", denial.reason);
                 return Err(Status::invalid_argument(denial.reason));
             }
             Err(denial) => {
+                crate::metrics::issuance(Err(denial.code));
                 tracing::warn!(
                     %peer,
                     agent = %req.agent_id,
@@ -131,6 +135,7 @@ async fn push_bundles(
     period: Duration,
     shutdown: CancellationToken,
 ) {
+    let _open = metrics::stream_open(Stream::Bundles);
     let mut current = bundles.borrow_and_update().clone();
     let mut resend = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -143,6 +148,7 @@ async fn push_bundles(
         {
             return;
         }
+        metrics::stream_send(Stream::Bundles);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tx.closed() => return,
@@ -165,6 +171,7 @@ async fn push_revocations(
     hub: Arc<RevocationHub>,
     shutdown: CancellationToken,
 ) {
+    let _open = metrics::stream_open(Stream::Revocations);
     let (snapshot, mut rx) = hub.subscribe();
     if replay(&tx, snapshot).await.is_err() {
         return;
@@ -193,6 +200,7 @@ async fn push_revocations(
         if sent.is_err() {
             return;
         }
+        metrics::stream_send(Stream::Revocations);
     }
 }
 
@@ -206,6 +214,7 @@ async fn replay(
             replay: true,
         }))
         .await?;
+        metrics::stream_send(Stream::Revocations);
     }
     Ok(())
 }

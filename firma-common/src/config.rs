@@ -5,6 +5,7 @@
 //! `firma.toml`. Parsing is strict everywhere: unknown keys are errors, and every error names the
 //! file, the dotted key and what was expected, so an operator can fix it without reading code.
 
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 
@@ -71,6 +72,27 @@ pub fn check_log_level(file: &Path, key: &str, level: &str) -> Result<(), Config
             key,
             format!("expected one of error, warn, info, debug, trace; got {other:?}"),
         )),
+    }
+}
+
+/// Log line format: `text` (human, colours only on a terminal) or `json` (one object a line).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Checks an optional admin listen address.
+pub fn check_admin_addr(file: &Path, key: &str, addr: Option<&str>) -> Result<(), ConfigError> {
+    match addr {
+        Some(a) if a.parse::<std::net::SocketAddr>().is_err() => Err(ConfigError::invalid(
+            file,
+            key,
+            format!("expected a socket address like \"127.0.0.1:9464\", got {a:?}"),
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub use firma_maps as maps;
 
+pub mod admin;
 pub mod audit;
 pub mod capability;
 pub mod config;

@@ -36,12 +36,12 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
     macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use firma_maps::{
-    FAMILY_V4, FAMILY_V6, FLAG_BLOCK_QUIC, FLAG_REDIRECT_DNS, MAX_BINDINGS, MAX_EXCLUDED_CIDRS,
+    COUNTER_REDIRECTED, COUNTER_UDP443_REFUSED, COUNTERS, FAMILY_V4, FAMILY_V6, FLAG_BLOCK_QUIC, FLAG_REDIRECT_DNS, MAX_BINDINGS, MAX_EXCLUDED_CIDRS,
     MAX_EXCLUDED_PORTS, MAX_TRACKED_CONNECTIONS, MAX_TRACKED_DNS, OrigDst, PeerKey, RedirectConfig,
     WorkloadBinding, as_v4_mapped, v4_mapped,
 };
@@ -72,6 +72,18 @@ static FIRMA_DNS_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_TR
 #[map]
 static FIRMA_DNS_BY_PEER: LruHashMap<PeerKey, OrigDst> = LruHashMap::pinned(MAX_TRACKED_DNS, 0);
 /// Read by userspace only; kept in the pinned object so bindings outlive the sidecar.
+#[map]
+static FIRMA_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS, 0);
+
+/// Adds one to this CPU's slot `index` of [`FIRMA_COUNTERS`] (per-CPU: no atomics needed).
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = FIRMA_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a valid per-CPU slot; programs do not migrate CPUs while running.
+        unsafe { *slot += 1 };
+    }
+}
+
 #[map]
 static FIRMA_BINDINGS: HashMap<u64, WorkloadBinding> = HashMap::pinned(MAX_BINDINGS, 0);
 
@@ -144,6 +156,7 @@ fn classify(ctx: &SockAddrContext, cfg: &RedirectConfig, addr: &[u8; 16], port: 
     let sock_type = unsafe { (*ctx.sock_addr).type_ };
     if sock_type == SOCK_DGRAM {
         if port == QUIC_PORT && cfg.flags & FLAG_BLOCK_QUIC != 0 {
+            count(COUNTER_UDP443_REFUSED);
             return Verdict::Refuse;
         }
         return Verdict::Untouched;
@@ -215,6 +228,7 @@ pub fn firma_connect4(ctx: SockAddrContext) -> i32 {
                 warn!(&ctx, "no redirect config or map full; refusing connect");
                 return REFUSE;
             }
+            count(COUNTER_REDIRECTED);
             // SAFETY: writes to user_ip4/user_port are allowed for connect4.
             unsafe {
                 (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(cfg.listen_v4);
@@ -290,6 +304,7 @@ pub fn firma_connect6(ctx: SockAddrContext) -> i32 {
                 warn!(&ctx, "no redirect config or map full; refusing connect");
                 return REFUSE;
             }
+            count(COUNTER_REDIRECTED);
             // A v4-mapped destination stays v4-mapped (a dual-stack socket), aimed at the v4
             // listener; a real IPv6 destination goes to the v6 listener.
             let target = if mapped {
@@ -315,6 +330,7 @@ fn refuse_quic(ctx: &SockAddrContext) -> i32 {
     let port = port_from_user(unsafe { (*ctx.sock_addr).user_port });
     if port == QUIC_PORT && cfg.flags & FLAG_BLOCK_QUIC != 0 {
         debug!(ctx, "refused UDP/443 (QUIC) sendmsg");
+        count(COUNTER_UDP443_REFUSED);
         REFUSE
     } else {
         ALLOW

@@ -36,6 +36,15 @@ pub const MAP_DNS_BY_PEER: &str = "FIRMA_DNS_BY_PEER";
 /// Name of the map cgroup id -> [`WorkloadBinding`]; only userspace reads it. It lives in the
 /// pinned object so a restarted sidecar recovers bindings made at runtime.
 pub const MAP_BINDINGS: &str = "FIRMA_BINDINGS";
+/// Name of the per-CPU array of event counters (`u64`, indexed by `COUNTER_*`): the programs
+/// increment their CPU's slot without atomics; userspace sums the slots at scrape time.
+pub const MAP_COUNTERS: &str = "FIRMA_COUNTERS";
+/// [`MAP_COUNTERS`] slot: TCP connects redirected to the sidecar.
+pub const COUNTER_REDIRECTED: u32 = 0;
+/// [`MAP_COUNTERS`] slot: UDP/443 (QUIC) connects and sends refused.
+pub const COUNTER_UDP443_REFUSED: u32 = 1;
+/// Slots in [`MAP_COUNTERS`].
+pub const COUNTERS: u32 = 2;
 
 /// Capacity of the connection-tracking maps (LRU: the oldest entry goes first when full).
 pub const MAX_TRACKED_CONNECTIONS: u32 = 65_536;

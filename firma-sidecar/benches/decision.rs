@@ -1,4 +1,5 @@
-//! Hot-path costs: mapping lookup, Stage 1 lookup, Stage 2 Cedar evaluation, audit signing.
+//! Hot-path costs: mapping lookup, Stage 1 lookup, Stage 2 Cedar evaluation, audit signing, and
+//! the per-request metric hooks (off, then on).
 //! `cargo bench -p firma-sidecar`. The seeds' budgets: Stage 1 < 1 ms, Stage 2 < 200 µs.
 
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
@@ -247,5 +248,43 @@ fn audit(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, mapping, stage1, stage2, audit);
+/// Every metric hook one allowed request passes through, with metrics off (no admin listener:
+/// each hook is one atomic load) and on. Must be last: enabling is process-wide and one-way.
+fn metrics(c: &mut Criterion) {
+    use firma_sidecar::metrics::{self, Stage};
+    use std::time::{Duration, Instant};
+    let mut decision = Decision::deny(firma_sidecar::pipeline::DenyReason::PolicyDenied, "");
+    decision.outcome = Outcome::Allow;
+    decision.reason = None;
+    decision.action_class = Some("model.inference.chat".into());
+    decision.timings_us = vec![("classify_us", 1), ("stage1_us", 2), ("stage2_us", 9)];
+    let outcome = ConnectorOutcome {
+        credential_injected: true,
+        credential_source: Some("basic"),
+        upstream_status: Some(200),
+        ..Default::default()
+    };
+    let per_request = |decision: &Decision, outcome: &ConnectorOutcome| {
+        let start = Instant::now();
+        let conn = metrics::connection(InterceptKind::HttpProxy);
+        metrics::decision(black_box(decision));
+        metrics::credential_fetch("basic", true);
+        metrics::stage(Stage::Connector, Duration::from_micros(30));
+        metrics::outcome(black_box(outcome));
+        metrics::audit_write(Duration::from_micros(20));
+        metrics::overhead(start);
+        drop(conn);
+    };
+    let mut g = c.benchmark_group("metrics");
+    g.bench_function("per_request_hooks_off", |b| {
+        b.iter(|| per_request(&decision, &outcome))
+    });
+    metrics::enable();
+    g.bench_function("per_request_hooks_on", |b| {
+        b.iter(|| per_request(&decision, &outcome))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, mapping, stage1, stage2, audit, metrics);
 criterion_main!(benches);

@@ -1,6 +1,6 @@
 //! `[sidecar.*]`: the enforcement sidecar's section of `firma.toml`.
 
-use firma_common::config::{ConfigError, check_log_level};
+use firma_common::config::{ConfigError, LogFormat, check_admin_addr, check_log_level};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -33,9 +33,19 @@ pub struct SidecarConfig {
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
     pub dns: DnsConfig,
     #[serde(default)]
     pub llm: LlmConfig,
+}
+
+/// `[sidecar.admin]`: the admin listener (`/metrics`, `/healthz`, `/readyz`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// e.g. `"127.0.0.1:9464"`; no admin listener (and no metrics recorded) when unset.
+    pub listen_addr: Option<String>,
 }
 
 /// `[sidecar.dns]`: the DNS guard of transparent mode (`redirect_dns`). Tagged workloads resolve
@@ -660,15 +670,20 @@ pub struct AuditConfig {
 pub struct LogConfig {
     #[serde(default = "default_level")]
     pub level: String,
+    /// `text` or `json`; `--log-format` on the command line wins.
+    #[serde(default)]
+    pub format: LogFormat,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: default_level(),
+            format: LogFormat::Text,
         }
     }
 }
+
 fn default_level() -> String {
     "info".into()
 }
@@ -689,6 +704,11 @@ impl SidecarConfig {
     /// Cross-field rules that serde cannot express.
     pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         check_log_level(file, "sidecar.log.level", &self.log.level)?;
+        check_admin_addr(
+            file,
+            "sidecar.admin.listen_addr",
+            self.admin.listen_addr.as_deref(),
+        )?;
         if self
             .interceptor
             .listen_addr

@@ -16,6 +16,7 @@ pub mod dns;
 pub mod drain;
 pub mod ebpf;
 pub mod interceptor;
+pub mod metrics;
 pub mod pipeline;
 pub mod response;
 pub mod server;

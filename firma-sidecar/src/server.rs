@@ -37,6 +37,8 @@ pub enum SidecarError {
     Leaf(#[from] LeafError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Admin(#[from] firma_common::admin::AdminError),
 }
 
 /// Embedding conversions: the message carries the cause, so it is not chained too.
@@ -72,6 +74,7 @@ impl SidecarError {
                 AuditError::Grpc(_) => "sidecar.audit.grpc_url",
                 AuditError::Startup(_) => "sidecar.audit",
             }),
+            Self::Admin(_) => Some("sidecar.admin.listen_addr"),
             Self::Transparent(transparent::TransparentError::Pins(_)) => {
                 Some("sidecar.interceptor.transparent.pin_dir")
             }
@@ -104,9 +107,17 @@ impl From<CaError> for SidecarError {
 
 fn log_effective_config(cfg: &SidecarConfig) {
     let mitm = &cfg.interceptor.https_mitm;
+    // Each mode logs the address it listens on: `listen_addr` is the http_proxy listener only.
+    let listen = match cfg.interceptor.mode {
+        InterceptMode::HttpProxy => cfg.interceptor.listen_addr.clone(),
+        InterceptMode::Transparent => format!(
+            "127.0.0.1:{0} and [::1]:{0}",
+            cfg.interceptor.transparent.port
+        ),
+    };
     tracing::info!(
         mode = ?cfg.interceptor.mode,
-        listen_addr = %cfg.interceptor.listen_addr,
+        listen = %listen,
         drain_timeout_secs = cfg.interceptor.drain_timeout_secs,
         mitm_enabled = mitm.enabled,
         intercept_hosts = ?mitm.intercept_hosts,
@@ -169,7 +180,14 @@ where
     };
     // Before anything opens descriptors that count against the reserve.
     let nofile = limits::raise_nofile();
+    // Before anything records: recording is off without an admin listener.
+    let metrics = cfg
+        .admin
+        .listen_addr
+        .as_ref()
+        .map(|_| crate::metrics::enable());
     let audit = AuditLog::start(&cfg.audit).await?;
+    let first_conn_id = crate::audit::next_conn_id(&cfg.audit);
     let pipeline = Pipeline::start(cfg).await?;
     let drain = Drain::new();
     let limits = Limits::from_config(&cfg.limits, nofile, limits::open_fds());
@@ -180,11 +198,12 @@ where
         mitm,
         drain.clone(),
     ));
+    state.resume_conn_ids(first_conn_id);
 
     // Register signals before announcing readiness so an early SIGTERM still drains.
     let stop = stop()?;
 
-    match cfg.interceptor.mode {
+    let kernel: Option<Arc<dyn crate::metrics::KernelState>> = match cfg.interceptor.mode {
         InterceptMode::HttpProxy => {
             let addr = &cfg.interceptor.listen_addr;
             let listener = tokio::net::TcpListener::bind(addr)
@@ -199,10 +218,20 @@ where
             })?;
             tracing::info!(target: "firma_sidecar", "http_proxy listening on {local}");
             drain.spawn(http_proxy::serve(state.clone(), listener, limits));
+            None
         }
         InterceptMode::Transparent => {
-            transparent::serve(state.clone(), cfg, drain.clone(), limits).await?;
+            Some(transparent::serve(state.clone(), cfg, drain.clone(), limits).await?)
         }
+    };
+    if let (Some(addr), Some(metrics)) = (&cfg.admin.listen_addr, metrics) {
+        let admin = crate::metrics::SidecarAdmin {
+            metrics,
+            state: state.clone(),
+            kernel,
+        };
+        let local = firma_common::admin::serve(addr, Arc::new(admin)).await?;
+        tracing::info!(target: "firma_sidecar", "admin listening on {local} (/metrics, /healthz, /readyz)");
     }
     tracing::info!(target: "firma_sidecar", "sidecar ready");
     ready();

@@ -134,6 +134,12 @@ impl SidecarState {
         }
     }
 
+    /// Continues connection ids after `first - 1`, so that ids stay unique within an audit
+    /// chain resumed after a restart.
+    pub fn resume_conn_ids(&self, first: u64) {
+        self.next_conn_id.fetch_max(first, Ordering::Relaxed);
+    }
+
     /// TLS plan for `host` as seen by `conn`'s client; without MITM everything is tunnelled.
     pub fn tls_plan(&self, conn: &ConnectionInfo, host: &str) -> TlsPlan {
         self.mitm

@@ -56,7 +56,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             public_key,
             log_level,
         } => {
-            crate::logging::init(&log_level);
+            crate::logging::init(&log_level, firma_common::config::LogFormat::Text);
             let collector =
                 firma_authority::collector::Collector::open(&output, keys(&public_key)?)?;
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;

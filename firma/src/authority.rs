@@ -101,7 +101,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn serve(cfg: &AuthorityConfig) -> anyhow::Result<ExitCode> {
-    crate::logging::init(&cfg.log_level);
+    crate::logging::init(&cfg.log_level, cfg.log_format);
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -23,6 +23,10 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "firma", version, about = "Egress enforcement for AI agents")]
 struct Cli {
+    /// Log line format of long-running commands (overrides the config's `log.format` /
+    /// `log_format`): `text` (colours only on a terminal) or `json`.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<logging::CliLogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,6 +67,7 @@ fn describe(e: &anyhow::Error) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    logging::set_cli_format(cli.log_format);
     let result = match cli.command {
         // Its own exit codes: CMD's status, or 78/125/126/127 (run/mod.rs).
         Command::Run(a) => return run::run(a),

@@ -27,7 +27,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let file = FirmaConfig::load(&args.config).map_err(ConfigFailure)?;
     let cfg = file.sidecar().map_err(ConfigFailure)?.clone();
-    crate::logging::init(&cfg.log.level);
+    crate::logging::init(&cfg.log.level, cfg.log.format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

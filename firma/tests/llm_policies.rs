@@ -187,7 +187,7 @@ when {
 
 fn llm_extra(state: &std::path::Path) -> String {
     format!(
-        "[sidecar.llm]\nusage_state_path = {:?}\n\n[[sidecar.llm.prices]]\nmodel = \"gpt-4o-mini\"\ninput_per_1k_usd = 0.15\noutput_per_1k_usd = 0.6\n",
+        "[sidecar.llm]\nusage_state_path = {:?}\n\n[[sidecar.llm.prices]]\nmodel = \"gpt-4o-mini\"\ninput_per_1k_usd = 0.15\noutput_per_1k_usd = 0.6\n\n[sidecar.admin]\nlisten_addr = \"127.0.0.1:0\"\n",
         state.display().to_string()
     )
 }
@@ -237,6 +237,26 @@ fn usage_from_json_and_sse_counts_against_the_session_budget_across_restarts() {
     assert!(out.body.contains("data: [DONE]"), "{}", out.body);
     let o = usage_outcomes(&d, 2);
     assert_eq!(o[1]["connector"]["usage"]["total_tokens"], 200);
+    // The same usage on the admin listener's /metrics (README "Metrics and health").
+    let scrape = admin_metrics(&sc);
+    let sample = |series: &str| {
+        scrape
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+    };
+    assert_eq!(
+        sample("firma_sidecar_llm_tokens_total{direction=\"input\",model=\"gpt-4o-mini\"}"),
+        Some(200.0),
+        "{scrape}"
+    );
+    assert_eq!(
+        sample("firma_sidecar_llm_tokens_total{direction=\"output\",model=\"gpt-4o-mini\"}"),
+        Some(250.0),
+        "{scrape}"
+    );
+    let cost = sample("firma_sidecar_llm_cost_usd_total{model=\"gpt-4o-mini\"}").unwrap();
+    assert!((cost - 0.18).abs() < 1e-6, "{scrape}");
 
     // 3. The next call is denied: the budget ran out.
     let out = post(&sc, &d, CHAT, r#"{"model":"gpt-4o-mini","max_tokens":1}"#);
@@ -403,4 +423,16 @@ fn llm_policy_and_usage_in_tagged_cgroup() {
     let (code, body) = call(r#"{"model":"gpt-4o-mini","max_tokens":1}"#);
     assert_eq!(code, 403, "budget spent: {body}");
     assert_eq!(up.count(), 1);
+}
+
+/// The sidecar's `/metrics` (its admin listener address is read from the log).
+fn admin_metrics(sc: &Sidecar) -> String {
+    use std::io::{Read, Write};
+    let admin: std::net::SocketAddr = sc.logged("admin listening on ").expect("admin address");
+    let mut s = std::net::TcpStream::connect(admin).expect("admin listener");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp
 }

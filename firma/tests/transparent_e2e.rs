@@ -43,7 +43,8 @@ struct Env {
     _pins: TestPins,
 }
 
-const CREDENTIAL: &str = "[[sidecar.credentials]]\nhost = \"api.openai.com\"\nmode = \"basic\"\nheader = \"Authorization\"\nprefix = \"Bearer \"\nvalue_from_env = \"FIRMA_TEST_OPENAI_KEY\"\n";
+/// The credential, and the admin listener (metrics recorded in every transparent test).
+const CREDENTIAL: &str = "[[sidecar.credentials]]\nhost = \"api.openai.com\"\nmode = \"basic\"\nheader = \"Authorization\"\nprefix = \"Bearer \"\nvalue_from_env = \"FIRMA_TEST_OPENAI_KEY\"\n\n[sidecar.admin]\nlisten_addr = \"127.0.0.1:0\"\n";
 
 impl Env {
     /// Upstream on `DST_V4:443`, transparent sidecar started on a free port, tagged cgroup
@@ -724,4 +725,99 @@ print("CLOSED", closed)
         .collect();
     assert_eq!(warns.len(), 1, "{log}");
     assert!(warns[0].contains("client=cgroup "), "{}", warns[0]);
+}
+
+/// `GET path` on the sidecar's admin listener: (status, body).
+fn admin_get(admin: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).expect("admin listener");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.to_string())
+}
+
+/// The value of the sample line starting with `series` in a scrape.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit_once(' ')?.1.parse().ok())
+}
+
+/// The programs count redirected connects and refused UDP/443 in a per-CPU map; the sidecar's
+/// `/metrics` sums it, and `/readyz` includes the `ebpf` check.
+#[test]
+fn kernel_counters_reach_the_admin_listener() {
+    if !in_fresh_netns("kernel_counters_reach_the_admin_listener") {
+        return;
+    }
+    let env = Env::new();
+    env.attach();
+    let admin: std::net::SocketAddr = env
+        .sc
+        .as_ref()
+        .and_then(|s| s.logged("admin listening on "))
+        .expect("admin address in the log");
+    let (_, before) = admin_get(admin, "/metrics");
+    let redirected_before =
+        sample(&before, "firma_sidecar_ebpf_redirected_connects_total").expect("counter");
+    let ca = env.d.ca_cert();
+    for _ in 0..3 {
+        let run = run_client(
+            Client::Curl,
+            Some(&env.cg.dir),
+            &env.hosts,
+            &ca,
+            "https://api.openai.com/v1/models",
+            "",
+        );
+        assert_eq!(run.status, 200, "{run:?}\n{}", env.log());
+    }
+    let udp = firma_testing::client::run_in_cgroup(
+        Some(&env.cg.dir),
+        "python3",
+        &[
+            "-c",
+            &format!(
+                "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ntry:\n    s.sendto(b'x', ('{DST_V4}', 443)); print('SENT')\nexcept OSError as e:\n    print('REFUSED', e.errno)"
+            ),
+        ],
+    );
+    assert!(text(&udp.stdout).contains("REFUSED"), "{udp:?}");
+    let (code, scrape) = admin_get(admin, "/metrics");
+    assert_eq!(code, 200);
+    let redirected = sample(&scrape, "firma_sidecar_ebpf_redirected_connects_total").unwrap();
+    assert_eq!(redirected - redirected_before, 3.0, "{scrape}");
+    assert!(
+        sample(&scrape, "firma_sidecar_ebpf_udp443_refused_total").unwrap() >= 1.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        sample(&scrape, "firma_sidecar_ebpf_attached_workloads"),
+        Some(1.0)
+    );
+    assert!(
+        sample(
+            &scrape,
+            "firma_sidecar_connections_total{mode=\"transparent\"}"
+        )
+        .unwrap()
+            >= 3.0,
+        "{scrape}"
+    );
+    let (code, ready) = admin_get(admin, "/readyz");
+    assert_eq!(code, 200, "{ready}");
+    assert!(ready.contains("\"name\":\"ebpf\",\"ok\":true"), "{ready}");
 }

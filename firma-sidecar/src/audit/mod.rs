@@ -12,12 +12,14 @@
 //! events keep one shape everywhere.
 
 mod chain;
+mod conn_ids;
 mod event;
 mod grpc;
 mod recorder;
 mod writer;
 
 pub use chain::{Sealer, read_tail};
+pub use conn_ids::next_conn_id;
 pub use event::body as event_body;
 pub use recorder::{Committed, RequestAudit};
 pub use writer::Health;

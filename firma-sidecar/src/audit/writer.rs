@@ -231,7 +231,9 @@ impl Writer {
             }
         }
         if result.is_ok() {
+            let t0 = Instant::now();
             result = self.sink.write_lines(lines).map_err(|e| e.to_string());
+            crate::metrics::audit_write(t0.elapsed());
         }
         match result {
             Ok(()) => {

@@ -127,13 +127,18 @@ impl CredentialStore {
             return Ok(None);
         };
         let (secret, source) = match &e.source {
-            Source::Basic(s) => (s.clone(), "basic"),
+            Source::Basic(s) => {
+                crate::metrics::credential_fetch("basic", true);
+                (s.clone(), "basic")
+            }
             Source::Vault { path, key } => {
                 let vault = self.vault.as_ref().ok_or(VaultError::NoAuth {
                     role_env: String::new(),
                     secret_env: String::new(),
                 })?;
-                (vault.get(path, key).await?, "vault")
+                let fetched = vault.get(path, key).await;
+                crate::metrics::credential_fetch("vault", fetched.is_ok());
+                (fetched?, "vault")
             }
         };
         let value = header_value(&e.prefix, &secret).ok_or_else(|| CredentialError::BadValue {

@@ -21,11 +21,12 @@ pub use settings::{Cidr, RedirectSettings};
 pub use workloads::Bound;
 
 use crate::conn::Workload;
-use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key};
+use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use aya::{Ebpf, EbpfLoader};
 use firma_common::maps::{
-    MAP_BINDINGS, MAP_BY_COOKIE, MAP_BY_PEER, MAP_CONFIG, MAP_DNS_BY_PEER, MAP_EXCLUDED_PORTS,
-    MAP_EXCLUDED_V4, MAP_EXCLUDED_V6, OrigDst, PeerKey, RedirectConfig, WorkloadBinding,
+    COUNTER_REDIRECTED, COUNTER_UDP443_REFUSED, MAP_BINDINGS, MAP_BY_COOKIE, MAP_BY_PEER,
+    MAP_CONFIG, MAP_COUNTERS, MAP_DNS_BY_PEER, MAP_EXCLUDED_PORTS, MAP_EXCLUDED_V4,
+    MAP_EXCLUDED_V6, OrigDst, PeerKey, RedirectConfig, WorkloadBinding,
 };
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -112,6 +113,15 @@ pub struct AttachOutcome {
     pub links_created: usize,
 }
 
+/// What `detach` did: the same numbers the log line reports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DetachOutcome {
+    pub cgroup_path: String,
+    pub cgroup_id: u64,
+    /// Pinned links removed (7 for a fully attached cgroup).
+    pub links_removed: usize,
+}
+
 /// Mutable kernel state, behind one lock (attach/detach/configure are rare).
 struct Control {
     _ebpf: Ebpf,
@@ -129,6 +139,8 @@ pub struct Redirector {
     control: Mutex<Control>,
     by_peer: BpfHashMap<MapData, PeerKey, OrigDst>,
     by_cookie: BpfHashMap<MapData, u64, OrigDst>,
+    /// Per-CPU event counters written by the programs (`COUNTER_*`), read for metrics.
+    counters: Option<PerCpuArray<MapData, u64>>,
     dns_by_peer: BpfHashMap<MapData, PeerKey, OrigDst>,
     registry: Registry,
     cgroup2: Cgroup2,
@@ -177,6 +189,10 @@ impl Redirector {
             BpfHashMap::try_from(take(&mut ebpf, MAP_BY_PEER)?).map_err(map_err(MAP_BY_PEER))?;
         let by_cookie = BpfHashMap::try_from(take(&mut ebpf, MAP_BY_COOKIE)?)
             .map_err(map_err(MAP_BY_COOKIE))?;
+        // Absent only when programs pinned by an older sidecar were adopted with their maps.
+        let counters = ebpf
+            .take_map(MAP_COUNTERS)
+            .and_then(|m| PerCpuArray::try_from(m).ok());
         let dns_by_peer = BpfHashMap::try_from(take(&mut ebpf, MAP_DNS_BY_PEER)?)
             .map_err(map_err(MAP_DNS_BY_PEER))?;
         let adopted_programs = programs.adopted;
@@ -195,6 +211,7 @@ impl Redirector {
             control: Mutex::new(control),
             by_peer,
             by_cookie,
+            counters,
             dns_by_peer,
             registry,
             cgroup2,
@@ -204,6 +221,20 @@ impl Redirector {
         };
         this.readopt()?;
         Ok((this, logger))
+    }
+
+    /// (redirected TCP connects, refused UDP/443) counted by the programs since the counter
+    /// map was created, summed over CPUs.
+    pub fn kernel_counters(&self) -> (u64, u64) {
+        let Some(c) = &self.counters else {
+            return (0, 0);
+        };
+        let sum = |i: u32| {
+            c.get(&i, 0)
+                .map(|per_cpu| per_cpu.iter().copied().fold(0u64, u64::wrapping_add))
+                .unwrap_or(0)
+        };
+        (sum(COUNTER_REDIRECTED), sum(COUNTER_UDP443_REFUSED))
     }
 
     /// Programs found pinned at start (0 on a fresh machine, 7 after a restart).
@@ -304,7 +335,7 @@ impl Redirector {
     }
 
     /// Removes everything `attach` added for the cgroup: its links and its binding.
-    pub fn detach(&self, target: &Target) -> Result<AttachOutcome, EbpfError> {
+    pub fn detach(&self, target: &Target) -> Result<DetachOutcome, EbpfError> {
         let (id, path) = match self.resolve(target) {
             Ok(cg) => (cg.id, cg.path),
             // The cgroup may be gone already; find it by its recorded path.
@@ -326,10 +357,10 @@ impl Redirector {
             return Err(EbpfError::NotAttached(path));
         }
         tracing::info!(cgroup = %path, cgroup_id = id, links_removed = removed, "workload detached");
-        Ok(AttachOutcome {
+        Ok(DetachOutcome {
             cgroup_path: path,
             cgroup_id: id,
-            links_created: 0,
+            links_removed: removed,
         })
     }
 

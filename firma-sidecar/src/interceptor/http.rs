@@ -330,6 +330,7 @@ async fn handle_request(
     mut req: Request<Incoming>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<RespBody> {
+    let arrived = std::time::Instant::now();
     let method = req.method().clone();
     // gRPC clients get denials and aborts as grpc-status, everything else the JSON bodies.
     let grpc = crate::connector::is_grpc(req.headers());
@@ -417,10 +418,14 @@ async fn handle_request(
     }
     if !decision.is_allow() {
         rec.deny(&decision);
+        crate::metrics::overhead(arrived);
         discard_body(req.into_body()).await;
         return deny(&decision);
     }
-    let prepared = match state.connector.prepare(req, up, conn).await {
+    let connecting = std::time::Instant::now();
+    let prepared = state.connector.prepare(req, up, conn).await;
+    crate::metrics::stage(crate::metrics::Stage::Connector, connecting.elapsed());
+    let prepared = match prepared {
         Ok(p) => p,
         Err((Failure::CredentialUnavailable(detail), _)) => {
             // Fail closed: the allow becomes a denial; nothing was sent upstream.
@@ -445,6 +450,7 @@ async fn handle_request(
         Ok(c) => c,
         Err((rec, e)) => return deny(&rec.deny_unaudited(&e)),
     };
+    crate::metrics::overhead(arrived);
     if let Some(client) = upgrade {
         return match state.connector.send_upgrade(prepared).await {
             Ok((resp, Some(upstream), outcome)) => {
@@ -509,10 +515,16 @@ fn track_usage(
         .map(|c| (c.session_id.clone(), c.agent_id.clone()));
     let pipeline = state.pipeline.clone();
     let price = model.as_deref().and_then(|m| state.connector.price(m));
+    // Priced models are configured (bounded); any other name the client sent is `other`.
+    let model_label = match (&model, price) {
+        (Some(m), Some(_)) => m.clone(),
+        _ => "other".to_string(),
+    };
     let done: Done = Box::new(move |tokens, complete| {
         let mut outcome = committed.outcome_mut().clone();
         if let Some(t) = tokens {
             let cost = price.map(|p| crate::connector::usage::cost_nano_usd(p, t));
+            crate::metrics::llm_usage(model_label, t.input, t.output, cost);
             if let Some((session, agent)) = &who {
                 pipeline.usage().add(
                     session,

@@ -100,7 +100,7 @@ pub async fn serve(
     cfg: &SidecarConfig,
     shutdown: Drain,
     limits: Arc<Limits>,
-) -> Result<(), TransparentError> {
+) -> Result<Arc<Redirector>, TransparentError> {
     let t = &cfg.interceptor.transparent;
     let mut settings = RedirectSettings::from_config(t)?;
     settings.dns_port = cfg.dns.port;
@@ -187,7 +187,7 @@ pub async fn serve(
             move |u| reject(&reject_state, u, port),
         ));
     }
-    Ok(())
+    Ok(redirector)
 }
 
 /// Serves one redirected connection through the shared pipeline.
@@ -206,6 +206,7 @@ async fn handle(state: Arc<SidecarState>, c: Redirected) {
         Some(original_dst),
         workload,
     );
+    let _counted = crate::metrics::connection(conn.kind);
     if !has_workload {
         // The cgroup was detached between connect() and accept(): no identity, fail closed.
         let d = Decision::deny(

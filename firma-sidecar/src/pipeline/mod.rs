@@ -498,6 +498,21 @@ impl Pipeline {
         self.inner.policies.version()
     }
 
+    /// Time since the runtime bundle was last received or reloaded (metrics).
+    pub fn bundle_age(&self) -> Option<Duration> {
+        self.inner.policies.age(Instant::now())
+    }
+
+    /// `Ok` when a bundle is installed and fresh; else why every request is denied now
+    /// (readiness).
+    pub fn bundle_usable(&self) -> Result<(), String> {
+        self.inner
+            .policies
+            .usable(Instant::now())
+            .map(|_| ())
+            .map_err(|(reason, detail)| format!("{reason}: {detail}"))
+    }
+
     /// Number of revoked token ids known.
     pub fn revocation_count(&self) -> usize {
         self.inner.revoked.len()

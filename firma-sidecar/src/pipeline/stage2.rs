@@ -166,6 +166,13 @@ impl PolicyStore {
             .map(|i| i.policies.version().to_owned())
     }
 
+    /// Time since the installed bundle was last refreshed.
+    pub fn age(&self, now: Instant) -> Option<Duration> {
+        self.read()
+            .as_ref()
+            .map(|i| now.saturating_duration_since(i.refreshed))
+    }
+
     /// Waits until a bundle is installed, one is refused for the mapping rules, or `timeout`
     /// passes; returns whether one is installed.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {

@@ -385,9 +385,16 @@ fn detach_removes_everything() -> TestResult {
     let f = Fixture::new()?;
     let dst = format!("{DST_V4}:{PORT}");
     f.expect_redirected(&dst, &dst)?;
-    f.r()?
+    let out = f
+        .r()?
         .detach(&Target::Cgroup(f.cg.rel_path()))
         .map_err(|e| format!("detach: {e}"))?;
+    // What `firma sidecar detach` prints is what the log says (was `links_created: 0`).
+    check!(
+        out.links_removed == LINKS_PER_CGROUP,
+        "detach reported {} links removed",
+        out.links_removed
+    );
     let links = f.pins.dir.join("links").join(f.cgroup_id.to_string());
     check!(!links.exists(), "{} still exists", links.display());
     check!(f.r()?.status().is_empty(), "status not empty after detach");

@@ -176,7 +176,7 @@ fn run_inner(args: Args) -> Result<ExitCode, Failure> {
     let cgroup2 = privileges::check().map_err(Failure::config)?;
     let who = child::Identity::resolve(args.user.as_deref())
         .map_err(|e| Failure::config(crate::describe(&e)))?;
-    crate::logging::init(&args.log_level);
+    crate::logging::init(&args.log_level, firma_common::config::LogFormat::Text);
 
     let state_dir = args
         .state_dir
