@@ -647,8 +647,10 @@ fn hostile_dns_input_is_refused_and_audited() {
         })
         .count();
     eprintln!("flood: {decided} decided one by one, {dropped} dropped by the rate limit");
+    // Not exactly `burst` (40): the queries above already took tokens and the bucket refills at
+    // 20/s while the flood is read, and under load the kernel drops some before the guard does.
     assert!(
-        (40..400).contains(&decided) && dropped > 100,
+        (10..400).contains(&decided) && dropped > 100,
         "{decided} flood queries decided one by one, {dropped} dropped"
     );
     assert!(!env.responder.names().contains("flood"));
