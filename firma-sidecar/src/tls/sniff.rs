@@ -27,7 +27,9 @@ pub enum Sniffed {
 fn looks_like_http(buf: &[u8]) -> Option<bool> {
     for (i, b) in buf.iter().enumerate() {
         match b {
-            b'A'..=b'Z' | b'-' if i < MAX_METHOD => continue,
+            // A method is a token of capitals (and `-`, as in `M-SEARCH`), never starting with `-`.
+            b'A'..=b'Z' if i < MAX_METHOD => continue,
+            b'-' if i > 0 && i < MAX_METHOD => continue,
             b' ' if i > 0 => return Some(true),
             _ => return Some(false),
         }
@@ -116,5 +118,21 @@ fn feed(acc: &mut rustls::server::Acceptor, mut bytes: &[u8]) -> Option<Sniffed>
         Err((e, _alert)) => Some(Sniffed::Unknown {
             detail: format!("not a TLS ClientHello: {e}"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_like_http;
+
+    #[test]
+    fn a_method_starts_with_a_capital() {
+        assert_eq!(looks_like_http(b"GET / HTTP/1.1"), Some(true));
+        assert_eq!(looks_like_http(b"M-SEARCH * HTTP/1.1"), Some(true));
+        assert_eq!(looks_like_http(b"PRI * HTTP/2.0"), Some(true));
+        assert_eq!(looks_like_http(b"GE"), None);
+        // Found by the tls_sniff fuzz target: "- " was taken for a request line.
+        assert_eq!(looks_like_http(b"- -`\x16"), Some(false));
+        assert_eq!(looks_like_http(b" GET"), Some(false));
     }
 }
