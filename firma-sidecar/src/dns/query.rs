@@ -127,6 +127,15 @@ pub fn decode(bytes: &[u8]) -> Decoded {
             format!("class {}: only IN is answered", q.query_class()),
         );
     }
+    // Only host-name bytes: a label holding a dot, a space or binary (legal on the wire) would
+    // make the printed name ambiguous in the allow-list match and in the audit.
+    let host_byte = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
+    if !q.name().iter().all(|label| label.iter().all(host_byte)) {
+        return reject(
+            ResponseCode::FormErr,
+            "a label with a byte other than a letter, digit, '-' or '_': not a host name".into(),
+        );
+    }
     let mut qname = q.name().to_ascii().to_ascii_lowercase();
     if qname.ends_with('.') {
         qname.pop();
@@ -240,6 +249,18 @@ pub fn with_id(mut bytes: Vec<u8>, id: u16) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_label_that_is_not_a_host_name_is_refused() {
+        // Found by the dns_query fuzz target: a label holding a literal '.' and binary bytes.
+        let bytes = include_bytes!("../../../fuzz/corpus/dns_query/escaped-dot-label");
+        assert!(
+            matches!(decode(bytes), Decoded::Reject { .. } | Decoded::Drop { .. }),
+            "accepted {bytes:?}"
+        );
+        let ok = query("under_score.api.openai.com", RecordType::A);
+        assert!(matches!(decode(&ok), Decoded::Query(_)));
+    }
 
     fn query(name: &str, t: RecordType) -> Vec<u8> {
         let mut m = Message::new(0x1234, MessageType::Query, OpCode::Query);
