@@ -378,18 +378,9 @@ impl Connector {
         })
         .await;
         outcome.upstream_us = started.elapsed().as_micros() as u64;
-        let (resp, protocol, reused) = match sent {
-            Err(_) => {
-                return Err((
-                    Failure::UpstreamTimeout(format!(
-                        "no response from {host} ({addr}) within {} ms",
-                        timeout.as_millis()
-                    )),
-                    outcome,
-                ));
-            }
-            Ok(Err(f)) => return Err((f, outcome)),
-            Ok(Ok(r)) => r,
+        let (resp, protocol, reused) = match within(sent, &host, addr, timeout) {
+            Ok(r) => r,
+            Err(f) => return Err((f, outcome)),
         };
         outcome.upstream_status = Some(resp.status().as_u16());
         outcome.upstream_protocol = Some(protocol);
@@ -432,18 +423,9 @@ impl Connector {
         })
         .await;
         outcome.upstream_us = started.elapsed().as_micros() as u64;
-        let mut resp = match sent {
-            Err(_) => {
-                return Err((
-                    Failure::UpstreamTimeout(format!(
-                        "no response from {host} ({addr}) within {} ms",
-                        timeout.as_millis()
-                    )),
-                    outcome,
-                ));
-            }
-            Ok(Err(f)) => return Err((f, outcome)),
-            Ok(Ok(r)) => r,
+        let mut resp = match within(sent, &host, addr, timeout) {
+            Ok(r) => r,
+            Err(f) => return Err((f, outcome)),
         };
         outcome.upstream_status = Some(resp.status().as_u16());
         outcome.upstream_protocol = Some("http/1.1");
@@ -563,6 +545,21 @@ fn prepare_headers(h: &mut HeaderMap) {
     for k in firma {
         h.remove(k);
     }
+}
+
+/// The result of an upstream exchange bounded by `timeout`, its expiry as `UpstreamTimeout`.
+fn within<T>(
+    sent: Result<Result<T, Failure>, tokio::time::error::Elapsed>,
+    host: &str,
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+) -> Result<T, Failure> {
+    sent.map_err(|_| {
+        Failure::UpstreamTimeout(format!(
+            "no response from {host} ({addr}) within {} ms",
+            timeout.as_millis()
+        ))
+    })?
 }
 
 #[cfg(test)]
