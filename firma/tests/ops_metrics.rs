@@ -4,8 +4,12 @@
 //! events, per outcome; then that the sidecar's `/readyz` turns 503 naming `policy_bundle`
 //! once the authority has been gone past the bundle TTL, and 200 again after it returns.
 //! Everything listens on 127.0.0.1; Prometheus gets a generated `prometheus.yml` and a temp
-//! storage dir, no network.
+//! storage dir, no network. A second test revokes capabilities issued over gRPC through the
+//! real CLI while the sidecar is connected and checks the revocation lag histogram and the
+//! issuance counters the same way.
 
+use firma_common::proto::authority as pb;
+use firma_common::proto::authority::authority_client::AuthorityClient;
 use firma_testing::authority::Server;
 use firma_testing::client::curl;
 use firma_testing::config::PolicySource;
@@ -209,6 +213,64 @@ fn prometheus_scrapes_decisions_and_readyz_follows_the_bundle() {
     );
     assert_eq!(creds, Some(ALLOWED as f64), "one credential per allow");
     assert_eq!(conns, Some(total), "curl opens one connection per call");
+    // Per-stage timings: mapping and overhead for every request; Stage 1, Stage 2 and the
+    // connector for each allow (the unmapped requests stop at the mapping).
+    for (q, want) in [
+        (
+            "firma_sidecar_stage_duration_seconds_count{stage=\"mapping\"}",
+            total,
+        ),
+        (
+            "firma_sidecar_stage_duration_seconds_count{stage=\"stage1\"}",
+            ALLOWED as f64,
+        ),
+        (
+            "firma_sidecar_stage_duration_seconds_count{stage=\"stage2\"}",
+            ALLOWED as f64,
+        ),
+        (
+            "firma_sidecar_stage_duration_seconds_count{stage=\"connector\"}",
+            ALLOWED as f64,
+        ),
+        ("firma_sidecar_request_overhead_seconds_count", total),
+        ("firma_sidecar_mitm_handshakes_total{result=\"ok\"}", total),
+        (
+            "firma_sidecar_mitm_handshakes_total{result=\"failed\"}",
+            0.0,
+        ),
+        (
+            "firma_sidecar_leaf_cache_hits_total + firma_sidecar_leaf_certificates_minted_total",
+            total,
+        ),
+        ("sum(firma_sidecar_connections_active)", 0.0),
+        ("firma_sidecar_audit_failures_total", 0.0),
+        ("firma_sidecar_audit_sink_healthy", 1.0),
+        ("sum(firma_sidecar_upstream_errors_total)", 0.0),
+        ("firma_sidecar_rate_limited_total", 0.0),
+    ] {
+        prom.wait_for_value(q, want, Duration::from_secs(10));
+    }
+    let writes = prom
+        .scalar("firma_sidecar_audit_write_duration_seconds_count")
+        .unwrap_or(0.0);
+    assert!(
+        writes >= 1.0 && writes <= d.audit().len() as f64,
+        "audit write batches {writes}"
+    );
+    // The sidecar runs the bundle version the authority serves.
+    let versions = |q: &str| -> Vec<String> {
+        prom.query(q)
+            .iter()
+            .filter_map(|(m, _)| m["version"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let sidecar_version = versions("firma_sidecar_bundle_info == 1");
+    assert_eq!(
+        sidecar_version,
+        versions("firma_authority_bundle_info{kind=\"runtime\"} == 1"),
+        "bundle versions"
+    );
+    assert_eq!(sidecar_version.len(), 1);
     // Decisions plus allowed outcomes, all persisted (the file may hold a recovery line more).
     assert_eq!(
         audit_written,
@@ -333,6 +395,12 @@ fn prometheus_sees_the_revocation_lag_of_every_revocation() {
         assert!(text(&out.stdout).contains(&format!("revoked {id}")));
     };
 
+    // The issuance policy permits everything but payment transfers.
+    std::fs::write(
+        d.root().join("issuance/no-payments.cedar"),
+        "forbid (principal, action == Firma::Action::\"payment.transfer\", resource);\n",
+    )
+    .expect("issuance policy");
     let mut authority = Server::start(&d.config);
     let _sidecar = Sidecar::start(&d.config, &[("FIRMA_TEST_OPENAI_KEY", "sk-canary-10")]);
     let sidecar_url = format!("http://127.0.0.1:{}", ops.sidecar_admin);
@@ -353,10 +421,60 @@ fn prometheus_sees_the_revocation_lag_of_every_revocation() {
         Some(0.0)
     );
 
-    // Live revocations through the CLI.
+    // Capabilities issued over gRPC (the in-tree tonic client), plus one denied and one
+    // invalid request; then the issued ones revoked through the CLI, live.
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let url = authority.url();
+    let (token_ids, refused) = rt.block_on(async {
+        let mut c = AuthorityClient::connect(url).await.expect("connect");
+        let ask = |action: &str, ttl: i64| pb::IssuanceRequest {
+            agent_id: "tenant-acme".into(),
+            session_id: "ops-1".into(),
+            requested_actions: vec![action.into()],
+            resource_scope: "*".into(),
+            requested_ttl_seconds: ttl,
+        };
+        let mut ids = Vec::new();
+        for _ in 0..N_LIVE {
+            match c.issue_capability(ask("model.inference.chat", 600)).await {
+                Ok(r) => match r.into_inner().result {
+                    Some(pb::issuance_response::Result::Allowed(cap)) => ids.push(cap.token_id),
+                    other => panic!("issuance: {other:?}"),
+                },
+                Err(s) => panic!("issuance: {s}"),
+            }
+        }
+        let denied = c
+            .issue_capability(ask("payment.transfer", 600))
+            .await
+            .expect("answered")
+            .into_inner();
+        let invalid = c.issue_capability(ask("no.such.class", 600)).await;
+        (ids, (denied, invalid.map(|r| r.into_inner())))
+    });
+    assert!(
+        matches!(
+            refused.0.result,
+            Some(pb::issuance_response::Result::Denied(_))
+        ),
+        "{refused:?}"
+    );
+    assert!(refused.1.is_err(), "unknown action class: {:?}", refused.1);
+    wait(
+        "firma_authority_issuances_total{result=\"allowed\",reason=\"\"}",
+        N_LIVE,
+    );
+    wait(
+        "firma_authority_issuances_total{result=\"denied\",reason=\"IssuanceDenied\"}",
+        1,
+    );
+    wait(
+        "firma_authority_issuances_total{result=\"invalid\",reason=\"InvalidRequest\"}",
+        1,
+    );
     let issued = Instant::now();
-    for i in 0..N_LIVE {
-        revoke(&format!("live-{i}"));
+    for id in &token_ids {
+        revoke(id);
     }
     wait("firma_sidecar_revocation_lag_seconds_count", N_LIVE);
     eprintln!(
