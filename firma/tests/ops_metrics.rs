@@ -271,6 +271,13 @@ fn prometheus_scrapes_decisions_and_readyz_follows_the_bundle() {
         "bundle versions"
     );
     assert_eq!(sidecar_version.len(), 1);
+    // The authority re-sends every second: the bundle never gets near the sidecar's TTL.
+    let age = prom.scalar("firma_sidecar_bundle_age_seconds");
+    assert!(
+        age.is_some_and(|a| (0.0..SIDECAR_BUNDLE_TTL as f64).contains(&a)),
+        "bundle age {age:?}"
+    );
+    assert_eq!(prom.scalar("firma_sidecar_bundle_fresh"), Some(1.0));
     // Decisions plus allowed outcomes, all persisted (the file may hold a recovery line more).
     assert_eq!(
         audit_written,
@@ -486,6 +493,11 @@ fn prometheus_sees_the_revocation_lag_of_every_revocation() {
         N_LIVE,
     );
     wait("firma_authority_revocations_recorded_total", N_LIVE);
+    // One stream, so the authority sent the replay (2) and each live revocation once.
+    wait(
+        "firma_authority_stream_sends_total{stream=\"revocations\"}",
+        N_LIVE + 2,
+    );
     wait("firma_sidecar_revocations", N_LIVE + 2);
     let sum = value("firma_sidecar_revocation_lag_seconds_sum").unwrap_or(f64::NAN);
     eprintln!("PROMETHEUS live lag: count {N_LIVE}, sum {sum:.3} s");
