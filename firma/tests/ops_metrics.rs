@@ -570,4 +570,15 @@ fn prometheus_sees_the_revocation_lag_of_every_revocation() {
     for line in scrape.lines().filter(|l| l.contains("revocation")) {
         eprintln!("SCRAPE {line}");
     }
+    eprintln!(
+        "PROMETHEUS authority issuances before the restart: {:?}",
+        prom.query("sum by (result, reason) (max_over_time(firma_authority_issuances_total[1m]))")
+    );
+    let (_, scrape) = get(&format!("http://127.0.0.1:{}/metrics", ops.authority_admin));
+    for line in scrape
+        .lines()
+        .filter(|l| l.contains("revocation") && !l.starts_with("# HELP"))
+    {
+        eprintln!("AUTHORITY SCRAPE (restarted) {line}");
+    }
 }
