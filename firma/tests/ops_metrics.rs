@@ -168,6 +168,16 @@ fn prometheus_scrapes_decisions_and_readyz_follows_the_bundle() {
         prom.scalar("sum(firma_sidecar_stage_duration_seconds_count{stage=\"upstream\"})");
     let creds =
         prom.scalar("sum(firma_sidecar_credential_fetches_total{source=\"basic\",result=\"ok\"})");
+    // Lines nobody waits for (outcomes, denials) reach the file up to 100 ms after their
+    // request (docs/architecture.md, audit): wait until a scrape and the file agree.
+    assert_eventually(
+        Duration::from_secs(20),
+        "audit_events_written = lines in the audit file",
+        || {
+            prom.scalar("firma_sidecar_audit_events_written_total")
+                == Some(d.audit().len() as f64)
+        },
+    );
     let audit_written = prom.scalar("firma_sidecar_audit_events_written_total");
     let streams = prom.query("firma_authority_connected_sidecars");
     let sends = prom.scalar("sum(firma_authority_stream_sends_total)");

@@ -151,7 +151,7 @@ impl CompiledPolicies {
             Ok((request, entities)) => {
                 let resp = self
                     .authorizer
-                    .is_authorized(&request, &action.policies, &*entities);
+                    .is_authorized(&request, &action.policies, &entities);
                 let mut determining: Vec<String> =
                     resp.diagnostics().reason().map(|p| p.to_string()).collect();
                 determining.sort();
