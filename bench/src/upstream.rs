@@ -71,7 +71,22 @@ enum Backend {
     },
     /// One access-log line per request: `I` when `Authorization` was the injected credential,
     /// `-` otherwise (an nginx `map`), counted by reading the log.
-    Nginx { _process: Process, log: PathBuf },
+    Nginx { _process: Nginx, log: PathBuf },
+}
+
+/// The nginx master, stopped with SIGTERM on drop (nginx's fast shutdown, which also ends its
+/// workers; a SIGKILL would leave the workers running), then killed by its handle if it lingers.
+struct Nginx(Process);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let pid = self.0.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.0.alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 pub struct Upstream {
@@ -244,13 +259,13 @@ http {{
             .arg(dir.join("error.log"))
             .arg("-c")
             .arg(&conf_path);
-        let mut process = Process::spawn(cmd).context("spawn nginx")?;
+        let mut process = Nginx(Process::spawn(cmd).context("spawn nginx")?);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(bind).is_err() {
-            if !process.alive() || Instant::now() > deadline {
+            if !process.0.alive() || Instant::now() > deadline {
                 bail!(
                     "nginx did not listen on {bind}: {}{}",
-                    process.log_text(),
+                    process.0.log_text(),
                     std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
                 );
             }
