@@ -54,10 +54,14 @@ impl Deployment {
         // The audit file sink runs with its default fsync policy.
         let mut t = SidecarToml::deployment(root);
         t.mode = mode.clone();
+        // Strict: a host whose credential the sidecar injects is never tunnelled blind. Without
+        // it, one client connection that ends mid-handshake (hey cancels its in-flight dials
+        // when a run ends) switches every connection of that client (the peer IP, or the
+        // cgroup in transparent mode) to a denied blind tunnel for 300 s: docs/benchmarks.md.
         t.mitm = Some(Mitm {
             enabled: true,
             intercept_hosts: vec![HOST.into()],
-            strict_hosts: None,
+            strict_hosts: Some(vec![HOST.into()]),
         });
         t.extra_root_certs = vec![upstream_ca.to_path_buf()];
         if let Mode::HttpProxy = mode {

@@ -94,6 +94,15 @@ pub struct Run {
     pub aborted_handshakes: Option<u64>,
 }
 
+/// The WARN and ERROR lines of a proxy's log (the last `n`), shown when a run had errors.
+pub fn log_tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// What a run needs besides its target.
 pub struct Env<'a> {
     pub args: &'a RunArgs,
@@ -191,6 +200,9 @@ pub fn measure(
         result.errors,
         cpu_s_per_10k.map_or(String::new(), |c| format!(", {c:.2} CPU-s/10k")),
     );
+    if let Some(e) = &result.first_error {
+        eprintln!("    first error: {e}");
+    }
     Ok(Run {
         target: t.name.clone(),
         load,

@@ -333,7 +333,19 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                         );
                     }
                     match r {
-                        Ok(run) => runs.push(run),
+                        Ok(run) => {
+                            if run.result.errors > 0 && t.name.starts_with("firma") {
+                                let log = match (&with_metrics, t.name.as_str()) {
+                                    (Some((_, scm, _)), METRICS_ON) => scm.log_text(),
+                                    _ => sc.log_text(),
+                                };
+                                eprintln!(
+                                    "sidecar log (WARN/ERROR, last 20):\n{}",
+                                    crate::measure::log_tail(&log, 20)
+                                );
+                            }
+                            runs.push(run)
+                        }
                         Err(e) if peers.iter().any(|p| p.name == t.name) => {
                             // A peer that fails is reported, not fatal: Firma's figures stand.
                             let why = format!("{e:#}");

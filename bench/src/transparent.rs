@@ -380,6 +380,12 @@ fn inner_run(args: &RunArgs) -> anyhow::Result<()> {
                 }
                 match r {
                     Ok(run) => {
+                        if run.result.errors > 0 && t.via {
+                            eprintln!(
+                                "transparent sidecar log (WARN/ERROR, last 20):\n{}",
+                                crate::measure::log_tail(&sc.log_text(), 20)
+                            );
+                        }
                         if t.via {
                             served += run.served as u64;
                             tagged_ok += run.result.ok as u64;
