@@ -50,6 +50,7 @@ pub struct Metrics {
     sends: [Counter; 2],
     bundle_info: Family<BundleLabels, Gauge>,
     revocations: Gauge,
+    revocations_recorded: Counter,
 }
 
 impl Metrics {
@@ -89,6 +90,12 @@ impl Metrics {
             "Revoked capability ids in the revocation file (as streamed to sidecars)",
             revocations.clone(),
         );
+        let revocations_recorded = Counter::default();
+        r.register(
+            "revocations_recorded",
+            "Revocations picked up from the revocation file after startup (each then streamed to every connected sidecar)",
+            revocations_recorded.clone(),
+        );
         Self {
             registry: r,
             issuances,
@@ -96,6 +103,7 @@ impl Metrics {
             sends: sends_h,
             bundle_info,
             revocations,
+            revocations_recorded,
         }
     }
 }
@@ -123,6 +131,14 @@ pub fn issuance(result: Result<(), DenialCode>) {
         },
     };
     m.issuances.get_or_create(&labels).inc();
+}
+
+/// `n` revocations new to the authority were read from the revocation file.
+pub fn revocations_recorded(n: usize) {
+    if let Some(m) = METRICS.get() {
+        m.revocations_recorded
+            .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+    }
 }
 
 /// One message sent on a sidecar stream.

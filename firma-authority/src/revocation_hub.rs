@@ -5,7 +5,7 @@
 //! appends by another process (`firma authority revocations add`), atomic replacements by
 //! `compact` and edits on any filesystem, and keeps the 1 s propagation promise with margin.
 
-use crate::revocations::RevocationFile;
+use crate::revocations::{RevocationEntry, RevocationFile};
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,17 +19,18 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 #[derive(Default)]
 struct State {
     known: HashSet<String>,
-    order: Vec<String>,
+    order: Vec<RevocationEntry>,
 }
 
-/// Revoked ids in arrival order plus a broadcast of new ones.
+/// Revoked ids (with their revocation time, when recorded) in arrival order plus a broadcast of
+/// new ones.
 pub struct RevocationHub {
     state: Mutex<State>,
-    tx: broadcast::Sender<String>,
+    tx: broadcast::Sender<RevocationEntry>,
 }
 
 impl RevocationHub {
-    pub fn new(initial: impl IntoIterator<Item = String>) -> Arc<Self> {
+    pub fn new(initial: impl IntoIterator<Item = RevocationEntry>) -> Arc<Self> {
         let (tx, _) = broadcast::channel(1024);
         let hub = Arc::new(Self {
             state: Mutex::new(State::default()),
@@ -41,20 +42,21 @@ impl RevocationHub {
 
     /// A consistent snapshot and a receiver for everything added after it (taken under one
     /// lock, so nothing falls between the replay and the live stream).
-    pub fn subscribe(&self) -> (Vec<String>, broadcast::Receiver<String>) {
+    pub fn subscribe(&self) -> (Vec<RevocationEntry>, broadcast::Receiver<RevocationEntry>) {
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         (state.order.clone(), self.tx.subscribe())
     }
 
-    /// Adds ids not seen before and broadcasts them; returns how many were new.
-    pub fn insert(&self, ids: impl IntoIterator<Item = String>) -> usize {
+    /// Adds ids not seen before and broadcasts them; returns how many were new. An id keeps
+    /// the revocation time it first came with.
+    pub fn insert(&self, entries: impl IntoIterator<Item = RevocationEntry>) -> usize {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let mut added = 0;
-        for id in ids {
-            if state.known.insert(id.clone()) {
-                state.order.push(id.clone());
+        for e in entries {
+            if state.known.insert(e.token_id.clone()) {
+                state.order.push(e.clone());
                 // No receivers is fine: the id is in the snapshot for future subscribers.
-                let _ = self.tx.send(id);
+                let _ = self.tx.send(e);
                 added += 1;
             }
         }
@@ -107,8 +109,9 @@ pub async fn watch_file(hub: Arc<RevocationHub>, file: RevocationFile, cancel: C
                         "ignoring malformed revocation line {text:?}"
                     );
                 }
-                let added = hub.insert(list.entries.into_iter().map(|e| e.token_id));
+                let added = hub.insert(list.entries);
                 if added > 0 {
+                    crate::metrics::revocations_recorded(added);
                     tracing::info!(added, total = hub.len(), "revocations updated");
                 }
             }

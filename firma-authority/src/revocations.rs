@@ -1,12 +1,20 @@
 //! The revocation file: append-only, one revoked token per line.
 //!
-//! Line format: `TOKEN_ID [REVOKED_AT_UNIX]`. A bare `TOKEN_ID` line (as the guide describes,
+//! Line format: `TOKEN_ID [REVOKED_AT]`. A bare `TOKEN_ID` line (as the guide describes,
 //! and as an operator might write by hand) is accepted; `firma authority revocations add`
-//! also records when it revoked the token. That timestamp is what makes compaction safe
-//! without knowing the token's expiry: a token revoked at `T` was issued at or before `T` and
-//! lives at most `max_ttl_seconds`, so after `T + max_ttl_seconds` it has expired everywhere
-//! and its line can go. Bare lines have no timestamp and are never compacted away.
-//! Blank lines and `#` comments are ignored.
+//! also records when it revoked the token, in Unix milliseconds. A `REVOKED_AT` below
+//! [`MILLIS_FROM`] is read as Unix seconds (lines written before milliseconds, or by hand). The
+//! unit is told by magnitude, not by a new syntax, so an older authority still reads every line
+//! written now as a valid revocation (it takes the milliseconds for a far-future second and never
+//! compacts the line): a downgrade can keep lines longer, never drop a revocation.
+//!
+//! The timestamp makes compaction safe without knowing the token's expiry: a token revoked at
+//! `T` was issued at or before `T` and lives at most `max_ttl_seconds`, so after
+//! `T + max_ttl_seconds` it has expired everywhere and its line can go. It is also what the
+//! revocation stream sends as `revoked_at_unix_ms`, so sidecars can measure revocation lag,
+//! including for ids replayed to a sidecar that connects later. Bare lines have no timestamp:
+//! they are never compacted away and their lag is unknown. Blank lines and `#` comments are
+//! ignored.
 //!
 //! Writers (`add`, `compact`) serialise on an advisory lock on `<file>.lock`, so a CLI `add`
 //! cannot be lost to a concurrent compaction's rename.
@@ -16,12 +24,25 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// `REVOKED_AT` values from here up are Unix milliseconds, below it Unix seconds
+/// (10^11 s is the year 5138; 10^11 ms is March 1973).
+pub const MILLIS_FROM: i64 = 100_000_000_000;
+
 /// One revoked token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RevocationEntry {
     pub token_id: String,
-    /// Unix seconds at which it was revoked, when recorded.
-    pub revoked_at: Option<i64>,
+    /// Unix milliseconds at which it was revoked, when recorded.
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// A file timestamp in Unix milliseconds (see [`MILLIS_FROM`]).
+fn millis_of(t: i64) -> i64 {
+    if t >= MILLIS_FROM {
+        t
+    } else {
+        t.saturating_mul(1000)
+    }
 }
 
 /// The parsed file: entries in file order (first occurrence wins) and lines that were not
@@ -59,10 +80,10 @@ fn parse_line(line: &str) -> Option<Result<RevocationEntry, ()>> {
     }
     let mut parts = line.split_whitespace();
     let token_id = parts.next()?.to_string();
-    let revoked_at = match parts.next() {
+    let revoked_at_ms = match parts.next() {
         None => None,
         Some(t) => match t.parse::<i64>() {
-            Ok(t) => Some(t),
+            Ok(t) => Some(millis_of(t)),
             Err(_) => return Some(Err(())),
         },
     };
@@ -71,7 +92,7 @@ fn parse_line(line: &str) -> Option<Result<RevocationEntry, ()>> {
     }
     Some(Ok(RevocationEntry {
         token_id,
-        revoked_at,
+        revoked_at_ms,
     }))
 }
 
@@ -139,9 +160,10 @@ impl RevocationFile {
         Ok(f)
     }
 
-    /// Appends `token_id` (with `now` as its revocation time) and fsyncs. Idempotent: returns
-    /// `false` without writing when the token is already listed. Creates the file if absent.
-    pub fn add(&self, token_id: &str, now: i64) -> Result<bool, AuthorityError> {
+    /// Appends `token_id` (with `now_ms`, Unix milliseconds, as its revocation time) and fsyncs.
+    /// Idempotent: returns `false` without writing when the token is already listed. Creates the
+    /// file if absent.
+    pub fn add(&self, token_id: &str, now_ms: i64) -> Result<bool, AuthorityError> {
         check_token_id(token_id).map_err(|m| self.io()(std::io::Error::other(m)))?;
         let _lock = self.lock()?;
         let existing = match self.read() {
@@ -162,7 +184,7 @@ impl RevocationFile {
             .map(|b| b.last().is_some_and(|c| *c != b'\n'))
             .unwrap_or(false);
         let line = format!(
-            "{}{token_id} {now}\n",
+            "{}{token_id} {now_ms}\n",
             if needs_newline { "\n" } else { "" }
         );
         f.write_all(line.as_bytes()).map_err(self.io())?;
@@ -170,20 +192,29 @@ impl RevocationFile {
         Ok(true)
     }
 
-    /// Rewrites the file without entries revoked more than `max_ttl_seconds` before `now`
-    /// (their tokens have expired). Bare entries are kept. Atomic: temp file, fsync, rename.
-    pub fn compact(&self, now: i64, max_ttl_seconds: u64) -> Result<CompactReport, AuthorityError> {
+    /// Rewrites the file without entries revoked more than `max_ttl_seconds` before `now_ms`
+    /// (Unix milliseconds; their tokens have expired). Bare entries are kept; kept timestamps are
+    /// written in milliseconds. Atomic: temp file, fsync, rename.
+    pub fn compact(
+        &self,
+        now_ms: i64,
+        max_ttl_seconds: u64,
+    ) -> Result<CompactReport, AuthorityError> {
         let _lock = self.lock()?;
         let list = self.read()?;
-        let max = i64::try_from(max_ttl_seconds).unwrap_or(i64::MAX);
+        let max_ms = i64::try_from(max_ttl_seconds)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
         let (keep, drop): (Vec<_>, Vec<_>) =
-            list.entries.into_iter().partition(|e| match e.revoked_at {
-                Some(t) => t.saturating_add(max) >= now,
-                None => true,
-            });
+            list.entries
+                .into_iter()
+                .partition(|e| match e.revoked_at_ms {
+                    Some(t) => t.saturating_add(max_ms) >= now_ms,
+                    None => true,
+                });
         let mut text = String::new();
         for e in &keep {
-            match e.revoked_at {
+            match e.revoked_at_ms {
                 Some(t) => text.push_str(&format!("{} {t}\n", e.token_id)),
                 None => text.push_str(&format!("{}\n", e.token_id)),
             }
@@ -220,11 +251,11 @@ mod tests {
             vec![
                 RevocationEntry {
                     token_id: "abc".into(),
-                    revoked_at: None
+                    revoked_at_ms: None
                 },
                 RevocationEntry {
                     token_id: "xyz".into(),
-                    revoked_at: Some(100)
+                    revoked_at_ms: Some(100_000)
                 },
             ]
         );
@@ -237,13 +268,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = RevocationFile::new(dir.path().join("r.txt"));
         std::fs::write(f.path(), "bare").unwrap();
-        assert!(f.add("t1", 1000).unwrap());
-        assert!(!f.add("t1", 2000).unwrap());
-        assert!(f.add("t2", 5000).unwrap());
+        let t0 = 1_764_000_000_000; // ms
+        assert!(f.add("t1", t0).unwrap());
+        assert!(!f.add("t1", t0 + 1).unwrap());
+        assert!(f.add("t2", t0 + 4_000_000).unwrap());
         assert!(f.add("has space", 1).is_err());
         let text = std::fs::read_to_string(f.path()).unwrap();
-        assert_eq!(text, "bare\nt1 1000\nt2 5000\n");
-        let r = f.compact(5000, 3600).unwrap();
+        assert_eq!(text, format!("bare\nt1 {t0}\nt2 {}\n", t0 + 4_000_000));
+        let r = f.compact(t0 + 4_000_000, 3600).unwrap();
         assert_eq!(
             r,
             CompactReport {
@@ -259,6 +291,39 @@ mod tests {
             .map(|e| e.token_id)
             .collect();
         assert_eq!(ids, ["bare", "t2"]);
+    }
+
+    #[test]
+    fn seconds_and_milliseconds_are_told_apart_by_magnitude() {
+        let l = parse(&format!(
+            "s 1764000000\nms 1764000000123\nneg -5\nhuge {}\nlow {}\n",
+            i64::MAX,
+            i64::MIN
+        ));
+        let at: Vec<_> = l.entries.iter().map(|e| e.revoked_at_ms).collect();
+        assert_eq!(
+            at,
+            [
+                Some(1_764_000_000_000),
+                Some(1_764_000_000_123),
+                Some(-5000),
+                Some(i64::MAX),
+                Some(i64::MIN)
+            ]
+        );
+        // Compaction compares in milliseconds whichever unit a line used, and never overflows.
+        let dir = tempfile::tempdir().unwrap();
+        let f = RevocationFile::new(dir.path().join("r.txt"));
+        std::fs::write(
+            f.path(),
+            format!("old 1764000000\nnew 1764007000000\nfuture {}\n", i64::MAX),
+        )
+        .unwrap();
+        let r = f.compact(1_764_007_000_000, 3600).unwrap();
+        assert_eq!(r.dropped, 1);
+        let ids: Vec<_> = f.read().unwrap().entries;
+        assert_eq!(ids[0].token_id, "new");
+        assert_eq!(ids[1].revoked_at_ms, Some(i64::MAX));
     }
 
     #[test]

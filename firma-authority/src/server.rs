@@ -78,7 +78,7 @@ pub async fn run(
         tracing::warn!(target: STARTUP, file = %cfg.revocation_file.display(), line,
             "ignoring malformed revocation line {text:?}");
     }
-    let hub = RevocationHub::new(list.entries.into_iter().map(|e| e.token_id));
+    let hub = RevocationHub::new(list.entries);
     tracing::debug!(target: STARTUP, count = hub.len(), "loaded revocations");
 
     let listener = tokio::net::TcpListener::bind(addr)

@@ -4,6 +4,7 @@ use crate::bundles::LoadedBundle;
 use crate::issuance::{DenialCode, IssueRequest, Issuer};
 use crate::metrics::{self, Stream};
 use crate::revocation_hub::RevocationHub;
+use crate::revocations::RevocationEntry;
 use firma_common::capability::now_unix;
 use firma_common::keys::SigningKey;
 use firma_common::proto::authority as pb;
@@ -183,13 +184,7 @@ async fn push_revocations(
             next = rx.recv() => next,
         };
         let sent = match next {
-            Ok(token_id) => {
-                tx.send(Ok(pb::Revocation {
-                    token_id,
-                    replay: false,
-                }))
-                .await
-            }
+            Ok(entry) => tx.send(Ok(revocation(entry, false))).await,
             Err(broadcast::error::RecvError::Lagged(_)) => {
                 let (snapshot, fresh) = hub.subscribe();
                 rx = fresh;
@@ -204,16 +199,21 @@ async fn push_revocations(
     }
 }
 
+/// The wire form of one revocation; an unrecorded or non-positive time is sent as 0 (unknown).
+fn revocation(e: RevocationEntry, replay: bool) -> pb::Revocation {
+    pb::Revocation {
+        token_id: e.token_id,
+        replay,
+        revoked_at_unix_ms: e.revoked_at_ms.filter(|t| *t > 0).unwrap_or(0),
+    }
+}
+
 async fn replay(
     tx: &Tx<pb::Revocation>,
-    ids: Vec<String>,
+    entries: Vec<RevocationEntry>,
 ) -> Result<(), mpsc::error::SendError<Result<pb::Revocation, Status>>> {
-    for token_id in ids {
-        tx.send(Ok(pb::Revocation {
-            token_id,
-            replay: true,
-        }))
-        .await?;
+    for e in entries {
+        tx.send(Ok(revocation(e, true))).await?;
         metrics::stream_send(Stream::Revocations);
     }
     Ok(())

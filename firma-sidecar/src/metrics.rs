@@ -91,6 +91,27 @@ struct VersionLabel {
     version: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ViaLabel {
+    via: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DnsLabels {
+    outcome: &'static str,
+    qtype: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnsweredByLabel {
+    answered_by: &'static str,
+}
+
+/// Revocation lag buckets: 10 ms (a live push) up to an hour (a sidecar that was disconnected).
+const REVOCATION_LAG_BUCKETS: [f64; 14] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
+];
+
 type HistogramFamily<S> = Family<S, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -125,6 +146,13 @@ pub struct Metrics {
     bundle_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     bundle_fresh: Gauge,
     revocations: Gauge,
+    revocations_applied: [Counter; 3],
+    revocation_lag: Histogram,
+    revocation_lag_unknown: Counter,
+    revocation_clock_skew: Counter,
+    dns_queries: Family<DnsLabels, Counter>,
+    dns_upstream_errors: [Counter; 3],
+    dns_answer: [Histogram; 2],
     ebpf_redirected: Counter,
     ebpf_udp443_refused: Counter,
     ebpf_workloads: Gauge,
@@ -291,6 +319,58 @@ impl Metrics {
             "Revoked capability ids known (from the authority's revocation stream)",
             revocations.clone(),
         );
+        let applied = Family::<ViaLabel, Counter>::default();
+        let revocations_applied = ["stream", "startup_replay", "resync_replay"]
+            .map(|via| applied.get_or_create(&ViaLabel { via }).clone());
+        r.register(
+            "revocations_applied",
+            "Revocations new to this sidecar, by how they arrived: stream (live), startup_replay (the first replay after start), resync_replay (a replay after a reconnect: revoked while disconnected)",
+            applied,
+        );
+        let revocation_lag = Histogram::new(REVOCATION_LAG_BUCKETS.into_iter());
+        r.register(
+            "revocation_lag_seconds",
+            "From the revocation's time at the authority to applied here, for revocations via stream or resync_replay that carry a time (clock skew clamped to 0)",
+            revocation_lag.clone(),
+        );
+        let revocation_lag_unknown = Counter::default();
+        r.register(
+            "revocation_lag_unknown",
+            "Revocations applied via stream or resync_replay without a revocation time (bare line in the revocation file, or an older authority): not in the lag histogram",
+            revocation_lag_unknown.clone(),
+        );
+        let revocation_clock_skew = Counter::default();
+        r.register(
+            "revocation_clock_skew",
+            "Revocations whose time at the authority is later than this sidecar's clock: observed as lag 0",
+            revocation_clock_skew.clone(),
+        );
+        let dns_queries = Family::<DnsLabels, Counter>::default();
+        r.register(
+            "dns_queries",
+            "DNS guard queries by outcome (allowed, denied, refused, malformed, dropped, rate_limited, audit_failed) and qtype (A, AAAA, other, unknown when not decoded)",
+            dns_queries.clone(),
+        );
+        let dns_errors = Family::<KindLabel, Counter>::default();
+        let dns_upstream_errors = ["timeout", "unavailable", "no_server"]
+            .map(|kind| dns_errors.get_or_create(&KindLabel { kind }).clone());
+        r.register(
+            "dns_upstream_errors",
+            "Allowed DNS queries no upstream resolver answered (the client got SERVFAIL), by kind",
+            dns_errors,
+        );
+        let answer_family: HistogramFamily<AnsweredByLabel> =
+            Family::new_with_constructor(latency_histogram);
+        let dns_answer = ["guard", "upstream"].map(|answered_by| {
+            answer_family
+                .get_or_create(&AnsweredByLabel { answered_by })
+                .clone()
+        });
+        r.register(
+            "dns_answer_duration_seconds",
+            "From a DNS query's arrival to its answer, by who answered: guard (denials, errors, answered locally) or upstream (allowed, forwarded)",
+            answer_family,
+        );
         let ebpf_redirected = Counter::default();
         let ebpf_udp443_refused = Counter::default();
         let ebpf_workloads = Gauge::default();
@@ -335,6 +415,13 @@ impl Metrics {
             bundle_age,
             bundle_fresh,
             revocations,
+            revocations_applied,
+            revocation_lag,
+            revocation_lag_unknown,
+            revocation_clock_skew,
+            dns_queries,
+            dns_upstream_errors,
+            dns_answer,
             ebpf_redirected,
             ebpf_udp443_refused,
             ebpf_workloads,
@@ -483,6 +570,125 @@ pub fn audit_write(took: Duration) {
     }
 }
 
+/// The lag of one revocation, from its time at the authority to `now_ms` (both Unix ms).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RevocationLag {
+    /// No time recorded (0 or negative on the wire).
+    Unknown,
+    /// The authority's time is ahead of ours: clock skew, observed as 0.
+    Skewed,
+    Seconds(f64),
+}
+
+/// Lag of a revocation stamped `revoked_at_ms` seen at `now_ms`. Any i64 pair is fine: the
+/// difference is taken in i128, so a hostile or broken timestamp cannot overflow or yield NaN.
+pub fn revocation_lag(now_ms: i64, revoked_at_ms: i64) -> RevocationLag {
+    if revoked_at_ms <= 0 {
+        return RevocationLag::Unknown;
+    }
+    let diff = i128::from(now_ms) - i128::from(revoked_at_ms);
+    if diff < 0 {
+        RevocationLag::Skewed
+    } else {
+        RevocationLag::Seconds(diff as f64 / 1000.0)
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A revocation new to this sidecar was applied (see [`crate::authority_client::RevocationUpdate`]).
+pub fn revocation_applied(u: &crate::authority_client::RevocationUpdate<'_>) {
+    let Some(m) = get() else { return };
+    let via = match (u.replay, u.startup) {
+        (false, _) => 0,
+        (true, true) => 1,
+        (true, false) => 2,
+    };
+    m.revocations_applied[via].inc();
+    if u.startup {
+        return;
+    }
+    match revocation_lag(now_unix_ms(), u.revoked_at_unix_ms) {
+        RevocationLag::Unknown => {
+            m.revocation_lag_unknown.inc();
+        }
+        RevocationLag::Skewed => {
+            m.revocation_clock_skew.inc();
+            m.revocation_lag.observe(0.0);
+        }
+        RevocationLag::Seconds(s) => m.revocation_lag.observe(s),
+    }
+}
+
+/// What the DNS guard did with one query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsOutcome {
+    /// Forwarded upstream (the answer, or SERVFAIL when no resolver answered).
+    Allowed,
+    /// NXDOMAIN: the name is not allowed.
+    Denied,
+    /// REFUSED: the type is not forwarded, or the workload has no binding any more.
+    Refused,
+    /// FORMERR or NOTIMP: malformed, answered.
+    Malformed,
+    /// Dropped unanswered: a runt or response, a TCP length prefix that lies, no redirect record.
+    Dropped,
+    /// Dropped unanswered: over the per-workload rate or the in-flight cap.
+    RateLimited,
+    /// SERVFAIL: allowed, but the audit event could not be persisted.
+    AuditFailed,
+}
+
+impl DnsOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Denied => "denied",
+            Self::Refused => "refused",
+            Self::Malformed => "malformed",
+            Self::Dropped => "dropped",
+            Self::RateLimited => "rate_limited",
+            Self::AuditFailed => "audit_failed",
+        }
+    }
+}
+
+/// One DNS query decided. `qtype`: `"A"`, `"AAAA"`, `"other"`, or `"unknown"` (not decoded).
+pub fn dns_query(outcome: DnsOutcome, qtype: &'static str) {
+    if let Some(m) = get() {
+        m.dns_queries
+            .get_or_create(&DnsLabels {
+                outcome: outcome.as_str(),
+                qtype,
+            })
+            .inc();
+    }
+}
+
+/// One DNS answer sent after `took`; `upstream`: forwarded to a resolver (else answered locally).
+pub fn dns_answer(took: Duration, upstream: bool) {
+    if let Some(m) = get() {
+        m.dns_answer[usize::from(upstream)].observe(took.as_secs_f64());
+    }
+}
+
+/// No upstream resolver answered an allowed query: `kind` is `timeout`, `unavailable` or
+/// `no_server`.
+pub fn dns_upstream_error(kind: &str) {
+    if let Some(m) = get() {
+        let i = match kind {
+            "timeout" => 0,
+            "unavailable" => 1,
+            _ => 2,
+        };
+        m.dns_upstream_errors[i].inc();
+    }
+}
+
 /// What transparent mode's kernel side reports at scrape time.
 pub trait KernelState: Send + Sync {
     /// (redirected connects, refused UDP/443), summed over CPUs.
@@ -587,5 +793,27 @@ impl AdminSource for SidecarAdmin {
             });
         }
         checks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocation_lag_survives_hostile_timestamps() {
+        let now = 1_764_000_000_000;
+        assert_eq!(revocation_lag(now, 0), RevocationLag::Unknown);
+        assert_eq!(revocation_lag(now, -5), RevocationLag::Unknown);
+        assert_eq!(revocation_lag(now, i64::MIN), RevocationLag::Unknown);
+        assert_eq!(revocation_lag(now, now + 1), RevocationLag::Skewed);
+        assert_eq!(revocation_lag(now, i64::MAX), RevocationLag::Skewed);
+        assert_eq!(revocation_lag(now, now - 250), RevocationLag::Seconds(0.25));
+        assert_eq!(revocation_lag(now, now), RevocationLag::Seconds(0.0));
+        // A clock at the far end of i64 does not overflow.
+        match revocation_lag(i64::MAX, 1) {
+            RevocationLag::Seconds(s) => assert!(s.is_finite() && s > 0.0),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`kernel`]: root/BPF checks, network namespaces, test cgroups and pin directories;
 //! - [`client`]: curl, raw exchanges, clients started inside a cgroup;
 //! - [`vault`]: a RustyVault launcher;
+//! - [`prometheus`]: a real Prometheus server scraping loopback targets, and its query API;
 //! - [`pipeline`], [`audit`]: in-process fixtures for the pipeline and audit libraries;
 //! - [`kernel_suite`]: the kernel tests run both on a root host and inside the VM;
 //! - [`assert_eventually`] and small helpers below.
@@ -24,6 +25,7 @@ pub mod kernel_suite;
 pub mod pipeline;
 pub mod pki;
 pub mod process;
+pub mod prometheus;
 pub mod sidecar;
 pub mod upstream;
 pub mod vault;

@@ -330,6 +330,21 @@ impl Sidecar {
     pub fn proxy_url(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// GET `path` on the admin listener (`[sidecar.admin] listen_addr`, e.g. `127.0.0.1:0`; the
+    /// address is read from the log): (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        let admin: SocketAddr = self
+            .process
+            .logged("admin listening on ")
+            .unwrap_or_else(|| panic!("no admin listener:\n{}", self.process.log_text()));
+        crate::prometheus::get(&format!("http://{admin}{path}"))
+    }
+
+    /// The value of one series (`name{labels}` exactly as the sidecar writes it) on `/metrics`.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        crate::prometheus::sample(&self.admin_get("/metrics").1, series)
+    }
 }
 
 impl Deref for Sidecar {

@@ -7,7 +7,7 @@ use crate::config::{AuthorityConfig, FirmaConfig};
 use anyhow::{Context, bail};
 use firma_authority::issuance::{DenialCode, IssueRequest, Issuer, seed_toml, write_seed};
 use firma_authority::revocations::RevocationFile;
-use firma_common::capability::{now_unix, rfc3339};
+use firma_common::capability::rfc3339;
 use firma_common::keys;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -163,11 +163,27 @@ fn issue(cfg: &AuthorityConfig, a: IssueArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Now in Unix milliseconds: what `revocations add` records (and the stream sends on).
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// RFC 3339 with milliseconds (falls back to the number, like [`rfc3339`]).
+fn rfc3339_ms(ms: i64) -> String {
+    let secs = rfc3339(ms.div_euclid(1000));
+    match secs.strip_suffix('Z') {
+        Some(s) => format!("{s}.{:03}Z", ms.rem_euclid(1000)),
+        None => ms.to_string(),
+    }
+}
+
 fn revocations(cfg: &AuthorityConfig, cmd: RevocationCmd) -> anyhow::Result<ExitCode> {
     let file = RevocationFile::new(&cfg.revocation_file);
     match cmd {
         RevocationCmd::Add { token_id } => {
-            if file.add(&token_id, now_unix())? {
+            if file.add(&token_id, now_unix_ms())? {
                 println!(
                     "revoked {token_id} (appended to {})",
                     cfg.revocation_file.display()
@@ -177,7 +193,7 @@ fn revocations(cfg: &AuthorityConfig, cmd: RevocationCmd) -> anyhow::Result<Exit
             }
         }
         RevocationCmd::Compact => {
-            let r = file.compact(now_unix(), cfg.max_ttl_seconds)?;
+            let r = file.compact(now_unix_ms(), cfg.max_ttl_seconds)?;
             println!(
                 "compacted {}: kept {}, dropped {} (revoked more than {}s ago)",
                 cfg.revocation_file.display(),
@@ -195,8 +211,8 @@ fn revocations(cfg: &AuthorityConfig, cmd: RevocationCmd) -> anyhow::Result<Exit
                 );
             }
             for e in &list.entries {
-                match e.revoked_at {
-                    Some(t) => println!("{}\t{}", e.token_id, rfc3339(t)),
+                match e.revoked_at_ms {
+                    Some(t) => println!("{}\t{}", e.token_id, rfc3339_ms(t)),
                     None => println!("{}\t-", e.token_id),
                 }
             }

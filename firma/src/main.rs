@@ -20,6 +20,37 @@ mod workload;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc malloc: per-thread heaps without arena locks. The request path
+/// allocates per request (HTTP heads, audit bodies); under load glibc's arena lock contention
+/// and consolidation were about a fifth of the sidecar's CPU (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's defaults commit arenas and each thread's segments eagerly and purge freed pages
+/// lazily: with a dozen threads (tokio workers and blocking pool, the audit writer) that
+/// nearly doubled the sidecar's peak resident memory under load (26 -> 47 MB) for no
+/// measurable speed. These are the settings measured in docs/benchmarks.md.
+///
+/// They must be in place before mimalloc reserves its first arena, i.e. before the first
+/// Rust allocation (the runtime allocates before `main`): so this runs as an ELF constructor.
+extern "C" fn tune_allocator() {
+    // `mi_option_e` of the bundled mimalloc v2 (include/mimalloc.h); the sys crate names
+    // only some of them.
+    const EAGER_COMMIT: libmimalloc_sys::mi_option_t = 3;
+    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: plain setters of mimalloc's option table; no other thread exists yet.
+    unsafe {
+        libmimalloc_sys::mi_option_set(EAGER_COMMIT, 0);
+        libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0);
+        libmimalloc_sys::mi_option_set(PURGE_DELAY, 0);
+    }
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
+
 #[derive(Parser)]
 #[command(name = "firma", version, about = "Egress enforcement for AI agents")]
 struct Cli {

@@ -260,6 +260,16 @@ fn revocations_add_list_compact() {
     assert!(text(&out.stdout).contains("already revoked"));
     let content = std::fs::read_to_string(&d.revocations).unwrap();
     assert_eq!(content.matches(id).count(), 1, "idempotent: {content}");
+    // Recorded in Unix milliseconds (what the stream sends as revoked_at_unix_ms).
+    let at: i64 = content
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{id} ")))
+        .and_then(|t| t.parse().ok())
+        .expect("a timestamp on the added line");
+    assert!(
+        (now_unix() * 1000 - at).abs() < 60_000,
+        "{at} is not now in ms"
+    );
 
     let out = d.authority(&["revocations", "list"]);
     let listed = text(&out.stdout);
@@ -268,6 +278,12 @@ fn revocations_add_list_compact() {
         .filter_map(|l| l.split('\t').next())
         .collect();
     assert_eq!(ids, ["bare-id", "old-id", id]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(id) && l.ends_with('Z') && l.contains('.')),
+        "RFC 3339 with milliseconds: {listed}"
+    );
 
     let out = d.authority(&["revocations", "compact"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

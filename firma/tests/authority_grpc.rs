@@ -30,6 +30,13 @@ fn request(agent: &str, actions: &[&str], ttl: i64) -> pb::IssuanceRequest {
     }
 }
 
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
+}
+
 async fn next<T>(stream: &mut tonic::Streaming<T>, within: Duration) -> Option<T> {
     match tokio::time::timeout(within, stream.message()).await {
         Ok(Ok(m)) => m,
@@ -273,20 +280,31 @@ async fn revocation_stream_replays_then_streams_cli_additions() {
         .await
         .unwrap()
         .into_inner();
-    for want in ["already-1", "already-2"] {
+    // The replay keeps each line's time (seconds in the file -> ms on the wire; bare -> 0).
+    for (want, at) in [("already-1", 0), ("already-2", 1_700_000_000_000)] {
         let r = next(&mut stream, Duration::from_secs(2)).await.unwrap();
-        assert_eq!((r.token_id.as_str(), r.replay), (want, true));
+        assert_eq!(
+            (r.token_id.as_str(), r.replay, r.revoked_at_unix_ms),
+            (want, true, at)
+        );
     }
 
     let id = "79dd9ffb-ebc8-4883-8f1e-72eb74a26e33";
     let t0 = Instant::now();
+    let before_ms = unix_ms();
     let out = d.authority(&["revocations", "add", id]);
+    let after_ms = unix_ms();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let r = next(&mut stream, Duration::from_millis(1000))
         .await
         .expect("revocation within 1 s");
     println!("revocations add -> stream: {:?}", t0.elapsed());
     assert_eq!((r.token_id.as_str(), r.replay), (id, false));
+    assert!(
+        (before_ms..=after_ms).contains(&r.revoked_at_unix_ms),
+        "revoked_at_unix_ms {} not within the CLI run [{before_ms}, {after_ms}]",
+        r.revoked_at_unix_ms
+    );
 
     // Compaction rewrites the file (new inode); later additions still arrive, nothing repeats.
     let out = d.authority(&["revocations", "compact"]);

@@ -18,9 +18,10 @@
 
 use firma_testing::config::Mode;
 use firma_testing::kernel::{DST_V4, TestCgroup, TestPins, in_fresh_netns};
+use firma_testing::prometheus::{self, Prometheus};
 use firma_testing::sidecar::{Deployment, Settings, Sidecar};
 use firma_testing::upstream::Upstream;
-use firma_testing::{assert_eventually, free_dual_port, text, unique};
+use firma_testing::{assert_eventually, free_dual_port, free_port, text, unique};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -202,6 +203,11 @@ impl Env {
     /// Responder, HTTPS upstream for api.openai.com at `DST_V4:443`, transparent sidecar (DNS
     /// guard upstream = the responder, `*.allowed.test` allowed), tagged cgroup attached.
     fn new() -> Self {
+        Self::with_extra("")
+    }
+
+    /// As [`Env::new`], with `extra` appended to the sidecar's configuration.
+    fn with_extra(extra: &str) -> Self {
         for a in [RESPONDER, PUBLIC_RESOLVER] {
             firma_testing::kernel::sh(&["ip", "addr", "add", &format!("{a}/32"), "dev", "lo"]);
         }
@@ -217,7 +223,7 @@ impl Env {
         );
         let mut settings = Settings {
             upstream_hosts: Vec::new(),
-            extra: format!("{CREDENTIAL}{dns}"),
+            extra: format!("{CREDENTIAL}{dns}{extra}"),
             ..Settings::default()
         };
         let d = Deployment::new(Some(&up), &settings);
@@ -670,4 +676,117 @@ fn hostile_dns_input_is_refused_and_audited() {
         text(&out.stdout),
         text(&out.stderr)
     );
+}
+
+/// The DNS guard's metrics, scraped by a real Prometheus inside the test's network namespace,
+/// count exactly the queries the test makes, by outcome and type class: dig over UDP and TCP
+/// (allowed A and AAAA, denied names, a refused type), the hostile inputs (FORMERR, dropped), and
+/// an allowed query after the responder is gone (an upstream error, answered SERVFAIL). Every
+/// answered query is timed once, by who answered.
+#[test]
+fn dns_metrics_count_every_query_in_prometheus() {
+    const NAME: &str = "dns_metrics_count_every_query_in_prometheus";
+    if !in_fresh_netns(NAME) {
+        return;
+    }
+    let Some(bin) = prometheus::binary(NAME) else {
+        return;
+    };
+    let admin = free_port();
+    let mut env = Env::with_extra(&format!(
+        "\n[sidecar.admin]\nlisten_addr = \"127.0.0.1:{admin}\"\n"
+    ));
+    let dir = env.d.root().join("prometheus");
+    let prom = Prometheus::start(&bin, &dir, &[("sidecar", format!("127.0.0.1:{admin}"))]);
+
+    for _ in 0..3 {
+        assert_eq!(dig_status(&env.dig(true, &["api.openai.com"])), "NOERROR");
+    }
+    assert_eq!(
+        dig_status(&env.dig(true, &["+tcp", "api.openai.com"])),
+        "NOERROR"
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            dig_status(&env.dig(true, &["api.openai.com", "AAAA"])),
+            "NOERROR"
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(dig_status(&env.dig(true, &[SECRET])), "NXDOMAIN");
+    }
+    assert_eq!(
+        dig_status(&env.dig(true, &["@8.8.8.8", RANDOM, "AAAA"])),
+        "NXDOMAIN"
+    );
+    assert_eq!(
+        dig_status(&env.dig(true, &["api.openai.com", "TXT"])),
+        "REFUSED"
+    );
+    // Runt and lying TCP length: dropped; four FORMERR; one good A query last.
+    let out = env.raw(true, RESPONDER, "hostile", &[]);
+    assert_eq!(out.lines().count(), 7, "{out}");
+    // The responder gone: the guard's upstream fails, the client gets SERVFAIL.
+    let _ = env.responder.child.kill();
+    let _ = env.responder.child.wait();
+    let o = env.dig(true, &["+time=8", "api.openai.com"]);
+    assert_eq!(dig_status(&o), "SERVFAIL", "{o}");
+
+    let q = |outcome: &str, qtype: &str| {
+        format!("firma_sidecar_dns_queries_total{{outcome=\"{outcome}\",qtype=\"{qtype}\"}}")
+    };
+    let within = Duration::from_secs(20);
+    let expected = [
+        ("allowed", "A", 6.0), // 3 UDP + 1 TCP + the hostile run's last + the SERVFAIL one
+        ("allowed", "AAAA", 2.0),
+        ("denied", "A", 2.0),
+        ("denied", "AAAA", 1.0),
+        ("refused", "other", 1.0),
+        ("malformed", "unknown", 4.0),
+        ("dropped", "unknown", 2.0),
+    ];
+    for (outcome, qtype, n) in expected {
+        prom.wait_for_value(&q(outcome, qtype), n, within);
+    }
+    let total: f64 = expected.iter().map(|e| e.2).sum();
+    prom.wait_for_value("sum(firma_sidecar_dns_queries_total)", total, within);
+    prom.wait_for_value("sum(firma_sidecar_dns_upstream_errors_total)", 1.0, within);
+    // Answered: everything but the two dropped; the allowed ones by the upstream path.
+    prom.wait_for_value(
+        "firma_sidecar_dns_answer_duration_seconds_count{answered_by=\"upstream\"}",
+        8.0,
+        within,
+    );
+    prom.wait_for_value(
+        "firma_sidecar_dns_answer_duration_seconds_count{answered_by=\"guard\"}",
+        8.0,
+        within,
+    );
+    // The same queries as decisions in the audit (one per query; the dropped runt too).
+    let dns_decisions = env
+        .d
+        .audit()
+        .iter()
+        .filter(|e| e["event"] == "decision" && e["conn"]["intercept"] == "dns")
+        .count();
+    assert_eq!(
+        dns_decisions as f64, total,
+        "DNS decision events in the audit"
+    );
+    eprintln!(
+        "PROMETHEUS sum by (outcome, qtype): {:?}",
+        prom.query("sum by (outcome, qtype) (firma_sidecar_dns_queries_total)")
+    );
+    eprintln!(
+        "PROMETHEUS upstream errors: {:?}",
+        prom.query("firma_sidecar_dns_upstream_errors_total")
+    );
+    let (_, scrape) = prometheus::get(&format!("http://127.0.0.1:{admin}/metrics"));
+    for line in scrape
+        .lines()
+        .filter(|l| l.contains("_dns_") && !l.contains("_bucket{"))
+    {
+        eprintln!("SCRAPE {line}");
+    }
+    drop(env.sc.take());
 }

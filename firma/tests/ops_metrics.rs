@@ -4,17 +4,19 @@
 //! events, per outcome; then that the sidecar's `/readyz` turns 503 naming `policy_bundle`
 //! once the authority has been gone past the bundle TTL, and 200 again after it returns.
 //! Everything listens on 127.0.0.1; Prometheus gets a generated `prometheus.yml` and a temp
-//! storage dir, no network.
+//! storage dir, no network. A second test revokes capabilities issued over gRPC through the
+//! real CLI while the sidecar is connected and checks the revocation lag histogram and the
+//! issuance counters the same way.
 
+use firma_common::proto::authority as pb;
+use firma_common::proto::authority::authority_client::AuthorityClient;
 use firma_testing::authority::Server;
 use firma_testing::client::curl;
 use firma_testing::config::PolicySource;
-use firma_testing::process::Process;
+use firma_testing::prometheus::{self, Prometheus, get};
 use firma_testing::sidecar::{Deployment, Settings, Sidecar};
 use firma_testing::upstream::Upstream;
 use firma_testing::{assert_eventually, free_port, text};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const ALLOWED: usize = 40;
@@ -22,124 +24,76 @@ const DENIED: usize = 20;
 /// The sidecar's `[sidecar.constraint_enforcement] bundle_ttl_seconds`.
 const SIDECAR_BUNDLE_TTL: u64 = 3;
 
-/// `prometheus` from PATH or Debian's path; `None` (test skipped) when it is not installed.
-fn prometheus_bin() -> Option<PathBuf> {
-    let ok = |p: &Path| {
-        Command::new(p)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    ["prometheus", "/usr/bin/prometheus"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| ok(p))
+/// A sidecar fed by an authority, both with their admin listener on loopback.
+struct Ops {
+    d: Deployment,
+    sidecar_admin: u16,
+    authority_admin: u16,
 }
 
-/// A plain GET on loopback with curl: (status, body).
-fn get(url: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "5",
-            "--noproxy",
-            "*",
-            "-w",
-            "\n%{http_code}",
-            url,
-        ])
-        .output()
-        .expect("curl");
-    let stdout = text(&out.stdout);
-    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", stdout.as_str()));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
+impl Ops {
+    /// Writes the shared `firma.toml`: the authority on a fixed port (so it can come back on
+    /// the same address) pushes every second; the sidecar calls a bundle stale after
+    /// `SIDECAR_BUNDLE_TTL` s without one.
+    fn new(up: &Upstream, hosts: &[&str]) -> Self {
+        let (grpc_port, sidecar_admin, authority_admin) = (free_port(), free_port(), free_port());
+        let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+        let settings = Settings {
+            upstream_hosts: hosts.clone(),
+            intercept_hosts: hosts,
+            strict_hosts: Vec::new(),
+            extra: format!(
+                "[[sidecar.credentials]]\nhost = \"api.openai.com\"\nmode = \"basic\"\nheader = \"Authorization\"\nprefix = \"Bearer \"\nvalue_from_env = \"FIRMA_TEST_OPENAI_KEY\"\n\n[sidecar.admin]\nlisten_addr = \"127.0.0.1:{sidecar_admin}\"\n"
+            ),
+            ..Settings::default()
+        };
+        let d = Deployment::new(Some(up), &settings);
+        let mut t = d.toml(Some(up), &settings);
+        t.policy = PolicySource::Authority {
+            url: format!("http://127.0.0.1:{grpc_port}"),
+            cache_dir: None,
+        };
+        t.constraint_enforcement = Some((SIDECAR_BUNDLE_TTL, 50));
+        let rendered = t
+            .render()
+            .replacen(
+                "listen_addr = \"127.0.0.1:0\"\n",
+                &format!("listen_addr = \"127.0.0.1:{grpc_port}\"\nadmin_addr = \"127.0.0.1:{authority_admin}\"\n"),
+                1,
+            )
+            .replacen("bundle_ttl_seconds = 30\n", "bundle_ttl_seconds = 1\n", 1);
+        std::fs::write(&d.config, rendered).expect("write firma.toml");
+        Self {
+            d,
+            sidecar_admin,
+            authority_admin,
+        }
+    }
 
-/// Runs an instant query against Prometheus's HTTP API; returns (labels, value) per series.
-fn query(prom: &str, q: &str) -> Vec<(serde_json::Value, f64)> {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "5", "--noproxy", "*", "-G"])
-        .arg(format!("{prom}/api/v1/query"))
-        .args(["--data-urlencode", &format!("query={q}")])
-        .output()
-        .expect("curl");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    assert!(
-        v["status"] == "success" || v.is_null(),
-        "query {q}: {}",
-        text(&out.stdout)
-    );
-    v["data"]["result"]
-        .as_array()
-        .map(|series| {
-            series
-                .iter()
-                .map(|s| {
-                    let value = s["value"][1]
-                        .as_str()
-                        .and_then(|x| x.parse().ok())
-                        .unwrap_or(f64::NAN);
-                    (s["metric"].clone(), value)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The single value of `q`, if Prometheus has one.
-fn scalar(prom: &str, q: &str) -> Option<f64> {
-    match query(prom, q).as_slice() {
-        [(_, v)] => Some(*v),
-        _ => None,
+    fn targets(&self) -> [(&'static str, String); 2] {
+        [
+            ("sidecar", format!("127.0.0.1:{}", self.sidecar_admin)),
+            ("authority", format!("127.0.0.1:{}", self.authority_admin)),
+        ]
     }
 }
 
 #[test]
 fn prometheus_scrapes_decisions_and_readyz_follows_the_bundle() {
-    let Some(prometheus) = prometheus_bin() else {
-        // CI installs it (.ci/run): there a missing server is a failure, not a skip.
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI: no prometheus binary; .ci/run installs the Debian package"
-        );
-        eprintln!(
-            "SKIP prometheus_scrapes_decisions_and_readyz_follows_the_bundle: no prometheus binary (apt-get install prometheus; .ci/run installs it)"
-        );
+    let Some(prometheus) =
+        prometheus::binary("prometheus_scrapes_decisions_and_readyz_follows_the_bundle")
+    else {
         return;
     };
     let tmp = tempfile::tempdir().expect("tempdir");
     let up = Upstream::start(tmp.path(), &["api.openai.com", "unmapped.example"]);
-    let (grpc_port, sidecar_admin, authority_admin, prom_port) =
-        (free_port(), free_port(), free_port(), free_port());
-    let settings = Settings {
-        upstream_hosts: vec!["api.openai.com".into(), "unmapped.example".into()],
-        intercept_hosts: vec!["api.openai.com".into(), "unmapped.example".into()],
-        strict_hosts: Vec::new(),
-        extra: format!(
-            "[[sidecar.credentials]]\nhost = \"api.openai.com\"\nmode = \"basic\"\nheader = \"Authorization\"\nprefix = \"Bearer \"\nvalue_from_env = \"FIRMA_TEST_OPENAI_KEY\"\n\n[sidecar.admin]\nlisten_addr = \"127.0.0.1:{sidecar_admin}\"\n"
-        ),
-        ..Settings::default()
-    };
-    let d = Deployment::new(Some(&up), &settings);
-    // The authority (same file, fixed port so it can come back on the same address) pushes
-    // every second; the sidecar calls a bundle stale after 3 s without one.
-    let mut t = d.toml(Some(&up), &settings);
-    t.policy = PolicySource::Authority {
-        url: format!("http://127.0.0.1:{grpc_port}"),
-        cache_dir: None,
-    };
-    t.constraint_enforcement = Some((SIDECAR_BUNDLE_TTL, 50));
-    let rendered = t
-        .render()
-        .replacen(
-            "listen_addr = \"127.0.0.1:0\"\n",
-            &format!("listen_addr = \"127.0.0.1:{grpc_port}\"\nadmin_addr = \"127.0.0.1:{authority_admin}\"\n"),
-            1,
-        )
-        .replacen("bundle_ttl_seconds = 30\n", "bundle_ttl_seconds = 1\n", 1);
-    std::fs::write(&d.config, rendered).expect("write firma.toml");
-
+    let ops = Ops::new(&up, &["api.openai.com", "unmapped.example"]);
+    let targets = ops.targets();
+    let Ops {
+        d,
+        sidecar_admin,
+        authority_admin,
+    } = ops;
     let authority = Server::start(&d.config);
     let sidecar = Sidecar::start(&d.config, &[("FIRMA_TEST_OPENAI_KEY", "sk-canary-10")]);
     let sidecar_url = format!("http://127.0.0.1:{sidecar_admin}");
@@ -158,33 +112,7 @@ fn prometheus_scrapes_decisions_and_readyz_follows_the_bundle() {
     assert_eq!(code, 200, "authority /readyz: {body}");
 
     // Prometheus, scraping both every second.
-    let prom_dir = tmp.path().join("prometheus");
-    std::fs::create_dir_all(prom_dir.join("data")).expect("mkdir");
-    let prom_cfg = prom_dir.join("prometheus.yml");
-    std::fs::write(
-        &prom_cfg,
-        format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n  - job_name: sidecar\n    static_configs:\n      - targets: ['127.0.0.1:{sidecar_admin}']\n  - job_name: authority\n    static_configs:\n      - targets: ['127.0.0.1:{authority_admin}']\n"
-        ),
-    )
-    .expect("prometheus.yml");
-    let mut cmd = Command::new(&prometheus);
-    cmd.arg(format!("--config.file={}", prom_cfg.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            prom_dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .arg("--storage.tsdb.retention.time=1h");
-    let _prom = Process::spawn(cmd).expect("spawn prometheus");
-    let prom = format!("http://127.0.0.1:{prom_port}");
-    assert_eventually(Duration::from_secs(30), "prometheus ready", || {
-        get(&format!("{prom}/-/ready")).0 == 200
-    });
-    assert_eventually(Duration::from_secs(20), "both targets up", || {
-        let up = query(&prom, "up");
-        up.len() == 2 && up.iter().all(|(_, v)| *v == 1.0)
-    });
+    let prom = Prometheus::start(&prometheus, &tmp.path().join("prometheus"), &targets);
 
     // The load: allowed chat calls and unmapped (UnclassifiedIntent) calls, interleaved.
     let proxy = sidecar.proxy_url();
@@ -226,30 +154,24 @@ fn prometheus_scrapes_decisions_and_readyz_follows_the_bundle() {
     assert_eventually(
         Duration::from_secs(15),
         "prometheus saw every decision",
-        || scalar(&prom, "sum(firma_sidecar_decisions_total)") == Some(total),
+        || prom.scalar("sum(firma_sidecar_decisions_total)") == Some(total),
     );
     let audit_decisions = d
         .audit()
         .iter()
         .filter(|e| e["event"] == "decision")
         .count();
-    let by_outcome = query(&prom, "sum by (outcome) (firma_sidecar_decisions_total)");
-    let by_reason = query(
-        &prom,
-        "sum by (outcome, reason, action_class) (firma_sidecar_decisions_total)",
-    );
-    let upstream = scalar(
-        &prom,
-        "sum(firma_sidecar_stage_duration_seconds_count{stage=\"upstream\"})",
-    );
-    let creds = scalar(
-        &prom,
-        "sum(firma_sidecar_credential_fetches_total{source=\"basic\",result=\"ok\"})",
-    );
-    let audit_written = scalar(&prom, "firma_sidecar_audit_events_written_total");
-    let streams = query(&prom, "firma_authority_connected_sidecars");
-    let sends = scalar(&prom, "sum(firma_authority_stream_sends_total)");
-    let conns = scalar(&prom, "sum(firma_sidecar_connections_total)");
+    let by_outcome = prom.query("sum by (outcome) (firma_sidecar_decisions_total)");
+    let by_reason =
+        prom.query("sum by (outcome, reason, action_class) (firma_sidecar_decisions_total)");
+    let upstream =
+        prom.scalar("sum(firma_sidecar_stage_duration_seconds_count{stage=\"upstream\"})");
+    let creds =
+        prom.scalar("sum(firma_sidecar_credential_fetches_total{source=\"basic\",result=\"ok\"})");
+    let audit_written = prom.scalar("firma_sidecar_audit_events_written_total");
+    let streams = prom.query("firma_authority_connected_sidecars");
+    let sends = prom.scalar("sum(firma_authority_stream_sends_total)");
+    let conns = prom.scalar("sum(firma_sidecar_connections_total)");
     eprintln!("PROMETHEUS sum(firma_sidecar_decisions_total) = {total}");
     eprintln!("PROMETHEUS sum by (outcome): {by_outcome:?}");
     eprintln!("PROMETHEUS sum by (outcome, reason, action_class): {by_reason:?}");
@@ -291,6 +213,71 @@ fn prometheus_scrapes_decisions_and_readyz_follows_the_bundle() {
     );
     assert_eq!(creds, Some(ALLOWED as f64), "one credential per allow");
     assert_eq!(conns, Some(total), "curl opens one connection per call");
+    // Per-stage timings: mapping and overhead for every request; Stage 1, Stage 2 and the
+    // connector for each allow (the unmapped requests stop at the mapping).
+    for (q, want) in [
+        (
+            "firma_sidecar_stage_duration_seconds_count{stage=\"mapping\"}",
+            total,
+        ),
+        (
+            "firma_sidecar_stage_duration_seconds_count{stage=\"stage1\"}",
+            ALLOWED as f64,
+        ),
+        (
+            "firma_sidecar_stage_duration_seconds_count{stage=\"stage2\"}",
+            ALLOWED as f64,
+        ),
+        (
+            "firma_sidecar_stage_duration_seconds_count{stage=\"connector\"}",
+            ALLOWED as f64,
+        ),
+        ("firma_sidecar_request_overhead_seconds_count", total),
+        ("firma_sidecar_mitm_handshakes_total{result=\"ok\"}", total),
+        (
+            "firma_sidecar_mitm_handshakes_total{result=\"failed\"}",
+            0.0,
+        ),
+        (
+            "firma_sidecar_leaf_cache_hits_total + firma_sidecar_leaf_certificates_minted_total",
+            total,
+        ),
+        ("sum(firma_sidecar_connections_active)", 0.0),
+        ("firma_sidecar_audit_failures_total", 0.0),
+        ("firma_sidecar_audit_sink_healthy", 1.0),
+        ("sum(firma_sidecar_upstream_errors_total)", 0.0),
+        ("firma_sidecar_rate_limited_total", 0.0),
+    ] {
+        prom.wait_for_value(q, want, Duration::from_secs(10));
+    }
+    let writes = prom
+        .scalar("firma_sidecar_audit_write_duration_seconds_count")
+        .unwrap_or(0.0);
+    assert!(
+        writes >= 1.0 && writes <= d.audit().len() as f64,
+        "audit write batches {writes}"
+    );
+    // The sidecar runs the bundle version the authority serves.
+    let versions = |q: &str| -> Vec<String> {
+        prom.query(q)
+            .iter()
+            .filter_map(|(m, _)| m["version"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let sidecar_version = versions("firma_sidecar_bundle_info == 1");
+    assert_eq!(
+        sidecar_version,
+        versions("firma_authority_bundle_info{kind=\"runtime\"} == 1"),
+        "bundle versions"
+    );
+    assert_eq!(sidecar_version.len(), 1);
+    // The authority re-sends every second: the bundle never gets near the sidecar's TTL.
+    let age = prom.scalar("firma_sidecar_bundle_age_seconds");
+    assert!(
+        age.is_some_and(|a| (0.0..SIDECAR_BUNDLE_TTL as f64).contains(&a)),
+        "bundle age {age:?}"
+    );
+    assert_eq!(prom.scalar("firma_sidecar_bundle_fresh"), Some(1.0));
     // Decisions plus allowed outcomes, all persisted (the file may hold a recovery line more).
     assert_eq!(
         audit_written,
@@ -340,7 +327,7 @@ fn prometheus_scrapes_decisions_and_readyz_follows_the_bundle() {
     assert_eventually(
         Duration::from_secs(10),
         "prometheus sees bundle_fresh 0",
-        || scalar(&prom, "firma_sidecar_bundle_fresh") == Some(0.0),
+        || prom.scalar("firma_sidecar_bundle_fresh") == Some(0.0),
     );
 
     // The authority comes back on the same address: ready again.
@@ -373,5 +360,225 @@ fn prometheus_scrapes_decisions_and_readyz_follows_the_bundle() {
         .filter(|l| !l.contains("_bucket{") || l.contains("stage=\"stage2\""))
     {
         eprintln!("SCRAPE {line}");
+    }
+}
+
+/// Revocations issued while Prometheus watches: `N_LIVE` through the real CLI (`firma authority
+/// revocations add`) while the sidecar is connected, two hand-written hostile lines (no time;
+/// a time at the end of i64), and one added while the authority is down, which the sidecar gets
+/// in the replay after it reconnects. The lag histogram counts exactly the revocations that
+/// carry a time and reached a running sidecar after its first sync; the two revoked before the
+/// sidecar started (startup replay) are applied but not measured.
+#[test]
+fn prometheus_sees_the_revocation_lag_of_every_revocation() {
+    const N_LIVE: usize = 5;
+    let Some(prometheus) =
+        prometheus::binary("prometheus_sees_the_revocation_lag_of_every_revocation")
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let up = Upstream::start(tmp.path(), &["api.openai.com"]);
+    let ops = Ops::new(&up, &["api.openai.com"]);
+    let d = &ops.d;
+    let file = d.root().join("revocations.txt");
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    // Revoked before the sidecar exists: one stamped an hour ago (in seconds, the older
+    // format), one bare.
+    std::fs::write(
+        &file,
+        format!("before-stamped {}\nbefore-bare\n", now_ms() / 1000 - 3600),
+    )
+    .expect("revocations.txt");
+    let config = d.config.to_str().unwrap().to_owned();
+    let revoke = |id: &str| {
+        let out = firma_testing::firma(&["authority", "-c", &config, "revocations", "add", id]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains(&format!("revoked {id}")));
+    };
+
+    // The issuance policy permits everything but payment transfers.
+    std::fs::write(
+        d.root().join("issuance/no-payments.cedar"),
+        "forbid (principal, action == Firma::Action::\"payment.transfer\", resource);\n",
+    )
+    .expect("issuance policy");
+    let mut authority = Server::start(&d.config);
+    let _sidecar = Sidecar::start(&d.config, &[("FIRMA_TEST_OPENAI_KEY", "sk-canary-10")]);
+    let sidecar_url = format!("http://127.0.0.1:{}", ops.sidecar_admin);
+    assert_eventually(Duration::from_secs(10), "sidecar ready", || {
+        get(&format!("{sidecar_url}/readyz")).0 == 200
+    });
+    let prom = Prometheus::start(&prometheus, &tmp.path().join("prometheus"), &ops.targets());
+    let wait = |q: &str, want: usize| prom.wait_for_value(q, want as f64, Duration::from_secs(20));
+    let value = |q: &str| prom.scalar(q);
+
+    // The startup replay: applied, not measured.
+    wait(
+        "firma_sidecar_revocations_applied_total{via=\"startup_replay\"}",
+        2,
+    );
+    assert_eq!(
+        value("firma_sidecar_revocation_lag_seconds_count"),
+        Some(0.0)
+    );
+
+    // Capabilities issued over gRPC (the in-tree tonic client), plus one denied and one
+    // invalid request; then the issued ones revoked through the CLI, live.
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let url = authority.url();
+    let (token_ids, refused) = rt.block_on(async {
+        let mut c = AuthorityClient::connect(url).await.expect("connect");
+        let ask = |action: &str, ttl: i64| pb::IssuanceRequest {
+            agent_id: "tenant-acme".into(),
+            session_id: "ops-1".into(),
+            requested_actions: vec![action.into()],
+            resource_scope: "*".into(),
+            requested_ttl_seconds: ttl,
+        };
+        let mut ids = Vec::new();
+        for _ in 0..N_LIVE {
+            match c.issue_capability(ask("model.inference.chat", 600)).await {
+                Ok(r) => match r.into_inner().result {
+                    Some(pb::issuance_response::Result::Allowed(cap)) => ids.push(cap.token_id),
+                    other => panic!("issuance: {other:?}"),
+                },
+                Err(s) => panic!("issuance: {s}"),
+            }
+        }
+        let denied = c
+            .issue_capability(ask("payment.transfer", 600))
+            .await
+            .expect("answered")
+            .into_inner();
+        let invalid = c.issue_capability(ask("no.such.class", 600)).await;
+        (ids, (denied, invalid.map(|r| r.into_inner())))
+    });
+    assert!(
+        matches!(
+            refused.0.result,
+            Some(pb::issuance_response::Result::Denied(_))
+        ),
+        "{refused:?}"
+    );
+    assert!(refused.1.is_err(), "unknown action class: {:?}", refused.1);
+    wait(
+        "firma_authority_issuances_total{result=\"allowed\",reason=\"\"}",
+        N_LIVE,
+    );
+    wait(
+        "firma_authority_issuances_total{result=\"denied\",reason=\"IssuanceDenied\"}",
+        1,
+    );
+    wait(
+        "firma_authority_issuances_total{result=\"invalid\",reason=\"InvalidRequest\"}",
+        1,
+    );
+    let issued = Instant::now();
+    for id in &token_ids {
+        revoke(id);
+    }
+    wait("firma_sidecar_revocation_lag_seconds_count", N_LIVE);
+    eprintln!(
+        "{N_LIVE} live revocations measured {:?} after the first",
+        issued.elapsed()
+    );
+    wait(
+        "firma_sidecar_revocations_applied_total{via=\"stream\"}",
+        N_LIVE,
+    );
+    wait("firma_authority_revocations_recorded_total", N_LIVE);
+    // One stream, so the authority sent the replay (2) and each live revocation once.
+    wait(
+        "firma_authority_stream_sends_total{stream=\"revocations\"}",
+        N_LIVE + 2,
+    );
+    wait("firma_sidecar_revocations", N_LIVE + 2);
+    let sum = value("firma_sidecar_revocation_lag_seconds_sum").unwrap_or(f64::NAN);
+    eprintln!("PROMETHEUS live lag: count {N_LIVE}, sum {sum:.3} s");
+    // Each took the authority's file poll (250 ms) plus the stream: well under 5 s even here.
+    assert!(sum > 0.0 && sum < 5.0 * N_LIVE as f64, "lag sum {sum}");
+    assert_eq!(
+        value("firma_sidecar_revocation_lag_seconds_bucket{le=~\"5(\\\\.0)?\"}"),
+        Some(N_LIVE as f64),
+        "every live lag below 5 s"
+    );
+
+    // Hostile lines written by hand: no time (unknown, not observed), a time at the end of i64
+    // (clock skew: observed as 0, counted). Neither may poison the sum.
+    let mut text_now = std::fs::read_to_string(&file).unwrap();
+    text_now.push_str(&format!("hostile-bare\nhostile-future {}\n", i64::MAX));
+    std::fs::write(&file, text_now).unwrap();
+    wait("firma_sidecar_revocation_lag_unknown_total", 1);
+    wait("firma_sidecar_revocation_clock_skew_total", 1);
+    wait("firma_sidecar_revocation_lag_seconds_count", N_LIVE + 1);
+    wait(
+        "firma_sidecar_revocations_applied_total{via=\"stream\"}",
+        N_LIVE + 2,
+    );
+    assert_eq!(
+        value("firma_sidecar_revocation_lag_seconds_sum"),
+        Some(sum),
+        "the skewed one adds 0"
+    );
+
+    // Revoked while the authority is down: delivered by the replay after the reconnect,
+    // measured with its original time (so at least the outage).
+    authority.kill();
+    revoke("while-down");
+    let down = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _authority = Server::start(&d.config);
+    wait(
+        "firma_sidecar_revocations_applied_total{via=\"resync_replay\"}",
+        1,
+    );
+    let outage = down.elapsed().as_secs_f64();
+    wait("firma_sidecar_revocation_lag_seconds_count", N_LIVE + 2);
+    let after = value("firma_sidecar_revocation_lag_seconds_sum").unwrap_or(f64::NAN);
+    eprintln!(
+        "PROMETHEUS lag after the resync: count {}, sum {after:.3} s (the resync's lag {:.3} s, outage {outage:.3} s)",
+        N_LIVE + 2,
+        after - sum
+    );
+    assert!(
+        after - sum >= 1.5 && after - sum < outage + 5.0,
+        "resync lag {} for an outage of {outage}",
+        after - sum
+    );
+    assert_eq!(
+        value("firma_sidecar_revocation_lag_unknown_total"),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("firma_sidecar_revocation_clock_skew_total"),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("firma_sidecar_revocations_applied_total{via=\"startup_replay\"}"),
+        Some(2.0),
+        "the reconnect's replay of known ids applies nothing again"
+    );
+    wait("firma_sidecar_revocations", N_LIVE + 5);
+
+    let (_, scrape) = get(&format!("{sidecar_url}/metrics"));
+    for line in scrape.lines().filter(|l| l.contains("revocation")) {
+        eprintln!("SCRAPE {line}");
+    }
+    eprintln!(
+        "PROMETHEUS authority issuances before the restart: {:?}",
+        prom.query("sum by (result, reason) (max_over_time(firma_authority_issuances_total[1m]))")
+    );
+    let (_, scrape) = get(&format!("http://127.0.0.1:{}/metrics", ops.authority_admin));
+    for line in scrape
+        .lines()
+        .filter(|l| l.contains("revocation") && !l.starts_with("# HELP"))
+    {
+        eprintln!("AUTHORITY SCRAPE (restarted) {line}");
     }
 }

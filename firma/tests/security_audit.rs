@@ -260,7 +260,10 @@ fn audit_fails_closed_on_a_full_disk_and_recovers() {
         return;
     }
     let (up, d, mut sc) = setup(Settings {
-        extra: credential("api.acme-vendor.com"),
+        extra: format!(
+            "{}\n[sidecar.admin]\nlisten_addr = \"127.0.0.1:0\"\n",
+            credential("api.acme-vendor.com")
+        ),
         ..Settings::default()
     });
     let _ = sc.terminate(Duration::from_secs(5));
@@ -314,12 +317,26 @@ fn audit_fails_closed_on_a_full_disk_and_recovers() {
         "loud log\n{}",
         sc.log_text()
     );
+    // The admin listener says so too: not ready (audit_sink), events counted as lost.
+    let (status, body) = sc.admin_get("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"failing\":[\"audit_sink\"]"), "{body}");
+    assert_eq!(sc.metric("firma_sidecar_audit_sink_healthy"), Some(0.0));
+    let lost = sc
+        .metric("firma_sidecar_audit_failures_total")
+        .unwrap_or(0.0);
+    assert!(
+        lost >= 5.0,
+        "audit_failures_total {lost} after 5 refused requests"
+    );
     let raw = std::fs::read(&audit).unwrap();
     assert_eq!(raw.last(), Some(&b'\n'), "no torn line");
     // Space returns: requests flow again.
     std::fs::remove_file(disk.join("filler")).unwrap();
     assert_eventually(Duration::from_secs(5), "recovered", || get().status == 200);
     assert!(sc.log_text().contains("audit sink recovered"));
+    assert_eq!(sc.admin_get("/readyz").0, 200);
+    assert_eq!(sc.metric("firma_sidecar_audit_sink_healthy"), Some(1.0));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         count_allows(),

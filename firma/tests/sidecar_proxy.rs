@@ -9,6 +9,8 @@ use firma_testing::*;
 use std::time::Duration;
 
 const CANARY: &str = "sk-canary-7f3a9c1e5b";
+/// The admin listener on an ephemeral loopback port (its address is in the log).
+const ADMIN: &str = "\n[sidecar.admin]\nlisten_addr = \"127.0.0.1:0\"\n";
 
 fn openai_basic_credential() -> String {
     "[[sidecar.credentials]]\nhost = \"api.openai.com\"\nmode = \"basic\"\nheader = \"Authorization\"\nprefix = \"Bearer \"\nvalue_from_env = \"FIRMA_TEST_OPENAI_KEY\"\n".into()
@@ -216,6 +218,7 @@ fn rate_limit_timeout_and_unreachable_upstream_abort_with_reasons() {
             ),
             ("api.acme-vendor.com".into(), "timeout_ms = 300".into()),
         ],
+        extra: ADMIN.into(),
         ..Settings::default()
     });
     let p = sc.proxy_url();
@@ -241,6 +244,16 @@ fn rate_limit_timeout_and_unreachable_upstream_abort_with_reasons() {
                 .iter()
                 .any(|e| e["connector"]["aborted"] == "UpstreamTimeout")
     });
+    // Counted by kind on the admin listener (README "Metrics and health").
+    assert_eq!(sc.metric("firma_sidecar_rate_limited_total"), Some(1.0));
+    assert_eq!(
+        sc.metric("firma_sidecar_upstream_errors_total{kind=\"timeout\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sc.metric("firma_sidecar_upstream_errors_total{kind=\"unavailable\"}"),
+        Some(0.0)
+    );
     drop(sc);
 
     // Upstream address with nothing listening: 502.
@@ -248,7 +261,7 @@ fn rate_limit_timeout_and_unreachable_upstream_abort_with_reasons() {
     let s = Settings {
         upstream_hosts: vec![],
         extra: format!(
-            "[[sidecar.connector.hosts]]\nhost = \"api.openai.com\"\naddress = \"127.0.0.1:{closed}\"\n"
+            "[[sidecar.connector.hosts]]\nhost = \"api.openai.com\"\naddress = \"127.0.0.1:{closed}\"\n{ADMIN}"
         ),
         ..Settings::default()
     };
@@ -262,6 +275,10 @@ fn rate_limit_timeout_and_unreachable_upstream_abort_with_reasons() {
     );
     assert_eq!(out.status, 502, "{out:?}");
     assert_eq!(out.json()["reason"], "UpstreamUnavailable");
+    assert_eq!(
+        sc.metric("firma_sidecar_upstream_errors_total{kind=\"unavailable\"}"),
+        Some(1.0)
+    );
 }
 
 #[test]

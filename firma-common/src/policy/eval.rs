@@ -113,7 +113,7 @@ impl CompiledPolicies {
         if let Some(why) = &action.invalid {
             return EvalResult::error(why.clone());
         }
-        match self.build(req, &action.uid) {
+        match self.build(req, &action.uid, action.reads_usage) {
             Ok((request, entities)) => {
                 let resp = self
                     .authorizer
@@ -135,6 +135,7 @@ impl CompiledPolicies {
         &self,
         req: &EvalRequest<'_>,
         action: &EntityUid,
+        with_usage: bool,
     ) -> Result<(Request, Entities), String> {
         let uid = |ty: &cedar_policy::EntityTypeName, id: &str| {
             EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
@@ -183,7 +184,7 @@ impl CompiledPolicies {
                 RestrictedExpression::new_record(fields).map_err(|e| e.to_string())?,
             ));
         }
-        if let Some((session, agent)) = req.usage {
+        if let Some((session, agent)) = req.usage.filter(|_| with_usage) {
             pairs.push(("session".to_string(), session.record()));
             pairs.push(("agent".to_string(), agent.record()));
         }

@@ -376,3 +376,59 @@ fn policies_partitioned_by_action_decide_as_the_whole_set() {
     }
     assert!(!p.evaluate(&runtime("a", "no.such.class", "h", 1)).allowed);
 }
+
+/// The usage records are skipped only for action classes no policy of which can read them.
+#[test]
+fn reads_usage_errs_towards_yes() {
+    use super::compile::reads_usage;
+    for no in [
+        "permit(principal, action, resource) when { context.action_count <= 100 };",
+        "permit(principal, action, resource) when { context has request && context.request.model == \"x\" };",
+        "forbid(principal, action, resource) when { context.session_id == \"s\" && context.method == \"GET\" };",
+        "permit(principal, action, resource) when { resource.host == \"contextual.example\" };",
+        "permit(principal, action, resource) when { context has \"request\" };",
+    ] {
+        assert!(!reads_usage(no), "{no}");
+    }
+    for yes in [
+        "forbid(principal, action, resource) when { context has session && context.session.tokens_used >= 1 };",
+        "forbid(principal, action, resource) when { context.agent.cost_usd.greaterThanOrEqual(decimal(\"1.0\")) };",
+        "permit(principal, action, resource) when { context == {} };",
+        "permit(principal, action, resource) when { context[\"session\"] == 1 };",
+        "permit(principal, action, resource) when { context has \"agent\" };",
+        "permit(principal, action, resource) when { context . session . tokens_used > 0 };",
+        "permit(principal, action, resource) when { resource.path == \"/context\" };",
+    ] {
+        assert!(reads_usage(yes), "{yes}");
+    }
+}
+
+/// A budget forbid still sees the usage records (the skip must not open it), and a class
+/// whose policies never read them decides the same with or without them.
+#[test]
+fn usage_records_reach_the_policies_that_read_them() {
+    let b = bundle(&[(
+        "u.cedar",
+        r#"
+        @id("chat") permit(principal, action == Firma::Action::"model.inference.chat", resource);
+        @id("budget") forbid(principal, action == Firma::Action::"model.inference.chat", resource)
+            when { context has session && context.session.tokens_used >= 10 };
+        @id("send") permit(principal, action == Firma::Action::"communication.external.send", resource);
+        "#,
+    )]);
+    let c = b.compile().unwrap();
+    let spent = UsageTotals {
+        input_tokens: 6,
+        output_tokens: 6,
+        cost_nano_usd: 1_000_000,
+    };
+    let mut req = runtime("a", "model.inference.chat", "api.openai.com", 1);
+    assert!(c.evaluate(&req).allowed);
+    req.usage = Some((spent, UsageTotals::default()));
+    let r = c.evaluate(&req);
+    assert!(!r.allowed);
+    assert_eq!(r.determining_policies, vec!["budget"]);
+    let mut send = runtime("a", "communication.external.send", "paste.rs", 1);
+    send.usage = Some((spent, spent));
+    assert!(c.evaluate(&send).allowed);
+}

@@ -1,11 +1,10 @@
 //! Chaining and signing: turns event bodies into chained lines, the last of each batch signed
 //! (format in [`firma_common::audit`]), and resumes a file's chain after a restart.
 
-use firma_common::audit::{
-    AuditLineError, ChainPos, GENESIS_HASH, key_id, line_hash, sign_line, unsigned_line,
-};
+use firma_common::audit::{AuditLineError, ChainPos, GENESIS_HASH, key_id, line_hash, sign_line};
 use firma_common::keys::SigningKey;
 use serde_json::{Map, Value};
+use std::fmt::Write as _;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
@@ -16,19 +15,32 @@ pub struct Sealer {
     chain_id: String,
     next_seq: u64,
     prev_hash: String,
+    /// `,"chain_id":"…","key_id":"…","seq":` (the members that do not change per line).
+    members: String,
 }
 
 impl Sealer {
     /// A new chain (`seq` 0, genesis `prev_hash`).
     pub fn new(key: SigningKey) -> Self {
         let key_id = key_id(&key.verifying_key());
-        Self {
+        let mut s = Self {
             key,
             key_id,
             chain_id: uuid::Uuid::new_v4().to_string(),
             next_seq: 0,
             prev_hash: GENESIS_HASH.to_owned(),
-        }
+            members: String::new(),
+        };
+        s.set_members();
+        s
+    }
+
+    fn set_members(&mut self) {
+        self.members = format!(
+            ",\"chain_id\":{},\"key_id\":{},\"seq\":",
+            Value::from(self.chain_id.as_str()),
+            Value::from(self.key_id.as_str())
+        );
     }
 
     /// Continues the chain whose last line is `last_line`.
@@ -43,26 +55,37 @@ impl Sealer {
         s.chain_id = pos.chain_id;
         s.next_seq = pos.seq + 1;
         s.prev_hash = line_hash(last_line);
+        s.set_members();
         Ok(s)
     }
 
-    /// Chains and signs `body`, returning the line (no newline).
-    pub fn seal(&mut self, body: Map<String, Value>) -> Result<String, AuditLineError> {
+    /// Chains and signs `body` (one JSON object's text), returning the line (no newline).
+    pub fn seal(&mut self, body: String) -> Result<String, AuditLineError> {
         self.chain(body, true)
     }
 
-    /// Chains `body`; signs it only when `sign` (the last line of a batch: its signature covers
-    /// every line since the previous signature through the hash chain).
-    pub fn chain(
-        &mut self,
-        mut body: Map<String, Value>,
-        sign: bool,
-    ) -> Result<String, AuditLineError> {
-        body.insert("chain_id".into(), self.chain_id.clone().into());
-        body.insert("seq".into(), self.next_seq.into());
-        body.insert("prev_hash".into(), self.prev_hash.clone().into());
-        body.insert("key_id".into(), self.key_id.clone().into());
-        let mut line = unsigned_line(&body)?;
+    /// Chains `body` (one JSON object's text without chain members or signature); signs it
+    /// only when `sign` (the last line of a batch: its signature covers every line since the
+    /// previous signature through the hash chain). The members are appended to the text as
+    /// it is: the hash and signature cover the exact bytes written, and readers parse the
+    /// line, so member order does not matter.
+    pub fn chain(&mut self, body: String, sign: bool) -> Result<String, AuditLineError> {
+        let inner = body
+            .trim_end()
+            .strip_prefix('{')
+            .and_then(|b| b.strip_suffix('}'))
+            .filter(|b| !b.trim().is_empty())
+            .ok_or_else(|| {
+                AuditLineError::Malformed("an event body must be a non-empty JSON object".into())
+            })?;
+        let mut line = String::with_capacity(body.len() + self.members.len() + 100);
+        line.push('{');
+        line.push_str(inner);
+        line.push_str(&self.members);
+        let _ = write!(line, "{}", self.next_seq);
+        line.push_str(",\"prev_hash\":\"");
+        line.push_str(&self.prev_hash);
+        line.push_str("\"}");
         if sign {
             line = sign_line(line, &self.key);
         }
@@ -154,10 +177,8 @@ mod tests {
     use super::*;
     use firma_common::audit::ChainVerifier;
 
-    fn body(n: u64) -> Map<String, Value> {
-        let mut m = Map::new();
-        m.insert("n".into(), n.into());
-        m
+    fn body(n: u64) -> String {
+        format!("{{\"n\":{n}}}")
     }
 
     #[test]

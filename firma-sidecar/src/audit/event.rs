@@ -20,149 +20,185 @@
 //! `timings_us{classify_us, stage1_us, stage2_us, total_us, upstream_us}`.
 //! The chain members (`chain_id`, `seq`, `prev_hash`, `key_id`) and `signature` are added by
 //! the writer.
+//!
+//! Bodies are serialized here, on the request's own thread, straight from borrowed typed
+//! views (no intermediate `serde_json::Map`): the single writer thread then only appends the
+//! chain members to the text and signs. Building a `Map` per event and serializing it on the
+//! writer was about a fifth of the sidecar's CPU under keep-alive load (docs/benchmarks.md).
 
 use super::AuditInput;
+use crate::conn::{
+    CapabilitySummary, ConnectionInfo, ConnectorOutcome, DenyReason, InterceptKind, Outcome,
+    UsageOutcome, Workload,
+};
+use serde::Serialize;
+use serde::ser::SerializeMap;
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-/// Builds the event body for `input`.
-pub fn body(input: &AuditInput<'_>) -> Map<String, Value> {
+/// What a request's record adds to `envelope.intent` beyond the decision: a DNS query's
+/// fields and the attributes extracted from the body.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IntentExtra<'a> {
+    pub dns: Option<&'a Map<String, Value>>,
+    pub request: Option<&'a Value>,
+}
+
+/// A fresh event id.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The `decision` event for `input`, with a fresh id.
+pub fn body(input: &AuditInput<'_>) -> String {
+    decision(input, &new_id(), IntentExtra::default())
+}
+
+/// The `decision` event for `input` with the id `event_id`.
+pub fn decision(input: &AuditInput<'_>, event_id: &str, extra: IntentExtra<'_>) -> String {
     let d = input.decision;
-    let conn = input.conn;
-    let mut timings: Map<String, Value> = d
-        .timings_us
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
-        .collect();
-    let connector = match &input.connector {
-        Some(c) => {
-            if c.upstream_us > 0 {
-                timings.insert("upstream_us".into(), c.upstream_us.into());
-            }
-            json!({
-                "credential_injected": c.credential_injected,
-                "credential_source": c.credential_source,
-                "upstream_status": c.upstream_status,
-                "aborted": c.aborted,
-            })
-        }
-        // Nothing was sent upstream, so certainly no credential.
-        None => json!({ "credential_injected": false, "credential_source": null }),
-    };
     let timestamp = now();
-    let v = json!({
-        "event": "decision",
-        "event_id": uuid::Uuid::new_v4().to_string(),
-        "timestamp": timestamp,
-        "conn": conn_json(conn),
-        "workload": conn.workload,
-        "envelope": {
-            "intent": {
-                "action_class": d.action_class,
-                "resource": { "host": input.host, "path": input.path },
-                "method": input.method,
-                "port": input.port,
-                "passthrough": d.passthrough,
-            }
+    let connector = match &input.connector {
+        Some(c) => PlannedConnector {
+            credential_injected: c.credential_injected,
+            credential_source: c.credential_source,
+            upstream_status: Some(c.upstream_status),
+            aborted: Some(c.aborted.as_deref()),
         },
-        "decision": {
-            "outcome": d.outcome,
-            "reason": d.reason,
-            "detail": d.detail,
-            "matched_policies": d.matched_policies,
+        // Nothing was sent upstream, so certainly no credential.
+        None => PlannedConnector {
+            credential_injected: false,
+            credential_source: None,
+            upstream_status: None,
+            aborted: None,
         },
-        "capability": d.capability,
-        "connector": connector,
-        "timings_us": timings,
-    });
-    object(v)
-}
-
-fn now() -> String {
-    OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_default()
-}
-
-fn object(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    }
+    };
+    text(&DecisionEvent {
+        event: "decision",
+        event_id,
+        timestamp: &timestamp,
+        conn: ConnJson::of(input.conn),
+        workload: input.conn.workload.as_ref(),
+        envelope: Envelope {
+            intent: Intent {
+                action_class: Some(d.action_class.as_deref()),
+                resource: Resource {
+                    host: input.host,
+                    path: input.path,
+                },
+                method: input.method,
+                port: input.port,
+                passthrough: Some(d.passthrough),
+                dns: extra.dns,
+                request: extra.request,
+            },
+        },
+        decision: DecisionJson {
+            outcome: d.outcome,
+            reason: d.reason,
+            detail: &d.detail,
+            matched_policies: &d.matched_policies,
+        },
+        capability: d.capability.as_ref(),
+        connector,
+        timings_us: Timings {
+            stages: &d.timings_us,
+            upstream_us: input
+                .connector
+                .as_ref()
+                .map(|c| c.upstream_us)
+                .filter(|us| *us > 0),
+        },
+    })
 }
 
 /// The `outcome` event of an allowed request or tunnel whose decision is `decision_event_id`.
-pub fn outcome(input: &AuditInput<'_>, decision_event_id: &str) -> Map<String, Value> {
-    let c = input.connector.clone().unwrap_or_default();
-    let conn = input.conn;
-    object(json!({
-        "event": "outcome",
-        "event_id": uuid::Uuid::new_v4().to_string(),
-        "timestamp": now(),
-        "decision_event_id": decision_event_id,
-        "conn": { "id": conn.conn_id, "intercept": conn.kind },
-        "envelope": {
-            "intent": {
-                "action_class": input.decision.action_class,
-                "resource": { "host": input.host, "path": input.path },
-                "method": input.method,
-                "port": input.port,
-            }
+pub fn outcome(input: &AuditInput<'_>, decision_event_id: &str, extra: IntentExtra<'_>) -> String {
+    let default = ConnectorOutcome::default();
+    let c = input.connector.as_ref().unwrap_or(&default);
+    let timestamp = now();
+    text(&OutcomeEvent {
+        event: "outcome",
+        event_id: &new_id(),
+        timestamp: &timestamp,
+        decision_event_id,
+        conn: OutcomeConn {
+            id: input.conn.conn_id,
+            intercept: input.conn.kind,
         },
-        "connector": {
-            "credential_injected": c.credential_injected,
-            "credential_source": c.credential_source,
-            "upstream_status": c.upstream_status,
-            "aborted": c.aborted,
-            "client_gone": c.client_gone,
-            "bytes_up": c.bytes_up,
-            "bytes_down": c.bytes_down,
-            "upstream_protocol": c.upstream_protocol,
-            "upstream_reused": c.upstream_reused,
-            "duration_ms": c.duration_ms,
-            "usage": c.usage.map(|u| json!({
-                "input_tokens": u.input_tokens,
-                "output_tokens": u.output_tokens,
-                "total_tokens": u.input_tokens.saturating_add(u.output_tokens),
-                "cost_usd": u.cost_nano_usd.map(|n| n as f64 / 1e9),
-            })),
+        envelope: Envelope {
+            intent: Intent {
+                action_class: Some(input.decision.action_class.as_deref()),
+                resource: Resource {
+                    host: input.host,
+                    path: input.path,
+                },
+                method: input.method,
+                port: input.port,
+                passthrough: None,
+                dns: extra.dns,
+                request: extra.request,
+            },
         },
-        "timings_us": { "upstream_us": c.upstream_us },
-    }))
+        connector: OutcomeConnector {
+            credential_injected: c.credential_injected,
+            credential_source: c.credential_source,
+            upstream_status: c.upstream_status,
+            aborted: c.aborted.as_deref(),
+            client_gone: c.client_gone,
+            bytes_up: c.bytes_up,
+            bytes_down: c.bytes_down,
+            upstream_protocol: c.upstream_protocol,
+            upstream_reused: c.upstream_reused,
+            duration_ms: c.duration_ms,
+            usage: c.usage.as_ref().map(UsageJson::of),
+        },
+        timings_us: Timings {
+            stages: &[],
+            upstream_us: Some(c.upstream_us),
+        },
+    })
 }
 
 /// The `abandoned` event: the client left before a decision was made.
-pub fn abandoned(input: &AuditInput<'_>) -> Map<String, Value> {
-    let conn = input.conn;
-    object(json!({
-        "event": "abandoned",
-        "event_id": uuid::Uuid::new_v4().to_string(),
-        "timestamp": now(),
-        "conn": conn_json(conn),
-        "workload": conn.workload,
-        "envelope": {
-            "intent": {
-                "resource": { "host": input.host, "path": input.path },
-                "method": input.method,
-                "port": input.port,
-            }
+pub fn abandoned(input: &AuditInput<'_>) -> String {
+    let timestamp = now();
+    text(&AbandonedEvent {
+        event: "abandoned",
+        event_id: &new_id(),
+        timestamp: &timestamp,
+        conn: ConnJson::of(input.conn),
+        workload: input.conn.workload.as_ref(),
+        envelope: Envelope {
+            intent: Intent {
+                action_class: None,
+                resource: Resource {
+                    host: input.host,
+                    path: input.path,
+                },
+                method: input.method,
+                port: input.port,
+                passthrough: None,
+                dns: None,
+                request: None,
+            },
         },
-        "detail": "client went away before a decision; nothing was sent upstream",
-    }))
+        detail: "client went away before a decision; nothing was sent upstream",
+    })
 }
 
 /// The `recovery` event: `cut` bytes after the last signed line (hex SHA-256 `sha256`) were
 /// removed: a torn line and/or `unsigned_lines` complete lines of a batch never completed.
-pub fn recovery(cut: u64, sha256: &str, torn: bool, unsigned_lines: u64) -> Map<String, Value> {
+pub fn recovery(cut: u64, sha256: &str, torn: bool, unsigned_lines: u64) -> String {
     let what = match (torn, unsigned_lines) {
         (true, 0) => "a torn line".to_string(),
         (false, n) => format!("{n} complete line(s) no signature covers"),
         (true, n) => format!("a torn line and {n} complete line(s) no signature covers"),
     };
-    object(json!({
+    text(&json!({
         "event": "recovery",
-        "event_id": uuid::Uuid::new_v4().to_string(),
+        "event_id": new_id(),
         "timestamp": now(),
         "detail": format!("the file ended in {what} ({cut} bytes, from a crash or a full disk mid-batch); it was cut back to the last signed line"),
         "cut_bytes": cut,
@@ -172,12 +208,182 @@ pub fn recovery(cut: u64, sha256: &str, torn: bool, unsigned_lines: u64) -> Map<
     }))
 }
 
-/// Where a connection came from, as every event that opens a record shows it.
-fn conn_json(conn: &crate::conn::ConnectionInfo) -> Value {
-    json!({
-        "id": conn.conn_id,
-        "intercept": conn.kind,
-        "peer": conn.peer.to_string(),
-        "original_dst": conn.original_dst.map(|a| a.to_string()),
+fn now() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default()
+}
+
+/// JSON text of an event. These views hold strings, numbers and string-keyed maps only, so
+/// serializing cannot fail; should it ever, the line says so rather than vanishing.
+fn text<T: Serialize>(event: &T) -> String {
+    serde_json::to_string(event).unwrap_or_else(|e| {
+        json!({ "event": "unserializable", "event_id": new_id(), "timestamp": now(), "error": e.to_string() })
+            .to_string()
     })
+}
+
+#[derive(Serialize)]
+struct DecisionEvent<'a> {
+    event: &'static str,
+    event_id: &'a str,
+    timestamp: &'a str,
+    conn: ConnJson,
+    workload: Option<&'a Workload>,
+    envelope: Envelope<'a>,
+    decision: DecisionJson<'a>,
+    capability: Option<&'a CapabilitySummary>,
+    connector: PlannedConnector<'a>,
+    timings_us: Timings<'a>,
+}
+
+#[derive(Serialize)]
+struct OutcomeEvent<'a> {
+    event: &'static str,
+    event_id: &'a str,
+    timestamp: &'a str,
+    decision_event_id: &'a str,
+    conn: OutcomeConn,
+    envelope: Envelope<'a>,
+    connector: OutcomeConnector<'a>,
+    timings_us: Timings<'a>,
+}
+
+#[derive(Serialize)]
+struct AbandonedEvent<'a> {
+    event: &'static str,
+    event_id: &'a str,
+    timestamp: &'a str,
+    conn: ConnJson,
+    workload: Option<&'a Workload>,
+    envelope: Envelope<'a>,
+    detail: &'static str,
+}
+
+/// Where a connection came from, as every event that opens a record shows it.
+#[derive(Serialize)]
+struct ConnJson {
+    id: u64,
+    intercept: InterceptKind,
+    peer: String,
+    original_dst: Option<String>,
+}
+
+impl ConnJson {
+    fn of(conn: &ConnectionInfo) -> Self {
+        Self {
+            id: conn.conn_id,
+            intercept: conn.kind,
+            peer: conn.peer.to_string(),
+            original_dst: conn.original_dst.map(|a| a.to_string()),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct OutcomeConn {
+    id: u64,
+    intercept: InterceptKind,
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    intent: Intent<'a>,
+}
+
+#[derive(Serialize)]
+struct Intent<'a> {
+    /// `Some(None)` is written as `null`; `None` (abandoned) leaves the member out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    action_class: Option<Option<&'a str>>,
+    resource: Resource<'a>,
+    method: Option<&'a str>,
+    port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    passthrough: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<&'a Map<String, Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request: Option<&'a Value>,
+}
+
+#[derive(Serialize)]
+struct Resource<'a> {
+    host: Option<&'a str>,
+    path: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct DecisionJson<'a> {
+    outcome: Outcome,
+    reason: Option<DenyReason>,
+    detail: &'a str,
+    matched_policies: &'a [String],
+}
+
+/// A decision's `connector`: what will be attached; `upstream_status`/`aborted` only when
+/// the connector ran (`None` leaves them out).
+#[derive(Serialize)]
+struct PlannedConnector<'a> {
+    credential_injected: bool,
+    credential_source: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_status: Option<Option<u16>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aborted: Option<Option<&'a str>>,
+}
+
+#[derive(Serialize)]
+struct OutcomeConnector<'a> {
+    credential_injected: bool,
+    credential_source: Option<&'static str>,
+    upstream_status: Option<u16>,
+    aborted: Option<&'a str>,
+    client_gone: bool,
+    bytes_up: Option<u64>,
+    bytes_down: Option<u64>,
+    upstream_protocol: Option<&'static str>,
+    upstream_reused: Option<bool>,
+    duration_ms: Option<u64>,
+    usage: Option<UsageJson>,
+}
+
+#[derive(Serialize)]
+struct UsageJson {
+    input_tokens: i64,
+    output_tokens: i64,
+    total_tokens: i64,
+    cost_usd: Option<f64>,
+}
+
+impl UsageJson {
+    fn of(u: &UsageOutcome) -> Self {
+        Self {
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            total_tokens: u.input_tokens.saturating_add(u.output_tokens),
+            cost_usd: u.cost_nano_usd.map(|n| n as f64 / 1e9),
+        }
+    }
+}
+
+/// `timings_us`: the decision's stage timings, then `upstream_us` when known.
+struct Timings<'a> {
+    stages: &'a [(&'static str, u64)],
+    upstream_us: Option<u64>,
+}
+
+impl Serialize for Timings<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.stages.len() + 1))?;
+        for (k, v) in self.stages {
+            if *k != "upstream_us" {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        if let Some(us) = self.upstream_us {
+            m.serialize_entry("upstream_us", &us)?;
+        }
+        m.end()
+    }
 }

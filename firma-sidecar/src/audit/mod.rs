@@ -27,7 +27,7 @@ pub use writer::Health;
 use crate::config::{AuditConfig, AuditSink};
 use crate::conn::{ConnectionInfo, Decision};
 use firma_common::keys::SigningKey;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sha2::Digest;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -187,17 +187,14 @@ impl AuditLog {
 
     /// Queues an event without waiting for it to be persisted: for events after which nothing
     /// leaves the sidecar (denials, outcomes). Request handlers go through [`RequestAudit`].
-    pub(crate) fn record_body(&self, body: Map<String, Value>) {
+    pub(crate) fn record_body(&self, body: String) {
         self.send(writer::Msg::Event(body, None));
     }
 
     /// Persists an event and waits until the sink has it (file: written, so it survives a
     /// `kill -9`; grpc: queued within its bound). Anything the caller is about to send may
     /// only leave after this returns `Ok`.
-    pub(crate) async fn persist_body(
-        &self,
-        body: Map<String, Value>,
-    ) -> Result<(), AuditUnavailable> {
+    pub(crate) async fn persist_body(&self, body: String) -> Result<(), AuditUnavailable> {
         let (ack, wait) = tokio::sync::oneshot::channel();
         self.send(writer::Msg::Event(body, Some(ack)));
         match wait.await {
@@ -254,7 +251,7 @@ impl AuditLog {
 }
 
 /// The sealer resuming the file's chain, the file, its length, and a recovery event to write.
-type OpenedFile = (Sealer, std::fs::File, u64, Option<Map<String, Value>>);
+type OpenedFile = (Sealer, std::fs::File, u64, Option<String>);
 
 /// Opens the audit file for appending (created 0600) and resumes its chain. A torn last line
 /// (crash or full disk mid-write) and complete lines after the last signed one are cut; the

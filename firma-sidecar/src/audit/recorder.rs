@@ -32,26 +32,13 @@ struct Intent {
 }
 
 impl Intent {
-    /// Adds `envelope.intent.dns` (DNS queries) and `envelope.intent.request` (extracted body
-    /// attributes) to an event body when there are any.
-    fn with_dns(&self, mut body: Map<String, Value>) -> Map<String, Value> {
-        if let Some(dns) = &self.dns
-            && let Some(intent) = body
-                .get_mut("envelope")
-                .and_then(|e| e.get_mut("intent"))
-                .and_then(Value::as_object_mut)
-        {
-            intent.insert("dns".into(), Value::Object(dns.clone()));
+    /// `envelope.intent.dns` (DNS queries) and `envelope.intent.request` (extracted body
+    /// attributes), when there are any.
+    fn extra(&self) -> event::IntentExtra<'_> {
+        event::IntentExtra {
+            dns: self.dns.as_ref(),
+            request: self.request.as_ref(),
         }
-        if let Some(r) = &self.request
-            && let Some(intent) = body
-                .get_mut("envelope")
-                .and_then(|e| e.get_mut("intent"))
-                .and_then(Value::as_object_mut)
-        {
-            intent.insert("request".into(), r.clone());
-        }
-        body
     }
 
     fn input<'a>(
@@ -123,9 +110,17 @@ impl RequestAudit {
         self.intent.input(&self.conn, decision, connector)
     }
 
-    fn body(&self, decision: &Decision, connector: Option<ConnectorOutcome>) -> Map<String, Value> {
-        self.intent
-            .with_dns(event::body(&self.input(decision, connector)))
+    fn body(
+        &self,
+        event_id: &str,
+        decision: &Decision,
+        connector: Option<ConnectorOutcome>,
+    ) -> String {
+        event::decision(
+            &self.input(decision, connector),
+            event_id,
+            self.intent.extra(),
+        )
     }
 
     /// Records a denial (nothing was or will be sent upstream).
@@ -142,7 +137,8 @@ impl RequestAudit {
             detail = %decision.detail,
             "denied"
         );
-        self.log.record_body(self.body(decision, None));
+        self.log
+            .record_body(self.body(&event::new_id(), decision, None));
     }
 
     /// Persists the ALLOW decision; `planned` says which credential will be attached. On
@@ -153,12 +149,8 @@ impl RequestAudit {
         decision: &Decision,
         planned: ConnectorOutcome,
     ) -> Result<Committed, (Self, AuditUnavailable)> {
-        let body = self.body(decision, Some(planned.clone()));
-        let id = body
-            .get("event_id")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_owned();
+        let id = event::new_id();
+        let body = self.body(&id, decision, Some(planned.clone()));
         match self.log.persist_body(body).await {
             Ok(()) => {
                 self.done = true;
@@ -189,7 +181,8 @@ impl RequestAudit {
             aborted = outcome.aborted.as_deref().unwrap_or("-"),
             "aborted after allow, before sending"
         );
-        self.log.record_body(self.body(decision, Some(outcome)));
+        self.log
+            .record_body(self.body(&event::new_id(), decision, Some(outcome)));
     }
 
     /// Denies with [`DenyReason::AuditUnavailable`] after a failed [`Self::commit`].
@@ -262,9 +255,7 @@ impl Committed {
             credential_injected = self.outcome.credential_injected,
             "allowed"
         );
-        let body = self
-            .intent
-            .with_dns(event::outcome(&input, &self.decision_event_id));
+        let body = event::outcome(&input, &self.decision_event_id, self.intent.extra());
         self.log.record_body(body);
     }
 }

@@ -14,6 +14,7 @@ use firma_common::proto::authority::{
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
@@ -186,11 +187,27 @@ where
     .await
 }
 
-/// Streams revocations into `on_revoked(token_id, replay)` forever.
+/// One revocation as the stream delivered it.
+#[derive(Debug, Clone, Copy)]
+pub struct RevocationUpdate<'a> {
+    pub token_id: &'a str,
+    /// Sent during a (re)play of every known id rather than live.
+    pub replay: bool,
+    /// When the authority recorded it (Unix ms); 0 or less: unknown.
+    pub revoked_at_unix_ms: i64,
+    /// Part of the first replay this process received, before anything live: revoked before the
+    /// sidecar was connected at all, so no lag of this sidecar's can be measured for it. Replays
+    /// after a reconnect are not `startup`: they carry what was revoked while disconnected.
+    pub startup: bool,
+}
+
+/// Streams revocations into `on_revoked` forever.
 pub async fn run_revocation_stream<F>(ep: AuthorityEndpoint, on_revoked: F)
 where
-    F: Fn(&str, bool) + Send + Sync + 'static,
+    F: Fn(RevocationUpdate<'_>) + Send + Sync + 'static,
 {
+    // Set once a live entry arrived or a subscribed stream ended: later replays are resyncs.
+    let caught_up = AtomicBool::new(false);
     reconnect_loop("revocation", || async {
         let mut client = match ep.connect().await {
             Ok(c) => c,
@@ -205,14 +222,26 @@ where
         };
         tracing::debug!(target: "firma_sidecar::authority", "revocation stream open");
         let mut got = false;
+        let ended = |got: bool, why: String| {
+            caught_up.store(true, Ordering::Relaxed);
+            (got, why)
+        };
         loop {
             match stream.message().await {
                 Ok(Some(r)) => {
                     got = true;
-                    on_revoked(&r.token_id, r.replay);
+                    if !r.replay {
+                        caught_up.store(true, Ordering::Relaxed);
+                    }
+                    on_revoked(RevocationUpdate {
+                        token_id: &r.token_id,
+                        replay: r.replay,
+                        revoked_at_unix_ms: r.revoked_at_unix_ms,
+                        startup: r.replay && !caught_up.load(Ordering::Relaxed),
+                    });
                 }
-                Ok(None) => return (got, "closed by the authority".into()),
-                Err(s) => return (got, s.message().to_owned()),
+                Ok(None) => return ended(got, "closed by the authority".into()),
+                Err(s) => return ended(got, s.message().to_owned()),
             }
         }
     })

@@ -34,6 +34,7 @@ use crate::drain::Drain;
 use crate::ebpf::Redirector;
 use crate::interceptor::limits::Limits;
 use crate::interceptor::redirect_listener::{self as listener, Redirected, Unredirected};
+use crate::metrics::{self, DnsOutcome};
 use crate::state::SidecarState;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hickory_proto::op::ResponseCode;
@@ -95,6 +96,15 @@ struct Origin {
 struct Dropped {
     count: u64,
     origin: Origin,
+}
+
+/// The `qtype` label of the DNS query counter: a small fixed set.
+fn qtype_class(t: RecordType) -> &'static str {
+    match t {
+        RecordType::A => "A",
+        RecordType::AAAA => "AAAA",
+        _ => "other",
+    }
 }
 
 /// The A/AAAA/CNAME/HTTPS questions an allowed name is resolved for; other types are REFUSED.
@@ -179,6 +189,7 @@ impl DnsGuard {
         {
             return Some(p);
         }
+        metrics::dns_query(DnsOutcome::RateLimited, "unknown");
         let mut d = self.dropped.lock().unwrap_or_else(|p| p.into_inner());
         d.entry(o.cgroup)
             .or_insert_with(|| Dropped {
@@ -223,7 +234,23 @@ impl DnsGuard {
     }
 
     /// Decodes, decides, audits and (when allowed) resolves one query; the bytes to send back.
+    /// Counted and timed here (`firma_sidecar_dns_*`).
     async fn answer(&self, raw: &[u8], o: &Origin, t: Transport) -> Option<Vec<u8>> {
+        let started = Instant::now();
+        let (reply, outcome, qtype) = self.answer_counted(raw, o, t).await;
+        metrics::dns_query(outcome, qtype);
+        if reply.is_some() {
+            metrics::dns_answer(started.elapsed(), outcome == DnsOutcome::Allowed);
+        }
+        reply
+    }
+
+    async fn answer_counted(
+        &self,
+        raw: &[u8],
+        o: &Origin,
+        t: Transport,
+    ) -> (Option<Vec<u8>>, DnsOutcome, &'static str) {
         let conn = self.state.new_conn(
             InterceptKind::Dns,
             o.peer,
@@ -245,7 +272,7 @@ impl DnsGuard {
                     o.peer
                 ),
             ));
-            return None;
+            return (None, DnsOutcome::Dropped, "unknown");
         }
         match query::decode(raw) {
             Decoded::Drop { why } => {
@@ -254,7 +281,7 @@ impl DnsGuard {
                     DenyReason::MalformedRequest,
                     format!("dropped: {why}"),
                 ));
-                None
+                (None, DnsOutcome::Dropped, "unknown")
             }
             Decoded::Reject {
                 id,
@@ -268,9 +295,17 @@ impl DnsGuard {
                     DenyReason::MalformedRequest,
                     format!("{why}; answered {}", rcode.to_str()),
                 ));
-                Some(query::header_only(id, op_code, rcode))
+                (
+                    Some(query::header_only(id, op_code, rcode)),
+                    DnsOutcome::Malformed,
+                    "unknown",
+                )
             }
-            Decoded::Query(q) => Some(self.decide(q, audit, fields, o, t).await),
+            Decoded::Query(q) => {
+                let qtype = qtype_class(q.qtype);
+                let (reply, outcome) = self.decide(q, audit, fields, o, t).await;
+                (Some(reply), outcome, qtype)
+            }
         }
     }
 
@@ -281,7 +316,7 @@ impl DnsGuard {
         mut fields: Map<String, Value>,
         o: &Origin,
         t: Transport,
-    ) -> Vec<u8> {
+    ) -> (Vec<u8>, DnsOutcome) {
         fields.insert("qname".into(), q.qname.clone().into());
         fields.insert("qtype".into(), q.qtype.to_string().into());
         let port = o.original_dst.map_or(53, |a| a.port());
@@ -292,7 +327,12 @@ impl DnsGuard {
                     rcode: ResponseCode| {
             fields.insert("rcode".into(), rcode.to_str().into());
             audit.dns(fields).deny(&Decision::deny(reason, detail));
-            query::reply(&q, rcode)
+            let outcome = if rcode == ResponseCode::NXDomain {
+                DnsOutcome::Denied
+            } else {
+                DnsOutcome::Refused
+            };
+            (query::reply(&q, rcode), outcome)
         };
         let audit = audit.target(Some(&q.qname), port, None);
         if o.workload.is_none() {
@@ -349,7 +389,10 @@ impl DnsGuard {
             Ok(c) => c,
             Err((audit, e)) => {
                 audit.deny_unaudited(&e);
-                return query::reply(&q, ResponseCode::ServFail);
+                return (
+                    query::reply(&q, ResponseCode::ServFail),
+                    DnsOutcome::AuditFailed,
+                );
             }
         };
         let started = Instant::now();
@@ -370,10 +413,11 @@ impl DnsGuard {
                     bytes_down: Some(bytes.len() as u64),
                     ..ConnectorOutcome::default()
                 });
-                bytes
+                (bytes, DnsOutcome::Allowed)
             }
             Err(e) => {
                 tracing::warn!(qname = %q.qname, error = %e, "DNS upstream failed");
+                metrics::dns_upstream_error(e.kind());
                 let mut f = Map::new();
                 f.insert("rcode".into(), ResponseCode::ServFail.to_str().into());
                 f.insert("upstream_error".into(), e.to_string().into());
@@ -383,7 +427,10 @@ impl DnsGuard {
                     aborted: Some(e.abort_reason().into()),
                     ..ConnectorOutcome::default()
                 });
-                query::reply(&q, ResponseCode::ServFail)
+                (
+                    query::reply(&q, ResponseCode::ServFail),
+                    DnsOutcome::Allowed,
+                )
             }
         }
     }
@@ -556,6 +603,7 @@ async fn tcp_conn(guard: Arc<DnsGuard>, c: Redirected) {
                 .target(None, original_dst.port(), None)
                 .dns(f)
                 .deny(&Decision::deny(DenyReason::MalformedRequest, why));
+            metrics::dns_query(DnsOutcome::Dropped, "unknown");
             return;
         }
         let Some(reply) = guard.answer(&body, &origin, Transport::Tcp).await else {

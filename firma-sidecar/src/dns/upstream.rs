@@ -32,6 +32,15 @@ impl UpstreamError {
             _ => "UpstreamUnavailable",
         }
     }
+
+    /// The `kind` label of `firma_sidecar_dns_upstream_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NoServer => "no_server",
+            Self::Timeout(_) => "timeout",
+            Self::Unavailable(_) => "unavailable",
+        }
+    }
 }
 
 pub struct Upstream {

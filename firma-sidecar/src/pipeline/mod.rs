@@ -196,11 +196,14 @@ impl Pipeline {
                 let set = revoked.clone();
                 tasks.spawn(authority_client::run_revocation_stream(
                     ep.clone(),
-                    move |id, replay| {
-                        if set.insert(id) && !replay {
-                            tracing::info!(target: "firma_sidecar::revocation", "revoked capability {id}");
+                    move |u| {
+                        if set.insert(u.token_id) {
+                            if !u.replay {
+                                tracing::info!(target: "firma_sidecar::revocation", "revoked capability {}", u.token_id);
+                            }
+                            crate::metrics::revocation_applied(&u);
                         }
-                        if !replay {
+                        if !u.replay {
                             set.mark_synced();
                         }
                     },
