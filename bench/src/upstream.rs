@@ -305,3 +305,61 @@ http {{
         self.counts().1
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{CLIENT_AUTH, ClientArgs};
+
+    /// 40 requests from the real load client: all answered, and counted as carrying the
+    /// credential exactly when it is the one the upstream was told to expect.
+    fn counts_with(kind: Kind) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        for (expected, injected) in [(CLIENT_AUTH, 40), ("Bearer something-else", 0)] {
+            let dir = tempfile::tempdir().unwrap();
+            let up = Upstream::start(
+                kind,
+                dir.path(),
+                &["api.openai.com"],
+                "127.0.0.1:0".parse().unwrap(),
+                expected,
+            )
+            .unwrap();
+            let r = crate::client::run(&ClientArgs {
+                connect: up.addr,
+                host: "api.openai.com".into(),
+                proxy_connect: None,
+                cas: vec![up.ca_path.clone()],
+                requests: 40,
+                concurrency: 4,
+                warmup: 0,
+                new_connection: false,
+                time_limit_secs: 30,
+                duration_secs: 0,
+                threads: 1,
+            })
+            .unwrap();
+            assert_eq!((r.ok, r.errors), (40, 0), "{:?}", r.first_error);
+            // nginx writes its log line after the response: allow it a moment.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while up.requests() < 40 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert_eq!((up.requests(), up.injected()), (40, injected));
+        }
+    }
+
+    #[test]
+    fn builtin_counts_requests_and_the_credential() {
+        counts_with(Kind::Builtin);
+    }
+
+    #[test]
+    fn nginx_counts_requests_and_the_credential() {
+        if nginx_binary().is_none() {
+            eprintln!("SKIP: nginx is not installed (apt-get install nginx-light)");
+            return;
+        }
+        counts_with(Kind::Nginx);
+    }
+}
