@@ -5,7 +5,7 @@
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
 use firma_common::capability::{CapabilityClaims, CapabilitySeed, now_unix};
 use firma_common::keys::SigningKey;
-use firma_common::policy::PolicyBundle;
+use firma_common::policy::{PolicyBundle, UsageTotals};
 use firma_sidecar::audit::{
     AuditInput, AuditLog, ConnectorOutcome, RequestAudit, Sealer, event_body,
 };
@@ -162,6 +162,129 @@ fn stage2(c: &mut Criterion) {
     });
 }
 
+/// Usage totals as the pipeline passes them on every request (`context.session`/`agent`).
+fn spent() -> Option<(UsageTotals, UsageTotals)> {
+    let t = UsageTotals {
+        input_tokens: 1200,
+        output_tokens: 800,
+        cost_nano_usd: 3_500_000,
+    };
+    Some((t, t))
+}
+
+/// Stage 2 as the pipeline runs it: usage totals always passed. `genai-app` never reads
+/// them (the records are not built); the `llm` bundle's budget forbids do (two `decimal`s).
+fn stage2_with_usage(c: &mut Criterion) {
+    let counters = ActionCounters::new();
+    for (name, dir) in [
+        (
+            "stage2/genai_app_allow_usage_passed",
+            "policies/runtime/genai-app",
+        ),
+        ("stage2/llm_budget_reads_usage", "policies/runtime/llm"),
+    ] {
+        let policies = PolicyBundle::load_dir(&repo().join(dir))
+            .expect("bundle")
+            .compile()
+            .expect("compile");
+        let mut attrs = std::collections::BTreeMap::new();
+        attrs.insert(
+            "model".to_string(),
+            firma_common::policy::AttrValue::String("gpt-4o-mini".into()),
+        );
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                evaluate(
+                    &policies,
+                    &counters,
+                    &Stage2Request {
+                        agent_id: "tenant-acme",
+                        session_id: "s-1",
+                        action_class: "model.inference.chat",
+                        host: "api.openai.com",
+                        path: "/v1/chat/completions",
+                        method: "POST",
+                        live_until: i64::MAX,
+                        now: now_unix(),
+                        request: Some(&attrs),
+                        usage: spent(),
+                    },
+                )
+            })
+        });
+    }
+}
+
+/// The whole decision of an allowed chat call: mapping + Stage 1 (session header, 1 of 1000
+/// capabilities) + Stage 2 (genai-app, usage passed).
+fn whole_decision(c: &mut Criterion) {
+    let rules = MappingRules::load(&[repo().join("policies/mapping-rules.toml")]).expect("rules");
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = now_unix();
+    let claims = CapabilityClaims {
+        token_id: "t-1".into(),
+        agent_id: "tenant-acme".into(),
+        session_id: "s-1".into(),
+        action_set: vec!["model.inference.chat".into()],
+        resource_scope: "*".into(),
+        iat: now - 5,
+        exp: now + 3600,
+        context_hash: "00".into(),
+    };
+    let p = dir.path().join("seed.toml");
+    let seed = CapabilitySeed::new(claims.sign(&key).expect("sign"), &claims);
+    std::fs::write(&p, toml::to_string(&seed).expect("toml")).expect("write");
+    let mut store = CapabilityStore::new(key.verifying_key(), 5, Arc::new(RevocationSet::new()));
+    store.load_seeds(&[p], now).expect("seeds");
+    let policies = PolicyBundle::load_dir(&repo().join("policies/runtime/genai-app"))
+        .expect("bundle")
+        .compile()
+        .expect("compile");
+    let counters = ActionCounters::new();
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-firma-session", "s-1".parse().expect("hv"));
+    c.bench_function("decision/mapping_stage1_stage2_allow", |b| {
+        b.iter(|| {
+            let class = rules
+                .classify(
+                    black_box("POST"),
+                    black_box("api.openai.com"),
+                    black_box("/v1/chat/completions"),
+                )
+                .map(|m| m.action_class.to_owned())
+                .expect("mapped");
+            let cleared = store
+                .check(&Stage1Request {
+                    caller: Caller::Connection(1),
+                    headers: &headers,
+                    workload: None,
+                    action_class: &class,
+                    resource: "api.openai.com/v1/chat/completions",
+                    now,
+                })
+                .map_err(|d| d.detail)
+                .expect("stage 1");
+            evaluate(
+                &policies,
+                &counters,
+                &Stage2Request {
+                    agent_id: &cleared.cap.claims.agent_id,
+                    session_id: &cleared.cap.claims.session_id,
+                    action_class: &class,
+                    host: "api.openai.com",
+                    path: "/v1/chat/completions",
+                    method: "POST",
+                    live_until: cleared.live_until,
+                    now,
+                    request: None,
+                    usage: spent(),
+                },
+            )
+        })
+    });
+}
+
 fn audit(c: &mut Criterion) {
     let key = SigningKey::generate(&mut rand::rngs::OsRng);
     let mut sealer = Sealer::new(key);
@@ -286,5 +409,14 @@ fn metrics(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, mapping, stage1, stage2, audit, metrics);
+criterion_group!(
+    benches,
+    mapping,
+    stage1,
+    stage2,
+    stage2_with_usage,
+    whole_decision,
+    audit,
+    metrics
+);
 criterion_main!(benches);

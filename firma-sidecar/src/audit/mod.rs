@@ -87,6 +87,8 @@ impl From<crate::authority_client::ClientError> for AuditError {
 
 struct Inner {
     tx: Mutex<Sender<writer::Msg>>,
+    /// Lines nobody waits for, taken by the writer without a wake-up each.
+    side: Arc<writer::SideQueue>,
     health: Arc<Health>,
     grpc: Option<grpc::GrpcQueue>,
     /// The grpc shipper task, stopped when the last handle goes (call `flush` first).
@@ -171,13 +173,16 @@ impl AuditLog {
             })?;
         }
         let (tx, rx) = std::sync::mpsc::channel();
+        let side = Arc::new(writer::SideQueue::default());
+        let queue = side.clone();
         std::thread::Builder::new()
             .name("firma-audit".into())
-            .spawn(move || writer::run(rx, w))
+            .spawn(move || writer::run(rx, queue, w))
             .map_err(|e| AuditError::Startup(format!("cannot start audit writer: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 tx: Mutex::new(tx),
+                side,
                 health,
                 grpc,
                 shipper,
@@ -188,7 +193,9 @@ impl AuditLog {
     /// Queues an event without waiting for it to be persisted: for events after which nothing
     /// leaves the sidecar (denials, outcomes). Request handlers go through [`RequestAudit`].
     pub(crate) fn record_body(&self, body: String) {
-        self.send(writer::Msg::Event(body, None));
+        if self.inner.side.push(body) {
+            self.send(writer::Msg::Wake);
+        }
     }
 
     /// Persists an event and waits until the sink has it (file: written, so it survives a

@@ -51,7 +51,37 @@ pub type Ack = tokio::sync::oneshot::Sender<Result<(), Lost>>;
 pub enum Msg {
     /// An event body: one JSON object's text, without chain members.
     Event(String, Option<Ack>),
+    /// The [`SideQueue`] is full: write what it holds.
+    Wake,
     Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Lines nobody waits for (denials, outcomes), queued without waking the writer: it takes
+/// them with the next batch somebody waits for, at its next [`HOLD_MAX`] tick, or when the
+/// queue reaches [`MAX_BATCH`] (the pusher then sends [`Msg::Wake`]). Half of the
+/// cross-thread wake-ups per allowed request were outcome lines waking the writer.
+#[derive(Default)]
+pub struct SideQueue(std::sync::Mutex<Vec<String>>);
+
+impl SideQueue {
+    /// Queues `body`; `true` when the writer must be woken now.
+    pub fn push(&self, body: String) -> bool {
+        let mut q = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        q.push(body);
+        q.len() >= MAX_BATCH
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(
+            &mut *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
 }
 
 /// What the request path and readiness checks can see of the writer.
@@ -280,21 +310,23 @@ impl Writer {
 }
 
 /// Runs until every sender is gone.
-pub fn run(rx: Receiver<Msg>, mut w: Writer) {
+pub fn run(rx: Receiver<Msg>, side: Arc<SideQueue>, mut w: Writer) {
     let mut held = Held::default();
     let mut pending: Option<Msg> = None;
     loop {
-        let wait = held.due_in().unwrap_or(SYNC_INTERVAL);
+        let wait = held.due_in().unwrap_or(HOLD_MAX);
         let first = match pending.take() {
             Some(m) => Ok(m),
             None => rx.recv_timeout(wait),
         };
         match first {
             Ok(Msg::Event(body, ack)) => {
+                held.take_side(&side);
                 held.push(body, ack);
                 while held.len() < MAX_BATCH {
                     match rx.try_recv() {
                         Ok(Msg::Event(b, a)) => held.push(b, a),
+                        Ok(Msg::Wake) => {}
                         Ok(flush) => {
                             pending = Some(flush);
                             break;
@@ -305,31 +337,32 @@ pub fn run(rx: Receiver<Msg>, mut w: Writer) {
                 if held.must_write() {
                     held.write(&mut w);
                 }
-                if let Err(e) = w.sink.tick(false) {
-                    tracing::error!(target: "firma_sidecar::audit", "audit fsync failed: {e}");
-                }
+                tick(&mut w, false);
+            }
+            Ok(Msg::Wake) | Err(RecvTimeoutError::Timeout) => {
+                held.take_side(&side);
+                held.write(&mut w);
+                tick(&mut w, false);
             }
             Ok(Msg::Flush(done)) => {
+                held.take_side(&side);
                 held.write(&mut w);
-                if let Err(e) = w.sink.tick(true) {
-                    tracing::error!(target: "firma_sidecar::audit", "audit fsync failed: {e}");
-                }
+                tick(&mut w, true);
                 let _ = done.send(());
             }
-            Err(RecvTimeoutError::Timeout) => {
-                if held.due_in() == Some(Duration::ZERO) {
-                    held.write(&mut w);
-                }
-                if let Err(e) = w.sink.tick(false) {
-                    tracing::error!(target: "firma_sidecar::audit", "audit fsync failed: {e}");
-                }
-            }
             Err(RecvTimeoutError::Disconnected) => {
+                held.take_side(&side);
                 held.write(&mut w);
                 let _ = w.sink.tick(true);
                 return;
             }
         }
+    }
+}
+
+fn tick(w: &mut Writer, force: bool) {
+    if let Err(e) = w.sink.tick(force) {
+        tracing::error!(target: "firma_sidecar::audit", "audit fsync failed: {e}");
     }
 }
 
@@ -360,6 +393,17 @@ impl Held {
 
     fn len(&self) -> usize {
         self.bodies.len()
+    }
+
+    /// Takes the lines queued on the side (they go before the ones just received).
+    fn take_side(&mut self, side: &SideQueue) {
+        let queued = side.take();
+        if !queued.is_empty() {
+            self.since.get_or_insert_with(Instant::now);
+            let mut bodies = queued;
+            bodies.append(&mut self.bodies);
+            self.bodies = bodies;
+        }
     }
 
     /// Somebody waits, the batch is full, or the oldest line has waited long enough.
@@ -436,9 +480,11 @@ mod tests {
             Arc::new(Health::default()),
         );
         let (tx, rx) = std::sync::mpsc::channel();
-        let t = std::thread::spawn(move || run(rx, w));
+        let side = Arc::new(SideQueue::default());
+        let queue = side.clone();
+        let t = std::thread::spawn(move || run(rx, queue, w));
         for n in 0..3 {
-            tx.send(Msg::Event(body(n), None)).unwrap();
+            assert!(!side.push(body(n)));
         }
         let (ack, acked) = tokio::sync::oneshot::channel();
         tx.send(Msg::Event(body(3), Some(ack))).unwrap();
@@ -454,7 +500,7 @@ mod tests {
         assert!((1..=2).contains(&signed), "{signed} signatures");
         assert!(is_signed(text.lines().last().unwrap()));
         // A lone line nobody waits for is written within HOLD_MAX (generously bounded here).
-        tx.send(Msg::Event(body(4), None)).unwrap();
+        side.push(body(4));
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::fs::read_to_string(&path).unwrap().lines().count() < 5 {
             assert!(Instant::now() < deadline, "held line never written");
