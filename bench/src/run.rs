@@ -62,6 +62,10 @@ pub struct RunArgs {
     /// nginx when installed, else builtin.
     #[arg(long, value_enum)]
     pub upstream: Option<crate::upstream::Kind>,
+    /// Deploy Firma without `strict_hosts` (MITM failures fall back to a blind tunnel per
+    /// client), to reproduce the fallback the robustness step guards against.
+    #[arg(long)]
+    pub mitm_fallback: bool,
     /// Do not measure with Go `hey` (the second client).
     #[arg(long)]
     pub skip_hey: bool,
@@ -131,6 +135,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         &up.ca_path,
         &Mode::HttpProxy,
         false,
+        !args.mitm_fallback,
     )?;
     let mut sc = d.start_sidecar()?;
     let proxy = sc.addr;
@@ -170,6 +175,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             &up.ca_path,
             &Mode::HttpProxy,
             true,
+            !args.mitm_fallback,
         )?;
         let scm = dm.start_sidecar()?;
         let admin: std::net::SocketAddr = scm

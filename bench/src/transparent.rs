@@ -144,6 +144,9 @@ impl Inner {
         if args.skip_hey {
             cmd.arg("--skip-hey");
         }
+        if args.mitm_fallback {
+            cmd.arg("--mitm-fallback");
+        }
         let mut child = cmd.spawn().context("run unshare")?;
         let stdin = child.stdin.take().context("inner stdin")?;
         let stdout = child.stdout.take().context("inner stdout")?;
@@ -294,7 +297,15 @@ fn inner_run(args: &RunArgs) -> anyhow::Result<()> {
         control_socket: tmp.path().join("run/sidecar.sock"),
         allow_ephemeral_pins: None,
     };
-    let d = Deployment::new(firma, tmp.path(), up.addr, &up.ca_path, &mode, false)?;
+    let d = Deployment::new(
+        firma,
+        tmp.path(),
+        up.addr,
+        &up.ca_path,
+        &mode,
+        false,
+        !args.mitm_fallback,
+    )?;
     let mut sc = match d.start_sidecar() {
         Ok(sc) => sc,
         Err(e) if format!("{e:#}").contains("no eBPF object") => {
