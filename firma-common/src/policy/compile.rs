@@ -28,6 +28,8 @@ pub struct CompiledPolicies {
     action_classes: BTreeSet<String>,
     policy_ids: Vec<String>,
     version: String,
+    /// Resource entities already built, by resource (see [`super::eval`]).
+    pub(super) entities: super::eval::EntityCache,
 }
 
 /// The policies one action class is evaluated against.
@@ -196,6 +198,7 @@ impl PolicyBundle {
             action_classes,
             policy_ids,
             version: self.version.clone(),
+            entities: Default::default(),
         })
     }
 }

@@ -3,6 +3,7 @@ use cedar_policy::{
     Context, Decision, Entities, Entity, EntityId, EntityUid, Request, RestrictedExpression,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// A value taken from a request body for `context.request` (see the sidecar's mapping rules).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +104,39 @@ impl EvalResult {
     }
 }
 
+/// The entity store of each resource seen, built once: it depends only on the resource
+/// (`id`, `host`, `path`), and building it (entity, attribute values, hierarchy closure) was a
+/// quarter of Stage 2's time. Bounded: when [`EntityCache::CAPACITY`] resources are held it
+/// starts over, so a client inventing paths costs what it did before the cache, no memory.
+#[derive(Default)]
+pub(super) struct EntityCache(Mutex<HashMap<String, Arc<Entities>>>);
+
+impl EntityCache {
+    const CAPACITY: usize = 4096;
+
+    fn get_or_build(
+        &self,
+        key: String,
+        build: impl FnOnce() -> Result<Entities, String>,
+    ) -> Result<Arc<Entities>, String> {
+        if let Some(e) = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return Ok(e.clone());
+        }
+        let built = Arc::new(build()?);
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= Self::CAPACITY {
+            map.clear();
+        }
+        map.insert(key, built.clone());
+        Ok(built)
+    }
+}
+
 impl CompiledPolicies {
     /// Evaluates `req`. Never fails open: an unknown action class, an id Cedar cannot hold or a
     /// request the schema rejects yields `allowed: false` with the cause in `errors`.
@@ -117,7 +151,7 @@ impl CompiledPolicies {
             Ok((request, entities)) => {
                 let resp = self
                     .authorizer
-                    .is_authorized(&request, &action.policies, &entities);
+                    .is_authorized(&request, &action.policies, &*entities);
                 let mut determining: Vec<String> =
                     resp.diagnostics().reason().map(|p| p.to_string()).collect();
                 determining.sort();
@@ -136,26 +170,34 @@ impl CompiledPolicies {
         req: &EvalRequest<'_>,
         action: &EntityUid,
         with_usage: bool,
-    ) -> Result<(Request, Entities), String> {
+    ) -> Result<(Request, Arc<Entities>), String> {
         let uid = |ty: &cedar_policy::EntityTypeName, id: &str| {
             EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
         };
         let principal = uid(&self.agent_type, req.agent_id);
         let action = action.clone();
         let resource = uid(&self.resource_type, req.resource_id);
-        let mut attrs = HashMap::with_capacity(2);
-        if let Some(host) = req.host {
-            attrs.insert("host".into(), RestrictedExpression::new_string(host.into()));
-        }
-        if let Some(path) = req.path {
-            attrs.insert("path".into(), RestrictedExpression::new_string(path.into()));
-        }
-        let resource_entity =
-            Entity::new(resource.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?;
-        // The agent has no attributes and no parents: absent from the store it evaluates the
-        // same (`has` false, `in` only itself), one entity less to build per request.
-        let entities =
-            Entities::from_entities([resource_entity], None).map_err(|e| e.to_string())?;
+        // `\0` cannot occur in a host or path that reached Cedar, so the key is unambiguous.
+        let key = format!(
+            "{}\0{}\0{}",
+            req.resource_id,
+            req.host.unwrap_or("\u{1}"),
+            req.path.unwrap_or("\u{1}")
+        );
+        let entities = self.entities.get_or_build(key, || {
+            let mut attrs = HashMap::with_capacity(2);
+            if let Some(host) = req.host {
+                attrs.insert("host".into(), RestrictedExpression::new_string(host.into()));
+            }
+            if let Some(path) = req.path {
+                attrs.insert("path".into(), RestrictedExpression::new_string(path.into()));
+            }
+            let resource_entity =
+                Entity::new(resource.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?;
+            // The agent has no attributes and no parents: absent from the store it evaluates
+            // the same (`has` false, `in` only itself), one entity less to build per request.
+            Entities::from_entities([resource_entity], None).map_err(|e| e.to_string())
+        })?;
         let mut pairs = vec![
             (
                 "action_count".to_string(),

@@ -432,3 +432,25 @@ fn usage_records_reach_the_policies_that_read_them() {
     send.usage = Some((spent, spent));
     assert!(c.evaluate(&send).allowed);
 }
+
+/// Cached resource entities never leak one resource's attributes into another's decision,
+/// also once the cache has filled and started over.
+#[test]
+fn entity_cache_keeps_resources_apart() {
+    let c = shipped("runtime/genai-app");
+    let allowed = runtime("a", "model.inference.chat", "api.openai.com", 1);
+    let other = runtime("a", "model.inference.chat", "evil.example", 1);
+    for _ in 0..2 {
+        assert!(c.evaluate(&allowed).allowed);
+        assert!(!c.evaluate(&other).allowed);
+    }
+    let hosts: Vec<String> = (0..5000).map(|i| format!("h{i}.example")).collect();
+    for h in &hosts {
+        assert!(
+            !c.evaluate(&runtime("a", "model.inference.chat", h, 1))
+                .allowed
+        );
+    }
+    assert!(c.evaluate(&allowed).allowed);
+    assert!(!c.evaluate(&other).allowed);
+}
