@@ -1,5 +1,6 @@
-//! Hostile clients for the robustness step: each connects to the proxy, sends CONNECT, then half
-//! a TLS ClientHello, and closes. Run alongside a measured scenario, they must not change the
+//! Hostile clients for the robustness step: each connects to the proxy, sends CONNECT, then
+//! alternately half a TLS ClientHello or a whole one (closing once the ServerHello arrives),
+//! and closes. Run alongside a measured scenario, they must not change the
 //! figures (host-wide fallback state, a stuck accept loop or a leaked task would).
 
 use std::io::{Read, Write};
@@ -34,8 +35,10 @@ impl Aborters {
                 let (stop, aborted, authority) =
                     (stop.clone(), aborted.clone(), authority.to_string());
                 std::thread::spawn(move || {
+                    let mut full = false;
                     while !stop.load(Ordering::Relaxed) {
-                        if abort_once(proxy, &authority).is_ok() {
+                        full = !full;
+                        if abort_once(proxy, &authority, full).is_ok() {
                             aborted.fetch_add(1, Ordering::Relaxed);
                         }
                         // A steady trickle, not a flood: the step measures state, not capacity.
@@ -61,7 +64,10 @@ impl Aborters {
     }
 }
 
-fn abort_once(proxy: SocketAddr, authority: &str) -> std::io::Result<()> {
+/// One CONNECT, then either half a ClientHello or (`full`) a complete ClientHello for the
+/// authority's host, closing once the server's first handshake bytes arrive: the server is then
+/// mid-handshake with a client that goes away, which is what a client cancelling its dials does.
+fn abort_once(proxy: SocketAddr, authority: &str, full: bool) -> std::io::Result<()> {
     let mut s = TcpStream::connect_timeout(&proxy, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())?;
@@ -70,6 +76,23 @@ fn abort_once(proxy: SocketAddr, authority: &str) -> std::io::Result<()> {
     if !buf[..n].starts_with(b"HTTP/1.1 200") {
         return Err(std::io::Error::other("CONNECT refused"));
     }
-    s.write_all(&half_client_hello())?;
+    if !full {
+        return s.write_all(&half_client_hello());
+    }
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name =
+        rustls_pki_types::ServerName::try_from(host.to_string()).map_err(std::io::Error::other)?;
+    let mut tls =
+        rustls::ClientConnection::new(Arc::new(cfg), name).map_err(std::io::Error::other)?;
+    while tls.wants_write() {
+        tls.write_tls(&mut s)?;
+    }
+    let n = s.read(&mut buf)?;
+    if n == 0 {
+        return Err(std::io::Error::other("closed before the ServerHello"));
+    }
     Ok(())
 }

@@ -43,6 +43,7 @@ impl Deployment {
         upstream_ca: &Path,
         mode: &Mode,
         metrics: bool,
+        strict: bool,
     ) -> anyhow::Result<Self> {
         prepare_root(firma, root, &genai_app_policy()).map_err(|e| anyhow!(e))?;
         let d = Self {
@@ -54,10 +55,15 @@ impl Deployment {
         // The audit file sink runs with its default fsync policy.
         let mut t = SidecarToml::deployment(root);
         t.mode = mode.clone();
+        // Strict: a host whose credential the sidecar injects is never tunnelled blind. Without
+        // it, one client connection that ends mid-handshake (hey cancels its in-flight dials
+        // when a run ends) switches every connection of that client (the peer IP, or the
+        // cgroup in transparent mode) to a denied blind tunnel for 300 s: docs/benchmarks.md.
+        // `--mitm-fallback` turns it off to reproduce that.
         t.mitm = Some(Mitm {
             enabled: true,
             intercept_hosts: vec![HOST.into()],
-            strict_hosts: None,
+            strict_hosts: strict.then(|| vec![HOST.into()]),
         });
         t.extra_root_certs = vec![upstream_ca.to_path_buf()];
         if let Mode::HttpProxy = mode {

@@ -1,17 +1,19 @@
 //! `firma-bench`: the end-to-end load harness behind `cargo xtask bench`.
 //!
-//! `run` starts a local HTTPS upstream and the real `firma sidecar` (http_proxy mode, MITM,
-//! credential injection, seed capability, Cedar policy, signed audit to a file), then drives the
-//! same load client direct and through the sidecar in one run and reports ratios. With root and
-//! eBPF it also re-runs itself in a fresh network namespace (`transparent-inner`) to compare a
-//! client in a tagged cgroup against the same client untagged. `client` is the load generator;
-//! it runs as its own process so it can be placed in a cgroup and never shares a scheduler with
-//! the upstream.
+//! `run` starts one HTTPS upstream (nginx or the builtin server), the real `firma sidecar`
+//! (http_proxy mode, MITM, credential injection, seed capability, Cedar policy, signed audit to
+//! a file), Envoy and mitmproxy, and with root and eBPF a transparent-mode sidecar in a fresh
+//! network namespace (`transparent-inner`); then it drives two clients, `firma-bench client`
+//! and Go `hey`, against every target, repeated and interleaved, and reports medians and
+//! ratios. `client` is the load generator; it runs as its own process so it can be placed in a
+//! cgroup and never shares a scheduler with the upstream.
 
 mod aborters;
 mod client;
 mod deploy;
+mod hey;
 mod issuance;
+mod measure;
 mod peers;
 mod report;
 mod run;
@@ -33,8 +35,9 @@ enum Cmd {
     Run(run::RunArgs),
     /// The load generator: prints one JSON `ClientResult` on stdout.
     Client(client::ClientArgs),
-    /// Install Envoy and mitmproxy into DIR/venv (skipped when present); `run` does it too, but
-    /// `cargo xtask bench` calls this first because `run` goes into a namespace without network.
+    /// Install Envoy and mitmproxy into DIR/venv, and (as root, with apt-get) `hey` and
+    /// `nginx-light`; each skipped when present. `run` installs the peers too, but `cargo xtask
+    /// bench` calls this first because `run` goes into a namespace without network.
     InstallPeers {
         #[arg(long, default_value = "target/bench/peers")]
         dir: std::path::PathBuf,

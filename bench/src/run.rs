@@ -1,8 +1,12 @@
-//! `firma-bench run`: one upstream, one sidecar, the same client, every scenario in one run.
+//! `firma-bench run`: one upstream, every target (direct, Firma http_proxy and transparent,
+//! Envoy, mitmproxy), two clients (`firma-bench client`, Go `hey`), every scenario repeated
+//! and interleaved in one run; medians in the table, every run in the JSON.
 
 use crate::client::{ClientArgs, ClientResult};
 use crate::deploy::{self, Deployment, Mode};
-use crate::report::{Checks, Ratio, Report, Scenario, Transparent};
+use crate::hey::HeyTarget;
+use crate::measure::{Client, Env, Load, Run, Target, measure};
+use crate::report::{Checks, Report, Skip};
 use crate::upstream::Upstream;
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
@@ -50,6 +54,21 @@ pub struct RunArgs {
     /// Do not measure Envoy and mitmproxy.
     #[arg(long)]
     pub skip_peers: bool,
+    /// Runs of every (target, load, client), interleaved across targets; the table shows the
+    /// medians, the JSON keeps every run.
+    #[arg(long, default_value_t = 3)]
+    pub repetitions: usize,
+    /// The upstream server: nginx (Debian nginx-light) or the builtin hyper server; default
+    /// nginx when installed, else builtin.
+    #[arg(long, value_enum)]
+    pub upstream: Option<crate::upstream::Kind>,
+    /// Deploy Firma without `strict_hosts` (MITM failures fall back to a blind tunnel per
+    /// client), to reproduce the fallback the robustness step guards against.
+    #[arg(long)]
+    pub mitm_fallback: bool,
+    /// Do not measure with Go `hey` (the second client).
+    #[arg(long)]
+    pub skip_hey: bool,
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/bench/e2e.json")]
     pub out: PathBuf,
@@ -86,21 +105,29 @@ impl RunArgs {
     }
 }
 
-/// The keep-alive run through the sidecar repeated with handshake-aborting clients alongside.
-const ABORT_SCENARIO: &str = "sidecar http_proxy KA, aborters";
-
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
+    use crate::report::names::*;
+    if args.repetitions == 0 {
+        bail!("--repetitions must be at least 1");
+    }
     let firma = args
         .firma
         .canonicalize()
         .with_context(|| format!("firma binary {}", args.firma.display()))?;
     let tmp = tempfile::tempdir()?;
+    let (kind, upstream_why) = crate::upstream::Kind::choose(args.upstream);
     let up = Upstream::start(
+        kind,
         tmp.path(),
         &[deploy::HOST],
         "127.0.0.1:0".parse()?,
         &deploy::injected_auth(),
     )?;
+    eprintln!(
+        "upstream: {kind:?} ({upstream_why}) on https://{} as {}",
+        up.addr,
+        deploy::HOST
+    );
     let d = Deployment::new(
         &firma,
         tmp.path(),
@@ -108,15 +135,33 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         &up.ca_path,
         &Mode::HttpProxy,
         false,
+        !args.mitm_fallback,
     )?;
     let mut sc = d.start_sidecar()?;
     let proxy = sc.addr;
     eprintln!(
-        "upstream https://{} (as {}), sidecar http_proxy {proxy}, deployment {}",
-        up.addr,
-        deploy::HOST,
+        "sidecar http_proxy {proxy}, deployment {}",
         tmp.path().display()
     );
+    let mut skipped = Vec::new();
+    let hey_bin = if args.skip_hey {
+        skipped.push(Skip {
+            what: "hey".into(),
+            why: "--skip-hey".into(),
+        });
+        None
+    } else {
+        let b = crate::hey::binary();
+        if b.is_none() {
+            let why = "hey is not installed (firma-bench install-peers installs it as root)";
+            eprintln!("SKIP hey: {why}");
+            skipped.push(Skip {
+                what: "hey".into(),
+                why: why.into(),
+            });
+        }
+        b
+    };
 
     // The same deployment with the admin listener on (metrics recorded), as a second sidecar.
     let metrics_root = tmp.path().join("metrics-on");
@@ -130,6 +175,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             &up.ca_path,
             &Mode::HttpProxy,
             true,
+            !args.mitm_fallback,
         )?;
         let scm = dm.start_sidecar()?;
         let admin: std::net::SocketAddr = scm
@@ -138,172 +184,250 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         with_metrics = Some((dm, scm, admin));
     }
 
-    let direct = args.client(up.addr, vec![up.ca_path.clone()]);
-    let mut via = args.client(proxy, vec![d.firma_ca()]);
-    via.proxy_connect = Some(format!("{}:443", deploy::HOST));
+    let mut peers = Vec::new();
+    if !args.skip_peers {
+        let (started, why) = crate::peers::start_all(args, &up, tmp.path());
+        peers = started;
+        skipped.extend(why);
+    }
 
-    // (name, client, which sidecar: 0 none, 1 metrics off, 2 metrics on)
-    let mut plan = vec![
-        ("direct, keep-alive", direct.clone(), 0),
-        ("sidecar http_proxy, keep-alive", via.clone(), 1),
-        ("direct, new connection each", args.new_conn(direct), 0),
-        (
-            "sidecar http_proxy, new conn each",
-            args.new_conn(via.clone()),
-            1,
-        ),
+    // Every CA of the run in one bundle, for hey's SSL_CERT_FILE.
+    let mut cas = vec![up.ca_path.clone(), d.firma_ca()];
+    cas.extend(peers.iter().map(|p| p.ca.clone()));
+    let bundle = tmp.path().join("ca-bundle.pem");
+    write_bundle(&bundle, &cas)?;
+    let hey = |proxy: Option<std::net::SocketAddr>, connect_to: Option<&str>| {
+        hey_bin.as_ref().map(|_| HeyTarget {
+            url: match (proxy, connect_to) {
+                // Through a CONNECT proxy: the authority hey puts in CONNECT.
+                (Some(_), Some(authority)) => {
+                    format!(
+                        "https://{}{}",
+                        authority.trim_end_matches(":443"),
+                        crate::client::PATH
+                    )
+                }
+                _ => format!("https://{}{}", up.addr, crate::client::PATH),
+            },
+            host: deploy::HOST.into(),
+            proxy: proxy.map(|p| format!("http://{p}")),
+            ca_bundle: bundle.clone(),
+        })
+    };
+    let authority = format!("{}:443", deploy::HOST);
+    let both = vec![Load::KeepAlive, Load::NewConn];
+    let mut via = args.client(proxy, vec![d.firma_ca()]);
+    via.proxy_connect = Some(authority.clone());
+    let mut targets = vec![
+        Target {
+            name: DIRECT.into(),
+            fb: args.client(up.addr, vec![up.ca_path.clone()]),
+            hey: hey(None, None),
+            loads: both.clone(),
+            cgroup: None,
+            pid: None,
+            via: false,
+            aborters: None,
+        },
+        Target {
+            name: HTTP_PROXY.into(),
+            fb: via.clone(),
+            hey: hey(Some(proxy), Some(&authority)),
+            loads: both.clone(),
+            cgroup: None,
+            pid: Some(sc.child.id()),
+            via: true,
+            aborters: None,
+        },
         // Robustness: the same keep-alive run while clients abort TLS handshakes mid-way.
-        (ABORT_SCENARIO, via.clone(), 1),
+        Target {
+            name: ABORTERS.into(),
+            fb: via.clone(),
+            hey: None,
+            loads: vec![Load::KeepAlive],
+            cgroup: None,
+            pid: Some(sc.child.id()),
+            via: true,
+            aborters: Some((proxy, authority.clone())),
+        },
     ];
     if let Some((dm, scm, _)) = &with_metrics {
         let mut via_m = args.client(scm.addr, vec![dm.firma_ca()]);
-        via_m.proxy_connect = via.proxy_connect.clone();
-        // Alternated, so that drift in the machine's load hits both sides alike.
-        plan.push(("sidecar keep-alive, metrics off", via.clone(), 1));
-        plan.push(("sidecar keep-alive, metrics on", via_m.clone(), 2));
-        plan.push(("sidecar keep-alive, metrics off #2", via.clone(), 1));
-        plan.push(("sidecar keep-alive, metrics on #2", via_m, 2));
-    }
-    let mut scenarios = Vec::new();
-    let mut costs = Vec::new();
-    let mut checks = Checks::default();
-    let mut via_metrics = 0u64;
-    for (name, client, sidecar) in plan {
-        let injected_before = up.injected();
-        eprintln!("running: {name}");
-        let pid = match (sidecar, &with_metrics) {
-            (1, _) => Some(sc.child.id()),
-            (2, Some((_, scm, _))) => Some(scm.child.id()),
-            _ => None,
-        };
-        let cpu_before = pid.and_then(cpu_time_us);
-        let cpu_secs_before = crate::peers::cpu_secs(sc.child.id())?;
-        let aborters = (name == ABORT_SCENARIO)
-            .then(|| crate::aborters::Aborters::start(proxy, &format!("{}:443", deploy::HOST), 2));
-        let result = spawn_client(&client, None, tmp.path())?;
-        if let Some(a) = aborters {
-            let n = a.stop();
-            eprintln!("robustness: {n} TLS handshakes aborted mid-way during \"{name}\"");
-            checks.aborted_handshakes = n;
-        }
-        if sidecar == 1 {
-            costs.push(crate::peers::ProxyCost::new(
-                name,
-                "firma",
-                sc.child.id(),
-                cpu_secs_before,
-                result.ok + client.warmup,
-            ));
-        }
-        let cpu = match (pid.and_then(cpu_time_us), cpu_before) {
-            (Some(after), Some(before)) if result.ok + client.warmup > 0 => {
-                Some((after - before) as f64 / (result.ok + client.warmup) as f64)
-            }
-            _ => None,
-        };
-        if !sc.alive() {
-            bail!("the sidecar exited during \"{name}\":\n{}", sc.log_text());
-        }
-        let injected = up.injected() - injected_before;
-        match sidecar {
-            0 if injected != 0 => {
-                bail!("\"{name}\" reached the upstream with the sidecar's credential: not direct")
-            }
-            0 => {}
-            1 => checks.sidecar_requests_expected += (result.ok + client.warmup) as u64,
-            _ => via_metrics += (result.ok + client.warmup) as u64,
-        }
-        scenarios.push(Scenario {
-            name: name.to_string(),
-            result,
-            sidecar_cpu_us_per_request: cpu,
+        via_m.proxy_connect = Some(authority.clone());
+        targets.push(Target {
+            name: METRICS_ON.into(),
+            fb: via_m,
+            hey: None,
+            loads: vec![Load::KeepAlive],
+            cgroup: None,
+            pid: Some(scm.child.id()),
+            via: true,
+            aborters: None,
         });
     }
+    for p in &peers {
+        let mut fb = args.client(p.addr, vec![p.ca.clone()]);
+        fb.proxy_connect = Some(p.connect_to.clone());
+        targets.push(Target {
+            name: p.name.into(),
+            fb,
+            hey: hey(Some(p.addr), Some(&p.connect_to)),
+            loads: both.clone(),
+            cgroup: None,
+            pid: Some(p.pid()),
+            via: true,
+            aborters: None,
+        });
+    }
+
+    let mut inner = None;
+    if args.skip_transparent {
+        skipped.push(Skip {
+            what: "transparent mode".into(),
+            why: "--skip-transparent".into(),
+        });
+    } else {
+        match crate::transparent::Inner::start(args, &firma, kind) {
+            Ok(crate::transparent::Started::Ready(i)) => inner = Some(i),
+            Ok(crate::transparent::Started::Skipped(why)) => {
+                eprintln!("SKIP transparent mode: {why}");
+                skipped.push(Skip {
+                    what: "transparent mode".into(),
+                    why,
+                });
+            }
+            Err(e) => bail!("transparent mode failed to start: {e:#}"),
+        }
+    }
+    let inner_targets = inner
+        .as_ref()
+        .map(|i| i.targets.clone())
+        .unwrap_or_default();
+
+    let env = Env {
+        args,
+        up: &up,
+        scratch: tmp.path(),
+        hey: hey_bin.as_deref(),
+    };
+    let mut runs: Vec<Run> = Vec::new();
+    let mut failed_peers: Vec<String> = Vec::new();
+    // Interleaved: each repetition runs every target once per (load, client), so drift in the
+    // machine's load hits every target alike.
+    for rep in 1..=args.repetitions {
+        for load in [Load::KeepAlive, Load::NewConn] {
+            for client in [Client::FirmaBench, Client::Hey] {
+                if client == Client::Hey && hey_bin.is_none() {
+                    continue;
+                }
+                eprintln!(
+                    "repetition {rep}/{}: {}, {}",
+                    args.repetitions,
+                    load.label(),
+                    client.label()
+                );
+                for t in &targets {
+                    if !t.runs(load, client) || failed_peers.contains(&t.name) {
+                        continue;
+                    }
+                    let r = measure(&env, t, load, client, rep);
+                    if !sc.alive() {
+                        bail!(
+                            "the sidecar exited during \"{}\":\n{}",
+                            t.name,
+                            sc.log_text()
+                        );
+                    }
+                    match r {
+                        Ok(run) => {
+                            if run.result.errors > 0 && t.name.starts_with("firma") {
+                                let log = match (&with_metrics, t.name.as_str()) {
+                                    (Some((_, scm, _)), METRICS_ON) => scm.log_text(),
+                                    _ => sc.log_text(),
+                                };
+                                eprintln!(
+                                    "sidecar log (WARN/ERROR, last 20):\n{}",
+                                    crate::measure::log_tail(&log, 20)
+                                );
+                            }
+                            runs.push(run)
+                        }
+                        Err(e) if peers.iter().any(|p| p.name == t.name) => {
+                            // A peer that fails is reported, not fatal: Firma's figures stand.
+                            let why = format!("{e:#}");
+                            eprintln!("SKIP {}: {why}", t.name);
+                            skipped.push(Skip {
+                                what: t.name.clone(),
+                                why,
+                            });
+                            failed_peers.push(t.name.clone());
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                for (name, with_hey) in &inner_targets {
+                    if client == Client::Hey && !with_hey {
+                        continue;
+                    }
+                    let i = inner.as_mut().context("transparent run")?;
+                    runs.push(
+                        i.measure(name, load, client, rep)
+                            .with_context(|| format!("transparent mode, \"{name}\""))?,
+                    );
+                }
+            }
+        }
+    }
+    drop(peers);
+
+    let mut checks = Checks::default();
+    let served = |name: &str| -> u64 {
+        runs.iter()
+            .filter(|r| r.target == name)
+            .map(|r| r.served as u64)
+            .sum()
+    };
+    checks.sidecar_requests_expected = served(HTTP_PROXY) + served(ABORTERS);
+    checks.aborted_handshakes = runs.iter().filter_map(|r| r.aborted_handshakes).sum();
     if let Some((_, _, admin)) = &with_metrics {
         // The metrics the on-side recorded must match what went through it.
         let decisions = scrape_decisions(*admin)?;
-        if decisions != via_metrics {
-            bail!("the metrics sidecar counted {decisions} decisions for {via_metrics} requests");
+        let requests = served(METRICS_ON);
+        if decisions != requests {
+            bail!("the metrics sidecar counted {decisions} decisions for {requests} requests");
         }
-        eprintln!(
-            "metrics sidecar: firma_sidecar_decisions_total = {decisions} (requests {via_metrics})"
-        );
+        checks.metrics_decisions = Some(decisions);
+        checks.metrics_requests = Some(requests);
     }
+    drop(with_metrics);
     checks.upstream_requests = up.requests();
     checks.upstream_injected = up.injected();
-    // Every completed request through the sidecar must have carried the injected credential.
-    let measured_via: u64 = scenarios
+    // Every completed request through the sidecar has its signed audit event.
+    let completed: u64 = runs
         .iter()
-        .filter(|s| s.name.starts_with("sidecar") && !s.name.contains("metrics on"))
-        .map(|s| s.result.ok as u64)
+        .filter(|r| r.target == HTTP_PROXY || r.target == ABORTERS)
+        .map(|r| r.result.ok as u64)
         .sum();
-    if checks.upstream_injected < measured_via {
-        bail!(
-            "the upstream saw {} injected requests but the sidecar scenarios completed {measured_via}",
-            checks.upstream_injected
-        );
-    }
     // The file sink flushes on its fsync interval: wait for the events to land.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while d.audit_events() < measured_via as usize && Instant::now() < deadline {
+    while (d.audit_events() as u64) < completed && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     checks.audit_events = d.audit_events();
-    if checks.audit_events < measured_via as usize {
+    if (checks.audit_events as u64) < completed {
         bail!(
-            "only {} audit events for {measured_via} requests through the sidecar",
+            "only {} audit events for {completed} requests through the sidecar",
             checks.audit_events
         );
     }
     drop(sc);
     d.verify_audit()?;
+    if let Some(i) = inner {
+        let (events, requests) = i.finish().context("transparent mode")?;
+        checks.transparent_audit_events = Some(events);
+        checks.transparent_requests = Some(requests);
+    }
 
-    let mut ratios = vec![
-        Ratio::new(
-            "sidecar / direct, keep-alive",
-            &scenarios[0].result,
-            &scenarios[1].result,
-        ),
-        Ratio::new(
-            "sidecar / direct, new connection",
-            &scenarios[2].result,
-            &scenarios[3].result,
-        ),
-    ];
-    let off_on = |off: &str, on: &str| {
-        let find = |n: &str| scenarios.iter().find(|s| s.name == n).map(|s| &s.result);
-        find(off).zip(find(on))
-    };
-    for (what, off, on) in [
-        (
-            "metrics on / off, keep-alive",
-            "sidecar keep-alive, metrics off",
-            "sidecar keep-alive, metrics on",
-        ),
-        (
-            "metrics on / off, keep-alive #2",
-            "sidecar keep-alive, metrics off #2",
-            "sidecar keep-alive, metrics on #2",
-        ),
-    ] {
-        if let Some((a, b)) = off_on(off, on) {
-            ratios.push(Ratio::new(what, a, b));
-        }
-    }
-    let find = |n: &str| scenarios.iter().find(|s| s.name == n).map(|s| &s.result);
-    if let Some((a, b)) = find("sidecar http_proxy, keep-alive").zip(find(ABORT_SCENARIO)) {
-        ratios.push(Ratio::new(
-            "with aborted handshakes / without, keep-alive",
-            a,
-            b,
-        ));
-    }
-    drop(with_metrics);
-    let peers = if args.skip_peers {
-        Vec::new()
-    } else {
-        crate::peers::measure(args, &up, tmp.path())
-    };
     let issuance = if args.issuance_requests == 0 {
         None
     } else {
@@ -313,31 +437,27 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         );
         Some(crate::issuance::run(args.issuance_requests).context("issuance latency")?)
     };
-    let transparent = if args.skip_transparent {
-        Transparent::Skipped("--skip-transparent".into())
-    } else {
-        crate::transparent::outer(args, &firma)
-    };
-    let mut report = Report {
+    let medians = crate::report::medians(&runs);
+    let ratios = crate::report::ratios(&medians);
+    let report = Report {
         date_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        requests: args.requests,
         concurrency: args.concurrency,
+        duration_secs: args.duration_secs,
         warmup: args.warmup,
-        new_connection_requests: args.new_connection_requests,
-        scenarios,
+        repetitions: args.repetitions,
+        upstream: kind,
+        upstream_why,
+        runs,
+        medians,
         ratios,
         checks,
-        costs,
-        peers,
+        skipped,
         issuance,
-        transparent,
     };
-    let peer_ratios = report.peer_ratios();
-    report.ratios.extend(peer_ratios);
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -345,25 +465,33 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("write {}", args.out.display()))?;
     println!("\n{}", report.table());
     println!("written: {}", args.out.display());
-    let errors: usize = report.scenarios.iter().map(|s| s.result.errors).sum();
+    let errors: usize = report.runs.iter().map(|r| r.result.errors).sum();
     if errors > 0 {
-        bail!("{errors} requests failed; figures above are not trustworthy");
-    }
-    if let Transparent::Failed(why) = &report.transparent {
-        bail!("transparent mode failed: {why}");
+        let first = report
+            .runs
+            .iter()
+            .find_map(|r| {
+                r.result
+                    .first_error
+                    .as_ref()
+                    .map(|e| format!("{} ({}): {e}", r.target, r.client.label()))
+            })
+            .unwrap_or_default();
+        bail!("{errors} requests failed (first: {first}); figures above are not trustworthy");
     }
     Ok(())
 }
 
-/// User + system CPU time of process `pid` so far, in microseconds (`/proc/PID/stat`).
-fn cpu_time_us(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces) start at state (field 3).
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // /proc reports clock ticks of USER_HZ, which Linux fixes at 100 for user space.
-    Some(ticks * 10_000)
+/// Concatenates the PEM files `cas` into `path`.
+pub fn write_bundle(path: &Path, cas: &[PathBuf]) -> anyhow::Result<()> {
+    let mut pem = String::new();
+    for ca in cas {
+        pem.push_str(
+            &std::fs::read_to_string(ca).with_context(|| format!("read CA {}", ca.display()))?,
+        );
+        pem.push('\n');
+    }
+    std::fs::write(path, pem).with_context(|| format!("write {}", path.display()))
 }
 
 /// The sum of `firma_sidecar_decisions_total` on the admin listener at `admin`.

@@ -1,21 +1,27 @@
-//! Transparent mode (eBPF cgroup redirection): the same client in a tagged cgroup vs untagged,
-//! inside a fresh network namespace so no traffic can leave the machine.
+//! Transparent mode (eBPF cgroup redirection) inside a fresh network namespace, so no traffic
+//! can leave the machine: the same clients in a tagged cgroup (through the sidecar) and
+//! untagged (straight to the upstream).
 //!
-//! `outer` checks the prerequisites (root, cgroup2, bpffs, `unshare`, `ip`) and otherwise
-//! returns `Skipped` with the reason; then it re-runs this binary as `transparent-inner` under
-//! `unshare --net`. The inner run puts the upstream on 10.77.0.2:443 (an address only that
-//! namespace has), starts `firma sidecar` in `transparent` mode, tags a fresh cgroup with
-//! `firma sidecar attach`, and runs the client untagged and then inside the cgroup.
+//! `Inner::start` checks the prerequisites (root, cgroup2, bpffs, `unshare`, `ip`) and otherwise
+//! says why it skips; then it re-runs this binary as `transparent-inner` under `unshare --net`.
+//! The inner process puts the upstream on 10.77.0.2:443 (an address only that namespace has),
+//! starts `firma sidecar` in `transparent` mode, tags a fresh cgroup with `firma sidecar
+//! attach`, and then serves measurement requests, one JSON line each on stdin, answering one
+//! JSON line on stdout, so the outer run interleaves these targets with its own repetition by
+//! repetition. On `Finish` (or end of input) it checks the audit log and cleans up.
 
-use crate::client::ClientResult;
 use crate::deploy::{self, Deployment, Mode};
-use crate::report::{Ratio, Scenario, Transparent};
-use crate::run::{RunArgs, spawn_client};
+use crate::hey::HeyTarget;
+use crate::measure::{Client, Env, Load, Run, Target};
+use crate::report::names;
+use crate::run::RunArgs;
 use crate::upstream::Upstream;
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The destination address, present only on `lo` of the namespace the inner run creates.
@@ -25,20 +31,30 @@ const DST: &str = "10.77.0.2";
 pub struct InnerArgs {
     #[command(flatten)]
     run: RunArgs,
-    /// Where the inner run writes its JSON result.
-    #[arg(long)]
-    result: PathBuf,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-enum InnerOut {
-    Measured {
-        untagged: Box<ClientResult>,
-        tagged: Box<ClientResult>,
-        untagged_new_conn: Box<ClientResult>,
-        tagged_new_conn: Box<ClientResult>,
+enum Request {
+    Measure {
+        target: String,
+        load: Load,
+        client: Client,
+        rep: usize,
     },
+    Finish,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Reply {
+    /// Set up; these targets (name, with hey) can be measured.
+    Ready(Vec<(String, bool)>),
     Skipped(String),
+    Run(Box<Run>),
+    Error(String),
+    Finished {
+        audit_events: usize,
+        requests: u64,
+    },
 }
 
 /// Why this host cannot run the transparent comparison, if it cannot.
@@ -73,100 +89,147 @@ fn cgroup2_mount() -> Option<PathBuf> {
     })
 }
 
-pub fn outer(args: &RunArgs, firma: &Path) -> Transparent {
-    if let Some(why) = skip_reason() {
-        eprintln!("transparent mode: SKIP ({why})");
-        return Transparent::Skipped(why);
-    }
-    match outer_run(args, firma) {
-        Ok(InnerOut::Measured {
-            untagged,
-            tagged,
-            untagged_new_conn,
-            tagged_new_conn,
-        }) => Transparent::Measured {
-            ratios: vec![
-                Ratio::new("tagged / untagged, transparent", &untagged, &tagged),
-                Ratio::new(
-                    "tagged / untagged, transparent new conn",
-                    &untagged_new_conn,
-                    &tagged_new_conn,
-                ),
-            ],
-            scenarios: vec![
-                Scenario {
-                    name: "netns, untagged (direct)".into(),
-                    result: *untagged,
-                    sidecar_cpu_us_per_request: None,
-                },
-                Scenario {
-                    name: "netns, tagged cgroup (transparent)".into(),
-                    result: *tagged,
-                    sidecar_cpu_us_per_request: None,
-                },
-                Scenario {
-                    name: "netns, untagged, new conn each".into(),
-                    result: *untagged_new_conn,
-                    sidecar_cpu_us_per_request: None,
-                },
-                Scenario {
-                    name: "netns, transparent, new conn each".into(),
-                    result: *tagged_new_conn,
-                    sidecar_cpu_us_per_request: None,
-                },
-            ],
-        },
-        Ok(InnerOut::Skipped(why)) => {
-            eprintln!("transparent mode: SKIP ({why})");
-            Transparent::Skipped(why)
-        }
-        Err(e) => Transparent::Failed(format!("{e:#}")),
-    }
+/// The outer side: the inner process and its reply lines.
+pub struct Inner {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    replies: mpsc::Receiver<String>,
+    /// The inner targets: (name, measured with hey too).
+    pub targets: Vec<(String, bool)>,
+    per_run: Duration,
 }
 
-fn outer_run(args: &RunArgs, firma: &Path) -> anyhow::Result<InnerOut> {
-    let tmp = tempfile::tempdir()?;
-    let result = tmp.path().join("transparent.json");
-    let exe = std::env::current_exe()?;
-    eprintln!("running: transparent mode in a fresh network namespace");
-    let mut child = Command::new("unshare")
-        .args(["--net", "--"])
-        .arg(exe)
-        .arg("transparent-inner")
-        .arg("--firma")
-        .arg(firma)
-        .args(["--requests", &args.requests.to_string()])
-        .args(["--concurrency", &args.concurrency.to_string()])
-        .args(["--warmup", &args.warmup.to_string()])
-        .args([
-            "--new-connection-requests",
-            &args.new_connection_requests.to_string(),
-        ])
-        .args(["--time-limit-secs", &args.time_limit_secs.to_string()])
-        .args(["--duration-secs", &args.duration_secs.to_string()])
-        .args(["--client-threads", &args.client_threads.to_string()])
-        .arg("--result")
-        .arg(&result)
-        .spawn()
-        .context("run unshare")?;
-    // Four client runs plus setup, bounded.
-    let deadline = Instant::now() + Duration::from_secs(4 * args.time_limit_secs + 120);
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
+/// The inner run, set up, or why this host skips transparent mode.
+pub enum Started {
+    Ready(Inner),
+    Skipped(String),
+}
+
+impl Inner {
+    pub fn start(
+        args: &RunArgs,
+        firma: &Path,
+        upstream: crate::upstream::Kind,
+    ) -> anyhow::Result<Started> {
+        if let Some(why) = skip_reason() {
+            return Ok(Started::Skipped(why));
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("transparent run exceeded its time limit");
+        let exe = std::env::current_exe()?;
+        eprintln!("starting: transparent mode in a fresh network namespace");
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--net", "--"])
+            .arg(exe)
+            .arg("transparent-inner")
+            .arg("--firma")
+            .arg(firma)
+            .args(["--requests", &args.requests.to_string()])
+            .args(["--concurrency", &args.concurrency.to_string()])
+            .args(["--warmup", &args.warmup.to_string()])
+            .args([
+                "--new-connection-requests",
+                &args.new_connection_requests.to_string(),
+            ])
+            .args(["--time-limit-secs", &args.time_limit_secs.to_string()])
+            .args(["--duration-secs", &args.duration_secs.to_string()])
+            .args(["--client-threads", &args.client_threads.to_string()])
+            .args([
+                "--upstream",
+                match upstream {
+                    crate::upstream::Kind::Nginx => "nginx",
+                    crate::upstream::Kind::Builtin => "builtin",
+                },
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        if args.skip_hey {
+            cmd.arg("--skip-hey");
         }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    if !status.success() {
-        bail!("transparent run failed ({status}); see its output above");
+        if args.mitm_fallback {
+            cmd.arg("--mitm-fallback");
+        }
+        let mut child = cmd.spawn().context("run unshare")?;
+        let stdin = child.stdin.take().context("inner stdin")?;
+        let stdout = child.stdout.take().context("inner stdout")?;
+        let (tx, replies) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut inner = Inner {
+            child,
+            stdin,
+            replies,
+            targets: Vec::new(),
+            per_run: Duration::from_secs(args.time_limit_secs.max(args.duration_secs) * 2 + 120),
+        };
+        match inner.recv(Duration::from_secs(120))? {
+            Reply::Ready(targets) => {
+                inner.targets = targets;
+                Ok(Started::Ready(inner))
+            }
+            Reply::Skipped(why) => Ok(Started::Skipped(why)),
+            Reply::Error(e) => bail!("{e}"),
+            other => bail!("unexpected first reply {other:?}"),
+        }
     }
-    let text = std::fs::read_to_string(&result).context("transparent result")?;
-    Ok(serde_json::from_str(&text)?)
+
+    fn recv(&mut self, within: Duration) -> anyhow::Result<Reply> {
+        let line = self.replies.recv_timeout(within).map_err(|_| {
+            let _ = self.child.kill();
+            anyhow::anyhow!(
+                "the transparent run did not answer within {within:?} (see its output above)"
+            )
+        })?;
+        serde_json::from_str(&line).with_context(|| format!("transparent reply {line}"))
+    }
+
+    fn send(&mut self, r: &Request) -> anyhow::Result<()> {
+        writeln!(self.stdin, "{}", serde_json::to_string(r)?)?;
+        self.stdin.flush()?;
+        Ok(())
+    }
+
+    pub fn measure(
+        &mut self,
+        target: &str,
+        load: Load,
+        client: Client,
+        rep: usize,
+    ) -> anyhow::Result<Run> {
+        self.send(&Request::Measure {
+            target: target.to_string(),
+            load,
+            client,
+            rep,
+        })?;
+        match self.recv(self.per_run)? {
+            Reply::Run(r) => Ok(*r),
+            Reply::Error(e) => bail!("{e}"),
+            other => bail!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// Ends the inner run: (audit events, requests served) of the transparent sidecar, after
+    /// `firma audit verify`.
+    pub fn finish(mut self) -> anyhow::Result<(usize, u64)> {
+        self.send(&Request::Finish)?;
+        let r = match self.recv(Duration::from_secs(60))? {
+            Reply::Finished {
+                audit_events,
+                requests,
+            } => Ok((audit_events, requests)),
+            Reply::Error(e) => Err(anyhow::anyhow!("{e}")),
+            other => Err(anyhow::anyhow!("unexpected reply {other:?}")),
+        };
+        let _ = self.child.wait();
+        r
+    }
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -190,20 +253,35 @@ impl Drop for Cleanup {
     }
 }
 
-/// Runs inside the fresh network namespace.
-pub fn inner(args: &InnerArgs) -> anyhow::Result<()> {
-    let out = inner_run(&args.run)?;
-    std::fs::write(&args.result, serde_json::to_string(&out)?)?;
+fn reply(r: &Reply) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string(r)?)?;
+    out.flush()?;
     Ok(())
 }
 
-fn inner_run(args: &RunArgs) -> anyhow::Result<InnerOut> {
+/// Runs inside the fresh network namespace.
+pub fn inner(args: &InnerArgs) -> anyhow::Result<()> {
+    if let Err(e) = inner_run(&args.run) {
+        reply(&Reply::Error(format!("{e:#}")))?;
+    }
+    Ok(())
+}
+
+fn inner_run(args: &RunArgs) -> anyhow::Result<()> {
     ip(&["link", "set", "lo", "up"])?;
     ip(&["addr", "add", &format!("{DST}/32"), "dev", "lo"])?;
     let firma = &args.firma;
     let tmp = tempfile::tempdir()?;
     let dst: std::net::SocketAddr = format!("{DST}:443").parse()?;
-    let up = Upstream::start(tmp.path(), &[deploy::HOST], dst, &deploy::injected_auth())?;
+    let (kind, _) = crate::upstream::Kind::choose(args.upstream);
+    let up = Upstream::start(
+        kind,
+        tmp.path(),
+        &[deploy::HOST],
+        dst,
+        &deploy::injected_auth(),
+    )?;
     let name = format!("firma-bench-{}", std::process::id());
     let cleanup = Cleanup {
         cgroup: cgroup2_mount().context("cgroup2")?.join(&name),
@@ -219,11 +297,19 @@ fn inner_run(args: &RunArgs) -> anyhow::Result<InnerOut> {
         control_socket: tmp.path().join("run/sidecar.sock"),
         allow_ephemeral_pins: None,
     };
-    let d = Deployment::new(firma, tmp.path(), up.addr, &up.ca_path, &mode, false)?;
+    let d = Deployment::new(
+        firma,
+        tmp.path(),
+        up.addr,
+        &up.ca_path,
+        &mode,
+        false,
+        !args.mitm_fallback,
+    )?;
     let mut sc = match d.start_sidecar() {
         Ok(sc) => sc,
         Err(e) if format!("{e:#}").contains("no eBPF object") => {
-            return Ok(InnerOut::Skipped(
+            return reply(&Reply::Skipped(
                 "the firma build has no eBPF object (run scripts/install-bpf-linker.sh)".into(),
             ));
         }
@@ -238,42 +324,105 @@ fn inner_run(args: &RunArgs) -> anyhow::Result<InnerOut> {
         "--session-id",
         "bench",
     ])?;
-    // The client trusts both CAs, so the exact same client config works on both paths.
-    let client = args.client(dst, vec![up.ca_path.clone(), d.firma_ca()]);
-    eprintln!("running: netns, untagged");
-    let untagged = spawn_client(&client, None, tmp.path())?;
-    if up.injected() != 0 {
-        bail!("the untagged client went through the sidecar");
+    // The clients trust both CAs, so the exact same client config works on both paths.
+    let cas = vec![up.ca_path.clone(), d.firma_ca()];
+    let bundle = tmp.path().join("ca-bundle.pem");
+    crate::run::write_bundle(&bundle, &cas)?;
+    let hey_bin = if args.skip_hey {
+        None
+    } else {
+        crate::hey::binary()
+    };
+    let hey = hey_bin.as_ref().map(|_| HeyTarget {
+        url: format!("https://{DST}{}", crate::client::PATH),
+        host: deploy::HOST.into(),
+        proxy: None,
+        ca_bundle: bundle.clone(),
+    });
+    let untagged = Target {
+        name: names::NETNS_DIRECT.into(),
+        fb: args.client(dst, cas.clone()),
+        hey: hey.clone(),
+        loads: vec![Load::KeepAlive, Load::NewConn],
+        cgroup: None,
+        pid: None,
+        via: false,
+        aborters: None,
+    };
+    let tagged = Target {
+        name: names::TRANSPARENT.into(),
+        cgroup: Some(cleanup.cgroup.clone()),
+        pid: Some(sc.child.id()),
+        via: true,
+        ..untagged.clone()
+    };
+    let targets = [untagged, tagged];
+    reply(&Reply::Ready(
+        targets
+            .iter()
+            .map(|t| (t.name.clone(), t.hey.is_some()))
+            .collect(),
+    ))?;
+    let env = Env {
+        args,
+        up: &up,
+        scratch: tmp.path(),
+        hey: hey_bin.as_deref(),
+    };
+    let mut served = 0u64;
+    let mut tagged_ok = 0u64;
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let line = line?;
+        match serde_json::from_str::<Request>(&line).context("request line")? {
+            Request::Measure {
+                target,
+                load,
+                client,
+                rep,
+            } => {
+                let t = targets
+                    .iter()
+                    .find(|t| t.name == target)
+                    .with_context(|| format!("no inner target {target}"))?;
+                let r = crate::measure::measure(&env, t, load, client, rep);
+                if !sc.alive() {
+                    bail!("the transparent sidecar exited:\n{}", sc.log_text());
+                }
+                match r {
+                    Ok(run) => {
+                        if run.result.errors > 0 && t.via {
+                            eprintln!(
+                                "transparent sidecar log (WARN/ERROR, last 20):\n{}",
+                                crate::measure::log_tail(&sc.log_text(), 20)
+                            );
+                        }
+                        if t.via {
+                            served += run.served as u64;
+                            tagged_ok += run.result.ok as u64;
+                        }
+                        reply(&Reply::Run(Box::new(run)))?;
+                    }
+                    Err(e) => reply(&Reply::Error(format!("{e:#}")))?,
+                }
+            }
+            Request::Finish => break,
+        }
     }
-    eprintln!("running: netns, tagged cgroup");
-    let tagged = spawn_client(&client, Some(&cleanup.cgroup), tmp.path())?;
-    // New connection each: the handshake path, where a listener socket without TCP_NODELAY
-    // once added a delayed-ACK stall (~40 ms) to every connection.
-    let nc = args.new_conn(client);
-    eprintln!("running: netns, untagged, new conn each");
-    let injected_before = up.injected();
-    let untagged_new_conn = spawn_client(&nc, None, tmp.path())?;
-    if up.injected() != injected_before {
-        bail!("the untagged new-connection client went through the sidecar");
+    // Every completed tagged request has its signed audit event once the sink flushes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (d.audit_events() as u64) < tagged_ok && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("running: netns, transparent, new conn each");
-    let tagged_new_conn = spawn_client(&nc, Some(&cleanup.cgroup), tmp.path())?;
-    if !sc.alive() {
-        bail!("the transparent sidecar exited:\n{}", sc.log_text());
-    }
-    let tagged_ok = (tagged.ok + tagged_new_conn.ok) as u64;
-    if up.injected() < tagged_ok {
-        bail!(
-            "only {} of {tagged_ok} tagged requests reached the upstream with the injected credential",
-            up.injected(),
-        );
+    let audit_events = d.audit_events();
+    if (audit_events as u64) < tagged_ok {
+        bail!("only {audit_events} audit events for {tagged_ok} tagged requests");
     }
     drop(sc);
+    d.verify_audit()?;
     drop(cleanup);
-    Ok(InnerOut::Measured {
-        untagged: Box::new(untagged),
-        tagged: Box::new(tagged),
-        untagged_new_conn: Box::new(untagged_new_conn),
-        tagged_new_conn: Box::new(tagged_new_conn),
+    reply(&Reply::Finished {
+        audit_events,
+        requests: served,
     })
 }

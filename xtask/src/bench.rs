@@ -1,7 +1,9 @@
 //! `cargo xtask bench`: the criterion benches of the decision pipeline, then the end-to-end
-//! load harness (`firma-bench run`, release build) comparing the same client direct, through
-//! the sidecar, and through Envoy and mitmproxy (installed by the harness into a venv under
-//! `target/bench/peers`) in one run. Results: `target/bench/e2e.json`, and the table on stdout.
+//! load harness (`firma-bench run`, release build) comparing two clients (`firma-bench client`
+//! and Go `hey`) direct, through the sidecar, and through Envoy and mitmproxy (installed by the
+//! harness into a venv under `target/bench/peers`; `hey` and `nginx-light` with apt-get as
+//! root) in one run, repeated and interleaved. Results: `target/bench/e2e.json` (every run and
+//! the medians), and the table of medians on stdout.
 
 use crate::exec;
 use std::path::Path;
@@ -13,7 +15,7 @@ pub struct BenchArgs {
     /// Do not run `cargo bench -p firma-sidecar --bench decision`.
     #[arg(long)]
     pub skip_criterion: bool,
-    /// Passed to `firma-bench run` (e.g. `--requests 2000 --concurrency 8 --skip-transparent`).
+    /// Passed to `firma-bench run` (e.g. `--duration-secs 2 --repetitions 2 --upstream builtin`).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
 }
@@ -37,7 +39,8 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    // The peers are installed first, with the host's network (the run itself has none).
+    // The peers, hey and nginx are installed first, with the host's network (the run itself
+    // has none).
     exec(
         Command::new(target.join("release/firma-bench"))
             .arg("install-peers")
