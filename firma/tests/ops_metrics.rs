@@ -173,10 +173,7 @@ fn prometheus_scrapes_decisions_and_readyz_follows_the_bundle() {
     assert_eventually(
         Duration::from_secs(20),
         "audit_events_written = lines in the audit file",
-        || {
-            prom.scalar("firma_sidecar_audit_events_written_total")
-                == Some(d.audit().len() as f64)
-        },
+        || prom.scalar("firma_sidecar_audit_events_written_total") == Some(d.audit().len() as f64),
     );
     let audit_written = prom.scalar("firma_sidecar_audit_events_written_total");
     let streams = prom.query("firma_authority_connected_sidecars");

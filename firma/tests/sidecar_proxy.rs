@@ -410,6 +410,107 @@ fn strict_host_mitm_failure_denies_and_non_strict_falls_back() {
     assert_eq!(up.count(), 1);
 }
 
+/// Hostile: clients that start a TLS handshake with the MITM and walk away (a ClientHello,
+/// then close; a ClientHello, the ServerHello read, then close) are audited, and do not switch
+/// the host to a blind tunnel for everyone behind the same client address: a trusting client
+/// right after is still intercepted (credential injected, HTTP decision). Only a client that
+/// rejects the certificate with an alert causes the fallback (test above).
+#[test]
+fn aborted_mitm_handshakes_do_not_cause_a_fallback() {
+    let (up, d, sc) = setup(Settings {
+        extra: openai_basic_credential(),
+        ..Settings::default()
+    });
+    let script = r#"
+import socket, ssl, sys, time
+host, port, ca, read_server_hello = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+for _ in range(3):
+    s = socket.create_connection((host, port))
+    s.sendall(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    ctx = ssl.create_default_context(cafile=ca)
+    t = ctx.wrap_socket(s, server_hostname="api.openai.com", do_handshake_on_connect=False)
+    t.setblocking(False)
+    try:
+        t.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    if read_server_hello:
+        time.sleep(0.2)
+        try:
+            t.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+    t.close()
+print("aborted")
+"#;
+    let addr = sc.addr;
+    for read_server_hello in ["0", "1"] {
+        let out = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(addr.ip().to_string())
+            .arg(addr.port().to_string())
+            .arg(d.ca_cert())
+            .arg(read_server_hello)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+    if let Err(e) = eventually(Duration::from_secs(5), "aborted handshakes audited", || {
+        d.audit_for("api.openai.com")
+            .iter()
+            .filter(|e| {
+                e["decision"]["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("did not reject the certificate: no fallback")
+            })
+            .count()
+            // A close that races the server's read of the ClientHello is a reset before
+            // TLS (no interception attempted, so no such event): at least one of the six.
+            >= 1
+    }) {
+        let details: Vec<_> = d
+            .audit_for("api.openai.com")
+            .iter()
+            .map(|e| e["decision"]["detail"].to_string())
+            .collect();
+        panic!("{e}: {details:#?}");
+    }
+    assert!(
+        !d.audit_text().contains("falling back"),
+        "an aborted handshake switched the host to a blind tunnel"
+    );
+    // A trusting client right after: intercepted, injected, decided as an HTTP request.
+    let out = curl(
+        &sc.proxy_url(),
+        &d.ca_cert(),
+        "https://api.openai.com/v1/chat/completions",
+        &["-X", "POST", "-d", "{}"],
+    );
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(up.count(), 1);
+    assert_eq!(
+        up.seen()[0].headers["authorization"],
+        format!("Bearer {CANARY}")
+    );
+    assert_eventually(Duration::from_secs(5), "the HTTP decision audited", || {
+        d.audit_for("api.openai.com").iter().any(|e| {
+            e["event"] == "decision"
+                && e["envelope"]["intent"]["method"] == "POST"
+                && e["decision"]["outcome"] == "ALLOW"
+        })
+    });
+}
+
 #[test]
 fn malformed_input_is_denied_and_audited_without_crashing() {
     let (up, d, sc) = setup(Settings::default());

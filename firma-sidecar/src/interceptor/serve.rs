@@ -132,12 +132,20 @@ async fn mitm<S>(
     let Some(m) = state.mitm.as_ref() else {
         return;
     };
-    let fail = |detail: String| {
-        m.note_failure(&crate::state::ClientKey::of(&conn), &name);
+    // Only a client that *rejected our certificate* (a certificate alert: it pins, or does not
+    // trust the Firma CA) switches this host to a blind tunnel for it. A handshake that merely
+    // ended (EOF, reset, timeout, a client cancelling a connect it no longer needs) must not:
+    // that would let any process behind the same client key (a source address, a cgroup)
+    // turn interception off for everyone behind it, and a load client cancelling its spare
+    // connects got the whole host denied for 300 s (found by the bench harness).
+    let fail = |detail: String, rejected_certificate: bool| {
         let fallback = if strict {
             "strict host: denied, no fallback"
-        } else {
+        } else if rejected_certificate {
+            m.note_failure(&crate::state::ClientKey::of(&conn), &name);
             "falling back to a blind tunnel for this host, for this client only, for 300 s"
+        } else {
+            "the client did not reject the certificate: no fallback"
         };
         let d = crate::conn::Decision::deny(
             crate::conn::DenyReason::MalformedRequest,
@@ -151,18 +159,22 @@ async fn mitm<S>(
     crate::metrics::leaf_lookup();
     let config = match m.leaves.server_config(&name).await {
         Ok(c) => c,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(e.to_string(), false),
     };
     let accept = TlsAcceptor::from(config).accept(Rewind::new(buf, stream));
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await;
     crate::metrics::mitm_handshake(matches!(handshake, Ok(Ok(_))));
     let tls = match handshake {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return fail(e.to_string()),
+        Ok(Err(e)) => {
+            let rejected = rejected_certificate(&e);
+            return fail(e.to_string(), rejected);
+        }
         Err(_) => {
-            return fail(format!(
-                "handshake not completed within {HANDSHAKE_TIMEOUT:?}"
-            ));
+            return fail(
+                format!("handshake not completed within {HANDSHAKE_TIMEOUT:?}"),
+                false,
+            );
         }
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
@@ -172,4 +184,23 @@ async fn mitm<S>(
         tls: true,
     };
     serve_http(state, tls, Vec::new(), conn, mode, h2).await;
+}
+
+/// Whether a failed MITM handshake is the client refusing our certificate (a TLS alert about
+/// it), as opposed to a connection that just ended.
+fn rejected_certificate(e: &std::io::Error) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::AlertReceived(
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::DecryptError
+        ))
+    )
 }
