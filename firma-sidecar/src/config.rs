@@ -226,7 +226,9 @@ pub struct HttpsMitmConfig {
     /// Hosts whose TLS the sidecar terminates: exact names or `*.example.com`.
     #[serde(default)]
     pub intercept_hosts: Vec<String>,
-    /// Hosts for which a MITM failure denies instead of falling back to a blind tunnel.
+    /// Hosts for which a MITM failure denies instead of falling back to a blind tunnel. For
+    /// other intercepted hosts only a client that rejects the certificate (a certificate
+    /// alert: it pins, or does not trust the Firma CA) falls back, for that client, 300 s.
     #[serde(default)]
     pub strict_hosts: Vec<String>,
 }
