@@ -89,6 +89,8 @@ pub struct Run {
     pub cpu_s_per_10k: Option<f64>,
     /// Proxy peak RSS (VmHWM, since the process started) after the run.
     pub peak_rss_mb: Option<f64>,
+    /// Proxy RSS (VmRSS) right after the run: what it holds, without its startup peak.
+    pub rss_mb: Option<f64>,
     /// Handshakes the aborters cut off during the run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aborted_handshakes: Option<u64>,
@@ -165,15 +167,16 @@ pub fn measure(
     };
     let aborted_handshakes = aborters.map(|a| a.stop());
     let (result, served) = measured?;
-    let (cpu_s_per_10k, peak_rss_mb) = match (t.pid, cpu_before) {
+    let (cpu_s_per_10k, peak_rss_mb, rss_mb) = match (t.pid, cpu_before) {
         (Some(pid), Some(before)) => {
             let cpu = crate::peers::cpu_secs(pid)? - before;
             (
                 (served > 0).then(|| cpu / served as f64 * 10_000.0),
                 crate::peers::peak_rss_mb(pid).ok(),
+                crate::peers::rss_mb(pid).ok(),
             )
         }
-        _ => (None, None),
+        _ => (None, None, None),
     };
     // nginx logs a request after its response is on the wire: let the counter catch up.
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -213,6 +216,7 @@ pub fn measure(
         upstream_injected: injected,
         cpu_s_per_10k,
         peak_rss_mb,
+        rss_mb,
         aborted_handshakes,
     })
 }

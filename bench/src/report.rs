@@ -18,6 +18,8 @@ pub struct Median {
     pub p99_ms: f64,
     pub cpu_s_per_10k: Option<f64>,
     pub peak_rss_mb: Option<f64>,
+    /// VmRSS right after the run (without the startup peak).
+    pub rss_mb: Option<f64>,
     /// Sums over the repetitions.
     pub ok: usize,
     pub errors: usize,
@@ -66,6 +68,7 @@ pub fn medians(runs: &[Run]) -> Vec<Median> {
                 p99_ms: ms(|r| r.p99_us),
                 cpu_s_per_10k: col(&|r| r.cpu_s_per_10k),
                 peak_rss_mb: col(&|r| r.peak_rss_mb),
+                rss_mb: col(&|r| r.rss_mb),
                 ok: rs.iter().map(|r| r.result.ok).sum(),
                 errors: rs.iter().map(|r| r.result.errors).sum(),
                 target,
@@ -238,7 +241,7 @@ impl Report {
                     .unwrap_or_default(),
             ));
             out.push_str(&format!(
-                "{:<30} {:<10} {:>9} {:>8} {:>8} {:>8} {:>10} {:>7} {:>7}\n",
+                "{:<30} {:<10} {:>9} {:>8} {:>8} {:>8} {:>10} {:>8} {:>7} {:>7}\n",
                 "target",
                 "load",
                 "req/s",
@@ -246,15 +249,16 @@ impl Report {
                 "p90 ms",
                 "p99 ms",
                 "CPU-s/10k",
+                "peak MB",
                 "RSS MB",
                 "errors"
             ));
-            out.push_str(&"-".repeat(105));
+            out.push_str(&"-".repeat(114));
             out.push('\n');
             for load in [Load::KeepAlive, Load::NewConn] {
                 for m in rows.iter().filter(|m| m.load == load) {
                     out.push_str(&format!(
-                        "{:<30} {:<10} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>10} {:>7} {:>7}\n",
+                        "{:<30} {:<10} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>10} {:>8} {:>7} {:>7}\n",
                         m.target,
                         load.label(),
                         m.throughput_rps,
@@ -263,6 +267,7 @@ impl Report {
                         m.p99_ms,
                         opt(m.cpu_s_per_10k, 2),
                         opt(m.peak_rss_mb, 1),
+                        opt(m.rss_mb, 1),
                         m.errors,
                     ));
                 }
