@@ -6,7 +6,7 @@
 
 use crate::keys::{SigningKey, VerifyingKey};
 use pasetors::Public;
-use pasetors::keys::{AsymmetricPublicKey, AsymmetricSecretKey};
+use pasetors::keys::AsymmetricPublicKey;
 use pasetors::token::UntrustedToken;
 use pasetors::version4::{PublicToken, V4};
 use serde::{Deserialize, Serialize};
@@ -90,9 +90,44 @@ pub fn now_unix() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
 }
 
-fn secret_key(key: &SigningKey) -> Result<AsymmetricSecretKey<V4>, CapabilityError> {
+/// PASETO v4.public without a footer or implicit assertion, signed here rather than by
+/// pasetors: pasetors re-derives the public key from the secret key on every signature (a
+/// second Ed25519 scalar multiplication: about a third of an issuance's CPU in the profile,
+/// docs/benchmarks.md). The bytes are the same (Ed25519 is deterministic; a test compares
+/// with pasetors' own output), and verification stays with pasetors.
+fn sign_v4_public(key: &SigningKey, payload: &[u8]) -> String {
+    use base64::Engine;
+    use ed25519_dalek::Signer;
+    const HEADER: &[u8] = b"v4.public.";
+    let signed = key.sign(&pae(&[HEADER, payload, b"", b""]));
+    let mut body = Vec::with_capacity(payload.len() + 64);
+    body.extend_from_slice(payload);
+    body.extend_from_slice(&signed.to_bytes());
+    format!(
+        "v4.public.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(body)
+    )
+}
+
+/// PASETO's pre-authentication encoding: LE64(count), then LE64(len) || piece for each piece
+/// (LE64 with the top bit cleared).
+fn pae(pieces: &[&[u8]]) -> Vec<u8> {
+    let le64 = |n: usize| ((n as u64) & (u64::MAX >> 1)).to_le_bytes();
+    let mut out = Vec::with_capacity(8 + pieces.iter().map(|p| 8 + p.len()).sum::<usize>());
+    out.extend_from_slice(&le64(pieces.len()));
+    for p in pieces {
+        out.extend_from_slice(&le64(p.len()));
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+#[cfg(test)]
+fn secret_key(
+    key: &SigningKey,
+) -> Result<pasetors::keys::AsymmetricSecretKey<V4>, CapabilityError> {
     // pasetors wants the 64-byte keypair encoding (seed || public key).
-    AsymmetricSecretKey::<V4>::from(&key.to_keypair_bytes())
+    pasetors::keys::AsymmetricSecretKey::<V4>::from(&key.to_keypair_bytes())
         .map_err(|e| CapabilityError::Sign(e.to_string()))
 }
 
@@ -117,8 +152,7 @@ impl CapabilityClaims {
         };
         let payload =
             serde_json::to_vec(&wire).map_err(|e| CapabilityError::Sign(e.to_string()))?;
-        PublicToken::sign(&secret_key(key)?, &payload, None, None)
-            .map_err(|e| CapabilityError::Sign(e.to_string()))
+        Ok(sign_v4_public(key, &payload))
     }
 
     /// Verifies the signature and parses the claims. Does not check time; see
@@ -250,6 +284,33 @@ mod tests {
             iat: now,
             exp: now + 60,
             context_hash: "00".into(),
+        }
+    }
+
+    #[test]
+    fn tokens_are_byte_identical_to_pasetors() {
+        for i in 0..20 {
+            let k = SigningKey::generate(&mut rand::rngs::OsRng);
+            let mut c = claims();
+            c.token_id = format!("t-{i}-{}", "x".repeat(i));
+            let ours = c.sign(&k).unwrap();
+            let wire = WireClaims {
+                token_id: c.token_id.clone(),
+                agent_id: c.agent_id.clone(),
+                session_id: c.session_id.clone(),
+                action_set: c.action_set.clone(),
+                resource_scope: c.resource_scope.clone(),
+                iat: rfc3339_strict(c.iat, "iat").unwrap(),
+                exp: rfc3339_strict(c.exp, "exp").unwrap(),
+                context_hash: c.context_hash.clone(),
+            };
+            let payload = serde_json::to_vec(&wire).unwrap();
+            let theirs = PublicToken::sign(&secret_key(&k).unwrap(), &payload, None, None).unwrap();
+            assert_eq!(ours, theirs);
+            assert_eq!(
+                CapabilityClaims::verify(&ours, &k.verifying_key()).unwrap(),
+                c
+            );
         }
     }
 
