@@ -367,7 +367,7 @@ mod tests {
 
         // An unsigned line edited: the link after it breaks.
         let mut edited = lines.clone();
-        edited[3] = edited[3].replace("e3", "e9");
+        edited[3] = edited[3].replace("\"e3\"", "\"e9\""); // quoted: a hash may hold `e3`
         assert!(matches!(
             check(&k, &edited).unwrap_err(),
             (4, AuditLineError::ChainBroken { .. })
@@ -419,7 +419,7 @@ mod tests {
         let k = key();
         let lines = chain(&k, 4);
         let mut edited = lines.clone();
-        edited[2] = edited[2].replace("e2", "e9");
+        edited[2] = edited[2].replace("\"e2\"", "\"e9\""); // quoted: a hash may hold `e2`
         assert_eq!(
             check(&k, &edited).unwrap_err(),
             (2, AuditLineError::BadSignature)
