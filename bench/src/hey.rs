@@ -11,8 +11,7 @@
 use crate::client::{CLIENT_AUTH, ClientResult, REQUEST_BODY};
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The `hey` executable, when installed.
 pub fn binary() -> Option<PathBuf> {
@@ -117,33 +116,8 @@ fn once(
     argv.push(t.url.clone());
     let mut cmd = firma_testing::client::in_cgroup_command(cgroup, hey, &argv);
     cmd.env("SSL_CERT_FILE", &t.ca_bundle);
-    let out_path = scratch.join("hey.out");
-    let err_path = scratch.join("hey.err");
-    let mut child = cmd
-        .stdout(Stdio::from(std::fs::File::create(&out_path)?))
-        .stderr(Stdio::from(std::fs::File::create(&err_path)?))
-        .spawn()
-        .context("spawn hey")?;
     let limit = Duration::from_secs(duration_secs.unwrap_or(60) + 60);
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("hey did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let text = std::fs::read_to_string(&out_path)?;
-    if !status.success() {
-        bail!(
-            "hey failed ({status}): {}{text}",
-            std::fs::read_to_string(&err_path).unwrap_or_default()
-        );
-    }
+    let text = crate::measure::run_bounded(cmd, scratch, "hey", limit)?;
     let mut r = parse(&text).with_context(|| format!("hey output:\n{text}"))?;
     r.concurrency = concurrency;
     r.new_connection = new_conn;

@@ -220,3 +220,42 @@ pub fn measure(
         aborted_handshakes,
     })
 }
+
+/// Runs `cmd` with its stdout and stderr in `scratch/NAME.out` / `NAME.err`, killing it after
+/// `limit`; returns its stdout, or an error with its stderr when it failed. One shape for
+/// every client the harness drives (`firma-bench client`, hey).
+pub fn run_bounded(
+    mut cmd: std::process::Command,
+    scratch: &std::path::Path,
+    name: &str,
+    limit: Duration,
+) -> anyhow::Result<String> {
+    use std::process::Stdio;
+    let out_path = scratch.join(format!("{name}.out"));
+    let err_path = scratch.join(format!("{name}.err"));
+    let mut child = cmd
+        .stdout(Stdio::from(std::fs::File::create(&out_path)?))
+        .stderr(Stdio::from(std::fs::File::create(&err_path)?))
+        .spawn()
+        .with_context(|| format!("spawn {name}"))?;
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{name} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = std::fs::read_to_string(&out_path)?;
+    if !status.success() {
+        bail!(
+            "{name} failed ({status}): {}{stdout}",
+            std::fs::read_to_string(&err_path).unwrap_or_default()
+        );
+    }
+    Ok(stdout)
+}

@@ -10,7 +10,6 @@ use crate::report::{Checks, Report, Skip};
 use crate::upstream::Upstream;
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -545,32 +544,8 @@ pub fn spawn_client(
     for ca in &args.cas {
         argv.extend(["--ca".into(), deploy::path_str(ca)?.to_string()]);
     }
-    let mut cmd = firma_testing::client::in_cgroup_command(cgroup, &exe, &argv);
-    let out_path = scratch.join("client.json");
-    let err_path = scratch.join("client.err");
-    let mut child = cmd
-        .stdout(Stdio::from(std::fs::File::create(&out_path)?))
-        .stderr(Stdio::from(std::fs::File::create(&err_path)?))
-        .spawn()
-        .context("spawn client")?;
-    let deadline = Instant::now() + Duration::from_secs(args.time_limit_secs + 30);
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("client did not finish within its time limit + 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stdout = std::fs::read_to_string(&out_path)?;
-    if !status.success() {
-        bail!(
-            "client failed ({status}): {}",
-            std::fs::read_to_string(&err_path).unwrap_or_default()
-        );
-    }
+    let cmd = firma_testing::client::in_cgroup_command(cgroup, &exe, &argv);
+    let limit = Duration::from_secs(args.time_limit_secs + 30);
+    let stdout = crate::measure::run_bounded(cmd, scratch, "client", limit)?;
     serde_json::from_str(stdout.trim()).with_context(|| format!("client output: {stdout}"))
 }

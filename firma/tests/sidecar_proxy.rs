@@ -438,8 +438,10 @@ for _ in range(3):
         t.do_handshake()
     except ssl.SSLWantReadError:
         pass
+    # Give the sidecar time to read the ClientHello and answer it, so the close below lands
+    # mid-handshake (not before the sidecar read anything) even on a loaded machine.
+    time.sleep(0.5)
     if read_server_hello:
-        time.sleep(0.2)
         try:
             t.do_handshake()
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -474,8 +476,8 @@ print("aborted")
                     .contains("did not reject the certificate: no fallback")
             })
             .count()
-            // A close that races the server's read of the ClientHello is a reset before
-            // TLS (no interception attempted, so no such event): at least one of the six.
+            // A client whose second step completes the handshake ends it cleanly (no such
+            // event): at least one of the six.
             >= 1
     }) {
         let details: Vec<_> = d

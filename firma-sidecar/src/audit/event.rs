@@ -80,20 +80,12 @@ pub fn decision(input: &AuditInput<'_>, event_id: &str, extra: IntentExtra<'_>) 
         timestamp: &timestamp,
         conn: ConnJson::of(input.conn),
         workload: input.conn.workload.as_ref(),
-        envelope: Envelope {
-            intent: Intent {
-                action_class: Some(d.action_class.as_deref()),
-                resource: Resource {
-                    host: input.host,
-                    path: input.path,
-                },
-                method: input.method,
-                port: input.port,
-                passthrough: Some(d.passthrough),
-                dns: extra.dns,
-                request: extra.request,
-            },
-        },
+        envelope: Envelope::of(
+            input,
+            Some(d.action_class.as_deref()),
+            Some(d.passthrough),
+            extra,
+        ),
         decision: DecisionJson {
             outcome: d.outcome,
             reason: d.reason,
@@ -127,20 +119,12 @@ pub fn outcome(input: &AuditInput<'_>, decision_event_id: &str, extra: IntentExt
             id: input.conn.conn_id,
             intercept: input.conn.kind,
         },
-        envelope: Envelope {
-            intent: Intent {
-                action_class: Some(input.decision.action_class.as_deref()),
-                resource: Resource {
-                    host: input.host,
-                    path: input.path,
-                },
-                method: input.method,
-                port: input.port,
-                passthrough: None,
-                dns: extra.dns,
-                request: extra.request,
-            },
-        },
+        envelope: Envelope::of(
+            input,
+            Some(input.decision.action_class.as_deref()),
+            None,
+            extra,
+        ),
         connector: OutcomeConnector {
             credential_injected: c.credential_injected,
             credential_source: c.credential_source,
@@ -170,20 +154,7 @@ pub fn abandoned(input: &AuditInput<'_>) -> String {
         timestamp: &timestamp,
         conn: ConnJson::of(input.conn),
         workload: input.conn.workload.as_ref(),
-        envelope: Envelope {
-            intent: Intent {
-                action_class: None,
-                resource: Resource {
-                    host: input.host,
-                    path: input.path,
-                },
-                method: input.method,
-                port: input.port,
-                passthrough: None,
-                dns: None,
-                request: None,
-            },
-        },
+        envelope: Envelope::of(input, None, None, IntentExtra::default()),
         detail: "client went away before a decision; nothing was sent upstream",
     })
 }
@@ -289,6 +260,31 @@ struct OutcomeConn {
 #[derive(Serialize)]
 struct Envelope<'a> {
     intent: Intent<'a>,
+}
+
+impl<'a> Envelope<'a> {
+    /// `envelope.intent` of `input`; `None` leaves `action_class` / `passthrough` out.
+    fn of(
+        input: &AuditInput<'a>,
+        action_class: Option<Option<&'a str>>,
+        passthrough: Option<bool>,
+        extra: IntentExtra<'a>,
+    ) -> Self {
+        Envelope {
+            intent: Intent {
+                action_class,
+                resource: Resource {
+                    host: input.host,
+                    path: input.path,
+                },
+                method: input.method,
+                port: input.port,
+                passthrough,
+                dns: extra.dns,
+                request: extra.request,
+            },
+        }
+    }
 }
 
 #[derive(Serialize)]

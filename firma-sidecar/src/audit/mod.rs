@@ -203,7 +203,7 @@ impl AuditLog {
     /// only leave after this returns `Ok`.
     pub(crate) async fn persist_body(&self, body: String) -> Result<(), AuditUnavailable> {
         let (ack, wait) = tokio::sync::oneshot::channel();
-        self.send(writer::Msg::Event(body, Some(ack)));
+        self.send(writer::Msg::Event(body, ack));
         match wait.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(AuditUnavailable(e)),
@@ -228,7 +228,7 @@ impl AuditLog {
         };
         if let Err(std::sync::mpsc::SendError(msg)) = tx.send(msg) {
             tracing::error!(target: "firma_sidecar::audit", "audit writer has stopped; event lost");
-            if let writer::Msg::Event(_, Some(ack)) = msg {
+            if let writer::Msg::Event(_, ack) = msg {
                 let _ = ack.send(Err("the audit writer has stopped".into()));
             }
         }

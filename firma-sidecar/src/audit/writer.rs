@@ -13,7 +13,7 @@
 //! sink, and there is no unsigned window on disk to close at shutdown: each batch is closed
 //! by its own signature. Ed25519 signing (~20 µs here) was the writer's ceiling with one
 //! signature per line. Lines nobody waits for (denials, outcomes) are held up to [`HOLD_MAX`]
-//! to ride in the next batch that gates a request (see [`Held`]).
+//! to ride in the next batch that gates a request (see [`SideQueue`]).
 //!
 //! Fail closed: a batch that cannot be persisted (ENOSPC, EIO, a full grpc queue) is cut back
 //! from the file (`ftruncate` to the last complete line, so there is never a torn line), the
@@ -49,8 +49,8 @@ pub type Lost = Arc<str>;
 pub type Ack = tokio::sync::oneshot::Sender<Result<(), Lost>>;
 
 pub enum Msg {
-    /// An event body: one JSON object's text, without chain members.
-    Event(String, Option<Ack>),
+    /// An event body (one JSON object's text, without chain members) and its waiter.
+    Event(String, Ack),
     /// The [`SideQueue`] is full: write what it holds.
     Wake,
     Flush(tokio::sync::oneshot::Sender<()>),
@@ -310,22 +310,29 @@ impl Writer {
 }
 
 /// Runs until every sender is gone.
+///
+/// Every event on the channel has a waiter (an ALLOW decision): it is written at once, with
+/// whatever else is queued and the [`SideQueue`]'s lines, under one signature. Side lines
+/// otherwise wait for the next such batch, a [`Msg::Wake`] (the queue is full) or the
+/// [`HOLD_MAX`] timeout of an idle channel, so none waits longer than [`HOLD_MAX`].
 pub fn run(rx: Receiver<Msg>, side: Arc<SideQueue>, mut w: Writer) {
-    let mut held = Held::default();
     let mut pending: Option<Msg> = None;
     loop {
-        let wait = held.due_in().unwrap_or(HOLD_MAX);
         let first = match pending.take() {
             Some(m) => Ok(m),
-            None => rx.recv_timeout(wait),
+            None => rx.recv_timeout(HOLD_MAX),
         };
         match first {
             Ok(Msg::Event(body, ack)) => {
-                held.take_side(&side);
-                held.push(body, ack);
-                while held.len() < MAX_BATCH {
+                let mut bodies = side.take();
+                bodies.push(body);
+                let mut acks = vec![ack];
+                while bodies.len() < MAX_BATCH {
                     match rx.try_recv() {
-                        Ok(Msg::Event(b, a)) => held.push(b, a),
+                        Ok(Msg::Event(b, a)) => {
+                            bodies.push(b);
+                            acks.push(a);
+                        }
                         Ok(Msg::Wake) => {}
                         Ok(flush) => {
                             pending = Some(flush);
@@ -334,29 +341,36 @@ pub fn run(rx: Receiver<Msg>, side: Arc<SideQueue>, mut w: Writer) {
                         Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                     }
                 }
-                if held.must_write() {
-                    held.write(&mut w);
+                let result = w.persist(bodies);
+                for ack in acks {
+                    let _ = ack.send(result.clone());
                 }
                 tick(&mut w, false);
             }
             Ok(Msg::Wake) | Err(RecvTimeoutError::Timeout) => {
-                held.take_side(&side);
-                held.write(&mut w);
+                write_side(&side, &mut w);
                 tick(&mut w, false);
             }
             Ok(Msg::Flush(done)) => {
-                held.take_side(&side);
-                held.write(&mut w);
+                write_side(&side, &mut w);
                 tick(&mut w, true);
                 let _ = done.send(());
             }
             Err(RecvTimeoutError::Disconnected) => {
-                held.take_side(&side);
-                held.write(&mut w);
+                write_side(&side, &mut w);
                 let _ = w.sink.tick(true);
                 return;
             }
         }
+    }
+}
+
+/// Writes the side lines, if any, as one batch (nobody waits for them: a failure is counted
+/// and logged by [`Writer::persist`]).
+fn write_side(side: &SideQueue, w: &mut Writer) {
+    let bodies = side.take();
+    if !bodies.is_empty() {
+        let _ = w.persist(bodies);
     }
 }
 
@@ -366,70 +380,8 @@ fn tick(w: &mut Writer, force: bool) {
     }
 }
 
-/// Events received but not yet written. A line nobody waits for (a denial, an outcome) is
-/// held until a line somebody waits for (an ALLOW decision) arrives, for at most
-/// [`HOLD_MAX`], or until [`MAX_BATCH`] lines are held, and then goes out in that batch under
-/// its one signature. So a signature is made per batch that gates a request, plus one per
-/// [`HOLD_MAX`] at most for the rest: outcome lines stop costing a signature of their own.
-/// The price, documented in docs/architecture.md (audit): a `kill -9` loses the lines held
-/// at that moment (at most [`HOLD_MAX`] of denials and outcomes; never an ALLOW decision,
-/// which is written and signed before its request may leave).
-#[derive(Default)]
-struct Held {
-    bodies: Vec<String>,
-    acks: Vec<Ack>,
-    since: Option<Instant>,
-}
-
-/// Longest a line nobody waits for is held before it is written.
+/// Longest a line nobody waits for stays on the [`SideQueue`] before it is written.
 pub(super) const HOLD_MAX: Duration = Duration::from_millis(100);
-
-impl Held {
-    fn push(&mut self, body: String, ack: Option<Ack>) {
-        self.bodies.push(body);
-        self.acks.extend(ack);
-        self.since.get_or_insert_with(Instant::now);
-    }
-
-    fn len(&self) -> usize {
-        self.bodies.len()
-    }
-
-    /// Takes the lines queued on the side (they go before the ones just received).
-    fn take_side(&mut self, side: &SideQueue) {
-        let queued = side.take();
-        if !queued.is_empty() {
-            self.since.get_or_insert_with(Instant::now);
-            let mut bodies = queued;
-            bodies.append(&mut self.bodies);
-            self.bodies = bodies;
-        }
-    }
-
-    /// Somebody waits, the batch is full, or the oldest line has waited long enough.
-    fn must_write(&self) -> bool {
-        !self.acks.is_empty()
-            || self.bodies.len() >= MAX_BATCH
-            || self.due_in() == Some(Duration::ZERO)
-    }
-
-    /// Time left before the held lines must be written (`None`: nothing held).
-    fn due_in(&self) -> Option<Duration> {
-        self.since.map(|t| HOLD_MAX.saturating_sub(t.elapsed()))
-    }
-
-    /// Seals and writes everything held (nothing: no-op), then answers the waiters.
-    fn write(&mut self, w: &mut Writer) {
-        if self.bodies.is_empty() {
-            return;
-        }
-        self.since = None;
-        let result = w.persist(std::mem::take(&mut self.bodies));
-        for ack in self.acks.drain(..) {
-            let _ = ack.send(result.clone());
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -486,8 +438,12 @@ mod tests {
         for n in 0..3 {
             assert!(!side.push(body(n)));
         }
+        // A flood of side lines asks for a wake-up once MAX_BATCH are queued (bounded memory).
+        let flood = SideQueue::default();
+        assert!((1..MAX_BATCH).all(|n| !flood.push(body(n as u64))));
+        assert!(flood.push(body(0)));
         let (ack, acked) = tokio::sync::oneshot::channel();
-        tx.send(Msg::Event(body(3), Some(ack))).unwrap();
+        tx.send(Msg::Event(body(3), ack)).unwrap();
         acked.blocking_recv().unwrap().unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let signed = text.lines().filter(|l| is_signed(l)).count();

@@ -199,8 +199,6 @@ fn rejected_certificate(e: &std::io::Error) -> bool {
                 | A::CertificateExpired
                 | A::CertificateUnknown
                 | A::UnknownCA
-                | A::AccessDenied
-                | A::DecryptError
         ))
     )
 }

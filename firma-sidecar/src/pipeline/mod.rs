@@ -428,6 +428,7 @@ impl Pipeline {
                 action_class: class,
                 host: s.host,
                 path: s.path,
+                resource: &resource,
                 method: s.method,
                 live_until,
                 now,

@@ -62,6 +62,8 @@ pub struct Stage2Request<'a> {
     pub action_class: &'a str,
     pub host: &'a str,
     pub path: &'a str,
+    /// The Cedar resource id, `host` + `path` (made once per request, for Stage 1 too).
+    pub resource: &'a str,
     pub method: &'a str,
     /// Unix second after which no capability of the session known to Stage 1 is valid
     /// (bounds how long its counters must be kept, see [`super::sessions`]).
@@ -225,7 +227,7 @@ pub fn evaluate(
     counters: &ActionCounters,
     req: &Stage2Request<'_>,
 ) -> Stage2Result {
-    let resource_id = format!("{}{}", req.host, req.path);
+    let resource_id = req.resource;
     let counter = match counters.counter(req.session_id, req.action_class, req.live_until, req.now)
     {
         Ok(c) => c,
@@ -250,7 +252,7 @@ pub fn evaluate(
             let r = policies.evaluate(&EvalRequest {
                 agent_id: req.agent_id,
                 action: req.action_class,
-                resource_id: &resource_id,
+                resource_id,
                 host: Some(req.host),
                 path: Some(req.path),
                 action_count: n,
