@@ -156,11 +156,6 @@ fn prometheus_scrapes_decisions_and_readyz_follows_the_bundle() {
         "prometheus saw every decision",
         || prom.scalar("sum(firma_sidecar_decisions_total)") == Some(total),
     );
-    let audit_decisions = d
-        .audit()
-        .iter()
-        .filter(|e| e["event"] == "decision")
-        .count();
     let by_outcome = prom.query("sum by (outcome) (firma_sidecar_decisions_total)");
     let by_reason =
         prom.query("sum by (outcome, reason, action_class) (firma_sidecar_decisions_total)");
@@ -175,6 +170,12 @@ fn prometheus_scrapes_decisions_and_readyz_follows_the_bundle() {
         "audit_events_written = lines in the audit file",
         || prom.scalar("firma_sidecar_audit_events_written_total") == Some(d.audit().len() as f64),
     );
+    // Counted only now: a denial's line may still have been held when the scrape above matched.
+    let audit_decisions = d
+        .audit()
+        .iter()
+        .filter(|e| e["event"] == "decision")
+        .count();
     let audit_written = prom.scalar("firma_sidecar_audit_events_written_total");
     let streams = prom.query("firma_authority_connected_sidecars");
     let sends = prom.scalar("sum(firma_authority_stream_sends_total)");
