@@ -204,6 +204,10 @@ pub struct InterceptorConfig {
     /// On SIGTERM, in-flight requests get this long before connections are cut.
     #[serde(default = "default_drain")]
     pub drain_timeout_secs: u64,
+    /// Connection workers: single-threaded runtimes, each serving whole connections (see
+    /// `crate::workers`). 0: half the available CPUs, at least 1.
+    #[serde(default)]
+    pub workers: u16,
     #[serde(default)]
     pub https_mitm: HttpsMitmConfig,
     #[serde(default)]
@@ -213,6 +217,9 @@ pub struct InterceptorConfig {
 fn default_proxy_listen() -> String {
     "127.0.0.1:8080".into()
 }
+/// Most connection workers accepted (each is a thread with its own runtime).
+pub const MAX_WORKERS: u16 = 256;
+
 fn default_drain() -> u64 {
     30
 }
@@ -723,6 +730,16 @@ impl SidecarConfig {
                 format!(
                     "expected a socket address like \"127.0.0.1:8080\", got {:?}",
                     self.interceptor.listen_addr
+                ),
+            ));
+        }
+        if self.interceptor.workers > MAX_WORKERS {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.interceptor.workers",
+                format!(
+                    "expected 0 (half the CPUs) to {MAX_WORKERS}, got {}",
+                    self.interceptor.workers
                 ),
             ));
         }

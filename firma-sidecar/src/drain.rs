@@ -30,6 +30,14 @@ impl Drain {
         self.tracker.spawn(fut);
     }
 
+    /// As [`Drain::spawn`], on another runtime (a connection worker, see `crate::workers`).
+    pub fn spawn_on<F>(&self, fut: F, runtime: &tokio::runtime::Handle)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn_on(fut, runtime);
+    }
+
     /// Resolves once shutdown has begun.
     pub async fn cancelled(&self) {
         self.token.cancelled().await

@@ -23,3 +23,4 @@ pub mod server;
 pub mod sockopt;
 pub mod state;
 pub mod tls;
+pub mod workers;

@@ -37,6 +37,8 @@ pub enum SidecarError {
     Leaf(#[from] LeafError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("starting the connection workers: {0}")]
+    Workers(std::io::Error),
     #[error(transparent)]
     Admin(#[from] firma_common::admin::AdminError),
 }
@@ -186,6 +188,9 @@ where
         .listen_addr
         .as_ref()
         .map(|_| crate::metrics::enable());
+    let workers = crate::workers::start(crate::workers::count(cfg.interceptor.workers))
+        .map_err(SidecarError::Workers)?;
+    tracing::info!(target: "firma_sidecar", workers, "connection workers started");
     let audit = AuditLog::start(&cfg.audit).await?;
     let first_conn_id = crate::audit::next_conn_id(&cfg.audit);
     let pipeline = Pipeline::start(cfg).await?;

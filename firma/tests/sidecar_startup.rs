@@ -146,3 +146,33 @@ fn drain_deadline_cuts_long_requests() {
         sc.log_text()
     );
 }
+
+/// `[sidecar.interceptor] workers`: out of range stops startup naming the file, key and range;
+/// an explicit count is honoured and logged.
+#[test]
+fn connection_workers_are_validated_and_logged() {
+    let d = Deployment::new(None, &Settings::default());
+    let base = std::fs::read_to_string(&d.config).expect("read firma.toml");
+    assert!(base.contains("[sidecar.interceptor]\n"), "{base}");
+    let with = |n: &str| {
+        base.replace(
+            "[sidecar.interceptor]\n",
+            &format!("[sidecar.interceptor]\nworkers = {n}\n"),
+        )
+    };
+
+    std::fs::write(&d.config, with("9999")).expect("write");
+    let out = firma(&["sidecar", "-c", d.config.to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("firma.toml")
+            && err.contains("sidecar.interceptor.workers")
+            && err.contains("expected 0 (half the CPUs) to 256, got 9999"),
+        "{err}"
+    );
+
+    std::fs::write(&d.config, with("3")).expect("write");
+    let sc = d.start(&[]);
+    assert!(sc.log_text().contains("workers=3"), "{}", sc.log_text());
+}

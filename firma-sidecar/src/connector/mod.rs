@@ -318,6 +318,7 @@ impl Connector {
                 mark: self.mark_for(conn),
                 h2c: grpc && !target.tls,
                 credential,
+                worker: crate::workers::current(),
             },
             authority: host_header,
             grpc,

@@ -49,6 +49,9 @@ pub struct PoolKey {
     pub h2c: bool,
     /// Keyed SHA-256 (first 16 bytes) of the injected credential header, `None` without one.
     pub credential: Option<[u8; 16]>,
+    /// The connection worker whose runtime drives the connection (`crate::workers`): reused
+    /// only there, so a request never wakes another thread to reach its upstream.
+    pub worker: Option<usize>,
 }
 
 /// Fingerprints credentials with a per-process random key: equal credentials compare equal,

@@ -34,10 +34,10 @@ pub async fn serve(state: Arc<SidecarState>, listener: TcpListener, limits: Arc<
                 match limits.admit(ClientKey::Ip(peer.ip())) {
                     Ok(permit) => {
                         crate::sockopt::tune(&stream);
-                        let st = state.clone();
-                        state
-                            .drain
-                            .spawn(limits.scope(permit, handle(st, stream, peer)));
+                        let (st, lim) = (state.clone(), limits.clone());
+                        crate::workers::dispatch(&state.drain, stream, move |s| {
+                            lim.scope(permit, handle(st, s, peer))
+                        });
                     }
                     Err(r) => limits::refuse(stream, &limits::rejection_response(r)),
                 }

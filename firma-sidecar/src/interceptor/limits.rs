@@ -233,7 +233,7 @@ impl Limits {
     }
 
     /// Runs a connection task holding `permit`, with this sidecar's [`Timeouts`].
-    pub fn scope<F>(&self, permit: Permit, fut: F) -> impl Future<Output = ()> + Send + 'static
+    pub fn scope<F>(&self, permit: Permit, fut: F) -> impl Future<Output = ()> + Send + use<F>
     where
         F: Future<Output = ()> + Send + 'static,
     {

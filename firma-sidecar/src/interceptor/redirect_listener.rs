@@ -51,6 +51,7 @@ pub async fn accept_loop<S, SF, R>(
     SF: std::future::Future<Output = ()> + Send + 'static,
     R: Fn(Unredirected) + Send + Sync + 'static,
 {
+    let serve = Arc::new(serve);
     let mut backoff = AcceptBackoff::new("transparent");
     loop {
         let accepted = tokio::select! {
@@ -78,13 +79,17 @@ pub async fn accept_loop<S, SF, R>(
                     continue;
                 };
                 let workload = redirector.workload(&orig);
-                let conn = Redirected {
-                    stream,
-                    peer,
-                    original_dst: orig.socket_addr(),
-                    workload,
-                };
-                drain.spawn(limits.scope(permit, serve(conn)));
+                let original_dst = orig.socket_addr();
+                let (serve, lim) = (serve.clone(), limits.clone());
+                crate::workers::dispatch(&drain, stream, move |stream| {
+                    let conn = Redirected {
+                        stream,
+                        peer,
+                        original_dst,
+                        workload,
+                    };
+                    lim.scope(permit, serve(conn))
+                });
             }
             None => {
                 tracing::warn!(%peer, "transparent connection without a redirect record; closing");
