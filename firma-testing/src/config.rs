@@ -86,6 +86,8 @@ pub struct SidecarToml {
     pub mode: Mode,
     pub listen_addr: String,
     pub drain_timeout_secs: Option<u64>,
+    /// `[sidecar.interceptor] workers` (connection threads); `None`: the sidecar's default.
+    pub workers: Option<u16>,
     pub mitm: Option<Mitm>,
     pub ca_dir: Option<PathBuf>,
     pub rules_path: PathBuf,
@@ -125,6 +127,7 @@ impl SidecarToml {
             mode: Mode::HttpProxy,
             listen_addr: "127.0.0.1:0".into(),
             drain_timeout_secs: None,
+            workers: None,
             mitm: None,
             ca_dir: None,
             rules_path: crate::repo_root().join("policies/mapping-rules.toml"),
@@ -191,6 +194,9 @@ impl SidecarToml {
         );
         if let Some(d) = self.drain_timeout_secs {
             let _ = writeln!(s, "drain_timeout_secs = {d}");
+        }
+        if let Some(w) = self.workers {
+            let _ = writeln!(s, "workers = {w}");
         }
         if let Some(m) = &self.mitm {
             let _ = writeln!(

@@ -104,6 +104,8 @@ pub struct Settings {
     pub mitm: bool,
     pub default_protected: bool,
     pub drain_timeout_secs: u64,
+    /// `[sidecar.interceptor] workers`; `None`: the sidecar's default (half the CPUs).
+    pub workers: Option<u16>,
     pub default_timeout_ms: u64,
     /// `[[sidecar.connector.hosts]]` extra lines per host (address is added for every
     /// upstream host automatically).
@@ -135,6 +137,7 @@ impl Default for Settings {
             mitm: true,
             default_protected: true,
             drain_timeout_secs: 5,
+            workers: None,
             default_timeout_ms: 5000,
             host_extra: Vec::new(),
             constraint_enforcement: crate::config::TEST_CONSTRAINT_ENFORCEMENT,
@@ -214,6 +217,7 @@ impl Deployment {
         }
         t.mode = s.mode.clone();
         t.drain_timeout_secs = Some(s.drain_timeout_secs);
+        t.workers = s.workers;
         t.mitm = Some(Mitm {
             enabled: s.mitm,
             intercept_hosts: s.intercept_hosts.clone(),

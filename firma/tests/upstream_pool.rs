@@ -15,7 +15,13 @@ fn credential() -> String {
     "[[sidecar.credentials]]\nhost = \"api.openai.com\"\nmode = \"basic\"\nheader = \"Authorization\"\nprefix = \"Bearer \"\nvalue_from_env = \"FIRMA_TEST_OPENAI_KEY\"\n".into()
 }
 
+/// One connection worker: the pool is per worker (docs/upstream-pool.md), and these tests count
+/// upstream connections across client connections.
 fn setup(alpn: &[&[u8]]) -> (Upstream, Deployment, Sidecar) {
+    setup_with(alpn, 1)
+}
+
+fn setup_with(alpn: &[&[u8]], workers: u16) -> (Upstream, Deployment, Sidecar) {
     let tmp = tempfile::tempdir().unwrap();
     let up = Upstream::start_with_alpn(
         tmp.path(),
@@ -25,6 +31,7 @@ fn setup(alpn: &[&[u8]]) -> (Upstream, Deployment, Sidecar) {
     );
     let s = Settings {
         extra: credential(),
+        workers: Some(workers),
         ..Settings::default()
     };
     let d = Deployment::new(Some(&up), &s);
@@ -171,4 +178,29 @@ fn aborted_exchange_does_not_poison_the_pool() {
     assert_eq!(models.len(), 2);
     // The slow exchange's connection was busy or closed: the next request could not take it.
     assert!(models.iter().all(|r| r.conn != seen[0].conn), "{seen:?}");
+}
+
+/// Two workers: client connections alternate between them and each worker dials and keeps its
+/// own upstream connection (a request never uses a connection another thread drives); within a
+/// worker, connections are still reused.
+#[test]
+fn each_connection_worker_keeps_its_own_upstream_connections() {
+    let (up, d, sc) = setup_with(&[b"http/1.1"], 2);
+    new_connection_requests(&sc, &d, "https://api.openai.com/v1/models", 6);
+    let seen = up.seen();
+    assert_eq!(seen.len(), 6);
+    assert_eq!(
+        up.connection_count(),
+        2,
+        "six client connections over two workers: one upstream connection each"
+    );
+    let outs = assert_eventually(Duration::from_secs(5), "6 outcomes", || {
+        let o = outcomes(&d, "api.openai.com");
+        (o.len() == 6).then_some(o)
+    });
+    let reused = outs
+        .iter()
+        .filter(|e| e["connector"]["upstream_reused"] == true)
+        .count();
+    assert_eq!(reused, 4, "{outs:?}");
 }
