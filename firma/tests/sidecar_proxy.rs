@@ -537,7 +537,11 @@ fn malformed_input_is_denied_and_audited_without_crashing() {
     ];
     for (name, bytes) in &cases {
         let resp = raw_exchange(a, bytes);
-        assert!(resp.starts_with("HTTP/1.1 400"), "{name}: {resp:?}");
+        assert!(
+            resp.starts_with("HTTP/1.1 400"),
+            "{name}: {resp:?}\n{}",
+            sc.log_text()
+        );
         assert!(
             resp.contains("\"reason\":\"MalformedRequest\""),
             "{name}: {resp:?}"
