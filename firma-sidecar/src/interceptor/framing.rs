@@ -57,6 +57,9 @@ enum State {
 pub struct Verdict {
     detail: Mutex<Option<String>>,
     pub notify: Notify,
+    /// The client shut down its write side right behind a complete request (see
+    /// [`FramingGuard`]'s held EOF): `serve_http` answers what is in flight, then closes.
+    pub half_closed: Notify,
 }
 
 impl Verdict {
@@ -81,6 +84,10 @@ pub struct FramingGuard<S> {
     /// The 400 still to write before shutdown, and how much of it was written.
     reply: Option<(Vec<u8>, usize)>,
     eof: bool,
+    /// Bytes arrived and no read has been pending since: an EOF now came right behind them.
+    fresh: bool,
+    /// An EOF read right behind a complete request, never shown to hyper (see `poll_read`).
+    eof_held: bool,
 }
 
 impl<S> FramingGuard<S> {
@@ -94,6 +101,8 @@ impl<S> FramingGuard<S> {
             verdict,
             reply: None,
             eof: false,
+            fresh: false,
+            eof_held: false,
         }
     }
 
@@ -326,8 +335,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingGuard<S> {
                 }
                 return Poll::Ready(Ok(()));
             }
-            if this.state == State::Rejected {
-                // hyper waits here until serve_http shuts it down.
+            if this.state == State::Rejected || this.eof_held {
+                // hyper waits here until serve_http shuts it down (after answering the
+                // request in flight, for a held EOF).
                 return Poll::Pending;
             }
             if this.eof {
@@ -341,15 +351,29 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingGuard<S> {
             let mut tmp = [0u8; 16 * 1024];
             let mut rb = ReadBuf::new(&mut tmp);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    this.fresh = false;
+                    return Poll::Pending;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
                     let got = rb.filled();
-                    if got.is_empty() {
-                        this.eof = true;
+                    if !got.is_empty() {
+                        this.fresh = true;
+                        this.feed(got);
+                    } else if this.fresh && this.state == State::Head && this.head.is_empty() {
+                        // EOF right behind a complete request (`nc -N`, scripts): the client
+                        // half-closed and waits for the answer. hyper (like nginx and Envoy)
+                        // takes an EOF on a busy connection for a client that left and drops
+                        // the response, so it never sees this one: the request is answered,
+                        // then the connection closed. An EOF that comes later, after a read
+                        // was pending, is a client going away and reaches hyper as before
+                        // (the `outcome` then says `client_gone`).
+                        this.eof_held = true;
+                        this.verdict.half_closed.notify_one();
+                        return Poll::Pending;
                     } else {
-                        let got = got.to_vec();
-                        this.feed(&got);
+                        this.eof = true;
                     }
                 }
             }

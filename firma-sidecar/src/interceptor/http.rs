@@ -120,15 +120,9 @@ pub async fn serve_http<S>(
         // Every later head on the connection is checked like the first (see `framing`).
         let io = TokioIo::new(FramingGuard::new(Rewind::new(buf, stream), verdict.clone()));
         let mut builder = hyper::server::conn::http1::Builder::new();
-        // A client that sends its request and then shuts down its write side (`nc -N`, many
-        // scripts) still gets the decision: without half-close, hyper dropped the connection
-        // when it read that EOF before the response was ready, so a denial's 403/400 could be
-        // lost (a race the connection workers made visible). Idle and header timeouts still
-        // bound such connections.
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(HEAD_TIMEOUT)
-            .half_close(true)
             .max_buf_size(head::MAX_HEAD + 8192);
         // Upgrades: WebSocket requests that the upstream switched (see `websocket`).
         let c = builder.serve_connection(io, svc).with_upgrades();
@@ -136,6 +130,8 @@ pub async fn serve_http<S>(
         tokio::select! {
             r = c.as_mut() => r,
             _ = verdict.notify.notified() => { c.as_mut().graceful_shutdown(); c.await }
+            // The client half-closed right behind its request: answer it, then close.
+            _ = verdict.half_closed.notified() => { c.as_mut().graceful_shutdown(); c.await }
             _ = state.drain.cancelled() => { c.as_mut().graceful_shutdown(); c.await }
             _ = activity.idle_timeout(timeouts.http_idle) => {
                 tracing::debug!(conn = conn.conn_id, "closing idle HTTP/1 connection");
