@@ -7,8 +7,8 @@
 //! cross-CPU wake-up, which on a VM is an IPI and a VM exit. Pinned, a connection's TLS, its
 //! pipeline and its upstream connections (pooled per worker, see `connector::pool`) share one
 //! thread: measured on the 2-core bench machine, sidecar CPU per keep-alive request fell from
-//! 0.92-1.07 to 0.72-0.78 CPU-s per 10k requests (docs/benchmarks.md). Shared state (sessions, rate limits, the audit writer) is
-//! unchanged: it was already `Sync`.
+//! 0.92-1.07 to 0.72-0.78 CPU-s per 10k requests (docs/benchmarks.md). Shared state
+//! (sessions, rate limits, the audit writer) is unchanged: it was already `Sync`.
 //!
 //! The listeners stay on the main runtime; an accepted socket is moved to a worker
 //! round-robin (`into_std` then `from_std` there: two `epoll_ctl` per connection). Tasks on

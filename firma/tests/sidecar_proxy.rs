@@ -699,3 +699,54 @@ fn latency_figures_through_proxy_vs_direct() {
         "FIGURES: {n} keep-alive requests; via sidecar (MITM + pipeline + audit) {proxied:?}/req, direct {direct:?}/req"
     );
 }
+
+/// Hostile half-close: a client that writes its request(s) and shuts down its write side at
+/// once (`nc -N`) still gets the answer to the first request, allowed (here forwarded, and
+/// aborted: plaintext to the TLS test upstream) or denied, and requests it pipelined before
+/// the EOF are each answered too (docs/architecture.md, "Half-close"). The audit holds exactly
+/// the decisions that were answered, with the outcome of the forwarded one.
+#[test]
+fn half_closing_client_gets_every_decision() {
+    let (up, d, sc) = setup(Settings::default());
+    let body = |r: &str| -> serde_json::Value {
+        serde_json::from_str(&r[r.find("\r\n\r\n").map_or(0, |i| i + 4)..]).unwrap_or_default()
+    };
+    let one = raw_exchange(
+        sc.addr,
+        b"GET http://api.openai.com/v1/models HTTP/1.1\r\nHost: api.openai.com\r\n\r\n",
+    );
+    assert!(
+        one.starts_with("HTTP/1.1 502"),
+        "{one:?}\n{}",
+        sc.log_text()
+    );
+    assert_eq!(body(&one)["reason"], "UpstreamUnavailable", "{one:?}");
+    let two = raw_exchange(
+        sc.addr,
+        b"GET http://paste.rs/a HTTP/1.1\r\nHost: paste.rs\r\n\r\nGET http://paste.rs/b HTTP/1.1\r\nHost: paste.rs\r\n\r\n",
+    );
+    assert_eq!(two.matches("HTTP/1.1 ").count(), 2, "{two:?}");
+    assert_eq!(two.matches("HTTP/1.1 403").count(), 2, "{two:?}");
+    let outcome = assert_eventually(Duration::from_secs(5), "the outcome", || {
+        d.audit().into_iter().find(|e| {
+            e["event"] == "outcome"
+                && e["envelope"]["intent"]["resource"]["host"] == "api.openai.com"
+        })
+    });
+    assert_eq!(outcome["connector"]["aborted"], "UpstreamUnavailable");
+    assert_eq!(outcome["connector"]["client_gone"], false);
+    let openai = d.audit_for("api.openai.com");
+    assert_eq!(openai.len(), 1, "{openai:?}");
+    assert_eq!(openai[0]["decision"]["outcome"], "ALLOW");
+    std::thread::sleep(Duration::from_millis(300));
+    let paste = d.audit_for("paste.rs");
+    assert_eq!(paste.len(), 2, "one decision per answer: {paste:?}");
+    assert_eq!(paste[0]["envelope"]["intent"]["resource"]["path"], "/a");
+    assert_eq!(paste[1]["envelope"]["intent"]["resource"]["path"], "/b");
+    assert!(
+        paste
+            .iter()
+            .all(|e| e["decision"]["reason"] == "PolicyDenied")
+    );
+    assert_eq!(up.count(), 0, "no HTTP request reached the upstream");
+}
