@@ -422,7 +422,7 @@ fn aborted_mitm_handshakes_do_not_cause_a_fallback() {
         ..Settings::default()
     });
     let script = r#"
-import socket, ssl, sys, time
+import select, socket, ssl, sys
 host, port, ca, read_server_hello = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
 for _ in range(3):
     s = socket.create_connection((host, port))
@@ -438,9 +438,12 @@ for _ in range(3):
         t.do_handshake()
     except ssl.SSLWantReadError:
         pass
-    # Give the sidecar time to read the ClientHello and answer it, so the close below lands
-    # mid-handshake (not before the sidecar read anything) even on a loaded machine.
-    time.sleep(0.5)
+    # Wait until the sidecar has read the ClientHello and answered it, so the close below
+    # lands mid-handshake (not before the sidecar read anything: a close with the answer
+    # unread is a reset, which would discard a ClientHello still queued), however loaded the
+    # machine is.
+    readable, _, _ = select.select([t], [], [], 20)
+    assert readable, "no ServerHello within 20 s"
     if read_server_hello:
         try:
             t.do_handshake()
@@ -466,8 +469,11 @@ print("aborted")
             text(&out.stderr)
         );
     }
-    if let Err(e) = eventually(Duration::from_secs(5), "aborted handshakes audited", || {
-        d.audit_for("api.openai.com")
+    if let Err(e) = eventually(
+        Duration::from_secs(15),
+        "aborted handshakes audited",
+        || {
+            d.audit_for("api.openai.com")
             .iter()
             .filter(|e| {
                 e["decision"]["detail"]
@@ -479,13 +485,14 @@ print("aborted")
             // A client whose second step completes the handshake ends it cleanly (no such
             // event): at least one of the six.
             >= 1
-    }) {
+        },
+    ) {
         let details: Vec<_> = d
             .audit_for("api.openai.com")
             .iter()
             .map(|e| e["decision"]["detail"].to_string())
             .collect();
-        panic!("{e}: {details:#?}");
+        panic!("{e}: {details:#?}\n{}", sc.log_text());
     }
     assert!(
         !d.audit_text().contains("falling back"),
