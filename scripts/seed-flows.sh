@@ -21,7 +21,7 @@ DIR=$(mktemp -d /tmp/firma-seeds.XXXXXX)
 PIDS=()
 SIDECARS=()
 cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null
     rm -rf "$DIR"
 }
