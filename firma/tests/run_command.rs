@@ -538,7 +538,7 @@ fn user_child_cannot_leave_its_cgroup_and_is_enforced() {
 #[test]
 fn without_root_one_line_exit_78_nothing_created() {
     if let Some(why) = skip_reason() {
-        eprintln!("SKIP without_root_one_line_exit_78_nothing_created: {why}");
+        firma_testing::skip("without_root_one_line_exit_78_nothing_created", &why);
         return;
     }
     let dir = tempfile::tempdir().unwrap();
