@@ -332,7 +332,7 @@ try:
 except anthropic.PermissionDeniedError as e:
     out["denied"] = {"status": e.status_code, "text": str(e), "type": e.body["error"]["type"]}
 
-# An Authorization header of the agent's own next to the SDK's x-api-key: it never leaves.
+# An Authorization header of the agent's own: it never leaves.
 own = Anthropic(default_headers={"Authorization": "Bearer agent-own-key"})
 out["own"] = own.messages.create(model="claude-sonnet-4-5", max_tokens=10, messages=msgs).content[0].text
 
@@ -375,8 +375,8 @@ fn anthropic_python_sdk_under_firma_run() {
         t.contains("Firma denied this request (PolicyDenied)"),
         "{t}"
     );
-    // Three calls upstream (create, stream, create with the agent's Authorization), each with
-    // Firma's x-api-key only.
+    // Three calls upstream (create, stream, create with an extra Authorization), each with
+    // Firma's x-api-key only (the SDK's own `Authorization: Bearer <placeholder>` removed).
     assert_eq!(
         a.upstream_saw_only_firmas_credential("api.anthropic.com", "x-api-key", ANTHROPIC_KEY),
         3
@@ -391,7 +391,8 @@ fn anthropic_python_sdk_under_firma_run() {
     );
     assert_eq!(r["leak"]["status"], 403, "{r}");
     assert_eq!(r["leak"]["reason"], "CredentialLeak", "{r}");
-    a.assert_leak_denied(&out, "/v1/models", "header `x-api-key`");
+    // This SDK sends its key as `Authorization: Bearer` (not `x-api-key`).
+    a.assert_leak_denied(&out, "/v1/models", "header `authorization`");
 }
 
 const OPENAI_NODE: &str = r#"
