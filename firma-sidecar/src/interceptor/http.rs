@@ -339,12 +339,13 @@ async fn handle_request(
     // the error shape of the host's API once the host is known (SDKs show the reason).
     let grpc = crate::connector::is_grpc(req.headers());
     let (mode_h, mode_p) = mode_host(mode);
-    let (deny, _) = answers(
+    let answer = Answer {
         grpc,
-        mode_h
+        format: mode_h
             .as_deref()
             .map_or(ErrorFormat::Firma, |h| state.connector.error_format(h)),
-    );
+    };
+    let deny = |d: &Decision| answer.deny(d);
     // From here on, whatever happens (including the client leaving), one record.
     let rec = RequestAudit::new(&state.audit, conn)
         .method(Some(method.as_str()))
@@ -369,7 +370,13 @@ async fn handle_request(
         }
     };
     let up = &target.upstream;
-    let (deny, abort) = answers(grpc, state.connector.error_format(&up.host));
+    let answer = Answer {
+        grpc,
+        format: state.connector.error_format(&up.host),
+    };
+    let deny = |d: &Decision| answer.deny(d);
+    let abort =
+        |status: StatusCode, reason: &str, detail: &str| answer.abort(status, reason, detail);
     let rec = rec.target(Some(&up.host), up.port, Some(&target.path));
     // Rules that extract body attributes for Cedar: read (bounded) and parse the body first.
     let spec = state
@@ -501,28 +508,28 @@ async fn handle_request(
 
 /// How Firma's own answers look on this request: gRPC status for gRPC, else JSON in the error
 /// shape of the host's API.
-fn answers(
+#[derive(Clone, Copy)]
+struct Answer {
     grpc: bool,
     format: ErrorFormat,
-) -> (
-    impl Fn(&Decision) -> Response<RespBody> + Copy,
-    impl Fn(StatusCode, &str, &str) -> Response<RespBody> + Copy,
-) {
-    let deny = move |d: &Decision| {
-        if grpc {
+}
+
+impl Answer {
+    fn deny(self, d: &Decision) -> Response<RespBody> {
+        if self.grpc {
             response::grpc_deny(d)
         } else {
-            response::deny_as(d, format)
+            response::deny_as(d, self.format)
         }
-    };
-    let abort = move |status: StatusCode, reason: &str, detail: &str| {
-        if grpc {
+    }
+
+    fn abort(self, status: StatusCode, reason: &str, detail: &str) -> Response<RespBody> {
+        if self.grpc {
             response::grpc_abort(status, reason, detail)
         } else {
-            response::abort_as(status, reason, detail, format)
+            response::abort_as(status, reason, detail, self.format)
         }
-    };
-    (deny, abort)
+    }
 }
 
 /// Streams an LLM response through a [`UsageTap`]; when it ends, its tokens (and cost) go to
