@@ -8,6 +8,7 @@
 //! - [`grpc`]: a real grpcio TLS server and client (Python);
 //! - [`ws`]: a real WebSocket echo server and client (Python `websockets`);
 //! - [`kernel`]: root/BPF checks, network namespaces, test cgroups and pin directories;
+//! - [`run`]: `firma run` worlds (upstream posing as API hosts, hosts file, state dir);
 //! - [`client`]: curl, raw exchanges, clients started inside a cgroup;
 //! - [`vault`]: a RustyVault launcher;
 //! - [`prometheus`]: a real Prometheus server scraping loopback targets, and its query API;
@@ -26,6 +27,7 @@ pub mod pipeline;
 pub mod pki;
 pub mod process;
 pub mod prometheus;
+pub mod run;
 pub mod sidecar;
 pub mod upstream;
 pub mod vault;
