@@ -69,7 +69,7 @@ pub struct DnsConfig {
     #[serde(default = "default_dns_timeout")]
     pub upstream_timeout_ms: u64,
     /// Queries per second per workload cgroup (sustained); above it queries are dropped and
-    /// counted, one audit event per workload per 10 s.
+    /// counted, one audit `deny_summary` per workload per `[sidecar.audit] aggregate_window_secs`.
     #[serde(default = "default_dns_rate")]
     pub queries_per_second: u32,
     /// Burst above `queries_per_second`.
