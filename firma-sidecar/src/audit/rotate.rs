@@ -103,7 +103,7 @@ impl Writer {
         else {
             return;
         };
-        if !rot.max_bytes.is_some_and(|max| *good_len >= max) {
+        if rot.max_bytes.is_none_or(|max| *good_len < max) {
             return;
         }
         let before = self.sealer.position();
