@@ -305,15 +305,9 @@ async fn rotation_continues_the_chain_across_restarts_and_a_crash_mid_rotation()
         .iter()
         .find(|f| f.index == Some(next + 1))
         .map_or(&file, |f| &f.path);
-    let head: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(after)
-            .expect("read")
-            .lines()
-            .next()
-            .expect("a line")
-            .to_string(),
-    )
-    .expect("json");
+    let text = std::fs::read_to_string(after).expect("read");
+    let head: serde_json::Value =
+        serde_json::from_str(text.lines().next().expect("a line")).expect("json");
     assert_eq!(head["event"], "rotation", "{head}");
     assert_eq!(head["file_index"], next + 1);
     let (ok, out) = verify(&dir, &[&public]);
