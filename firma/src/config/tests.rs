@@ -40,61 +40,6 @@ fn wrong_type_names_key() {
 }
 
 #[test]
-fn shipped_example_config_parses() {
-    let text = include_str!("../../../policies/firma.toml");
-    let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();
-    let s = c.sidecar().unwrap();
-    assert_eq!(s.credentials.len(), 2);
-    assert!(s.vault().is_some());
-    assert_eq!(s.interceptor.transparent.workloads.len(), 1);
-    assert_eq!(c.authority().unwrap().bundle_ttl_seconds, 30);
-}
-
-#[test]
-fn dns_guard_section_defaults_and_errors() {
-    let text = include_str!("../../../policies/firma.toml");
-    let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();
-    let s = c.sidecar().unwrap();
-    assert!(s.interceptor.transparent.redirect_dns);
-    assert_eq!(s.dns.port, 15053);
-    assert_eq!(s.dns.allow, ["pypi.org", "*.pythonhosted.org"]);
-    for (bad, key) in [
-        ("allow = [\"a.*.example\"]", "sidecar.dns.allow[0]"),
-        (
-            "upstream = [\"resolver.example\"]",
-            "sidecar.dns.upstream[0]",
-        ),
-        ("port = 15001", "sidecar.dns.port"),
-        ("queries_per_second = 0", "sidecar.dns.queries_per_second"),
-    ] {
-        // Replace the key's line in [sidecar.dns] (keys are unique there).
-        let name = bad.split(" =").next().unwrap();
-        let mut in_dns = false;
-        let t: Vec<&str> = text
-            .lines()
-            .map(|l| {
-                if l.starts_with('[') {
-                    in_dns = l == "[sidecar.dns]";
-                }
-                if in_dns && l.starts_with(&format!("{name} =")) {
-                    bad
-                } else {
-                    l
-                }
-            })
-            .collect();
-        let t = t.join("\n");
-        let e = FirmaConfig::parse(&t, Path::new("/etc/firma.toml"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains(key) && e.contains("/etc/firma.toml"),
-            "{bad}: {e}"
-        );
-    }
-}
-
-#[test]
 fn audit_aggregation_rotation_and_watermark_keys() {
     let text = include_str!("../../../policies/firma.toml");
     let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();
@@ -168,4 +113,59 @@ fn audit_aggregation_rotation_and_watermark_keys() {
         e.contains("sidecar.audit.max_files") && e.contains("max_file_bytes"),
         "{e}"
     );
+}
+
+#[test]
+fn shipped_example_config_parses() {
+    let text = include_str!("../../../policies/firma.toml");
+    let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();
+    let s = c.sidecar().unwrap();
+    assert_eq!(s.credentials.len(), 2);
+    assert!(s.vault().is_some());
+    assert_eq!(s.interceptor.transparent.workloads.len(), 1);
+    assert_eq!(c.authority().unwrap().bundle_ttl_seconds, 30);
+}
+
+#[test]
+fn dns_guard_section_defaults_and_errors() {
+    let text = include_str!("../../../policies/firma.toml");
+    let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();
+    let s = c.sidecar().unwrap();
+    assert!(s.interceptor.transparent.redirect_dns);
+    assert_eq!(s.dns.port, 15053);
+    assert_eq!(s.dns.allow, ["pypi.org", "*.pythonhosted.org"]);
+    for (bad, key) in [
+        ("allow = [\"a.*.example\"]", "sidecar.dns.allow[0]"),
+        (
+            "upstream = [\"resolver.example\"]",
+            "sidecar.dns.upstream[0]",
+        ),
+        ("port = 15001", "sidecar.dns.port"),
+        ("queries_per_second = 0", "sidecar.dns.queries_per_second"),
+    ] {
+        // Replace the key's line in [sidecar.dns] (keys are unique there).
+        let name = bad.split(" =").next().unwrap();
+        let mut in_dns = false;
+        let t: Vec<&str> = text
+            .lines()
+            .map(|l| {
+                if l.starts_with('[') {
+                    in_dns = l == "[sidecar.dns]";
+                }
+                if in_dns && l.starts_with(&format!("{name} =")) {
+                    bad
+                } else {
+                    l
+                }
+            })
+            .collect();
+        let t = t.join("\n");
+        let e = FirmaConfig::parse(&t, Path::new("/etc/firma.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(key) && e.contains("/etc/firma.toml"),
+            "{bad}: {e}"
+        );
+    }
 }
