@@ -12,11 +12,11 @@
 //! | `envelope.intent.resource.host` | [`HOST`] 256 |
 //! | `envelope.intent.method` | [`METHOD`] 32 |
 //! | `decision.detail` | [`DETAIL`] 1024 |
-//! | every string inside `envelope.intent.request` / `dns` | [`VALUE`] 256 |
+//! | every string inside `envelope.intent.request` / `dns` | [`VALUE`] 256, [`TOTAL`] 2048 in all |
 //!
 //! The workload (kernel- and attach-time facts) and the capability (a verified token) are not
 //! client-controlled text and are written as they are. With these bounds a decision line stays
-//! under about 12 KB whatever the request carried (typically well under 2 KB).
+//! under about 8 KB whatever the request carried (typically well under 2 KB).
 
 use serde_json::{Map, Value};
 use std::borrow::Cow;
@@ -29,6 +29,8 @@ pub const VALUE: usize = 256;
 /// Members of `request`/`dns` objects and elements of their arrays kept; the rest are
 /// replaced by one `"…[truncated: N more]"` entry.
 pub const MEMBERS: usize = 32;
+/// Bytes of JSON text one `request` or `dns` value keeps in all.
+pub const TOTAL: usize = 2048;
 
 /// Bytes `c` takes in serde_json's output.
 fn json_len(c: char) -> usize {
@@ -56,69 +58,72 @@ pub fn opt(s: Option<&str>, max: usize) -> Option<Cow<'_, str>> {
     s.map(|s| text(s, max))
 }
 
-/// Whether any string in `v` (or the size of any object/array) is over the bounds: the
-/// common case (small values) is then serialized as is, without a copy.
-fn within(v: &Value, depth: usize) -> bool {
-    match v {
-        Value::String(s) => s.len() <= VALUE / 6 || matches!(text(s, VALUE), Cow::Borrowed(_)),
-        Value::Array(a) => {
-            depth < 4 && a.len() <= MEMBERS && a.iter().all(|x| within(x, depth + 1))
-        }
-        Value::Object(m) => {
-            depth < 4
-                && m.len() <= MEMBERS
-                && m.iter()
-                    .all(|(k, x)| k.len() <= VALUE / 6 && within(x, depth + 1))
-        }
-        _ => true,
-    }
-}
-
-/// `v` with every string, key, object and array bounded (nesting cut at depth 4).
+/// `v` as written if its JSON text fits [`TOTAL`], else a copy with every string bounded to
+/// [`VALUE`], at most [`MEMBERS`] members or elements per object or array, nesting cut at
+/// depth 4, and members dropped (with a marker) once [`TOTAL`] bytes are used.
 pub fn value(v: &Value) -> Cow<'_, Value> {
-    if within(v, 0) {
+    if serde_json::to_string(v).map_or(0, |t| t.len()) <= TOTAL {
         return Cow::Borrowed(v);
     }
-    Cow::Owned(copy(v, 0))
+    let mut budget = TOTAL;
+    Cow::Owned(copy(v, 0, &mut budget))
 }
 
 /// `m` bounded like [`value`].
 pub fn map(m: &Map<String, Value>) -> Cow<'_, Map<String, Value>> {
-    if m.len() <= MEMBERS && m.iter().all(|(k, x)| k.len() <= VALUE / 6 && within(x, 1)) {
+    if serde_json::to_string(m).map_or(0, |t| t.len()) <= TOTAL {
         return Cow::Borrowed(m);
     }
-    match copy(&Value::Object(m.clone()), 0) {
+    let mut budget = TOTAL;
+    match copy(&Value::Object(m.clone()), 0, &mut budget) {
         Value::Object(m) => Cow::Owned(m),
         _ => Cow::Owned(Map::new()),
     }
 }
 
-fn copy(v: &Value, depth: usize) -> Value {
+fn copy(v: &Value, depth: usize, budget: &mut usize) -> Value {
     let more = |n: usize| Value::String(format!("…[truncated: {n} more]"));
-    match v {
-        Value::String(s) => Value::String(text(s, VALUE).into_owned()),
+    let out = match v {
+        Value::String(s) => Value::String(text(s, VALUE.min(*budget)).into_owned()),
         Value::Array(_) | Value::Object(_) if depth >= 4 => {
             Value::String("…[truncated: nested too deep]".into())
         }
         Value::Array(a) => {
-            let mut out: Vec<Value> = a.iter().take(MEMBERS).map(|x| copy(x, depth + 1)).collect();
-            if a.len() > MEMBERS {
-                out.push(more(a.len() - MEMBERS));
+            let mut out = Vec::new();
+            for x in a.iter().take(MEMBERS) {
+                if *budget < 32 {
+                    break;
+                }
+                out.push(copy(x, depth + 1, budget));
+            }
+            if a.len() > out.len() {
+                out.push(more(a.len() - out.len()));
             }
             Value::Array(out)
         }
         Value::Object(m) => {
             let mut out = Map::new();
             for (k, x) in m.iter().take(MEMBERS) {
-                out.insert(text(k, VALUE).into_owned(), copy(x, depth + 1));
+                if *budget < 32 {
+                    break;
+                }
+                let k = text(k, VALUE).into_owned();
+                *budget = budget.saturating_sub(k.len() + 4);
+                out.insert(k, copy(x, depth + 1, budget));
             }
-            if m.len() > MEMBERS {
-                out.insert("…".into(), more(m.len() - MEMBERS));
+            if m.len() > out.len() {
+                out.insert("…".into(), more(m.len() - out.len()));
             }
             Value::Object(out)
         }
         other => other.clone(),
+    };
+    if let Value::String(s) = &out {
+        *budget = budget.saturating_sub(s.len() + 2);
+    } else if !out.is_array() && !out.is_object() {
+        *budget = budget.saturating_sub(8);
     }
+    out
 }
 
 #[cfg(test)]
@@ -160,9 +165,23 @@ mod tests {
         });
         let b = value(&big);
         let text = serde_json::to_string(&*b).unwrap();
-        assert!(text.len() < 1200, "{} bytes: {text}", text.len());
+        assert!(text.len() < TOTAL + 200, "{} bytes: {text}", text.len());
         assert!(text.contains("truncated: 10000 bytes"), "{text}");
-        assert!(text.contains("truncated: 68 more"), "{text}");
+        assert!(text.contains("more]"), "{text}");
+        // However wide and deep, the copy stays within the total.
+        let wide: Value = (0..100)
+            .map(|i| {
+                (
+                    format!("k{i}"),
+                    serde_json::json!({"a": vec!["x".repeat(300); 40]}),
+                )
+            })
+            .collect::<Map<String, Value>>()
+            .into();
+        let text = serde_json::to_string(&*value(&wide)).unwrap();
+        assert!(text.len() < TOTAL + 400, "{} bytes", text.len());
+        let deep = serde_json::json!({"a": {"b": {"c": {"d": {"e": "x".repeat(3000)}}}}});
+        let text = serde_json::to_string(&*value(&deep)).unwrap();
         assert!(text.contains("nested too deep"), "{text}");
     }
 }
