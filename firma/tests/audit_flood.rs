@@ -158,6 +158,8 @@ fn a_denial_flood_is_aggregated_rotated_bounded_and_verifiable() {
         .output()
         .expect("python3");
     assert!(text(&one.stdout).contains("DENIED 1"), "{one:?}");
+    // FIRMA_FLOOD_DENIALS: a smaller flood for a quick local look (the rotation and size
+    // assertions are made for the default 100,000).
     let flood_total: u64 = std::env::var("FIRMA_FLOOD_DENIALS")
         .ok()
         .and_then(|v| v.parse().ok())
