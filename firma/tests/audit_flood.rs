@@ -347,7 +347,10 @@ fn is_root() -> bool {
 #[test]
 fn the_free_space_watermark_follows_the_disk() {
     if !is_root() {
-        eprintln!("SKIP the_free_space_watermark_follows_the_disk: needs root to mount a tmpfs");
+        firma_testing::skip(
+            "the_free_space_watermark_follows_the_disk",
+            "needs root to mount a tmpfs",
+        );
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
