@@ -4,14 +4,18 @@
 use serde_json::Value;
 use std::path::Path;
 
-/// One line per `decision` event of the run's workload (its cgroup), oldest first.
+/// One line per `decision` event of the run's workload (its cgroup), and one per `refused`
+/// event (kernel refusals, aggregated), oldest first.
 pub fn lines(audit: &Path, cgroup_path: &str) -> Vec<String> {
     let Ok(text) = std::fs::read_to_string(audit) else {
         return Vec::new();
     };
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| e["event"] == "decision" && e["workload"]["cgroup_path"] == cgroup_path)
+        .filter(|e| {
+            (e["event"] == "decision" || e["event"] == "refused")
+                && e["workload"]["cgroup_path"] == cgroup_path
+        })
         .map(|e| line(&e))
         .collect()
 }
@@ -26,6 +30,17 @@ pub fn line(e: &Value) -> String {
     let d = &e["decision"];
     let intent = &e["envelope"]["intent"];
     let outcome = s(&d["outcome"]);
+    if let Some(r) = e["refused"].as_object() {
+        // `DENY  UDP 10.0.0.9:5353 UdpRefused (x3)`: refused in the kernel, aggregated.
+        let q = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("?");
+        let count = r.get("count").and_then(Value::as_u64).unwrap_or(0);
+        let dst = r["sample"]["destination"].as_str().unwrap_or("?");
+        return format!(
+            "{outcome:<5} {} {dst} {} (x{count})",
+            q("protocol").to_ascii_uppercase(),
+            s(&d["reason"])
+        );
+    }
     if let Some(dns) = intent["dns"].as_object() {
         // A query the DNS guard answered (allowed name) or refused.
         let q = |k: &str| dns.get(k).and_then(Value::as_str).unwrap_or("?");
@@ -89,6 +104,10 @@ mod tests {
                 "envelope": {"intent": {"dns": {"qname": "x.example.org", "qtype": "A"}}},
                 "decision": {"outcome": "DENY", "reason": "DnsDenied"}})
             .to_string(),
+            json!({"event": "refused", "workload": {"cgroup_path": "/firma-run-1-a"},
+                "decision": {"outcome": "DENY", "reason": "UdpRefused"},
+                "refused": {"protocol": "udp", "count": 3, "sample": {"destination": "10.0.0.9:5353"}}})
+            .to_string(),
         ]
         .join("\n");
         std::fs::write(&file, text).unwrap();
@@ -98,6 +117,7 @@ mod tests {
                 "ALLOW GET api.openai.com/v1/models [model.inference.chat] credential injected",
                 "DENY  GET api.openai.com/v1/models [model.inference.chat] PolicyDenied",
                 "DENY  DNS A x.example.org DnsDenied",
+                "DENY  UDP 10.0.0.9:5353 UdpRefused (x3)",
             ]
         );
     }
