@@ -268,7 +268,8 @@ fn loopback_verdict(cfg: &RedirectConfig, addr: &[u8; 16], port: u16) -> Verdict
         _pad: 0,
     };
     // SAFETY: read-only lookups of plain values.
-    let allowed = unsafe { FIRMA_LO_ALLOW.get(&exact).is_some() || FIRMA_LO_ALLOW.get(&any).is_some() };
+    let allowed =
+        unsafe { FIRMA_LO_ALLOW.get(&exact).is_some() || FIRMA_LO_ALLOW.get(&any).is_some() };
     if allowed {
         Verdict::Untouched
     } else {
@@ -479,7 +480,12 @@ pub fn firma_connect6(ctx: SockAddrContext) -> i32 {
 /// An unconnected datagram: the DNS guard, or the UDP rules (a datagram socket never gets the
 /// TCP redirect).
 #[inline(always)]
-fn sendmsg_verdict(ctx: &SockAddrContext, cfg: &RedirectConfig, addr: &[u8; 16], port: u16) -> Verdict {
+fn sendmsg_verdict(
+    ctx: &SockAddrContext,
+    cfg: &RedirectConfig,
+    addr: &[u8; 16],
+    port: u16,
+) -> Verdict {
     match classify(ctx, cfg, addr, port) {
         Verdict::Redirect => Verdict::Refuse(REFUSED_EGRESS),
         v => v,
@@ -663,7 +669,12 @@ fn parse_ip(ctx: &SkBuffContext) -> Option<(u8, [u8; 16], usize, bool)> {
             // A non-first fragment has no L4 header.
             let later_fragment = (u16::from_be_bytes(frag) & 0x1fff) != 0;
             let dst: [u8; 4] = ctx.load(16).ok()?;
-            Some((proto, v4_mapped(dst), usize::from(first & 0x0f) * 4, later_fragment))
+            Some((
+                proto,
+                v4_mapped(dst),
+                usize::from(first & 0x0f) * 4,
+                later_fragment,
+            ))
         }
         6 => {
             let next: u8 = ctx.load(6).ok()?;
@@ -679,7 +690,9 @@ fn parse_ip(ctx: &SkBuffContext) -> Option<(u8, [u8; 16], usize, bool)> {
 fn packet_summary(ctx: &SkBuffContext) -> (u8, [u8; 16], u16) {
     match parse_ip(ctx) {
         Some((proto, dst, l4, false)) if proto == IPPROTO_UDP || proto == IPPROTO_UDPLITE => {
-            let port = ctx.load::<[u8; 4]>(l4).map_or(0, |p| u16::from_be_bytes([p[2], p[3]]));
+            let port = ctx
+                .load::<[u8; 4]>(l4)
+                .map_or(0, |p| u16::from_be_bytes([p[2], p[3]]));
             (proto, dst, port)
         }
         Some((proto, dst, _, _)) => (proto, dst, 0),
@@ -704,7 +717,11 @@ fn egress_verdict(ctx: &SkBuffContext) -> Result<(), u8> {
     let ports: [u8; 4] = ctx.load(l4).map_err(|_| REFUSED_EGRESS)?;
     let dport = u16::from_be_bytes([ports[2], ports[3]]);
     let to_listener = dst == v4_mapped(cfg.listen_v4) || dst == cfg.listen_v6;
-    if to_listener && cfg.dns_port != 0 && dport == cfg.dns_port && cfg.flags & FLAG_REDIRECT_DNS != 0 {
+    if to_listener
+        && cfg.dns_port != 0
+        && dport == cfg.dns_port
+        && cfg.flags & FLAG_REDIRECT_DNS != 0
+    {
         if proto == IPPROTO_UDP {
             let _ = dns_track(ctx, &dst, [ports[0], ports[1]]);
         }
