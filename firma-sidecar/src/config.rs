@@ -250,17 +250,28 @@ pub struct TransparentConfig {
     /// Workloads attached at startup (more can be attached at runtime).
     #[serde(default)]
     pub workloads: Vec<WorkloadConfig>,
-    /// Destinations never redirected, e.g. `"10.0.0.0/8"`. Always excluded: 127.0.0.1, 0.0.0.0,
-    /// ::1 and :: (localhost); other 127/8 addresses are redirected like any remote (tests and
-    /// the demo use them), add `"127.0.0.0/8"` here to exclude them too.
+    /// TCP destinations never redirected, e.g. `"10.0.0.0/8"` (an explicit operator choice).
+    /// Loopback is not opened by this list: see `allow_loopback`.
     #[serde(default)]
     pub excluded_cidrs: Vec<String>,
     /// Destination ports never redirected.
     #[serde(default)]
     pub excluded_ports: Vec<u16>,
-    /// Refuse UDP to port 443 from tagged workloads so QUIC cannot bypass the sidecar.
+    /// Refuse UDP to port 443 from tagged workloads so QUIC cannot bypass the sidecar (clients
+    /// fall back to TCP). `false` lets UDP/443 through to any address, as if every `ADDR:443`
+    /// were in `allow_udp`.
     #[serde(default = "yes")]
     pub block_quic: bool,
+    /// UDP is closed for tagged workloads: every datagram (connected or not, IPv4 and IPv6,
+    /// UDP-Lite) is refused except DNS to the guard and these `"ADDR:PORT"` exceptions
+    /// (`"[V6]:PORT"` for IPv6; loopback goes in `allow_loopback`).
+    #[serde(default)]
+    pub allow_udp: Vec<String>,
+    /// Loopback (127.0.0.0/8, ::1) is closed for tagged workloads, TCP and UDP: a connect or
+    /// send there is refused unless listed here as `"PORT"` (every loopback address) or
+    /// `"ADDR:PORT"`. The sidecar's own ports (listener, DNS guard, admin) cannot be listed.
+    #[serde(default)]
+    pub allow_loopback: Vec<String>,
     /// DNS guard: UDP and TCP port 53 of tagged workloads, whatever the resolver address, go to
     /// the sidecar's DNS listener (`[sidecar.dns]`), which answers only allowed names. On by
     /// default; `false` leaves name resolution untouched (and open as an exfiltration channel).
@@ -290,6 +301,8 @@ impl Default for TransparentConfig {
             excluded_cidrs: Vec::new(),
             excluded_ports: Vec::new(),
             block_quic: true,
+            allow_udp: Vec::new(),
+            allow_loopback: Vec::new(),
             redirect_dns: true,
             socket_mark: default_mark(),
             pin_dir: default_pin_dir(),
@@ -813,6 +826,48 @@ impl AuditConfig {
 }
 
 impl SidecarConfig {
+    /// The sidecar's own ports on loopback (transparent listener, DNS guard, a fixed admin
+    /// port): never reachable by tagged workloads.
+    pub fn own_ports(&self) -> Vec<u16> {
+        let mut own = vec![self.interceptor.transparent.port, self.dns.port];
+        if let Some(a) = self.admin.listen_addr.as_deref()
+            && let Ok(a) = a.parse::<std::net::SocketAddr>()
+            && a.port() != 0
+        {
+            own.push(a.port());
+        }
+        own
+    }
+
+    /// `allow_udp` and `allow_loopback`: well-formed, and no loopback allowance names one of
+    /// the sidecar's own ports.
+    fn validate_side_doors(&self, file: &Path) -> Result<(), ConfigError> {
+        use crate::ebpf::allow;
+        let t = &self.interceptor.transparent;
+        for (i, e) in t.allow_udp.iter().enumerate() {
+            allow::parse_udp(e).map_err(|why| {
+                ConfigError::invalid(
+                    file,
+                    &format!("sidecar.interceptor.transparent.allow_udp[{i}]"),
+                    why,
+                )
+            })?;
+        }
+        let own = self.own_ports();
+        for (i, e) in t.allow_loopback.iter().enumerate() {
+            allow::parse_loopback(e)
+                .and_then(|a| allow::check_not_sidecar(&a, &own))
+                .map_err(|why| {
+                    ConfigError::invalid(
+                        file,
+                        &format!("sidecar.interceptor.transparent.allow_loopback[{i}]"),
+                        why,
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
     /// The `[sidecar]` section of the file at `path`, validated; other sections are ignored.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         Self::parse(&firma_common::config::read(path)?, path)
@@ -913,6 +968,7 @@ impl SidecarConfig {
                 ));
             }
         }
+        self.validate_side_doors(file)?;
         self.dns.validate(file, self.interceptor.transparent.port)?;
         for (i, h) in self.connector.hosts.iter().enumerate() {
             if h.rps == Some(0) {

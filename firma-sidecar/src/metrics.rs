@@ -159,6 +159,7 @@ pub struct Metrics {
     dns_answer: [Histogram; 2],
     ebpf_redirected: Counter,
     ebpf_udp443_refused: Counter,
+    ebpf_side_doors: [Counter; 3],
     ebpf_workloads: Gauge,
 }
 
@@ -412,6 +413,26 @@ impl Metrics {
             "UDP/443 (QUIC) connects and sends of tagged workloads refused (kernel per-CPU counter)",
             ebpf_udp443_refused.clone(),
         );
+        let ebpf_side_doors: [Counter; 3] = Default::default();
+        for (name, help, c) in [
+            (
+                "ebpf_udp_refused",
+                "UDP and UDP-Lite connects and sends of tagged workloads refused, port 443 aside (closed UDP; kernel per-CPU counter)",
+                &ebpf_side_doors[0],
+            ),
+            (
+                "ebpf_loopback_refused",
+                "Loopback connects and sends of tagged workloads refused (closed loopback, the sidecar's own ports; kernel per-CPU counter)",
+                &ebpf_side_doors[1],
+            ),
+            (
+                "ebpf_egress_dropped",
+                "Packets of tagged workloads dropped at egress or sockets refused for their protocol (ICMP ping, SCTP...; kernel per-CPU counter)",
+                &ebpf_side_doors[2],
+            ),
+        ] {
+            r.register(name, help, c.clone());
+        }
         r.register(
             "ebpf_attached_workloads",
             "Workload cgroups attached (tagged) now",
@@ -456,6 +477,7 @@ impl Metrics {
             dns_answer,
             ebpf_redirected,
             ebpf_udp443_refused,
+            ebpf_side_doors,
             ebpf_workloads,
         }
     }
@@ -727,11 +749,19 @@ pub trait KernelState: Send + Sync {
     fn counters(&self) -> (u64, u64);
     /// Attached workload cgroups, and whether each has all its programs' links pinned.
     fn workloads(&self) -> Vec<bool>;
+    /// (refused UDP but 443, refused loopback, dropped at egress), summed over CPUs.
+    fn side_doors(&self) -> [u64; 3] {
+        [0; 3]
+    }
 }
 
 impl KernelState for Redirector {
     fn counters(&self) -> (u64, u64) {
         self.kernel_counters()
+    }
+
+    fn side_doors(&self) -> [u64; 3] {
+        self.side_door_counters()
     }
 
     fn workloads(&self) -> Vec<bool> {
@@ -800,6 +830,9 @@ impl AdminSource for SidecarAdmin {
             m.ebpf_udp443_refused
                 .inner()
                 .store(refused, Ordering::Relaxed);
+            for (c, v) in m.ebpf_side_doors.iter().zip(k.side_doors()) {
+                c.inner().store(v, Ordering::Relaxed);
+            }
             m.ebpf_workloads
                 .set(i64::try_from(k.workloads().len()).unwrap_or(i64::MAX));
         }

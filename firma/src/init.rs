@@ -163,9 +163,11 @@ strict_hosts = []                    # hosts where a failed interception denies 
 # Used only with mode = "transparent" (root): tagged cgroups' connects go to 127.0.0.1/[::1]:port.
 [sidecar.interceptor.transparent]
 port = 15001
-excluded_cidrs = []                  # destinations never redirected, e.g. ["10.0.0.0/8"]
+excluded_cidrs = []                  # TCP destinations never redirected, e.g. ["10.0.0.0/8"]
 excluded_ports = []
 block_quic = true                    # refuse UDP/443 so QUIC cannot bypass the sidecar
+allow_udp = []                       # UDP is closed but DNS to the guard; exceptions "ADDR:PORT"
+allow_loopback = []                  # loopback is closed; open "PORT" or "ADDR:PORT" (never the sidecar's)
 redirect_dns = true                  # tagged workloads resolve through the DNS guard ([sidecar.dns]):
                                      # names that can lead to an allowed destination, NXDOMAIN for the rest
 pin_dir = "/sys/fs/bpf/firma"        # bpffs; pins outlive the sidecar so a crash fails closed

@@ -26,6 +26,7 @@ pub use aggregate::{Denial, Kind as AggregateKind};
 pub use chain::{Sealer, read_tail};
 pub use conn_ids::next_conn_id;
 pub use event::body as event_body;
+pub use event::new_id as new_event_id;
 pub use recorder::{Committed, RequestAudit};
 pub use writer::Health;
 

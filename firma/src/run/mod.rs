@@ -60,6 +60,14 @@ pub struct Args {
     /// Permit every call to HOST (exact or *.suffix); repeat. The shipped forbids still win.
     #[arg(long = "allow-host", value_name = "HOST")]
     allow_hosts: Vec<String>,
+    /// Let CMD send UDP to ADDR:PORT ([V6]:PORT for IPv6); repeat. UDP is otherwise closed
+    /// (DNS goes to the run's DNS guard).
+    #[arg(long = "allow-udp", value_name = "ADDR:PORT")]
+    allow_udp: Vec<String>,
+    /// Let CMD reach loopback PORT (every loopback address) or ADDR:PORT, TCP and UDP, directly;
+    /// repeat. Loopback is otherwise closed; the run's own ports can never be allowed.
+    #[arg(long = "allow-loopback", value_name = "PORT|ADDR:PORT")]
+    allow_loopback: Vec<String>,
     /// Audit log file [default: <state-dir>/audit/<run>.jsonl].
     #[arg(long, value_name = "FILE")]
     audit: Option<PathBuf>,

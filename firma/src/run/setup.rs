@@ -47,10 +47,14 @@ pub fn default_state_dir() -> PathBuf {
 impl State {
     /// Opens (creating on first use) the state directory; keys and CA are generated once,
     /// under a lock so two first runs at once do not both generate them.
+    ///
+    /// Modes: the directory is 0711 (traversable, not listable; CMD, run as another user, can
+    /// read nothing in it: keys and `firma-ca/` are owner-only too), the lock file 0600 (a child that could open it could take
+    /// `LOCK_EX` and block every other `firma run` on the host), `runs/` and `audit/` 0700.
+    /// Existing files and directories are brought to these modes on every open.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        shipped::make_dir(dir, 0o755)?;
-        let lock = std::fs::File::create(dir.join(".lock"))
-            .with_context(|| format!("creating the lock file in {}", dir.display()))?;
+        shipped::make_dir(dir, 0o711)?;
+        let lock = open_lock(&dir.join(".lock"))?;
         // SAFETY: flock on a descriptor we own; released when `lock` is closed.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(std::io::Error::last_os_error())
@@ -67,7 +71,7 @@ impl State {
             );
         }
         shipped::make_dir(&this.dir.join("audit"), 0o700)?;
-        shipped::make_dir(&this.dir.join("runs"), 0o755)?;
+        shipped::make_dir(&this.dir.join("runs"), 0o700)?;
         Ok(this)
     }
 
@@ -80,6 +84,24 @@ impl State {
     pub fn ca_dir(&self) -> PathBuf {
         self.dir.join("firma-ca")
     }
+}
+
+/// Opens the state lock file: owner-only (0600, also when an older firma left it 0644), never
+/// through a symlink.
+fn open_lock(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("opening the lock file {}", path.display()))?;
+    lock.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(lock)
 }
 
 /// Names and numbers unique to one run.
@@ -220,6 +242,13 @@ fn copy_policies(from: &Path, to: &Path) -> anyhow::Result<()> {
 
 /// Flag values that are wrong whatever the machine: refused (exit 78) before anything is made.
 pub fn check_args(args: &Args) -> Result<(), String> {
+    use firma_sidecar::ebpf::allow;
+    for a in &args.allow_udp {
+        allow::parse_udp(a).map_err(|why| format!("--allow-udp: {why}"))?;
+    }
+    for a in &args.allow_loopback {
+        allow::parse_loopback(a).map_err(|why| format!("--allow-loopback: {why}"))?;
+    }
     for h in &args.allow_hosts {
         let h = h.trim();
         let bare = h.strip_prefix("*.").unwrap_or(h);
@@ -235,7 +264,7 @@ pub fn check_args(args: &Args) -> Result<(), String> {
 /// Builds the run: writes the run directory, issues the capability, assembles the config.
 pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepared> {
     let run_dir = state.dir.join("runs").join(&ids.name);
-    shipped::make_dir(&run_dir, 0o755)?;
+    shipped::make_dir(&run_dir, 0o700)?;
     let cgroup_rel = format!("/{}", ids.name);
 
     // The base: a full firma.toml given with --config, or the embedded defaults.
@@ -443,7 +472,16 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
         agent_id: args.agent_id.clone(),
         session_id: Some(ids.session_id.clone()),
     }];
+    t.allow_udp.extend(args.allow_udp.iter().cloned());
+    t.allow_loopback.extend(args.allow_loopback.iter().cloned());
     cfg.log.level = args.log_level.clone();
+    // The run's own ports (chosen above) can never be opened to CMD.
+    let own = cfg.own_ports();
+    for a in &cfg.interceptor.transparent.allow_loopback {
+        let parsed = firma_sidecar::ebpf::allow::parse_loopback(a).map_err(Refused)?;
+        firma_sidecar::ebpf::allow::check_not_sidecar(&parsed, &own)
+            .map_err(|why| Refused(format!("--allow-loopback {a}: {why}")))?;
+    }
 
     let placeholders = cfg
         .credentials
