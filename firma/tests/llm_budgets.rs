@@ -110,8 +110,9 @@ fn twenty_concurrent_calls_never_spend_more_than_the_budget_plus_one_reservation
     assert_eq!(allowed + denied.len(), 20, "{outs:?}\n{}", sc.log_text());
     for o in &denied {
         assert_eq!(o.json()["reason"], "PolicyDenied", "{o:?}");
+        let detail = o.json()["detail"].as_str().unwrap().to_string();
         assert!(
-            o.json()["detail"].as_str().unwrap().contains("budget"),
+            detail.contains("forbidden by budget") && detail.contains("session tokens_used = "),
             "{o:?}"
         );
     }

@@ -581,6 +581,10 @@ mod tests {
             ("host = \"a.com\"\npath = \"v1\"", "path"),
             ("host = \"a.com\"\npath = \"/v1/*/x\"", "path"),
             ("host = \"a.com\"\nmethod = \"G T\"", "method"),
+            (
+                "host = \"a.com\"\ninject_include_usage = true",
+                "inject_include_usage",
+            ),
         ] {
             let text = format!("[[rule]]\n{bad}\naction_class = \"x\"\n");
             let e = MappingRules::parse_file(&text, f).unwrap_err().to_string();

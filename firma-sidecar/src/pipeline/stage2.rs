@@ -264,7 +264,18 @@ pub fn evaluate_reserving(
             done.saturating_add(1),
             Some((snap.session, snap.agent)),
         );
-        if r.deny.is_some() {
+        if let Some((reason, detail)) = r.deny {
+            // The totals the budget forbids saw, for the audit.
+            let detail = format!(
+                "{detail} (session tokens_used = {}, of which reserved {}; agent tokens_used = {})",
+                snap.session.tokens_used(),
+                snap.session.reserved_tokens,
+                snap.agent.tokens_used()
+            );
+            let r = Stage2Result {
+                deny: Some((reason, detail)),
+                ..r
+            };
             return (r, None);
         }
         let counted = || {
