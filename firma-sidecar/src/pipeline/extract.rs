@@ -395,11 +395,8 @@ pub fn with_include_usage(body: &[u8]) -> Result<Vec<u8>, String> {
         out.push(b':');
         if key == "stream_options" {
             seen = true;
-            let inner = match object_members(value) {
-                Ok(m) => m,
-                // `null` or anything not an object: replaced.
-                Err(_) => Vec::new(),
-            };
+            // `null` or anything not an object: replaced.
+            let inner = object_members(value).unwrap_or_default();
             out.push(b'{');
             for (k, v) in inner.iter().filter(|(k, _)| k != "include_usage") {
                 if same_ignoring_case(k, "include_usage") {
