@@ -13,7 +13,8 @@ use firma_sidecar::pipeline::mapping::MappingRules;
 use firma_sidecar::pipeline::revocations::RevocationSet;
 use firma_sidecar::pipeline::sessions::ActionCounters;
 use firma_sidecar::pipeline::stage1::{Caller, CapabilityStore, Stage1Request};
-use firma_sidecar::pipeline::stage2::{Stage2Request, evaluate};
+use firma_sidecar::pipeline::stage2::{Stage2Request, evaluate, evaluate_reserving};
+use firma_sidecar::pipeline::usage::{UsageLedger, Want};
 use firma_sidecar::pipeline::{ConnectionInfo, Decision, InterceptKind, Outcome};
 use std::path::Path;
 use std::sync::Arc;
@@ -170,6 +171,7 @@ fn spent() -> Option<(UsageTotals, UsageTotals)> {
         input_tokens: 1200,
         output_tokens: 800,
         cost_nano_usd: 3_500_000,
+        ..UsageTotals::default()
     };
     Some((t, t))
 }
@@ -216,6 +218,53 @@ fn stage2_with_usage(c: &mut Criterion) {
             })
         });
     }
+}
+
+/// A metered chat call as the pipeline decides it now: the `llm` bundle reads the ledger's
+/// totals, and the allow takes a reservation in the same step (then released, as a response
+/// would settle it). Compare with `stage2/llm_budget_reads_usage` for the reservation's cost.
+fn stage2_reserving(c: &mut Criterion) {
+    let counters = ActionCounters::new();
+    let ledger = Arc::new(UsageLedger::open(None).expect("ledger"));
+    let policies = PolicyBundle::load_dir(&repo().join("policies/runtime/llm"))
+        .expect("bundle")
+        .compile()
+        .expect("compile");
+    let mut attrs = std::collections::BTreeMap::new();
+    attrs.insert(
+        "model".to_string(),
+        firma_common::policy::AttrValue::String("gpt-4o-mini".into()),
+    );
+    let want = Want {
+        input_tokens: 200,
+        output_tokens: 512,
+        cost_nano_usd: 340_000,
+    };
+    c.bench_function("stage2/llm_budget_reserve", |b| {
+        b.iter(|| {
+            let (r, held) = evaluate_reserving(
+                &policies,
+                &counters,
+                &Stage2Request {
+                    agent_id: "tenant-acme",
+                    session_id: "s-1",
+                    action_class: "model.inference.chat",
+                    host: "api.openai.com",
+                    path: "/v1/chat/completions",
+                    resource: "api.openai.com/v1/chat/completions",
+                    method: "POST",
+                    live_until: i64::MAX,
+                    now: now_unix(),
+                    request: Some(&attrs),
+                    usage: None,
+                },
+                &ledger,
+                want,
+            );
+            assert!(r.deny.is_none());
+            drop(black_box(held));
+        })
+    });
 }
 
 /// The whole decision of an allowed chat call: mapping + Stage 1 (session header, 1 of 1000
@@ -419,6 +468,7 @@ criterion_group!(
     stage1,
     stage2,
     stage2_with_usage,
+    stage2_reserving,
     whole_decision,
     audit,
     metrics

@@ -172,6 +172,17 @@ pub struct LlmConfig {
     /// `[[sidecar.llm.prices]]`: USD per 1,000 tokens, by the model the request named.
     #[serde(default)]
     pub prices: Vec<ModelPrice>,
+    /// Output tokens (per choice) a metered request reserves against budgets when it names no
+    /// `max_tokens` (default 32,768; see docs/llm-policies.md, "Budgets that hold").
+    pub reserve_output_tokens: Option<i64>,
+}
+
+impl LlmConfig {
+    /// `reserve_output_tokens` or its default.
+    pub fn reserve_output_tokens(&self) -> i64 {
+        self.reserve_output_tokens
+            .unwrap_or(crate::pipeline::usage::DEFAULT_RESERVE_OUTPUT_TOKENS)
+    }
 }
 
 /// One `[[sidecar.llm.prices]]` entry.
@@ -944,6 +955,13 @@ impl SidecarConfig {
                     "expected a non-empty `model` and non-negative `input_per_1k_usd` / `output_per_1k_usd`",
                 ));
             }
+        }
+        if self.llm.reserve_output_tokens.is_some_and(|v| v <= 0) {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.llm.reserve_output_tokens",
+                "expected a positive number of tokens",
+            ));
         }
         if self.mapping.extract_max_body_bytes == 0 {
             return Err(ConfigError::invalid(

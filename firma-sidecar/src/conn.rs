@@ -203,11 +203,18 @@ pub struct ConnectorOutcome {
     pub usage: Option<UsageOutcome>,
 }
 
-/// Token usage of one LLM response (audit `connector.usage`).
-#[derive(Debug, Clone, Copy, Default)]
+/// Token usage charged for one LLM response (audit `connector.usage`).
+#[derive(Debug, Clone, Default)]
 pub struct UsageOutcome {
     pub input_tokens: i64,
     pub output_tokens: i64,
     /// `None` when the model has no `[[sidecar.llm.prices]]` entry.
     pub cost_nano_usd: Option<i64>,
+    /// `reported` (the response's usage), `reservation` (its reservation, see `note`) or
+    /// `nothing` (a refused request that reported no usage).
+    pub charged: &'static str,
+    /// Tokens reserved at decision time.
+    pub reserved_tokens: i64,
+    /// Why the reservation was charged instead of the reported usage.
+    pub note: Option<String>,
 }

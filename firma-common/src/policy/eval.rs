@@ -14,29 +14,47 @@ pub enum AttrValue {
 }
 
 /// Token usage so far, for `context.session` / `context.agent`.
+///
+/// `input_tokens`, `output_tokens` and `cost_nano_usd` are settled (responses that ended);
+/// `reserved_*` is what requests still in flight may spend (their reservations). Cedar's
+/// `tokens_used` and `cost_usd` are the sums of both, so a budget written on them holds under
+/// concurrency; `tokens_reserved` / `cost_reserved_usd` show the in-flight part.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UsageTotals {
     pub input_tokens: i64,
     pub output_tokens: i64,
     /// Cost in nano-USD (shown to Cedar as a `decimal`, rounded down to 1/10,000 USD).
     pub cost_nano_usd: i64,
+    /// Tokens reserved by requests in flight.
+    pub reserved_tokens: i64,
+    /// Cost in nano-USD reserved by requests in flight.
+    pub reserved_cost_nano_usd: i64,
+}
+
+/// nano-USD as a Cedar `decimal` (rounded down to 1/10,000 USD).
+fn decimal(nano: i64) -> RestrictedExpression {
+    let c = nano / 100_000;
+    RestrictedExpression::new_decimal(format!(
+        "{}{}.{:04}",
+        if c < 0 { "-" } else { "" },
+        c.unsigned_abs() / 10_000,
+        c.unsigned_abs() % 10_000
+    ))
 }
 
 impl UsageTotals {
+    /// Settled plus reserved tokens (Cedar's `tokens_used`).
+    pub fn tokens_used(&self) -> i64 {
+        self.input_tokens
+            .saturating_add(self.output_tokens)
+            .saturating_add(self.reserved_tokens)
+    }
+
     fn record(&self) -> RestrictedExpression {
-        let c = self.cost_nano_usd / 100_000;
-        let cost = format!(
-            "{}{}.{:04}",
-            if c < 0 { "-" } else { "" },
-            c.unsigned_abs() / 10_000,
-            c.unsigned_abs() % 10_000
-        );
         RestrictedExpression::new_record([
             (
                 "tokens_used".to_string(),
-                RestrictedExpression::new_long(
-                    self.input_tokens.saturating_add(self.output_tokens),
-                ),
+                RestrictedExpression::new_long(self.tokens_used()),
             ),
             (
                 "input_tokens".to_string(),
@@ -48,7 +66,18 @@ impl UsageTotals {
             ),
             (
                 "cost_usd".to_string(),
-                RestrictedExpression::new_decimal(cost),
+                decimal(
+                    self.cost_nano_usd
+                        .saturating_add(self.reserved_cost_nano_usd),
+                ),
+            ),
+            (
+                "tokens_reserved".to_string(),
+                RestrictedExpression::new_long(self.reserved_tokens),
+            ),
+            (
+                "cost_reserved_usd".to_string(),
+                decimal(self.reserved_cost_nano_usd),
             ),
         ])
         .unwrap_or_else(|_| RestrictedExpression::new_long(0))

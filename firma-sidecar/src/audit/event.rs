@@ -368,6 +368,10 @@ struct UsageJson {
     output_tokens: i64,
     total_tokens: i64,
     cost_usd: Option<f64>,
+    charged: &'static str,
+    reserved_tokens: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
 }
 
 impl UsageJson {
@@ -377,6 +381,9 @@ impl UsageJson {
             output_tokens: u.output_tokens,
             total_tokens: u.input_tokens.saturating_add(u.output_tokens),
             cost_usd: u.cost_nano_usd.map(|n| n as f64 / 1e9),
+            charged: u.charged,
+            reserved_tokens: u.reserved_tokens,
+            note: u.note.clone(),
         }
     }
 }

@@ -378,15 +378,30 @@ async fn handle_request(
     let abort =
         |status: StatusCode, reason: &str, detail: &str| answer.abort(status, reason, detail);
     let rec = rec.target(Some(&up.host), up.port, Some(&target.path));
-    // Rules that extract body attributes for Cedar: read (bounded) and parse the body first.
+    // Rules that extract attributes for Cedar: the query string's, then (bounded) the body's.
     let spec = state
         .pipeline
         .extraction(method.as_str(), &up.host, &target.path);
+    let query_attrs = match extract::extract_query(&spec, req.uri().query()) {
+        Ok(a) => a,
+        Err(detail) => {
+            let d = Decision::deny(DenyReason::MalformedRequest, detail);
+            rec.deny(&d);
+            discard_body(req.into_body()).await;
+            return deny(&d);
+        }
+    };
+    let metered = extract::reads_body(&spec) && upgrade.is_none();
     let (mut req, attrs) = if spec.is_empty() {
         (req.map(http_body_util::BodyExt::boxed), None)
+    } else if !extract::reads_body(&spec) {
+        (req.map(http_body_util::BodyExt::boxed), Some(query_attrs))
     } else {
         match read_for_extract(req, &spec, state.pipeline.extract_limit()).await {
-            Ok((req, attrs)) => (req, Some(attrs)),
+            Ok((req, mut attrs)) => {
+                attrs.extend(query_attrs);
+                (req, Some(attrs))
+            }
             Err(detail) => {
                 let d = Decision::deny(DenyReason::MalformedRequest, detail);
                 rec.deny(&d);
@@ -395,14 +410,53 @@ async fn handle_request(
         }
     };
     let rec = rec.request_attrs(attrs.as_ref().map(extract::to_json));
-    // An LLM call (its rule extracts): its usage is read from the response, which must then
-    // arrive uncompressed (see docs/llm-policies.md).
-    let llm_model = attrs.as_ref().map(|a| match a.get("model") {
-        Some(extract::AttrValue::String(m)) => Some(m.clone()),
-        _ => None,
-    });
-    if llm_model.is_some() {
+    // A metered LLM call (its rule extracts from the body): its usage is read from the
+    // response, which must then arrive uncompressed, and it reserves against the budgets
+    // (see docs/llm-policies.md).
+    let llm_model = attrs
+        .as_ref()
+        .filter(|_| metered)
+        .map(|a| match a.get("model") {
+            Some(extract::AttrValue::String(m)) => Some(m.clone()),
+            _ => None,
+        });
+    let mut want = None;
+    if let (Some(model), Some(a)) = (&llm_model, &attrs) {
         req.headers_mut().remove(http::header::ACCEPT_ENCODING);
+        let streams = matches!(a.get("stream"), Some(extract::AttrValue::Bool(true)));
+        if streams
+            && state
+                .pipeline
+                .injects_include_usage(method.as_str(), &up.host, &target.path)
+        {
+            req = match include_usage(req).await {
+                Ok(r) => r,
+                Err(detail) => {
+                    let d = Decision::deny(DenyReason::MalformedRequest, detail);
+                    rec.deny(&d);
+                    return deny(&d);
+                }
+            };
+        }
+        use hyper::body::Body as _;
+        let body_len = req
+            .body()
+            .size_hint()
+            .exact()
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(state.pipeline.extract_limit());
+        let mut w =
+            crate::pipeline::usage::want_for(a, body_len, state.pipeline.reserve_output_tokens());
+        if let Some(price) = model.as_deref().and_then(|m| state.connector.price(m)) {
+            w.cost_nano_usd = crate::connector::usage::cost_nano_usd(
+                price,
+                crate::connector::usage::Tokens {
+                    input: w.input_tokens,
+                    output: w.output_tokens,
+                },
+            );
+        }
+        want = Some(w);
     }
     let ctx = RequestContext {
         conn: conn.clone(),
@@ -414,9 +468,10 @@ async fn handle_request(
         tls: matches!(mode, HttpMode::Bound { tls: true, .. }),
         request: attrs,
     };
-    let mut decision = state.pipeline.decide(&ctx).await;
+    let (mut decision, reservation) = state.pipeline.decide_reserving(&ctx, want).await;
     // A placeholder credential that would leave is denied whatever the policy said: the audit
-    // must show that the agent sends its key somewhere else.
+    // must show that the agent sends its key somewhere else. (A reservation taken for it is
+    // released when it drops.)
     if let Some(detail) = state
         .connector
         .placeholder_leak(up, req.uri(), req.headers())
@@ -490,7 +545,7 @@ async fn handle_request(
     }
     match state.connector.send(prepared).await {
         Ok((resp, outcome)) => match llm_model {
-            Some(model) => track_usage(state, resp, outcome, committed, &decision, model),
+            Some(model) => track_usage(state, resp, outcome, committed, model, reservation),
             None => {
                 committed.finish(outcome);
                 resp
@@ -532,60 +587,127 @@ impl Answer {
     }
 }
 
-/// Streams an LLM response through a [`UsageTap`]; when it ends, its tokens (and cost) go to
-/// the session's and agent's totals and into the request's `outcome` event, which is written
-/// then rather than at the response head.
+/// Streams an LLM response through a [`UsageTap`]; when it ends, its reservation is settled
+/// with what it used (tokens and cost to the session's and agent's totals) and the request's
+/// `outcome` event, written then rather than at the response head, says what was charged.
+///
+/// What is charged (docs/llm-policies.md, "Budgets that hold"): the usage the response
+/// reported; the reservation when it reported none on a 2xx, reported something refused
+/// (negative, absurd), or did not complete (the client left, the upstream broke off: the larger
+/// of what was seen and the reservation); nothing for a complete non-2xx answer without usage
+/// (providers do not bill refused requests).
 fn track_usage(
     state: &SidecarState,
     resp: Response<RespBody>,
     outcome: crate::conn::ConnectorOutcome,
     mut committed: crate::audit::Committed,
-    decision: &Decision,
     model: Option<String>,
+    reservation: Option<crate::pipeline::usage::Reservation>,
 ) -> Response<RespBody> {
-    use crate::connector::usage::{Done, UsageParser, UsageTap};
+    use crate::connector::usage::{Done, Tokens, UsageParser, UsageTap};
     use http_body_util::BodyExt;
     let parser = UsageParser::for_response(resp.headers());
+    let success = resp.status().is_success();
     *committed.outcome_mut() = outcome;
-    let who = decision
-        .capability
-        .as_ref()
-        .map(|c| (c.session_id.clone(), c.agent_id.clone()));
-    let pipeline = state.pipeline.clone();
     let price = model.as_deref().and_then(|m| state.connector.price(m));
     // Priced models are configured (bounded); any other name the client sent is `other`.
     let model_label = match (&model, price) {
         (Some(m), Some(_)) => m.clone(),
         _ => "other".to_string(),
     };
-    let done: Done = Box::new(move |tokens, complete| {
+    let done: Done = Box::new(move |reported, complete| {
         let mut outcome = committed.outcome_mut().clone();
-        if let Some(t) = tokens {
-            let cost = price.map(|p| crate::connector::usage::cost_nano_usd(p, t));
-            crate::metrics::llm_usage(model_label, t.input, t.output, cost);
-            if let Some((session, agent)) = &who {
-                pipeline.usage().add(
-                    session,
-                    agent,
-                    &crate::pipeline::usage::Usage {
-                        input_tokens: t.input,
-                        output_tokens: t.output,
-                        cost_nano_usd: cost.unwrap_or(0),
-                    },
-                );
+        let want = reservation.as_ref().map(|r| r.want()).unwrap_or_default();
+        let reserved = Tokens {
+            input: want.input_tokens,
+            output: want.output_tokens,
+        };
+        let (charged, how, note) = match (&reported.tokens, &reported.rejected) {
+            (_, Some(why)) => {
+                tracing::warn!(target: "firma_sidecar::llm", model = %model_label, "{why}; charging the reservation");
+                (
+                    Some(reserved),
+                    "reservation",
+                    Some(format!("{why}; the reservation is charged")),
+                )
             }
-            outcome.usage = Some(crate::conn::UsageOutcome {
-                input_tokens: t.input,
-                output_tokens: t.output,
-                cost_nano_usd: cost,
-            });
+            (Some(t), None) if complete => (Some(*t), "reported", None),
+            (Some(t), None) => (
+                Some(Tokens {
+                    input: t.input.max(reserved.input),
+                    output: t.output.max(reserved.output),
+                }),
+                "reservation",
+                Some("the response did not complete; the larger of what it reported and the reservation is charged".to_string()),
+            ),
+            (None, None) if !complete => (
+                Some(reserved),
+                "reservation",
+                Some("the response did not complete before its usage; the reservation is charged".to_string()),
+            ),
+            (None, None) if success => (
+                Some(reserved),
+                "reservation",
+                Some("the response reported no usage; the reservation is charged".to_string()),
+            ),
+            (None, None) => (None, "nothing", None),
+        };
+        let cost = match (charged, price) {
+            (Some(t), Some(p)) => Some(crate::connector::usage::cost_nano_usd(p, t)),
+            _ => None,
+        };
+        if let Some(t) = charged {
+            crate::metrics::llm_usage(model_label, t.input, t.output, cost);
         }
+        let usage = crate::pipeline::usage::Usage {
+            input_tokens: charged.map_or(0, |t| t.input),
+            output_tokens: charged.map_or(0, |t| t.output),
+            cost_nano_usd: cost.unwrap_or(0),
+        };
+        if let Some(r) = reservation {
+            r.settle(&usage);
+        }
+        outcome.usage = Some(crate::conn::UsageOutcome {
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+            cost_nano_usd: cost,
+            charged: how,
+            reserved_tokens: want.tokens(),
+            note,
+        });
         if !complete && outcome.aborted.is_none() {
             outcome.aborted = Some("ResponseIncomplete".into());
         }
         committed.finish(outcome);
     });
     resp.map(|b| UsageTap::new(b, parser, done).boxed())
+}
+
+/// Sets `stream_options.include_usage: true` in a streamed request's JSON body so that its
+/// usage can be counted (OpenAI chat streams carry it only then). The top-level members are
+/// re-emitted in their order with their values byte for byte, except `stream_options`, whose
+/// own members are kept the same way with `include_usage` set; `Content-Length` follows.
+async fn include_usage(
+    req: Request<crate::connector::dial::ReqBody>,
+) -> Result<Request<crate::connector::dial::ReqBody>, String> {
+    use http_body_util::{BodyExt, Full};
+    let (mut parts, body) = req.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| format!("reading the request body: {e}"))?
+        .to_bytes();
+    let out = extract::with_include_usage(&bytes)?;
+    if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+        parts.headers.insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from(out.len()),
+        );
+    }
+    let body = Full::new(bytes::Bytes::from(out))
+        .map_err(|never| match never {})
+        .boxed();
+    Ok(Request::from_parts(parts, body))
 }
 
 /// Status, reason and detail of an abort after an allow.

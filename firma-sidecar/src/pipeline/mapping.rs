@@ -81,6 +81,9 @@ struct RawRule {
     /// Request attributes from the JSON body (see [`super::extract`]).
     #[serde(default)]
     extract: Option<std::collections::BTreeMap<String, super::extract::RawPointers>>,
+    /// Streamed requests get `stream_options.include_usage: true` (OpenAI chat/completions).
+    #[serde(default)]
+    inject_include_usage: bool,
 }
 
 fn star() -> String {
@@ -112,6 +115,8 @@ pub struct Rule {
     pub action_class: String,
     /// Attributes to read from the JSON body before the decision (empty: the body streams).
     pub extract: Vec<super::extract::Extract>,
+    /// Set `stream_options.include_usage` in streamed requests (see `docs/llm-policies.md`).
+    pub inject_include_usage: bool,
     /// Where the rule came from, for diagnostics.
     pub file: PathBuf,
     pub index: usize,
@@ -169,6 +174,8 @@ pub struct Mapped<'a> {
     pub action_class: &'a str,
     /// What the rule extracts from the body.
     pub extract: &'a [super::extract::Extract],
+    /// The rule's `inject_include_usage`.
+    pub inject_include_usage: bool,
     /// `file:rule[i]` of the winning rule.
     pub rule: (&'a Path, usize),
 }
@@ -280,6 +287,11 @@ impl MappingRules {
                 if r.action_class.trim().is_empty() {
                     return Err(err("action_class: expected a non-empty action class".into()));
                 }
+                if r.inject_include_usage && r.extract.is_none() {
+                    return Err(err(
+                        "inject_include_usage: the rule must also `extract` (its body is read, then rewritten)".into(),
+                    ));
+                }
                 Ok(Rule {
                     method: parse_method(&r.method).map_err(err)?,
                     host: parse_host(&r.host).map_err(err)?,
@@ -289,6 +301,7 @@ impl MappingRules {
                         Some(x) => super::extract::parse_spec(x).map_err(err)?,
                         None => Vec::new(),
                     },
+                    inject_include_usage: r.inject_include_usage,
                     file: file.to_path_buf(),
                     index,
                 })
@@ -370,6 +383,7 @@ impl MappingRules {
         exact.chain(wild).find(|r| pred(r)).map(|r| Mapped {
             action_class: &r.action_class,
             extract: &r.extract,
+            inject_include_usage: r.inject_include_usage,
             rule: (&r.file, r.index),
         })
     }
@@ -567,6 +581,10 @@ mod tests {
             ("host = \"a.com\"\npath = \"v1\"", "path"),
             ("host = \"a.com\"\npath = \"/v1/*/x\"", "path"),
             ("host = \"a.com\"\nmethod = \"G T\"", "method"),
+            (
+                "host = \"a.com\"\ninject_include_usage = true",
+                "inject_include_usage",
+            ),
         ] {
             let text = format!("[[rule]]\n{bad}\naction_class = \"x\"\n");
             let e = MappingRules::parse_file(&text, f).unwrap_err().to_string();

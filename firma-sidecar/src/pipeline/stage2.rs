@@ -11,6 +11,7 @@
 
 use super::mapping::{MappingError, MappingRules};
 use super::sessions::{ActionCounters, count_and_decide};
+use super::usage::{Reservation, UsageLedger, Want};
 use crate::conn::DenyReason;
 use firma_common::policy::{CompiledPolicies, EvalRequest, PolicyBundle, PolicyError, UsageTotals};
 use std::sync::{Arc, RwLock};
@@ -227,65 +228,135 @@ pub fn evaluate(
     counters: &ActionCounters,
     req: &Stage2Request<'_>,
 ) -> Stage2Result {
-    let resource_id = req.resource;
-    let counter = match counters.counter(req.session_id, req.action_class, req.live_until, req.now)
-    {
+    let counter = match counter_of(counters, req) {
         Ok(c) => c,
-        Err(full) => {
+        Err(denied) => return denied,
+    };
+    count_and_decide(
+        &counter,
+        |n| eval_once(policies, req, n, req.usage),
+        |r| r.deny.is_none(),
+    )
+}
+
+/// [`evaluate`] for a metered request: the policies see the ledger's totals (reservations in
+/// flight included) and, on allow, the call is counted and `want` reserved in one step with
+/// what was evaluated; a concurrent change in between makes it evaluate again (see
+/// [`super::usage`]). `req.usage` is ignored.
+pub fn evaluate_reserving(
+    policies: &CompiledPolicies,
+    counters: &ActionCounters,
+    req: &Stage2Request<'_>,
+    ledger: &Arc<UsageLedger>,
+    want: Want,
+) -> (Stage2Result, Option<Reservation>) {
+    use std::sync::atomic::Ordering;
+    let counter = match counter_of(counters, req) {
+        Ok(c) => c,
+        Err(denied) => return (denied, None),
+    };
+    loop {
+        let snap = ledger.snapshot(req.session_id, req.agent_id);
+        let done = counter.load(Ordering::Acquire);
+        let r = eval_once(
+            policies,
+            req,
+            done.saturating_add(1),
+            Some((snap.session, snap.agent)),
+        );
+        if let Some((reason, detail)) = r.deny {
+            // The totals the budget forbids saw, for the audit.
+            let detail = format!(
+                "{detail} (session tokens_used = {}, of which reserved {}; agent tokens_used = {})",
+                snap.session.tokens_used(),
+                snap.session.reserved_tokens,
+                snap.agent.tokens_used()
+            );
+            let r = Stage2Result {
+                deny: Some((reason, detail)),
+                ..r
+            };
+            return (r, None);
+        }
+        let counted = || {
+            counter
+                .compare_exchange(
+                    done,
+                    done.saturating_add(1),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+        };
+        if let Some(held) = ledger.reserve_if(&snap, req.session_id, req.agent_id, want, counted) {
+            return (r, Some(held));
+        }
+    }
+}
+
+fn counter_of(
+    counters: &ActionCounters,
+    req: &Stage2Request<'_>,
+) -> Result<Arc<std::sync::atomic::AtomicI64>, Stage2Result> {
+    counters
+        .counter(req.session_id, req.action_class, req.live_until, req.now)
+        .map_err(|full| {
             // Fail closed: without a counter `action_count` limits could not hold.
-            return Stage2Result {
+            Stage2Result {
                 deny: Some((
                     DenyReason::PolicyDenied,
                     format!(
-                        "{} on {resource_id}: session {:?} cannot be counted: {full}",
-                        req.action_class, req.session_id
+                        "{} on {}: session {:?} cannot be counted: {full}",
+                        req.action_class, req.resource, req.session_id
                     ),
                 )),
                 matched_policies: Vec::new(),
                 action_count: 0,
-            };
-        }
-    };
-    count_and_decide(
-        &counter,
-        |n| {
-            let r = policies.evaluate(&EvalRequest {
-                agent_id: req.agent_id,
-                action: req.action_class,
-                resource_id,
-                host: Some(req.host),
-                path: Some(req.path),
-                action_count: n,
-                session_id: req.session_id,
-                method: req.method,
-                request: req.request,
-                usage: req.usage,
-            });
-            let deny = (!r.allowed).then(|| {
-                let why = if r.determining_policies.is_empty() {
-                    "no policy permits it".to_string()
-                } else {
-                    format!("forbidden by {}", r.determining_policies.join(", "))
-                };
-                let errs = if r.errors.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (errors: {})", r.errors.join("; "))
-                };
-                (
-                    DenyReason::PolicyDenied,
-                    format!(
-                        "{} on {resource_id} (action_count = {n}): {why}{errs}",
-                        req.action_class
-                    ),
-                )
-            });
-            Stage2Result {
-                deny,
-                matched_policies: r.determining_policies,
-                action_count: n,
             }
-        },
-        |r| r.deny.is_none(),
-    )
+        })
+}
+
+fn eval_once(
+    policies: &CompiledPolicies,
+    req: &Stage2Request<'_>,
+    n: i64,
+    usage: Option<(UsageTotals, UsageTotals)>,
+) -> Stage2Result {
+    let resource_id = req.resource;
+    let r = policies.evaluate(&EvalRequest {
+        agent_id: req.agent_id,
+        action: req.action_class,
+        resource_id,
+        host: Some(req.host),
+        path: Some(req.path),
+        action_count: n,
+        session_id: req.session_id,
+        method: req.method,
+        request: req.request,
+        usage,
+    });
+    let deny = (!r.allowed).then(|| {
+        let why = if r.determining_policies.is_empty() {
+            "no policy permits it".to_string()
+        } else {
+            format!("forbidden by {}", r.determining_policies.join(", "))
+        };
+        let errs = if r.errors.is_empty() {
+            String::new()
+        } else {
+            format!(" (errors: {})", r.errors.join("; "))
+        };
+        (
+            DenyReason::PolicyDenied,
+            format!(
+                "{} on {resource_id} (action_count = {n}): {why}{errs}",
+                req.action_class
+            ),
+        )
+    });
+    Stage2Result {
+        deny,
+        matched_policies: r.determining_policies,
+        action_count: n,
+    }
 }

@@ -211,3 +211,26 @@ fn credential_strip_lists_and_error_format_are_validated() {
         );
     }
 }
+
+#[test]
+fn llm_reserve_output_tokens_default_and_errors() {
+    let text = include_str!("../../../policies/firma.toml");
+    let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();
+    assert_eq!(c.sidecar().unwrap().llm.reserve_output_tokens(), 32768);
+    let without = text.replace("reserve_output_tokens = 32768\n", "");
+    let c = FirmaConfig::parse(&without, Path::new("f.toml")).unwrap();
+    assert_eq!(c.sidecar().unwrap().llm.reserve_output_tokens(), 32768);
+    for bad in ["0", "-5"] {
+        let t = text.replace(
+            "reserve_output_tokens = 32768",
+            &format!("reserve_output_tokens = {bad}"),
+        );
+        let e = FirmaConfig::parse(&t, Path::new("/etc/firma.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sidecar.llm.reserve_output_tokens") && e.contains("/etc/firma.toml"),
+            "{bad}: {e}"
+        );
+    }
+}
