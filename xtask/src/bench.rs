@@ -3,7 +3,8 @@
 //! and Go `hey`) direct, through the sidecar, and through Envoy and mitmproxy (installed by the
 //! harness into a venv under `target/bench/peers`; `hey` and `nginx-light` with apt-get as
 //! root) in one run, repeated and interleaved. Results: `target/bench/e2e.json` (every run and
-//! the medians), and the table of medians on stdout.
+//! the medians), and the table of medians on stdout. Then the many-tenants scenario
+//! (`firma-bench tenants`, `target/bench/tenants.json`), which `--scenario tenants` runs alone.
 
 use crate::exec;
 use std::path::Path;
@@ -15,19 +16,32 @@ pub struct BenchArgs {
     /// Do not run `cargo bench -p firma-sidecar --bench decision`.
     #[arg(long)]
     pub skip_criterion: bool,
+    /// Run only this scenario (and only its criterion benches); the trailing arguments then go
+    /// to its `firma-bench` subcommand.
+    #[arg(long, value_enum)]
+    pub scenario: Option<Scenario>,
     /// Passed to `firma-bench run` (e.g. `--duration-secs 2 --repetitions 2 --upstream builtin`).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
 }
 
+/// A scenario that can run alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// The shipped bundle vs the shipped bundle + 10,000 tenant policies (`firma-bench
+    /// tenants`), with the criterion benches of the 10,000-tenant decision and compile.
+    Tenants,
+}
+
 pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let root = &root.canonicalize()?;
     if !args.skip_criterion {
-        exec(
-            Command::new("cargo")
-                .args(["bench", "-p", "firma-sidecar", "--bench", "decision"])
-                .current_dir(root),
-        )?;
+        let mut cmd = Command::new("cargo");
+        cmd.args(["bench", "-p", "firma-sidecar", "--bench", "decision"]);
+        if args.scenario == Some(Scenario::Tenants) {
+            cmd.args(["--", "10k_tenants"]);
+        }
+        exec(cmd.current_dir(root))?;
     }
     // One release build of both binaries: the figures are meaningless for a debug `firma`, and
     // a debug load client would measure itself.
@@ -39,6 +53,9 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
+    if args.scenario == Some(Scenario::Tenants) {
+        return tenants(root, &target, &args.args);
+    }
     // The peers, hey and nginx are installed first, with the host's network (the run itself
     // has none).
     exec(
@@ -47,27 +64,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             .arg("--dir")
             .arg(target.join("bench/peers")),
     )?;
-    // A private network namespace of its own (loopback only) when root can make one, so no
-    // other traffic on the host shares the figures' sockets; otherwise host loopback.
-    let netns = nix_is_root()
-        && Command::new("unshare")
-            .args(["--net", "true"])
-            .status()
-            .is_ok_and(|s| s.success());
-    let mut cmd = if netns {
-        let mut c = Command::new("unshare");
-        c.args([
-            "--net",
-            "sh",
-            "-c",
-            "ip link set lo up && exec \"$0\" \"$@\"",
-        ])
-        .arg(target.join("release/firma-bench"));
-        c
-    } else {
-        eprintln!("bench: not root or no unshare: running on the host's loopback");
-        Command::new(target.join("release/firma-bench"))
-    };
+    let mut cmd = harness(&target);
     exec(
         cmd.arg("run")
             .arg("--firma")
@@ -81,7 +78,47 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             .arg(target.join("bench/peers"))
             .args(&args.args)
             .current_dir(root),
+    )?;
+    tenants(root, &target, &[])
+}
+
+/// `firma-bench tenants` (the many-tenants scenario) with `extra` arguments.
+fn tenants(root: &Path, target: &Path, extra: &[String]) -> anyhow::Result<()> {
+    exec(
+        harness(target)
+            .arg("tenants")
+            .arg("--firma")
+            .arg(target.join("release/firma"))
+            .arg("--out")
+            .arg(target.join("bench/tenants.json"))
+            .args(extra)
+            .current_dir(root),
     )
+}
+
+/// `firma-bench`, in a private network namespace of its own (loopback only) when root can
+/// make one, so no other traffic on the host shares the figures' sockets; otherwise on the
+/// host's loopback.
+fn harness(target: &Path) -> Command {
+    let netns = nix_is_root()
+        && Command::new("unshare")
+            .args(["--net", "true"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if netns {
+        let mut c = Command::new("unshare");
+        c.args([
+            "--net",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$0\" \"$@\"",
+        ])
+        .arg(target.join("release/firma-bench"));
+        c
+    } else {
+        eprintln!("bench: not root or no unshare: running on the host's loopback");
+        Command::new(target.join("release/firma-bench"))
+    }
 }
 
 fn nix_is_root() -> bool {
