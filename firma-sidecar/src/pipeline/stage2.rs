@@ -140,13 +140,14 @@ impl PolicyStore {
                 .as_ref()
                 .is_none_or(|i| i.policies.version() != policies.version());
             let replaced = cur.replace(Installed {
-                policies,
+                policies: policies.clone(),
                 refreshed,
             });
             (changed, replaced)
         };
         self.installed.send_modify(|n| *n += 1);
-        if let Some(old) = replaced {
+        // An unchanged bundle was re-installed as the same `Arc`: nothing to free.
+        if let Some(old) = replaced.filter(|old| !Arc::ptr_eq(&old.policies, &policies)) {
             retire(old.policies);
         }
         Ok(changed)
