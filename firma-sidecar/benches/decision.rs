@@ -1,5 +1,6 @@
-//! Hot-path costs: mapping lookup, Stage 1 lookup, Stage 2 Cedar evaluation, audit signing, and
-//! the per-request metric hooks (off, then on).
+//! Hot-path costs: mapping lookup, Stage 1 lookup, Stage 2 Cedar evaluation, the whole decision
+//! (also with 10,000 tenant policies, and compiling that bundle), audit signing, and the
+//! per-request metric hooks (off, then on).
 //! `cargo bench -p firma-sidecar`. The seeds' budgets: Stage 1 < 1 ms, Stage 2 < 200 µs.
 
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
@@ -270,6 +271,57 @@ fn stage2_reserving(c: &mut Criterion) {
 /// The whole decision of an allowed chat call: mapping + Stage 1 (session header, 1 of 1000
 /// capabilities) + Stage 2 (genai-app, usage passed).
 fn whole_decision(c: &mut Criterion) {
+    let policies = PolicyBundle::load_dir(&repo().join("policies/runtime/genai-app"))
+        .expect("bundle")
+        .compile()
+        .expect("compile");
+    decision_with(c, "decision/mapping_stage1_stage2_allow", &policies);
+}
+
+/// The shipped genai-app bundle plus `n` tenants onboarded as the seed guide does it, one
+/// `permit (principal == Firma::Agent::"tenant-N", …)` each on `model.inference.chat`; the
+/// last tenant is `tenant-acme`, the agent of the benchmarks' capability.
+fn tenants_bundle(n: usize) -> PolicyBundle {
+    let mut bundle =
+        PolicyBundle::load_dir(&repo().join("policies/runtime/genai-app")).expect("bundle");
+    let mut text = String::with_capacity(n * 200);
+    for i in 0..n {
+        let agent = if i + 1 == n {
+            "tenant-acme".to_string()
+        } else {
+            format!("tenant-{i}")
+        };
+        text.push_str(&format!(
+            "permit (principal == Firma::Agent::\"{agent}\", action == Firma::Action::\"model.inference.chat\", resource)\n  when {{ resource has \"host\" && resource.host == \"api.openai.com\" }};\n"
+        ));
+    }
+    bundle.files.push(firma_common::policy::PolicyFile {
+        name: "tenants.cedar".into(),
+        content: text,
+    });
+    PolicyBundle::new(bundle.files, bundle.schema)
+}
+
+/// Many tenants (docs/policy-partitions.md): the whole decision of `tenant-acme`'s allowed
+/// chat call with 10,000 tenant policies installed (target <= 10 us), and compiling that bundle,
+/// what a reload costs (target <= 1 s).
+fn many_tenants(c: &mut Criterion) {
+    let bundle = tenants_bundle(10_000);
+    let policies = bundle.compile().expect("compile");
+    decision_with(
+        c,
+        "decision/mapping_stage1_stage2_allow_10k_tenants",
+        &policies,
+    );
+    let mut g = c.benchmark_group("policy");
+    g.sample_size(10);
+    g.bench_function("compile_genai_app_10k_tenants", |b| {
+        b.iter(|| bundle.compile().expect("compile"))
+    });
+    g.finish();
+}
+
+fn decision_with(c: &mut Criterion, name: &str, policies: &firma_common::policy::CompiledPolicies) {
     let rules = MappingRules::load(&[repo().join("policies/mapping-rules.toml")]).expect("rules");
     let key = SigningKey::generate(&mut rand::rngs::OsRng);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -289,53 +341,50 @@ fn whole_decision(c: &mut Criterion) {
     std::fs::write(&p, toml::to_string(&seed).expect("toml")).expect("write");
     let mut store = CapabilityStore::new(key.verifying_key(), 5, Arc::new(RevocationSet::new()));
     store.load_seeds(&[p], now).expect("seeds");
-    let policies = PolicyBundle::load_dir(&repo().join("policies/runtime/genai-app"))
-        .expect("bundle")
-        .compile()
-        .expect("compile");
     let counters = ActionCounters::new();
     let mut headers = http::HeaderMap::new();
     headers.insert("x-firma-session", "s-1".parse().expect("hv"));
-    c.bench_function("decision/mapping_stage1_stage2_allow", |b| {
-        b.iter(|| {
-            let class = rules
-                .classify(
-                    black_box("POST"),
-                    black_box("api.openai.com"),
-                    black_box("/v1/chat/completions"),
-                )
-                .map(|m| m.action_class.to_owned())
-                .expect("mapped");
-            let cleared = store
-                .check(&Stage1Request {
-                    caller: Caller::Connection(1),
-                    headers: &headers,
-                    workload: None,
-                    action_class: &class,
-                    resource: "api.openai.com/v1/chat/completions",
-                    now,
-                })
-                .map_err(|d| d.detail)
-                .expect("stage 1");
-            evaluate(
-                &policies,
-                &counters,
-                &Stage2Request {
-                    agent_id: &cleared.cap.claims.agent_id,
-                    session_id: &cleared.cap.claims.session_id,
-                    action_class: &class,
-                    host: "api.openai.com",
-                    path: "/v1/chat/completions",
-                    resource: "api.openai.com/v1/chat/completions",
-                    method: "POST",
-                    live_until: cleared.live_until,
-                    now,
-                    request: None,
-                    usage: spent(),
-                },
+    let decide = || {
+        let class = rules
+            .classify(
+                black_box("POST"),
+                black_box("api.openai.com"),
+                black_box("/v1/chat/completions"),
             )
-        })
-    });
+            .map(|m| m.action_class.to_owned())
+            .expect("mapped");
+        let cleared = store
+            .check(&Stage1Request {
+                caller: Caller::Connection(1),
+                headers: &headers,
+                workload: None,
+                action_class: &class,
+                resource: "api.openai.com/v1/chat/completions",
+                now,
+            })
+            .map_err(|d| d.detail)
+            .expect("stage 1");
+        evaluate(
+            policies,
+            &counters,
+            &Stage2Request {
+                agent_id: &cleared.cap.claims.agent_id,
+                session_id: &cleared.cap.claims.session_id,
+                action_class: &class,
+                host: "api.openai.com",
+                path: "/v1/chat/completions",
+                resource: "api.openai.com/v1/chat/completions",
+                method: "POST",
+                live_until: cleared.live_until,
+                now,
+                request: None,
+                usage: spent(),
+            },
+        )
+    };
+    let allowed = decide();
+    assert!(allowed.deny.is_none(), "{name}: {allowed:?}");
+    c.bench_function(name, |b| b.iter(decide));
 }
 
 fn audit(c: &mut Criterion) {
@@ -470,6 +519,7 @@ criterion_group!(
     stage2_with_usage,
     stage2_reserving,
     whole_decision,
+    many_tenants,
     audit,
     metrics
 );

@@ -1,7 +1,5 @@
 use super::compile::CompiledPolicies;
-use cedar_policy::{
-    Context, Decision, Entities, Entity, EntityId, EntityUid, Request, RestrictedExpression,
-};
+use cedar_policy::{Context, Entities, Entity, EntityId, EntityUid, Request, RestrictedExpression};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -124,7 +122,7 @@ pub struct EvalResult {
 }
 
 impl EvalResult {
-    fn error(msg: String) -> Self {
+    pub(super) fn error(msg: String) -> Self {
         Self {
             allowed: false,
             determining_policies: Vec::new(),
@@ -176,34 +174,29 @@ impl CompiledPolicies {
         if let Some(why) = &action.invalid {
             return EvalResult::error(why.clone());
         }
-        match self.build(req, &action.uid, action.reads_usage) {
+        let principal =
+            EntityUid::from_type_name_and_id(self.agent_type.clone(), EntityId::new(req.agent_id));
+        let parts = action.partitions(&principal);
+        let with_usage = parts.clone().any(|p| p.reads_usage);
+        match self.build(req, principal, &action.uid, with_usage) {
             Ok((request, entities)) => {
-                let resp = self
-                    .authorizer
-                    .is_authorized(&request, &action.policies, &entities);
-                let mut determining: Vec<String> =
-                    resp.diagnostics().reason().map(|p| p.to_string()).collect();
-                determining.sort();
-                EvalResult {
-                    allowed: resp.decision() == Decision::Allow,
-                    determining_policies: determining,
-                    errors: resp.diagnostics().errors().map(|e| e.to_string()).collect(),
-                }
+                super::partition::authorize(&self.authorizer, &request, &entities, parts)
             }
             Err(msg) => EvalResult::error(msg),
         }
     }
 
-    fn build(
+    /// The Cedar request and entity store for `req`.
+    pub(super) fn build(
         &self,
         req: &EvalRequest<'_>,
+        principal: EntityUid,
         action: &EntityUid,
         with_usage: bool,
     ) -> Result<(Request, Arc<Entities>), String> {
         let uid = |ty: &cedar_policy::EntityTypeName, id: &str| {
             EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
         };
-        let principal = uid(&self.agent_type, req.agent_id);
         let action = action.clone();
         let resource = uid(&self.resource_type, req.resource_id);
         // `\0` cannot occur in a host or path that reached Cedar, so the key is unambiguous.

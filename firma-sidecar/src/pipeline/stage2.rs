@@ -132,7 +132,7 @@ impl PolicyStore {
                 Arc::new(compiled)
             }
         };
-        let changed = {
+        let (changed, replaced) = {
             let mut cur = match self.current.write() {
                 Ok(c) => c,
                 Err(p) => p.into_inner(),
@@ -140,13 +140,17 @@ impl PolicyStore {
             let changed = cur
                 .as_ref()
                 .is_none_or(|i| i.policies.version() != policies.version());
-            *cur = Some(Installed {
-                policies,
+            let replaced = cur.replace(Installed {
+                policies: policies.clone(),
                 refreshed,
             });
-            changed
+            (changed, replaced)
         };
         self.installed.send_modify(|n| *n += 1);
+        // An unchanged bundle was re-installed as the same `Arc`: nothing to free.
+        if let Some(old) = replaced.filter(|old| !Arc::ptr_eq(&old.policies, &policies)) {
+            retire(old.policies);
+        }
         Ok(changed)
     }
 
@@ -214,6 +218,24 @@ impl PolicyStore {
                     Ok(i.policies.clone())
                 }
             }
+        }
+    }
+}
+
+/// Frees a replaced bundle on the installing thread. Freeing 10,000 compiled policies takes
+/// milliseconds, which must not land on whichever request happens to drop the last reference;
+/// a request holds it only for its synchronous decision, so it is released within
+/// microseconds (the wait is bounded all the same).
+fn retire(mut old: Arc<CompiledPolicies>) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match Arc::try_unwrap(old) {
+            Ok(policies) => return drop(policies),
+            Err(shared) if Instant::now() < deadline => {
+                old = shared;
+                std::thread::yield_now();
+            }
+            Err(_) => return,
         }
     }
 }
