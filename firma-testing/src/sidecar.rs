@@ -101,6 +101,8 @@ pub struct Settings {
     pub mode: Mode,
     pub intercept_hosts: Vec<String>,
     pub strict_hosts: Vec<String>,
+    /// `fallback_hosts`: the opt-in MITM-to-tunnel fallback (default none).
+    pub fallback_hosts: Vec<String>,
     pub mitm: bool,
     pub default_protected: bool,
     pub drain_timeout_secs: u64,
@@ -134,6 +136,7 @@ impl Default for Settings {
             mode: Mode::HttpProxy,
             intercept_hosts: hosts.clone(),
             strict_hosts: vec!["api.acme-vendor.com".into()],
+            fallback_hosts: Vec::new(),
             mitm: true,
             default_protected: true,
             drain_timeout_secs: 5,
@@ -222,6 +225,7 @@ impl Deployment {
             enabled: s.mitm,
             intercept_hosts: s.intercept_hosts.clone(),
             strict_hosts: Some(s.strict_hosts.clone()),
+            fallback_hosts: s.fallback_hosts.clone(),
         });
         t.default_protected = s.default_protected;
         t.audit = Some(AuditFile {

@@ -43,6 +43,7 @@ use time::format_description::well_known::Rfc3339;
 pub struct IntentExtra<'a> {
     pub dns: Option<&'a Map<String, Value>>,
     pub request: Option<&'a Value>,
+    pub destination: Option<&'a Value>,
 }
 
 /// A fresh event id.
@@ -282,6 +283,7 @@ impl<'a> Envelope<'a> {
                 passthrough,
                 dns: extra.dns,
                 request: extra.request,
+                destination: extra.destination,
             },
         }
     }
@@ -301,6 +303,8 @@ struct Intent<'a> {
     dns: Option<&'a Map<String, Value>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     request: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destination: Option<&'a Value>,
 }
 
 #[derive(Serialize)]
