@@ -294,6 +294,26 @@ impl Deployment {
     pub fn start(&self, envs: &[(&str, &str)]) -> Sidecar {
         Sidecar::start(&self.config, envs)
     }
+
+    /// [`Deployment::start`] in a private mount namespace whose /etc/hosts is `hosts`: the
+    /// sidecar resolves decided names itself (the destination binding), so it must see the same
+    /// names as the test's clients (needs root).
+    pub fn start_with_hosts(&self, envs: &[(&str, &str)], hosts: &Path) -> Sidecar {
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(format!(
+                "mount --bind '{}' /etc/hosts && exec \"$@\"",
+                hosts.display()
+            ))
+            .arg("sh")
+            .arg(firma_bin())
+            .args(["sidecar", "-c", &self.config.display().to_string()])
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            .env_remove("VAULT_TOKEN")
+            .envs(envs.iter().copied());
+        Sidecar::spawn(c).unwrap_or_else(|e| panic!("sidecar: {e}"))
+    }
 }
 
 /// A running `firma sidecar`; killed on drop. Derefs to its [`Process`] (log, terminate).
