@@ -56,10 +56,13 @@ pub struct Mismatch {
     pub record: Value,
 }
 
+/// Per name: when it was resolved and its addresses.
+type Cache = HashMap<String, (Instant, Arc<[IpAddr]>)>;
+
 /// The sidecar's own view of names: system resolver + a small TTL-bounded cache.
 #[derive(Default)]
 pub struct Resolver {
-    cache: Mutex<HashMap<String, (Instant, Arc<[IpAddr]>)>>,
+    cache: Mutex<Cache>,
 }
 
 impl Resolver {
@@ -118,7 +121,7 @@ impl Resolver {
         c.insert(host.to_string(), (Instant::now(), ips));
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Arc<[IpAddr]>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -397,10 +400,11 @@ mod tests {
     #[tokio::test]
     async fn a_configured_address_is_the_names_only_address() {
         let b = binder(RULES);
-        let configured = Some("127.0.0.1:8443".parse().unwrap());
+        let addr: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let configured = Some(addr);
         let mut r = req(Some("api.example.com"), "127.0.0.1:8443");
         r.configured = configured;
-        assert_eq!(b.bind(r).await.unwrap(), configured.unwrap());
+        assert_eq!(b.bind(r).await.unwrap(), addr);
         let mut r = req(Some("api.example.com"), "10.0.0.9:8443");
         r.configured = configured;
         assert!(reason(b.bind(r).await).contains("configured address"));
@@ -411,6 +415,6 @@ mod tests {
             claimed: None,
             configured,
         };
-        assert_eq!(b.bind(r).await.unwrap(), configured.unwrap());
+        assert_eq!(b.bind(r).await.unwrap(), addr);
     }
 }

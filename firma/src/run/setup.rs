@@ -597,6 +597,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn allow_host_flags() {
+        assert_eq!(
+            split_allow_host("API.example.org").unwrap(),
+            ("api.example.org".into(), None)
+        );
+        assert_eq!(
+            split_allow_host("*.example.org:8443").unwrap(),
+            ("*.example.org".into(), Some(8443))
+        );
+        for bad in ["", "h:0", "h:x", "h:70000", "a:b:1", "h/p", "*", "h :1"] {
+            assert!(split_allow_host(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn credential_flags() {
         let c = parse_credential("API.openai.com=OPENAI_API_KEY").unwrap();
         assert_eq!(
