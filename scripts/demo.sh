@@ -28,7 +28,12 @@ if [[ -z "${FIRMA_DEMO_IN_NETNS:-}" ]]; then
 fi
 
 export NO_COLOR=1
-step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+# Bold only on a terminal: logs and CI get plain text.
+if [[ -t 1 ]]; then
+    step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+else
+    step() { printf '\n==> %s\n' "$*"; }
+fi
 show() { printf '    $ %s\n' "$*"; }
 
 ip link set lo up

@@ -19,8 +19,9 @@ step() { printf '\n==> %s\n' "$*"; }
 show() { printf '    $ %s\n' "$*"; }
 DIR=$(mktemp -d /tmp/firma-seeds.XXXXXX)
 PIDS=()
+SIDECARS=()
 cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null
     rm -rf "$DIR"
 }
@@ -152,7 +153,7 @@ TOML
 show "OPENAI_API_KEY=sk-... ANTHROPIC_API_KEY=sk-ant-... firma sidecar -c firma.toml"
 OPENAI_API_KEY=sk-openai-from-env ANTHROPIC_API_KEY=sk-ant-from-env \
     "$FIRMA" sidecar -c "$DIR/firma-basic.toml" >"$DIR/sidecar-basic.log" 2>&1 &
-PIDS+=($!)
+PIDS+=($!); SIDECARS+=($!)
 wait_for "$DIR/sidecar-basic.log" "sidecar ready"
 grep -E "seeded|listening|sidecar ready" "$DIR/sidecar-basic.log" | sed -E 's/^[^ ]+ +//; s/^/    /'
 for req in "GET https://api.openai.com/v1/models" "POST https://api.anthropic.com/v1/messages" \
@@ -213,7 +214,7 @@ token = "$TOKEN"
 TOML
 } >"$DIR/firma-vault.toml"
 "$FIRMA" sidecar -c "$DIR/firma-vault.toml" >"$DIR/sidecar-vault.log" 2>&1 &
-PIDS+=($!)
+PIDS+=($!); SIDECARS+=($!)
 wait_for "$DIR/sidecar-vault.log" "sidecar ready"
 grep -E "connected to authority|listening|sidecar ready" "$DIR/sidecar-vault.log" | sed -E 's/^[^ ]+ +//; s/^/    /'
 mkdir -p "$DIR/py"
@@ -250,19 +251,39 @@ echo "    upstream saw:"
 grep '^\[upstream\] api' "$DIR/upstream.log" | sed 's/^/      /'
 
 step "audit: decisions, and the signed chains verify"
-sleep 0.3
+# Stop the sidecars first: SIGTERM drains, and every outcome is in the file once they exit.
+for p in "${SIDECARS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+for p in "${SIDECARS[@]}"; do wait "$p" 2>/dev/null || true; done
 for f in "$DIR"/audit-*.jsonl; do
     echo "    $(basename "$f"):"
     python3 - "$f" <<'PY'
 import json, sys
-for line in open(sys.argv[1]):
-    e = json.loads(line); d = e["decision"]; i = e["envelope"]["intent"]
+# Two kinds of events (docs/architecture.md, audit): a `decision` for every request, and for an
+# allowed one an `outcome` once it was sent (upstream status or abort), which names its decision.
+# Other kinds (recovery, summaries) are listed by name.
+events = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+outcomes = {e["decision_event_id"]: e for e in events if e.get("event") == "outcome"}
+for e in events:
+    kind = e.get("event")
+    if kind == "outcome":
+        continue
+    if "decision" not in e:
+        print(f"    ({kind} event)")
+        continue
+    d = e["decision"]; i = (e.get("envelope") or {}).get("intent") or {}
     c = e.get("capability") or {}; k = e.get("connector") or {}
     res = i.get("resource") or {}
+    o = outcomes.get(e.get("event_id"))
+    if o is not None:
+        oc = o.get("connector") or {}
+        after = oc.get("aborted") or (f"upstream {oc['upstream_status']}" if oc.get("upstream_status") else
+                                     ("client gone" if oc.get("client_gone") else "-"))
+        injected = oc.get("credential_injected"); source = oc.get("credential_source")
+    else:
+        after = "-"; injected = k.get("credential_injected"); source = k.get("credential_source")
     print(f"    {d['outcome']:5} {d.get('reason') or '-':20} {i.get('action_class') or '-':28} "
           f"{res.get('host')}{res.get('path') or ''}  agent={c.get('agent_id')} "
-          f"session={c.get('session_id')} injected={k.get('credential_injected')} "
-          f"source={k.get('credential_source')}")
+          f"session={c.get('session_id')} injected={injected} source={source} outcome={after}")
 PY
     "$FIRMA" audit verify "$f" --public-key "$DIR/audit.pub" 2>&1 | sed 's/^/    /'
 done

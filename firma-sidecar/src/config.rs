@@ -568,6 +568,24 @@ pub struct ConnectorHostConfig {
     pub timeout_ms: Option<u64>,
     /// Connect here instead of resolving `host` (`"127.0.0.1:8443"`); useful without DNS.
     pub address: Option<String>,
+    /// The error shape Firma's own answers (denials, aborts) carry for this host, so the
+    /// provider's SDK shows the reason: `"openai"` (OpenAI-compatible APIs), `"anthropic"`, or
+    /// `"firma"` (the plain body). Default: `openai` for api.openai.com, `anthropic` for
+    /// api.anthropic.com, `firma` elsewhere.
+    pub error_format: Option<ErrorFormat>,
+}
+
+/// Which provider's error shape a host's SDKs read (see `crate::error_shape`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorFormat {
+    /// `{"denied","reason","detail"}` only.
+    #[default]
+    Firma,
+    /// Adds `{"error": {"message", "type", "code", "param"}}`.
+    Openai,
+    /// Adds `{"type": "error", "error": {"type", "message"}}`.
+    Anthropic,
 }
 
 /// Where a credential comes from.
@@ -593,6 +611,15 @@ pub struct CredentialConfig {
     pub value_from_env: Option<String>,
     pub secret_path: Option<String>,
     pub secret_key: Option<String>,
+    /// Headers that carry an API credential for this host, removed from every request to it
+    /// before Firma's `header` is set (the agent's own key, or its placeholder, never leaves).
+    /// Default: `authorization`, `x-api-key`, `api-key`, `x-goog-api-key`; `header` is always
+    /// removed too.
+    pub strip_headers: Option<Vec<String>>,
+    /// Query parameters that carry an API credential for this host (`?key=` of Google APIs),
+    /// removed from every request to it. Default: `key`, `api_key`, `api-key`, `apikey`,
+    /// `access_token`.
+    pub strip_query_params: Option<Vec<String>>,
     /// TOML places `[sidecar.credentials.vault]` inside the last `[[sidecar.credentials]]`
     /// entry; it describes the one Vault connection shared by every vault-mode credential.
     pub vault: Option<VaultConfig>,
@@ -851,6 +878,26 @@ impl SidecarConfig {
                     &key("host"),
                     "expected an exact host name (wildcards are not supported for credentials)",
                 ));
+            }
+            for (j, h) in c.strip_headers.iter().flatten().enumerate() {
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    return Err(ConfigError::invalid(
+                        file,
+                        &key(&format!("strip_headers[{j}]")),
+                        format!("expected an HTTP header name, got {h:?}"),
+                    ));
+                }
+            }
+            for (j, q) in c.strip_query_params.iter().flatten().enumerate() {
+                if q.is_empty() || q.contains(['&', '=', '#', ' ']) {
+                    return Err(ConfigError::invalid(
+                        file,
+                        &key(&format!("strip_query_params[{j}]")),
+                        format!(
+                            "expected a query parameter name (no `&`, `=`, `#`, space), got {q:?}"
+                        ),
+                    ));
+                }
             }
             match c.mode {
                 CredentialMode::Basic if c.value_from_env.is_none() => {

@@ -26,6 +26,10 @@ pub enum DenyReason {
     InsecureUpstream,
     /// The audit sink cannot persist the decision: nothing is allowed unaudited.
     AuditUnavailable,
+    /// A Firma placeholder credential (docs/run.md, "Placeholder credentials") would leave
+    /// the sidecar: sent to a host other than its own, or in a header or query parameter that
+    /// Firma does not replace on its own host. The agent is sending its key somewhere else.
+    CredentialLeak,
     /// DNS guard: the name is not one the configuration can send traffic to (NXDOMAIN), the
     /// query type is not answered (REFUSED), or the workload is over its query rate.
     DnsDenied,
@@ -53,6 +57,7 @@ impl DenyReason {
             Self::WorkloadMismatch => "WorkloadMismatch",
             Self::InsecureUpstream => "InsecureUpstream",
             Self::AuditUnavailable => "AuditUnavailable",
+            Self::CredentialLeak => "CredentialLeak",
             Self::DnsDenied => "DnsDenied",
             Self::DestinationMismatch => "DestinationMismatch",
         }

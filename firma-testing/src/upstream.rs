@@ -42,7 +42,8 @@ pub struct Upstream {
 
 impl Upstream {
     /// Serves HTTPS on 127.0.0.1 for `names` (certificate SANs). `GET /slow?ms=N` answers after
-    /// N ms; everything else answers 200 `{"ok":true,"path":…}`.
+    /// N ms; everything else answers 200 `{"ok":true,"path":…}` (with `"data":[]` on
+    /// `/v1/models`, the providers' list shape).
     pub fn start(dir: &Path, names: &[&str]) -> Self {
         Self::start_at(dir, names, "127.0.0.1:0".parse().unwrap())
     }
@@ -147,7 +148,13 @@ impl Upstream {
                             if let Some(resp) = llm::answer(&path, &parts.headers, &body) {
                                 return Ok::<_, std::convert::Infallible>(resp);
                             }
-                            let out = serde_json::json!({"ok": true, "path": path}).to_string();
+                            let mut out = serde_json::json!({"ok": true, "path": path});
+                            if path == "/v1/models" {
+                                // The providers' list shape, so SDK list calls parse it.
+                                out["object"] = "list".into();
+                                out["data"] = serde_json::json!([]);
+                            }
+                            let out = out.to_string();
                             Ok::<_, std::convert::Infallible>(hyper::Response::new(
                                 Full::new(Bytes::from(out))
                                     .map_err(|never| match never {})
@@ -197,7 +204,8 @@ impl Upstream {
 /// `max_output_tokens`), 50 when absent; input tokens are 100. With `"stream": true` the
 /// answer is SSE: a first event at once, then, after `x-test-sse-gap-ms` (default 0) ms, the
 /// rest with the usage in the final events, as the providers send it (OpenAI only with
-/// `stream_options.include_usage`). Everything else is not an LLM call (`None`).
+/// `stream_options.include_usage`; Anthropic's full event sequence, which its SDK's stream
+/// helpers need). Everything else is not an LLM call (`None`).
 pub mod llm {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -235,8 +243,8 @@ pub mod llm {
             .unwrap_or(0u64);
         let mut resp = if !stream {
             let v = if anthropic {
-                serde_json::json!({"id": "msg_1", "type": "message", "model": model,
-                    "content": [{"type": "text", "text": "hi"}],
+                serde_json::json!({"id": "msg_1", "type": "message", "role": "assistant", "model": model,
+                    "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
                     "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": output}})
             } else if path == "/v1/responses" {
                 serde_json::json!({"id": "resp_1", "object": "response", "model": model,
@@ -292,11 +300,13 @@ pub mod llm {
         if anthropic {
             let start = format!(
                 "event: message_start\ndata: {}\n\n",
-                serde_json::json!({"type": "message_start", "message": {"id": "msg_1", "model": model, "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": 1}}})
+                serde_json::json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": model, "stop_reason": null, "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": 1}}})
             );
             let delta = format!(
-                "event: content_block_delta\ndata: {}\n\n",
-                serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}})
+                "event: content_block_start\ndata: {}\n\nevent: content_block_delta\ndata: {}\n\nevent: content_block_stop\ndata: {}\n\n",
+                serde_json::json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}}),
+                serde_json::json!({"type": "content_block_stop", "index": 0})
             );
             let end = format!(
                 "event: message_delta\ndata: {}\n\nevent: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n",

@@ -210,7 +210,9 @@ extra_root_certs = []                # PEM files trusted for upstreams besides t
 
 # Credentials the sidecar injects (the agent never sees them). The variable must be set in the
 # sidecar's environment, or it refuses to start; uncomment and run
-# `OPENAI_API_KEY=sk-... firma sidecar -c {cfg}`.
+# `OPENAI_API_KEY=sk-... firma sidecar -c {cfg}`. Give the agent a placeholder instead
+# (OPENAI_API_KEY=sk-firma-placeholder-dev): its SDK starts, the sidecar replaces it with the
+# real key on api.openai.com and denies it anywhere else (CredentialLeak).
 # [[sidecar.credentials]]
 # host = "api.openai.com"
 # mode = "basic"

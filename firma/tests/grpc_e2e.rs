@@ -8,7 +8,7 @@
 //! injected into the call's metadata (replacing the client's own), a denied method and a
 //! denied host are answered in gRPC terms (`PERMISSION_DENIED` with the Firma reason in
 //! `grpc-message`) and reach nobody, an unreachable upstream is `UNAVAILABLE`, and every
-//! decision is in the audit with the Firma reason (see docs/architecture.md, "gRPC").
+//! decision is in the audit with the Firma reason (see docs/architecture.md, "Life of a request").
 
 use firma_testing::client::in_cgroup_command;
 use firma_testing::config::{HostRoute, Mode};

@@ -321,7 +321,7 @@ print(json.dumps({"status": r.status_code, "first": first, "total": time.monoton
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)));
     assert_eq!(v["status"], 200, "{v}");
-    assert_eq!(v["events"], 4, "{v}");
+    assert_eq!(v["events"], 6, "{v}");
     let (first, total) = (v["first"].as_f64().unwrap(), v["total"].as_f64().unwrap());
     assert!(total >= 1.5, "{v}");
     assert!(

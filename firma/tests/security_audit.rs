@@ -254,8 +254,9 @@ fn fill(dir: &Path) {
 #[test]
 fn audit_fails_closed_on_a_full_disk_and_recovers() {
     if !nix_is_root() {
-        eprintln!(
-            "SKIP audit_fails_closed_on_a_full_disk_and_recovers: needs root to mount a tmpfs"
+        firma_testing::skip(
+            "audit_fails_closed_on_a_full_disk_and_recovers",
+            "needs root to mount a tmpfs",
         );
         return;
     }

@@ -617,8 +617,9 @@ fn python_requests_and_httpx_through_the_proxy() {
         .map(|s| s.success())
         .unwrap_or(false);
     if !ok {
-        eprintln!(
-            "SKIP: python3 with requests and httpx not available (pip install requests httpx)"
+        firma_testing::skip(
+            "python_clients",
+            "python3 with requests and httpx not available (pip install requests httpx)",
         );
         return;
     }

@@ -15,6 +15,11 @@ pub struct BenchArgs {
     /// Do not run `cargo bench -p firma-sidecar --bench decision`.
     #[arg(long)]
     pub skip_criterion: bool,
+    /// A smoke run that checks the harness works end to end, not a measurement: debug
+    /// binaries, no criterion, no peers, no `hey`, one short repetition, results in
+    /// `target/bench/smoke.json`. CI runs it (scripts/check-documented.sh).
+    #[arg(long)]
+    pub smoke: bool,
     /// Passed to `firma-bench run` (e.g. `--duration-secs 2 --repetitions 2 --upstream builtin`).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
@@ -22,7 +27,7 @@ pub struct BenchArgs {
 
 pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let root = &root.canonicalize()?;
-    if !args.skip_criterion {
+    if !args.skip_criterion && !args.smoke {
         exec(
             Command::new("cargo")
                 .args(["bench", "-p", "firma-sidecar", "--bench", "decision"])
@@ -31,22 +36,27 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     }
     // One release build of both binaries: the figures are meaningless for a debug `firma`, and
     // a debug load client would measure itself.
-    exec(
-        Command::new("cargo")
-            .args(["build", "--release", "-p", "firma", "-p", "firma-bench"])
-            .current_dir(root),
-    )?;
+    let profile = if args.smoke { "debug" } else { "release" };
+    let mut build = Command::new("cargo");
+    build.args(["build", "-p", "firma", "-p", "firma-bench"]);
+    if !args.smoke {
+        build.arg("--release");
+    }
+    exec(build.current_dir(root))?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
+    let bin = target.join(profile);
     // The peers, hey and nginx are installed first, with the host's network (the run itself
     // has none).
-    exec(
-        Command::new(target.join("release/firma-bench"))
-            .arg("install-peers")
-            .arg("--dir")
-            .arg(target.join("bench/peers")),
-    )?;
+    if !args.smoke {
+        exec(
+            Command::new(bin.join("firma-bench"))
+                .arg("install-peers")
+                .arg("--dir")
+                .arg(target.join("bench/peers")),
+        )?;
+    }
     // A private network namespace of its own (loopback only) when root can make one, so no
     // other traffic on the host shares the figures' sockets; otherwise host loopback.
     let netns = nix_is_root()
@@ -62,26 +72,43 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             "-c",
             "ip link set lo up && exec \"$0\" \"$@\"",
         ])
-        .arg(target.join("release/firma-bench"));
+        .arg(bin.join("firma-bench"));
         c
     } else {
         eprintln!("bench: not root or no unshare: running on the host's loopback");
-        Command::new(target.join("release/firma-bench"))
+        Command::new(bin.join("firma-bench"))
     };
-    exec(
-        cmd.arg("run")
-            .arg("--firma")
-            .arg(target.join("release/firma"))
-            // The Authority launcher of firma-testing (issuance latency) finds it here.
-            .env("FIRMA_BIN", target.join("release/firma"))
-            .arg("--out")
-            .arg(target.join("bench/e2e.json"))
-            // Envoy and mitmproxy are installed here once (a venv), then reused.
-            .arg("--peers-dir")
-            .arg(target.join("bench/peers"))
-            .args(&args.args)
-            .current_dir(root),
-    )
+    cmd.arg("run")
+        .arg("--firma")
+        .arg(bin.join("firma"))
+        // The Authority launcher of firma-testing (issuance latency) finds it here.
+        .env("FIRMA_BIN", bin.join("firma"))
+        // Envoy and mitmproxy are installed here once (a venv), then reused.
+        .arg("--peers-dir")
+        .arg(target.join("bench/peers"));
+    if args.smoke {
+        cmd.arg("--out").arg(target.join("bench/smoke.json")).args([
+            "--skip-peers",
+            "--skip-hey",
+            "--upstream",
+            "builtin",
+            "--repetitions",
+            "1",
+            "--duration-secs",
+            "1",
+            "--requests",
+            "200",
+            "--warmup",
+            "20",
+            "--new-connection-requests",
+            "50",
+            "--issuance-requests",
+            "10",
+        ]);
+    } else {
+        cmd.arg("--out").arg(target.join("bench/e2e.json"));
+    }
+    exec(cmd.args(&args.args).current_dir(root))
 }
 
 fn nix_is_root() -> bool {

@@ -7,13 +7,14 @@
 pub mod binding;
 pub mod credentials;
 pub mod dial;
+pub mod placeholder;
 pub mod pool;
 pub mod ratelimit;
 pub mod secret;
 pub mod usage;
 pub mod vault;
 
-use crate::config::SidecarConfig;
+use crate::config::{ErrorFormat, SidecarConfig};
 use crate::conn::{ConnectionInfo, ConnectorOutcome, InterceptKind};
 use bytes::Bytes;
 use credentials::{CredentialError, CredentialStore};
@@ -84,6 +85,7 @@ struct HostSettings {
     address: Option<SocketAddr>,
     timeout: Duration,
     limiter: Option<HostLimiter>,
+    error_format: Option<ErrorFormat>,
 }
 
 pub struct Connector {
@@ -133,6 +135,7 @@ impl Connector {
                         address: h.address.as_deref().and_then(|a| a.parse().ok()),
                         timeout: h.timeout_ms.map_or(default_timeout, Duration::from_millis),
                         limiter: HostLimiter::new(h.rps, h.burst),
+                        error_format: h.error_format,
                     },
                 )
             })
@@ -185,6 +188,31 @@ impl Connector {
         self.hosts
             .get(host)
             .map_or(self.default_timeout, |h| h.timeout)
+    }
+
+    /// The error shape of Firma's own answers for `host`: `[[sidecar.connector.hosts]]
+    /// error_format`, else the provider of the well-known API hosts, else plain Firma.
+    pub fn error_format(&self, host: &str) -> ErrorFormat {
+        if let Some(f) = self.hosts.get(host).and_then(|h| h.error_format) {
+            return f;
+        }
+        match host {
+            "api.openai.com" => ErrorFormat::Openai,
+            "api.anthropic.com" => ErrorFormat::Anthropic,
+            _ => ErrorFormat::Firma,
+        }
+    }
+
+    /// Why a request to `target` must not leave: it carries a placeholder credential that
+    /// would leave the sidecar (`CredentialLeak`; see [`placeholder`]).
+    pub fn placeholder_leak(
+        &self,
+        target: &UpstreamTarget,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+    ) -> Option<String> {
+        self.credentials
+            .placeholder_leak(&target.host, uri, headers)
     }
 
     /// `SO_MARK` to put on upstream sockets for this connection (transparent mode only).
@@ -286,6 +314,10 @@ impl Connector {
         let grpc = is_grpc(req.headers());
         let trailers = wants_trailers(req.headers());
         prepare_headers(req.headers_mut());
+        // The agent's own credential headers and query parameters (its key, or a placeholder)
+        // never leave for a credential host: only Firma's is set below.
+        self.credentials
+            .strip_agent_credentials(&target.host, &mut req);
         if trailers {
             // `te: trailers` is the one TE an HTTP/2 hop carries; gRPC servers require it.
             req.headers_mut()

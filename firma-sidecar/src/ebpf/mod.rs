@@ -304,7 +304,7 @@ impl Redirector {
         session_id: Option<&str>,
     ) -> Result<AttachOutcome, EbpfError> {
         let cg = self.resolve(target)?;
-        // The sidecar must never be inside a tagged cgroup (DESIGN 3.1): its listeners would
+        // The sidecar must never be inside a tagged cgroup (docs/architecture.md, "Transparent mode"): its listeners would
         // still work, but anything it connects to without SO_MARK would loop back into itself.
         if let Some(own) = cgroup::own_cgroup_path()
             && cgroup::contains(&cg.path, &own)

@@ -13,6 +13,7 @@ use super::limits;
 use super::rewind::Rewind;
 use super::websocket;
 use crate::audit::RequestAudit;
+use crate::config::ErrorFormat;
 use crate::conn::{ConnectionInfo, Decision, DenyReason};
 use crate::connector::{Failure, RespBody, UpstreamTarget};
 use crate::pipeline::RequestContext;
@@ -393,23 +394,17 @@ async fn handle_request(
 ) -> Response<RespBody> {
     let arrived = std::time::Instant::now();
     let method = req.method().clone();
-    // gRPC clients get denials and aborts as grpc-status, everything else the JSON bodies.
+    // gRPC clients get denials and aborts as grpc-status, everything else the JSON bodies, in
+    // the error shape of the host's API once the host is known (SDKs show the reason).
     let grpc = crate::connector::is_grpc(req.headers());
-    let deny = |d: &Decision| {
-        if grpc {
-            response::grpc_deny(d)
-        } else {
-            response::deny(d)
-        }
-    };
-    let abort = |status: StatusCode, reason: &str, detail: &str| {
-        if grpc {
-            response::grpc_abort(status, reason, detail)
-        } else {
-            response::abort(status, reason, detail)
-        }
-    };
     let (mode_h, mode_p) = mode_host(mode);
+    let answer = Answer {
+        grpc,
+        format: mode_h
+            .as_deref()
+            .map_or(ErrorFormat::Firma, |h| state.connector.error_format(h)),
+    };
+    let deny = |d: &Decision| answer.deny(d);
     // From here on, whatever happens (including the client leaving), one record.
     let rec = RequestAudit::new(&state.audit, conn)
         .method(Some(method.as_str()))
@@ -435,6 +430,13 @@ async fn handle_request(
         }
     };
     let up = &target.upstream;
+    let answer = Answer {
+        grpc,
+        format: state.connector.error_format(&up.host),
+    };
+    let deny = |d: &Decision| answer.deny(d);
+    let abort =
+        |status: StatusCode, reason: &str, detail: &str| answer.abort(status, reason, detail);
     let rec = rec.target(Some(&up.host), up.port, Some(&target.path));
     // Rules that extract body attributes for Cedar: read (bounded) and parse the body first.
     let spec = state
@@ -473,6 +475,14 @@ async fn handle_request(
         request: attrs,
     };
     let mut decision = state.pipeline.decide(&ctx).await;
+    // A placeholder credential that would leave is denied whatever the policy said: the audit
+    // must show that the agent sends its key somewhere else.
+    if let Some(detail) = state
+        .connector
+        .placeholder_leak(up, req.uri(), req.headers())
+    {
+        decision = decision.into_deny(DenyReason::CredentialLeak, detail);
+    }
     if decision.is_allow()
         && let Some(detail) = state.connector.insecure(up)
     {
@@ -558,6 +568,32 @@ async fn handle_request(
             outcome.aborted = Some(reason.to_string());
             committed.finish(outcome);
             abort(status, reason, &detail)
+        }
+    }
+}
+
+/// How Firma's own answers look on this request: gRPC status for gRPC, else JSON in the error
+/// shape of the host's API.
+#[derive(Clone, Copy)]
+struct Answer {
+    grpc: bool,
+    format: ErrorFormat,
+}
+
+impl Answer {
+    fn deny(self, d: &Decision) -> Response<RespBody> {
+        if self.grpc {
+            response::grpc_deny(d)
+        } else {
+            response::deny_as(d, self.format)
+        }
+    }
+
+    fn abort(self, status: StatusCode, reason: &str, detail: &str) -> Response<RespBody> {
+        if self.grpc {
+            response::grpc_abort(status, reason, detail)
+        } else {
+            response::abort_as(status, reason, detail, self.format)
         }
     }
 }

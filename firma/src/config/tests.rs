@@ -124,3 +124,45 @@ fn mitm_fallback_is_opt_in_and_validated() {
         );
     }
 }
+
+#[test]
+fn credential_strip_lists_and_error_format_are_validated() {
+    let text = include_str!("../../../policies/firma.toml");
+    let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();
+    let s = c.sidecar().unwrap();
+    assert_eq!(
+        s.credentials[0].strip_headers.as_deref(),
+        Some(&["authorization", "x-api-key", "api-key", "x-goog-api-key"].map(String::from)[..])
+    );
+    assert_eq!(
+        s.connector.hosts[0].error_format,
+        Some(firma_sidecar::config::ErrorFormat::Openai)
+    );
+    for (from, to, key) in [
+        (
+            "strip_headers = [\"authorization\",",
+            "strip_headers = [\"bad header\",",
+            "sidecar.credentials[0].strip_headers[0]",
+        ),
+        (
+            "strip_query_params = [\"key\",",
+            "strip_query_params = [\"a=b\",",
+            "sidecar.credentials[0].strip_query_params[0]",
+        ),
+        (
+            "error_format = \"openai\"",
+            "error_format = \"gemini\"",
+            "error_format",
+        ),
+    ] {
+        assert!(text.contains(from), "{from}");
+        let t = text.replacen(from, to, 1);
+        let e = FirmaConfig::parse(&t, Path::new("/etc/firma.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(key) && e.contains("/etc/firma.toml"),
+            "{to}: {e}"
+        );
+    }
+}

@@ -65,8 +65,8 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     audit: Option<PathBuf>,
     /// Inject a credential read from firma's environment: HOST=ENVVAR sends
-    /// `Authorization: Bearer <value>`, HOST=ENVVAR:HEADER sends `HEADER: <value>`. ENVVAR is
-    /// removed from CMD's environment. Repeat.
+    /// `Authorization: Bearer <value>`, HOST=ENVVAR:HEADER sends `HEADER: <value>`. CMD gets
+    /// ENVVAR set to a placeholder (`sk-firma-placeholder-…`), never the value. Repeat.
     #[arg(long = "credential", value_name = "HOST=ENVVAR[:HEADER]", value_parser = setup::parse_credential)]
     credentials: Vec<CredentialArg>,
     /// Extra CA certificate (PEM) the sidecar trusts for upstreams; repeat.
@@ -210,7 +210,7 @@ fn run_inner(args: Args) -> Result<ExitCode, Failure> {
     }
 
     let env = child::environment(
-        &prepared.secret_vars,
+        &prepared.placeholders,
         &prepared.ca_bundle_dir.path().join("ca-bundle.pem"),
         &who,
     );

@@ -9,8 +9,9 @@ use anyhow::{Context, bail};
 use firma_sidecar::config::{
     AuditSink, CredentialConfig, CredentialMode, InterceptMode, SidecarConfig, WorkloadConfig,
 };
+use firma_sidecar::connector::placeholder;
 use firma_sidecar::tls::ca::CertificateAuthority;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -151,8 +152,9 @@ pub struct Prepared {
     pub audit_public_key: Option<PathBuf>,
     /// Holds `ca-bundle.pem`; removed when dropped.
     pub ca_bundle_dir: tempfile::TempDir,
-    /// Environment variables holding secrets the sidecar injects: removed from the child.
-    pub secret_vars: BTreeSet<String>,
+    /// Environment variables holding secrets the sidecar injects, each with the placeholder
+    /// the child gets instead (docs/run.md, "Placeholder credentials").
+    pub placeholders: BTreeMap<String, String>,
     pub cgroup_rel: String,
 }
 
@@ -396,6 +398,8 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
             value_from_env: Some(c.env.clone()),
             secret_path: None,
             secret_key: None,
+            strip_headers: None,
+            strip_query_params: None,
             vault: None,
         });
     }
@@ -478,10 +482,11 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
     }];
     cfg.log.level = args.log_level.clone();
 
-    let secret_vars = cfg
+    let placeholders = cfg
         .credentials
         .iter()
         .filter_map(|c| c.value_from_env.clone())
+        .map(|var| (var, placeholder::generate()))
         .collect();
     let ca_dir = cfg.ca.dir.clone();
     let ca_bundle_dir = write_ca_bundle(&run_dir, &ca_dir)?;
@@ -490,7 +495,7 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
         audit_path,
         audit_public_key,
         ca_bundle_dir,
-        secret_vars,
+        placeholders,
         cgroup_rel,
     })
 }
