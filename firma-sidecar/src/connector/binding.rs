@@ -19,7 +19,8 @@
 //!
 //! Anything else is [`Unbound::Mismatch`]: the request or tunnel is denied
 //! `DestinationMismatch` and nothing is sent. One function for every interceptor: HTTP requests
-//! bind in `Connector::prepare`, tunnels in `interceptor::tunnel::decide_and_connect`.
+//! bind in `interceptor::http` right after the decision (`Connector::bind`, before
+//! `Connector::prepare`), tunnels in `interceptor::tunnel::decide_and_connect`.
 
 use crate::pipeline::mapping::MappingRules;
 use serde_json::{Value, json};

@@ -54,9 +54,6 @@ pub enum Failure {
     /// A credential would leave over plaintext (or TLS not verified for its host): a denial
     /// (`InsecureUpstream`), nothing sent.
     InsecureUpstream(String),
-    /// The client's destination is not the decided name's (see [`binding`]): a denial
-    /// (`DestinationMismatch`), nothing sent.
-    DestinationMismatch(binding::Mismatch),
 }
 
 /// An allowed request with its destination, credential and permit settled, not yet sent.
@@ -265,11 +262,16 @@ impl Connector {
     /// `http://` through the proxy, `CONNECT host:80` followed by plaintext, h2c with
     /// `:scheme http`, transparent port 80) is refused with [`Failure::InsecureUpstream`]
     /// before the credential is even fetched.
+    ///
+    /// `addr` is where to: from [`Self::bind`] (an address of the decided name, never one the
+    /// client chose), which the caller runs first so that a mismatch is denied like any
+    /// decision, with the request body still in hand.
     pub async fn prepare(
         &self,
         mut req: Request<ReqBody>,
         target: &UpstreamTarget,
         conn: &ConnectionInfo,
+        addr: SocketAddr,
     ) -> Result<Prepared, (Failure, ConnectorOutcome)> {
         let mut outcome = ConnectorOutcome::default();
         let timeout = self.timeout_for(&target.host);
@@ -278,16 +280,7 @@ impl Connector {
         if let Some(detail) = self.insecure(target) {
             return Err((Failure::InsecureUpstream(detail), outcome));
         }
-        // 2. Where to: an address of the decided name, never one the client chose.
-        let addr = match self.bind(Some(&target.host), target.port, conn).await {
-            Ok(r) => r,
-            Err(binding::Unbound::Mismatch(m)) => {
-                return Err((Failure::DestinationMismatch(m), outcome));
-            }
-            Err(binding::Unbound::Unresolved(e)) => {
-                return Err((Failure::UpstreamUnavailable(e), outcome));
-            }
-        };
+        // 2. Where to: `addr`, bound by the caller.
         // 3. Credential (fail closed: nothing is sent without it).
         let injection = match self.credentials.resolve(&target.host).await {
             Ok(i) => i,

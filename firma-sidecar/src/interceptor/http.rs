@@ -15,6 +15,7 @@ use super::websocket;
 use crate::audit::RequestAudit;
 use crate::config::ErrorFormat;
 use crate::conn::{ConnectionInfo, Decision, DenyReason};
+use crate::connector::binding::Unbound;
 use crate::connector::{Failure, RespBody, UpstreamTarget};
 use crate::pipeline::RequestContext;
 use crate::pipeline::extract;
@@ -488,14 +489,37 @@ async fn handle_request(
     {
         decision = decision.into_deny(DenyReason::InsecureUpstream, detail);
     }
-    if !decision.is_allow() {
+    // Where to: an address of the decided name, never one the client chose (a mismatch is a
+    // denial like the ones above, so the body is read the same way before answering).
+    let connecting = std::time::Instant::now();
+    let mut addr = None;
+    let mut rec = rec;
+    if decision.is_allow() {
+        match state.connector.bind(Some(&up.host), up.port, conn).await {
+            Ok(a) => addr = Some(a),
+            Err(Unbound::Mismatch(m)) => {
+                decision = decision.into_deny(DenyReason::DestinationMismatch, m.detail);
+                tracing::warn!(conn = conn.conn_id, host = %up.host, detail = %decision.detail, "destination mismatch");
+                rec = rec.destination(m.record);
+            }
+            Err(Unbound::Unresolved(e)) => {
+                let outcome = crate::conn::ConnectorOutcome {
+                    aborted: Some("UpstreamUnavailable".into()),
+                    ..Default::default()
+                };
+                rec.abort_before_send(&decision, outcome);
+                discard_body(req.into_body()).await;
+                return abort(StatusCode::BAD_GATEWAY, "UpstreamUnavailable", &e);
+            }
+        }
+    }
+    let Some(addr) = addr.filter(|_| decision.is_allow()) else {
         rec.deny(&decision);
         crate::metrics::overhead(arrived);
         discard_body(req.into_body()).await;
         return deny(&decision);
-    }
-    let connecting = std::time::Instant::now();
-    let prepared = state.connector.prepare(req, up, conn).await;
+    };
+    let prepared = state.connector.prepare(req, up, conn, addr).await;
     crate::metrics::stage(crate::metrics::Stage::Connector, connecting.elapsed());
     let prepared = match prepared {
         Ok(p) => p,
@@ -508,12 +532,6 @@ async fn handle_request(
         Err((Failure::InsecureUpstream(detail), _)) => {
             let denied = decision.into_deny(DenyReason::InsecureUpstream, detail);
             rec.deny(&denied);
-            return deny(&denied);
-        }
-        Err((Failure::DestinationMismatch(m), _)) => {
-            let denied = decision.into_deny(DenyReason::DestinationMismatch, m.detail);
-            tracing::warn!(conn = conn.conn_id, host = %up.host, detail = %denied.detail, "destination mismatch");
-            rec.destination(m.record).deny(&denied);
             return deny(&denied);
         }
         Err((failure, mut outcome)) => {
@@ -662,9 +680,6 @@ fn abort_of(failure: Failure) -> (StatusCode, &'static str, String) {
         Failure::UpstreamUnavailable(d)
         | Failure::CredentialUnavailable(d)
         | Failure::InsecureUpstream(d) => (StatusCode::BAD_GATEWAY, "UpstreamUnavailable", d),
-        Failure::DestinationMismatch(m) => {
-            (StatusCode::BAD_GATEWAY, "UpstreamUnavailable", m.detail)
-        }
     }
 }
 
