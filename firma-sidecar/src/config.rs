@@ -69,7 +69,7 @@ pub struct DnsConfig {
     #[serde(default = "default_dns_timeout")]
     pub upstream_timeout_ms: u64,
     /// Queries per second per workload cgroup (sustained); above it queries are dropped and
-    /// counted, one audit event per workload per 10 s.
+    /// counted, one audit `deny_summary` per workload per `[sidecar.audit] aggregate_window_secs`.
     #[serde(default = "default_dns_rate")]
     pub queries_per_second: u32,
     /// Burst above `queries_per_second`.
@@ -690,7 +690,7 @@ pub enum FsyncPolicy {
 }
 
 /// `[sidecar.audit]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     #[serde(default)]
@@ -704,6 +704,49 @@ pub struct AuditConfig {
     pub signing_key_path: Option<PathBuf>,
     #[serde(default)]
     pub fsync: FsyncPolicy,
+    /// Denials of one workload written one by one per aggregation window; further ones are
+    /// counted into a signed `deny_summary` at the window's end (docs/architecture.md).
+    #[serde(default = "default_aggregate_after")]
+    pub aggregate_denials_after: u32,
+    /// The aggregation window, 1 to 3600 s.
+    #[serde(default = "default_aggregate_window")]
+    pub aggregate_window_secs: u64,
+    /// File sink: rotate the file once it reaches this size (at least 4096); unset: never.
+    pub max_file_bytes: Option<u64>,
+    /// File sink with rotation: rotated files kept (the oldest are deleted); unset: keep all.
+    pub max_files: Option<u32>,
+    /// File sink: WARN (and `audit_disk_low` = 1) while the audit filesystem has less free
+    /// space than this; 0 turns the warning off (the free-space gauge stays).
+    #[serde(default = "default_free_space_warn")]
+    pub free_space_warn_bytes: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            sink: AuditSink::default(),
+            path: None,
+            grpc_url: None,
+            ca_cert_path: None,
+            signing_key_path: None,
+            fsync: FsyncPolicy::default(),
+            aggregate_denials_after: default_aggregate_after(),
+            aggregate_window_secs: default_aggregate_window(),
+            max_file_bytes: None,
+            max_files: None,
+            free_space_warn_bytes: default_free_space_warn(),
+        }
+    }
+}
+
+fn default_aggregate_after() -> u32 {
+    20
+}
+fn default_aggregate_window() -> u64 {
+    10
+}
+fn default_free_space_warn() -> u64 {
+    1 << 30
 }
 
 /// `[sidecar.log]`.
@@ -728,6 +771,51 @@ impl Default for LogConfig {
 
 fn default_level() -> String {
     "info".into()
+}
+
+impl AuditConfig {
+    /// Aggregation and rotation bounds.
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        if !(1..=3600).contains(&self.aggregate_window_secs) {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.audit.aggregate_window_secs",
+                "expected 1 to 3600 seconds",
+            ));
+        }
+        let rotation = self.max_file_bytes.is_some() || self.max_files.is_some();
+        if rotation && self.sink != AuditSink::File {
+            return Err(ConfigError::invalid(
+                file,
+                if self.max_file_bytes.is_some() {
+                    "sidecar.audit.max_file_bytes"
+                } else {
+                    "sidecar.audit.max_files"
+                },
+                "expected only with sink = \"file\"",
+            ));
+        }
+        if self.max_file_bytes.is_some_and(|n| n < 4096) {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.audit.max_file_bytes",
+                "expected at least 4096 bytes",
+            ));
+        }
+        match self.max_files {
+            Some(0) => Err(ConfigError::invalid(
+                file,
+                "sidecar.audit.max_files",
+                "expected at least 1 (leave it unset to keep every rotated file)",
+            )),
+            Some(_) if self.max_file_bytes.is_none() => Err(ConfigError::invalid(
+                file,
+                "sidecar.audit.max_files",
+                "expected together with max_file_bytes (files are rotated by size)",
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl SidecarConfig {
@@ -954,6 +1042,7 @@ impl SidecarConfig {
             }
             _ => {}
         }
+        self.audit.validate(file)?;
         Ok(())
     }
 

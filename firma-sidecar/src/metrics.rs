@@ -142,6 +142,10 @@ pub struct Metrics {
     audit_written: Counter,
     audit_failures: Counter,
     audit_healthy: Gauge,
+    audit_disk_free: Gauge,
+    audit_disk_low: Gauge,
+    audit_rotated: Counter,
+    audit_aggregated: Counter,
     bundle_info: Family<VersionLabel, Gauge>,
     bundle_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     bundle_fresh: Gauge,
@@ -295,6 +299,30 @@ impl Metrics {
             "1 while the audit sink's last write succeeded",
             audit_healthy.clone(),
         );
+        let audit_disk_free = Gauge::default();
+        let audit_disk_low = Gauge::default();
+        let audit_rotated = Counter::default();
+        let audit_aggregated = Counter::default();
+        r.register(
+            "audit_disk_free_bytes",
+            "Free bytes on the audit file's filesystem at the last check (every 5 s; file sink only)",
+            audit_disk_free.clone(),
+        );
+        r.register(
+            "audit_disk_low",
+            "1 while the audit filesystem has less free space than [sidecar.audit] free_space_warn_bytes",
+            audit_disk_low.clone(),
+        );
+        r.register(
+            "audit_files_rotated",
+            "Audit files rotated ([sidecar.audit] max_file_bytes)",
+            audit_rotated.clone(),
+        );
+        r.register(
+            "audit_denials_aggregated",
+            "Denials counted into deny_summary events instead of written one by one (also counted in decisions_total)",
+            audit_aggregated.clone(),
+        );
         let bundle_info = Family::<VersionLabel, Gauge>::default();
         r.register(
             "bundle_info",
@@ -411,6 +439,10 @@ impl Metrics {
             audit_written,
             audit_failures,
             audit_healthy,
+            audit_disk_free,
+            audit_disk_low,
+            audit_rotated,
+            audit_aggregated,
             bundle_info,
             bundle_age,
             bundle_fresh,
@@ -729,6 +761,17 @@ impl AdminSource for SidecarAdmin {
             .inner()
             .store(health.lost(), Ordering::Relaxed);
         m.audit_healthy.set(i64::from(health.healthy()));
+        if let Some(free) = health.disk_free() {
+            m.audit_disk_free
+                .set(i64::try_from(free).unwrap_or(i64::MAX));
+        }
+        m.audit_disk_low.set(i64::from(health.disk_low()));
+        m.audit_rotated
+            .inner()
+            .store(health.rotated(), Ordering::Relaxed);
+        m.audit_aggregated
+            .inner()
+            .store(self.state.audit.denials_aggregated(), Ordering::Relaxed);
         let p = &self.state.pipeline;
         m.bundle_info.clear();
         if let Some(v) = p.bundle_version() {

@@ -40,6 +40,82 @@ fn wrong_type_names_key() {
 }
 
 #[test]
+fn audit_aggregation_rotation_and_watermark_keys() {
+    let text = include_str!("../../../policies/firma.toml");
+    let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();
+    let a = &c.sidecar().unwrap().audit;
+    assert_eq!(a.aggregate_denials_after, 20);
+    assert_eq!(a.aggregate_window_secs, 10);
+    assert_eq!(a.max_file_bytes, Some(104_857_600));
+    assert_eq!(a.max_files, None);
+    assert_eq!(a.free_space_warn_bytes, 1 << 30);
+    let audit_line = "fsync = \"interval\"";
+    assert!(text.contains(audit_line));
+    for (extra, key, why) in [
+        (
+            "aggregate_window_secs = 0",
+            "sidecar.audit.aggregate_window_secs",
+            "1 to 3600",
+        ),
+        (
+            "max_file_bytes = 100",
+            "sidecar.audit.max_file_bytes",
+            "at least 4096",
+        ),
+        ("max_files = 0", "sidecar.audit.max_files", "at least 1"),
+        (
+            "max_file_bytes = 1",
+            "sidecar.audit.max_file_bytes",
+            "at least 4096",
+        ),
+        ("max_filez = 3", "max_filez", ""),
+    ] {
+        let name = extra.split(" =").next().unwrap();
+        let t: String = text
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{name} =")))
+            .map(|l| {
+                if l == audit_line {
+                    format!("{l}\n{extra}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let e = FirmaConfig::parse(&t, Path::new("/etc/firma.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(key) && e.contains(why) && e.contains("/etc/firma.toml"),
+            "{extra}: {e}"
+        );
+    }
+    // Rotation keys belong to the file sink; max_files needs max_file_bytes.
+    let t = text
+        .replace("sink = \"file\"", "sink = \"stdout\"")
+        .replace(
+            "max_file_bytes = 104857600\n",
+            "max_file_bytes = 104857600\nmax_files = 3\n",
+        );
+    let e = FirmaConfig::parse(&t, Path::new("f.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("sidecar.audit.max_file_bytes") && e.contains("sink = \"file\""),
+        "{e}"
+    );
+    let t = text.replace("max_file_bytes = 104857600\n", "max_files = 3\n");
+    let e = FirmaConfig::parse(&t, Path::new("f.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("sidecar.audit.max_files") && e.contains("max_file_bytes"),
+        "{e}"
+    );
+}
+
+#[test]
 fn shipped_example_config_parses() {
     let text = include_str!("../../../policies/firma.toml");
     let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();

@@ -250,7 +250,7 @@ fn run_inner(args: Args) -> Result<ExitCode, Failure> {
         let lines = summary::lines(audit, &prepared.cgroup_rel);
         eprintln!(
             "firma: {} decision(s); audit {}{}",
-            lines.len(),
+            summary::decisions(audit, &prepared.cgroup_rel),
             audit.display(),
             prepared
                 .audit_public_key
