@@ -130,6 +130,13 @@ public_key_path = "$DIR/authority.pub"
 default_timeout_ms = 5000
 extra_root_certs = ["$DIR/up-ca.crt"]
 
+# Where api.openai.com is (no DNS in the demo's namespace). The sidecar connects only to an
+# address of the decided name, and the connection's original destination must be it
+# (otherwise DestinationMismatch: docs/architecture.md, "Destination binding").
+[[sidecar.connector.hosts]]
+host = "api.openai.com"
+address = "127.0.0.2:443"
+
 [[sidecar.credentials]]
 host = "api.openai.com"
 mode = "basic"

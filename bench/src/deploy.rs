@@ -78,6 +78,12 @@ impl Deployment {
             enabled: true,
             intercept_hosts: vec![HOST.into()],
             strict_hosts: strict.then(|| vec![HOST.into()]),
+            // The fallback is opt-in; `--mitm-fallback` opts in to reproduce it.
+            fallback_hosts: if strict {
+                Vec::new()
+            } else {
+                vec![HOST.into()]
+            },
         });
         t.extra_root_certs = vec![upstream_ca.to_path_buf()];
         if let Mode::HttpProxy = mode {

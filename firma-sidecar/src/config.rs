@@ -244,11 +244,17 @@ pub struct HttpsMitmConfig {
     /// Hosts whose TLS the sidecar terminates: exact names or `*.example.com`.
     #[serde(default)]
     pub intercept_hosts: Vec<String>,
-    /// Hosts for which a MITM failure denies instead of falling back to a blind tunnel. For
-    /// other intercepted hosts only a client that rejects the certificate (a certificate
-    /// alert: it pins, or does not trust the Firma CA) falls back, for that client, 300 s.
+    /// Hosts always intercepted (even if not in `intercept_hosts`) whose MITM failure is never
+    /// anything but a closed, audited connection.
     #[serde(default)]
     pub strict_hosts: Vec<String>,
+    /// Opt-in, per host (exact or `*.example.com`): a client that rejects the Firma certificate
+    /// (a certificate alert: it pins, or does not trust the Firma CA) is tunnelled blind to this
+    /// host for 300 s (that client only: its cgroup in transparent mode, its address in
+    /// `http_proxy` mode), with a destination-level decision. Empty (the default): a rejecting
+    /// client gets its own connection closed and audited, and nothing else changes.
+    #[serde(default)]
+    pub fallback_hosts: Vec<String>,
 }
 
 /// `[sidecar.interceptor.transparent]`: eBPF redirection of tagged cgroups.
@@ -988,6 +994,25 @@ impl SidecarConfig {
         }
         self.validate_side_doors(file)?;
         self.dns.validate(file, self.interceptor.transparent.port)?;
+        let m = &self.interceptor.https_mitm;
+        for (i, h) in m.fallback_hosts.iter().enumerate() {
+            let key = format!("sidecar.interceptor.https_mitm.fallback_hosts[{i}]");
+            let bare = h.strip_prefix("*.").unwrap_or(h);
+            if bare.is_empty() || bare.contains(['*', '/', ' ']) {
+                return Err(ConfigError::invalid(
+                    file,
+                    &key,
+                    format!("expected a host name or `*.suffix`, got {h:?}"),
+                ));
+            }
+            if m.strict_hosts.iter().any(|s| s.eq_ignore_ascii_case(h)) {
+                return Err(ConfigError::invalid(
+                    file,
+                    &key,
+                    format!("{h:?} is also in strict_hosts, which never fall back: pick one"),
+                ));
+            }
+        }
         for (i, h) in self.connector.hosts.iter().enumerate() {
             if h.rps == Some(0) {
                 return Err(ConfigError::invalid(

@@ -33,6 +33,10 @@ pub enum DenyReason {
     /// DNS guard: the name is not one the configuration can send traffic to (NXDOMAIN), the
     /// query type is not answered (REFUSED), or the workload is over its query rate.
     DnsDenied,
+    /// The connection's destination is not one the decision allows: its address is not one of
+    /// the decided name's (resolved by the sidecar), its port is not one a rule allows for that
+    /// name, an IP literal no rule names, or a request that names two destinations.
+    DestinationMismatch,
 }
 
 impl DenyReason {
@@ -55,6 +59,7 @@ impl DenyReason {
             Self::AuditUnavailable => "AuditUnavailable",
             Self::CredentialLeak => "CredentialLeak",
             Self::DnsDenied => "DnsDenied",
+            Self::DestinationMismatch => "DestinationMismatch",
         }
     }
 }

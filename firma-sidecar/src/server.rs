@@ -194,6 +194,7 @@ where
     let audit = AuditLog::start(&cfg.audit).await?;
     let first_conn_id = crate::audit::next_conn_id(&cfg.audit);
     let pipeline = Pipeline::start(cfg).await?;
+    let connector = connector.with_rules(pipeline.mapping_rules());
     let drain = Drain::new();
     let limits = Limits::from_config(&cfg.limits, nofile, limits::open_fds());
     let state = Arc::new(SidecarState::new(

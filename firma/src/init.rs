@@ -158,7 +158,8 @@ drain_timeout_secs = 30
 enabled = true
 # Hosts whose TLS the sidecar terminates to decide per request: the hosts the mapping rules name.
 intercept_hosts = [{hosts}]
-strict_hosts = []                    # hosts where a failed interception denies instead of tunnelling
+strict_hosts = []                    # hosts always intercepted, a failed interception closes
+fallback_hosts = []                  # opt-in: a client rejecting the CA is tunnelled blind (300 s)
 
 # Used only with mode = "transparent" (root): tagged cgroups' connects go to 127.0.0.1/[::1]:port.
 [sidecar.interceptor.transparent]

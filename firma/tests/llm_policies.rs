@@ -367,7 +367,15 @@ fn llm_policy_and_usage_in_tagged_cgroup() {
         allow_ephemeral_pins: None,
     };
     d.write(Some(&up), &s);
-    let _sc = d.start(&[]);
+    // The sidecar resolves api.openai.com itself (the original destination must be one of its
+    // addresses): it sees the clients' hosts file.
+    let hosts = tmp.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n{DST_V4} api.openai.com\n"),
+    )
+    .unwrap();
+    let _sc = d.start_with_hosts(&[], &hosts);
     let cg_path = format!("/{}", cg.dir.file_name().unwrap().to_string_lossy());
     let out = firma(&[
         "sidecar",
@@ -382,12 +390,6 @@ fn llm_policy_and_usage_in_tagged_cgroup() {
         "s1",
     ]);
     assert!(out.status.success(), "attach: {}", text(&out.stderr));
-    let hosts = tmp.path().join("hosts");
-    std::fs::write(
-        &hosts,
-        format!("127.0.0.1 localhost\n{DST_V4} api.openai.com\n"),
-    )
-    .unwrap();
     let call = |body: &str| {
         let script = format!(
             "mount --bind '{}' /etc/hosts && echo $$ > '{}/cgroup.procs' && exec \"$@\"",

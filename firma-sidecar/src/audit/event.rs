@@ -46,6 +46,7 @@ use time::format_description::well_known::Rfc3339;
 pub struct IntentExtra<'a> {
     pub dns: Option<&'a Map<String, Value>>,
     pub request: Option<&'a Value>,
+    pub destination: Option<&'a Value>,
 }
 
 /// A fresh event id.
@@ -299,6 +300,7 @@ impl<'a> Envelope<'a> {
                 passthrough,
                 dns: extra.dns.map(bound::map),
                 request: extra.request.map(bound::value),
+                destination: extra.destination.map(bound::value),
             },
         }
     }
@@ -318,6 +320,8 @@ struct Intent<'a> {
     dns: Option<Cow<'a, Map<String, Value>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     request: Option<Cow<'a, Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destination: Option<Cow<'a, Value>>,
 }
 
 /// Client-controlled text, bounded ([`bound`]).

@@ -31,6 +31,9 @@ struct Intent {
     dns: Option<Map<String, Value>>,
     /// `envelope.intent.request`: attributes extracted from the body for Cedar.
     request: Option<Value>,
+    /// `envelope.intent.destination`: a `DestinationMismatch`'s decided name, its addresses
+    /// and ports, and the client's original destination.
+    destination: Option<Value>,
 }
 
 impl Intent {
@@ -40,6 +43,7 @@ impl Intent {
         event::IntentExtra {
             dns: self.dns.as_ref(),
             request: self.request.as_ref(),
+            destination: self.destination.as_ref(),
         }
     }
 
@@ -95,6 +99,12 @@ impl RequestAudit {
         self.intent.host = host.map(str::to_owned);
         self.intent.port = port;
         self.intent.path = path.map(str::to_owned);
+        self
+    }
+
+    /// Why the destination could not be bound: becomes `envelope.intent.destination`.
+    pub fn destination(mut self, record: Value) -> Self {
+        self.intent.destination = Some(record);
         self
     }
 

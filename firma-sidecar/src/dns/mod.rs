@@ -370,6 +370,13 @@ impl DnsGuard {
         let upstream_us = started.elapsed().as_micros() as u64;
         match result {
             Ok((bytes, a, server)) => {
+                // What the workload was told is where the name is: the destination binding
+                // accepts these addresses for it (connector::binding).
+                self.state
+                    .connector
+                    .binder()
+                    .resolver()
+                    .learn(&q.qname, &a.addresses);
                 let mut f = Map::new();
                 f.insert("rcode".into(), a.rcode.to_str().into());
                 f.insert("answers".into(), a.answers.into());

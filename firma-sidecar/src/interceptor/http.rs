@@ -15,6 +15,7 @@ use super::websocket;
 use crate::audit::RequestAudit;
 use crate::config::ErrorFormat;
 use crate::conn::{ConnectionInfo, Decision, DenyReason};
+use crate::connector::binding::Unbound;
 use crate::connector::{Failure, RespBody, UpstreamTarget};
 use crate::pipeline::RequestContext;
 use crate::pipeline::extract;
@@ -244,7 +245,64 @@ struct Target {
     path: String,
 }
 
-fn target_of(req: &mut Request<Incoming>, mode: &HttpMode) -> Result<Target, String> {
+/// The port a `Host` value names, if any (`[v6]:p`, `name:p`).
+fn host_port(raw: &str) -> Option<u16> {
+    let raw = raw.trim();
+    let tail = match raw.strip_prefix('[') {
+        Some(rest) => rest.split_once(']')?.1.strip_prefix(':')?,
+        None => raw.rsplit_once(':')?.1,
+    };
+    tail.parse().ok()
+}
+
+/// Absolute-form: a `Host` that names another destination than the request target is a
+/// request with two destinations (a proxy forwards to the target, a server behind it may route
+/// on `Host`): `DestinationMismatch`, never forwarded.
+fn check_proxy_host(
+    headers: &http::HeaderMap,
+    host: &str,
+    port: u16,
+    tls: bool,
+) -> Result<(), String> {
+    let Some(raw) = headers.get(http::header::HOST) else {
+        return Ok(());
+    };
+    let raw = raw.to_str().unwrap_or_default();
+    let named = normalize_host(raw);
+    let named_port = host_port(raw).unwrap_or(if tls { 443 } else { 80 });
+    if named.as_deref() == Some(host) && named_port == port {
+        return Ok(());
+    }
+    Err(format!(
+        "Host {raw:?} names another destination than the request target {host}:{port}"
+    ))
+}
+
+fn target_of(req: &mut Request<Incoming>, mode: &HttpMode) -> Result<Target, (DenyReason, String)> {
+    target_inner(req, mode).map_err(|e| match e {
+        TargetError::Malformed(d) => (DenyReason::MalformedRequest, d),
+        TargetError::Destination(d) => (DenyReason::DestinationMismatch, d),
+    })
+}
+
+enum TargetError {
+    Malformed(String),
+    Destination(String),
+}
+
+impl From<String> for TargetError {
+    fn from(s: String) -> Self {
+        Self::Malformed(s)
+    }
+}
+
+impl From<&str> for TargetError {
+    fn from(s: &str) -> Self {
+        Self::Malformed(s.into())
+    }
+}
+
+fn target_inner(req: &mut Request<Incoming>, mode: &HttpMode) -> Result<Target, TargetError> {
     // Decide on, audit and forward one spelling of the path (see `pipeline::path`).
     *req.uri_mut() = crate::pipeline::path::normalize_uri(req.uri()).map_err(|e| e.to_string())?;
     let uri = req.uri();
@@ -256,7 +314,7 @@ fn target_of(req: &mut Request<Incoming>, mode: &HttpMode) -> Result<Target, Str
     });
     let path = uri.path();
     if !path.starts_with('/') {
-        return Err(format!("request target {:?} has no absolute path", uri));
+        return Err(format!("request target {:?} has no absolute path", uri).into());
     }
     let path = path.to_string();
     let upstream = match mode {
@@ -274,6 +332,7 @@ fn target_of(req: &mut Request<Incoming>, mode: &HttpMode) -> Result<Target, Str
             let auth = uri.authority().ok_or("absolute URI without a host")?;
             let host = normalize_host(auth.host()).ok_or("invalid host in request URI")?;
             let port = auth.port_u16().unwrap_or(if tls { 443 } else { 80 });
+            check_proxy_host(req.headers(), &host, port, tls).map_err(TargetError::Destination)?;
             UpstreamTarget { host, port, tls }
         }
         HttpMode::Bound { host, port, tls } => {
@@ -282,7 +341,8 @@ fn target_of(req: &mut Request<Incoming>, mode: &HttpMode) -> Result<Target, Str
                 if &n != host {
                     return Err(format!(
                         "Host {n:?} does not match the connection's server name {host:?}"
-                    ));
+                    )
+                    .into());
                 }
             }
             UpstreamTarget {
@@ -359,11 +419,12 @@ async fn handle_request(
                 Ok(())
             }
         })
+        .map_err(|d| (DenyReason::MalformedRequest, d))
         .and_then(|()| target_of(&mut req, mode));
     let target = match target {
         Ok(t) => t,
-        Err(detail) => {
-            let d = Decision::deny(DenyReason::MalformedRequest, detail);
+        Err((reason, detail)) => {
+            let d = Decision::deny(reason, detail);
             rec.deny(&d);
             discard_body(req.into_body()).await;
             return deny(&d);
@@ -483,14 +544,37 @@ async fn handle_request(
     {
         decision = decision.into_deny(DenyReason::InsecureUpstream, detail);
     }
-    if !decision.is_allow() {
+    // Where to: an address of the decided name, never one the client chose (a mismatch is a
+    // denial like the ones above, so the body is read the same way before answering).
+    let connecting = std::time::Instant::now();
+    let mut addr = None;
+    let mut rec = rec;
+    if decision.is_allow() {
+        match state.connector.bind(Some(&up.host), up.port, conn).await {
+            Ok(a) => addr = Some(a),
+            Err(Unbound::Mismatch(m)) => {
+                decision = decision.into_deny(DenyReason::DestinationMismatch, m.detail);
+                tracing::warn!(conn = conn.conn_id, host = %up.host, detail = %decision.detail, "destination mismatch");
+                rec = rec.destination(m.record);
+            }
+            Err(Unbound::Unresolved(e)) => {
+                let outcome = crate::conn::ConnectorOutcome {
+                    aborted: Some("UpstreamUnavailable".into()),
+                    ..Default::default()
+                };
+                rec.abort_before_send(&decision, outcome);
+                discard_body(req.into_body()).await;
+                return abort(StatusCode::BAD_GATEWAY, "UpstreamUnavailable", &e);
+            }
+        }
+    }
+    let Some(addr) = addr.filter(|_| decision.is_allow()) else {
         rec.deny(&decision);
         crate::metrics::overhead(arrived);
         discard_body(req.into_body()).await;
         return deny(&decision);
-    }
-    let connecting = std::time::Instant::now();
-    let prepared = state.connector.prepare(req, up, conn).await;
+    };
+    let prepared = state.connector.prepare(req, up, conn, addr).await;
     crate::metrics::stage(crate::metrics::Stage::Connector, connecting.elapsed());
     let prepared = match prepared {
         Ok(p) => p,

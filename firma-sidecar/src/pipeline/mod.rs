@@ -506,6 +506,11 @@ impl Pipeline {
         }
     }
 
+    /// The loaded mapping rules (the connector's destination binding reads their `ports`).
+    pub fn mapping_rules(&self) -> Arc<MappingRules> {
+        self.inner.mapping.clone()
+    }
+
     /// Host patterns of the mapping rules (see [`MappingRules::host_patterns`]).
     pub fn mapping_hosts(&self) -> Vec<String> {
         self.inner.mapping.host_patterns()

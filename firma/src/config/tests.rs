@@ -171,6 +171,37 @@ fn dns_guard_section_defaults_and_errors() {
 }
 
 #[test]
+fn mitm_fallback_is_opt_in_and_validated() {
+    let text = include_str!("../../../policies/firma.toml");
+    let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();
+    assert!(
+        c.sidecar()
+            .unwrap()
+            .interceptor
+            .https_mitm
+            .fallback_hosts
+            .is_empty(),
+        "the shipped example keeps the fallback off"
+    );
+    for (line, needle) in [
+        (
+            "fallback_hosts = [\"api.acme-vendor.com\"]",
+            "also in strict_hosts",
+        ),
+        ("fallback_hosts = [\"a.*.example\"]", "expected a host name"),
+    ] {
+        let t = text.replace("fallback_hosts = []", line);
+        let e = FirmaConfig::parse(&t, Path::new("/etc/firma.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sidecar.interceptor.https_mitm.fallback_hosts[0]") && e.contains(needle),
+            "{line}: {e}"
+        );
+    }
+}
+
+#[test]
 fn credential_strip_lists_and_error_format_are_validated() {
     let text = include_str!("../../../policies/firma.toml");
     let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();

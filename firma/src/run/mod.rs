@@ -57,8 +57,9 @@ pub struct Args {
     /// Mapping rules file instead of the shipped one.
     #[arg(long, value_name = "FILE")]
     rules: Option<PathBuf>,
-    /// Permit every call to HOST (exact or *.suffix); repeat. The shipped forbids still win.
-    #[arg(long = "allow-host", value_name = "HOST")]
+    /// Permit every call to HOST (exact or *.suffix) on port 443, or on PORT with HOST:PORT
+    /// (plain HTTP needs HOST:80); repeat. The shipped forbids still win.
+    #[arg(long = "allow-host", value_name = "HOST[:PORT]")]
     allow_hosts: Vec<String>,
     /// Let CMD send UDP to ADDR:PORT ([V6]:PORT for IPv6); repeat. UDP is otherwise closed
     /// (DNS goes to the run's DNS guard).

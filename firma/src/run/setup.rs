@@ -250,15 +250,31 @@ pub fn check_args(args: &Args) -> Result<(), String> {
         allow::parse_loopback(a).map_err(|why| format!("--allow-loopback: {why}"))?;
     }
     for h in &args.allow_hosts {
-        let h = h.trim();
-        let bare = h.strip_prefix("*.").unwrap_or(h);
-        if bare.is_empty() || bare.contains(['*', '/', ':', ' ', '"', '\\']) || !bare.is_ascii() {
-            return Err(format!(
-                "--allow-host {h:?}: expected a host name (exact, or *.suffix)"
-            ));
-        }
+        split_allow_host(h)?;
     }
     Ok(())
+}
+
+/// `--allow-host HOST[:PORT]`: the lowercase host and its port, if one was named.
+pub fn split_allow_host(raw: &str) -> Result<(String, Option<u16>), String> {
+    let h = raw.trim();
+    let bad = || {
+        format!(
+            "--allow-host {h:?}: expected a host name (exact, or *.suffix), optionally with :PORT"
+        )
+    };
+    let (host, port) = match h.rsplit_once(':') {
+        Some((host, p)) => {
+            let port: u16 = p.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+            (host, Some(port))
+        }
+        None => (h, None),
+    };
+    let bare = host.strip_prefix("*.").unwrap_or(host);
+    if bare.is_empty() || bare.contains(['*', '/', ':', ' ', '"', '\\']) || !bare.is_ascii() {
+        return Err(bad());
+    }
+    Ok((host.to_ascii_lowercase(), port))
 }
 
 /// Builds the run: writes the run directory, issues the capability, assembles the config.
@@ -320,25 +336,46 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
             .with_context(|| format!("reading mapping rules {}", p.display()))?;
         existing.extend(shipped::rule_keys(&text, &p)?);
     }
-    let allow: Vec<String> = args
-        .allow_hosts
-        .iter()
-        .map(|h| h.trim().to_ascii_lowercase())
-        .collect();
+    // HOST -> the ports named with it (443 when named without one).
+    let mut allow_ports: std::collections::BTreeMap<String, BTreeSet<u16>> = Default::default();
+    for raw in &args.allow_hosts {
+        let (h, port) = split_allow_host(raw).map_err(Refused)?;
+        allow_ports
+            .entry(h)
+            .or_default()
+            .insert(port.unwrap_or(443));
+    }
+    let allow: Vec<String> = allow_ports.keys().cloned().collect();
     if !allow.is_empty() {
         let mut rules = String::from(
             "# firma run --allow-host: whole-host rules for hosts no shipped rule claims whole.\n",
         );
         let mut permits = String::from("// firma run --allow-host\n");
-        for h in &allow {
-            let whole = RuleKey {
-                method: "*".into(),
+        for (h, ports) in &allow_ports {
+            let key = |method: &str| RuleKey {
+                method: method.into(),
                 host: h.clone(),
                 path: "*".into(),
             };
-            if !existing.contains(&whole) {
+            let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+            let ports_line = format!("ports = [{}]\n", list.join(", "));
+            let named_port = ports.iter().any(|p| *p != 443);
+            if !existing.contains(&key("*")) {
                 rules.push_str(&format!(
-                    "[[rule]]\nhost = {}\naction_class = \"communication.external.send\"\n",
+                    "[[rule]]\nhost = {}\n{ports_line}action_class = \"communication.external.send\"\n",
+                    q(h)
+                ));
+            } else if named_port {
+                // A rule already claims the host whole: its ports come from a CONNECT rule
+                // (which classifies only blind tunnels to the host).
+                if existing.contains(&key("CONNECT")) {
+                    return Err(Refused(format!(
+                        "--allow-host {h}:PORT: the mapping rules already claim {h} whole (also for CONNECT); list the port in their `ports`"
+                    ))
+                    .into());
+                }
+                rules.push_str(&format!(
+                    "[[rule]]\nmethod = \"CONNECT\"\nhost = {}\n{ports_line}action_class = \"communication.external.send\"\n",
                     q(h)
                 ));
             }
@@ -601,6 +638,21 @@ fn write_ca_bundle(run_dir: &Path, ca_dir: &Path) -> anyhow::Result<tempfile::Te
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allow_host_flags() {
+        assert_eq!(
+            split_allow_host("API.example.org").unwrap(),
+            ("api.example.org".into(), None)
+        );
+        assert_eq!(
+            split_allow_host("*.example.org:8443").unwrap(),
+            ("*.example.org".into(), Some(8443))
+        );
+        for bad in ["", "h:0", "h:x", "h:70000", "a:b:1", "h/p", "*", "h :1"] {
+            assert!(split_allow_host(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn credential_flags() {
