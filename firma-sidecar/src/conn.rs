@@ -29,6 +29,10 @@ pub enum DenyReason {
     /// DNS guard: the name is not one the configuration can send traffic to (NXDOMAIN), the
     /// query type is not answered (REFUSED), or the workload is over its query rate.
     DnsDenied,
+    /// A body a rule reads attributes from is larger than `extract_max_body_bytes` (413).
+    BodyTooLarge,
+    /// Bodies read for extraction already fill `extract_body_budget_bytes` (503, retryable).
+    BodyBudgetExhausted,
 }
 
 impl DenyReason {
@@ -50,6 +54,8 @@ impl DenyReason {
             Self::InsecureUpstream => "InsecureUpstream",
             Self::AuditUnavailable => "AuditUnavailable",
             Self::DnsDenied => "DnsDenied",
+            Self::BodyTooLarge => "BodyTooLarge",
+            Self::BodyBudgetExhausted => "BodyBudgetExhausted",
         }
     }
 }

@@ -24,14 +24,23 @@ fn json(status: StatusCode, body: String) -> Response<RespBody> {
     r
 }
 
-/// 403 with `{"denied":true,"reason":…,"detail":…}`; 400 for `MalformedRequest`.
+/// 403 with `{"denied":true,"reason":…,"detail":…}`; 400 for `MalformedRequest`, 413 for
+/// `BodyTooLarge`, 503 with `Retry-After: 1` for `BodyBudgetExhausted`.
 pub fn deny(decision: &Decision) -> Response<RespBody> {
-    json(deny_status(decision), decision.deny_body())
+    let mut r = json(deny_status(decision), decision.deny_body());
+    if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    r
 }
 
 pub fn deny_status(decision: &Decision) -> StatusCode {
+    use crate::conn::DenyReason;
     match decision.reason {
-        Some(crate::conn::DenyReason::MalformedRequest) => StatusCode::BAD_REQUEST,
+        Some(DenyReason::MalformedRequest) => StatusCode::BAD_REQUEST,
+        Some(DenyReason::BodyTooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
+        Some(DenyReason::BodyBudgetExhausted) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::FORBIDDEN,
     }
 }
@@ -106,6 +115,8 @@ pub fn grpc(code: u32, reason: &str, detail: &str) -> Response<RespBody> {
 pub fn grpc_deny(decision: &Decision) -> Response<RespBody> {
     let code = match decision.reason {
         Some(crate::conn::DenyReason::MalformedRequest) => grpc_code::INVALID_ARGUMENT,
+        Some(crate::conn::DenyReason::BodyTooLarge) => grpc_code::RESOURCE_EXHAUSTED,
+        Some(crate::conn::DenyReason::BodyBudgetExhausted) => grpc_code::UNAVAILABLE,
         _ => grpc_code::PERMISSION_DENIED,
     };
     let reason = decision

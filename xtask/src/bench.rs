@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: the criterion benches of the decision pipeline, then the end-to-end
-//! load harness (`firma-bench run`, release build) comparing two clients (`firma-bench client`
+//! load harness (`firma-bench run`, `profiling` build: release code with line tables) comparing two clients (`firma-bench client`
 //! and Go `hey`) direct, through the sidecar, and through Envoy and mitmproxy (installed by the
 //! harness into a venv under `target/bench/peers`; `hey` and `nginx-light` with apt-get as
 //! root) in one run, repeated and interleaved. Results: `target/bench/e2e.json` (every run and
@@ -20,6 +20,9 @@ pub struct BenchArgs {
     pub args: Vec<String>,
 }
 
+/// The cargo profile the harness builds and runs (`[profile.profiling]`: release + debug = 1).
+const PROFILE: &str = "profiling";
+
 pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let root = &root.canonicalize()?;
     if !args.skip_criterion {
@@ -29,20 +32,30 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                 .current_dir(root),
         )?;
     }
-    // One release build of both binaries: the figures are meaningless for a debug `firma`, and
-    // a debug load client would measure itself.
+    // One optimised build of both binaries: the figures are meaningless for a debug `firma`,
+    // and a debug load client would measure itself. The `profiling` profile is release plus
+    // line tables, so `perf` on the measured binary resolves symbols and lines.
     exec(
         Command::new("cargo")
-            .args(["build", "--release", "-p", "firma", "-p", "firma-bench"])
+            .args([
+                "build",
+                "--profile",
+                PROFILE,
+                "-p",
+                "firma",
+                "-p",
+                "firma-bench",
+            ])
             .current_dir(root),
     )?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
+    let bin = target.join(PROFILE);
     // The peers, hey and nginx are installed first, with the host's network (the run itself
     // has none).
     exec(
-        Command::new(target.join("release/firma-bench"))
+        Command::new(bin.join("firma-bench"))
             .arg("install-peers")
             .arg("--dir")
             .arg(target.join("bench/peers")),
@@ -62,18 +75,18 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             "-c",
             "ip link set lo up && exec \"$0\" \"$@\"",
         ])
-        .arg(target.join("release/firma-bench"));
+        .arg(bin.join("firma-bench"));
         c
     } else {
         eprintln!("bench: not root or no unshare: running on the host's loopback");
-        Command::new(target.join("release/firma-bench"))
+        Command::new(bin.join("firma-bench"))
     };
     exec(
         cmd.arg("run")
             .arg("--firma")
-            .arg(target.join("release/firma"))
+            .arg(bin.join("firma"))
             // The Authority launcher of firma-testing (issuance latency) finds it here.
-            .env("FIRMA_BIN", target.join("release/firma"))
+            .env("FIRMA_BIN", bin.join("firma"))
             .arg("--out")
             .arg(target.join("bench/e2e.json"))
             // Envoy and mitmproxy are installed here once (a venv), then reused.

@@ -16,9 +16,9 @@
 //! The attribute names and their Cedar types are fixed ([`ATTRIBUTES`], declared in the shipped
 //! schema as `RequestAttributes`); an unknown name stops the sidecar at load time naming file and
 //! rule. Only requests whose rule extracts have their body read before the decision, up to
-//! `[sidecar.mapping] extract_max_body_bytes` (default 1 MiB); the body is then forwarded
-//! byte for byte. A body that is not JSON, is larger than the limit, or holds a value of the
-//! wrong type (`max_tokens = "lots"`) is `MalformedRequest` (400). A pointer that finds nothing
+//! `[sidecar.mapping] extract_max_body_bytes` (default 32 MiB; larger is `BodyTooLarge`, 413,
+//! see `interceptor::body`); the body is then forwarded byte for byte. A body that is not JSON
+//! or holds a value of the wrong type (`max_tokens = "lots"`) is `MalformedRequest` (400). A pointer that finds nothing
 //! leaves the attribute absent: policies test `context.request has max_tokens`.
 
 use serde::Deserialize;
