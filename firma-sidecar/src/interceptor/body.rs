@@ -20,8 +20,9 @@
 //! clean on every protocol. If not, the request body is kept open until the response has been
 //! sent: over HTTP/2 the stream then ends with RST_STREAM(NO_ERROR) after the complete
 //! response (RFC 9113 8.1; the h2 crate picks NO_ERROR only when the response was sent before
-//! the body was dropped, CANCEL otherwise, which curl reports as a framing error); over HTTP/1.1
-//! the response says `Connection: close`. A request with `Expect: 100-continue` whose body was
+//! the body was dropped, CANCEL otherwise, which curl reports as a framing error; curl 7.88
+//! still reports NO_ERROR during its upload as one, Node and curl 8 show the response); over
+//! HTTP/1.1 the response says `Connection: close`. A request with `Expect: 100-continue` whose body was
 //! never read is answered at once: the client has not sent it and will not.
 
 use crate::connector::RespBody;
@@ -36,10 +37,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-/// Most of a refused body read and discarded before answering.
-pub const DRAIN_MAX: u64 = 64 * 1024 * 1024;
-/// Longest we spend discarding it.
-pub const DRAIN_TIME: Duration = Duration::from_secs(10);
+/// Most of a refused body read and discarded before answering (a declared size above it is
+/// not drained at all).
+pub const DRAIN_MAX: u64 = 128 * 1024 * 1024;
+/// Longest we spend discarding it (nginx's `lingering_time` default).
+pub const DRAIN_TIME: Duration = Duration::from_secs(30);
 /// Slices the buffered body is forwarded in (the budget share is released after the last).
 const FORWARD_CHUNK: usize = 1024 * 1024;
 
