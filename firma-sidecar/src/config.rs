@@ -795,7 +795,7 @@ impl SidecarConfig {
             return Err(ConfigError::invalid(
                 file,
                 "sidecar.mapping.extract_body_budget_bytes",
-                &format!(
+                format!(
                     "expected at least extract_max_body_bytes ({}), or no body that large could ever be read",
                     self.mapping.extract_max_body_bytes
                 ),
