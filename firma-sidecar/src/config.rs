@@ -457,13 +457,22 @@ pub struct MappingConfig {
     /// Deny requests no rule maps (`UnclassifiedIntent`); otherwise they pass and are audited.
     #[serde(default = "yes")]
     pub default_protected: bool,
-    /// Largest request body read for a rule's `extract` (bigger: `MalformedRequest`).
+    /// Largest request body read for a rule's `extract` (bigger: 413 `BodyTooLarge`). Fits
+    /// multimodal requests (base64 images).
     #[serde(default = "default_extract_max_body_bytes")]
     pub extract_max_body_bytes: usize,
+    /// Bytes of such bodies held in memory at once across all requests (more: 503
+    /// `BodyBudgetExhausted` with `Retry-After`). At least `extract_max_body_bytes`.
+    #[serde(default = "default_extract_body_budget_bytes")]
+    pub extract_body_budget_bytes: usize,
 }
 
 fn default_extract_max_body_bytes() -> usize {
-    1024 * 1024
+    32 * 1024 * 1024
+}
+
+fn default_extract_body_budget_bytes() -> usize {
+    256 * 1024 * 1024
 }
 
 impl MappingConfig {
@@ -974,6 +983,16 @@ impl SidecarConfig {
                 file,
                 "sidecar.mapping.extract_max_body_bytes",
                 "expected a positive number of bytes",
+            ));
+        }
+        if self.mapping.extract_body_budget_bytes < self.mapping.extract_max_body_bytes {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.mapping.extract_body_budget_bytes",
+                format!(
+                    "expected at least extract_max_body_bytes ({}), or no body that large could ever be read",
+                    self.mapping.extract_max_body_bytes
+                ),
             ));
         }
         if self.policy.dir.is_none() && self.policy.authority_url.is_none() {

@@ -37,6 +37,10 @@ pub enum DenyReason {
     /// the decided name's (resolved by the sidecar), its port is not one a rule allows for that
     /// name, an IP literal no rule names, or a request that names two destinations.
     DestinationMismatch,
+    /// A body a rule reads attributes from is larger than `extract_max_body_bytes` (413).
+    BodyTooLarge,
+    /// Bodies read for extraction already fill `extract_body_budget_bytes` (503, retryable).
+    BodyBudgetExhausted,
 }
 
 impl DenyReason {
@@ -60,6 +64,8 @@ impl DenyReason {
             Self::CredentialLeak => "CredentialLeak",
             Self::DnsDenied => "DnsDenied",
             Self::DestinationMismatch => "DestinationMismatch",
+            Self::BodyTooLarge => "BodyTooLarge",
+            Self::BodyBudgetExhausted => "BodyBudgetExhausted",
         }
     }
 }

@@ -29,12 +29,14 @@ fn json(status: StatusCode, body: String) -> Response<RespBody> {
     r
 }
 
-/// 403 with `{"denied":true,"reason":…,"detail":…}`; 400 for `MalformedRequest`.
+/// 403 with `{"denied":true,"reason":…,"detail":…}`; 400 for `MalformedRequest`, 413 for
+/// `BodyTooLarge`, 503 with `Retry-After: 1` for `BodyBudgetExhausted`.
 pub fn deny(decision: &Decision) -> Response<RespBody> {
     deny_as(decision, ErrorFormat::Firma)
 }
 
-/// [`deny`] with the error shape of `format` added to the body, and `x-should-retry: false`.
+/// [`deny`] with the error shape of `format` added to the body, and `x-should-retry: false`
+/// (a policy denial is final) except on the retryable 503.
 pub fn deny_as(decision: &Decision, format: ErrorFormat) -> Response<RespBody> {
     let status = deny_status(decision);
     let reason = decision
@@ -48,8 +50,14 @@ pub fn deny_as(decision: &Decision, format: ErrorFormat) -> Response<RespBody> {
         &format!("Firma denied this request ({reason}): {}", decision.detail),
     );
     let mut r = json(status, body);
-    r.headers_mut()
-        .insert("x-should-retry", header::HeaderValue::from_static("false"));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        // BodyBudgetExhausted: the sidecar is busy, not the request wrong; retry soon.
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    } else {
+        r.headers_mut()
+            .insert("x-should-retry", header::HeaderValue::from_static("false"));
+    }
     r
 }
 
@@ -74,8 +82,11 @@ fn shaped(
 }
 
 pub fn deny_status(decision: &Decision) -> StatusCode {
+    use crate::conn::DenyReason;
     match decision.reason {
-        Some(crate::conn::DenyReason::MalformedRequest) => StatusCode::BAD_REQUEST,
+        Some(DenyReason::MalformedRequest) => StatusCode::BAD_REQUEST,
+        Some(DenyReason::BodyTooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
+        Some(DenyReason::BodyBudgetExhausted) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::FORBIDDEN,
     }
 }
@@ -168,6 +179,8 @@ pub fn grpc(code: u32, reason: &str, detail: &str) -> Response<RespBody> {
 pub fn grpc_deny(decision: &Decision) -> Response<RespBody> {
     let code = match decision.reason {
         Some(crate::conn::DenyReason::MalformedRequest) => grpc_code::INVALID_ARGUMENT,
+        Some(crate::conn::DenyReason::BodyTooLarge) => grpc_code::RESOURCE_EXHAUSTED,
+        Some(crate::conn::DenyReason::BodyBudgetExhausted) => grpc_code::UNAVAILABLE,
         _ => grpc_code::PERMISSION_DENIED,
     };
     let reason = decision

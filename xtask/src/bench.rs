@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: the criterion benches of the decision pipeline, then the end-to-end
-//! load harness (`firma-bench run`, release build) comparing two clients (`firma-bench client`
+//! load harness (`firma-bench run`, `profiling` build: release code with line tables) comparing two clients (`firma-bench client`
 //! and Go `hey`) direct, through the sidecar, and through Envoy and mitmproxy (installed by the
 //! harness into a venv under `target/bench/peers`; `hey` and `nginx-light` with apt-get as
 //! root) in one run, repeated and interleaved. Results: `target/bench/e2e.json` (every run and
@@ -75,6 +75,9 @@ const SMOKE_TENANTS: &[&str] = &[
     "2",
 ];
 
+/// The cargo profile the harness builds and runs (`[profile.profiling]`: release + debug = 1).
+const PROFILE: &str = "profiling";
+
 pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let root = &root.canonicalize()?;
     if !args.skip_criterion && !args.smoke {
@@ -85,13 +88,15 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         }
         exec(cmd.current_dir(root))?;
     }
-    // One release build of both binaries: the figures are meaningless for a debug `firma`, and
-    // a debug load client would measure itself. A smoke run only checks the harness works.
-    let profile = if args.smoke { "debug" } else { "release" };
+    // One optimised build of both binaries: the figures are meaningless for a debug `firma`,
+    // and a debug load client would measure itself. The `profiling` profile is release plus
+    // line tables, so `perf` on the measured binary resolves symbols and lines. A smoke run
+    // only checks the harness works (debug).
+    let profile = if args.smoke { "debug" } else { PROFILE };
     let mut build = Command::new("cargo");
     build.args(["build", "-p", "firma", "-p", "firma-bench"]);
     if !args.smoke {
-        build.arg("--release");
+        build.args(["--profile", PROFILE]);
     }
     exec(build.current_dir(root))?;
     let target = std::env::var_os("CARGO_TARGET_DIR")

@@ -7,6 +7,7 @@
 //! when the client goes away mid-request). If the decision cannot be persisted the request is
 //! denied `AuditUnavailable`.
 
+use super::body;
 use super::framing::{FramingGuard, Verdict};
 use super::head::{self, HeadError};
 use super::limits;
@@ -426,8 +427,8 @@ async fn handle_request(
         Err((reason, detail)) => {
             let d = Decision::deny(reason, detail);
             rec.deny(&d);
-            discard_body(req.into_body()).await;
-            return deny(&d);
+            let (http1, waiting) = (is_http1(&req), body::expects_continue(req.headers()));
+            return body::answer_unread(req.into_body(), waiting, http1, deny(&d)).await;
         }
     };
     let up = &target.upstream;
@@ -448,8 +449,8 @@ async fn handle_request(
         Err(detail) => {
             let d = Decision::deny(DenyReason::MalformedRequest, detail);
             rec.deny(&d);
-            discard_body(req.into_body()).await;
-            return deny(&d);
+            let (http1, waiting) = (is_http1(&req), body::expects_continue(req.headers()));
+            return body::answer_unread(req.into_body(), waiting, http1, deny(&d)).await;
         }
     };
     let metered = extract::reads_body(&spec) && upgrade.is_none();
@@ -458,19 +459,30 @@ async fn handle_request(
     } else if !extract::reads_body(&spec) {
         (req.map(http_body_util::BodyExt::boxed), Some(query_attrs))
     } else {
-        match read_for_extract(req, &spec, state.pipeline.extract_limit()).await {
+        let (limit, budget) = state.pipeline.extract_limits();
+        match read_for_extract(req, &spec, limit, budget).await {
             Ok((req, mut attrs)) => {
                 attrs.extend(query_attrs);
                 (req, Some(attrs))
             }
-            Err(detail) => {
-                let d = Decision::deny(DenyReason::MalformedRequest, detail);
-                rec.deny(&d);
-                return deny(&d);
+            Err(Refused {
+                req,
+                decision,
+                unread,
+            }) => {
+                rec.deny(&decision);
+                // Refused on its declared size: an `Expect: 100-continue` client has not
+                // sent the body and is not asked to.
+                let waiting = unread && body::expects_continue(req.headers());
+                let http1 = is_http1(&req);
+                let resp = deny(&decision);
+                return body::answer_unread(req.into_body(), waiting, http1, resp).await;
             }
         }
     };
     let rec = rec.request_attrs(attrs.as_ref().map(extract::to_json));
+    // Whether the body was read for extraction (an unread one is drained or left before answering).
+    let body_read = extract::reads_body(&spec);
     // A metered LLM call (its rule extracts from the body): its usage is read from the
     // response, which must then arrive uncompressed, and it reserves against the budgets
     // (see docs/llm-policies.md).
@@ -563,16 +575,20 @@ async fn handle_request(
                     ..Default::default()
                 };
                 rec.abort_before_send(&decision, outcome);
-                discard_body(req.into_body()).await;
-                return abort(StatusCode::BAD_GATEWAY, "UpstreamUnavailable", &e);
+                let waiting = !body_read && body::expects_continue(req.headers());
+                let http1 = is_http1(&req);
+                let resp = abort(StatusCode::BAD_GATEWAY, "UpstreamUnavailable", &e);
+                return body::answer_unread(req.into_body(), waiting, http1, resp).await;
             }
         }
     }
     let Some(addr) = addr.filter(|_| decision.is_allow()) else {
         rec.deny(&decision);
         crate::metrics::overhead(arrived);
-        discard_body(req.into_body()).await;
-        return deny(&decision);
+        // Extracted bodies were read; any other is still unread.
+        let waiting = !body_read && body::expects_continue(req.headers());
+        let http1 = is_http1(&req);
+        return body::answer_unread(req.into_body(), waiting, http1, deny(&decision)).await;
     };
     let prepared = state.connector.prepare(req, up, conn, addr).await;
     crate::metrics::stage(crate::metrics::Stage::Connector, connecting.elapsed());
@@ -808,64 +824,69 @@ fn abort_of(failure: Failure) -> (StatusCode, &'static str, String) {
 /// How long a client has to send a body that must be read before the decision.
 const EXTRACT_BODY_TIME: Duration = Duration::from_secs(30);
 
-/// Reads a body whose rule extracts attributes (at most `limit` bytes, within
-/// [`EXTRACT_BODY_TIME`]), extracts them, and gives the request back with the same bytes as its
-/// body. `Err` is the `MalformedRequest` detail.
+/// Why a body that must be read before the decision was not: the denial to answer with.
+fn body_refusal(e: &body::ReadError) -> Decision {
+    let reason = match e {
+        body::ReadError::TooLarge { .. } => DenyReason::BodyTooLarge,
+        body::ReadError::Busy { .. } => DenyReason::BodyBudgetExhausted,
+        body::ReadError::Timeout(_) | body::ReadError::Client(_) => DenyReason::MalformedRequest,
+    };
+    Decision::deny(reason, e.detail())
+}
+
+/// A request refused while reading its body for extraction.
+struct Refused {
+    req: Request<Incoming>,
+    decision: Decision,
+    /// No byte of the body was read (refused on its declared size).
+    unread: bool,
+}
+
+/// Reads a body whose rule extracts attributes (see [`body`]: per-request limit, shared
+/// budget, [`EXTRACT_BODY_TIME`]), extracts them, and gives the request back with the same
+/// bytes as its body. On refusal the request comes back with what is left of its body, for
+/// [`body::answer_unread`].
 async fn read_for_extract(
     req: Request<Incoming>,
     spec: &[extract::Extract],
     limit: usize,
+    budget: &Arc<body::BodyBudget>,
 ) -> Result<
     (
         Request<crate::connector::dial::ReqBody>,
         extract::Attributes,
     ),
-    String,
+    Refused,
 > {
-    use http_body_util::{BodyExt, Full, Limited};
-    let (parts, body) = req.into_parts();
-    let collected = tokio::time::timeout(EXTRACT_BODY_TIME, Limited::new(body, limit).collect())
-        .await
-        .map_err(|_| {
-            format!("request body not received within {EXTRACT_BODY_TIME:?}")
-        })?
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                format!(
-                    "request body larger than {limit} bytes ([sidecar.mapping] extract_max_body_bytes); this endpoint's mapping rule reads attributes from it"
-                )
-            } else {
-                format!("reading the request body: {e}")
-            }
-        })?;
-    let bytes = collected.to_bytes();
-    let attrs = extract::extract(spec, &bytes)?;
-    let body = Full::new(bytes).map_err(|never| match never {}).boxed();
-    Ok((Request::from_parts(parts, body), attrs))
+    let (parts, mut incoming) = req.into_parts();
+    // hyper has checked Content-Length against the framing; `read_buffered` still stops at
+    // `limit` whatever arrives (HTTP/2 DATA beyond it, a lying length).
+    let refused = |parts, incoming, e: &body::ReadError, unread| Refused {
+        req: Request::from_parts(parts, incoming),
+        decision: body_refusal(e),
+        unread,
+    };
+    let declared = hyper::body::Body::size_hint(&incoming).exact();
+    let share = match body::admit(declared, limit, budget) {
+        Ok(s) => s,
+        Err(e) => return Err(refused(parts, incoming, &e, true)),
+    };
+    let buffered = match body::read_buffered(&mut incoming, share, limit, EXTRACT_BODY_TIME).await {
+        Ok(b) => b,
+        Err(e) => return Err(refused(parts, incoming, &e, false)),
+    };
+    match extract::extract(spec, &buffered.bytes) {
+        Ok(attrs) => Ok((Request::from_parts(parts, buffered.into_body()), attrs)),
+        Err(detail) => Err(Refused {
+            req: Request::from_parts(parts, incoming),
+            decision: Decision::deny(DenyReason::MalformedRequest, detail),
+            unread: false,
+        }),
+    }
 }
 
-/// Most of a denied request's body we read (and drop) before answering.
-const DISCARD_MAX: usize = 64 * 1024;
-/// How long we wait for it.
-const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Reads and drops what is left of a request body we answer without forwarding, up to
-/// [`DISCARD_MAX`] or [`DISCARD_TIME`]. Over HTTP/2, answering while the client is still
-/// sending makes hyper reset the stream (RST_STREAM), and clients such as curl then report the
-/// 403 as a framing error instead of showing it; a small body read to its end lets the stream
-/// close cleanly. Anything larger is not worth receiving: the reset is the right answer then.
-async fn discard_body<B: hyper::body::Body<Data = bytes::Bytes> + Unpin>(mut body: B) {
-    use http_body_util::BodyExt;
-    let mut seen = 0usize;
-    let _ = tokio::time::timeout(DISCARD_TIME, async {
-        while let Some(Ok(frame)) = body.frame().await {
-            seen += frame.data_ref().map_or(0, |d| d.len());
-            if seen > DISCARD_MAX {
-                break;
-            }
-        }
-    })
-    .await;
+fn is_http1<B>(req: &Request<B>) -> bool {
+    req.version() < http::Version::HTTP_2
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! - [`limits`]: connection caps, idle timeouts, accept backoff.
 //! - [`websocket`]: HTTP/1.1 WebSocket upgrades and their relay.
 
+pub mod body;
 pub mod framing;
 pub mod head;
 pub mod http;

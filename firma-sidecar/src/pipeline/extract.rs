@@ -16,8 +16,9 @@
 //! The attribute names and their Cedar types are fixed ([`ATTRIBUTES`], declared in the shipped
 //! schema as `RequestAttributes`); an unknown name stops the sidecar at load time naming file and
 //! rule. Only requests whose rule extracts from the body have their body read before the
-//! decision; the body is then forwarded as read. A pointer that finds nothing leaves the
-//! attribute absent: policies test `context.request has max_tokens`.
+//! decision, up to `[sidecar.mapping] extract_max_body_bytes` (default 32 MiB; larger is
+//! `BodyTooLarge`, 413, see `interceptor::body`); the body is then forwarded as read. A pointer
+//! that finds nothing leaves the attribute absent: policies test `context.request has max_tokens`.
 //!
 //! **One reading** (`docs/llm-policies.md`): attributes are read the way the strictest upstream
 //! would read them, so the policy never decides on another value than the one served. Refused

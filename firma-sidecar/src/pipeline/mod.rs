@@ -21,6 +21,7 @@
 //! `EnforcementTimeout`: the stages are synchronous CPU work, so the budget is checked when
 //! they return (a decision that overran is never turned into an allow).
 
+pub mod body_budget;
 pub mod bundle_source;
 pub mod extract;
 pub mod mapping;
@@ -112,6 +113,8 @@ struct Inner {
     extract_limit: usize,
     /// `[sidecar.llm] reserve_output_tokens`.
     reserve_output_tokens: i64,
+    /// `[sidecar.mapping] extract_body_budget_bytes`, shared by every request.
+    body_budget: std::sync::Arc<body_budget::BodyBudget>,
     /// Background tasks (authority streams, directory reload), stopped with the pipeline.
     _tasks: Tasks,
 }
@@ -256,6 +259,7 @@ impl Pipeline {
                 budget: Duration::from_millis(cfg.constraint_enforcement.enforcement_timeout_ms),
                 extract_limit: cfg.mapping.extract_max_body_bytes,
                 reserve_output_tokens: cfg.llm.reserve_output_tokens(),
+                body_budget: body_budget::BodyBudget::new(cfg.mapping.extract_body_budget_bytes),
                 _tasks: tasks,
             }),
         })
@@ -543,6 +547,11 @@ impl Pipeline {
     /// Largest body read for extraction.
     pub fn extract_limit(&self) -> usize {
         self.inner.extract_limit
+    }
+
+    /// The per-request limit and the shared budget of bodies read for extraction.
+    pub fn extract_limits(&self) -> (usize, &std::sync::Arc<body_budget::BodyBudget>) {
+        (self.inner.extract_limit, &self.inner.body_budget)
     }
 
     /// Writes the usage snapshot now (at shutdown).
