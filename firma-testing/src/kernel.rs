@@ -51,9 +51,20 @@ pub fn add_test_addresses() -> Result<(), String> {
     ip(&["link", "set", "lo", "up"])?;
     ip(&["addr", "add", &format!("{DST_V4}/32"), "dev", "lo"])?;
     ip(&["addr", "add", &format!("{EXCLUDED_V4}/32"), "dev", "lo"])?;
-    // No `nodad`: busybox's ip lacks it, and the kernel skips DAD on loopback anyway.
+    // No `nodad`: busybox's ip lacks it. The kernel skips DAD on loopback, but a fresh
+    // namespace's address can still refuse a bind for a moment (EADDRNOTAVAIL, seen on a
+    // loaded machine): wait until it binds.
     ip(&["-6", "addr", "add", &format!("{DST_V6}/128"), "dev", "lo"])?;
-    Ok(())
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match std::net::TcpListener::bind((DST_V6, 0)) {
+            Ok(_) => return Ok(()),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(format!("{DST_V6} is not usable 10 s after adding it: {e}"));
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {

@@ -454,6 +454,8 @@ async fn handle_request(
         }
     };
     let metered = extract::reads_body(&spec) && upgrade.is_none();
+    // Inline `data:` URLs in a body read for extraction (budget reservations count them apart).
+    let mut inline = extract::InlineData::default();
     let (mut req, attrs) = if spec.is_empty() {
         (req.map(http_body_util::BodyExt::boxed), None)
     } else if !extract::reads_body(&spec) {
@@ -461,8 +463,9 @@ async fn handle_request(
     } else {
         let (limit, budget) = state.pipeline.extract_limits();
         match read_for_extract(req, &spec, limit, budget).await {
-            Ok((req, mut attrs)) => {
+            Ok((req, mut attrs, found)) => {
                 attrs.extend(query_attrs);
+                inline = found;
                 (req, Some(attrs))
             }
             Err(Refused {
@@ -518,8 +521,12 @@ async fn handle_request(
             .exact()
             .and_then(|n| usize::try_from(n).ok())
             .unwrap_or(state.pipeline.extract_limit());
-        let mut w =
-            crate::pipeline::usage::want_for(a, body_len, state.pipeline.reserve_output_tokens());
+        let mut w = crate::pipeline::usage::want_for(
+            a,
+            body_len,
+            inline,
+            state.pipeline.reserve_output_tokens(),
+        );
         if let Some(price) = model.as_deref().and_then(|m| state.connector.price(m)) {
             w.cost_nano_usd = crate::connector::usage::cost_nano_usd(
                 price,
@@ -855,6 +862,7 @@ async fn read_for_extract(
     (
         Request<crate::connector::dial::ReqBody>,
         extract::Attributes,
+        extract::InlineData,
     ),
     Refused,
 > {
@@ -875,8 +883,12 @@ async fn read_for_extract(
         Ok(b) => b,
         Err(e) => return Err(refused(parts, incoming, &e, false)),
     };
-    match extract::extract(spec, &buffered.bytes) {
-        Ok(attrs) => Ok((Request::from_parts(parts, buffered.into_body()), attrs)),
+    match extract::extract_measured(spec, &buffered.bytes) {
+        Ok((attrs, inline)) => Ok((
+            Request::from_parts(parts, buffered.into_body()),
+            attrs,
+            inline,
+        )),
         Err(detail) => Err(Refused {
             req: Request::from_parts(parts, incoming),
             decision: Decision::deny(DenyReason::MalformedRequest, detail),

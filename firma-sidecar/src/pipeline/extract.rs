@@ -161,9 +161,61 @@ pub fn parse_spec(raw: BTreeMap<String, RawPointers>) -> Result<Vec<Extract>, St
 /// Parses `body` as JSON and extracts the body attributes of `spec` from it; `Err` is the
 /// `MalformedRequest` detail.
 pub fn extract(spec: &[Extract], body: &[u8]) -> Result<Attributes, String> {
+    extract_measured(spec, body).map(|(attrs, _)| attrs)
+}
+
+/// Inline images in a request body: strings that are base64 `data:image/…` URLs (vision chat
+/// requests). Providers bill an image by its pixels after resizing, not by its bytes (at most
+/// a few thousand tokens however large the base64), so a budget reservation counts these apart
+/// from text. Only a well-formed image data URL counts: text dressed as `data:` does not, nor
+/// other media (a base64 PDF can be billed as many tokens as its text).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InlineData {
+    /// Base64 image data URLs in the body.
+    pub count: u64,
+    /// Their total length in bytes.
+    pub bytes: u64,
+}
+
+/// `data:image/<subtype>;base64,<base64>`, strictly.
+fn is_inline_image(s: &str) -> bool {
+    let Some((subtype, payload)) = s
+        .strip_prefix("data:image/")
+        .and_then(|r| r.split_once(";base64,"))
+    else {
+        return false;
+    };
+    !subtype.is_empty()
+        && subtype.len() <= 64
+        && subtype
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+.-".contains(&b))
+        && payload
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+}
+
+impl InlineData {
+    fn of(v: &serde_json::Value, out: &mut Self) {
+        match v {
+            serde_json::Value::String(s) if is_inline_image(s) => {
+                out.count += 1;
+                out.bytes += s.len() as u64;
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| Self::of(v, out)),
+            serde_json::Value::Object(m) => m.values().for_each(|v| Self::of(v, out)),
+            _ => {}
+        }
+    }
+}
+
+/// [`extract`], and the body's [`InlineData`].
+pub fn extract_measured(spec: &[Extract], body: &[u8]) -> Result<(Attributes, InlineData), String> {
     let doc = serde_json::from_slice::<Strict>(body)
         .map_err(|e| format!("request body is not valid JSON ({e}); this endpoint's mapping rule reads attributes from it"))?
         .0;
+    let mut inline = InlineData::default();
+    InlineData::of(&doc, &mut inline);
     let mut out = Attributes::new();
     for x in spec.iter().filter(|x| x.source == Source::Body) {
         let mut found = Vec::with_capacity(x.pointers.len());
@@ -177,7 +229,7 @@ pub fn extract(spec: &[Extract], body: &[u8]) -> Result<Attributes, String> {
             out.insert(x.name.clone(), v);
         }
     }
-    Ok(out)
+    Ok((out, inline))
 }
 
 /// Extracts the query attributes of `spec` from `query` (the raw query string, no `?`).
@@ -609,6 +661,22 @@ mod tests {
         .unwrap();
         assert_eq!(a["max_tokens"], AttrValue::Long(9));
         assert!(!a.contains_key("stream"), "absent stays absent");
+    }
+
+    #[test]
+    fn inline_data_urls_are_measured() {
+        let s = spec(r#"extract = { model = "/model" }"#).unwrap();
+        let body = br#"{"model":"m","messages":[{"content":[{"type":"text","text":"data: no"},
+            {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}],
+            "x":["data:audio/wav;base64,BB", "data:image/png;base64,not base64!",
+            "data:image/jpeg;base64,/9j/4A=="]}"#;
+        let (_, inline) = extract_measured(&s, body).unwrap();
+        // Text that starts with `data:`, audio and a payload that is not base64 do not count.
+        assert_eq!(inline.count, 2);
+        assert_eq!(
+            inline.bytes,
+            ("data:image/png;base64,AAAA".len() + "data:image/jpeg;base64,/9j/4A==".len()) as u64
+        );
     }
 
     #[test]

@@ -90,12 +90,23 @@ pub const DEFAULT_RESERVE_OUTPUT_TOKENS: i64 = 32_768;
 /// Most choices (`n`) a reservation multiplies by (the providers' own limit is 128).
 const MAX_CHOICES: i64 = 128;
 
+/// Tokens reserved for one inline base64 image (`data:image/…;base64,`): providers bill images
+/// by their pixels after resizing (OpenAI at most ~1,500, Anthropic ~1,600 per image), never by
+/// the bytes of the base64, so a 12 MB image must not reserve 12M tokens.
+pub const INLINE_DATA_TOKENS: i64 = 4096;
+
 /// The tokens a metered request reserves (cost filled in by the caller, which knows prices):
 /// its body's length in bytes as input (a text token covers at least one byte, so this bounds
-/// text input; inputs by reference, such as files, images by URL or a previous response, are
-/// not bounded by it), and `max_tokens` (the larger of the fields the rule reads) or
-/// `default_output` when absent or not positive, times `n` when given.
-pub fn want_for(attrs: &super::extract::Attributes, body_len: usize, default_output: i64) -> Want {
+/// text input), except inline base64 images, which count [`INLINE_DATA_TOKENS`] each (inputs by
+/// reference, such as files, images by URL or a previous response, are not bounded by it), and
+/// `max_tokens` (the larger of the fields the rule reads) or `default_output` when absent or
+/// not positive, times `n` when given.
+pub fn want_for(
+    attrs: &super::extract::Attributes,
+    body_len: usize,
+    inline: super::extract::InlineData,
+    default_output: i64,
+) -> Want {
     use super::extract::AttrValue;
     let long = |k: &str| match attrs.get(k) {
         Some(AttrValue::Long(v)) => Some(*v),
@@ -106,7 +117,15 @@ pub fn want_for(attrs: &super::extract::Attributes, body_len: usize, default_out
         .unwrap_or(default_output);
     let choices = long("n").filter(|v| *v > 0).unwrap_or(1).min(MAX_CHOICES);
     Want {
-        input_tokens: i64::try_from(body_len).unwrap_or(i64::MAX),
+        input_tokens: i64::try_from(body_len)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(inline.bytes).unwrap_or(i64::MAX))
+            .max(0)
+            .saturating_add(
+                i64::try_from(inline.count)
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(INLINE_DATA_TOKENS),
+            ),
         output_tokens: per_choice.saturating_mul(choices),
         cost_nano_usd: 0,
     }
@@ -389,6 +408,27 @@ impl Drop for Reservation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inline_data_reserves_per_item_not_per_byte() {
+        use super::super::extract::{AttrValue, Attributes, InlineData};
+        let attrs = Attributes::from([("max_tokens".to_string(), AttrValue::Long(100))]);
+        let none = want_for(&attrs, 1_000, InlineData::default(), 32_768);
+        assert_eq!((none.input_tokens, none.output_tokens), (1_000, 100));
+        // A 12 MB body that is one base64 image and 1,000 bytes of text.
+        let image = InlineData {
+            count: 1,
+            bytes: 12_000_000,
+        };
+        let w = want_for(&attrs, 12_001_000, image, 32_768);
+        assert_eq!(w.input_tokens, 1_000 + INLINE_DATA_TOKENS);
+        // A lying measurement cannot go below zero.
+        let odd = InlineData {
+            count: 0,
+            bytes: 50,
+        };
+        assert_eq!(want_for(&attrs, 10, odd, 32_768).input_tokens, 0);
+    }
 
     #[test]
     fn totals_accumulate_per_session_and_agent() {
