@@ -137,6 +137,7 @@ fn stage2(c: &mut Criterion) {
                     now: now_unix(),
                     request: None,
                     usage: None,
+                    mcp: None,
                 },
             )
         })
@@ -158,6 +159,7 @@ fn stage2(c: &mut Criterion) {
                     now: now_unix(),
                     request: None,
                     usage: None,
+                    mcp: None,
                 },
             )
         })
@@ -211,6 +213,7 @@ fn stage2_with_usage(c: &mut Criterion) {
                         now: now_unix(),
                         request: Some(&attrs),
                         usage: spent(),
+                        mcp: None,
                     },
                 )
             })
@@ -283,6 +286,7 @@ fn whole_decision(c: &mut Criterion) {
                     now,
                     request: None,
                     usage: spent(),
+                    mcp: None,
                 },
             )
         })

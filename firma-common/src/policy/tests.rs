@@ -38,6 +38,7 @@ fn runtime<'a>(agent: &'a str, action: &'a str, host: &'a str, count: i64) -> Ev
         method: "POST",
         request: None,
         usage: None,
+        mcp: None,
     }
 }
 
@@ -53,6 +54,7 @@ fn issuance<'a>(agent: &'a str, action: &'a str) -> EvalRequest<'a> {
         method: "ISSUE",
         request: None,
         usage: None,
+        mcp: None,
     }
 }
 

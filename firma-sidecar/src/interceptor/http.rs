@@ -376,21 +376,43 @@ async fn handle_request(
     };
     let up = &target.upstream;
     let rec = rec.target(Some(&up.host), up.port, Some(&target.path));
+    // MCP endpoints: the JSON-RPC body is read and each message decided (pipeline::mcp).
+    let mut mcp = None;
+    let req = match state
+        .pipeline
+        .mcp_endpoint(method.as_str(), &up.host, &target.path)
+    {
+        None => Ok(req),
+        Some(spec) => {
+            let limit = state.pipeline.mcp_config().max_body_bytes;
+            match super::mcp::read(req, &spec, limit).await {
+                Ok((read, call)) => {
+                    mcp = Some(call);
+                    Err(read)
+                }
+                Err(detail) => {
+                    let d = Decision::deny(DenyReason::MalformedRequest, detail);
+                    rec.deny(&d);
+                    return super::mcp::malformed(&d);
+                }
+            }
+        }
+    };
     // Rules that extract body attributes for Cedar: read (bounded) and parse the body first.
     let spec = state
         .pipeline
         .extraction(method.as_str(), &up.host, &target.path);
-    let (mut req, attrs) = if spec.is_empty() {
-        (req.map(http_body_util::BodyExt::boxed), None)
-    } else {
-        match read_for_extract(req, &spec, state.pipeline.extract_limit()).await {
+    let (mut req, attrs) = match req {
+        Err(read) => (read, None),
+        Ok(req) if spec.is_empty() => (req.map(http_body_util::BodyExt::boxed), None),
+        Ok(req) => match read_for_extract(req, &spec, state.pipeline.extract_limit()).await {
             Ok((req, attrs)) => (req, Some(attrs)),
             Err(detail) => {
                 let d = Decision::deny(DenyReason::MalformedRequest, detail);
                 rec.deny(&d);
                 return deny(&d);
             }
-        }
+        },
     };
     let rec = rec.request_attrs(attrs.as_ref().map(extract::to_json));
     // An LLM call (its rule extracts): its usage is read from the response, which must then
@@ -412,7 +434,18 @@ async fn handle_request(
         tls: matches!(mode, HttpMode::Bound { tls: true, .. }),
         request: attrs,
     };
-    let mut decision = state.pipeline.decide(&ctx).await;
+    let (mut decision, rec) = match &mcp {
+        Some(call) => {
+            let (d, audit) = call.decide(state, &ctx).await;
+            (d, rec.request_attrs(Some(audit)))
+        }
+        None => (state.pipeline.decide(&ctx).await, rec),
+    };
+    // MCP clients get their denials as JSON-RPC errors of the calls.
+    let deny = |d: &Decision| match &mcp {
+        Some(call) => call.deny(d),
+        None => deny(d),
+    };
     if decision.is_allow()
         && let Some(detail) = state.connector.insecure(up)
     {

@@ -153,6 +153,11 @@ pub fn extract(spec: &[Extract], body: &[u8]) -> Result<Attributes, String> {
     Ok(out)
 }
 
+/// Parses `body` as one JSON value refusing duplicate keys at any depth (also used for MCP).
+pub(crate) fn parse_strict(body: &[u8]) -> Result<serde_json::Value, serde_json::Error> {
+    serde_json::from_slice::<Strict>(body).map(|s| s.0)
+}
+
 /// A JSON value that refuses duplicate object keys (see [`extract`]).
 struct Strict(serde_json::Value);
 

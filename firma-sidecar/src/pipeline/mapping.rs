@@ -81,6 +81,9 @@ struct RawRule {
     /// Request attributes from the JSON body (see [`super::extract`]).
     #[serde(default)]
     extract: Option<std::collections::BTreeMap<String, super::extract::RawPointers>>,
+    /// Marks an MCP endpoint (see [`super::mcp`]).
+    #[serde(default)]
+    mcp: Option<super::mcp::RawSpec>,
 }
 
 fn star() -> String {
@@ -112,6 +115,8 @@ pub struct Rule {
     pub action_class: String,
     /// Attributes to read from the JSON body before the decision (empty: the body streams).
     pub extract: Vec<super::extract::Extract>,
+    /// An MCP endpoint: POST bodies are decided per JSON-RPC message ([`super::mcp`]).
+    pub mcp: Option<super::mcp::McpSpec>,
     /// Where the rule came from, for diagnostics.
     pub file: PathBuf,
     pub index: usize,
@@ -169,6 +174,8 @@ pub struct Mapped<'a> {
     pub action_class: &'a str,
     /// What the rule extracts from the body.
     pub extract: &'a [super::extract::Extract],
+    /// The MCP endpoint declaration, if the rule has one.
+    pub mcp: Option<&'a super::mcp::McpSpec>,
     /// `file:rule[i]` of the winning rule.
     pub rule: (&'a Path, usize),
 }
@@ -280,6 +287,11 @@ impl MappingRules {
                 if r.action_class.trim().is_empty() {
                     return Err(err("action_class: expected a non-empty action class".into()));
                 }
+                if r.mcp.is_some() && r.extract.is_some() {
+                    return Err(err(
+                        "mcp and extract: an MCP endpoint's body is read as JSON-RPC, not extracted".into(),
+                    ));
+                }
                 Ok(Rule {
                     method: parse_method(&r.method).map_err(err)?,
                     host: parse_host(&r.host).map_err(err)?,
@@ -288,6 +300,10 @@ impl MappingRules {
                     extract: match r.extract {
                         Some(x) => super::extract::parse_spec(x).map_err(err)?,
                         None => Vec::new(),
+                    },
+                    mcp: match r.mcp {
+                        Some(m) => Some(super::mcp::parse_spec(m).map_err(err)?),
+                        None => None,
                     },
                     file: file.to_path_buf(),
                     index,
@@ -333,6 +349,17 @@ impl MappingRules {
         let mut all: Vec<&Rule> = self.rules().collect();
         all.sort_by(|a, b| (&a.file, a.index).cmp(&(&b.file, b.index)));
         for r in all {
+            // An MCP rule also produces the MCP action classes.
+            let mcp = r.mcp.iter().flat_map(|_| super::mcp::ACTION_CLASSES.iter());
+            if let Some(missing) = mcp.into_iter().find(|c| !known.contains(**c)) {
+                let k: Vec<&str> = known.iter().map(String::as_str).collect();
+                return Err(MappingError::UnknownAction {
+                    file: r.file.clone(),
+                    index: r.index,
+                    action: (*missing).to_string(),
+                    known: k.join(", "),
+                });
+            }
             if !known.contains(&r.action_class) {
                 let k: Vec<&str> = known.iter().map(String::as_str).collect();
                 return Err(MappingError::UnknownAction {
@@ -370,6 +397,7 @@ impl MappingRules {
         exact.chain(wild).find(|r| pred(r)).map(|r| Mapped {
             action_class: &r.action_class,
             extract: &r.extract,
+            mcp: r.mcp.as_ref(),
             rule: (&r.file, r.index),
         })
     }

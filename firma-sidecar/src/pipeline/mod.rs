@@ -24,6 +24,7 @@
 pub mod bundle_source;
 pub mod extract;
 pub mod mapping;
+pub mod mcp;
 pub mod path;
 pub mod revocations;
 pub mod sessions;
@@ -110,6 +111,8 @@ struct Inner {
     budget: Duration,
     /// `[sidecar.mapping] extract_max_body_bytes`.
     extract_limit: usize,
+    /// `[sidecar.mcp]`.
+    mcp: crate::config::McpConfig,
     /// Background tasks (authority streams, directory reload), stopped with the pipeline.
     _tasks: Tasks,
 }
@@ -253,6 +256,7 @@ impl Pipeline {
                 revoked,
                 budget: Duration::from_millis(cfg.constraint_enforcement.enforcement_timeout_ms),
                 extract_limit: cfg.mapping.extract_max_body_bytes,
+                mcp: cfg.mcp.clone(),
                 _tasks: tasks,
             }),
         })
@@ -286,9 +290,58 @@ impl Pipeline {
                 caller: Caller::of(&req.conn),
                 workload: req.conn.workload.as_ref(),
                 request: req.request.as_ref(),
+                mcp: None,
             },
         );
         self.bounded(t0, d)
+    }
+
+    /// Decides one JSON-RPC message of a POST to an MCP endpoint (see [`mcp`]): its action
+    /// class, resource and `context.mcp` come from the message. `req.path` as the
+    /// interceptor normalized it.
+    pub async fn decide_mcp(&self, req: &RequestContext, msg: &mcp::Message) -> Decision {
+        let t0 = Instant::now();
+        let path = match path::normalize(&req.path) {
+            Ok(p) => p,
+            Err(e) => {
+                return self.bounded(
+                    t0,
+                    Decision::deny(DenyReason::MalformedRequest, e.to_string()),
+                );
+            }
+        };
+        let d = self.run(
+            t0,
+            Subject {
+                class: Some(msg.action_class.to_owned()),
+                method: req.method.as_str(),
+                host: &req.host,
+                path: &path,
+                headers: &req.headers,
+                caller: Caller::of(&req.conn),
+                workload: req.conn.workload.as_ref(),
+                request: None,
+                mcp: Some(msg),
+            },
+        );
+        self.bounded(t0, d)
+    }
+
+    /// The MCP declaration of the rule matching a POST to `host` `path`, if it marks an MCP
+    /// endpoint (other methods are decided by the rule's own action class).
+    pub fn mcp_endpoint(&self, method: &str, host: &str, path: &str) -> Option<mcp::McpSpec> {
+        if method != "POST" {
+            return None;
+        }
+        self.inner
+            .mapping
+            .classify(method, host, path)
+            .and_then(|m| m.mcp.cloned())
+    }
+
+    /// `[sidecar.mcp]` settings.
+    pub fn mcp_config(&self) -> &crate::config::McpConfig {
+        &self.inner.mcp
     }
 
     /// Decides a connection that will be tunnelled without HTTP parsing (see
@@ -331,6 +384,7 @@ impl Pipeline {
                 caller: Caller::of(&dst.conn),
                 workload: dst.conn.workload.as_ref(),
                 request: None,
+                mcp: None,
             },
         );
         self.bounded(t0, d)
@@ -400,7 +454,10 @@ impl Pipeline {
         };
 
         let t1 = Instant::now();
-        let resource = format!("{}{}", s.host, s.path);
+        let resource = match s.mcp {
+            Some(m) => m.resource(s.host, s.path),
+            None => format!("{}{}", s.host, s.path),
+        };
         let now = now_unix();
         let cleared = inner.capabilities.check(&Stage1Request {
             caller: s.caller,
@@ -438,6 +495,7 @@ impl Pipeline {
                         .usage
                         .totals(&cap.claims.session_id, &cap.claims.agent_id),
                 ),
+                mcp: s.mcp,
             },
         );
         timings.push(("stage2_us", micros(t2.elapsed())));
@@ -549,6 +607,7 @@ struct Subject<'a> {
     caller: Caller,
     workload: Option<&'a Workload>,
     request: Option<&'a extract::Attributes>,
+    mcp: Option<&'a mcp::Message>,
 }
 
 fn micros(d: Duration) -> u64 {

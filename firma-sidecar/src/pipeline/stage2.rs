@@ -74,6 +74,8 @@ pub struct Stage2Request<'a> {
     pub request: Option<&'a super::extract::Attributes>,
     /// `context.session` / `context.agent` token usage so far.
     pub usage: Option<(UsageTotals, UsageTotals)>,
+    /// `context.mcp` (MCP endpoints); its named calls are counted per tool.
+    pub mcp: Option<&'a super::mcp::Message>,
 }
 
 /// Stage 2's answer.
@@ -228,8 +230,9 @@ pub fn evaluate(
     req: &Stage2Request<'_>,
 ) -> Stage2Result {
     let resource_id = req.resource;
-    let counter = match counters.counter(req.session_id, req.action_class, req.live_until, req.now)
-    {
+    let key = req.mcp.map(super::mcp::Message::counter_key);
+    let key = key.as_deref().unwrap_or(req.action_class);
+    let counter = match counters.counter(req.session_id, key, req.live_until, req.now) {
         Ok(c) => c,
         Err(full) => {
             // Fail closed: without a counter `action_count` limits could not hold.
@@ -260,6 +263,7 @@ pub fn evaluate(
                 method: req.method,
                 request: req.request,
                 usage: req.usage,
+                mcp: req.mcp.map(|m| &m.context),
             });
             let deny = (!r.allowed).then(|| {
                 let why = if r.determining_policies.is_empty() {
