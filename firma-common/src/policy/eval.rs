@@ -36,7 +36,9 @@ fn attr_expr(v: &AttrValue) -> RestrictedExpression {
 impl McpContext {
     fn record(&self) -> Result<RestrictedExpression, String> {
         let args = RestrictedExpression::new_record(
-            self.arguments.iter().map(|(k, v)| (k.clone(), attr_expr(v))),
+            self.arguments
+                .iter()
+                .map(|(k, v)| (k.clone(), attr_expr(v))),
         )
         .map_err(|e| e.to_string())?;
         let mut fields = vec![
@@ -47,7 +49,10 @@ impl McpContext {
             ("arguments".to_string(), args),
         ];
         if let Some(n) = &self.name {
-            fields.push(("name".to_string(), RestrictedExpression::new_string(n.clone())));
+            fields.push((
+                "name".to_string(),
+                RestrictedExpression::new_string(n.clone()),
+            ));
         }
         RestrictedExpression::new_record(fields).map_err(|e| e.to_string())
     }

@@ -59,9 +59,7 @@ pub async fn read(
         .map_err(|_| format!("MCP request body not received within {BODY_TIME:?}"))?
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
-                format!(
-                    "MCP request body larger than {limit} bytes ([sidecar.mcp] max_body_bytes)"
-                )
+                format!("MCP request body larger than {limit} bytes ([sidecar.mcp] max_body_bytes)")
             } else {
                 format!("reading the MCP request body: {e}")
             }

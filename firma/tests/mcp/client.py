@@ -1,6 +1,6 @@
 """A real MCP client (the `mcp` Python SDK) for firma/tests/mcp_enforcement.rs.
 
-Usage: client.py URL PROXY CA STEPS_JSON
+Usage: FIRMA_CAPABILITY=TOKEN client.py URL PROXY CA STEPS_JSON
 Opens one session to URL through the HTTP proxy PROXY (trusting CA for TLS), then runs each
 step of STEPS_JSON (a list of [tool, {arguments}]) in order on that same session, printing one
 JSON line per step: {"tool", "ok", "text"} or {"tool", "error", "code"}. Also prints
@@ -8,6 +8,7 @@ JSON line per step: {"tool", "ok", "text"} or {"tool", "error", "code"}. Also pr
 """
 import asyncio
 import json
+import os
 import ssl
 import sys
 
@@ -30,7 +31,10 @@ url, proxy, ca, steps = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.ar
 
 async def main():
     ctx = ssl.create_default_context(cafile=ca)
-    async with httpx.AsyncClient(proxy=proxy, verify=ctx, timeout=20, trust_env=False) as client:
+    headers = {"x-firma-capability": os.environ["FIRMA_CAPABILITY"]}
+    async with httpx.AsyncClient(
+        proxy=proxy, verify=ctx, timeout=20, trust_env=False, headers=headers
+    ) as client:
         async with connect(url, client) as streams:
             read, write = streams[0], streams[1]
             async with ClientSession(read, write) as session:

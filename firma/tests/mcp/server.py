@@ -11,6 +11,7 @@ import socket
 import sys
 
 import uvicorn
+from mcp.server.transport_security import TransportSecuritySettings
 
 try:  # mcp >= 2
     from mcp.server.mcpserver import MCPServer as Server
@@ -44,12 +45,16 @@ async def main():
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
-    app = mcp.streamable_http_app()
+    # The server is reached as mcp.test (its certificate's name): allow that Host.
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True, allowed_hosts=["mcp.test", "mcp.test:*"]
+    )
+    app = mcp.streamable_http_app(transport_security=security)
     config = uvicorn.Config(
         app, ssl_certfile=cert, ssl_keyfile=key, log_level="warning", lifespan="on"
     )
     server = uvicorn.Server(config)
-    print(f"listening {sock.getsockname()[1]}", flush=True)
+    print(f"listening {sock.getsockname()[1]}", file=sys.stderr, flush=True)
     await server.serve(sockets=[sock])
 
 

@@ -73,8 +73,7 @@ pub struct Message {
 fn method_ok(m: &str) -> bool {
     !m.is_empty()
         && m.len() <= MAX_NAME
-        && m
-            .bytes()
+        && m.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'.'))
 }
 
@@ -82,8 +81,7 @@ fn method_ok(m: &str) -> bool {
 fn name_ok(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= MAX_NAME
-        && n
-            .bytes()
+        && n.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
@@ -147,7 +145,11 @@ pub fn classify(raw: RawMessage, spec: &McpSpec) -> Result<Message, String> {
         None => None,
         Some(key) => match params.remove(key) {
             Some(Value::String(n)) => {
-                let ok = if key == "uri" { uri_ok(&n) } else { name_ok(&n) };
+                let ok = if key == "uri" {
+                    uri_ok(&n)
+                } else {
+                    name_ok(&n)
+                };
                 if !ok {
                     return Err(format!(
                         "{method} params.{key} {n:?} is outside the allowed character set"
@@ -237,14 +239,32 @@ mod tests {
         assert!(!m.context.arguments.contains_key("other"), "undeclared");
         assert_eq!(m.arguments.len(), 3, "all kept for the audit");
         for (body, class) in [
-            (r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#, "mcp.tools.list"),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#, "mcp.initialize"),
-            (r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#, "mcp.notification"),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+                "mcp.tools.list",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#,
+                "mcp.initialize",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+                "mcp.notification",
+            ),
             (r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#, "mcp.other"),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"x/custom"}"#, "mcp.other"),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"x/custom"}"#,
+                "mcp.other",
+            ),
             (r#"{"jsonrpc":"2.0","id":1,"result":{}}"#, "mcp.other"),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///a/b"}}"#, "mcp.resources.read"),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"prompts/get","params":{"name":"p"}}"#, "mcp.prompts.get"),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///a/b"}}"#,
+                "mcp.resources.read",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"prompts/get","params":{"name":"p"}}"#,
+                "mcp.prompts.get",
+            ),
         ] {
             assert_eq!(one(body).unwrap().action_class, class, "{body}");
         }
@@ -253,21 +273,66 @@ mod tests {
     #[test]
     fn hostile_messages_are_refused() {
         for (body, why) in [
-            (r#"{"jsonrpc":"2.0","id":1,"method":"Tools/Call","params":{"name":"x"}}"#, "case variant"),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"TOOLS/LIST"}"#, "case variant"),
-            (r#"{"jsonrpc":"2.0","method":"Notifications/initialized"}"#, "case variant"),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call "}"#, "outside"),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"tools\u2215call"}"#, "outside"),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call\u0000"}"#, "outside"),
-            (r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"delete_repo"}}"#, "without an id"),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"notifications/initialized"}"#, "with an id"),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{}}"#, "needs a string params.name"),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a b"}}"#, "character set"),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"Read\u00e9"}}"#, "character set"),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"r","arguments":{"path":["/etc/shadow"]}}}"#, "must be a string"),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"r","arguments":{"limit":1.5}}}"#, "must be an integer"),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"r","arguments":"x"}}"#, "must be an object"),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"a b"}}"#, "character set"),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"Tools/Call","params":{"name":"x"}}"#,
+                "case variant",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"TOOLS/LIST"}"#,
+                "case variant",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"Notifications/initialized"}"#,
+                "case variant",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call "}"#,
+                "outside",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools\u2215call"}"#,
+                "outside",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call\u0000"}"#,
+                "outside",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"delete_repo"}}"#,
+                "without an id",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"notifications/initialized"}"#,
+                "with an id",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{}}"#,
+                "needs a string params.name",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a b"}}"#,
+                "character set",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"Read\u00e9"}}"#,
+                "character set",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"r","arguments":{"path":["/etc/shadow"]}}}"#,
+                "must be a string",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"r","arguments":{"limit":1.5}}}"#,
+                "must be an integer",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"r","arguments":"x"}}"#,
+                "must be an object",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"a b"}}"#,
+                "character set",
+            ),
         ] {
             let e = one(body).unwrap_err();
             assert!(e.contains(why), "{body}: {e}");
@@ -276,7 +341,10 @@ mod tests {
 
     #[test]
     fn unicode_escaped_method_is_the_decoded_method() {
-        let m = one(r#"{"jsonrpc":"2.0","id":1,"method":"\u0074ools/call","params":{"name":"read_file"}}"#).unwrap();
+        let m = one(
+            r#"{"jsonrpc":"2.0","id":1,"method":"\u0074ools/call","params":{"name":"read_file"}}"#,
+        )
+        .unwrap();
         assert_eq!(m.action_class, "mcp.tools.call");
     }
 }

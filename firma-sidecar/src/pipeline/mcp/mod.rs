@@ -55,9 +55,7 @@ pub fn parse_spec(raw: RawSpec) -> Result<McpSpec, String> {
     let mut arguments = BTreeMap::new();
     for (name, ty) in raw.arguments {
         let ok_name = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
             && !name.as_bytes()[0].is_ascii_digit();
         if !ok_name {
             return Err(format!(
@@ -127,7 +125,10 @@ impl Message {
         if let Some(n) = &self.name {
             o.insert("name".into(), n.clone().into());
         }
-        o.insert("id".into(), self.id.clone().unwrap_or(serde_json::Value::Null));
+        o.insert(
+            "id".into(),
+            self.id.clone().unwrap_or(serde_json::Value::Null),
+        );
         if self.kind.is_some() {
             let keys: Vec<&String> = self.arguments.keys().collect();
             o.insert("argument_keys".into(), serde_json::json!(keys));
