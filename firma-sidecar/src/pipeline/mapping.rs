@@ -610,6 +610,39 @@ mod tests {
     }
 
     #[test]
+    fn mcp_rules_declare_arguments_and_need_the_mcp_classes() {
+        let r = rules(
+            "[[rule]]\nhost = \"mcp.test\"\npath = \"/mcp\"\naction_class = \"mcp.session\"\nmcp = { arguments = { path = \"String\" } }\n",
+        );
+        let m = r.classify("POST", "mcp.test", "/mcp").unwrap();
+        assert_eq!(m.mcp.unwrap().arguments.len(), 1);
+        let mut known: BTreeSet<String> = ["mcp.session".to_string()].into();
+        let e = r.check_actions(&known).unwrap_err().to_string();
+        assert!(e.contains("mcp.tools.call"), "{e}");
+        known.extend(
+            super::super::mcp::ACTION_CLASSES
+                .iter()
+                .map(|c| c.to_string()),
+        );
+        r.check_actions(&known).unwrap();
+        let f = Path::new("m.toml");
+        let e = MappingRules::parse_file(
+            "[[rule]]\nhost = \"a\"\naction_class = \"x\"\nmcp = {}\nextract = { model = \"/model\" }\n",
+            f,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("rule[0]: mcp and extract"), "{e}");
+        let e = MappingRules::parse_file(
+            "[[rule]]\nhost = \"a\"\naction_class = \"x\"\nmcp = { arguments = { p = \"Float\" } }\n",
+            f,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("mcp.arguments.p"), "{e}");
+    }
+
+    #[test]
     fn unknown_action_class_is_reported() {
         let r = rules("[[rule]]\nhost = \"a.com\"\naction_class = \"nope.nope\"\n");
         let known: BTreeSet<String> = ["model.inference.chat".to_string()].into();
