@@ -2,9 +2,9 @@
 //! (bounded), decide each message through the shared pipeline, and answer a denial the way an
 //! MCP client understands it (a JSON-RPC error for each request id).
 //!
-//! Denials are HTTP 200 with `application/json` JSON-RPC errors: the `mcp` SDKs deliver that to
-//! the pending call as its error and the session goes on; SDKs before 2.x turn any non-2xx
-//! into a transport failure of the whole session. A body Firma cannot read as MCP is 400 with
+//! Denials are HTTP 200 with `application/json` JSON-RPC errors: the `mcp` SDK delivers that
+//! to the pending call as its error and the session goes on; 1.x clients raise on a non-2xx
+//! POST answer instead of failing just that call. A body Firma cannot read as MCP is 400 with
 //! a JSON-RPC error of id `null` (newer SDKs surface it as the call's error).
 
 use crate::connector::RespBody;
