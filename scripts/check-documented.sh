@@ -139,6 +139,7 @@ run_selected() {
             check bench-smoke \
                 'direct, keep-alive' \
                 'firma http_proxy' \
+                'firma transparent +keep-alive' \
                 -- cargo xtask bench --smoke
             ;;
         *)

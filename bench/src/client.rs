@@ -69,6 +69,10 @@ pub struct ClientArgs {
     /// Runtime worker threads for the client.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// Write every measured request as a line `<start, Unix us> <latency us>` to this file
+    /// (the many-tenants scenario finds the requests that overlapped a bundle reload).
+    #[arg(long)]
+    pub series: Option<PathBuf>,
 }
 
 /// The outcome of one scenario, as printed (JSON) by `firma-bench client`.
@@ -140,6 +144,7 @@ async fn run_async(args: &ClientArgs) -> anyhow::Result<ClientResult> {
     });
     let deadline = Instant::now() + Duration::from_secs(args.time_limit_secs);
     let workers = args.concurrency;
+    let record = args.series.is_some();
     let next = Arc::new(AtomicUsize::new(0));
     // Workers + this task: the measured phase starts when every connection is warm.
     let barrier = Arc::new(tokio::sync::Barrier::new(workers + 1));
@@ -149,15 +154,24 @@ async fn run_async(args: &ClientArgs) -> anyhow::Result<ClientResult> {
         let (target, next, barrier) = (target.clone(), next.clone(), barrier.clone());
         let (total, new_conn) = (args.requests, args.new_connection);
         tasks.push(tokio::spawn(async move {
-            worker(&target, warm, &next, total, new_conn, deadline, &barrier).await
+            let limits = (total, new_conn, deadline, record);
+            worker(&target, warm, &next, limits, &barrier).await
         }));
     }
     barrier.wait().await;
     let start = Instant::now();
+    let start_unix_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
     let mut latencies = Vec::with_capacity(args.requests.min(1 << 20));
+    let mut series = Vec::new();
     let (mut errors, mut first_error) = (0, None);
     for t in tasks {
         let out = t.await.context("client worker panicked")?;
+        series.extend(out.series.iter().zip(&out.latencies_us).map(|(at, lat)| {
+            let offset = at.saturating_duration_since(start).as_micros() as u64;
+            format!("{} {lat}\n", start_unix_us + offset)
+        }));
         latencies.extend(out.latencies_us);
         errors += out.errors;
         if first_error.is_none() {
@@ -165,6 +179,10 @@ async fn run_async(args: &ClientArgs) -> anyhow::Result<ClientResult> {
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
+    if let Some(path) = &args.series {
+        std::fs::write(path, series.concat())
+            .with_context(|| format!("write {}", path.display()))?;
+    }
     latencies.sort_unstable();
     let ok = latencies.len();
     let pct = |p: f64| -> u64 {
@@ -207,6 +225,8 @@ async fn run_async(args: &ClientArgs) -> anyhow::Result<ClientResult> {
 #[derive(Default)]
 struct WorkerOut {
     latencies_us: Vec<u64>,
+    /// When each measured request started (with `--series`).
+    series: Vec<Instant>,
     errors: usize,
     first_error: Option<String>,
 }
@@ -220,15 +240,15 @@ impl WorkerOut {
     }
 }
 
+/// `limits`: (measured requests in all, one connection per request, deadline, record starts).
 async fn worker(
     t: &Target,
     warmup: usize,
     next: &AtomicUsize,
-    total: usize,
-    new_conn: bool,
-    deadline: Instant,
+    limits: (usize, bool, Instant, bool),
     barrier: &tokio::sync::Barrier,
 ) -> WorkerOut {
+    let (total, new_conn, deadline, record) = limits;
     let mut out = WorkerOut::default();
     let mut conn: Option<SendRequest<Full<Bytes>>> = None;
     // Warmup: same path, unmeasured (fills the sidecar's caches and upstream pool).
@@ -261,7 +281,12 @@ async fn worker(
             keepalive_request(t, &mut conn).await
         };
         match r {
-            Ok(()) => out.latencies_us.push(t0.elapsed().as_micros() as u64),
+            Ok(()) => {
+                out.latencies_us.push(t0.elapsed().as_micros() as u64);
+                if record {
+                    out.series.push(t0);
+                }
+            }
             Err(e) => {
                 conn = None;
                 out.error(e);

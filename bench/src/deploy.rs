@@ -4,7 +4,8 @@
 //! issue`), the same way an operator would, through `firma_testing`.
 
 use anyhow::{Context, anyhow};
-use firma_testing::config::{BearerFromEnv, HostRoute, Mitm, SidecarToml};
+pub use firma_testing::config::SidecarToml;
+use firma_testing::config::{BearerFromEnv, HostRoute, Mitm};
 use firma_testing::process::firma_command;
 use firma_testing::sidecar::{Sidecar, genai_app_policy, issue_seed, prepare_root};
 use std::net::SocketAddr;
@@ -45,6 +46,19 @@ impl Deployment {
         metrics: bool,
         strict: bool,
     ) -> anyhow::Result<Self> {
+        let parts = (upstream, upstream_ca, mode);
+        Self::new_with(firma, root, parts, metrics, strict, |_| {})
+    }
+
+    /// [`Deployment::new`], with `edit` applied to the sidecar's config before it is written.
+    pub fn new_with(
+        firma: &Path,
+        root: &Path,
+        (upstream, upstream_ca, mode): (SocketAddr, &Path, &Mode),
+        metrics: bool,
+        strict: bool,
+        edit: impl FnOnce(&mut SidecarToml),
+    ) -> anyhow::Result<Self> {
         prepare_root(firma, root, &genai_app_policy()).map_err(|e| anyhow!(e))?;
         let d = Self {
             root: root.to_path_buf(),
@@ -64,6 +78,12 @@ impl Deployment {
             enabled: true,
             intercept_hosts: vec![HOST.into()],
             strict_hosts: strict.then(|| vec![HOST.into()]),
+            // The fallback is opt-in; `--mitm-fallback` opts in to reproduce it.
+            fallback_hosts: if strict {
+                Vec::new()
+            } else {
+                vec![HOST.into()]
+            },
         });
         t.extra_root_certs = vec![upstream_ca.to_path_buf()];
         if let Mode::HttpProxy = mode {
@@ -81,6 +101,7 @@ impl Deployment {
             // The admin listener turns metric recording on (README "Metrics and health").
             t.extra = "[sidecar.admin]\nlisten_addr = \"127.0.0.1:0\"\n".into();
         }
+        edit(&mut t);
         t.write(&d.config).context("write firma.toml")?;
         issue_seed(
             firma,

@@ -17,6 +17,7 @@ mod measure;
 mod peers;
 mod report;
 mod run;
+mod tenants;
 mod transparent;
 mod upstream;
 
@@ -33,6 +34,9 @@ struct Cli {
 enum Cmd {
     /// Run every scenario, print the table, write the JSON report.
     Run(run::RunArgs),
+    /// The many-tenants scenario alone: the shipped bundle vs the shipped bundle plus N tenant
+    /// policies, one keep-alive client, and a reload of N policies under load.
+    Tenants(tenants::TenantsArgs),
     /// The load generator: prints one JSON `ClientResult` on stdout.
     Client(client::ClientArgs),
     /// Install Envoy and mitmproxy into DIR/venv, and (as root, with apt-get) `hey` and
@@ -51,6 +55,7 @@ fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().cmd {
         Cmd::Run(args) => run::run(&args),
+        Cmd::Tenants(args) => tenants::run(&args),
         Cmd::Client(args) => {
             let result = client::run(&args)?;
             println!("{}", serde_json::to_string(&result)?);

@@ -88,6 +88,7 @@ impl RunArgs {
             time_limit_secs: self.time_limit_secs,
             duration_secs: self.duration_secs,
             threads: self.client_threads,
+            series: None,
         }
     }
 
@@ -540,6 +541,9 @@ pub fn spawn_client(
     }
     if args.new_connection {
         argv.push("--new-connection".into());
+    }
+    if let Some(series) = &args.series {
+        argv.extend(["--series".into(), deploy::path_str(series)?.to_string()]);
     }
     for ca in &args.cas {
         argv.extend(["--ca".into(), deploy::path_str(ca)?.to_string()]);

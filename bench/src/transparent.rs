@@ -117,7 +117,9 @@ impl Inner {
         let exe = std::env::current_exe()?;
         eprintln!("starting: transparent mode in a fresh network namespace");
         let mut cmd = Command::new("unshare");
-        cmd.args(["--net", "--"])
+        // A private mount namespace too: the sidecar resolves the upstream's name itself (the
+        // destination binding), from a hosts file mounted over /etc/hosts in there.
+        cmd.args(["--net", "--mount", "--propagation", "private", "--"])
             .arg(exe)
             .arg("transparent-inner")
             .arg("--firma")
@@ -273,6 +275,25 @@ fn inner_run(args: &RunArgs) -> anyhow::Result<()> {
     ip(&["addr", "add", &format!("{DST}/32"), "dev", "lo"])?;
     let firma = &args.firma;
     let tmp = tempfile::tempdir()?;
+    let hosts = tmp.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        format!(
+            "127.0.0.1 localhost\n::1 localhost\n{DST} {}\n",
+            deploy::HOST
+        ),
+    )?;
+    let mounted = Command::new("mount")
+        .arg("--bind")
+        .arg(&hosts)
+        .arg("/etc/hosts")
+        .status()
+        .context("run mount")?;
+    anyhow::ensure!(
+        mounted.success(),
+        "mount --bind {} /etc/hosts failed",
+        hosts.display()
+    );
     let dst: std::net::SocketAddr = format!("{DST}:443").parse()?;
     let (kind, _) = crate::upstream::Kind::choose(args.upstream);
     let up = Upstream::start(

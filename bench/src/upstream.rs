@@ -337,6 +337,7 @@ mod tests {
                 time_limit_secs: 30,
                 duration_secs: 0,
                 threads: 1,
+                series: None,
             })
             .unwrap();
             assert_eq!((r.ok, r.errors), (40, 0), "{:?}", r.first_error);

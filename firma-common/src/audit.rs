@@ -272,6 +272,31 @@ impl ChainVerifier {
         Ok(body)
     }
 
+    /// Like [`Self::push`], but a *signed* line of a chain not seen yet may continue that chain
+    /// from an earlier file instead of starting it (seq 0): the first line of a rotated-into
+    /// file ([`crate::audit_files`]). Its signature proves where the chain stood; whether the
+    /// earlier files are all there is for the caller to check.
+    pub fn push_anchor(&mut self, line: &str) -> Result<Map<String, Value>, AuditLineError> {
+        if !is_signed(line) {
+            return self.push(line);
+        }
+        let body = verify_line(line, &self.keys)?;
+        let pos = ChainPos::of(&body)?;
+        if self.last.contains_key(&pos.chain_id) {
+            return self.push(line);
+        }
+        self.signatures += 1;
+        self.last.insert(
+            pos.chain_id,
+            ChainState {
+                seq: pos.seq,
+                hash: line_hash(line),
+                uncovered: 0,
+            },
+        );
+        Ok(body)
+    }
+
     /// After the last line: every chain must end with a signed line, or its trailing lines are
     /// proven by nothing (a sidecar always ends a batch with a signed line; see
     /// docs/architecture.md, audit).

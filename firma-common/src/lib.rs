@@ -8,6 +8,7 @@ pub use firma_maps as maps;
 
 pub mod admin;
 pub mod audit;
+pub mod audit_files;
 pub mod capability;
 pub mod config;
 pub mod errors;

@@ -15,6 +15,7 @@ mod bundle;
 mod compile;
 mod error;
 mod eval;
+mod partition;
 
 pub use bundle::{PolicyBundle, PolicyFile, SHIPPED_SCHEMA};
 pub use compile::CompiledPolicies;
@@ -24,5 +25,7 @@ pub use eval::{AttrValue, EvalRequest, EvalResult, McpContext, UsageTotals};
 /// The Cedar namespace every Firma entity and action lives in.
 pub const NAMESPACE: &str = "Firma";
 
+#[cfg(test)]
+mod partition_tests;
 #[cfg(test)]
 mod tests;

@@ -6,23 +6,37 @@
 //!
 //! 1. `connect4`/`connect6` save the original destination, cgroup id and pid keyed by socket
 //!    cookie and rewrite the destination to the sidecar's transparent listener. IPv4-mapped IPv6
-//!    destinations are treated as IPv4. Excluded: the listener and localhost addresses, configured
-//!    CIDRs (LPM tries) and ports, DNS (unless `redirect_dns`), and sockets carrying the
-//!    sidecar's `SO_MARK`. UDP to port 443 (QUIC) is refused so clients fall back to TCP.
+//!    destinations are treated as IPv4. Excluded: configured CIDRs (LPM tries) and ports, DNS
+//!    (unless `redirect_dns`), and sockets carrying the sidecar's `SO_MARK`.
+//!    Loopback (127/8, ::1, the unspecified addresses, v4-mapped forms) is never redirected: it
+//!    is refused unless `FIRMA_LO_ALLOW` lists the (address, port) or the port, and the
+//!    sidecar's own ports are refused whatever that map says.
 //! 2. `sock_ops` copies the entry to a map keyed by the client's (address, port) as soon as the
 //!    port is bound (`TCP_CONNECT_CB`, before the SYN leaves), which is what the sidecar can look
 //!    up after `accept()`; it deletes both entries when the socket reaches `TCP_CLOSE`.
 //! 3. `getpeername4`/`getpeername6` make the app see the original peer.
-//! 4. `sendmsg4`/`sendmsg6` refuse unconnected UDP to port 443.
+//! 4. UDP is closed: `connect4/6` (connected UDP) and `sendmsg4/6` (unconnected) refuse every
+//!    UDP and UDP-Lite destination except DNS to the guard (5.), `FIRMA_UDP_ALLOW` exceptions,
+//!    allowed loopback, and port 443 only while QUIC blocking is off. Sockets of any other
+//!    protocol (ICMP ping, SCTP...) are refused at `connect`.
 //! 5. DNS guard (with `FLAG_REDIRECT_DNS`): UDP and TCP to port 53, whatever the resolver address,
 //!    go to the sidecar's DNS listener (`dns_port` on the listener addresses). `connect4/6` and
 //!    `sendmsg4/6` rewrite the destination and record the original one by socket cookie (TCP in
-//!    the connection maps above, UDP in `FIRMA_DNS_BY_COOKIE`); `firma_dns_egress`
+//!    the connection maps above, UDP in `FIRMA_DNS_BY_COOKIE`); `firma_egress`
 //!    (`cgroup_skb/egress`) re-keys a UDP socket's record by its (address, port) as each query
 //!    leaves, which is what the sidecar looks up on receipt; `recvmsg4/6` make replies come from
 //!    the resolver the app asked. Localhost and excluded CIDRs/ports are *not* exempt: a local
 //!    resolver would be a way around the guard. While `dns_port` is 0, or a record cannot be
 //!    stored, DNS is refused.
+//! 6. `firma_egress` (`cgroup_skb/egress`) is the last word on every packet a tagged socket
+//!    sends: TCP passes (the connect hooks decided it), UDP/UDP-Lite pass only to the same
+//!    destinations as above, everything else (ICMP echo from ping sockets, SCTP, IPv6 extension
+//!    headers...) is dropped. It catches what no socket hook sees (a connected UDP-Lite socket,
+//!    `sendto` on a ping socket).
+//!
+//! Every refusal is counted (`FIRMA_COUNTERS`) and tallied per workload cgroup, reason and
+//! protocol in `FIRMA_REFUSALS` (per-CPU, with the last destination as a sample), which the
+//! sidecar turns into aggregated audit events.
 //!
 //! Return values of cgroup sock_addr programs: 1 lets the syscall continue, 0 refuses it (EPERM).
 #![no_std]
@@ -34,15 +48,21 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
+        bpf_ktime_get_boot_ns, bpf_skb_cgroup_id,
+    },
     macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
     programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
-use aya_log_ebpf::{debug, warn};
+use aya_log_ebpf::warn;
 use firma_maps::{
-    COUNTER_REDIRECTED, COUNTER_UDP443_REFUSED, COUNTERS, FAMILY_V4, FAMILY_V6, FLAG_BLOCK_QUIC, FLAG_REDIRECT_DNS, MAX_BINDINGS, MAX_EXCLUDED_CIDRS,
-    MAX_EXCLUDED_PORTS, MAX_TRACKED_CONNECTIONS, MAX_TRACKED_DNS, OrigDst, PeerKey, RedirectConfig,
+    COUNTER_EGRESS_DROPPED, COUNTER_LOOPBACK_REFUSED, COUNTER_REDIRECTED, COUNTER_UDP_REFUSED,
+    COUNTER_UDP443_REFUSED, COUNTERS, FAMILY_V4, FAMILY_V6, FLAG_BLOCK_QUIC, FLAG_REDIRECT_DNS,
+    MAX_ALLOWANCES, MAX_BINDINGS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_REFUSAL_KEYS,
+    MAX_TRACKED_CONNECTIONS, MAX_TRACKED_DNS, OrigDst, PeerKey, REFUSED_EGRESS, REFUSED_LOOPBACK,
+    REFUSED_QUIC, REFUSED_SIDECAR_PORT, REFUSED_UDP, RedirectConfig, Refusal, RefusalKey,
     WorkloadBinding, as_v4_mapped, v4_mapped,
 };
 
@@ -53,7 +73,9 @@ const SOCK_DGRAM: u32 = 2;
 const AF_INET: u32 = 2;
 const QUIC_PORT: u16 = 443;
 const DNS_PORT: u16 = 53;
+const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_UDPLITE: u8 = 136;
 
 #[map]
 static FIRMA_CONFIG: Array<RedirectConfig> = Array::pinned(1, 0);
@@ -86,14 +108,89 @@ fn count(index: u32) {
 
 #[map]
 static FIRMA_BINDINGS: HashMap<u64, WorkloadBinding> = HashMap::pinned(MAX_BINDINGS, 0);
+#[map]
+static FIRMA_UDP_ALLOW: HashMap<PeerKey, u8> = HashMap::pinned(MAX_ALLOWANCES, 0);
+#[map]
+static FIRMA_LO_ALLOW: HashMap<PeerKey, u8> = HashMap::pinned(MAX_ALLOWANCES, 0);
+#[map]
+static FIRMA_REFUSALS: LruPerCpuHashMap<RefusalKey, Refusal> =
+    LruPerCpuHashMap::pinned(MAX_REFUSAL_KEYS, 0);
+/// Read and written by userspace only (refusals already audited); pinned with the rest.
+#[map]
+static FIRMA_REFUSALS_SEEN: HashMap<RefusalKey, u64> = HashMap::pinned(MAX_REFUSAL_KEYS, 0);
 
-/// What `connect` should do with one destination.
+/// What a hook should do with one destination.
 enum Verdict {
     Untouched,
-    Refuse,
+    /// Refused, with a `REFUSED_*` reason.
+    Refuse(u8),
     Redirect,
     /// Port 53 under the DNS guard: to the DNS listener.
     Dns,
+}
+
+/// Counts a refusal and tallies it for the sidecar's aggregated audit (this CPU's entry of the
+/// workload's (reason, protocol) key: the last destination is the sample).
+#[inline(always)]
+fn record_refusal(cgroup_id: u64, reason: u8, protocol: u16, addr: &[u8; 16], port: u16, pid: u32) {
+    count(match reason {
+        REFUSED_QUIC => COUNTER_UDP443_REFUSED,
+        REFUSED_UDP => COUNTER_UDP_REFUSED,
+        REFUSED_EGRESS => COUNTER_EGRESS_DROPPED,
+        _ => COUNTER_LOOPBACK_REFUSED,
+    });
+    let key = RefusalKey {
+        cgroup_id,
+        reason,
+        _pad0: 0,
+        protocol,
+        _pad: [0; 4],
+    };
+    // SAFETY: helper valid in every program type.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if let Some(v) = FIRMA_REFUSALS.get_ptr_mut(&key) {
+        // SAFETY: this CPU's value of a per-CPU map; programs do not migrate while running.
+        unsafe {
+            (*v).count += 1;
+            (*v).last_ns = now;
+            (*v).addr = *addr;
+            (*v).port = port;
+            (*v).pid = pid;
+        }
+    } else {
+        let first = Refusal {
+            count: 1,
+            first_ns: now,
+            last_ns: now,
+            addr: *addr,
+            port,
+            _pad: 0,
+            pid,
+        };
+        let _ = FIRMA_REFUSALS.insert(&key, &first, 0);
+    }
+}
+
+/// [`record_refusal`] from a socket hook: the cgroup and pid of the caller.
+#[inline(always)]
+fn refuse(ctx: &SockAddrContext, reason: u8, addr: &[u8; 16], port: u16) -> i32 {
+    // SAFETY: helpers valid in cgroup sock_addr programs; 4-byte read of the context.
+    let (cgroup_id, pid_tgid, protocol) = unsafe {
+        (
+            bpf_get_current_cgroup_id(),
+            bpf_get_current_pid_tgid(),
+            (*ctx.sock_addr).protocol,
+        )
+    };
+    record_refusal(
+        cgroup_id,
+        reason,
+        protocol as u16,
+        addr,
+        port,
+        (pid_tgid >> 32) as u32,
+    );
+    REFUSE
 }
 
 #[inline(always)]
@@ -126,49 +223,114 @@ fn port_excluded(cfg: &RedirectConfig, port: u16) -> bool {
         || unsafe { FIRMA_EXCL_PORTS.get(port) }.is_some()
 }
 
-/// Localhost (127.0.0.1, 0.0.0.0), the listener, or an excluded CIDR. Other 127/8 addresses are
-/// redirected like any remote (tests and demos use them); exclude `127.0.0.0/8` to stop that.
+/// An excluded CIDR (never redirected).
 #[inline(always)]
-fn v4_excluded(cfg: &RedirectConfig, addr: [u8; 4]) -> bool {
-    addr == [127, 0, 0, 1]
-        || addr == [0, 0, 0, 0]
-        || addr == cfg.listen_v4
-        || FIRMA_EXCL_V4.get(Key::new(32, addr)).is_some()
-}
-
-#[inline(always)]
-fn v6_excluded(cfg: &RedirectConfig, addr: &[u8; 16]) -> bool {
-    let mut loopback = [0u8; 16];
-    loopback[15] = 1;
-    *addr == loopback
-        || *addr == [0u8; 16]
-        || *addr == cfg.listen_v6
-        || FIRMA_EXCL_V6.get(Key::new(128, *addr)).is_some()
-}
-
-/// The decision shared by every connect hook; `addr` is v4-mapped for IPv4.
-#[inline(always)]
-fn classify(ctx: &SockAddrContext, cfg: &RedirectConfig, addr: &[u8; 16], port: u16) -> Verdict {
-    if dns_guarded(ctx, cfg, port) {
-        return Verdict::Dns;
+fn cidr_excluded(addr: &[u8; 16]) -> bool {
+    match as_v4_mapped(addr) {
+        Some(v4) => FIRMA_EXCL_V4.get(Key::new(32, v4)).is_some(),
+        None => FIRMA_EXCL_V6.get(Key::new(128, *addr)).is_some(),
     }
-    // SAFETY: `sock_addr` is the kernel-provided context.
-    let sock_type = unsafe { (*ctx.sock_addr).type_ };
-    if sock_type == SOCK_DGRAM {
-        if port == QUIC_PORT && cfg.flags & FLAG_BLOCK_QUIC != 0 {
-            count(COUNTER_UDP443_REFUSED);
-            return Verdict::Refuse;
+}
+
+/// This host: 127/8, ::1, and the unspecified addresses (a connect to 0.0.0.0 or :: reaches
+/// local listeners), v4-mapped forms included.
+#[inline(always)]
+fn is_loopback(addr: &[u8; 16]) -> bool {
+    match as_v4_mapped(addr) {
+        Some(v4) => v4[0] == 127 || (v4[0] == 0 && v4[1] == 0 && v4[2] == 0 && v4[3] == 0),
+        None => {
+            let mut low = 0u8;
+            let mut i = 0;
+            while i < 15 {
+                low |= addr[i];
+                i += 1;
+            }
+            low == 0 && (addr[15] == 0 || addr[15] == 1)
+        }
+    }
+}
+
+/// Loopback: the sidecar's own ports never; otherwise only an `allow_loopback` entry, for this
+/// exact address or for any loopback address (all-zero key).
+#[inline(always)]
+fn loopback_verdict(cfg: &RedirectConfig, addr: &[u8; 16], port: u16) -> Verdict {
+    if port == cfg.port || (cfg.dns_port != 0 && port == cfg.dns_port) {
+        return Verdict::Refuse(REFUSED_SIDECAR_PORT);
+    }
+    let exact = PeerKey {
+        addr: *addr,
+        port,
+        _pad: 0,
+    };
+    let any = PeerKey {
+        addr: [0; 16],
+        port,
+        _pad: 0,
+    };
+    // SAFETY: read-only lookups of plain values.
+    let allowed =
+        unsafe { FIRMA_LO_ALLOW.get(&exact).is_some() || FIRMA_LO_ALLOW.get(&any).is_some() };
+    if allowed {
+        Verdict::Untouched
+    } else {
+        Verdict::Refuse(REFUSED_LOOPBACK)
+    }
+}
+
+/// UDP (and UDP-Lite) to a destination that is not the DNS guard's: loopback rules, then
+/// port 53 when the operator turned the guard off, `allow_udp`, port 443 when QUIC blocking
+/// is off; everything else refused.
+#[inline(always)]
+fn udp_verdict(cfg: &RedirectConfig, addr: &[u8; 16], port: u16) -> Verdict {
+    if is_loopback(addr) {
+        return loopback_verdict(cfg, addr, port);
+    }
+    if port == DNS_PORT && cfg.flags & FLAG_REDIRECT_DNS == 0 {
+        return Verdict::Untouched;
+    }
+    let key = PeerKey {
+        addr: *addr,
+        port,
+        _pad: 0,
+    };
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { FIRMA_UDP_ALLOW.get(&key) }.is_some() {
+        return Verdict::Untouched;
+    }
+    if port == QUIC_PORT {
+        if cfg.flags & FLAG_BLOCK_QUIC != 0 {
+            return Verdict::Refuse(REFUSED_QUIC);
         }
         return Verdict::Untouched;
     }
-    if sock_type != SOCK_STREAM || sock_mark(ctx) == cfg.mark || port_excluded(cfg, port) {
+    Verdict::Refuse(REFUSED_UDP)
+}
+
+/// The decision shared by every connect and sendmsg hook; `addr` is v4-mapped for IPv4.
+#[inline(always)]
+fn classify(ctx: &SockAddrContext, cfg: &RedirectConfig, addr: &[u8; 16], port: u16) -> Verdict {
+    if sock_mark(ctx) == cfg.mark {
         return Verdict::Untouched;
     }
-    let excluded = match as_v4_mapped(addr) {
-        Some(v4) => v4_excluded(cfg, v4),
-        None => v6_excluded(cfg, addr),
-    };
-    if excluded {
+    // SAFETY: `sock_addr` is the kernel-provided context; 4-byte reads.
+    let (sock_type, protocol) = unsafe { ((*ctx.sock_addr).type_, (*ctx.sock_addr).protocol) };
+    let tcp = sock_type == SOCK_STREAM && protocol == u32::from(IPPROTO_TCP);
+    let udp = sock_type == SOCK_DGRAM
+        && (protocol == u32::from(IPPROTO_UDP) || protocol == u32::from(IPPROTO_UDPLITE));
+    if !tcp && !udp {
+        // ICMP ping sockets, SCTP, MPTCP...: Firma carries none of them.
+        return Verdict::Refuse(REFUSED_EGRESS);
+    }
+    if port == DNS_PORT && cfg.flags & FLAG_REDIRECT_DNS != 0 {
+        return Verdict::Dns;
+    }
+    if udp {
+        return udp_verdict(cfg, addr, port);
+    }
+    if is_loopback(addr) {
+        return loopback_verdict(cfg, addr, port);
+    }
+    if port_excluded(cfg, port) || cidr_excluded(addr) {
         Verdict::Untouched
     } else {
         Verdict::Redirect
@@ -219,10 +381,7 @@ pub fn firma_connect4(ctx: SockAddrContext) -> i32 {
     let addr = v4_mapped(v4);
     match classify(&ctx, cfg, &addr, port) {
         Verdict::Untouched => ALLOW,
-        Verdict::Refuse => {
-            debug!(&ctx, "refused UDP/443 (QUIC)");
-            REFUSE
-        }
+        Verdict::Refuse(reason) => refuse(&ctx, reason, &addr, port),
         Verdict::Redirect => {
             if cfg.port == 0 || !remember(&ctx, addr, port, FAMILY_V4) {
                 warn!(&ctx, "no redirect config or map full; refusing connect");
@@ -293,10 +452,7 @@ pub fn firma_connect6(ctx: SockAddrContext) -> i32 {
     let port = port_from_user(unsafe { (*ctx.sock_addr).user_port });
     match classify(&ctx, cfg, &addr, port) {
         Verdict::Untouched => ALLOW,
-        Verdict::Refuse => {
-            debug!(&ctx, "refused UDP/443 (QUIC)");
-            REFUSE
-        }
+        Verdict::Refuse(reason) => refuse(&ctx, reason, &addr, port),
         Verdict::Redirect => {
             let mapped = as_v4_mapped(&addr).is_some();
             let family = if mapped { FAMILY_V4 } else { FAMILY_V6 };
@@ -321,53 +477,50 @@ pub fn firma_connect6(ctx: SockAddrContext) -> i32 {
     }
 }
 
+/// An unconnected datagram: the DNS guard, or the UDP rules (a datagram socket never gets the
+/// TCP redirect).
 #[inline(always)]
-fn refuse_quic(ctx: &SockAddrContext) -> i32 {
-    let Some(cfg) = config() else {
-        return REFUSE;
-    };
-    // SAFETY: 4-byte read of the context.
-    let port = port_from_user(unsafe { (*ctx.sock_addr).user_port });
-    if port == QUIC_PORT && cfg.flags & FLAG_BLOCK_QUIC != 0 {
-        debug!(ctx, "refused UDP/443 (QUIC) sendmsg");
-        count(COUNTER_UDP443_REFUSED);
-        REFUSE
-    } else {
-        ALLOW
+fn sendmsg_verdict(
+    ctx: &SockAddrContext,
+    cfg: &RedirectConfig,
+    addr: &[u8; 16],
+    port: u16,
+) -> Verdict {
+    match classify(ctx, cfg, addr, port) {
+        Verdict::Redirect => Verdict::Refuse(REFUSED_EGRESS),
+        v => v,
     }
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn firma_sendmsg4(ctx: SockAddrContext) -> i32 {
-    if let Some(cfg) = config() {
-        // SAFETY: 4-byte reads of the context.
-        let (ip, user_port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
-        let port = port_from_user(user_port);
-        if dns_guarded(&ctx, cfg, port) {
-            return dns_redirect4(&ctx, cfg, v4_mapped(ip.to_ne_bytes()), port);
-        }
+    let Some(cfg) = config() else {
+        return REFUSE;
+    };
+    // SAFETY: 4-byte reads of the context.
+    let (ip, user_port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+    let port = port_from_user(user_port);
+    let addr = v4_mapped(ip.to_ne_bytes());
+    match sendmsg_verdict(&ctx, cfg, &addr, port) {
+        Verdict::Dns => dns_redirect4(&ctx, cfg, addr, port),
+        Verdict::Refuse(reason) => refuse(&ctx, reason, &addr, port),
+        _ => ALLOW,
     }
-    refuse_quic(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn firma_sendmsg6(ctx: SockAddrContext) -> i32 {
-    if let Some(cfg) = config() {
-        // SAFETY: 4-byte read of the context.
-        let port = port_from_user(unsafe { (*ctx.sock_addr).user_port });
-        if dns_guarded(&ctx, cfg, port) {
-            let addr = read_user_ip6(&ctx);
-            return dns_redirect6(&ctx, cfg, &addr, port);
-        }
+    let Some(cfg) = config() else {
+        return REFUSE;
+    };
+    let addr = read_user_ip6(&ctx);
+    // SAFETY: 4-byte read of the context.
+    let port = port_from_user(unsafe { (*ctx.sock_addr).user_port });
+    match sendmsg_verdict(&ctx, cfg, &addr, port) {
+        Verdict::Dns => dns_redirect6(&ctx, cfg, &addr, port),
+        Verdict::Refuse(reason) => refuse(&ctx, reason, &addr, port),
+        _ => ALLOW,
     }
-    refuse_quic(&ctx)
-}
-
-/// DNS guard: is this port-53 traffic (any destination, any socket type) to send to the DNS
-/// listener? Never the sidecar's own (marked) sockets.
-#[inline(always)]
-fn dns_guarded(ctx: &SockAddrContext, cfg: &RedirectConfig, port: u16) -> bool {
-    port == DNS_PORT && cfg.flags & FLAG_REDIRECT_DNS != 0 && sock_mark(ctx) != cfg.mark
 }
 
 /// Records a DNS destination: TCP like any redirected connection (`sock_ops` re-keys it by client
@@ -486,53 +639,118 @@ pub fn firma_recvmsg6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// DNS guard, UDP: as a tagged socket's datagram to the DNS listener leaves, file its record
-/// under the client's (address, port), which only now is certain (a connected UDP socket is
-/// bound after `connect4/6` ran). Never drops anything.
+/// The last word on every packet a tagged socket sends (see the crate docs): TCP passes, UDP and
+/// UDP-Lite only where the socket hooks would let them, anything else is dropped. A datagram to
+/// the DNS listener also gets its guard record filed under its (address, port), which only now
+/// is certain (a connected UDP socket is bound after `connect4/6` ran).
 #[cgroup_skb(egress)]
-pub fn firma_dns_egress(ctx: SkBuffContext) -> i32 {
-    let _ = dns_track_egress(&ctx);
-    1
+pub fn firma_egress(ctx: SkBuffContext) -> i32 {
+    match egress_verdict(&ctx) {
+        Ok(()) => 1,
+        Err(reason) => {
+            // SAFETY: helper valid in cgroup_skb programs.
+            let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+            let (protocol, addr, port) = packet_summary(&ctx);
+            record_refusal(cgroup_id, reason, u16::from(protocol), &addr, port, 0);
+            0
+        }
+    }
 }
 
+/// The L4 protocol, the destination (v4-mapped for IPv4) and the L4 header offset; `None`
+/// when the packet cannot be parsed (dropped).
 #[inline(always)]
-fn dns_track_egress(ctx: &SkBuffContext) -> Option<()> {
-    let cfg = config()?;
-    if cfg.dns_port == 0 || cfg.flags & FLAG_REDIRECT_DNS == 0 {
-        return None;
-    }
+fn parse_ip(ctx: &SkBuffContext) -> Option<(u8, [u8; 16], usize, bool)> {
     let first: u8 = ctx.load(0).ok()?;
-    let (src, l4) = match first >> 4 {
+    match first >> 4 {
         4 => {
             let proto: u8 = ctx.load(9).ok()?;
+            let frag: [u8; 2] = ctx.load(6).ok()?;
+            // A non-first fragment has no L4 header.
+            let later_fragment = (u16::from_be_bytes(frag) & 0x1fff) != 0;
             let dst: [u8; 4] = ctx.load(16).ok()?;
-            if proto != IPPROTO_UDP || dst != cfg.listen_v4 {
-                return None;
-            }
-            let src: [u8; 4] = ctx.load(12).ok()?;
-            (v4_mapped(src), usize::from(first & 0x0f) * 4)
+            Some((
+                proto,
+                v4_mapped(dst),
+                usize::from(first & 0x0f) * 4,
+                later_fragment,
+            ))
         }
         6 => {
             let next: u8 = ctx.load(6).ok()?;
             let dst: [u8; 16] = ctx.load(24).ok()?;
-            if next != IPPROTO_UDP || dst != cfg.listen_v6 {
-                return None;
-            }
-            (ctx.load::<[u8; 16]>(8).ok()?, 40)
+            Some((next, dst, 40, false))
         }
-        _ => return None,
-    };
-    let ports: [u8; 4] = ctx.load(l4).ok()?;
-    if u16::from_be_bytes([ports[2], ports[3]]) != cfg.dns_port {
-        return None;
+        _ => None,
     }
+}
+
+/// What a dropped packet was, for the refusal record (zeros when unknown).
+#[inline(always)]
+fn packet_summary(ctx: &SkBuffContext) -> (u8, [u8; 16], u16) {
+    match parse_ip(ctx) {
+        Some((proto, dst, l4, false)) if proto == IPPROTO_UDP || proto == IPPROTO_UDPLITE => {
+            let port = ctx
+                .load::<[u8; 4]>(l4)
+                .map_or(0, |p| u16::from_be_bytes([p[2], p[3]]));
+            (proto, dst, port)
+        }
+        Some((proto, dst, _, _)) => (proto, dst, 0),
+        None => (0, [0; 16], 0),
+    }
+}
+
+#[inline(always)]
+fn egress_verdict(ctx: &SkBuffContext) -> Result<(), u8> {
+    let Some(cfg) = config() else {
+        return Err(REFUSED_EGRESS);
+    };
+    let Some((proto, dst, l4, later_fragment)) = parse_ip(ctx) else {
+        return Err(REFUSED_EGRESS);
+    };
+    if proto == IPPROTO_TCP {
+        return Ok(());
+    }
+    if later_fragment || (proto != IPPROTO_UDP && proto != IPPROTO_UDPLITE) {
+        return Err(REFUSED_EGRESS);
+    }
+    let ports: [u8; 4] = ctx.load(l4).map_err(|_| REFUSED_EGRESS)?;
+    let dport = u16::from_be_bytes([ports[2], ports[3]]);
+    let to_listener = dst == v4_mapped(cfg.listen_v4) || dst == cfg.listen_v6;
+    if to_listener
+        && cfg.dns_port != 0
+        && dport == cfg.dns_port
+        && cfg.flags & FLAG_REDIRECT_DNS != 0
+    {
+        if proto == IPPROTO_UDP {
+            let _ = dns_track(ctx, &dst, [ports[0], ports[1]]);
+        }
+        return Ok(());
+    }
+    // SAFETY: reading the mark of the packet (the socket's SO_MARK).
+    if unsafe { (*ctx.skb.skb).mark } == cfg.mark {
+        return Ok(());
+    }
+    match udp_verdict(cfg, &dst, dport) {
+        Verdict::Refuse(reason) => Err(reason),
+        _ => Ok(()),
+    }
+}
+
+/// Files the guard record of this UDP socket under the datagram's source (address, port).
+#[inline(always)]
+fn dns_track(ctx: &SkBuffContext, dst: &[u8; 16], sport: [u8; 2]) -> Option<()> {
+    let src = match as_v4_mapped(dst) {
+        Some(_) => v4_mapped(ctx.load::<[u8; 4]>(12).ok()?),
+        None => ctx.load::<[u8; 16]>(8).ok()?,
+    };
     // SAFETY: helper valid in cgroup_skb programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup; the value is copied out.
     let orig = unsafe { FIRMA_DNS_BY_COOKIE.get(cookie) }.copied()?;
     let key = PeerKey {
         addr: src,
-        port: u16::from_be_bytes([ports[0], ports[1]]),
+        port: u16::from_be_bytes(sport),
         _pad: 0,
     };
     FIRMA_DNS_BY_PEER.insert(key, orig, 0).ok()

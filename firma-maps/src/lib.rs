@@ -43,8 +43,46 @@ pub const MAP_COUNTERS: &str = "FIRMA_COUNTERS";
 pub const COUNTER_REDIRECTED: u32 = 0;
 /// [`MAP_COUNTERS`] slot: UDP/443 (QUIC) connects and sends refused.
 pub const COUNTER_UDP443_REFUSED: u32 = 1;
+/// [`MAP_COUNTERS`] slot: other UDP (and UDP-Lite) connects and sends refused (UDP is closed
+/// for tagged workloads except DNS to the guard and `allow_udp`).
+pub const COUNTER_UDP_REFUSED: u32 = 2;
+/// [`MAP_COUNTERS`] slot: loopback connects and sends refused (not in `allow_loopback`, or a
+/// port of the sidecar itself).
+pub const COUNTER_LOOPBACK_REFUSED: u32 = 3;
+/// [`MAP_COUNTERS`] slot: packets dropped by the egress verdict (a datagram or a protocol the
+/// socket hooks do not see: ping sockets, SCTP, connected UDP-Lite...).
+pub const COUNTER_EGRESS_DROPPED: u32 = 4;
 /// Slots in [`MAP_COUNTERS`].
-pub const COUNTERS: u32 = 2;
+pub const COUNTERS: u32 = 5;
+
+/// Name of the hash set of UDP exceptions (`allow_udp`): [`PeerKey`] (v4-mapped address, port)
+/// -> `u8` (1).
+pub const MAP_UDP_ALLOW: &str = "FIRMA_UDP_ALLOW";
+/// Name of the hash set of loopback allowances (`allow_loopback`): [`PeerKey`] -> `u8` (1). An
+/// all-zero address stands for every loopback address (`allow_loopback = [PORT]`).
+pub const MAP_LOOPBACK_ALLOW: &str = "FIRMA_LO_ALLOW";
+/// Name of the per-CPU LRU map of refusals, [`RefusalKey`] -> [`Refusal`]: what the sidecar
+/// turns into aggregated audit events (one per workload and reason per interval, never one per
+/// datagram). Pinned, so refusals made while the sidecar is down are audited once it is back.
+pub const MAP_REFUSALS: &str = "FIRMA_REFUSALS";
+/// Name of the map [`RefusalKey`] -> `u64`: how many of a key's refusals are already in the
+/// audit. Only userspace uses it; pinned so a restarted sidecar neither repeats nor misses any.
+pub const MAP_REFUSALS_SEEN: &str = "FIRMA_REFUSALS_SEEN";
+/// Capacity of the exception sets.
+pub const MAX_ALLOWANCES: u32 = 1_024;
+/// Capacity of [`MAP_REFUSALS`] (workloads x reasons x protocols).
+pub const MAX_REFUSAL_KEYS: u32 = 16_384;
+
+/// [`RefusalKey::reason`]: UDP (or UDP-Lite) to a destination that is not an exception.
+pub const REFUSED_UDP: u8 = 1;
+/// [`RefusalKey::reason`]: UDP to port 443 (QUIC) while `block_quic`.
+pub const REFUSED_QUIC: u8 = 2;
+/// [`RefusalKey::reason`]: a loopback destination not in `allow_loopback`.
+pub const REFUSED_LOOPBACK: u8 = 3;
+/// [`RefusalKey::reason`]: a port of the sidecar itself on loopback (never allowed).
+pub const REFUSED_SIDECAR_PORT: u8 = 4;
+/// [`RefusalKey::reason`]: dropped at egress (a protocol or datagram no socket hook refused).
+pub const REFUSED_EGRESS: u8 = 5;
 
 /// Capacity of the connection-tracking maps (LRU: the oldest entry goes first when full).
 pub const MAX_TRACKED_CONNECTIONS: u32 = 65_536;
@@ -115,6 +153,37 @@ pub struct PeerKey {
     pub _pad: u16,
 }
 
+/// What was refused, and to whom: one [`MAP_REFUSALS`] entry per workload cgroup, reason and
+/// IP protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RefusalKey {
+    pub cgroup_id: u64,
+    /// `REFUSED_*`.
+    pub reason: u8,
+    pub _pad0: u8,
+    /// IP protocol number (6 TCP, 17 UDP, 136 UDP-Lite, 1 ICMP, 58 ICMPv6, 132 SCTP, 262
+    /// MPTCP...).
+    pub protocol: u16,
+    pub _pad: [u8; 4],
+}
+
+/// This CPU's tally of one [`RefusalKey`] (the map is per-CPU: no atomics, no torn samples).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Refusal {
+    pub count: u64,
+    /// `bpf_ktime_get_boot_ns` of the first and the last refusal counted here.
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// The last refused destination (network order, v4-mapped for IPv4) and port (host order).
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: u16,
+    /// Thread-group id of the last refused sender (0 at egress, where it is not known).
+    pub pid: u32,
+}
+
 /// Longest cgroup path / agent id / session id a binding can hold.
 pub const BINDING_PATH_MAX: usize = 256;
 pub const BINDING_ID_MAX: usize = 128;
@@ -169,6 +238,8 @@ mod pod {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::WorkloadBinding {}
+    unsafe impl aya::Pod for super::RefusalKey {}
+    unsafe impl aya::Pod for super::Refusal {}
 }
 
 #[cfg(feature = "user")]
@@ -359,6 +430,8 @@ mod tests {
         assert_eq!(size_of::<RedirectConfig>(), 32);
         assert_eq!(size_of::<OrigDst>(), 32);
         assert_eq!(size_of::<PeerKey>(), 20);
+        assert_eq!(size_of::<RefusalKey>(), 16);
+        assert_eq!(size_of::<Refusal>(), 48);
         assert_eq!(
             size_of::<WorkloadBinding>(),
             BINDING_PATH_MAX + 2 * BINDING_ID_MAX + 8

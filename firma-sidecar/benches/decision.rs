@@ -1,5 +1,6 @@
-//! Hot-path costs: mapping lookup, Stage 1 lookup, Stage 2 Cedar evaluation, audit signing, and
-//! the per-request metric hooks (off, then on).
+//! Hot-path costs: mapping lookup, Stage 1 lookup, Stage 2 Cedar evaluation, the whole decision
+//! (also with 10,000 tenant policies, and compiling that bundle), audit signing, and the
+//! per-request metric hooks (off, then on).
 //! `cargo bench -p firma-sidecar`. The seeds' budgets: Stage 1 < 1 ms, Stage 2 < 200 µs.
 
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
@@ -13,7 +14,8 @@ use firma_sidecar::pipeline::mapping::MappingRules;
 use firma_sidecar::pipeline::revocations::RevocationSet;
 use firma_sidecar::pipeline::sessions::ActionCounters;
 use firma_sidecar::pipeline::stage1::{Caller, CapabilityStore, Stage1Request};
-use firma_sidecar::pipeline::stage2::{Stage2Request, evaluate};
+use firma_sidecar::pipeline::stage2::{Stage2Request, evaluate, evaluate_reserving};
+use firma_sidecar::pipeline::usage::{UsageLedger, Want};
 use firma_sidecar::pipeline::{ConnectionInfo, Decision, InterceptKind, Outcome};
 use std::path::Path;
 use std::sync::Arc;
@@ -172,6 +174,7 @@ fn spent() -> Option<(UsageTotals, UsageTotals)> {
         input_tokens: 1200,
         output_tokens: 800,
         cost_nano_usd: 3_500_000,
+        ..UsageTotals::default()
     };
     Some((t, t))
 }
@@ -221,9 +224,108 @@ fn stage2_with_usage(c: &mut Criterion) {
     }
 }
 
+/// A metered chat call as the pipeline decides it now: the `llm` bundle reads the ledger's
+/// totals, and the allow takes a reservation in the same step (then released, as a response
+/// would settle it). Compare with `stage2/llm_budget_reads_usage` for the reservation's cost.
+fn stage2_reserving(c: &mut Criterion) {
+    let counters = ActionCounters::new();
+    let ledger = Arc::new(UsageLedger::open(None).expect("ledger"));
+    let policies = PolicyBundle::load_dir(&repo().join("policies/runtime/llm"))
+        .expect("bundle")
+        .compile()
+        .expect("compile");
+    let mut attrs = std::collections::BTreeMap::new();
+    attrs.insert(
+        "model".to_string(),
+        firma_common::policy::AttrValue::String("gpt-4o-mini".into()),
+    );
+    let want = Want {
+        input_tokens: 200,
+        output_tokens: 512,
+        cost_nano_usd: 340_000,
+    };
+    c.bench_function("stage2/llm_budget_reserve", |b| {
+        b.iter(|| {
+            let (r, held) = evaluate_reserving(
+                &policies,
+                &counters,
+                &Stage2Request {
+                    agent_id: "tenant-acme",
+                    session_id: "s-1",
+                    action_class: "model.inference.chat",
+                    host: "api.openai.com",
+                    path: "/v1/chat/completions",
+                    resource: "api.openai.com/v1/chat/completions",
+                    method: "POST",
+                    live_until: i64::MAX,
+                    now: now_unix(),
+                    request: Some(&attrs),
+                    usage: None,
+                    mcp: None,
+                },
+                &ledger,
+                want,
+            );
+            assert!(r.deny.is_none());
+            drop(black_box(held));
+        })
+    });
+}
+
 /// The whole decision of an allowed chat call: mapping + Stage 1 (session header, 1 of 1000
 /// capabilities) + Stage 2 (genai-app, usage passed).
 fn whole_decision(c: &mut Criterion) {
+    let policies = PolicyBundle::load_dir(&repo().join("policies/runtime/genai-app"))
+        .expect("bundle")
+        .compile()
+        .expect("compile");
+    decision_with(c, "decision/mapping_stage1_stage2_allow", &policies);
+}
+
+/// The shipped genai-app bundle plus `n` tenants onboarded as the seed guide does it, one
+/// `permit (principal == Firma::Agent::"tenant-N", …)` each on `model.inference.chat`; the
+/// last tenant is `tenant-acme`, the agent of the benchmarks' capability.
+fn tenants_bundle(n: usize) -> PolicyBundle {
+    let mut bundle =
+        PolicyBundle::load_dir(&repo().join("policies/runtime/genai-app")).expect("bundle");
+    let mut text = String::with_capacity(n * 200);
+    for i in 0..n {
+        let agent = if i + 1 == n {
+            "tenant-acme".to_string()
+        } else {
+            format!("tenant-{i}")
+        };
+        text.push_str(&format!(
+            "permit (principal == Firma::Agent::\"{agent}\", action == Firma::Action::\"model.inference.chat\", resource)\n  when {{ resource has \"host\" && resource.host == \"api.openai.com\" }};\n"
+        ));
+    }
+    bundle.files.push(firma_common::policy::PolicyFile {
+        name: "tenants.cedar".into(),
+        content: text,
+    });
+    PolicyBundle::new(bundle.files, bundle.schema)
+}
+
+/// Many tenants (docs/policy-partitions.md): the whole decision of `tenant-acme`'s allowed
+/// chat call with 10,000 tenant policies installed (target <= 10 us), and compiling that bundle,
+/// what a reload costs (target <= 1 s).
+fn many_tenants(c: &mut Criterion) {
+    let bundle = tenants_bundle(10_000);
+    let policies = bundle.compile().expect("compile");
+    decision_with(
+        c,
+        "decision/mapping_stage1_stage2_allow_10k_tenants",
+        &policies,
+    );
+    let mut g = c.benchmark_group("policy");
+    g.sample_size(10);
+    g.bench_function("compile_genai_app_10k_tenants", |b| {
+        b.iter(|| bundle.compile().expect("compile"))
+    });
+    g.finish();
+}
+
+fn decision_with(c: &mut Criterion, name: &str, policies: &firma_common::policy::CompiledPolicies) {
     let rules = MappingRules::load(&[repo().join("policies/mapping-rules.toml")]).expect("rules");
     let key = SigningKey::generate(&mut rand::rngs::OsRng);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -243,54 +345,51 @@ fn whole_decision(c: &mut Criterion) {
     std::fs::write(&p, toml::to_string(&seed).expect("toml")).expect("write");
     let mut store = CapabilityStore::new(key.verifying_key(), 5, Arc::new(RevocationSet::new()));
     store.load_seeds(&[p], now).expect("seeds");
-    let policies = PolicyBundle::load_dir(&repo().join("policies/runtime/genai-app"))
-        .expect("bundle")
-        .compile()
-        .expect("compile");
     let counters = ActionCounters::new();
     let mut headers = http::HeaderMap::new();
     headers.insert("x-firma-session", "s-1".parse().expect("hv"));
-    c.bench_function("decision/mapping_stage1_stage2_allow", |b| {
-        b.iter(|| {
-            let class = rules
-                .classify(
-                    black_box("POST"),
-                    black_box("api.openai.com"),
-                    black_box("/v1/chat/completions"),
-                )
-                .map(|m| m.action_class.to_owned())
-                .expect("mapped");
-            let cleared = store
-                .check(&Stage1Request {
-                    caller: Caller::Connection(1),
-                    headers: &headers,
-                    workload: None,
-                    action_class: &class,
-                    resource: "api.openai.com/v1/chat/completions",
-                    now,
-                })
-                .map_err(|d| d.detail)
-                .expect("stage 1");
-            evaluate(
-                &policies,
-                &counters,
-                &Stage2Request {
-                    agent_id: &cleared.cap.claims.agent_id,
-                    session_id: &cleared.cap.claims.session_id,
-                    action_class: &class,
-                    host: "api.openai.com",
-                    path: "/v1/chat/completions",
-                    resource: "api.openai.com/v1/chat/completions",
-                    method: "POST",
-                    live_until: cleared.live_until,
-                    now,
-                    request: None,
-                    usage: spent(),
-                    mcp: None,
-                },
+    let decide = || {
+        let class = rules
+            .classify(
+                black_box("POST"),
+                black_box("api.openai.com"),
+                black_box("/v1/chat/completions"),
             )
-        })
-    });
+            .map(|m| m.action_class.to_owned())
+            .expect("mapped");
+        let cleared = store
+            .check(&Stage1Request {
+                caller: Caller::Connection(1),
+                headers: &headers,
+                workload: None,
+                action_class: &class,
+                resource: "api.openai.com/v1/chat/completions",
+                now,
+            })
+            .map_err(|d| d.detail)
+            .expect("stage 1");
+        evaluate(
+            policies,
+            &counters,
+            &Stage2Request {
+                agent_id: &cleared.cap.claims.agent_id,
+                session_id: &cleared.cap.claims.session_id,
+                action_class: &class,
+                host: "api.openai.com",
+                path: "/v1/chat/completions",
+                resource: "api.openai.com/v1/chat/completions",
+                method: "POST",
+                live_until: cleared.live_until,
+                now,
+                request: None,
+                usage: spent(),
+                mcp: None,
+            },
+        )
+    };
+    let allowed = decide();
+    assert!(allowed.deny.is_none(), "{name}: {allowed:?}");
+    c.bench_function(name, |b| b.iter(decide));
 }
 
 fn audit(c: &mut Criterion) {
@@ -472,7 +571,9 @@ criterion_group!(
     stage1,
     stage2,
     stage2_with_usage,
+    stage2_reserving,
     whole_decision,
+    many_tenants,
     audit,
     metrics
 );

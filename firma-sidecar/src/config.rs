@@ -97,7 +97,7 @@ pub struct DnsConfig {
     #[serde(default = "default_dns_timeout")]
     pub upstream_timeout_ms: u64,
     /// Queries per second per workload cgroup (sustained); above it queries are dropped and
-    /// counted, one audit event per workload per 10 s.
+    /// counted, one audit `deny_summary` per workload per `[sidecar.audit] aggregate_window_secs`.
     #[serde(default = "default_dns_rate")]
     pub queries_per_second: u32,
     /// Burst above `queries_per_second`.
@@ -200,6 +200,17 @@ pub struct LlmConfig {
     /// `[[sidecar.llm.prices]]`: USD per 1,000 tokens, by the model the request named.
     #[serde(default)]
     pub prices: Vec<ModelPrice>,
+    /// Output tokens (per choice) a metered request reserves against budgets when it names no
+    /// `max_tokens` (default 32,768; see docs/llm-policies.md, "Budgets that hold").
+    pub reserve_output_tokens: Option<i64>,
+}
+
+impl LlmConfig {
+    /// `reserve_output_tokens` or its default.
+    pub fn reserve_output_tokens(&self) -> i64 {
+        self.reserve_output_tokens
+            .unwrap_or(crate::pipeline::usage::DEFAULT_RESERVE_OUTPUT_TOKENS)
+    }
 }
 
 /// One `[[sidecar.llm.prices]]` entry.
@@ -261,11 +272,17 @@ pub struct HttpsMitmConfig {
     /// Hosts whose TLS the sidecar terminates: exact names or `*.example.com`.
     #[serde(default)]
     pub intercept_hosts: Vec<String>,
-    /// Hosts for which a MITM failure denies instead of falling back to a blind tunnel. For
-    /// other intercepted hosts only a client that rejects the certificate (a certificate
-    /// alert: it pins, or does not trust the Firma CA) falls back, for that client, 300 s.
+    /// Hosts always intercepted (even if not in `intercept_hosts`) whose MITM failure is never
+    /// anything but a closed, audited connection.
     #[serde(default)]
     pub strict_hosts: Vec<String>,
+    /// Opt-in, per host (exact or `*.example.com`): a client that rejects the Firma certificate
+    /// (a certificate alert: it pins, or does not trust the Firma CA) is tunnelled blind to this
+    /// host for 300 s (that client only: its cgroup in transparent mode, its address in
+    /// `http_proxy` mode), with a destination-level decision. Empty (the default): a rejecting
+    /// client gets its own connection closed and audited, and nothing else changes.
+    #[serde(default)]
+    pub fallback_hosts: Vec<String>,
 }
 
 /// `[sidecar.interceptor.transparent]`: eBPF redirection of tagged cgroups.
@@ -278,17 +295,28 @@ pub struct TransparentConfig {
     /// Workloads attached at startup (more can be attached at runtime).
     #[serde(default)]
     pub workloads: Vec<WorkloadConfig>,
-    /// Destinations never redirected, e.g. `"10.0.0.0/8"`. Always excluded: 127.0.0.1, 0.0.0.0,
-    /// ::1 and :: (localhost); other 127/8 addresses are redirected like any remote (tests and
-    /// the demo use them), add `"127.0.0.0/8"` here to exclude them too.
+    /// TCP destinations never redirected, e.g. `"10.0.0.0/8"` (an explicit operator choice).
+    /// Loopback is not opened by this list: see `allow_loopback`.
     #[serde(default)]
     pub excluded_cidrs: Vec<String>,
     /// Destination ports never redirected.
     #[serde(default)]
     pub excluded_ports: Vec<u16>,
-    /// Refuse UDP to port 443 from tagged workloads so QUIC cannot bypass the sidecar.
+    /// Refuse UDP to port 443 from tagged workloads so QUIC cannot bypass the sidecar (clients
+    /// fall back to TCP). `false` lets UDP/443 through to any address, as if every `ADDR:443`
+    /// were in `allow_udp`.
     #[serde(default = "yes")]
     pub block_quic: bool,
+    /// UDP is closed for tagged workloads: every datagram (connected or not, IPv4 and IPv6,
+    /// UDP-Lite) is refused except DNS to the guard and these `"ADDR:PORT"` exceptions
+    /// (`"[V6]:PORT"` for IPv6; loopback goes in `allow_loopback`).
+    #[serde(default)]
+    pub allow_udp: Vec<String>,
+    /// Loopback (127.0.0.0/8, ::1) is closed for tagged workloads, TCP and UDP: a connect or
+    /// send there is refused unless listed here as `"PORT"` (every loopback address) or
+    /// `"ADDR:PORT"`. The sidecar's own ports (listener, DNS guard, admin) cannot be listed.
+    #[serde(default)]
+    pub allow_loopback: Vec<String>,
     /// DNS guard: UDP and TCP port 53 of tagged workloads, whatever the resolver address, go to
     /// the sidecar's DNS listener (`[sidecar.dns]`), which answers only allowed names. On by
     /// default; `false` leaves name resolution untouched (and open as an exfiltration channel).
@@ -318,6 +346,8 @@ impl Default for TransparentConfig {
             excluded_cidrs: Vec::new(),
             excluded_ports: Vec::new(),
             block_quic: true,
+            allow_udp: Vec::new(),
+            allow_loopback: Vec::new(),
             redirect_dns: true,
             socket_mark: default_mark(),
             pin_dir: default_pin_dir(),
@@ -455,13 +485,22 @@ pub struct MappingConfig {
     /// Deny requests no rule maps (`UnclassifiedIntent`); otherwise they pass and are audited.
     #[serde(default = "yes")]
     pub default_protected: bool,
-    /// Largest request body read for a rule's `extract` (bigger: `MalformedRequest`).
+    /// Largest request body read for a rule's `extract` (bigger: 413 `BodyTooLarge`). Fits
+    /// multimodal requests (base64 images).
     #[serde(default = "default_extract_max_body_bytes")]
     pub extract_max_body_bytes: usize,
+    /// Bytes of such bodies held in memory at once across all requests (more: 503
+    /// `BodyBudgetExhausted` with `Retry-After`). At least `extract_max_body_bytes`.
+    #[serde(default = "default_extract_body_budget_bytes")]
+    pub extract_body_budget_bytes: usize,
 }
 
 fn default_extract_max_body_bytes() -> usize {
-    1024 * 1024
+    32 * 1024 * 1024
+}
+
+fn default_extract_body_budget_bytes() -> usize {
+    256 * 1024 * 1024
 }
 
 impl MappingConfig {
@@ -590,6 +629,24 @@ pub struct ConnectorHostConfig {
     pub timeout_ms: Option<u64>,
     /// Connect here instead of resolving `host` (`"127.0.0.1:8443"`); useful without DNS.
     pub address: Option<String>,
+    /// The error shape Firma's own answers (denials, aborts) carry for this host, so the
+    /// provider's SDK shows the reason: `"openai"` (OpenAI-compatible APIs), `"anthropic"`, or
+    /// `"firma"` (the plain body). Default: `openai` for api.openai.com, `anthropic` for
+    /// api.anthropic.com, `firma` elsewhere.
+    pub error_format: Option<ErrorFormat>,
+}
+
+/// Which provider's error shape a host's SDKs read (see `crate::error_shape`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorFormat {
+    /// `{"denied","reason","detail"}` only.
+    #[default]
+    Firma,
+    /// Adds `{"error": {"message", "type", "code", "param"}}`.
+    Openai,
+    /// Adds `{"type": "error", "error": {"type", "message"}}`.
+    Anthropic,
 }
 
 /// Where a credential comes from.
@@ -615,6 +672,15 @@ pub struct CredentialConfig {
     pub value_from_env: Option<String>,
     pub secret_path: Option<String>,
     pub secret_key: Option<String>,
+    /// Headers that carry an API credential for this host, removed from every request to it
+    /// before Firma's `header` is set (the agent's own key, or its placeholder, never leaves).
+    /// Default: `authorization`, `x-api-key`, `api-key`, `x-goog-api-key`; `header` is always
+    /// removed too.
+    pub strip_headers: Option<Vec<String>>,
+    /// Query parameters that carry an API credential for this host (`?key=` of Google APIs),
+    /// removed from every request to it. Default: `key`, `api_key`, `api-key`, `apikey`,
+    /// `access_token`.
+    pub strip_query_params: Option<Vec<String>>,
     /// TOML places `[sidecar.credentials.vault]` inside the last `[[sidecar.credentials]]`
     /// entry; it describes the one Vault connection shared by every vault-mode credential.
     pub vault: Option<VaultConfig>,
@@ -685,7 +751,7 @@ pub enum FsyncPolicy {
 }
 
 /// `[sidecar.audit]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     #[serde(default)]
@@ -699,6 +765,49 @@ pub struct AuditConfig {
     pub signing_key_path: Option<PathBuf>,
     #[serde(default)]
     pub fsync: FsyncPolicy,
+    /// Denials of one workload written one by one per aggregation window; further ones are
+    /// counted into a signed `deny_summary` at the window's end (docs/architecture.md).
+    #[serde(default = "default_aggregate_after")]
+    pub aggregate_denials_after: u32,
+    /// The aggregation window, 1 to 3600 s.
+    #[serde(default = "default_aggregate_window")]
+    pub aggregate_window_secs: u64,
+    /// File sink: rotate the file once it reaches this size (at least 4096); unset: never.
+    pub max_file_bytes: Option<u64>,
+    /// File sink with rotation: rotated files kept (the oldest are deleted); unset: keep all.
+    pub max_files: Option<u32>,
+    /// File sink: WARN (and `audit_disk_low` = 1) while the audit filesystem has less free
+    /// space than this; 0 turns the warning off (the free-space gauge stays).
+    #[serde(default = "default_free_space_warn")]
+    pub free_space_warn_bytes: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            sink: AuditSink::default(),
+            path: None,
+            grpc_url: None,
+            ca_cert_path: None,
+            signing_key_path: None,
+            fsync: FsyncPolicy::default(),
+            aggregate_denials_after: default_aggregate_after(),
+            aggregate_window_secs: default_aggregate_window(),
+            max_file_bytes: None,
+            max_files: None,
+            free_space_warn_bytes: default_free_space_warn(),
+        }
+    }
+}
+
+fn default_aggregate_after() -> u32 {
+    20
+}
+fn default_aggregate_window() -> u64 {
+    10
+}
+fn default_free_space_warn() -> u64 {
+    1 << 30
 }
 
 /// `[sidecar.log]`.
@@ -725,7 +834,94 @@ fn default_level() -> String {
     "info".into()
 }
 
+impl AuditConfig {
+    /// Aggregation and rotation bounds.
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        if !(1..=3600).contains(&self.aggregate_window_secs) {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.audit.aggregate_window_secs",
+                "expected 1 to 3600 seconds",
+            ));
+        }
+        let rotation = self.max_file_bytes.is_some() || self.max_files.is_some();
+        if rotation && self.sink != AuditSink::File {
+            return Err(ConfigError::invalid(
+                file,
+                if self.max_file_bytes.is_some() {
+                    "sidecar.audit.max_file_bytes"
+                } else {
+                    "sidecar.audit.max_files"
+                },
+                "expected only with sink = \"file\"",
+            ));
+        }
+        if self.max_file_bytes.is_some_and(|n| n < 4096) {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.audit.max_file_bytes",
+                "expected at least 4096 bytes",
+            ));
+        }
+        match self.max_files {
+            Some(0) => Err(ConfigError::invalid(
+                file,
+                "sidecar.audit.max_files",
+                "expected at least 1 (leave it unset to keep every rotated file)",
+            )),
+            Some(_) if self.max_file_bytes.is_none() => Err(ConfigError::invalid(
+                file,
+                "sidecar.audit.max_files",
+                "expected together with max_file_bytes (files are rotated by size)",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl SidecarConfig {
+    /// The sidecar's own ports on loopback (transparent listener, DNS guard, a fixed admin
+    /// port): never reachable by tagged workloads.
+    pub fn own_ports(&self) -> Vec<u16> {
+        let mut own = vec![self.interceptor.transparent.port, self.dns.port];
+        if let Some(a) = self.admin.listen_addr.as_deref()
+            && let Ok(a) = a.parse::<std::net::SocketAddr>()
+            && a.port() != 0
+        {
+            own.push(a.port());
+        }
+        own
+    }
+
+    /// `allow_udp` and `allow_loopback`: well-formed, and no loopback allowance names one of
+    /// the sidecar's own ports.
+    fn validate_side_doors(&self, file: &Path) -> Result<(), ConfigError> {
+        use crate::ebpf::allow;
+        let t = &self.interceptor.transparent;
+        for (i, e) in t.allow_udp.iter().enumerate() {
+            allow::parse_udp(e).map_err(|why| {
+                ConfigError::invalid(
+                    file,
+                    &format!("sidecar.interceptor.transparent.allow_udp[{i}]"),
+                    why,
+                )
+            })?;
+        }
+        let own = self.own_ports();
+        for (i, e) in t.allow_loopback.iter().enumerate() {
+            allow::parse_loopback(e)
+                .and_then(|a| allow::check_not_sidecar(&a, &own))
+                .map_err(|why| {
+                    ConfigError::invalid(
+                        file,
+                        &format!("sidecar.interceptor.transparent.allow_loopback[{i}]"),
+                        why,
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
     /// The `[sidecar]` section of the file at `path`, validated; other sections are ignored.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         Self::parse(&firma_common::config::read(path)?, path)
@@ -810,11 +1006,28 @@ impl SidecarConfig {
                 ));
             }
         }
+        if self.llm.reserve_output_tokens.is_some_and(|v| v <= 0) {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.llm.reserve_output_tokens",
+                "expected a positive number of tokens",
+            ));
+        }
         if self.mapping.extract_max_body_bytes == 0 {
             return Err(ConfigError::invalid(
                 file,
                 "sidecar.mapping.extract_max_body_bytes",
                 "expected a positive number of bytes",
+            ));
+        }
+        if self.mapping.extract_body_budget_bytes < self.mapping.extract_max_body_bytes {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.mapping.extract_body_budget_bytes",
+                format!(
+                    "expected at least extract_max_body_bytes ({}), or no body that large could ever be read",
+                    self.mapping.extract_max_body_bytes
+                ),
             ));
         }
         if self.policy.dir.is_none() && self.policy.authority_url.is_none() {
@@ -833,7 +1046,27 @@ impl SidecarConfig {
                 ));
             }
         }
+        self.validate_side_doors(file)?;
         self.dns.validate(file, self.interceptor.transparent.port)?;
+        let m = &self.interceptor.https_mitm;
+        for (i, h) in m.fallback_hosts.iter().enumerate() {
+            let key = format!("sidecar.interceptor.https_mitm.fallback_hosts[{i}]");
+            let bare = h.strip_prefix("*.").unwrap_or(h);
+            if bare.is_empty() || bare.contains(['*', '/', ' ']) {
+                return Err(ConfigError::invalid(
+                    file,
+                    &key,
+                    format!("expected a host name or `*.suffix`, got {h:?}"),
+                ));
+            }
+            if m.strict_hosts.iter().any(|s| s.eq_ignore_ascii_case(h)) {
+                return Err(ConfigError::invalid(
+                    file,
+                    &key,
+                    format!("{h:?} is also in strict_hosts, which never fall back: pick one"),
+                ));
+            }
+        }
         for (i, h) in self.connector.hosts.iter().enumerate() {
             if h.rps == Some(0) {
                 return Err(ConfigError::invalid(
@@ -861,6 +1094,26 @@ impl SidecarConfig {
                     &key("host"),
                     "expected an exact host name (wildcards are not supported for credentials)",
                 ));
+            }
+            for (j, h) in c.strip_headers.iter().flatten().enumerate() {
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    return Err(ConfigError::invalid(
+                        file,
+                        &key(&format!("strip_headers[{j}]")),
+                        format!("expected an HTTP header name, got {h:?}"),
+                    ));
+                }
+            }
+            for (j, q) in c.strip_query_params.iter().flatten().enumerate() {
+                if q.is_empty() || q.contains(['&', '=', '#', ' ']) {
+                    return Err(ConfigError::invalid(
+                        file,
+                        &key(&format!("strip_query_params[{j}]")),
+                        format!(
+                            "expected a query parameter name (no `&`, `=`, `#`, space), got {q:?}"
+                        ),
+                    ));
+                }
             }
             match c.mode {
                 CredentialMode::Basic if c.value_from_env.is_none() => {
@@ -917,6 +1170,7 @@ impl SidecarConfig {
             }
             _ => {}
         }
+        self.audit.validate(file)?;
         Ok(())
     }
 

@@ -26,9 +26,21 @@ pub enum DenyReason {
     InsecureUpstream,
     /// The audit sink cannot persist the decision: nothing is allowed unaudited.
     AuditUnavailable,
+    /// A Firma placeholder credential (docs/run.md, "Placeholder credentials") would leave
+    /// the sidecar: sent to a host other than its own, or in a header or query parameter that
+    /// Firma does not replace on its own host. The agent is sending its key somewhere else.
+    CredentialLeak,
     /// DNS guard: the name is not one the configuration can send traffic to (NXDOMAIN), the
     /// query type is not answered (REFUSED), or the workload is over its query rate.
     DnsDenied,
+    /// The connection's destination is not one the decision allows: its address is not one of
+    /// the decided name's (resolved by the sidecar), its port is not one a rule allows for that
+    /// name, an IP literal no rule names, or a request that names two destinations.
+    DestinationMismatch,
+    /// A body a rule reads attributes from is larger than `extract_max_body_bytes` (413).
+    BodyTooLarge,
+    /// Bodies read for extraction already fill `extract_body_budget_bytes` (503, retryable).
+    BodyBudgetExhausted,
 }
 
 impl DenyReason {
@@ -49,7 +61,11 @@ impl DenyReason {
             Self::WorkloadMismatch => "WorkloadMismatch",
             Self::InsecureUpstream => "InsecureUpstream",
             Self::AuditUnavailable => "AuditUnavailable",
+            Self::CredentialLeak => "CredentialLeak",
             Self::DnsDenied => "DnsDenied",
+            Self::DestinationMismatch => "DestinationMismatch",
+            Self::BodyTooLarge => "BodyTooLarge",
+            Self::BodyBudgetExhausted => "BodyBudgetExhausted",
         }
     }
 }
@@ -198,11 +214,18 @@ pub struct ConnectorOutcome {
     pub usage: Option<UsageOutcome>,
 }
 
-/// Token usage of one LLM response (audit `connector.usage`).
-#[derive(Debug, Clone, Copy, Default)]
+/// Token usage charged for one LLM response (audit `connector.usage`).
+#[derive(Debug, Clone, Default)]
 pub struct UsageOutcome {
     pub input_tokens: i64,
     pub output_tokens: i64,
     /// `None` when the model has no `[[sidecar.llm.prices]]` entry.
     pub cost_nano_usd: Option<i64>,
+    /// `reported` (the response's usage), `reservation` (its reservation, see `note`) or
+    /// `nothing` (a refused request that reported no usage).
+    pub charged: &'static str,
+    /// Tokens reserved at decision time.
+    pub reserved_tokens: i64,
+    /// Why the reservation was charged instead of the reported usage.
+    pub note: Option<String>,
 }

@@ -15,6 +15,7 @@ pub mod control;
 pub mod dns;
 pub mod drain;
 pub mod ebpf;
+pub mod error_shape;
 pub mod interceptor;
 pub mod metrics;
 pub mod pipeline;

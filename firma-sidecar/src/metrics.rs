@@ -142,6 +142,10 @@ pub struct Metrics {
     audit_written: Counter,
     audit_failures: Counter,
     audit_healthy: Gauge,
+    audit_disk_free: Gauge,
+    audit_disk_low: Gauge,
+    audit_rotated: Counter,
+    audit_aggregated: Counter,
     bundle_info: Family<VersionLabel, Gauge>,
     bundle_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     bundle_fresh: Gauge,
@@ -155,6 +159,7 @@ pub struct Metrics {
     dns_answer: [Histogram; 2],
     ebpf_redirected: Counter,
     ebpf_udp443_refused: Counter,
+    ebpf_side_doors: [Counter; 3],
     ebpf_workloads: Gauge,
 }
 
@@ -295,6 +300,30 @@ impl Metrics {
             "1 while the audit sink's last write succeeded",
             audit_healthy.clone(),
         );
+        let audit_disk_free = Gauge::default();
+        let audit_disk_low = Gauge::default();
+        let audit_rotated = Counter::default();
+        let audit_aggregated = Counter::default();
+        r.register(
+            "audit_disk_free_bytes",
+            "Free bytes on the audit file's filesystem at the last check (every 5 s; file sink only)",
+            audit_disk_free.clone(),
+        );
+        r.register(
+            "audit_disk_low",
+            "1 while the audit filesystem has less free space than [sidecar.audit] free_space_warn_bytes",
+            audit_disk_low.clone(),
+        );
+        r.register(
+            "audit_files_rotated",
+            "Audit files rotated ([sidecar.audit] max_file_bytes)",
+            audit_rotated.clone(),
+        );
+        r.register(
+            "audit_denials_aggregated",
+            "Denials counted into deny_summary events instead of written one by one (also counted in decisions_total)",
+            audit_aggregated.clone(),
+        );
         let bundle_info = Family::<VersionLabel, Gauge>::default();
         r.register(
             "bundle_info",
@@ -384,6 +413,26 @@ impl Metrics {
             "UDP/443 (QUIC) connects and sends of tagged workloads refused (kernel per-CPU counter)",
             ebpf_udp443_refused.clone(),
         );
+        let ebpf_side_doors: [Counter; 3] = Default::default();
+        for (name, help, c) in [
+            (
+                "ebpf_udp_refused",
+                "UDP and UDP-Lite connects and sends of tagged workloads refused, port 443 aside (closed UDP; kernel per-CPU counter)",
+                &ebpf_side_doors[0],
+            ),
+            (
+                "ebpf_loopback_refused",
+                "Loopback connects and sends of tagged workloads refused (closed loopback, the sidecar's own ports; kernel per-CPU counter)",
+                &ebpf_side_doors[1],
+            ),
+            (
+                "ebpf_egress_dropped",
+                "Packets of tagged workloads dropped at egress or sockets refused for their protocol (ICMP ping, SCTP...; kernel per-CPU counter)",
+                &ebpf_side_doors[2],
+            ),
+        ] {
+            r.register(name, help, c.clone());
+        }
         r.register(
             "ebpf_attached_workloads",
             "Workload cgroups attached (tagged) now",
@@ -411,6 +460,10 @@ impl Metrics {
             audit_written,
             audit_failures,
             audit_healthy,
+            audit_disk_free,
+            audit_disk_low,
+            audit_rotated,
+            audit_aggregated,
             bundle_info,
             bundle_age,
             bundle_fresh,
@@ -424,6 +477,7 @@ impl Metrics {
             dns_answer,
             ebpf_redirected,
             ebpf_udp443_refused,
+            ebpf_side_doors,
             ebpf_workloads,
         }
     }
@@ -695,11 +749,19 @@ pub trait KernelState: Send + Sync {
     fn counters(&self) -> (u64, u64);
     /// Attached workload cgroups, and whether each has all its programs' links pinned.
     fn workloads(&self) -> Vec<bool>;
+    /// (refused UDP but 443, refused loopback, dropped at egress), summed over CPUs.
+    fn side_doors(&self) -> [u64; 3] {
+        [0; 3]
+    }
 }
 
 impl KernelState for Redirector {
     fn counters(&self) -> (u64, u64) {
         self.kernel_counters()
+    }
+
+    fn side_doors(&self) -> [u64; 3] {
+        self.side_door_counters()
     }
 
     fn workloads(&self) -> Vec<bool> {
@@ -729,6 +791,17 @@ impl AdminSource for SidecarAdmin {
             .inner()
             .store(health.lost(), Ordering::Relaxed);
         m.audit_healthy.set(i64::from(health.healthy()));
+        if let Some(free) = health.disk_free() {
+            m.audit_disk_free
+                .set(i64::try_from(free).unwrap_or(i64::MAX));
+        }
+        m.audit_disk_low.set(i64::from(health.disk_low()));
+        m.audit_rotated
+            .inner()
+            .store(health.rotated(), Ordering::Relaxed);
+        m.audit_aggregated
+            .inner()
+            .store(self.state.audit.denials_aggregated(), Ordering::Relaxed);
         let p = &self.state.pipeline;
         m.bundle_info.clear();
         if let Some(v) = p.bundle_version() {
@@ -757,6 +830,9 @@ impl AdminSource for SidecarAdmin {
             m.ebpf_udp443_refused
                 .inner()
                 .store(refused, Ordering::Relaxed);
+            for (c, v) in m.ebpf_side_doors.iter().zip(k.side_doors()) {
+                c.inner().store(v, Ordering::Relaxed);
+            }
             m.ebpf_workloads
                 .set(i64::try_from(k.workloads().len()).unwrap_or(i64::MAX));
         }

@@ -1,9 +1,14 @@
 //! Responses the sidecar itself produces: denials (403/400) and aborts (429/502/504).
 //!
 //! Bodies are JSON and name the reason exactly as the audit event does, so an operator can go
-//! from a client error to the audit line. They never contain credentials. gRPC requests get the
-//! same reason in gRPC terms instead ([`grpc`]): HTTP 200, `grpc-status`, `grpc-message`.
+//! from a client error to the audit line. They never contain credentials. On the hosts of LLM
+//! APIs they also carry the provider's error shape ([`crate::error_shape`]), so SDK exceptions
+//! show the reason. Denials say `x-should-retry: false` (the header the OpenAI and Anthropic
+//! SDKs obey before their status rules): retrying a policy decision gets the same answer. gRPC
+//! requests get the same reason in gRPC terms instead ([`grpc`]): HTTP 200, `grpc-status`,
+//! `grpc-message`.
 
+use crate::config::ErrorFormat;
 use crate::conn::Decision;
 use crate::connector::RespBody;
 use bytes::Bytes;
@@ -24,21 +29,89 @@ fn json(status: StatusCode, body: String) -> Response<RespBody> {
     r
 }
 
-/// 403 with `{"denied":true,"reason":…,"detail":…}`; 400 for `MalformedRequest`.
+/// 403 with `{"denied":true,"reason":…,"detail":…}`; 400 for `MalformedRequest`, 413 for
+/// `BodyTooLarge`, 503 with `Retry-After: 1` for `BodyBudgetExhausted`.
 pub fn deny(decision: &Decision) -> Response<RespBody> {
-    json(deny_status(decision), decision.deny_body())
+    deny_as(decision, ErrorFormat::Firma)
+}
+
+/// [`deny`] with the error shape of `format` added to the body, and `x-should-retry: false`
+/// (a policy denial is final) except on the retryable 503.
+pub fn deny_as(decision: &Decision, format: ErrorFormat) -> Response<RespBody> {
+    let status = deny_status(decision);
+    let reason = decision
+        .reason
+        .map_or("Denied", crate::conn::DenyReason::as_str);
+    let body = shaped(
+        decision.deny_body(),
+        format,
+        status,
+        reason,
+        &format!("Firma denied this request ({reason}): {}", decision.detail),
+    );
+    let mut r = json(status, body);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        // BodyBudgetExhausted: the sidecar is busy, not the request wrong; retry soon.
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    } else {
+        r.headers_mut()
+            .insert("x-should-retry", header::HeaderValue::from_static("false"));
+    }
+    r
+}
+
+/// `body` (a JSON object) with the error fields of `format` added.
+fn shaped(
+    body: String,
+    format: ErrorFormat,
+    status: StatusCode,
+    reason: &str,
+    message: &str,
+) -> String {
+    if format == ErrorFormat::Firma {
+        return body;
+    }
+    match serde_json::from_str::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::Object(mut m)) => {
+            crate::error_shape::add(&mut m, format, status, reason, message);
+            serde_json::Value::Object(m).to_string()
+        }
+        _ => body,
+    }
 }
 
 pub fn deny_status(decision: &Decision) -> StatusCode {
+    use crate::conn::DenyReason;
     match decision.reason {
-        Some(crate::conn::DenyReason::MalformedRequest) => StatusCode::BAD_REQUEST,
+        Some(DenyReason::MalformedRequest) => StatusCode::BAD_REQUEST,
+        Some(DenyReason::BodyTooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
+        Some(DenyReason::BodyBudgetExhausted) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::FORBIDDEN,
     }
 }
 
 /// `{"aborted":true,"reason":…,"detail":…}` with 429, 502 or 504.
 pub fn abort(status: StatusCode, reason: &str, detail: &str) -> Response<RespBody> {
-    json(status, abort_body(reason, detail))
+    abort_as(status, reason, detail, ErrorFormat::Firma)
+}
+
+/// [`abort`] with the error shape of `format`. No `x-should-retry`: these are worth a retry
+/// (the SDKs retry 429 and 5xx by themselves).
+pub fn abort_as(
+    status: StatusCode,
+    reason: &str,
+    detail: &str,
+    format: ErrorFormat,
+) -> Response<RespBody> {
+    let body = shaped(
+        abort_body(reason, detail),
+        format,
+        status,
+        reason,
+        &format!("Firma ({reason}): {detail}"),
+    );
+    json(status, body)
 }
 
 fn abort_body(reason: &str, detail: &str) -> String {
@@ -106,6 +179,8 @@ pub fn grpc(code: u32, reason: &str, detail: &str) -> Response<RespBody> {
 pub fn grpc_deny(decision: &Decision) -> Response<RespBody> {
     let code = match decision.reason {
         Some(crate::conn::DenyReason::MalformedRequest) => grpc_code::INVALID_ARGUMENT,
+        Some(crate::conn::DenyReason::BodyTooLarge) => grpc_code::RESOURCE_EXHAUSTED,
+        Some(crate::conn::DenyReason::BodyBudgetExhausted) => grpc_code::UNAVAILABLE,
         _ => grpc_code::PERMISSION_DENIED,
     };
     let reason = decision
@@ -140,6 +215,49 @@ fn grpc_percent_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn denials_carry_the_provider_shape_and_say_do_not_retry() {
+        use crate::conn::DenyReason;
+        let d = Decision::deny(DenyReason::PolicyDenied, "model gpt-4o is not permitted");
+        let r = deny_as(&d, ErrorFormat::Openai);
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(r.headers()["x-should-retry"], "false");
+        let body = futures_body(r);
+        assert_eq!(body["denied"], true);
+        assert_eq!(body["reason"], "PolicyDenied");
+        assert_eq!(
+            body["error"]["message"],
+            "Firma denied this request (PolicyDenied): model gpt-4o is not permitted"
+        );
+        let d = Decision::deny(DenyReason::MalformedRequest, "not JSON");
+        let body = futures_body(deny_as(&d, ErrorFormat::Anthropic));
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        let r = abort_as(
+            StatusCode::BAD_GATEWAY,
+            "UpstreamUnavailable",
+            "refused",
+            ErrorFormat::Openai,
+        );
+        assert!(r.headers().get("x-should-retry").is_none());
+        let body = futures_body(r);
+        assert_eq!(body["aborted"], true);
+        assert_eq!(body["error"]["type"], "api_error");
+        assert_eq!(body["error"]["code"], "UpstreamUnavailable");
+        let plain = futures_body(deny(&Decision::deny(DenyReason::PolicyDenied, "x")));
+        assert!(plain.get("error").is_none());
+    }
+
+    fn futures_body(r: Response<RespBody>) -> serde_json::Value {
+        let bytes = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(r.into_body().collect())
+            .unwrap()
+            .to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
 
     #[test]
     fn grpc_message_is_percent_encoded() {

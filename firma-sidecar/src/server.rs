@@ -194,6 +194,7 @@ where
     let audit = AuditLog::start(&cfg.audit).await?;
     let first_conn_id = crate::audit::next_conn_id(&cfg.audit);
     let pipeline = Pipeline::start(cfg).await?;
+    let connector = connector.with_rules(pipeline.mapping_rules());
     let drain = Drain::new();
     let limits = Limits::from_config(&cfg.limits, nofile, limits::open_fds());
     let state = Arc::new(SidecarState::new(
@@ -208,6 +209,9 @@ where
     // Register signals before announcing readiness so an early SIGTERM still drains.
     let stop = stop()?;
 
+    // Transparent mode: the redirector, whose kernel refusals are audited every second and
+    // once more before the final flush.
+    let mut refusals = None;
     let kernel: Option<Arc<dyn crate::metrics::KernelState>> = match cfg.interceptor.mode {
         InterceptMode::HttpProxy => {
             let addr = &cfg.interceptor.listen_addr;
@@ -226,7 +230,10 @@ where
             None
         }
         InterceptMode::Transparent => {
-            Some(transparent::serve(state.clone(), cfg, drain.clone(), limits).await?)
+            let r = transparent::serve(state.clone(), cfg, drain.clone(), limits).await?;
+            let task = crate::ebpf::refusals::spawn(r.clone(), audit.clone());
+            refusals = Some((r.clone(), task));
+            Some(r)
         }
     };
     if let (Some(addr), Some(metrics)) = (&cfg.admin.listen_addr, metrics) {
@@ -251,6 +258,10 @@ where
         tracing::info!(target: "firma_sidecar", "drained: all connections finished");
     }
     state.pipeline.flush_usage();
+    if let Some((r, task)) = refusals {
+        task.abort();
+        crate::ebpf::refusals::audit_pending(&r, &audit).await;
+    }
     audit.flush().await;
     tracing::info!(target: "firma_sidecar", "sidecar stopped");
     Ok(())

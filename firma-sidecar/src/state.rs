@@ -25,6 +25,8 @@ const FALLBACK_ENTRIES: usize = 4096;
 pub struct Mitm {
     pub intercept: HostPatterns,
     pub strict: HostPatterns,
+    /// `fallback_hosts`: the only hosts a certificate-rejecting client may be tunnelled to.
+    pub fallback_hosts: HostPatterns,
     pub leaves: LeafCache,
     /// (client, host) pairs whose interception failed recently. Keyed by the client so that
     /// nothing one client does changes how another client's connections are treated.
@@ -63,6 +65,7 @@ impl Mitm {
         Self {
             intercept: HostPatterns::new(&m.intercept_hosts),
             strict: HostPatterns::new(&m.strict_hosts),
+            fallback_hosts: HostPatterns::new(&m.fallback_hosts),
             leaves,
             fallback: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(FALLBACK_ENTRIES)
@@ -72,19 +75,22 @@ impl Mitm {
     }
 
     /// MITM-fallback decision: strict hosts (which are intercepted even if not listed in
-    /// `intercept_hosts`) are always intercepted, and a failed interception denies. A
-    /// non-strict intercepted host whose interception failed (the client rejected our
-    /// certificate, e.g. a pinned client) is tunnelled blind with a destination-level decision
-    /// for [`MITM_FALLBACK`], like a plain `CONNECT` proxy would: weaker (no per-request policy,
-    /// no credential), which is exactly what `strict_hosts` exists to forbid. The fallback is
-    /// kept per (client, host): one client that aborts handshakes cannot switch a host to
-    /// blind tunnelling for anyone else.
+    /// `intercept_hosts`) are always intercepted. The fallback is opt-in per host
+    /// (`fallback_hosts`): only there is an intercepted host whose interception a client
+    /// rejected (a pinned client, or one that does not trust the Firma CA) tunnelled blind for
+    /// that client with a destination-level decision for [`MITM_FALLBACK`], like a plain
+    /// `CONNECT` proxy would: weaker (no per-request policy, no credential). Everywhere else a
+    /// rejecting client just has its connection closed. The fallback is kept per (client,
+    /// host): one client cannot switch a host to blind tunnelling for anyone else.
     pub fn plan(&self, client: &ClientKey, host: &str) -> TlsPlan {
         if self.strict.matches(host) {
             return TlsPlan::Intercept { strict: true };
         }
         if !self.intercept.matches(host) {
             return TlsPlan::Tunnel;
+        }
+        if !self.fallback_hosts.matches(host) {
+            return TlsPlan::Intercept { strict: false };
         }
         let mut fb = self.fallback.lock().unwrap_or_else(|p| p.into_inner());
         let key = (client.clone(), host.to_string());
@@ -98,8 +104,13 @@ impl Mitm {
         }
     }
 
+    /// Whether a client that rejects the certificate for `host` may fall back (opt-in).
+    pub fn may_fall_back(&self, host: &str) -> bool {
+        !self.strict.matches(host) && self.fallback_hosts.matches(host)
+    }
+
     pub fn note_failure(&self, client: &ClientKey, host: &str) {
-        if !self.strict.matches(host) {
+        if self.may_fall_back(host) {
             let mut fb = self.fallback.lock().unwrap_or_else(|p| p.into_inner());
             fb.put((client.clone(), host.to_string()), Instant::now());
         }

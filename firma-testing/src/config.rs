@@ -27,6 +27,8 @@ pub struct Mitm {
     pub intercept_hosts: Vec<String>,
     /// Written only when set.
     pub strict_hosts: Option<Vec<String>>,
+    /// `fallback_hosts` (opt-in MITM-to-tunnel fallback), written only when non-empty.
+    pub fallback_hosts: Vec<String>,
 }
 
 /// Where `[sidecar.policy]` reads bundles from.
@@ -207,6 +209,9 @@ impl SidecarToml {
             );
             if let Some(h) = &m.strict_hosts {
                 let _ = writeln!(s, "strict_hosts = {}", list(h));
+            }
+            if !m.fallback_hosts.is_empty() {
+                let _ = writeln!(s, "fallback_hosts = {}", list(&m.fallback_hosts));
             }
         }
         if let Mode::Transparent {

@@ -87,7 +87,7 @@ pub fn in_fresh_netns(test_name: &str) -> bool {
             .then(|| "`unshare` not installed".to_string())
     });
     if let Some(why) = why {
-        eprintln!("SKIP {test_name}: {why}");
+        crate::skip(test_name, &why);
         return false;
     }
     let exe = std::env::current_exe().expect("test binary path");

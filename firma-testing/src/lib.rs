@@ -8,6 +8,7 @@
 //! - [`grpc`]: a real grpcio TLS server and client (Python);
 //! - [`ws`]: a real WebSocket echo server and client (Python `websockets`);
 //! - [`kernel`]: root/BPF checks, network namespaces, test cgroups and pin directories;
+//! - [`run`]: `firma run` worlds (upstream posing as API hosts, hosts file, state dir);
 //! - [`client`]: curl, raw exchanges, clients started inside a cgroup;
 //! - [`vault`]: a RustyVault launcher;
 //! - [`prometheus`]: a real Prometheus server scraping loopback targets, and its query API;
@@ -26,6 +27,7 @@ pub mod pipeline;
 pub mod pki;
 pub mod process;
 pub mod prometheus;
+pub mod run;
 pub mod sidecar;
 pub mod upstream;
 pub mod vault;
@@ -38,6 +40,20 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// The repository root (for `policies/`, `proto/`, `tests/python/`).
+/// The switch that turns every test skip into a failure. `.ci/run` sets it: on CI machines
+/// (root, BPF, cgroup v2, every tool installed) a skip can only mean a broken setup, and a
+/// suite that silently skips its kernel tests proves nothing.
+pub const NO_SKIP_VAR: &str = "FIRMA_NO_SKIP";
+
+/// Skips the calling test: prints `SKIP <test>: <why>` and returns, so the caller can
+/// `return`. Under `FIRMA_NO_SKIP=1` it panics with the same text instead.
+pub fn skip(test_name: &str, why: &str) {
+    if std::env::var_os(NO_SKIP_VAR).is_some_and(|v| v == "1") {
+        panic!("{test_name} would be skipped ({why}), but {NO_SKIP_VAR}=1 forbids skips");
+    }
+    eprintln!("SKIP {test_name}: {why}");
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -27,8 +27,9 @@ pub fn binary(test_name: &str) -> Option<PathBuf> {
             std::env::var_os("CI").is_none(),
             "CI: no prometheus binary; .ci/run installs the Debian package"
         );
-        eprintln!(
-            "SKIP {test_name}: no prometheus binary (apt-get install prometheus; .ci/run installs it)"
+        crate::skip(
+            test_name,
+            "no prometheus binary (apt-get install prometheus; .ci/run installs it)",
         );
     }
     found

@@ -101,6 +101,8 @@ pub struct Settings {
     pub mode: Mode,
     pub intercept_hosts: Vec<String>,
     pub strict_hosts: Vec<String>,
+    /// `fallback_hosts`: the opt-in MITM-to-tunnel fallback (default none).
+    pub fallback_hosts: Vec<String>,
     pub mitm: bool,
     pub default_protected: bool,
     pub drain_timeout_secs: u64,
@@ -134,6 +136,7 @@ impl Default for Settings {
             mode: Mode::HttpProxy,
             intercept_hosts: hosts.clone(),
             strict_hosts: vec!["api.acme-vendor.com".into()],
+            fallback_hosts: Vec::new(),
             mitm: true,
             default_protected: true,
             drain_timeout_secs: 5,
@@ -222,6 +225,7 @@ impl Deployment {
             enabled: s.mitm,
             intercept_hosts: s.intercept_hosts.clone(),
             strict_hosts: Some(s.strict_hosts.clone()),
+            fallback_hosts: s.fallback_hosts.clone(),
         });
         t.default_protected = s.default_protected;
         t.audit = Some(AuditFile {
@@ -289,6 +293,26 @@ impl Deployment {
 
     pub fn start(&self, envs: &[(&str, &str)]) -> Sidecar {
         Sidecar::start(&self.config, envs)
+    }
+
+    /// [`Deployment::start`] in a private mount namespace whose /etc/hosts is `hosts`: the
+    /// sidecar resolves decided names itself (the destination binding), so it must see the same
+    /// names as the test's clients (needs root).
+    pub fn start_with_hosts(&self, envs: &[(&str, &str)], hosts: &Path) -> Sidecar {
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(format!(
+                "mount --bind '{}' /etc/hosts && exec \"$@\"",
+                hosts.display()
+            ))
+            .arg("sh")
+            .arg(firma_bin())
+            .args(["sidecar", "-c", &self.config.display().to_string()])
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            .env_remove("VAULT_TOKEN")
+            .envs(envs.iter().copied());
+        Sidecar::spawn(c).unwrap_or_else(|e| panic!("sidecar: {e}"))
     }
 }
 

@@ -37,12 +37,15 @@ pub struct Upstream {
     pub raw: Arc<Mutex<Vec<u8>>>,
     /// TLS connections accepted so far.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// Tokens (input + output) of every LLM answer served so far (see [`llm`]).
+    pub served_tokens: Arc<std::sync::atomic::AtomicI64>,
     _rt: tokio::runtime::Runtime,
 }
 
 impl Upstream {
     /// Serves HTTPS on 127.0.0.1 for `names` (certificate SANs). `GET /slow?ms=N` answers after
-    /// N ms; everything else answers 200 `{"ok":true,"path":…}`.
+    /// N ms; everything else answers 200 `{"ok":true,"path":…}` (with `"data":[]` on
+    /// `/v1/models`, the providers' list shape).
     pub fn start(dir: &Path, names: &[&str]) -> Self {
         Self::start_at(dir, names, "127.0.0.1:0".parse().unwrap())
     }
@@ -69,7 +72,9 @@ impl Upstream {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let raw = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let served_tokens = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let (seen2, raw2, conns2) = (seen.clone(), raw.clone(), connections.clone());
+        let served2 = served_tokens.clone();
         rt.spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -77,6 +82,7 @@ impl Upstream {
                 };
                 let (acceptor, seen, raw) = (acceptor.clone(), seen2.clone(), raw2.clone());
                 let conns = conns2.clone();
+                let served = served2.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
@@ -85,6 +91,7 @@ impl Upstream {
                     let sni = tls.get_ref().1.server_name().map(str::to_string);
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let (seen, raw, sni) = (seen.clone(), raw.clone(), sni.clone());
+                        let served = served.clone();
                         async move {
                             let (parts, body) = req.into_parts();
                             let body = body
@@ -144,10 +151,26 @@ impl Upstream {
                                     .unwrap_or(2000);
                                 tokio::time::sleep(Duration::from_millis(ms)).await;
                             }
-                            if let Some(resp) = llm::answer(&path, &parts.headers, &body) {
+                            if let Some((resp, tokens)) = llm::answer(&path, &parts.headers, &body)
+                            {
+                                served.fetch_add(tokens, std::sync::atomic::Ordering::SeqCst);
+                                if let Some(ms) = parts
+                                    .headers
+                                    .get("x-test-delay-ms")
+                                    .and_then(|v| v.to_str().ok())
+                                    .and_then(|v| v.parse().ok())
+                                {
+                                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                                }
                                 return Ok::<_, std::convert::Infallible>(resp);
                             }
-                            let out = serde_json::json!({"ok": true, "path": path}).to_string();
+                            let mut out = serde_json::json!({"ok": true, "path": path});
+                            if path == "/v1/models" {
+                                // The providers' list shape, so SDK list calls parse it.
+                                out["object"] = "list".into();
+                                out["data"] = serde_json::json!([]);
+                            }
+                            let out = out.to_string();
                             Ok::<_, std::convert::Infallible>(hyper::Response::new(
                                 Full::new(Bytes::from(out))
                                     .map_err(|never| match never {})
@@ -167,8 +190,14 @@ impl Upstream {
             seen,
             raw,
             connections,
+            served_tokens,
             _rt: rt,
         }
+    }
+
+    /// Tokens (input + output) the LLM answers served so far.
+    pub fn served_tokens(&self) -> i64 {
+        self.served_tokens.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -194,10 +223,14 @@ impl Upstream {
 ///
 /// `POST /v1/chat/completions`, `/v1/responses` (OpenAI) and `/v1/messages` (Anthropic): the
 /// output token count is the request's `max_tokens` (or `max_completion_tokens` /
-/// `max_output_tokens`), 50 when absent; input tokens are 100. With `"stream": true` the
-/// answer is SSE: a first event at once, then, after `x-test-sse-gap-ms` (default 0) ms, the
-/// rest with the usage in the final events, as the providers send it (OpenAI only with
-/// `stream_options.include_usage`). Everything else is not an LLM call (`None`).
+/// `max_output_tokens`, the largest when several are sent), 50 when absent; input tokens are
+/// 100. With `"stream": true` the answer is SSE: a first event at once, then, after
+/// `x-test-sse-gap-ms` (default 0) ms, the rest with the usage in the final events, as the
+/// providers send it (OpenAI only with `stream_options.include_usage`; Anthropic's full event
+/// sequence, which its SDK's stream helpers need). A hostile or broken provider:
+/// `x-test-output-tokens: N` reports N output tokens (negative too) whatever was served;
+/// `x-test-delay-ms` holds the answer that long. Everything else is not an LLM call (`None`).
+/// The second value is the tokens served (input + output generated).
 pub mod llm {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -212,7 +245,7 @@ pub mod llm {
         path: &str,
         headers: &http::HeaderMap,
         body: &[u8],
-    ) -> Option<hyper::Response<Body>> {
+    ) -> Option<(hyper::Response<Body>, i64)> {
         let anthropic = path == "/v1/messages";
         if !(anthropic || path == "/v1/chat/completions" || path == "/v1/responses") {
             return None;
@@ -224,8 +257,15 @@ pub mod llm {
             "/max_output_tokens",
         ]
         .iter()
-        .find_map(|p| req.pointer(p).and_then(|v| v.as_i64()))
+        .filter_map(|p| req.pointer(p).and_then(|v| v.as_i64()))
+        .max()
         .unwrap_or(50);
+        let served = INPUT_TOKENS + output;
+        let output = headers
+            .get("x-test-output-tokens")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(output);
         let model = req["model"].as_str().unwrap_or("unknown").to_string();
         let stream = req["stream"].as_bool().unwrap_or(false);
         let gap = headers
@@ -235,8 +275,8 @@ pub mod llm {
             .unwrap_or(0u64);
         let mut resp = if !stream {
             let v = if anthropic {
-                serde_json::json!({"id": "msg_1", "type": "message", "model": model,
-                    "content": [{"type": "text", "text": "hi"}],
+                serde_json::json!({"id": "msg_1", "type": "message", "role": "assistant", "model": model,
+                    "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
                     "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": output}})
             } else if path == "/v1/responses" {
                 serde_json::json!({"id": "resp_1", "object": "response", "model": model,
@@ -278,7 +318,7 @@ pub mod llm {
             "x-test-model",
             model.parse().unwrap_or(http::HeaderValue::from_static("x")),
         );
-        Some(resp)
+        Some((resp, served))
     }
 
     /// The first SSE event, then the rest (usage in the last ones, split across writes the
@@ -292,11 +332,13 @@ pub mod llm {
         if anthropic {
             let start = format!(
                 "event: message_start\ndata: {}\n\n",
-                serde_json::json!({"type": "message_start", "message": {"id": "msg_1", "model": model, "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": 1}}})
+                serde_json::json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": model, "stop_reason": null, "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": 1}}})
             );
             let delta = format!(
-                "event: content_block_delta\ndata: {}\n\n",
-                serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}})
+                "event: content_block_start\ndata: {}\n\nevent: content_block_delta\ndata: {}\n\nevent: content_block_stop\ndata: {}\n\n",
+                serde_json::json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}}),
+                serde_json::json!({"type": "content_block_stop", "index": 0})
             );
             let end = format!(
                 "event: message_delta\ndata: {}\n\nevent: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n",

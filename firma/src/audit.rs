@@ -1,9 +1,8 @@
-//! `firma audit verify FILE --public-key K` and `firma audit collect --listen ADDR --output FILE`.
+//! `firma audit verify FILE|DIR --public-key K` and `firma audit collect --listen ADDR --output FILE`.
 
 use anyhow::Context;
-use firma_common::audit::ChainVerifier;
+use firma_common::audit_files::{self, Head};
 use firma_common::keys::{VerifyingKey, load_verifying_key};
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -15,9 +14,11 @@ pub struct Args {
 
 #[derive(clap::Subcommand)]
 enum Command {
-    /// Check every signature and the hash chain of an audit file; report the first bad line.
+    /// Check every signature and the hash chain of an audit file, or of a directory of
+    /// rotated audit files in order; report the first bad line.
     Verify {
-        /// JSON-lines audit file (file sink output or collector output).
+        /// JSON-lines audit file (file sink output or collector output), or the directory
+        /// holding the file sink's rotated files (`audit.jsonl.000001`, …, `audit.jsonl`).
         file: PathBuf,
         /// Public key(s) of the sidecars' `[sidecar.audit] signing_key_path` (the `.pub` file).
         #[arg(long = "public-key", required = true)]
@@ -87,31 +88,58 @@ async fn shutdown_signal() {
 
 /// Exit 0 when every line verifies and is covered by a signature (the last line of each batch
 /// is signed; docs/architecture.md, audit); 1 with `FILE:LINE: reason` for the first bad line.
-fn verify(file: &Path, keys: &[VerifyingKey]) -> anyhow::Result<ExitCode> {
-    let f = std::fs::File::open(file).with_context(|| format!("{}", file.display()))?;
-    let mut v = ChainVerifier::new(keys.to_vec());
-    let mut events = 0u64;
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.with_context(|| format!("{}:{}", file.display(), i + 1))?;
-        if line.trim().is_empty() {
-            continue;
+/// `path` is one file, or a directory holding one set of rotated files
+/// (`firma_common::audit_files`), checked in order as one chain.
+fn verify(path: &Path, keys: &[VerifyingKey]) -> anyhow::Result<ExitCode> {
+    let dir = path.is_dir();
+    let (files, head) = if dir {
+        let files = audit_files::set_in_dir(path).map_err(anyhow::Error::msg)?;
+        (files, Head::Complete)
+    } else {
+        std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+        let one = vec![audit_files::AuditFile {
+            path: path.to_path_buf(),
+            index: None,
+        }];
+        (one, Head::MayContinue)
+    };
+    match audit_files::verify_set(&files, keys, head) {
+        Ok(ok) => {
+            for n in &ok.notes {
+                println!("NOTE: {n}");
+            }
+            if !dir
+                && let Ok(rotated) = audit_files::rotated_files(path)
+                && !rotated.is_empty()
+            {
+                println!(
+                    "NOTE: {} rotated file(s) beside it: `firma audit verify {}` checks the chain across all of them",
+                    rotated.len(),
+                    path.parent()
+                        .map_or(".".into(), |p| p.display().to_string())
+                );
+            }
+            let files = if dir {
+                format!(" across {} file(s)", ok.files)
+            } else {
+                String::new()
+            };
+            println!(
+                "OK: {} event(s) in {} chain(s), {} signature(s){files}; every signature and chain link verifies and covers every line",
+                ok.events, ok.chains, ok.signatures
+            );
+            Ok(ExitCode::SUCCESS)
         }
-        if let Err(e) = v.push(&line) {
-            println!("{}:{}: {e}", file.display(), i + 1);
-            println!("FAILED: first bad line is {}", i + 1);
-            return Ok(ExitCode::FAILURE);
+        Err(f) => {
+            println!("{f}");
+            match f.line {
+                Some(n) if dir => {
+                    println!("FAILED: first bad line is {n} of {}", f.file.display())
+                }
+                Some(n) => println!("FAILED: first bad line is {n}"),
+                None => println!("FAILED: {}", f.file.display()),
+            }
+            Ok(ExitCode::FAILURE)
         }
-        events += 1;
     }
-    if let Err(e) = v.finish() {
-        println!("{}: {e}", file.display());
-        println!("FAILED: the end of the file is not covered by a signature");
-        return Ok(ExitCode::FAILURE);
-    }
-    println!(
-        "OK: {events} event(s) in {} chain(s), {} signature(s); every signature and chain link verifies and covers every line",
-        v.chains(),
-        v.signatures()
-    );
-    Ok(ExitCode::SUCCESS)
 }

@@ -74,18 +74,18 @@ fn kernel_checks() -> Vec<Check> {
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
     let (major, minor) = parse_version(&release);
-    out.push(if (major, minor) >= (5, 7) {
+    out.push(if (major, minor) >= (5, 9) {
         check(
             "kernel",
             Status::Ok,
-            format!("Linux {release} (>= 5.7: BPF links)"),
+            format!("Linux {release} (>= 5.9: BPF links and their detach, boot-time clock of the refusal tallies)"),
         )
     } else {
         check(
             "kernel",
             Status::Fail,
             format!(
-                "Linux {release}; transparent mode needs >= 5.7 (BPF links, getpeername hooks)"
+                "Linux {release}; transparent mode needs >= 5.9 (BPF links and BPF_LINK_DETACH, getpeername hooks, bpf_ktime_get_boot_ns for the refusal tallies)"
             ),
         )
     });

@@ -158,14 +158,17 @@ drain_timeout_secs = 30
 enabled = true
 # Hosts whose TLS the sidecar terminates to decide per request: the hosts the mapping rules name.
 intercept_hosts = [{hosts}]
-strict_hosts = []                    # hosts where a failed interception denies instead of tunnelling
+strict_hosts = []                    # hosts always intercepted, a failed interception closes
+fallback_hosts = []                  # opt-in: a client rejecting the CA is tunnelled blind (300 s)
 
 # Used only with mode = "transparent" (root): tagged cgroups' connects go to 127.0.0.1/[::1]:port.
 [sidecar.interceptor.transparent]
 port = 15001
-excluded_cidrs = []                  # destinations never redirected, e.g. ["10.0.0.0/8"]
+excluded_cidrs = []                  # TCP destinations never redirected, e.g. ["10.0.0.0/8"]
 excluded_ports = []
 block_quic = true                    # refuse UDP/443 so QUIC cannot bypass the sidecar
+allow_udp = []                       # UDP is closed but DNS to the guard; exceptions "ADDR:PORT"
+allow_loopback = []                  # loopback is closed; open "PORT" or "ADDR:PORT" (never the sidecar's)
 redirect_dns = true                  # tagged workloads resolve through the DNS guard ([sidecar.dns]):
                                      # names that can lead to an allowed destination, NXDOMAIN for the rest
 pin_dir = "/sys/fs/bpf/firma"        # bpffs; pins outlive the sidecar so a crash fails closed
@@ -209,7 +212,9 @@ extra_root_certs = []                # PEM files trusted for upstreams besides t
 
 # Credentials the sidecar injects (the agent never sees them). The variable must be set in the
 # sidecar's environment, or it refuses to start; uncomment and run
-# `OPENAI_API_KEY=sk-... firma sidecar -c {cfg}`.
+# `OPENAI_API_KEY=sk-... firma sidecar -c {cfg}`. Give the agent a placeholder instead
+# (OPENAI_API_KEY=sk-firma-placeholder-dev): its SDK starts, the sidecar replaces it with the
+# real key on api.openai.com and denies it anywhere else (CredentialLeak).
 # [[sidecar.credentials]]
 # host = "api.openai.com"
 # mode = "basic"

@@ -79,7 +79,7 @@ enum Command {
     /// Create a working deployment directory: config, keys, CA, policies, a capability seed.
     Init(init::Args),
     /// Run one program under enforcement: `firma run [OPTIONS] -- CMD [ARGS...]` (root).
-    Run(run::Args),
+    Run(Box<run::Args>),
 }
 
 /// A configuration problem: reported with exit code 78 so supervisors can tell it apart.
@@ -101,7 +101,7 @@ fn main() -> ExitCode {
     logging::set_cli_format(cli.log_format);
     let result = match cli.command {
         // Its own exit codes: CMD's status, or 78/125/126/127 (run/mod.rs).
-        Command::Run(a) => return run::run(a),
+        Command::Run(a) => return run::run(*a),
         Command::Authority(a) => authority::run(a),
         Command::Sidecar(a) => sidecar::run(a),
         Command::Ca(a) => ca::run(a),

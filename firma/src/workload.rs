@@ -93,6 +93,10 @@ fn print_status(r: &StatusReport) {
         r.block_quic, r.redirect_dns, r.excluded_cidrs, r.excluded_ports
     );
     println!(
+        "allow_udp={:?} allow_loopback={:?} (UDP and loopback are otherwise closed)",
+        r.allow_udp, r.allow_loopback
+    );
+    println!(
         "tracked connections: {} by cookie, {} by peer",
         r.tracked_by_cookie, r.tracked_by_peer
     );

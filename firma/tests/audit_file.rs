@@ -246,3 +246,70 @@ async fn one_signature_per_batch_covers_every_line() {
     let (ok, out) = verify(&file, &[&public]);
     assert!(ok && out.contains("OK: 401 event(s)"), "{out}");
 }
+
+/// The file sink rotated by size: the chain continues across files and across a restart, and a
+/// crash between rotation's two renames (rotated file there, no active file) is continued
+/// behind a `rotation` event; `firma audit verify DIR` passes each time.
+#[tokio::test]
+async fn rotation_continues_the_chain_across_restarts_and_a_crash_mid_rotation() {
+    let env = Env::new();
+    let seed = env.seed(&env.claims("t-1", "tenant-acme", "s-1", &[CHAT], "*"));
+    let p = env.pipeline(&[seed], &Opts::default()).await;
+    let (key, public) = audit_key(&env, "audit.key");
+    let dir = env.path("audit");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("audit.jsonl");
+    let mut cfg = file_config(&file, &key);
+    cfg.max_file_bytes = Some(4096);
+    let r = req("POST", "api.openai.com", "/v1/chat/completions", &[]);
+    let d = p.decide(&r).await;
+    let run = |cfg: firma_sidecar::config::AuditConfig| {
+        let (r, d) = (r.clone(), d.clone());
+        async move {
+            let log = AuditLog::start(&cfg).await.expect("audit starts");
+            for _ in 0..5 {
+                for _ in 0..6 {
+                    log.record(firma_sidecar::audit::AuditInput {
+                        conn: &r.conn,
+                        method: Some("POST"),
+                        host: Some(&r.host),
+                        port: r.port,
+                        path: Some(&r.path),
+                        decision: &d,
+                        connector: None,
+                    });
+                }
+                log.flush().await;
+            }
+        }
+    };
+    let rotated = || firma_common::audit_files::rotated_files(&file).expect("list");
+    run(cfg.clone()).await;
+    let n = rotated().len();
+    assert!(n >= 2, "rotated: {:?}", rotated());
+    let (ok, out) = verify(&dir, &[&public]);
+    assert!(ok && out.contains("1 chain(s)"), "{out}");
+
+    // Restart: numbering and the chain go on.
+    run(cfg.clone()).await;
+    assert!(rotated().len() > n);
+    let (ok, out) = verify(&dir, &[&public]);
+    assert!(ok && out.contains("1 chain(s)"), "{out}");
+
+    // A crash after the active file was renamed and before the new one was put in place.
+    let next = rotated().last().and_then(|f| f.index).unwrap() + 1;
+    std::fs::rename(&file, firma_common::audit_files::rotated_path(&file, next)).expect("rename");
+    run(cfg.clone()).await;
+    let files = firma_common::audit_files::set_of(&file).expect("set");
+    let after = files
+        .iter()
+        .find(|f| f.index == Some(next + 1))
+        .map_or(&file, |f| &f.path);
+    let text = std::fs::read_to_string(after).expect("read");
+    let head: serde_json::Value =
+        serde_json::from_str(text.lines().next().expect("a line")).expect("json");
+    assert_eq!(head["event"], "rotation", "{head}");
+    assert_eq!(head["file_index"], next + 1);
+    let (ok, out) = verify(&dir, &[&public]);
+    assert!(ok && out.contains("1 chain(s)"), "{out}");
+}

@@ -8,7 +8,7 @@
 //! injected into the call's metadata (replacing the client's own), a denied method and a
 //! denied host are answered in gRPC terms (`PERMISSION_DENIED` with the Firma reason in
 //! `grpc-message`) and reach nobody, an unreachable upstream is `UNAVAILABLE`, and every
-//! decision is in the audit with the Firma reason (see docs/architecture.md, "gRPC").
+//! decision is in the audit with the Firma reason (see docs/architecture.md, "Life of a request").
 
 use firma_testing::client::in_cgroup_command;
 use firma_testing::config::{HostRoute, Mode};
@@ -293,7 +293,7 @@ fn grpc_client_cannot_choose_its_credential_or_forge_a_capability() {
 
 /// Transparent mode: the unmodified client in a tagged cgroup dials grpc.firma.test:443
 /// (10.77.0.2 in the test's namespace); the kernel redirects it to the sidecar, which MITMs
-/// it and forwards to the original destination over HTTP/2.
+/// it and forwards over HTTP/2 to the name's address, which the original destination is.
 #[test]
 fn grpc_in_tagged_cgroup_is_enforced_transparently() {
     if !in_fresh_netns("grpc_in_tagged_cgroup_is_enforced_transparently") {
@@ -317,7 +317,9 @@ fn grpc_in_tagged_cgroup_is_enforced_transparently() {
             control_socket: control,
             allow_ephemeral_pins: None,
         },
-        &[],
+        // The sidecar binds each name to its address (the original destination must be one of
+        // the decided name's addresses): configured here, as the names have no DNS.
+        &[(HOST, echo.addr), (OTHER, echo.addr)],
     );
     let sc = start(&d);
     let cg_path = format!("/{}", cg.dir.file_name().unwrap().to_string_lossy());

@@ -171,11 +171,15 @@ fn prometheus_scrapes_decisions_and_readyz_follows_the_bundle() {
         || prom.scalar("firma_sidecar_audit_events_written_total") == Some(d.audit().len() as f64),
     );
     // Counted only now: a denial's line may still have been held when the scrape above matched.
-    let audit_decisions = d
-        .audit()
-        .iter()
-        .filter(|e| e["event"] == "decision")
-        .count();
+    // Denials over a workload's audit rate (20 per 10 s by default; these 20 from one client
+    // are not over it) are counts in `deny_summary` events: decision events + those counts.
+    let audit = d.audit();
+    let audit_decisions = audit.iter().filter(|e| e["event"] == "decision").count()
+        + audit
+            .iter()
+            .filter(|e| e["event"] == "deny_summary")
+            .map(|e| e["aggregate"]["count"].as_u64().unwrap_or(0) as usize)
+            .sum::<usize>();
     let audit_written = prom.scalar("firma_sidecar_audit_events_written_total");
     let streams = prom.query("firma_authority_connected_sidecars");
     let sends = prom.scalar("sum(firma_authority_stream_sends_total)");

@@ -5,7 +5,8 @@
 //! is written first: no config, no keys, no policies (a fresh `--state-dir`).
 //!
 //! Covers: allowed with injection and denied with 403 (curl), Python `requests` and Node
-//! `fetch` children, the secret and every proxy variable absent from the child's environment,
+//! `fetch` children, the secret and every proxy variable absent from the child's environment
+//! (the credential variable holds a placeholder),
 //! CMD's exit status (and 127, 128+N), SIGINT to firma removes the cgroup, pins and run
 //! directory, two concurrent runs with different agents enforced separately, a `--user` child
 //! cannot leave its cgroup and is still enforced, and without root: one line, exit 78,
@@ -13,7 +14,7 @@
 
 use firma_testing::kernel::{DST_V4, in_fresh_netns, skip_reason};
 use firma_testing::process::Process;
-use firma_testing::upstream::Upstream;
+use firma_testing::run::{RunWorld, show};
 use firma_testing::{assert_eventually, firma_bin, text};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -23,68 +24,31 @@ use std::time::Duration;
 const CANARY: &str = "sk-canary-run-7f3a";
 const KEY_VAR: &str = "FIRMA_TEST_RUN_KEY";
 
-/// One test's world: the upstream, a hosts file, a fresh state dir.
-struct World {
-    up: Upstream,
-    hosts: PathBuf,
-    state: PathBuf,
-    dir: tempfile::TempDir,
+/// One test's world ([`RunWorld`]: the upstream posing as api.openai.com, paste.rs and
+/// api.anthropic.com, a hosts file, a fresh state dir), with firma given the test secret and
+/// proxy variables that must never reach the child.
+struct World(RunWorld);
+
+impl std::ops::Deref for World {
+    type Target = RunWorld;
+    fn deref(&self) -> &RunWorld {
+        &self.0
+    }
 }
 
 impl World {
     fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        // Readable by an unprivileged child (the --user test); the keys inside stay 0600.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let up = Upstream::start_at(
-            dir.path(),
-            &["api.openai.com", "paste.rs", "api.anthropic.com"],
-            format!("{DST_V4}:443").parse().unwrap(),
-        );
-        let hosts = dir.path().join("hosts");
-        std::fs::write(
-            &hosts,
-            format!(
-                "127.0.0.1 localhost\n::1 localhost\n{DST_V4} api.openai.com paste.rs api.anthropic.com\n"
-            ),
-        )
-        .unwrap();
-        let state = dir.path().join("state");
-        Self {
-            up,
-            hosts,
-            state,
-            dir,
-        }
+        Self(RunWorld::new(&[
+            "api.openai.com",
+            "paste.rs",
+            "api.anthropic.com",
+        ]))
     }
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// `firma run --state-dir S --upstream-ca U FIRMA_ARGS… -- CMD…` inside a private mount
-    /// namespace with the hosts file (unshare and sh exec in place: the pid is firma's).
+    /// `firma run --state-dir S --upstream-ca U FIRMA_ARGS… -- CMD…` (see [`RunWorld::command`]).
     fn command(&self, firma_args: &[&str], cmd: &[&str]) -> Command {
-        let mut c = Command::new("unshare");
-        c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(format!(
-                "mount --bind '{}' /etc/hosts && exec \"$@\"",
-                self.hosts.display()
-            ))
-            .arg("sh")
-            .arg(firma_bin())
-            .arg("run")
-            .arg("--state-dir")
-            .arg(&self.state)
-            .arg("--upstream-ca")
-            .arg(&self.up.ca_path)
-            .args(firma_args)
-            .arg("--")
-            .args(cmd)
-            .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
-            .env_remove("SUDO_UID")
-            .env(KEY_VAR, CANARY)
+        let mut c = self.0.command(firma_args, cmd);
+        c.env(KEY_VAR, CANARY)
             // Must never reach the child (nor be used by it).
             .env("HTTPS_PROXY", "http://10.77.9.9:3128")
             .env("https_proxy", "http://10.77.9.9:3128")
@@ -97,21 +61,8 @@ impl World {
     }
 
     fn audit(&self, file: &Path) -> Vec<serde_json::Value> {
-        firma_testing::audit::lines(file)
-            .iter()
-            .map(|l| firma_testing::audit::json(l))
-            .filter(|e| e["event"] == "decision")
-            .collect()
+        self.decisions(file)
     }
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    )
 }
 
 const CURL: &str = "curl -sS --max-time 10 -w '\\nSTATUS %{http_code}\\n'";
@@ -270,9 +221,14 @@ fn secret_and_proxy_variables_are_absent_from_the_child() {
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let stdout = text(&out.stdout);
     let (env, bundle) = stdout.split_once("BUNDLE\n").expect("env then bundle");
+    // The credential variable holds a placeholder (SDKs start), never the secret.
+    let placeholder = env
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{KEY_VAR}=")))
+        .unwrap_or_else(|| panic!("{KEY_VAR} not in the child's environment:\n{env}"));
     assert!(
-        !env.contains(KEY_VAR),
-        "the credential variable leaked:\n{env}"
+        placeholder.starts_with("sk-firma-placeholder-") && placeholder.len() == 53,
+        "{placeholder}"
     );
     assert!(!env.contains(CANARY), "the secret leaked:\n{env}");
     for line in env.lines() {
@@ -538,7 +494,7 @@ fn user_child_cannot_leave_its_cgroup_and_is_enforced() {
 #[test]
 fn without_root_one_line_exit_78_nothing_created() {
     if let Some(why) = skip_reason() {
-        eprintln!("SKIP without_root_one_line_exit_78_nothing_created: {why}");
+        firma_testing::skip("without_root_one_line_exit_78_nothing_created", &why);
         return;
     }
     let dir = tempfile::tempdir().unwrap();

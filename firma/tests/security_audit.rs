@@ -254,8 +254,9 @@ fn fill(dir: &Path) {
 #[test]
 fn audit_fails_closed_on_a_full_disk_and_recovers() {
     if !nix_is_root() {
-        eprintln!(
-            "SKIP audit_fails_closed_on_a_full_disk_and_recovers: needs root to mount a tmpfs"
+        firma_testing::skip(
+            "audit_fails_closed_on_a_full_disk_and_recovers",
+            "needs root to mount a tmpfs",
         );
         return;
     }
@@ -380,13 +381,16 @@ fn nix_is_root() -> bool {
         .is_ok_and(|o| text(&o.stdout).trim() == "0")
 }
 
-/// A client that rejects the Firma CA makes the sidecar fall back to a blind tunnel for that
-/// client only: a client at another address is still intercepted (and gets its credential).
+/// With the opt-in fallback (`fallback_hosts`), a client that rejects the Firma CA makes the
+/// sidecar fall back to a blind tunnel for that client only: a client at another address is
+/// still intercepted (and gets its credential). Without it (the default, see
+/// `hostile_destination.rs`) nothing changes even for clients at the same address.
 /// A client that closes a TLS session without close_notify is not a malformed request.
 #[test]
 fn one_client_cannot_switch_interception_off_for_another() {
     let (up, d, sc) = setup(Settings {
         extra: credential("api.openai.com"),
+        fallback_hosts: vec!["api.openai.com".into()],
         ..Settings::default()
     });
     let proxy = sc.proxy_url();

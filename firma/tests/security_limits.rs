@@ -191,7 +191,7 @@ fn warn_lines(log: &str) -> Vec<&str> {
 #[test]
 fn idle_h2_flood_is_capped_and_closed_while_normal_clients_and_reloads_work() {
     if Command::new("prlimit").arg("--version").output().is_err() {
-        eprintln!("SKIP idle_h2_flood: `prlimit` (util-linux) not installed");
+        firma_testing::skip("idle_h2_flood", "`prlimit` (util-linux) not installed");
         return;
     }
     let (_up, d) = deployment(limits_toml(IDLE_SECS, PER_CLIENT));

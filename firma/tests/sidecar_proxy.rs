@@ -359,9 +359,13 @@ fn credential_never_leaks_to_other_hosts_audit_or_logs() {
     assert!(s.log_text().contains("credential configured"));
 }
 
+/// The fallback is opt-in (`fallback_hosts`): api.openai.com opts in here.
 #[test]
 fn strict_host_mitm_failure_denies_and_non_strict_falls_back() {
-    let (up, d, sc) = setup(Settings::default());
+    let (up, d, sc) = setup(Settings {
+        fallback_hosts: vec!["api.openai.com".into()],
+        ..Settings::default()
+    });
     let p = sc.proxy_url();
     // A client that does not trust the Firma CA rejects the MITM certificate.
     let empty_ca = d.root().join("empty.pem");
@@ -384,7 +388,7 @@ fn strict_host_mitm_failure_denies_and_non_strict_falls_back() {
         200
     );
 
-    // Non-strict host: the failure switches it to blind tunnelling with a destination decision.
+    // A fallback host: the failure switches it to blind tunnelling with a destination decision.
     let out = curl(&p, other_ca, "https://api.openai.com/v1/models", &[]);
     assert_eq!(out.status, 0, "{out:?}");
     assert_eventually(Duration::from_secs(5), "fallback noted", || {
@@ -613,8 +617,9 @@ fn python_requests_and_httpx_through_the_proxy() {
         .map(|s| s.success())
         .unwrap_or(false);
     if !ok {
-        eprintln!(
-            "SKIP: python3 with requests and httpx not available (pip install requests httpx)"
+        firma_testing::skip(
+            "python_clients",
+            "python3 with requests and httpx not available (pip install requests httpx)",
         );
         return;
     }

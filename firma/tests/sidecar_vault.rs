@@ -22,7 +22,10 @@ fn vault_settings(vault: &Vault, token: &str, ttl: u64) -> Settings {
 fn start() -> Option<(tempfile::TempDir, Upstream, Vault)> {
     let tmp = tempfile::tempdir().unwrap();
     let Some(vault) = Vault::start(tmp.path()) else {
-        eprintln!("SKIP: rvault (RustyVault) not installed; `cargo install rusty_vault`");
+        firma_testing::skip(
+            "sidecar_vault",
+            "rvault (RustyVault) not installed; `cargo install rusty_vault`",
+        );
         return None;
     };
     let up = Upstream::start(

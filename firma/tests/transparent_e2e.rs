@@ -61,9 +61,16 @@ impl Env {
         let up = Upstream::start_at(tmp.path(), &["api.openai.com", "paste.rs"], up_addr);
         let pins = TestPins::new();
         let cg = TestCgroup::top(&unique("firma-e2e")).expect("test cgroup");
-        // Transparent mode: the upstream is the original destination, no host addresses.
+        // Transparent mode: the sidecar resolves the names from the hosts file and the original
+        // destination must be one of their addresses. An upstream on another port than 443 is
+        // named with its port by a configured address (which the binding takes as the name's).
+        let upstream_hosts = if upstream_port == 443 {
+            Vec::new()
+        } else {
+            vec!["api.openai.com".to_string(), "paste.rs".to_string()]
+        };
         let mut settings = Settings {
-            upstream_hosts: Vec::new(),
+            upstream_hosts,
             extra: CREDENTIAL.into(),
             ..Settings::default()
         };
@@ -83,7 +90,7 @@ impl Env {
             format!("127.0.0.1 localhost\n::1 localhost\n{up_ip} api.openai.com paste.rs\n"),
         )
         .unwrap();
-        let sc = start_sidecar(&d);
+        let sc = start_sidecar(&d, &hosts);
         Self {
             up,
             d,
@@ -145,8 +152,10 @@ impl Env {
     }
 }
 
-fn start_sidecar(d: &Deployment) -> Sidecar {
-    d.start(&[("FIRMA_TEST_OPENAI_KEY", CANARY)])
+/// The sidecar sees the clients' hosts file: it resolves the decided name itself and the
+/// original destination must be one of its addresses (the destination binding).
+fn start_sidecar(d: &Deployment, hosts: &Path) -> Sidecar {
+    d.start_with_hosts(&[("FIRMA_TEST_OPENAI_KEY", CANARY)], hosts)
 }
 
 /// The four unmodified clients.
@@ -598,7 +607,7 @@ fn killed_sidecar_fails_closed_and_restart_readopts() {
         "a tagged client reached the upstream directly"
     );
 
-    let sc = start_sidecar(&env.d);
+    let sc = start_sidecar(&env.d, &env.hosts);
     assert!(
         sc.log_text().contains("re-adopted attached workload"),
         "{}",
@@ -691,7 +700,7 @@ fn connections_per_workload_cgroup_are_capped() {
     let mut cfg = std::fs::read_to_string(&env.d.config).unwrap();
     cfg.push_str("\n[sidecar.limits]\nmax_connections_per_client = 5\n");
     std::fs::write(&env.d.config, cfg).unwrap();
-    env.sc = Some(start_sidecar(&env.d));
+    env.sc = Some(start_sidecar(&env.d, &env.hosts));
     env.attach();
     let script = format!(
         r#"

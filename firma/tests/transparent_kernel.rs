@@ -6,7 +6,10 @@
 //! Proves: tagged TCP connects (IPv4, IPv6, v4-mapped) are redirected and the original
 //! destination, pid and binding are found by peer address; getpeername shows the original
 //! peer; untagged, excluded-CIDR, excluded-port and SO_MARK'ed connects are not redirected; UDP
-//! to 443 is refused; entries are removed when connections close (bounded over 10,000
+//! is closed (443 refused, any other port, v4/v6/v4-mapped, connected or not, UDP-Lite, ping
+//! sockets refused; `allow_udp` exceptions reached) and so is loopback (refused but for
+//! `allow_loopback`, the sidecar's own port even when listed), refusals tallied per workload
+//! and kept across a loader restart; entries are removed when connections close (bounded over 10,000
 //! connections); a dead listener means refused connections, never direct access; a restart
 //! re-adopts pinned state without double attaching; `--pod` resolution for both kubelet
 //! cgroup drivers; detach removes everything; connect() overhead figures.
@@ -62,6 +65,9 @@ kernel_tests!(
     redirect_v4_mapped,
     not_redirected_untagged_excluded_marked,
     udp_443_refused,
+    udp_closed_except_exceptions,
+    loopback_closed_except_allowances,
+    refusals_tallied_across_restart,
     dns_redirected_to_the_guard,
     entries_removed_after_close,
     detach_removes_links_and_binding,

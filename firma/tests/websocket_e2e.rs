@@ -196,7 +196,8 @@ fn websocket_in_tagged_cgroup_is_relayed_and_audited() {
             control_socket: tmp.path().join("sidecar.sock"),
             allow_ephemeral_pins: None,
         },
-        false,
+        // The name's address for the destination binding (no DNS here).
+        true,
     );
     let cg_path = format!("/{}", cg.dir.file_name().unwrap().to_string_lossy());
     let out = firma(&[

@@ -14,7 +14,7 @@ fn kernel_tests_pass_on_this_host() {
         .lines()
         .find_map(|l| l.strip_prefix("FIRMA-VM-TESTS-SKIP "))
     {
-        eprintln!("SKIP kernel_tests_pass_on_this_host: {why}");
+        firma_testing::skip("kernel_tests_pass_on_this_host", why);
         return;
     }
     let failures: Vec<&str> = stdout

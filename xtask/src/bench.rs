@@ -1,9 +1,10 @@
 //! `cargo xtask bench`: the criterion benches of the decision pipeline, then the end-to-end
-//! load harness (`firma-bench run`, release build) comparing two clients (`firma-bench client`
+//! load harness (`firma-bench run`, `profiling` build: release code with line tables) comparing two clients (`firma-bench client`
 //! and Go `hey`) direct, through the sidecar, and through Envoy and mitmproxy (installed by the
 //! harness into a venv under `target/bench/peers`; `hey` and `nginx-light` with apt-get as
 //! root) in one run, repeated and interleaved. Results: `target/bench/e2e.json` (every run and
-//! the medians), and the table of medians on stdout.
+//! the medians), and the table of medians on stdout. Then the many-tenants scenario
+//! (`firma-bench tenants`, `target/bench/tenants.json`), which `--scenario tenants` runs alone.
 
 use crate::exec;
 use std::path::Path;
@@ -16,55 +17,161 @@ pub struct BenchArgs {
     #[arg(long)]
     pub skip_criterion: bool,
     /// A smoke run that checks the harness works end to end, not a measurement: debug
-    /// binaries, no criterion, no peers, no `hey`, one short repetition, results in
-    /// `target/bench/smoke.json`. CI runs it (scripts/check-documented.sh).
+    /// binaries, no criterion, no peers, no `hey`, one short repetition of the side-by-side
+    /// run and of the many-tenants scenario (1,000 tenants), results in
+    /// `target/bench/smoke*.json`. CI runs it (scripts/check-documented.sh).
     #[arg(long)]
     pub smoke: bool,
+    /// Run only this scenario (and only its criterion benches); the trailing arguments then go
+    /// to its `firma-bench` subcommand.
+    #[arg(long, value_enum)]
+    pub scenario: Option<Scenario>,
     /// Passed to `firma-bench run` (e.g. `--duration-secs 2 --repetitions 2 --upstream builtin`).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
 }
 
+/// A scenario that can run alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// The shipped bundle vs the shipped bundle + 10,000 tenant policies (`firma-bench
+    /// tenants`), with the criterion benches of the 10,000-tenant decision and compile.
+    Tenants,
+}
+
+/// The arguments of a smoke run of `firma-bench run`.
+const SMOKE_RUN: &[&str] = &[
+    "--skip-peers",
+    "--skip-hey",
+    "--upstream",
+    "builtin",
+    "--repetitions",
+    "1",
+    "--duration-secs",
+    "1",
+    "--requests",
+    "200",
+    "--warmup",
+    "20",
+    "--new-connection-requests",
+    "50",
+    "--issuance-requests",
+    "10",
+];
+
+/// The arguments of a smoke run of `firma-bench tenants`.
+const SMOKE_TENANTS: &[&str] = &[
+    "--tenants",
+    "1000",
+    "--upstream",
+    "builtin",
+    "--repetitions",
+    "1",
+    "--duration-secs",
+    "1",
+    "--warmup",
+    "20",
+    "--reload-run-secs",
+    "2",
+];
+
+/// The cargo profile the harness builds and runs (`[profile.profiling]`: release + debug = 1).
+const PROFILE: &str = "profiling";
+
 pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let root = &root.canonicalize()?;
     if !args.skip_criterion && !args.smoke {
-        exec(
-            Command::new("cargo")
-                .args(["bench", "-p", "firma-sidecar", "--bench", "decision"])
-                .current_dir(root),
-        )?;
+        let mut cmd = Command::new("cargo");
+        cmd.args(["bench", "-p", "firma-sidecar", "--bench", "decision"]);
+        if args.scenario == Some(Scenario::Tenants) {
+            cmd.args(["--", "10k_tenants"]);
+        }
+        exec(cmd.current_dir(root))?;
     }
-    // One release build of both binaries: the figures are meaningless for a debug `firma`, and
-    // a debug load client would measure itself.
-    let profile = if args.smoke { "debug" } else { "release" };
+    // One optimised build of both binaries: the figures are meaningless for a debug `firma`,
+    // and a debug load client would measure itself. The `profiling` profile is release plus
+    // line tables, so `perf` on the measured binary resolves symbols and lines. A smoke run
+    // only checks the harness works (debug).
+    let profile = if args.smoke { "debug" } else { PROFILE };
     let mut build = Command::new("cargo");
     build.args(["build", "-p", "firma", "-p", "firma-bench"]);
     if !args.smoke {
-        build.arg("--release");
+        build.args(["--profile", PROFILE]);
     }
     exec(build.current_dir(root))?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
     let bin = target.join(profile);
+    if args.smoke {
+        let out = target.join("bench/smoke.json");
+        let mut cmd = harness(&bin);
+        cmd.arg("run")
+            .arg("--firma")
+            .arg(bin.join("firma"))
+            .env("FIRMA_BIN", bin.join("firma"))
+            .arg("--out")
+            .arg(out)
+            .args(SMOKE_RUN)
+            .args(&args.args);
+        exec(cmd.current_dir(root))?;
+        let extra: Vec<String> = SMOKE_TENANTS.iter().map(|s| s.to_string()).collect();
+        return tenants(root, &bin, &target.join("bench/smoke-tenants.json"), &extra);
+    }
+    let tenants_out = target.join("bench/tenants.json");
+    if args.scenario == Some(Scenario::Tenants) {
+        return tenants(root, &bin, &tenants_out, &args.args);
+    }
     // The peers, hey and nginx are installed first, with the host's network (the run itself
     // has none).
-    if !args.smoke {
-        exec(
-            Command::new(bin.join("firma-bench"))
-                .arg("install-peers")
-                .arg("--dir")
-                .arg(target.join("bench/peers")),
-        )?;
-    }
-    // A private network namespace of its own (loopback only) when root can make one, so no
-    // other traffic on the host shares the figures' sockets; otherwise host loopback.
+    exec(
+        Command::new(bin.join("firma-bench"))
+            .arg("install-peers")
+            .arg("--dir")
+            .arg(target.join("bench/peers")),
+    )?;
+    let mut cmd = harness(&bin);
+    exec(
+        cmd.arg("run")
+            .arg("--firma")
+            .arg(bin.join("firma"))
+            // The Authority launcher of firma-testing (issuance latency) finds it here.
+            .env("FIRMA_BIN", bin.join("firma"))
+            .arg("--out")
+            .arg(target.join("bench/e2e.json"))
+            // Envoy and mitmproxy are installed here once (a venv), then reused.
+            .arg("--peers-dir")
+            .arg(target.join("bench/peers"))
+            .args(&args.args)
+            .current_dir(root),
+    )?;
+    tenants(root, &bin, &tenants_out, &[])
+}
+
+/// `firma-bench tenants` (the many-tenants scenario) with `extra` arguments.
+fn tenants(root: &Path, bin: &Path, out: &Path, extra: &[String]) -> anyhow::Result<()> {
+    exec(
+        harness(bin)
+            .arg("tenants")
+            .arg("--firma")
+            .arg(bin.join("firma"))
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .current_dir(root),
+    )
+}
+
+/// `firma-bench` from `bin`, in a private network namespace of its own (loopback only) when
+/// root can make one, so no other traffic on the host shares the figures' sockets; otherwise on
+/// the host's loopback.
+fn harness(bin: &Path) -> Command {
     let netns = nix_is_root()
         && Command::new("unshare")
             .args(["--net", "true"])
             .status()
             .is_ok_and(|s| s.success());
-    let mut cmd = if netns {
+    if netns {
         let mut c = Command::new("unshare");
         c.args([
             "--net",
@@ -77,38 +184,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     } else {
         eprintln!("bench: not root or no unshare: running on the host's loopback");
         Command::new(bin.join("firma-bench"))
-    };
-    cmd.arg("run")
-        .arg("--firma")
-        .arg(bin.join("firma"))
-        // The Authority launcher of firma-testing (issuance latency) finds it here.
-        .env("FIRMA_BIN", bin.join("firma"))
-        // Envoy and mitmproxy are installed here once (a venv), then reused.
-        .arg("--peers-dir")
-        .arg(target.join("bench/peers"));
-    if args.smoke {
-        cmd.arg("--out").arg(target.join("bench/smoke.json")).args([
-            "--skip-peers",
-            "--skip-hey",
-            "--upstream",
-            "builtin",
-            "--repetitions",
-            "1",
-            "--duration-secs",
-            "1",
-            "--requests",
-            "200",
-            "--warmup",
-            "20",
-            "--new-connection-requests",
-            "50",
-            "--issuance-requests",
-            "10",
-        ]);
-    } else {
-        cmd.arg("--out").arg(target.join("bench/e2e.json"));
     }
-    exec(cmd.args(&args.args).current_dir(root))
 }
 
 fn nix_is_root() -> bool {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 pub fn run(root: &Path) -> anyhow::Result<()> {
-    crate::build_ebpf()?;
+    crate::build_ebpf(crate::Prebuilt::Leave)?;
     exec(
         Command::new("cargo")
             .args(["build", "-p", "firma"])

@@ -1,6 +1,7 @@
 use super::NAMESPACE;
 use super::bundle::PolicyBundle;
 use super::error::{PolicyDiagnostic, PolicyError, diagnose};
+use super::partition::ActionPolicies;
 use cedar_policy::{
     ActionConstraint, Authorizer, Context, EntityId, EntityTypeName, EntityUid, PolicyId,
     PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
@@ -11,13 +12,14 @@ use std::str::FromStr;
 /// A bundle parsed and strictly validated against its schema, ready to evaluate.
 ///
 /// Cheap to share behind an `Arc`; evaluation takes `&self`. The work that does not depend on
-/// the request is done here, once per bundle: the policies are partitioned by action class (a
-/// request is evaluated only against those whose action scope can match it), and the request
+/// the request is done here, once per bundle: the policies are partitioned by action class and
+/// principal (a request is evaluated only against those whose action and principal scopes can
+/// match it, see [`super::partition`]), and the request
 /// shape Firma builds (principal and resource types, context types) is checked against the
 /// schema once per action class instead of on every request.
 pub struct CompiledPolicies {
     pub(super) schema: Schema,
-    /// Per action class: its policies and whether the request shape validates.
+    /// Per action class: its policies, by principal, and whether the request shape validates.
     pub(super) by_action: HashMap<String, ActionPolicies>,
     /// The schema declares enumerated entity types, whose ids are checked per request: then
     /// each request is validated against the schema as it is built.
@@ -30,18 +32,9 @@ pub struct CompiledPolicies {
     version: String,
     /// Resource entities already built, by resource (see [`super::eval`]).
     pub(super) entities: super::eval::EntityCache,
-}
-
-/// The policies one action class is evaluated against.
-pub(super) struct ActionPolicies {
-    pub(super) policies: PolicySet,
-    pub(super) uid: EntityUid,
-    /// Why the schema rejects requests for this action (checked once, with representative
-    /// values: validation is by type), if it does.
-    pub(super) invalid: Option<String>,
-    /// Some policy may read `context.session` / `context.agent`; when none can, the usage
-    /// records are not built (two Cedar `decimal` values, a third of Stage 2's time).
-    pub(super) reads_usage: bool,
+    /// Every policy in one set: the reference the partitioned evaluation is tested against.
+    #[cfg(test)]
+    pub(super) all: PolicySet,
 }
 
 impl std::fmt::Debug for CompiledPolicies {
@@ -158,36 +151,33 @@ impl PolicyBundle {
         // With action groups, `action in [G]` may match classes not named in it: such policies
         // go to every class.
         let has_groups = schema.action_groups().next().is_some();
-        let by_action = action_classes
+        let mut by_action: HashMap<String, ActionPolicies> = action_classes
             .iter()
             .map(|class| {
                 let uid = EntityUid::from_type_name_and_id(
                     action_type.clone(),
                     EntityId::new(class.as_str()),
                 );
-                let mut set = PolicySet::new();
-                for p in policies.policies() {
-                    let applies = match p.action_constraint() {
-                        ActionConstraint::Any => true,
-                        ActionConstraint::Eq(a) => a == uid,
-                        ActionConstraint::In(list) => has_groups || list.contains(&uid),
-                    };
-                    if applies {
-                        // Ids are unique in `policies`, so adding to a subset cannot fail.
-                        let _ = set.add(p.clone());
-                    }
-                }
                 let invalid = shape_error(&schema, &agent_type, &uid, &resource_type);
-                let reads_usage = set.policies().any(|p| reads_usage(&p.to_string()));
-                let entry = ActionPolicies {
-                    policies: set,
-                    uid,
-                    invalid,
-                    reads_usage,
-                };
-                (class.clone(), entry)
+                (class.clone(), ActionPolicies::new(uid, invalid))
             })
             .collect();
+        // One pass over the policies: each goes to the classes its action scope can match, and
+        // within a class to the partition its principal scope selects (see `partition`).
+        for p in policies.policies() {
+            let usage = reads_usage(&p.to_string());
+            let constraint = p.action_constraint();
+            for action in by_action.values_mut() {
+                let applies = match &constraint {
+                    ActionConstraint::Any => true,
+                    ActionConstraint::Eq(a) => *a == action.uid,
+                    ActionConstraint::In(list) => has_groups || list.contains(&action.uid),
+                };
+                if applies {
+                    action.add(p.clone(), usage);
+                }
+            }
+        }
         Ok(CompiledPolicies {
             schema,
             by_action,
@@ -199,6 +189,8 @@ impl PolicyBundle {
             policy_ids,
             version: self.version.clone(),
             entities: Default::default(),
+            #[cfg(test)]
+            all: policies,
         })
     }
 }

@@ -1,7 +1,5 @@
 use super::compile::CompiledPolicies;
-use cedar_policy::{
-    Context, Decision, Entities, Entity, EntityId, EntityUid, Request, RestrictedExpression,
-};
+use cedar_policy::{Context, Entities, Entity, EntityId, EntityUid, Request, RestrictedExpression};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -59,29 +57,47 @@ impl McpContext {
 }
 
 /// Token usage so far, for `context.session` / `context.agent`.
+///
+/// `input_tokens`, `output_tokens` and `cost_nano_usd` are settled (responses that ended);
+/// `reserved_*` is what requests still in flight may spend (their reservations). Cedar's
+/// `tokens_used` and `cost_usd` are the sums of both, so a budget written on them holds under
+/// concurrency; `tokens_reserved` / `cost_reserved_usd` show the in-flight part.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UsageTotals {
     pub input_tokens: i64,
     pub output_tokens: i64,
     /// Cost in nano-USD (shown to Cedar as a `decimal`, rounded down to 1/10,000 USD).
     pub cost_nano_usd: i64,
+    /// Tokens reserved by requests in flight.
+    pub reserved_tokens: i64,
+    /// Cost in nano-USD reserved by requests in flight.
+    pub reserved_cost_nano_usd: i64,
+}
+
+/// nano-USD as a Cedar `decimal` (rounded down to 1/10,000 USD).
+fn decimal(nano: i64) -> RestrictedExpression {
+    let c = nano / 100_000;
+    RestrictedExpression::new_decimal(format!(
+        "{}{}.{:04}",
+        if c < 0 { "-" } else { "" },
+        c.unsigned_abs() / 10_000,
+        c.unsigned_abs() % 10_000
+    ))
 }
 
 impl UsageTotals {
+    /// Settled plus reserved tokens (Cedar's `tokens_used`).
+    pub fn tokens_used(&self) -> i64 {
+        self.input_tokens
+            .saturating_add(self.output_tokens)
+            .saturating_add(self.reserved_tokens)
+    }
+
     fn record(&self) -> RestrictedExpression {
-        let c = self.cost_nano_usd / 100_000;
-        let cost = format!(
-            "{}{}.{:04}",
-            if c < 0 { "-" } else { "" },
-            c.unsigned_abs() / 10_000,
-            c.unsigned_abs() % 10_000
-        );
         RestrictedExpression::new_record([
             (
                 "tokens_used".to_string(),
-                RestrictedExpression::new_long(
-                    self.input_tokens.saturating_add(self.output_tokens),
-                ),
+                RestrictedExpression::new_long(self.tokens_used()),
             ),
             (
                 "input_tokens".to_string(),
@@ -93,7 +109,18 @@ impl UsageTotals {
             ),
             (
                 "cost_usd".to_string(),
-                RestrictedExpression::new_decimal(cost),
+                decimal(
+                    self.cost_nano_usd
+                        .saturating_add(self.reserved_cost_nano_usd),
+                ),
+            ),
+            (
+                "tokens_reserved".to_string(),
+                RestrictedExpression::new_long(self.reserved_tokens),
+            ),
+            (
+                "cost_reserved_usd".to_string(),
+                decimal(self.reserved_cost_nano_usd),
             ),
         ])
         .unwrap_or_else(|_| RestrictedExpression::new_long(0))
@@ -142,7 +169,7 @@ pub struct EvalResult {
 }
 
 impl EvalResult {
-    fn error(msg: String) -> Self {
+    pub(super) fn error(msg: String) -> Self {
         Self {
             allowed: false,
             determining_policies: Vec::new(),
@@ -194,34 +221,29 @@ impl CompiledPolicies {
         if let Some(why) = &action.invalid {
             return EvalResult::error(why.clone());
         }
-        match self.build(req, &action.uid, action.reads_usage) {
+        let principal =
+            EntityUid::from_type_name_and_id(self.agent_type.clone(), EntityId::new(req.agent_id));
+        let parts = action.partitions(&principal);
+        let with_usage = parts.clone().any(|p| p.reads_usage);
+        match self.build(req, principal, &action.uid, with_usage) {
             Ok((request, entities)) => {
-                let resp = self
-                    .authorizer
-                    .is_authorized(&request, &action.policies, &entities);
-                let mut determining: Vec<String> =
-                    resp.diagnostics().reason().map(|p| p.to_string()).collect();
-                determining.sort();
-                EvalResult {
-                    allowed: resp.decision() == Decision::Allow,
-                    determining_policies: determining,
-                    errors: resp.diagnostics().errors().map(|e| e.to_string()).collect(),
-                }
+                super::partition::authorize(&self.authorizer, &request, &entities, parts)
             }
             Err(msg) => EvalResult::error(msg),
         }
     }
 
-    fn build(
+    /// The Cedar request and entity store for `req`.
+    pub(super) fn build(
         &self,
         req: &EvalRequest<'_>,
+        principal: EntityUid,
         action: &EntityUid,
         with_usage: bool,
     ) -> Result<(Request, Arc<Entities>), String> {
         let uid = |ty: &cedar_policy::EntityTypeName, id: &str| {
             EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
         };
-        let principal = uid(&self.agent_type, req.agent_id);
         let action = action.clone();
         let resource = uid(&self.resource_type, req.resource_id);
         // `\0` cannot occur in a host or path that reached Cedar, so the key is unambiguous.

@@ -26,7 +26,12 @@ fn bundle(files: &[(&str, &str)]) -> PolicyBundle {
     )
 }
 
-fn runtime<'a>(agent: &'a str, action: &'a str, host: &'a str, count: i64) -> EvalRequest<'a> {
+pub(super) fn runtime<'a>(
+    agent: &'a str,
+    action: &'a str,
+    host: &'a str,
+    count: i64,
+) -> EvalRequest<'a> {
     EvalRequest {
         agent_id: agent,
         action,
@@ -354,7 +359,10 @@ fn policies_partitioned_by_action_decide_as_the_whole_set() {
     )])
     .compile()
     .unwrap();
-    let count = |class: &str| p.by_action[class].policies.policies().count();
+    let count = |class: &str| {
+        let a = &p.by_action[class];
+        a.shared.len + a.by_principal.values().map(|p| p.len).sum::<usize>()
+    };
     assert_eq!(count("model.inference.chat"), 2);
     assert_eq!(count("data.read"), 2);
     assert_eq!(count("data.write"), 2);
@@ -423,6 +431,7 @@ fn usage_records_reach_the_policies_that_read_them() {
         input_tokens: 6,
         output_tokens: 6,
         cost_nano_usd: 1_000_000,
+        ..Default::default()
     };
     let mut req = runtime("a", "model.inference.chat", "api.openai.com", 1);
     assert!(c.evaluate(&req).allowed);
@@ -430,6 +439,23 @@ fn usage_records_reach_the_policies_that_read_them() {
     let r = c.evaluate(&req);
     assert!(!r.allowed);
     assert_eq!(r.determining_policies, vec!["budget"]);
+    // Reservations of requests in flight count in `tokens_used`: 4 settled + 6 reserved.
+    let in_flight = UsageTotals {
+        input_tokens: 2,
+        output_tokens: 2,
+        reserved_tokens: 6,
+        ..Default::default()
+    };
+    req.usage = Some((in_flight, UsageTotals::default()));
+    assert!(!c.evaluate(&req).allowed);
+    req.usage = Some((
+        UsageTotals {
+            reserved_tokens: 9,
+            ..Default::default()
+        },
+        UsageTotals::default(),
+    ));
+    assert!(c.evaluate(&req).allowed);
     let mut send = runtime("a", "communication.external.send", "paste.rs", 1);
     send.usage = Some((spent, spent));
     assert!(c.evaluate(&send).allowed);

@@ -9,6 +9,8 @@
 //!   say what happened (`aborted` = `UpstreamUnavailable`, `UpstreamTimeout`, `ClientGone`).
 //! - `abandoned`: the client went away before a decision; nothing was sent upstream.
 //! - `recovery`: written at start when the file ended in a torn line that was cut.
+//! - `deny_summary`: denials of one workload counted instead of written ([`super::aggregate`]).
+//! - `rotation`: the first line of a file started by rotation ([`super::rotate`]).
 //!
 //! Decision field layout (the seeds' examples are sub-objects of it):
 //! `event_id`, `timestamp` (RFC 3339, UTC), `conn{id, intercept, peer, original_dst}`,
@@ -26,7 +28,7 @@
 //! chain members to the text and signs. Building a `Map` per event and serializing it on the
 //! writer was about a fifth of the sidecar's CPU under keep-alive load (docs/benchmarks.md).
 
-use super::AuditInput;
+use super::{AuditInput, bound};
 use crate::conn::{
     CapabilitySummary, ConnectionInfo, ConnectorOutcome, DenyReason, InterceptKind, Outcome,
     UsageOutcome, Workload,
@@ -34,6 +36,7 @@ use crate::conn::{
 use serde::Serialize;
 use serde::ser::SerializeMap;
 use serde_json::{Map, Value, json};
+use std::borrow::Cow;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -43,6 +46,7 @@ use time::format_description::well_known::Rfc3339;
 pub struct IntentExtra<'a> {
     pub dns: Option<&'a Map<String, Value>>,
     pub request: Option<&'a Value>,
+    pub destination: Option<&'a Value>,
 }
 
 /// A fresh event id.
@@ -89,7 +93,7 @@ pub fn decision(input: &AuditInput<'_>, event_id: &str, extra: IntentExtra<'_>) 
         decision: DecisionJson {
             outcome: d.outcome,
             reason: d.reason,
-            detail: &d.detail,
+            detail: bound::text(&d.detail, bound::DETAIL),
             matched_policies: &d.matched_policies,
         },
         capability: d.capability.as_ref(),
@@ -176,6 +180,20 @@ pub fn recovery(cut: u64, sha256: &str, torn: bool, unsigned_lines: u64) -> Stri
         "cut_sha256": sha256,
         "cut_torn_line": torn,
         "cut_unsigned_lines": unsigned_lines,
+    }))
+}
+
+/// The `rotation` event, the first line of file `file_index` of a rotated set: signed and
+/// chained to the last line of `previous_file` (firma_common::audit_files).
+pub fn rotation(file_index: u64, previous_file: &str, max_files: Option<u32>) -> String {
+    text(&json!({
+        "event": firma_common::audit_files::ROTATION_EVENT,
+        "event_id": new_id(),
+        "timestamp": now(),
+        "file_index": file_index,
+        "previous_file": previous_file,
+        "max_files": max_files,
+        "detail": format!("the chain continues from {previous_file}"),
     }))
 }
 
@@ -274,14 +292,15 @@ impl<'a> Envelope<'a> {
             intent: Intent {
                 action_class,
                 resource: Resource {
-                    host: input.host,
-                    path: input.path,
+                    host: bound::opt(input.host, bound::HOST),
+                    path: bound::opt(input.path, bound::PATH),
                 },
-                method: input.method,
+                method: bound::opt(input.method, bound::METHOD),
                 port: input.port,
                 passthrough,
-                dns: extra.dns,
-                request: extra.request,
+                dns: extra.dns.map(bound::map),
+                request: extra.request.map(bound::value),
+                destination: extra.destination.map(bound::value),
             },
         }
     }
@@ -293,27 +312,30 @@ struct Intent<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     action_class: Option<Option<&'a str>>,
     resource: Resource<'a>,
-    method: Option<&'a str>,
+    method: Option<Cow<'a, str>>,
     port: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     passthrough: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    dns: Option<&'a Map<String, Value>>,
+    dns: Option<Cow<'a, Map<String, Value>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    request: Option<&'a Value>,
+    request: Option<Cow<'a, Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destination: Option<Cow<'a, Value>>,
 }
 
+/// Client-controlled text, bounded ([`bound`]).
 #[derive(Serialize)]
 struct Resource<'a> {
-    host: Option<&'a str>,
-    path: Option<&'a str>,
+    host: Option<Cow<'a, str>>,
+    path: Option<Cow<'a, str>>,
 }
 
 #[derive(Serialize)]
 struct DecisionJson<'a> {
     outcome: Outcome,
     reason: Option<DenyReason>,
-    detail: &'a str,
+    detail: Cow<'a, str>,
     matched_policies: &'a [String],
 }
 
@@ -350,6 +372,10 @@ struct UsageJson {
     output_tokens: i64,
     total_tokens: i64,
     cost_usd: Option<f64>,
+    charged: &'static str,
+    reserved_tokens: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
 }
 
 impl UsageJson {
@@ -359,6 +385,9 @@ impl UsageJson {
             output_tokens: u.output_tokens,
             total_tokens: u.input_tokens.saturating_add(u.output_tokens),
             cost_usd: u.cost_nano_usd.map(|n| n as f64 / 1e9),
+            charged: u.charged,
+            reserved_tokens: u.reserved_tokens,
+            note: u.note.clone(),
         }
     }
 }

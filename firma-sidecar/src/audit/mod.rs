@@ -11,16 +11,22 @@
 //! without a key signs with an ephemeral key generated at startup and logs its public key, so
 //! events keep one shape everywhere.
 
+mod aggregate;
+mod bound;
 mod chain;
 mod conn_ids;
 mod event;
 mod grpc;
 mod recorder;
+mod rotate;
+mod space;
 mod writer;
 
+pub use aggregate::{Denial, Kind as AggregateKind};
 pub use chain::{Sealer, read_tail};
 pub use conn_ids::next_conn_id;
 pub use event::body as event_body;
+pub use event::new_id as new_event_id;
 pub use recorder::{Committed, RequestAudit};
 pub use writer::Health;
 
@@ -87,6 +93,8 @@ impl From<crate::authority_client::ClientError> for AuditError {
 
 struct Inner {
     tx: Mutex<Sender<writer::Msg>>,
+    /// Denials over a workload's individual budget are counted here ([`aggregate`]).
+    aggregator: Arc<aggregate::Aggregator>,
     /// Lines nobody waits for, taken by the writer without a wake-up each.
     side: Arc<writer::SideQueue>,
     health: Arc<Health>,
@@ -137,14 +145,29 @@ impl AuditLog {
         };
         let mut shipper = None;
         let mut recovered = None;
+        let mut anchor = None;
+        let mut space = None;
         let (sealer, sink, grpc) = match cfg.sink {
             AuditSink::File => {
                 let path = cfg.path.clone().ok_or_else(|| {
                     AuditError::Startup("[sidecar.audit] path: required for sink = \"file\"".into())
                 })?;
-                let (sealer, file, len, rec) = open_file(&path, key)?;
+                let rotation = rotate::Rotation::new(&path, cfg.max_file_bytes, cfg.max_files)
+                    .map_err(|cause| AuditError::File {
+                        path: path.clone(),
+                        cause,
+                    })?;
+                let (sealer, file, len, rec, continued) = open_file(&path, key, &rotation)?;
                 recovered = rec;
-                (sealer, writer::Sink::file(file, cfg.fsync, len), None)
+                if continued {
+                    anchor = Some(rotation.event(rotation.next_index));
+                }
+                space = Some(space::SpaceWatch::new(&path, cfg.free_space_warn_bytes));
+                (
+                    sealer,
+                    writer::Sink::file(file, cfg.fsync, len).rotating(rotation),
+                    None,
+                )
             }
             AuditSink::Stdout => (Sealer::new(key), writer::Sink::Stdout, None),
             AuditSink::Grpc => {
@@ -164,7 +187,21 @@ impl AuditLog {
             }
         };
         let health = Arc::new(Health::default());
+        let aggregator = Arc::new(aggregate::Aggregator::new(aggregate::Settings {
+            after: cfg.aggregate_denials_after,
+            window: Duration::from_secs(cfg.aggregate_window_secs),
+        }));
         let mut w = writer::Writer::new(sealer, sink, health.clone());
+        w.aggregator = Some(aggregator.clone());
+        w.space = space;
+        w.space_check_now();
+        if let Some(a) = anchor {
+            w.persist(vec![a]).map_err(|e| {
+                AuditError::Startup(format!(
+                    "[sidecar.audit] path: cannot write the rotation event: {e}"
+                ))
+            })?;
+        }
         if let Some(recovery) = recovered {
             w.persist(vec![recovery]).map_err(|e| {
                 AuditError::Startup(format!(
@@ -182,6 +219,7 @@ impl AuditLog {
         Ok(Self {
             inner: Arc::new(Inner {
                 tx: Mutex::new(tx),
+                aggregator,
                 side,
                 health,
                 grpc,
@@ -221,6 +259,23 @@ impl AuditLog {
         &self.inner.health
     }
 
+    /// A decided denial: `true` when it is to be written as its own event; `false` when it
+    /// was counted for its workload's `deny_summary` ([`aggregate`]).
+    pub(crate) fn admit_denial(&self, d: &Denial<'_>) -> bool {
+        self.inner.aggregator.admit(d)
+    }
+
+    /// Counts a denial that is never written on its own (the DNS guard's rate-limited
+    /// queries) for its workload's summary.
+    pub fn count_denial(&self, d: &Denial<'_>) {
+        self.inner.aggregator.count(d);
+    }
+
+    /// Denials counted into `deny_summary` events since start (not written one by one).
+    pub fn denials_aggregated(&self) -> u64 {
+        self.inner.aggregator.aggregated()
+    }
+
     fn send(&self, msg: writer::Msg) {
         let tx = match self.inner.tx.lock() {
             Ok(t) => t,
@@ -257,13 +312,20 @@ impl AuditLog {
     }
 }
 
-/// The sealer resuming the file's chain, the file, its length, and a recovery event to write.
-type OpenedFile = (Sealer, std::fs::File, u64, Option<String>);
+/// The sealer resuming the file's chain, the file, its length, a recovery event to write, and
+/// whether the chain continues from the newest rotated file (the file then starts with a
+/// `rotation` event).
+type OpenedFile = (Sealer, std::fs::File, u64, Option<String>, bool);
 
 /// Opens the audit file for appending (created 0600) and resumes its chain. A torn last line
 /// (crash or full disk mid-write) and complete lines after the last signed one are cut; the
-/// returned recovery event, persisted before anything else, records what was cut.
-fn open_file(path: &std::path::Path, key: SigningKey) -> Result<OpenedFile, AuditError> {
+/// returned recovery event, persisted before anything else, records what was cut. An empty
+/// file with rotated files beside it continues the newest rotated file's chain.
+fn open_file(
+    path: &std::path::Path,
+    key: SigningKey,
+    rotation: &rotate::Rotation,
+) -> Result<OpenedFile, AuditError> {
     let err = |source| AuditError::File {
         path: path.to_path_buf(),
         cause: source,
@@ -317,6 +379,16 @@ fn open_file(path: &std::path::Path, key: SigningKey) -> Result<OpenedFile, Audi
         );
         recovered = Some(event::recovery(cut.len() as u64, &sha, torn, unsigned));
     }
+    let mut continued = false;
+    let mut tail = tail;
+    if tail.last_line.is_none() && rotation.next_index > 1 {
+        let previous = firma_common::audit_files::rotated_path(path, rotation.next_index - 1);
+        tail = read_tail(&previous).map_err(|cause| AuditError::File {
+            path: previous.clone(),
+            cause,
+        })?;
+        continued = true;
+    }
     let sealer = match &tail.last_line {
         None => Sealer::new(key),
         Some(line) => match Sealer::resume(key.clone(), line) {
@@ -338,7 +410,7 @@ fn open_file(path: &std::path::Path, key: SigningKey) -> Result<OpenedFile, Audi
         sealer.chain_id(),
         sealer.next_seq()
     );
-    Ok((sealer, file, len, recovered))
+    Ok((sealer, file, len, recovered, continued))
 }
 
 /// A complete chained line without a signature: left by a batch that was never completed.

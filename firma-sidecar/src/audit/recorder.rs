@@ -2,7 +2,9 @@
 //!
 //! A [`RequestAudit`] is made when a request (or a tunnel, or a connection that fails before
 //! HTTP) is accepted, and ends in exactly one of:
-//! - [`RequestAudit::deny`]: one `decision` event (DENY); nothing was sent upstream.
+//! - [`RequestAudit::deny`]: one `decision` event (DENY), or, over the workload's budget for
+//!   the window, one count in its `deny_summary` ([`super::aggregate`]); nothing was sent
+//!   upstream.
 //! - [`RequestAudit::commit`]: one `decision` event (ALLOW), *persisted before it returns*;
 //!   only then may the caller send anything upstream. If the sink cannot persist it, the caller
 //!   gets the recorder back and must deny (`AuditUnavailable`). The [`Committed`] it returns
@@ -29,6 +31,9 @@ struct Intent {
     dns: Option<Map<String, Value>>,
     /// `envelope.intent.request`: attributes extracted from the body for Cedar.
     request: Option<Value>,
+    /// `envelope.intent.destination`: a `DestinationMismatch`'s decided name, its addresses
+    /// and ports, and the client's original destination.
+    destination: Option<Value>,
 }
 
 impl Intent {
@@ -38,6 +43,7 @@ impl Intent {
         event::IntentExtra {
             dns: self.dns.as_ref(),
             request: self.request.as_ref(),
+            destination: self.destination.as_ref(),
         }
     }
 
@@ -96,6 +102,12 @@ impl RequestAudit {
         self
     }
 
+    /// Why the destination could not be bound: becomes `envelope.intent.destination`.
+    pub fn destination(mut self, record: Value) -> Self {
+        self.intent.destination = Some(record);
+        self
+    }
+
     /// A DNS guard query: `fields` become `envelope.intent.dns`.
     pub fn dns(mut self, fields: Map<String, Value>) -> Self {
         self.intent.dns = Some(fields);
@@ -137,8 +149,26 @@ impl RequestAudit {
             detail = %decision.detail,
             "denied"
         );
-        self.log
-            .record_body(self.body(&event::new_id(), decision, None));
+        // Over its workload's budget in this window, the denial is counted for a summary
+        // instead of written (docs/architecture.md, "Audit aggregation").
+        let denial = super::Denial {
+            kind: super::AggregateKind::Denied,
+            intercept: self.conn.kind,
+            conn_id: Some(self.conn.conn_id),
+            peer: self.conn.peer,
+            original_dst: self.conn.original_dst,
+            workload: self.conn.workload.as_ref(),
+            reason: decision.reason.unwrap_or(DenyReason::MalformedRequest),
+            method: self.intent.method.as_deref(),
+            host: self.intent.host.as_deref(),
+            port: self.intent.port,
+            path: self.intent.path.as_deref(),
+            detail: &decision.detail,
+        };
+        if self.log.admit_denial(&denial) {
+            self.log
+                .record_body(self.body(&event::new_id(), decision, None));
+        }
     }
 
     /// Persists the ALLOW decision; `planned` says which credential will be attached. On

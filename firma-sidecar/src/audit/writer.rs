@@ -27,8 +27,11 @@
 //! flush/shutdown; `never` leaves it to the OS (flush still syncs). A line that `write` accepted
 //! is in the page cache: it survives a `kill -9` of the sidecar under every policy.
 
+use super::aggregate::Aggregator;
 use super::chain::Sealer;
 use super::grpc::GrpcQueue;
+use super::rotate::Rotation;
+use super::space::SpaceWatch;
 use crate::config::FsyncPolicy;
 use std::fs::File;
 use std::io::Write;
@@ -88,8 +91,14 @@ impl SideQueue {
 #[derive(Debug)]
 pub struct Health {
     healthy: AtomicBool,
-    written: AtomicU64,
+    pub(super) written: AtomicU64,
     lost: AtomicU64,
+    /// Files rotated since start.
+    pub(super) rotated: AtomicU64,
+    /// Free bytes on the file sink's filesystem (`u64::MAX`: not known, or not a file sink).
+    pub(super) disk_free: AtomicU64,
+    /// Below `free_space_warn_bytes`.
+    pub(super) disk_low: AtomicBool,
 }
 
 impl Default for Health {
@@ -98,6 +107,9 @@ impl Default for Health {
             healthy: AtomicBool::new(true),
             written: AtomicU64::new(0),
             lost: AtomicU64::new(0),
+            rotated: AtomicU64::new(0),
+            disk_free: AtomicU64::new(u64::MAX),
+            disk_low: AtomicBool::new(false),
         }
     }
 }
@@ -115,6 +127,18 @@ impl Health {
     pub fn lost(&self) -> u64 {
         self.lost.load(Ordering::Relaxed)
     }
+    /// Audit files rotated since start.
+    pub fn rotated(&self) -> u64 {
+        self.rotated.load(Ordering::Relaxed)
+    }
+    /// Free bytes on the audit file's filesystem at the last check (file sink only).
+    pub fn disk_free(&self) -> Option<u64> {
+        Some(self.disk_free.load(Ordering::Relaxed)).filter(|f| *f != u64::MAX)
+    }
+    /// Whether that is below `free_space_warn_bytes`.
+    pub fn disk_low(&self) -> bool {
+        self.disk_low.load(Ordering::Relaxed)
+    }
 }
 
 /// Where sealed lines go.
@@ -128,6 +152,8 @@ pub enum Sink {
         good_len: u64,
         /// A failed write may have left part of a batch behind: cut it before writing again.
         needs_cut: bool,
+        /// Where the file is and when it is rotated ([`super::rotate`]).
+        rotation: Option<Rotation>,
     },
     Stdout,
     Grpc(GrpcQueue),
@@ -143,7 +169,16 @@ impl Sink {
             last_sync: Instant::now(),
             good_len: len,
             needs_cut: false,
+            rotation: None,
         }
+    }
+
+    /// A file sink that rotates per `rotation`.
+    pub fn rotating(mut self, r: Rotation) -> Self {
+        if let Sink::File { rotation, .. } = &mut self {
+            *rotation = Some(r);
+        }
+        self
     }
 
     /// Writes complete lines (each ending in `\n`) all together, or leaves the sink as it was.
@@ -156,6 +191,7 @@ impl Sink {
                 last_sync,
                 good_len,
                 needs_cut,
+                ..
             } => {
                 if *needs_cut {
                     file.set_len(*good_len)?;
@@ -229,6 +265,10 @@ pub struct Writer {
     pub sink: Sink,
     pub health: Arc<Health>,
     failing_since: Option<(Instant, Instant)>,
+    /// Denials counted instead of written; their summaries are written when a window ends.
+    pub aggregator: Option<Arc<Aggregator>>,
+    /// File sink: the free-space watermark.
+    pub space: Option<SpaceWatch>,
 }
 
 impl Writer {
@@ -238,6 +278,41 @@ impl Writer {
             sink,
             health,
             failing_since: None,
+            aggregator: None,
+            space: None,
+        }
+    }
+
+    /// Checks free space now (after a rotation; at start).
+    pub(super) fn space_check_now(&mut self) {
+        if let Some(s) = &mut self.space {
+            s.tick(&self.health, true);
+        }
+    }
+
+    /// Housekeeping on every loop of the writer thread: summaries of an ended aggregation
+    /// window, and the free-space check when due. Both are a clock read when not due.
+    fn housekeeping(&mut self) {
+        if let Some(a) = &self.aggregator
+            && a.is_due()
+        {
+            let bodies = a.take_due();
+            if !bodies.is_empty() {
+                let _ = self.persist(bodies);
+            }
+        }
+        if let Some(s) = &mut self.space {
+            s.tick(&self.health, false);
+        }
+    }
+
+    /// Writes every summary counted so far (flush, shutdown).
+    fn flush_summaries(&mut self) {
+        if let Some(a) = &self.aggregator {
+            let bodies = a.take_all();
+            if !bodies.is_empty() {
+                let _ = self.persist(bodies);
+            }
         }
     }
 
@@ -269,6 +344,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.health.written.fetch_add(n, Ordering::Relaxed);
+                self.maybe_rotate();
                 if let Some((since, _)) = self.failing_since.take() {
                     self.health.healthy.store(true, Ordering::Relaxed);
                     tracing::warn!(
@@ -353,15 +429,18 @@ pub fn run(rx: Receiver<Msg>, side: Arc<SideQueue>, mut w: Writer) {
             }
             Ok(Msg::Flush(done)) => {
                 write_side(&side, &mut w);
+                w.flush_summaries();
                 tick(&mut w, true);
                 let _ = done.send(());
             }
             Err(RecvTimeoutError::Disconnected) => {
                 write_side(&side, &mut w);
+                w.flush_summaries();
                 let _ = w.sink.tick(true);
                 return;
             }
         }
+        w.housekeeping();
     }
 }
 

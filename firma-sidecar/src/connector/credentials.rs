@@ -1,9 +1,13 @@
 //! Host-scoped credentials injected after an allow (`[[sidecar.credentials]]`).
 //!
-//! Exact host match only: a credential for `api.openai.com` is never sent anywhere else. The
-//! injected header replaces any value the agent set for the same header name ("injection
-//! clobbers"), so an agent cannot choose what the upstream sees under that name.
+//! Exact host match only: a credential for `api.openai.com` is never sent anywhere else. On a
+//! credential host every header and query parameter that carries an API credential
+//! (`strip_headers`, `strip_query_params`, and the injected header itself) is removed before
+//! Firma's header is set, so the agent's own key (or its placeholder) never leaves next to
+//! Firma's and the agent cannot choose what the upstream sees under those names. A placeholder
+//! anywhere else is a leak ([`CredentialStore::placeholder_leak`], see [`super::placeholder`]).
 
+use super::placeholder;
 use super::secret::Secret;
 use super::vault::{VaultClient, VaultError};
 use crate::config::{CredentialMode, SidecarConfig};
@@ -36,6 +40,10 @@ struct Entry {
     header: HeaderName,
     prefix: String,
     source: Source,
+    /// Headers removed from every request to the host (always includes `header`).
+    strip_headers: Vec<HeaderName>,
+    /// Query parameters removed from every request to the host (lowercase).
+    strip_query: Vec<String>,
 }
 
 /// A credential ready to put on a request.
@@ -96,10 +104,39 @@ impl CredentialStore {
                     Source::Vault { path, key }
                 }
             };
+            let mut strip_headers = Vec::new();
+            let configured = c.strip_headers.clone().unwrap_or_else(|| {
+                placeholder::DEFAULT_STRIP_HEADERS
+                    .map(String::from)
+                    .to_vec()
+            });
+            for h in configured {
+                let name = HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                    CredentialError::BadHeader {
+                        host: host.clone(),
+                        header: h.clone(),
+                    }
+                })?;
+                if !strip_headers.contains(&name) {
+                    strip_headers.push(name);
+                }
+            }
+            if !strip_headers.contains(&header) {
+                strip_headers.push(header.clone());
+            }
+            let strip_query = c
+                .strip_query_params
+                .clone()
+                .unwrap_or_else(|| placeholder::DEFAULT_STRIP_QUERY.map(String::from).to_vec())
+                .into_iter()
+                .map(|q| q.to_ascii_lowercase())
+                .collect();
             let entry = Entry {
                 header,
                 prefix: c.prefix.clone(),
                 source,
+                strip_headers,
+                strip_query,
             };
             if by_host.insert(host.clone(), entry).is_some() {
                 return Err(CredentialError::Duplicate { host });
@@ -118,6 +155,67 @@ impl CredentialStore {
 
     pub fn has(&self, host: &str) -> bool {
         self.by_host.contains_key(host)
+    }
+
+    /// Why this request to `host` must not leave: it carries a placeholder credential
+    /// ([`placeholder::MARKER`]) that Firma would not remove there. On a credential host the
+    /// headers and query parameters it strips are exempt (they never leave); anywhere else,
+    /// nothing is.
+    pub fn placeholder_leak(
+        &self,
+        host: &str,
+        uri: &http::Uri,
+        headers: &http::HeaderMap,
+    ) -> Option<String> {
+        let entry = self.by_host.get(host);
+        let found = placeholder::find(
+            uri,
+            headers,
+            entry.map_or(&[][..], |e| &e.strip_headers),
+            entry.map_or(&[][..], |e| &e.strip_query),
+        )?;
+        Some(match entry {
+            None => format!(
+                "a Firma placeholder credential ({marker}) is in the {found} of a request to {host}, which has no credential: the agent is sending an API key to another host than the key's own",
+                marker = placeholder::MARKER
+            ),
+            Some(e) => format!(
+                "a Firma placeholder credential ({marker}) is in the {found} of a request to {host}; Firma removes and replaces only the headers {} and the query parameters {} there ([[sidecar.credentials]] strip_headers, strip_query_params), so it would leave",
+                e.strip_headers
+                    .iter()
+                    .map(|h| h.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if e.strip_query.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    e.strip_query.join(", ")
+                },
+                marker = placeholder::MARKER
+            ),
+        })
+    }
+
+    /// Removes the credential headers and query parameters of `host`'s entry from a request
+    /// (the agent's own key or its placeholder). No entry: nothing changes.
+    pub fn strip_agent_credentials<B>(&self, host: &str, req: &mut http::Request<B>) {
+        let Some(e) = self.by_host.get(host) else {
+            return;
+        };
+        for h in &e.strip_headers {
+            req.headers_mut().remove(h);
+        }
+        if let Some(pq) = req.uri().path_and_query().map(|p| p.as_str().to_string())
+            && let Some(stripped) = placeholder::strip_query(&pq, &e.strip_query)
+        {
+            let mut parts = req.uri().clone().into_parts();
+            if let Ok(p) = stripped.parse() {
+                parts.path_and_query = Some(p);
+                if let Ok(u) = http::Uri::from_parts(parts) {
+                    *req.uri_mut() = u;
+                }
+            }
+        }
     }
 
     /// The credential for `host` (exact match), fetching from Vault if needed.

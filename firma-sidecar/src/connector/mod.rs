@@ -4,15 +4,17 @@
 //! `CredentialUnavailable` before anything leaves), then the rate limit, then the upstream.
 //! Firma headers (`x-firma-*`) and hop-by-hop headers never leave the sidecar.
 
+pub mod binding;
 pub mod credentials;
 pub mod dial;
+pub mod placeholder;
 pub mod pool;
 pub mod ratelimit;
 pub mod secret;
 pub mod usage;
 pub mod vault;
 
-use crate::config::SidecarConfig;
+use crate::config::{ErrorFormat, SidecarConfig};
 use crate::conn::{ConnectionInfo, ConnectorOutcome, InterceptKind};
 use bytes::Bytes;
 use credentials::{CredentialError, CredentialStore};
@@ -80,6 +82,7 @@ struct HostSettings {
     address: Option<SocketAddr>,
     timeout: Duration,
     limiter: Option<HostLimiter>,
+    error_format: Option<ErrorFormat>,
 }
 
 pub struct Connector {
@@ -94,6 +97,8 @@ pub struct Connector {
     fingerprint: CredentialFingerprint,
     /// `[[sidecar.llm.prices]]`: model -> USD per 1k (input, output) tokens.
     prices: HashMap<String, (f64, f64)>,
+    /// Upstream addresses from the decided name (see [`binding`]).
+    binder: binding::Binder,
 }
 
 /// Whether a request is gRPC (`content-type: application/grpc[+proto|;…]`).
@@ -127,6 +132,7 @@ impl Connector {
                         address: h.address.as_deref().and_then(|a| a.parse().ok()),
                         timeout: h.timeout_ms.map_or(default_timeout, Duration::from_millis),
                         limiter: HostLimiter::new(h.rps, h.burst),
+                        error_format: h.error_format,
                     },
                 )
             })
@@ -145,7 +151,20 @@ impl Connector {
                 .iter()
                 .map(|p| (p.model.clone(), (p.input_per_1k_usd, p.output_per_1k_usd)))
                 .collect(),
+            binder: binding::Binder::default(),
         })
+    }
+
+    /// Binds destinations with the loaded mapping rules (their `ports` and exact IP names);
+    /// without this only 443 and no IP literal are destinations.
+    pub fn with_rules(mut self, rules: Arc<crate::pipeline::mapping::MappingRules>) -> Self {
+        self.binder = binding::Binder::new(rules);
+        self
+    }
+
+    /// The destination binder (benches, tests).
+    pub fn binder(&self) -> &binding::Binder {
+        &self.binder
     }
 
     /// USD per 1k (input, output) tokens of `model`, from `[[sidecar.llm.prices]]`.
@@ -168,50 +187,57 @@ impl Connector {
             .map_or(self.default_timeout, |h| h.timeout)
     }
 
+    /// The error shape of Firma's own answers for `host`: `[[sidecar.connector.hosts]]
+    /// error_format`, else the provider of the well-known API hosts, else plain Firma.
+    pub fn error_format(&self, host: &str) -> ErrorFormat {
+        if let Some(f) = self.hosts.get(host).and_then(|h| h.error_format) {
+            return f;
+        }
+        match host {
+            "api.openai.com" => ErrorFormat::Openai,
+            "api.anthropic.com" => ErrorFormat::Anthropic,
+            _ => ErrorFormat::Firma,
+        }
+    }
+
+    /// Why a request to `target` must not leave: it carries a placeholder credential that
+    /// would leave the sidecar (`CredentialLeak`; see [`placeholder`]).
+    pub fn placeholder_leak(
+        &self,
+        target: &UpstreamTarget,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+    ) -> Option<String> {
+        self.credentials
+            .placeholder_leak(&target.host, uri, headers)
+    }
+
     /// `SO_MARK` to put on upstream sockets for this connection (transparent mode only).
     pub fn mark_for(&self, conn: &ConnectionInfo) -> Option<u32> {
         (conn.kind == InterceptKind::Transparent).then_some(self.transparent_mark)
     }
 
-    /// Transparent: the original destination. Otherwise the configured `address`, else DNS.
-    async fn resolve(
-        &self,
-        host: &str,
-        port: u16,
-        conn: &ConnectionInfo,
-    ) -> Result<SocketAddr, String> {
-        if conn.kind == InterceptKind::Transparent
-            && let Some(dst) = conn.original_dst
-        {
-            return Ok(dst);
-        }
-        if let Some(a) = self.hosts.get(host).and_then(|h| h.address) {
-            return Ok(a);
-        }
-        if let Ok(ip) = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
-            return Ok(SocketAddr::new(ip, port));
-        }
-        match tokio::net::lookup_host((host, port)).await {
-            Ok(mut it) => it
-                .next()
-                .ok_or_else(|| format!("{host} resolves to no address")),
-            Err(e) => Err(format!("cannot resolve {host}: {e}")),
-        }
-    }
-
-    /// Address for a blind tunnel to `host:port` (or the original destination).
-    pub async fn tunnel_addr(
+    /// The upstream address of `host:port` for `conn` (see [`binding`]): in transparent mode
+    /// the original destination once it is proven to be one of `host`'s addresses; otherwise the
+    /// configured `address`, else `host` resolved. `host = None`: the connection has no name.
+    pub async fn bind(
         &self,
         host: Option<&str>,
         port: u16,
         conn: &ConnectionInfo,
-    ) -> Result<SocketAddr, String> {
-        match host {
-            Some(h) => self.resolve(h, port, conn).await,
-            None => conn
-                .original_dst
-                .ok_or_else(|| "no destination known for this connection".to_string()),
-        }
+    ) -> Result<SocketAddr, binding::Unbound> {
+        let claimed = match conn.kind {
+            InterceptKind::Transparent => conn.original_dst,
+            _ => None,
+        };
+        self.binder
+            .bind(binding::BindRequest {
+                name: host,
+                port,
+                claimed,
+                configured: host.and_then(|h| self.hosts.get(h)).and_then(|h| h.address),
+            })
+            .await
     }
 
     /// Why a request to `target` may not leave: its host has a credential and the request
@@ -236,11 +262,16 @@ impl Connector {
     /// `http://` through the proxy, `CONNECT host:80` followed by plaintext, h2c with
     /// `:scheme http`, transparent port 80) is refused with [`Failure::InsecureUpstream`]
     /// before the credential is even fetched.
+    ///
+    /// `addr` is where to: from [`Self::bind`] (an address of the decided name, never one the
+    /// client chose), which the caller runs first so that a mismatch is denied like any
+    /// decision, with the request body still in hand.
     pub async fn prepare(
         &self,
         mut req: Request<ReqBody>,
         target: &UpstreamTarget,
         conn: &ConnectionInfo,
+        addr: SocketAddr,
     ) -> Result<Prepared, (Failure, ConnectorOutcome)> {
         let mut outcome = ConnectorOutcome::default();
         let timeout = self.timeout_for(&target.host);
@@ -249,11 +280,7 @@ impl Connector {
         if let Some(detail) = self.insecure(target) {
             return Err((Failure::InsecureUpstream(detail), outcome));
         }
-        // 2. Where to.
-        let addr = match self.resolve(&target.host, target.port, conn).await {
-            Ok(r) => r,
-            Err(e) => return Err((Failure::UpstreamUnavailable(e), outcome)),
-        };
+        // 2. Where to: `addr`, bound by the caller.
         // 3. Credential (fail closed: nothing is sent without it).
         let injection = match self.credentials.resolve(&target.host).await {
             Ok(i) => i,
@@ -280,6 +307,10 @@ impl Connector {
         let grpc = is_grpc(req.headers());
         let trailers = wants_trailers(req.headers());
         prepare_headers(req.headers_mut());
+        // The agent's own credential headers and query parameters (its key, or a placeholder)
+        // never leave for a credential host: only Firma's is set below.
+        self.credentials
+            .strip_agent_credentials(&target.host, &mut req);
         if trailers {
             // `te: trailers` is the one TE an HTTP/2 hop carries; gRPC servers require it.
             req.headers_mut()

@@ -7,7 +7,7 @@
 //! for gRPC over plaintext) and the identity of the credential the connector injects (a keyed
 //! hash of the header name and value, never the value). So a connection that carried one
 //! credential is never handed a request carrying another, a transparent-mode connection
-//! (marked, to the original destination) never serves a proxy-mode request, and a rotated Vault
+//! (marked, to the original destination once bound to the name) never serves a proxy-mode request, and a rotated Vault
 //! secret starts fresh connections.
 //!
 //! HTTP/2 connections are shared: every request with the same key multiplexes on one

@@ -10,8 +10,10 @@
 //!
 //! Field names: `prompt_tokens`/`completion_tokens` (OpenAI chat, completions, embeddings) or
 //! `input_tokens`/`output_tokens` (OpenAI Responses, Anthropic). Values are cumulative, so the
-//! last one seen wins. When the body ends (or the client goes away, or the upstream breaks
-//! off), `done` gets what was seen.
+//! largest one seen counts (a later, smaller report cannot lower it). A value that is not an
+//! integer in `0..=`[`MAX_REPORTED`] makes the whole report unusable ([`Reported::rejected`]):
+//! the caller charges the reservation instead. When the body ends (or the client goes away, or
+//! the upstream breaks off), `done` gets what was seen.
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
@@ -25,6 +27,18 @@ use super::RespBody;
 pub const MAX_JSON: usize = 4 * 1024 * 1024;
 /// Longest SSE line kept (longer lines are skipped).
 pub const MAX_LINE: usize = 1024 * 1024;
+
+/// More tokens than any model serves in one response: a report above it is refused.
+pub const MAX_REPORTED: i64 = 100_000_000;
+
+/// What one response reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reported {
+    /// The usage, when the response carried a usable one.
+    pub tokens: Option<Tokens>,
+    /// Why the usage the response carried was refused (negative, absurd, not an integer).
+    pub rejected: Option<String>,
+}
 
 /// Tokens one response reported.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -43,6 +57,7 @@ pub struct UsageParser {
     kind: Kind,
     input: Option<i64>,
     output: Option<i64>,
+    rejected: Option<String>,
 }
 
 impl UsageParser {
@@ -77,6 +92,7 @@ impl UsageParser {
             kind,
             input: None,
             output: None,
+            rejected: None,
         }
     }
 
@@ -143,21 +159,36 @@ impl UsageParser {
             let Some(u) = v.pointer(ptr).filter(|u| u.is_object()) else {
                 continue;
             };
-            let n = |k: &str| u.get(k).and_then(Value::as_i64);
-            if let Some(i) = n("prompt_tokens").or(n("input_tokens")) {
-                self.input = Some(i);
+            let mut field = |k: &str| -> Option<i64> {
+                let raw = u.get(k).filter(|v| !v.is_null())?;
+                match raw.as_i64().filter(|n| (0..=MAX_REPORTED).contains(n)) {
+                    Some(n) => Some(n),
+                    None => {
+                        self.rejected.get_or_insert_with(|| {
+                            format!("upstream reported {k} = {raw}, not an integer in 0..={MAX_REPORTED}")
+                        });
+                        None
+                    }
+                }
+            };
+            let prompt = field("prompt_tokens");
+            let input = prompt.or_else(|| field("input_tokens"));
+            let output = field("completion_tokens").or_else(|| field("output_tokens"));
+            let total = field("total_tokens");
+            if let Some(i) = input {
+                self.input = Some(self.input.map_or(i, |have| have.max(i)));
             }
-            if let Some(o) = n("completion_tokens").or(n("output_tokens")) {
-                self.output = Some(o);
-            } else if n("prompt_tokens").is_some() && n("total_tokens").is_some() {
+            if let Some(o) = output {
+                self.output = Some(self.output.map_or(o, |have| have.max(o)));
+            } else if prompt.is_some() && total.is_some() {
                 // Embeddings: prompt and total only.
-                self.output = Some(0);
+                self.output.get_or_insert(0);
             }
         }
     }
 
-    /// What the response reported, if it reported anything.
-    pub fn finish(&mut self) -> Option<Tokens> {
+    /// What the response reported.
+    pub fn finish(&mut self) -> Reported {
         if let Kind::Json { buf, overflow } = &mut self.kind
             && !*overflow
             && !buf.is_empty()
@@ -173,10 +204,19 @@ impl UsageParser {
             let last = std::mem::take(line);
             self.sse_line(&last);
         }
-        (self.input.is_some() || self.output.is_some()).then(|| Tokens {
-            input: self.input.unwrap_or(0),
-            output: self.output.unwrap_or(0),
-        })
+        if let Some(why) = self.rejected.take() {
+            return Reported {
+                tokens: None,
+                rejected: Some(why),
+            };
+        }
+        Reported {
+            tokens: (self.input.is_some() || self.output.is_some()).then(|| Tokens {
+                input: self.input.unwrap_or(0),
+                output: self.output.unwrap_or(0),
+            }),
+            rejected: None,
+        }
     }
 }
 
@@ -186,8 +226,8 @@ pub fn cost_nano_usd(price: (f64, f64), tokens: Tokens) -> i64 {
     nano.round().clamp(0.0, i64::MAX as f64) as i64
 }
 
-/// Called once when the body ends: the tokens seen and whether the body completed.
-pub type Done = Box<dyn FnOnce(Option<Tokens>, bool) + Send + Sync>;
+/// Called once when the body ends: what was reported and whether the body completed.
+pub type Done = Box<dyn FnOnce(Reported, bool) + Send + Sync>;
 
 /// A response body that reports its usage when it ends (see the module docs).
 pub struct UsageTap {
@@ -259,6 +299,10 @@ mod tests {
     use super::*;
 
     fn sse(chunks: &[&str]) -> Option<Tokens> {
+        sse_reported(chunks).tokens
+    }
+
+    fn sse_reported(chunks: &[&str]) -> Reported {
         let mut h = http::HeaderMap::new();
         h.insert("content-type", "text/event-stream".parse().unwrap());
         let mut p = UsageParser::for_response(&h);
@@ -266,6 +310,34 @@ mod tests {
             p.feed(c.as_bytes());
         }
         p.finish()
+    }
+
+    /// A hostile or broken upstream: negative, absurd or non-integer usage is refused as a
+    /// whole (the caller charges the reservation); a later smaller report cannot lower a count.
+    #[test]
+    fn negative_absurd_and_shrinking_usage() {
+        for bad in [
+            r#"{"usage":{"prompt_tokens":10,"completion_tokens":-500000}}"#,
+            r#"{"usage":{"input_tokens":-1,"output_tokens":4}}"#,
+            r#"{"usage":{"prompt_tokens":10,"completion_tokens":1e30}}"#,
+            r#"{"usage":{"prompt_tokens":10,"completion_tokens":"5"}}"#,
+            r#"{"usage":{"prompt_tokens":10,"completion_tokens":100000001}}"#,
+        ] {
+            let r = sse_reported(&[&format!("data: {bad}\n\n")]);
+            assert_eq!(r.tokens, None, "{bad}");
+            assert!(r.rejected.is_some(), "{bad}");
+        }
+        let t = sse(&[
+            "data: {\"usage\":{\"input_tokens\":25,\"output_tokens\":90}}\n\n",
+            "data: {\"usage\":{\"output_tokens\":1}}\n\n",
+        ]);
+        assert_eq!(
+            t,
+            Some(Tokens {
+                input: 25,
+                output: 90
+            })
+        );
     }
 
     #[test]
@@ -276,7 +348,7 @@ mod tests {
         p.feed(br#"{"usage":{"prompt_tokens":12,"#);
         p.feed(br#""completion_tokens":5,"total_tokens":17}}"#);
         assert_eq!(
-            p.finish(),
+            p.finish().tokens,
             Some(Tokens {
                 input: 12,
                 output: 5
@@ -285,7 +357,7 @@ mod tests {
         let mut p = UsageParser::for_response(&h);
         p.feed(br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#);
         assert_eq!(
-            p.finish(),
+            p.finish().tokens,
             Some(Tokens {
                 input: 3,
                 output: 4
@@ -294,7 +366,7 @@ mod tests {
         let mut p = UsageParser::for_response(&h);
         p.feed(br#"{"usage":{"prompt_tokens":8,"total_tokens":8}}"#);
         assert_eq!(
-            p.finish(),
+            p.finish().tokens,
             Some(Tokens {
                 input: 8,
                 output: 0
@@ -303,7 +375,7 @@ mod tests {
         h.insert("content-encoding", "gzip".parse().unwrap());
         let mut p = UsageParser::for_response(&h);
         p.feed(br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#);
-        assert_eq!(p.finish(), None, "compressed bodies are not read");
+        assert_eq!(p.finish().tokens, None, "compressed bodies are not read");
     }
 
     #[test]

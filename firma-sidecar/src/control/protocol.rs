@@ -57,6 +57,11 @@ pub struct StatusReport {
     pub redirect_dns: bool,
     pub excluded_cidrs: Vec<String>,
     pub excluded_ports: Vec<u16>,
+    /// UDP exceptions and loopback allowances (UDP and loopback are otherwise closed).
+    #[serde(default)]
+    pub allow_udp: Vec<String>,
+    #[serde(default)]
+    pub allow_loopback: Vec<String>,
     /// Connections currently tracked by socket cookie / by client address.
     pub tracked_by_cookie: usize,
     pub tracked_by_peer: usize,

@@ -172,6 +172,15 @@ pub fn status(r: &Redirector) -> StatusReport {
             .map(|c| format!("{}/{}", c.addr, c.prefix))
             .collect(),
         excluded_ports: s.excluded_ports.clone(),
+        allow_udp: s.allow_udp.iter().map(ToString::to_string).collect(),
+        allow_loopback: s
+            .allow_loopback
+            .iter()
+            .map(|a| match a {
+                crate::ebpf::allow::LoopbackAllowance::Port(p) => p.to_string(),
+                crate::ebpf::allow::LoopbackAllowance::Addr(a) => a.to_string(),
+            })
+            .collect(),
         tracked_by_cookie,
         tracked_by_peer,
         workloads: r

@@ -6,7 +6,8 @@
 //! address in the DNS peer map, TCP connections like any redirected connection. Per query:
 //!
 //! 1. rate limit per workload cgroup (governor); over it the query is dropped unanswered and
-//!    counted, one `DnsDenied` audit event per workload per 10 s says how many;
+//!    counted by the audit's aggregation: one `deny_summary` (`DnsDenied`,
+//!    `dns.rate_limited` = the count) per workload per aggregation window (10 s by default);
 //! 2. decode strictly ([`query::decode`]): malformed, oversized, multi-question, non-QUERY,
 //!    signed or EDNS-version tricks get FORMERR/NOTIMP (or nothing, for responses and runts),
 //!    audited as `MalformedRequest`;
@@ -27,7 +28,7 @@ mod upstream;
 pub use allow::AllowList;
 pub use upstream::{Upstream, UpstreamError, resolv_conf_servers};
 
-use crate::audit::RequestAudit;
+use crate::audit::{AggregateKind, Denial, RequestAudit};
 use crate::config::SidecarConfig;
 use crate::conn::{ConnectorOutcome, Decision, DenyReason, InterceptKind, Outcome, Workload};
 use crate::drain::Drain;
@@ -41,17 +42,14 @@ use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use query::{Decoded, Question};
 use serde_json::{Map, Value, json};
-use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
-/// How often dropped (rate-limited) queries are summarised in the audit.
-const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
 /// Queries being answered at once (all workloads); beyond it queries are dropped and counted.
 const MAX_IN_FLIGHT: usize = 1024;
 /// A TCP connection with no complete query for this long is closed.
@@ -92,12 +90,6 @@ struct Origin {
     cgroup: u64,
 }
 
-/// Queries dropped by the rate limit since the last report, per cgroup.
-struct Dropped {
-    count: u64,
-    origin: Origin,
-}
-
 /// The `qtype` label of the DNS query counter: a small fixed set.
 fn qtype_class(t: RecordType) -> &'static str {
     match t {
@@ -121,8 +113,8 @@ pub struct DnsGuard {
     allow: AllowList,
     upstream: Upstream,
     limiter: DefaultKeyedRateLimiter<u64>,
-    quota: (u32, u32),
-    dropped: Mutex<HashMap<u64, Dropped>>,
+    /// Why queries are dropped, for the audit summaries of rate-limited queries.
+    drop_detail: String,
     in_flight: Arc<Semaphore>,
 }
 
@@ -155,8 +147,10 @@ impl DnsGuard {
             allow,
             upstream,
             limiter: RateLimiter::keyed(Quota::per_second(qps).allow_burst(burst)),
-            quota: (d.queries_per_second, d.burst),
-            dropped: Mutex::new(HashMap::new()),
+            drop_detail: format!(
+                "queries_per_second = {}, burst = {}, or {MAX_IN_FLIGHT} in flight",
+                d.queries_per_second, d.burst
+            ),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         }
     }
@@ -190,47 +184,23 @@ impl DnsGuard {
             return Some(p);
         }
         metrics::dns_query(DnsOutcome::RateLimited, "unknown");
-        let mut d = self.dropped.lock().unwrap_or_else(|p| p.into_inner());
-        d.entry(o.cgroup)
-            .or_insert_with(|| Dropped {
-                count: 0,
-                origin: o.clone(),
-            })
-            .count += 1;
+        // Counted, never written one by one: the audit's aggregation writes one summary per
+        // workload per window with `dns.rate_limited` = the count (docs/architecture.md).
+        self.state.audit.count_denial(&Denial {
+            kind: AggregateKind::DnsRateLimited,
+            intercept: InterceptKind::Dns,
+            conn_id: None,
+            peer: o.peer,
+            original_dst: o.original_dst,
+            workload: o.workload.as_ref(),
+            reason: DenyReason::DnsDenied,
+            method: Some("DNS"),
+            host: None,
+            port: o.original_dst.map_or(53, |a| a.port()),
+            path: None,
+            detail: &self.drop_detail,
+        });
         None
-    }
-
-    /// One audit event (and one WARN) per workload that had queries dropped since the last call.
-    fn report_dropped(&self) {
-        let drained: Vec<Dropped> = {
-            let mut d = self.dropped.lock().unwrap_or_else(|p| p.into_inner());
-            d.drain().map(|(_, v)| v).collect()
-        };
-        for Dropped { count, origin } in drained {
-            let cgroup = origin.workload.as_ref().map(|w| w.cgroup_path.clone());
-            tracing::warn!(peer = %origin.peer, cgroup = cgroup.as_deref().unwrap_or("-"), count, "DNS queries dropped: over the rate limit");
-            let conn = self.state.new_conn(
-                InterceptKind::Dns,
-                origin.peer,
-                origin.original_dst,
-                origin.workload,
-            );
-            let mut f = Map::new();
-            f.insert("rate_limited".into(), count.into());
-            RequestAudit::new(&self.state.audit, &conn)
-                .method(Some("DNS"))
-                .target(None, origin.original_dst.map_or(53, |a| a.port()), None)
-                .dns(f)
-                .deny(&Decision::deny(
-                    DenyReason::DnsDenied,
-                    format!(
-                        "rate limit: {count} queries dropped unanswered in the last {} s (queries_per_second = {}, burst = {}, or {MAX_IN_FLIGHT} in flight)",
-                        DROP_REPORT_EVERY.as_secs(),
-                        self.quota.0,
-                        self.quota.1
-                    ),
-                ));
-        }
     }
 
     /// Decodes, decides, audits and (when allowed) resolves one query; the bytes to send back.
@@ -400,6 +370,13 @@ impl DnsGuard {
         let upstream_us = started.elapsed().as_micros() as u64;
         match result {
             Ok((bytes, a, server)) => {
+                // What the workload was told is where the name is: the destination binding
+                // accepts these addresses for it (connector::binding).
+                self.state
+                    .connector
+                    .binder()
+                    .resolver()
+                    .learn(&q.qname, &a.addresses);
                 let mut f = Map::new();
                 f.insert("rcode".into(), a.rcode.to_str().into());
                 f.insert("answers".into(), a.answers.into());
@@ -509,19 +486,6 @@ pub async fn serve(
                 }
             },
         ));
-    }
-    {
-        let (g, d) = (guard.clone(), drain.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(DROP_REPORT_EVERY);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = d.cancelled() => { g.report_dropped(); return; }
-                    _ = tick.tick() => g.report_dropped(),
-                }
-            }
-        });
     }
     Ok(())
 }

@@ -200,6 +200,9 @@ pub struct Answer {
     pub truncated: bool,
     /// CNAME targets in the answer section, in order.
     pub cname_chain: Vec<String>,
+    /// The A and AAAA addresses in the answer section: where the workload may now connect for
+    /// this name (the destination binding learns them).
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 /// Checks that `bytes` answers the query with id `id` for `q` (same question, a response) and
@@ -230,11 +233,21 @@ pub fn check_answer(bytes: &[u8], id: u16, q: &Question) -> Option<Answer> {
             _ => None,
         })
         .collect();
+    let addresses = m
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            hickory_proto::rr::RData::A(a) => Some(std::net::IpAddr::V4(a.0)),
+            hickory_proto::rr::RData::AAAA(a) => Some(std::net::IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect();
     Some(Answer {
         rcode: m.metadata.response_code,
         answers: m.answers.len(),
         truncated: m.metadata.truncation,
         cname_chain,
+        addresses,
     })
 }
 

@@ -6,11 +6,13 @@
 //! `links/<cgroup id>/<prog>` (one directory per attached cgroup; removing the files detaches).
 //! See `README.md` beside this file for the failure modes.
 
+pub mod allow;
 pub mod bpffs;
 pub mod cgroup;
 mod logs;
 pub mod pins;
 mod programs;
+pub mod refusals;
 mod settings;
 mod workloads;
 
@@ -24,9 +26,11 @@ use crate::conn::Workload;
 use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use aya::{Ebpf, EbpfLoader};
 use firma_common::maps::{
-    COUNTER_REDIRECTED, COUNTER_UDP443_REFUSED, MAP_BINDINGS, MAP_BY_COOKIE, MAP_BY_PEER,
-    MAP_CONFIG, MAP_COUNTERS, MAP_DNS_BY_PEER, MAP_EXCLUDED_PORTS, MAP_EXCLUDED_V4,
-    MAP_EXCLUDED_V6, OrigDst, PeerKey, RedirectConfig, WorkloadBinding,
+    COUNTER_EGRESS_DROPPED, COUNTER_LOOPBACK_REFUSED, COUNTER_REDIRECTED, COUNTER_UDP_REFUSED,
+    COUNTER_UDP443_REFUSED, MAP_BINDINGS, MAP_BY_COOKIE, MAP_BY_PEER, MAP_CONFIG, MAP_COUNTERS,
+    MAP_DNS_BY_PEER, MAP_EXCLUDED_PORTS, MAP_EXCLUDED_V4, MAP_EXCLUDED_V6, MAP_LOOPBACK_ALLOW,
+    MAP_REFUSALS, MAP_REFUSALS_SEEN, MAP_UDP_ALLOW, OrigDst, PeerKey, RedirectConfig,
+    WorkloadBinding,
 };
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -130,6 +134,8 @@ struct Control {
     excluded_v4: LpmTrie<MapData, [u8; 4], u8>,
     excluded_v6: LpmTrie<MapData, [u8; 16], u8>,
     excluded_ports: BpfHashMap<MapData, u16, u8>,
+    udp_allow: BpfHashMap<MapData, PeerKey, u8>,
+    loopback_allow: BpfHashMap<MapData, PeerKey, u8>,
     bindings: BpfHashMap<MapData, u64, WorkloadBinding>,
 }
 
@@ -142,6 +148,8 @@ pub struct Redirector {
     /// Per-CPU event counters written by the programs (`COUNTER_*`), read for metrics.
     counters: Option<PerCpuArray<MapData, u64>>,
     dns_by_peer: BpfHashMap<MapData, PeerKey, OrigDst>,
+    /// Kernel refusal tallies and what of them is already audited ([`refusals`]).
+    refusals: Mutex<refusals::Maps>,
     registry: Registry,
     cgroup2: Cgroup2,
     pin_dir: PathBuf,
@@ -195,6 +203,16 @@ impl Redirector {
             .and_then(|m| PerCpuArray::try_from(m).ok());
         let dns_by_peer = BpfHashMap::try_from(take(&mut ebpf, MAP_DNS_BY_PEER)?)
             .map_err(map_err(MAP_DNS_BY_PEER))?;
+        let udp_allow = BpfHashMap::try_from(take(&mut ebpf, MAP_UDP_ALLOW)?)
+            .map_err(map_err(MAP_UDP_ALLOW))?;
+        let loopback_allow = BpfHashMap::try_from(take(&mut ebpf, MAP_LOOPBACK_ALLOW)?)
+            .map_err(map_err(MAP_LOOPBACK_ALLOW))?;
+        let refusal_maps = refusals::Maps {
+            tallies: aya::maps::PerCpuHashMap::try_from(take(&mut ebpf, MAP_REFUSALS)?)
+                .map_err(map_err(MAP_REFUSALS))?,
+            seen: BpfHashMap::try_from(take(&mut ebpf, MAP_REFUSALS_SEEN)?)
+                .map_err(map_err(MAP_REFUSALS_SEEN))?,
+        };
         let adopted_programs = programs.adopted;
         let mut control = Control {
             _ebpf: ebpf,
@@ -203,6 +221,8 @@ impl Redirector {
             excluded_v4,
             excluded_v6,
             excluded_ports,
+            udp_allow,
+            loopback_allow,
             bindings,
         };
         control.write_settings(&settings)?;
@@ -213,6 +233,7 @@ impl Redirector {
             by_cookie,
             counters,
             dns_by_peer,
+            refusals: Mutex::new(refusal_maps),
             registry,
             cgroup2,
             pin_dir,
@@ -226,15 +247,28 @@ impl Redirector {
     /// (redirected TCP connects, refused UDP/443) counted by the programs since the counter
     /// map was created, summed over CPUs.
     pub fn kernel_counters(&self) -> (u64, u64) {
+        (
+            self.kernel_counter(COUNTER_REDIRECTED),
+            self.kernel_counter(COUNTER_UDP443_REFUSED),
+        )
+    }
+
+    /// (refused UDP other than 443, refused loopback, dropped at egress), summed over CPUs.
+    pub fn side_door_counters(&self) -> [u64; 3] {
+        [
+            self.kernel_counter(COUNTER_UDP_REFUSED),
+            self.kernel_counter(COUNTER_LOOPBACK_REFUSED),
+            self.kernel_counter(COUNTER_EGRESS_DROPPED),
+        ]
+    }
+
+    fn kernel_counter(&self, index: u32) -> u64 {
         let Some(c) = &self.counters else {
-            return (0, 0);
+            return 0;
         };
-        let sum = |i: u32| {
-            c.get(&i, 0)
-                .map(|per_cpu| per_cpu.iter().copied().fold(0u64, u64::wrapping_add))
-                .unwrap_or(0)
-        };
-        (sum(COUNTER_REDIRECTED), sum(COUNTER_UDP443_REFUSED))
+        c.get(&index, 0)
+            .map(|per_cpu| per_cpu.iter().copied().fold(0u64, u64::wrapping_add))
+            .unwrap_or(0)
     }
 
     /// Programs found pinned at start (0 on a fresh machine, 7 after a restart).
@@ -304,7 +338,7 @@ impl Redirector {
         session_id: Option<&str>,
     ) -> Result<AttachOutcome, EbpfError> {
         let cg = self.resolve(target)?;
-        // The sidecar must never be inside a tagged cgroup (DESIGN 3.1): its listeners would
+        // The sidecar must never be inside a tagged cgroup (docs/architecture.md, "Transparent mode"): its listeners would
         // still work, but anything it connects to without SO_MARK would loop back into itself.
         if let Some(own) = cgroup::own_cgroup_path()
             && cgroup::contains(&cg.path, &own)
@@ -398,12 +432,17 @@ impl Redirector {
 
     /// The workload (binding + the exact cgroup and pid) that opened a redirected connection.
     pub fn workload(&self, orig: &OrigDst) -> Option<Workload> {
+        self.workload_of(orig.cgroup_id, orig.pid)
+    }
+
+    /// The workload bound to `cgroup_id` (or to an ancestor of it), with `pid`.
+    pub fn workload_of(&self, cgroup_id: u64, pid: u32) -> Option<Workload> {
         self.registry
-            .resolve(&self.cgroup2, orig.cgroup_id)
+            .resolve(&self.cgroup2, cgroup_id)
             .map(|(bound, path)| Workload {
-                cgroup_id: orig.cgroup_id,
+                cgroup_id,
                 cgroup_path: path,
-                pid: orig.pid,
+                pid,
                 agent_id: bound.agent_id,
                 session_id: bound.session_id,
             })
@@ -439,6 +478,24 @@ impl Control {
             self.excluded_ports
                 .insert(port, 1, 0)
                 .map_err(map_err(MAP_EXCLUDED_PORTS))?;
+        }
+        let old: Vec<PeerKey> = self.udp_allow.keys().filter_map(Result::ok).collect();
+        for k in old {
+            let _ = self.udp_allow.remove(&k);
+        }
+        for a in &s.allow_udp {
+            self.udp_allow
+                .insert(PeerKey::from_socket_addr(*a), 1, 0)
+                .map_err(map_err(MAP_UDP_ALLOW))?;
+        }
+        let old: Vec<PeerKey> = self.loopback_allow.keys().filter_map(Result::ok).collect();
+        for k in old {
+            let _ = self.loopback_allow.remove(&k);
+        }
+        for a in &s.allow_loopback {
+            self.loopback_allow
+                .insert(a.key(), 1, 0)
+                .map_err(map_err(MAP_LOOPBACK_ALLOW))?;
         }
         Ok(())
     }

@@ -25,7 +25,7 @@ enum Kind {
 const PROGRAMS: [(&str, Kind); 10] = [
     ("firma_sock_ops", Kind::SockOps),
     // DNS guard bookkeeping: replies and the by-client-address record, before any rewrite.
-    ("firma_dns_egress", Kind::SkbEgress),
+    ("firma_egress", Kind::SkbEgress),
     (
         "firma_recvmsg4",
         Kind::SockAddr(CgroupSockAddrAttachType::UDPRecvMsg4),

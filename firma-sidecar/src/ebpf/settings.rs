@@ -1,10 +1,11 @@
 //! Redirect settings: `[sidecar.interceptor.transparent]` parsed into what the kernel maps hold.
 
 use super::EbpfError;
+use super::allow::{self, LoopbackAllowance};
 use crate::config::TransparentConfig;
 use aya::maps::lpm_trie::Key;
 use firma_common::maps::{FLAG_BLOCK_QUIC, FLAG_REDIRECT_DNS, RedirectConfig};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 /// An address prefix, e.g. `10.0.0.0/8` or `fd00::/8` (a bare address is a /32 or /128).
@@ -61,6 +62,10 @@ pub struct RedirectSettings {
     pub dns_port: u16,
     pub excluded_cidrs: Vec<Cidr>,
     pub excluded_ports: Vec<u16>,
+    /// UDP exceptions (`allow_udp`): every other UDP destination is refused.
+    pub allow_udp: Vec<SocketAddr>,
+    /// Loopback allowances (`allow_loopback`): every other loopback destination is refused.
+    pub allow_loopback: Vec<LoopbackAllowance>,
 }
 
 impl RedirectSettings {
@@ -92,6 +97,28 @@ impl RedirectSettings {
                 .map(|c| Cidr::parse(c))
                 .collect::<Result<_, _>>()?,
             excluded_ports: cfg.excluded_ports.clone(),
+            allow_udp: cfg
+                .allow_udp
+                .iter()
+                .map(|s| {
+                    allow::parse_udp(s).map_err(|why| EbpfError::Setting {
+                        key: "allow_udp",
+                        value: why,
+                        expected: "ADDR:PORT, not loopback",
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            allow_loopback: cfg
+                .allow_loopback
+                .iter()
+                .map(|s| {
+                    allow::parse_loopback(s).map_err(|why| EbpfError::Setting {
+                        key: "allow_loopback",
+                        value: why,
+                        expected: "PORT or ADDR:PORT with a loopback ADDR",
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 

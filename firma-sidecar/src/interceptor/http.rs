@@ -7,13 +7,16 @@
 //! when the client goes away mid-request). If the decision cannot be persisted the request is
 //! denied `AuditUnavailable`.
 
+use super::body;
 use super::framing::{FramingGuard, Verdict};
 use super::head::{self, HeadError};
 use super::limits;
 use super::rewind::Rewind;
 use super::websocket;
 use crate::audit::RequestAudit;
+use crate::config::ErrorFormat;
 use crate::conn::{ConnectionInfo, Decision, DenyReason};
+use crate::connector::binding::Unbound;
 use crate::connector::{Failure, RespBody, UpstreamTarget};
 use crate::pipeline::RequestContext;
 use crate::pipeline::extract;
@@ -243,7 +246,64 @@ struct Target {
     path: String,
 }
 
-fn target_of(req: &mut Request<Incoming>, mode: &HttpMode) -> Result<Target, String> {
+/// The port a `Host` value names, if any (`[v6]:p`, `name:p`).
+fn host_port(raw: &str) -> Option<u16> {
+    let raw = raw.trim();
+    let tail = match raw.strip_prefix('[') {
+        Some(rest) => rest.split_once(']')?.1.strip_prefix(':')?,
+        None => raw.rsplit_once(':')?.1,
+    };
+    tail.parse().ok()
+}
+
+/// Absolute-form: a `Host` that names another destination than the request target is a
+/// request with two destinations (a proxy forwards to the target, a server behind it may route
+/// on `Host`): `DestinationMismatch`, never forwarded.
+fn check_proxy_host(
+    headers: &http::HeaderMap,
+    host: &str,
+    port: u16,
+    tls: bool,
+) -> Result<(), String> {
+    let Some(raw) = headers.get(http::header::HOST) else {
+        return Ok(());
+    };
+    let raw = raw.to_str().unwrap_or_default();
+    let named = normalize_host(raw);
+    let named_port = host_port(raw).unwrap_or(if tls { 443 } else { 80 });
+    if named.as_deref() == Some(host) && named_port == port {
+        return Ok(());
+    }
+    Err(format!(
+        "Host {raw:?} names another destination than the request target {host}:{port}"
+    ))
+}
+
+fn target_of(req: &mut Request<Incoming>, mode: &HttpMode) -> Result<Target, (DenyReason, String)> {
+    target_inner(req, mode).map_err(|e| match e {
+        TargetError::Malformed(d) => (DenyReason::MalformedRequest, d),
+        TargetError::Destination(d) => (DenyReason::DestinationMismatch, d),
+    })
+}
+
+enum TargetError {
+    Malformed(String),
+    Destination(String),
+}
+
+impl From<String> for TargetError {
+    fn from(s: String) -> Self {
+        Self::Malformed(s)
+    }
+}
+
+impl From<&str> for TargetError {
+    fn from(s: &str) -> Self {
+        Self::Malformed(s.into())
+    }
+}
+
+fn target_inner(req: &mut Request<Incoming>, mode: &HttpMode) -> Result<Target, TargetError> {
     // Decide on, audit and forward one spelling of the path (see `pipeline::path`).
     *req.uri_mut() = crate::pipeline::path::normalize_uri(req.uri()).map_err(|e| e.to_string())?;
     let uri = req.uri();
@@ -255,7 +315,7 @@ fn target_of(req: &mut Request<Incoming>, mode: &HttpMode) -> Result<Target, Str
     });
     let path = uri.path();
     if !path.starts_with('/') {
-        return Err(format!("request target {:?} has no absolute path", uri));
+        return Err(format!("request target {:?} has no absolute path", uri).into());
     }
     let path = path.to_string();
     let upstream = match mode {
@@ -273,6 +333,7 @@ fn target_of(req: &mut Request<Incoming>, mode: &HttpMode) -> Result<Target, Str
             let auth = uri.authority().ok_or("absolute URI without a host")?;
             let host = normalize_host(auth.host()).ok_or("invalid host in request URI")?;
             let port = auth.port_u16().unwrap_or(if tls { 443 } else { 80 });
+            check_proxy_host(req.headers(), &host, port, tls).map_err(TargetError::Destination)?;
             UpstreamTarget { host, port, tls }
         }
         HttpMode::Bound { host, port, tls } => {
@@ -281,7 +342,8 @@ fn target_of(req: &mut Request<Incoming>, mode: &HttpMode) -> Result<Target, Str
                 if &n != host {
                     return Err(format!(
                         "Host {n:?} does not match the connection's server name {host:?}"
-                    ));
+                    )
+                    .into());
                 }
             }
             UpstreamTarget {
@@ -334,23 +396,17 @@ async fn handle_request(
 ) -> Response<RespBody> {
     let arrived = std::time::Instant::now();
     let method = req.method().clone();
-    // gRPC clients get denials and aborts as grpc-status, everything else the JSON bodies.
+    // gRPC clients get denials and aborts as grpc-status, everything else the JSON bodies, in
+    // the error shape of the host's API once the host is known (SDKs show the reason).
     let grpc = crate::connector::is_grpc(req.headers());
-    let deny = |d: &Decision| {
-        if grpc {
-            response::grpc_deny(d)
-        } else {
-            response::deny(d)
-        }
-    };
-    let abort = |status: StatusCode, reason: &str, detail: &str| {
-        if grpc {
-            response::grpc_abort(status, reason, detail)
-        } else {
-            response::abort(status, reason, detail)
-        }
-    };
     let (mode_h, mode_p) = mode_host(mode);
+    let answer = Answer {
+        grpc,
+        format: mode_h
+            .as_deref()
+            .map_or(ErrorFormat::Firma, |h| state.connector.error_format(h)),
+    };
+    let deny = |d: &Decision| answer.deny(d);
     // From here on, whatever happens (including the client leaving), one record.
     let rec = RequestAudit::new(&state.audit, conn)
         .method(Some(method.as_str()))
@@ -364,65 +420,158 @@ async fn handle_request(
                 Ok(())
             }
         })
+        .map_err(|d| (DenyReason::MalformedRequest, d))
         .and_then(|()| target_of(&mut req, mode));
     let target = match target {
         Ok(t) => t,
-        Err(detail) => {
-            let d = Decision::deny(DenyReason::MalformedRequest, detail);
+        Err((reason, detail)) => {
+            let d = Decision::deny(reason, detail);
             rec.deny(&d);
-            discard_body(req.into_body()).await;
-            return deny(&d);
+            let (http1, waiting) = (is_http1(&req), body::expects_continue(req.headers()));
+            return body::answer_unread(req.into_body(), waiting, http1, deny(&d)).await;
         }
     };
     let up = &target.upstream;
+    let answer = Answer {
+        grpc,
+        format: state.connector.error_format(&up.host),
+    };
+    let deny = |d: &Decision| answer.deny(d);
+    let abort =
+        |status: StatusCode, reason: &str, detail: &str| answer.abort(status, reason, detail);
     let rec = rec.target(Some(&up.host), up.port, Some(&target.path));
-    // MCP endpoints: the JSON-RPC body is read and each message decided (pipeline::mcp).
+    // MCP endpoints: the JSON-RPC body is read (within `[sidecar.mcp] max_body_bytes` and the
+    // shared body budget) and each message decided (pipeline::mcp).
     let mut mcp = None;
     let req = match state
         .pipeline
         .mcp_endpoint(method.as_str(), &up.host, &target.path)
     {
         None => Ok(req),
-        Some(spec) => {
+        Some(mcp_spec) => {
             let limit = state.pipeline.mcp_config().max_body_bytes;
-            match super::mcp::read(req, &spec, limit).await {
+            let (_, budget) = state.pipeline.extract_limits();
+            match super::mcp::read(req, &mcp_spec, limit, budget).await {
                 Ok((read, call)) => {
                     mcp = Some(call);
                     Err(read)
                 }
-                Err(detail) => {
-                    let d = Decision::deny(DenyReason::MalformedRequest, detail);
-                    rec.deny(&d);
-                    return super::mcp::malformed(&d);
+                Err(Refused {
+                    req,
+                    decision,
+                    unread,
+                }) => {
+                    rec.deny(&decision);
+                    let waiting = unread && body::expects_continue(req.headers());
+                    let http1 = is_http1(&req);
+                    // A body that is not MCP gets a JSON-RPC error; one too large or over the
+                    // budget the usual 413 / 503 + Retry-After.
+                    let resp = if decision.reason == Some(DenyReason::MalformedRequest) {
+                        super::mcp::malformed(&decision)
+                    } else {
+                        deny(&decision)
+                    };
+                    return body::answer_unread(req.into_body(), waiting, http1, resp).await;
                 }
             }
         }
     };
-    // Rules that extract body attributes for Cedar: read (bounded) and parse the body first.
+    // Rules that extract attributes for Cedar: the query string's, then (bounded) the body's.
     let spec = state
         .pipeline
         .extraction(method.as_str(), &up.host, &target.path);
+    let metered = extract::reads_body(&spec) && upgrade.is_none();
     let (mut req, attrs) = match req {
+        // An MCP body, already read.
         Err(read) => (read, None),
-        Ok(req) if spec.is_empty() => (req.map(http_body_util::BodyExt::boxed), None),
-        Ok(req) => match read_for_extract(req, &spec, state.pipeline.extract_limit()).await {
-            Ok((req, attrs)) => (req, Some(attrs)),
-            Err(detail) => {
-                let d = Decision::deny(DenyReason::MalformedRequest, detail);
-                rec.deny(&d);
-                return deny(&d);
+        Ok(req) => {
+            let query_attrs = match extract::extract_query(&spec, req.uri().query()) {
+                Ok(a) => a,
+                Err(detail) => {
+                    let d = Decision::deny(DenyReason::MalformedRequest, detail);
+                    rec.deny(&d);
+                    let (http1, waiting) = (is_http1(&req), body::expects_continue(req.headers()));
+                    return body::answer_unread(req.into_body(), waiting, http1, deny(&d)).await;
+                }
+            };
+            if spec.is_empty() {
+                (req.map(http_body_util::BodyExt::boxed), None)
+            } else if !extract::reads_body(&spec) {
+                (req.map(http_body_util::BodyExt::boxed), Some(query_attrs))
+            } else {
+                let (limit, budget) = state.pipeline.extract_limits();
+                match read_for_extract(req, &spec, limit, budget).await {
+                    Ok((req, mut attrs)) => {
+                        attrs.extend(query_attrs);
+                        (req, Some(attrs))
+                    }
+                    Err(Refused {
+                        req,
+                        decision,
+                        unread,
+                    }) => {
+                        rec.deny(&decision);
+                        // Refused on its declared size: an `Expect: 100-continue` client has not
+                        // sent the body and is not asked to.
+                        let waiting = unread && body::expects_continue(req.headers());
+                        let http1 = is_http1(&req);
+                        let resp = deny(&decision);
+                        return body::answer_unread(req.into_body(), waiting, http1, resp).await;
+                    }
+                }
             }
-        },
+        }
     };
     let rec = rec.request_attrs(attrs.as_ref().map(extract::to_json));
-    // An LLM call (its rule extracts): its usage is read from the response, which must then
-    // arrive uncompressed (see docs/llm-policies.md).
-    let llm_model = attrs.as_ref().map(|a| match a.get("model") {
-        Some(extract::AttrValue::String(m)) => Some(m.clone()),
-        _ => None,
-    });
-    if llm_model.is_some() {
+    // Whether the body was read (MCP, extraction); an unread one is drained or left before answering.
+    let body_read = mcp.is_some() || extract::reads_body(&spec);
+    // A metered LLM call (its rule extracts from the body): its usage is read from the
+    // response, which must then arrive uncompressed, and it reserves against the budgets
+    // (see docs/llm-policies.md).
+    let llm_model = attrs
+        .as_ref()
+        .filter(|_| metered)
+        .map(|a| match a.get("model") {
+            Some(extract::AttrValue::String(m)) => Some(m.clone()),
+            _ => None,
+        });
+    let mut want = None;
+    if let (Some(model), Some(a)) = (&llm_model, &attrs) {
         req.headers_mut().remove(http::header::ACCEPT_ENCODING);
+        let streams = matches!(a.get("stream"), Some(extract::AttrValue::Bool(true)));
+        if streams
+            && state
+                .pipeline
+                .injects_include_usage(method.as_str(), &up.host, &target.path)
+        {
+            req = match include_usage(req).await {
+                Ok(r) => r,
+                Err(detail) => {
+                    let d = Decision::deny(DenyReason::MalformedRequest, detail);
+                    rec.deny(&d);
+                    return deny(&d);
+                }
+            };
+        }
+        use hyper::body::Body as _;
+        let body_len = req
+            .body()
+            .size_hint()
+            .exact()
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(state.pipeline.extract_limit());
+        let mut w =
+            crate::pipeline::usage::want_for(a, body_len, state.pipeline.reserve_output_tokens());
+        if let Some(price) = model.as_deref().and_then(|m| state.connector.price(m)) {
+            w.cost_nano_usd = crate::connector::usage::cost_nano_usd(
+                price,
+                crate::connector::usage::Tokens {
+                    input: w.input_tokens,
+                    output: w.output_tokens,
+                },
+            );
+        }
+        want = Some(w);
     }
     let ctx = RequestContext {
         conn: conn.clone(),
@@ -434,31 +583,71 @@ async fn handle_request(
         tls: matches!(mode, HttpMode::Bound { tls: true, .. }),
         request: attrs,
     };
-    let (mut decision, rec) = match &mcp {
+    let (mut decision, reservation, rec) = match &mcp {
+        // Each message decided; none of them reserves (MCP calls are not metered).
         Some(call) => {
             let (d, audit) = call.decide(state, &ctx).await;
-            (d, rec.request_attrs(Some(audit)))
+            (d, None, rec.request_attrs(Some(audit)))
         }
-        None => (state.pipeline.decide(&ctx).await, rec),
+        None => {
+            let (d, r) = state.pipeline.decide_reserving(&ctx, want).await;
+            (d, r, rec)
+        }
     };
     // MCP clients get their denials as JSON-RPC errors of the calls.
     let deny = |d: &Decision| match &mcp {
         Some(call) => call.deny(d),
         None => deny(d),
     };
+    // A placeholder credential that would leave is denied whatever the policy said: the audit
+    // must show that the agent sends its key somewhere else. (A reservation taken for it is
+    // released when it drops.)
+    if let Some(detail) = state
+        .connector
+        .placeholder_leak(up, req.uri(), req.headers())
+    {
+        decision = decision.into_deny(DenyReason::CredentialLeak, detail);
+    }
     if decision.is_allow()
         && let Some(detail) = state.connector.insecure(up)
     {
         decision = decision.into_deny(DenyReason::InsecureUpstream, detail);
     }
-    if !decision.is_allow() {
+    // Where to: an address of the decided name, never one the client chose (a mismatch is a
+    // denial like the ones above, so the body is read the same way before answering).
+    let connecting = std::time::Instant::now();
+    let mut addr = None;
+    let mut rec = rec;
+    if decision.is_allow() {
+        match state.connector.bind(Some(&up.host), up.port, conn).await {
+            Ok(a) => addr = Some(a),
+            Err(Unbound::Mismatch(m)) => {
+                decision = decision.into_deny(DenyReason::DestinationMismatch, m.detail);
+                tracing::warn!(conn = conn.conn_id, host = %up.host, detail = %decision.detail, "destination mismatch");
+                rec = rec.destination(m.record);
+            }
+            Err(Unbound::Unresolved(e)) => {
+                let outcome = crate::conn::ConnectorOutcome {
+                    aborted: Some("UpstreamUnavailable".into()),
+                    ..Default::default()
+                };
+                rec.abort_before_send(&decision, outcome);
+                let waiting = !body_read && body::expects_continue(req.headers());
+                let http1 = is_http1(&req);
+                let resp = abort(StatusCode::BAD_GATEWAY, "UpstreamUnavailable", &e);
+                return body::answer_unread(req.into_body(), waiting, http1, resp).await;
+            }
+        }
+    }
+    let Some(addr) = addr.filter(|_| decision.is_allow()) else {
         rec.deny(&decision);
         crate::metrics::overhead(arrived);
-        discard_body(req.into_body()).await;
-        return deny(&decision);
-    }
-    let connecting = std::time::Instant::now();
-    let prepared = state.connector.prepare(req, up, conn).await;
+        // Extracted bodies were read; any other is still unread.
+        let waiting = !body_read && body::expects_continue(req.headers());
+        let http1 = is_http1(&req);
+        return body::answer_unread(req.into_body(), waiting, http1, deny(&decision)).await;
+    };
+    let prepared = state.connector.prepare(req, up, conn, addr).await;
     crate::metrics::stage(crate::metrics::Stage::Connector, connecting.elapsed());
     let prepared = match prepared {
         Ok(p) => p,
@@ -513,7 +702,7 @@ async fn handle_request(
     }
     match state.connector.send(prepared).await {
         Ok((resp, outcome)) => match llm_model {
-            Some(model) => track_usage(state, resp, outcome, committed, &decision, model),
+            Some(model) => track_usage(state, resp, outcome, committed, model, reservation),
             None => {
                 committed.finish(outcome);
                 resp
@@ -529,60 +718,153 @@ async fn handle_request(
     }
 }
 
-/// Streams an LLM response through a [`UsageTap`]; when it ends, its tokens (and cost) go to
-/// the session's and agent's totals and into the request's `outcome` event, which is written
-/// then rather than at the response head.
+/// How Firma's own answers look on this request: gRPC status for gRPC, else JSON in the error
+/// shape of the host's API.
+#[derive(Clone, Copy)]
+struct Answer {
+    grpc: bool,
+    format: ErrorFormat,
+}
+
+impl Answer {
+    fn deny(self, d: &Decision) -> Response<RespBody> {
+        if self.grpc {
+            response::grpc_deny(d)
+        } else {
+            response::deny_as(d, self.format)
+        }
+    }
+
+    fn abort(self, status: StatusCode, reason: &str, detail: &str) -> Response<RespBody> {
+        if self.grpc {
+            response::grpc_abort(status, reason, detail)
+        } else {
+            response::abort_as(status, reason, detail, self.format)
+        }
+    }
+}
+
+/// Streams an LLM response through a [`UsageTap`]; when it ends, its reservation is settled
+/// with what it used (tokens and cost to the session's and agent's totals) and the request's
+/// `outcome` event, written then rather than at the response head, says what was charged.
+///
+/// What is charged (docs/llm-policies.md, "Budgets that hold"): the usage the response
+/// reported; the reservation when it reported none on a 2xx, reported something refused
+/// (negative, absurd), or did not complete (the client left, the upstream broke off: the larger
+/// of what was seen and the reservation); nothing for a complete non-2xx answer without usage
+/// (providers do not bill refused requests).
 fn track_usage(
     state: &SidecarState,
     resp: Response<RespBody>,
     outcome: crate::conn::ConnectorOutcome,
     mut committed: crate::audit::Committed,
-    decision: &Decision,
     model: Option<String>,
+    reservation: Option<crate::pipeline::usage::Reservation>,
 ) -> Response<RespBody> {
-    use crate::connector::usage::{Done, UsageParser, UsageTap};
+    use crate::connector::usage::{Done, Tokens, UsageParser, UsageTap};
     use http_body_util::BodyExt;
     let parser = UsageParser::for_response(resp.headers());
+    let success = resp.status().is_success();
     *committed.outcome_mut() = outcome;
-    let who = decision
-        .capability
-        .as_ref()
-        .map(|c| (c.session_id.clone(), c.agent_id.clone()));
-    let pipeline = state.pipeline.clone();
     let price = model.as_deref().and_then(|m| state.connector.price(m));
     // Priced models are configured (bounded); any other name the client sent is `other`.
     let model_label = match (&model, price) {
         (Some(m), Some(_)) => m.clone(),
         _ => "other".to_string(),
     };
-    let done: Done = Box::new(move |tokens, complete| {
+    let done: Done = Box::new(move |reported, complete| {
         let mut outcome = committed.outcome_mut().clone();
-        if let Some(t) = tokens {
-            let cost = price.map(|p| crate::connector::usage::cost_nano_usd(p, t));
-            crate::metrics::llm_usage(model_label, t.input, t.output, cost);
-            if let Some((session, agent)) = &who {
-                pipeline.usage().add(
-                    session,
-                    agent,
-                    &crate::pipeline::usage::Usage {
-                        input_tokens: t.input,
-                        output_tokens: t.output,
-                        cost_nano_usd: cost.unwrap_or(0),
-                    },
-                );
+        let want = reservation.as_ref().map(|r| r.want()).unwrap_or_default();
+        let reserved = Tokens {
+            input: want.input_tokens,
+            output: want.output_tokens,
+        };
+        let (charged, how, note) = match (&reported.tokens, &reported.rejected) {
+            (_, Some(why)) => {
+                tracing::warn!(target: "firma_sidecar::llm", model = %model_label, "{why}; charging the reservation");
+                (
+                    Some(reserved),
+                    "reservation",
+                    Some(format!("{why}; the reservation is charged")),
+                )
             }
-            outcome.usage = Some(crate::conn::UsageOutcome {
-                input_tokens: t.input,
-                output_tokens: t.output,
-                cost_nano_usd: cost,
-            });
+            (Some(t), None) if complete => (Some(*t), "reported", None),
+            (Some(t), None) => (
+                Some(Tokens {
+                    input: t.input.max(reserved.input),
+                    output: t.output.max(reserved.output),
+                }),
+                "reservation",
+                Some("the response did not complete; the larger of what it reported and the reservation is charged".to_string()),
+            ),
+            (None, None) if !complete => (
+                Some(reserved),
+                "reservation",
+                Some("the response did not complete before its usage; the reservation is charged".to_string()),
+            ),
+            (None, None) if success => (
+                Some(reserved),
+                "reservation",
+                Some("the response reported no usage; the reservation is charged".to_string()),
+            ),
+            (None, None) => (None, "nothing", None),
+        };
+        let cost = match (charged, price) {
+            (Some(t), Some(p)) => Some(crate::connector::usage::cost_nano_usd(p, t)),
+            _ => None,
+        };
+        if let Some(t) = charged {
+            crate::metrics::llm_usage(model_label, t.input, t.output, cost);
         }
+        let usage = crate::pipeline::usage::Usage {
+            input_tokens: charged.map_or(0, |t| t.input),
+            output_tokens: charged.map_or(0, |t| t.output),
+            cost_nano_usd: cost.unwrap_or(0),
+        };
+        if let Some(r) = reservation {
+            r.settle(&usage);
+        }
+        outcome.usage = Some(crate::conn::UsageOutcome {
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+            cost_nano_usd: cost,
+            charged: how,
+            reserved_tokens: want.tokens(),
+            note,
+        });
         if !complete && outcome.aborted.is_none() {
             outcome.aborted = Some("ResponseIncomplete".into());
         }
         committed.finish(outcome);
     });
     resp.map(|b| UsageTap::new(b, parser, done).boxed())
+}
+
+/// Sets `stream_options.include_usage: true` in a streamed request's JSON body so that its
+/// usage can be counted (OpenAI chat streams carry it only then). The top-level members are
+/// re-emitted in their order with their values byte for byte, except `stream_options`, whose
+/// own members are kept the same way with `include_usage` set; `Content-Length` follows.
+async fn include_usage(
+    req: Request<crate::connector::dial::ReqBody>,
+) -> Result<Request<crate::connector::dial::ReqBody>, String> {
+    use http_body_util::{BodyExt, Full};
+    let (mut parts, body) = req.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| format!("reading the request body: {e}"))?
+        .to_bytes();
+    let out = extract::with_include_usage(&bytes)?;
+    if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+        parts.headers.insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from(out.len()),
+        );
+    }
+    let body = Full::new(bytes::Bytes::from(out))
+        .map_err(|never| match never {})
+        .boxed();
+    Ok(Request::from_parts(parts, body))
 }
 
 /// Status, reason and detail of an abort after an allow.
@@ -599,64 +881,69 @@ fn abort_of(failure: Failure) -> (StatusCode, &'static str, String) {
 /// How long a client has to send a body that must be read before the decision.
 const EXTRACT_BODY_TIME: Duration = Duration::from_secs(30);
 
-/// Reads a body whose rule extracts attributes (at most `limit` bytes, within
-/// [`EXTRACT_BODY_TIME`]), extracts them, and gives the request back with the same bytes as its
-/// body. `Err` is the `MalformedRequest` detail.
+/// Why a body that must be read before the decision was not: the denial to answer with.
+pub fn body_refusal(e: &body::ReadError) -> Decision {
+    let reason = match e {
+        body::ReadError::TooLarge { .. } => DenyReason::BodyTooLarge,
+        body::ReadError::Busy { .. } => DenyReason::BodyBudgetExhausted,
+        body::ReadError::Timeout(_) | body::ReadError::Client(_) => DenyReason::MalformedRequest,
+    };
+    Decision::deny(reason, e.detail())
+}
+
+/// A request refused while reading its body for extraction.
+pub struct Refused {
+    pub req: Request<Incoming>,
+    pub decision: Decision,
+    /// No byte of the body was read (refused on its declared size).
+    pub unread: bool,
+}
+
+/// Reads a body whose rule extracts attributes (see [`body`]: per-request limit, shared
+/// budget, [`EXTRACT_BODY_TIME`]), extracts them, and gives the request back with the same
+/// bytes as its body. On refusal the request comes back with what is left of its body, for
+/// [`body::answer_unread`].
 async fn read_for_extract(
     req: Request<Incoming>,
     spec: &[extract::Extract],
     limit: usize,
+    budget: &Arc<body::BodyBudget>,
 ) -> Result<
     (
         Request<crate::connector::dial::ReqBody>,
         extract::Attributes,
     ),
-    String,
+    Refused,
 > {
-    use http_body_util::{BodyExt, Full, Limited};
-    let (parts, body) = req.into_parts();
-    let collected = tokio::time::timeout(EXTRACT_BODY_TIME, Limited::new(body, limit).collect())
-        .await
-        .map_err(|_| {
-            format!("request body not received within {EXTRACT_BODY_TIME:?}")
-        })?
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                format!(
-                    "request body larger than {limit} bytes ([sidecar.mapping] extract_max_body_bytes); this endpoint's mapping rule reads attributes from it"
-                )
-            } else {
-                format!("reading the request body: {e}")
-            }
-        })?;
-    let bytes = collected.to_bytes();
-    let attrs = extract::extract(spec, &bytes)?;
-    let body = Full::new(bytes).map_err(|never| match never {}).boxed();
-    Ok((Request::from_parts(parts, body), attrs))
+    let (parts, mut incoming) = req.into_parts();
+    // hyper has checked Content-Length against the framing; `read_buffered` still stops at
+    // `limit` whatever arrives (HTTP/2 DATA beyond it, a lying length).
+    let refused = |parts, incoming, e: &body::ReadError, unread| Refused {
+        req: Request::from_parts(parts, incoming),
+        decision: body_refusal(e),
+        unread,
+    };
+    let declared = hyper::body::Body::size_hint(&incoming).exact();
+    let share = match body::admit(declared, limit, budget) {
+        Ok(s) => s,
+        Err(e) => return Err(refused(parts, incoming, &e, true)),
+    };
+    let buffered = match body::read_buffered(&mut incoming, share, limit, EXTRACT_BODY_TIME).await {
+        Ok(b) => b,
+        Err(e) => return Err(refused(parts, incoming, &e, false)),
+    };
+    match extract::extract(spec, &buffered.bytes) {
+        Ok(attrs) => Ok((Request::from_parts(parts, buffered.into_body()), attrs)),
+        Err(detail) => Err(Refused {
+            req: Request::from_parts(parts, incoming),
+            decision: Decision::deny(DenyReason::MalformedRequest, detail),
+            unread: false,
+        }),
+    }
 }
 
-/// Most of a denied request's body we read (and drop) before answering.
-const DISCARD_MAX: usize = 64 * 1024;
-/// How long we wait for it.
-const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Reads and drops what is left of a request body we answer without forwarding, up to
-/// [`DISCARD_MAX`] or [`DISCARD_TIME`]. Over HTTP/2, answering while the client is still
-/// sending makes hyper reset the stream (RST_STREAM), and clients such as curl then report the
-/// 403 as a framing error instead of showing it; a small body read to its end lets the stream
-/// close cleanly. Anything larger is not worth receiving: the reset is the right answer then.
-async fn discard_body<B: hyper::body::Body<Data = bytes::Bytes> + Unpin>(mut body: B) {
-    use http_body_util::BodyExt;
-    let mut seen = 0usize;
-    let _ = tokio::time::timeout(DISCARD_TIME, async {
-        while let Some(Ok(frame)) = body.frame().await {
-            seen += frame.data_ref().map_or(0, |d| d.len());
-            if seen > DISCARD_MAX {
-                break;
-            }
-        }
-    })
-    .await;
+fn is_http1<B>(req: &Request<B>) -> bool {
+    req.version() < http::Version::HTTP_2
 }
 
 #[cfg(test)]

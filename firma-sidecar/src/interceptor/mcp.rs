@@ -7,6 +7,8 @@
 //! POST answer instead of failing just that call. A body Firma cannot read as MCP is 400 with
 //! a JSON-RPC error of id `null` (newer SDKs surface it as the call's error).
 
+use super::body;
+use super::http::{Refused, body_refusal};
 use crate::connector::RespBody;
 use crate::connector::dial::ReqBody;
 use crate::pipeline::mcp::{McpSpec, Message};
@@ -14,9 +16,10 @@ use crate::pipeline::{Decision, DenyReason, Outcome, RequestContext};
 use crate::state::SidecarState;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a client has to send an MCP body (it must be read before the decision).
@@ -32,43 +35,78 @@ pub struct McpCall {
     pub session: Option<String>,
 }
 
-/// Reads and classifies the body; gives the request back with the same bytes. `Err` is the
-/// `MalformedRequest` detail.
+/// Reads and classifies the body with big bodies' reader (see [`super::body`]: at most
+/// `limit` bytes, `[sidecar.mcp] max_body_bytes`, within [`BODY_TIME`], its bytes counted
+/// against the shared body `budget`); gives the request back with the same bytes. On refusal
+/// the request comes back with what is left of its body, for [`super::body::answer_unread`]:
+/// `MalformedRequest` (not MCP), `BodyTooLarge` or `BodyBudgetExhausted`.
 pub async fn read(
     req: Request<Incoming>,
     spec: &McpSpec,
     limit: usize,
-) -> Result<(Request<ReqBody>, McpCall), String> {
+    budget: &Arc<body::BodyBudget>,
+) -> Result<(Request<ReqBody>, McpCall), Refused> {
+    let malformed = |req, detail: String, unread| Refused {
+        req,
+        decision: Decision::deny(DenyReason::MalformedRequest, detail),
+        unread,
+    };
     // The policy must read what the server reads: no decoding on one side only.
     if let Some(enc) = req.headers().get(header::CONTENT_ENCODING)
         && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
     {
-        return Err(format!(
+        let detail = format!(
             "MCP request with Content-Encoding {:?}: only identity bodies are decided",
             String::from_utf8_lossy(enc.as_bytes())
-        ));
+        );
+        return Err(malformed(req, detail, true));
     }
     let session = req
         .headers()
         .get("mcp-session-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let (parts, body) = req.into_parts();
-    let collected = tokio::time::timeout(BODY_TIME, Limited::new(body, limit).collect())
-        .await
-        .map_err(|_| format!("MCP request body not received within {BODY_TIME:?}"))?
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                format!("MCP request body larger than {limit} bytes ([sidecar.mcp] max_body_bytes)")
-            } else {
-                format!("reading the MCP request body: {e}")
-            }
-        })?;
-    let bytes = collected.to_bytes();
-    let (messages, batch) = crate::pipeline::mcp::classify_body(&bytes, spec)?;
-    let body = Full::new(bytes).map_err(|never| match never {}).boxed();
+    let (parts, mut incoming) = req.into_parts();
+    let refused = |parts, incoming, e: &body::ReadError, unread| {
+        let mut decision = body_refusal(e);
+        if let body::ReadError::TooLarge { limit, declared } = e {
+            // The MCP limit, not extraction's.
+            decision.detail = match declared {
+                Some(n) => format!(
+                    "MCP request body of {n} bytes is larger than {limit} bytes ([sidecar.mcp] max_body_bytes)"
+                ),
+                None => format!(
+                    "MCP request body larger than {limit} bytes ([sidecar.mcp] max_body_bytes)"
+                ),
+            };
+        }
+        Refused {
+            req: Request::from_parts(parts, incoming),
+            decision,
+            unread,
+        }
+    };
+    let declared = hyper::body::Body::size_hint(&incoming).exact();
+    let share = match body::admit(declared, limit, budget) {
+        Ok(s) => s,
+        Err(e) => return Err(refused(parts, incoming, &e, true)),
+    };
+    let buffered = match body::read_buffered(&mut incoming, share, limit, BODY_TIME).await {
+        Ok(b) => b,
+        Err(e) => return Err(refused(parts, incoming, &e, false)),
+    };
+    let (messages, batch) = match crate::pipeline::mcp::classify_body(&buffered.bytes, spec) {
+        Ok(m) => m,
+        Err(detail) => {
+            return Err(malformed(
+                Request::from_parts(parts, incoming),
+                detail,
+                false,
+            ));
+        }
+    };
     Ok((
-        Request::from_parts(parts, body),
+        Request::from_parts(parts, buffered.into_body()),
         McpCall {
             messages,
             batch,

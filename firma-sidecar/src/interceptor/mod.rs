@@ -8,6 +8,7 @@
 //! - [`websocket`]: HTTP/1.1 WebSocket upgrades and their relay.
 //! - [`mcp`]: MCP endpoints: JSON-RPC bodies decided per message, denials as JSON-RPC errors.
 
+pub mod body;
 pub mod framing;
 pub mod head;
 pub mod http;

@@ -25,8 +25,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// - `conn`: from [`SidecarState::new_conn`]. Transparent mode passes
 ///   `kind = InterceptKind::Transparent`, `original_dst = Some(orig)` (the address the app
 ///   connected to) and `workload = Some(..)` (from the kernel's record). In transparent mode
-///   the upstream of every request and tunnel is `original_dst` and upstream sockets carry
-///   `SO_MARK = [sidecar.interceptor.transparent] socket_mark`.
+///   the upstream of every request and tunnel is an address of the decided name that
+///   `original_dst` must match (`connector::binding`, else `DestinationMismatch`), and upstream
+///   sockets carry `SO_MARK = [sidecar.interceptor.transparent] socket_mark`.
 /// - `host_hint`: the name the client asked for when known (`CONNECT` target); `None` in
 ///   transparent mode, where SNI or `Host` supplies it.
 /// - `port`: the destination port (`CONNECT` port or `original_dst.port()`).
@@ -133,7 +134,8 @@ async fn mitm<S>(
         return;
     };
     // Only a client that *rejected our certificate* (a certificate alert: it pins, or does not
-    // trust the Firma CA) switches this host to a blind tunnel for it. A handshake that merely
+    // trust the Firma CA) switches this host to a blind tunnel for it, and only for hosts that
+    // opted in (`fallback_hosts`). A handshake that merely
     // ended (EOF, reset, timeout, a client cancelling a connect it no longer needs) must not:
     // that would let any process behind the same client key (a source address, a cgroup)
     // turn interception off for everyone behind it, and a load client cancelling its spare
@@ -141,9 +143,11 @@ async fn mitm<S>(
     let fail = |detail: String, rejected_certificate: bool| {
         let fallback = if strict {
             "strict host: denied, no fallback"
-        } else if rejected_certificate {
+        } else if rejected_certificate && m.may_fall_back(&name) {
             m.note_failure(&crate::state::ClientKey::of(&conn), &name);
             "falling back to a blind tunnel for this host, for this client only, for 300 s"
+        } else if rejected_certificate {
+            "the client rejected the certificate; this connection is closed and nothing else changes (fallback is off for this host: [sidecar.interceptor.https_mitm] fallback_hosts)"
         } else {
             "the client did not reject the certificate: no fallback"
         };

@@ -12,8 +12,9 @@
 //!
 //! Per connection: the kernel's record (original destination, cgroup, pid) is looked up by
 //! peer address; the connection then goes through the same [`serve_stream`] as `CONNECT` in
-//! `http_proxy` mode, with the original destination as upstream (the connector marks those
-//! sockets with `SO_MARK`, so they are never redirected back here). A connection without a
+//! `http_proxy` mode; the upstream is an address of the decided name, which the original
+//! destination must be (`connector::binding`; the connector marks those sockets with `SO_MARK`,
+//! so they are never redirected back here). A connection without a
 //! record, or whose cgroup lost its binding, is closed and audited: never served with a guessed
 //! destination or identity.
 //!

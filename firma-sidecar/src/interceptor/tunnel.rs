@@ -2,7 +2,8 @@
 
 use super::limits::Moved;
 use crate::audit::{Committed, ConnectorOutcome, RequestAudit};
-use crate::conn::{ConnectionInfo, Decision};
+use crate::conn::{ConnectionInfo, Decision, DenyReason};
+use crate::connector::binding::Unbound;
 use crate::connector::dial::UpstreamIo;
 use crate::pipeline::DestinationContext;
 use crate::response;
@@ -86,6 +87,25 @@ pub async fn decide_and_connect(
         rec.deny(&decision);
         return TunnelStart::Denied(decision);
     }
+    // The upstream is an address of the decided name (or the ruled IP), never one the client
+    // chose: bound before the decision is persisted, so a mismatch is the decision.
+    let addr = match state.connector.bind(host, port, conn).await {
+        Ok(a) => a,
+        Err(Unbound::Mismatch(m)) => {
+            let denied = decision.into_deny(DenyReason::DestinationMismatch, m.detail);
+            tracing::warn!(conn = conn.conn_id, host = host.unwrap_or("-"), port, detail = %denied.detail, "destination mismatch");
+            rec.destination(m.record).deny(&denied);
+            return TunnelStart::Denied(denied);
+        }
+        Err(Unbound::Unresolved(e)) => {
+            let outcome = ConnectorOutcome {
+                aborted: Some("UpstreamUnavailable".into()),
+                ..ConnectorOutcome::default()
+            };
+            rec.abort_before_send(&decision, outcome);
+            return TunnelStart::Failed(e);
+        }
+    };
     // Nothing is sent (not even a SYN) before the decision is in the audit sink.
     let mut committed = match rec.commit(&decision, ConnectorOutcome::default()).await {
         Ok(c) => c,
@@ -93,7 +113,6 @@ pub async fn decide_and_connect(
     };
     let started = std::time::Instant::now();
     let connected = async {
-        let addr = state.connector.tunnel_addr(host, port, conn).await?;
         let timeout = state.connector.timeout_for(host.unwrap_or_default());
         match tokio::time::timeout(
             timeout,

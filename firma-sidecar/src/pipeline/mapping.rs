@@ -84,6 +84,12 @@ struct RawRule {
     /// Marks an MCP endpoint (see [`super::mcp`]).
     #[serde(default)]
     mcp: Option<super::mcp::RawSpec>,
+    /// Streamed requests get `stream_options.include_usage: true` (OpenAI chat/completions).
+    #[serde(default)]
+    inject_include_usage: bool,
+    /// Destination ports this rule allows for its host (default `[443]`).
+    #[serde(default)]
+    ports: Option<Vec<u16>>,
 }
 
 fn star() -> String {
@@ -117,6 +123,10 @@ pub struct Rule {
     pub extract: Vec<super::extract::Extract>,
     /// An MCP endpoint: POST bodies are decided per JSON-RPC message ([`super::mcp`]).
     pub mcp: Option<super::mcp::McpSpec>,
+    /// Set `stream_options.include_usage` in streamed requests (see `docs/llm-policies.md`).
+    pub inject_include_usage: bool,
+    /// Destination ports allowed for the rule's host (`ports`, default [`DEFAULT_PORTS`]).
+    pub ports: Vec<u16>,
     /// Where the rule came from, for diagnostics.
     pub file: PathBuf,
     pub index: usize,
@@ -176,6 +186,8 @@ pub struct Mapped<'a> {
     pub extract: &'a [super::extract::Extract],
     /// The MCP endpoint declaration, if the rule has one.
     pub mcp: Option<&'a super::mcp::McpSpec>,
+    /// The rule's `inject_include_usage`.
+    pub inject_include_usage: bool,
     /// `file:rule[i]` of the winning rule.
     pub rule: (&'a Path, usize),
 }
@@ -226,6 +238,24 @@ fn parse_path(raw: &str) -> Result<PathPat, String> {
             "path {raw:?}: `*` is only allowed as the last character (prefix match)"
         )),
     }
+}
+
+/// Ports a rule allows when it names none: HTTPS. Plain HTTP (80) and any other port only
+/// where a rule says so.
+pub const DEFAULT_PORTS: [u16; 1] = [443];
+
+fn parse_ports(raw: Option<Vec<u16>>) -> Result<Vec<u16>, String> {
+    let Some(mut ports) = raw else {
+        return Ok(DEFAULT_PORTS.to_vec());
+    };
+    if ports.is_empty() || ports.contains(&0) {
+        return Err(format!(
+            "ports {ports:?}: expected a non-empty list of ports 1-65535 (omit it for [443])"
+        ));
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
 }
 
 fn parse_method(raw: &str) -> Result<Option<String>, String> {
@@ -292,6 +322,11 @@ impl MappingRules {
                         "mcp and extract: an MCP endpoint's body is read as JSON-RPC, not extracted".into(),
                     ));
                 }
+                if r.inject_include_usage && r.extract.is_none() {
+                    return Err(err(
+                        "inject_include_usage: the rule must also `extract` (its body is read, then rewritten)".into(),
+                    ));
+                }
                 Ok(Rule {
                     method: parse_method(&r.method).map_err(err)?,
                     host: parse_host(&r.host).map_err(err)?,
@@ -305,6 +340,8 @@ impl MappingRules {
                         Some(m) => Some(super::mcp::parse_spec(m).map_err(err)?),
                         None => None,
                     },
+                    inject_include_usage: r.inject_include_usage,
+                    ports: parse_ports(r.ports).map_err(err)?,
                     file: file.to_path_buf(),
                     index,
                 })
@@ -398,8 +435,48 @@ impl MappingRules {
             action_class: &r.action_class,
             extract: &r.extract,
             mcp: r.mcp.as_ref(),
+            inject_include_usage: r.inject_include_usage,
             rule: (&r.file, r.index),
         })
+    }
+
+    /// Rules whose host pattern matches `host` (any method or path).
+    fn for_host<'a>(&'a self, host: &str) -> impl Iterator<Item = &'a Rule> {
+        let exact = self.by_host.get(host).into_iter().flatten();
+        let host = host.to_string();
+        exact.chain(self.wildcard.iter().filter(move |r| r.host_matches(&host)))
+    }
+
+    /// Whether `port` is a destination port for `host`: one the `ports` of a rule matching the
+    /// host lists (a rule without `ports` allows 443). A host no rule matches (passed through
+    /// with `default_protected = false`) gets 443 only. Allocation-free on the hot path.
+    pub fn allows_port(&self, host: &str, port: u16) -> bool {
+        let exact = self.by_host.get(host).into_iter().flatten();
+        let mut any = false;
+        for r in exact.chain(self.wildcard.iter().filter(|r| r.host_matches(host))) {
+            any = true;
+            if r.ports.contains(&port) {
+                return true;
+            }
+        }
+        !any && DEFAULT_PORTS.contains(&port)
+    }
+
+    /// Every port [`Self::allows_port`] allows for `host`, ascending (for denial details).
+    pub fn ports_for(&self, host: &str) -> Vec<u16> {
+        let mut out: Vec<u16> = self.for_host(host).flat_map(|r| r.ports.clone()).collect();
+        if out.is_empty() {
+            out = DEFAULT_PORTS.to_vec();
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Whether a rule names `host` exactly (not through `*` or `*.suffix`): what an IP-literal
+    /// destination needs to be allowed at all.
+    pub fn names_exactly(&self, host: &str) -> bool {
+        self.by_host.contains_key(host)
     }
 
     /// Classifies one request. `host` must already be lowercase (as [`super::RequestContext`]
@@ -595,6 +672,10 @@ mod tests {
             ("host = \"a.com\"\npath = \"v1\"", "path"),
             ("host = \"a.com\"\npath = \"/v1/*/x\"", "path"),
             ("host = \"a.com\"\nmethod = \"G T\"", "method"),
+            (
+                "host = \"a.com\"\ninject_include_usage = true",
+                "inject_include_usage",
+            ),
         ] {
             let text = format!("[[rule]]\n{bad}\naction_class = \"x\"\n");
             let e = MappingRules::parse_file(&text, f).unwrap_err().to_string();

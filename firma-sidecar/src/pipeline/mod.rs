@@ -21,6 +21,7 @@
 //! `EnforcementTimeout`: the stages are synchronous CPU work, so the budget is checked when
 //! they return (a decision that overran is never turned into an allow).
 
+pub mod body_budget;
 pub mod bundle_source;
 pub mod extract;
 pub mod mapping;
@@ -113,6 +114,10 @@ struct Inner {
     extract_limit: usize,
     /// `[sidecar.mcp]`.
     mcp: crate::config::McpConfig,
+    /// `[sidecar.llm] reserve_output_tokens`.
+    reserve_output_tokens: i64,
+    /// `[sidecar.mapping] extract_body_budget_bytes`, shared by every request.
+    body_budget: std::sync::Arc<body_budget::BodyBudget>,
     /// Background tasks (authority streams, directory reload), stopped with the pipeline.
     _tasks: Tasks,
 }
@@ -257,6 +262,8 @@ impl Pipeline {
                 budget: Duration::from_millis(cfg.constraint_enforcement.enforcement_timeout_ms),
                 extract_limit: cfg.mapping.extract_max_body_bytes,
                 mcp: cfg.mcp.clone(),
+                reserve_output_tokens: cfg.llm.reserve_output_tokens(),
+                body_budget: body_budget::BodyBudget::new(cfg.mapping.extract_body_budget_bytes),
                 _tasks: tasks,
             }),
         })
@@ -264,14 +271,23 @@ impl Pipeline {
 
     /// Decides one HTTP request.
     pub async fn decide(&self, req: &RequestContext) -> Decision {
+        self.decide_reserving(req, None).await.0
+    }
+
+    /// [`Pipeline::decide`] for a metered LLM request: on allow, `want` is reserved against the
+    /// session's and agent's budgets in the same step as the decision (see [`usage`]). The
+    /// reservation is settled by the caller when the response ends; dropped, it is released.
+    pub async fn decide_reserving(
+        &self,
+        req: &RequestContext,
+        want: Option<usage::Want>,
+    ) -> (Decision, Option<usage::Reservation>) {
         let t0 = Instant::now();
         let path = match path::normalize(&req.path) {
             Ok(p) => p,
             Err(e) => {
-                return self.bounded(
-                    t0,
-                    Decision::deny(DenyReason::MalformedRequest, e.to_string()),
-                );
+                let d = Decision::deny(DenyReason::MalformedRequest, e.to_string());
+                return (self.bounded(t0, d), None);
             }
         };
         let class = self
@@ -279,7 +295,7 @@ impl Pipeline {
             .mapping
             .classify(req.method.as_str(), &req.host, &path)
             .map(|m| m.action_class.to_owned());
-        let d = self.run(
+        let (d, held) = self.run(
             t0,
             Subject {
                 class,
@@ -291,9 +307,13 @@ impl Pipeline {
                 workload: req.conn.workload.as_ref(),
                 request: req.request.as_ref(),
                 mcp: None,
+                reserve: want,
             },
         );
-        self.bounded(t0, d)
+        let d = self.bounded(t0, d);
+        // A decision turned into a denial (too late) releases what it reserved.
+        let held = held.filter(|_| d.is_allow());
+        (d, held)
     }
 
     /// Decides one JSON-RPC message of a POST to an MCP endpoint (see [`mcp`]): its action
@@ -310,7 +330,7 @@ impl Pipeline {
                 );
             }
         };
-        let d = self.run(
+        let (d, _) = self.run(
             t0,
             Subject {
                 class: Some(msg.action_class.to_owned()),
@@ -322,6 +342,7 @@ impl Pipeline {
                 workload: req.conn.workload.as_ref(),
                 request: None,
                 mcp: Some(msg),
+                reserve: None,
             },
         );
         self.bounded(t0, d)
@@ -373,7 +394,7 @@ impl Pipeline {
             .mapping
             .classify_destination(&host)
             .map(|m| m.action_class.to_owned());
-        let d = self.run(
+        let (d, _) = self.run(
             t0,
             Subject {
                 class,
@@ -385,6 +406,7 @@ impl Pipeline {
                 workload: dst.conn.workload.as_ref(),
                 request: None,
                 mcp: None,
+                reserve: None,
             },
         );
         self.bounded(t0, d)
@@ -411,7 +433,18 @@ impl Pipeline {
         d
     }
 
-    fn run(&self, t0: Instant, s: Subject<'_>) -> Decision {
+    fn run(&self, t0: Instant, s: Subject<'_>) -> (Decision, Option<usage::Reservation>) {
+        let mut held = None;
+        let d = self.run_held(t0, s, &mut held);
+        (d, held)
+    }
+
+    fn run_held(
+        &self,
+        t0: Instant,
+        s: Subject<'_>,
+        held: &mut Option<usage::Reservation>,
+    ) -> Decision {
         let inner = &*self.inner;
         let mut timings = vec![("classify_us", micros(t0.elapsed()))];
         let with = |mut d: Decision, timings: Vec<(&'static str, u64)>, class: &Option<String>| {
@@ -476,28 +509,41 @@ impl Pipeline {
         };
 
         let t2 = Instant::now();
-        let r = stage2::evaluate(
-            &policies,
-            &inner.counters,
-            &Stage2Request {
-                agent_id: &cap.claims.agent_id,
-                session_id: &cap.claims.session_id,
-                action_class: class,
-                host: s.host,
-                path: s.path,
-                resource: &resource,
-                method: s.method,
-                live_until,
-                now,
-                request: s.request,
-                usage: Some(
+        let mut req2 = Stage2Request {
+            agent_id: &cap.claims.agent_id,
+            session_id: &cap.claims.session_id,
+            action_class: class,
+            host: s.host,
+            path: s.path,
+            resource: &resource,
+            method: s.method,
+            live_until,
+            now,
+            request: s.request,
+            usage: None,
+            mcp: s.mcp,
+        };
+        let r = match s.reserve {
+            Some(want) => {
+                let (r, h) = stage2::evaluate_reserving(
+                    &policies,
+                    &inner.counters,
+                    &req2,
+                    &inner.usage,
+                    want,
+                );
+                *held = h;
+                r
+            }
+            None => {
+                req2.usage = Some(
                     inner
                         .usage
                         .totals(&cap.claims.session_id, &cap.claims.agent_id),
-                ),
-                mcp: s.mcp,
-            },
-        );
+                );
+                stage2::evaluate(&policies, &inner.counters, &req2)
+            }
+        };
         timings.push(("stage2_us", micros(t2.elapsed())));
         let (outcome, reason, detail) = match r.deny {
             None => (
@@ -523,6 +569,11 @@ impl Pipeline {
         }
     }
 
+    /// The loaded mapping rules (the connector's destination binding reads their `ports`).
+    pub fn mapping_rules(&self) -> Arc<MappingRules> {
+        self.inner.mapping.clone()
+    }
+
     /// Host patterns of the mapping rules (see [`MappingRules::host_patterns`]).
     pub fn mapping_hosts(&self) -> Vec<String> {
         self.inner.mapping.host_patterns()
@@ -538,9 +589,28 @@ impl Pipeline {
             .unwrap_or_default()
     }
 
+    /// Whether the rule matching this request asks for `stream_options.include_usage` in
+    /// streamed requests (`inject_include_usage`, see `docs/llm-policies.md`).
+    pub fn injects_include_usage(&self, method: &str, host: &str, path: &str) -> bool {
+        self.inner
+            .mapping
+            .classify(method, host, path)
+            .is_some_and(|m| m.inject_include_usage)
+    }
+
+    /// `[sidecar.llm] reserve_output_tokens`.
+    pub fn reserve_output_tokens(&self) -> i64 {
+        self.inner.reserve_output_tokens
+    }
+
     /// Largest body read for extraction.
     pub fn extract_limit(&self) -> usize {
         self.inner.extract_limit
+    }
+
+    /// The per-request limit and the shared budget of bodies read for extraction.
+    pub fn extract_limits(&self) -> (usize, &std::sync::Arc<body_budget::BodyBudget>) {
+        (self.inner.extract_limit, &self.inner.body_budget)
     }
 
     /// Writes the usage snapshot now (at shutdown).
@@ -550,7 +620,7 @@ impl Pipeline {
         }
     }
 
-    /// The token usage ledger (the connector adds each response's usage).
+    /// The token usage ledger (reservations are settled through it).
     pub fn usage(&self) -> &usage::UsageLedger {
         &self.inner.usage
     }
@@ -608,6 +678,8 @@ struct Subject<'a> {
     workload: Option<&'a Workload>,
     request: Option<&'a extract::Attributes>,
     mcp: Option<&'a mcp::Message>,
+    /// What a metered request reserves on allow.
+    reserve: Option<usage::Want>,
 }
 
 fn micros(d: Duration) -> u64 {

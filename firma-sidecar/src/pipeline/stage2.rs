@@ -11,6 +11,7 @@
 
 use super::mapping::{MappingError, MappingRules};
 use super::sessions::{ActionCounters, count_and_decide};
+use super::usage::{Reservation, UsageLedger, Want};
 use crate::conn::DenyReason;
 use firma_common::policy::{CompiledPolicies, EvalRequest, PolicyBundle, PolicyError, UsageTotals};
 use std::sync::{Arc, RwLock};
@@ -133,7 +134,7 @@ impl PolicyStore {
                 Arc::new(compiled)
             }
         };
-        let changed = {
+        let (changed, replaced) = {
             let mut cur = match self.current.write() {
                 Ok(c) => c,
                 Err(p) => p.into_inner(),
@@ -141,13 +142,17 @@ impl PolicyStore {
             let changed = cur
                 .as_ref()
                 .is_none_or(|i| i.policies.version() != policies.version());
-            *cur = Some(Installed {
-                policies,
+            let replaced = cur.replace(Installed {
+                policies: policies.clone(),
                 refreshed,
             });
-            changed
+            (changed, replaced)
         };
         self.installed.send_modify(|n| *n += 1);
+        // An unchanged bundle was re-installed as the same `Arc`: nothing to free.
+        if let Some(old) = replaced.filter(|old| !Arc::ptr_eq(&old.policies, &policies)) {
+            retire(old.policies);
+        }
         Ok(changed)
     }
 
@@ -219,6 +224,24 @@ impl PolicyStore {
     }
 }
 
+/// Frees a replaced bundle on the installing thread. Freeing 10,000 compiled policies takes
+/// milliseconds, which must not land on whichever request happens to drop the last reference;
+/// a request holds it only for its synchronous decision, so it is released within
+/// microseconds (the wait is bounded all the same).
+fn retire(mut old: Arc<CompiledPolicies>) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match Arc::try_unwrap(old) {
+            Ok(policies) => return drop(policies),
+            Err(shared) if Instant::now() < deadline => {
+                old = shared;
+                std::thread::yield_now();
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 fn short(version: &str) -> &str {
     version.get(..12).unwrap_or(version)
 }
@@ -229,67 +252,139 @@ pub fn evaluate(
     counters: &ActionCounters,
     req: &Stage2Request<'_>,
 ) -> Stage2Result {
-    let resource_id = req.resource;
+    let counter = match counter_of(counters, req) {
+        Ok(c) => c,
+        Err(denied) => return denied,
+    };
+    count_and_decide(
+        &counter,
+        |n| eval_once(policies, req, n, req.usage),
+        |r| r.deny.is_none(),
+    )
+}
+
+/// [`evaluate`] for a metered request: the policies see the ledger's totals (reservations in
+/// flight included) and, on allow, the call is counted and `want` reserved in one step with
+/// what was evaluated; a concurrent change in between makes it evaluate again (see
+/// [`super::usage`]). `req.usage` is ignored.
+pub fn evaluate_reserving(
+    policies: &CompiledPolicies,
+    counters: &ActionCounters,
+    req: &Stage2Request<'_>,
+    ledger: &Arc<UsageLedger>,
+    want: Want,
+) -> (Stage2Result, Option<Reservation>) {
+    use std::sync::atomic::Ordering;
+    let counter = match counter_of(counters, req) {
+        Ok(c) => c,
+        Err(denied) => return (denied, None),
+    };
+    loop {
+        let snap = ledger.snapshot(req.session_id, req.agent_id);
+        let done = counter.load(Ordering::Acquire);
+        let r = eval_once(
+            policies,
+            req,
+            done.saturating_add(1),
+            Some((snap.session, snap.agent)),
+        );
+        if let Some((reason, detail)) = r.deny {
+            // The totals the budget forbids saw, for the audit.
+            let detail = format!(
+                "{detail} (session tokens_used = {}, of which reserved {}; agent tokens_used = {})",
+                snap.session.tokens_used(),
+                snap.session.reserved_tokens,
+                snap.agent.tokens_used()
+            );
+            let r = Stage2Result {
+                deny: Some((reason, detail)),
+                ..r
+            };
+            return (r, None);
+        }
+        let counted = || {
+            counter
+                .compare_exchange(
+                    done,
+                    done.saturating_add(1),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+        };
+        if let Some(held) = ledger.reserve_if(&snap, req.session_id, req.agent_id, want, counted) {
+            return (r, Some(held));
+        }
+    }
+}
+
+fn counter_of(
+    counters: &ActionCounters,
+    req: &Stage2Request<'_>,
+) -> Result<Arc<std::sync::atomic::AtomicI64>, Stage2Result> {
+    // MCP calls that name a tool (resource, prompt) are counted per name (see `docs/mcp.md`).
     let key = req.mcp.map(super::mcp::Message::counter_key);
     let key = key.as_deref().unwrap_or(req.action_class);
-    let counter = match counters.counter(req.session_id, key, req.live_until, req.now) {
-        Ok(c) => c,
-        Err(full) => {
+    counters
+        .counter(req.session_id, key, req.live_until, req.now)
+        .map_err(|full| {
             // Fail closed: without a counter `action_count` limits could not hold.
-            return Stage2Result {
+            Stage2Result {
                 deny: Some((
                     DenyReason::PolicyDenied,
                     format!(
-                        "{} on {resource_id}: session {:?} cannot be counted: {full}",
-                        req.action_class, req.session_id
+                        "{} on {}: session {:?} cannot be counted: {full}",
+                        req.action_class, req.resource, req.session_id
                     ),
                 )),
                 matched_policies: Vec::new(),
                 action_count: 0,
-            };
-        }
-    };
-    count_and_decide(
-        &counter,
-        |n| {
-            let r = policies.evaluate(&EvalRequest {
-                agent_id: req.agent_id,
-                action: req.action_class,
-                resource_id,
-                host: Some(req.host),
-                path: Some(req.path),
-                action_count: n,
-                session_id: req.session_id,
-                method: req.method,
-                request: req.request,
-                usage: req.usage,
-                mcp: req.mcp.map(|m| &m.context),
-            });
-            let deny = (!r.allowed).then(|| {
-                let why = if r.determining_policies.is_empty() {
-                    "no policy permits it".to_string()
-                } else {
-                    format!("forbidden by {}", r.determining_policies.join(", "))
-                };
-                let errs = if r.errors.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (errors: {})", r.errors.join("; "))
-                };
-                (
-                    DenyReason::PolicyDenied,
-                    format!(
-                        "{} on {resource_id} (action_count = {n}): {why}{errs}",
-                        req.action_class
-                    ),
-                )
-            });
-            Stage2Result {
-                deny,
-                matched_policies: r.determining_policies,
-                action_count: n,
             }
-        },
-        |r| r.deny.is_none(),
-    )
+        })
+}
+
+fn eval_once(
+    policies: &CompiledPolicies,
+    req: &Stage2Request<'_>,
+    n: i64,
+    usage: Option<(UsageTotals, UsageTotals)>,
+) -> Stage2Result {
+    let resource_id = req.resource;
+    let r = policies.evaluate(&EvalRequest {
+        agent_id: req.agent_id,
+        action: req.action_class,
+        resource_id,
+        host: Some(req.host),
+        path: Some(req.path),
+        action_count: n,
+        session_id: req.session_id,
+        method: req.method,
+        request: req.request,
+        usage,
+        mcp: req.mcp.map(|m| &m.context),
+    });
+    let deny = (!r.allowed).then(|| {
+        let why = if r.determining_policies.is_empty() {
+            "no policy permits it".to_string()
+        } else {
+            format!("forbidden by {}", r.determining_policies.join(", "))
+        };
+        let errs = if r.errors.is_empty() {
+            String::new()
+        } else {
+            format!(" (errors: {})", r.errors.join("; "))
+        };
+        (
+            DenyReason::PolicyDenied,
+            format!(
+                "{} on {resource_id} (action_count = {n}): {why}{errs}",
+                req.action_class
+            ),
+        )
+    });
+    Stage2Result {
+        deny,
+        matched_policies: r.determining_policies,
+        action_count: n,
+    }
 }

@@ -1,21 +1,28 @@
 //! Token usage totals per session and per agent, for `context.session` / `context.agent`.
 //!
-//! The connector reads usage from LLM responses (`connector::usage`) and adds it here when a
-//! response ends; Stage 2 reads the totals *before* a request, so the request that crosses a
-//! budget completes and the next one is denied.
+//! **Budgets that hold** (`docs/llm-policies.md`). A metered request (an LLM call whose
+//! response usage is read) *reserves* at decision time what it may spend: its body's length as
+//! an upper bound of its input tokens, its `max_tokens` (times `n`) or `[sidecar.llm]
+//! reserve_output_tokens` as its output, and their price. Stage 2 evaluates against settled
+//! totals plus every reservation in flight and takes the reservation in the same step
+//! ([`UsageLedger::reserve_if`]: optimistic, retried when the session's or agent's totals
+//! changed in between), so N concurrent requests can overshoot a budget by at most one
+//! reservation. When the response ends the [`Reservation`] is settled with the usage the
+//! response reported; a reservation dropped unsettled (nothing was sent) is released.
 //!
-//! Persistence (`[sidecar.llm] usage_state_path`, see `docs/llm-policies.md`): the totals are
-//! a JSON snapshot written atomically (temporary file + rename) at most once a second when they
-//! changed, and at shutdown; it is read at start. A corrupt snapshot stops the sidecar (budgets
-//! would otherwise silently reset). A `kill -9` loses at most the last second of usage; each
-//! response's usage is also in its audit `outcome` event, the durable record to reconcile from.
+//! Persistence (`[sidecar.llm] usage_state_path`): the settled totals are a JSON snapshot
+//! written atomically (temporary file + rename) at most once a second when they changed, and at
+//! shutdown; it is read at start. A corrupt snapshot stops the sidecar (budgets would otherwise
+//! silently reset). A `kill -9` loses at most the last second of usage and the reservations in
+//! flight; each response's usage is also in its audit `outcome` event, the durable record to
+//! reconcile from.
 
 use firma_common::policy::UsageTotals;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Sessions (and agents) tracked at most; beyond it the oldest-inserted are not evicted but
 /// new ones share an overflow bucket, so a flood of sessions cannot grow memory without
@@ -49,10 +56,68 @@ pub enum UsageStateError {
     },
 }
 
+/// One session's or agent's totals; `version` moves on every change, so a decision can tell
+/// whether what it evaluated is still current when it reserves.
+#[derive(Debug, Default, Clone, Copy)]
+struct Entry {
+    totals: UsageTotals,
+    version: u64,
+}
+
 #[derive(Default)]
 struct Totals {
-    sessions: HashMap<String, UsageTotals>,
-    agents: HashMap<String, UsageTotals>,
+    sessions: HashMap<String, Entry>,
+    agents: HashMap<String, Entry>,
+}
+
+/// What a request reserves at decision time (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Want {
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cost_nano_usd: i64,
+}
+
+impl Want {
+    pub fn tokens(&self) -> i64 {
+        self.input_tokens.saturating_add(self.output_tokens)
+    }
+}
+
+/// Output tokens reserved per choice for a request that names no `max_tokens`
+/// (`[sidecar.llm] reserve_output_tokens`).
+pub const DEFAULT_RESERVE_OUTPUT_TOKENS: i64 = 32_768;
+/// Most choices (`n`) a reservation multiplies by (the providers' own limit is 128).
+const MAX_CHOICES: i64 = 128;
+
+/// The tokens a metered request reserves (cost filled in by the caller, which knows prices):
+/// its body's length in bytes as input (a text token covers at least one byte, so this bounds
+/// text input; inputs by reference, such as files, images by URL or a previous response, are
+/// not bounded by it), and `max_tokens` (the larger of the fields the rule reads) or
+/// `default_output` when absent or not positive, times `n` when given.
+pub fn want_for(attrs: &super::extract::Attributes, body_len: usize, default_output: i64) -> Want {
+    use super::extract::AttrValue;
+    let long = |k: &str| match attrs.get(k) {
+        Some(AttrValue::Long(v)) => Some(*v),
+        _ => None,
+    };
+    let per_choice = long("max_tokens")
+        .filter(|v| *v > 0)
+        .unwrap_or(default_output);
+    let choices = long("n").filter(|v| *v > 0).unwrap_or(1).min(MAX_CHOICES);
+    Want {
+        input_tokens: i64::try_from(body_len).unwrap_or(i64::MAX),
+        output_tokens: per_choice.saturating_mul(choices),
+        cost_nano_usd: 0,
+    }
+}
+
+/// Totals read for one decision, with their generations.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot {
+    pub session: UsageTotals,
+    pub agent: UsageTotals,
+    gens: (u64, u64),
 }
 
 /// One response's usage.
@@ -63,21 +128,51 @@ pub struct Usage {
     pub cost_nano_usd: i64,
 }
 
-fn add(map: &mut HashMap<String, UsageTotals>, key: &str, u: &Usage) {
-    let key = if map.len() >= MAX_KEYS && !map.contains_key(key) {
+/// The key `key`'s totals live under: itself, or the shared overflow bucket once the map is
+/// full (reads and writes resolve alike, so an overflowed id still sees what it spent).
+fn resolve<'a>(map: &HashMap<String, Entry>, key: &'a str) -> &'a str {
+    if map.len() >= MAX_KEYS && !map.contains_key(key) {
         OVERFLOW
     } else {
         key
-    };
-    let t = map.entry(key.to_owned()).or_default();
+    }
+}
+
+fn entry<'m>(map: &'m mut HashMap<String, Entry>, key: &str) -> &'m mut Entry {
+    let key = resolve(map, key);
+    let e = map.entry(key.to_owned()).or_default();
+    e.version = e.version.wrapping_add(1);
+    e
+}
+
+fn get(map: &HashMap<String, Entry>, key: &str) -> Entry {
+    map.get(resolve(map, key)).copied().unwrap_or_default()
+}
+
+fn add(map: &mut HashMap<String, Entry>, key: &str, u: &Usage) {
+    let t = &mut entry(map, key).totals;
     t.input_tokens = t.input_tokens.saturating_add(u.input_tokens);
     t.output_tokens = t.output_tokens.saturating_add(u.output_tokens);
     t.cost_nano_usd = t.cost_nano_usd.saturating_add(u.cost_nano_usd);
 }
 
-fn totals_json(m: &HashMap<String, UsageTotals>) -> Value {
+/// Adds (`sign` 1) or removes (`sign` -1) a reservation.
+fn reserve(map: &mut HashMap<String, Entry>, key: &str, w: &Want, sign: i64) {
+    let t = &mut entry(map, key).totals;
+    t.reserved_tokens = t
+        .reserved_tokens
+        .saturating_add(sign.saturating_mul(w.tokens()))
+        .max(0);
+    t.reserved_cost_nano_usd = t
+        .reserved_cost_nano_usd
+        .saturating_add(sign.saturating_mul(w.cost_nano_usd))
+        .max(0);
+}
+
+fn totals_json(m: &HashMap<String, Entry>) -> Value {
     m.iter()
-        .map(|(k, t)| {
+        .map(|(k, e)| {
+            let t = &e.totals;
             (
                 k.clone(),
                 json!([t.input_tokens, t.output_tokens, t.cost_nano_usd]),
@@ -87,7 +182,7 @@ fn totals_json(m: &HashMap<String, UsageTotals>) -> Value {
         .into()
 }
 
-fn totals_from(v: &Value, what: &str) -> Result<HashMap<String, UsageTotals>, String> {
+fn totals_from(v: &Value, what: &str) -> Result<HashMap<String, Entry>, String> {
     let obj = v
         .get(what)
         .and_then(Value::as_object)
@@ -98,10 +193,14 @@ fn totals_from(v: &Value, what: &str) -> Result<HashMap<String, UsageTotals>, St
             match (n(0), n(1), n(2)) {
                 (Some(a), Some(b), Some(c)) => Ok((
                     k.clone(),
-                    UsageTotals {
-                        input_tokens: a,
-                        output_tokens: b,
-                        cost_nano_usd: c,
+                    Entry {
+                        totals: UsageTotals {
+                            input_tokens: a,
+                            output_tokens: b,
+                            cost_nano_usd: c,
+                            ..UsageTotals::default()
+                        },
+                        version: 0,
                     },
                 )),
                 _ => Err(format!(
@@ -180,20 +279,110 @@ impl UsageLedger {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// (session totals, agent totals).
+    /// (session totals, agent totals), reservations in flight included.
     pub fn totals(&self, session: &str, agent: &str) -> (UsageTotals, UsageTotals) {
-        let t = self.lock();
-        (
-            t.sessions.get(session).copied().unwrap_or_default(),
-            t.agents.get(agent).copied().unwrap_or_default(),
-        )
+        let s = self.snapshot(session, agent);
+        (s.session, s.agent)
     }
 
+    /// The totals a reserving decision evaluates against.
+    pub fn snapshot(&self, session: &str, agent: &str) -> Snapshot {
+        let t = self.lock();
+        let (s, a) = (get(&t.sessions, session), get(&t.agents, agent));
+        Snapshot {
+            session: s.totals,
+            agent: a.totals,
+            gens: (s.version, a.version),
+        }
+    }
+
+    /// Takes the reservation `want` if the totals of `session` and `agent` are still those of
+    /// `snap` and `also` (the caller's own commit, e.g. Stage 2's call counter) succeeds, all
+    /// under one lock; `None`: something changed, evaluate again.
+    pub fn reserve_if(
+        self: &Arc<Self>,
+        snap: &Snapshot,
+        session: &str,
+        agent: &str,
+        want: Want,
+        also: impl FnOnce() -> bool,
+    ) -> Option<Reservation> {
+        let mut t = self.lock();
+        let now = (
+            get(&t.sessions, session).version,
+            get(&t.agents, agent).version,
+        );
+        if now != snap.gens || !also() {
+            return None;
+        }
+        reserve(&mut t.sessions, session, &want, 1);
+        reserve(&mut t.agents, agent, &want, 1);
+        Some(Reservation {
+            ledger: self.clone(),
+            session: session.to_owned(),
+            agent: agent.to_owned(),
+            want,
+            settled: false,
+        })
+    }
+
+    /// Adds settled usage (no reservation involved).
     pub fn add(&self, session: &str, agent: &str, u: &Usage) {
         let mut t = self.lock();
         add(&mut t.sessions, session, u);
         add(&mut t.agents, agent, u);
         self.dirty.store(true, Ordering::Release);
+    }
+
+    fn settle(&self, r: &Reservation, u: Option<&Usage>) {
+        let mut t = self.lock();
+        reserve(&mut t.sessions, &r.session, &r.want, -1);
+        reserve(&mut t.agents, &r.agent, &r.want, -1);
+        if let Some(u) = u {
+            add(&mut t.sessions, &r.session, u);
+            add(&mut t.agents, &r.agent, u);
+            self.dirty.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// A reservation in flight. [`Reservation::settle`] replaces it with what the response used;
+/// dropped unsettled (the request never left), it is released and nothing is charged.
+pub struct Reservation {
+    ledger: Arc<UsageLedger>,
+    session: String,
+    agent: String,
+    want: Want,
+    settled: bool,
+}
+
+impl Reservation {
+    pub fn want(&self) -> Want {
+        self.want
+    }
+
+    /// Charges `u` to the session and agent in place of the reservation.
+    pub fn settle(mut self, u: &Usage) {
+        self.settled = true;
+        self.ledger.settle(&self, Some(u));
+    }
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("session", &self.session)
+            .field("agent", &self.agent)
+            .field("want", &self.want)
+            .finish()
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.ledger.settle(self, None);
+        }
     }
 }
 
@@ -218,6 +407,104 @@ mod tests {
             (20, 10, 6)
         );
         assert_eq!(l.totals("other", "b"), Default::default());
+    }
+
+    #[test]
+    fn reservations_count_until_settled_or_released() {
+        let l = Arc::new(UsageLedger::open(None).unwrap());
+        let want = Want {
+            input_tokens: 10,
+            output_tokens: 90,
+            cost_nano_usd: 7,
+        };
+        let snap = l.snapshot("s", "a");
+        let r = l.reserve_if(&snap, "s", "a", want, || true).unwrap();
+        let (s, a) = l.totals("s", "a");
+        assert_eq!((s.tokens_used(), s.reserved_tokens), (100, 100));
+        assert_eq!(a.reserved_cost_nano_usd, 7);
+        // A decision made on the old snapshot must evaluate again.
+        assert!(l.reserve_if(&snap, "s", "a", want, || true).is_none());
+        // Nor does a failed commit of the caller reserve anything.
+        let fresh = l.snapshot("s", "a");
+        assert!(l.reserve_if(&fresh, "s", "a", want, || false).is_none());
+        assert_eq!(l.totals("s", "a").0.reserved_tokens, 100);
+        r.settle(&Usage {
+            input_tokens: 5,
+            output_tokens: 20,
+            cost_nano_usd: 3,
+        });
+        let (s, _) = l.totals("s", "a");
+        assert_eq!(
+            (s.tokens_used(), s.reserved_tokens, s.cost_nano_usd),
+            (25, 0, 3)
+        );
+        // Dropped unsettled: released, nothing charged.
+        let snap = l.snapshot("s", "a");
+        drop(l.reserve_if(&snap, "s", "a", want, || true).unwrap());
+        assert_eq!(l.totals("s", "a").0.tokens_used(), 25);
+    }
+
+    /// Many threads deciding against one budget: never more admitted than the budget allows
+    /// plus one reservation.
+    #[test]
+    fn concurrent_reservations_hold_the_budget() {
+        let l = Arc::new(UsageLedger::open(None).unwrap());
+        let admitted = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (l, admitted) = (l.clone(), admitted.clone());
+                std::thread::spawn(move || {
+                    let mut held = Vec::new();
+                    for _ in 0..50 {
+                        loop {
+                            let snap = l.snapshot("s", "a");
+                            if snap.session.tokens_used() >= 1000 {
+                                break;
+                            }
+                            let w = Want {
+                                output_tokens: 100,
+                                ..Want::default()
+                            };
+                            if let Some(r) = l.reserve_if(&snap, "s", "a", w, || true) {
+                                admitted.fetch_add(1, Ordering::Relaxed);
+                                held.push(r);
+                                break;
+                            }
+                        }
+                    }
+                    held
+                })
+            })
+            .collect();
+        let held: Vec<_> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        assert_eq!(admitted.load(Ordering::Relaxed), 10);
+        assert_eq!(held.len(), 10);
+    }
+
+    #[test]
+    fn overflowed_ids_read_what_they_spent() {
+        let l = UsageLedger::open(None).unwrap();
+        {
+            let mut t = l.lock();
+            for i in 0..MAX_KEYS {
+                t.sessions.insert(format!("s{i}"), Entry::default());
+            }
+        }
+        let u = Usage {
+            input_tokens: 1,
+            output_tokens: 1,
+            cost_nano_usd: 0,
+        };
+        l.add("new-session", "a", &u);
+        assert_eq!(l.totals("new-session", "a").0.tokens_used(), 2);
+        assert_eq!(
+            l.totals("another-new", "a").0.tokens_used(),
+            2,
+            "shared overflow"
+        );
     }
 
     #[test]

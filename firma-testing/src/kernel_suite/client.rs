@@ -8,7 +8,13 @@
 //! Modes and their output lines:
 //! - `tcp ADDR [MARK]`: `CONNECT ok` or `CONNECT err <errno>`; then `PEER <getpeername>`,
 //!   `PID <pid>`, `GOT <first line received>`.
-//! - `udp ADDR`: `SENDTO ok|err <errno>` (unconnected) and `CONNECT ok|err <errno>`.
+//! - `udp ADDR`: `SENDTO ok|err <errno>` (unconnected), `CONNECT ok|err <errno>` and
+//!   `SEND ok|err <errno>` (one datagram on the connected socket).
+//! - `udplite ADDR`: the same three lines on an `IPPROTO_UDPLITE` socket; `UNSUPPORTED
+//!   <errno>` alone when the kernel has no UDP-Lite.
+//! - `ping ADDR`: one ICMP echo request on an unprivileged ping socket (`SOCK_DGRAM`,
+//!   `IPPROTO_ICMP`/`ICMPV6`): `PING ok|err <errno>`, or `UNSUPPORTED <errno>` when ping
+//!   sockets are not permitted.
 //! - `dns ADDR`: one datagram unconnected (`UFROM <sender seen>`, `UGOT <reply>`), one on a
 //!   connected UDP socket (`CPEER <getpeername>`, `CGOT <reply>`), one TCP connection
 //!   (`TGOT <first line>`), `PID <pid>`; a failure prints `<TAG> err <errno or message>`.
@@ -82,6 +88,14 @@ fn run(args: &[String]) -> Result<(), String> {
         }
         Some("udp") => {
             udp(addr(args.get(1))?);
+            Ok(())
+        }
+        Some("udplite") => {
+            datagram(addr(args.get(1))?, 136);
+            Ok(())
+        }
+        Some("ping") => {
+            ping(addr(args.get(1))?);
             Ok(())
         }
         Some("dns") => {
@@ -173,9 +187,92 @@ fn udp(addr: SocketAddr) {
     } else {
         "[::]:0".parse().expect("literal")
     };
-    match UdpSocket::bind(bind).and_then(|u| u.connect(addr)) {
-        Ok(()) => println!("CONNECT ok"),
+    let sock = UdpSocket::bind(bind).and_then(|u| u.connect(addr).map(|()| u));
+    match sock {
+        Ok(u) => {
+            println!("CONNECT ok");
+            match u.send(b"y") {
+                Ok(_) => println!("SEND ok"),
+                Err(e) => println!("SEND err {}", e.raw_os_error().unwrap_or(-1)),
+            }
+        }
         Err(e) => println!("CONNECT err {}", e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+/// A datagram socket of `protocol` (raw `socket(2)`: std and nix have no UDP-Lite).
+fn raw_dgram(addr: &SocketAddr, protocol: i32) -> Result<std::os::fd::OwnedFd, i32> {
+    use std::os::fd::FromRawFd;
+    let af = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); the descriptor is owned below.
+    let fd = unsafe { libc::socket(af, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1));
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+fn errno(e: nix::errno::Errno) -> i32 {
+    e as i32
+}
+
+/// `udplite ADDR`: unconnected, then connected, on an `IPPROTO_UDPLITE` socket.
+fn datagram(addr: SocketAddr, protocol: i32) {
+    let dst = SockaddrStorage::from(addr);
+    let flags = nix::sys::socket::MsgFlags::empty();
+    let fd = match raw_dgram(&addr, protocol) {
+        Ok(fd) => fd,
+        Err(e) => {
+            println!("UNSUPPORTED {e}");
+            return;
+        }
+    };
+    match sendto(fd.as_raw_fd(), b"x", &dst, flags) {
+        Ok(_) => println!("SENDTO ok"),
+        Err(e) => println!("SENDTO err {}", errno(e)),
+    }
+    let Ok(fd) = raw_dgram(&addr, protocol) else {
+        return;
+    };
+    if let Err(e) = connect(fd.as_raw_fd(), &dst) {
+        println!("CONNECT err {}", errno(e));
+        return;
+    }
+    println!("CONNECT ok");
+    match nix::sys::socket::send(fd.as_raw_fd(), b"y", flags) {
+        Ok(_) => println!("SEND ok"),
+        Err(e) => println!("SEND err {}", errno(e)),
+    }
+}
+
+/// `ping ADDR`: one echo request (id and checksum are filled in by the kernel).
+fn ping(addr: SocketAddr) {
+    let (protocol, echo) = if addr.is_ipv4() {
+        (libc::IPPROTO_ICMP, 8u8)
+    } else {
+        (libc::IPPROTO_ICMPV6, 128u8)
+    };
+    let fd = match raw_dgram(&addr, protocol) {
+        Ok(fd) => fd,
+        Err(e) => {
+            println!("UNSUPPORTED {e}");
+            return;
+        }
+    };
+    let packet = [echo, 0, 0, 0, 0, 0, 0, 1, b'e', b'x', b'f', b'i', b'l'];
+    match sendto(
+        fd.as_raw_fd(),
+        &packet,
+        &SockaddrStorage::from(addr),
+        nix::sys::socket::MsgFlags::empty(),
+    ) {
+        Ok(_) => println!("PING ok"),
+        Err(e) => println!("PING err {}", errno(e)),
     }
 }
 

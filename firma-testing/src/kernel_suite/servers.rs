@@ -183,3 +183,73 @@ pub fn upstream(addr: SocketAddr) -> Result<Server, String> {
         }),
     )
 }
+
+/// Counts datagrams of an IP protocol other than UDP (UDP-Lite) arriving at `addr`; stopped on
+/// drop. `Ok(None)` when the kernel has no such protocol.
+pub struct ProtoReceiver {
+    stop: Arc<AtomicBool>,
+    received: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ProtoReceiver {
+    pub fn start(addr: SocketAddr, protocol: i32) -> Result<Option<Self>, String> {
+        use nix::sys::socket::{SockaddrStorage, bind, recv, setsockopt, sockopt};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let af = if addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: plain socket(2); the descriptor is owned below.
+        let fd = unsafe { libc::socket(af, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, protocol) };
+        if fd < 0 {
+            return Ok(None);
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+            .map_err(|e| format!("bind proto {protocol} {addr}: {e}"))?;
+        setsockopt(
+            &fd,
+            sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(0, 20_000),
+        )
+        .map_err(|e| format!("timeout: {e}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicUsize::new(0));
+        let (s, r) = (stop.clone(), received.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                if recv(
+                    fd.as_raw_fd(),
+                    &mut buf,
+                    nix::sys::socket::MsgFlags::empty(),
+                )
+                .is_ok()
+                {
+                    r.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Ok(Some(Self {
+            stop,
+            received,
+            thread: Some(thread),
+        }))
+    }
+
+    pub fn received(&self) -> usize {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ProtoReceiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

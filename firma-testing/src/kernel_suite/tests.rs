@@ -3,10 +3,14 @@
 
 use super::client::{ClientOutput, run_client};
 use super::runner::{Test, TestResult};
-use super::servers::{Server, UdpServer, fake_dns, fake_sidecar, upstream};
+use super::servers::{ProtoReceiver, Server, UdpServer, fake_dns, fake_sidecar, upstream};
 use crate::check;
 use crate::eventually;
 use crate::kernel::*;
+use firma_common::maps::{
+    REFUSED_EGRESS, REFUSED_LOOPBACK, REFUSED_QUIC, REFUSED_SIDECAR_PORT, REFUSED_UDP,
+};
+use firma_sidecar::ebpf::allow::LoopbackAllowance;
 use firma_sidecar::ebpf::{
     Cgroup2, Cidr, LINKS_PER_CGROUP, RedirectSettings, Redirector, Target, embedded_object,
 };
@@ -23,6 +27,16 @@ const DNS_LISTEN: u16 = 15053;
 const MARK: u32 = 0x4649_524d;
 const ECONNREFUSED: i32 = 111;
 const EPERM: i32 = 1;
+/// UDP port with an `allow_udp` exception on DST_V4 and DST_V6; UDP_CLOSED has none.
+const UDP_OPEN: u16 = 4500;
+const UDP_CLOSED: u16 = 4501;
+/// Loopback: LO_OPEN is allowed on every loopback address, LO_EXACT only on 127.0.0.3,
+/// LO_CLOSED nowhere (the forwarder a hostile workload would use).
+const LO_OPEN: u16 = 7778;
+const LO_EXACT: u16 = 7779;
+const LO_CLOSED: u16 = 7777;
+/// The fixture's listener port (also listed in allow_loopback: the kernel refuses it anyway).
+const LISTEN: u16 = 15001;
 
 /// Every test, in run order.
 pub const TESTS: &[Test] = &[
@@ -49,6 +63,21 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "udp_443_refused",
         run: udp_443_refused,
+        host_only: false,
+    },
+    Test {
+        name: "udp_closed_except_exceptions",
+        run: udp_closed,
+        host_only: false,
+    },
+    Test {
+        name: "loopback_closed_except_allowances",
+        run: loopback_closed,
+        host_only: false,
+    },
+    Test {
+        name: "refusals_tallied_across_restart",
+        run: refusals_tallied_across_restart,
         host_only: false,
     },
     Test {
@@ -107,6 +136,16 @@ fn settings(pins: &TestPins, port: u16) -> Result<RedirectSettings, String> {
         dns_port: DNS_LISTEN,
         excluded_cidrs: vec![Cidr::parse(EXCLUDED_CIDR).map_err(|e| e.to_string())?],
         excluded_ports: vec![EXCLUDED_PORT],
+        allow_udp: vec![
+            addr(&format!("{DST_V4}:{UDP_OPEN}"))?,
+            addr(&format!("[{DST_V6}]:{UDP_OPEN}"))?,
+        ],
+        allow_loopback: vec![
+            LoopbackAllowance::Port(LO_OPEN),
+            LoopbackAllowance::Addr(addr(&format!("127.0.0.3:{LO_EXACT}"))?),
+            // The config loader refuses this; the kernel must refuse it on its own too.
+            LoopbackAllowance::Port(LISTEN),
+        ],
     })
 }
 
@@ -137,7 +176,7 @@ impl Fixture {
         let pins = TestPins::new();
         let cg = TestCgroup::unique("firma-k")?;
         // A fixed listener port is fine: each run has its own network namespace.
-        let port = 15001;
+        let port = LISTEN;
         let r = load(&pins, port, Cgroup2::discover().map_err(|e| e.to_string())?)?;
         check!(
             r.adopted_programs() == 0,
@@ -291,7 +330,8 @@ fn not_redirected() -> TestResult {
 }
 
 /// QUIC is refused so clients fall back to TCP (which is redirected): UDP to 443 fails with
-/// EPERM for sendto and connect, v4 and v6; other UDP ports and untagged sockets are untouched.
+/// EPERM for sendto and connect, v4 and v6; an `allow_udp` port is let through; untagged
+/// sockets are untouched.
 fn udp_443_refused() -> TestResult {
     let f = Fixture::new()?;
     for host in [DST_V4.to_string(), format!("[{DST_V6}]")] {
@@ -301,16 +341,291 @@ fn udp_443_refused() -> TestResult {
                 && o.line("CONNECT")? == format!("err {EPERM}"),
             "tagged UDP {host}:443 not refused: {o}"
         );
-        let o = f.tagged(&["udp", &format!("{host}:{PORT}")])?;
+        let o = f.tagged(&["udp", &format!("{host}:{UDP_OPEN}")])?;
         check!(
             o.line("SENDTO")? == "ok" && o.line("CONNECT")? == "ok",
-            "tagged UDP {host}:{PORT} refused: {o}"
+            "tagged UDP {host}:{UDP_OPEN} (allow_udp) refused: {o}"
         );
     }
     let o = run_client(None, &["udp", &format!("{DST_V4}:443")])?;
     check!(
         o.line("SENDTO")? == "ok" && o.line("CONNECT")? == "ok",
         "untagged UDP to 443 refused: {o}"
+    );
+    let pending = f.r()?.pending_refusals();
+    check!(
+        pending.iter().any(|p| p.key.reason == REFUSED_QUIC
+            && p.key.cgroup_id == f.cgroup_id
+            && p.count >= 4),
+        "UDP/443 refusals not tallied for the workload: {pending:?}"
+    );
+    Ok(())
+}
+
+/// The sum of a refusal reason's pending count for the fixture's cgroup.
+fn tallied(f: &Fixture, reason: u8) -> Result<u64, String> {
+    Ok(f.r()?
+        .pending_refusals()
+        .iter()
+        .filter(|p| p.key.reason == reason && p.key.cgroup_id == f.cgroup_id)
+        .map(|p| p.count)
+        .sum())
+}
+
+/// UDP is closed for tagged workloads: to an arbitrary port, v4, v6 and v4-mapped, unconnected
+/// and connected, UDP-Lite too: refused (EPERM), and the receivers get nothing; `allow_udp`
+/// destinations are reached (their datagrams arriving are the fence for "nothing else came").
+/// Ping sockets (ICMP echo, another datagram way out) are dropped at egress. Every refusal is
+/// counted and tallied for the workload.
+fn udp_closed() -> TestResult {
+    let f = Fixture::new()?;
+    // Ping sockets are per network namespace; let every group use them here, as many distros do.
+    std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")
+        .map_err(|e| format!("ping_group_range: {e}"))?;
+    let closed = [
+        addr(&format!("{DST_V4}:{UDP_CLOSED}"))?,
+        addr(&format!("[{DST_V6}]:{UDP_CLOSED}"))?,
+    ];
+    let open = [
+        addr(&format!("{DST_V4}:{UDP_OPEN}"))?,
+        addr(&format!("[{DST_V6}]:{UDP_OPEN}"))?,
+    ];
+    let closed_srv = UdpServer::start(&closed, Arc::new(|_| "LEAKED".into()))?;
+    let open_srv = UdpServer::start(&open, Arc::new(|_| "OPEN".into()))?;
+    let lite: Vec<ProtoReceiver> = closed
+        .iter()
+        .map(|a| ProtoReceiver::start(*a, 136))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    let before = f.r()?.side_door_counters();
+    for dst in [
+        closed[0].to_string(),
+        closed[1].to_string(),
+        format!("[::ffff:{DST_V4}]:{UDP_CLOSED}"),
+    ] {
+        let o = f.tagged(&["udp", &dst])?;
+        check!(
+            o.line("SENDTO")? == format!("err {EPERM}")
+                && o.line("CONNECT")? == format!("err {EPERM}"),
+            "tagged UDP to {dst} not refused: {o}"
+        );
+        let o = f.tagged(&["udplite", &dst])?;
+        if o.line("UNSUPPORTED").is_err() {
+            check!(
+                o.line("SENDTO")? == format!("err {EPERM}"),
+                "tagged UDP-Lite sendto {dst} not refused: {o}"
+            );
+            let refused = o.line("CONNECT")? == format!("err {EPERM}")
+                || o.line("SEND")? == format!("err {EPERM}");
+            check!(
+                refused,
+                "tagged connected UDP-Lite to {dst} not refused: {o}"
+            );
+        }
+    }
+    // ICMP echo is dropped at egress. IPv4 reports EPERM; ping_v6_sendmsg ignores the verdict
+    // and reports success, so the proof there is the tally of a dropped ICMPv6 packet.
+    let mut pings = Vec::new();
+    for (dst, proto) in [(DST_V4.to_string(), 1u16), (DST_V6.to_string(), 58)] {
+        let o = f.tagged(&["ping", &format!("{}:0", host_of(&dst))])?;
+        if o.line("UNSUPPORTED").is_err() {
+            pings.push(proto);
+            check!(
+                proto == 58 || o.line("PING")? == format!("err {EPERM}"),
+                "tagged ping to {dst} not refused: {o}"
+            );
+        }
+    }
+    for dst in open {
+        let o = f.tagged(&["udp", &dst.to_string()])?;
+        check!(
+            o.line("SENDTO")? == "ok" && o.line("CONNECT")? == "ok" && o.line("SEND")? == "ok",
+            "tagged UDP to the allow_udp exception {dst} refused: {o}"
+        );
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the allowed datagrams arrive",
+        || open_srv.received() >= 4,
+    )?;
+    check!(
+        closed_srv.received() == 0 && lite.iter().all(|l| l.received() == 0),
+        "a closed UDP destination received {} UDP and {} UDP-Lite datagram(s)",
+        closed_srv.received(),
+        lite.iter().map(ProtoReceiver::received).sum::<usize>()
+    );
+    let after = f.r()?.side_door_counters();
+    check!(
+        after[0] >= before[0] + 6,
+        "UDP refusal counter moved from {} to {}",
+        before[0],
+        after[0]
+    );
+    check!(
+        tallied(&f, REFUSED_UDP)? >= 6,
+        "UDP refusals not tallied for the workload: {:?}",
+        f.r()?.pending_refusals()
+    );
+    // Untagged sockets are untouched.
+    let o = run_client(None, &["udp", &closed[0].to_string()])?;
+    check!(o.line("SENDTO")? == "ok", "untagged UDP refused: {o}");
+    eventually(Duration::from_secs(10), "untagged datagrams arrive", || {
+        closed_srv.received() >= 1
+    })?;
+    let pending = f.r()?.pending_refusals();
+    for proto in pings {
+        check!(
+            pending.iter().any(|p| p.key.reason == REFUSED_EGRESS
+                && p.key.protocol == proto
+                && p.key.cgroup_id == f.cgroup_id),
+            "ICMP (protocol {proto}) echo not dropped at egress: {pending:?}"
+        );
+    }
+    Ok(())
+}
+
+fn host_of(ip: &str) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    }
+}
+
+/// Loopback is closed for tagged workloads: a forwarder on 127.0.0.1:LO_CLOSED is refused over
+/// TCP and UDP, from IPv4, IPv6, v4-mapped and other 127/8 addresses and 0.0.0.0; allowed
+/// ports (every loopback address, or one address) are reached directly; the sidecar's own
+/// listener is refused even though listed. Untagged processes are untouched.
+fn loopback_closed() -> TestResult {
+    let f = Fixture::new()?;
+    let forwarder = Server::start(
+        &[
+            addr(&format!("127.0.0.1:{LO_CLOSED}"))?,
+            addr(&format!("127.0.0.2:{LO_CLOSED}"))?,
+            addr(&format!("[::1]:{LO_CLOSED}"))?,
+        ],
+        Arc::new(|mut s, _| {
+            let _ = std::io::Write::write_all(&mut s, b"FORWARDER\n");
+        }),
+    )?;
+    let lo_udp = UdpServer::start(
+        &[addr(&format!("127.0.0.1:{LO_CLOSED}"))?],
+        Arc::new(|_| "LEAKED".into()),
+    )?;
+    let allowed = upstream(addr(&format!("127.0.0.1:{LO_OPEN}"))?)?;
+    let allowed6 = upstream(addr(&format!("[::1]:{LO_OPEN}"))?)?;
+    let exact = upstream(addr(&format!("127.0.0.3:{LO_EXACT}"))?)?;
+    let before = f.r()?.side_door_counters();
+    let refused = [
+        format!("127.0.0.1:{LO_CLOSED}"),
+        format!("127.0.0.2:{LO_CLOSED}"),
+        format!("[::1]:{LO_CLOSED}"),
+        format!("[::ffff:127.0.0.1]:{LO_CLOSED}"),
+        format!("0.0.0.0:{LO_CLOSED}"),
+        format!("127.0.0.1:{LO_EXACT}"),
+    ];
+    for dst in &refused {
+        let o = f.tagged(&["tcp", dst])?;
+        check!(
+            o.line("CONNECT")? == format!("err {EPERM}"),
+            "tagged TCP to loopback {dst} not refused: {o}"
+        );
+    }
+    let o = f.tagged(&["udp", &format!("127.0.0.1:{LO_CLOSED}")])?;
+    check!(
+        o.line("SENDTO")? == format!("err {EPERM}") && o.line("CONNECT")? == format!("err {EPERM}"),
+        "tagged UDP to loopback not refused: {o}"
+    );
+    // The sidecar's own listener: refused although allow_loopback lists it.
+    let o = f.tagged(&["tcp", &format!("127.0.0.1:{LISTEN}")])?;
+    check!(
+        o.line("CONNECT")? == format!("err {EPERM}"),
+        "tagged TCP to the sidecar's own port not refused: {o}"
+    );
+    for (dst, srv) in [
+        (format!("127.0.0.1:{LO_OPEN}"), &allowed),
+        (format!("[::1]:{LO_OPEN}"), &allowed6),
+        (format!("127.0.0.3:{LO_EXACT}"), &exact),
+    ] {
+        let o = f.tagged(&["tcp", &dst])?;
+        check!(
+            o.line("GOT")? == "UPSTREAM" && srv.accepted() == 1,
+            "allowed loopback {dst} not reached directly: {o}"
+        );
+    }
+    check!(
+        forwarder.accepted() == 0 && lo_udp.received() == 0,
+        "the loopback forwarder saw {} connection(s), {} datagram(s)",
+        forwarder.accepted(),
+        lo_udp.received()
+    );
+    check!(
+        f.sidecar.as_ref().is_some_and(|s| s.accepted() == 0),
+        "a tagged connect reached the sidecar's listener directly"
+    );
+    let after = f.r()?.side_door_counters();
+    check!(
+        after[1] >= before[1] + 9,
+        "loopback refusal counter moved from {} to {}",
+        before[1],
+        after[1]
+    );
+    check!(
+        tallied(&f, REFUSED_LOOPBACK)? >= 8 && tallied(&f, REFUSED_SIDECAR_PORT)? >= 1,
+        "loopback refusals not tallied: {:?}",
+        f.r()?.pending_refusals()
+    );
+    let o = run_client(None, &["tcp", &format!("127.0.0.1:{LO_CLOSED}")])?;
+    check!(
+        o.line("GOT")? == "FORWARDER",
+        "untagged loopback refused: {o}"
+    );
+    Ok(())
+}
+
+/// Refusals go on being tallied while the loader is gone (a dead sidecar), and a restarted
+/// loader finds exactly the ones not yet marked audited.
+fn refusals_tallied_across_restart() -> TestResult {
+    let mut f = Fixture::new()?;
+    let dst = format!("{DST_V4}:{UDP_CLOSED}");
+    f.tagged(&["udp", &dst])?;
+    let r = f.r()?;
+    let pending = r.pending_refusals();
+    let first = pending
+        .iter()
+        .find(|p| p.key.reason == REFUSED_UDP && p.key.cgroup_id == f.cgroup_id)
+        .ok_or_else(|| format!("no UDP tally: {pending:?}"))?
+        .clone();
+    check!(
+        first.count == 2 && first.destination() == dst && first.pid != 0,
+        "tally {first:?}, expected 2 refusals to {dst}"
+    );
+    r.mark_refusals_audited(&first.key, first.total);
+    check!(
+        tallied(&f, REFUSED_UDP)? == 0,
+        "audited refusals still pending"
+    );
+    f.sidecar = None;
+    f.r = None;
+    for _ in 0..3 {
+        let o = f.tagged(&["udp", &dst])?;
+        check!(
+            o.line("SENDTO")? == format!("err {EPERM}"),
+            "UDP not refused with the loader gone: {o}"
+        );
+    }
+    let r = load(
+        &f.pins,
+        LISTEN,
+        Cgroup2::discover().map_err(|e| e.to_string())?,
+    )?;
+    f.r = Some(r);
+    let pending = tallied(&f, REFUSED_UDP)?;
+    check!(
+        pending == 6,
+        "{pending} UDP refusals pending after the restart, expected the 6 made while down"
     );
     Ok(())
 }
@@ -426,6 +741,17 @@ fn fail_closed_without_redirector() -> TestResult {
         f.upstream_hits() == 0,
         "a tagged workload reached upstream without the sidecar"
     );
+    // UDP and loopback stay closed too.
+    let o = f.tagged(&["udp", &format!("{DST_V4}:{UDP_CLOSED}")])?;
+    check!(
+        o.line("SENDTO")? == format!("err {EPERM}") && o.line("CONNECT")? == format!("err {EPERM}"),
+        "tagged UDP without the sidecar not refused: {o}"
+    );
+    let o = f.tagged(&["tcp", &format!("127.0.0.1:{LO_CLOSED}")])?;
+    check!(
+        o.line("CONNECT")? == format!("err {EPERM}"),
+        "tagged loopback without the sidecar not refused: {o}"
+    );
     Ok(())
 }
 
@@ -435,7 +761,7 @@ fn restart_readopts() -> TestResult {
     let mut f = Fixture::new()?;
     f.sidecar = None;
     f.r = None;
-    let port = 15001;
+    let port = LISTEN;
     let r = load(
         &f.pins,
         port,

@@ -40,6 +40,82 @@ fn wrong_type_names_key() {
 }
 
 #[test]
+fn audit_aggregation_rotation_and_watermark_keys() {
+    let text = include_str!("../../../policies/firma.toml");
+    let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();
+    let a = &c.sidecar().unwrap().audit;
+    assert_eq!(a.aggregate_denials_after, 20);
+    assert_eq!(a.aggregate_window_secs, 10);
+    assert_eq!(a.max_file_bytes, Some(104_857_600));
+    assert_eq!(a.max_files, None);
+    assert_eq!(a.free_space_warn_bytes, 1 << 30);
+    let audit_line = "fsync = \"interval\"";
+    assert!(text.contains(audit_line));
+    for (extra, key, why) in [
+        (
+            "aggregate_window_secs = 0",
+            "sidecar.audit.aggregate_window_secs",
+            "1 to 3600",
+        ),
+        (
+            "max_file_bytes = 100",
+            "sidecar.audit.max_file_bytes",
+            "at least 4096",
+        ),
+        ("max_files = 0", "sidecar.audit.max_files", "at least 1"),
+        (
+            "max_file_bytes = 1",
+            "sidecar.audit.max_file_bytes",
+            "at least 4096",
+        ),
+        ("max_filez = 3", "max_filez", ""),
+    ] {
+        let name = extra.split(" =").next().unwrap();
+        let t: String = text
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{name} =")))
+            .map(|l| {
+                if l == audit_line {
+                    format!("{l}\n{extra}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let e = FirmaConfig::parse(&t, Path::new("/etc/firma.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(key) && e.contains(why) && e.contains("/etc/firma.toml"),
+            "{extra}: {e}"
+        );
+    }
+    // Rotation keys belong to the file sink; max_files needs max_file_bytes.
+    let t = text
+        .replace("sink = \"file\"", "sink = \"stdout\"")
+        .replace(
+            "max_file_bytes = 104857600\n",
+            "max_file_bytes = 104857600\nmax_files = 3\n",
+        );
+    let e = FirmaConfig::parse(&t, Path::new("f.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("sidecar.audit.max_file_bytes") && e.contains("sink = \"file\""),
+        "{e}"
+    );
+    let t = text.replace("max_file_bytes = 104857600\n", "max_files = 3\n");
+    let e = FirmaConfig::parse(&t, Path::new("f.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("sidecar.audit.max_files") && e.contains("max_file_bytes"),
+        "{e}"
+    );
+}
+
+#[test]
 fn shipped_example_config_parses() {
     let text = include_str!("../../../policies/firma.toml");
     let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();
@@ -89,6 +165,102 @@ fn dns_guard_section_defaults_and_errors() {
             .to_string();
         assert!(
             e.contains(key) && e.contains("/etc/firma.toml"),
+            "{bad}: {e}"
+        );
+    }
+}
+
+#[test]
+fn mitm_fallback_is_opt_in_and_validated() {
+    let text = include_str!("../../../policies/firma.toml");
+    let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();
+    assert!(
+        c.sidecar()
+            .unwrap()
+            .interceptor
+            .https_mitm
+            .fallback_hosts
+            .is_empty(),
+        "the shipped example keeps the fallback off"
+    );
+    for (line, needle) in [
+        (
+            "fallback_hosts = [\"api.acme-vendor.com\"]",
+            "also in strict_hosts",
+        ),
+        ("fallback_hosts = [\"a.*.example\"]", "expected a host name"),
+    ] {
+        let t = text.replace("fallback_hosts = []", line);
+        let e = FirmaConfig::parse(&t, Path::new("/etc/firma.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sidecar.interceptor.https_mitm.fallback_hosts[0]") && e.contains(needle),
+            "{line}: {e}"
+        );
+    }
+}
+
+#[test]
+fn credential_strip_lists_and_error_format_are_validated() {
+    let text = include_str!("../../../policies/firma.toml");
+    let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();
+    let s = c.sidecar().unwrap();
+    assert_eq!(
+        s.credentials[0].strip_headers.as_deref(),
+        Some(&["authorization", "x-api-key", "api-key", "x-goog-api-key"].map(String::from)[..])
+    );
+    assert_eq!(
+        s.connector.hosts[0].error_format,
+        Some(firma_sidecar::config::ErrorFormat::Openai)
+    );
+    for (from, to, key) in [
+        (
+            "strip_headers = [\"authorization\",",
+            "strip_headers = [\"bad header\",",
+            "sidecar.credentials[0].strip_headers[0]",
+        ),
+        (
+            "strip_query_params = [\"key\",",
+            "strip_query_params = [\"a=b\",",
+            "sidecar.credentials[0].strip_query_params[0]",
+        ),
+        (
+            "error_format = \"openai\"",
+            "error_format = \"gemini\"",
+            "error_format",
+        ),
+    ] {
+        assert!(text.contains(from), "{from}");
+        let t = text.replacen(from, to, 1);
+        let e = FirmaConfig::parse(&t, Path::new("/etc/firma.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(key) && e.contains("/etc/firma.toml"),
+            "{to}: {e}"
+        );
+    }
+}
+
+#[test]
+fn llm_reserve_output_tokens_default_and_errors() {
+    let text = include_str!("../../../policies/firma.toml");
+    let c = FirmaConfig::parse(text, Path::new("policies/firma.toml")).unwrap();
+    assert_eq!(c.sidecar().unwrap().llm.reserve_output_tokens(), 32768);
+    let without = text.replace("reserve_output_tokens = 32768\n", "");
+    let c = FirmaConfig::parse(&without, Path::new("f.toml")).unwrap();
+    assert_eq!(c.sidecar().unwrap().llm.reserve_output_tokens(), 32768);
+    for bad in ["0", "-5"] {
+        let t = text.replace(
+            "reserve_output_tokens = 32768",
+            &format!("reserve_output_tokens = {bad}"),
+        );
+        let e = FirmaConfig::parse(&t, Path::new("/etc/firma.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sidecar.llm.reserve_output_tokens") && e.contains("/etc/firma.toml"),
             "{bad}: {e}"
         );
     }

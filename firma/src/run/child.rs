@@ -3,7 +3,7 @@
 //! open a single socket, then drops privileges).
 
 use anyhow::{Context, bail};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -95,20 +95,25 @@ impl Identity {
     }
 }
 
-/// The child's environment: firma's, minus every proxy variable and every secret the sidecar
-/// injects, plus the CA bundle in [`CA_VARS`] (and the user's HOME/USER/LOGNAME after a drop).
+/// The child's environment: firma's, minus every proxy variable, with each credential
+/// variable holding its placeholder instead of the secret the sidecar injects, plus the CA
+/// bundle in [`CA_VARS`] (and the user's HOME/USER/LOGNAME after a drop).
 pub fn environment(
-    secret_vars: &BTreeSet<String>,
+    placeholders: &BTreeMap<String, String>,
     ca_bundle: &Path,
     who: &Identity,
 ) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| {
             let name = k.to_string_lossy();
-            !name.to_ascii_lowercase().ends_with("_proxy") && !secret_vars.contains(name.as_ref())
+            !name.to_ascii_lowercase().ends_with("_proxy")
+                && !placeholders.contains_key(name.as_ref())
         })
         .filter(|(k, _)| !CA_VARS.iter().any(|v| k == v))
         .collect();
+    for (var, value) in placeholders {
+        env.push((var.into(), value.into()));
+    }
     for v in CA_VARS {
         env.push((v.into(), ca_bundle.into()));
     }

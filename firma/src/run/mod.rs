@@ -57,15 +57,24 @@ pub struct Args {
     /// Mapping rules file instead of the shipped one.
     #[arg(long, value_name = "FILE")]
     rules: Option<PathBuf>,
-    /// Permit every call to HOST (exact or *.suffix); repeat. The shipped forbids still win.
-    #[arg(long = "allow-host", value_name = "HOST")]
+    /// Permit every call to HOST (exact or *.suffix) on port 443, or on PORT with HOST:PORT
+    /// (plain HTTP needs HOST:80); repeat. The shipped forbids still win.
+    #[arg(long = "allow-host", value_name = "HOST[:PORT]")]
     allow_hosts: Vec<String>,
+    /// Let CMD send UDP to ADDR:PORT ([V6]:PORT for IPv6); repeat. UDP is otherwise closed
+    /// (DNS goes to the run's DNS guard).
+    #[arg(long = "allow-udp", value_name = "ADDR:PORT")]
+    allow_udp: Vec<String>,
+    /// Let CMD reach loopback PORT (every loopback address) or ADDR:PORT, TCP and UDP, directly;
+    /// repeat. Loopback is otherwise closed; the run's own ports can never be allowed.
+    #[arg(long = "allow-loopback", value_name = "PORT|ADDR:PORT")]
+    allow_loopback: Vec<String>,
     /// Audit log file [default: <state-dir>/audit/<run>.jsonl].
     #[arg(long, value_name = "FILE")]
     audit: Option<PathBuf>,
     /// Inject a credential read from firma's environment: HOST=ENVVAR sends
-    /// `Authorization: Bearer <value>`, HOST=ENVVAR:HEADER sends `HEADER: <value>`. ENVVAR is
-    /// removed from CMD's environment. Repeat.
+    /// `Authorization: Bearer <value>`, HOST=ENVVAR:HEADER sends `HEADER: <value>`. CMD gets
+    /// ENVVAR set to a placeholder (`sk-firma-placeholder-…`), never the value. Repeat.
     #[arg(long = "credential", value_name = "HOST=ENVVAR[:HEADER]", value_parser = setup::parse_credential)]
     credentials: Vec<CredentialArg>,
     /// Extra CA certificate (PEM) the sidecar trusts for upstreams; repeat.
@@ -209,7 +218,7 @@ fn run_inner(args: Args) -> Result<ExitCode, Failure> {
     }
 
     let env = child::environment(
-        &prepared.secret_vars,
+        &prepared.placeholders,
         &prepared.ca_bundle_dir.path().join("ca-bundle.pem"),
         &who,
     );
@@ -249,7 +258,7 @@ fn run_inner(args: Args) -> Result<ExitCode, Failure> {
         let lines = summary::lines(audit, &prepared.cgroup_rel);
         eprintln!(
             "firma: {} decision(s); audit {}{}",
-            lines.len(),
+            summary::decisions(audit, &prepared.cgroup_rel),
             audit.display(),
             prepared
                 .audit_public_key

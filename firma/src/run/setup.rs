@@ -9,8 +9,9 @@ use anyhow::{Context, bail};
 use firma_sidecar::config::{
     AuditSink, CredentialConfig, CredentialMode, InterceptMode, SidecarConfig, WorkloadConfig,
 };
+use firma_sidecar::connector::placeholder;
 use firma_sidecar::tls::ca::CertificateAuthority;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -46,10 +47,14 @@ pub fn default_state_dir() -> PathBuf {
 impl State {
     /// Opens (creating on first use) the state directory; keys and CA are generated once,
     /// under a lock so two first runs at once do not both generate them.
+    ///
+    /// Modes: the directory is 0711 (traversable, not listable; CMD, run as another user, can
+    /// read nothing in it: keys and `firma-ca/` are owner-only too), the lock file 0600 (a child that could open it could take
+    /// `LOCK_EX` and block every other `firma run` on the host), `runs/` and `audit/` 0700.
+    /// Existing files and directories are brought to these modes on every open.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        shipped::make_dir(dir, 0o755)?;
-        let lock = std::fs::File::create(dir.join(".lock"))
-            .with_context(|| format!("creating the lock file in {}", dir.display()))?;
+        shipped::make_dir(dir, 0o711)?;
+        let lock = open_lock(&dir.join(".lock"))?;
         // SAFETY: flock on a descriptor we own; released when `lock` is closed.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(std::io::Error::last_os_error())
@@ -66,7 +71,7 @@ impl State {
             );
         }
         shipped::make_dir(&this.dir.join("audit"), 0o700)?;
-        shipped::make_dir(&this.dir.join("runs"), 0o755)?;
+        shipped::make_dir(&this.dir.join("runs"), 0o700)?;
         Ok(this)
     }
 
@@ -79,6 +84,24 @@ impl State {
     pub fn ca_dir(&self) -> PathBuf {
         self.dir.join("firma-ca")
     }
+}
+
+/// Opens the state lock file: owner-only (0600, also when an older firma left it 0644), never
+/// through a symlink.
+fn open_lock(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("opening the lock file {}", path.display()))?;
+    lock.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(lock)
 }
 
 /// Names and numbers unique to one run.
@@ -151,8 +174,9 @@ pub struct Prepared {
     pub audit_public_key: Option<PathBuf>,
     /// Holds `ca-bundle.pem`; removed when dropped.
     pub ca_bundle_dir: tempfile::TempDir,
-    /// Environment variables holding secrets the sidecar injects: removed from the child.
-    pub secret_vars: BTreeSet<String>,
+    /// Environment variables holding secrets the sidecar injects, each with the placeholder
+    /// the child gets instead (docs/run.md, "Placeholder credentials").
+    pub placeholders: BTreeMap<String, String>,
     pub cgroup_rel: String,
 }
 
@@ -218,22 +242,45 @@ fn copy_policies(from: &Path, to: &Path) -> anyhow::Result<()> {
 
 /// Flag values that are wrong whatever the machine: refused (exit 78) before anything is made.
 pub fn check_args(args: &Args) -> Result<(), String> {
+    use firma_sidecar::ebpf::allow;
+    for a in &args.allow_udp {
+        allow::parse_udp(a).map_err(|why| format!("--allow-udp: {why}"))?;
+    }
+    for a in &args.allow_loopback {
+        allow::parse_loopback(a).map_err(|why| format!("--allow-loopback: {why}"))?;
+    }
     for h in &args.allow_hosts {
-        let h = h.trim();
-        let bare = h.strip_prefix("*.").unwrap_or(h);
-        if bare.is_empty() || bare.contains(['*', '/', ':', ' ', '"', '\\']) || !bare.is_ascii() {
-            return Err(format!(
-                "--allow-host {h:?}: expected a host name (exact, or *.suffix)"
-            ));
-        }
+        split_allow_host(h)?;
     }
     Ok(())
+}
+
+/// `--allow-host HOST[:PORT]`: the lowercase host and its port, if one was named.
+pub fn split_allow_host(raw: &str) -> Result<(String, Option<u16>), String> {
+    let h = raw.trim();
+    let bad = || {
+        format!(
+            "--allow-host {h:?}: expected a host name (exact, or *.suffix), optionally with :PORT"
+        )
+    };
+    let (host, port) = match h.rsplit_once(':') {
+        Some((host, p)) => {
+            let port: u16 = p.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+            (host, Some(port))
+        }
+        None => (h, None),
+    };
+    let bare = host.strip_prefix("*.").unwrap_or(host);
+    if bare.is_empty() || bare.contains(['*', '/', ':', ' ', '"', '\\']) || !bare.is_ascii() {
+        return Err(bad());
+    }
+    Ok((host.to_ascii_lowercase(), port))
 }
 
 /// Builds the run: writes the run directory, issues the capability, assembles the config.
 pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepared> {
     let run_dir = state.dir.join("runs").join(&ids.name);
-    shipped::make_dir(&run_dir, 0o755)?;
+    shipped::make_dir(&run_dir, 0o700)?;
     let cgroup_rel = format!("/{}", ids.name);
 
     // The base: a full firma.toml given with --config, or the embedded defaults.
@@ -289,25 +336,46 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
             .with_context(|| format!("reading mapping rules {}", p.display()))?;
         existing.extend(shipped::rule_keys(&text, &p)?);
     }
-    let allow: Vec<String> = args
-        .allow_hosts
-        .iter()
-        .map(|h| h.trim().to_ascii_lowercase())
-        .collect();
+    // HOST -> the ports named with it (443 when named without one).
+    let mut allow_ports: std::collections::BTreeMap<String, BTreeSet<u16>> = Default::default();
+    for raw in &args.allow_hosts {
+        let (h, port) = split_allow_host(raw).map_err(Refused)?;
+        allow_ports
+            .entry(h)
+            .or_default()
+            .insert(port.unwrap_or(443));
+    }
+    let allow: Vec<String> = allow_ports.keys().cloned().collect();
     if !allow.is_empty() {
         let mut rules = String::from(
             "# firma run --allow-host: whole-host rules for hosts no shipped rule claims whole.\n",
         );
         let mut permits = String::from("// firma run --allow-host\n");
-        for h in &allow {
-            let whole = RuleKey {
-                method: "*".into(),
+        for (h, ports) in &allow_ports {
+            let key = |method: &str| RuleKey {
+                method: method.into(),
                 host: h.clone(),
                 path: "*".into(),
             };
-            if !existing.contains(&whole) {
+            let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+            let ports_line = format!("ports = [{}]\n", list.join(", "));
+            let named_port = ports.iter().any(|p| *p != 443);
+            if !existing.contains(&key("*")) {
                 rules.push_str(&format!(
-                    "[[rule]]\nhost = {}\naction_class = \"communication.external.send\"\n",
+                    "[[rule]]\nhost = {}\n{ports_line}action_class = \"communication.external.send\"\n",
+                    q(h)
+                ));
+            } else if named_port {
+                // A rule already claims the host whole: its ports come from a CONNECT rule
+                // (which classifies only blind tunnels to the host).
+                if existing.contains(&key("CONNECT")) {
+                    return Err(Refused(format!(
+                        "--allow-host {h}:PORT: the mapping rules already claim {h} whole (also for CONNECT); list the port in their `ports`"
+                    ))
+                    .into());
+                }
+                rules.push_str(&format!(
+                    "[[rule]]\nmethod = \"CONNECT\"\nhost = {}\n{ports_line}action_class = \"communication.external.send\"\n",
                     q(h)
                 ));
             }
@@ -359,6 +427,8 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
             value_from_env: Some(c.env.clone()),
             secret_path: None,
             secret_key: None,
+            strip_headers: None,
+            strip_query_params: None,
             vault: None,
         });
     }
@@ -439,12 +509,22 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
         agent_id: args.agent_id.clone(),
         session_id: Some(ids.session_id.clone()),
     }];
+    t.allow_udp.extend(args.allow_udp.iter().cloned());
+    t.allow_loopback.extend(args.allow_loopback.iter().cloned());
     cfg.log.level = args.log_level.clone();
+    // The run's own ports (chosen above) can never be opened to CMD.
+    let own = cfg.own_ports();
+    for a in &cfg.interceptor.transparent.allow_loopback {
+        let parsed = firma_sidecar::ebpf::allow::parse_loopback(a).map_err(Refused)?;
+        firma_sidecar::ebpf::allow::check_not_sidecar(&parsed, &own)
+            .map_err(|why| Refused(format!("--allow-loopback {a}: {why}")))?;
+    }
 
-    let secret_vars = cfg
+    let placeholders = cfg
         .credentials
         .iter()
         .filter_map(|c| c.value_from_env.clone())
+        .map(|var| (var, placeholder::generate()))
         .collect();
     let ca_dir = cfg.ca.dir.clone();
     let ca_bundle_dir = write_ca_bundle(&run_dir, &ca_dir)?;
@@ -453,7 +533,7 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
         audit_path,
         audit_public_key,
         ca_bundle_dir,
-        secret_vars,
+        placeholders,
         cgroup_rel,
     })
 }
@@ -558,6 +638,21 @@ fn write_ca_bundle(run_dir: &Path, ca_dir: &Path) -> anyhow::Result<tempfile::Te
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allow_host_flags() {
+        assert_eq!(
+            split_allow_host("API.example.org").unwrap(),
+            ("api.example.org".into(), None)
+        );
+        assert_eq!(
+            split_allow_host("*.example.org:8443").unwrap(),
+            ("*.example.org".into(), Some(8443))
+        );
+        for bad in ["", "h:0", "h:x", "h:70000", "a:b:1", "h/p", "*", "h :1"] {
+            assert!(split_allow_host(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn credential_flags() {

@@ -4,16 +4,39 @@
 use serde_json::Value;
 use std::path::Path;
 
-/// One line per `decision` event of the run's workload (its cgroup), oldest first.
-pub fn lines(audit: &Path, cgroup_path: &str) -> Vec<String> {
+/// The run workload's `decision`, `deny_summary` (denials over the audit rate, counted rather
+/// than written one by one) and `refused` (kernel refusals, aggregated) events, oldest first.
+fn events(audit: &Path, cgroup_path: &str) -> Vec<Value> {
     let Ok(text) = std::fs::read_to_string(audit) else {
         return Vec::new();
     };
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| e["event"] == "decision" && e["workload"]["cgroup_path"] == cgroup_path)
-        .map(|e| line(&e))
+        .filter(|e| {
+            (e["event"] == "decision" || e["event"] == "deny_summary" || e["event"] == "refused")
+                && e["workload"]["cgroup_path"] == cgroup_path
+        })
         .collect()
+}
+
+/// One line per `decision` event of the run's workload (its cgroup), oldest first, and one per
+/// `deny_summary`.
+pub fn lines(audit: &Path, cgroup_path: &str) -> Vec<String> {
+    events(audit, cgroup_path).iter().map(line).collect()
+}
+
+/// The run's decisions: `decision` events plus the denials `deny_summary` and `refused`
+/// events counted.
+pub fn decisions(audit: &Path, cgroup_path: &str) -> u64 {
+    events(audit, cgroup_path)
+        .iter()
+        .map(|e| {
+            e["aggregate"]["count"]
+                .as_u64()
+                .or_else(|| e["refused"]["count"].as_u64())
+                .unwrap_or(1)
+        })
+        .sum()
 }
 
 fn s(v: &Value) -> &str {
@@ -24,8 +47,30 @@ fn s(v: &Value) -> &str {
 /// `DENY  POST paste.rs/ [communication.external.send] PolicyDenied`
 pub fn line(e: &Value) -> String {
     let d = &e["decision"];
+    if e["event"] == "deny_summary" {
+        let host = match s(&e["envelope"]["intent"]["resource"]["host"]) {
+            "" => s(&e["envelope"]["intent"]["method"]),
+            h => h,
+        };
+        return format!(
+            "DENY  {} more {host} {} (over the audit rate: counted in one summary event)",
+            e["aggregate"]["count"].as_u64().unwrap_or(0),
+            s(&d["reason"])
+        );
+    }
     let intent = &e["envelope"]["intent"];
     let outcome = s(&d["outcome"]);
+    if let Some(r) = e["refused"].as_object() {
+        // `DENY  UDP 10.0.0.9:5353 UdpRefused (x3)`: refused in the kernel, aggregated.
+        let q = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("?");
+        let count = r.get("count").and_then(Value::as_u64).unwrap_or(0);
+        let dst = r["sample"]["destination"].as_str().unwrap_or("?");
+        return format!(
+            "{outcome:<5} {} {dst} {} (x{count})",
+            q("protocol").to_ascii_uppercase(),
+            s(&d["reason"])
+        );
+    }
     if let Some(dns) = intent["dns"].as_object() {
         // A query the DNS guard answered (allowed name) or refused.
         let q = |k: &str| dns.get(k).and_then(Value::as_str).unwrap_or("?");
@@ -89,6 +134,15 @@ mod tests {
                 "envelope": {"intent": {"dns": {"qname": "x.example.org", "qtype": "A"}}},
                 "decision": {"outcome": "DENY", "reason": "DnsDenied"}})
             .to_string(),
+            json!({"event": "deny_summary", "workload": {"cgroup_path": "/firma-run-1-a"},
+                "envelope": {"intent": {"resource": {"host": "paste.rs"}}},
+                "decision": {"outcome": "DENY", "reason": "PolicyDenied"},
+                "aggregate": {"count": 40}})
+            .to_string(),
+            json!({"event": "refused", "workload": {"cgroup_path": "/firma-run-1-a"},
+                "decision": {"outcome": "DENY", "reason": "UdpRefused"},
+                "refused": {"protocol": "udp", "count": 3, "sample": {"destination": "10.0.0.9:5353"}}})
+            .to_string(),
         ]
         .join("\n");
         std::fs::write(&file, text).unwrap();
@@ -98,7 +152,10 @@ mod tests {
                 "ALLOW GET api.openai.com/v1/models [model.inference.chat] credential injected",
                 "DENY  GET api.openai.com/v1/models [model.inference.chat] PolicyDenied",
                 "DENY  DNS A x.example.org DnsDenied",
+                "DENY  40 more paste.rs PolicyDenied (over the audit rate: counted in one summary event)",
+                "DENY  UDP 10.0.0.9:5353 UdpRefused (x3)",
             ]
         );
+        assert_eq!(decisions(&file, "/firma-run-1-a"), 46);
     }
 }

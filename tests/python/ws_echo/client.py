@@ -2,10 +2,12 @@
 
 usage: client.py URL CA_PEM [PROXY_URL]
 Connects (through PROXY_URL when given, else directly), sends three messages with its own
-`Authorization: Bearer agent-own-key`, reads the echoes and closes. Prints one JSON object:
+`Authorization: Bearer agent-own-key` (and `x-firma-capability: $FIRMA_TEST_CAPABILITY` when
+that is set), reads the echoes and closes. Prints one JSON object:
 {"status": 101, "echoes": [...]} or, when the upgrade is refused, {"status", "body"}.
 """
 import json
+import os
 import ssl
 import sys
 
@@ -15,12 +17,15 @@ from websockets.sync.client import connect
 url, ca = sys.argv[1], sys.argv[2]
 proxy = sys.argv[3] if len(sys.argv) > 3 else None
 ctx = ssl.create_default_context(cafile=ca)
+headers = {"Authorization": "Bearer agent-own-key"}
+if os.environ.get("FIRMA_TEST_CAPABILITY"):
+    headers["x-firma-capability"] = os.environ["FIRMA_TEST_CAPABILITY"]
 try:
     with connect(
         url,
         ssl=ctx,
         proxy=proxy,
-        additional_headers={"Authorization": "Bearer agent-own-key"},
+        additional_headers=headers,
         open_timeout=10,
         compression=None,  # byte counts in the audit stay predictable
     ) as ws:
