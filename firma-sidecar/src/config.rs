@@ -46,7 +46,8 @@ pub struct SidecarConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct McpConfig {
-    /// Largest JSON-RPC POST body read before its decision (bigger: `MalformedRequest`).
+    /// Largest JSON-RPC POST body read before its decision (bigger: `BodyTooLarge`); held within
+    /// the shared body budget (`[sidecar.mapping] extract_body_budget_bytes`).
     #[serde(default = "default_mcp_max_body_bytes")]
     pub max_body_bytes: usize,
     /// Write tool-call argument values into the audit (default: only their keys and a

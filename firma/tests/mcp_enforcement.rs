@@ -316,6 +316,15 @@ fn hostile_bodies_are_refused_before_the_server() {
     let out = env.post(b"\x1f\x8b\x08\x00", &["content-encoding: gzip"]);
     assert_eq!(out.status, 400, "{out:?}");
     assert!(out.body.contains("Content-Encoding"), "{out:?}");
+    // Over `[sidecar.mcp] max_body_bytes` (64 KiB here): 413 from the shared body reader.
+    let giant = format!(
+        r#"{{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{{"name":"read_file","arguments":{{"path":"/workspace/{}"}}}}}}"#,
+        "a".repeat(70_000)
+    );
+    let out = env.post(giant.as_bytes(), &[]);
+    assert_eq!(out.status, 413, "{out:?}");
+    assert!(out.body.contains("BodyTooLarge"), "{out:?}");
+    assert!(out.body.contains("[sidecar.mcp] max_body_bytes"), "{out:?}");
     // A batch with one denied member is denied whole: every id gets an error.
     let batch = br#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"},{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"delete_repo","arguments":{"name":"x"}}}]"#;
     let out = env.post(batch, &[]);
@@ -335,14 +344,15 @@ fn hostile_bodies_are_refused_before_the_server() {
         env.executed()
     );
 
-    let n = 8;
+    let n = 9;
     let ev = assert_eventually(Duration::from_secs(10), "every attempt audited", || {
         Some(env.d.audit_for(HOST)).filter(|v| v.len() >= n)
     });
     for e in &ev[..7] {
         assert_eq!(e["decision"]["reason"], "MalformedRequest", "{e}");
     }
-    let b = &ev[7];
+    assert_eq!(ev[7]["decision"]["reason"], "BodyTooLarge", "{}", ev[7]);
+    let b = &ev[8];
     assert_eq!(b["decision"]["outcome"], "DENY");
     let members = &b["envelope"]["intent"]["request"]["mcp"]["batch"];
     assert_eq!(members[0]["decision"], "ALLOW", "{b}");
