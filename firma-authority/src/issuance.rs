@@ -118,6 +118,7 @@ impl Issuer<'_> {
                 method: "ISSUE",
                 request: None,
                 usage: None,
+                mcp: None,
             });
             if !result.allowed {
                 let why = if result.determining_policies.is_empty() {

@@ -20,7 +20,7 @@ mod partition;
 pub use bundle::{PolicyBundle, PolicyFile, SHIPPED_SCHEMA};
 pub use compile::CompiledPolicies;
 pub use error::{PolicyDiagnostic, PolicyError};
-pub use eval::{AttrValue, EvalRequest, EvalResult, UsageTotals};
+pub use eval::{AttrValue, EvalRequest, EvalResult, McpContext, UsageTotals};
 
 /// The Cedar namespace every Firma entity and action lives in.
 pub const NAMESPACE: &str = "Firma";

@@ -139,6 +139,7 @@ fn stage2(c: &mut Criterion) {
                     now: now_unix(),
                     request: None,
                     usage: None,
+                    mcp: None,
                 },
             )
         })
@@ -160,6 +161,7 @@ fn stage2(c: &mut Criterion) {
                     now: now_unix(),
                     request: None,
                     usage: None,
+                    mcp: None,
                 },
             )
         })
@@ -214,6 +216,7 @@ fn stage2_with_usage(c: &mut Criterion) {
                         now: now_unix(),
                         request: Some(&attrs),
                         usage: spent(),
+                        mcp: None,
                     },
                 )
             })
@@ -258,6 +261,7 @@ fn stage2_reserving(c: &mut Criterion) {
                     now: now_unix(),
                     request: Some(&attrs),
                     usage: None,
+                    mcp: None,
                 },
                 &ledger,
                 want,
@@ -379,6 +383,7 @@ fn decision_with(c: &mut Criterion, name: &str, policies: &firma_common::policy:
                 now,
                 request: None,
                 usage: spent(),
+                mcp: None,
             },
         )
     };
@@ -511,8 +516,57 @@ fn metrics(c: &mut Criterion) {
     g.finish();
 }
 
+/// MCP: strict parse + classification of a 2 KB `tools/call`, and that plus the Stage 2
+/// decision with the shipped MCP example policy (docs/mcp.md; target < 10 us).
+fn mcp(c: &mut Criterion) {
+    use firma_sidecar::pipeline::mcp::{McpSpec, classify_body, parse_spec};
+    let spec: McpSpec = parse_spec(
+        toml::from_str("arguments = { path = \"String\", name = \"String\", limit = \"Long\" }")
+            .expect("spec"),
+    )
+    .expect("spec");
+    let filler = "x".repeat(1900);
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":42,"method":"tools/call","params":{{"name":"read_file","arguments":{{"path":"/workspace/src/main.rs","limit":100,"note":"{filler}"}},"_meta":{{"progressToken":7}}}}}}"#
+    );
+    assert!((2000..2200).contains(&body.len()), "{}", body.len());
+    c.bench_function("mcp/classify_2kb_tools_call", |b| {
+        b.iter(|| classify_body(black_box(body.as_bytes()), &spec).expect("classify"))
+    });
+    let bundle = PolicyBundle::load_dir(&repo().join("policies/runtime/mcp")).expect("bundle");
+    let policies = bundle.compile().expect("compile");
+    let counters = ActionCounters::new();
+    c.bench_function("mcp/classify_and_decide_2kb_tools_call", |b| {
+        b.iter(|| {
+            let (msgs, _) = classify_body(black_box(body.as_bytes()), &spec).expect("classify");
+            let m = &msgs[0];
+            let resource = m.resource("mcp.example.com", "/mcp");
+            let r = evaluate(
+                &policies,
+                &counters,
+                &Stage2Request {
+                    agent_id: "agent-mcp",
+                    session_id: "s-1",
+                    action_class: m.action_class,
+                    host: "mcp.example.com",
+                    path: "/mcp",
+                    resource: &resource,
+                    method: "POST",
+                    live_until: i64::MAX,
+                    now: now_unix(),
+                    request: None,
+                    usage: None,
+                    mcp: Some(m),
+                },
+            );
+            black_box(r)
+        })
+    });
+}
+
 criterion_group!(
     benches,
+    mcp,
     mapping,
     stage1,
     stage2,

@@ -38,6 +38,35 @@ pub struct SidecarConfig {
     pub dns: DnsConfig,
     #[serde(default)]
     pub llm: LlmConfig,
+    #[serde(default)]
+    pub mcp: McpConfig,
+}
+
+/// `[sidecar.mcp]`: MCP endpoints (mapping rules with `mcp`, see docs/mcp.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpConfig {
+    /// Largest JSON-RPC POST body read before its decision (bigger: `BodyTooLarge`); held within
+    /// the shared body budget (`[sidecar.mapping] extract_body_budget_bytes`).
+    #[serde(default = "default_mcp_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Write tool-call argument values into the audit (default: only their keys and a
+    /// SHA-256, since arguments can carry secrets).
+    #[serde(default)]
+    pub audit_argument_values: bool,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: default_mcp_max_body_bytes(),
+            audit_argument_values: false,
+        }
+    }
+}
+
+fn default_mcp_max_body_bytes() -> usize {
+    1024 * 1024
 }
 
 /// `[sidecar.admin]`: the admin listener (`/metrics`, `/healthz`, `/readyz`).
@@ -937,6 +966,13 @@ impl SidecarConfig {
                     "expected 0 (half the CPUs) to {MAX_WORKERS}, got {}",
                     self.interceptor.workers
                 ),
+            ));
+        }
+        if self.mcp.max_body_bytes == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.mcp.max_body_bytes",
+                "expected a positive number of bytes",
             ));
         }
         let l = &self.limits;

@@ -20,6 +20,7 @@ pub const TARGETS: &[&str] = &[
     "capability",
     "config",
     "dns_query",
+    "mcp",
 ];
 
 #[derive(clap::Args)]

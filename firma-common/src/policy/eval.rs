@@ -11,6 +11,51 @@ pub enum AttrValue {
     Bool(bool),
 }
 
+/// `context.mcp`: one MCP JSON-RPC message on an endpoint a mapping rule marks as MCP
+/// (runtime only; see the sidecar's `docs/mcp.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct McpContext {
+    /// The JSON-RPC method (`tools/call`, ...).
+    pub method: String,
+    /// Tool or prompt name, or resource URI.
+    pub name: Option<String>,
+    /// The arguments the mapping rule declares, typed (`context.mcp.arguments`).
+    pub arguments: BTreeMap<String, AttrValue>,
+}
+
+fn attr_expr(v: &AttrValue) -> RestrictedExpression {
+    match v {
+        AttrValue::String(s) => RestrictedExpression::new_string(s.clone()),
+        AttrValue::Long(n) => RestrictedExpression::new_long(*n),
+        AttrValue::Bool(b) => RestrictedExpression::new_bool(*b),
+    }
+}
+
+impl McpContext {
+    fn record(&self) -> Result<RestrictedExpression, String> {
+        let args = RestrictedExpression::new_record(
+            self.arguments
+                .iter()
+                .map(|(k, v)| (k.clone(), attr_expr(v))),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut fields = vec![
+            (
+                "method".to_string(),
+                RestrictedExpression::new_string(self.method.clone()),
+            ),
+            ("arguments".to_string(), args),
+        ];
+        if let Some(n) = &self.name {
+            fields.push((
+                "name".to_string(),
+                RestrictedExpression::new_string(n.clone()),
+            ));
+        }
+        RestrictedExpression::new_record(fields).map_err(|e| e.to_string())
+    }
+}
+
 /// Token usage so far, for `context.session` / `context.agent`.
 ///
 /// `input_tokens`, `output_tokens` and `cost_nano_usd` are settled (responses that ended);
@@ -107,6 +152,8 @@ pub struct EvalRequest<'a> {
     pub request: Option<&'a BTreeMap<String, AttrValue>>,
     /// `context.session` and `context.agent`: token usage so far (runtime only).
     pub usage: Option<(UsageTotals, UsageTotals)>,
+    /// `context.mcp`: the MCP message (runtime, MCP endpoints only).
+    pub mcp: Option<&'a McpContext>,
 }
 
 /// A Cedar decision, with the policies that made it.
@@ -247,6 +294,9 @@ impl CompiledPolicies {
                 "request".to_string(),
                 RestrictedExpression::new_record(fields).map_err(|e| e.to_string())?,
             ));
+        }
+        if let Some(m) = req.mcp {
+            pairs.push(("mcp".to_string(), m.record()?));
         }
         if let Some((session, agent)) = req.usage.filter(|_| with_usage) {
             pairs.push(("session".to_string(), session.record()));

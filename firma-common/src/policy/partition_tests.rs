@@ -203,6 +203,7 @@ impl Owned {
             method: self.method,
             request: self.request.as_ref(),
             usage: self.usage,
+            mcp: None,
         }
     }
 }

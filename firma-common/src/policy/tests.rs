@@ -43,6 +43,7 @@ pub(super) fn runtime<'a>(
         method: "POST",
         request: None,
         usage: None,
+        mcp: None,
     }
 }
 
@@ -58,6 +59,7 @@ fn issuance<'a>(agent: &'a str, action: &'a str) -> EvalRequest<'a> {
         method: "ISSUE",
         request: None,
         usage: None,
+        mcp: None,
     }
 }
 

@@ -440,52 +440,94 @@ async fn handle_request(
     let abort =
         |status: StatusCode, reason: &str, detail: &str| answer.abort(status, reason, detail);
     let rec = rec.target(Some(&up.host), up.port, Some(&target.path));
+    // MCP endpoints: the JSON-RPC body is read (within `[sidecar.mcp] max_body_bytes` and the
+    // shared body budget) and each message decided (pipeline::mcp).
+    let mut mcp = None;
+    let req = match state
+        .pipeline
+        .mcp_endpoint(method.as_str(), &up.host, &target.path)
+    {
+        None => Ok(req),
+        Some(mcp_spec) => {
+            let limit = state.pipeline.mcp_config().max_body_bytes;
+            let (_, budget) = state.pipeline.extract_limits();
+            match super::mcp::read(req, &mcp_spec, limit, budget).await {
+                Ok((read, call)) => {
+                    mcp = Some(call);
+                    Err(read)
+                }
+                Err(Refused {
+                    req,
+                    decision,
+                    unread,
+                }) => {
+                    rec.deny(&decision);
+                    let waiting = unread && body::expects_continue(req.headers());
+                    let http1 = is_http1(&req);
+                    // A body that is not MCP gets a JSON-RPC error; one too large or over the
+                    // budget the usual 413 / 503 + Retry-After.
+                    let resp = if decision.reason == Some(DenyReason::MalformedRequest) {
+                        super::mcp::malformed(&decision)
+                    } else {
+                        deny(&decision)
+                    };
+                    return body::answer_unread(req.into_body(), waiting, http1, resp).await;
+                }
+            }
+        }
+    };
     // Rules that extract attributes for Cedar: the query string's, then (bounded) the body's.
     let spec = state
         .pipeline
         .extraction(method.as_str(), &up.host, &target.path);
-    let query_attrs = match extract::extract_query(&spec, req.uri().query()) {
-        Ok(a) => a,
-        Err(detail) => {
-            let d = Decision::deny(DenyReason::MalformedRequest, detail);
-            rec.deny(&d);
-            let (http1, waiting) = (is_http1(&req), body::expects_continue(req.headers()));
-            return body::answer_unread(req.into_body(), waiting, http1, deny(&d)).await;
-        }
-    };
     let metered = extract::reads_body(&spec) && upgrade.is_none();
-    // Inline `data:` URLs in a body read for extraction (budget reservations count them apart).
+    // Inline base64 images in a body read for extraction (budget reservations count them apart).
     let mut inline = extract::InlineData::default();
-    let (mut req, attrs) = if spec.is_empty() {
-        (req.map(http_body_util::BodyExt::boxed), None)
-    } else if !extract::reads_body(&spec) {
-        (req.map(http_body_util::BodyExt::boxed), Some(query_attrs))
-    } else {
-        let (limit, budget) = state.pipeline.extract_limits();
-        match read_for_extract(req, &spec, limit, budget).await {
-            Ok((req, mut attrs, found)) => {
-                attrs.extend(query_attrs);
-                inline = found;
-                (req, Some(attrs))
-            }
-            Err(Refused {
-                req,
-                decision,
-                unread,
-            }) => {
-                rec.deny(&decision);
-                // Refused on its declared size: an `Expect: 100-continue` client has not
-                // sent the body and is not asked to.
-                let waiting = unread && body::expects_continue(req.headers());
-                let http1 = is_http1(&req);
-                let resp = deny(&decision);
-                return body::answer_unread(req.into_body(), waiting, http1, resp).await;
+    let (mut req, attrs) = match req {
+        // An MCP body, already read.
+        Err(read) => (read, None),
+        Ok(req) => {
+            let query_attrs = match extract::extract_query(&spec, req.uri().query()) {
+                Ok(a) => a,
+                Err(detail) => {
+                    let d = Decision::deny(DenyReason::MalformedRequest, detail);
+                    rec.deny(&d);
+                    let (http1, waiting) = (is_http1(&req), body::expects_continue(req.headers()));
+                    return body::answer_unread(req.into_body(), waiting, http1, deny(&d)).await;
+                }
+            };
+            if spec.is_empty() {
+                (req.map(http_body_util::BodyExt::boxed), None)
+            } else if !extract::reads_body(&spec) {
+                (req.map(http_body_util::BodyExt::boxed), Some(query_attrs))
+            } else {
+                let (limit, budget) = state.pipeline.extract_limits();
+                match read_for_extract(req, &spec, limit, budget).await {
+                    Ok((req, mut attrs, found)) => {
+                        attrs.extend(query_attrs);
+                        inline = found;
+                        (req, Some(attrs))
+                    }
+                    Err(Refused {
+                        req,
+                        decision,
+                        unread,
+                    }) => {
+                        rec.deny(&decision);
+                        // Refused on its declared size: an `Expect: 100-continue` client has not
+                        // sent the body and is not asked to.
+                        let waiting = unread && body::expects_continue(req.headers());
+                        let http1 = is_http1(&req);
+                        let resp = deny(&decision);
+                        return body::answer_unread(req.into_body(), waiting, http1, resp).await;
+                    }
+                }
             }
         }
     };
     let rec = rec.request_attrs(attrs.as_ref().map(extract::to_json));
-    // Whether the body was read for extraction (an unread one is drained or left before answering).
-    let body_read = extract::reads_body(&spec);
+    // Whether the body was read (MCP, extraction); an unread one is drained or left before answering.
+    let body_read = mcp.is_some() || extract::reads_body(&spec);
     // A metered LLM call (its rule extracts from the body): its usage is read from the
     // response, which must then arrive uncompressed, and it reserves against the budgets
     // (see docs/llm-policies.md).
@@ -548,7 +590,22 @@ async fn handle_request(
         tls: matches!(mode, HttpMode::Bound { tls: true, .. }),
         request: attrs,
     };
-    let (mut decision, reservation) = state.pipeline.decide_reserving(&ctx, want).await;
+    let (mut decision, reservation, rec) = match &mcp {
+        // Each message decided; none of them reserves (MCP calls are not metered).
+        Some(call) => {
+            let (d, audit) = call.decide(state, &ctx).await;
+            (d, None, rec.request_attrs(Some(audit)))
+        }
+        None => {
+            let (d, r) = state.pipeline.decide_reserving(&ctx, want).await;
+            (d, r, rec)
+        }
+    };
+    // MCP clients get their denials as JSON-RPC errors of the calls.
+    let deny = |d: &Decision| match &mcp {
+        Some(call) => call.deny(d),
+        None => deny(d),
+    };
     // A placeholder credential that would leave is denied whatever the policy said: the audit
     // must show that the agent sends its key somewhere else. (A reservation taken for it is
     // released when it drops.)
@@ -832,7 +889,7 @@ fn abort_of(failure: Failure) -> (StatusCode, &'static str, String) {
 const EXTRACT_BODY_TIME: Duration = Duration::from_secs(30);
 
 /// Why a body that must be read before the decision was not: the denial to answer with.
-fn body_refusal(e: &body::ReadError) -> Decision {
+pub fn body_refusal(e: &body::ReadError) -> Decision {
     let reason = match e {
         body::ReadError::TooLarge { .. } => DenyReason::BodyTooLarge,
         body::ReadError::Busy { .. } => DenyReason::BodyBudgetExhausted,
@@ -842,11 +899,11 @@ fn body_refusal(e: &body::ReadError) -> Decision {
 }
 
 /// A request refused while reading its body for extraction.
-struct Refused {
-    req: Request<Incoming>,
-    decision: Decision,
+pub struct Refused {
+    pub req: Request<Incoming>,
+    pub decision: Decision,
     /// No byte of the body was read (refused on its declared size).
-    unread: bool,
+    pub unread: bool,
 }
 
 /// Reads a body whose rule extracts attributes (see [`body`]: per-request limit, shared

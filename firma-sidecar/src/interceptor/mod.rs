@@ -6,6 +6,7 @@
 //! - [`http`]: per-request pipeline + connector, on plain or decrypted streams.
 //! - [`limits`]: connection caps, idle timeouts, accept backoff.
 //! - [`websocket`]: HTTP/1.1 WebSocket upgrades and their relay.
+//! - [`mcp`]: MCP endpoints: JSON-RPC bodies decided per message, denials as JSON-RPC errors.
 
 pub mod body;
 pub mod framing;
@@ -13,6 +14,7 @@ pub mod head;
 pub mod http;
 pub mod http_proxy;
 pub mod limits;
+pub mod mcp;
 pub mod redirect_listener;
 pub mod rewind;
 pub mod serve;

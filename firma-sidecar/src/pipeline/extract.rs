@@ -530,6 +530,11 @@ fn object_members(text: &[u8]) -> Result<Vec<(String, &[u8])>, String> {
     Ok(out)
 }
 
+/// Parses `body` as one JSON value refusing duplicate keys at any depth (also used for MCP).
+pub(crate) fn parse_strict(body: &[u8]) -> Result<serde_json::Value, serde_json::Error> {
+    serde_json::from_slice::<Strict>(body).map(|s| s.0)
+}
+
 /// End of the string starting at `i` (a `"`).
 fn skip_string(t: &[u8], mut i: usize) -> Option<usize> {
     i += 1;

@@ -81,6 +81,9 @@ struct RawRule {
     /// Request attributes from the JSON body (see [`super::extract`]).
     #[serde(default)]
     extract: Option<std::collections::BTreeMap<String, super::extract::RawPointers>>,
+    /// Marks an MCP endpoint (see [`super::mcp`]).
+    #[serde(default)]
+    mcp: Option<super::mcp::RawSpec>,
     /// Streamed requests get `stream_options.include_usage: true` (OpenAI chat/completions).
     #[serde(default)]
     inject_include_usage: bool,
@@ -118,6 +121,8 @@ pub struct Rule {
     pub action_class: String,
     /// Attributes to read from the JSON body before the decision (empty: the body streams).
     pub extract: Vec<super::extract::Extract>,
+    /// An MCP endpoint: POST bodies are decided per JSON-RPC message ([`super::mcp`]).
+    pub mcp: Option<super::mcp::McpSpec>,
     /// Set `stream_options.include_usage` in streamed requests (see `docs/llm-policies.md`).
     pub inject_include_usage: bool,
     /// Destination ports allowed for the rule's host (`ports`, default [`DEFAULT_PORTS`]).
@@ -179,6 +184,8 @@ pub struct Mapped<'a> {
     pub action_class: &'a str,
     /// What the rule extracts from the body.
     pub extract: &'a [super::extract::Extract],
+    /// The MCP endpoint declaration, if the rule has one.
+    pub mcp: Option<&'a super::mcp::McpSpec>,
     /// The rule's `inject_include_usage`.
     pub inject_include_usage: bool,
     /// `file:rule[i]` of the winning rule.
@@ -310,6 +317,11 @@ impl MappingRules {
                 if r.action_class.trim().is_empty() {
                     return Err(err("action_class: expected a non-empty action class".into()));
                 }
+                if r.mcp.is_some() && r.extract.is_some() {
+                    return Err(err(
+                        "mcp and extract: an MCP endpoint's body is read as JSON-RPC, not extracted".into(),
+                    ));
+                }
                 if r.inject_include_usage && r.extract.is_none() {
                     return Err(err(
                         "inject_include_usage: the rule must also `extract` (its body is read, then rewritten)".into(),
@@ -323,6 +335,10 @@ impl MappingRules {
                     extract: match r.extract {
                         Some(x) => super::extract::parse_spec(x).map_err(err)?,
                         None => Vec::new(),
+                    },
+                    mcp: match r.mcp {
+                        Some(m) => Some(super::mcp::parse_spec(m).map_err(err)?),
+                        None => None,
                     },
                     inject_include_usage: r.inject_include_usage,
                     ports: parse_ports(r.ports).map_err(err)?,
@@ -370,6 +386,17 @@ impl MappingRules {
         let mut all: Vec<&Rule> = self.rules().collect();
         all.sort_by(|a, b| (&a.file, a.index).cmp(&(&b.file, b.index)));
         for r in all {
+            // An MCP rule also produces the MCP action classes.
+            let mcp = r.mcp.iter().flat_map(|_| super::mcp::ACTION_CLASSES.iter());
+            if let Some(missing) = mcp.into_iter().find(|c| !known.contains(**c)) {
+                let k: Vec<&str> = known.iter().map(String::as_str).collect();
+                return Err(MappingError::UnknownAction {
+                    file: r.file.clone(),
+                    index: r.index,
+                    action: (*missing).to_string(),
+                    known: k.join(", "),
+                });
+            }
             if !known.contains(&r.action_class) {
                 let k: Vec<&str> = known.iter().map(String::as_str).collect();
                 return Err(MappingError::UnknownAction {
@@ -407,6 +434,7 @@ impl MappingRules {
         exact.chain(wild).find(|r| pred(r)).map(|r| Mapped {
             action_class: &r.action_class,
             extract: &r.extract,
+            mcp: r.mcp.as_ref(),
             inject_include_usage: r.inject_include_usage,
             rule: (&r.file, r.index),
         })
@@ -660,6 +688,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("dup.toml"), "{e}");
+    }
+
+    #[test]
+    fn mcp_rules_declare_arguments_and_need_the_mcp_classes() {
+        let r = rules(
+            "[[rule]]\nhost = \"mcp.test\"\npath = \"/mcp\"\naction_class = \"mcp.session\"\nmcp = { arguments = { path = \"String\" } }\n",
+        );
+        let m = r.classify("POST", "mcp.test", "/mcp").unwrap();
+        assert_eq!(m.mcp.unwrap().arguments.len(), 1);
+        let mut known: BTreeSet<String> = ["mcp.session".to_string()].into();
+        let e = r.check_actions(&known).unwrap_err().to_string();
+        assert!(e.contains("mcp.tools.call"), "{e}");
+        known.extend(
+            super::super::mcp::ACTION_CLASSES
+                .iter()
+                .map(|c| c.to_string()),
+        );
+        r.check_actions(&known).unwrap();
+        let f = Path::new("m.toml");
+        let e = MappingRules::parse_file(
+            "[[rule]]\nhost = \"a\"\naction_class = \"x\"\nmcp = {}\nextract = { model = \"/model\" }\n",
+            f,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("rule[0]: mcp and extract"), "{e}");
+        let e = MappingRules::parse_file(
+            "[[rule]]\nhost = \"a\"\naction_class = \"x\"\nmcp = { arguments = { p = \"Float\" } }\n",
+            f,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("mcp.arguments.p"), "{e}");
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod body_budget;
 pub mod bundle_source;
 pub mod extract;
 pub mod mapping;
+pub mod mcp;
 pub mod path;
 pub mod revocations;
 pub mod sessions;
@@ -111,6 +112,8 @@ struct Inner {
     budget: Duration,
     /// `[sidecar.mapping] extract_max_body_bytes`.
     extract_limit: usize,
+    /// `[sidecar.mcp]`.
+    mcp: crate::config::McpConfig,
     /// `[sidecar.llm] reserve_output_tokens`.
     reserve_output_tokens: i64,
     /// `[sidecar.mapping] extract_body_budget_bytes`, shared by every request.
@@ -258,6 +261,7 @@ impl Pipeline {
                 revoked,
                 budget: Duration::from_millis(cfg.constraint_enforcement.enforcement_timeout_ms),
                 extract_limit: cfg.mapping.extract_max_body_bytes,
+                mcp: cfg.mcp.clone(),
                 reserve_output_tokens: cfg.llm.reserve_output_tokens(),
                 body_budget: body_budget::BodyBudget::new(cfg.mapping.extract_body_budget_bytes),
                 _tasks: tasks,
@@ -302,6 +306,7 @@ impl Pipeline {
                 caller: Caller::of(&req.conn),
                 workload: req.conn.workload.as_ref(),
                 request: req.request.as_ref(),
+                mcp: None,
                 reserve: want,
             },
         );
@@ -309,6 +314,55 @@ impl Pipeline {
         // A decision turned into a denial (too late) releases what it reserved.
         let held = held.filter(|_| d.is_allow());
         (d, held)
+    }
+
+    /// Decides one JSON-RPC message of a POST to an MCP endpoint (see [`mcp`]): its action
+    /// class, resource and `context.mcp` come from the message. `req.path` as the
+    /// interceptor normalized it.
+    pub async fn decide_mcp(&self, req: &RequestContext, msg: &mcp::Message) -> Decision {
+        let t0 = Instant::now();
+        let path = match path::normalize(&req.path) {
+            Ok(p) => p,
+            Err(e) => {
+                return self.bounded(
+                    t0,
+                    Decision::deny(DenyReason::MalformedRequest, e.to_string()),
+                );
+            }
+        };
+        let (d, _) = self.run(
+            t0,
+            Subject {
+                class: Some(msg.action_class.to_owned()),
+                method: req.method.as_str(),
+                host: &req.host,
+                path: &path,
+                headers: &req.headers,
+                caller: Caller::of(&req.conn),
+                workload: req.conn.workload.as_ref(),
+                request: None,
+                mcp: Some(msg),
+                reserve: None,
+            },
+        );
+        self.bounded(t0, d)
+    }
+
+    /// The MCP declaration of the rule matching a POST to `host` `path`, if it marks an MCP
+    /// endpoint (other methods are decided by the rule's own action class).
+    pub fn mcp_endpoint(&self, method: &str, host: &str, path: &str) -> Option<mcp::McpSpec> {
+        if method != "POST" {
+            return None;
+        }
+        self.inner
+            .mapping
+            .classify(method, host, path)
+            .and_then(|m| m.mcp.cloned())
+    }
+
+    /// `[sidecar.mcp]` settings.
+    pub fn mcp_config(&self) -> &crate::config::McpConfig {
+        &self.inner.mcp
     }
 
     /// Decides a connection that will be tunnelled without HTTP parsing (see
@@ -351,6 +405,7 @@ impl Pipeline {
                 caller: Caller::of(&dst.conn),
                 workload: dst.conn.workload.as_ref(),
                 request: None,
+                mcp: None,
                 reserve: None,
             },
         );
@@ -432,7 +487,10 @@ impl Pipeline {
         };
 
         let t1 = Instant::now();
-        let resource = format!("{}{}", s.host, s.path);
+        let resource = match s.mcp {
+            Some(m) => m.resource(s.host, s.path),
+            None => format!("{}{}", s.host, s.path),
+        };
         let now = now_unix();
         let cleared = inner.capabilities.check(&Stage1Request {
             caller: s.caller,
@@ -463,6 +521,7 @@ impl Pipeline {
             now,
             request: s.request,
             usage: None,
+            mcp: s.mcp,
         };
         let r = match s.reserve {
             Some(want) => {
@@ -618,6 +677,7 @@ struct Subject<'a> {
     caller: Caller,
     workload: Option<&'a Workload>,
     request: Option<&'a extract::Attributes>,
+    mcp: Option<&'a mcp::Message>,
     /// What a metered request reserves on allow.
     reserve: Option<usage::Want>,
 }

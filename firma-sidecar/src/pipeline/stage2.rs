@@ -75,6 +75,8 @@ pub struct Stage2Request<'a> {
     pub request: Option<&'a super::extract::Attributes>,
     /// `context.session` / `context.agent` token usage so far.
     pub usage: Option<(UsageTotals, UsageTotals)>,
+    /// `context.mcp` (MCP endpoints); its named calls are counted per tool.
+    pub mcp: Option<&'a super::mcp::Message>,
 }
 
 /// Stage 2's answer.
@@ -320,8 +322,11 @@ fn counter_of(
     counters: &ActionCounters,
     req: &Stage2Request<'_>,
 ) -> Result<Arc<std::sync::atomic::AtomicI64>, Stage2Result> {
+    // MCP calls that name a tool (resource, prompt) are counted per name (see `docs/mcp.md`).
+    let key = req.mcp.map(super::mcp::Message::counter_key);
+    let key = key.as_deref().unwrap_or(req.action_class);
     counters
-        .counter(req.session_id, req.action_class, req.live_until, req.now)
+        .counter(req.session_id, key, req.live_until, req.now)
         .map_err(|full| {
             // Fail closed: without a counter `action_count` limits could not hold.
             Stage2Result {
@@ -356,6 +361,7 @@ fn eval_once(
         method: req.method,
         request: req.request,
         usage,
+        mcp: req.mcp.map(|m| &m.context),
     });
     let deny = (!r.allowed).then(|| {
         let why = if r.determining_policies.is_empty() {

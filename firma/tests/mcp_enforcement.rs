@@ -1,0 +1,363 @@
+//! MCP-aware enforcement end to end (docs/mcp.md): the real `mcp` Python SDK on both ends (an
+//! MCP server with `read_file(path)` and `delete_repo(name)` over TLS on `mcp.test`, and an SDK
+//! client session), through the real `firma sidecar` in http_proxy mode (MITM), with the
+//! shipped MCP mapping rule and Cedar example. Each check asserts what the client got, what the
+//! server executed (its call log) and the audit event (method, tool, reason).
+
+use firma_testing::client::*;
+use firma_testing::sidecar::*;
+use firma_testing::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const HOST: &str = "mcp.test";
+
+fn python_has_mcp() -> bool {
+    Command::new("python3")
+        .args(["-c", "import mcp, uvicorn"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/mcp")
+        .join(name)
+}
+
+struct Env {
+    d: Deployment,
+    sc: Sidecar,
+    _server: process::Process,
+    calls: PathBuf,
+    token: String,
+}
+
+impl Env {
+    /// The server's executions so far: (tool, args).
+    fn executed(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.calls)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("call log line"))
+            .collect()
+    }
+
+    /// Decision events for the MCP endpoint that carry a tools/call.
+    fn tool_decisions(&self) -> Vec<serde_json::Value> {
+        self.d
+            .audit_for(HOST)
+            .into_iter()
+            .filter(|e| e["envelope"]["intent"]["request"]["mcp"]["method"] == "tools/call")
+            .collect()
+    }
+
+    /// Runs the SDK client with `steps` on one session; its JSON lines.
+    fn client(&self, steps: serde_json::Value) -> Vec<serde_json::Value> {
+        let out = Command::new("python3")
+            .arg(script("client.py"))
+            .arg(format!("https://{HOST}/mcp"))
+            .arg(self.sc.proxy_url())
+            .arg(self.d.ca_cert())
+            .arg(steps.to_string())
+            .env("FIRMA_CAPABILITY", &self.token)
+            .output()
+            .expect("run client.py");
+        assert!(
+            out.status.success(),
+            "client failed: {}\n{}\nsidecar:\n{}\naudit:\n{}",
+            text(&out.stdout),
+            text(&out.stderr),
+            self.sc.log_text(),
+            self.d.audit_text()
+        );
+        text(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("client line"))
+            .collect()
+    }
+
+    /// POST `body` to the MCP endpoint with curl through the proxy: (status, body).
+    fn post(&self, body: &[u8], headers: &[&str]) -> CurlOut {
+        let f = self.d.root().join("body.json");
+        std::fs::write(&f, body).unwrap();
+        let mut args: Vec<String> = vec![
+            "-H".into(),
+            "content-type: application/json".into(),
+            "-H".into(),
+            "accept: application/json, text/event-stream".into(),
+            "-H".into(),
+            format!("x-firma-capability: {}", self.token),
+        ];
+        for h in headers {
+            args.extend(["-H".to_string(), (*h).to_string()]);
+        }
+        args.extend(["--data-binary".into(), format!("@{}", f.display())]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(
+            &self.sc.proxy_url(),
+            &self.d.ca_cert(),
+            &format!("https://{HOST}/mcp"),
+            &refs,
+        )
+    }
+}
+
+fn setup() -> Option<Env> {
+    if !python_has_mcp() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "python3 lacks the mcp SDK in CI (.ci/run installs it)"
+        );
+        eprintln!("SKIP mcp_enforcement: python3 -m pip install mcp uvicorn");
+        return None;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    std::mem::forget(tmp);
+    // The server's certificate for mcp.test, from a CA the sidecar is told to trust.
+    let ca = pki::TestCa::new("firma test MCP CA");
+    let leaf = ca.leaf(&[HOST]);
+    let (cert, key) = (root.join("mcp.crt"), root.join("mcp.key"));
+    std::fs::write(&cert, leaf.cert.pem()).unwrap();
+    std::fs::write(&key, leaf.key.serialize_pem()).unwrap();
+    let ca_path = ca.write_pem(&root.join("mcp-ca.crt"));
+    let calls = root.join("calls.jsonl");
+    let mut cmd = Command::new("python3");
+    cmd.arg(script("server.py"))
+        .arg(&cert)
+        .arg(&key)
+        .arg(&calls);
+    let mut server = process::Process::spawn(cmd).expect("spawn server.py");
+    server
+        .wait_for("listening ", Duration::from_secs(30))
+        .expect("MCP server up");
+    let port: u16 = server.logged("listening ").expect("port");
+
+    // The shipped MCP rule, pointed at the test host, after the shipped rules.
+    let shipped = std::fs::read_to_string(repo_root().join("policies/mapping-rules.toml")).unwrap();
+    let mcp_rules = std::fs::read_to_string(repo_root().join("policies/mcp/mapping-rules.toml"))
+        .unwrap()
+        .replace("mcp.example.com", HOST);
+    let rules = root.join("rules.toml");
+    std::fs::write(&rules, format!("{shipped}\n{mcp_rules}")).unwrap();
+
+    // A per-tool budget of 1 read_file per session on top of the shipped example.
+    let policy = format!(
+        "{}\nforbid (principal, action == Firma::Action::\"mcp.tools.call\", resource) when {{\n  context has mcp && context.mcp has name && context.mcp.name == \"read_file\" && context.action_count > 1\n}};\n",
+        shipped_policy("runtime/mcp/mcp.cedar")
+    );
+    let s = Settings {
+        intercept_hosts: vec![HOST.into()],
+        strict_hosts: Vec::new(),
+        upstream_hosts: Vec::new(),
+        runtime_policy: policy,
+        extra: "[sidecar.mcp]\nmax_body_bytes = 65536\n".into(),
+        ..Settings::default()
+    };
+    let d = Deployment::new(None, &s);
+    let mut t = d.toml(None, &s);
+    t.rules_path = rules;
+    t.extra_root_certs = vec![ca_path];
+    t.hosts = vec![firma_testing::config::HostRoute {
+        host: HOST.into(),
+        address: format!("127.0.0.1:{port}").parse().unwrap(),
+        extra: String::new(),
+    }];
+    t.write(&d.config).unwrap();
+    let actions = [
+        "mcp.tools.call",
+        "mcp.tools.list",
+        "mcp.initialize",
+        "mcp.notification",
+        "mcp.other",
+        "mcp.session",
+    ];
+    let out = d.root().join("mcp-seed.toml");
+    issue_seed(
+        &firma_bin(),
+        &d.config,
+        "agent-mcp",
+        "mcp-s1",
+        &actions,
+        "*",
+        600,
+        &out,
+    )
+    .unwrap();
+    let seed: toml::Value = toml::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let token = seed["raw_token"].as_str().unwrap().to_owned();
+    let sc = d.start(&[]);
+    Some(Env {
+        d,
+        sc,
+        _server: server,
+        calls,
+        token,
+    })
+}
+
+#[test]
+fn sdk_session_tool_and_argument_rules_budget_and_audit() {
+    let Some(env) = setup() else { return };
+    let lines = env.client(serde_json::json!([
+        ["read_file", {"path": "/workspace/notes.md"}],
+        ["read_file", {"path": "/etc/shadow"}],
+        ["delete_repo", {"name": "org/app"}],
+        ["read_file", {"path": "/workspace/second.md"}],
+    ]));
+    let by = |i: usize| &lines[i + 1];
+    // Allowed: the server ran it, the client got its result.
+    assert_eq!(by(0)["ok"], true, "{lines:?}\n{}", env.sc.log_text());
+    assert_eq!(by(0)["text"], "contents of /workspace/notes.md");
+    // Argument rule: the SDK raises the JSON-RPC error naming Firma's reason, and the
+    // session goes on (the next calls still get answers on it).
+    for i in [1, 2, 3] {
+        let e = by(i)["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{lines:?}"));
+        assert!(
+            e.contains("Firma denied tools/call") && e.contains("PolicyDenied"),
+            "{e}"
+        );
+        assert_eq!(by(i)["code"], -32001, "{lines:?}");
+    }
+    assert!(by(2)["error"].as_str().unwrap().contains("delete_repo"));
+    // Only the allowed call reached the server.
+    let ran = env.executed();
+    assert_eq!(ran.len(), 1, "{ran:?}");
+    assert_eq!(ran[0]["args"]["path"], "/workspace/notes.md");
+
+    let ev = assert_eventually(Duration::from_secs(10), "4 tools/call decisions", || {
+        Some(env.tool_decisions()).filter(|v| v.len() >= 4)
+    });
+    let mcp = |i: usize| &ev[i]["envelope"]["intent"]["request"]["mcp"];
+    let expect = [
+        ("read_file", "ALLOW"),
+        ("read_file", "DENY"),
+        ("delete_repo", "DENY"),
+        ("read_file", "DENY"),
+    ];
+    for (i, (tool, outcome)) in expect.iter().enumerate() {
+        assert_eq!(mcp(i)["name"], *tool, "{}", ev[i]);
+        assert_eq!(ev[i]["decision"]["outcome"], *outcome, "{}", ev[i]);
+        assert!(mcp(i)["id"].is_i64(), "{}", ev[i]);
+        assert!(
+            mcp(i)["session_id"].is_string(),
+            "Mcp-Session-Id: {}",
+            ev[i]
+        );
+        assert_eq!(mcp(i)["argument_keys"].as_array().unwrap().len(), 1);
+        assert!(mcp(i)["arguments_sha256"].is_string());
+        assert!(
+            mcp(i).get("arguments").is_none(),
+            "values are off by default"
+        );
+        assert_eq!(
+            ev[i]["envelope"]["intent"]["action_class"],
+            "mcp.tools.call"
+        );
+    }
+    assert!(
+        !env.d.audit_text().contains("/etc/shadow"),
+        "argument values not in the audit"
+    );
+    assert_eq!(ev[1]["decision"]["reason"], "PolicyDenied");
+    assert_eq!(ev[2]["decision"]["reason"], "PolicyDenied");
+    assert!(
+        ev[3]["decision"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("action_count = 2"),
+        "the budget of 1 read_file: {}",
+        ev[3]
+    );
+    let (ok, report) = audit::verify(&env.d.audit_path, &[&env.d.root().join("audit.pub")]);
+    assert!(ok, "audit verify: {report}");
+}
+
+#[test]
+fn hostile_bodies_are_refused_before_the_server() {
+    let Some(env) = setup() else { return };
+    let cases: [(&[u8], &str); 6] = [
+        (
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file","name":"delete_repo","arguments":{"name":"x"}}}"#,
+            "duplicate key",
+        ),
+        (
+            br#"{"jsonrpc":"2.0","id":1,"method":"Tools/Call","params":{"name":"delete_repo"}}"#,
+            "case variant",
+        ),
+        (
+            br#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"delete_repo","arguments":{"name":"x"}}}"#,
+            "only notifications",
+        ),
+        (
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"delete_repo"}}"#,
+            "not valid JSON",
+        ),
+        (
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file","arguments":{"path":["/etc/shadow"]}}}"#,
+            "must be a string",
+        ),
+        (b"not json at all", "not valid JSON"),
+    ];
+    for (body, why) in cases {
+        let out = env.post(body, &[]);
+        assert_eq!(out.status, 400, "{out:?}");
+        assert!(out.body.contains(why), "{why}: {out:?}");
+        assert!(
+            out.body.contains("\"jsonrpc\":\"2.0\""),
+            "a JSON-RPC error: {out:?}"
+        );
+    }
+    // gzip: the policy would decide on bytes the server decodes differently.
+    let out = env.post(b"\x1f\x8b\x08\x00", &["content-encoding: gzip"]);
+    assert_eq!(out.status, 400, "{out:?}");
+    assert!(out.body.contains("Content-Encoding"), "{out:?}");
+    // Over `[sidecar.mcp] max_body_bytes` (64 KiB here): 413 from the shared body reader.
+    let giant = format!(
+        r#"{{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{{"name":"read_file","arguments":{{"path":"/workspace/{}"}}}}}}"#,
+        "a".repeat(70_000)
+    );
+    let out = env.post(giant.as_bytes(), &[]);
+    assert_eq!(out.status, 413, "{out:?}");
+    assert!(out.body.contains("BodyTooLarge"), "{out:?}");
+    assert!(out.body.contains("[sidecar.mcp] max_body_bytes"), "{out:?}");
+    // A batch with one denied member is denied whole: every id gets an error.
+    let batch = br#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"},{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"delete_repo","arguments":{"name":"x"}}}]"#;
+    let out = env.post(batch, &[]);
+    assert_eq!(out.status, 200, "{out:?}");
+    let v: serde_json::Value = serde_json::from_str(&out.body).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(2), "{v}");
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["error"]["code"] == -32001),
+        "{v}"
+    );
+    assert!(
+        env.executed().is_empty(),
+        "nothing executed: {:?}",
+        env.executed()
+    );
+
+    let n = 9;
+    let ev = assert_eventually(Duration::from_secs(10), "every attempt audited", || {
+        Some(env.d.audit_for(HOST)).filter(|v| v.len() >= n)
+    });
+    for e in &ev[..7] {
+        assert_eq!(e["decision"]["reason"], "MalformedRequest", "{e}");
+    }
+    assert_eq!(ev[7]["decision"]["reason"], "BodyTooLarge", "{}", ev[7]);
+    let b = &ev[8];
+    assert_eq!(b["decision"]["outcome"], "DENY");
+    let members = &b["envelope"]["intent"]["request"]["mcp"]["batch"];
+    assert_eq!(members[0]["decision"], "ALLOW", "{b}");
+    assert_eq!(members[1]["decision"], "DENY", "{b}");
+    assert_eq!(members[1]["name"], "delete_repo", "{b}");
+    let (ok, report) = audit::verify(&env.d.audit_path, &[&env.d.root().join("audit.pub")]);
+    assert!(ok, "audit verify: {report}");
+}
