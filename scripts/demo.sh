@@ -135,7 +135,7 @@ extra_root_certs = ["$DIR/up-ca.crt"]
 # (otherwise DestinationMismatch: docs/architecture.md, "Destination binding").
 [[sidecar.connector.hosts]]
 host = "api.openai.com"
-address = "127.0.0.2:443"
+address = "10.77.0.2:443"
 
 [[sidecar.credentials]]
 host = "api.openai.com"

@@ -71,8 +71,9 @@ const SMOKE_TENANTS: &[&str] = &[
     "1",
     "--warmup",
     "20",
+    // The reload must land within the run minus 3 s (poll interval + a debug compile).
     "--reload-run-secs",
-    "2",
+    "10",
 ];
 
 /// The cargo profile the harness builds and runs (`[profile.profiling]`: release + debug = 1).
