@@ -71,6 +71,20 @@ pub fn line(e: &Value) -> String {
             s(&d["reason"])
         );
     }
+    if let Some(mcp) = intent["request"]["mcp"].as_object() {
+        // One JSON-RPC message of an MCP endpoint: `ALLOW MCP tools/call read_file`,
+        // `DENY  MCP tools/call delete_repo PolicyDenied`.
+        let q = |k: &str| mcp.get(k).and_then(Value::as_str).unwrap_or("");
+        let name = match q("name") {
+            "" => String::new(),
+            n => format!(" {n}"),
+        };
+        let tail = match outcome {
+            "ALLOW" => String::new(),
+            _ => format!(" {}", s(&d["reason"])),
+        };
+        return format!("{outcome:<5} MCP {}{name}{tail}", q("method"));
+    }
     if let Some(dns) = intent["dns"].as_object() {
         // A query the DNS guard answered (allowed name) or refused.
         let q = |k: &str| dns.get(k).and_then(Value::as_str).unwrap_or("?");
@@ -139,6 +153,16 @@ mod tests {
                 "decision": {"outcome": "DENY", "reason": "PolicyDenied"},
                 "aggregate": {"count": 40}})
             .to_string(),
+            json!({"event": "decision", "workload": {"cgroup_path": "/firma-run-1-a"},
+                "envelope": {"intent": {"method": "POST", "resource": {"host": "mcp.test", "path": "/mcp/tools/read_file"},
+                    "request": {"mcp": {"method": "tools/call", "name": "read_file", "id": 3}}}},
+                "decision": {"outcome": "ALLOW"}})
+            .to_string(),
+            json!({"event": "decision", "workload": {"cgroup_path": "/firma-run-1-a"},
+                "envelope": {"intent": {"method": "POST", "resource": {"host": "mcp.test", "path": "/mcp/tools/delete_repo"},
+                    "request": {"mcp": {"method": "tools/call", "name": "delete_repo", "id": 4}}}},
+                "decision": {"outcome": "DENY", "reason": "PolicyDenied"}})
+            .to_string(),
             json!({"event": "refused", "workload": {"cgroup_path": "/firma-run-1-a"},
                 "decision": {"outcome": "DENY", "reason": "UdpRefused"},
                 "refused": {"protocol": "udp", "count": 3, "sample": {"destination": "10.0.0.9:5353"}}})
@@ -153,9 +177,11 @@ mod tests {
                 "DENY  GET api.openai.com/v1/models [model.inference.chat] PolicyDenied",
                 "DENY  DNS A x.example.org DnsDenied",
                 "DENY  40 more paste.rs PolicyDenied (over the audit rate: counted in one summary event)",
+                "ALLOW MCP tools/call read_file",
+                "DENY  MCP tools/call delete_repo PolicyDenied",
                 "DENY  UDP 10.0.0.9:5353 UdpRefused (x3)",
             ]
         );
-        assert_eq!(decisions(&file, "/firma-run-1-a"), 46);
+        assert_eq!(decisions(&file, "/firma-run-1-a"), 48);
     }
 }
