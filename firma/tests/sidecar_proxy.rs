@@ -752,9 +752,11 @@ fn half_closing_client_gets_every_decision() {
     assert_eq!(openai[0]["decision"]["outcome"], "ALLOW");
     // Both denials are answered before the connection closes; their events reach the file
     // with the writer's next batch.
-    assert_eventually(Duration::from_secs(10), "both paste.rs denials audited", || {
-        d.audit_for("paste.rs").len() >= 2
-    });
+    assert_eventually(
+        Duration::from_secs(10),
+        "both paste.rs denials audited",
+        || d.audit_for("paste.rs").len() >= 2,
+    );
     let paste = d.audit_for("paste.rs");
     assert_eq!(paste.len(), 2, "one decision per answer: {paste:?}");
     assert_eq!(paste[0]["envelope"]["intent"]["resource"]["path"], "/a");
