@@ -205,6 +205,21 @@ pub fn expects_continue(headers: &http::HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
+/// [`answer_unread`] for a whole request: `unread` says its body was never read by the sidecar,
+/// so an `Expect: 100-continue` client is still waiting to send it (and is not asked to).
+pub async fn answer_request<B>(
+    req: http::Request<B>,
+    unread: bool,
+    resp: Response<RespBody>,
+) -> Response<RespBody>
+where
+    B: Body<Data = Bytes> + Unpin + Send + Sync + 'static,
+{
+    let awaiting_continue = unread && expects_continue(req.headers());
+    let http1 = req.version() < http::Version::HTTP_2;
+    answer_unread(req.into_body(), awaiting_continue, http1, resp).await
+}
+
 /// Answers with `resp` a request whose body may still be arriving (see the module doc):
 /// discards the rest of `body` up to [`DRAIN_MAX`] / [`DRAIN_TIME`] unless `awaiting_continue`
 /// (an `Expect: 100-continue` body never read); if it did not end, keeps it open until `resp`

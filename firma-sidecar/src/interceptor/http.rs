@@ -427,8 +427,7 @@ async fn handle_request(
         Err((reason, detail)) => {
             let d = Decision::deny(reason, detail);
             rec.deny(&d);
-            let (http1, waiting) = (is_http1(&req), body::expects_continue(req.headers()));
-            return body::answer_unread(req.into_body(), waiting, http1, deny(&d)).await;
+            return body::answer_request(req, true, deny(&d)).await;
         }
     };
     let up = &target.upstream;
@@ -462,8 +461,6 @@ async fn handle_request(
                     unread,
                 }) => {
                     rec.deny(&decision);
-                    let waiting = unread && body::expects_continue(req.headers());
-                    let http1 = is_http1(&req);
                     // A body that is not MCP gets a JSON-RPC error; one too large or over the
                     // budget the usual 413 / 503 + Retry-After.
                     let resp = if decision.reason == Some(DenyReason::MalformedRequest) {
@@ -471,7 +468,7 @@ async fn handle_request(
                     } else {
                         deny(&decision)
                     };
-                    return body::answer_unread(req.into_body(), waiting, http1, resp).await;
+                    return body::answer_request(req, unread, resp).await;
                 }
             }
         }
@@ -492,8 +489,7 @@ async fn handle_request(
                 Err(detail) => {
                     let d = Decision::deny(DenyReason::MalformedRequest, detail);
                     rec.deny(&d);
-                    let (http1, waiting) = (is_http1(&req), body::expects_continue(req.headers()));
-                    return body::answer_unread(req.into_body(), waiting, http1, deny(&d)).await;
+                    return body::answer_request(req, true, deny(&d)).await;
                 }
             };
             if spec.is_empty() {
@@ -516,10 +512,7 @@ async fn handle_request(
                         rec.deny(&decision);
                         // Refused on its declared size: an `Expect: 100-continue` client has not
                         // sent the body and is not asked to.
-                        let waiting = unread && body::expects_continue(req.headers());
-                        let http1 = is_http1(&req);
-                        let resp = deny(&decision);
-                        return body::answer_unread(req.into_body(), waiting, http1, resp).await;
+                        return body::answer_request(req, unread, deny(&decision)).await;
                     }
                 }
             }
@@ -639,10 +632,8 @@ async fn handle_request(
                     ..Default::default()
                 };
                 rec.abort_before_send(&decision, outcome);
-                let waiting = !body_read && body::expects_continue(req.headers());
-                let http1 = is_http1(&req);
                 let resp = abort(StatusCode::BAD_GATEWAY, "UpstreamUnavailable", &e);
-                return body::answer_unread(req.into_body(), waiting, http1, resp).await;
+                return body::answer_request(req, !body_read, resp).await;
             }
         }
     }
@@ -650,9 +641,7 @@ async fn handle_request(
         rec.deny(&decision);
         crate::metrics::overhead(arrived);
         // Extracted bodies were read; any other is still unread.
-        let waiting = !body_read && body::expects_continue(req.headers());
-        let http1 = is_http1(&req);
-        return body::answer_unread(req.into_body(), waiting, http1, deny(&decision)).await;
+        return body::answer_request(req, !body_read, deny(&decision)).await;
     };
     let prepared = state.connector.prepare(req, up, conn, addr).await;
     crate::metrics::stage(crate::metrics::Stage::Connector, connecting.elapsed());
@@ -952,10 +941,6 @@ async fn read_for_extract(
             unread: false,
         }),
     }
-}
-
-fn is_http1<B>(req: &Request<B>) -> bool {
-    req.version() < http::Version::HTTP_2
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ pub struct McpCall {
 /// Reads and classifies the body with big bodies' reader (see [`super::body`]: at most
 /// `limit` bytes, `[sidecar.mcp] max_body_bytes`, within [`BODY_TIME`], its bytes counted
 /// against the shared body `budget`); gives the request back with the same bytes. On refusal
-/// the request comes back with what is left of its body, for [`super::body::answer_unread`]:
+/// the request comes back with what is left of its body, for [`super::body::answer_request`]:
 /// `MalformedRequest` (not MCP), `BodyTooLarge` or `BodyBudgetExhausted`.
 pub async fn read(
     req: Request<Incoming>,
