@@ -35,31 +35,10 @@ fn contains_marker(bytes: &[u8]) -> bool {
         .any(|w| w.eq_ignore_ascii_case(MARKER.as_bytes()))
 }
 
-/// `%XX`-decoded bytes (`+` left as is): a placeholder escaped in a URL is still found.
+/// `%XX`-decoded bytes (`+` left as is, invalid escapes kept): a placeholder escaped in a URL
+/// is still found.
 fn percent_decoded(s: &str) -> Vec<u8> {
-    fn hex(b: u8) -> Option<u8> {
-        (b as char).to_digit(16).map(|d| d as u8)
-    }
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match (
-            b[i],
-            b.get(i + 1).copied().and_then(hex),
-            b.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push(h << 4 | l);
-                i += 3;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    out
+    percent_encoding::percent_decode_str(s).collect()
 }
 
 /// The name of a `name=value` query pair, decoded and lowercased.
