@@ -6,6 +6,7 @@
 //! is written by **audit**. Interceptors differ only in how a connection and its destination
 //! arrive; everything after that is shared ([`interceptor::serve::serve_stream`]).
 
+pub mod admin;
 pub mod audit;
 pub mod authority_client;
 pub mod config;

@@ -17,6 +17,7 @@ mod chain;
 mod conn_ids;
 mod event;
 mod grpc;
+pub mod metrics;
 mod recorder;
 mod rotate;
 mod space;
@@ -274,6 +275,20 @@ impl AuditLog {
     /// Denials counted into `deny_summary` events since start (not written one by one).
     pub fn denials_aggregated(&self) -> u64 {
         self.inner.aggregator.aggregated()
+    }
+
+    /// Copies the sink's counters into its metrics (at scrape time).
+    pub fn refresh_metrics(&self) {
+        let h = self.health();
+        metrics::set_sink_state(metrics::SinkState {
+            written: h.written(),
+            lost: h.lost(),
+            healthy: h.healthy(),
+            disk_free: h.disk_free(),
+            disk_low: h.disk_low(),
+            rotated: h.rotated(),
+            aggregated: self.denials_aggregated(),
+        });
     }
 
     fn send(&self, msg: writer::Msg) {

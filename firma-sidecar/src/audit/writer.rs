@@ -339,7 +339,7 @@ impl Writer {
         if result.is_ok() {
             let t0 = Instant::now();
             result = self.sink.write_lines(lines).map_err(|e| e.to_string());
-            crate::metrics::audit_write(t0.elapsed());
+            super::metrics::write(t0.elapsed());
         }
         match result {
             Ok(()) => {

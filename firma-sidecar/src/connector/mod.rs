@@ -7,6 +7,7 @@
 pub mod binding;
 pub mod credentials;
 pub mod dial;
+pub mod metrics;
 pub mod placeholder;
 pub mod pool;
 pub mod ratelimit;

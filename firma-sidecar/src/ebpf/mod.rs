@@ -10,6 +10,7 @@ pub mod allow;
 pub mod bpffs;
 pub mod cgroup;
 mod logs;
+pub mod metrics;
 pub mod pins;
 mod programs;
 pub mod refusals;

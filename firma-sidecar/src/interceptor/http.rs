@@ -639,12 +639,15 @@ async fn handle_request(
     }
     let Some(addr) = addr.filter(|_| decision.is_allow()) else {
         rec.deny(&decision);
-        crate::metrics::overhead(arrived);
+        super::metrics::overhead(arrived);
         // Extracted bodies were read; any other is still unread.
         return body::answer_request(req, !body_read, deny(&decision)).await;
     };
     let prepared = state.connector.prepare(req, up, conn, addr).await;
-    crate::metrics::stage(crate::metrics::Stage::Connector, connecting.elapsed());
+    crate::pipeline::metrics::stage(
+        crate::pipeline::metrics::Stage::Connector,
+        connecting.elapsed(),
+    );
     let prepared = match prepared {
         Ok(p) => p,
         Err((Failure::CredentialUnavailable(detail), _)) => {
@@ -670,7 +673,7 @@ async fn handle_request(
         Ok(c) => c,
         Err((rec, e)) => return deny(&rec.deny_unaudited(&e)),
     };
-    crate::metrics::overhead(arrived);
+    super::metrics::overhead(arrived);
     if let Some(client) = upgrade {
         return match state.connector.send_upgrade(prepared).await {
             Ok((resp, Some(upstream), outcome)) => {
@@ -810,7 +813,7 @@ fn track_usage(
             _ => None,
         };
         if let Some(t) = charged {
-            crate::metrics::llm_usage(model_label, t.input, t.output, cost);
+            super::metrics::llm_usage(model_label, t.input, t.output, cost);
         }
         let usage = crate::pipeline::usage::Usage {
             input_tokens: charged.map_or(0, |t| t.input),
