@@ -17,6 +17,7 @@ pub mod dns;
 pub mod drain;
 pub mod ebpf;
 pub mod error_shape;
+pub mod http_body;
 pub mod interceptor;
 pub mod metrics;
 pub mod pipeline;

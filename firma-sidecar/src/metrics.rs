@@ -44,4 +44,3 @@ impl Metrics {
 pub fn enable() -> &'static Metrics {
     REGISTRY.get_or_init(Metrics::new)
 }
-

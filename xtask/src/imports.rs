@@ -61,6 +61,7 @@ const CRATES: &[Checked] = &[
             ("sockopt.rs", 0, "socket options"),
             ("drain.rs", 0, "graceful shutdown"),
             ("workers.rs", 0, "connection worker threads"),
+            ("http_body.rs", 0, "the one boxed HTTP body type"),
             (
                 "ebpf/allow.rs",
                 0,

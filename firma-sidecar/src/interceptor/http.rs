@@ -7,7 +7,7 @@
 //! when the client goes away mid-request). If the decision cannot be persisted the request is
 //! denied `AuditUnavailable`.
 
-use super::body;
+use super::body::{self, Refused, body_refusal};
 use super::framing::{FramingGuard, Verdict};
 use super::head::{self, HeadError};
 use super::limits;
@@ -879,24 +879,6 @@ fn abort_of(failure: Failure) -> (StatusCode, &'static str, String) {
 
 /// How long a client has to send a body that must be read before the decision.
 const EXTRACT_BODY_TIME: Duration = Duration::from_secs(30);
-
-/// Why a body that must be read before the decision was not: the denial to answer with.
-pub fn body_refusal(e: &body::ReadError) -> Decision {
-    let reason = match e {
-        body::ReadError::TooLarge { .. } => DenyReason::BodyTooLarge,
-        body::ReadError::Busy { .. } => DenyReason::BodyBudgetExhausted,
-        body::ReadError::Timeout(_) | body::ReadError::Client(_) => DenyReason::MalformedRequest,
-    };
-    Decision::deny(reason, e.detail())
-}
-
-/// A request refused while reading its body for extraction.
-pub struct Refused {
-    pub req: Request<Incoming>,
-    pub decision: Decision,
-    /// No byte of the body was read (refused on its declared size).
-    pub unread: bool,
-}
 
 /// Reads a body whose rule extracts attributes (see [`body`]: per-request limit, shared
 /// budget, [`EXTRACT_BODY_TIME`]), extracts them, and gives the request back with the same
