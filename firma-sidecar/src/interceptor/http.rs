@@ -10,7 +10,7 @@
 use super::body::{self, Refused, body_refusal};
 use super::framing::{FramingGuard, Verdict};
 use super::head::{self, HeadError};
-use super::limits;
+use super::idle;
 use super::rewind::Rewind;
 use super::websocket;
 use crate::audit::RequestAudit;
@@ -82,8 +82,8 @@ pub async fn serve_http<S>(
         }
     }
     // Idle = no request in flight; each request and its response body hold `activity` busy.
-    let timeouts = limits::timeouts();
-    let activity = Arc::new(limits::Activity::default());
+    let timeouts = idle::timeouts();
+    let activity = Arc::new(idle::Activity::default());
     let svc = {
         let state = state.clone();
         let conn = conn.clone();
@@ -94,7 +94,7 @@ pub async fn serve_http<S>(
             let busy = activity.begin();
             async move {
                 let resp = handle(&state, &conn, &mode, req).await;
-                Ok::<_, Infallible>(limits::hold_until_sent(resp, busy))
+                Ok::<_, Infallible>(idle::hold_until_sent(resp, busy))
             }
         })
     };
@@ -116,7 +116,7 @@ pub async fn serve_http<S>(
             _ = activity.idle_timeout(timeouts.http_idle) => {
                 tracing::debug!(conn = conn.conn_id, "closing idle HTTP/2 connection");
                 c.as_mut().graceful_shutdown();
-                limits::finish_closing(c).await
+                idle::finish_closing(c).await
             }
         }
     } else {
@@ -139,7 +139,7 @@ pub async fn serve_http<S>(
             _ = activity.idle_timeout(timeouts.http_idle) => {
                 tracing::debug!(conn = conn.conn_id, "closing idle HTTP/1 connection");
                 c.as_mut().graceful_shutdown();
-                limits::finish_closing(c).await
+                idle::finish_closing(c).await
             }
         }
     };

@@ -1,6 +1,6 @@
 //! Destination-level decisions and blind tunnels (no HTTP parsing), for every mode.
 
-use super::limits::Moved;
+use super::idle::Moved;
 use crate::audit::{Committed, ConnectorOutcome, RequestAudit};
 use crate::conn::{ConnectionInfo, Decision, DenyReason};
 use crate::connector::binding::Unbound;
@@ -159,8 +159,8 @@ pub async fn pump<C>(
         committed.finish(outcome);
         return;
     }
-    let idle = super::limits::timeouts().tunnel_idle;
-    match super::limits::copy_until_idle(&mut client, &mut upstream, idle).await {
+    let idle = super::idle::timeouts().tunnel_idle;
+    match super::idle::copy_until_idle(&mut client, &mut upstream, idle).await {
         Ok(Moved {
             up,
             down,
