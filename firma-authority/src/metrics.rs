@@ -2,7 +2,7 @@
 //!
 //! Recording is off unless `[authority] admin_addr` is set ([`enable`]). Label sets are fixed
 //! and small (result, reason code, stream kind); bundle versions and the revocation count are
-//! read at scrape time. Names and labels are listed in the README ("Metrics and health").
+//! read at scrape time. Names and labels are listed in docs/metrics.md.
 
 use crate::bundles::LoadedBundle;
 use crate::issuance::DenialCode;

@@ -6,7 +6,7 @@
 //! the decision counter, whose `action_class` label comes from the mapping rules (a bounded,
 //! configured set) and costs one hash lookup. Values that already exist elsewhere (audit
 //! counters, bundle age, eBPF counters, leaf certificates minted) are read at scrape time, not
-//! counted twice. Names and labels are listed in the README ("Metrics and health").
+//! counted twice. Names and labels are listed in docs/metrics.md.
 
 use crate::conn::{ConnectorOutcome, Decision, InterceptKind, Outcome};
 use crate::ebpf::Redirector;

@@ -228,7 +228,7 @@ fn usage_from_json_and_sse_counts_against_the_session_budget_across_restarts() {
     assert!(out.body.contains("data: [DONE]"), "{}", out.body);
     let o = usage_outcomes(&d, 2);
     assert_eq!(o[1]["connector"]["usage"]["total_tokens"], 200);
-    // The same usage on the admin listener's /metrics (README "Metrics and health").
+    // The same usage on the admin listener's /metrics (docs/metrics.md).
     let scrape = admin_metrics(&sc);
     let sample = |series: &str| {
         scrape
