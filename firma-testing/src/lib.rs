@@ -137,6 +137,7 @@ pub fn eventually<R: Ready>(
         if Instant::now() >= deadline {
             return Err(format!("not true within {within:?}: {what}"));
         }
+        // Poll interval of the wait on `f`, bounded by `within`.
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -295,6 +295,33 @@ impl Deployment {
         Sidecar::start(&self.config, envs)
     }
 
+    /// An audit fence for checks that something was *not* audited: sends one plain-HTTP request
+    /// no mapping rule classifies (denied `UnclassifiedIntent` under `default_protected`, the
+    /// default) with a unique path through `sc`, and waits until its decision is in the file.
+    /// The single audit writer persists events in the order they were submitted, so every event
+    /// submitted before the fence request is in the file too. Returns the fence's path, so a
+    /// caller counting denials can leave the fence out.
+    pub fn audit_fence(&self, sc: &Sidecar) -> String {
+        let path = format!("/{}", crate::unique("firma-audit-fence"));
+        let out = crate::client::curl(
+            &sc.proxy_url(),
+            &self.ca_cert(),
+            &format!("http://audit-fence.invalid{path}"),
+            &[],
+        );
+        assert_eq!(out.status, 403, "the fence request is denied: {out:?}");
+        crate::assert_eventually(
+            Duration::from_secs(10),
+            "the audit fence's decision",
+            || {
+                self.audit().iter().any(|e| {
+                    e["event"] == "decision" && e["envelope"]["intent"]["resource"]["path"] == path
+                })
+            },
+        );
+        path
+    }
+
     /// [`Deployment::start`] in a private mount namespace whose /etc/hosts is `hosts`: the
     /// sidecar resolves decided names itself (the destination binding), so it must see the same
     /// names as the test's clients (needs root).

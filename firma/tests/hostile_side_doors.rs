@@ -713,7 +713,7 @@ t('list', lambda: os.listdir(S))
 t('read_key', lambda: open(S + '/audit.key').read())
 t('read_runs', lambda: os.listdir(S + '/runs'))
 open(W + '/tried', 'w').close()
-while not os.path.exists(W + '/go'):
+while not os.path.exists(W + '/go'):  # waits for the test's signal file
     time.sleep(0.05)
 "#
     );

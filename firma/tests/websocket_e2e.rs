@@ -166,7 +166,9 @@ fn nothing_is_smuggled_after_a_refused_upgrade() {
         raw.to_ascii_lowercase().contains("connection: close"),
         "{raw}"
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // A second decision would come from reading the pipelined request after the 403; the
+    // fence shows the writer is past anything the connection could have caused.
+    d.audit_fence(&sc);
     let paste: Vec<_> = d.audit_for("paste.rs");
     assert_eq!(paste.len(), 1, "only the upgrade was decided: {paste:?}");
     assert!(echo.sessions().is_empty());
