@@ -326,15 +326,8 @@ impl Deployment {
     /// sidecar resolves decided names itself (the destination binding), so it must see the same
     /// names as the test's clients (needs root).
     pub fn start_with_hosts(&self, envs: &[(&str, &str)], hosts: &Path) -> Sidecar {
-        let mut c = Command::new("unshare");
-        c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(format!(
-                "mount --bind '{}' /etc/hosts && exec \"$@\"",
-                hosts.display()
-            ))
-            .arg("sh")
-            .arg(firma_bin())
-            .args(["sidecar", "-c", &self.config.display().to_string()])
+        let mut c = crate::confine::Confine::hosts(hosts).command(firma_bin());
+        c.args(["sidecar", "-c", &self.config.display().to_string()])
             .env("NO_COLOR", "1")
             .env_remove("RUST_LOG")
             .env_remove("VAULT_TOKEN")

@@ -19,6 +19,7 @@
 
 use firma_testing::client::{PROXY_VARS, raw_exchange, run_in_cgroup};
 use firma_testing::config::Mode;
+use firma_testing::confine::Confine;
 use firma_testing::kernel::{DST_V4, DST_V6, TestCgroup, TestPins, in_fresh_netns};
 use firma_testing::sidecar::{Deployment, Settings, Sidecar};
 use firma_testing::upstream::Upstream;
@@ -257,20 +258,8 @@ fn run_client(
             vec!["-e".into(), NODE_FETCH.into(), url.into(), body.into()],
         ),
     };
-    let join = match cgroup {
-        Some(cg) => format!("echo $$ > '{}/cgroup.procs' && ", cg.display()),
-        None => String::new(),
-    };
-    let script = format!(
-        "mount --bind '{}' /etc/hosts && {join}exec \"$@\"",
-        hosts.display()
-    );
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg(script)
-        .arg("sh")
-        .arg(program)
-        .args(&args);
+    let mut cmd = Confine::hosts(hosts).cgroup_opt(cgroup).command(program);
+    cmd.args(&args);
     for v in PROXY_VARS.iter().chain(&["NO_PROXY", "no_proxy"]) {
         cmd.env_remove(v);
     }
@@ -656,14 +645,10 @@ fn token_for_another_agent_is_denied_workload_mismatch() {
     let raw = env
         .d
         .issue_token("other-agent", "s9", "model.inference.chat", "*");
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg(format!(
-            "mount --bind '{}' /etc/hosts && echo $$ > '{}/cgroup.procs' && exec \"$@\"",
-            env.hosts.display(),
-            env.cg.dir.display()
-        ))
-        .args(["sh", "curl", "-sS", "--max-time", "10", "--cacert"])
+    let out = Confine::hosts(&env.hosts)
+        .cgroup(&env.cg.dir)
+        .command("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
         .arg(env.d.ca_cert())
         .args(["-H", &format!("x-firma-capability: {raw}")])
         .args([
