@@ -127,7 +127,6 @@ fn scraped_names(scrape: &str) -> BTreeSet<String> {
 
 #[test]
 fn metrics_doc_lists_exactly_what_sidecar_and_authority_serve() {
-    let tmp = tempfile::tempdir().unwrap();
     let settings = Settings {
         extra: "[sidecar.admin]\nlisten_addr = \"127.0.0.1:0\"\n".into(),
         ..Settings::default()
@@ -146,7 +145,6 @@ fn metrics_doc_lists_exactly_what_sidecar_and_authority_serve() {
     let _server = a.start();
     let (code, auth) = get(&format!("http://127.0.0.1:{admin}/metrics"));
     assert_eq!(code, 200, "{auth}");
-    drop(tmp);
 
     let mut served = scraped_names(&sidecar);
     served.extend(scraped_names(&auth));
@@ -210,8 +208,8 @@ fn probe(dir: &Path, segments: &[(String, bool)]) -> Probe {
 fn schema_sections() -> BTreeMap<String, BTreeSet<String>> {
     let tmp = tempfile::tempdir().unwrap();
     let mut sections = BTreeMap::new();
-    let mut todo: Vec<Vec<(String, bool)>> = vec![Vec::new()];
-    while let Some(path) = todo.pop() {
+    let mut pending: Vec<Vec<(String, bool)>> = vec![Vec::new()];
+    while let Some(path) = pending.pop() {
         let Probe::Fields(fields) = probe(tmp.path(), &path) else {
             panic!("{path:?} was a table a moment ago");
         };
@@ -220,11 +218,11 @@ fn schema_sections() -> BTreeMap<String, BTreeSet<String>> {
             let mut child = path.clone();
             child.push((f.clone(), false));
             match probe(tmp.path(), &child) {
-                Probe::Fields(_) => todo.push(child),
+                Probe::Fields(_) => pending.push(child),
                 Probe::NotATable(e) if e.contains("expected a sequence") => {
                     child.last_mut().unwrap().1 = true;
                     match probe(tmp.path(), &child) {
-                        Probe::Fields(_) => todo.push(child),
+                        Probe::Fields(_) => pending.push(child),
                         Probe::NotATable(_) => {
                             leaves.insert(f);
                         }
@@ -345,8 +343,8 @@ fn markdown_files() -> Vec<PathBuf> {
 /// Tracked-looking text files: skips build output, dependencies, fuzz corpora and VCS data.
 fn files_under(root: &Path, keep: &dyn Fn(&Path) -> bool) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let mut todo = vec![root.to_path_buf()];
-    while let Some(dir) = todo.pop() {
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
         for entry in std::fs::read_dir(&dir).unwrap().flatten() {
             let p = entry.path();
             let name = entry.file_name().to_string_lossy().to_string();
@@ -357,7 +355,7 @@ fn files_under(root: &Path, keep: &dyn Fn(&Path) -> bool) -> Vec<PathBuf> {
                 ) && !name.starts_with('.')
                     || name == ".ci"
                 {
-                    todo.push(p);
+                    pending.push(p);
                 }
             } else if keep(&p) {
                 out.push(p);
