@@ -428,7 +428,7 @@ fn citable_names(text: &str) -> Vec<String> {
 }
 
 /// The comment text of a Rust source (`//`, `///`, `//!` to the end of the line): code builds
-/// paths at run time (`root.join("policies/runtime.cedar")`) that are not citations.
+/// paths at run time (`root.join("<dir>/<file>")`) that are not citations.
 fn rust_comments(text: &str) -> String {
     text.lines()
         .filter_map(|l| l.split_once("//").map(|(_, c)| c))
