@@ -9,7 +9,7 @@
 //! the decision counter, whose `action_class` label comes from the mapping rules (a bounded,
 //! configured set) and costs one hash lookup. Values that already exist elsewhere (audit
 //! counters, bundle age, eBPF counters, leaf certificates minted) are read at scrape time, not
-//! counted twice. Names and labels are listed in docs/operations.md.
+//! counted twice. Names and labels are listed in docs/metrics.md.
 
 use prometheus_client::registry::Registry;
 use std::sync::OnceLock;
