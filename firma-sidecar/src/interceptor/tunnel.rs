@@ -112,23 +112,7 @@ pub async fn decide_and_connect(
         Err((rec, e)) => return TunnelStart::Denied(rec.deny_unaudited(&e)),
     };
     let started = std::time::Instant::now();
-    let connected = async {
-        let timeout = state.connector.timeout_for(host.unwrap_or_default());
-        match tokio::time::timeout(
-            timeout,
-            state
-                .connector
-                .dialer()
-                .connect(addr, None, state.connector.mark_for(conn)),
-        )
-        .await
-        {
-            Ok(Ok(io)) => Ok(io),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("connecting to {addr} timed out")),
-        }
-    }
-    .await;
+    let connected = state.connector.connect_tunnel(host, addr, conn).await;
     committed.outcome_mut().upstream_us = started.elapsed().as_micros() as u64;
     match connected {
         Ok(io) => TunnelStart::Open(Box::new(io), Box::new(committed)),
