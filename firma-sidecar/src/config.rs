@@ -40,6 +40,10 @@ pub struct SidecarConfig {
     pub llm: LlmConfig,
     #[serde(default)]
     pub mcp: McpConfig,
+    /// `[sidecar.node]`: the Kubernetes node agent (pods tagged from their CRI annotations);
+    /// absent = off. Needs `mode = "transparent"`. See docs/kubernetes.md.
+    #[serde(default)]
+    pub node: Option<crate::node::NodeConfig>,
 }
 
 /// `[sidecar.mcp]`: MCP endpoints (mapping rules with `mcp`, see docs/mcp.md).
@@ -337,6 +341,13 @@ pub struct TransparentConfig {
     /// because that is fail-open; only for throwaway setups.
     #[serde(default)]
     pub allow_ephemeral_pins: bool,
+    /// An extra IPv4 address the transparent listener binds and tagged IPv4 connects are sent
+    /// to instead of 127.0.0.1: one reachable from pod network namespaces (the node's end of
+    /// the pod network, e.g. the CNI bridge's gateway address), so pods with their own network
+    /// namespace reach the node's sidecar. Unset: 127.0.0.1 only (workloads in the sidecar's
+    /// own network namespace). Needs `redirect_dns = false` (the DNS guard listens on loopback).
+    #[serde(default)]
+    pub redirect_address: Option<std::net::Ipv4Addr>,
 }
 
 impl Default for TransparentConfig {
@@ -354,6 +365,7 @@ impl Default for TransparentConfig {
             pin_dir: default_pin_dir(),
             control_socket: default_control_socket(),
             allow_ephemeral_pins: false,
+            redirect_address: None,
         }
     }
 }
@@ -894,6 +906,41 @@ impl SidecarConfig {
         own
     }
 
+    /// `redirect_address` and `[sidecar.node]`: a routable address, and no DNS guard or
+    /// interception mode they cannot work with.
+    fn validate_node(&self, file: &Path) -> Result<(), ConfigError> {
+        let t = &self.interceptor.transparent;
+        if let Some(a) = t.redirect_address {
+            if a.is_loopback() || a.is_unspecified() || a.is_multicast() || a.is_broadcast() {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.interceptor.transparent.redirect_address",
+                    format!(
+                        "expected a unicast address of this node reachable from the pods (not loopback, 0.0.0.0, multicast or broadcast), got {a}"
+                    ),
+                ));
+            }
+            if t.redirect_dns {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.interceptor.transparent.redirect_dns",
+                    "expected false with redirect_address (the DNS guard listens on loopback only, so tagged DNS would be refused)",
+                ));
+            }
+        }
+        if let Some(node) = &self.node {
+            if !matches!(self.interceptor.mode, InterceptMode::Transparent) {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.node",
+                    "expected [sidecar.interceptor] mode = \"transparent\" (the node agent tags pod cgroups)",
+                ));
+            }
+            node.validate(file)?;
+        }
+        Ok(())
+    }
+
     /// `allow_udp` and `allow_loopback`: well-formed, and no loopback allowance names one of
     /// the sidecar's own ports.
     fn validate_side_doors(&self, file: &Path) -> Result<(), ConfigError> {
@@ -1048,6 +1095,7 @@ impl SidecarConfig {
             }
         }
         self.validate_side_doors(file)?;
+        self.validate_node(file)?;
         self.dns.validate(file, self.interceptor.transparent.port)?;
         let m = &self.interceptor.https_mitm;
         for (i, h) in m.fallback_hosts.iter().enumerate() {

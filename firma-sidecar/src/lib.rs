@@ -18,6 +18,7 @@ pub mod ebpf;
 pub mod error_shape;
 pub mod interceptor;
 pub mod metrics;
+pub mod node;
 pub mod pipeline;
 pub mod response;
 pub mod server;
