@@ -19,6 +19,7 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use firma_common::maps::{MAP_BINDINGS, WorkloadBinding};
 use firma_common::proto::cri;
 use firma_sidecar::control::{Request, StatusReport};
+use firma_sidecar::ebpf::LINKS_PER_CGROUP;
 use firma_testing::config::Mode;
 use firma_testing::kernel::{DST_V4, TestPins, in_fresh_netns, sh};
 use firma_testing::sidecar::{Deployment, Settings, Sidecar};
@@ -175,6 +176,9 @@ state = "{d}/state"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{IMAGE}"
   disable_apparmor = true
+  # Sandboxes ask for oom_score_adj -998, which this test's own process may not be allowed to
+  # set (EACCES in runc's nsexec): keep them at or above containerd's.
+  restrict_oom_score_adj = true
   netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "native"
@@ -281,10 +285,7 @@ impl Node {
         let pins = TestPins::new();
         let mut settings = Settings {
             upstream_hosts: Vec::new(),
-            extra: format!(
-                "{CREDENTIAL}\n[sidecar.node]\ncri_socket = \"{}/containerd.sock\"\nresync_interval_ms = 100\n",
-                dir.path().display()
-            ),
+            extra: CREDENTIAL.into(),
             ..Settings::default()
         };
         let d = Deployment::new(Some(&up), &settings);
@@ -297,12 +298,16 @@ impl Node {
         };
         d.write(Some(&up), &settings);
         // Pods have their own network namespace: tagged connects go to the bridge address.
-        let text = std::fs::read_to_string(&d.config).unwrap().replace(
+        let mut text = std::fs::read_to_string(&d.config).unwrap().replace(
             "[sidecar.interceptor.transparent]\n",
             &format!(
                 "[sidecar.interceptor.transparent]\nredirect_address = \"{GATEWAY}\"\nredirect_dns = false\n"
             ),
         );
+        text.push_str(&format!(
+            "\n[sidecar.node]\ncri_socket = \"{}/containerd/containerd.sock\"\nresync_interval_ms = 100\n",
+            dir.path().display()
+        ));
         std::fs::write(&d.config, text).unwrap();
         let hosts = d.root().join("hosts");
         std::fs::write(
@@ -746,7 +751,10 @@ fn labelled_pod_is_enforced_from_its_first_connect() {
     );
 
     // 4. Deleting the labelled pod detaches it (before its cgroup is even removed).
-    assert_eq!(n.attached().get(&pod.uid).map(|a| a.1), Some(7));
+    assert_eq!(
+        n.attached().get(&pod.uid).map(|a| a.1),
+        Some(LINKS_PER_CGROUP)
+    );
     n.remove_pod(&pod);
     assert_eventually(Duration::from_secs(10), "pod detached", || {
         !n.attached().contains_key(&pod.uid)
@@ -814,8 +822,8 @@ fn agent_kill_9_keeps_enforcement_and_resyncs() {
     n.start_sidecar();
     assert_eventually(Duration::from_secs(15), "resynced after restart", || {
         let a = n.attached();
-        a.get(&kept.uid).map(|x| x.1) == Some(7)
-            && a.get(&late.uid).map(|x| x.1) == Some(7)
+        a.get(&kept.uid).map(|x| x.1) == Some(LINKS_PER_CGROUP)
+            && a.get(&late.uid).map(|x| x.1) == Some(LINKS_PER_CGROUP)
             && !a.contains_key(&gone.uid)
     });
     Node::remove_pod_cgroups(&gone.uid);
@@ -847,7 +855,7 @@ fn pod_cycles_leak_no_pins_or_map_entries() {
     for i in 0..cycles {
         let pod = n.run_pod(&format!("cycle-{i}"), &enforced_annotations());
         assert_eventually(Duration::from_secs(10), "cycle pod attached", || {
-            n.attached().get(&pod.uid).map(|a| a.1) == Some(7)
+            n.attached().get(&pod.uid).map(|a| a.1) == Some(LINKS_PER_CGROUP)
         });
         n.remove_pod(&pod);
         assert_eventually(Duration::from_secs(10), "cycle pod detached", || {
