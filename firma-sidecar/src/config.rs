@@ -47,7 +47,7 @@ pub struct SidecarConfig {
     /// `[sidecar.node]`: the Kubernetes node agent (pods tagged from their CRI annotations);
     /// absent = off. Needs `mode = "transparent"`. See docs/kubernetes.md.
     #[serde(default)]
-    pub node: Option<crate::node::NodeConfig>,
+    pub node: Option<NodeConfig>,
 }
 
 /// `[sidecar.mcp]`: MCP endpoints (mapping rules with `mcp`, see docs/mcp.md).
@@ -1230,5 +1230,53 @@ impl SidecarConfig {
     /// The shared Vault connection, wherever TOML nested it.
     pub fn vault(&self) -> Option<&VaultConfig> {
         self.credentials.iter().find_map(|c| c.vault.as_ref())
+    }
+}
+
+/// `[sidecar.node]`: the Kubernetes node agent (`node/`, docs/kubernetes.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The container runtime's CRI socket (containerd: `/run/containerd/containerd.sock`,
+    /// CRI-O: `/var/run/crio/crio.sock`).
+    #[serde(default = "default_cri_socket")]
+    pub cri_socket: PathBuf,
+    /// How often the pods are listed again (ms, 100..=60000). Attaching before the first
+    /// connect does not depend on it (the OCI hook does that); it bounds how long a pod that
+    /// stopped stays attached and how soon a pod is tagged when no hook is installed.
+    #[serde(default = "default_resync_ms")]
+    pub resync_interval_ms: u64,
+}
+
+fn default_cri_socket() -> PathBuf {
+    PathBuf::from("/run/containerd/containerd.sock")
+}
+fn default_resync_ms() -> u64 {
+    1000
+}
+
+impl NodeConfig {
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        if !(100..=60_000).contains(&self.resync_interval_ms) {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.node.resync_interval_ms",
+                format!(
+                    "expected 100..=60000 (milliseconds), got {}",
+                    self.resync_interval_ms
+                ),
+            ));
+        }
+        if !self.cri_socket.is_absolute() {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.node.cri_socket",
+                format!(
+                    "expected an absolute path to the runtime's CRI socket, got {}",
+                    self.cri_socket.display()
+                ),
+            ));
+        }
+        Ok(())
     }
 }

@@ -7,7 +7,7 @@
 //! cannot be reached the hook fails, and with it the container's start (fail closed: the
 //! kubelet retries). Containers of pods that do not ask are let through untouched.
 
-use super::PodIdentity;
+use super::identity::PodIdentity;
 use crate::control::{self, Request};
 use crate::ebpf::cgroup::pod_uid_of;
 use serde::Deserialize;

@@ -4,8 +4,8 @@
 //! the agent: it stays attached while a READY sandbox of that pod asks for enforcement with the
 //! same identity, and is detached otherwise (pod stopped or removed, annotation removed).
 
-use super::PodIdentity;
 use super::cri::{Client, CriError};
+use super::identity::PodIdentity;
 use crate::ebpf::cgroup::pod_uid_of;
 use crate::ebpf::{LINKS_PER_CGROUP, Redirector, Target};
 use firma_common::proto::cri::{ListPodSandboxRequest, PodSandboxState};
