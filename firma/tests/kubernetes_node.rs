@@ -671,7 +671,8 @@ fn assert_denied_from_first_connect(n: &mut Node, pod: &Pod, name: &str) {
 
 /// A labelled pod's containers are enforced from their first connect (curl is the container's
 /// first process: denied 403, allowed with the credential injected), an unlabelled pod on the
-/// same node is untouched, and deleting the pod detaches it.
+/// same node is untouched, and cannot pass itself off as an enforced pod by dialling the
+/// agent's listener on the gateway, and deleting the pod detaches it.
 #[test]
 fn labelled_pod_is_enforced_from_its_first_connect() {
     if !enter("labelled_pod_is_enforced_from_its_first_connect") {
@@ -749,6 +750,32 @@ fn labelled_pod_is_enforced_from_its_first_connect() {
         !n.attached().contains_key(&plain.uid),
         "the unlabelled pod was attached"
     );
+
+    // 3b. Hostile: the unlabelled pod dials the agent's listener on the gateway itself, naming
+    //     the credential's host, hoping to be served as an enforced pod (and injected). No
+    //     redirect record: closed, audited as such, nothing upstream.
+    let port = n.status().port;
+    let before = n.up.count();
+    let out = n.curl(
+        &plain,
+        "impostor",
+        &[
+            "-k",
+            "--resolve",
+            &format!("api.openai.com:{port}:{GATEWAY}"),
+            &format!("https://api.openai.com:{port}/v1/models"),
+        ],
+    );
+    assert!(!out.contains("HTTP 200"), "impostor served: {out}");
+    assert_eq!(n.up.count(), before, "the impostor reached the upstream");
+    assert_eventually(Duration::from_secs(10), "impostor audited", || {
+        n.d.audit().iter().any(|e| {
+            e["decision"]["outcome"] == "DENY"
+                && e["decision"]["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("without a redirect record"))
+        })
+    });
 
     // 4. Deleting the labelled pod detaches it (before its cgroup is even removed).
     assert_eq!(
