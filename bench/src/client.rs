@@ -95,7 +95,7 @@ pub struct ClientResult {
     pub max_us: u64,
 }
 
-struct Target {
+pub(crate) struct Target {
     connect: SocketAddr,
     host: String,
     server_name: ServerName<'static>,
@@ -114,6 +114,30 @@ pub fn run(args: &ClientArgs) -> anyhow::Result<ClientResult> {
         .enable_all()
         .build()?;
     rt.block_on(run_async(args))
+}
+
+impl Target {
+    /// A target without a measured duration (the streams scenario's client).
+    pub(crate) fn new(
+        connect: SocketAddr,
+        host: &str,
+        proxy_connect: Option<String>,
+        cas: &[PathBuf],
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            connect,
+            host: host.to_string(),
+            server_name: ServerName::try_from(host.to_string())
+                .with_context(|| format!("bad host name {host}"))?,
+            proxy_connect,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls_config(cas)?)),
+            measure_for: None,
+        })
+    }
+
+    pub(crate) fn host(&self) -> &str {
+        &self.host
+    }
 }
 
 fn tls_config(cas: &[PathBuf]) -> anyhow::Result<rustls::ClientConfig> {
@@ -325,7 +349,7 @@ async fn keepalive_request(
 }
 
 /// TCP (+ CONNECT) + TLS + HTTP/1.1 handshake.
-async fn open(t: &Target) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+pub(crate) async fn open(t: &Target) -> anyhow::Result<SendRequest<Full<Bytes>>> {
     let mut tcp = TcpStream::connect(t.connect)
         .await
         .with_context(|| format!("connect {}", t.connect))?;

@@ -17,6 +17,7 @@ mod measure;
 mod peers;
 mod report;
 mod run;
+mod streams;
 mod tenants;
 mod transparent;
 mod upstream;
@@ -37,6 +38,12 @@ enum Cmd {
     /// The many-tenants scenario alone: the shipped bundle vs the shipped bundle plus N tenant
     /// policies, one keep-alive client, and a reload of N policies under load.
     Tenants(tenants::TenantsArgs),
+    /// The LLM streams scenario alone: N concurrent SSE responses direct vs through the
+    /// sidecar with a token budget policy on; added per-event latency, sidecar CPU and RSS.
+    Streams(streams::StreamsArgs),
+    /// Internal: the SSE client of `streams`; prints one JSON result on stdout.
+    #[command(hide = true)]
+    StreamsClient(streams::StreamsClientArgs),
     /// The load generator: prints one JSON `ClientResult` on stdout.
     Client(client::ClientArgs),
     /// Install Envoy and mitmproxy into DIR/venv, and (as root, with apt-get) `hey` and
@@ -56,6 +63,12 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Run(args) => run::run(&args),
         Cmd::Tenants(args) => tenants::run(&args),
+        Cmd::Streams(args) => streams::run(&args),
+        Cmd::StreamsClient(args) => {
+            let result = streams::client(&args)?;
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
         Cmd::Client(args) => {
             let result = client::run(&args)?;
             println!("{}", serde_json::to_string(&result)?);

@@ -4,7 +4,8 @@
 //! harness into a venv under `target/bench/peers`; `hey` and `nginx-light` with apt-get as
 //! root) in one run, repeated and interleaved. Results: `target/bench/e2e.json` (every run and
 //! the medians), and the table of medians on stdout. Then the many-tenants scenario
-//! (`firma-bench tenants`, `target/bench/tenants.json`), which `--scenario tenants` runs alone.
+//! (`firma-bench tenants`, `target/bench/tenants.json`) and the LLM streams scenario
+//! (`firma-bench streams`, `target/bench/streams.json`); `--scenario NAME` runs one alone.
 
 use crate::exec;
 use std::path::Path;
@@ -37,6 +38,9 @@ pub enum Scenario {
     /// The shipped bundle vs the shipped bundle + 10,000 tenant policies (`firma-bench
     /// tenants`), with the criterion benches of the 10,000-tenant decision and compile.
     Tenants,
+    /// 1,000 concurrent SSE responses direct vs through the sidecar with a token budget policy
+    /// on (`firma-bench streams`): added per-event latency, sidecar CPU and RSS.
+    Streams,
 }
 
 /// The arguments of a smoke run of `firma-bench run`.
@@ -76,12 +80,25 @@ const SMOKE_TENANTS: &[&str] = &[
     "10",
 ];
 
+/// The arguments of a smoke run of `firma-bench streams`.
+const SMOKE_STREAMS: &[&str] = &[
+    "--streams",
+    "20",
+    "--events",
+    "5",
+    "--interval-ms",
+    "10",
+    "--repetitions",
+    "1",
+];
+
 /// The cargo profile the harness builds and runs (`[profile.profiling]`: release + debug = 1).
 const PROFILE: &str = "profiling";
 
 pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let root = &root.canonicalize()?;
-    if !args.skip_criterion && !args.smoke {
+    // The streams scenario has no criterion bench of its own (its hot path is the relay).
+    if !args.skip_criterion && !args.smoke && args.scenario != Some(Scenario::Streams) {
         let mut cmd = Command::new("cargo");
         cmd.args(["bench", "-p", "firma-sidecar", "--bench", "decision"]);
         if args.scenario == Some(Scenario::Tenants) {
@@ -117,11 +134,24 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             .args(&args.args);
         exec(cmd.current_dir(root))?;
         let extra: Vec<String> = SMOKE_TENANTS.iter().map(|s| s.to_string()).collect();
-        return tenants(root, &bin, &target.join("bench/smoke-tenants.json"), &extra);
+        tenants(root, &bin, &target.join("bench/smoke-tenants.json"), &extra)?;
+        let extra: Vec<String> = SMOKE_STREAMS.iter().map(|s| s.to_string()).collect();
+        return scenario(
+            root,
+            &bin,
+            "streams",
+            &target.join("bench/smoke-streams.json"),
+            &extra,
+        );
     }
     let tenants_out = target.join("bench/tenants.json");
-    if args.scenario == Some(Scenario::Tenants) {
-        return tenants(root, &bin, &tenants_out, &args.args);
+    let streams_out = target.join("bench/streams.json");
+    match args.scenario {
+        Some(Scenario::Tenants) => return tenants(root, &bin, &tenants_out, &args.args),
+        Some(Scenario::Streams) => {
+            return scenario(root, &bin, "streams", &streams_out, &args.args);
+        }
+        None => {}
     }
     // The peers, hey and nginx are installed first, with the host's network (the run itself
     // has none).
@@ -146,14 +176,26 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             .args(&args.args)
             .current_dir(root),
     )?;
-    tenants(root, &bin, &tenants_out, &[])
+    tenants(root, &bin, &tenants_out, &[])?;
+    scenario(root, &bin, "streams", &streams_out, &[])
 }
 
 /// `firma-bench tenants` (the many-tenants scenario) with `extra` arguments.
 fn tenants(root: &Path, bin: &Path, out: &Path, extra: &[String]) -> anyhow::Result<()> {
+    scenario(root, bin, "tenants", out, extra)
+}
+
+/// `firma-bench NAME --firma … --out OUT EXTRA…`: one scenario subcommand.
+fn scenario(
+    root: &Path,
+    bin: &Path,
+    name: &str,
+    out: &Path,
+    extra: &[String],
+) -> anyhow::Result<()> {
     exec(
         harness(bin)
-            .arg("tenants")
+            .arg(name)
             .arg("--firma")
             .arg(bin.join("firma"))
             .arg("--out")
