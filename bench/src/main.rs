@@ -9,6 +9,7 @@
 //! cgroup and never shares a scheduler with the upstream.
 
 mod aborters;
+mod bodies;
 mod client;
 mod deploy;
 mod hey;
@@ -41,6 +42,9 @@ enum Cmd {
     /// The LLM streams scenario alone: N concurrent SSE responses direct vs through the
     /// sidecar with a token budget policy on; added per-event latency, sidecar CPU and RSS.
     Streams(streams::StreamsArgs),
+    /// The big-bodies scenario alone: multi-MB uploads (on the rule that extracts) and
+    /// downloads, direct vs through the sidecar; MB/s and sidecar CPU-s per GB.
+    Bodies(bodies::BodiesArgs),
     /// Internal: the SSE client of `streams`; prints one JSON result on stdout.
     #[command(hide = true)]
     StreamsClient(streams::StreamsClientArgs),
@@ -64,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run(args) => run::run(&args),
         Cmd::Tenants(args) => tenants::run(&args),
         Cmd::Streams(args) => streams::run(&args),
+        Cmd::Bodies(args) => bodies::run(&args),
         Cmd::StreamsClient(args) => {
             let result = streams::client(&args)?;
             println!("{}", serde_json::to_string(&result)?);

@@ -15,7 +15,7 @@ use crate::deploy::{self, Deployment, Mode};
 use crate::report::median;
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -155,16 +155,16 @@ impl Body for ChanBody {
 
 /// The SSE upstream: counts streamed requests and those that carried the injected
 /// credential.
-struct SseUpstream {
-    addr: SocketAddr,
-    ca_path: PathBuf,
+pub(crate) struct SseUpstream {
+    pub(crate) addr: SocketAddr,
+    pub(crate) ca_path: PathBuf,
     requests: Arc<AtomicU64>,
-    injected: Arc<AtomicU64>,
+    pub(crate) injected: Arc<AtomicU64>,
     _rt: tokio::runtime::Runtime,
 }
 
 impl SseUpstream {
-    fn start(dir: &Path, events: usize, interval: Duration) -> anyhow::Result<Self> {
+    pub(crate) fn start(dir: &Path, events: usize, interval: Duration) -> anyhow::Result<Self> {
         let (tls, ca_path) = firma_testing::pki::upstream_tls(
             dir,
             "firma bench SSE upstream CA",
@@ -207,10 +207,34 @@ impl SseUpstream {
                                 injected.fetch_add(1, Ordering::Relaxed);
                             }
                             requests.fetch_add(1, Ordering::Relaxed);
-                            let _ = req.into_body().collect().await;
+                            // The big-bodies scenario: downloads and uploads of N bytes.
+                            if let Some(n) = req
+                                .uri()
+                                .path()
+                                .strip_prefix("/v1/models/bytes-")
+                                .and_then(|n| n.parse::<usize>().ok())
+                            {
+                                return Ok(sized(
+                                    Bytes::from(vec![b'x'; n]),
+                                    "application/octet-stream",
+                                ));
+                            }
+                            let streamed = req
+                                .headers()
+                                .get(hyper::header::ACCEPT)
+                                .is_some_and(|v| v.as_bytes() == b"text/event-stream");
+                            let got = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map_or(0, |b| b.to_bytes().len());
+                            if !streamed {
+                                let body = format!("{{\"received\":{got}}}");
+                                return Ok(sized(Bytes::from(body), "application/json"));
+                            }
                             let (tx, rx) = tokio::sync::mpsc::channel(4);
                             tokio::spawn(stream_events(tx, events, interval));
-                            let mut resp = hyper::Response::new(ChanBody(rx));
+                            let mut resp = hyper::Response::new(Either::Left(ChanBody(rx)));
                             let h = resp.headers_mut();
                             h.insert(
                                 hyper::header::CONTENT_TYPE,
@@ -238,6 +262,18 @@ impl SseUpstream {
             _rt: rt,
         })
     }
+}
+
+type UpBody = Either<ChanBody, Full<Bytes>>;
+
+/// A whole-body response of `content_type`.
+fn sized(body: Bytes, content_type: &'static str) -> hyper::Response<UpBody> {
+    let mut resp = hyper::Response::new(Either::Right(Full::new(body)));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    resp
 }
 
 /// One OpenAI-shaped chat completion stream: `events` content chunks stamped with the
@@ -417,7 +453,7 @@ async fn one_stream(
 
 /// The shipped `llm` budget policy with the session token budget raised so a benchmark's
 /// thousands of metered calls stay allowed (the budget is still evaluated on every call).
-fn budget_policy() -> anyhow::Result<String> {
+pub(crate) fn budget_policy() -> anyhow::Result<String> {
     let shipped =
         std::fs::read_to_string(firma_testing::repo_root().join("policies/runtime/llm/llm.cedar"))
             .context("read policies/runtime/llm/llm.cedar")?;

@@ -5,7 +5,8 @@
 //! root) in one run, repeated and interleaved. Results: `target/bench/e2e.json` (every run and
 //! the medians), and the table of medians on stdout. Then the many-tenants scenario
 //! (`firma-bench tenants`, `target/bench/tenants.json`) and the LLM streams scenario
-//! (`firma-bench streams`, `target/bench/streams.json`); `--scenario NAME` runs one alone.
+//! (`firma-bench streams`, `target/bench/streams.json`) and the big-bodies scenario
+//! (`firma-bench bodies`, `target/bench/bodies.json`); `--scenario NAME` runs one alone.
 
 use crate::exec;
 use std::path::Path;
@@ -19,7 +20,8 @@ pub struct BenchArgs {
     pub skip_criterion: bool,
     /// A smoke run that checks the harness works end to end, not a measurement: debug
     /// binaries, no criterion, no peers, no `hey`, one short repetition of the side-by-side
-    /// run and of the many-tenants scenario (1,000 tenants), results in
+    /// run and of the many-tenants scenario (1,000 tenants), 20 SSE streams of 5 events, a 1 MB
+    /// upload and download, results in
     /// `target/bench/smoke*.json`. CI runs it (scripts/check-documented.sh).
     #[arg(long)]
     pub smoke: bool,
@@ -41,6 +43,9 @@ pub enum Scenario {
     /// 1,000 concurrent SSE responses direct vs through the sidecar with a token budget policy
     /// on (`firma-bench streams`): added per-event latency, sidecar CPU and RSS.
     Streams,
+    /// Multi-MB uploads (on the rule that extracts) and downloads, direct vs through the
+    /// sidecar (`firma-bench bodies`): MB/s and sidecar CPU-s per GB.
+    Bodies,
 }
 
 /// The arguments of a smoke run of `firma-bench run`.
@@ -92,13 +97,19 @@ const SMOKE_STREAMS: &[&str] = &[
     "1",
 ];
 
+/// The arguments of a smoke run of `firma-bench bodies`.
+const SMOKE_BODIES: &[&str] = &["--sizes-mb", "1", "--repetitions", "1"];
+
 /// The cargo profile the harness builds and runs (`[profile.profiling]`: release + debug = 1).
 const PROFILE: &str = "profiling";
 
 pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let root = &root.canonicalize()?;
     // The streams scenario has no criterion bench of its own (its hot path is the relay).
-    if !args.skip_criterion && !args.smoke && args.scenario != Some(Scenario::Streams) {
+    if !args.skip_criterion
+        && !args.smoke
+        && !matches!(args.scenario, Some(Scenario::Streams | Scenario::Bodies))
+    {
         let mut cmd = Command::new("cargo");
         cmd.args(["bench", "-p", "firma-sidecar", "--bench", "decision"]);
         if args.scenario == Some(Scenario::Tenants) {
@@ -136,20 +147,32 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         let extra: Vec<String> = SMOKE_TENANTS.iter().map(|s| s.to_string()).collect();
         tenants(root, &bin, &target.join("bench/smoke-tenants.json"), &extra)?;
         let extra: Vec<String> = SMOKE_STREAMS.iter().map(|s| s.to_string()).collect();
-        return scenario(
+        scenario(
             root,
             &bin,
             "streams",
             &target.join("bench/smoke-streams.json"),
             &extra,
+        )?;
+        let extra: Vec<String> = SMOKE_BODIES.iter().map(|s| s.to_string()).collect();
+        return scenario(
+            root,
+            &bin,
+            "bodies",
+            &target.join("bench/smoke-bodies.json"),
+            &extra,
         );
     }
     let tenants_out = target.join("bench/tenants.json");
     let streams_out = target.join("bench/streams.json");
+    let bodies_out = target.join("bench/bodies.json");
     match args.scenario {
         Some(Scenario::Tenants) => return tenants(root, &bin, &tenants_out, &args.args),
         Some(Scenario::Streams) => {
             return scenario(root, &bin, "streams", &streams_out, &args.args);
+        }
+        Some(Scenario::Bodies) => {
+            return scenario(root, &bin, "bodies", &bodies_out, &args.args);
         }
         None => {}
     }
@@ -177,7 +200,8 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             .current_dir(root),
     )?;
     tenants(root, &bin, &tenants_out, &[])?;
-    scenario(root, &bin, "streams", &streams_out, &[])
+    scenario(root, &bin, "streams", &streams_out, &[])?;
+    scenario(root, &bin, "bodies", &bodies_out, &[])
 }
 
 /// `firma-bench tenants` (the many-tenants scenario) with `extra` arguments.
