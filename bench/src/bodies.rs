@@ -148,7 +148,12 @@ pub fn run(args: &BodiesArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let direct = crate::client::Target::new(up.addr, deploy::HOST, None, &[up.ca_path.clone()])?;
+    let direct = crate::client::Target::new(
+        up.addr,
+        deploy::HOST,
+        None,
+        std::slice::from_ref(&up.ca_path),
+    )?;
     let via = crate::client::Target::new(
         sc.addr,
         deploy::HOST,
