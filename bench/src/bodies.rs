@@ -62,7 +62,12 @@ pub struct BodiesReport {
 type Conn = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 /// One transfer on `c`; returns the seconds it took.
-async fn transfer(c: &mut Conn, host: &str, upload: bool, n: usize) -> anyhow::Result<f64> {
+pub(crate) async fn transfer(
+    c: &mut Conn,
+    host: &str,
+    upload: bool,
+    n: usize,
+) -> anyhow::Result<f64> {
     let req = if upload {
         // A chat request whose one message holds the payload: valid JSON of exactly n bytes.
         let head =

@@ -13,6 +13,7 @@ mod bodies;
 mod client;
 mod deploy;
 mod hey;
+mod idle;
 mod issuance;
 mod measure;
 mod peers;
@@ -45,6 +46,9 @@ enum Cmd {
     /// The big-bodies scenario alone: multi-MB uploads (on the rule that extracts) and
     /// downloads, direct vs through the sidecar; MB/s and sidecar CPU-s per GB.
     Bodies(bodies::BodiesArgs),
+    /// The many-idle-connections scenario alone: N idle keep-alive connections through the
+    /// sidecar; RSS per connection and a probe connection's p99 before and during.
+    Idle(idle::IdleArgs),
     /// Internal: the SSE client of `streams`; prints one JSON result on stdout.
     #[command(hide = true)]
     StreamsClient(streams::StreamsClientArgs),
@@ -69,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Tenants(args) => tenants::run(&args),
         Cmd::Streams(args) => streams::run(&args),
         Cmd::Bodies(args) => bodies::run(&args),
+        Cmd::Idle(args) => idle::run(&args),
         Cmd::StreamsClient(args) => {
             let result = streams::client(&args)?;
             println!("{}", serde_json::to_string(&result)?);

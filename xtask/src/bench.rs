@@ -6,7 +6,8 @@
 //! the medians), and the table of medians on stdout. Then the many-tenants scenario
 //! (`firma-bench tenants`, `target/bench/tenants.json`) and the LLM streams scenario
 //! (`firma-bench streams`, `target/bench/streams.json`) and the big-bodies scenario
-//! (`firma-bench bodies`, `target/bench/bodies.json`); `--scenario NAME` runs one alone.
+//! (`firma-bench bodies`, `target/bench/bodies.json`) and the many-idle-connections scenario
+//! (`firma-bench idle`, `target/bench/idle.json`); `--scenario NAME` runs one alone.
 
 use crate::exec;
 use std::path::Path;
@@ -21,7 +22,7 @@ pub struct BenchArgs {
     /// A smoke run that checks the harness works end to end, not a measurement: debug
     /// binaries, no criterion, no peers, no `hey`, one short repetition of the side-by-side
     /// run and of the many-tenants scenario (1,000 tenants), 20 SSE streams of 5 events, a 1 MB
-    /// upload and download, results in
+    /// upload and download, 50 idle connections, results in
     /// `target/bench/smoke*.json`. CI runs it (scripts/check-documented.sh).
     #[arg(long)]
     pub smoke: bool,
@@ -46,6 +47,9 @@ pub enum Scenario {
     /// Multi-MB uploads (on the rule that extracts) and downloads, direct vs through the
     /// sidecar (`firma-bench bodies`): MB/s and sidecar CPU-s per GB.
     Bodies,
+    /// 10,000 idle keep-alive connections through the sidecar (`firma-bench idle`): RSS per
+    /// connection, and a probe connection's p99 before and during.
+    Idle,
 }
 
 /// The arguments of a smoke run of `firma-bench run`.
@@ -100,6 +104,16 @@ const SMOKE_STREAMS: &[&str] = &[
 /// The arguments of a smoke run of `firma-bench bodies`.
 const SMOKE_BODIES: &[&str] = &["--sizes-mb", "1", "--repetitions", "1"];
 
+/// The arguments of a smoke run of `firma-bench idle`.
+const SMOKE_IDLE: &[&str] = &[
+    "--connections",
+    "50",
+    "--probe-requests",
+    "50",
+    "--repetitions",
+    "1",
+];
+
 /// The cargo profile the harness builds and runs (`[profile.profiling]`: release + debug = 1).
 const PROFILE: &str = "profiling";
 
@@ -108,7 +122,10 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     // The streams scenario has no criterion bench of its own (its hot path is the relay).
     if !args.skip_criterion
         && !args.smoke
-        && !matches!(args.scenario, Some(Scenario::Streams | Scenario::Bodies))
+        && !matches!(
+            args.scenario,
+            Some(Scenario::Streams | Scenario::Bodies | Scenario::Idle)
+        )
     {
         let mut cmd = Command::new("cargo");
         cmd.args(["bench", "-p", "firma-sidecar", "--bench", "decision"]);
@@ -155,17 +172,26 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             &extra,
         )?;
         let extra: Vec<String> = SMOKE_BODIES.iter().map(|s| s.to_string()).collect();
-        return scenario(
+        scenario(
             root,
             &bin,
             "bodies",
             &target.join("bench/smoke-bodies.json"),
+            &extra,
+        )?;
+        let extra: Vec<String> = SMOKE_IDLE.iter().map(|s| s.to_string()).collect();
+        return scenario(
+            root,
+            &bin,
+            "idle",
+            &target.join("bench/smoke-idle.json"),
             &extra,
         );
     }
     let tenants_out = target.join("bench/tenants.json");
     let streams_out = target.join("bench/streams.json");
     let bodies_out = target.join("bench/bodies.json");
+    let idle_out = target.join("bench/idle.json");
     match args.scenario {
         Some(Scenario::Tenants) => return tenants(root, &bin, &tenants_out, &args.args),
         Some(Scenario::Streams) => {
@@ -174,6 +200,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         Some(Scenario::Bodies) => {
             return scenario(root, &bin, "bodies", &bodies_out, &args.args);
         }
+        Some(Scenario::Idle) => return scenario(root, &bin, "idle", &idle_out, &args.args),
         None => {}
     }
     // The peers, hey and nginx are installed first, with the host's network (the run itself
@@ -201,7 +228,8 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     )?;
     tenants(root, &bin, &tenants_out, &[])?;
     scenario(root, &bin, "streams", &streams_out, &[])?;
-    scenario(root, &bin, "bodies", &bodies_out, &[])
+    scenario(root, &bin, "bodies", &bodies_out, &[])?;
+    scenario(root, &bin, "idle", &idle_out, &[])
 }
 
 /// `firma-bench tenants` (the many-tenants scenario) with `extra` arguments.

@@ -1,0 +1,260 @@
+//! `firma-bench idle`: the many-idle-connections scenario (docs/benchmarks.md, "Many idle
+//! connections").
+//!
+//! The streams scenario's upstream and sidecar recipe, with `[sidecar.limits]` raised to fit
+//! `--connections` (and RLIMIT_NOFILE raised for the harness and the sidecar it starts). A probe
+//! connection sends `--probe-requests` sequential small requests (`GET /v1/models/bytes-64`)
+//! `--repetitions` times: first alone, then while `--connections` other client connections are
+//! held open through the sidecar, each idle after one completed request (HTTP/1.1 keep-alive
+//! inside a MITM'd CONNECT tunnel). Reported: the sidecar's RSS before and with the idle
+//! connections (per connection), the probe's p50/p99 medians before and during, and the same
+//! probe direct to the upstream for reference.
+
+use crate::deploy::{self, Deployment, Mode};
+use crate::report::median;
+use crate::streams::SseUpstream;
+use anyhow::{Context, bail};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct IdleArgs {
+    /// The `firma` binary to benchmark (a release build).
+    #[arg(long)]
+    pub firma: PathBuf,
+    /// Idle keep-alive client connections held through the sidecar.
+    #[arg(long, default_value_t = 10_000)]
+    pub connections: usize,
+    /// Sequential requests per probe run.
+    #[arg(long, default_value_t = 2000)]
+    pub probe_requests: usize,
+    /// Probe runs before and during; medians.
+    #[arg(long, default_value_t = 3)]
+    pub repetitions: usize,
+    #[arg(long, default_value = "target/bench/idle.json")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Probe {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub runs_p99_ms: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleReport {
+    pub date_unix: u64,
+    pub cpus: usize,
+    pub connections: usize,
+    pub probe_requests: usize,
+    pub repetitions: usize,
+    pub direct: Probe,
+    pub sidecar_alone: Probe,
+    pub sidecar_with_idle: Probe,
+    /// with idle / alone.
+    pub p99_ratio: f64,
+    pub rss_before_mb: f64,
+    pub rss_with_idle_mb: f64,
+    pub rss_per_connection_kb: f64,
+    /// Seconds to open (CONNECT + TLS + one request) every idle connection.
+    pub open_secs: f64,
+}
+
+/// Raises RLIMIT_NOFILE (soft and hard, as root) to fit `fds`; children inherit it.
+fn raise_nofile(fds: u64) -> anyhow::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let want = fds.max(soft);
+    if want > hard {
+        setrlimit(Resource::RLIMIT_NOFILE, want, want)
+            .with_context(|| format!("raise RLIMIT_NOFILE to {want} (needs root)"))?;
+    } else {
+        setrlimit(Resource::RLIMIT_NOFILE, want, hard)?;
+    }
+    Ok(want)
+}
+
+async fn probe(t: &crate::client::Target, n: usize) -> anyhow::Result<(f64, f64)> {
+    let mut c = crate::client::open(t).await?;
+    for _ in 0..50 {
+        crate::bodies::transfer(&mut c, deploy::HOST, false, 64).await?;
+    }
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        lat.push(crate::bodies::transfer(&mut c, deploy::HOST, false, 64).await? * 1000.0);
+    }
+    lat.sort_by(f64::total_cmp);
+    let at = |p: f64| lat[((p * n as f64).ceil() as usize).clamp(1, n) - 1];
+    Ok((at(0.50), at(0.99)))
+}
+
+fn probes(
+    rt: &tokio::runtime::Runtime,
+    t: &crate::client::Target,
+    args: &IdleArgs,
+    what: &str,
+) -> anyhow::Result<Probe> {
+    let mut runs = Vec::new();
+    for _ in 0..args.repetitions {
+        runs.push(rt.block_on(probe(t, args.probe_requests))?);
+    }
+    let p = Probe {
+        p50_ms: median(runs.iter().map(|r| r.0).collect()).unwrap_or(0.0),
+        p99_ms: median(runs.iter().map(|r| r.1).collect()).unwrap_or(0.0),
+        runs_p99_ms: runs.iter().map(|r| r.1).collect(),
+    };
+    eprintln!(
+        "  probe {what}: p50 {:.3} ms, p99 {:.3} ms",
+        p.p50_ms, p.p99_ms
+    );
+    Ok(p)
+}
+
+pub fn run(args: &IdleArgs) -> anyhow::Result<()> {
+    if args.repetitions == 0 || args.probe_requests == 0 {
+        bail!("--repetitions and --probe-requests must be at least 1");
+    }
+    let nofile = raise_nofile(args.connections as u64 * 3 + 4096)?;
+    let firma = args
+        .firma
+        .canonicalize()
+        .with_context(|| format!("firma binary {}", args.firma.display()))?;
+    let tmp = tempfile::tempdir()?;
+    let up = SseUpstream::start(tmp.path(), 1, Duration::from_millis(1))?;
+    let root = tmp.path().join("sidecar");
+    std::fs::create_dir_all(&root)?;
+    let max = args.connections + 1024;
+    let d = Deployment::new_with(
+        &firma,
+        &root,
+        (up.addr, &up.ca_path, &Mode::HttpProxy),
+        false,
+        true,
+        |t| {
+            t.extra = format!(
+                "[sidecar.limits]\nmax_connections = {max}\nmax_connections_per_client = {max}\nidle_timeout_secs = 600\n"
+            )
+        },
+    )?;
+    std::fs::write(
+        root.join("policies/llm.cedar"),
+        crate::streams::budget_policy()?,
+    )?;
+    let mut sc = d.start_sidecar()?;
+    let pid = sc.child.id();
+    eprintln!(
+        "upstream https://{}, sidecar {} (pid {pid}), RLIMIT_NOFILE {nofile}",
+        up.addr, sc.addr
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let direct_t = crate::client::Target::new(
+        up.addr,
+        deploy::HOST,
+        None,
+        std::slice::from_ref(&up.ca_path),
+    )?;
+    let via = Arc::new(crate::client::Target::new(
+        sc.addr,
+        deploy::HOST,
+        Some(format!("{}:443", deploy::HOST)),
+        &[d.firma_ca()],
+    )?);
+    let direct = probes(&rt, &direct_t, args, "direct")?;
+    let alone = probes(&rt, &via, args, "through the sidecar, alone")?;
+    let rss_before = crate::peers::rss_mb(pid)?;
+    let started = Instant::now();
+    let held = rt.block_on(async {
+        let sem = Arc::new(tokio::sync::Semaphore::new(64));
+        let mut tasks = Vec::with_capacity(args.connections);
+        for _ in 0..args.connections {
+            let (t, sem) = (via.clone(), sem.clone());
+            tasks.push(tokio::spawn(async move {
+                let _p = sem.acquire().await;
+                let mut c = crate::client::open(&t).await?;
+                crate::bodies::transfer(&mut c, deploy::HOST, false, 16).await?;
+                anyhow::Ok(c)
+            }));
+        }
+        let mut held = Vec::with_capacity(args.connections);
+        for t in tasks {
+            held.push(t.await.context("open task")??);
+        }
+        anyhow::Ok(held)
+    });
+    let held = held.with_context(|| {
+        format!(
+            "open {} idle connections:\n{}",
+            args.connections,
+            crate::measure::log_tail(&sc.log_text(), 10)
+        )
+    })?;
+    let open_secs = started.elapsed().as_secs_f64();
+    // Let the sidecar settle (handshake buffers returned to the allocator) before reading RSS.
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_idle = crate::peers::rss_mb(pid)?;
+    eprintln!(
+        "  {} idle connections open in {open_secs:.1} s: sidecar RSS {rss_before:.1} -> {rss_idle:.1} MB",
+        held.len()
+    );
+    let during = probes(
+        &rt,
+        &via,
+        args,
+        "through the sidecar, with the idle connections",
+    )?;
+    if held.iter().any(|c| c.is_closed()) || !sc.alive() {
+        bail!("an idle connection was closed during the run, or the sidecar died");
+    }
+    drop(held);
+    drop(sc);
+    let report = IdleReport {
+        date_unix: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        connections: args.connections,
+        probe_requests: args.probe_requests,
+        repetitions: args.repetitions,
+        p99_ratio: during.p99_ms / alone.p99_ms,
+        direct,
+        sidecar_alone: alone,
+        sidecar_with_idle: during,
+        rss_before_mb: rss_before,
+        rss_with_idle_mb: rss_idle,
+        rss_per_connection_kb: (rss_idle - rss_before) * 1024.0 / args.connections as f64,
+        open_secs,
+    };
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("write {}", args.out.display()))?;
+    let r = &report;
+    println!(
+        "\nmany idle connections: {} held through the sidecar, probe of {} sequential requests, medians of {}\n\
+         probe p50/p99 ms: direct {:.3}/{:.3}, sidecar alone {:.3}/{:.3}, sidecar with idle {:.3}/{:.3} (p99 x{:.2})\n\
+         sidecar RSS {:.1} MB -> {:.1} MB: {:.1} KB per idle connection; opened in {:.1} s\nwritten: {}",
+        r.connections,
+        r.probe_requests,
+        r.repetitions,
+        r.direct.p50_ms,
+        r.direct.p99_ms,
+        r.sidecar_alone.p50_ms,
+        r.sidecar_alone.p99_ms,
+        r.sidecar_with_idle.p50_ms,
+        r.sidecar_with_idle.p99_ms,
+        r.p99_ratio,
+        r.rss_before_mb,
+        r.rss_with_idle_mb,
+        r.rss_per_connection_kb,
+        r.open_secs,
+        args.out.display()
+    );
+    Ok(())
+}
