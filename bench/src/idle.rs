@@ -69,8 +69,12 @@ fn raise_nofile(fds: u64) -> anyhow::Result<u64> {
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
     let want = fds.max(soft);
     if want > hard {
-        setrlimit(Resource::RLIMIT_NOFILE, want, want)
-            .with_context(|| format!("raise RLIMIT_NOFILE to {want} (needs root)"))?;
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, want) {
+            // Without CAP_SYS_RESOURCE (a container): the hard limit is what there is.
+            eprintln!("cannot raise RLIMIT_NOFILE to {want} ({e}): using the hard limit {hard}");
+            setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+            return Ok(hard);
+        }
     } else {
         setrlimit(Resource::RLIMIT_NOFILE, want, hard)?;
     }
