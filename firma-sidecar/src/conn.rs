@@ -212,6 +212,8 @@ pub struct ConnectorOutcome {
     pub duration_ms: Option<u64>,
     /// LLM calls: the tokens the response reported and their cost (with a price table).
     pub usage: Option<UsageOutcome>,
+    /// MCP endpoints: what the answer contained (`pipeline::mcp::follow::Followed`).
+    pub mcp: Option<serde_json::Value>,
 }
 
 /// Token usage charged for one LLM response (audit `connector.usage`).

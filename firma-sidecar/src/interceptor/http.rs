@@ -573,6 +573,15 @@ async fn handle_request(
         }
         want = Some(w);
     }
+    // MCP answers (POST answers, GET event streams) are followed (docs/mcp.md): they must
+    // arrive unencoded to be read.
+    let follows_mcp = mcp.is_some()
+        || state
+            .pipeline
+            .mcp_stream(method.as_str(), &up.host, &target.path);
+    if follows_mcp {
+        req.headers_mut().remove(http::header::ACCEPT_ENCODING);
+    }
     let ctx = RequestContext {
         conn: conn.clone(),
         method: method.clone(),
@@ -696,9 +705,14 @@ async fn handle_request(
             }
         };
     }
+    let follow = follows_mcp.then(|| super::mcp::Follow::new(state, &ctx, mcp.as_ref()));
     match state.connector.send(prepared).await {
         Ok((resp, outcome)) => match llm_model {
             Some(model) => track_usage(state, resp, outcome, committed, model, reservation),
+            None if follow.is_some() => {
+                let f = follow.expect("checked");
+                super::mcp::follow(resp, outcome, committed, f).await
+            }
             None => {
                 committed.finish(outcome);
                 resp

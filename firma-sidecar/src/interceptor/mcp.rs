@@ -9,17 +9,23 @@
 
 use super::body;
 use super::http::{Refused, body_refusal};
+use crate::audit::Committed;
+use crate::conn::ConnectorOutcome;
 use crate::connector::RespBody;
 use crate::connector::dial::ReqBody;
+use crate::pipeline::mcp::follow::{Follower, SseSplitter};
 use crate::pipeline::mcp::{McpSpec, Message};
 use crate::pipeline::{Decision, DenyReason, Outcome, RequestContext};
 use crate::state::SidecarState;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
 use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// How long a client has to send an MCP body (it must be read before the decision).
@@ -225,4 +231,267 @@ fn json_response(status: StatusCode, body: String) -> Response<RespBody> {
         header::HeaderValue::from_static("application/json"),
     );
     r
+}
+
+/// How an allowed MCP request's answer is followed (see `pipeline::mcp::follow`).
+pub struct Follow {
+    pub follower: Follower,
+    /// The request asked for `tools/list`: an answer that cannot be read is not forwarded.
+    pub must_filter: bool,
+    /// Largest JSON answer or SSE event read (`[sidecar.mcp] max_body_bytes`).
+    pub limit: usize,
+}
+
+impl Follow {
+    /// The follower of a request from `ctx` whose listed tools are called on `call_path`.
+    pub fn new(state: &SidecarState, ctx: &RequestContext, call: Option<&McpCall>) -> Self {
+        let pipeline = state.pipeline.clone();
+        let ctx = ctx.clone();
+        let must_filter = call.is_some_and(|c| c.messages.iter().any(|m| m.method == "tools/list"));
+        Self {
+            follower: Follower::new(
+                ctx.path.clone(),
+                Box::new(move |path, tool| pipeline.mcp_tool_listed(&ctx, path, tool)),
+            ),
+            must_filter,
+            limit: state.pipeline.mcp_config().max_body_bytes,
+        }
+    }
+}
+
+/// Follows the answer: a JSON answer is read whole (bounded), filtered and sent with its new
+/// `Content-Length`; an SSE answer goes through [`SseTap`] event by event. The `outcome`
+/// event is written when the answer ends, with what it contained (`connector.mcp`).
+pub async fn follow(
+    resp: Response<RespBody>,
+    outcome: ConnectorOutcome,
+    mut committed: Committed,
+    mut f: Follow,
+) -> Response<RespBody> {
+    *committed.outcome_mut() = outcome;
+    let essence = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    let encoded = resp
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let finish = |mut committed: Committed, f: &Follow| {
+        committed.outcome_mut().mcp = Some(f.follower.followed.to_json());
+        committed.finish(committed.outcome_mut().clone());
+    };
+    if encoded && matches!(essence.as_str(), "application/json" | "text/event-stream") {
+        // Accept-Encoding was removed from the request; a server that encodes anyway cannot
+        // be followed, and a tool list that cannot be filtered is not forwarded.
+        f.follower.followed.stopped = Some("the answer has a Content-Encoding".into());
+        if f.must_filter {
+            committed.outcome_mut().aborted = Some("McpAnswerUnreadable".into());
+            finish(committed, &f);
+            return unreadable("the MCP server's tools/list answer has a Content-Encoding");
+        }
+        finish(committed, &f);
+        return resp;
+    }
+    match essence.as_str() {
+        "text/event-stream" => {
+            let (mut parts, body) = resp.into_parts();
+            // Events may be rewritten: the length is not known in advance.
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Response::from_parts(parts, SseTap::new(body, f, committed).boxed())
+        }
+        "application/json" => {
+            let (mut parts, mut body) = resp.into_parts();
+            let mut buf = Vec::new();
+            let over = loop {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(d) = frame.into_data() {
+                            buf.extend_from_slice(&d);
+                            if buf.len() > f.limit {
+                                break true;
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        f.follower.followed.stopped = Some(format!("reading the answer: {e}"));
+                        committed.outcome_mut().aborted = Some("UpstreamBodyError".into());
+                        finish(committed, &f);
+                        return unreadable(&format!("the MCP server's answer broke off: {e}"));
+                    }
+                    None => break false,
+                }
+            };
+            if over {
+                f.follower.followed.stopped =
+                    Some(format!("a JSON answer larger than {} bytes", f.limit));
+                if f.must_filter {
+                    committed.outcome_mut().aborted = Some("McpAnswerUnreadable".into());
+                    finish(committed, &f);
+                    return unreadable("the MCP server's tools/list answer is too large to filter");
+                }
+                finish(committed, &f);
+                let body = Prefixed {
+                    first: Some(Bytes::from(buf)),
+                    rest: body,
+                };
+                return Response::from_parts(parts, body.boxed());
+            }
+            let out = match f.follower.json(&buf, f.must_filter) {
+                Some(new) => Bytes::from(new),
+                None => Bytes::from(buf),
+            };
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, header::HeaderValue::from(out.len()));
+            finish(committed, &f);
+            Response::from_parts(parts, Full::new(out).map_err(|never| match never {}).boxed())
+        }
+        _ => {
+            finish(committed, &f);
+            resp
+        }
+    }
+}
+
+/// A tool list Firma could not read: a JSON-RPC error, 502.
+fn unreadable(detail: &str) -> Response<RespBody> {
+    let body = json!({"jsonrpc": "2.0", "id": null, "error": {
+        "code": -32603,
+        "message": format!("Firma could not follow the MCP answer: {detail}"),
+        "data": {"denied": true, "reason": "McpAnswerUnreadable", "detail": detail},
+    }});
+    json_response(StatusCode::BAD_GATEWAY, body.to_string())
+}
+
+/// The bytes already read, then the rest of the body.
+struct Prefixed {
+    first: Option<Bytes>,
+    rest: RespBody,
+}
+
+impl hyper::body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(b) = self.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+}
+
+/// An SSE answer followed event by event: bytes are held only until their event is complete,
+/// then forwarded (unchanged, rewritten or dropped, see `pipeline::mcp::follow`).
+pub struct SseTap {
+    inner: RespBody,
+    splitter: SseSplitter,
+    follow: Follow,
+    out: VecDeque<Bytes>,
+    ended: bool,
+    committed: Option<Committed>,
+}
+
+impl SseTap {
+    fn new(inner: RespBody, follow: Follow, committed: Committed) -> Self {
+        Self {
+            inner,
+            splitter: SseSplitter::default(),
+            follow,
+            out: VecDeque::new(),
+            ended: false,
+            committed: Some(committed),
+        }
+    }
+
+    fn end(&mut self, aborted: Option<&str>) {
+        self.ended = true;
+        if let Some(mut c) = self.committed.take() {
+            let o = c.outcome_mut();
+            o.mcp = Some(self.follow.follower.followed.to_json());
+            match aborted {
+                Some("ClientGone") => o.client_gone = true,
+                Some(a) if o.aborted.is_none() => o.aborted = Some(a.to_owned()),
+                _ => {}
+            }
+            let o = o.clone();
+            c.finish(o);
+        }
+    }
+}
+
+impl hyper::body::Body for SseTap {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(b) = this.out.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(d) => {
+                        let mut events = Vec::new();
+                        let fed = this.splitter.feed(&d, this.follow.limit, &mut events);
+                        for e in events {
+                            if let Some(o) = this.follow.follower.event(&e) {
+                                this.out.push_back(Bytes::from(o));
+                            }
+                        }
+                        if let Err(why) = fed {
+                            // Fail closed: what cannot be parsed is not forwarded.
+                            tracing::warn!(target: "firma_sidecar::mcp", %why, "MCP event stream cut");
+                            this.follow.follower.followed.stopped = Some(why);
+                            this.end(Some("McpEventTooLarge"));
+                        }
+                    }
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                Some(Err(e)) => {
+                    this.follow.follower.followed.stopped = Some(format!("upstream: {e}"));
+                    this.end(Some("UpstreamBodyError"));
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => {
+                    if this.splitter.pending() > 0 {
+                        // Clients discard an event that never ended; so does Firma.
+                        this.follow.follower.followed.stopped =
+                            Some("the stream ended in the middle of an event".into());
+                    }
+                    this.end(None);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.out.is_empty()
+    }
+}
+
+impl Drop for SseTap {
+    fn drop(&mut self) {
+        // The client went away mid-stream: what was seen is recorded.
+        self.end(Some("ClientGone"));
+    }
 }

@@ -348,6 +348,56 @@ impl Pipeline {
         self.bounded(t0, d)
     }
 
+    /// Whether the caller of `req` could call tool `tool` on the MCP endpoint at `call_path`
+    /// for some arguments: what a `tools/list` answer keeps (see `docs/mcp.md`, "Filtered
+    /// tool lists"). Stage 1 as for the call (`mcp.tools.call` on `<host><call_path>/tools/
+    /// <tool>`), then Cedar with `context.mcp.arguments` unknown and `action_count` the count
+    /// the next call of the tool would have. Nothing is counted. Fails closed (false) when
+    /// the call could not be decided at all.
+    pub fn mcp_tool_listed(&self, req: &RequestContext, call_path: &str, tool: &str) -> bool {
+        let inner = &*self.inner;
+        let Ok(path) = path::normalize(call_path) else {
+            return false;
+        };
+        let Some(msg) = mcp::Message::listed_tool(tool) else {
+            return false;
+        };
+        if self.mcp_endpoint("POST", &req.host, &path).is_none() {
+            return false;
+        }
+        let Ok(policies) = inner.policies.usable(Instant::now()) else {
+            return false;
+        };
+        let resource = msg.resource(&req.host, &path);
+        let now = now_unix();
+        let Ok(cleared) = inner.capabilities.check(&Stage1Request {
+            caller: Caller::of(&req.conn),
+            headers: &req.headers,
+            workload: req.conn.workload.as_ref(),
+            action_class: msg.action_class,
+            resource: &resource,
+            now,
+        }) else {
+            return false;
+        };
+        let claims = &cleared.cap.claims;
+        let done = inner.counters.get(&claims.session_id, &msg.counter_key());
+        let usage = inner.usage.totals(&claims.session_id, &claims.agent_id);
+        policies.could_allow(&firma_common::policy::EvalRequest {
+            agent_id: &claims.agent_id,
+            action: msg.action_class,
+            resource_id: &resource,
+            host: Some(&req.host),
+            path: Some(&path),
+            action_count: done.saturating_add(1),
+            session_id: &claims.session_id,
+            method: "POST",
+            request: None,
+            usage: Some(usage),
+            mcp: Some(&msg.context),
+        })
+    }
+
     /// The MCP declaration of the rule matching a POST to `host` `path`, if it marks an MCP
     /// endpoint (other methods are decided by the rule's own action class).
     pub fn mcp_endpoint(&self, method: &str, host: &str, path: &str) -> Option<mcp::McpSpec> {
@@ -358,6 +408,17 @@ impl Pipeline {
             .mapping
             .classify(method, host, path)
             .and_then(|m| m.mcp.cloned())
+    }
+
+    /// Whether a `GET` to `host` `path` opens the event stream of an MCP endpoint (its rule
+    /// is marked `mcp`): the stream is followed like a POST's SSE answer (`docs/mcp.md`).
+    pub fn mcp_stream(&self, method: &str, host: &str, path: &str) -> bool {
+        method == "GET"
+            && self
+                .inner
+                .mapping
+                .classify(method, host, path)
+                .is_some_and(|m| m.mcp.is_some())
     }
 
     /// `[sidecar.mcp]` settings.
