@@ -482,3 +482,59 @@ fn entity_cache_keeps_resources_apart() {
     assert!(c.evaluate(&allowed).allowed);
     assert!(!c.evaluate(&other).allowed);
 }
+
+/// List-time decisions (`could_allow`): with the shipped MCP example, a tool permitted for
+/// some arguments is listed, one forbidden whatever its arguments or never permitted is not;
+/// a budget spent hides the tool; a permit for another agent does not list it.
+#[test]
+fn mcp_could_allow_for_some_arguments() {
+    let p = shipped("runtime/mcp");
+    let ctx = |tool: &str| McpContext {
+        method: "tools/call".into(),
+        name: Some(tool.into()),
+        // Ignored: the arguments are unknown at list time.
+        arguments: [("path".to_string(), AttrValue::String("/etc/shadow".into()))].into(),
+    };
+    let req = |m: &'_ McpContext, count: i64| EvalRequest {
+        agent_id: "agent-mcp",
+        action: "mcp.tools.call",
+        resource_id: "mcp.test/mcp/tools/x",
+        host: Some("mcp.test"),
+        path: Some("/mcp"),
+        action_count: count,
+        session_id: "s-1",
+        method: "POST",
+        request: None,
+        usage: None,
+        mcp: Some(m),
+    };
+    let (read, delete, other) = (ctx("read_file"), ctx("delete_repo"), ctx("list_dir"));
+    assert!(
+        p.could_allow(&req(&read, 1)),
+        "read_file is permitted for /workspace/*"
+    );
+    assert!(
+        !p.evaluate(&req(&read, 1)).allowed,
+        "but not for /etc/shadow"
+    );
+    assert!(!p.could_allow(&req(&delete, 1)), "delete_repo is forbidden");
+    assert!(!p.could_allow(&req(&other, 1)), "no permit names list_dir");
+    assert!(
+        !p.could_allow(&req(&read, 101)),
+        "the budget of 100 is spent"
+    );
+    let mut r = req(&read, 1);
+    r.mcp = None;
+    assert!(!p.could_allow(&r), "not an MCP call");
+    let only_alice = bundle(&[(
+        "a.cedar",
+        r#"permit (principal == Firma::Agent::"alice", action == Firma::Action::"mcp.tools.call", resource)
+           when { context has mcp && context.mcp.arguments has path };"#,
+    )])
+    .compile()
+    .unwrap();
+    assert!(!only_alice.could_allow(&req(&read, 1)));
+    let mut alice = req(&read, 1);
+    alice.agent_id = "alice";
+    assert!(only_alice.could_allow(&alice));
+}

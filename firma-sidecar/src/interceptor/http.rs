@@ -450,7 +450,7 @@ async fn handle_request(
         Some(mcp_spec) => {
             let limit = state.pipeline.mcp_config().max_body_bytes;
             let (_, budget) = state.pipeline.extract_limits();
-            match super::mcp::read(req, &mcp_spec, limit, budget).await {
+            match super::mcp::read(req, &up.host, &mcp_spec, limit, budget).await {
                 Ok((read, call)) => {
                     mcp = Some(call);
                     Err(read)
@@ -709,14 +709,13 @@ async fn handle_request(
     match state.connector.send(prepared).await {
         Ok((resp, outcome)) => match llm_model {
             Some(model) => track_usage(state, resp, outcome, committed, model, reservation),
-            None if follow.is_some() => {
-                let f = follow.expect("checked");
-                super::mcp::follow(resp, outcome, committed, f).await
-            }
-            None => {
-                committed.finish(outcome);
-                resp
-            }
+            None => match follow {
+                Some(f) => super::mcp::follow(resp, outcome, committed, f).await,
+                None => {
+                    committed.finish(outcome);
+                    resp
+                }
+            },
         },
         Err((failure, mut outcome)) => {
             let (status, reason, detail) = abort_of(failure);

@@ -27,6 +27,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 /// How long a client has to send an MCP body (it must be read before the decision).
 const BODY_TIME: Duration = Duration::from_secs(30);
@@ -37,8 +38,59 @@ pub const DENIED_CODE: i64 = -32001;
 pub struct McpCall {
     pub messages: Vec<Message>,
     pub batch: bool,
-    /// The `Mcp-Session-Id` header, for the audit.
+    /// The `Mcp-Session-Id` header (the legacy transport: the `session_id` query parameter),
+    /// for the audit.
     pub session: Option<String>,
+    /// The legacy transport's stream of this POST (`host` + `session_id` query parameter),
+    /// where its denials go (see [`LegacyStreams`]).
+    pub legacy: Option<String>,
+}
+
+/// The legacy HTTP+SSE transport answers on the GET stream, and its clients ignore the POST's
+/// answer body (they check only the status): a denial must be delivered on the stream of the
+/// session, or the client would wait for it forever. Each followed GET stream whose
+/// `endpoint` event names a session registers here (keyed by host and session id); a denied
+/// POST of that session puts its JSON-RPC errors on the stream and is answered `202
+/// Accepted`, as the server would.
+#[derive(Default)]
+pub struct LegacyStreams(
+    std::sync::Mutex<std::collections::HashMap<String, UnboundedSender<Bytes>>>,
+);
+
+impl LegacyStreams {
+    fn global() -> &'static Self {
+        static STREAMS: std::sync::OnceLock<LegacyStreams> = std::sync::OnceLock::new();
+        STREAMS.get_or_init(Self::default)
+    }
+
+    fn key(host: &str, session: &str) -> String {
+        format!("{host}\0{session}")
+    }
+
+    fn register(&self, key: String, tx: UnboundedSender<Bytes>) {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.retain(|_, t| !t.is_closed());
+        m.insert(key, tx);
+    }
+
+    fn remove(&self, key: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
+
+    /// Puts `event` on the stream of `key`; false when no such stream is open.
+    fn send(&self, key: &str, event: Bytes) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .is_some_and(|tx| tx.send(event).is_ok())
+    }
 }
 
 /// Reads and classifies the body with big bodies' reader (see [`super::body`]: at most
@@ -48,6 +100,7 @@ pub struct McpCall {
 /// `MalformedRequest` (not MCP), `BodyTooLarge` or `BodyBudgetExhausted`.
 pub async fn read(
     req: Request<Incoming>,
+    host: &str,
     spec: &McpSpec,
     limit: usize,
     budget: &Arc<body::BodyBudget>,
@@ -72,6 +125,15 @@ pub async fn read(
         .get("mcp-session-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    // The legacy transport names its session in the query instead.
+    let legacy_session = req
+        .uri()
+        .query()
+        .and_then(|q| crate::pipeline::mcp::follow::legacy_session(&format!("?{q}")));
+    let legacy = legacy_session
+        .as_deref()
+        .map(|s| LegacyStreams::key(host, s));
+    let session = session.or(legacy_session);
     let (parts, mut incoming) = req.into_parts();
     let refused = |parts, incoming, e: &body::ReadError, unread| {
         let mut decision = body_refusal(e);
@@ -117,6 +179,7 @@ pub async fn read(
             messages,
             batch,
             session,
+            legacy,
         },
     ))
 }
@@ -199,6 +262,16 @@ impl McpCall {
         } else {
             errors.into_iter().next().unwrap_or(Value::Null).to_string()
         };
+        if let Some(key) = &self.legacy
+            && LegacyStreams::global().send(
+                key,
+                Bytes::from(format!("event: message\ndata: {body}\n\n")),
+            )
+        {
+            let mut r = json_response(StatusCode::ACCEPTED, String::new());
+            r.headers_mut().remove(header::CONTENT_TYPE);
+            return r;
+        }
         json_response(StatusCode::OK, body)
     }
 }
@@ -240,12 +313,15 @@ pub struct Follow {
     pub must_filter: bool,
     /// Largest JSON answer or SSE event read (`[sidecar.mcp] max_body_bytes`).
     pub limit: usize,
+    /// The upstream host (legacy streams are keyed by it).
+    pub host: String,
 }
 
 impl Follow {
     /// The follower of a request from `ctx` whose listed tools are called on `call_path`.
     pub fn new(state: &SidecarState, ctx: &RequestContext, call: Option<&McpCall>) -> Self {
         let pipeline = state.pipeline.clone();
+        let host = ctx.host.clone();
         let ctx = ctx.clone();
         let must_filter = call.is_some_and(|c| c.messages.iter().any(|m| m.method == "tools/list"));
         Self {
@@ -255,6 +331,7 @@ impl Follow {
             ),
             must_filter,
             limit: state.pipeline.mcp_config().max_body_bytes,
+            host,
         }
     }
 }
@@ -287,7 +364,8 @@ pub async fn follow(
         .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"));
     let finish = |mut committed: Committed, f: &Follow| {
         committed.outcome_mut().mcp = Some(f.follower.followed.to_json());
-        committed.finish(committed.outcome_mut().clone());
+        let o = committed.outcome_mut().clone();
+        committed.finish(o);
     };
     if encoded && matches!(essence.as_str(), "application/json" | "text/event-stream") {
         // Accept-Encoding was removed from the request; a server that encodes anyway cannot
@@ -306,7 +384,8 @@ pub async fn follow(
             let (mut parts, body) = resp.into_parts();
             // Events may be rewritten: the length is not known in advance.
             parts.headers.remove(header::CONTENT_LENGTH);
-            Response::from_parts(parts, SseTap::new(body, f, committed).boxed())
+            let host = f.host.clone();
+            Response::from_parts(parts, SseTap::new(body, f, committed, host).boxed())
         }
         "application/json" => {
             let (mut parts, mut body) = resp.into_parts();
@@ -353,7 +432,10 @@ pub async fn follow(
                 .headers
                 .insert(header::CONTENT_LENGTH, header::HeaderValue::from(out.len()));
             finish(committed, &f);
-            Response::from_parts(parts, Full::new(out).map_err(|never| match never {}).boxed())
+            Response::from_parts(
+                parts,
+                Full::new(out).map_err(|never| match never {}).boxed(),
+            )
         }
         _ => {
             finish(committed, &f);
@@ -402,10 +484,14 @@ pub struct SseTap {
     out: VecDeque<Bytes>,
     ended: bool,
     committed: Option<Committed>,
+    /// Host of the stream (for [`LegacyStreams`] keys).
+    host: String,
+    /// Denials of the legacy session's POSTs, to deliver on this stream.
+    injected: Option<(String, UnboundedReceiver<Bytes>)>,
 }
 
 impl SseTap {
-    fn new(inner: RespBody, follow: Follow, committed: Committed) -> Self {
+    fn new(inner: RespBody, follow: Follow, committed: Committed, host: String) -> Self {
         Self {
             inner,
             splitter: SseSplitter::default(),
@@ -413,6 +499,20 @@ impl SseTap {
             out: VecDeque::new(),
             ended: false,
             committed: Some(committed),
+            host,
+            injected: None,
+        }
+    }
+
+    /// Registers the legacy session the `endpoint` event named.
+    fn register_legacy(&mut self) {
+        if let Some(session) = self.follow.follower.legacy_session.take() {
+            let key = LegacyStreams::key(&self.host, &session);
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            LegacyStreams::global().register(key.clone(), tx);
+            if let Some((old, _)) = self.injected.replace((key, rx)) {
+                LegacyStreams::global().remove(&old);
+            }
         }
     }
 
@@ -448,6 +548,11 @@ impl hyper::body::Body for SseTap {
             if this.ended {
                 return Poll::Ready(None);
             }
+            if let Some((_, rx)) = &mut this.injected
+                && let Poll::Ready(Some(b)) = rx.poll_recv(cx)
+            {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
             match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(d) => {
@@ -458,6 +563,7 @@ impl hyper::body::Body for SseTap {
                                 this.out.push_back(Bytes::from(o));
                             }
                         }
+                        this.register_legacy();
                         if let Err(why) = fed {
                             // Fail closed: what cannot be parsed is not forwarded.
                             tracing::warn!(target: "firma_sidecar::mcp", %why, "MCP event stream cut");
@@ -491,6 +597,9 @@ impl hyper::body::Body for SseTap {
 
 impl Drop for SseTap {
     fn drop(&mut self) {
+        if let Some((key, _)) = &self.injected {
+            LegacyStreams::global().remove(key);
+        }
         // The client went away mid-stream: what was seen is recorded.
         self.end(Some("ClientGone"));
     }

@@ -288,7 +288,9 @@ pub fn split_mcp_url(raw: &str) -> Result<(String, u16, String), String> {
         None => return Err(bad("no path")),
     };
     if path.contains(['?', '#', '"', '\\', ' ']) || !path.is_ascii() {
-        return Err(bad("the path must be plain ASCII without query or fragment"));
+        return Err(bad(
+            "the path must be plain ASCII without query or fragment",
+        ));
     }
     let (host, port) = match authority.rsplit_once(':') {
         Some((h, p)) => (
@@ -320,8 +322,7 @@ pub const MCP_ACTIONS: [&str; 8] = [
 
 /// The mapping rules and Cedar permits of `--allow-mcp` / `--mcp-tools`.
 pub fn mcp_rules(args: &Args) -> Result<(String, String, Vec<String>), String> {
-    let mut rules =
-        String::from("# firma run --allow-mcp: MCP endpoints (docs/mcp.md).\n");
+    let mut rules = String::from("# firma run --allow-mcp: MCP endpoints (docs/mcp.md).\n");
     let mut permits = String::from("// firma run --allow-mcp / --mcp-tools\n");
     let mut hosts = Vec::new();
     let tools: Vec<String> = args.mcp_tools.iter().map(|t| q(t)).collect();

@@ -71,6 +71,9 @@ pub struct Follower {
     listed: Listed,
     /// Where tools are called (the POST's path, or the legacy `endpoint` event's).
     call_path: String,
+    /// The legacy transport's session id, from the `endpoint` event (`session_id=` or
+    /// `sessionId=`): denials of that session's POSTs are delivered on this stream.
+    pub legacy_session: Option<String>,
     pub followed: Followed,
 }
 
@@ -79,6 +82,7 @@ impl Follower {
         Self {
             listed,
             call_path,
+            legacy_session: None,
             followed: Followed::default(),
         }
     }
@@ -156,6 +160,7 @@ impl Follower {
         if path.starts_with('/') {
             self.call_path = path.to_owned();
         }
+        self.legacy_session = legacy_session(rest);
     }
 
     /// One JSON-RPC message or batch from the server; `Ok(Some)` when rewritten.
@@ -203,7 +208,9 @@ impl Follower {
                 Ok(false)
             }
             Some(_) => Err("JSON-RPC method must be a string".into()),
-            None if has_id => Ok(self.result(o)),
+            None if has_id && (o.contains_key("result") || o.contains_key("error")) => {
+                Ok(self.result(o))
+            }
             None => Err("neither a request nor a response".into()),
         }
     }
@@ -211,8 +218,7 @@ impl Follower {
     fn result(&mut self, o: &mut Map<String, Value>) -> bool {
         let f = &mut self.followed;
         let error = o.contains_key("error")
-            || o
-                .get("result")
+            || o.get("result")
                 .and_then(|r| r.get("isError"))
                 .and_then(Value::as_bool)
                 == Some(true);
@@ -229,7 +235,7 @@ impl Follower {
         let (listed, path, hidden) = (&self.listed, &self.call_path, &mut f.hidden);
         tools.retain(|t| {
             let name = t.get("name").and_then(Value::as_str);
-            let keep = name.is_some_and(|n| listed(path, n));
+            let keep = name.is_some_and(|n| super::classify::name_ok(n) && listed(path, n));
             if !keep {
                 hidden.insert(name.unwrap_or("<unnamed>").chars().take(128).collect());
             }
@@ -237,6 +243,20 @@ impl Follower {
         });
         tools.len() != before
     }
+}
+
+/// The `session_id` (or `sessionId`) query parameter of a legacy transport URL.
+pub fn legacy_session(url: &str) -> Option<String> {
+    let query = url.split_once('?')?.1.split('#').next()?;
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (matches!(k, "session_id" | "sessionId")
+            && !v.is_empty()
+            && v.len() <= 128
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        .then(|| v.to_owned())
+    })
 }
 
 /// One parsed SSE event.
@@ -375,7 +395,8 @@ mod tests {
         assert_eq!(f.followed.results, vec![(json!(3), true)]);
         assert_eq!(f.followed.error_count, 1);
         // Unreadable: unchanged unless a list must be filtered.
-        let dup = r#"{"jsonrpc":"2.0","id":2,"result":{"tools":[],"tools":[{"name":"delete_repo"}]}}"#;
+        let dup =
+            r#"{"jsonrpc":"2.0","id":2,"result":{"tools":[],"tools":[{"name":"delete_repo"}]}}"#;
         assert_eq!(follower().json(dup.as_bytes(), false), None);
         let e = follower().json(dup.as_bytes(), true).unwrap();
         assert!(String::from_utf8(e).unwrap().contains("MalformedResponse"));
@@ -397,8 +418,10 @@ mod tests {
         for cut in 1..stream.len() {
             let mut s = SseSplitter::default();
             let mut out = Vec::new();
-            s.feed(&stream.as_bytes()[..cut], 1 << 20, &mut out).unwrap();
-            s.feed(&stream.as_bytes()[cut..], 1 << 20, &mut out).unwrap();
+            s.feed(&stream.as_bytes()[..cut], 1 << 20, &mut out)
+                .unwrap();
+            s.feed(&stream.as_bytes()[cut..], 1 << 20, &mut out)
+                .unwrap();
             assert_eq!(out, whole, "cut at {cut}");
             assert_eq!(s.pending(), 0);
         }
@@ -408,12 +431,16 @@ mod tests {
         );
         let out: Vec<Vec<u8>> = whole.iter().filter_map(|e| f.event(e)).collect();
         assert_eq!(out[0], whole[0], "endpoint passes");
+        assert_eq!(f.legacy_session.as_deref(), Some("1"));
         assert_eq!(out[1], whole[1], "comment passes");
         let listed = String::from_utf8(out[2].clone()).unwrap();
         assert!(listed.starts_with("event: message\ndata: {"), "{listed}");
         assert!(listed.contains("read_file") && !listed.contains("delete_repo"));
         assert_eq!(out[3], whole[3], "an error result passes");
-        assert_eq!(f.followed.results, vec![(json!(2), false), (json!(5), true)]);
+        assert_eq!(
+            f.followed.results,
+            vec![(json!(2), false), (json!(5), true)]
+        );
     }
 
     #[test]
