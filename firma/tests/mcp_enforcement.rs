@@ -245,7 +245,13 @@ fn sdk_session_checks(env: &Env, path: &str) {
     assert_eq!(
         lines[0]["tools"],
         serde_json::json!(["read_file"]),
-        "{lines:?}"
+        "{lines:?}\noutcomes: {:?}",
+        env.d
+            .audit()
+            .into_iter()
+            .filter(|e| e["event"] == "outcome")
+            .map(|e| e["connector"].clone())
+            .collect::<Vec<_>>()
     );
     let hidden = assert_eventually(Duration::from_secs(10), "tools/list followed", || {
         env.followed()

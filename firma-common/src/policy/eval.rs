@@ -254,9 +254,10 @@ impl CompiledPolicies {
         let principal =
             EntityUid::from_type_name_and_id(self.agent_type.clone(), EntityId::new(req.agent_id));
         let parts = action.partitions(&principal);
-        let with_usage = parts.clone().any(|p| p.reads_usage);
-        let Ok((request, entities)) =
-            self.build_with(req, principal, &action.uid, with_usage, true)
+        // Without the usage records: their `decimal` values are extension calls, which make
+        // Cedar treat the whole context as not projectable (then even `context.mcp.name` would
+        // stay unknown). Policies on token usage do not take part in list-time decisions.
+        let Ok((request, entities)) = self.build_with(req, principal, &action.uid, false, true)
         else {
             return false;
         };

@@ -495,19 +495,21 @@ fn mcp_could_allow_for_some_arguments() {
         // Ignored: the arguments are unknown at list time.
         arguments: [("path".to_string(), AttrValue::String("/etc/shadow".into()))].into(),
     };
-    let req = |m: &'_ McpContext, count: i64| EvalRequest {
-        agent_id: "agent-mcp",
-        action: "mcp.tools.call",
-        resource_id: "mcp.test/mcp/tools/x",
-        host: Some("mcp.test"),
-        path: Some("/mcp"),
-        action_count: count,
-        session_id: "s-1",
-        method: "POST",
-        request: None,
-        usage: None,
-        mcp: Some(m),
-    };
+    fn req(m: &McpContext, count: i64) -> EvalRequest<'_> {
+        EvalRequest {
+            agent_id: "agent-mcp",
+            action: "mcp.tools.call",
+            resource_id: "mcp.test/mcp/tools/x",
+            host: Some("mcp.test"),
+            path: Some("/mcp"),
+            action_count: count,
+            session_id: "s-1",
+            method: "POST",
+            request: None,
+            usage: None,
+            mcp: Some(m),
+        }
+    }
     let (read, delete, other) = (ctx("read_file"), ctx("delete_repo"), ctx("list_dir"));
     assert!(
         p.could_allow(&req(&read, 1)),
@@ -519,9 +521,28 @@ fn mcp_could_allow_for_some_arguments() {
     );
     assert!(!p.could_allow(&req(&delete, 1)), "delete_repo is forbidden");
     assert!(!p.could_allow(&req(&other, 1)), "no permit names list_dir");
+    // With the budget written as a forbid, the spent budget hides the tool; written inside
+    // the permit after an argument condition, the permit stays "may hold" (over-approximation).
     assert!(
-        !p.could_allow(&req(&read, 101)),
-        "the budget of 100 is spent"
+        p.could_allow(&req(&read, 101)),
+        "residual permit: still listed"
+    );
+    let text = format!(
+        "{}\nforbid (principal, action == Firma::Action::\"mcp.tools.call\", resource) when {{ context has mcp && context.mcp has name && context.mcp.name == \"read_file\" && context.action_count > 1 }};",
+        std::fs::read_to_string(policies_dir().join("runtime/mcp/mcp.cedar")).unwrap()
+    );
+    let budget = bundle(&[("mcp.cedar", &text)]).compile().unwrap();
+    assert!(budget.could_allow(&req(&read, 1)));
+    assert!(!budget.could_allow(&req(&read, 2)), "budget of 1 spent");
+    assert!(
+        !budget.could_allow(&req(&delete, 1)),
+        "delete_repo with the budget forbid"
+    );
+    let mut with_usage = req(&delete, 1);
+    with_usage.usage = Some(Default::default());
+    assert!(
+        !budget.could_allow(&with_usage),
+        "usage totals do not hide the name"
     );
     let mut r = req(&read, 1);
     r.mcp = None;

@@ -424,10 +424,17 @@ pub async fn follow(
                 };
                 return Response::from_parts(parts, body.boxed());
             }
-            let out = match f.follower.json(&buf, f.must_filter) {
+            // An empty answer (202 to a notification) carries no message.
+            let rewritten = if buf.is_empty() {
+                None
+            } else {
+                f.follower.json(&buf, f.must_filter)
+            };
+            let out = match rewritten {
                 Some(new) => Bytes::from(new),
                 None => Bytes::from(buf),
             };
+            parts.headers.remove(header::TRANSFER_ENCODING);
             parts
                 .headers
                 .insert(header::CONTENT_LENGTH, header::HeaderValue::from(out.len()));

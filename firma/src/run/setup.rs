@@ -325,7 +325,7 @@ pub fn mcp_rules(args: &Args) -> Result<(String, String, Vec<String>), String> {
     let mut rules = String::from("# firma run --allow-mcp: MCP endpoints (docs/mcp.md).\n");
     let mut permits = String::from("// firma run --allow-mcp / --mcp-tools\n");
     let mut hosts = Vec::new();
-    let tools: Vec<String> = args.mcp_tools.iter().map(|t| q(t)).collect();
+    let tools: Vec<String> = args.mcp_tools.iter().map(q).collect();
     for raw in &args.allow_mcp {
         let (host, port, path) = split_mcp_url(raw)?;
         rules.push_str(&format!(
@@ -777,6 +777,29 @@ mod tests {
         );
         for bad in ["", "h:0", "h:x", "h:70000", "a:b:1", "h/p", "*", "h :1"] {
             assert!(split_allow_host(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn allow_mcp_flags() {
+        assert_eq!(
+            split_mcp_url("https://MCP.example.com/mcp").unwrap(),
+            ("mcp.example.com".into(), 443, "/mcp".into())
+        );
+        assert_eq!(
+            split_mcp_url("http://h:8080/messages/*").unwrap(),
+            ("h".into(), 8080, "/messages/*".into())
+        );
+        for bad in [
+            "mcp.example.com/mcp",
+            "https://h",
+            "https://h/mcp?x=1",
+            "https://h:0/mcp",
+            "https://*.h/mcp",
+            "https://h/a b",
+            "ftp://h/mcp",
+        ] {
+            assert!(split_mcp_url(bad).is_err(), "{bad:?} accepted");
         }
     }
 
