@@ -63,12 +63,8 @@ impl Env {
             .collect()
     }
 
-    /// Runs the SDK client with `steps` on one session; its JSON lines.
-    fn client(&self, steps: serde_json::Value) -> Vec<serde_json::Value> {
-        self.client_at("/mcp", steps)
-    }
-
-    /// [`Env::client`] on `path` (`/sse`: the legacy HTTP+SSE transport).
+    /// Runs the SDK client with `steps` on one session at `path` (`/mcp`: streamable HTTP,
+    /// `/sse`: the legacy HTTP+SSE transport); its JSON lines.
     fn client_at(&self, path: &str, steps: serde_json::Value) -> Vec<serde_json::Value> {
         let out = Command::new("python3")
             .arg(script("client.py"))
