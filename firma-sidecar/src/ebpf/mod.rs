@@ -11,6 +11,7 @@ pub mod bpffs;
 pub mod cgroup;
 mod logs;
 pub mod pins;
+pub mod probe;
 mod programs;
 pub mod refusals;
 mod settings;
