@@ -17,6 +17,8 @@ const FORMATS: &[(&str, &[u8], &str)] = &[
     ("xz", b"\xfd7zXZ\x00", "xz"),
     ("zstd", b"\x28\xb5\x2f\xfd", "zstd"),
     ("gzip", b"\x1f\x8b\x08", "gzip"),
+    // The kernel's LZ4 is the legacy frame format (Debian's 6.1 cloud kernel uses it).
+    ("lz4", b"\x02\x21\x4c\x18", "lz4"),
 ];
 
 /// A kernel of the matrix: what `--kernel` names and how it is found.
@@ -330,7 +332,7 @@ pub fn extract_vmlinux(bz: &[u8]) -> anyhow::Result<Vec<u8>> {
             Err(e) => eprintln!("kernel: {name} payload: {e}"),
         }
     }
-    bail!("no compressed ELF kernel found in the bzImage (xz, zstd and gzip tried)")
+    bail!("no compressed ELF kernel found in the bzImage (xz, zstd, gzip and lz4 tried)")
 }
 
 /// x86 boot protocol >= 2.08: `payload_offset`/`payload_length` (0x248/0x24c) are relative to

@@ -74,14 +74,6 @@ impl KernelResult {
 
     pub fn from_report(kernel: &Kernel, report: &Report, vm_seconds: f64) -> Self {
         let mut tests: Vec<(String, Outcome)> = Vec::new();
-        for (name, why) in &report.skipped_tests {
-            tests.push((
-                name.clone(),
-                Outcome::Skip {
-                    reason: why.clone(),
-                },
-            ));
-        }
         for name in &report.passed {
             tests.push((name.clone(), Outcome::Pass));
         }
@@ -91,6 +83,14 @@ impl KernelResult {
                 name.to_string(),
                 Outcome::Fail {
                     reason: why.to_string(),
+                },
+            ));
+        }
+        for (name, why) in &report.skipped_tests {
+            tests.push((
+                name.clone(),
+                Outcome::Skip {
+                    reason: why.clone(),
                 },
             ));
         }
@@ -331,13 +331,13 @@ mod tests {
         assert_eq!(
             k.tests,
             [
+                ("a".to_string(), Outcome::Pass),
                 (
                     "many".to_string(),
                     Outcome::Skip {
                         reason: "host only".into()
                     }
-                ),
-                ("a".to_string(), Outcome::Pass)
+                )
             ]
         );
         let t = table(&[k]);

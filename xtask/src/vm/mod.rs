@@ -47,7 +47,9 @@ pub fn run(args: VmTestArgs) -> anyhow::Result<()> {
         bail!("filter {f:?}: use letters, digits and `_` only (a part of a test name)");
     }
     let specs = kernel_specs(&args.kernels)?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
@@ -179,10 +181,18 @@ fn static_busybox() -> Option<PathBuf> {
 fn host_tools() -> anyhow::Result<PathBuf> {
     let have_qemu = which("qemu-system-x86_64");
     let busybox = static_busybox();
-    if have_qemu && busybox.is_some() && which("xz") {
+    // The decompressors of the matrix's kernels: xz (6.1 generic, rt), lz4 (6.1 cloud), zstd
+    // (6.12).
+    if have_qemu && busybox.is_some() && ["xz", "lz4", "zstd"].iter().all(|t| which(t)) {
         return busybox.context("checked above");
     }
-    let packages = ["qemu-system-x86", "busybox-static", "xz-utils", "zstd"];
+    let packages = [
+        "qemu-system-x86",
+        "busybox-static",
+        "xz-utils",
+        "zstd",
+        "lz4",
+    ];
     if !kernel::is_root() {
         bail!(
             "missing host tools; run as root: apt-get install -y --no-install-recommends {}",
