@@ -156,7 +156,7 @@ fn attach_one(
     let link: FdLink = match handle {
         Handle::SockOps(p) => {
             let id = p
-                .attach(&cgroup, CgroupAttachMode::Single)
+                .attach(cgroup, CgroupAttachMode::Single)
                 .map_err(|e| attach_err(name, cgroup_dir, e))?;
             p.take_link(id)
                 .map_err(|e| attach_err(name, cgroup_dir, e))?
@@ -164,7 +164,7 @@ fn attach_one(
         }
         Handle::SockAddr(p) => {
             let id = p
-                .attach(&cgroup, CgroupAttachMode::Single)
+                .attach(cgroup, CgroupAttachMode::Single)
                 .map_err(|e| attach_err(name, cgroup_dir, e))?;
             p.take_link(id)
                 .map_err(|e| attach_err(name, cgroup_dir, e))?
@@ -173,7 +173,7 @@ fn attach_one(
         Handle::Skb(p) => {
             let id = p
                 .attach(
-                    &cgroup,
+                    cgroup,
                     CgroupSkbAttachType::Egress,
                     CgroupAttachMode::Single,
                 )
