@@ -74,7 +74,8 @@ fn hooks_are_probed_on_this_kernel_and_cleaned_up() {
         firma_testing::skip("hooks_are_probed_on_this_kernel_and_cleaned_up", &why);
         return;
     }
-    let script = "mount --make-rprivate / && mount -t bpf bpf /sys/fs/bpf && \"$0\" doctor --json; echo \"exit=$?\" >&2; ls /sys/fs/bpf >&2";
+    // The doctor's pid names its scratch cgroup and pins; other tests may run a doctor too.
+    let script = "mount --make-rprivate / && mount -t bpf bpf /sys/fs/bpf && { \"$0\" doctor --json & echo \"pid=$!\" >&2; wait $!; ls /sys/fs/bpf >&2; }";
     let out = Command::new("unshare")
         .args(["--mount", "sh", "-c", script])
         .arg(firma_testing::firma_bin())
@@ -116,12 +117,12 @@ fn hooks_are_probed_on_this_kernel_and_cleaned_up() {
         "{detach}"
     );
     // Nothing left: the probe's pins (the listing after the doctor ran) and its cgroup.
-    assert!(!stderr.contains("firma-probe-"), "{stderr}");
+    let pid = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("pid="))
+        .unwrap_or_else(|| panic!("no pid: {stderr}"));
+    let scratch = format!("firma-probe-{pid}");
+    assert!(!stderr.contains(&scratch), "{stderr}");
     let cg = firma_sidecar::ebpf::Cgroup2::discover().expect("cgroup2");
-    let left: Vec<_> = std::fs::read_dir(cg.mount())
-        .expect("read cgroup2")
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("firma-probe-"))
-        .collect();
-    assert!(left.is_empty(), "probe cgroups left: {left:?}");
+    assert!(!cg.mount().join(&scratch).exists(), "{scratch} cgroup left");
 }
