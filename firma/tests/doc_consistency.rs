@@ -418,10 +418,8 @@ fn headings(text: &str) -> Vec<String> {
 fn citable_names(text: &str) -> Vec<String> {
     let mut names = headings(text);
     for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("**") {
-            if let Some((lead, _)) = rest.split_once("**") {
-                names.push(lead.trim_end_matches('.').to_string());
-            }
+        if let Some((lead, _)) = line.strip_prefix("**").and_then(|r| r.split_once("**")) {
+            names.push(lead.trim_end_matches('.').to_string());
         }
     }
     names
