@@ -557,7 +557,10 @@ fn cited_files_and_sections_exist_and_docs_speak_of_no_issues() {
         for (i, _) in text.match_indices(".md") {
             let after = &text[i + 3..];
             let after = after.strip_prefix(',').unwrap_or(after);
-            let Some(q) = after.strip_prefix(" \"") else {
+            let Some(q) = after
+                .strip_prefix(" \"")
+                .or_else(|| after.strip_prefix(" (\""))
+            else {
                 continue;
             };
             let Some(end) = q.find('"') else { continue };
