@@ -7,7 +7,8 @@
 //!   own "unknown field, expected one of …" answers (so nothing is copied out of the code);
 //! - every relative link in the Markdown files resolves (file and `#anchor`), every repository
 //!   path cited in docs, comments and scripts exists, every `FILE.md "Section"` citation names a
-//!   heading of that file, and no doc speaks of issues or of files outside the repository.
+//!   heading of that file, no doc speaks of issues or of files outside the repository, and no
+//!   file holds merge conflict markers.
 
 use firma_testing::authority;
 use firma_testing::process::firma_bin;
@@ -539,6 +540,11 @@ fn cited_files_and_sections_exist_and_docs_speak_of_no_issues() {
     for file in &sources {
         let name = rel(file);
         let text = std::fs::read_to_string(file).unwrap_or_default();
+        if text.lines().any(|l| l.starts_with("<<<<<<< "))
+            && text.lines().any(|l| l.starts_with(">>>>>>> "))
+        {
+            problems.push(format!("{name}: holds merge conflict markers"));
+        }
         let text = if name.ends_with(".rs") {
             rust_comments(&text)
         } else {
