@@ -20,6 +20,7 @@ pub mod error_shape;
 pub mod http_body;
 pub mod interceptor;
 pub mod metrics;
+pub mod node;
 pub mod pipeline;
 pub mod response;
 pub mod server;

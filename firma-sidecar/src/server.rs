@@ -112,10 +112,13 @@ fn log_effective_config(cfg: &SidecarConfig) {
     // Each mode logs the address it listens on: `listen_addr` is the http_proxy listener only.
     let listen = match cfg.interceptor.mode {
         InterceptMode::HttpProxy => cfg.interceptor.listen_addr.clone(),
-        InterceptMode::Transparent => format!(
-            "127.0.0.1:{0} and [::1]:{0}",
-            cfg.interceptor.transparent.port
-        ),
+        InterceptMode::Transparent => {
+            let t = &cfg.interceptor.transparent;
+            match t.redirect_address {
+                Some(a) => format!("127.0.0.1:{0}, [::1]:{0} and {a}:{0}", t.port),
+                None => format!("127.0.0.1:{0} and [::1]:{0}", t.port),
+            }
+        }
     };
     tracing::info!(
         mode = ?cfg.interceptor.mode,

@@ -45,6 +45,11 @@ const CRATES: &[Checked] = &[
             ("state.rs", 5, "what a connection handler shares"),
             ("control/", 4, "the attach socket"),
             ("ebpf/", 4, "the kernel side"),
+            (
+                "node/",
+                4,
+                "the Kubernetes node agent: CRI pods to attachments",
+            ),
             ("pipeline/", 3, "the decision"),
             ("audit/", 3, "the record of each decision"),
             ("response.rs", 3, "Firma's own answers"),

@@ -10,14 +10,14 @@
 use super::body::{self, Refused, body_refusal};
 use super::framing::{FramingGuard, Verdict};
 use super::head::{self, HeadError};
-use super::limits;
+use super::idle;
 use super::rewind::Rewind;
 use super::websocket;
 use crate::audit::RequestAudit;
 use crate::config::ErrorFormat;
 use crate::conn::{ConnectionInfo, Decision, DenyReason};
 use crate::connector::binding::Unbound;
-use crate::connector::{Failure, RespBody, UpstreamTarget};
+use crate::connector::{Failure, RequestUnbound, RespBody, UpstreamTarget};
 use crate::pipeline::RequestContext;
 use crate::pipeline::extract;
 use crate::response;
@@ -82,8 +82,8 @@ pub async fn serve_http<S>(
         }
     }
     // Idle = no request in flight; each request and its response body hold `activity` busy.
-    let timeouts = limits::timeouts();
-    let activity = Arc::new(limits::Activity::default());
+    let timeouts = idle::timeouts();
+    let activity = Arc::new(idle::Activity::default());
     let svc = {
         let state = state.clone();
         let conn = conn.clone();
@@ -94,7 +94,7 @@ pub async fn serve_http<S>(
             let busy = activity.begin();
             async move {
                 let resp = handle(&state, &conn, &mode, req).await;
-                Ok::<_, Infallible>(limits::hold_until_sent(resp, busy))
+                Ok::<_, Infallible>(idle::hold_until_sent(resp, busy))
             }
         })
     };
@@ -116,7 +116,7 @@ pub async fn serve_http<S>(
             _ = activity.idle_timeout(timeouts.http_idle) => {
                 tracing::debug!(conn = conn.conn_id, "closing idle HTTP/2 connection");
                 c.as_mut().graceful_shutdown();
-                limits::finish_closing(c).await
+                idle::finish_closing(c).await
             }
         }
     } else {
@@ -139,7 +139,7 @@ pub async fn serve_http<S>(
             _ = activity.idle_timeout(timeouts.http_idle) => {
                 tracing::debug!(conn = conn.conn_id, "closing idle HTTP/1 connection");
                 c.as_mut().graceful_shutdown();
-                limits::finish_closing(c).await
+                idle::finish_closing(c).await
             }
         }
     };
@@ -608,25 +608,24 @@ async fn handle_request(
     {
         decision = decision.into_deny(DenyReason::CredentialLeak, detail);
     }
-    if decision.is_allow()
-        && let Some(detail) = state.connector.insecure(up)
-    {
-        decision = decision.into_deny(DenyReason::InsecureUpstream, detail);
-    }
-    // Where to: an address of the decided name, never one the client chose (a mismatch is a
-    // denial like the ones above, so the body is read the same way before answering).
+    // Whether a credential may go there, then where to: an address of the decided name, never
+    // one the client chose (either refusal is a denial like the ones above, so the body is
+    // read the same way before answering).
     let connecting = std::time::Instant::now();
-    let mut addr = None;
+    let mut bound = None;
     let mut rec = rec;
     if decision.is_allow() {
-        match state.connector.bind(Some(&up.host), up.port, conn).await {
-            Ok(a) => addr = Some(a),
-            Err(Unbound::Mismatch(m)) => {
+        match state.connector.bind_request(up, conn).await {
+            Ok(b) => bound = Some(b),
+            Err(RequestUnbound::Insecure(detail)) => {
+                decision = decision.into_deny(DenyReason::InsecureUpstream, detail);
+            }
+            Err(RequestUnbound::Unbound(Unbound::Mismatch(m))) => {
                 decision = decision.into_deny(DenyReason::DestinationMismatch, m.detail);
                 tracing::warn!(conn = conn.conn_id, host = %up.host, detail = %decision.detail, "destination mismatch");
                 rec = rec.destination(m.record);
             }
-            Err(Unbound::Unresolved(e)) => {
+            Err(RequestUnbound::Unbound(Unbound::Unresolved(e))) => {
                 let outcome = crate::conn::ConnectorOutcome {
                     aborted: Some("UpstreamUnavailable".into()),
                     ..Default::default()
@@ -637,13 +636,13 @@ async fn handle_request(
             }
         }
     }
-    let Some(addr) = addr.filter(|_| decision.is_allow()) else {
+    let Some(bound) = bound.filter(|_| decision.is_allow()) else {
         rec.deny(&decision);
         super::metrics::overhead(arrived);
         // Extracted bodies were read; any other is still unread.
         return body::answer_request(req, !body_read, deny(&decision)).await;
     };
-    let prepared = state.connector.prepare(req, up, conn, addr).await;
+    let prepared = state.connector.prepare(req, up, conn, bound).await;
     crate::pipeline::metrics::stage(
         crate::pipeline::metrics::Stage::Connector,
         connecting.elapsed(),
@@ -653,11 +652,6 @@ async fn handle_request(
         Err((Failure::CredentialUnavailable(detail), _)) => {
             // Fail closed: the allow becomes a denial; nothing was sent upstream.
             let denied = decision.into_deny(DenyReason::CredentialUnavailable, detail);
-            rec.deny(&denied);
-            return deny(&denied);
-        }
-        Err((Failure::InsecureUpstream(detail), _)) => {
-            let denied = decision.into_deny(DenyReason::InsecureUpstream, detail);
             rec.deny(&denied);
             return deny(&denied);
         }
@@ -871,9 +865,9 @@ fn abort_of(failure: Failure) -> (StatusCode, &'static str, String) {
     match failure {
         Failure::RateLimited(d) => (StatusCode::TOO_MANY_REQUESTS, "RateLimited", d),
         Failure::UpstreamTimeout(d) => (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout", d),
-        Failure::UpstreamUnavailable(d)
-        | Failure::CredentialUnavailable(d)
-        | Failure::InsecureUpstream(d) => (StatusCode::BAD_GATEWAY, "UpstreamUnavailable", d),
+        Failure::UpstreamUnavailable(d) | Failure::CredentialUnavailable(d) => {
+            (StatusCode::BAD_GATEWAY, "UpstreamUnavailable", d)
+        }
     }
 }
 

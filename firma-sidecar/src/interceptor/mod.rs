@@ -13,6 +13,7 @@ pub mod framing;
 pub mod head;
 pub mod http;
 pub mod http_proxy;
+pub mod idle;
 pub mod limits;
 pub mod mcp;
 pub mod metrics;

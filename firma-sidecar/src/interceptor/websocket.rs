@@ -64,9 +64,9 @@ pub async fn relay(
         }
     };
     let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-    let idle = super::limits::timeouts().tunnel_idle;
+    let idle = super::idle::timeouts().tunnel_idle;
     tokio::select! {
-        moved = super::limits::copy_until_idle(&mut c, &mut u, idle) => match moved {
+        moved = super::idle::copy_until_idle(&mut c, &mut u, idle) => match moved {
             Ok(m) => {
                 if m.idle {
                     outcome.aborted = Some("Idle".into());
