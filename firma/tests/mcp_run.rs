@@ -134,6 +134,13 @@ impl World {
             .arg(&self.state)
             .arg("--upstream-ca")
             .arg(&self.server_ca)
+            // Debug builds on a loaded CI machine (tools/list filtering evaluates every tool).
+            .arg("--enforcement-timeout-ms")
+            .arg(
+                firma_testing::config::TEST_CONSTRAINT_ENFORCEMENT
+                    .1
+                    .to_string(),
+            )
             .args(firma_args)
             .args(["--", "sh", "-c", script])
             .env("NO_COLOR", "1")

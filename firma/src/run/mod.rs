@@ -96,6 +96,10 @@ pub struct Args {
     /// Log level of the in-process sidecar (RUST_LOG wins).
     #[arg(long, default_value = "warn")]
     log_level: String,
+    /// Budget of one decision in milliseconds (`enforcement_timeout_ms`); a slower decision
+    /// is denied `EnforcementTimeout`. Default: the config's, else 50.
+    #[arg(long = "enforcement-timeout-ms", value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    enforcement_timeout_ms: Option<u64>,
     /// The program and its arguments.
     #[arg(
         required = true,

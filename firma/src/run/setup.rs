@@ -638,6 +638,9 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
     t.allow_udp.extend(args.allow_udp.iter().cloned());
     t.allow_loopback.extend(args.allow_loopback.iter().cloned());
     cfg.log.level = args.log_level.clone();
+    if let Some(ms) = args.enforcement_timeout_ms {
+        cfg.constraint_enforcement.enforcement_timeout_ms = ms;
+    }
     // The run's own ports (chosen above) can never be opened to CMD.
     let own = cfg.own_ports();
     for a in &cfg.interceptor.transparent.allow_loopback {
