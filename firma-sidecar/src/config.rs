@@ -40,6 +40,9 @@ pub struct SidecarConfig {
     pub llm: LlmConfig,
     #[serde(default)]
     pub mcp: McpConfig,
+    /// `[sidecar.session_store]`: where session counters and budgets live (docs/scale-out.md).
+    #[serde(default)]
+    pub session_store: crate::pipeline::session_store::config::SessionStoreConfig,
 }
 
 /// `[sidecar.mcp]`: MCP endpoints (mapping rules with `mcp`, see docs/mcp.md).
@@ -1172,6 +1175,7 @@ impl SidecarConfig {
             _ => {}
         }
         self.audit.validate(file)?;
+        self.session_store.validate(file)?;
         Ok(())
     }
 

@@ -121,6 +121,7 @@ fn latency_histogram() -> Histogram {
 /// Every metric of the sidecar: the registry plus pre-created handles for the fixed labels.
 pub struct Metrics {
     registry: Registry,
+    session_store: crate::pipeline::session_store::metrics::StoreMetrics,
     decisions: Family<DecisionLabels, Counter>,
     stages: [Histogram; 5],
     overhead: Histogram,
@@ -438,8 +439,12 @@ impl Metrics {
             "Workload cgroups attached (tagged) now",
             ebpf_workloads.clone(),
         );
+        let session_store = crate::pipeline::session_store::metrics::StoreMetrics::new(
+            r.sub_registry_with_prefix("session_store"),
+        );
         Self {
             registry: r,
+            session_store,
             decisions,
             stages,
             overhead,
@@ -491,6 +496,11 @@ pub fn enable() -> &'static Metrics {
 #[inline]
 fn get() -> Option<&'static Metrics> {
     METRICS.get()
+}
+
+/// The shared session store's metrics, when recording is on.
+pub fn session_store() -> Option<&'static crate::pipeline::session_store::metrics::StoreMetrics> {
+    get().map(|m| &m.session_store)
 }
 
 fn seconds_of_micros(us: u64) -> f64 {
