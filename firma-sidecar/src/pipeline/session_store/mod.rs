@@ -196,7 +196,7 @@ impl RedisStore {
         let conn =
             ConnectionManager::new_lazy_with_config(client, mc).map_err(StoreSetupError::Url)?;
         if let Some(m) = metrics {
-            m.set_up(false);
+            m.set_up(true);
         }
         Ok(Arc::new(Self {
             conn,
@@ -206,7 +206,8 @@ impl RedisStore {
             ttl: Duration::from_secs(cfg.reservation_ttl_seconds),
             on_unavailable: cfg.on_unavailable,
             allowance: cfg.local_allowance,
-            up: AtomicBool::new(false),
+            // Tried from the first decision; the first failure marks it down.
+            up: AtomicBool::new(true),
             held: Mutex::new(HashMap::new()),
             last_seen: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(LAST_SEEN).unwrap_or(NonZeroUsize::MIN),

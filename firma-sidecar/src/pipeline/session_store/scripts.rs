@@ -22,6 +22,10 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- Subtracts the decimal string v from field f of hash h (Redis refuses "-0").
+local function sub(h, f, v)
+  if v ~= '0' then redis.call('HINCRBY', h, f, '-' .. v) end
+end
 -- Drops reservations of hash h listed in zset z whose deadline is before now.
 local function purge(h, z, now)
   local dead = redis.call('ZRANGEBYSCORE', z, '-inf', now)
@@ -29,8 +33,8 @@ local function purge(h, z, now)
     local w = redis.call('HGET', h, 'r:' .. id)
     if w then
       local t, c = string.match(w, '^(%d+),(%d+)$')
-      redis.call('HINCRBY', h, 'rt', '-' .. t)
-      redis.call('HINCRBY', h, 'rc', '-' .. c)
+      sub(h, 'rt', t)
+      sub(h, 'rc', c)
       redis.call('HDEL', h, 'r:' .. id)
       redis.call('HINCRBY', h, 'v', 1)
     end
@@ -114,8 +118,8 @@ for i = 1, 2 do
     local w = redis.call('HGET', h, 'r:' .. id)
     if w then
       local t, c = string.match(w, '^(%d+),(%d+)$')
-      redis.call('HINCRBY', h, 'rt', '-' .. t)
-      redis.call('HINCRBY', h, 'rc', '-' .. c)
+      sub(h, 'rt', t)
+      sub(h, 'rc', c)
       redis.call('HDEL', h, 'r:' .. id)
       held = 1
     end
