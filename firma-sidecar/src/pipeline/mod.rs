@@ -200,14 +200,16 @@ impl Pipeline {
                     crate::metrics::session_store(),
                 )
                 .map_err(|e| PipelineError::Startup(e.to_string()))?;
+                let url = cfg.session_store.url.as_deref().unwrap_or_default();
+                if store.warm_up().await {
+                    tracing::info!(
+                        target: "firma_sidecar::startup::session_store",
+                        "session state shared on {url} (key prefix {:?}, on_unavailable = {:?})",
+                        cfg.session_store.key_prefix,
+                        cfg.session_store.on_unavailable
+                    );
+                }
                 tasks.spawn(store.clone().maintain());
-                tracing::info!(
-                    target: "firma_sidecar::startup::session_store",
-                    "session state shared on {} (key prefix {:?}, on_unavailable = {:?})",
-                    cfg.session_store.url.as_deref().unwrap_or_default(),
-                    cfg.session_store.key_prefix,
-                    cfg.session_store.on_unavailable
-                );
                 Some(store)
             }
         };

@@ -219,6 +219,26 @@ impl RedisStore {
         }))
     }
 
+    /// Connects and loads the scripts now, so that the first decisions do not pay for it;
+    /// returns whether Redis answered (if not, the store starts down and the probe retries).
+    pub async fn warm_up(&self) -> bool {
+        let mut conn = self.conn.clone();
+        let s = &self.scripts;
+        let load = async {
+            for script in [&s.read, &s.commit, &s.settle, &s.extend, &s.add_count] {
+                script.prepare_invoke().load_async(&mut conn).await?;
+            }
+            Ok::<_, redis::RedisError>(())
+        };
+        // Connection setup included: allow a few round trips.
+        let ok = matches!(
+            tokio::time::timeout(self.timeout * 5, load).await,
+            Ok(Ok(()))
+        );
+        self.mark(ok);
+        ok
+    }
+
     /// Whether Redis answered the last operation.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
