@@ -265,7 +265,7 @@ impl Pair {
 
     /// Call `i` of a batch: even ones through the http_proxy sidecar, odd ones transparent.
     fn call(&self, i: usize, url: &str, args: &[&str]) -> CurlOut {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             self.via_proxy(url, args)
         } else {
             self.via_transparent(url, args)
