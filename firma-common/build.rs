@@ -10,5 +10,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;
+    // The Kubernetes CRI subset the node agent speaks to the container runtime: client only.
+    let cri = ["../proto/cri/runtime_v1.proto"];
+    println!("cargo:rerun-if-changed={}", cri[0]);
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .compile_fds(protox::compile(cri, ["../proto/cri"])?)?;
     Ok(())
 }

@@ -9,3 +9,10 @@ pub mod authority {
 pub mod audit {
     tonic::include_proto!("firma.audit.v1");
 }
+
+/// `runtime.v1`: the part of the Kubernetes CRI the node agent uses (client only; see
+/// `proto/cri/runtime_v1.proto`).
+pub mod cri {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("runtime.v1");
+}

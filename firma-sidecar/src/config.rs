@@ -4,6 +4,10 @@ use firma_common::config::{ConfigError, LogFormat, check_admin_addr, check_log_l
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+/// Output tokens reserved per choice for a request that names no `max_tokens`
+/// (`[sidecar.llm] reserve_output_tokens`).
+pub const DEFAULT_RESERVE_OUTPUT_TOKENS: i64 = 32_768;
+
 /// `[sidecar.*]`: everything the enforcement sidecar reads.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +47,10 @@ pub struct SidecarConfig {
     /// `[sidecar.session_store]`: where session counters and budgets live (docs/scale-out.md).
     #[serde(default)]
     pub session_store: crate::pipeline::session_store::config::SessionStoreConfig,
+    /// `[sidecar.node]`: the Kubernetes node agent (pods tagged from their CRI annotations);
+    /// absent = off. Needs `mode = "transparent"`. See docs/kubernetes.md.
+    #[serde(default)]
+    pub node: Option<NodeConfig>,
 }
 
 /// `[sidecar.mcp]`: MCP endpoints (mapping rules with `mcp`, see docs/mcp.md).
@@ -213,7 +221,7 @@ impl LlmConfig {
     /// `reserve_output_tokens` or its default.
     pub fn reserve_output_tokens(&self) -> i64 {
         self.reserve_output_tokens
-            .unwrap_or(crate::pipeline::usage::DEFAULT_RESERVE_OUTPUT_TOKENS)
+            .unwrap_or(DEFAULT_RESERVE_OUTPUT_TOKENS)
     }
 }
 
@@ -340,6 +348,13 @@ pub struct TransparentConfig {
     /// because that is fail-open; only for throwaway setups.
     #[serde(default)]
     pub allow_ephemeral_pins: bool,
+    /// An extra IPv4 address the transparent listener binds and tagged IPv4 connects are sent
+    /// to instead of 127.0.0.1: one reachable from pod network namespaces (the node's end of
+    /// the pod network, e.g. the CNI bridge's gateway address), so pods with their own network
+    /// namespace reach the node's sidecar. Unset: 127.0.0.1 only (workloads in the sidecar's
+    /// own network namespace). Needs `redirect_dns = false` (the DNS guard listens on loopback).
+    #[serde(default)]
+    pub redirect_address: Option<std::net::Ipv4Addr>,
 }
 
 impl Default for TransparentConfig {
@@ -357,6 +372,7 @@ impl Default for TransparentConfig {
             pin_dir: default_pin_dir(),
             control_socket: default_control_socket(),
             allow_ephemeral_pins: false,
+            redirect_address: None,
         }
     }
 }
@@ -897,6 +913,41 @@ impl SidecarConfig {
         own
     }
 
+    /// `redirect_address` and `[sidecar.node]`: a routable address, and no DNS guard or
+    /// interception mode they cannot work with.
+    fn validate_node(&self, file: &Path) -> Result<(), ConfigError> {
+        let t = &self.interceptor.transparent;
+        if let Some(a) = t.redirect_address {
+            if a.is_loopback() || a.is_unspecified() || a.is_multicast() || a.is_broadcast() {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.interceptor.transparent.redirect_address",
+                    format!(
+                        "expected a unicast address of this node reachable from the pods (not loopback, 0.0.0.0, multicast or broadcast), got {a}"
+                    ),
+                ));
+            }
+            if t.redirect_dns {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.interceptor.transparent.redirect_dns",
+                    "expected false with redirect_address (the DNS guard listens on loopback only, so tagged DNS would be refused)",
+                ));
+            }
+        }
+        if let Some(node) = &self.node {
+            if !matches!(self.interceptor.mode, InterceptMode::Transparent) {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.node",
+                    "expected [sidecar.interceptor] mode = \"transparent\" (the node agent tags pod cgroups)",
+                ));
+            }
+            node.validate(file)?;
+        }
+        Ok(())
+    }
+
     /// `allow_udp` and `allow_loopback`: well-formed, and no loopback allowance names one of
     /// the sidecar's own ports.
     fn validate_side_doors(&self, file: &Path) -> Result<(), ConfigError> {
@@ -1051,6 +1102,7 @@ impl SidecarConfig {
             }
         }
         self.validate_side_doors(file)?;
+        self.validate_node(file)?;
         self.dns.validate(file, self.interceptor.transparent.port)?;
         let m = &self.interceptor.https_mitm;
         for (i, h) in m.fallback_hosts.iter().enumerate() {
@@ -1182,5 +1234,53 @@ impl SidecarConfig {
     /// The shared Vault connection, wherever TOML nested it.
     pub fn vault(&self) -> Option<&VaultConfig> {
         self.credentials.iter().find_map(|c| c.vault.as_ref())
+    }
+}
+
+/// `[sidecar.node]`: the Kubernetes node agent (`node/`, docs/kubernetes.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The container runtime's CRI socket (containerd: `/run/containerd/containerd.sock`,
+    /// CRI-O: `/var/run/crio/crio.sock`).
+    #[serde(default = "default_cri_socket")]
+    pub cri_socket: PathBuf,
+    /// How often the pods are listed again (ms, 100..=60000). Attaching before the first
+    /// connect does not depend on it (the OCI hook does that); it bounds how long a pod that
+    /// stopped stays attached and how soon a pod is tagged when no hook is installed.
+    #[serde(default = "default_resync_ms")]
+    pub resync_interval_ms: u64,
+}
+
+fn default_cri_socket() -> PathBuf {
+    PathBuf::from("/run/containerd/containerd.sock")
+}
+fn default_resync_ms() -> u64 {
+    1000
+}
+
+impl NodeConfig {
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        if !(100..=60_000).contains(&self.resync_interval_ms) {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.node.resync_interval_ms",
+                format!(
+                    "expected 100..=60000 (milliseconds), got {}",
+                    self.resync_interval_ms
+                ),
+            ));
+        }
+        if !self.cri_socket.is_absolute() {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.node.cri_socket",
+                format!(
+                    "expected an absolute path to the runtime's CRI socket, got {}",
+                    self.cri_socket.display()
+                ),
+            ));
+        }
+        Ok(())
     }
 }

@@ -112,10 +112,13 @@ fn log_effective_config(cfg: &SidecarConfig) {
     // Each mode logs the address it listens on: `listen_addr` is the http_proxy listener only.
     let listen = match cfg.interceptor.mode {
         InterceptMode::HttpProxy => cfg.interceptor.listen_addr.clone(),
-        InterceptMode::Transparent => format!(
-            "127.0.0.1:{0} and [::1]:{0}",
-            cfg.interceptor.transparent.port
-        ),
+        InterceptMode::Transparent => {
+            let t = &cfg.interceptor.transparent;
+            match t.redirect_address {
+                Some(a) => format!("127.0.0.1:{0}, [::1]:{0} and {a}:{0}", t.port),
+                None => format!("127.0.0.1:{0} and [::1]:{0}", t.port),
+            }
+        }
     };
     tracing::info!(
         mode = ?cfg.interceptor.mode,
@@ -212,7 +215,7 @@ where
     // Transparent mode: the redirector, whose kernel refusals are audited every second and
     // once more before the final flush.
     let mut refusals = None;
-    let kernel: Option<Arc<dyn crate::metrics::KernelState>> = match cfg.interceptor.mode {
+    let kernel: Option<Arc<dyn crate::ebpf::metrics::KernelState>> = match cfg.interceptor.mode {
         InterceptMode::HttpProxy => {
             let addr = &cfg.interceptor.listen_addr;
             let listener = tokio::net::TcpListener::bind(addr)
@@ -237,7 +240,7 @@ where
         }
     };
     if let (Some(addr), Some(metrics)) = (&cfg.admin.listen_addr, metrics) {
-        let admin = crate::metrics::SidecarAdmin {
+        let admin = crate::admin::SidecarAdmin {
             metrics,
             state: state.clone(),
             kernel,

@@ -34,6 +34,16 @@ pub enum WorkloadCommand {
         #[arg(long)]
         pod: Option<String>,
     },
+    /// OCI `createRuntime` hook for the Kubernetes node agent (installed in the container
+    /// runtime's base spec, see docs/kubernetes.md): reads the OCI state on stdin and, for an
+    /// app container of a pod annotated `firma.dev/agent-id`, attaches its pod cgroup before
+    /// the container's program runs; fails (so the container does not start) if it cannot.
+    /// Does not read the config file.
+    OciHook {
+        /// The sidecar's control socket.
+        #[arg(long, default_value = "/run/firma/sidecar.sock")]
+        control_socket: std::path::PathBuf,
+    },
     /// Show attached workloads and redirect state.
     Status {
         /// Print JSON.
@@ -43,9 +53,6 @@ pub enum WorkloadCommand {
 }
 
 pub fn run(cmd: WorkloadCommand, config: &Path) -> anyhow::Result<ExitCode> {
-    let cfg = FirmaConfig::load(config).map_err(ConfigFailure)?;
-    let sidecar = cfg.sidecar().map_err(ConfigFailure)?;
-    let socket = &sidecar.interceptor.transparent.control_socket;
     let (req, json) = match cmd {
         WorkloadCommand::Attach {
             cgroup,
@@ -63,7 +70,11 @@ pub fn run(cmd: WorkloadCommand, config: &Path) -> anyhow::Result<ExitCode> {
         ),
         WorkloadCommand::Detach { cgroup, pod } => (Request::Detach { cgroup, pod }, false),
         WorkloadCommand::Status { json } => (Request::Status, json),
+        WorkloadCommand::OciHook { control_socket } => return oci_hook(&control_socket),
     };
+    let cfg = FirmaConfig::load(config).map_err(ConfigFailure)?;
+    let sidecar = cfg.sidecar().map_err(ConfigFailure)?;
+    let socket = &sidecar.interceptor.transparent.control_socket;
     let is_status = matches!(req, Request::Status);
     let resp = request(socket, &req)?;
     if !resp.ok {
@@ -81,6 +92,28 @@ pub fn run(cmd: WorkloadCommand, config: &Path) -> anyhow::Result<ExitCode> {
         print_status(&report);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the OCI hook: the runtime shows its stderr in the container's start error.
+fn oci_hook(control_socket: &Path) -> anyhow::Result<ExitCode> {
+    use firma_sidecar::node::hook::{self, Outcome};
+    use std::io::Read;
+    let mut state = String::new();
+    std::io::stdin()
+        .take(1 << 20)
+        .read_to_string(&mut state)
+        .context("reading the OCI state from stdin")?;
+    match hook::run(control_socket, &state) {
+        Ok(Outcome::Attached { cgroup, agent_id }) => {
+            eprintln!("firma: pod cgroup {cgroup} enforced for agent {agent_id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Outcome::NotEnforced | Outcome::Sandbox) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("firma oci-hook: {e}; the container is not started (fail closed)");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn print_status(r: &StatusReport) {

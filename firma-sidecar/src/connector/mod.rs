@@ -7,6 +7,7 @@
 pub mod binding;
 pub mod credentials;
 pub mod dial;
+pub mod metrics;
 pub mod placeholder;
 pub mod pool;
 pub mod ratelimit;
@@ -16,12 +17,10 @@ pub mod vault;
 
 use crate::config::{ErrorFormat, SidecarConfig};
 use crate::conn::{ConnectionInfo, ConnectorOutcome, InterceptKind};
-use bytes::Bytes;
 use credentials::{CredentialError, CredentialStore};
 use dial::{DialError, Dialer, ReqBody};
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::BodyExt;
-use http_body_util::combinators::BoxBody;
 use hyper::upgrade::OnUpgrade;
 use pool::{CredentialFingerprint, Pool, PoolKey, Release, Sender};
 use ratelimit::HostLimiter;
@@ -30,7 +29,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub type RespBody = BoxBody<Bytes, hyper::Error>;
+pub use crate::http_body::RespBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
@@ -51,9 +50,23 @@ pub enum Failure {
     UpstreamUnavailable(String),
     /// No response head within the timeout: 504.
     UpstreamTimeout(String),
+}
+
+/// Why an allowed HTTP request has no upstream ([`Connector::bind_request`]).
+#[derive(Debug)]
+pub enum RequestUnbound {
     /// A credential would leave over plaintext (or TLS not verified for its host): a denial
     /// (`InsecureUpstream`), nothing sent.
-    InsecureUpstream(String),
+    Insecure(String),
+    /// See [`binding::Unbound`].
+    Unbound(binding::Unbound),
+}
+
+/// Where an allowed HTTP request may go: made only by [`Connector::bind_request`], so
+/// [`Connector::prepare`] never sees a request whose upstream was not checked.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    addr: SocketAddr,
 }
 
 /// An allowed request with its destination, credential and permit settled, not yet sent.
@@ -157,7 +170,7 @@ impl Connector {
 
     /// Binds destinations with the loaded mapping rules (their `ports` and exact IP names);
     /// without this only 443 and no IP literal are destinations.
-    pub fn with_rules(mut self, rules: Arc<crate::pipeline::mapping::MappingRules>) -> Self {
+    pub fn with_rules(mut self, rules: Arc<dyn binding::DestinationRules>) -> Self {
         self.binder = binding::Binder::new(rules);
         self
     }
@@ -217,6 +230,27 @@ impl Connector {
         (conn.kind == InterceptKind::Transparent).then_some(self.transparent_mark)
     }
 
+    /// Opens a blind tunnel's upstream TCP connection to `addr` (from [`Self::bind`]), within
+    /// `host`'s connect timeout and with `conn`'s socket mark. `Err` says why, for the audit.
+    pub async fn connect_tunnel(
+        &self,
+        host: Option<&str>,
+        addr: SocketAddr,
+        conn: &ConnectionInfo,
+    ) -> Result<dial::UpstreamIo, String> {
+        let timeout = self.timeout_for(host.unwrap_or_default());
+        match tokio::time::timeout(
+            timeout,
+            self.dialer.connect(addr, None, self.mark_for(conn)),
+        )
+        .await
+        {
+            Ok(Ok(io)) => Ok(io),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("connecting to {addr} timed out")),
+        }
+    }
+
     /// The upstream address of `host:port` for `conn` (see [`binding`]): in transparent mode
     /// the original destination once it is proven to be one of `host`'s addresses; otherwise the
     /// configured `address`, else `host` resolved. `host = None`: the connection has no name.
@@ -240,6 +274,24 @@ impl Connector {
             .await
     }
 
+    /// Settles where an allowed HTTP request to `target` goes, in order: whether a credential
+    /// may go there at all ([`Self::insecure`]), then the destination binding ([`Self::bind`]).
+    /// The caller runs it right after the decision, so either refusal is denied like any
+    /// decision, with the request body still in hand.
+    pub async fn bind_request(
+        &self,
+        target: &UpstreamTarget,
+        conn: &ConnectionInfo,
+    ) -> Result<Bound, RequestUnbound> {
+        if let Some(detail) = self.insecure(target) {
+            return Err(RequestUnbound::Insecure(detail));
+        }
+        self.bind(Some(&target.host), target.port, conn)
+            .await
+            .map(|addr| Bound { addr })
+            .map_err(RequestUnbound::Unbound)
+    }
+
     /// Why a request to `target` may not leave: its host has a credential and the request
     /// would not travel over TLS verified for that host (the connector verifies upstream TLS
     /// for `target.host`, the name the credential is configured for).
@@ -260,27 +312,22 @@ impl Connector {
     /// A credential is attached only to a request that leaves over TLS verified for the
     /// credential's host name: a credentialed host reached over plain HTTP (absolute-form
     /// `http://` through the proxy, `CONNECT host:80` followed by plaintext, h2c with
-    /// `:scheme http`, transparent port 80) is refused with [`Failure::InsecureUpstream`]
-    /// before the credential is even fetched.
+    /// `:scheme http`, transparent port 80) was refused by [`Self::bind_request`]
+    /// (`InsecureUpstream`), which made `bound`, before the credential is even fetched.
     ///
-    /// `addr` is where to: from [`Self::bind`] (an address of the decided name, never one the
-    /// client chose), which the caller runs first so that a mismatch is denied like any
-    /// decision, with the request body still in hand.
+    /// `bound` is where to: an address of the decided name, never one the client chose.
     pub async fn prepare(
         &self,
         mut req: Request<ReqBody>,
         target: &UpstreamTarget,
         conn: &ConnectionInfo,
-        addr: SocketAddr,
+        bound: Bound,
     ) -> Result<Prepared, (Failure, ConnectorOutcome)> {
         let mut outcome = ConnectorOutcome::default();
         let timeout = self.timeout_for(&target.host);
+        let addr = bound.addr;
 
-        // 1. May a credential go there at all?
-        if let Some(detail) = self.insecure(target) {
-            return Err((Failure::InsecureUpstream(detail), outcome));
-        }
-        // 2. Where to: `addr`, bound by the caller.
+        // 1. May a credential go there at all, 2. where to: settled in `bound`.
         // 3. Credential (fail closed: nothing is sent without it).
         let injection = match self.credentials.resolve(&target.host).await {
             Ok(i) => i,
@@ -439,7 +486,7 @@ impl Connector {
             planned: mut outcome,
             ..
         } = p;
-        crate::interceptor::websocket::restore_upgrade_headers(req.headers_mut());
+        restore_upgrade_headers(req.headers_mut());
         req.headers_mut().remove(header::TE);
         let started = Instant::now();
         let (host, addr) = (key.host.clone(), key.addr);
@@ -468,7 +515,7 @@ impl Connector {
         strip_hop_by_hop(&mut parts.headers);
         if upgrade.is_some() {
             outcome.upstream_protocol = Some("websocket");
-            crate::interceptor::websocket::restore_upgrade_headers(&mut parts.headers);
+            restore_upgrade_headers(&mut parts.headers);
         }
         Ok((Response::from_parts(parts, body.boxed()), upgrade, outcome))
     }
@@ -592,6 +639,19 @@ fn within<T>(
             timeout.as_millis()
         ))
     })?
+}
+
+/// Puts back the two headers a WebSocket upgrade needs on its hop (they are hop-by-hop, so
+/// they were stripped like any other).
+fn restore_upgrade_headers(h: &mut http::HeaderMap) {
+    h.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    h.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
 }
 
 #[cfg(test)]

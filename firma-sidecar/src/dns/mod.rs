@@ -22,38 +22,29 @@
 //! A query with no kernel record (sent to the listener directly) is audited and dropped.
 
 mod allow;
+mod listen;
+pub mod metrics;
+pub mod policy;
 pub mod query;
 mod upstream;
 
 pub use allow::AllowList;
+pub use listen::serve;
 pub use upstream::{Upstream, UpstreamError, resolv_conf_servers};
 
 use crate::audit::{AggregateKind, Denial, RequestAudit};
 use crate::config::SidecarConfig;
 use crate::conn::{ConnectorOutcome, Decision, DenyReason, InterceptKind, Outcome, Workload};
-use crate::drain::Drain;
 use crate::ebpf::Redirector;
-use crate::interceptor::limits::Limits;
-use crate::interceptor::redirect_listener::{self as listener, Redirected, Unredirected};
-use crate::metrics::{self, DnsOutcome};
 use crate::state::SidecarState;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::RecordType;
+use metrics::DnsOutcome;
+use policy::{Policy, Verdict};
 use query::{Decoded, Question};
 use serde_json::{Map, Value, json};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::num::NonZeroU32;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
-
-/// Queries being answered at once (all workloads); beyond it queries are dropped and counted.
-const MAX_IN_FLIGHT: usize = 1024;
-/// A TCP connection with no complete query for this long is closed.
-const TCP_IDLE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
@@ -90,32 +81,12 @@ struct Origin {
     cgroup: u64,
 }
 
-/// The `qtype` label of the DNS query counter: a small fixed set.
-fn qtype_class(t: RecordType) -> &'static str {
-    match t {
-        RecordType::A => "A",
-        RecordType::AAAA => "AAAA",
-        _ => "other",
-    }
-}
-
-/// The A/AAAA/CNAME/HTTPS questions an allowed name is resolved for; other types are REFUSED.
-fn forwarded(t: RecordType) -> bool {
-    matches!(
-        t,
-        RecordType::A | RecordType::AAAA | RecordType::CNAME | RecordType::HTTPS
-    )
-}
-
 pub struct DnsGuard {
     state: Arc<SidecarState>,
     redirector: Arc<Redirector>,
-    allow: AllowList,
+    /// Admission and the decision per question.
+    policy: Policy,
     upstream: Upstream,
-    limiter: DefaultKeyedRateLimiter<u64>,
-    /// Why queries are dropped, for the audit summaries of rate-limited queries.
-    drop_detail: String,
-    in_flight: Arc<Semaphore>,
 }
 
 impl DnsGuard {
@@ -134,8 +105,6 @@ impl DnsGuard {
                 .collect()
         };
         let d = &cfg.dns;
-        let qps = NonZeroU32::new(d.queries_per_second).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(d.burst).unwrap_or(qps);
         let upstream = Upstream::new(
             servers,
             Duration::from_millis(d.upstream_timeout_ms),
@@ -144,19 +113,13 @@ impl DnsGuard {
         Self {
             state,
             redirector,
-            allow,
+            policy: Policy::new(allow, d.queries_per_second, d.burst, policy::MAX_IN_FLIGHT),
             upstream,
-            limiter: RateLimiter::keyed(Quota::per_second(qps).allow_burst(burst)),
-            drop_detail: format!(
-                "queries_per_second = {}, burst = {}, or {MAX_IN_FLIGHT} in flight",
-                d.queries_per_second, d.burst
-            ),
-            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         }
     }
 
     pub fn allow_list(&self) -> &AllowList {
-        &self.allow
+        self.policy.allow_list()
     }
 
     fn udp_origin(&self, peer: SocketAddr) -> Origin {
@@ -178,12 +141,10 @@ impl DnsGuard {
 
     /// Rate limit and concurrency cap; `None` (counted, reported later) when over either.
     fn admit(&self, o: &Origin) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        if self.limiter.check_key(&o.cgroup).is_ok()
-            && let Ok(p) = self.in_flight.clone().try_acquire_owned()
-        {
+        if let Some(p) = self.policy.admit(o.cgroup) {
             return Some(p);
         }
-        metrics::dns_query(DnsOutcome::RateLimited, "unknown");
+        metrics::query(DnsOutcome::RateLimited, "unknown");
         // Counted, never written one by one: the audit's aggregation writes one summary per
         // workload per window with `dns.rate_limited` = the count (docs/architecture.md).
         self.state.audit.count_denial(&Denial {
@@ -198,7 +159,7 @@ impl DnsGuard {
             host: None,
             port: o.original_dst.map_or(53, |a| a.port()),
             path: None,
-            detail: &self.drop_detail,
+            detail: self.policy.drop_detail(),
         });
         None
     }
@@ -208,9 +169,9 @@ impl DnsGuard {
     async fn answer(&self, raw: &[u8], o: &Origin, t: Transport) -> Option<Vec<u8>> {
         let started = Instant::now();
         let (reply, outcome, qtype) = self.answer_counted(raw, o, t).await;
-        metrics::dns_query(outcome, qtype);
+        metrics::query(outcome, qtype);
         if reply.is_some() {
-            metrics::dns_answer(started.elapsed(), outcome == DnsOutcome::Allowed);
+            metrics::answer(started.elapsed(), outcome == DnsOutcome::Allowed);
         }
         reply
     }
@@ -272,7 +233,7 @@ impl DnsGuard {
                 )
             }
             Decoded::Query(q) => {
-                let qtype = qtype_class(q.qtype);
+                let qtype = policy::qtype_class(q.qtype);
                 let (reply, outcome) = self.decide(q, audit, fields, o, t).await;
                 (Some(reply), outcome, qtype)
             }
@@ -305,42 +266,14 @@ impl DnsGuard {
             (query::reply(&q, rcode), outcome)
         };
         let audit = audit.target(Some(&q.qname), port, None);
-        if o.workload.is_none() {
-            return deny(
-                audit,
-                fields,
-                DenyReason::WorkloadMismatch,
-                format!(
-                    "query from {} was redirected but its cgroup has no workload binding any more; refused",
-                    o.peer
-                ),
-                ResponseCode::Refused,
-            );
-        }
-        let Some(pattern) = self.allow.matches(&q.qname) else {
-            return deny(
-                audit,
-                fields,
-                DenyReason::DnsDenied,
-                format!(
-                    "name {} is not one this configuration sends traffic to (intercept, mapping-rule, connector or credential host, or [sidecar.dns] allow); answered NXDOMAIN, nothing was sent upstream",
-                    q.qname
-                ),
-                ResponseCode::NXDomain,
-            );
+        let pattern = match self.policy.decide(&q, o.workload.is_some(), o.peer) {
+            Verdict::Deny {
+                reason,
+                rcode,
+                detail,
+            } => return deny(audit, fields, reason, detail, rcode),
+            Verdict::Forward { pattern } => pattern,
         };
-        if !forwarded(q.qtype) {
-            return deny(
-                audit,
-                fields,
-                DenyReason::DnsDenied,
-                format!(
-                    "query type {} is not answered for allowed names (A, AAAA, CNAME, HTTPS only); answered REFUSED, nothing was sent upstream",
-                    q.qtype
-                ),
-                ResponseCode::Refused,
-            );
-        }
         let decision = Decision {
             outcome: Outcome::Allow,
             reason: None,
@@ -394,7 +327,7 @@ impl DnsGuard {
             }
             Err(e) => {
                 tracing::warn!(qname = %q.qname, error = %e, "DNS upstream failed");
-                metrics::dns_upstream_error(e.kind());
+                metrics::upstream_error(e.kind());
                 let mut f = Map::new();
                 f.insert("rcode".into(), ResponseCode::ServFail.to_str().into());
                 f.insert("upstream_error".into(), e.to_string().into());
@@ -425,171 +358,4 @@ pub fn allow_list(cfg: &SidecarConfig, mapping_hosts: &[String]) -> AllowList {
             .chain(cfg.credentials.iter().map(|c| &c.host))
             .chain(&cfg.dns.allow),
     )
-}
-
-/// Binds the DNS listeners (UDP and TCP on 127.0.0.1:port and [::1]:port) and serves them under
-/// `drain`. Fails if any cannot be bound: half a guard would refuse some workloads' DNS without
-/// saying why.
-pub async fn serve(
-    guard: Arc<DnsGuard>,
-    port: u16,
-    drain: Drain,
-    limits: Arc<Limits>,
-) -> Result<(), DnsError> {
-    let bind_err = |source| DnsError::Bind {
-        port,
-        cause: source,
-    };
-    let addrs = [
-        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-        SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
-    ];
-    let mut udp = Vec::new();
-    let mut tcp = Vec::new();
-    for a in addrs {
-        udp.push(UdpSocket::bind(a).await.map_err(bind_err)?);
-        tcp.push(TcpListener::bind(a).await.map_err(bind_err)?);
-    }
-    tracing::info!(
-        target: "firma_sidecar",
-        port,
-        upstream = ?guard.upstream.servers(),
-        allow = ?guard.allow.patterns(),
-        "DNS guard listening on 127.0.0.1:{port} and [::1]:{port} (UDP and TCP)"
-    );
-    if guard.upstream.servers().is_empty() {
-        tracing::warn!(
-            "DNS guard: no upstream resolver ([sidecar.dns] upstream empty and none in /etc/resolv.conf); allowed names get SERVFAIL"
-        );
-    }
-    for s in udp {
-        drain.spawn(udp_loop(guard.clone(), Arc::new(s), drain.clone()));
-    }
-    for l in tcp {
-        let (g, r) = (guard.clone(), guard.clone());
-        drain.spawn(listener::accept_loop(
-            l,
-            guard.redirector.clone(),
-            drain.clone(),
-            limits.clone(),
-            move |c| tcp_conn(g.clone(), c),
-            move |u: Unredirected| {
-                let o = Origin {
-                    peer: u.peer,
-                    original_dst: None,
-                    workload: None,
-                    cgroup: 0,
-                };
-                if r.admit(&o).is_some() {
-                    let r = r.clone();
-                    tokio::spawn(async move { r.answer(&[], &o, Transport::Tcp).await });
-                }
-            },
-        ));
-    }
-    Ok(())
-}
-
-async fn udp_loop(guard: Arc<DnsGuard>, sock: Arc<UdpSocket>, drain: Drain) {
-    // One byte more than any datagram, so an oversized one is seen whole (and refused).
-    let mut buf = vec![0u8; 65_536];
-    loop {
-        let (n, peer) = tokio::select! {
-            _ = drain.cancelled() => return,
-            r = sock.recv_from(&mut buf) => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::debug!(error = %e, "DNS UDP receive failed");
-                    continue;
-                }
-            },
-        };
-        let origin = guard.udp_origin(peer);
-        let Some(permit) = guard.admit(&origin) else {
-            continue;
-        };
-        let bytes = buf[..n].to_vec();
-        let (g, s) = (guard.clone(), sock.clone());
-        drain.spawn(async move {
-            let _permit = permit;
-            if let Some(reply) = g.answer(&bytes, &origin, Transport::Udp).await
-                && let Err(e) = s.send_to(&reply, origin.peer).await
-            {
-                tracing::debug!(peer = %origin.peer, error = %e, "DNS UDP reply not sent");
-            }
-        });
-    }
-}
-
-/// One redirected TCP connection: length-prefixed queries, answered in turn.
-async fn tcp_conn(guard: Arc<DnsGuard>, c: Redirected) {
-    let Redirected {
-        mut stream,
-        peer,
-        original_dst,
-        workload,
-    } = c;
-    let origin = Origin {
-        peer,
-        original_dst: Some(original_dst),
-        cgroup: workload.as_ref().map_or(0, |w| w.cgroup_id),
-        workload,
-    };
-    loop {
-        let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
-            Ok(Ok(n)) => usize::from(n),
-            // Closed between queries, or idle: nothing to audit.
-            _ => return,
-        };
-        let mut body = vec![0u8; len];
-        let mut got = 0;
-        // A stall leaves `got` at what did arrive.
-        let _ = tokio::time::timeout(TCP_IDLE, read_full(&mut stream, &mut body, &mut got)).await;
-        let Some(_permit) = guard.admit(&origin) else {
-            return;
-        };
-        if got < len {
-            // The length prefix promised more than arrived: audited, connection closed.
-            let mut f = Map::new();
-            f.insert("transport".into(), "tcp".into());
-            let why = format!(
-                "TCP length prefix says {len} bytes, the connection delivered {got} before closing or stalling"
-            );
-            f.insert("malformed".into(), why.clone().into());
-            let conn = guard.state.new_conn(
-                InterceptKind::Dns,
-                origin.peer,
-                origin.original_dst,
-                origin.workload.clone(),
-            );
-            RequestAudit::new(&guard.state.audit, &conn)
-                .method(Some("DNS"))
-                .target(None, original_dst.port(), None)
-                .dns(f)
-                .deny(&Decision::deny(DenyReason::MalformedRequest, why));
-            metrics::dns_query(DnsOutcome::Dropped, "unknown");
-            return;
-        }
-        let Some(reply) = guard.answer(&body, &origin, Transport::Tcp).await else {
-            return;
-        };
-        let Ok(n) = u16::try_from(reply.len()) else {
-            return;
-        };
-        let mut framed = n.to_be_bytes().to_vec();
-        framed.extend_from_slice(&reply);
-        if stream.write_all(&framed).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Reads until `buf` is full or the peer stops, counting what arrived in `got`.
-async fn read_full(s: &mut TcpStream, buf: &mut [u8], got: &mut usize) {
-    while *got < buf.len() {
-        match s.read(&mut buf[*got..]).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => *got += n,
-        }
-    }
 }

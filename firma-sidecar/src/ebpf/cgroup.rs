@@ -214,6 +214,23 @@ pub fn pod_candidates(uid: &str) -> Vec<String> {
     out
 }
 
+/// The pod UID (dashed) whose pod-level cgroup `path` is, for the layouts [`pod_candidates`]
+/// knows (`…/pod<uid>` with cgroupfs, `…/kubepods[-<qos>]-pod<uid_>.slice` with systemd);
+/// `None` for any other cgroup, including a container's cgroup inside a pod.
+pub fn pod_uid_of(path: &str) -> Option<String> {
+    let last = path.trim_end_matches('/').rsplit('/').next()?;
+    let uid = match last.strip_suffix(".slice") {
+        Some(slice) => slice.rsplit_once("-pod")?.1,
+        None => last.strip_prefix("pod")?,
+    };
+    let ok = !uid.is_empty()
+        && uid
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_')
+        && path.contains("kubepods");
+    ok.then(|| uid.replace('_', "-"))
+}
+
 /// Mount point of the first filesystem of type `fstype` in mountinfo text.
 pub fn find_mount(mountinfo: &str, fstype: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {
@@ -267,6 +284,23 @@ fn unescape_mountinfo(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_uid_of_inverts_every_pod_candidate() {
+        let uid = "0a1b2c3d-4e5f-6789-abcd-ef0123456789";
+        for c in pod_candidates(uid) {
+            assert_eq!(pod_uid_of(&format!("/{c}")).as_deref(), Some(uid), "{c}");
+        }
+        for not_pod in [
+            "/kubepods/besteffort/pod0a1b/c0ffee",
+            "/kubepods.slice/kubepods-besteffort.slice",
+            "/system.slice/pod1234.service",
+            "/pod1234",
+            "/kubepods/besteffort/podxyz",
+        ] {
+            assert_eq!(pod_uid_of(not_pod), None, "{not_pod}");
+        }
+    }
 
     const MOUNTINFO: &str = "\
 25 30 0:23 / /sys rw,nosuid - sysfs sysfs rw

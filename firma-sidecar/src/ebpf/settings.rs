@@ -1,7 +1,7 @@
 //! Redirect settings: `[sidecar.interceptor.transparent]` parsed into what the kernel maps hold.
 
-use super::EbpfError;
 use super::allow::{self, LoopbackAllowance};
+use super::error::EbpfError;
 use crate::config::TransparentConfig;
 use aya::maps::lpm_trie::Key;
 use firma_common::maps::{FLAG_BLOCK_QUIC, FLAG_REDIRECT_DNS, RedirectConfig};
@@ -66,6 +66,8 @@ pub struct RedirectSettings {
     pub allow_udp: Vec<SocketAddr>,
     /// Loopback allowances (`allow_loopback`): every other loopback destination is refused.
     pub allow_loopback: Vec<LoopbackAllowance>,
+    /// Where tagged IPv4 connects go instead of 127.0.0.1 (`redirect_address`).
+    pub redirect_v4: Option<Ipv4Addr>,
 }
 
 impl RedirectSettings {
@@ -119,6 +121,7 @@ impl RedirectSettings {
                     })
                 })
                 .collect::<Result<_, _>>()?,
+            redirect_v4: cfg.redirect_address,
         })
     }
 
@@ -131,7 +134,7 @@ impl RedirectSettings {
             flags |= FLAG_REDIRECT_DNS;
         }
         RedirectConfig {
-            listen_v4: Ipv4Addr::LOCALHOST.octets(),
+            listen_v4: self.redirect_v4.unwrap_or(Ipv4Addr::LOCALHOST).octets(),
             listen_v6: Ipv6Addr::LOCALHOST.octets(),
             port: self.port,
             dns_port: if self.redirect_dns { self.dns_port } else { 0 },

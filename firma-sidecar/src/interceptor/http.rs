@@ -7,17 +7,17 @@
 //! when the client goes away mid-request). If the decision cannot be persisted the request is
 //! denied `AuditUnavailable`.
 
-use super::body;
+use super::body::{self, Refused, body_refusal};
 use super::framing::{FramingGuard, Verdict};
 use super::head::{self, HeadError};
-use super::limits;
+use super::idle;
 use super::rewind::Rewind;
 use super::websocket;
 use crate::audit::RequestAudit;
 use crate::config::ErrorFormat;
 use crate::conn::{ConnectionInfo, Decision, DenyReason};
 use crate::connector::binding::Unbound;
-use crate::connector::{Failure, RespBody, UpstreamTarget};
+use crate::connector::{Failure, RequestUnbound, RespBody, UpstreamTarget};
 use crate::pipeline::RequestContext;
 use crate::pipeline::extract;
 use crate::response;
@@ -82,8 +82,8 @@ pub async fn serve_http<S>(
         }
     }
     // Idle = no request in flight; each request and its response body hold `activity` busy.
-    let timeouts = limits::timeouts();
-    let activity = Arc::new(limits::Activity::default());
+    let timeouts = idle::timeouts();
+    let activity = Arc::new(idle::Activity::default());
     let svc = {
         let state = state.clone();
         let conn = conn.clone();
@@ -94,7 +94,7 @@ pub async fn serve_http<S>(
             let busy = activity.begin();
             async move {
                 let resp = handle(&state, &conn, &mode, req).await;
-                Ok::<_, Infallible>(limits::hold_until_sent(resp, busy))
+                Ok::<_, Infallible>(idle::hold_until_sent(resp, busy))
             }
         })
     };
@@ -116,7 +116,7 @@ pub async fn serve_http<S>(
             _ = activity.idle_timeout(timeouts.http_idle) => {
                 tracing::debug!(conn = conn.conn_id, "closing idle HTTP/2 connection");
                 c.as_mut().graceful_shutdown();
-                limits::finish_closing(c).await
+                idle::finish_closing(c).await
             }
         }
     } else {
@@ -139,7 +139,7 @@ pub async fn serve_http<S>(
             _ = activity.idle_timeout(timeouts.http_idle) => {
                 tracing::debug!(conn = conn.conn_id, "closing idle HTTP/1 connection");
                 c.as_mut().graceful_shutdown();
-                limits::finish_closing(c).await
+                idle::finish_closing(c).await
             }
         }
     };
@@ -608,25 +608,24 @@ async fn handle_request(
     {
         decision = decision.into_deny(DenyReason::CredentialLeak, detail);
     }
-    if decision.is_allow()
-        && let Some(detail) = state.connector.insecure(up)
-    {
-        decision = decision.into_deny(DenyReason::InsecureUpstream, detail);
-    }
-    // Where to: an address of the decided name, never one the client chose (a mismatch is a
-    // denial like the ones above, so the body is read the same way before answering).
+    // Whether a credential may go there, then where to: an address of the decided name, never
+    // one the client chose (either refusal is a denial like the ones above, so the body is
+    // read the same way before answering).
     let connecting = std::time::Instant::now();
-    let mut addr = None;
+    let mut bound = None;
     let mut rec = rec;
     if decision.is_allow() {
-        match state.connector.bind(Some(&up.host), up.port, conn).await {
-            Ok(a) => addr = Some(a),
-            Err(Unbound::Mismatch(m)) => {
+        match state.connector.bind_request(up, conn).await {
+            Ok(b) => bound = Some(b),
+            Err(RequestUnbound::Insecure(detail)) => {
+                decision = decision.into_deny(DenyReason::InsecureUpstream, detail);
+            }
+            Err(RequestUnbound::Unbound(Unbound::Mismatch(m))) => {
                 decision = decision.into_deny(DenyReason::DestinationMismatch, m.detail);
                 tracing::warn!(conn = conn.conn_id, host = %up.host, detail = %decision.detail, "destination mismatch");
                 rec = rec.destination(m.record);
             }
-            Err(Unbound::Unresolved(e)) => {
+            Err(RequestUnbound::Unbound(Unbound::Unresolved(e))) => {
                 let outcome = crate::conn::ConnectorOutcome {
                     aborted: Some("UpstreamUnavailable".into()),
                     ..Default::default()
@@ -637,24 +636,22 @@ async fn handle_request(
             }
         }
     }
-    let Some(addr) = addr.filter(|_| decision.is_allow()) else {
+    let Some(bound) = bound.filter(|_| decision.is_allow()) else {
         rec.deny(&decision);
-        crate::metrics::overhead(arrived);
+        super::metrics::overhead(arrived);
         // Extracted bodies were read; any other is still unread.
         return body::answer_request(req, !body_read, deny(&decision)).await;
     };
-    let prepared = state.connector.prepare(req, up, conn, addr).await;
-    crate::metrics::stage(crate::metrics::Stage::Connector, connecting.elapsed());
+    let prepared = state.connector.prepare(req, up, conn, bound).await;
+    crate::pipeline::metrics::stage(
+        crate::pipeline::metrics::Stage::Connector,
+        connecting.elapsed(),
+    );
     let prepared = match prepared {
         Ok(p) => p,
         Err((Failure::CredentialUnavailable(detail), _)) => {
             // Fail closed: the allow becomes a denial; nothing was sent upstream.
             let denied = decision.into_deny(DenyReason::CredentialUnavailable, detail);
-            rec.deny(&denied);
-            return deny(&denied);
-        }
-        Err((Failure::InsecureUpstream(detail), _)) => {
-            let denied = decision.into_deny(DenyReason::InsecureUpstream, detail);
             rec.deny(&denied);
             return deny(&denied);
         }
@@ -670,7 +667,7 @@ async fn handle_request(
         Ok(c) => c,
         Err((rec, e)) => return deny(&rec.deny_unaudited(&e)),
     };
-    crate::metrics::overhead(arrived);
+    super::metrics::overhead(arrived);
     if let Some(client) = upgrade {
         return match state.connector.send_upgrade(prepared).await {
             Ok((resp, Some(upstream), outcome)) => {
@@ -810,7 +807,7 @@ fn track_usage(
             _ => None,
         };
         if let Some(t) = charged {
-            crate::metrics::llm_usage(model_label, t.input, t.output, cost);
+            super::metrics::llm_usage(model_label, t.input, t.output, cost);
         }
         let usage = crate::pipeline::usage::Usage {
             input_tokens: charged.map_or(0, |t| t.input),
@@ -868,32 +865,14 @@ fn abort_of(failure: Failure) -> (StatusCode, &'static str, String) {
     match failure {
         Failure::RateLimited(d) => (StatusCode::TOO_MANY_REQUESTS, "RateLimited", d),
         Failure::UpstreamTimeout(d) => (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout", d),
-        Failure::UpstreamUnavailable(d)
-        | Failure::CredentialUnavailable(d)
-        | Failure::InsecureUpstream(d) => (StatusCode::BAD_GATEWAY, "UpstreamUnavailable", d),
+        Failure::UpstreamUnavailable(d) | Failure::CredentialUnavailable(d) => {
+            (StatusCode::BAD_GATEWAY, "UpstreamUnavailable", d)
+        }
     }
 }
 
 /// How long a client has to send a body that must be read before the decision.
 const EXTRACT_BODY_TIME: Duration = Duration::from_secs(30);
-
-/// Why a body that must be read before the decision was not: the denial to answer with.
-pub fn body_refusal(e: &body::ReadError) -> Decision {
-    let reason = match e {
-        body::ReadError::TooLarge { .. } => DenyReason::BodyTooLarge,
-        body::ReadError::Busy { .. } => DenyReason::BodyBudgetExhausted,
-        body::ReadError::Timeout(_) | body::ReadError::Client(_) => DenyReason::MalformedRequest,
-    };
-    Decision::deny(reason, e.detail())
-}
-
-/// A request refused while reading its body for extraction.
-pub struct Refused {
-    pub req: Request<Incoming>,
-    pub decision: Decision,
-    /// No byte of the body was read (refused on its declared size).
-    pub unread: bool,
-}
 
 /// Reads a body whose rule extracts attributes (see [`body`]: per-request limit, shared
 /// budget, [`EXTRACT_BODY_TIME`]), extracts them, and gives the request back with the same

@@ -138,7 +138,7 @@ pub async fn serve(
             })?;
     }
 
-    let listeners = listener::bind(port)
+    let listeners = listener::bind(port, t.redirect_address)
         .await
         .map_err(|source| TransparentError::Bind {
             port,
@@ -172,6 +172,10 @@ pub async fn serve(
     }
     if let Some(pump) = pump {
         shutdown.spawn(pump.run(stop.clone()));
+    }
+    if let Some(node) = cfg.node.clone() {
+        tracing::info!(cri_socket = %node.cri_socket.display(), resync_interval_ms = node.resync_interval_ms, "node agent on: pods tagged from their firma.dev/agent-id annotations");
+        shutdown.spawn(crate::node::run(node, redirector.clone(), stop.clone()));
     }
     for l in listeners {
         if let Ok(addr) = l.local_addr() {
@@ -207,7 +211,7 @@ async fn handle(state: Arc<SidecarState>, c: Redirected) {
         Some(original_dst),
         workload,
     );
-    let _counted = crate::metrics::connection(conn.kind);
+    let _counted = crate::interceptor::metrics::connection(conn.kind);
     if !has_workload {
         // The cgroup was detached between connect() and accept(): no identity, fail closed.
         let d = Decision::deny(

@@ -1,6 +1,6 @@
 //! Destination-level decisions and blind tunnels (no HTTP parsing), for every mode.
 
-use super::limits::Moved;
+use super::idle::Moved;
 use crate::audit::{Committed, ConnectorOutcome, RequestAudit};
 use crate::conn::{ConnectionInfo, Decision, DenyReason};
 use crate::connector::binding::Unbound;
@@ -112,23 +112,7 @@ pub async fn decide_and_connect(
         Err((rec, e)) => return TunnelStart::Denied(rec.deny_unaudited(&e)),
     };
     let started = std::time::Instant::now();
-    let connected = async {
-        let timeout = state.connector.timeout_for(host.unwrap_or_default());
-        match tokio::time::timeout(
-            timeout,
-            state
-                .connector
-                .dialer()
-                .connect(addr, None, state.connector.mark_for(conn)),
-        )
-        .await
-        {
-            Ok(Ok(io)) => Ok(io),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("connecting to {addr} timed out")),
-        }
-    }
-    .await;
+    let connected = state.connector.connect_tunnel(host, addr, conn).await;
     committed.outcome_mut().upstream_us = started.elapsed().as_micros() as u64;
     match connected {
         Ok(io) => TunnelStart::Open(Box::new(io), Box::new(committed)),
@@ -159,8 +143,8 @@ pub async fn pump<C>(
         committed.finish(outcome);
         return;
     }
-    let idle = super::limits::timeouts().tunnel_idle;
-    match super::limits::copy_until_idle(&mut client, &mut upstream, idle).await {
+    let idle = super::idle::timeouts().tunnel_idle;
+    match super::idle::copy_until_idle(&mut client, &mut upstream, idle).await {
         Ok(Moved {
             up,
             down,

@@ -12,7 +12,7 @@
 
 use crate::audit::Committed;
 use crate::conn::ConnectorOutcome;
-use http::{HeaderMap, HeaderValue, Method, header};
+use http::{HeaderMap, Method, header};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use std::time::Instant;
@@ -35,13 +35,6 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
         v.to_str()
             .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     })
-}
-
-/// Puts back the two headers an upgrade needs on its hop (they are hop-by-hop, so the
-/// connector strips them like any other).
-pub fn restore_upgrade_headers(h: &mut HeaderMap) {
-    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
 }
 
 /// After both 101s: relays until either side closes or the tunnel idle timeout, then writes
@@ -71,9 +64,9 @@ pub async fn relay(
         }
     };
     let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-    let idle = super::limits::timeouts().tunnel_idle;
+    let idle = super::idle::timeouts().tunnel_idle;
     tokio::select! {
-        moved = super::limits::copy_until_idle(&mut c, &mut u, idle) => match moved {
+        moved = super::idle::copy_until_idle(&mut c, &mut u, idle) => match moved {
             Ok(m) => {
                 if m.idle {
                     outcome.aborted = Some("Idle".into());

@@ -146,6 +146,7 @@ fn settings(pins: &TestPins, port: u16) -> Result<RedirectSettings, String> {
             // The config loader refuses this; the kernel must refuse it on its own too.
             LoopbackAllowance::Port(LISTEN),
         ],
+        redirect_v4: None,
     })
 }
 

@@ -265,3 +265,75 @@ fn llm_reserve_output_tokens_default_and_errors() {
         );
     }
 }
+
+/// The `firma.toml` embedded in a ConfigMap of `deploy/kubernetes/` (the block under
+/// `  firma.toml: |`, 4-space indented).
+fn manifest_config(yaml: &str) -> String {
+    let start = yaml.find("  firma.toml: |\n").expect("firma.toml block") + 16;
+    yaml[start..]
+        .lines()
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn kubernetes_manifest_configs_parse() {
+    let node = manifest_config(include_str!(
+        "../../../deploy/kubernetes/20-node-agent.yaml"
+    ));
+    let c = FirmaConfig::parse(&node, Path::new("20-node-agent.yaml")).unwrap();
+    let s = c.sidecar().unwrap();
+    let n = s.node.as_ref().expect("[sidecar.node]");
+    assert_eq!(n.cri_socket, Path::new("/run/containerd/containerd.sock"));
+    assert!(s.interceptor.transparent.redirect_address.is_some());
+    let auth = manifest_config(include_str!("../../../deploy/kubernetes/10-authority.yaml"));
+    let c = FirmaConfig::parse(&auth, Path::new("10-authority.yaml")).unwrap();
+    assert!(c.authority().unwrap().tls_cert_path.is_some());
+}
+
+#[test]
+fn node_agent_keys_are_validated() {
+    let node = manifest_config(include_str!(
+        "../../../deploy/kubernetes/20-node-agent.yaml"
+    ));
+    for (from, to, key) in [
+        (
+            "redirect_address = \"10.244.0.1\"",
+            "redirect_address = \"127.0.0.1\"",
+            "sidecar.interceptor.transparent.redirect_address",
+        ),
+        (
+            "redirect_dns = false",
+            "redirect_dns = true",
+            "sidecar.interceptor.transparent.redirect_dns",
+        ),
+        (
+            "mode = \"transparent\"",
+            "mode = \"http_proxy\"\nlisten_addr = \"127.0.0.1:8080\"",
+            "sidecar.node",
+        ),
+        (
+            "resync_interval_ms = 1000",
+            "resync_interval_ms = 0",
+            "sidecar.node.resync_interval_ms",
+        ),
+        (
+            "cri_socket = \"/run/containerd/containerd.sock\"",
+            "cri_socket = \"containerd.sock\"",
+            "sidecar.node.cri_socket",
+        ),
+        ("resync_interval_ms = 1000", "resync = 1000", "resync"),
+    ] {
+        assert!(node.contains(from), "{from}");
+        let t = node.replace(from, to);
+        let e = FirmaConfig::parse(&t, Path::new("/etc/firma.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(key) && e.contains("/etc/firma.toml"),
+            "{to}: {e}"
+        );
+    }
+}

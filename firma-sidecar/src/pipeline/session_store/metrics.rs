@@ -1,5 +1,7 @@
-//! Metrics of the shared session store (`firma_sidecar_session_store_*`), registered by the
-//! sidecar's metrics registry and recorded by [`super::RedisStore`].
+//! Metrics of the shared session store (`firma_sidecar_session_store_*`): round-trip latency
+//! and errors per operation, reachability, and calls allowed from the local allowance. Recorded
+//! by [`super::RedisStore`]; registered with the sidecar's registry (idle with the default
+//! in-memory backend).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -7,6 +9,26 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::OnceLock;
+
+static METRICS: OnceLock<StoreMetrics> = OnceLock::new();
+
+/// Creates the store's metrics under `firma_sidecar_session_store_` and turns them on (first
+/// call only).
+pub fn register(r: &mut Registry) {
+    if METRICS.get().is_some() {
+        return;
+    }
+    let m = StoreMetrics::new(r.sub_registry_with_prefix("session_store"));
+    // The in-memory default is always available; a Redis store sets it from then on.
+    m.set_up(true);
+    let _ = METRICS.set(m);
+}
+
+/// The store's metrics, when recording is on.
+pub fn get() -> Option<&'static StoreMetrics> {
+    METRICS.get()
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabel {
@@ -35,8 +57,7 @@ pub struct StoreMetrics {
 }
 
 impl StoreMetrics {
-    /// Registers under `registry` (the caller gives it the `session_store` prefix).
-    pub fn new(registry: &mut Registry) -> Self {
+    fn new(registry: &mut Registry) -> Self {
         let latency_family: Family<OpLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(|| Histogram::new(firma_common::admin::latency_buckets()));
         let errors_family: Family<OpLabel, Counter> = Family::default();
