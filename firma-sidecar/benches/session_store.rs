@@ -267,8 +267,14 @@ fn report(w: &Arc<World>) {
 }
 
 fn session_store(c: &mut Criterion) {
-    if Command::new("redis-server").arg("--version").output().is_err() {
-        eprintln!("SKIP session_store bench: redis-server not installed (apt-get install redis-server)");
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "SKIP session_store bench: redis-server not installed (apt-get install redis-server)"
+        );
         return;
     }
     let w = Arc::new(World::new());
