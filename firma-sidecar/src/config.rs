@@ -44,6 +44,9 @@ pub struct SidecarConfig {
     pub llm: LlmConfig,
     #[serde(default)]
     pub mcp: McpConfig,
+    /// `[sidecar.session_store]`: where session counters and budgets live (docs/scale-out.md).
+    #[serde(default)]
+    pub session_store: crate::pipeline::session_store::config::SessionStoreConfig,
     /// `[sidecar.node]`: the Kubernetes node agent (pods tagged from their CRI annotations);
     /// absent = off. Needs `mode = "transparent"`. See docs/kubernetes.md.
     #[serde(default)]
@@ -1224,6 +1227,7 @@ impl SidecarConfig {
             _ => {}
         }
         self.audit.validate(file)?;
+        self.session_store.validate(file)?;
         Ok(())
     }
 

@@ -41,6 +41,9 @@ pub enum DenyReason {
     BodyTooLarge,
     /// Bodies read for extraction already fill `extract_body_budget_bytes` (503, retryable).
     BodyBudgetExhausted,
+    /// The shared session store (`[sidecar.session_store] backend = "redis"`) cannot be reached,
+    /// so the session's counts and budgets cannot be checked (503, retryable).
+    SessionStoreUnavailable,
 }
 
 impl DenyReason {
@@ -66,6 +69,7 @@ impl DenyReason {
             Self::DestinationMismatch => "DestinationMismatch",
             Self::BodyTooLarge => "BodyTooLarge",
             Self::BodyBudgetExhausted => "BodyBudgetExhausted",
+            Self::SessionStoreUnavailable => "SessionStoreUnavailable",
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - [`run`]: `firma run` worlds (upstream posing as API hosts, hosts file, state dir);
 //! - [`client`]: curl, raw exchanges, clients started inside a cgroup;
 //! - [`vault`]: a RustyVault launcher;
+//! - [`redis`]: a real `redis-server` (kill and restart on the same data) for the session store;
 //! - [`prometheus`]: a real Prometheus server scraping loopback targets, and its query API;
 //! - [`pipeline`], [`audit`]: in-process fixtures for the pipeline and audit libraries;
 //! - [`kernel_suite`]: the kernel tests run both on a root host and inside the VM;
@@ -28,6 +29,7 @@ pub mod pipeline;
 pub mod pki;
 pub mod process;
 pub mod prometheus;
+pub mod redis;
 pub mod run;
 pub mod sidecar;
 pub mod upstream;

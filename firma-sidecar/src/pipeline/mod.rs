@@ -29,6 +29,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod path;
 pub mod revocations;
+pub mod session_store;
 pub mod sessions;
 pub mod stage1;
 pub mod stage2;
@@ -109,6 +110,9 @@ struct Inner {
     counters: ActionCounters,
     /// Token usage per session and agent (`context.session` / `context.agent`).
     usage: Arc<usage::UsageLedger>,
+    /// `[sidecar.session_store] backend = "redis"`: counters and usage shared by sidecars
+    /// (replaces `counters` and `usage` for Stage 2).
+    store: Option<Arc<session_store::RedisStore>>,
     revoked: Arc<RevocationSet>,
     budget: Duration,
     /// `[sidecar.mapping] extract_max_body_bytes`.
@@ -189,6 +193,28 @@ impl Pipeline {
             });
         }
 
+        let store = match cfg.session_store.backend {
+            session_store::config::Backend::Memory => None,
+            session_store::config::Backend::Redis => {
+                let store = session_store::RedisStore::connect(
+                    &cfg.session_store,
+                    session_store::metrics::get(),
+                )
+                .map_err(|e| PipelineError::Startup(e.to_string()))?;
+                let url = cfg.session_store.url.as_deref().unwrap_or_default();
+                if store.warm_up().await {
+                    tracing::info!(
+                        target: "firma_sidecar::startup::session_store",
+                        "session state shared on {url} (key prefix {:?}, on_unavailable = {:?})",
+                        cfg.session_store.key_prefix,
+                        cfg.session_store.on_unavailable
+                    );
+                }
+                tasks.spawn(store.clone().maintain());
+                Some(store)
+            }
+        };
+
         match &cfg.policy.authority_url {
             Some(url) => {
                 let ep = AuthorityEndpoint::new(url, cfg.authority.ca_cert_path.as_deref())?;
@@ -259,6 +285,7 @@ impl Pipeline {
                 policies,
                 counters: ActionCounters::new(),
                 usage,
+                store,
                 revoked,
                 budget: Duration::from_millis(cfg.constraint_enforcement.enforcement_timeout_ms),
                 extract_limit: cfg.mapping.extract_max_body_bytes,
@@ -296,21 +323,23 @@ impl Pipeline {
             .mapping
             .classify(req.method.as_str(), &req.host, &path)
             .map(|m| m.action_class.to_owned());
-        let (d, held) = self.run(
-            t0,
-            Subject {
-                class,
-                method: req.method.as_str(),
-                host: &req.host,
-                path: &path,
-                headers: &req.headers,
-                caller: Caller::of(&req.conn),
-                workload: req.conn.workload.as_ref(),
-                request: req.request.as_ref(),
-                mcp: None,
-                reserve: want,
-            },
-        );
+        let (d, held) = self
+            .run(
+                t0,
+                Subject {
+                    class,
+                    method: req.method.as_str(),
+                    host: &req.host,
+                    path: &path,
+                    headers: &req.headers,
+                    caller: Caller::of(&req.conn),
+                    workload: req.conn.workload.as_ref(),
+                    request: req.request.as_ref(),
+                    mcp: None,
+                    reserve: want,
+                },
+            )
+            .await;
         let d = self.bounded(t0, d);
         // A decision turned into a denial (too late) releases what it reserved.
         let held = held.filter(|_| d.is_allow());
@@ -331,21 +360,23 @@ impl Pipeline {
                 );
             }
         };
-        let (d, _) = self.run(
-            t0,
-            Subject {
-                class: Some(msg.action_class.to_owned()),
-                method: req.method.as_str(),
-                host: &req.host,
-                path: &path,
-                headers: &req.headers,
-                caller: Caller::of(&req.conn),
-                workload: req.conn.workload.as_ref(),
-                request: None,
-                mcp: Some(msg),
-                reserve: None,
-            },
-        );
+        let (d, _) = self
+            .run(
+                t0,
+                Subject {
+                    class: Some(msg.action_class.to_owned()),
+                    method: req.method.as_str(),
+                    host: &req.host,
+                    path: &path,
+                    headers: &req.headers,
+                    caller: Caller::of(&req.conn),
+                    workload: req.conn.workload.as_ref(),
+                    request: None,
+                    mcp: Some(msg),
+                    reserve: None,
+                },
+            )
+            .await;
         self.bounded(t0, d)
     }
 
@@ -456,21 +487,23 @@ impl Pipeline {
             .mapping
             .classify_destination(&host)
             .map(|m| m.action_class.to_owned());
-        let (d, _) = self.run(
-            t0,
-            Subject {
-                class,
-                method: "CONNECT",
-                host: &host,
-                path: "",
-                headers,
-                caller: Caller::of(&dst.conn),
-                workload: dst.conn.workload.as_ref(),
-                request: None,
-                mcp: None,
-                reserve: None,
-            },
-        );
+        let (d, _) = self
+            .run(
+                t0,
+                Subject {
+                    class,
+                    method: "CONNECT",
+                    host: &host,
+                    path: "",
+                    headers,
+                    caller: Caller::of(&dst.conn),
+                    workload: dst.conn.workload.as_ref(),
+                    request: None,
+                    mcp: None,
+                    reserve: None,
+                },
+            )
+            .await;
         self.bounded(t0, d)
     }
 
@@ -495,13 +528,13 @@ impl Pipeline {
         d
     }
 
-    fn run(&self, t0: Instant, s: Subject<'_>) -> (Decision, Option<usage::Reservation>) {
+    async fn run(&self, t0: Instant, s: Subject<'_>) -> (Decision, Option<usage::Reservation>) {
         let mut held = None;
-        let d = self.run_held(t0, s, &mut held);
+        let d = self.run_held(t0, s, &mut held).await;
         (d, held)
     }
 
-    fn run_held(
+    async fn run_held(
         &self,
         t0: Instant,
         s: Subject<'_>,
@@ -585,8 +618,29 @@ impl Pipeline {
             usage: None,
             mcp: s.mcp,
         };
-        let r = match s.reserve {
-            Some(want) => {
+        let r = match (&inner.store, s.reserve) {
+            (Some(store), want) => {
+                let left = inner.budget.saturating_sub(t0.elapsed());
+                let shared = stage2::evaluate_shared(&policies, store, &req2, want);
+                match tokio::time::timeout(left, shared).await {
+                    Ok((r, h)) => {
+                        *held = h;
+                        r
+                    }
+                    // Reported as `EnforcementTimeout` by `bounded`; nothing was committed
+                    // that this request still holds.
+                    Err(_) => stage2::Stage2Result {
+                        deny: Some((
+                            DenyReason::SessionStoreUnavailable,
+                            "the session store did not decide within enforcement_timeout_ms".into(),
+                        )),
+                        matched_policies: Vec::new(),
+                        action_count: 0,
+                        local_allowance: false,
+                    },
+                }
+            }
+            (None, Some(want)) => {
                 let (r, h) = stage2::evaluate_reserving(
                     &policies,
                     &inner.counters,
@@ -597,7 +651,7 @@ impl Pipeline {
                 *held = h;
                 r
             }
-            None => {
+            (None, None) => {
                 req2.usage = Some(
                     inner
                         .usage
@@ -612,9 +666,14 @@ impl Pipeline {
                 Outcome::Allow,
                 None,
                 format!(
-                    "allowed by {} (action_count = {})",
+                    "allowed by {} (action_count = {}){}",
                     r.matched_policies.join(", "),
-                    r.action_count
+                    r.action_count,
+                    if r.local_allowance {
+                        " from the local allowance: the session store is unavailable"
+                    } else {
+                        ""
+                    }
                 ),
             ),
             Some((reason, detail)) => (Outcome::Deny, Some(reason), detail),
