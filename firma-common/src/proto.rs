@@ -9,3 +9,9 @@ pub mod authority {
 pub mod audit {
     tonic::include_proto!("firma.audit.v1");
 }
+
+/// `envoy.service.auth.v3`: Envoy's ext_authz `Authorization/Check`, trimmed to what the
+/// sidecar's ext_authz server uses (`proto/envoy/README.md`).
+pub mod envoy_auth {
+    tonic::include_proto!("envoy.service.auth.v3");
+}

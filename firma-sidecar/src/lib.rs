@@ -16,6 +16,8 @@ pub mod dns;
 pub mod drain;
 pub mod ebpf;
 pub mod error_shape;
+pub mod ext_authz;
+pub mod gate;
 pub mod interceptor;
 pub mod metrics;
 pub mod pipeline;
