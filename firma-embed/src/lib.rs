@@ -21,6 +21,8 @@ pub use firma_sidecar::conn::DenyReason;
 pub use layer::{FirmaLayer, FirmaService};
 #[cfg(feature = "reqwest")]
 pub use middleware::FirmaMiddleware;
+/// Re-exported so `firma.layer().layer(client)` needs no tower import.
+pub use tower_layer::Layer;
 
 use bytes::Bytes;
 use firma_sidecar::audit::AuditLog;
