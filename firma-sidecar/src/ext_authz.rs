@@ -179,10 +179,18 @@ fn header(k: &str, v: &[u8], overwrite: bool) -> pb::HeaderValueOption {
         pb::header_value_option::HeaderAppendAction::AppendIfExistsOrAdd
     };
     pb::HeaderValueOption {
-        header: Some(pb::HeaderValue {
-            key: k.to_string(),
-            value: String::new(),
-            raw_value: v.to_vec(),
+        // Envoy's ext_authz reads `value`; `raw_value` only for bytes that are not UTF-8.
+        header: Some(match std::str::from_utf8(v) {
+            Ok(s) => pb::HeaderValue {
+                key: k.to_string(),
+                value: s.to_string(),
+                raw_value: Vec::new(),
+            },
+            Err(_) => pb::HeaderValue {
+                key: k.to_string(),
+                value: String::new(),
+                raw_value: v.to_vec(),
+            },
         }),
         append_action: action as i32,
     }

@@ -68,6 +68,7 @@ pub fn issue(d: &Deployment, agent: &str, session: &str, actions: &[&str]) -> (S
     (seed.raw_token.clone(), seed.token_id.clone())
 }
 
+#[allow(dead_code)] // Not every test file uses every helper.
 impl World {
     /// Sets the credential variable: call before any thread is started.
     pub fn set_credential_env() {
@@ -77,6 +78,11 @@ impl World {
     }
 
     pub fn new() -> Self {
+        Self::with_extra("")
+    }
+
+    /// As [`World::new`], with `extra` TOML appended to the `[sidecar]` config.
+    pub fn with_extra(extra: &str) -> Self {
         let authority = Deployment::new(PERMIT_ALL, RUNTIME);
         let server = authority.start();
         let dir = authority.dir.path();
@@ -127,6 +133,7 @@ value_from_env = "{KEY_ENV}"
 sink = "file"
 path = {audit}
 signing_key_path = {audit_key}
+{extra}
 "#,
                 rules = q(&rules),
                 url = server.url(),
