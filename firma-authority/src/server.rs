@@ -15,7 +15,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 /// How long in-flight RPCs get to finish after shutdown is requested.
@@ -112,7 +111,7 @@ pub async fn run(
         shutdown: cancel.clone(),
     };
     if let (Some(addr), Some(metrics)) = (&cfg.admin_addr, metrics) {
-        let admin = crate::metrics::AuthorityAdmin {
+        let admin = crate::admin::AuthorityAdmin {
             metrics,
             runtime: service.runtime.clone(),
             issuance: service.issuance.clone(),
@@ -152,11 +151,12 @@ pub async fn run(
     tracing::info!(target: "firma_authority", "authority ready");
 
     let stop = cancel.clone();
-    let serve = router.serve_with_incoming_shutdown(incoming(listener), async move {
-        shutdown.await;
-        tracing::info!(target: "firma_authority", "shutting down: draining connections");
-        stop.cancel();
-    });
+    let serve =
+        router.serve_with_incoming_shutdown(crate::listen::incoming(listener), async move {
+            shutdown.await;
+            tracing::info!(target: "firma_authority", "shutting down: draining connections");
+            stop.cancel();
+        });
     let deadline = async {
         cancel.cancelled().await;
         tokio::time::sleep(DRAIN_TIMEOUT).await;
@@ -169,15 +169,4 @@ pub async fn run(
     cancel.cancel();
     tracing::info!(target: "firma_authority", "authority stopped");
     Ok(())
-}
-
-/// Accepted connections with `TCP_NODELAY` and TCP keep-alive. `serve_with_incoming` ignores
-/// the builder's socket options, and without `TCP_NODELAY` a unary reply waited for the client's
-/// delayed ACK: ~40 ms per sequential `IssueCapability` on loopback (docs/benchmarks.md).
-pub(crate) fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)))
-        .with_keepalive_interval(Some(Duration::from_secs(10)))
-        .with_keepalive_retries(Some(3))
 }
