@@ -55,25 +55,6 @@ impl ExtAuthz {
         AuthorizationServer::new(self)
     }
 
-    /// The workload binding for a source principal listed in `principals`. Its id is a stable
-    /// hash of the principal, so requests of one principal share what they presented.
-    fn binding(&self, principal: &str) -> Option<Workload> {
-        let p = self
-            .principals
-            .iter()
-            .find(|p| !principal.is_empty() && p.principal == principal)?;
-        let digest = sha2::Sha256::digest(principal.as_bytes());
-        let mut id = [0u8; 8];
-        id.copy_from_slice(&digest[..8]);
-        Some(Workload {
-            cgroup_id: u64::from_be_bytes(id),
-            cgroup_path: format!("principal:{principal}"),
-            pid: 0,
-            agent_id: p.agent_id.clone(),
-            session_id: p.session_id.clone(),
-        })
-    }
-
     /// The Check request as a [`Call`] and the caller's connection record.
     fn call(&self, req: pb::CheckRequest) -> Result<(ConnectionInfo, Call), String> {
         let attrs = req.attributes.unwrap_or_default();
@@ -90,7 +71,7 @@ impl ExtAuthz {
         let conn = self.gate.new_conn(
             InterceptKind::ExtAuthz,
             peer,
-            self.binding(&source.principal),
+            binding(&self.principals, &source.principal),
         );
         let http = attrs
             .request
@@ -152,6 +133,25 @@ impl ExtAuthz {
             },
         ))
     }
+}
+
+/// The workload binding of a source principal listed in `principals` (an empty principal, which
+/// Envoy reports without downstream mTLS, never matches). Its id is a stable hash of the
+/// principal, so the requests of one principal share what they presented, and only they.
+fn binding(principals: &[ExtAuthzPrincipal], principal: &str) -> Option<Workload> {
+    let p = principals
+        .iter()
+        .find(|p| !principal.is_empty() && p.principal == principal)?;
+    let digest = sha2::Sha256::digest(principal.as_bytes());
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&digest[..8]);
+    Some(Workload {
+        cgroup_id: u64::from_be_bytes(id),
+        cgroup_path: format!("principal:{principal}"),
+        pid: 0,
+        agent_id: p.agent_id.clone(),
+        session_id: p.session_id.clone(),
+    })
 }
 
 /// `host[:port]` (`[v6]:port`) -> host and port.
@@ -318,7 +318,27 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
-    use super::split_authority;
+    use super::{binding, split_authority};
+    use crate::config::ExtAuthzPrincipal;
+
+    #[test]
+    fn listed_principals_bind_like_workloads() {
+        let p = vec![ExtAuthzPrincipal {
+            principal: "spiffe://corp/agent-a".into(),
+            agent_id: "agent-a".into(),
+            session_id: Some("s-1".into()),
+        }];
+        let w = binding(&p, "spiffe://corp/agent-a").expect("bound");
+        assert_eq!(w.agent_id, "agent-a");
+        assert_eq!(w.session_id.as_deref(), Some("s-1"));
+        assert_eq!(
+            w.cgroup_id,
+            binding(&p, "spiffe://corp/agent-a").unwrap().cgroup_id
+        );
+        assert!(binding(&p, "spiffe://corp/agent-b").is_none());
+        // No downstream mTLS: Envoy reports an empty principal, which binds nothing.
+        assert!(binding(&p, "").is_none());
+    }
 
     #[test]
     fn authorities_split() {
