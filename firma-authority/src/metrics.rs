@@ -4,11 +4,7 @@
 //!
 //! Recording is off unless `[authority] admin_addr` is set ([`enable`]). Label sets are fixed
 //! and small (result, reason code, stream kind); bundle versions and the revocation count are
-<<<<<<< HEAD
 //! read at scrape time. Names and labels are listed in docs/metrics.md.
-=======
-//! read at scrape time. Names and labels are listed in docs/operations.md.
->>>>>>> structcode
 
 use prometheus_client::registry::Registry;
 use std::sync::OnceLock;
