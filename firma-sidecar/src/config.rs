@@ -51,6 +51,37 @@ pub struct SidecarConfig {
     /// absent = off. Needs `mode = "transparent"`. See docs/kubernetes.md.
     #[serde(default)]
     pub node: Option<NodeConfig>,
+    /// `[sidecar.ext_authz]`: serve Envoy's ext_authz gRPC API (docs/deployment-shapes.md).
+    #[serde(default)]
+    pub ext_authz: Option<ExtAuthzConfig>,
+}
+
+/// `[sidecar.ext_authz]`: Firma as Envoy's external authorizer (`crate::ext_authz`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtAuthzConfig {
+    /// gRPC listener for `envoy.service.auth.v3.Authorization/Check`, e.g. `"127.0.0.1:9191"`.
+    pub listen_addr: String,
+    /// Envoy originates TLS to the upstream, verified for the request's host (its cluster's
+    /// `UpstreamTlsContext` with `sni` and a trusted CA): only then may a credential be set on a
+    /// request whose downstream scheme is `http`. Default false: credentialed hosts are denied
+    /// `InsecureUpstream` unless the downstream itself was `https`.
+    #[serde(default)]
+    pub upstream_tls: bool,
+    /// Envoy's verified source principals (downstream mTLS identity) bound to an agent, as a
+    /// workload binding is in transparent mode.
+    #[serde(default)]
+    pub principals: Vec<ExtAuthzPrincipal>,
+}
+
+/// `[[sidecar.ext_authz.principals]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtAuthzPrincipal {
+    /// `attributes.source.principal` as Envoy reports it (e.g. `spiffe://corp/agent-a`).
+    pub principal: String,
+    pub agent_id: String,
+    pub session_id: Option<String>,
 }
 
 /// `[sidecar.mcp]`: MCP endpoints (mapping rules with `mcp`, see docs/mcp.md).
@@ -1021,6 +1052,28 @@ impl SidecarConfig {
                     self.interceptor.workers
                 ),
             ));
+        }
+        if let Some(x) = &self.ext_authz {
+            if x.listen_addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.ext_authz.listen_addr",
+                    format!(
+                        "expected a socket address like \"127.0.0.1:9191\", got {:?}",
+                        x.listen_addr
+                    ),
+                ));
+            }
+            if x.principals
+                .iter()
+                .any(|p| p.principal.is_empty() || p.agent_id.is_empty())
+            {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.ext_authz.principals",
+                    "expected a non-empty principal and agent_id in every entry",
+                ));
+            }
         }
         if self.mcp.max_body_bytes == 0 {
             return Err(ConfigError::invalid(

@@ -88,6 +88,10 @@ pub enum InterceptKind {
     Transparent,
     /// A DNS query redirected to the DNS guard (transparent mode, `redirect_dns`).
     Dns,
+    /// A request decided in the application's own process (`firma-embed`'s layer).
+    Embedded,
+    /// A request Envoy asked about through the ext_authz API (`[sidecar.ext_authz]`).
+    ExtAuthz,
 }
 
 /// The workload that opened a connection, as the kernel reported it (transparent mode only).

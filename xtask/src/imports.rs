@@ -43,6 +43,12 @@ const CRATES: &[Checked] = &[
                 "the DNS guard (a listener, like the interceptors)",
             ),
             ("state.rs", 5, "what a connection handler shares"),
+            (
+                "gate.rs",
+                5,
+                "the decision for callers that carry the request (embedded, ext_authz)",
+            ),
+            ("ext_authz.rs", 5, "Envoy's ext_authz Check listener"),
             ("control/", 4, "the attach socket"),
             ("ebpf/", 4, "the kernel side"),
             (
