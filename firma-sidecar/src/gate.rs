@@ -242,11 +242,6 @@ impl Gate {
                 rec.deny(&d);
                 return Verdict::Deny(d);
             }
-            Err(Failure::InsecureUpstream(d)) => {
-                let d = decision.into_deny(DenyReason::InsecureUpstream, d);
-                rec.deny(&d);
-                return Verdict::Deny(d);
-            }
             Err(f) => {
                 let (status, reason, detail) = match f {
                     Failure::RateLimited(d) => {
@@ -255,9 +250,7 @@ impl Gate {
                     Failure::UpstreamTimeout(d) => {
                         (http::StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout", d)
                     }
-                    Failure::UpstreamUnavailable(d)
-                    | Failure::CredentialUnavailable(d)
-                    | Failure::InsecureUpstream(d) => {
+                    Failure::UpstreamUnavailable(d) | Failure::CredentialUnavailable(d) => {
                         (http::StatusCode::BAD_GATEWAY, "UpstreamUnavailable", d)
                     }
                 };

@@ -305,16 +305,14 @@ impl Connector {
     }
 
     /// The connector's admission of an allowed request, shared by [`Self::prepare`] and the
-    /// callers that do not carry the request themselves ([`crate::gate`]): may a credential go
-    /// to `target` at all (TLS verified for its host), the credential itself (fail closed:
-    /// nothing leaves without it), then the host's rate-limit permit, in that order.
+    /// callers that do not carry the request themselves ([`crate::gate`]): the credential
+    /// (fail closed: nothing leaves without it), then the host's rate-limit permit. Whether a
+    /// credential may go to `target` at all was settled before: by [`Self::bind_request`], or
+    /// by the caller through [`Self::insecure`].
     pub async fn admit(
         &self,
         target: &UpstreamTarget,
     ) -> Result<Option<credentials::Injection>, Failure> {
-        if let Some(detail) = self.insecure(target) {
-            return Err(Failure::InsecureUpstream(detail));
-        }
         let injection = self
             .credentials
             .resolve(&target.host)
