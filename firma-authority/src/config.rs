@@ -14,8 +14,12 @@ pub struct AuthorityConfig {
     pub policy_dir: PathBuf,
     /// Cedar policies consulted before minting a capability.
     pub issuance_policy_dir: PathBuf,
-    /// Append-only file, one revoked `token_id` per line (watched; new lines streamed).
-    pub revocation_file: PathBuf,
+    /// Append-only file, one revoked `token_id` per line (watched; new lines streamed). The
+    /// single-node store; exactly one of this and `[authority.etcd]`.
+    #[serde(default)]
+    pub revocation_file: Option<PathBuf>,
+    /// Revocations shared by several Authorities through etcd (docs/scale-out.md).
+    pub etcd: Option<crate::etcd::EtcdConfig>,
     /// Ed25519 private key (PKCS#8 PEM, mode 0600); the public key sits beside it as `.pub`.
     pub key_file: PathBuf,
     /// Upper bound for any capability's lifetime; requests asking for more are clamped.
@@ -90,6 +94,17 @@ impl AuthorityConfig {
                 "authority.bundle_ttl_seconds",
                 "expected a positive number of seconds",
             ));
+        }
+        match (&self.revocation_file, &self.etcd) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(ConfigError::invalid(
+                    file,
+                    "authority.revocation_file",
+                    "expected exactly one of revocation_file (single node) or [authority.etcd] (shared by several Authorities)",
+                ));
+            }
+            (None, Some(etcd)) => etcd.validate(file, "authority.etcd")?,
+            (Some(_), None) => {}
         }
         check_log_level(file, "authority.log_level", &self.log_level)?;
         check_admin_addr(file, "authority.admin_addr", self.admin_addr.as_deref())?;

@@ -16,6 +16,8 @@ pub enum AuthorityError {
         dir: PathBuf,
         cause: firma_common::policy::PolicyError,
     },
+    #[error("revocations: {0}")]
+    Etcd(crate::etcd::EtcdError),
     #[error("revocation file {path}: {cause}")]
     Revocations {
         path: PathBuf,
@@ -57,5 +59,11 @@ impl From<firma_common::keys::KeyError> for AuthorityError {
 impl From<crate::collector::CollectorError> for AuthorityError {
     fn from(e: crate::collector::CollectorError) -> Self {
         Self::Collector(e)
+    }
+}
+
+impl From<crate::etcd::EtcdError> for AuthorityError {
+    fn from(e: crate::etcd::EtcdError) -> Self {
+        Self::Etcd(e)
     }
 }

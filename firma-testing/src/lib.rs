@@ -20,6 +20,7 @@ pub mod audit;
 pub mod authority;
 pub mod client;
 pub mod config;
+pub mod etcd;
 pub mod grpc;
 pub mod kernel;
 pub mod kernel_suite;

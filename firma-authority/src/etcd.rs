@@ -1,0 +1,389 @@
+//! Revocations shared by several Authorities through etcd (`[authority.etcd]`).
+//!
+//! Layout under `prefix` (default `/firma/`): `revocations/<token_id>` holds the Unix
+//! milliseconds of the revocation. `add` is a create-if-absent transaction, so the first time
+//! wins on every Authority, and it returns only once a quorum committed it. Every Authority
+//! lists the prefix, then watches it from the listed revision ([`follow`]): a revocation
+//! written through any of them reaches the [`RevocationHub`] of all of them within one watch
+//! round trip, and from there every sidecar stream.
+//!
+//! Fail-closed rule: an Authority proves it is in sync with a linearizable read (it needs the
+//! quorum) every `stale_after_ms / 3`. Without a successful one for `stale_after_ms`, the store
+//! is *out of sync*: the Authority may be on the minority side and miss revocations, so it ends
+//! its bundle and revocation streams with `UNAVAILABLE` and refuses new ones (sidecars fail over
+//! to another Authority, or deny `PolicyBundleStale` once their bundle TTL runs out). It comes
+//! back by itself when a read succeeds again.
+
+use crate::revocation_hub::RevocationHub;
+use crate::revocations::{CompactReport, RevocationEntry, check_token_id};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{EventType, WatchOptions};
+use firma_common::config::ConfigError;
+use serde::Deserialize;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// `[authority.etcd]`: where the shared revocation set lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client URLs of the etcd members, e.g. `["http://127.0.0.1:2379"]`. Plain `http://` only
+    /// to loopback (revocations must not cross a network unauthenticated).
+    pub endpoints: Vec<String>,
+    /// Key prefix shared by the Authorities of one deployment.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Without a successful quorum read for this long, streams are refused (fail closed).
+    #[serde(default = "default_stale_after_ms")]
+    pub stale_after_ms: u64,
+}
+
+fn default_prefix() -> String {
+    "/firma/".into()
+}
+fn default_stale_after_ms() -> u64 {
+    3000
+}
+
+impl EtcdConfig {
+    /// Checks the section; `section` is its dotted name in errors (`authority.etcd`).
+    pub fn validate(&self, file: &Path, section: &str) -> Result<(), ConfigError> {
+        firma_common::anchor::check_endpoints(file, &format!("{section}.endpoints"), &self.endpoints)?;
+        if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') {
+            return Err(ConfigError::invalid(
+                file,
+                &format!("{section}.prefix"),
+                format!(
+                    "expected a key prefix starting and ending with `/`, got {:?}",
+                    self.prefix
+                ),
+            ));
+        }
+        if !(300..=600_000).contains(&self.stale_after_ms) {
+            return Err(ConfigError::invalid(
+                file,
+                &format!("{section}.stale_after_ms"),
+                format!(
+                    "expected 300 to 600000 milliseconds, got {}",
+                    self.stale_after_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd {endpoints}: {op}: {cause}")]
+    Request {
+        endpoints: String,
+        op: &'static str,
+        cause: etcd_client::Error,
+    },
+    #[error("etcd {endpoints}: {op}: no answer within {timeout:?} (no quorum?)")]
+    Timeout {
+        endpoints: String,
+        op: &'static str,
+        timeout: Duration,
+    },
+    #[error("token id: {0}")]
+    TokenId(String),
+}
+
+/// Per-request deadline: a minority member never answers a linearizable request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A connected client and the key layout.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+    endpoints: String,
+}
+
+impl EtcdStore {
+    /// Prepares a client; connections are made (and remade, member by member) on demand.
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, EtcdError> {
+        let joined = endpoints.join(",");
+        // Leader required: a member that lost its leader cancels watches instead of going silent.
+        let opts = firma_common::anchor::connect_options();
+        let client = timed(&joined, "connect", Client::connect(endpoints, Some(opts))).await?;
+        Ok(Self {
+            client,
+            prefix: prefix.to_owned(),
+            endpoints: joined,
+        })
+    }
+
+    /// The raw client, for other users of the same cluster (anchors, collector commits).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn revocations_prefix(&self) -> String {
+        format!("{}revocations/", self.prefix)
+    }
+
+    /// Records `token_id` as revoked at `now_ms` unless it already is; `true` when new. Returns
+    /// only once the quorum committed it.
+    pub async fn add(&self, token_id: &str, now_ms: i64) -> Result<bool, EtcdError> {
+        check_token_id(token_id).map_err(EtcdError::TokenId)?;
+        let key = format!("{}{token_id}", self.revocations_prefix());
+        let txn = Txn::new()
+            .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), now_ms.to_string(), None)]);
+        let mut kv = self.client.kv_client();
+        let r = timed(&self.endpoints, "add revocation", kv.txn(txn)).await?;
+        Ok(r.succeeded())
+    }
+
+    /// Every revocation (linearizable: needs the quorum) and the revision it was read at.
+    pub async fn list(&self) -> Result<(Vec<RevocationEntry>, i64), EtcdError> {
+        let prefix = self.revocations_prefix();
+        let mut kv = self.client.kv_client();
+        let r = timed(
+            &self.endpoints,
+            "list revocations",
+            kv.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        let rev = r.header().map_or(0, |h| h.revision());
+        let entries = r
+            .kvs()
+            .iter()
+            .filter_map(|kv| entry(&prefix, kv.key(), kv.value()))
+            .collect();
+        Ok((entries, rev))
+    }
+
+    /// A linearizable read of one key: succeeds only while a quorum answers.
+    pub async fn probe(&self) -> Result<(), EtcdError> {
+        let mut kv = self.client.kv_client();
+        let key = format!("{}health", self.prefix);
+        timed(
+            &self.endpoints,
+            "quorum read",
+            kv.get(key, Some(GetOptions::new().with_count_only())),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Deletes revocations older than `max_ttl_seconds` (their tokens have expired).
+    pub async fn compact(
+        &self,
+        now_ms: i64,
+        max_ttl_seconds: u64,
+    ) -> Result<CompactReport, EtcdError> {
+        let (entries, _) = self.list().await?;
+        let max_ms = i64::try_from(max_ttl_seconds)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
+        let mut kv = self.client.kv_client();
+        let mut dropped = 0;
+        for e in &entries {
+            if e.revoked_at_ms
+                .is_some_and(|t| t.saturating_add(max_ms) < now_ms)
+            {
+                let key = format!("{}{}", self.revocations_prefix(), e.token_id);
+                timed(&self.endpoints, "delete revocation", kv.delete(key, None)).await?;
+                dropped += 1;
+            }
+        }
+        Ok(CompactReport {
+            kept: entries.len() - dropped,
+            dropped,
+        })
+    }
+}
+
+/// Runs `f` with [`REQUEST_TIMEOUT`], naming the operation on failure.
+async fn timed<T>(
+    endpoints: &str,
+    op: &'static str,
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, EtcdError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(cause)) => Err(EtcdError::Request {
+            endpoints: endpoints.to_owned(),
+            op,
+            cause,
+        }),
+        Err(_) => Err(EtcdError::Timeout {
+            endpoints: endpoints.to_owned(),
+            op,
+            timeout: REQUEST_TIMEOUT,
+        }),
+    }
+}
+
+fn entry(prefix: &str, key: &[u8], value: &[u8]) -> Option<RevocationEntry> {
+    let id = std::str::from_utf8(key).ok()?.strip_prefix(prefix)?;
+    check_token_id(id).ok()?;
+    let at = std::str::from_utf8(value).ok()?.trim().parse::<i64>().ok();
+    Some(RevocationEntry {
+        token_id: id.to_owned(),
+        revoked_at_ms: at,
+    })
+}
+
+/// Keeps `hub` equal to the etcd set and `in_sync` true while a quorum answers, until
+/// `cancel`. Deletions (compaction) are ignored: there is no un-revoke.
+pub async fn follow(
+    store: EtcdStore,
+    hub: Arc<RevocationHub>,
+    in_sync: watch::Sender<bool>,
+    stale_after: Duration,
+    cancel: CancellationToken,
+) {
+    let probe_every = (stale_after / 3).max(Duration::from_millis(100));
+    let mut last_ok: Option<Instant> = None;
+    let mark = |last_ok: Option<Instant>| {
+        let ok = last_ok.is_some_and(|t| t.elapsed() < stale_after);
+        in_sync.send_if_modified(|v| {
+            if *v != ok {
+                if ok {
+                    tracing::info!(target: "firma_authority::etcd", "revocation store in sync: serving streams");
+                } else {
+                    tracing::error!(target: "firma_authority::etcd", "revocation store out of sync (no quorum read for {stale_after:?}): refusing bundle and revocation streams");
+                }
+                *v = ok;
+                true
+            } else {
+                false
+            }
+        });
+    };
+    let prefix = store.revocations_prefix();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        // (Re)synchronise: list, then watch from the next revision.
+        let rev = match store.list().await {
+            Ok((entries, rev)) => {
+                let added = hub.insert(entries);
+                if added > 0 {
+                    crate::metrics::revocations_recorded(added);
+                    tracing::info!(target: "firma_authority::etcd", added, total = hub.len(), "revocations loaded from etcd");
+                }
+                last_ok = Some(Instant::now());
+                mark(last_ok);
+                rev
+            }
+            Err(e) => {
+                tracing::warn!(target: "firma_authority::etcd", "{e}; retrying in {} ms", backoff.as_millis());
+                mark(last_ok);
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        let mut wc = store.client.watch_client();
+        let opts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
+        let mut stream = match timed(&store.endpoints, "watch", wc.watch(prefix.as_str(), Some(opts))).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(target: "firma_authority::etcd", "{e}");
+                continue;
+            }
+        };
+        let mut probe = tokio::time::interval(probe_every);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let why = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = probe.tick() => {
+                    match store.probe().await {
+                        Ok(()) => last_ok = Some(Instant::now()),
+                        Err(e) => tracing::warn!(target: "firma_authority::etcd", "{e}"),
+                    }
+                    mark(last_ok);
+                }
+                msg = stream.message() => match msg {
+                    Ok(Some(r)) => {
+                        if r.canceled() {
+                            break format!("watch cancelled: {}", r.cancel_reason());
+                        }
+                        let new: Vec<_> = r
+                            .events()
+                            .iter()
+                            .filter(|e| e.event_type() == EventType::Put)
+                            .filter_map(|e| e.kv())
+                            .filter_map(|kv| entry(&prefix, kv.key(), kv.value()))
+                            .collect();
+                        let added = hub.insert(new);
+                        if added > 0 {
+                            crate::metrics::revocations_recorded(added);
+                            tracing::info!(target: "firma_authority::etcd", added, total = hub.len(), "revocations updated from etcd");
+                        }
+                    }
+                    Ok(None) => break "watch ended".to_owned(),
+                    Err(e) => break format!("watch failed: {e}"),
+                },
+            }
+        };
+        tracing::warn!(target: "firma_authority::etcd", "{why}; resynchronising");
+        mark(last_ok);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> Result<EtcdConfig, String> {
+        let c: EtcdConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate(Path::new("f.toml"), "authority.etcd")
+            .map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn config_rules() {
+        let c = cfg("endpoints = [\"http://127.0.0.1:2379\", \"http://[::1]:2380\"]").unwrap();
+        assert_eq!(c.prefix, "/firma/");
+        assert_eq!(c.stale_after_ms, 3000);
+        let e = cfg("endpoints = []").unwrap_err();
+        assert!(e.contains("f.toml") && e.contains("authority.etcd.endpoints"), "{e}");
+        let e = cfg("endpoints = [\"http://10.0.0.1:2379\"]").unwrap_err();
+        assert!(e.contains("loopback"), "{e}");
+        let e = cfg("endpoints = [\"http://127.0.0.1\"]").unwrap_err();
+        assert!(e.contains("HOST:PORT"), "{e}");
+        let e = cfg("endpoints = [\"http://127.0.0.1:1\"]\nprefix = \"firma\"").unwrap_err();
+        assert!(e.contains("authority.etcd.prefix"), "{e}");
+        let e = cfg("endpoints = [\"http://127.0.0.1:1\"]\nstale_after_ms = 5").unwrap_err();
+        assert!(e.contains("authority.etcd.stale_after_ms"), "{e}");
+        let e = cfg("endpoints = [\"http://127.0.0.1:1\"]\nbogus = 1").unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn keys_parse_to_entries() {
+        let p = "/firma/revocations/";
+        let e = entry(p, b"/firma/revocations/tok", b"1764000000000").unwrap();
+        assert_eq!(e.token_id, "tok");
+        assert_eq!(e.revoked_at_ms, Some(1_764_000_000_000));
+        assert!(entry(p, b"/other/tok", b"1").is_none());
+        assert!(entry(p, b"/firma/revocations/has space", b"1").is_none());
+        assert_eq!(
+            entry(p, b"/firma/revocations/t", b"junk").unwrap().revoked_at_ms,
+            None
+        );
+    }
+}
