@@ -51,7 +51,11 @@ fn default_stale_after_ms() -> u64 {
 impl EtcdConfig {
     /// Checks the section; `section` is its dotted name in errors (`authority.etcd`).
     pub fn validate(&self, file: &Path, section: &str) -> Result<(), ConfigError> {
-        firma_common::anchor::check_endpoints(file, &format!("{section}.endpoints"), &self.endpoints)?;
+        firma_common::anchor::check_endpoints(
+            file,
+            &format!("{section}.endpoints"),
+            &self.endpoints,
+        )?;
         if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') {
             return Err(ConfigError::invalid(
                 file,
@@ -291,8 +295,16 @@ pub async fn follow(
         };
         backoff = Duration::from_millis(100);
         let mut wc = store.client.watch_client();
-        let opts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
-        let mut stream = match timed(&store.endpoints, "watch", wc.watch(prefix.as_str(), Some(opts))).await {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1);
+        let mut stream = match timed(
+            &store.endpoints,
+            "watch",
+            wc.watch(prefix.as_str(), Some(opts)),
+        )
+        .await
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(target: "firma_authority::etcd", "{e}");
@@ -360,7 +372,10 @@ mod tests {
         assert_eq!(c.prefix, "/firma/");
         assert_eq!(c.stale_after_ms, 3000);
         let e = cfg("endpoints = []").unwrap_err();
-        assert!(e.contains("f.toml") && e.contains("authority.etcd.endpoints"), "{e}");
+        assert!(
+            e.contains("f.toml") && e.contains("authority.etcd.endpoints"),
+            "{e}"
+        );
         let e = cfg("endpoints = [\"http://10.0.0.1:2379\"]").unwrap_err();
         assert!(e.contains("loopback"), "{e}");
         let e = cfg("endpoints = [\"http://127.0.0.1\"]").unwrap_err();
@@ -382,7 +397,9 @@ mod tests {
         assert!(entry(p, b"/other/tok", b"1").is_none());
         assert!(entry(p, b"/firma/revocations/has space", b"1").is_none());
         assert_eq!(
-            entry(p, b"/firma/revocations/t", b"junk").unwrap().revoked_at_ms,
+            entry(p, b"/firma/revocations/t", b"junk")
+                .unwrap()
+                .revoked_at_ms,
             None
         );
     }

@@ -888,7 +888,10 @@ impl AuditConfig {
                 return Err(ConfigError::invalid(
                     file,
                     "sidecar.audit.anchor.prefix",
-                    format!("expected a key prefix starting and ending with `/`, got {:?}", a.prefix),
+                    format!(
+                        "expected a key prefix starting and ending with `/`, got {:?}",
+                        a.prefix
+                    ),
                 ));
             }
             if !(100..=60_000).contains(&a.interval_ms) {

@@ -128,7 +128,10 @@ impl EtcdCluster {
                 .iter()
                 .filter_map(|m| m.process.as_ref().map(|p| p.log_text()))
                 .collect();
-            panic!("etcd cluster not healthy within {within:?}:\n{}", logs.join("\n---\n"));
+            panic!(
+                "etcd cluster not healthy within {within:?}:\n{}",
+                logs.join("\n---\n")
+            );
         }
     }
 

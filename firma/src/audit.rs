@@ -192,8 +192,8 @@ fn check_anchors(
         .map(|a| (a.chain_id.as_str(), a.seq))
         .collect();
     for f in files {
-        let text = std::fs::read_to_string(&f.path)
-            .with_context(|| format!("{}", f.path.display()))?;
+        let text =
+            std::fs::read_to_string(&f.path).with_context(|| format!("{}", f.path.display()))?;
         for line in text.lines() {
             let Ok(serde_json::Value::Object(m)) = serde_json::from_str(line) else {
                 continue;

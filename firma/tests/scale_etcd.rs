@@ -175,12 +175,15 @@ fn revocation_via_one_authority_reaches_a_sidecar_on_the_other_and_failover_keep
     assert_eq!(out.status, 403, "{out:?}");
     assert_eq!(out.json()["reason"], "CapabilityRevoked");
     let before = s.up.count();
-    assert!(b.log_text().contains("revocations updated from etcd"), "{}", b.log_text());
+    assert!(
+        b.log_text().contains("revocations updated from etcd"),
+        "{}",
+        b.log_text()
+    );
 
     // Under load with a fresh capability, kill -9 B: the sidecar fails over to A.
-    let fresh = s
-        .d
-        .issue_token("tenant-acme", "s-load", "model.inference.chat", "*");
+    let fresh =
+        s.d.issue_token("tenant-acme", "s-load", "model.inference.chat", "*");
     let stop = Arc::new(AtomicBool::new(false));
     let s = Arc::new(s);
     let load = {
@@ -247,8 +250,15 @@ fn revocation_via_one_authority_reaches_a_sidecar_on_the_other_and_failover_keep
         .iter()
         .filter(|(c, r)| !(*c == 200 || (*c == 403 && r == "CapabilityRevoked")))
         .collect();
-    eprintln!("load: {} calls, {ok} allowed across the failover", statuses.len());
-    assert!(unexpected.is_empty(), "unexpected answers under failover: {unexpected:?}\n{}", sc.log_text());
+    eprintln!(
+        "load: {} calls, {ok} allowed across the failover",
+        statuses.len()
+    );
+    assert!(
+        unexpected.is_empty(),
+        "unexpected answers under failover: {unexpected:?}\n{}",
+        sc.log_text()
+    );
     assert_eq!(s.call(&sc, None).json()["reason"], "CapabilityRevoked");
     let audit = s.d.audit_text();
     assert!(
@@ -270,9 +280,8 @@ fn etcd_member_loss_keeps_working_and_quorum_loss_fails_closed() {
     let _b = Server::start(&s.cfgs[1]);
     let sc = s.d.start(&[]);
     assert_eq!(s.call(&sc, None).status, 200, "{}", sc.log_text());
-    let token = s
-        .d
-        .issue_token("tenant-acme", "s-one", "model.inference.chat", "*");
+    let token =
+        s.d.issue_token("tenant-acme", "s-one", "model.inference.chat", "*");
     let token_id = |session: &str| -> String {
         let v: toml::Value = toml::from_str(
             &std::fs::read_to_string(s.d.root().join(format!("{session}.toml"))).expect("seed"),

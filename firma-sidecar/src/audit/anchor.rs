@@ -27,7 +27,10 @@ impl HeadCell {
     }
 
     fn get(&self) -> Option<(String, u64, String)> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 

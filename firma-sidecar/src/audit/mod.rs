@@ -12,11 +12,11 @@
 //! events keep one shape everywhere.
 
 mod aggregate;
+mod anchor;
 mod bound;
 mod chain;
 mod conn_ids;
 mod event;
-mod anchor;
 mod grpc;
 mod recorder;
 mod rotate;

@@ -203,9 +203,11 @@ impl Pipeline {
                     tracing::warn!(target: "firma_sidecar::policy", "ignoring cached bundle: {e}");
                 }
                 let store = policies.clone();
-                tasks.spawn(authority_client::run_bundle_stream(eps.clone(), ttl, move |b| {
-                    bundle_source::on_streamed(&store, cache.as_deref(), b)
-                }));
+                tasks.spawn(authority_client::run_bundle_stream(
+                    eps.clone(),
+                    ttl,
+                    move |b| bundle_source::on_streamed(&store, cache.as_deref(), b),
+                ));
                 let set = revoked.clone();
                 tasks.spawn(authority_client::run_revocation_stream(
                     eps,

@@ -302,7 +302,9 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
     let policy_dir = run_dir.join("policies");
     let source = args.policy.clone().or_else(|| {
         args.config.as_ref().and_then(|_| {
-            cfg.policy.authority_urls().is_empty()
+            cfg.policy
+                .authority_urls()
+                .is_empty()
                 .then(|| cfg.policy.dir.clone())
                 .flatten()
         })
