@@ -96,8 +96,7 @@ fn a_file_truncated_after_anchoring_fails_verify_anchors() {
     eprintln!("{stdout}");
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
     assert!(
-        stdout.contains(&format!("ANCHOR OK: chain"))
-            && stdout.contains(&format!("seq {last_seq}")),
+        stdout.contains("ANCHOR OK: chain") && stdout.contains(&format!("seq {last_seq}")),
         "{stdout}"
     );
 
