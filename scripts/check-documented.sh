@@ -57,6 +57,27 @@ check() {
     echo "    ok ($(wc -l <"$log") lines of output, log $log)"
 }
 
+# The quick start runs below as the README shows it (with the debug binary, in a namespace);
+# this fails when the README's block no longer holds the commands run here.
+readme_quickstart_matches() {
+    local block
+    block=$(awk '/^## Quick start/{q=1} q&&/^```sh/{f=1;next} f&&/^```/{exit} f' "$ROOT/README.md")
+    local want
+    for want in \
+        'firma init /tmp/firma' \
+        'firma authority -c /tmp/firma/firma.toml &' \
+        'firma sidecar -c /tmp/firma/firma.toml &' \
+        'curl --proxy http://127.0.0.1:8080 --cacert /tmp/firma/firma-ca/firma-ca.crt' \
+        'https://paste.rs/ -d hi' \
+        'firma audit verify /tmp/firma/audit.jsonl --public-key /tmp/firma/audit.pub'; do
+        if ! grep -qF -- "$want" <<<"$block"; then
+            echo "README.md's quick start no longer contains: $want" >&2
+            return 1
+        fi
+    done
+    echo "README quick start: holds every command the quickstart check runs"
+}
+
 quickstart() {
     # The README's quick start, in its own network and mount namespace.
     if [[ -z "${FIRMA_QUICKSTART_IN_NETNS:-}" ]]; then
@@ -134,6 +155,7 @@ run_selected() {
                 'HTTP 403' \
                 'OK: .* every signature and chain link verifies' \
                 -- "$0" quickstart-netns
+            check quickstart-is-the-readmes 'README quick start' -- readme_quickstart_matches
             ;;
         bench)
             check bench-smoke \

@@ -98,7 +98,7 @@ impl Deployment {
             env: CREDENTIAL_ENV.into(),
         }];
         if metrics {
-            // The admin listener turns metric recording on (README "Metrics and health").
+            // The admin listener turns metric recording on (docs/metrics.md).
             t.extra = "[sidecar.admin]\nlisten_addr = \"127.0.0.1:0\"\n".into();
         }
         edit(&mut t);

@@ -6,6 +6,8 @@
 //! "pushed within 1 s" promise. An edit that does not compile is logged once and ignored;
 //! the last good bundle stays in force (fail safe: sidecars keep a valid policy).
 
+pub mod metrics;
+
 use crate::error::AuthorityError;
 use firma_common::policy::{CompiledPolicies, PolicyBundle, PolicyError};
 use std::path::{Path, PathBuf};

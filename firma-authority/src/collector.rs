@@ -15,6 +15,7 @@
 //! not beyond what the file already holds for that chain is acknowledged but not written again.
 //! The file is synced before each acknowledgement.
 
+pub use crate::error::CollectorError;
 use firma_common::audit::{ChainPos, is_signed, line_hash, verify_line};
 use firma_common::keys::VerifyingKey;
 use firma_common::proto::audit::audit_collector_server::{AuditCollector, AuditCollectorServer};
@@ -28,17 +29,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status, Streaming};
-
-#[derive(Debug, thiserror::Error)]
-pub enum CollectorError {
-    #[error("{path}: {cause}")]
-    Io {
-        path: PathBuf,
-        cause: std::io::Error,
-    },
-    #[error("audit collector on {addr}: {message}")]
-    Serve { addr: SocketAddr, message: String },
-}
 
 struct Output {
     path: PathBuf,
@@ -278,7 +268,7 @@ pub async fn serve(
     tracing::info!(target: "firma_authority::collector", "audit collector listening on {local}");
     tonic::transport::Server::builder()
         .add_service(collector.into_service())
-        .serve_with_incoming_shutdown(crate::server::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(crate::listen::incoming(listener), shutdown)
         .await
         .map_err(|e| CollectorError::Serve {
             addr: local,

@@ -2,6 +2,21 @@
 
 use std::path::PathBuf;
 
+/// The audit collector's errors (its output file, its listener).
+#[derive(Debug, thiserror::Error)]
+pub enum CollectorError {
+    #[error("{path}: {cause}")]
+    Io {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("audit collector on {addr}: {message}")]
+    Serve {
+        addr: std::net::SocketAddr,
+        message: String,
+    },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuthorityError {
     #[error(transparent)]
@@ -9,7 +24,7 @@ pub enum AuthorityError {
     #[error("signing key: {0}")]
     Key(firma_common::keys::KeyError),
     #[error("audit collector: {0}")]
-    Collector(crate::collector::CollectorError),
+    Collector(CollectorError),
     #[error("{which} bundle {dir}: {cause}")]
     Policy {
         which: &'static str,
@@ -56,8 +71,8 @@ impl From<firma_common::keys::KeyError> for AuthorityError {
     }
 }
 
-impl From<crate::collector::CollectorError> for AuthorityError {
-    fn from(e: crate::collector::CollectorError) -> Self {
+impl From<CollectorError> for AuthorityError {
+    fn from(e: CollectorError) -> Self {
         Self::Collector(e)
     }
 }

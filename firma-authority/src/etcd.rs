@@ -275,7 +275,7 @@ pub async fn follow(
             Ok((entries, rev)) => {
                 let added = hub.insert(entries);
                 if added > 0 {
-                    crate::metrics::revocations_recorded(added);
+                    crate::revocation_hub::metrics::recorded(added);
                     tracing::info!(target: "firma_authority::etcd", added, total = hub.len(), "revocations loaded from etcd");
                 }
                 last_ok = Some(Instant::now());
@@ -337,7 +337,7 @@ pub async fn follow(
                             .collect();
                         let added = hub.insert(new);
                         if added > 0 {
-                            crate::metrics::revocations_recorded(added);
+                            crate::revocation_hub::metrics::recorded(added);
                             tracing::info!(target: "firma_authority::etcd", added, total = hub.len(), "revocations updated from etcd");
                         }
                     }

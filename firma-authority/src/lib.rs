@@ -5,12 +5,14 @@
 //! [`revocations`] (the file), [`revocation_hub`] (watch the file, fan out), [`etcd`] (the set shared through etcd), [`bundles`] (load,
 //! watch, publish), [`service`] (gRPC), [`server`] (TLS, listen, drain), [`error`].
 
+pub mod admin;
 pub mod bundles;
 pub mod collector;
 pub mod config;
 pub mod error;
 pub mod etcd;
 pub mod issuance;
+pub mod listen;
 pub mod metrics;
 pub mod revocation_hub;
 pub mod revocations;

@@ -5,6 +5,8 @@
 //! appends by another process (`firma authority revocations add`), atomic replacements by
 //! `compact` and edits on any filesystem, and keeps the 1 s propagation promise with margin.
 
+pub mod metrics;
+
 use crate::revocations::{RevocationEntry, RevocationFile};
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
@@ -111,7 +113,7 @@ pub async fn watch_file(hub: Arc<RevocationHub>, file: RevocationFile, cancel: C
                 }
                 let added = hub.insert(list.entries);
                 if added > 0 {
-                    crate::metrics::revocations_recorded(added);
+                    metrics::recorded(added);
                     tracing::info!(added, total = hub.len(), "revocations updated");
                 }
             }

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 /// How long in-flight RPCs get to finish after shutdown is requested.
@@ -109,7 +108,7 @@ pub async fn run(
         in_sync,
     };
     if let (Some(addr), Some(metrics)) = (&cfg.admin_addr, metrics) {
-        let admin = crate::metrics::AuthorityAdmin {
+        let admin = crate::admin::AuthorityAdmin {
             metrics,
             runtime: service.runtime.clone(),
             issuance: service.issuance.clone(),
@@ -144,11 +143,12 @@ pub async fn run(
     tracing::info!(target: "firma_authority", "authority ready");
 
     let stop = cancel.clone();
-    let serve = router.serve_with_incoming_shutdown(incoming(listener), async move {
-        shutdown.await;
-        tracing::info!(target: "firma_authority", "shutting down: draining connections");
-        stop.cancel();
-    });
+    let serve =
+        router.serve_with_incoming_shutdown(crate::listen::incoming(listener), async move {
+            shutdown.await;
+            tracing::info!(target: "firma_authority", "shutting down: draining connections");
+            stop.cancel();
+        });
     let deadline = async {
         cancel.cancelled().await;
         tokio::time::sleep(DRAIN_TIMEOUT).await;
@@ -202,15 +202,4 @@ async fn revocation_source(
     ));
     // The sender is dropped: the file is always in sync (`borrow` keeps `true`).
     Ok((hub, watch::channel(true).1))
-}
-
-/// Accepted connections with `TCP_NODELAY` and TCP keep-alive. `serve_with_incoming` ignores
-/// the builder's socket options, and without `TCP_NODELAY` a unary reply waited for the client's
-/// delayed ACK: ~40 ms per sequential `IssueCapability` on loopback (docs/benchmarks.md).
-pub(crate) fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)))
-        .with_keepalive_interval(Some(Duration::from_secs(10)))
-        .with_keepalive_retries(Some(3))
 }

@@ -1,14 +1,16 @@
 //! The `firma.authority.v1.Authority` gRPC service.
 
+pub mod metrics;
+
 use crate::bundles::LoadedBundle;
 use crate::issuance::{DenialCode, IssueRequest, Issuer};
-use crate::metrics::{self, Stream};
 use crate::revocation_hub::RevocationHub;
 use crate::revocations::RevocationEntry;
 use firma_common::capability::now_unix;
 use firma_common::keys::SigningKey;
 use firma_common::proto::authority as pb;
 use firma_common::proto::authority::authority_server::Authority;
+use metrics::Stream;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -81,7 +83,7 @@ impl Authority for AuthorityService {
         };
         let result = match issuer.issue(&req) {
             Ok(issued) => {
-                crate::metrics::issuance(Ok(()));
+                metrics::issuance(Ok(()));
                 tracing::info!(
                     %peer,
                     token_id = %issued.claims.token_id,
@@ -96,12 +98,12 @@ impl Authority for AuthorityService {
             // A malformed request is the caller's bug, not a policy answer: INVALID_ARGUMENT.
             // Its fields are not logged (they are what was malformed); the reason names them.
             Err(denial) if denial.code == DenialCode::InvalidRequest => {
-                crate::metrics::issuance(Err(denial.code));
+                metrics::issuance(Err(denial.code));
                 tracing::warn!(%peer, "refused capability request: {}", denial.reason);
                 return Err(Status::invalid_argument(denial.reason));
             }
             Err(denial) => {
-                crate::metrics::issuance(Err(denial.code));
+                metrics::issuance(Err(denial.code));
                 tracing::warn!(
                     %peer,
                     agent = %req.agent_id,

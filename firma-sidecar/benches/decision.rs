@@ -481,7 +481,8 @@ fn audit(c: &mut Criterion) {
 /// Every metric hook one allowed request passes through, with metrics off (no admin listener:
 /// each hook is one atomic load) and on. Must be last: enabling is process-wide and one-way.
 fn metrics(c: &mut Criterion) {
-    use firma_sidecar::metrics::{self, Stage};
+    use firma_sidecar::pipeline::metrics::Stage;
+    use firma_sidecar::{audit, connector, interceptor, metrics, pipeline};
     use std::time::{Duration, Instant};
     let mut decision = Decision::deny(firma_sidecar::pipeline::DenyReason::PolicyDenied, "");
     decision.outcome = Outcome::Allow;
@@ -496,13 +497,13 @@ fn metrics(c: &mut Criterion) {
     };
     let per_request = |decision: &Decision, outcome: &ConnectorOutcome| {
         let start = Instant::now();
-        let conn = metrics::connection(InterceptKind::HttpProxy);
-        metrics::decision(black_box(decision));
-        metrics::credential_fetch("basic", true);
-        metrics::stage(Stage::Connector, Duration::from_micros(30));
-        metrics::outcome(black_box(outcome));
-        metrics::audit_write(Duration::from_micros(20));
-        metrics::overhead(start);
+        let conn = interceptor::metrics::connection(InterceptKind::HttpProxy);
+        pipeline::metrics::decision(black_box(decision));
+        connector::metrics::credential_fetch("basic", true);
+        pipeline::metrics::stage(Stage::Connector, Duration::from_micros(30));
+        pipeline::metrics::outcome(black_box(outcome));
+        audit::metrics::write(Duration::from_micros(20));
+        interceptor::metrics::overhead(start);
         drop(conn);
     };
     let mut g = c.benchmark_group("metrics");

@@ -4,6 +4,10 @@ use firma_common::config::{ConfigError, LogFormat, check_admin_addr, check_log_l
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+/// Output tokens reserved per choice for a request that names no `max_tokens`
+/// (`[sidecar.llm] reserve_output_tokens`).
+pub const DEFAULT_RESERVE_OUTPUT_TOKENS: i64 = 32_768;
+
 /// `[sidecar.*]`: everything the enforcement sidecar reads.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -210,7 +214,7 @@ impl LlmConfig {
     /// `reserve_output_tokens` or its default.
     pub fn reserve_output_tokens(&self) -> i64 {
         self.reserve_output_tokens
-            .unwrap_or(crate::pipeline::usage::DEFAULT_RESERVE_OUTPUT_TOKENS)
+            .unwrap_or(DEFAULT_RESERVE_OUTPUT_TOKENS)
     }
 }
 

@@ -6,6 +6,7 @@
 //! is written by **audit**. Interceptors differ only in how a connection and its destination
 //! arrive; everything after that is shared ([`interceptor::serve::serve_stream`]).
 
+pub mod admin;
 pub mod audit;
 pub mod authority_client;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod dns;
 pub mod drain;
 pub mod ebpf;
 pub mod error_shape;
+pub mod http_body;
 pub mod interceptor;
 pub mod metrics;
 pub mod pipeline;

@@ -212,7 +212,7 @@ where
     // Transparent mode: the redirector, whose kernel refusals are audited every second and
     // once more before the final flush.
     let mut refusals = None;
-    let kernel: Option<Arc<dyn crate::metrics::KernelState>> = match cfg.interceptor.mode {
+    let kernel: Option<Arc<dyn crate::ebpf::metrics::KernelState>> = match cfg.interceptor.mode {
         InterceptMode::HttpProxy => {
             let addr = &cfg.interceptor.listen_addr;
             let listener = tokio::net::TcpListener::bind(addr)
@@ -237,7 +237,7 @@ where
         }
     };
     if let (Some(addr), Some(metrics)) = (&cfg.admin.listen_addr, metrics) {
-        let admin = crate::metrics::SidecarAdmin {
+        let admin = crate::admin::SidecarAdmin {
             metrics,
             state: state.clone(),
             kernel,

@@ -62,6 +62,7 @@ pub fn add_test_addresses() -> Result<(), String> {
             Err(e) if std::time::Instant::now() >= deadline => {
                 return Err(format!("{DST_V6} is not usable 10 s after adding it: {e}"));
             }
+            // Poll interval of the wait for the address to become usable (DAD), bounded.
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
         }
     }

@@ -20,6 +20,7 @@ pub mod audit;
 pub mod authority;
 pub mod client;
 pub mod config;
+pub mod confine;
 pub mod etcd;
 pub mod grpc;
 pub mod kernel;
@@ -138,6 +139,7 @@ pub fn eventually<R: Ready>(
         if Instant::now() >= deadline {
             return Err(format!("not true within {within:?}: {what}"));
         }
+        // Poll interval of the wait on `f`, bounded by `within`.
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -226,6 +226,7 @@ pub async fn eventually_async<T>(
         if Instant::now() > end {
             return None;
         }
+        // Poll interval of a wait on the condition `f`, bounded by `deadline`.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

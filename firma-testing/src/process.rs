@@ -83,6 +83,7 @@ impl Process {
                     self.log_text()
                 ));
             }
+            // Poll interval of the wait for `marker`, bounded by `timeout`.
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
@@ -119,6 +120,7 @@ impl Process {
             if let Some(s) = self.child.try_wait().expect("try_wait") {
                 return Some(s);
             }
+            // Poll interval of the wait for the exit, bounded by `timeout`.
             std::thread::sleep(Duration::from_millis(20));
         }
         None

@@ -159,6 +159,7 @@ impl Prometheus {
             if last == Some(want) {
                 return;
             }
+            // Poll interval of the wait for `q` to reach `want`, bounded by `within`.
             std::thread::sleep(Duration::from_millis(250));
         }
         panic!("prometheus: {q} = {last:?} after {within:?}, expected {want}");

@@ -49,15 +49,8 @@ impl RunWorld {
     /// namespace with the hosts file (unshare and sh exec in place: the pid is firma's).
     /// `RUST_LOG` and `SUDO_UID` are removed from its environment.
     pub fn command(&self, firma_args: &[&str], cmd: &[&str]) -> Command {
-        let mut c = Command::new("unshare");
-        c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(format!(
-                "mount --bind '{}' /etc/hosts && exec \"$@\"",
-                self.hosts.display()
-            ))
-            .arg("sh")
-            .arg(crate::firma_bin())
-            .arg("run")
+        let mut c = crate::confine::Confine::hosts(&self.hosts).command(crate::firma_bin());
+        c.arg("run")
             .arg("--state-dir")
             .arg(&self.state)
             .arg("--upstream-ca")

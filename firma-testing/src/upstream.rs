@@ -149,6 +149,7 @@ impl Upstream {
                                     .and_then(|q| q.strip_prefix("ms="))
                                     .and_then(|v| v.parse().ok())
                                     .unwrap_or(2000);
+                                // A slow upstream on request (`/slow?ms=`): the latency is the fixture.
                                 tokio::time::sleep(Duration::from_millis(ms)).await;
                             }
                             if let Some((resp, tokens)) = llm::answer(&path, &parts.headers, &body)
@@ -160,6 +161,7 @@ impl Upstream {
                                     .and_then(|v| v.to_str().ok())
                                     .and_then(|v| v.parse().ok())
                                 {
+                                    // Latency on request (`x-test-delay-ms`): the fixture.
                                     tokio::time::sleep(Duration::from_millis(ms)).await;
                                 }
                                 return Ok::<_, std::convert::Infallible>(resp);
@@ -301,6 +303,7 @@ pub mod llm {
             tokio::spawn(async move {
                 let _ = tx.send_data(Bytes::from(first)).await;
                 if gap > 0 {
+                    // The gap between SSE events the test asked for: the fixture.
                     tokio::time::sleep(Duration::from_millis(gap)).await;
                 }
                 for e in rest {

@@ -196,6 +196,7 @@ fn a_denial_flood_is_aggregated_rotated_bounded_and_verifiable() {
             break s;
         }
         assert!(Instant::now() < deadline, "flood client took over 600 s");
+        // Poll interval of the wait for the flood client to exit, bounded by `deadline`.
         std::thread::sleep(Duration::from_millis(200));
     };
     let took = started.elapsed();

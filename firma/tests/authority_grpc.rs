@@ -376,6 +376,7 @@ async fn issuance_policy_edits_apply_without_restart() {
             break;
         }
         assert!(Instant::now() < deadline, "issuance edit not applied");
+        // Poll interval of the wait for the edited policy to be applied, bounded by `deadline`.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -17,6 +17,7 @@
 //! Every test needs root + BPF and prints SKIP otherwise (`firma_testing::kernel`).
 
 use firma_testing::config::Mode;
+use firma_testing::confine::Confine;
 use firma_testing::kernel::{DST_V4, TestCgroup, TestPins, in_fresh_netns};
 use firma_testing::prometheus::{self, Prometheus};
 use firma_testing::sidecar::{Deployment, Settings, Sidecar};
@@ -288,22 +289,11 @@ impl Env {
     /// hosts file in a private mount namespace and no proxy variables. Returns its output and
     /// pid.
     fn run(&self, tagged: bool, program: &str, args: &[&str]) -> (Output, u32) {
-        let join = if tagged {
-            format!("echo $$ > '{}/cgroup.procs' && ", self.cg.dir.display())
-        } else {
-            String::new()
-        };
-        let script = format!(
-            "mount --bind '{}' /etc/hosts && mount --bind '{}' /etc/resolv.conf && {join}exec \"$@\"",
-            self.hosts.display(),
-            self.resolv.display()
-        );
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(script)
-            .arg("sh")
-            .arg(program)
-            .args(args)
+        let mut cmd = Confine::hosts(&self.hosts)
+            .resolv(&self.resolv)
+            .cgroup_opt(tagged.then_some(self.cg.dir.as_path()))
+            .command(program);
+        cmd.args(args)
             .env("SSL_CERT_FILE", self.d.ca_cert())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

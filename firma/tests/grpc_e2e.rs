@@ -12,6 +12,7 @@
 
 use firma_testing::client::in_cgroup_command;
 use firma_testing::config::{HostRoute, Mode};
+use firma_testing::confine::Confine;
 use firma_testing::grpc::{GrpcEcho, client_command, client_result};
 use firma_testing::kernel::{DST_V4, TestCgroup, TestPins, in_fresh_netns};
 use firma_testing::sidecar::{Deployment, Settings, Sidecar};
@@ -345,18 +346,8 @@ fn grpc_in_tagged_cgroup_is_enforced_transparently() {
 
     let run = |host: &str| {
         let (prog, args) = client_command(&echo.stubs, &format!("{host}:443"), &d.ca_cert());
-        let script = format!(
-            "mount --bind '{}' /etc/hosts && echo $$ > '{}/cgroup.procs' && exec \"$@\"",
-            hosts.display(),
-            cg.dir.display()
-        );
-        let mut cmd = std::process::Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(script)
-            .arg("sh")
-            .arg(prog)
-            .args(&args)
-            .env("GRPC_DNS_RESOLVER", "native");
+        let mut cmd = Confine::hosts(&hosts).cgroup(&cg.dir).command(prog);
+        cmd.args(&args).env("GRPC_DNS_RESOLVER", "native");
         for v in firma_testing::client::PROXY_VARS {
             cmd.env_remove(v);
         }

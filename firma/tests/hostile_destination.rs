@@ -23,6 +23,7 @@
 
 use firma_testing::client::PROXY_VARS;
 use firma_testing::config::Mode;
+use firma_testing::confine::Confine;
 use firma_testing::kernel::{DST_V4, TestCgroup, TestPins, in_fresh_netns, sh};
 use firma_testing::sidecar::{Deployment, Settings, Sidecar};
 use firma_testing::upstream::Upstream;
@@ -329,14 +330,8 @@ fn firma_run_binds_the_destination_to_the_decided_name() {
     hosts.push_str(&format!("{DST_V4} api.example.org\n"));
     std::fs::write(&w.hosts, hosts).unwrap();
     let audit = w.path("audit.jsonl");
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg(format!(
-            "mount --bind '{}' /etc/hosts && exec \"$@\"",
-            w.hosts.display()
-        ))
-        .arg("sh")
-        .arg(firma_bin())
+    let out = Confine::hosts(&w.hosts)
+        .command(firma_bin())
         .arg("run")
         .arg("--state-dir")
         .arg(w.path("state"))
@@ -447,14 +442,8 @@ impl Transparent {
 
     /// The agent script in the tagged cgroup, with the hosts file, trusting the Firma CA.
     fn run_agent(&self, w: &World) -> Output {
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(format!(
-                "mount --bind '{}' /etc/hosts && echo $$ > '{}/cgroup.procs' && exec sh -c \"$1\"",
-                w.hosts.display(),
-                self.cg.dir.display()
-            ))
-            .arg("sh")
+        let mut cmd = Confine::hosts(&w.hosts).cgroup(&self.cg.dir).command("sh");
+        cmd.arg("-c")
             .arg(agent_script(&w.up.ca_path, ""))
             .env("SSL_CERT_FILE", self.d.ca_cert())
             .env("CURL_CA_BUNDLE", self.d.ca_cert());

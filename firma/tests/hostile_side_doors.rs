@@ -18,6 +18,7 @@
 //! starts while it runs. Needs root + BPF; prints SKIP otherwise.
 
 use firma_testing::config::Mode;
+use firma_testing::confine::Confine;
 use firma_testing::kernel::{DST_V4, TestCgroup, TestPins, in_fresh_netns};
 use firma_testing::process::Process;
 use firma_testing::sidecar::{Deployment, Settings, Sidecar};
@@ -248,11 +249,9 @@ impl World {
 
     /// `sh -c` prefix: private mount namespace with the test's hosts and resolv.conf.
     fn mounts(&self) -> String {
-        format!(
-            "mount --bind '{}' /etc/hosts && mount --bind '{}' /etc/resolv.conf",
-            self.hosts.display(),
-            self.resolv.display()
-        )
+        Confine::hosts(&self.hosts)
+            .resolv(&self.resolv)
+            .script_prefix()
     }
 
     fn file(&self, name: &str) -> String {
@@ -713,7 +712,7 @@ t('list', lambda: os.listdir(S))
 t('read_key', lambda: open(S + '/audit.key').read())
 t('read_runs', lambda: os.listdir(S + '/runs'))
 open(W + '/tried', 'w').close()
-while not os.path.exists(W + '/go'):
+while not os.path.exists(W + '/go'):  # waits for the test's signal file
     time.sleep(0.05)
 "#
     );

@@ -7,6 +7,7 @@
 //! sidecar; needs root for that, prints SKIP otherwise.
 
 use firma_testing::authority::Server;
+use firma_testing::confine::Confine;
 use firma_testing::kernel::{DST_V4, in_fresh_netns};
 use firma_testing::sidecar::Sidecar;
 use firma_testing::{assert_eventually, firma, firma_bin, text};
@@ -71,15 +72,8 @@ fn init_then_authority_and_sidecar_serve_requests() {
     .unwrap();
     let _authority = Server::start(&config);
     // The sidecar resolves the upstream's name: give it the hosts file (unshare and sh exec).
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg(format!(
-            "mount --bind '{}' /etc/hosts && exec \"$@\"",
-            hosts.display()
-        ))
-        .arg("sh")
-        .arg(firma_bin())
-        .args(["sidecar", "-c", config.to_str().unwrap()])
+    let mut cmd = Confine::hosts(&hosts).command(firma_bin());
+    cmd.args(["sidecar", "-c", config.to_str().unwrap()])
         .env("NO_COLOR", "1")
         .env_remove("RUST_LOG");
     let sidecar = Sidecar::spawn(cmd).expect("sidecar starts with the init config");

@@ -5,6 +5,7 @@
 //! upstream playing OpenAI and Anthropic, the signed audit file.
 
 use firma_testing::client::*;
+use firma_testing::confine::Confine;
 use firma_testing::sidecar::*;
 use firma_testing::upstream::*;
 use firma_testing::*;
@@ -228,7 +229,7 @@ fn usage_from_json_and_sse_counts_against_the_session_budget_across_restarts() {
     assert!(out.body.contains("data: [DONE]"), "{}", out.body);
     let o = usage_outcomes(&d, 2);
     assert_eq!(o[1]["connector"]["usage"]["total_tokens"], 200);
-    // The same usage on the admin listener's /metrics (README "Metrics and health").
+    // The same usage on the admin listener's /metrics (docs/metrics.md).
     let scrape = admin_metrics(&sc);
     let sample = |series: &str| {
         scrape
@@ -382,15 +383,10 @@ fn llm_policy_and_usage_in_tagged_cgroup() {
     ]);
     assert!(out.status.success(), "attach: {}", text(&out.stderr));
     let call = |body: &str| {
-        let script = format!(
-            "mount --bind '{}' /etc/hosts && echo $$ > '{}/cgroup.procs' && exec \"$@\"",
-            hosts.display(),
-            cg.dir.display()
-        );
-        let out = std::process::Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(script)
-            .args(["sh", "curl", "-sS", "--max-time", "10", "--cacert"])
+        let out = Confine::hosts(&hosts)
+            .cgroup(&cg.dir)
+            .command("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
             .arg(d.ca_cert())
             .args([
                 "-H",

@@ -2,6 +2,7 @@
 //! no ANSI codes when stderr is not a terminal, `--log-format json` gives one JSON object per
 //! line, and connection ids keep growing across a restart that resumes the audit chain.
 
+use firma_testing::assert_eventually;
 use firma_testing::client::curl;
 use firma_testing::process::{Process, firma_bin};
 use firma_testing::sidecar::{Deployment, Settings, Sidecar};
@@ -57,15 +58,26 @@ fn text_logs_have_no_ansi_and_no_line_per_request_and_conn_ids_survive_restart()
         &[],
     );
     assert_eq!(denied.status, 403);
-    // The `allowed`/`denied` lines are DEBUG now: nothing per request at INFO.
-    std::thread::sleep(Duration::from_millis(200));
+    // The `allowed`/`denied` lines are DEBUG now: nothing per request at INFO. A log fence:
+    // stop the sidecar and wait until its last line is read; stderr is one pipe, so every line
+    // the requests logged (before the drain began) has been read by then.
+    sc.terminate(Duration::from_secs(10));
+    assert_eventually(
+        Duration::from_secs(10),
+        "the sidecar's last line read",
+        || sc.log_text().contains("sidecar stopped"),
+    );
     let log = sc.log_text();
     assert!(
         !log.contains('\u{1b}'),
         "ANSI escape in a piped log:\n{log}"
     );
+    let before_drain = log.split(": draining").next().unwrap();
     assert_eq!(
-        info_lines(&sc),
+        before_drain
+            .lines()
+            .filter(|l| l.contains(" INFO "))
+            .count(),
         info_at_ready,
         "INFO lines appeared for requests:\n{log}"
     );
@@ -73,7 +85,6 @@ fn text_logs_have_no_ansi_and_no_line_per_request_and_conn_ids_survive_restart()
         log.contains("listen=127.0.0.1:0"),
         "startup names the http_proxy listener: {log}"
     );
-    sc.terminate(Duration::from_secs(10));
     let first: Vec<u64> = d
         .audit()
         .iter()

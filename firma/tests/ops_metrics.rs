@@ -544,6 +544,9 @@ fn prometheus_sees_the_revocation_lag_of_every_revocation() {
     authority.kill();
     revoke("while-down");
     let down = Instant::now();
+    // A real span of time, not a wait on a condition: the outage must last well beyond a normal
+    // lag (~0.1 s) so that a resync lag of >= 1.5 s proves the original revocation time
+    // travelled (checked below).
     std::thread::sleep(Duration::from_millis(1500));
     let _authority = Server::start(&d.config);
     wait(

@@ -135,12 +135,8 @@ fn credential_never_leaves_in_cleartext() {
     let status = h2c_get(sc.addr, "http://api.openai.com/v1/models");
     assert_eq!(status, 403, "h2c\n{}", sc.log_text());
 
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        !plain.saw(CANARY),
-        "credential seen in cleartext on the wire"
-    );
-    assert_eq!(*plain.conns.lock().unwrap(), 0, "nothing may be sent");
+    // Each client already has its 403: every request was decided, and a denial sends nothing
+    // afterwards, so the upstream's silence needs no wait once the denials are audited.
     assert_eventually(
         Duration::from_secs(5),
         "three InsecureUpstream denials audited",
@@ -152,6 +148,11 @@ fn credential_never_leaves_in_cleartext() {
                 == 3
         },
     );
+    assert!(
+        !plain.saw(CANARY),
+        "credential seen in cleartext on the wire"
+    );
+    assert_eq!(*plain.conns.lock().unwrap(), 0, "nothing may be sent");
     assert!(decisions(&d, "ALLOW").is_empty());
 }
 
@@ -206,7 +207,8 @@ fn every_request_the_upstream_saw_is_audited_whatever_the_client_does() {
     assert_eventually(Duration::from_secs(10), "upstream saw 7 requests", || {
         up.count() == 7
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Each ALLOW is persisted before its request leaves, so it is in the file already; the
+    // six `client_gone` outcomes are written when the sidecar notices the clients left.
     let allows = decisions(&d, "ALLOW");
     assert_eq!(
         allows.len(),
@@ -214,12 +216,16 @@ fn every_request_the_upstream_saw_is_audited_whatever_the_client_does() {
         "every request the upstream saw has its ALLOW decision\n{}",
         d.audit_text()
     );
-    let gone = d
-        .audit()
-        .into_iter()
-        .filter(|e| e["event"] == "outcome" && e["connector"]["client_gone"] == true)
-        .count();
-    assert_eq!(gone, 6, "{}", d.audit_text());
+    let gone = || {
+        d.audit()
+            .into_iter()
+            .filter(|e| e["event"] == "outcome" && e["connector"]["client_gone"] == true)
+            .count()
+    };
+    assert_eventually(Duration::from_secs(10), "six client_gone outcomes", || {
+        gone() >= 6
+    });
+    assert_eq!(gone(), 6, "{}", d.audit_text());
     let (ok, out) = verify(&d, &d.audit_path);
     assert!(ok, "{out}");
 }
@@ -338,7 +344,9 @@ fn audit_fails_closed_on_a_full_disk_and_recovers() {
     assert!(sc.log_text().contains("audit sink recovered"));
     assert_eq!(sc.admin_get("/readyz").0, 200);
     assert_eq!(sc.metric("firma_sidecar_audit_sink_healthy"), Some(1.0));
-    std::thread::sleep(Duration::from_millis(300));
+    // Every answered request was decided and an ALLOW is persisted before its request leaves;
+    // the fence makes sure no later decision is still on its way to the file.
+    d.audit_fence(&sc);
     assert_eq!(
         count_allows(),
         up.count(),
@@ -366,7 +374,9 @@ fn audit_fails_closed_on_a_full_disk_and_recovers() {
         .status,
         200
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // The recovery event is written at startup, before the sidecar is ready; the fence proves
+    // the writer is past it.
+    d.audit_fence(&sc2);
     let text = std::fs::read_to_string(&audit).unwrap();
     assert!(!text.contains("\"torn"), "torn tail cut");
     assert!(text.contains("\"event\":\"recovery\""), "{text}");
@@ -389,7 +399,11 @@ fn nix_is_root() -> bool {
 #[test]
 fn one_client_cannot_switch_interception_off_for_another() {
     let (up, d, sc) = setup(Settings {
-        extra: credential("api.openai.com"),
+        // The admin listener shows when the sidecar has noticed the last client's close.
+        extra: format!(
+            "{}[sidecar.admin]\nlisten_addr = \"127.0.0.1:0\"\n",
+            credential("api.openai.com")
+        ),
         fallback_hosts: vec!["api.openai.com".into()],
         ..Settings::default()
     });
@@ -441,9 +455,18 @@ os.close(t.detach())  # the fd goes without close_notify
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    std::thread::sleep(Duration::from_millis(500));
+    // The client has exited; wait until the sidecar has noticed the close (no client
+    // connection left open), then fence the audit: a denial for it would be in the file by then.
+    assert_eventually(Duration::from_secs(10), "the sidecar saw the close", || {
+        sc.metric("firma_sidecar_connections_active{mode=\"http_proxy\"}") == Some(0.0)
+    });
+    let fence = d.audit_fence(&sc);
+    let denials: Vec<_> = decisions(&d, "DENY")
+        .into_iter()
+        .filter(|e| e["envelope"]["intent"]["resource"]["path"] != fence.as_str())
+        .collect();
     assert_eq!(
-        decisions(&d, "DENY").len(),
+        denials.len(),
         before,
         "closing without close_notify is not a denial\n{}",
         d.audit_text()
@@ -649,7 +672,9 @@ fn kill_9_mid_request_loses_no_decision() {
         &[],
     );
     assert_eq!(ok.status, 200);
-    std::thread::sleep(Duration::from_millis(300));
+    // The new ALLOW was persisted before its request left; the fence shows nothing else from
+    // the killed run arrives late.
+    d.audit_fence(&sc2);
     assert_eq!(decisions(&d, "ALLOW").len(), up.count());
     let (ok, out) = verify(&d, &d.audit_path);
     assert!(ok, "{out}");

@@ -194,7 +194,11 @@ fn idle_h2_flood_is_capped_and_closed_while_normal_clients_and_reloads_work() {
         firma_testing::skip("idle_h2_flood", "`prlimit` (util-linux) not installed");
         return;
     }
-    let (_up, d) = deployment(limits_toml(IDLE_SECS, PER_CLIENT));
+    // The admin listener tells when the normal client's connections are gone (before flood B).
+    let (_up, d) = deployment(format!(
+        "{}[sidecar.admin]\nlisten_addr = \"127.0.0.1:0\"\n",
+        limits_toml(IDLE_SECS, PER_CLIENT)
+    ));
     let sc = start_limited(&d.config, NOFILE);
     let log = sc.log_text();
     let max = logged_number(&log, "max_connections=");
@@ -209,7 +213,11 @@ fn idle_h2_flood_is_capped_and_closed_while_normal_clients_and_reloads_work() {
     // Flood A from 127.0.0.1: the first PER_CLIENT are served, the rest refused at once.
     let mut a = flood("127.0.0.1", sc.addr, FLOOD);
     let flood_a_sent = Instant::now();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Settled when every refused one is closed and every admitted one has its SETTINGS.
+    let _ = eventually(Duration::from_secs(10), "flood A settled", || {
+        census(&mut a) == (PER_CLIENT, FLOOD - PER_CLIENT)
+            && a.iter().filter(|c| !c.closed).all(Idle::served_h2)
+    });
     let (open_a, closed_a) = census(&mut a);
     assert_eq!(
         (open_a, closed_a),
@@ -232,10 +240,19 @@ fn idle_h2_flood_is_capped_and_closed_while_normal_clients_and_reloads_work() {
 
     // Flood B from 127.0.0.3 fills the total cap; beyond it everyone is refused cleanly
     // (a 503, not a timeout), and the descriptors stay below the limit.
-    std::thread::sleep(Duration::from_millis(300)); // the normal client's connections close
+    let active = || sc.metric("firma_sidecar_connections_active{mode=\"http_proxy\"}");
+    assert_eventually(
+        Duration::from_secs(10),
+        "the normal client's connections closed",
+        || active() == Some(PER_CLIENT as f64),
+    );
     let mut b = flood("127.0.0.3", sc.addr, FLOOD);
     let flood_b_sent = Instant::now();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Settled when every connection of B is either closed or has its SETTINGS.
+    let _ = eventually(Duration::from_secs(10), "flood B settled", || {
+        census(&mut b);
+        b.iter().all(|c| c.closed || c.served_h2()) && census(&mut b).0 + PER_CLIENT == max
+    });
     let (open_b, closed_b) = census(&mut b);
     let (open_a2, _) = census(&mut a);
     assert_eq!(open_a2 + open_b, max, "total cap");
@@ -273,6 +290,7 @@ fn idle_h2_flood_is_capped_and_closed_while_normal_clients_and_reloads_work() {
                 "{what}: idle connections still open:\n{}",
                 sc.log_text()
             );
+            // Poll interval of a wait on a condition (every connection closed), bounded above.
             std::thread::sleep(Duration::from_millis(20));
         }
         let after = since.elapsed();

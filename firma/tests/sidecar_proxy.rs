@@ -244,7 +244,7 @@ fn rate_limit_timeout_and_unreachable_upstream_abort_with_reasons() {
                 .iter()
                 .any(|e| e["connector"]["aborted"] == "UpstreamTimeout")
     });
-    // Counted by kind on the admin listener (README "Metrics and health").
+    // Counted by kind on the admin listener (docs/metrics.md).
     assert_eq!(sc.metric("firma_sidecar_rate_limited_total"), Some(1.0));
     assert_eq!(
         sc.metric("firma_sidecar_upstream_errors_total{kind=\"timeout\"}"),

@@ -62,6 +62,8 @@ fn vault_secret_injected_rotated_and_fail_closed_when_down() {
 
     // Rotation is picked up after the 1 s cache TTL.
     vault.put("acme-vendor/api-key", "value", "vault-secret-two");
+    // A real timer: the credential cache's TTL (`cache_ttl_seconds = 1`) must run out; a
+    // request before then would (rightly) still get the cached value.
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(
         curl(&p, &ca, "https://api.acme-vendor.com/v1/send", &[]).status,
@@ -74,6 +76,7 @@ fn vault_secret_injected_rotated_and_fail_closed_when_down() {
 
     // Vault down: once the cache expires, deny without contacting the upstream.
     vault.stop();
+    // A real timer again: the cached value must expire (`cache_ttl_seconds = 1`).
     std::thread::sleep(Duration::from_millis(1200));
     let before = up.count();
     let out = curl(&p, &ca, "https://api.acme-vendor.com/v1/send", &[]);

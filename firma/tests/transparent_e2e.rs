@@ -19,6 +19,7 @@
 
 use firma_testing::client::{PROXY_VARS, raw_exchange, run_in_cgroup};
 use firma_testing::config::Mode;
+use firma_testing::confine::Confine;
 use firma_testing::kernel::{DST_V4, DST_V6, TestCgroup, TestPins, in_fresh_netns};
 use firma_testing::sidecar::{Deployment, Settings, Sidecar};
 use firma_testing::upstream::Upstream;
@@ -257,20 +258,8 @@ fn run_client(
             vec!["-e".into(), NODE_FETCH.into(), url.into(), body.into()],
         ),
     };
-    let join = match cgroup {
-        Some(cg) => format!("echo $$ > '{}/cgroup.procs' && ", cg.display()),
-        None => String::new(),
-    };
-    let script = format!(
-        "mount --bind '{}' /etc/hosts && {join}exec \"$@\"",
-        hosts.display()
-    );
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg(script)
-        .arg("sh")
-        .arg(program)
-        .args(&args);
+    let mut cmd = Confine::hosts(hosts).cgroup_opt(cgroup).command(program);
+    cmd.args(&args);
     for v in PROXY_VARS.iter().chain(&["NO_PROXY", "no_proxy"]) {
         cmd.env_remove(v);
     }
@@ -414,7 +403,8 @@ fn client_is_enforced_only_inside_its_cgroup(client: Client) {
     let seen = env.up.seen();
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[1].headers["authorization"], CLIENT_KEY);
-    std::thread::sleep(Duration::from_millis(300));
+    // Nothing to wait for: had the call passed through the sidecar, its ALLOW would have been
+    // persisted before the request left (audit before send), so before the upstream saw it.
     assert_eq!(
         env.d.audit().len(),
         audited,
@@ -514,7 +504,8 @@ fn sidecar_upstream_is_never_redirected_even_to_its_own_port() {
     );
     assert_eq!(run.status, 200, "{run:?}\n{}", env.log());
     assert_eq!(env.up.count(), 1, "exactly one upstream request (no loop)");
-    std::thread::sleep(Duration::from_millis(300));
+    // Nothing to wait for: a looping connection would have been decided (and its ALLOW
+    // persisted) before the first request got its answer.
     let events = env.audit_from_cg("api.openai.com");
     assert_eq!(events.len(), 1, "one decision, no loop: {events:?}");
     assert_eq!(events[0]["decision"]["outcome"], "ALLOW");
@@ -654,14 +645,10 @@ fn token_for_another_agent_is_denied_workload_mismatch() {
     let raw = env
         .d
         .issue_token("other-agent", "s9", "model.inference.chat", "*");
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg(format!(
-            "mount --bind '{}' /etc/hosts && echo $$ > '{}/cgroup.procs' && exec \"$@\"",
-            env.hosts.display(),
-            env.cg.dir.display()
-        ))
-        .args(["sh", "curl", "-sS", "--max-time", "10", "--cacert"])
+    let out = Confine::hosts(&env.hosts)
+        .cgroup(&env.cg.dir)
+        .command("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
         .arg(env.d.ca_cert())
         .args(["-H", &format!("x-firma-capability: {raw}")])
         .args([
@@ -704,19 +691,26 @@ fn connections_per_workload_cgroup_are_capped() {
     env.attach();
     let script = format!(
         r#"
-import socket, time
+import select, socket, time
 conns = [socket.create_connection(("{DST_V4}", 443), timeout=5) for _ in range(8)]
-time.sleep(0.5)
-closed = 0
 for s in conns:
     s.setblocking(False)
-    try:
-        closed += s.recv(1) == b""
-    except BlockingIOError:
-        pass
-    except OSError:
-        closed += 1
-print("CLOSED", closed)
+# Wait (select, up to 10 s) until the refused ones are closed; the admitted ones stay open
+# waiting for a ClientHello.
+closed = set()
+deadline = time.monotonic() + 10
+while len(closed) < 3 and time.monotonic() < deadline:
+    open_ = [s for s in conns if s not in closed]
+    readable, _, _ = select.select(open_, [], [], 0.1)
+    for s in readable:
+        try:
+            if s.recv(1) == b"":
+                closed.add(s)
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed.add(s)
+print("CLOSED", len(closed))
 "#
     );
     let out = run_in_cgroup(Some(&env.cg.dir), "python3", &["-c", &script]);
@@ -727,6 +721,10 @@ print("CLOSED", closed)
         text(&out.stderr),
         env.log()
     );
+    // The WARN is logged before the refusals it reports; wait for the pipe reader to have it.
+    assert_eventually(Duration::from_secs(10), "the limit WARN read", || {
+        env.log().contains("connection limit reached")
+    });
     let log = env.log();
     let warns: Vec<&str> = log
         .lines()

@@ -11,6 +11,7 @@
 
 use firma_testing::client::{in_cgroup_command, raw_exchange};
 use firma_testing::config::{HostRoute, Mode};
+use firma_testing::confine::Confine;
 use firma_testing::kernel::{DST_V4, TestCgroup, TestPins, in_fresh_netns};
 use firma_testing::sidecar::{Deployment, Settings, Sidecar};
 use firma_testing::ws::{WsEcho, client_args, client_result};
@@ -166,7 +167,9 @@ fn nothing_is_smuggled_after_a_refused_upgrade() {
         raw.to_ascii_lowercase().contains("connection: close"),
         "{raw}"
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // A second decision would come from reading the pipelined request after the 403; the
+    // fence shows the writer is past anything the connection could have caused.
+    d.audit_fence(&sc);
     let paste: Vec<_> = d.audit_for("paste.rs");
     assert_eq!(paste.len(), 1, "only the upgrade was decided: {paste:?}");
     assert!(echo.sessions().is_empty());
@@ -219,21 +222,12 @@ fn websocket_in_tagged_cgroup_is_relayed_and_audited() {
         format!("127.0.0.1 localhost\n{DST_V4} api.openai.com\n"),
     )
     .unwrap();
-    let script = format!(
-        "mount --bind '{}' /etc/hosts && echo $$ > '{}/cgroup.procs' && exec \"$@\"",
-        hosts.display(),
-        cg.dir.display()
-    );
-    let mut cmd = std::process::Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg(script)
-        .arg("sh")
-        .arg("python3")
-        .args(client_args(
-            "wss://api.openai.com/v1/realtime",
-            &d.ca_cert(),
-            None,
-        ));
+    let mut cmd = Confine::hosts(&hosts).cgroup(&cg.dir).command("python3");
+    cmd.args(client_args(
+        "wss://api.openai.com/v1/realtime",
+        &d.ca_cert(),
+        None,
+    ));
     for v in firma_testing::client::PROXY_VARS {
         cmd.env_remove(v);
     }

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod imports;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -45,6 +46,9 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Build the cargo-fuzz targets (nightly) and run each for N seconds from its seed corpus.
     Fuzz(fuzz::FuzzArgs),
+    /// Import rules of the product crates: no circle between files, no arrow from a lower
+    /// floor to a higher one (docs/architecture.md, "Import rules").
+    Imports(imports::ImportsArgs),
 }
 
 /// Runs a command, printing it first and naming it if it fails.
@@ -139,6 +143,10 @@ fn main() -> anyhow::Result<()> {
         }),
         Task::Demo => demo::run(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")),
         Task::VmTest(args) => vm::run(args),
+        Task::Imports(args) => imports::run(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+            &args,
+        ),
         Task::Fuzz(args) => fuzz::run(
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
             args,

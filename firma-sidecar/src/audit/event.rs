@@ -28,10 +28,10 @@
 //! chain members to the text and signs. Building a `Map` per event and serializing it on the
 //! writer was about a fifth of the sidecar's CPU under keep-alive load (docs/benchmarks.md).
 
-use super::{AuditInput, bound};
+use super::bound;
 use crate::conn::{
-    CapabilitySummary, ConnectionInfo, ConnectorOutcome, DenyReason, InterceptKind, Outcome,
-    UsageOutcome, Workload,
+    CapabilitySummary, ConnectionInfo, ConnectorOutcome, Decision, DenyReason, InterceptKind,
+    Outcome, UsageOutcome, Workload,
 };
 use serde::Serialize;
 use serde::ser::SerializeMap;
@@ -39,6 +39,18 @@ use serde_json::{Map, Value, json};
 use std::borrow::Cow;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+
+/// Everything one audit event is made from.
+#[derive(Debug, Clone)]
+pub struct AuditInput<'a> {
+    pub conn: &'a ConnectionInfo,
+    pub method: Option<&'a str>,
+    pub host: Option<&'a str>,
+    pub port: u16,
+    pub path: Option<&'a str>,
+    pub decision: &'a Decision,
+    pub connector: Option<ConnectorOutcome>,
+}
 
 /// What a request's record adds to `envelope.intent` beyond the decision: a DNS query's
 /// fields and the attributes extracted from the body.

@@ -25,8 +25,7 @@ pub struct QueueFull;
 pub const QUEUE_CAPACITY: usize = 100_000;
 /// Lines per submission. At least one writer batch, so a submission starting at a batch always
 /// holds the signed line a collector with keys waits for before it acknowledges the batch.
-const BATCH: usize = 512;
-const _: () = assert!(BATCH >= super::writer::MAX_BATCH);
+pub(super) const BATCH: usize = 512;
 
 #[derive(Default)]
 struct Shared {

@@ -18,6 +18,8 @@ mod chain;
 mod conn_ids;
 mod event;
 mod grpc;
+mod health;
+pub mod metrics;
 mod recorder;
 mod rotate;
 mod space;
@@ -26,13 +28,13 @@ mod writer;
 pub use aggregate::{Denial, Kind as AggregateKind};
 pub use chain::{Sealer, read_tail};
 pub use conn_ids::next_conn_id;
+pub use event::AuditInput;
 pub use event::body as event_body;
 pub use event::new_id as new_event_id;
+pub use health::Health;
 pub use recorder::{Committed, RequestAudit};
-pub use writer::Health;
 
 use crate::config::{AuditConfig, AuditSink};
-use crate::conn::{ConnectionInfo, Decision};
 use firma_common::keys::SigningKey;
 use serde_json::Value;
 use sha2::Digest;
@@ -51,18 +53,6 @@ pub use crate::conn::ConnectorOutcome;
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("the audit sink cannot persist events: {0}")]
 pub struct AuditUnavailable(pub Arc<str>);
-
-/// Everything one audit event is made from.
-#[derive(Debug, Clone)]
-pub struct AuditInput<'a> {
-    pub conn: &'a ConnectionInfo,
-    pub method: Option<&'a str>,
-    pub host: Option<&'a str>,
-    pub port: u16,
-    pub path: Option<&'a str>,
-    pub decision: &'a Decision,
-    pub connector: Option<ConnectorOutcome>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -291,6 +281,20 @@ impl AuditLog {
     /// Denials counted into `deny_summary` events since start (not written one by one).
     pub fn denials_aggregated(&self) -> u64 {
         self.inner.aggregator.aggregated()
+    }
+
+    /// Copies the sink's counters into its metrics (at scrape time).
+    pub fn refresh_metrics(&self) {
+        let h = self.health();
+        metrics::set_sink_state(metrics::SinkState {
+            written: h.written(),
+            lost: h.lost(),
+            healthy: h.healthy(),
+            disk_free: h.disk_free(),
+            disk_low: h.disk_low(),
+            rotated: h.rotated(),
+            aggregated: self.denials_aggregated(),
+        });
     }
 
     fn send(&self, msg: writer::Msg) {

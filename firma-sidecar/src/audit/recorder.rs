@@ -138,7 +138,7 @@ impl RequestAudit {
     /// Records a denial (nothing was or will be sent upstream).
     pub fn deny(mut self, decision: &Decision) {
         self.done = true;
-        crate::metrics::decision(decision);
+        crate::pipeline::metrics::decision(decision);
         tracing::debug!(
             conn = self.conn.conn_id,
             method = self.intent.method.as_deref().unwrap_or("-"),
@@ -184,7 +184,7 @@ impl RequestAudit {
         match self.log.persist_body(body).await {
             Ok(()) => {
                 self.done = true;
-                crate::metrics::decision(decision);
+                crate::pipeline::metrics::decision(decision);
                 Ok(Committed {
                     log: self.log.clone(),
                     conn: self.conn.clone(),
@@ -203,8 +203,8 @@ impl RequestAudit {
     /// no upstream address): one `decision` event with `connector.aborted` set.
     pub fn abort_before_send(mut self, decision: &Decision, outcome: ConnectorOutcome) {
         self.done = true;
-        crate::metrics::decision(decision);
-        crate::metrics::outcome(&outcome);
+        crate::pipeline::metrics::decision(decision);
+        crate::pipeline::metrics::outcome(&outcome);
         tracing::warn!(
             conn = self.conn.conn_id,
             host = self.intent.host.as_deref().unwrap_or("-"),
@@ -273,7 +273,7 @@ impl Committed {
         let input = self
             .intent
             .input(&self.conn, &self.decision, Some(self.outcome.clone()));
-        crate::metrics::outcome(&self.outcome);
+        crate::pipeline::metrics::outcome(&self.outcome);
         tracing::debug!(
             conn = self.conn.conn_id,
             method = self.intent.method.as_deref().unwrap_or("-"),

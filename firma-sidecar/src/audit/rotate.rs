@@ -12,8 +12,9 @@
 //! existed), writing goes on in the active file, and the failure is logged (at most every
 //! 10 s); the next batch tries again. Naming and verification: [`firma_common::audit_files`].
 
+use super::chain::Sealer;
 use super::event;
-use super::writer::{Sink, Writer};
+use super::health::Health;
 use firma_common::audit_files::{rotated_files, rotated_path};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -90,27 +91,26 @@ fn sync_dir(path: &Path) {
     }
 }
 
-impl Writer {
-    /// Rotates the file sink if it reached its size (called after each successful batch).
-    pub(super) fn maybe_rotate(&mut self) {
-        let Sink::File {
-            file,
-            good_len,
-            dirty,
-            rotation: Some(rot),
-            ..
-        } = &mut self.sink
-        else {
-            return;
-        };
+impl Rotation {
+    /// Rotates the file sink (`file`, its length up to the last persisted line, whether it
+    /// awaits a sync) if it reached its size; `true` when it did. Called by the writer after
+    /// each successful batch.
+    pub(super) fn rotate_if_full(
+        &mut self,
+        file: &mut File,
+        good_len: &mut u64,
+        dirty: &mut bool,
+        sealer: &mut Sealer,
+        health: &Health,
+    ) -> bool {
+        let rot = self;
         if rot.max_bytes.is_none_or(|max| *good_len < max) {
-            return;
+            return false;
         }
-        let before = self.sealer.position();
+        let before = sealer.position();
         let index = rot.next_index;
         let result = (|| -> Result<(File, u64), String> {
-            let mut line = self
-                .sealer
+            let mut line = sealer
                 .seal(rot.event(index + 1))
                 .map_err(|e| e.to_string())?;
             line.push('\n');
@@ -149,8 +149,8 @@ impl Writer {
                 *good_len = len;
                 *dirty = false;
                 rot.next_index += 1;
-                self.health.written.fetch_add(1, Ordering::Relaxed);
-                self.health.rotated.fetch_add(1, Ordering::Relaxed);
+                health.written.fetch_add(1, Ordering::Relaxed);
+                health.rotated.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     target: "firma_sidecar::audit",
                     "audit file rotated: {} is now {} (file {}); the chain continues in a new {}",
@@ -162,10 +162,10 @@ impl Writer {
                 if let Some(keep) = rot.max_files {
                     prune(&rot.path, keep);
                 }
-                self.space_check_now();
+                true
             }
             Err(e) => {
-                self.sealer.rollback(before);
+                sealer.rollback(before);
                 if rot
                     .last_failure_log
                     .is_none_or(|t| t.elapsed() >= FAILED_LOG_EVERY)
@@ -177,6 +177,7 @@ impl Writer {
                         rot.path.display()
                     );
                 }
+                false
             }
         }
     }
@@ -207,8 +208,7 @@ fn prune(path: &Path, keep: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::chain::Sealer;
-    use crate::audit::writer::Health;
+    use crate::audit::writer::{Sink, Writer};
     use crate::config::FsyncPolicy;
     use firma_common::audit_files::{Head, set_of, verify_set};
     use firma_common::keys::SigningKey;

@@ -7,7 +7,7 @@
 //! once and every [`WARN_EVERY`] while it lasts, then when it is over. This is a warning only:
 //! a disk that does fill up still fails closed (`AuditUnavailable`, see [`super::writer`]).
 
-use super::writer::Health;
+use super::health::Health;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

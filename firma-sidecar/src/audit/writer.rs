@@ -30,19 +30,22 @@
 use super::aggregate::Aggregator;
 use super::chain::Sealer;
 use super::grpc::GrpcQueue;
+use super::health::Health;
 use super::rotate::Rotation;
 use super::space::SpaceWatch;
 use crate::config::FsyncPolicy;
 use std::fs::File;
 use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 const SYNC_INTERVAL: Duration = Duration::from_millis(100);
 /// Most events sealed and written together.
 pub(super) const MAX_BATCH: usize = 256;
+// A gRPC submission holds at least one batch (see `grpc::BATCH`).
+const _: () = assert!(super::grpc::BATCH >= MAX_BATCH);
 /// How often a sink that keeps failing is reported again.
 const FAILING_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -84,60 +87,6 @@ impl SideQueue {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
-    }
-}
-
-/// What the request path and readiness checks can see of the writer.
-#[derive(Debug)]
-pub struct Health {
-    healthy: AtomicBool,
-    pub(super) written: AtomicU64,
-    lost: AtomicU64,
-    /// Files rotated since start.
-    pub(super) rotated: AtomicU64,
-    /// Free bytes on the file sink's filesystem (`u64::MAX`: not known, or not a file sink).
-    pub(super) disk_free: AtomicU64,
-    /// Below `free_space_warn_bytes`.
-    pub(super) disk_low: AtomicBool,
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Self {
-            healthy: AtomicBool::new(true),
-            written: AtomicU64::new(0),
-            lost: AtomicU64::new(0),
-            rotated: AtomicU64::new(0),
-            disk_free: AtomicU64::new(u64::MAX),
-            disk_low: AtomicBool::new(false),
-        }
-    }
-}
-
-impl Health {
-    /// `false` while the last write failed.
-    pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-    /// Events persisted since start.
-    pub fn written(&self) -> u64 {
-        self.written.load(Ordering::Relaxed)
-    }
-    /// Events that could not be persisted since start.
-    pub fn lost(&self) -> u64 {
-        self.lost.load(Ordering::Relaxed)
-    }
-    /// Audit files rotated since start.
-    pub fn rotated(&self) -> u64 {
-        self.rotated.load(Ordering::Relaxed)
-    }
-    /// Free bytes on the audit file's filesystem at the last check (file sink only).
-    pub fn disk_free(&self) -> Option<u64> {
-        Some(self.disk_free.load(Ordering::Relaxed)).filter(|f| *f != u64::MAX)
-    }
-    /// Whether that is below `free_space_warn_bytes`.
-    pub fn disk_low(&self) -> bool {
-        self.disk_low.load(Ordering::Relaxed)
     }
 }
 
@@ -287,6 +236,23 @@ impl Writer {
     }
 
     /// Checks free space now (after a rotation; at start).
+    /// Rotates the file sink if it reached its size (called after each successful batch).
+    pub(super) fn maybe_rotate(&mut self) {
+        let Sink::File {
+            file,
+            good_len,
+            dirty,
+            rotation: Some(rot),
+            ..
+        } = &mut self.sink
+        else {
+            return;
+        };
+        if rot.rotate_if_full(file, good_len, dirty, &mut self.sealer, &self.health) {
+            self.space_check_now();
+        }
+    }
+
     pub(super) fn space_check_now(&mut self) {
         if let Some(s) = &mut self.space {
             s.tick(&self.health, true);
@@ -342,7 +308,7 @@ impl Writer {
         if result.is_ok() {
             let t0 = Instant::now();
             result = self.sink.write_lines(lines).map_err(|e| e.to_string());
-            crate::metrics::audit_write(t0.elapsed());
+            super::metrics::write(t0.elapsed());
         }
         match result {
             Ok(()) => {

@@ -22,7 +22,6 @@
 //! bind in `interceptor::http` right after the decision (`Connector::bind`, before
 //! `Connector::prepare`), tunnels in `interceptor::tunnel::decide_and_connect`.
 
-use crate::pipeline::mapping::MappingRules;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -141,21 +140,51 @@ pub struct BindRequest<'a> {
     pub configured: Option<SocketAddr>,
 }
 
+/// Ports a rule allows when it names none, and the ports of a name no rule matches: HTTPS.
+/// Plain HTTP (80) and any other port only where a rule says so.
+pub const DEFAULT_PORTS: [u16; 1] = [443];
+
+/// What binding needs of the mapping rules (`pipeline::mapping::MappingRules` implements it;
+/// the connector sits below the pipeline and does not see the rules themselves).
+pub trait DestinationRules: Send + Sync {
+    /// Whether `port` is a destination port for `host`.
+    fn allows_port(&self, host: &str, port: u16) -> bool;
+    /// Every port [`Self::allows_port`] allows for `host`, ascending.
+    fn ports_for(&self, host: &str) -> Vec<u16>;
+    /// Whether a rule names `host` exactly (what an IP-literal destination needs).
+    fn names_exactly(&self, host: &str) -> bool;
+}
+
+/// No rules loaded: [`DEFAULT_PORTS`] for every name, no IP literal.
+struct NoRules;
+
+impl DestinationRules for NoRules {
+    fn allows_port(&self, _: &str, port: u16) -> bool {
+        DEFAULT_PORTS.contains(&port)
+    }
+    fn ports_for(&self, _: &str) -> Vec<u16> {
+        DEFAULT_PORTS.to_vec()
+    }
+    fn names_exactly(&self, _: &str) -> bool {
+        false
+    }
+}
+
 /// Checks destinations against the mapping rules and the sidecar's resolution.
 pub struct Binder {
-    rules: Arc<MappingRules>,
+    rules: Arc<dyn DestinationRules>,
     resolver: Resolver,
 }
 
 impl Default for Binder {
     /// No rules: 443 only and no IP literal, until [`Binder::new`] with the loaded rules.
     fn default() -> Self {
-        Self::new(Arc::new(MappingRules::default()))
+        Self::new(Arc::new(NoRules))
     }
 }
 
 impl Binder {
-    pub fn new(rules: Arc<MappingRules>) -> Self {
+    pub fn new(rules: Arc<dyn DestinationRules>) -> Self {
         Self {
             rules,
             resolver: Resolver::default(),
@@ -313,6 +342,7 @@ fn list<T: std::fmt::Display>(v: &[T]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::mapping::MappingRules;
     use std::path::Path;
 
     fn binder(text: &str) -> Binder {

@@ -226,7 +226,7 @@ impl CredentialStore {
         };
         let (secret, source) = match &e.source {
             Source::Basic(s) => {
-                crate::metrics::credential_fetch("basic", true);
+                super::metrics::credential_fetch("basic", true);
                 (s.clone(), "basic")
             }
             Source::Vault { path, key } => {
@@ -235,7 +235,7 @@ impl CredentialStore {
                     secret_env: String::new(),
                 })?;
                 let fetched = vault.get(path, key).await;
-                crate::metrics::credential_fetch("vault", fetched.is_ok());
+                super::metrics::credential_fetch("vault", fetched.is_ok());
                 (fetched?, "vault")
             }
         };

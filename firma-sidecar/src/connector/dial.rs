@@ -2,8 +2,6 @@
 //! (offering ALPN `h2` then `http/1.1`), and the HTTP client handshake the server chose.
 
 use super::pool::Sender;
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
@@ -15,7 +13,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
 pub type UpstreamIo = Either<TcpStream, TlsStream<TcpStream>>;
-pub type ReqBody = BoxBody<Bytes, hyper::Error>;
+pub use crate::http_body::ReqBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {

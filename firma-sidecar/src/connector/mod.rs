@@ -7,6 +7,7 @@
 pub mod binding;
 pub mod credentials;
 pub mod dial;
+pub mod metrics;
 pub mod placeholder;
 pub mod pool;
 pub mod ratelimit;
@@ -16,12 +17,10 @@ pub mod vault;
 
 use crate::config::{ErrorFormat, SidecarConfig};
 use crate::conn::{ConnectionInfo, ConnectorOutcome, InterceptKind};
-use bytes::Bytes;
 use credentials::{CredentialError, CredentialStore};
 use dial::{DialError, Dialer, ReqBody};
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::BodyExt;
-use http_body_util::combinators::BoxBody;
 use hyper::upgrade::OnUpgrade;
 use pool::{CredentialFingerprint, Pool, PoolKey, Release, Sender};
 use ratelimit::HostLimiter;
@@ -30,7 +29,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub type RespBody = BoxBody<Bytes, hyper::Error>;
+pub use crate::http_body::RespBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
@@ -157,7 +156,7 @@ impl Connector {
 
     /// Binds destinations with the loaded mapping rules (their `ports` and exact IP names);
     /// without this only 443 and no IP literal are destinations.
-    pub fn with_rules(mut self, rules: Arc<crate::pipeline::mapping::MappingRules>) -> Self {
+    pub fn with_rules(mut self, rules: Arc<dyn binding::DestinationRules>) -> Self {
         self.binder = binding::Binder::new(rules);
         self
     }
@@ -439,7 +438,7 @@ impl Connector {
             planned: mut outcome,
             ..
         } = p;
-        crate::interceptor::websocket::restore_upgrade_headers(req.headers_mut());
+        restore_upgrade_headers(req.headers_mut());
         req.headers_mut().remove(header::TE);
         let started = Instant::now();
         let (host, addr) = (key.host.clone(), key.addr);
@@ -468,7 +467,7 @@ impl Connector {
         strip_hop_by_hop(&mut parts.headers);
         if upgrade.is_some() {
             outcome.upstream_protocol = Some("websocket");
-            crate::interceptor::websocket::restore_upgrade_headers(&mut parts.headers);
+            restore_upgrade_headers(&mut parts.headers);
         }
         Ok((Response::from_parts(parts, body.boxed()), upgrade, outcome))
     }
@@ -592,6 +591,19 @@ fn within<T>(
             timeout.as_millis()
         ))
     })?
+}
+
+/// Puts back the two headers a WebSocket upgrade needs on its hop (they are hop-by-hop, so
+/// they were stripped like any other).
+fn restore_upgrade_headers(h: &mut http::HeaderMap) {
+    h.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    h.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@
 //! dropped after [`IDLE_TIMEOUT`]; at most [`MAX_IDLE_PER_KEY`] idle HTTP/1.1 connections and
 //! [`MAX_KEYS`] keys are kept.
 
-use super::dial::ReqBody;
+use crate::http_body::ReqBody;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper::body::{Body, Frame, SizeHint};

@@ -22,6 +22,7 @@
 //! A query with no kernel record (sent to the listener directly) is audited and dropped.
 
 mod allow;
+pub mod metrics;
 pub mod query;
 mod upstream;
 
@@ -35,11 +36,11 @@ use crate::drain::Drain;
 use crate::ebpf::Redirector;
 use crate::interceptor::limits::Limits;
 use crate::interceptor::redirect_listener::{self as listener, Redirected, Unredirected};
-use crate::metrics::{self, DnsOutcome};
 use crate::state::SidecarState;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
+use metrics::DnsOutcome;
 use query::{Decoded, Question};
 use serde_json::{Map, Value, json};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -183,7 +184,7 @@ impl DnsGuard {
         {
             return Some(p);
         }
-        metrics::dns_query(DnsOutcome::RateLimited, "unknown");
+        metrics::query(DnsOutcome::RateLimited, "unknown");
         // Counted, never written one by one: the audit's aggregation writes one summary per
         // workload per window with `dns.rate_limited` = the count (docs/architecture.md).
         self.state.audit.count_denial(&Denial {
@@ -208,9 +209,9 @@ impl DnsGuard {
     async fn answer(&self, raw: &[u8], o: &Origin, t: Transport) -> Option<Vec<u8>> {
         let started = Instant::now();
         let (reply, outcome, qtype) = self.answer_counted(raw, o, t).await;
-        metrics::dns_query(outcome, qtype);
+        metrics::query(outcome, qtype);
         if reply.is_some() {
-            metrics::dns_answer(started.elapsed(), outcome == DnsOutcome::Allowed);
+            metrics::answer(started.elapsed(), outcome == DnsOutcome::Allowed);
         }
         reply
     }
@@ -394,7 +395,7 @@ impl DnsGuard {
             }
             Err(e) => {
                 tracing::warn!(qname = %q.qname, error = %e, "DNS upstream failed");
-                metrics::dns_upstream_error(e.kind());
+                metrics::upstream_error(e.kind());
                 let mut f = Map::new();
                 f.insert("rcode".into(), ResponseCode::ServFail.to_str().into());
                 f.insert("upstream_error".into(), e.to_string().into());
@@ -567,7 +568,7 @@ async fn tcp_conn(guard: Arc<DnsGuard>, c: Redirected) {
                 .target(None, original_dst.port(), None)
                 .dns(f)
                 .deny(&Decision::deny(DenyReason::MalformedRequest, why));
-            metrics::dns_query(DnsOutcome::Dropped, "unknown");
+            metrics::query(DnsOutcome::Dropped, "unknown");
             return;
         }
         let Some(reply) = guard.answer(&body, &origin, Transport::Tcp).await else {

@@ -9,14 +9,18 @@
 pub mod allow;
 pub mod bpffs;
 pub mod cgroup;
+mod error;
 mod logs;
+pub mod metrics;
 pub mod pins;
 mod programs;
+pub mod refusal_maps;
 pub mod refusals;
 mod settings;
 mod workloads;
 
 pub use cgroup::{Cgroup2, CgroupError, CgroupRef};
+pub use error::EbpfError;
 pub use logs::LogPump;
 pub use programs::LINKS_PER_CGROUP;
 pub use settings::{Cidr, RedirectSettings};
@@ -47,51 +51,6 @@ pub fn embedded_object() -> Result<&'static [u8], EbpfError> {
     } else {
         Ok(OBJECT)
     }
-}
-
-/// Errors of the kernel side. Each names what failed and what to do about it.
-#[derive(Debug, thiserror::Error)]
-pub enum EbpfError {
-    #[error(
-        "this build has no eBPF object (nightly + rust-src + bpf-linker were missing at build time; run scripts/install-bpf-linker.sh and rebuild)"
-    )]
-    NoObject,
-    #[error("cannot load the eBPF object: {0}")]
-    Load(String),
-    #[error("eBPF object has no program or map named {0}")]
-    MissingProgram(&'static str),
-    #[error("cannot load program {name}: {detail}")]
-    Program { name: &'static str, detail: String },
-    #[error("cannot attach {name} to {cgroup}: {detail}")]
-    Attach {
-        name: &'static str,
-        cgroup: PathBuf,
-        detail: String,
-    },
-    #[error("cannot pin {what} at {path}: {detail}")]
-    Pin {
-        what: &'static str,
-        path: PathBuf,
-        detail: String,
-    },
-    #[error("map {map}: {detail}")]
-    Map { map: &'static str, detail: String },
-    #[error("{path}: {detail}")]
-    Io { path: PathBuf, detail: String },
-    #[error(transparent)]
-    Bpffs(#[from] bpffs::BpffsError),
-    #[error(transparent)]
-    Cgroup(#[from] CgroupError),
-    #[error("invalid setting {key} = {value:?}: {expected}")]
-    Setting {
-        key: &'static str,
-        value: String,
-        expected: &'static str,
-    },
-    #[error("binding for {0}: {1}")]
-    Binding(String, firma_common::maps::BindingError),
-    #[error("{0} is not attached")]
-    NotAttached(String),
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> EbpfError {
@@ -149,7 +108,7 @@ pub struct Redirector {
     counters: Option<PerCpuArray<MapData, u64>>,
     dns_by_peer: BpfHashMap<MapData, PeerKey, OrigDst>,
     /// Kernel refusal tallies and what of them is already audited ([`refusals`]).
-    refusals: Mutex<refusals::Maps>,
+    refusals: Mutex<refusal_maps::Maps>,
     registry: Registry,
     cgroup2: Cgroup2,
     pin_dir: PathBuf,
@@ -158,6 +117,22 @@ pub struct Redirector {
 }
 
 impl Redirector {
+    /// Refusal tallies that grew since they were last audited ([`refusal_maps::Maps::pending`]).
+    pub fn pending_refusals(&self) -> Vec<refusal_maps::Pending> {
+        self.refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pending()
+    }
+
+    /// Records that `total` refusals of `key` are in the audit.
+    pub fn mark_refusals_audited(&self, key: &firma_common::maps::RefusalKey, total: u64) {
+        self.refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .mark_audited(key, total);
+    }
+
     /// Loads the embedded object into `settings.pin_dir` (re-adopting whatever is pinned there),
     /// writes the redirect settings and re-reads the bindings of already attached cgroups.
     pub fn start(settings: RedirectSettings) -> Result<(Self, Option<LogPump>), EbpfError> {
@@ -207,7 +182,7 @@ impl Redirector {
             .map_err(map_err(MAP_UDP_ALLOW))?;
         let loopback_allow = BpfHashMap::try_from(take(&mut ebpf, MAP_LOOPBACK_ALLOW)?)
             .map_err(map_err(MAP_LOOPBACK_ALLOW))?;
-        let refusal_maps = refusals::Maps {
+        let refusal_maps = refusal_maps::Maps {
             tallies: aya::maps::PerCpuHashMap::try_from(take(&mut ebpf, MAP_REFUSALS)?)
                 .map_err(map_err(MAP_REFUSALS))?,
             seen: BpfHashMap::try_from(take(&mut ebpf, MAP_REFUSALS_SEEN)?)

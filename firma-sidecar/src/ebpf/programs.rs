@@ -1,7 +1,7 @@
 //! The ten programs of the object: loading (or adopting pinned ones) and attaching them to one
 //! cgroup with pinned links.
 
-use super::EbpfError;
+use super::error::EbpfError;
 use aya::Ebpf;
 use aya::programs::links::{FdLink, LinkError};
 use aya::programs::{

@@ -1,7 +1,7 @@
 //! Redirect settings: `[sidecar.interceptor.transparent]` parsed into what the kernel maps hold.
 
-use super::EbpfError;
 use super::allow::{self, LoopbackAllowance};
+use super::error::EbpfError;
 use crate::config::TransparentConfig;
 use aya::maps::lpm_trie::Key;
 use firma_common::maps::{FLAG_BLOCK_QUIC, FLAG_REDIRECT_DNS, RedirectConfig};

@@ -303,6 +303,24 @@ impl<B: Unpin> Body for KeepOpen<B> {
     }
 }
 
+/// Why a body that must be read before the decision was not: the denial to answer with.
+pub fn body_refusal(e: &ReadError) -> crate::conn::Decision {
+    let reason = match e {
+        ReadError::TooLarge { .. } => crate::conn::DenyReason::BodyTooLarge,
+        ReadError::Busy { .. } => crate::conn::DenyReason::BodyBudgetExhausted,
+        ReadError::Timeout(_) | ReadError::Client(_) => crate::conn::DenyReason::MalformedRequest,
+    };
+    crate::conn::Decision::deny(reason, e.detail())
+}
+
+/// A request refused while reading its body for extraction.
+pub struct Refused {
+    pub req: http::Request<hyper::body::Incoming>,
+    pub decision: crate::conn::Decision,
+    /// No byte of the body was read (refused on its declared size).
+    pub unread: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@
 //! when the client goes away mid-request). If the decision cannot be persisted the request is
 //! denied `AuditUnavailable`.
 
-use super::body;
+use super::body::{self, Refused, body_refusal};
 use super::framing::{FramingGuard, Verdict};
 use super::head::{self, HeadError};
 use super::limits;
@@ -639,12 +639,15 @@ async fn handle_request(
     }
     let Some(addr) = addr.filter(|_| decision.is_allow()) else {
         rec.deny(&decision);
-        crate::metrics::overhead(arrived);
+        super::metrics::overhead(arrived);
         // Extracted bodies were read; any other is still unread.
         return body::answer_request(req, !body_read, deny(&decision)).await;
     };
     let prepared = state.connector.prepare(req, up, conn, addr).await;
-    crate::metrics::stage(crate::metrics::Stage::Connector, connecting.elapsed());
+    crate::pipeline::metrics::stage(
+        crate::pipeline::metrics::Stage::Connector,
+        connecting.elapsed(),
+    );
     let prepared = match prepared {
         Ok(p) => p,
         Err((Failure::CredentialUnavailable(detail), _)) => {
@@ -670,7 +673,7 @@ async fn handle_request(
         Ok(c) => c,
         Err((rec, e)) => return deny(&rec.deny_unaudited(&e)),
     };
-    crate::metrics::overhead(arrived);
+    super::metrics::overhead(arrived);
     if let Some(client) = upgrade {
         return match state.connector.send_upgrade(prepared).await {
             Ok((resp, Some(upstream), outcome)) => {
@@ -810,7 +813,7 @@ fn track_usage(
             _ => None,
         };
         if let Some(t) = charged {
-            crate::metrics::llm_usage(model_label, t.input, t.output, cost);
+            super::metrics::llm_usage(model_label, t.input, t.output, cost);
         }
         let usage = crate::pipeline::usage::Usage {
             input_tokens: charged.map_or(0, |t| t.input),
@@ -876,24 +879,6 @@ fn abort_of(failure: Failure) -> (StatusCode, &'static str, String) {
 
 /// How long a client has to send a body that must be read before the decision.
 const EXTRACT_BODY_TIME: Duration = Duration::from_secs(30);
-
-/// Why a body that must be read before the decision was not: the denial to answer with.
-pub fn body_refusal(e: &body::ReadError) -> Decision {
-    let reason = match e {
-        body::ReadError::TooLarge { .. } => DenyReason::BodyTooLarge,
-        body::ReadError::Busy { .. } => DenyReason::BodyBudgetExhausted,
-        body::ReadError::Timeout(_) | body::ReadError::Client(_) => DenyReason::MalformedRequest,
-    };
-    Decision::deny(reason, e.detail())
-}
-
-/// A request refused while reading its body for extraction.
-pub struct Refused {
-    pub req: Request<Incoming>,
-    pub decision: Decision,
-    /// No byte of the body was read (refused on its declared size).
-    pub unread: bool,
-}
 
 /// Reads a body whose rule extracts attributes (see [`body`]: per-request limit, shared
 /// budget, [`EXTRACT_BODY_TIME`]), extracts them, and gives the request back with the same

@@ -50,7 +50,7 @@ pub async fn serve(state: Arc<SidecarState>, listener: TcpListener, limits: Arc<
 
 async fn handle(state: Arc<SidecarState>, mut stream: TcpStream, peer: SocketAddr) {
     let conn = state.new_conn(InterceptKind::HttpProxy, peer, None, None);
-    let _counted = crate::metrics::connection(conn.kind);
+    let _counted = crate::interceptor::metrics::connection(conn.kind);
     let span = tracing::info_span!("conn", id = conn.conn_id, %peer);
     async move {
         let mut buf = Vec::new();

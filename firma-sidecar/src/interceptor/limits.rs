@@ -13,7 +13,7 @@
 //!   descriptors per connection plus a reserve fit in RLIMIT_NOFILE.
 
 use crate::config::LimitsConfig;
-use crate::connector::RespBody;
+use crate::http_body::RespBody;
 use http::Response;
 use http_body_util::BodyExt;
 use std::collections::HashMap;

@@ -8,7 +8,7 @@
 //! a JSON-RPC error of id `null` (newer SDKs surface it as the call's error).
 
 use super::body;
-use super::http::{Refused, body_refusal};
+use super::body::{Refused, body_refusal};
 use crate::connector::RespBody;
 use crate::connector::dial::ReqBody;
 use crate::pipeline::mcp::{McpSpec, Message};

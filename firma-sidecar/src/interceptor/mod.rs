@@ -15,6 +15,7 @@ pub mod http;
 pub mod http_proxy;
 pub mod limits;
 pub mod mcp;
+pub mod metrics;
 pub mod redirect_listener;
 pub mod rewind;
 pub mod serve;

@@ -160,14 +160,14 @@ async fn mitm<S>(
             .target(Some(&name), port, None)
             .deny(&d);
     };
-    crate::metrics::leaf_lookup();
+    super::metrics::leaf_lookup();
     let config = match m.leaves.server_config(&name).await {
         Ok(c) => c,
         Err(e) => return fail(e.to_string(), false),
     };
     let accept = TlsAcceptor::from(config).accept(Rewind::new(buf, stream));
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await;
-    crate::metrics::mitm_handshake(matches!(handshake, Ok(Ok(_))));
+    super::metrics::mitm_handshake(matches!(handshake, Ok(Ok(_))));
     let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {

@@ -207,7 +207,7 @@ async fn handle(state: Arc<SidecarState>, c: Redirected) {
         Some(original_dst),
         workload,
     );
-    let _counted = crate::metrics::connection(conn.kind);
+    let _counted = crate::interceptor::metrics::connection(conn.kind);
     if !has_workload {
         // The cgroup was detached between connect() and accept(): no identity, fail closed.
         let d = Decision::deny(

@@ -12,7 +12,7 @@
 
 use crate::audit::Committed;
 use crate::conn::ConnectorOutcome;
-use http::{HeaderMap, HeaderValue, Method, header};
+use http::{HeaderMap, Method, header};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use std::time::Instant;
@@ -35,13 +35,6 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
         v.to_str()
             .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     })
-}
-
-/// Puts back the two headers an upgrade needs on its hop (they are hop-by-hop, so the
-/// connector strips them like any other).
-pub fn restore_upgrade_headers(h: &mut HeaderMap) {
-    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
 }
 
 /// After both 101s: relays until either side closes or the tunnel idle timeout, then writes

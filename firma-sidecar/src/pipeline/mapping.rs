@@ -240,9 +240,7 @@ fn parse_path(raw: &str) -> Result<PathPat, String> {
     }
 }
 
-/// Ports a rule allows when it names none: HTTPS. Plain HTTP (80) and any other port only
-/// where a rule says so.
-pub const DEFAULT_PORTS: [u16; 1] = [443];
+pub use crate::connector::binding::DEFAULT_PORTS;
 
 fn parse_ports(raw: Option<Vec<u16>>) -> Result<Vec<u16>, String> {
     let Some(mut ports) = raw else {
@@ -491,6 +489,17 @@ impl MappingRules {
     }
 }
 
+impl crate::connector::binding::DestinationRules for MappingRules {
+    fn allows_port(&self, host: &str, port: u16) -> bool {
+        MappingRules::allows_port(self, host, port)
+    }
+    fn ports_for(&self, host: &str) -> Vec<u16> {
+        MappingRules::ports_for(self, host)
+    }
+    fn names_exactly(&self, host: &str) -> bool {
+        MappingRules::names_exactly(self, host)
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,6 +26,7 @@ pub mod bundle_source;
 pub mod extract;
 pub mod mapping;
 pub mod mcp;
+pub mod metrics;
 pub mod path;
 pub mod revocations;
 pub mod sessions;
@@ -216,7 +217,7 @@ impl Pipeline {
                             if !u.replay {
                                 tracing::info!(target: "firma_sidecar::revocation", "revoked capability {}", u.token_id);
                             }
-                            crate::metrics::revocation_applied(&u);
+                            crate::authority_client::metrics::revocation_applied(&u);
                         }
                         if !u.replay {
                             set.mark_synced();
@@ -655,6 +656,16 @@ impl Pipeline {
     /// Number of revoked token ids known.
     pub fn revocation_count(&self) -> usize {
         self.inner.revoked.len()
+    }
+
+    /// Copies the bundle and revocation state into the pipeline's metrics (at scrape time).
+    pub fn refresh_metrics(&self) {
+        metrics::set_bundle_state(
+            self.bundle_version(),
+            self.bundle_age(),
+            self.bundle_usable().is_ok(),
+            self.revocation_count(),
+        );
     }
 
     /// Calls of `action_class` already allowed in `session` (Stage 2's counter).

@@ -84,9 +84,7 @@ impl Want {
     }
 }
 
-/// Output tokens reserved per choice for a request that names no `max_tokens`
-/// (`[sidecar.llm] reserve_output_tokens`).
-pub const DEFAULT_RESERVE_OUTPUT_TOKENS: i64 = 32_768;
+pub use crate::config::DEFAULT_RESERVE_OUTPUT_TOKENS;
 /// Most choices (`n`) a reservation multiplies by (the providers' own limit is 128).
 const MAX_CHOICES: i64 = 128;
 

@@ -37,6 +37,7 @@ impl Server {
                             let _ = s.set_nonblocking(false);
                             handler(s, peer);
                         }
+                        // Poll interval of a non-blocking accept loop (stops on `stop`).
                         Err(_) => std::thread::sleep(Duration::from_millis(3)),
                     }
                 }

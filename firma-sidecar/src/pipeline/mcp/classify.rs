@@ -17,7 +17,7 @@
 //! arguments of the wrong type.
 
 use super::jsonrpc::RawMessage;
-use super::{ArgType, McpSpec};
+use super::spec::{ArgType, McpSpec};
 use firma_common::policy::{AttrValue, McpContext};
 use serde_json::{Map, Value};
 
