@@ -31,8 +31,20 @@ pub enum AuthorityError {
         dir: PathBuf,
         cause: firma_common::policy::PolicyError,
     },
-    #[error("revocations: {0}")]
-    Etcd(crate::etcd::EtcdError),
+    #[error("etcd {endpoints}: {op}: {cause}")]
+    EtcdRequest {
+        endpoints: String,
+        op: &'static str,
+        cause: etcd_client::Error,
+    },
+    #[error("etcd {endpoints}: {op}: no answer within {timeout:?} (no quorum?)")]
+    EtcdTimeout {
+        endpoints: String,
+        op: &'static str,
+        timeout: std::time::Duration,
+    },
+    #[error("token id: {0}")]
+    TokenId(String),
     #[error("revocation file {path}: {cause}")]
     Revocations {
         path: PathBuf,
@@ -74,11 +86,5 @@ impl From<firma_common::keys::KeyError> for AuthorityError {
 impl From<CollectorError> for AuthorityError {
     fn from(e: CollectorError) -> Self {
         Self::Collector(e)
-    }
-}
-
-impl From<crate::etcd::EtcdError> for AuthorityError {
-    fn from(e: crate::etcd::EtcdError) -> Self {
-        Self::Etcd(e)
     }
 }

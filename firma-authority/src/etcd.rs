@@ -14,89 +14,15 @@
 //! to another Authority, or deny `PolicyBundleStale` once their bundle TTL runs out). It comes
 //! back by itself when a read succeeds again.
 
+use crate::error::AuthorityError;
 use crate::revocation_hub::RevocationHub;
 use crate::revocations::{CompactReport, RevocationEntry, check_token_id};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use etcd_client::{EventType, WatchOptions};
-use firma_common::config::ConfigError;
-use serde::Deserialize;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-/// `[authority.etcd]`: where the shared revocation set lives.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EtcdConfig {
-    /// Client URLs of the etcd members, e.g. `["http://127.0.0.1:2379"]`. Plain `http://` only
-    /// to loopback (revocations must not cross a network unauthenticated).
-    pub endpoints: Vec<String>,
-    /// Key prefix shared by the Authorities of one deployment.
-    #[serde(default = "default_prefix")]
-    pub prefix: String,
-    /// Without a successful quorum read for this long, streams are refused (fail closed).
-    #[serde(default = "default_stale_after_ms")]
-    pub stale_after_ms: u64,
-}
-
-fn default_prefix() -> String {
-    "/firma/".into()
-}
-fn default_stale_after_ms() -> u64 {
-    3000
-}
-
-impl EtcdConfig {
-    /// Checks the section; `section` is its dotted name in errors (`authority.etcd`).
-    pub fn validate(&self, file: &Path, section: &str) -> Result<(), ConfigError> {
-        firma_common::anchor::check_endpoints(
-            file,
-            &format!("{section}.endpoints"),
-            &self.endpoints,
-        )?;
-        if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') {
-            return Err(ConfigError::invalid(
-                file,
-                &format!("{section}.prefix"),
-                format!(
-                    "expected a key prefix starting and ending with `/`, got {:?}",
-                    self.prefix
-                ),
-            ));
-        }
-        if !(300..=600_000).contains(&self.stale_after_ms) {
-            return Err(ConfigError::invalid(
-                file,
-                &format!("{section}.stale_after_ms"),
-                format!(
-                    "expected 300 to 600000 milliseconds, got {}",
-                    self.stale_after_ms
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum EtcdError {
-    #[error("etcd {endpoints}: {op}: {cause}")]
-    Request {
-        endpoints: String,
-        op: &'static str,
-        cause: etcd_client::Error,
-    },
-    #[error("etcd {endpoints}: {op}: no answer within {timeout:?} (no quorum?)")]
-    Timeout {
-        endpoints: String,
-        op: &'static str,
-        timeout: Duration,
-    },
-    #[error("token id: {0}")]
-    TokenId(String),
-}
 
 /// Per-request deadline: a minority member never answers a linearizable request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -111,7 +37,7 @@ pub struct EtcdStore {
 
 impl EtcdStore {
     /// Prepares a client; connections are made (and remade, member by member) on demand.
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, EtcdError> {
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, AuthorityError> {
         let joined = endpoints.join(",");
         // Leader required: a member that lost its leader cancels watches instead of going silent.
         let opts = firma_common::anchor::connect_options();
@@ -138,8 +64,8 @@ impl EtcdStore {
 
     /// Records `token_id` as revoked at `now_ms` unless it already is; `true` when new. Returns
     /// only once the quorum committed it.
-    pub async fn add(&self, token_id: &str, now_ms: i64) -> Result<bool, EtcdError> {
-        check_token_id(token_id).map_err(EtcdError::TokenId)?;
+    pub async fn add(&self, token_id: &str, now_ms: i64) -> Result<bool, AuthorityError> {
+        check_token_id(token_id).map_err(AuthorityError::TokenId)?;
         let key = format!("{}{token_id}", self.revocations_prefix());
         let txn = Txn::new()
             .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
@@ -150,7 +76,7 @@ impl EtcdStore {
     }
 
     /// Every revocation (linearizable: needs the quorum) and the revision it was read at.
-    pub async fn list(&self) -> Result<(Vec<RevocationEntry>, i64), EtcdError> {
+    pub async fn list(&self) -> Result<(Vec<RevocationEntry>, i64), AuthorityError> {
         let prefix = self.revocations_prefix();
         let mut kv = self.client.kv_client();
         let r = timed(
@@ -169,7 +95,7 @@ impl EtcdStore {
     }
 
     /// A linearizable read of one key: succeeds only while a quorum answers.
-    pub async fn probe(&self) -> Result<(), EtcdError> {
+    pub async fn probe(&self) -> Result<(), AuthorityError> {
         let mut kv = self.client.kv_client();
         let key = format!("{}health", self.prefix);
         timed(
@@ -186,7 +112,7 @@ impl EtcdStore {
         &self,
         now_ms: i64,
         max_ttl_seconds: u64,
-    ) -> Result<CompactReport, EtcdError> {
+    ) -> Result<CompactReport, AuthorityError> {
         let (entries, _) = self.list().await?;
         let max_ms = i64::try_from(max_ttl_seconds)
             .unwrap_or(i64::MAX)
@@ -214,15 +140,15 @@ async fn timed<T>(
     endpoints: &str,
     op: &'static str,
     f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, EtcdError> {
+) -> Result<T, AuthorityError> {
     match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(cause)) => Err(EtcdError::Request {
+        Ok(Err(cause)) => Err(AuthorityError::EtcdRequest {
             endpoints: endpoints.to_owned(),
             op,
             cause,
         }),
-        Err(_) => Err(EtcdError::Timeout {
+        Err(_) => Err(AuthorityError::EtcdTimeout {
             endpoints: endpoints.to_owned(),
             op,
             timeout: REQUEST_TIMEOUT,
@@ -358,35 +284,6 @@ pub async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cfg(text: &str) -> Result<EtcdConfig, String> {
-        let c: EtcdConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        c.validate(Path::new("f.toml"), "authority.etcd")
-            .map_err(|e| e.to_string())?;
-        Ok(c)
-    }
-
-    #[test]
-    fn config_rules() {
-        let c = cfg("endpoints = [\"http://127.0.0.1:2379\", \"http://[::1]:2380\"]").unwrap();
-        assert_eq!(c.prefix, "/firma/");
-        assert_eq!(c.stale_after_ms, 3000);
-        let e = cfg("endpoints = []").unwrap_err();
-        assert!(
-            e.contains("f.toml") && e.contains("authority.etcd.endpoints"),
-            "{e}"
-        );
-        let e = cfg("endpoints = [\"http://10.0.0.1:2379\"]").unwrap_err();
-        assert!(e.contains("loopback"), "{e}");
-        let e = cfg("endpoints = [\"http://127.0.0.1\"]").unwrap_err();
-        assert!(e.contains("HOST:PORT"), "{e}");
-        let e = cfg("endpoints = [\"http://127.0.0.1:1\"]\nprefix = \"firma\"").unwrap_err();
-        assert!(e.contains("authority.etcd.prefix"), "{e}");
-        let e = cfg("endpoints = [\"http://127.0.0.1:1\"]\nstale_after_ms = 5").unwrap_err();
-        assert!(e.contains("authority.etcd.stale_after_ms"), "{e}");
-        let e = cfg("endpoints = [\"http://127.0.0.1:1\"]\nbogus = 1").unwrap_err();
-        assert!(e.contains("bogus"), "{e}");
-    }
 
     #[test]
     fn keys_parse_to_entries() {

@@ -233,7 +233,7 @@ fn print_entries(entries: &[firma_authority::revocations::RevocationEntry]) {
 /// The same commands against the etcd store; an etcd without quorum fails the command (the
 /// revocation is not recorded, and the exit code says so).
 fn etcd_revocations(
-    etcd: &firma_authority::etcd::EtcdConfig,
+    etcd: &firma_authority::config::EtcdConfig,
     max_ttl_seconds: u64,
     cmd: RevocationCmd,
 ) -> anyhow::Result<ExitCode> {
