@@ -20,17 +20,22 @@ use crate::revocations::{CompactReport, RevocationEntry, check_token_id};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use etcd_client::{EventType, WatchOptions};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Per-request deadline: a minority member never answers a linearizable request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A connected client and the key layout.
+/// One client per member and the key layout. Requests go to the member that answered last and
+/// move to the next one when it is unreachable: etcd-client's own balancer kept sending fresh
+/// requests to a dead member, so each client here holds a single endpoint.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    /// (endpoint, its client); a client that failed is replaced by a fresh one.
+    clients: Arc<Vec<(String, std::sync::Mutex<Client>)>>,
+    current: Arc<AtomicUsize>,
     prefix: String,
     endpoints: String,
 }
@@ -41,17 +46,53 @@ impl EtcdStore {
         let joined = endpoints.join(",");
         // Leader required: a member that lost its leader cancels watches instead of going silent.
         let opts = firma_common::anchor::connect_options();
-        let client = timed(&joined, "connect", Client::connect(endpoints, Some(opts))).await?;
+        let mut clients = Vec::with_capacity(endpoints.len());
+        for e in endpoints {
+            // Lazy: nothing is dialled until the first request.
+            let c = Client::connect([e.as_str()], Some(opts.clone()))
+                .await
+                .map_err(|cause| AuthorityError::EtcdRequest {
+                    endpoints: joined.clone(),
+                    op: "connect",
+                    cause,
+                })?;
+            clients.push((e.clone(), std::sync::Mutex::new(c)));
+        }
         Ok(Self {
-            client,
+            clients: Arc::new(clients),
+            current: Arc::new(AtomicUsize::new(0)),
             prefix: prefix.to_owned(),
             endpoints: joined,
         })
     }
 
-    /// The raw client, for other users of the same cluster (anchors, collector commits).
-    pub fn client(&self) -> Client {
-        self.client.clone()
+    /// Runs `f` on the current member's client, moving to the next member on an unavailable
+    /// answer, until it succeeds or [`REQUEST_TIMEOUT`] passes (every operation here is
+    /// idempotent, so a retry is safe).
+    async fn call<T, F, Fut>(&self, op: &'static str, mut f: F) -> Result<T, AuthorityError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        timed(&self.endpoints, op, || {
+            let i = self.current.load(Ordering::Relaxed) % self.clients.len();
+            let client = self.clients[i]
+                .1
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let fut = f(client);
+            let current = self.current.clone();
+            async move {
+                let r = fut.await;
+                if r.as_ref().is_err_and(retryable) {
+                    let _ =
+                        current.compare_exchange(i, i + 1, Ordering::Relaxed, Ordering::Relaxed);
+                }
+                r
+            }
+        })
+        .await
     }
 
     pub fn prefix(&self) -> &str {
@@ -70,21 +111,28 @@ impl EtcdStore {
         let txn = Txn::new()
             .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.as_str(), now_ms.to_string(), None)]);
-        let mut kv = self.client.kv_client();
-        let r = timed(&self.endpoints, "add revocation", kv.txn(txn)).await?;
+        let r = self
+            .call("add revocation", |c| {
+                let txn = txn.clone();
+                async move { c.kv_client().txn(txn).await }
+            })
+            .await?;
         Ok(r.succeeded())
     }
 
     /// Every revocation (linearizable: needs the quorum) and the revision it was read at.
     pub async fn list(&self) -> Result<(Vec<RevocationEntry>, i64), AuthorityError> {
         let prefix = self.revocations_prefix();
-        let mut kv = self.client.kv_client();
-        let r = timed(
-            &self.endpoints,
-            "list revocations",
-            kv.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
+        let r = self
+            .call("list revocations", |c| {
+                let prefix = prefix.clone();
+                async move {
+                    c.kv_client()
+                        .get(prefix, Some(GetOptions::new().with_prefix()))
+                        .await
+                }
+            })
+            .await?;
         let rev = r.header().map_or(0, |h| h.revision());
         let entries = r
             .kvs()
@@ -96,13 +144,15 @@ impl EtcdStore {
 
     /// A linearizable read of one key: succeeds only while a quorum answers.
     pub async fn probe(&self) -> Result<(), AuthorityError> {
-        let mut kv = self.client.kv_client();
         let key = format!("{}health", self.prefix);
-        timed(
-            &self.endpoints,
-            "quorum read",
-            kv.get(key, Some(GetOptions::new().with_count_only())),
-        )
+        self.call("quorum read", |c| {
+            let key = key.clone();
+            async move {
+                c.kv_client()
+                    .get(key, Some(GetOptions::new().with_count_only()))
+                    .await
+            }
+        })
         .await
         .map(|_| ())
     }
@@ -117,14 +167,17 @@ impl EtcdStore {
         let max_ms = i64::try_from(max_ttl_seconds)
             .unwrap_or(i64::MAX)
             .saturating_mul(1000);
-        let mut kv = self.client.kv_client();
         let mut dropped = 0;
         for e in &entries {
             if e.revoked_at_ms
                 .is_some_and(|t| t.saturating_add(max_ms) < now_ms)
             {
                 let key = format!("{}{}", self.revocations_prefix(), e.token_id);
-                timed(&self.endpoints, "delete revocation", kv.delete(key, None)).await?;
+                self.call("delete revocation", |c| {
+                    let key = key.clone();
+                    async move { c.kv_client().delete(key, None).await }
+                })
+                .await?;
                 dropped += 1;
             }
         }
@@ -135,24 +188,61 @@ impl EtcdStore {
     }
 }
 
-/// Runs `f` with [`REQUEST_TIMEOUT`], naming the operation on failure.
-async fn timed<T>(
-    endpoints: &str,
-    op: &'static str,
-    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, AuthorityError> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(cause)) => Err(AuthorityError::EtcdRequest {
+/// Runs `f` until it succeeds or [`REQUEST_TIMEOUT`] passes, naming the operation on failure;
+/// unavailable answers are retried (see [`EtcdStore::call`]).
+async fn timed<T, F, Fut>(endpoints: &str, op: &'static str, mut f: F) -> Result<T, AuthorityError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    let mut last = None;
+    loop {
+        match tokio::time::timeout_at(deadline, f()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(cause)) if retryable(&cause) => last = Some(cause),
+            Ok(Err(cause)) => {
+                return Err(AuthorityError::EtcdRequest {
+                    endpoints: endpoints.to_owned(),
+                    op,
+                    cause,
+                });
+            }
+            Err(_) => break,
+        }
+        if tokio::time::timeout_at(deadline, tokio::time::sleep(RETRY_PAUSE))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    Err(match last {
+        Some(cause) => AuthorityError::EtcdRequest {
             endpoints: endpoints.to_owned(),
             op,
             cause,
-        }),
-        Err(_) => Err(AuthorityError::EtcdTimeout {
+        },
+        None => AuthorityError::EtcdTimeout {
             endpoints: endpoints.to_owned(),
             op,
             timeout: REQUEST_TIMEOUT,
-        }),
+        },
+    })
+}
+
+/// Pause between retries of an unavailable answer.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Transport failures and `UNAVAILABLE`: another member may answer.
+fn retryable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+        ),
+        _ => false,
     }
 }
 
@@ -220,16 +310,15 @@ pub async fn follow(
             }
         };
         backoff = Duration::from_millis(100);
-        let mut wc = store.client.watch_client();
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(rev + 1);
-        let mut stream = match timed(
-            &store.endpoints,
-            "watch",
-            wc.watch(prefix.as_str(), Some(opts)),
-        )
-        .await
+        let mut stream = match store
+            .call("watch", |c| {
+                let (prefix, opts) = (prefix.clone(), opts.clone());
+                async move { c.watch_client().watch(prefix, Some(opts)).await }
+            })
+            .await
         {
             Ok(s) => s,
             Err(e) => {

@@ -169,21 +169,32 @@ pub async fn fetch_all(endpoints: &[String], prefix: &str) -> Result<Vec<Anchor>
         endpoints: joined.clone(),
         cause,
     };
+    // Member by member: a dead one refuses connections, the next one answers.
     let work = async {
-        let mut c = etcd_client::Client::connect(endpoints, Some(connect_options()))
-            .await
-            .map_err(err)?;
-        let r = c
-            .get(
-                format!("{prefix}anchors/"),
-                Some(etcd_client::GetOptions::new().with_prefix()),
-            )
-            .await
-            .map_err(err)?;
-        Ok(r.kvs()
-            .iter()
-            .filter_map(|kv| serde_json::from_slice::<Anchor>(kv.value()).ok())
-            .collect())
+        let mut last = None;
+        for e in endpoints {
+            let r = async {
+                let mut c =
+                    etcd_client::Client::connect([e.as_str()], Some(connect_options())).await?;
+                c.get(
+                    format!("{prefix}anchors/"),
+                    Some(etcd_client::GetOptions::new().with_prefix()),
+                )
+                .await
+            }
+            .await;
+            match r {
+                Ok(r) => {
+                    return Ok(r
+                        .kvs()
+                        .iter()
+                        .filter_map(|kv| serde_json::from_slice::<Anchor>(kv.value()).ok())
+                        .collect());
+                }
+                Err(cause) => last = Some(err(cause)),
+            }
+        }
+        Err(last.unwrap_or_else(|| AnchorError::Timeout(joined.clone())))
     };
     tokio::time::timeout(Duration::from_secs(5), work)
         .await

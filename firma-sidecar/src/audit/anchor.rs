@@ -44,7 +44,10 @@ fn now_ms() -> i64 {
 pub async fn publish(head: Arc<HeadCell>, key: SigningKey, cfg: AnchorConfig) {
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One member at a time, the next one after a failure (etcd-client's balancer kept picking
+    // a dead member).
     let mut client: Option<etcd_client::Client> = None;
+    let mut member = 0usize;
     let mut published: Option<(String, u64)> = None;
     let mut failing = false;
     loop {
@@ -58,10 +61,12 @@ pub async fn publish(head: Arc<HeadCell>, key: SigningKey, cfg: AnchorConfig) {
         let c = match &mut client {
             Some(c) => c,
             None => {
-                match etcd_client::Client::connect(&cfg.endpoints, Some(connect_options())).await {
+                let ep = &cfg.endpoints[member % cfg.endpoints.len()];
+                match etcd_client::Client::connect([ep.as_str()], Some(connect_options())).await {
                     Ok(c) => client.insert(c),
                     Err(e) => {
-                        tracing::warn!(target: "firma_sidecar::audit", "audit anchor: etcd {:?}: {e}", cfg.endpoints);
+                        tracing::warn!(target: "firma_sidecar::audit", "audit anchor: etcd {ep}: {e}");
+                        member += 1;
                         continue;
                     }
                 }
@@ -87,10 +92,14 @@ pub async fn publish(head: Arc<HeadCell>, key: SigningKey, cfg: AnchorConfig) {
             }
             Ok(Err(e)) => {
                 failing = true;
+                client = None;
+                member += 1;
                 tracing::warn!(target: "firma_sidecar::audit", "audit anchor: etcd put failed: {e}");
             }
             Err(_) => {
                 failing = true;
+                client = None;
+                member += 1;
                 tracing::warn!(target: "firma_sidecar::audit", "audit anchor: etcd put timed out (no quorum?)");
             }
         }
