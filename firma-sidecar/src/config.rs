@@ -575,6 +575,21 @@ pub struct PolicyConfig {
     /// `https://host:port` (verified with `[sidecar.authority].ca_cert_path`) or
     /// `http://` on loopback.
     pub authority_url: Option<String>,
+    /// Several Authorities sharing one revocation store (docs/scale-out.md), same URL rules,
+    /// tried in order: a stream that fails moves to the next. Instead of `authority_url`.
+    #[serde(default)]
+    pub authority_urls: Vec<String>,
+}
+
+impl PolicyConfig {
+    /// Every configured Authority URL, `authority_url` or `authority_urls`.
+    pub fn authority_urls(&self) -> Vec<String> {
+        self.authority_url
+            .iter()
+            .chain(self.authority_urls.iter())
+            .cloned()
+            .collect()
+    }
 }
 
 /// `[sidecar.constraint_enforcement]`.
@@ -831,6 +846,30 @@ pub struct AuditConfig {
     /// space than this; 0 turns the warning off (the free-space gauge stays).
     #[serde(default = "default_free_space_warn")]
     pub free_space_warn_bytes: u64,
+    /// `[sidecar.audit.anchor]`: publish the chain head to etcd (docs/scale-out.md); off when
+    /// unset.
+    pub anchor: Option<AnchorConfig>,
+}
+
+/// `[sidecar.audit.anchor]`: where and how often the audit chain head is anchored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnchorConfig {
+    /// etcd client URLs, `http://HOST:PORT` on loopback.
+    pub endpoints: Vec<String>,
+    /// Key prefix shared with the Authorities (`[authority.etcd] prefix`).
+    #[serde(default = "default_anchor_prefix")]
+    pub prefix: String,
+    /// Publish period (100 to 60000 ms): what is written after the last anchor is unprotected.
+    #[serde(default = "default_anchor_interval")]
+    pub interval_ms: u64,
+}
+
+fn default_anchor_prefix() -> String {
+    "/firma/".into()
+}
+fn default_anchor_interval() -> u64 {
+    1000
 }
 
 impl Default for AuditConfig {
@@ -847,6 +886,7 @@ impl Default for AuditConfig {
             max_file_bytes: None,
             max_files: None,
             free_space_warn_bytes: default_free_space_warn(),
+            anchor: None,
         }
     }
 }
@@ -888,6 +928,37 @@ fn default_level() -> String {
 impl AuditConfig {
     /// Aggregation and rotation bounds.
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        if let Some(a) = &self.anchor {
+            firma_common::anchor::check_endpoints(
+                file,
+                "sidecar.audit.anchor.endpoints",
+                &a.endpoints,
+            )?;
+            if !a.prefix.starts_with('/') || !a.prefix.ends_with('/') {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.audit.anchor.prefix",
+                    format!(
+                        "expected a key prefix starting and ending with `/`, got {:?}",
+                        a.prefix
+                    ),
+                ));
+            }
+            if !(100..=60_000).contains(&a.interval_ms) {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.audit.anchor.interval_ms",
+                    format!("expected 100 to 60000 milliseconds, got {}", a.interval_ms),
+                ));
+            }
+            if self.sink == AuditSink::Stdout {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.audit.anchor",
+                    "expected sink = \"file\" or \"grpc\" (stdout output is not verified later)",
+                ));
+            }
+        }
         if !(1..=3600).contains(&self.aggregate_window_secs) {
             return Err(ConfigError::invalid(
                 file,
@@ -1138,11 +1209,18 @@ impl SidecarConfig {
                 ),
             ));
         }
-        if self.policy.dir.is_none() && self.policy.authority_url.is_none() {
+        if self.policy.dir.is_none() && self.policy.authority_urls().is_empty() {
             return Err(ConfigError::invalid(
                 file,
                 "sidecar.policy",
                 "expected `dir` or `authority_url` (where the runtime Cedar bundle comes from)",
+            ));
+        }
+        if self.policy.authority_url.is_some() && !self.policy.authority_urls.is_empty() {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.policy.authority_urls",
+                "expected either authority_url (one Authority) or authority_urls (several), not both",
             ));
         }
         for (i, w) in self.interceptor.transparent.workloads.iter().enumerate() {

@@ -22,6 +22,7 @@ pub mod authority;
 pub mod client;
 pub mod config;
 pub mod confine;
+pub mod etcd;
 pub mod grpc;
 pub mod kernel;
 pub mod kernel_suite;

@@ -98,6 +98,11 @@ const CRATES: &[Checked] = &[
             ("bundles/", 2, "load, watch, publish bundles"),
             ("revocation_hub.rs", 2, "watch the revocation file, fan out"),
             ("revocation_hub/", 2, "watch the revocation file, fan out"),
+            (
+                "etcd.rs",
+                2,
+                "follow the revocation set shared through etcd",
+            ),
             ("validate.rs", 1, "bounds on requests"),
             ("revocations.rs", 1, "the revocation file"),
             ("listen.rs", 0, "accepted connections"),

@@ -215,9 +215,14 @@ impl Pipeline {
             }
         };
 
-        match &cfg.policy.authority_url {
-            Some(url) => {
-                let ep = AuthorityEndpoint::new(url, cfg.authority.ca_cert_path.as_deref())?;
+        let authority_urls = cfg.policy.authority_urls();
+        match authority_urls.first() {
+            Some(_) => {
+                let eps = authority_urls
+                    .iter()
+                    .map(|url| AuthorityEndpoint::new(url, cfg.authority.ca_cert_path.as_deref()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let ep = eps[0].clone();
                 let cache = cfg.policy.dir.clone();
                 if let Some(dir) = &cache
                     && let Err(e) = bundle_source::load_cache(&policies, dir)
@@ -225,12 +230,14 @@ impl Pipeline {
                     tracing::warn!(target: "firma_sidecar::policy", "ignoring cached bundle: {e}");
                 }
                 let store = policies.clone();
-                tasks.spawn(authority_client::run_bundle_stream(ep.clone(), move |b| {
-                    bundle_source::on_streamed(&store, cache.as_deref(), b)
-                }));
+                tasks.spawn(authority_client::run_bundle_stream(
+                    eps.clone(),
+                    ttl,
+                    move |b| bundle_source::on_streamed(&store, cache.as_deref(), b),
+                ));
                 let set = revoked.clone();
                 tasks.spawn(authority_client::run_revocation_stream(
-                    ep.clone(),
+                    eps,
                     move |u| {
                         if set.insert(u.token_id) {
                             if !u.replay {

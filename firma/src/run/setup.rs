@@ -403,7 +403,9 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
     let policy_dir = run_dir.join("policies");
     let source = args.policy.clone().or_else(|| {
         args.config.as_ref().and_then(|_| {
-            (cfg.policy.authority_url.is_none())
+            cfg.policy
+                .authority_urls()
+                .is_empty()
                 .then(|| cfg.policy.dir.clone())
                 .flatten()
         })
@@ -423,6 +425,7 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
     if source.is_some() || args.config.is_none() {
         cfg.policy.dir = Some(policy_dir.clone());
         cfg.policy.authority_url = None;
+        cfg.policy.authority_urls.clear();
     }
 
     // Mapping rules: --rules FILE replaces them; --allow-host adds one whole-host rule per
