@@ -1,5 +1,5 @@
 //! MCP through `firma run` (transparent mode, real eBPF redirection), black-box: the real `mcp`
-//! Python SDK on both ends, the FastMCP server (`tests/mcp/server.py`) over TLS as `mcp.test`
+//! Python SDK on both ends, the FastMCP server (`firma/tests/mcp/server.py`) over TLS as `mcp.test`
 //! at 10.77.0.2:443 inside the test's own network namespace, a hosts file in a private mount
 //! namespace shared by `firma run` and its child (see `firma_testing::run`). Covers the
 //! streamable HTTP transport and the legacy HTTP+SSE one with the shipped MCP rules and Cedar
