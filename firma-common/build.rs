@@ -1,7 +1,12 @@
 //! Generates the gRPC code from `proto/` with protox, so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["../proto/authority.proto", "../proto/audit.proto"];
+    let protos = [
+        "../proto/authority.proto",
+        "../proto/audit.proto",
+        // Envoy ext_authz, trimmed (proto/envoy/README.md).
+        "../proto/envoy/ext_authz.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

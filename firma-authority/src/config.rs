@@ -14,8 +14,12 @@ pub struct AuthorityConfig {
     pub policy_dir: PathBuf,
     /// Cedar policies consulted before minting a capability.
     pub issuance_policy_dir: PathBuf,
-    /// Append-only file, one revoked `token_id` per line (watched; new lines streamed).
-    pub revocation_file: PathBuf,
+    /// Append-only file, one revoked `token_id` per line (watched; new lines streamed). The
+    /// single-node store; exactly one of this and `[authority.etcd]`.
+    #[serde(default)]
+    pub revocation_file: Option<PathBuf>,
+    /// Revocations shared by several Authorities through etcd (docs/scale-out.md).
+    pub etcd: Option<EtcdConfig>,
     /// Ed25519 private key (PKCS#8 PEM, mode 0600); the public key sits beside it as `.pub`.
     pub key_file: PathBuf,
     /// Upper bound for any capability's lifetime; requests asking for more are clamped.
@@ -91,6 +95,17 @@ impl AuthorityConfig {
                 "expected a positive number of seconds",
             ));
         }
+        match (&self.revocation_file, &self.etcd) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(ConfigError::invalid(
+                    file,
+                    "authority.revocation_file",
+                    "expected exactly one of revocation_file (single node) or [authority.etcd] (shared by several Authorities)",
+                ));
+            }
+            (None, Some(etcd)) => etcd.validate(file, "authority.etcd")?,
+            (Some(_), None) => {}
+        }
         check_log_level(file, "authority.log_level", &self.log_level)?;
         check_admin_addr(file, "authority.admin_addr", self.admin_addr.as_deref())?;
         if self.tls_cert_path.is_some() != self.tls_key_path.is_some() {
@@ -113,5 +128,93 @@ impl AuthorityConfig {
     /// Path of the public key written next to `key_file`.
     pub fn public_key_file(&self) -> PathBuf {
         self.key_file.with_extension("pub")
+    }
+}
+
+/// `[authority.etcd]`: where the shared revocation set lives (crate::etcd).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client URLs of the etcd members, e.g. `["http://127.0.0.1:2379"]`. Plain `http://` only
+    /// to loopback (revocations must not cross a network unauthenticated).
+    pub endpoints: Vec<String>,
+    /// Key prefix shared by the Authorities of one deployment.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Without a successful quorum read for this long, streams are refused (fail closed).
+    #[serde(default = "default_stale_after_ms")]
+    pub stale_after_ms: u64,
+}
+
+fn default_prefix() -> String {
+    "/firma/".into()
+}
+fn default_stale_after_ms() -> u64 {
+    3000
+}
+
+impl EtcdConfig {
+    /// Checks the section; `section` is its dotted name in errors (`authority.etcd`).
+    pub fn validate(&self, file: &Path, section: &str) -> Result<(), ConfigError> {
+        firma_common::anchor::check_endpoints(
+            file,
+            &format!("{section}.endpoints"),
+            &self.endpoints,
+        )?;
+        if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') {
+            return Err(ConfigError::invalid(
+                file,
+                &format!("{section}.prefix"),
+                format!(
+                    "expected a key prefix starting and ending with `/`, got {:?}",
+                    self.prefix
+                ),
+            ));
+        }
+        if !(300..=600_000).contains(&self.stale_after_ms) {
+            return Err(ConfigError::invalid(
+                file,
+                &format!("{section}.stale_after_ms"),
+                format!(
+                    "expected 300 to 600000 milliseconds, got {}",
+                    self.stale_after_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod etcd_tests {
+    use super::*;
+
+    fn cfg(text: &str) -> Result<EtcdConfig, String> {
+        let c: EtcdConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate(Path::new("f.toml"), "authority.etcd")
+            .map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn config_rules() {
+        let c = cfg("endpoints = [\"http://127.0.0.1:2379\", \"http://[::1]:2380\"]").unwrap();
+        assert_eq!(c.prefix, "/firma/");
+        assert_eq!(c.stale_after_ms, 3000);
+        let e = cfg("endpoints = []").unwrap_err();
+        assert!(
+            e.contains("f.toml") && e.contains("authority.etcd.endpoints"),
+            "{e}"
+        );
+        let e = cfg("endpoints = [\"http://10.0.0.1:2379\"]").unwrap_err();
+        assert!(e.contains("loopback"), "{e}");
+        let e = cfg("endpoints = [\"http://127.0.0.1\"]").unwrap_err();
+        assert!(e.contains("HOST:PORT"), "{e}");
+        let e = cfg("endpoints = [\"http://127.0.0.1:1\"]\nprefix = \"firma\"").unwrap_err();
+        assert!(e.contains("authority.etcd.prefix"), "{e}");
+        let e = cfg("endpoints = [\"http://127.0.0.1:1\"]\nstale_after_ms = 5").unwrap_err();
+        assert!(e.contains("authority.etcd.stale_after_ms"), "{e}");
+        let e = cfg("endpoints = [\"http://127.0.0.1:1\"]\nbogus = 1").unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
     }
 }

@@ -31,6 +31,20 @@ pub enum AuthorityError {
         dir: PathBuf,
         cause: firma_common::policy::PolicyError,
     },
+    #[error("etcd {endpoints}: {op}: {cause}")]
+    EtcdRequest {
+        endpoints: String,
+        op: &'static str,
+        cause: etcd_client::Error,
+    },
+    #[error("etcd {endpoints}: {op}: no answer within {timeout:?} (no quorum?)")]
+    EtcdTimeout {
+        endpoints: String,
+        op: &'static str,
+        timeout: std::time::Duration,
+    },
+    #[error("token id: {0}")]
+    TokenId(String),
     #[error("revocation file {path}: {cause}")]
     Revocations {
         path: PathBuf,

@@ -2,7 +2,7 @@
 //! streams the runtime Cedar bundle and revocations to sidecars over gRPC.
 //!
 //! Modules: [`validate`] (bounds on requests), [`issuance`] (evaluate, clamp, sign),
-//! [`revocations`] (the file), [`revocation_hub`] (watch the file, fan out), [`bundles`] (load,
+//! [`revocations`] (the file), [`revocation_hub`] (watch the file, fan out), [`etcd`] (the set shared through etcd), [`bundles`] (load,
 //! watch, publish), [`service`] (gRPC), [`server`] (TLS, listen, drain), [`error`].
 
 pub mod admin;
@@ -10,6 +10,7 @@ pub mod bundles;
 pub mod collector;
 pub mod config;
 pub mod error;
+pub mod etcd;
 pub mod issuance;
 pub mod listen;
 pub mod metrics;

@@ -4,6 +4,7 @@
 use crate::bundles::{self, describe_count};
 use crate::config::AuthorityConfig;
 use crate::error::AuthorityError;
+use crate::etcd::EtcdStore;
 use crate::revocation_hub::{self, RevocationHub};
 use crate::revocations::RevocationFile;
 use crate::service::AuthorityService;
@@ -14,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
@@ -71,13 +73,8 @@ pub async fn run(
     tracing::info!(target: STARTUP, version = %runtime.bundle.version,
         "loaded runtime bundle ({})", describe_count(runtime.bundle.file_count()));
 
-    let revocation_file = RevocationFile::new(&cfg.revocation_file);
-    let list = revocation_file.read()?;
-    for (line, text) in &list.malformed {
-        tracing::warn!(target: STARTUP, file = %cfg.revocation_file.display(), line,
-            "ignoring malformed revocation line {text:?}");
-    }
-    let hub = RevocationHub::new(list.entries);
+    let cancel = CancellationToken::new();
+    let (hub, in_sync) = revocation_source(cfg, &cancel).await?;
     tracing::debug!(target: STARTUP, count = hub.len(), "loaded revocations");
 
     let listener = tokio::net::TcpListener::bind(addr)
@@ -94,7 +91,6 @@ pub async fn run(
         })?;
     tracing::info!(target: STARTUP, tls = tls.is_some(), "gRPC listening on {bound}");
 
-    let cancel = CancellationToken::new();
     let metrics = cfg.admin_addr.as_ref().map(|_| crate::metrics::enable());
     let service = AuthorityService {
         key,
@@ -109,6 +105,7 @@ pub async fn run(
         max_ttl_seconds: cfg.max_ttl_seconds,
         bundle_ttl: Duration::from_secs(cfg.bundle_ttl_seconds),
         shutdown: cancel.clone(),
+        in_sync,
     };
     if let (Some(addr), Some(metrics)) = (&cfg.admin_addr, metrics) {
         let admin = crate::admin::AuthorityAdmin {
@@ -121,11 +118,6 @@ pub async fn run(
         let local = firma_common::admin::serve(addr, Arc::new(admin)).await?;
         tracing::info!(target: STARTUP, "admin listening on {local} (/metrics, /healthz, /readyz)");
     }
-    tokio::spawn(revocation_hub::watch_file(
-        hub,
-        revocation_file,
-        cancel.clone(),
-    ));
 
     let mut builder = Server::builder();
     if let Some(identity) = tls {
@@ -169,4 +161,45 @@ pub async fn run(
     cancel.cancel();
     tracing::info!(target: "firma_authority", "authority stopped");
     Ok(())
+}
+
+/// The revocation set: the file (watched) or etcd (followed), and whether it is in sync (always
+/// for the file; for etcd, while a quorum answers: see [`crate::etcd`]).
+async fn revocation_source(
+    cfg: &AuthorityConfig,
+    cancel: &CancellationToken,
+) -> Result<(Arc<RevocationHub>, watch::Receiver<bool>), AuthorityError> {
+    if let Some(etcd) = &cfg.etcd {
+        let store = EtcdStore::connect(&etcd.endpoints, &etcd.prefix).await?;
+        let hub = RevocationHub::new(Vec::new());
+        let (tx, rx) = watch::channel(false);
+        tracing::info!(target: STARTUP, endpoints = ?etcd.endpoints, prefix = %etcd.prefix,
+            "revocations shared through etcd");
+        tokio::spawn(crate::etcd::follow(
+            store,
+            hub.clone(),
+            tx,
+            Duration::from_millis(etcd.stale_after_ms),
+            cancel.clone(),
+        ));
+        return Ok((hub, rx));
+    }
+    let path = cfg
+        .revocation_file
+        .as_ref()
+        .expect("validated: revocation_file or etcd");
+    let file = RevocationFile::new(path);
+    let list = file.read()?;
+    for (line, text) in &list.malformed {
+        tracing::warn!(target: STARTUP, file = %path.display(), line,
+            "ignoring malformed revocation line {text:?}");
+    }
+    let hub = RevocationHub::new(list.entries);
+    tokio::spawn(revocation_hub::watch_file(
+        hub.clone(),
+        file,
+        cancel.clone(),
+    ));
+    // The sender is dropped: the file is always in sync (`borrow` keeps `true`).
+    Ok((hub, watch::channel(true).1))
 }

@@ -30,6 +30,34 @@ pub struct AuthorityService {
     pub bundle_ttl: Duration,
     /// Cancelled at shutdown so long-lived streams end and connections can drain.
     pub shutdown: CancellationToken,
+    /// Whether the revocation set is known complete (always with the file; with etcd, while a
+    /// quorum answers). Out of sync, bundle and revocation streams are refused and ended, so
+    /// sidecars fail over or go stale instead of missing a revocation (crate::etcd).
+    pub in_sync: watch::Receiver<bool>,
+}
+
+/// Refusal for streams while the revocation store is out of sync.
+fn unsynced() -> Status {
+    Status::unavailable(
+        "revocation store (etcd) out of sync on this authority: no quorum; try another authority",
+    )
+}
+
+/// Resolves once `in_sync` turns false (never for the file store, whose sender is gone).
+async fn out_of_sync(mut in_sync: watch::Receiver<bool>) {
+    if in_sync.wait_for(|ok| !ok).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+impl AuthorityService {
+    fn check_in_sync(&self) -> Result<(), Status> {
+        if *self.in_sync.borrow() {
+            Ok(())
+        } else {
+            Err(unsynced())
+        }
+    }
 }
 
 fn peer(req: &Request<impl Sized>) -> String {
@@ -100,6 +128,7 @@ impl Authority for AuthorityService {
     ) -> Result<Response<Self::StreamPolicyBundlesStream>, Status> {
         let peer = peer(&request);
         let sidecar = request.into_inner().sidecar_id;
+        self.check_in_sync()?;
         tracing::info!(%peer, %sidecar, "bundle stream opened");
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(push_bundles(
@@ -107,6 +136,7 @@ impl Authority for AuthorityService {
             self.runtime.clone(),
             self.bundle_ttl,
             self.shutdown.clone(),
+            self.in_sync.clone(),
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -119,12 +149,14 @@ impl Authority for AuthorityService {
     ) -> Result<Response<Self::StreamRevocationsStream>, Status> {
         let peer = peer(&request);
         let sidecar = request.into_inner().sidecar_id;
+        self.check_in_sync()?;
         tracing::info!(%peer, %sidecar, "revocation stream opened");
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(push_revocations(
             tx,
             self.revocations.clone(),
             self.shutdown.clone(),
+            self.in_sync.clone(),
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -137,8 +169,11 @@ async fn push_bundles(
     mut bundles: watch::Receiver<Arc<LoadedBundle>>,
     period: Duration,
     shutdown: CancellationToken,
+    in_sync: watch::Receiver<bool>,
 ) {
     let _open = metrics::stream_open(Stream::Bundles);
+    let lost_sync = out_of_sync(in_sync);
+    tokio::pin!(lost_sync);
     let mut current = bundles.borrow_and_update().clone();
     let mut resend = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -155,6 +190,10 @@ async fn push_bundles(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tx.closed() => return,
+            _ = &mut lost_sync => {
+                let _ = tx.send(Err(unsynced())).await;
+                return;
+            }
             changed = bundles.changed() => {
                 if changed.is_err() {
                     return;
@@ -173,8 +212,11 @@ async fn push_revocations(
     tx: Tx<pb::Revocation>,
     hub: Arc<RevocationHub>,
     shutdown: CancellationToken,
+    in_sync: watch::Receiver<bool>,
 ) {
     let _open = metrics::stream_open(Stream::Revocations);
+    let lost_sync = out_of_sync(in_sync);
+    tokio::pin!(lost_sync);
     let (snapshot, mut rx) = hub.subscribe();
     if replay(&tx, snapshot).await.is_err() {
         return;
@@ -183,6 +225,10 @@ async fn push_revocations(
         let next = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tx.closed() => return,
+            _ = &mut lost_sync => {
+                let _ = tx.send(Err(unsynced())).await;
+                return;
+            }
             next = rx.recv() => next,
         };
         let sent = match next {

@@ -7,6 +7,7 @@
 pub use firma_maps as maps;
 
 pub mod admin;
+pub mod anchor;
 pub mod audit;
 pub mod audit_files;
 pub mod capability;

@@ -16,3 +16,9 @@ pub mod cri {
     #![allow(clippy::all, clippy::pedantic)]
     tonic::include_proto!("runtime.v1");
 }
+
+/// `envoy.service.auth.v3`: Envoy's ext_authz `Authorization/Check`, trimmed to what the
+/// sidecar's ext_authz server uses (`proto/envoy/README.md`).
+pub mod envoy_auth {
+    tonic::include_proto!("envoy.service.auth.v3");
+}

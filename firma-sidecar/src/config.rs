@@ -44,10 +44,44 @@ pub struct SidecarConfig {
     pub llm: LlmConfig,
     #[serde(default)]
     pub mcp: McpConfig,
+    /// `[sidecar.session_store]`: where session counters and budgets live (docs/scale-out.md).
+    #[serde(default)]
+    pub session_store: crate::pipeline::session_store::config::SessionStoreConfig,
     /// `[sidecar.node]`: the Kubernetes node agent (pods tagged from their CRI annotations);
     /// absent = off. Needs `mode = "transparent"`. See docs/kubernetes.md.
     #[serde(default)]
     pub node: Option<NodeConfig>,
+    /// `[sidecar.ext_authz]`: serve Envoy's ext_authz gRPC API (docs/deployment-shapes.md).
+    #[serde(default)]
+    pub ext_authz: Option<ExtAuthzConfig>,
+}
+
+/// `[sidecar.ext_authz]`: Firma as Envoy's external authorizer (`crate::ext_authz`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtAuthzConfig {
+    /// gRPC listener for `envoy.service.auth.v3.Authorization/Check`, e.g. `"127.0.0.1:9191"`.
+    pub listen_addr: String,
+    /// Envoy originates TLS to the upstream, verified for the request's host (its cluster's
+    /// `UpstreamTlsContext` with `sni` and a trusted CA): only then may a credential be set on a
+    /// request whose downstream scheme is `http`. Default false: credentialed hosts are denied
+    /// `InsecureUpstream` unless the downstream itself was `https`.
+    #[serde(default)]
+    pub upstream_tls: bool,
+    /// Envoy's verified source principals (downstream mTLS identity) bound to an agent, as a
+    /// workload binding is in transparent mode.
+    #[serde(default)]
+    pub principals: Vec<ExtAuthzPrincipal>,
+}
+
+/// `[[sidecar.ext_authz.principals]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtAuthzPrincipal {
+    /// `attributes.source.principal` as Envoy reports it (e.g. `spiffe://corp/agent-a`).
+    pub principal: String,
+    pub agent_id: String,
+    pub session_id: Option<String>,
 }
 
 /// `[sidecar.mcp]`: MCP endpoints (mapping rules with `mcp`, see docs/mcp.md).
@@ -541,6 +575,21 @@ pub struct PolicyConfig {
     /// `https://host:port` (verified with `[sidecar.authority].ca_cert_path`) or
     /// `http://` on loopback.
     pub authority_url: Option<String>,
+    /// Several Authorities sharing one revocation store (docs/scale-out.md), same URL rules,
+    /// tried in order: a stream that fails moves to the next. Instead of `authority_url`.
+    #[serde(default)]
+    pub authority_urls: Vec<String>,
+}
+
+impl PolicyConfig {
+    /// Every configured Authority URL, `authority_url` or `authority_urls`.
+    pub fn authority_urls(&self) -> Vec<String> {
+        self.authority_url
+            .iter()
+            .chain(self.authority_urls.iter())
+            .cloned()
+            .collect()
+    }
 }
 
 /// `[sidecar.constraint_enforcement]`.
@@ -797,6 +846,30 @@ pub struct AuditConfig {
     /// space than this; 0 turns the warning off (the free-space gauge stays).
     #[serde(default = "default_free_space_warn")]
     pub free_space_warn_bytes: u64,
+    /// `[sidecar.audit.anchor]`: publish the chain head to etcd (docs/scale-out.md); off when
+    /// unset.
+    pub anchor: Option<AnchorConfig>,
+}
+
+/// `[sidecar.audit.anchor]`: where and how often the audit chain head is anchored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnchorConfig {
+    /// etcd client URLs, `http://HOST:PORT` on loopback.
+    pub endpoints: Vec<String>,
+    /// Key prefix shared with the Authorities (`[authority.etcd] prefix`).
+    #[serde(default = "default_anchor_prefix")]
+    pub prefix: String,
+    /// Publish period (100 to 60000 ms): what is written after the last anchor is unprotected.
+    #[serde(default = "default_anchor_interval")]
+    pub interval_ms: u64,
+}
+
+fn default_anchor_prefix() -> String {
+    "/firma/".into()
+}
+fn default_anchor_interval() -> u64 {
+    1000
 }
 
 impl Default for AuditConfig {
@@ -813,6 +886,7 @@ impl Default for AuditConfig {
             max_file_bytes: None,
             max_files: None,
             free_space_warn_bytes: default_free_space_warn(),
+            anchor: None,
         }
     }
 }
@@ -854,6 +928,37 @@ fn default_level() -> String {
 impl AuditConfig {
     /// Aggregation and rotation bounds.
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        if let Some(a) = &self.anchor {
+            firma_common::anchor::check_endpoints(
+                file,
+                "sidecar.audit.anchor.endpoints",
+                &a.endpoints,
+            )?;
+            if !a.prefix.starts_with('/') || !a.prefix.ends_with('/') {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.audit.anchor.prefix",
+                    format!(
+                        "expected a key prefix starting and ending with `/`, got {:?}",
+                        a.prefix
+                    ),
+                ));
+            }
+            if !(100..=60_000).contains(&a.interval_ms) {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.audit.anchor.interval_ms",
+                    format!("expected 100 to 60000 milliseconds, got {}", a.interval_ms),
+                ));
+            }
+            if self.sink == AuditSink::Stdout {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.audit.anchor",
+                    "expected sink = \"file\" or \"grpc\" (stdout output is not verified later)",
+                ));
+            }
+        }
         if !(1..=3600).contains(&self.aggregate_window_secs) {
             return Err(ConfigError::invalid(
                 file,
@@ -1019,6 +1124,28 @@ impl SidecarConfig {
                 ),
             ));
         }
+        if let Some(x) = &self.ext_authz {
+            if x.listen_addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.ext_authz.listen_addr",
+                    format!(
+                        "expected a socket address like \"127.0.0.1:9191\", got {:?}",
+                        x.listen_addr
+                    ),
+                ));
+            }
+            if x.principals
+                .iter()
+                .any(|p| p.principal.is_empty() || p.agent_id.is_empty())
+            {
+                return Err(ConfigError::invalid(
+                    file,
+                    "sidecar.ext_authz.principals",
+                    "expected a non-empty principal and agent_id in every entry",
+                ));
+            }
+        }
         if self.mcp.max_body_bytes == 0 {
             return Err(ConfigError::invalid(
                 file,
@@ -1082,11 +1209,18 @@ impl SidecarConfig {
                 ),
             ));
         }
-        if self.policy.dir.is_none() && self.policy.authority_url.is_none() {
+        if self.policy.dir.is_none() && self.policy.authority_urls().is_empty() {
             return Err(ConfigError::invalid(
                 file,
                 "sidecar.policy",
                 "expected `dir` or `authority_url` (where the runtime Cedar bundle comes from)",
+            ));
+        }
+        if self.policy.authority_url.is_some() && !self.policy.authority_urls.is_empty() {
+            return Err(ConfigError::invalid(
+                file,
+                "sidecar.policy.authority_urls",
+                "expected either authority_url (one Authority) or authority_urls (several), not both",
             ));
         }
         for (i, w) in self.interceptor.transparent.workloads.iter().enumerate() {
@@ -1224,6 +1358,7 @@ impl SidecarConfig {
             _ => {}
         }
         self.audit.validate(file)?;
+        self.session_store.validate(file)?;
         Ok(())
     }
 

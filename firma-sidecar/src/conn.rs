@@ -41,6 +41,9 @@ pub enum DenyReason {
     BodyTooLarge,
     /// Bodies read for extraction already fill `extract_body_budget_bytes` (503, retryable).
     BodyBudgetExhausted,
+    /// The shared session store (`[sidecar.session_store] backend = "redis"`) cannot be reached,
+    /// so the session's counts and budgets cannot be checked (503, retryable).
+    SessionStoreUnavailable,
 }
 
 impl DenyReason {
@@ -66,6 +69,7 @@ impl DenyReason {
             Self::DestinationMismatch => "DestinationMismatch",
             Self::BodyTooLarge => "BodyTooLarge",
             Self::BodyBudgetExhausted => "BodyBudgetExhausted",
+            Self::SessionStoreUnavailable => "SessionStoreUnavailable",
         }
     }
 }
@@ -84,6 +88,10 @@ pub enum InterceptKind {
     Transparent,
     /// A DNS query redirected to the DNS guard (transparent mode, `redirect_dns`).
     Dns,
+    /// A request decided in the application's own process (`firma-embed`'s layer).
+    Embedded,
+    /// A request Envoy asked about through the ext_authz API (`[sidecar.ext_authz]`).
+    ExtAuthz,
 }
 
 /// The workload that opened a connection, as the kernel reported it (transparent mode only).
@@ -212,6 +220,8 @@ pub struct ConnectorOutcome {
     pub duration_ms: Option<u64>,
     /// LLM calls: the tokens the response reported and their cost (with a price table).
     pub usage: Option<UsageOutcome>,
+    /// MCP endpoints: what the answer contained (`pipeline::mcp::follow::Followed`).
+    pub mcp: Option<serde_json::Value>,
 }
 
 /// Token usage charged for one LLM response (audit `connector.usage`).

@@ -17,6 +17,8 @@ pub mod dns;
 pub mod drain;
 pub mod ebpf;
 pub mod error_shape;
+pub mod ext_authz;
+pub mod gate;
 pub mod http_body;
 pub mod interceptor;
 pub mod metrics;

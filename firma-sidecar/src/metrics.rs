@@ -25,6 +25,7 @@ impl Metrics {
     fn new() -> Self {
         let mut r = Registry::with_prefix("firma_sidecar");
         crate::pipeline::metrics::register(&mut r);
+        crate::pipeline::session_store::metrics::register(&mut r);
         crate::interceptor::metrics::register(&mut r);
         crate::connector::metrics::register(&mut r);
         crate::audit::metrics::register(&mut r);

@@ -30,7 +30,8 @@ fn json(status: StatusCode, body: String) -> Response<RespBody> {
 }
 
 /// 403 with `{"denied":true,"reason":…,"detail":…}`; 400 for `MalformedRequest`, 413 for
-/// `BodyTooLarge`, 503 with `Retry-After: 1` for `BodyBudgetExhausted`.
+/// `BodyTooLarge`, 503 with `Retry-After: 1` for `BodyBudgetExhausted` and
+/// `SessionStoreUnavailable`.
 pub fn deny(decision: &Decision) -> Response<RespBody> {
     deny_as(decision, ErrorFormat::Firma)
 }
@@ -51,7 +52,8 @@ pub fn deny_as(decision: &Decision, format: ErrorFormat) -> Response<RespBody> {
     );
     let mut r = json(status, body);
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        // BodyBudgetExhausted: the sidecar is busy, not the request wrong; retry soon.
+        // BodyBudgetExhausted, SessionStoreUnavailable: the sidecar cannot decide now, not the
+        // request wrong; retry soon.
         r.headers_mut()
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     } else {
@@ -86,7 +88,9 @@ pub fn deny_status(decision: &Decision) -> StatusCode {
     match decision.reason {
         Some(DenyReason::MalformedRequest) => StatusCode::BAD_REQUEST,
         Some(DenyReason::BodyTooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
-        Some(DenyReason::BodyBudgetExhausted) => StatusCode::SERVICE_UNAVAILABLE,
+        Some(DenyReason::BodyBudgetExhausted | DenyReason::SessionStoreUnavailable) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         _ => StatusCode::FORBIDDEN,
     }
 }
@@ -180,7 +184,10 @@ pub fn grpc_deny(decision: &Decision) -> Response<RespBody> {
     let code = match decision.reason {
         Some(crate::conn::DenyReason::MalformedRequest) => grpc_code::INVALID_ARGUMENT,
         Some(crate::conn::DenyReason::BodyTooLarge) => grpc_code::RESOURCE_EXHAUSTED,
-        Some(crate::conn::DenyReason::BodyBudgetExhausted) => grpc_code::UNAVAILABLE,
+        Some(
+            crate::conn::DenyReason::BodyBudgetExhausted
+            | crate::conn::DenyReason::SessionStoreUnavailable,
+        ) => grpc_code::UNAVAILABLE,
         _ => grpc_code::PERMISSION_DENIED,
     };
     let reason = decision

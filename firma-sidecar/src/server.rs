@@ -239,6 +239,16 @@ where
             Some(r)
         }
     };
+    if let Some(x) = &cfg.ext_authz {
+        let gate = crate::gate::Gate::new(state.clone());
+        let local = crate::ext_authz::serve(gate, x, drain.clone())
+            .await
+            .map_err(|cause| SidecarError::Bind {
+                addr: x.listen_addr.clone(),
+                cause,
+            })?;
+        tracing::info!(target: "firma_sidecar", "ext_authz listening on {local}");
+    }
     if let (Some(addr), Some(metrics)) = (&cfg.admin.listen_addr, metrics) {
         let admin = crate::admin::SidecarAdmin {
             metrics,

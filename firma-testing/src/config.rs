@@ -40,6 +40,11 @@ pub enum PolicySource {
         url: String,
         cache_dir: Option<PathBuf>,
     },
+    /// `authority_urls` (several Authorities, failed over in order).
+    Authorities {
+        urls: Vec<String>,
+        cache_dir: Option<PathBuf>,
+    },
 }
 
 /// `[sidecar.audit]` with the file sink.
@@ -247,6 +252,12 @@ impl SidecarToml {
             }
             PolicySource::Authority { url, cache_dir } => {
                 let _ = writeln!(s, "authority_url = {url:?}");
+                if let Some(d) = cache_dir {
+                    let _ = writeln!(s, "dir = {}", q(d));
+                }
+            }
+            PolicySource::Authorities { urls, cache_dir } => {
+                let _ = writeln!(s, "authority_urls = {urls:?}");
                 if let Some(d) = cache_dir {
                     let _ = writeln!(s, "dir = {}", q(d));
                 }

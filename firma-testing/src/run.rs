@@ -55,6 +55,9 @@ impl RunWorld {
             .arg(&self.state)
             .arg("--upstream-ca")
             .arg(&self.up.ca_path)
+            // Debug builds on a loaded CI machine: see TEST_CONSTRAINT_ENFORCEMENT.
+            .arg("--enforcement-timeout-ms")
+            .arg(crate::config::TEST_CONSTRAINT_ENFORCEMENT.1.to_string())
             .args(firma_args)
             .arg("--")
             .args(cmd)

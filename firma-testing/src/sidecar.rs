@@ -302,6 +302,11 @@ impl Deployment {
     /// submitted before the fence request is in the file too. Returns the fence's path, so a
     /// caller counting denials can leave the fence out.
     pub fn audit_fence(&self, sc: &Sidecar) -> String {
+        self.audit_fence_in(sc, &self.audit_path)
+    }
+
+    /// [`Deployment::audit_fence`] for a sidecar whose config moved the audit file to `file`.
+    pub fn audit_fence_in(&self, sc: &Sidecar, file: &Path) -> String {
         let path = format!("/{}", crate::unique("firma-audit-fence"));
         let out = crate::client::curl(
             &sc.proxy_url(),
@@ -314,9 +319,14 @@ impl Deployment {
             Duration::from_secs(10),
             "the audit fence's decision",
             || {
-                self.audit().iter().any(|e| {
-                    e["event"] == "decision" && e["envelope"]["intent"]["resource"]["path"] == path
-                })
+                std::fs::read_to_string(file)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .any(|e| {
+                        e["event"] == "decision"
+                            && e["envelope"]["intent"]["resource"]["path"] == path
+                    })
             },
         );
         path

@@ -23,6 +23,11 @@ enum Command {
         /// Public key(s) of the sidecars' `[sidecar.audit] signing_key_path` (the `.pub` file).
         #[arg(long = "public-key", required = true)]
         public_key: Vec<PathBuf>,
+        /// Also check the chain heads the sidecars anchored in etcd
+        /// (`etcd://HOST:PORT[,HOST:PORT…][/PREFIX/]`): a file that lacks an anchored line or
+        /// holds another line at its seq (truncated or rewritten after anchoring) fails.
+        #[arg(long, value_name = "etcd://…")]
+        anchors: Option<String>,
     },
     /// Run an audit collector: receive events from sidecars with `sink = "grpc"`.
     Collect {
@@ -50,7 +55,11 @@ fn keys(paths: &[PathBuf]) -> anyhow::Result<Vec<VerifyingKey>> {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
-        Command::Verify { file, public_key } => verify(&file, &keys(&public_key)?),
+        Command::Verify {
+            file,
+            public_key,
+            anchors,
+        } => verify(&file, &keys(&public_key)?, anchors.as_deref()),
         Command::Collect {
             listen,
             output,
@@ -90,7 +99,7 @@ async fn shutdown_signal() {
 /// is signed; docs/architecture.md, audit); 1 with `FILE:LINE: reason` for the first bad line.
 /// `path` is one file, or a directory holding one set of rotated files
 /// (`firma_common::audit_files`), checked in order as one chain.
-fn verify(path: &Path, keys: &[VerifyingKey]) -> anyhow::Result<ExitCode> {
+fn verify(path: &Path, keys: &[VerifyingKey], anchors: Option<&str>) -> anyhow::Result<ExitCode> {
     let dir = path.is_dir();
     let (files, head) = if dir {
         let files = audit_files::set_in_dir(path).map_err(anyhow::Error::msg)?;
@@ -119,6 +128,12 @@ fn verify(path: &Path, keys: &[VerifyingKey]) -> anyhow::Result<ExitCode> {
                         .map_or(".".into(), |p| p.display().to_string())
                 );
             }
+            if let Some(url) = anchors
+                && !check_anchors(&files, url, keys)?
+            {
+                println!("FAILED: the file(s) do not match the anchored chain heads");
+                return Ok(ExitCode::FAILURE);
+            }
             let files = if dir {
                 format!(" across {} file(s)", ok.files)
             } else {
@@ -141,5 +156,104 @@ fn verify(path: &Path, keys: &[VerifyingKey]) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// What the files hold of one anchored chain: the highest seq, and the hash of the line at the
+/// anchored seq.
+#[derive(Default)]
+struct Seen {
+    last: Option<u64>,
+    at_anchor: Option<String>,
+}
+
+/// Compares the files with every anchor under the URL; prints one line per anchored chain
+/// (`ANCHOR OK`, `ANCHOR FAILED`, or a `NOTE` for chains these files do not hold). `false` when
+/// any check failed.
+fn check_anchors(
+    files: &[audit_files::AuditFile],
+    url: &str,
+    keys: &[VerifyingKey],
+) -> anyhow::Result<bool> {
+    use firma_common::anchor::{fetch_all, parse_etcd_url};
+    use std::collections::HashMap;
+    let (endpoints, prefix) = parse_etcd_url(url)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let anchors = rt.block_on(fetch_all(&endpoints, &prefix))?;
+    let mut seen: HashMap<&str, Seen> = anchors
+        .iter()
+        .map(|a| (a.chain_id.as_str(), Seen::default()))
+        .collect();
+    let want: HashMap<&str, u64> = anchors
+        .iter()
+        .map(|a| (a.chain_id.as_str(), a.seq))
+        .collect();
+    for f in files {
+        let text =
+            std::fs::read_to_string(&f.path).with_context(|| format!("{}", f.path.display()))?;
+        for line in text.lines() {
+            let Ok(serde_json::Value::Object(m)) = serde_json::from_str(line) else {
+                continue;
+            };
+            let Ok(p) = firma_common::audit::ChainPos::of(&m) else {
+                continue;
+            };
+            if let Some(s) = seen.get_mut(p.chain_id.as_str()) {
+                s.last = Some(s.last.map_or(p.seq, |l| l.max(p.seq)));
+                if want.get(p.chain_id.as_str()) == Some(&p.seq) {
+                    s.at_anchor = Some(firma_common::audit::line_hash(line));
+                }
+            }
+        }
+    }
+    let mut ok = true;
+    for a in &anchors {
+        let s = &seen[a.chain_id.as_str()];
+        let at = rfc3339_ms(a.at_ms);
+        if !a.verify(keys) {
+            ok = false;
+            println!(
+                "ANCHOR FAILED: chain {}: the anchor's signature does not verify with the given key(s)",
+                a.chain_id
+            );
+            continue;
+        }
+        match (&s.last, &s.at_anchor) {
+            (None, _) => println!(
+                "NOTE: anchored chain {} (seq {}, {at}) is not in these file(s)",
+                a.chain_id, a.seq
+            ),
+            (Some(last), _) if *last < a.seq => {
+                ok = false;
+                println!(
+                    "ANCHOR FAILED: chain {}: anchored at seq {} ({at}) but the file(s) end at seq {last}: truncated after anchoring",
+                    a.chain_id, a.seq
+                );
+            }
+            (Some(_), Some(h)) if *h == a.hash => println!(
+                "ANCHOR OK: chain {}: the line at the anchored seq {} ({at}) matches",
+                a.chain_id, a.seq
+            ),
+            (Some(_), _) => {
+                ok = false;
+                println!(
+                    "ANCHOR FAILED: chain {}: the line at seq {} is missing or differs from the one anchored at {at}: rewritten after anchoring",
+                    a.chain_id, a.seq
+                );
+            }
+        }
+    }
+    Ok(ok)
+}
+
+/// RFC 3339 with milliseconds.
+fn rfc3339_ms(ms: i64) -> String {
+    let secs = firma_common::capability::rfc3339(ms.div_euclid(1000));
+    match secs.strip_suffix('Z') {
+        Some(s) => format!("{s}.{:03}Z", ms.rem_euclid(1000)),
+        None => ms.to_string(),
     }
 }

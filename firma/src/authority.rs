@@ -35,7 +35,7 @@ enum Cmd {
     },
     /// Mint a capability offline under the issuance policy and write it as a seed file.
     Issue(IssueArgs),
-    /// Manage the revocation file.
+    /// Manage revocations (the revocation file, or etcd with `[authority.etcd]`).
     #[command(subcommand)]
     Revocations(RevocationCmd),
 }
@@ -62,7 +62,8 @@ struct IssueArgs {
 
 #[derive(clap::Subcommand)]
 enum RevocationCmd {
-    /// Revoke a token: append its id to the revocation file (no-op if already listed).
+    /// Revoke a token: append its id to the revocation file, or record it in etcd (returns once
+    /// the quorum committed it; every Authority streams it on). No-op if already listed.
     Add {
         #[arg(value_name = "TOKEN_ID")]
         token_id: String,
@@ -180,14 +181,18 @@ fn rfc3339_ms(ms: i64) -> String {
 }
 
 fn revocations(cfg: &AuthorityConfig, cmd: RevocationCmd) -> anyhow::Result<ExitCode> {
-    let file = RevocationFile::new(&cfg.revocation_file);
+    if let Some(etcd) = &cfg.etcd {
+        return etcd_revocations(etcd, cfg.max_ttl_seconds, cmd);
+    }
+    let path = cfg
+        .revocation_file
+        .as_ref()
+        .context("validated: revocation_file or [authority.etcd]")?;
+    let file = RevocationFile::new(path);
     match cmd {
         RevocationCmd::Add { token_id } => {
             if file.add(&token_id, now_unix_ms())? {
-                println!(
-                    "revoked {token_id} (appended to {})",
-                    cfg.revocation_file.display()
-                );
+                println!("revoked {token_id} (appended to {})", path.display());
             } else {
                 println!("{token_id} was already revoked");
             }
@@ -196,7 +201,7 @@ fn revocations(cfg: &AuthorityConfig, cmd: RevocationCmd) -> anyhow::Result<Exit
             let r = file.compact(now_unix_ms(), cfg.max_ttl_seconds)?;
             println!(
                 "compacted {}: kept {}, dropped {} (revoked more than {}s ago)",
-                cfg.revocation_file.display(),
+                path.display(),
                 r.kept,
                 r.dropped,
                 cfg.max_ttl_seconds
@@ -207,16 +212,54 @@ fn revocations(cfg: &AuthorityConfig, cmd: RevocationCmd) -> anyhow::Result<Exit
             for (line, text) in &list.malformed {
                 eprintln!(
                     "warning: {}:{line}: ignoring malformed line {text:?}",
-                    cfg.revocation_file.display()
+                    path.display()
                 );
             }
-            for e in &list.entries {
-                match e.revoked_at_ms {
-                    Some(t) => println!("{}\t{}", e.token_id, rfc3339_ms(t)),
-                    None => println!("{}\t-", e.token_id),
-                }
-            }
+            print_entries(&list.entries);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_entries(entries: &[firma_authority::revocations::RevocationEntry]) {
+    for e in entries {
+        match e.revoked_at_ms {
+            Some(t) => println!("{}\t{}", e.token_id, rfc3339_ms(t)),
+            None => println!("{}\t-", e.token_id),
+        }
+    }
+}
+
+/// The same commands against the etcd store; an etcd without quorum fails the command (the
+/// revocation is not recorded, and the exit code says so).
+fn etcd_revocations(
+    etcd: &firma_authority::config::EtcdConfig,
+    max_ttl_seconds: u64,
+    cmd: RevocationCmd,
+) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let store = firma_authority::etcd::EtcdStore::connect(&etcd.endpoints, &etcd.prefix).await?;
+        match cmd {
+            RevocationCmd::Add { token_id } => {
+                if store.add(&token_id, now_unix_ms()).await? {
+                    println!("revoked {token_id} (committed to etcd {})", etcd.endpoints.join(","));
+                } else {
+                    println!("{token_id} was already revoked");
+                }
+            }
+            RevocationCmd::Compact => {
+                let r = store.compact(now_unix_ms(), max_ttl_seconds).await?;
+                println!(
+                    "compacted etcd {}revocations/: kept {}, dropped {} (revoked more than {max_ttl_seconds}s ago)",
+                    etcd.prefix, r.kept, r.dropped
+                );
+            }
+            RevocationCmd::List => print_entries(&store.list().await?.0),
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }

@@ -17,6 +17,10 @@ pub struct Args {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Skip the per-hook probe (loading and attaching each eBPF program in a scratch cgroup),
+    /// e.g. when only the config is of interest.
+    #[arg(long)]
+    no_probe: bool,
 }
 
 #[derive(Serialize, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +47,7 @@ fn check(name: &'static str, status: Status, detail: impl Into<String>) -> Check
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let mut checks = kernel_checks();
+    let mut checks = kernel_checks(!args.no_probe);
     checks.push(pins_check(args.config.as_deref()));
     if let Some(path) = &args.config {
         checks.extend(key_checks(path));
@@ -68,7 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn kernel_checks() -> Vec<Check> {
+fn kernel_checks(probe_hooks: bool) -> Vec<Check> {
     let mut out = Vec::new();
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
@@ -146,6 +150,120 @@ fn kernel_checks() -> Vec<Check> {
             format!("{} bytes embedded", obj.len()),
         ),
         Err(e) => check("eBPF object", Status::Fail, e.to_string()),
+    });
+    if probe_hooks {
+        out.extend(hook_checks());
+    } else {
+        out.push(check("eBPF hooks", Status::Warn, "not probed: --no-probe"));
+    }
+    out
+}
+
+/// The oldest mainline kernel with each hook (cgroup BPF links: 5.7), for the failure detail.
+fn hook_since(hook: &str) -> &'static str {
+    match hook {
+        "cgroup_skb/egress" => "4.10",
+        "sock_ops" => "4.13",
+        "cgroup/connect4" | "cgroup/connect6" => "4.17",
+        "cgroup/sendmsg4" | "cgroup/sendmsg6" => "4.18",
+        "cgroup/recvmsg4" | "cgroup/recvmsg6" => "5.2",
+        "cgroup/getpeername4" | "cgroup/getpeername6" => "5.8",
+        _ => "5.9",
+    }
+}
+
+/// Keeps the end of a long error (verifier logs run to thousands of lines; the verdict is last).
+fn tail(s: &str, max: usize) -> String {
+    let s = s.trim();
+    match s.char_indices().rev().nth(max) {
+        Some((i, _)) => format!("...{}", &s[i..]),
+        None => s.to_string(),
+    }
+}
+
+/// Loads and attaches each program of the embedded object in a scratch cgroup
+/// (`firma_sidecar::ebpf::probe`): one check per kernel hook, plus `BPF_LINK_DETACH`. This is
+/// what the sidecar needs from the kernel, asked of the kernel itself rather than inferred
+/// from its version.
+fn hook_checks() -> Vec<Check> {
+    let skip = |why: String| {
+        vec![check(
+            "eBPF hooks",
+            Status::Warn,
+            format!("not probed: {why}"),
+        )]
+    };
+    if !nix::unistd::geteuid().is_root() {
+        return skip("not root".into());
+    }
+    let Ok(object) = embedded_object() else {
+        return skip("no eBPF object".into());
+    };
+    let cgroup2 = match Cgroup2::discover() {
+        Ok(c) => c,
+        Err(e) => return skip(e.to_string()),
+    };
+    let bpffs = Path::new(bpffs::DEFAULT_BPFFS);
+    match bpffs::bpffs_covering(bpffs) {
+        Ok(Some(_)) => {}
+        _ => {
+            return skip(format!(
+                "no bpffs mounted at {} (mount -t bpf bpf {} and re-run)",
+                bpffs.display(),
+                bpffs.display()
+            ));
+        }
+    }
+    let probe = match firma_sidecar::ebpf::probe::probe(object, &cgroup2, bpffs) {
+        Ok(p) => p,
+        Err(e) => return skip(e.to_string()),
+    };
+    let mut out = Vec::new();
+    if let Err(e) = &probe.object {
+        out.push(check(
+            "eBPF hooks",
+            Status::Fail,
+            format!(
+                "the kernel refused the object's maps: {}",
+                tail(&e.to_string(), 600)
+            ),
+        ));
+        return out;
+    }
+    for h in &probe.hooks {
+        out.push(match &h.result {
+            Ok(()) => check(
+                h.hook,
+                Status::Ok,
+                format!("{} loaded and attached", h.program),
+            ),
+            Err(e) => check(
+                h.hook,
+                Status::Fail,
+                format!(
+                    "{} refused: {} (hook in Linux >= {}; transparent mode needs it)",
+                    h.program,
+                    tail(&e.to_string(), 600),
+                    hook_since(h.hook)
+                ),
+            ),
+        });
+    }
+    out.push(match &probe.link_detach {
+        Some(Ok(n)) => check(
+            "BPF_LINK_DETACH",
+            Status::Ok,
+            format!("{n} probe links detached (workload detach)"),
+        ),
+        Some(Err(e)) => check(
+            "BPF_LINK_DETACH",
+            Status::Fail,
+            format!(
+                "{}; `firma workload detach` needs Linux >= 5.9",
+                tail(&e.to_string(), 300)
+            ),
+        ),
+        None => check("BPF_LINK_DETACH", Status::Warn, "not probed"),
     });
     out
 }

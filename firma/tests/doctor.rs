@@ -63,3 +63,66 @@ fn key_mode_is_checked_and_reported_in_json() {
     let (_, report) = doctor(&config);
     assert_eq!(check(&report, "key mode")["status"], "ok", "{report}");
 }
+
+/// As root with BPF: the doctor loads and attaches each program of the embedded object in a
+/// scratch cgroup and reports every hook and `BPF_LINK_DETACH` as ok, leaving no scratch cgroup
+/// or pins behind. Run in a private mount namespace with its own bpffs (`unshare --mount`), as
+/// a host without a mounted bpffs would get "not probed".
+#[test]
+fn hooks_are_probed_on_this_kernel_and_cleaned_up() {
+    if let Some(why) = firma_testing::kernel::skip_reason() {
+        firma_testing::skip("hooks_are_probed_on_this_kernel_and_cleaned_up", &why);
+        return;
+    }
+    // The doctor's pid names its scratch cgroup and pins; other tests may run a doctor too.
+    let script = "mount --make-rprivate / && mount -t bpf bpf /sys/fs/bpf && { \"$0\" doctor --json & echo \"pid=$!\" >&2; wait $!; ls /sys/fs/bpf >&2; }";
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c", script])
+        .arg(firma_testing::firma_bin())
+        .output()
+        .expect("run unshare");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no JSON ({e}): {stderr}"));
+    let hooks = [
+        "sock_ops",
+        "cgroup_skb/egress",
+        "cgroup/recvmsg4",
+        "cgroup/recvmsg6",
+        "cgroup/getpeername4",
+        "cgroup/getpeername6",
+        "cgroup/sendmsg4",
+        "cgroup/sendmsg6",
+        "cgroup/connect4",
+        "cgroup/connect6",
+    ];
+    for hook in hooks {
+        let c = check(&report, hook);
+        assert_eq!(c["status"], "ok", "{c}");
+        assert!(
+            c["detail"]
+                .as_str()
+                .unwrap()
+                .contains("loaded and attached"),
+            "{c}"
+        );
+    }
+    let detach = check(&report, "BPF_LINK_DETACH");
+    assert_eq!(detach["status"], "ok", "{detach}");
+    assert!(
+        detach["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("10 probe links"),
+        "{detach}"
+    );
+    // Nothing left: the probe's pins (the listing after the doctor ran) and its cgroup.
+    let pid = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("pid="))
+        .unwrap_or_else(|| panic!("no pid: {stderr}"));
+    let scratch = format!("firma-probe-{pid}");
+    assert!(!stderr.contains(&scratch), "{stderr}");
+    let cg = firma_sidecar::ebpf::Cgroup2::discover().expect("cgroup2");
+    assert!(!cg.mount().join(&scratch).exists(), "{scratch} cgroup left");
+}

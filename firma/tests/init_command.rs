@@ -12,7 +12,6 @@ use firma_testing::kernel::{DST_V4, in_fresh_netns};
 use firma_testing::sidecar::Sidecar;
 use firma_testing::{assert_eventually, firma, firma_bin, text};
 use std::io::{Read, Write};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

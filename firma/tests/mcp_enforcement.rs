@@ -53,11 +53,22 @@ impl Env {
             .collect()
     }
 
-    /// Runs the SDK client with `steps` on one session; its JSON lines.
-    fn client(&self, steps: serde_json::Value) -> Vec<serde_json::Value> {
+    /// `outcome` events whose `connector.mcp` says what an answer contained.
+    fn followed(&self) -> Vec<serde_json::Value> {
+        self.d
+            .audit()
+            .into_iter()
+            .filter(|e| e["event"] == "outcome" && e["connector"]["mcp"].is_object())
+            .map(|e| e["connector"]["mcp"].clone())
+            .collect()
+    }
+
+    /// Runs the SDK client with `steps` on one session at `path` (`/mcp`: streamable HTTP,
+    /// `/sse`: the legacy HTTP+SSE transport); its JSON lines.
+    fn client_at(&self, path: &str, steps: serde_json::Value) -> Vec<serde_json::Value> {
         let out = Command::new("python3")
             .arg(script("client.py"))
-            .arg(format!("https://{HOST}/mcp"))
+            .arg(format!("https://{HOST}{path}"))
             .arg(self.sc.proxy_url())
             .arg(self.d.ca_cert())
             .arg(steps.to_string())
@@ -201,12 +212,49 @@ fn setup() -> Option<Env> {
 #[test]
 fn sdk_session_tool_and_argument_rules_budget_and_audit() {
     let Some(env) = setup() else { return };
-    let lines = env.client(serde_json::json!([
-        ["read_file", {"path": "/workspace/notes.md"}],
-        ["read_file", {"path": "/etc/shadow"}],
-        ["delete_repo", {"name": "org/app"}],
-        ["read_file", {"path": "/workspace/second.md"}],
-    ]));
+    sdk_session_checks(&env, "/mcp");
+}
+
+/// The legacy HTTP+SSE transport (GET /sse + POST /messages/?session_id=), through the proxy:
+/// the answers, the tool list and the denials travel on the GET stream.
+#[test]
+fn legacy_sse_transport_through_the_proxy() {
+    let Some(env) = setup() else { return };
+    sdk_session_checks(&env, "/sse");
+}
+
+/// The checks of one SDK session on `path`: tools/list filtered, read_file under /workspace
+/// allowed, /etc/shadow denied by the argument rule, delete_repo denied, the second read_file
+/// over the budget of 1 denied; what the server ran; the audit.
+fn sdk_session_checks(env: &Env, path: &str) {
+    let lines = env.client_at(
+        path,
+        serde_json::json!([
+            ["read_file", {"path": "/workspace/notes.md"}],
+            ["read_file", {"path": "/etc/shadow"}],
+            ["delete_repo", {"name": "org/app"}],
+            ["read_file", {"path": "/workspace/second.md"}],
+        ]),
+    );
+    // tools/list as the client sees it: delete_repo (forbidden whatever its arguments) is gone,
+    // read_file (permitted for some paths) stays.
+    assert_eq!(
+        lines[0]["tools"],
+        serde_json::json!(["read_file"]),
+        "{lines:?}\noutcomes: {:?}",
+        env.d
+            .audit()
+            .into_iter()
+            .filter(|e| e["event"] == "outcome")
+            .map(|e| e["connector"].clone())
+            .collect::<Vec<_>>()
+    );
+    let hidden = assert_eventually(Duration::from_secs(10), "tools/list followed", || {
+        env.followed()
+            .into_iter()
+            .find(|m| m["tools_hidden"].as_array().is_some_and(|h| !h.is_empty()))
+    });
+    assert_eq!(hidden["tools_hidden"], serde_json::json!(["delete_repo"]));
     let by = |i: usize| &lines[i + 1];
     // Allowed: the server ran it, the client got its result.
     assert_eq!(by(0)["ok"], true, "{lines:?}\n{}", env.sc.log_text());
@@ -273,6 +321,16 @@ fn sdk_session_tool_and_argument_rules_budget_and_audit() {
         "the budget of 1 read_file: {}",
         ev[3]
     );
+    // The allowed call's result was followed: not an error.
+    let results = assert_eventually(Duration::from_secs(10), "results followed", || {
+        let r: Vec<serde_json::Value> = env
+            .followed()
+            .into_iter()
+            .flat_map(|m| m["results"].as_array().cloned().unwrap_or_default())
+            .collect();
+        Some(r).filter(|r| r.len() >= 3)
+    });
+    assert!(results.iter().all(|r| r["error"] == false), "{results:?}");
     let (ok, report) = audit::verify(&env.d.audit_path, &[&env.d.root().join("audit.pub")]);
     assert!(ok, "audit verify: {report}");
 }
@@ -312,6 +370,39 @@ fn hostile_bodies_are_refused_before_the_server() {
             "a JSON-RPC error: {out:?}"
         );
     }
+    // More of the same (duplicate method, a unicode-escaped case variant, deep nesting).
+    let deep = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"read_file","arguments":{{"path":"/workspace/a","x":{}1{}}}}}}}"#,
+        "[".repeat(40),
+        "]".repeat(40)
+    );
+    for (body, why) in [
+        (
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/list","method":"tools/call","params":{"name":"delete_repo"}}"#.to_vec(),
+            "duplicate key",
+        ),
+        (
+            br#"{"jsonrpc":"2.0","id":1,"method":"\u0054ools/call","params":{"name":"delete_repo"}}"#.to_vec(),
+            "case variant",
+        ),
+        (deep.into_bytes(), "levels deep"),
+    ] {
+        let out = env.post(&body, &[]);
+        assert_eq!(out.status, 400, "{out:?}");
+        assert!(out.body.contains(why), "{why}: {out:?}");
+    }
+    // A unicode-escaped method is the method the server reads: `tools\u002fcall` of delete_repo
+    // is decided as tools/call delete_repo (denied by the policy, not passed as "other").
+    let out = env.post(
+        br#"{"jsonrpc":"2.0","id":5,"method":"tools\u002fcall","params":{"name":"delete\u005frepo","arguments":{"name":"x"}}}"#,
+        &[],
+    );
+    assert_eq!(out.status, 200, "{out:?}");
+    assert!(
+        out.body.contains("Firma denied tools/call delete_repo")
+            && out.body.contains("PolicyDenied"),
+        "{out:?}"
+    );
     // gzip: the policy would decide on bytes the server decodes differently.
     let out = env.post(b"\x1f\x8b\x08\x00", &["content-encoding: gzip"]);
     assert_eq!(out.status, 400, "{out:?}");
@@ -338,21 +429,64 @@ fn hostile_bodies_are_refused_before_the_server() {
             .all(|m| m["error"]["code"] == -32001),
         "{v}"
     );
+    // HTTP/2 with the body split over DATA frames (a real h2 client): decided on the whole
+    // body, as the server reads it.
+    let pieces = serde_json::json!([
+        r#"{"jsonrpc":"2.0","id":11,"me"#,
+        r#"thod":"tools/call","params":{"name":"dele"#,
+        r#"te_repo","arguments":{"name":"org/app"}}}"#
+    ]);
+    let out = Command::new("python3")
+        .arg(script("h2_split.py"))
+        .arg(format!("https://{HOST}/mcp"))
+        .arg(env.sc.proxy_url())
+        .arg(env.d.ca_cert())
+        .arg(pieces.to_string())
+        .env("FIRMA_CAPABILITY", &env.token)
+        .output()
+        .expect("run h2_split.py");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let h2: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(h2["http_version"], "HTTP/2", "{h2}");
+    assert_eq!(h2["status"], 200, "{h2}");
+    let body = h2["body"].as_str().unwrap();
+    assert!(
+        body.contains("Firma denied tools/call delete_repo") && body.contains("\"id\":11"),
+        "{h2}"
+    );
     assert!(
         env.executed().is_empty(),
         "nothing executed: {:?}",
         env.executed()
     );
 
-    let n = 9;
+    let n = 14;
     let ev = assert_eventually(Duration::from_secs(10), "every attempt audited", || {
         Some(env.d.audit_for(HOST)).filter(|v| v.len() >= n)
     });
-    for e in &ev[..7] {
+    // 0..6 the first cases, 6..9 duplicate method / case variant / depth, 10 gzip.
+    for e in ev[..9].iter().chain(&ev[10..11]) {
         assert_eq!(e["decision"]["reason"], "MalformedRequest", "{e}");
     }
-    assert_eq!(ev[7]["decision"]["reason"], "BodyTooLarge", "{}", ev[7]);
-    let b = &ev[8];
+    // The unicode-escaped tools/call: classified as the server reads it.
+    assert_eq!(ev[9]["decision"]["reason"], "PolicyDenied", "{}", ev[9]);
+    assert_eq!(
+        ev[9]["envelope"]["intent"]["request"]["mcp"]["method"],
+        "tools/call"
+    );
+    assert_eq!(
+        ev[9]["envelope"]["intent"]["request"]["mcp"]["name"],
+        "delete_repo"
+    );
+    assert_eq!(ev[11]["decision"]["reason"], "BodyTooLarge", "{}", ev[11]);
+    let h2e = &ev[13];
+    assert_eq!(h2e["decision"]["reason"], "PolicyDenied", "{h2e}");
+    assert_eq!(
+        h2e["envelope"]["intent"]["request"]["mcp"]["name"],
+        "delete_repo"
+    );
+    assert_eq!(h2e["envelope"]["intent"]["request"]["mcp"]["id"], 11);
+    let b = &ev[12];
     assert_eq!(b["decision"]["outcome"], "DENY");
     let members = &b["envelope"]["intent"]["request"]["mcp"]["batch"];
     assert_eq!(members[0]["decision"], "ALLOW", "{b}");

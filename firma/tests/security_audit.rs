@@ -346,7 +346,7 @@ fn audit_fails_closed_on_a_full_disk_and_recovers() {
     assert_eq!(sc.metric("firma_sidecar_audit_sink_healthy"), Some(1.0));
     // Every answered request was decided and an ALLOW is persisted before its request leaves;
     // the fence makes sure no later decision is still on its way to the file.
-    d.audit_fence(&sc);
+    d.audit_fence_in(&sc, &audit);
     assert_eq!(
         count_allows(),
         up.count(),
@@ -376,7 +376,7 @@ fn audit_fails_closed_on_a_full_disk_and_recovers() {
     );
     // The recovery event is written at startup, before the sidecar is ready; the fence proves
     // the writer is past it.
-    d.audit_fence(&sc2);
+    d.audit_fence_in(&sc2, &audit);
     let text = std::fs::read_to_string(&audit).unwrap();
     assert!(!text.contains("\"torn"), "torn tail cut");
     assert!(text.contains("\"event\":\"recovery\""), "{text}");

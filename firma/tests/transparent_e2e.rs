@@ -25,7 +25,7 @@ use firma_testing::sidecar::{Deployment, Settings, Sidecar};
 use firma_testing::upstream::Upstream;
 use firma_testing::{assert_eventually, firma, free_dual_port, text, unique};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 const CANARY: &str = "sk-canary-transparent-51d0";

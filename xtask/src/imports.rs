@@ -43,6 +43,12 @@ const CRATES: &[Checked] = &[
                 "the DNS guard (a listener, like the interceptors)",
             ),
             ("state.rs", 5, "what a connection handler shares"),
+            (
+                "gate.rs",
+                5,
+                "the decision for callers that carry the request (embedded, ext_authz)",
+            ),
+            ("ext_authz.rs", 5, "Envoy's ext_authz Check listener"),
             ("control/", 4, "the attach socket"),
             ("ebpf/", 4, "the kernel side"),
             (
@@ -92,6 +98,11 @@ const CRATES: &[Checked] = &[
             ("bundles/", 2, "load, watch, publish bundles"),
             ("revocation_hub.rs", 2, "watch the revocation file, fan out"),
             ("revocation_hub/", 2, "watch the revocation file, fan out"),
+            (
+                "etcd.rs",
+                2,
+                "follow the revocation set shared through etcd",
+            ),
             ("validate.rs", 1, "bounds on requests"),
             ("revocations.rs", 1, "the revocation file"),
             ("listen.rs", 0, "accepted connections"),

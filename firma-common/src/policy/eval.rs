@@ -32,13 +32,19 @@ fn attr_expr(v: &AttrValue) -> RestrictedExpression {
 }
 
 impl McpContext {
-    fn record(&self) -> Result<RestrictedExpression, String> {
-        let args = RestrictedExpression::new_record(
-            self.arguments
-                .iter()
-                .map(|(k, v)| (k.clone(), attr_expr(v))),
-        )
-        .map_err(|e| e.to_string())?;
+    /// `unknown_arguments`: `arguments` is a Cedar unknown (list-time decisions, see
+    /// [`CompiledPolicies::could_allow`]).
+    fn record(&self, unknown_arguments: bool) -> Result<RestrictedExpression, String> {
+        let args = if unknown_arguments {
+            RestrictedExpression::new_unknown("mcp_arguments")
+        } else {
+            RestrictedExpression::new_record(
+                self.arguments
+                    .iter()
+                    .map(|(k, v)| (k.clone(), attr_expr(v))),
+            )
+            .map_err(|e| e.to_string())?
+        };
         let mut fields = vec![
             (
                 "method".to_string(),
@@ -233,6 +239,46 @@ impl CompiledPolicies {
         }
     }
 
+    /// Whether some value of `context.mcp.arguments` could make Cedar allow `req` (its
+    /// `mcp` arguments are ignored): Cedar's partial evaluation with the arguments unknown.
+    /// False when a forbid holds whatever the arguments, or no permit can hold; true when a
+    /// permit holds or may hold (a forbid that depends on the arguments does not hide it).
+    /// This is how `tools/list` answers are filtered (the sidecar's `docs/mcp.md`).
+    pub fn could_allow(&self, req: &EvalRequest<'_>) -> bool {
+        let Some(action) = self.by_action.get(req.action) else {
+            return false;
+        };
+        if action.invalid.is_some() || req.mcp.is_none() {
+            return false;
+        }
+        let principal =
+            EntityUid::from_type_name_and_id(self.agent_type.clone(), EntityId::new(req.agent_id));
+        let parts = action.partitions(&principal);
+        // Without the usage records: their `decimal` values are extension calls, which make
+        // Cedar treat the whole context as not projectable (then even `context.mcp.name` would
+        // stay unknown). Policies on token usage do not take part in list-time decisions.
+        let Ok((request, entities)) = self.build_with(req, principal, &action.uid, false, true)
+        else {
+            return false;
+        };
+        let mut permit_possible = false;
+        for part in parts {
+            let resp = self
+                .authorizer
+                .is_authorized_partial(&request, &part.policies, &entities);
+            let satisfied_forbid = resp
+                .definitely_satisfied()
+                .any(|p| p.effect() == cedar_policy::Effect::Forbid);
+            if satisfied_forbid {
+                return false;
+            }
+            permit_possible |= resp
+                .may_be_determining()
+                .any(|p| p.effect() == cedar_policy::Effect::Permit);
+        }
+        permit_possible
+    }
+
     /// The Cedar request and entity store for `req`.
     pub(super) fn build(
         &self,
@@ -240,6 +286,17 @@ impl CompiledPolicies {
         principal: EntityUid,
         action: &EntityUid,
         with_usage: bool,
+    ) -> Result<(Request, Arc<Entities>), String> {
+        self.build_with(req, principal, action, with_usage, false)
+    }
+
+    fn build_with(
+        &self,
+        req: &EvalRequest<'_>,
+        principal: EntityUid,
+        action: &EntityUid,
+        with_usage: bool,
+        unknown_arguments: bool,
     ) -> Result<(Request, Arc<Entities>), String> {
         let uid = |ty: &cedar_policy::EntityTypeName, id: &str| {
             EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
@@ -296,7 +353,7 @@ impl CompiledPolicies {
             ));
         }
         if let Some(m) = req.mcp {
-            pairs.push(("mcp".to_string(), m.record()?));
+            pairs.push(("mcp".to_string(), m.record(unknown_arguments)?));
         }
         if let Some((session, agent)) = req.usage.filter(|_| with_usage) {
             pairs.push(("session".to_string(), session.record()));
@@ -305,7 +362,8 @@ impl CompiledPolicies {
         let context = Context::from_pairs(pairs).map_err(|e| e.to_string())?;
         // The shape was validated once per action class (`compile`); ids of enumerated entity
         // types can only be checked here.
-        let schema = self.validate_each_request.then_some(&self.schema);
+        // (An unknown is not a value the schema can check: the shape was checked at compile.)
+        let schema = (self.validate_each_request && !unknown_arguments).then_some(&self.schema);
         let request = Request::new(principal, action, resource, context, schema)
             .map_err(|e| e.to_string())?;
         Ok((request, entities))

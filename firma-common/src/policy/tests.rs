@@ -482,3 +482,80 @@ fn entity_cache_keeps_resources_apart() {
     assert!(c.evaluate(&allowed).allowed);
     assert!(!c.evaluate(&other).allowed);
 }
+
+/// List-time decisions (`could_allow`): with the shipped MCP example, a tool permitted for
+/// some arguments is listed, one forbidden whatever its arguments or never permitted is not;
+/// a budget spent hides the tool; a permit for another agent does not list it.
+#[test]
+fn mcp_could_allow_for_some_arguments() {
+    let p = shipped("runtime/mcp");
+    let ctx = |tool: &str| McpContext {
+        method: "tools/call".into(),
+        name: Some(tool.into()),
+        // Ignored: the arguments are unknown at list time.
+        arguments: [("path".to_string(), AttrValue::String("/etc/shadow".into()))].into(),
+    };
+    fn req(m: &McpContext, count: i64) -> EvalRequest<'_> {
+        EvalRequest {
+            agent_id: "agent-mcp",
+            action: "mcp.tools.call",
+            resource_id: "mcp.test/mcp/tools/x",
+            host: Some("mcp.test"),
+            path: Some("/mcp"),
+            action_count: count,
+            session_id: "s-1",
+            method: "POST",
+            request: None,
+            usage: None,
+            mcp: Some(m),
+        }
+    }
+    let (read, delete, other) = (ctx("read_file"), ctx("delete_repo"), ctx("list_dir"));
+    assert!(
+        p.could_allow(&req(&read, 1)),
+        "read_file is permitted for /workspace/*"
+    );
+    assert!(
+        !p.evaluate(&req(&read, 1)).allowed,
+        "but not for /etc/shadow"
+    );
+    assert!(!p.could_allow(&req(&delete, 1)), "delete_repo is forbidden");
+    assert!(!p.could_allow(&req(&other, 1)), "no permit names list_dir");
+    // With the budget written as a forbid, the spent budget hides the tool; written inside
+    // the permit after an argument condition, the permit stays "may hold" (over-approximation).
+    assert!(
+        p.could_allow(&req(&read, 101)),
+        "residual permit: still listed"
+    );
+    let text = format!(
+        "{}\nforbid (principal, action == Firma::Action::\"mcp.tools.call\", resource) when {{ context has mcp && context.mcp has name && context.mcp.name == \"read_file\" && context.action_count > 1 }};",
+        std::fs::read_to_string(policies_dir().join("runtime/mcp/mcp.cedar")).unwrap()
+    );
+    let budget = bundle(&[("mcp.cedar", &text)]).compile().unwrap();
+    assert!(budget.could_allow(&req(&read, 1)));
+    assert!(!budget.could_allow(&req(&read, 2)), "budget of 1 spent");
+    assert!(
+        !budget.could_allow(&req(&delete, 1)),
+        "delete_repo with the budget forbid"
+    );
+    let mut with_usage = req(&delete, 1);
+    with_usage.usage = Some(Default::default());
+    assert!(
+        !budget.could_allow(&with_usage),
+        "usage totals do not hide the name"
+    );
+    let mut r = req(&read, 1);
+    r.mcp = None;
+    assert!(!p.could_allow(&r), "not an MCP call");
+    let only_alice = bundle(&[(
+        "a.cedar",
+        r#"permit (principal == Firma::Agent::"alice", action == Firma::Action::"mcp.tools.call", resource)
+           when { context has mcp && context.mcp.arguments has path };"#,
+    )])
+    .compile()
+    .unwrap();
+    assert!(!only_alice.could_allow(&req(&read, 1)));
+    let mut alice = req(&read, 1);
+    alice.agent_id = "alice";
+    assert!(only_alice.could_allow(&alice));
+}

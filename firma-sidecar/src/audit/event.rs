@@ -153,6 +153,7 @@ pub fn outcome(input: &AuditInput<'_>, decision_event_id: &str, extra: IntentExt
             upstream_reused: c.upstream_reused,
             duration_ms: c.duration_ms,
             usage: c.usage.as_ref().map(UsageJson::of),
+            mcp: c.mcp.as_ref(),
         },
         timings_us: Timings {
             stages: &[],
@@ -376,6 +377,8 @@ struct OutcomeConnector<'a> {
     upstream_reused: Option<bool>,
     duration_ms: Option<u64>,
     usage: Option<UsageJson>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mcp: Option<&'a serde_json::Value>,
 }
 
 #[derive(Serialize)]

@@ -12,6 +12,7 @@
 //! events keep one shape everywhere.
 
 mod aggregate;
+mod anchor;
 mod bound;
 mod chain;
 mod conn_ids;
@@ -91,12 +92,17 @@ struct Inner {
     grpc: Option<grpc::GrpcQueue>,
     /// The grpc shipper task, stopped when the last handle goes (call `flush` first).
     shipper: Option<tokio::task::AbortHandle>,
+    /// The anchor publisher task ([`anchor`]), stopped with the last handle.
+    anchor_task: Option<tokio::task::AbortHandle>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Some(s) = &self.shipper {
             s.abort();
+        }
+        if let Some(a) = &self.anchor_task {
+            a.abort();
         }
     }
 }
@@ -133,6 +139,8 @@ impl AuditLog {
                 )));
             }
         };
+        let sealer_key = key.clone();
+        let mut anchor_task = None;
         let mut shipper = None;
         let mut recovered = None;
         let mut anchor = None;
@@ -181,8 +189,16 @@ impl AuditLog {
             after: cfg.aggregate_denials_after,
             window: Duration::from_secs(cfg.aggregate_window_secs),
         }));
+        let anchor_key = cfg.anchor.as_ref().map(|_| sealer_key.clone());
         let mut w = writer::Writer::new(sealer, sink, health.clone());
         w.aggregator = Some(aggregator.clone());
+        if let (Some(a), Some(key)) = (&cfg.anchor, anchor_key) {
+            let head = Arc::new(anchor::HeadCell::default());
+            w.head = Some(head.clone());
+            tracing::info!(target: "firma_sidecar::startup::audit",
+                "anchoring the audit chain head to etcd {:?} every {} ms", a.endpoints, a.interval_ms);
+            anchor_task = Some(tokio::spawn(anchor::publish(head, key, a.clone())).abort_handle());
+        }
         w.space = space;
         w.space_check_now();
         if let Some(a) = anchor {
@@ -214,6 +230,7 @@ impl AuditLog {
                 health,
                 grpc,
                 shipper,
+                anchor_task,
             }),
         })
     }

@@ -218,6 +218,8 @@ pub struct Writer {
     pub aggregator: Option<Arc<Aggregator>>,
     /// File sink: the free-space watermark.
     pub space: Option<SpaceWatch>,
+    /// Where the head of the chain is recorded after each persisted batch (anchoring).
+    pub head: Option<Arc<super::anchor::HeadCell>>,
 }
 
 impl Writer {
@@ -229,6 +231,7 @@ impl Writer {
             failing_since: None,
             aggregator: None,
             space: None,
+            head: None,
         }
     }
 
@@ -310,6 +313,10 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.health.written.fetch_add(n, Ordering::Relaxed);
+                if let Some(h) = &self.head {
+                    let (next, hash) = self.sealer.position();
+                    h.set(self.sealer.chain_id(), next.saturating_sub(1), &hash);
+                }
                 self.maybe_rotate();
                 if let Some((since, _)) = self.failing_since.take() {
                     self.health.healthy.store(true, Ordering::Relaxed);

@@ -1,8 +1,14 @@
 //! The sidecar's side of the Authority's two server streams: runtime policy bundles and
 //! revocations.
 //!
-//! Each stream runs in its own task and reconnects forever with exponential backoff (100 ms
-//! doubling to 5 s, reset after a message arrives). `https://` URLs are verified against
+//! Each stream runs in its own task and reconnects forever. With several Authorities
+//! (`[sidecar.policy] authority_urls`), a stream that ends or fails moves to the next one at
+//! once; only a whole round without a message backs off (100 ms doubling to 5 s, reset after a
+//! message arrives). A dead Authority is noticed by the TCP reset (killed process), by HTTP/2
+//! keep-alive pings (host gone: [`KEEPALIVE`] + [`KEEPALIVE_TIMEOUT`]), or, for the bundle
+//! stream, by no bundle within the bundle TTL. Whichever Authority a stream lands on replays
+//! every revocation, so a failover loses none, and the sidecar's own TTL check
+//! (`PolicyBundleStale`) bounds how long any request can be decided on an old bundle. `https://` URLs are verified against
 //! `[sidecar.authority] ca_cert_path` (required for https); `http://` is accepted only for a
 //! loopback host, so streamed policy and revocations are never taken from an unauthenticated
 //! peer across a network.
@@ -23,6 +29,10 @@ pub mod metrics;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// HTTP/2 ping period on Authority and collector channels, idle or not.
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
+/// A ping unanswered for this long closes the channel (the stream then fails over).
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -83,7 +93,10 @@ pub fn grpc_endpoint(
         .tcp_keepalive_interval(Some(Duration::from_secs(
             crate::sockopt::KEEPALIVE_INTERVAL_SECS.into(),
         )))
-        .tcp_keepalive_retries(Some(crate::sockopt::KEEPALIVE_PROBES));
+        .tcp_keepalive_retries(Some(crate::sockopt::KEEPALIVE_PROBES))
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
     match uri.scheme_str() {
         Some("https") => {
             let ca = ca_cert_path
@@ -128,61 +141,92 @@ impl AuthorityEndpoint {
     }
 }
 
-/// Retries `session` forever with exponential backoff. `session` returns `true` if it received
-/// at least one message before ending (which resets the backoff).
-async fn reconnect_loop<F, Fut>(what: &'static str, mut session: F)
+/// Runs `session(i)` forever over the `n` Authorities, moving to the next one whenever a
+/// session ends. `session` returns `true` if it received at least one message before ending
+/// (which resets the backoff). It sleeps only after a whole round without progress (or, with a
+/// single Authority, before every retry).
+async fn reconnect_loop<F, Fut>(what: &'static str, n: usize, mut session: F)
 where
-    F: FnMut() -> Fut,
+    F: FnMut(usize) -> Fut,
     Fut: Future<Output = (bool, String)>,
 {
+    let n = n.max(1);
     let mut backoff = BACKOFF_START;
+    let mut i = 0;
+    let mut fruitless = 0;
     loop {
-        let (progressed, why) = session().await;
+        let (progressed, why) = session(i).await;
         if progressed {
             backoff = BACKOFF_START;
+            fruitless = 0;
+        } else {
+            fruitless += 1;
         }
-        tracing::warn!(
-            target: "firma_sidecar::authority",
-            "{what} stream ended ({why}); reconnecting in {} ms",
-            backoff.as_millis()
-        );
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        i = (i + 1) % n;
+        if n == 1 || fruitless >= n {
+            fruitless = 0;
+            tracing::warn!(
+                target: "firma_sidecar::authority",
+                "{what} stream ended ({why}); reconnecting in {} ms",
+                backoff.as_millis()
+            );
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        } else {
+            tracing::warn!(
+                target: "firma_sidecar::authority",
+                "{what} stream ended ({why}); failing over to authority #{}",
+                i + 1
+            );
+        }
     }
 }
 
-/// Streams bundles into `on_bundle` forever. Logs `connected to authority <addr>` on each
-/// successful subscription.
-pub async fn run_bundle_stream<F>(ep: AuthorityEndpoint, on_bundle: F)
+/// Streams bundles into `on_bundle` forever from the first Authority of `eps` that serves them.
+/// Logs `connected to authority <addr>` on each successful subscription. A stream with no
+/// bundle for `idle` (the bundle TTL: the Authority re-sends well within it) is dropped for the
+/// next Authority.
+pub async fn run_bundle_stream<F>(eps: Vec<AuthorityEndpoint>, idle: Duration, on_bundle: F)
 where
     F: Fn(PbBundle) + Send + Sync + 'static,
 {
-    reconnect_loop("policy bundle", || async {
-        let mut client = match ep.connect().await {
-            Ok(c) => c,
-            Err(e) => return (false, format!("connect {}: {e}", ep.addr)),
-        };
-        let req = BundleStreamRequest {
-            sidecar_id: ep.sidecar_id.clone(),
-        };
-        let mut stream = match client.stream_policy_bundles(req).await {
-            Ok(r) => r.into_inner(),
-            Err(s) => return (false, format!("subscribe: {}", s.message())),
-        };
-        tracing::info!(
-            target: "firma_sidecar::startup::authority",
-            "connected to authority {}",
-            ep.addr
-        );
-        let mut got = false;
-        loop {
-            match stream.message().await {
-                Ok(Some(b)) => {
-                    got = true;
-                    on_bundle(b);
+    let n = eps.len();
+    reconnect_loop("policy bundle", n, |i| {
+        let ep = &eps[i % n];
+        let on_bundle = &on_bundle;
+        async move {
+            let mut client = match ep.connect().await {
+                Ok(c) => c,
+                Err(e) => return (false, format!("connect {}: {e}", ep.addr)),
+            };
+            let req = BundleStreamRequest {
+                sidecar_id: ep.sidecar_id.clone(),
+            };
+            let mut stream = match client.stream_policy_bundles(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => return (false, format!("subscribe {}: {}", ep.addr, s.message())),
+            };
+            tracing::info!(
+                target: "firma_sidecar::startup::authority",
+                "connected to authority {}",
+                ep.addr
+            );
+            let mut got = false;
+            loop {
+                match tokio::time::timeout(idle, stream.message()).await {
+                    Ok(Ok(Some(b))) => {
+                        got = true;
+                        on_bundle(b);
+                    }
+                    Ok(Ok(None)) => return (got, format!("closed by the authority {}", ep.addr)),
+                    Ok(Err(s)) => return (got, format!("{}: {}", ep.addr, s.message())),
+                    Err(_) => {
+                        return (
+                            got,
+                            format!("{}: no bundle for {} s", ep.addr, idle.as_secs()),
+                        );
+                    }
                 }
-                Ok(None) => return (got, "closed by the authority".into()),
-                Err(s) => return (got, s.message().to_owned()),
             }
         }
     })
@@ -203,47 +247,54 @@ pub struct RevocationUpdate<'a> {
     pub startup: bool,
 }
 
-/// Streams revocations into `on_revoked` forever.
-pub async fn run_revocation_stream<F>(ep: AuthorityEndpoint, on_revoked: F)
+/// Streams revocations into `on_revoked` forever, from whichever Authority of `eps` serves
+/// them (each replays the whole set on subscription).
+pub async fn run_revocation_stream<F>(eps: Vec<AuthorityEndpoint>, on_revoked: F)
 where
     F: Fn(RevocationUpdate<'_>) + Send + Sync + 'static,
 {
     // Set once a live entry arrived or a subscribed stream ended: later replays are resyncs.
     let caught_up = AtomicBool::new(false);
-    reconnect_loop("revocation", || async {
-        let mut client = match ep.connect().await {
-            Ok(c) => c,
-            Err(e) => return (false, format!("connect {}: {e}", ep.addr)),
-        };
-        let req = RevocationStreamRequest {
-            sidecar_id: ep.sidecar_id.clone(),
-        };
-        let mut stream = match client.stream_revocations(req).await {
-            Ok(r) => r.into_inner(),
-            Err(s) => return (false, format!("subscribe: {}", s.message())),
-        };
-        tracing::debug!(target: "firma_sidecar::authority", "revocation stream open");
-        let mut got = false;
-        let ended = |got: bool, why: String| {
-            caught_up.store(true, Ordering::Relaxed);
-            (got, why)
-        };
-        loop {
-            match stream.message().await {
-                Ok(Some(r)) => {
-                    got = true;
-                    if !r.replay {
-                        caught_up.store(true, Ordering::Relaxed);
+    let n = eps.len();
+    reconnect_loop("revocation", n, |i| {
+        let ep = &eps[i % n];
+        let caught_up = &caught_up;
+        let on_revoked = &on_revoked;
+        async move {
+            let mut client = match ep.connect().await {
+                Ok(c) => c,
+                Err(e) => return (false, format!("connect {}: {e}", ep.addr)),
+            };
+            let req = RevocationStreamRequest {
+                sidecar_id: ep.sidecar_id.clone(),
+            };
+            let mut stream = match client.stream_revocations(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => return (false, format!("subscribe {}: {}", ep.addr, s.message())),
+            };
+            tracing::debug!(target: "firma_sidecar::authority", "revocation stream open ({})", ep.addr);
+            let mut got = false;
+            let ended = |got: bool, why: String| {
+                caught_up.store(true, Ordering::Relaxed);
+                (got, why)
+            };
+            loop {
+                match stream.message().await {
+                    Ok(Some(r)) => {
+                        got = true;
+                        if !r.replay {
+                            caught_up.store(true, Ordering::Relaxed);
+                        }
+                        on_revoked(RevocationUpdate {
+                            token_id: &r.token_id,
+                            replay: r.replay,
+                            revoked_at_unix_ms: r.revoked_at_unix_ms,
+                            startup: r.replay && !caught_up.load(Ordering::Relaxed),
+                        });
                     }
-                    on_revoked(RevocationUpdate {
-                        token_id: &r.token_id,
-                        replay: r.replay,
-                        revoked_at_unix_ms: r.revoked_at_unix_ms,
-                        startup: r.replay && !caught_up.load(Ordering::Relaxed),
-                    });
+                    Ok(None) => return ended(got, format!("closed by the authority {}", ep.addr)),
+                    Err(s) => return ended(got, format!("{}: {}", ep.addr, s.message())),
                 }
-                Ok(None) => return ended(got, "closed by the authority".into()),
-                Err(s) => return ended(got, s.message().to_owned()),
             }
         }
     })

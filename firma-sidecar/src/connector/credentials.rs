@@ -196,6 +196,11 @@ impl CredentialStore {
         })
     }
 
+    /// The headers [`Self::strip_agent_credentials`] removes for `host` (empty: no entry).
+    pub fn agent_headers(&self, host: &str) -> &[HeaderName] {
+        self.by_host.get(host).map_or(&[], |e| &e.strip_headers)
+    }
+
     /// Removes the credential headers and query parameters of `host`'s entry from a request
     /// (the agent's own key or its placeholder). No entry: nothing changes.
     pub fn strip_agent_credentials<B>(&self, host: &str, req: &mut http::Request<B>) {

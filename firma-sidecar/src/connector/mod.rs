@@ -304,6 +304,43 @@ impl Connector {
         })
     }
 
+    /// The connector's admission of an allowed request, shared by [`Self::prepare`] and the
+    /// callers that do not carry the request themselves ([`crate::gate`]): the credential
+    /// (fail closed: nothing leaves without it), then the host's rate-limit permit. Whether a
+    /// credential may go to `target` at all was settled before: by [`Self::bind_request`], or
+    /// by the caller through [`Self::insecure`].
+    pub async fn admit(
+        &self,
+        target: &UpstreamTarget,
+    ) -> Result<Option<credentials::Injection>, Failure> {
+        let injection = self
+            .credentials
+            .resolve(&target.host)
+            .await
+            .map_err(|e| Failure::CredentialUnavailable(e.to_string()))?;
+        let timeout = self.timeout_for(&target.host);
+        if let Some(l) = self
+            .hosts
+            .get(&target.host)
+            .and_then(|h| h.limiter.as_ref())
+            && let Err(wait) = l.acquire(timeout).await
+        {
+            return Err(Failure::RateLimited(format!(
+                "rate limit for {}: next permit in {} ms, beyond the {} ms timeout",
+                target.host,
+                wait.as_millis(),
+                timeout.as_millis()
+            )));
+        }
+        Ok(injection)
+    }
+
+    /// Headers of the agent's own credential for `host` (removed before anything leaves there;
+    /// includes the injected header). Empty for a host without a credential.
+    pub fn agent_credential_headers(&self, host: &str) -> &[http::HeaderName] {
+        self.credentials.agent_headers(host)
+    }
+
     /// Settles everything an allowed request needs before it may leave: where to, whether a
     /// credential may go there, the credential itself, the rate-limit permit; and rewrites the
     /// request for the upstream. Nothing is sent. The caller records the decision (persisted)
@@ -327,29 +364,9 @@ impl Connector {
         let timeout = self.timeout_for(&target.host);
         let addr = bound.addr;
 
-        // 1. May a credential go there at all, 2. where to: settled in `bound`.
-        // 3. Credential (fail closed: nothing is sent without it).
-        let injection = match self.credentials.resolve(&target.host).await {
-            Ok(i) => i,
-            Err(e) => return Err((Failure::CredentialUnavailable(e.to_string()), outcome)),
-        };
-        // 4. Rate limit.
-        if let Some(l) = self
-            .hosts
-            .get(&target.host)
-            .and_then(|h| h.limiter.as_ref())
-            && let Err(wait) = l.acquire(timeout).await
-        {
-            return Err((
-                Failure::RateLimited(format!(
-                    "rate limit for {}: next permit in {} ms, beyond the {} ms timeout",
-                    target.host,
-                    wait.as_millis(),
-                    timeout.as_millis()
-                )),
-                outcome,
-            ));
-        }
+        // 1. May a credential go there? 2. Where to: `addr`, bound by the caller.
+        // 3. Credential. 4. Rate limit.
+        let injection = self.admit(target).await.map_err(|f| (f, outcome.clone()))?;
         // 5. Rewrite for the upstream.
         let grpc = is_grpc(req.headers());
         let trailers = wants_trailers(req.headers());

@@ -13,6 +13,7 @@ mod error;
 mod logs;
 pub mod metrics;
 pub mod pins;
+pub mod probe;
 mod programs;
 pub mod refusal_maps;
 pub mod refusals;

@@ -13,7 +13,7 @@ use std::path::Path;
 
 /// How a program attaches.
 #[derive(Debug, Clone, Copy)]
-enum Kind {
+pub(super) enum Kind {
     SockOps,
     SockAddr(CgroupSockAddrAttachType),
     /// The DNS guard's egress hook.
@@ -85,29 +85,8 @@ impl Programs {
             let pin = progs_dir.join(name);
             if pin.exists() {
                 adopted += 1;
-            } else {
-                let prog = ebpf
-                    .program_mut(name)
-                    .ok_or(EbpfError::MissingProgram(name))?;
-                load(prog, name)?;
-                prog.pin(&pin).map_err(|e| EbpfError::Pin {
-                    what: name,
-                    path: pin.clone(),
-                    detail: e.to_string(),
-                })?;
             }
-            let handle = match kind {
-                Kind::SockOps => SockOps::from_pin(&pin).map(Handle::SockOps),
-                Kind::SockAddr(t) => CgroupSockAddr::from_pin(&pin, t).map(Handle::SockAddr),
-                Kind::SkbEgress => {
-                    CgroupSkb::from_pin(&pin, CgroupSkbAttachType::Egress).map(Handle::Skb)
-                }
-            }
-            .map_err(|e| EbpfError::Program {
-                name,
-                detail: e.to_string(),
-            })?;
-            handles.push((name, handle));
+            handles.push((name, load_one(ebpf, name, kind, &pin)?));
         }
         Ok(Self { handles, adopted })
     }
@@ -129,50 +108,152 @@ impl Programs {
             if pin.exists() {
                 continue;
             }
-            let link: FdLink = match handle {
-                Handle::SockOps(p) => {
-                    let id = p
-                        .attach(&cgroup, CgroupAttachMode::Single)
-                        .map_err(|e| attach_err(name, cgroup_dir, e))?;
-                    p.take_link(id)
-                        .map_err(|e| attach_err(name, cgroup_dir, e))?
-                        .try_into()
-                }
-                Handle::SockAddr(p) => {
-                    let id = p
-                        .attach(&cgroup, CgroupAttachMode::Single)
-                        .map_err(|e| attach_err(name, cgroup_dir, e))?;
-                    p.take_link(id)
-                        .map_err(|e| attach_err(name, cgroup_dir, e))?
-                        .try_into()
-                }
-                Handle::Skb(p) => {
-                    let id = p
-                        .attach(
-                            &cgroup,
-                            CgroupSkbAttachType::Egress,
-                            CgroupAttachMode::Single,
-                        )
-                        .map_err(|e| attach_err(name, cgroup_dir, e))?;
-                    p.take_link(id)
-                        .map_err(|e| attach_err(name, cgroup_dir, e))?
-                        .try_into()
-                }
-            }
-            .map_err(|e: LinkError| EbpfError::Attach {
-                name,
-                cgroup: cgroup_dir.into(),
-                detail: format!("kernel has no BPF links ({e}); need Linux >= 5.7"),
-            })?;
-            // Dropping the returned PinnedLink closes our fd; the pin keeps the link alive.
-            link.pin(&pin).map_err(|e| EbpfError::Pin {
-                what: name,
-                path: pin.clone(),
-                detail: e.to_string(),
-            })?;
+            attach_one(name, handle, &cgroup, cgroup_dir, &pin)?;
             created += 1;
         }
         Ok(created)
+    }
+}
+
+/// Loads and pins program `name` at `pin` unless a program is pinned there already, and opens
+/// it from the pin.
+fn load_one(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    kind: Kind,
+    pin: &Path,
+) -> Result<Handle, EbpfError> {
+    if !pin.exists() {
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::MissingProgram(name))?;
+        load(prog, name)?;
+        prog.pin(pin).map_err(|e| EbpfError::Pin {
+            what: name,
+            path: pin.into(),
+            detail: e.to_string(),
+        })?;
+    }
+    match kind {
+        Kind::SockOps => SockOps::from_pin(pin).map(Handle::SockOps),
+        Kind::SockAddr(t) => CgroupSockAddr::from_pin(pin, t).map(Handle::SockAddr),
+        Kind::SkbEgress => CgroupSkb::from_pin(pin, CgroupSkbAttachType::Egress).map(Handle::Skb),
+    }
+    .map_err(|e| EbpfError::Program {
+        name,
+        detail: e.to_string(),
+    })
+}
+
+/// Attaches one program to `cgroup` with a link pinned at `pin`.
+fn attach_one(
+    name: &'static str,
+    handle: &mut Handle,
+    cgroup: &File,
+    cgroup_dir: &Path,
+    pin: &Path,
+) -> Result<(), EbpfError> {
+    let link: FdLink = match handle {
+        Handle::SockOps(p) => {
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(|e| attach_err(name, cgroup_dir, e))?;
+            p.take_link(id)
+                .map_err(|e| attach_err(name, cgroup_dir, e))?
+                .try_into()
+        }
+        Handle::SockAddr(p) => {
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(|e| attach_err(name, cgroup_dir, e))?;
+            p.take_link(id)
+                .map_err(|e| attach_err(name, cgroup_dir, e))?
+                .try_into()
+        }
+        Handle::Skb(p) => {
+            let id = p
+                .attach(
+                    cgroup,
+                    CgroupSkbAttachType::Egress,
+                    CgroupAttachMode::Single,
+                )
+                .map_err(|e| attach_err(name, cgroup_dir, e))?;
+            p.take_link(id)
+                .map_err(|e| attach_err(name, cgroup_dir, e))?
+                .try_into()
+        }
+    }
+    .map_err(|e: LinkError| EbpfError::Attach {
+        name,
+        cgroup: cgroup_dir.into(),
+        detail: format!("kernel has no BPF links ({e}); need Linux >= 5.7"),
+    })?;
+    // Dropping the returned PinnedLink closes our fd; the pin keeps the link alive.
+    link.pin(pin).map_err(|e| EbpfError::Pin {
+        what: name,
+        path: pin.into(),
+        detail: e.to_string(),
+    })?;
+    Ok(())
+}
+
+/// One program's fate in [`probe_each`]: loaded by the verifier, then attached with a link.
+pub(super) struct Probed {
+    pub name: &'static str,
+    pub hook: &'static str,
+    pub result: Result<(), EbpfError>,
+}
+
+/// Loads and pins each program under `progs_dir`, then attaches it to `cgroup_dir` with a link
+/// pinned under `links_dir`: one program at a time, so one refusal does not hide the others.
+/// Then detaches them all as [`detach`] does (`BPF_LINK_DETACH`), whose outcome is returned
+/// too. What `firma doctor` reports per hook (see `super::probe`).
+pub(super) fn probe_each(
+    ebpf: &mut Ebpf,
+    progs_dir: &Path,
+    cgroup_dir: &Path,
+    links_dir: &Path,
+) -> Result<(Vec<Probed>, Result<usize, EbpfError>), EbpfError> {
+    let cgroup = File::open(cgroup_dir).map_err(|e| EbpfError::Io {
+        path: cgroup_dir.into(),
+        detail: e.to_string(),
+    })?;
+    std::fs::create_dir_all(links_dir).map_err(|e| EbpfError::Io {
+        path: links_dir.into(),
+        detail: e.to_string(),
+    })?;
+    let probed = PROGRAMS
+        .into_iter()
+        .map(|(name, kind)| {
+            let result = load_one(ebpf, name, kind, &progs_dir.join(name)).and_then(|mut h| {
+                attach_one(name, &mut h, &cgroup, cgroup_dir, &links_dir.join(name))
+            });
+            Probed {
+                name,
+                hook: hook_name(kind),
+                result,
+            }
+        })
+        .collect();
+    Ok((probed, detach(links_dir)))
+}
+
+/// The kernel hook a program attaches to, as `firma doctor` names it.
+fn hook_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::SockOps => "sock_ops",
+        Kind::SkbEgress => "cgroup_skb/egress",
+        Kind::SockAddr(t) => match t {
+            CgroupSockAddrAttachType::Connect4 => "cgroup/connect4",
+            CgroupSockAddrAttachType::Connect6 => "cgroup/connect6",
+            CgroupSockAddrAttachType::UDPSendMsg4 => "cgroup/sendmsg4",
+            CgroupSockAddrAttachType::UDPSendMsg6 => "cgroup/sendmsg6",
+            CgroupSockAddrAttachType::UDPRecvMsg4 => "cgroup/recvmsg4",
+            CgroupSockAddrAttachType::UDPRecvMsg6 => "cgroup/recvmsg6",
+            CgroupSockAddrAttachType::GetPeerName4 => "cgroup/getpeername4",
+            CgroupSockAddrAttachType::GetPeerName6 => "cgroup/getpeername6",
+            _ => "cgroup/sock_addr",
+        },
     }
 }
 

@@ -450,7 +450,7 @@ async fn handle_request(
         Some(mcp_spec) => {
             let limit = state.pipeline.mcp_config().max_body_bytes;
             let (_, budget) = state.pipeline.extract_limits();
-            match super::mcp::read(req, &mcp_spec, limit, budget).await {
+            match super::mcp::read(req, &up.host, &mcp_spec, limit, budget).await {
                 Ok((read, call)) => {
                     mcp = Some(call);
                     Err(read)
@@ -573,6 +573,15 @@ async fn handle_request(
         }
         want = Some(w);
     }
+    // MCP answers (POST answers, GET event streams) are followed (docs/mcp.md): they must
+    // arrive unencoded to be read.
+    let follows_mcp = mcp.is_some()
+        || state
+            .pipeline
+            .mcp_stream(method.as_str(), &up.host, &target.path);
+    if follows_mcp {
+        req.headers_mut().remove(http::header::ACCEPT_ENCODING);
+    }
     let ctx = RequestContext {
         conn: conn.clone(),
         method: method.clone(),
@@ -693,13 +702,17 @@ async fn handle_request(
             }
         };
     }
+    let follow = follows_mcp.then(|| super::mcp::Follow::new(state, &ctx, mcp.as_ref()));
     match state.connector.send(prepared).await {
         Ok((resp, outcome)) => match llm_model {
             Some(model) => track_usage(state, resp, outcome, committed, model, reservation),
-            None => {
-                committed.finish(outcome);
-                resp
-            }
+            None => match follow {
+                Some(f) => super::mcp::follow(resp, outcome, committed, f).await,
+                None => {
+                    committed.finish(outcome);
+                    resp
+                }
+            },
         },
         Err((failure, mut outcome)) => {
             let (status, reason, detail) = abort_of(failure);

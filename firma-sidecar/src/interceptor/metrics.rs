@@ -141,6 +141,8 @@ pub fn connection(kind: InterceptKind) -> ConnectionGuard {
         InterceptKind::Transparent => 1,
         // DNS queries are not client connections.
         InterceptKind::Dns => return ConnectionGuard(None),
+        // Decided for a caller that carries the request itself: no Firma connection.
+        InterceptKind::Embedded | InterceptKind::ExtAuthz => return ConnectionGuard(None),
     };
     if let Some(m) = METRICS.get() {
         m.conns_total[i].inc();

@@ -29,6 +29,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod path;
 pub mod revocations;
+pub mod session_store;
 pub mod sessions;
 pub mod stage1;
 pub mod stage2;
@@ -109,6 +110,9 @@ struct Inner {
     counters: ActionCounters,
     /// Token usage per session and agent (`context.session` / `context.agent`).
     usage: Arc<usage::UsageLedger>,
+    /// `[sidecar.session_store] backend = "redis"`: counters and usage shared by sidecars
+    /// (replaces `counters` and `usage` for Stage 2).
+    store: Option<Arc<session_store::RedisStore>>,
     revoked: Arc<RevocationSet>,
     budget: Duration,
     /// `[sidecar.mapping] extract_max_body_bytes`.
@@ -189,9 +193,36 @@ impl Pipeline {
             });
         }
 
-        match &cfg.policy.authority_url {
-            Some(url) => {
-                let ep = AuthorityEndpoint::new(url, cfg.authority.ca_cert_path.as_deref())?;
+        let store = match cfg.session_store.backend {
+            session_store::config::Backend::Memory => None,
+            session_store::config::Backend::Redis => {
+                let store = session_store::RedisStore::connect(
+                    &cfg.session_store,
+                    session_store::metrics::get(),
+                )
+                .map_err(|e| PipelineError::Startup(e.to_string()))?;
+                let url = cfg.session_store.url.as_deref().unwrap_or_default();
+                if store.warm_up().await {
+                    tracing::info!(
+                        target: "firma_sidecar::startup::session_store",
+                        "session state shared on {url} (key prefix {:?}, on_unavailable = {:?})",
+                        cfg.session_store.key_prefix,
+                        cfg.session_store.on_unavailable
+                    );
+                }
+                tasks.spawn(store.clone().maintain());
+                Some(store)
+            }
+        };
+
+        let authority_urls = cfg.policy.authority_urls();
+        match authority_urls.first() {
+            Some(_) => {
+                let eps = authority_urls
+                    .iter()
+                    .map(|url| AuthorityEndpoint::new(url, cfg.authority.ca_cert_path.as_deref()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let ep = eps[0].clone();
                 let cache = cfg.policy.dir.clone();
                 if let Some(dir) = &cache
                     && let Err(e) = bundle_source::load_cache(&policies, dir)
@@ -199,12 +230,14 @@ impl Pipeline {
                     tracing::warn!(target: "firma_sidecar::policy", "ignoring cached bundle: {e}");
                 }
                 let store = policies.clone();
-                tasks.spawn(authority_client::run_bundle_stream(ep.clone(), move |b| {
-                    bundle_source::on_streamed(&store, cache.as_deref(), b)
-                }));
+                tasks.spawn(authority_client::run_bundle_stream(
+                    eps.clone(),
+                    ttl,
+                    move |b| bundle_source::on_streamed(&store, cache.as_deref(), b),
+                ));
                 let set = revoked.clone();
                 tasks.spawn(authority_client::run_revocation_stream(
-                    ep.clone(),
+                    eps,
                     move |u| {
                         if set.insert(u.token_id) {
                             if !u.replay {
@@ -259,6 +292,7 @@ impl Pipeline {
                 policies,
                 counters: ActionCounters::new(),
                 usage,
+                store,
                 revoked,
                 budget: Duration::from_millis(cfg.constraint_enforcement.enforcement_timeout_ms),
                 extract_limit: cfg.mapping.extract_max_body_bytes,
@@ -296,21 +330,23 @@ impl Pipeline {
             .mapping
             .classify(req.method.as_str(), &req.host, &path)
             .map(|m| m.action_class.to_owned());
-        let (d, held) = self.run(
-            t0,
-            Subject {
-                class,
-                method: req.method.as_str(),
-                host: &req.host,
-                path: &path,
-                headers: &req.headers,
-                caller: Caller::of(&req.conn),
-                workload: req.conn.workload.as_ref(),
-                request: req.request.as_ref(),
-                mcp: None,
-                reserve: want,
-            },
-        );
+        let (d, held) = self
+            .run(
+                t0,
+                Subject {
+                    class,
+                    method: req.method.as_str(),
+                    host: &req.host,
+                    path: &path,
+                    headers: &req.headers,
+                    caller: Caller::of(&req.conn),
+                    workload: req.conn.workload.as_ref(),
+                    request: req.request.as_ref(),
+                    mcp: None,
+                    reserve: want,
+                },
+            )
+            .await;
         let d = self.bounded(t0, d);
         // A decision turned into a denial (too late) releases what it reserved.
         let held = held.filter(|_| d.is_allow());
@@ -331,22 +367,74 @@ impl Pipeline {
                 );
             }
         };
-        let (d, _) = self.run(
-            t0,
-            Subject {
-                class: Some(msg.action_class.to_owned()),
-                method: req.method.as_str(),
-                host: &req.host,
-                path: &path,
-                headers: &req.headers,
-                caller: Caller::of(&req.conn),
-                workload: req.conn.workload.as_ref(),
-                request: None,
-                mcp: Some(msg),
-                reserve: None,
-            },
-        );
+        let (d, _) = self
+            .run(
+                t0,
+                Subject {
+                    class: Some(msg.action_class.to_owned()),
+                    method: req.method.as_str(),
+                    host: &req.host,
+                    path: &path,
+                    headers: &req.headers,
+                    caller: Caller::of(&req.conn),
+                    workload: req.conn.workload.as_ref(),
+                    request: None,
+                    mcp: Some(msg),
+                    reserve: None,
+                },
+            )
+            .await;
         self.bounded(t0, d)
+    }
+
+    /// Whether the caller of `req` could call tool `tool` on the MCP endpoint at `call_path`
+    /// for some arguments: what a `tools/list` answer keeps (see `docs/mcp.md`, "Filtered
+    /// tool lists"). Stage 1 as for the call (`mcp.tools.call` on `<host><call_path>/tools/
+    /// <tool>`), then Cedar with `context.mcp.arguments` unknown and `action_count` the count
+    /// the next call of the tool would have. Nothing is counted. Fails closed (false) when
+    /// the call could not be decided at all.
+    pub fn mcp_tool_listed(&self, req: &RequestContext, call_path: &str, tool: &str) -> bool {
+        let inner = &*self.inner;
+        let Ok(path) = path::normalize(call_path) else {
+            return false;
+        };
+        let Some(msg) = mcp::Message::listed_tool(tool) else {
+            return false;
+        };
+        if self.mcp_endpoint("POST", &req.host, &path).is_none() {
+            return false;
+        }
+        let Ok(policies) = inner.policies.usable(Instant::now()) else {
+            return false;
+        };
+        let resource = msg.resource(&req.host, &path);
+        let now = now_unix();
+        let Ok(cleared) = inner.capabilities.check(&Stage1Request {
+            caller: Caller::of(&req.conn),
+            headers: &req.headers,
+            workload: req.conn.workload.as_ref(),
+            action_class: msg.action_class,
+            resource: &resource,
+            now,
+        }) else {
+            return false;
+        };
+        let claims = &cleared.cap.claims;
+        let done = inner.counters.get(&claims.session_id, &msg.counter_key());
+        let usage = inner.usage.totals(&claims.session_id, &claims.agent_id);
+        policies.could_allow(&firma_common::policy::EvalRequest {
+            agent_id: &claims.agent_id,
+            action: msg.action_class,
+            resource_id: &resource,
+            host: Some(&req.host),
+            path: Some(&path),
+            action_count: done.saturating_add(1),
+            session_id: &claims.session_id,
+            method: "POST",
+            request: None,
+            usage: Some(usage),
+            mcp: Some(&msg.context),
+        })
     }
 
     /// The MCP declaration of the rule matching a POST to `host` `path`, if it marks an MCP
@@ -359,6 +447,17 @@ impl Pipeline {
             .mapping
             .classify(method, host, path)
             .and_then(|m| m.mcp.cloned())
+    }
+
+    /// Whether a `GET` to `host` `path` opens the event stream of an MCP endpoint (its rule
+    /// is marked `mcp`): the stream is followed like a POST's SSE answer (`docs/mcp.md`).
+    pub fn mcp_stream(&self, method: &str, host: &str, path: &str) -> bool {
+        method == "GET"
+            && self
+                .inner
+                .mapping
+                .classify(method, host, path)
+                .is_some_and(|m| m.mcp.is_some())
     }
 
     /// `[sidecar.mcp]` settings.
@@ -395,21 +494,23 @@ impl Pipeline {
             .mapping
             .classify_destination(&host)
             .map(|m| m.action_class.to_owned());
-        let (d, _) = self.run(
-            t0,
-            Subject {
-                class,
-                method: "CONNECT",
-                host: &host,
-                path: "",
-                headers,
-                caller: Caller::of(&dst.conn),
-                workload: dst.conn.workload.as_ref(),
-                request: None,
-                mcp: None,
-                reserve: None,
-            },
-        );
+        let (d, _) = self
+            .run(
+                t0,
+                Subject {
+                    class,
+                    method: "CONNECT",
+                    host: &host,
+                    path: "",
+                    headers,
+                    caller: Caller::of(&dst.conn),
+                    workload: dst.conn.workload.as_ref(),
+                    request: None,
+                    mcp: None,
+                    reserve: None,
+                },
+            )
+            .await;
         self.bounded(t0, d)
     }
 
@@ -434,13 +535,13 @@ impl Pipeline {
         d
     }
 
-    fn run(&self, t0: Instant, s: Subject<'_>) -> (Decision, Option<usage::Reservation>) {
+    async fn run(&self, t0: Instant, s: Subject<'_>) -> (Decision, Option<usage::Reservation>) {
         let mut held = None;
-        let d = self.run_held(t0, s, &mut held);
+        let d = self.run_held(t0, s, &mut held).await;
         (d, held)
     }
 
-    fn run_held(
+    async fn run_held(
         &self,
         t0: Instant,
         s: Subject<'_>,
@@ -524,8 +625,29 @@ impl Pipeline {
             usage: None,
             mcp: s.mcp,
         };
-        let r = match s.reserve {
-            Some(want) => {
+        let r = match (&inner.store, s.reserve) {
+            (Some(store), want) => {
+                let left = inner.budget.saturating_sub(t0.elapsed());
+                let shared = stage2::evaluate_shared(&policies, store, &req2, want);
+                match tokio::time::timeout(left, shared).await {
+                    Ok((r, h)) => {
+                        *held = h;
+                        r
+                    }
+                    // Reported as `EnforcementTimeout` by `bounded`; nothing was committed
+                    // that this request still holds.
+                    Err(_) => stage2::Stage2Result {
+                        deny: Some((
+                            DenyReason::SessionStoreUnavailable,
+                            "the session store did not decide within enforcement_timeout_ms".into(),
+                        )),
+                        matched_policies: Vec::new(),
+                        action_count: 0,
+                        local_allowance: false,
+                    },
+                }
+            }
+            (None, Some(want)) => {
                 let (r, h) = stage2::evaluate_reserving(
                     &policies,
                     &inner.counters,
@@ -536,7 +658,7 @@ impl Pipeline {
                 *held = h;
                 r
             }
-            None => {
+            (None, None) => {
                 req2.usage = Some(
                     inner
                         .usage
@@ -551,9 +673,14 @@ impl Pipeline {
                 Outcome::Allow,
                 None,
                 format!(
-                    "allowed by {} (action_count = {})",
+                    "allowed by {} (action_count = {}){}",
                     r.matched_policies.join(", "),
-                    r.action_count
+                    r.action_count,
+                    if r.local_allowance {
+                        " from the local allowance: the session store is unavailable"
+                    } else {
+                        ""
+                    }
                 ),
             ),
             Some((reason, detail)) => (Outcome::Deny, Some(reason), detail),

@@ -10,6 +10,7 @@
 //! source ends in a fail-closed stale state rather than in evaluating something unchecked.
 
 use super::mapping::{MappingError, MappingRules};
+use super::session_store::{Commit, Keys, RedisStore, Unavailable};
 use super::sessions::{ActionCounters, count_and_decide};
 use super::usage::{Reservation, UsageLedger, Want};
 use crate::conn::DenyReason;
@@ -87,6 +88,8 @@ pub struct Stage2Result {
     pub matched_policies: Vec<String>,
     /// The `action_count` the policies saw.
     pub action_count: i64,
+    /// Allowed from the local allowance while the shared session store was unreachable.
+    pub local_allowance: bool,
 }
 
 impl PolicyStore {
@@ -318,15 +321,21 @@ pub fn evaluate_reserving(
     }
 }
 
+/// What `action_count` counts: the action class, or for MCP calls that name a tool
+/// (resource, prompt) the name (see `docs/mcp.md`).
+fn counter_key(req: &Stage2Request<'_>) -> String {
+    req.mcp
+        .map(super::mcp::Message::counter_key)
+        .unwrap_or_else(|| req.action_class.to_owned())
+}
+
 fn counter_of(
     counters: &ActionCounters,
     req: &Stage2Request<'_>,
 ) -> Result<Arc<std::sync::atomic::AtomicI64>, Stage2Result> {
-    // MCP calls that name a tool (resource, prompt) are counted per name (see `docs/mcp.md`).
-    let key = req.mcp.map(super::mcp::Message::counter_key);
-    let key = key.as_deref().unwrap_or(req.action_class);
+    let key = counter_key(req);
     counters
-        .counter(req.session_id, key, req.live_until, req.now)
+        .counter(req.session_id, &key, req.live_until, req.now)
         .map_err(|full| {
             // Fail closed: without a counter `action_count` limits could not hold.
             Stage2Result {
@@ -339,8 +348,102 @@ fn counter_of(
                 )),
                 matched_policies: Vec::new(),
                 action_count: 0,
+                local_allowance: false,
             }
         })
+}
+
+/// Stage 2 against the shared session store (see [`super::session_store`]): the policies see
+/// the counts and usage totals in Redis, and an allow is committed there (counted, and `want`
+/// reserved when given) only if they did not change meanwhile; else it evaluates again with the
+/// state the commit returned. `req.usage` is ignored. An unreachable store denies
+/// `SessionStoreUnavailable` (or uses the local allowance for calls that reserve nothing).
+pub async fn evaluate_shared(
+    policies: &CompiledPolicies,
+    store: &Arc<RedisStore>,
+    req: &Stage2Request<'_>,
+    want: Option<Want>,
+) -> (Stage2Result, Option<Reservation>) {
+    let keys = store.keys(req.session_id, &counter_key(req), req.agent_id);
+    let mut seen = match store.read(&keys).await {
+        Ok(s) => s,
+        Err(e) => return (unavailable(policies, store, req, &keys, want, &e), None),
+    };
+    loop {
+        let r = eval_once(
+            policies,
+            req,
+            seen.count.saturating_add(1),
+            Some((seen.session, seen.agent)),
+        );
+        if let Some((reason, detail)) = r.deny {
+            let detail = match want {
+                Some(_) => format!(
+                    "{detail} (session tokens_used = {}, of which reserved {}; agent tokens_used = {})",
+                    seen.session.tokens_used(),
+                    seen.session.reserved_tokens,
+                    seen.agent.tokens_used()
+                ),
+                None => detail,
+            };
+            let r = Stage2Result {
+                deny: Some((reason, detail)),
+                ..r
+            };
+            return (r, None);
+        }
+        match store.commit(&keys, &seen, want, req.live_until).await {
+            Ok(Commit::Done(held)) => {
+                let held = held.map(|h| Reservation::shared(h, want.unwrap_or_default()));
+                return (r, held);
+            }
+            Ok(Commit::Conflict(now)) => seen = now,
+            Err(e) => return (unavailable(policies, store, req, &keys, want, &e), None),
+        }
+    }
+}
+
+/// The decision while the shared store cannot be reached.
+fn unavailable(
+    policies: &CompiledPolicies,
+    store: &RedisStore,
+    req: &Stage2Request<'_>,
+    keys: &Keys,
+    want: Option<Want>,
+    e: &Unavailable,
+) -> Stage2Result {
+    // Metered calls are never allowed locally: their token budgets live in the store.
+    if want.is_none() {
+        while let Some(n) = store.local_count(req.session_id, keys) {
+            let r = eval_once(policies, req, n, None);
+            if r.deny.is_some() {
+                return r;
+            }
+            if store.local_commit(req.session_id, keys, n, req.live_until) {
+                return Stage2Result {
+                    local_allowance: true,
+                    ..r
+                };
+            }
+        }
+    }
+    let allowance = match store.on_unavailable() {
+        super::session_store::config::OnUnavailable::Deny => "",
+        _ if want.is_some() => " (metered calls get no local allowance)",
+        _ => " (this session's local allowance is used up)",
+    };
+    Stage2Result {
+        deny: Some((
+            DenyReason::SessionStoreUnavailable,
+            format!(
+                "{} on {}: session {:?} cannot be counted: {e}{allowance}",
+                req.action_class, req.resource, req.session_id
+            ),
+        )),
+        matched_policies: Vec::new(),
+        action_count: 0,
+        local_allowance: false,
+    }
 }
 
 fn eval_once(
@@ -386,5 +489,6 @@ fn eval_once(
         deny,
         matched_policies: r.determining_policies,
         action_count: n,
+        local_allowance: false,
     }
 }

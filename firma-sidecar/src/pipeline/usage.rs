@@ -335,9 +335,11 @@ impl UsageLedger {
         reserve(&mut t.sessions, session, &want, 1);
         reserve(&mut t.agents, agent, &want, 1);
         Some(Reservation {
-            ledger: self.clone(),
-            session: session.to_owned(),
-            agent: agent.to_owned(),
+            held: Held::Local {
+                ledger: self.clone(),
+                session: session.to_owned(),
+                agent: agent.to_owned(),
+            },
             want,
             settled: false,
         })
@@ -351,29 +353,49 @@ impl UsageLedger {
         self.dirty.store(true, Ordering::Release);
     }
 
-    fn settle(&self, r: &Reservation, u: Option<&Usage>) {
+    fn settle(&self, session: &str, agent: &str, want: &Want, u: Option<&Usage>) {
         let mut t = self.lock();
-        reserve(&mut t.sessions, &r.session, &r.want, -1);
-        reserve(&mut t.agents, &r.agent, &r.want, -1);
+        reserve(&mut t.sessions, session, want, -1);
+        reserve(&mut t.agents, agent, want, -1);
         if let Some(u) = u {
-            add(&mut t.sessions, &r.session, u);
-            add(&mut t.agents, &r.agent, u);
+            add(&mut t.sessions, session, u);
+            add(&mut t.agents, agent, u);
             self.dirty.store(true, Ordering::Release);
         }
     }
 }
 
+/// Where a reservation is held.
+enum Held {
+    /// In this sidecar's ledger.
+    Local {
+        ledger: Arc<UsageLedger>,
+        session: String,
+        agent: String,
+    },
+    /// In the shared store (`[sidecar.session_store] backend = "redis"`); taken out when
+    /// finished.
+    Shared(Option<super::session_store::Held>),
+}
+
 /// A reservation in flight. [`Reservation::settle`] replaces it with what the response used;
 /// dropped unsettled (the request never left), it is released and nothing is charged.
 pub struct Reservation {
-    ledger: Arc<UsageLedger>,
-    session: String,
-    agent: String,
+    held: Held,
     want: Want,
     settled: bool,
 }
 
 impl Reservation {
+    /// A reservation the shared store took for `want`.
+    pub fn shared(held: super::session_store::Held, want: Want) -> Self {
+        Self {
+            held: Held::Shared(Some(held)),
+            want,
+            settled: false,
+        }
+    }
+
     pub fn want(&self) -> Want {
         self.want
     }
@@ -381,24 +403,39 @@ impl Reservation {
     /// Charges `u` to the session and agent in place of the reservation.
     pub fn settle(mut self, u: &Usage) {
         self.settled = true;
-        self.ledger.settle(&self, Some(u));
+        self.finish(Some(u));
+    }
+
+    fn finish(&mut self, u: Option<&Usage>) {
+        match &mut self.held {
+            Held::Local {
+                ledger,
+                session,
+                agent,
+            } => ledger.settle(session, agent, &self.want, u),
+            Held::Shared(h) => {
+                if let Some(h) = h.take() {
+                    h.finish(u);
+                }
+            }
+        }
     }
 }
 
 impl std::fmt::Debug for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reservation")
-            .field("session", &self.session)
-            .field("agent", &self.agent)
-            .field("want", &self.want)
-            .finish()
+        let mut d = f.debug_struct("Reservation");
+        if let Held::Local { session, agent, .. } = &self.held {
+            d.field("session", session).field("agent", agent);
+        }
+        d.field("want", &self.want).finish()
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.settled {
-            self.ledger.settle(self, None);
+            self.finish(None);
         }
     }
 }

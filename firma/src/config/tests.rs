@@ -337,3 +337,42 @@ fn node_agent_keys_are_validated() {
         );
     }
 }
+
+#[test]
+fn ext_authz_section_parses_and_validates() {
+    let shipped = include_str!("../../../policies/firma.toml");
+    // The commented example in policies/firma.toml, uncommented, is valid.
+    let example: String = shipped
+        .lines()
+        .skip_while(|l| !l.starts_with("# [sidecar.ext_authz]"))
+        .take_while(|l| l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| l.starts_with('[') || l.contains(" = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(example.contains("listen_addr"), "{example}");
+    let c = FirmaConfig::parse(&format!("{shipped}\n{example}"), Path::new("f.toml")).unwrap();
+    let x = c.sidecar().unwrap().ext_authz.as_ref().expect("ext_authz");
+    assert_eq!(x.listen_addr, "127.0.0.1:9191");
+    assert!(x.upstream_tls);
+    assert_eq!(x.principals[0].agent_id, "research-agent");
+    for (bad, key) in [
+        (
+            example.replace("127.0.0.1:9191", "localhost"),
+            "sidecar.ext_authz.listen_addr",
+        ),
+        (
+            example.replace("agent_id = \"research-agent\"", "agent_id = \"\""),
+            "sidecar.ext_authz.principals",
+        ),
+        (
+            example.replace("upstream_tls", "upstream_tsl"),
+            "upstream_tsl",
+        ),
+    ] {
+        let e = FirmaConfig::parse(&format!("{shipped}\n{bad}"), Path::new("f.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{key}: {e}");
+    }
+}

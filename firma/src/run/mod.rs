@@ -61,6 +61,16 @@ pub struct Args {
     /// (plain HTTP needs HOST:80); repeat. The shipped forbids still win.
     #[arg(long = "allow-host", value_name = "HOST[:PORT]")]
     allow_hosts: Vec<String>,
+    /// Allow the MCP server at URL (`https://HOST[:PORT]/PATH`, PATH may end in `*`); repeat
+    /// (the legacy transport needs its `/sse` and `/messages/*`). Its JSON-RPC messages are
+    /// decided one by one (docs/mcp.md): the session plumbing is permitted, `tools/call` of
+    /// the `--mcp-tools` (every tool without it).
+    #[arg(long = "allow-mcp", value_name = "URL")]
+    allow_mcp: Vec<String>,
+    /// With --allow-mcp: the only tools that may be called (comma-separated, repeatable);
+    /// `tools/list` answers show only these. Without it every tool (and resources, prompts).
+    #[arg(long = "mcp-tools", value_name = "TOOL,…", value_delimiter = ',')]
+    mcp_tools: Vec<String>,
     /// Let CMD send UDP to ADDR:PORT ([V6]:PORT for IPv6); repeat. UDP is otherwise closed
     /// (DNS goes to the run's DNS guard).
     #[arg(long = "allow-udp", value_name = "ADDR:PORT")]
@@ -86,6 +96,10 @@ pub struct Args {
     /// Log level of the in-process sidecar (RUST_LOG wins).
     #[arg(long, default_value = "warn")]
     log_level: String,
+    /// Budget of one decision in milliseconds (`enforcement_timeout_ms`); a slower decision
+    /// is denied `EnforcementTimeout`. Default: the config's, else 50.
+    #[arg(long = "enforcement-timeout-ms", value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    enforcement_timeout_ms: Option<u64>,
     /// The program and its arguments.
     #[arg(
         required = true,

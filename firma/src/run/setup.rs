@@ -252,7 +252,108 @@ pub fn check_args(args: &Args) -> Result<(), String> {
     for h in &args.allow_hosts {
         split_allow_host(h)?;
     }
+    for u in &args.allow_mcp {
+        split_mcp_url(u)?;
+    }
+    if !args.mcp_tools.is_empty() && args.allow_mcp.is_empty() {
+        return Err("--mcp-tools needs --allow-mcp URL".into());
+    }
+    for t in &args.mcp_tools {
+        let ok = !t.is_empty()
+            && t.len() <= 128
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !ok {
+            return Err(format!(
+                "--mcp-tools {t:?}: expected MCP tool names ([A-Za-z0-9_.-]{{1,128}}), comma-separated"
+            ));
+        }
+    }
     Ok(())
+}
+
+/// `--allow-mcp https://HOST[:PORT]/PATH`: the lowercase host, the port (443 by default,
+/// `http://` 80) and the path pattern.
+pub fn split_mcp_url(raw: &str) -> Result<(String, u16, String), String> {
+    let bad = |why: &str| format!("--allow-mcp {raw:?}: {why} (expected https://HOST[:PORT]/PATH)");
+    let (default_port, rest) = if let Some(r) = raw.strip_prefix("https://") {
+        (443, r)
+    } else if let Some(r) = raw.strip_prefix("http://") {
+        (80, r)
+    } else {
+        return Err(bad("not an http(s) URL"));
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => return Err(bad("no path")),
+    };
+    if path.contains(['?', '#', '"', '\\', ' ']) || !path.is_ascii() {
+        return Err(bad(
+            "the path must be plain ASCII without query or fragment",
+        ));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad("bad port"))?,
+        ),
+        None => (authority, default_port),
+    };
+    if host.is_empty() || host.contains(['*', '@', '[', '"', '\\']) || !host.is_ascii() {
+        return Err(bad("bad host"));
+    }
+    Ok((host.to_ascii_lowercase(), port, path.to_owned()))
+}
+
+/// The MCP action classes `--allow-mcp` puts in the capability.
+pub const MCP_ACTIONS: [&str; 8] = [
+    "mcp.session",
+    "mcp.initialize",
+    "mcp.notification",
+    "mcp.tools.list",
+    "mcp.tools.call",
+    "mcp.resources.read",
+    "mcp.prompts.get",
+    "mcp.other",
+];
+
+/// The mapping rules and Cedar permits of `--allow-mcp` / `--mcp-tools`.
+pub fn mcp_rules(args: &Args) -> Result<(String, String, Vec<String>), String> {
+    let mut rules = String::from("# firma run --allow-mcp: MCP endpoints (docs/mcp.md).\n");
+    let mut permits = String::from("// firma run --allow-mcp / --mcp-tools\n");
+    let mut hosts = Vec::new();
+    let tools: Vec<String> = args.mcp_tools.iter().map(q).collect();
+    for raw in &args.allow_mcp {
+        let (host, port, path) = split_mcp_url(raw)?;
+        rules.push_str(&format!(
+            "[[rule]]\nhost = {}\nports = [{port}]\npath = {}\naction_class = \"mcp.session\"\nmcp = {{}}\n",
+            q(&host),
+            q(&path)
+        ));
+        let on = format!(
+            "resource has host && resource.host == {} && resource has path && resource.path like {}",
+            q(&host),
+            q(&path)
+        );
+        permits.push_str(&format!(
+            "permit (principal, action in [Firma::Action::\"mcp.session\", Firma::Action::\"mcp.initialize\", Firma::Action::\"mcp.notification\", Firma::Action::\"mcp.tools.list\", Firma::Action::\"mcp.other\"], resource) when {{ {on} }};\n"
+        ));
+        if tools.is_empty() {
+            permits.push_str(&format!(
+                "permit (principal, action in [Firma::Action::\"mcp.tools.call\", Firma::Action::\"mcp.resources.read\", Firma::Action::\"mcp.prompts.get\"], resource) when {{ {on} }};\n"
+            ));
+        } else {
+            permits.push_str(&format!(
+                "permit (principal, action == Firma::Action::\"mcp.tools.call\", resource) when {{ {on} && context has mcp && context.mcp has name && [{}].contains(context.mcp.name) }};\n",
+                tools.join(", ")
+            ));
+        }
+        hosts.push(host);
+    }
+    Ok((rules, permits, hosts))
 }
 
 /// `--allow-host HOST[:PORT]`: the lowercase host and its port, if one was named.
@@ -302,7 +403,9 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
     let policy_dir = run_dir.join("policies");
     let source = args.policy.clone().or_else(|| {
         args.config.as_ref().and_then(|_| {
-            (cfg.policy.authority_url.is_none())
+            cfg.policy
+                .authority_urls()
+                .is_empty()
                 .then(|| cfg.policy.dir.clone())
                 .flatten()
         })
@@ -322,6 +425,7 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
     if source.is_some() || args.config.is_none() {
         cfg.policy.dir = Some(policy_dir.clone());
         cfg.policy.authority_url = None;
+        cfg.policy.authority_urls.clear();
     }
 
     // Mapping rules: --rules FILE replaces them; --allow-host adds one whole-host rule per
@@ -393,6 +497,23 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
         shipped::write(&policy_dir.join("allow-hosts.cedar"), &permits, 0o644)?;
     }
 
+    // --allow-mcp: one MCP rule per endpoint, its permits beside the policy.
+    let mut mcp_hosts = Vec::new();
+    if !args.allow_mcp.is_empty() {
+        if args.config.is_some() && source.is_none() {
+            return Err(Refused(
+                "--allow-mcp needs a local policy directory (pass --policy DIR)".into(),
+            )
+            .into());
+        }
+        let (rules, permits, hosts) = mcp_rules(args).map_err(Refused)?;
+        let rules_file = run_dir.join("allow-mcp-rules.toml");
+        shipped::write(&rules_file, &rules, 0o644)?;
+        cfg.mapping.rules_paths.push(rules_file);
+        shipped::write(&policy_dir.join("allow-mcp.cedar"), &permits, 0o644)?;
+        mcp_hosts = hosts;
+    }
+
     // MITM every host a rule names (so denials are HTTP 403s with a reason, not closed
     // connections) plus the allowed and credential hosts.
     let mut intercept: BTreeSet<String> = cfg
@@ -408,6 +529,7 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
             .map(|k| k.host.clone())
             .filter(|h| h != "*")
             .chain(allow.iter().cloned())
+            .chain(mcp_hosts.iter().cloned())
             .chain(args.credentials.iter().map(|c| c.host.clone())),
     );
     cfg.interceptor.https_mitm.enabled = true;
@@ -438,7 +560,7 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
 
     // The capability: issued in-process with the state's authority key (defaults), or with the
     // config's [authority] when it has one.
-    let actions: Vec<String> = if args.actions.is_empty() {
+    let mut actions: Vec<String> = if args.actions.is_empty() {
         shipped::DEFAULT_ACTIONS
             .iter()
             .map(|s| s.to_string())
@@ -446,6 +568,13 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
     } else {
         args.actions.clone()
     };
+    if !args.allow_mcp.is_empty() {
+        for a in MCP_ACTIONS {
+            if !actions.iter().any(|x| x == a) {
+                actions.push(a.to_string());
+            }
+        }
+    }
     let issuance_dir = run_dir.join("issuance");
     let (key_file, issuance) = match file_cfg.as_ref().and_then(|f| f.authority.as_ref()) {
         Some(a) if args.config.is_some() => (a.key_file.clone(), a.issuance_policy_dir.clone()),
@@ -512,6 +641,9 @@ pub fn prepare(state: &State, ids: &RunIds, args: &Args) -> anyhow::Result<Prepa
     t.allow_udp.extend(args.allow_udp.iter().cloned());
     t.allow_loopback.extend(args.allow_loopback.iter().cloned());
     cfg.log.level = args.log_level.clone();
+    if let Some(ms) = args.enforcement_timeout_ms {
+        cfg.constraint_enforcement.enforcement_timeout_ms = ms;
+    }
     // The run's own ports (chosen above) can never be opened to CMD.
     let own = cfg.own_ports();
     for a in &cfg.interceptor.transparent.allow_loopback {
@@ -651,6 +783,29 @@ mod tests {
         );
         for bad in ["", "h:0", "h:x", "h:70000", "a:b:1", "h/p", "*", "h :1"] {
             assert!(split_allow_host(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn allow_mcp_flags() {
+        assert_eq!(
+            split_mcp_url("https://MCP.example.com/mcp").unwrap(),
+            ("mcp.example.com".into(), 443, "/mcp".into())
+        );
+        assert_eq!(
+            split_mcp_url("http://h:8080/messages/*").unwrap(),
+            ("h".into(), 8080, "/messages/*".into())
+        );
+        for bad in [
+            "mcp.example.com/mcp",
+            "https://h",
+            "https://h/mcp?x=1",
+            "https://h:0/mcp",
+            "https://*.h/mcp",
+            "https://h/a b",
+            "ftp://h/mcp",
+        ] {
+            assert!(split_mcp_url(bad).is_err(), "{bad:?} accepted");
         }
     }
 

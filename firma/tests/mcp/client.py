@@ -1,7 +1,9 @@
 """A real MCP client (the `mcp` Python SDK) for firma/tests/mcp_enforcement.rs.
 
-Usage: FIRMA_CAPABILITY=TOKEN client.py URL PROXY CA STEPS_JSON
-Opens one session to URL through the HTTP proxy PROXY (trusting CA for TLS), then runs each
+Usage: [FIRMA_CAPABILITY=TOKEN] client.py URL PROXY CA STEPS_JSON
+Opens one session to URL through the HTTP proxy PROXY ("-": none, for `firma run`), trusting CA
+for TLS, with the streamable HTTP transport, or the legacy HTTP+SSE one when URL ends in /sse;
+then runs each
 step of STEPS_JSON (a list of [tool, {arguments}]) in order on that same session, printing one
 JSON line per step: {"tool", "ok", "text"} or {"tool", "error", "code"}. Also prints
 {"tools": [...]} with the names tools/list returned.
@@ -26,16 +28,31 @@ except ImportError:  # mcp 1.x
     def connect(url, client):
         return streamablehttp_client(url)
 
+from mcp.client.sse import sse_client
+
 url, proxy, ca, steps = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+proxy = None if proxy == "-" else proxy
+
+
+def legacy(url, ctx, headers):
+    def factory(headers=None, timeout=None, auth=None):
+        return httpx.AsyncClient(
+            proxy=proxy, verify=ctx, timeout=timeout or 20, trust_env=False, headers=headers, auth=auth
+        )
+
+    return sse_client(url, headers=headers, httpx_client_factory=factory)
 
 
 async def main():
     ctx = ssl.create_default_context(cafile=ca)
-    headers = {"x-firma-capability": os.environ["FIRMA_CAPABILITY"]}
+    headers = {}
+    if "FIRMA_CAPABILITY" in os.environ:
+        headers["x-firma-capability"] = os.environ["FIRMA_CAPABILITY"]
     async with httpx.AsyncClient(
         proxy=proxy, verify=ctx, timeout=20, trust_env=False, headers=headers
     ) as client:
-        async with connect(url, client) as streams:
+        transport = legacy(url, ctx, headers) if url.endswith("/sse") else connect(url, client)
+        async with transport as streams:
             read, write = streams[0], streams[1]
             async with ClientSession(read, write) as session:
                 await session.initialize()

@@ -1,8 +1,9 @@
 """A real MCP server (the `mcp` Python SDK) over TLS for firma/tests/mcp_enforcement.rs.
 
-Usage: server.py CERT KEY CALLS_LOG
-Serves the streamable HTTP transport at /mcp on 127.0.0.1 (a free port, printed as
-`listening PORT`). Tools: read_file(path), delete_repo(name); every execution is appended to
+Usage: server.py CERT KEY CALLS_LOG [ADDR:PORT]
+Serves the streamable HTTP transport at /mcp and the legacy HTTP+SSE transport (GET /sse,
+POST /messages/?session_id=) on 127.0.0.1 (a free port) or ADDR:PORT, printed as
+`listening PORT`. Tools: read_file(path), delete_repo(name); every execution is appended to
 CALLS_LOG as a JSON line, which is what the test counts as "the server received it".
 """
 import asyncio
@@ -11,6 +12,7 @@ import socket
 import sys
 
 import uvicorn
+from starlette.applications import Starlette
 from mcp.server.transport_security import TransportSecuritySettings
 
 try:  # mcp >= 2
@@ -42,14 +44,24 @@ def delete_repo(name: str) -> str:
 
 
 async def main():
+    addr, port = ("127.0.0.1", 0)
+    if len(sys.argv) > 4:
+        a, p = sys.argv[4].rsplit(":", 1)
+        addr, port = a, int(p)
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((addr, port))
     sock.listen(64)
     # The server is reached as mcp.test (its certificate's name): allow that Host.
     security = TransportSecuritySettings(
         enable_dns_rebinding_protection=True, allowed_hosts=["mcp.test", "mcp.test:*"]
     )
-    app = mcp.streamable_http_app(transport_security=security)
+    streamable = mcp.streamable_http_app(transport_security=security)
+    legacy = mcp.sse_app(transport_security=security)
+    app = Starlette(
+        routes=list(streamable.routes) + list(legacy.routes),
+        lifespan=streamable.router.lifespan_context,
+    )
     config = uvicorn.Config(
         app, ssl_certfile=cert, ssl_keyfile=key, log_level="warning", lifespan="on"
     )

@@ -39,6 +39,16 @@ fn main() {
         println!("FIRMA-VM-TESTS-DONE passed=0 failed=1");
         std::process::exit(1);
     }
+    // Named, so the matrix table lists them for every kernel.
+    for t in kernel_suite::TESTS
+        .iter()
+        .filter(|t| t.host_only && filter.is_none_or(|f| t.name.contains(f)))
+    {
+        println!(
+            "FIRMA-VM-TEST skip {}: host only (slow and meaningless under TCG; run by firma/tests/transparent_kernel.rs)",
+            t.name
+        );
+    }
     let tests: Vec<kernel_suite::Test> = kernel_suite::TESTS
         .iter()
         .filter(|t| !t.host_only)

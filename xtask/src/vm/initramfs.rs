@@ -8,6 +8,7 @@ use std::path::Path;
 /// `/init`: mounts what the tests need (the kernel has no DEVTMPFS_MOUNT), runs them, powers
 /// off. `panic=-1` plus `-no-reboot` also ends QEMU if init dies.
 fn init_script(test_args: &str) -> String {
+    // `firma doctor` first: what it reports is compared with what the suite then observes.
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
@@ -21,6 +22,10 @@ mount -t tmpfs tmpfs /tmp
 ip link set lo up
 printf '127.0.0.1 localhost\n::1 localhost\n' > /etc/hosts
 echo "FIRMA-VM-BOOTED kernel $(uname -r), $(nproc) cpus"
+/firma doctor --json > /tmp/doctor.json 2>/tmp/doctor.err
+echo "FIRMA-VM-DOCTOR-EXIT $?"
+printf 'FIRMA-VM-DOCTOR %s\n' "$(cat /tmp/doctor.json)"
+cat /tmp/doctor.err
 /vm-kernel-tests --require {test_args}
 echo "FIRMA-VM-EXIT $?"
 poweroff -f
@@ -99,15 +104,25 @@ impl<W: Write> Cpio<W> {
     }
 }
 
+/// What goes into the guest besides busybox and `/init`.
+pub struct Payload<'a> {
+    pub busybox: &'a Path,
+    pub tests: &'a Path,
+    pub firma: &'a Path,
+    /// `(release, config file)`: installed as `/boot/config-<release>` for `firma doctor`.
+    pub config: Option<(&'a str, &'a Path)>,
+}
+
 /// Writes the initramfs to `out`.
-pub fn build(out: &Path, busybox: &Path, tests: &Path, test_args: &str) -> anyhow::Result<()> {
-    let busybox = std::fs::read(busybox)?;
-    let tests = std::fs::read(tests)?;
+pub fn build(out: &Path, p: &Payload<'_>, test_args: &str) -> anyhow::Result<()> {
+    let busybox = std::fs::read(p.busybox)?;
+    let tests = std::fs::read(p.tests)?;
+    let firma = std::fs::read(p.firma)?;
     let file = std::io::BufWriter::new(std::fs::File::create(out)?);
     let mut c = Cpio::new(file);
     for d in [
         "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "etc", "tmp", "run",
-        "root",
+        "root", "boot",
     ] {
         c.dir(d)?;
     }
@@ -116,6 +131,14 @@ pub fn build(out: &Path, busybox: &Path, tests: &Path, test_args: &str) -> anyho
     c.file("bin/busybox", 0o755, &busybox)?;
     c.entry("bin/sh", S_IFLNK | 0o777, (0, 0), b"busybox")?;
     c.file("vm-kernel-tests", 0o755, &tests)?;
+    c.file("firma", 0o755, &firma)?;
+    if let Some((release, config)) = p.config {
+        c.file(
+            &format!("boot/config-{release}"),
+            0o644,
+            &std::fs::read(config)?,
+        )?;
+    }
     c.file("init", 0o755, init_script(test_args).as_bytes())?;
     c.finish()?;
     Ok(())

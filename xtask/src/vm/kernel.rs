@@ -1,5 +1,5 @@
-//! The guest kernel: Debian's current `linux-image-amd64` target, downloaded (never installed)
-//! and cached under `target/vm/kernel/<package>/vmlinux`.
+//! Guest kernels: Debian packages fetched by version (downloaded, never installed) and cached
+//! under `~/.cache/firma/kernels/<package>_<version>/` (vmlinux, config, release), or a file.
 //!
 //! QEMU boots an uncompressed `vmlinux` much faster than a bzImage under TCG (about 2 s instead
 //! of 5 s here), so the compressed payload is cut out of `vmlinuz` and decompressed once, as
@@ -17,36 +17,157 @@ const FORMATS: &[(&str, &[u8], &str)] = &[
     ("xz", b"\xfd7zXZ\x00", "xz"),
     ("zstd", b"\x28\xb5\x2f\xfd", "zstd"),
     ("gzip", b"\x1f\x8b\x08", "gzip"),
+    // The kernel's LZ4 is the legacy frame format (Debian's 6.1 cloud kernel uses it).
+    ("lz4", b"\x02\x21\x4c\x18", "lz4"),
 ];
 
-/// Returns the cached `vmlinux`, fetching and extracting it on first use.
-/// `FIRMA_VM_KERNEL=/path` (a vmlinux or vmlinuz) skips the download.
-pub fn vmlinux(cache: &Path) -> anyhow::Result<PathBuf> {
-    if let Some(given) = std::env::var_os("FIRMA_VM_KERNEL") {
-        let given = PathBuf::from(given);
-        let data = std::fs::read(&given).with_context(|| format!("{}", given.display()))?;
-        if data.starts_with(ELF_MAGIC) {
-            return Ok(given);
+/// A kernel of the matrix: what `--kernel` names and how it is found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Spec {
+    /// A Debian package: a meta-package (`linux-image-cloud-amd64`) resolved to the versioned
+    /// package it depends on, or a versioned package itself.
+    Debian { name: String, package: String },
+    /// A vmlinux or vmlinuz on disk (`--kernel ./path`, `FIRMA_VM_KERNEL`).
+    File(PathBuf),
+}
+
+/// The short names `--kernel` accepts, with the Debian (meta-)package each follows.
+pub const NAMED: &[(&str, &str)] = &[
+    ("6.1", "linux-image-amd64"),
+    ("6.1-cloud", "linux-image-cloud-amd64"),
+    ("6.1-rt", "linux-image-rt-amd64"),
+    ("6.12", "linux-image-6.12-amd64"),
+    ("6.12-cloud", "linux-image-6.12-cloud-amd64"),
+    ("6.12-rt", "linux-image-6.12-rt-amd64"),
+];
+
+/// What `cargo xtask vm-test` runs without `--kernel`: both LTS lines Debian bookworm carries,
+/// the generic and the cloud flavour, and the PREEMPT_RT flavour of 6.1.
+pub const DEFAULT_MATRIX: &[&str] = &["6.1", "6.1-cloud", "6.1-rt", "6.12-cloud"];
+
+impl Spec {
+    /// `6.1-cloud`, a package name (`linux-image-…`), or a path (contains `/`).
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        if s.contains('/') {
+            return Ok(Self::File(PathBuf::from(s)));
         }
-        let out = cache.join("kernel/custom-vmlinux");
-        write_vmlinux(&data, &out)?;
-        return Ok(out);
+        if let Some((name, package)) = NAMED.iter().find(|(n, _)| *n == s) {
+            return Ok(Self::Debian {
+                name: (*name).into(),
+                package: (*package).into(),
+            });
+        }
+        if s.starts_with("linux-image-")
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '+' | '~'))
+        {
+            return Ok(Self::Debian {
+                name: s.into(),
+                package: s.into(),
+            });
+        }
+        bail!(
+            "unknown kernel {s:?}: use one of {}, a Debian package name (linux-image-…), or a path to a vmlinux/vmlinuz",
+            NAMED.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+        )
     }
-    let package = current_package()?;
-    let dir = cache.join("kernel").join(&package);
+
+    /// The name in the results table.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Debian { name, .. } => name.clone(),
+            Self::File(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// A kernel ready to boot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Kernel {
+    pub name: String,
+    /// The versioned Debian package and its version, when it came from one.
+    pub package: Option<String>,
+    pub version: Option<String>,
+    /// `uname -r` of the kernel (from the package's /boot/config-<release>).
+    pub release: Option<String>,
+    #[serde(skip)]
+    pub vmlinux: PathBuf,
+    /// The package's kernel config, copied to /boot/config-<release> in the guest so
+    /// `firma doctor` reads it as it would on an installed system.
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+}
+
+/// Where fetched kernels are kept, one directory per package and version:
+/// `$FIRMA_KERNEL_CACHE`, else `$XDG_CACHE_HOME/firma/kernels`, else `~/.cache/firma/kernels`.
+pub fn cache_root() -> anyhow::Result<PathBuf> {
+    if let Some(d) = std::env::var_os("FIRMA_KERNEL_CACHE") {
+        return Ok(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(d).join("firma/kernels"));
+    }
+    let home = std::env::var_os("HOME").context("neither FIRMA_KERNEL_CACHE nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".cache/firma/kernels"))
+}
+
+/// Returns the kernel for `spec`, fetching and extracting it on first use.
+pub fn fetch(spec: &Spec, scratch: &Path) -> anyhow::Result<Kernel> {
+    match spec {
+        Spec::File(given) => {
+            let data = std::fs::read(given).with_context(|| format!("{}", given.display()))?;
+            let vmlinux = if data.starts_with(ELF_MAGIC) {
+                given.clone()
+            } else {
+                let out = scratch.join("kernel/custom-vmlinux");
+                write_vmlinux(&data, &out)?;
+                out
+            };
+            Ok(Kernel {
+                name: spec.name(),
+                package: None,
+                version: None,
+                release: None,
+                vmlinux,
+                config: None,
+            })
+        }
+        Spec::Debian { name, package } => {
+            let package = versioned_package(package)?;
+            let version = package_version(&package)?;
+            fetch_package(name, &package, &version)
+        }
+    }
+}
+
+/// Downloads `package` at `version` (never installs it) and extracts vmlinux and config into
+/// `<cache>/<package>_<version>/`, unless they are there already.
+fn fetch_package(name: &str, package: &str, version: &str) -> anyhow::Result<Kernel> {
+    let dir = cache_root()?.join(format!("{package}_{version}"));
     let out = dir.join("vmlinux");
-    if out.is_file() {
-        eprintln!("kernel: cached {}", out.display());
-        return Ok(out);
+    let kernel = |release: Option<String>| Kernel {
+        name: name.into(),
+        package: Some(package.into()),
+        version: Some(version.into()),
+        release,
+        vmlinux: out.clone(),
+        config: Some(dir.join("config")).filter(|c| c.is_file()),
+    };
+    let release_file = dir.join("release");
+    if out.is_file() && release_file.is_file() {
+        eprintln!("kernel {name}: cached {}", out.display());
+        let release = std::fs::read_to_string(&release_file)?.trim().to_string();
+        return Ok(kernel(Some(release)));
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     super::exec(
         Command::new("apt-get")
-            .args(["download", &package])
+            .args(["download", &format!("{package}={version}")])
             .current_dir(&dir),
     )?;
     let deb = find_file(&dir, &format!("{package}_"), ".deb")?;
-    // Only ./boot/vmlinuz-* is needed; the package is mostly modules.
+    // Only ./boot is needed; the package is mostly modules (everything the guest needs is
+    // built in: see docs/kernels.md).
     let mut dpkg = Command::new("dpkg-deb")
         .arg("--fsys-tarfile")
         .arg(&deb)
@@ -58,7 +179,7 @@ pub fn vmlinux(cache: &Path) -> anyhow::Result<PathBuf> {
         .arg("-x")
         .arg("-C")
         .arg(&dir)
-        .args(["--wildcards", "./boot/vmlinuz-*"])
+        .args(["--wildcards", "./boot/vmlinuz-*", "./boot/config-*"])
         .stdin(tar_in)
         .status()
         .context("cannot run tar")?;
@@ -69,21 +190,31 @@ pub fn vmlinux(cache: &Path) -> anyhow::Result<PathBuf> {
             deb.display()
         );
     }
-    let vmlinuz = find_file(&dir.join("boot"), "vmlinuz-", "")?;
-    let data = std::fs::read(&vmlinuz)?;
-    write_vmlinux(&data, &out)?;
+    let boot = dir.join("boot");
+    let vmlinuz = find_file(&boot, "vmlinuz-", "")?;
+    let config = find_file(&boot, "config-", "")?;
+    let release = config
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("config-"))
+        .context("config file name")?
+        .to_string();
+    write_vmlinux(&std::fs::read(&vmlinuz)?, &out)?;
+    std::fs::rename(&config, dir.join("config"))?;
+    std::fs::write(&release_file, &release)?;
+    let _ = std::fs::remove_dir_all(&boot);
     let _ = std::fs::remove_file(&deb);
-    Ok(out)
+    Ok(kernel(Some(release)))
 }
 
-/// The versioned package `linux-image-amd64` currently points at (names change with updates).
-fn current_package() -> anyhow::Result<String> {
+/// Runs `apt-cache ARGS`, once more after `apt-get update` (when root) if the answer is empty.
+fn apt_cache(args: &[&str], parse: impl Fn(&str) -> Option<String>) -> anyhow::Result<String> {
     let query = || -> anyhow::Result<Option<String>> {
         let out = Command::new("apt-cache")
-            .args(["depends", "linux-image-amd64"])
+            .args(args)
             .output()
-            .context("cannot run apt-cache (a Debian host is needed to fetch the kernel; or set FIRMA_VM_KERNEL)")?;
-        Ok(parse_depends(&String::from_utf8_lossy(&out.stdout)))
+            .context("cannot run apt-cache (a Debian host is needed to fetch kernels; or pass --kernel /path/to/vmlinuz)")?;
+        Ok(parse(&String::from_utf8_lossy(&out.stdout)))
     };
     if let Some(p) = query()? {
         return Ok(p);
@@ -95,8 +226,23 @@ fn current_package() -> anyhow::Result<String> {
         }
     }
     bail!(
-        "apt-cache knows no linux-image-amd64 dependency (run `apt-get update` as root, or set FIRMA_VM_KERNEL=/path/to/vmlinuz)"
+        "apt-cache {} gave no answer (run `apt-get update` as root, or pass --kernel /path/to/vmlinuz)",
+        args.join(" ")
     )
+}
+
+/// The versioned package a meta-package currently points at (names change with updates:
+/// 6.1.0-56 becomes -57); a versioned package is returned as is.
+fn versioned_package(package: &str) -> anyhow::Result<String> {
+    let depends = apt_cache(&["depends", package], |t| {
+        t.contains("Depends:").then(|| t.to_string())
+    })?;
+    Ok(parse_depends(&depends).unwrap_or_else(|| package.to_string()))
+}
+
+/// The candidate version apt would fetch.
+fn package_version(package: &str) -> anyhow::Result<String> {
+    apt_cache(&["policy", package], parse_candidate)
 }
 
 fn parse_depends(text: &str) -> Option<String> {
@@ -108,6 +254,14 @@ fn parse_depends(text: &str) -> Option<String> {
             .trim();
         name.starts_with("linux-image-").then(|| name.to_string())
     })
+}
+
+fn parse_candidate(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate:"))
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && *v != "(none)")
+        .map(str::to_string)
 }
 
 pub(super) fn is_root() -> bool {
@@ -178,7 +332,7 @@ pub fn extract_vmlinux(bz: &[u8]) -> anyhow::Result<Vec<u8>> {
             Err(e) => eprintln!("kernel: {name} payload: {e}"),
         }
     }
-    bail!("no compressed ELF kernel found in the bzImage (xz, zstd and gzip tried)")
+    bail!("no compressed ELF kernel found in the bzImage (xz, zstd, gzip and lz4 tried)")
 }
 
 /// x86 boot protocol >= 2.08: `payload_offset`/`payload_length` (0x248/0x24c) are relative to
@@ -238,6 +392,35 @@ mod tests {
             Some("linux-image-6.1.0-48-amd64")
         );
         assert_eq!(parse_depends("linux-image-amd64\n"), None);
+    }
+
+    #[test]
+    fn parses_the_candidate_version() {
+        let out =
+            "linux-image-6.12-cloud-amd64:\n  Installed: (none)\n  Candidate: 6.12.118-1~deb12u1\n";
+        assert_eq!(parse_candidate(out).as_deref(), Some("6.12.118-1~deb12u1"));
+        assert_eq!(parse_candidate("x:\n  Candidate: (none)\n"), None);
+    }
+
+    #[test]
+    fn kernel_specs() {
+        assert_eq!(
+            Spec::parse("6.12-cloud").unwrap(),
+            Spec::Debian {
+                name: "6.12-cloud".into(),
+                package: "linux-image-6.12-cloud-amd64".into()
+            }
+        );
+        assert!(matches!(
+            Spec::parse("linux-image-6.1.0-57-cloud-amd64").unwrap(),
+            Spec::Debian { .. }
+        ));
+        assert_eq!(
+            Spec::parse("./vmlinuz").unwrap(),
+            Spec::File("./vmlinuz".into())
+        );
+        assert!(Spec::parse("linux-image-6.1;reboot").is_err());
+        assert!(Spec::parse("5.4").is_err());
     }
 
     #[test]

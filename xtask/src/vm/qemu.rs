@@ -32,6 +32,11 @@ pub struct Report {
     /// `(passed, failed)` from the DONE marker.
     pub done: Option<(usize, usize)>,
     pub skipped: Option<String>,
+    /// `(test, why)` for tests the guest did not run (host-only ones).
+    pub skipped_tests: Vec<(String, String)>,
+    /// `firma doctor --json` as run in the guest before the suite.
+    pub doctor: Option<String>,
+    pub booted: bool,
     pub timed_out: bool,
 }
 
@@ -55,6 +60,14 @@ impl Report {
             self.done = passed.zip(failed);
         } else if let Some(i) = line.find("FIRMA-VM-TESTS-SKIP ") {
             self.skipped = Some(line[i + 20..].trim().to_string());
+        } else if let Some(i) = line.find("FIRMA-VM-TEST skip ") {
+            let rest = line[i + 19..].trim();
+            let (name, why) = rest.split_once(": ").unwrap_or((rest, ""));
+            self.skipped_tests.push((name.to_string(), why.to_string()));
+        } else if let Some(i) = line.find("FIRMA-VM-DOCTOR ") {
+            self.doctor = Some(line[i + 16..].trim().to_string());
+        } else if line.contains("FIRMA-VM-BOOTED") {
+            self.booted = true;
         }
     }
 
@@ -89,7 +102,12 @@ impl Report {
 }
 
 /// Boots `kernel` with `initrd`, echoing the console, and kills QEMU at `timeout`.
-pub fn boot(kernel: &Path, initrd: &Path, timeout: Duration) -> anyhow::Result<Report> {
+pub fn boot(
+    kernel: &Path,
+    initrd: &Path,
+    timeout: Duration,
+    prefix: &str,
+) -> anyhow::Result<Report> {
     let mut cmd = Command::new("qemu-system-x86_64");
     if kvm_usable() {
         cmd.args(["-accel", "kvm", "-cpu", "host"]);
@@ -138,7 +156,7 @@ pub fn boot(kernel: &Path, initrd: &Path, timeout: Duration) -> anyhow::Result<R
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
-                println!("vm| {line}");
+                println!("{prefix}| {line}");
                 report.scan(&line);
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -173,6 +191,13 @@ mod tests {
         assert_eq!(r.failed, ["udp_443_refused: not refused"]);
         assert_eq!(r.done, Some((1, 1)));
         assert!(r.problem().is_some());
+        r.scan("FIRMA-VM-TEST skip many_connections: host only");
+        r.scan("FIRMA-VM-DOCTOR {\"ok\":true,\"checks\":[]}");
+        assert_eq!(
+            r.skipped_tests,
+            [("many_connections".to_string(), "host only".to_string())]
+        );
+        assert_eq!(r.doctor.as_deref(), Some("{\"ok\":true,\"checks\":[]}"));
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub struct Message {
     pub context: McpContext,
 }
 
-fn method_ok(m: &str) -> bool {
+pub(super) fn method_ok(m: &str) -> bool {
     !m.is_empty()
         && m.len() <= MAX_NAME
         && m.bytes()
@@ -78,7 +78,7 @@ fn method_ok(m: &str) -> bool {
 }
 
 /// Tool and prompt names: the MCP specification's set, `[A-Za-z0-9_.-]{1,128}`.
-fn name_ok(n: &str) -> bool {
+pub(super) fn name_ok(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= MAX_NAME
         && n.bytes()

@@ -70,7 +70,7 @@ pub fn parse(body: &[u8]) -> Result<Body, String> {
     }
 }
 
-fn depth(v: &Value) -> usize {
+pub(super) fn depth(v: &Value) -> usize {
     // Iterative: the parser already bounds recursion, this must not add a stack risk.
     let mut max = 0;
     let mut stack = vec![(v, 1usize)];

@@ -10,6 +10,7 @@
 //! decided message by message.
 
 pub mod classify;
+pub mod follow;
 pub mod jsonrpc;
 mod spec;
 
@@ -40,6 +41,27 @@ pub fn classify_body(body: &[u8], spec: &McpSpec) -> Result<(Vec<Message>, bool)
 }
 
 impl Message {
+    /// A `tools/call` of `tool` with unknown arguments, for list-time decisions; `None` when
+    /// the name is outside the set a call could use (such a tool cannot be called).
+    pub fn listed_tool(tool: &str) -> Option<Self> {
+        if !classify::name_ok(tool) {
+            return None;
+        }
+        Some(Self {
+            action_class: "mcp.tools.call",
+            method: "tools/call".into(),
+            id: None,
+            name: Some(tool.to_owned()),
+            kind: Some("/tools"),
+            arguments: serde_json::Map::new(),
+            context: firma_common::policy::McpContext {
+                method: "tools/call".into(),
+                name: Some(tool.to_owned()),
+                arguments: std::collections::BTreeMap::new(),
+            },
+        })
+    }
+
     /// The Cedar resource id: `<host><path>/tools/<name>` for a named call, else `<host><path>`.
     pub fn resource(&self, host: &str, path: &str) -> String {
         match (&self.kind, &self.name) {
