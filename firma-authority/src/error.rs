@@ -55,6 +55,10 @@ pub enum AuthorityError {
     )]
     RevocationFileMissing { path: PathBuf },
     #[error(
+        "no revocation store: set authority.revocation_file (single node) or [authority.etcd] (shared)"
+    )]
+    NoRevocationStore,
+    #[error(
         "refusing to serve plaintext gRPC on non-loopback address {addr}; set authority.tls_cert_path and authority.tls_key_path, or listen on 127.0.0.1/[::1]"
     )]
     PlaintextNonLoopback { addr: std::net::SocketAddr },

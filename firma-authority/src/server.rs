@@ -184,10 +184,11 @@ async fn revocation_source(
         ));
         return Ok((hub, rx));
     }
+    // Config validation requires one of the two; a library caller may skip validation.
     let path = cfg
         .revocation_file
         .as_ref()
-        .expect("validated: revocation_file or etcd");
+        .ok_or(AuthorityError::NoRevocationStore)?;
     let file = RevocationFile::new(path);
     let list = file.read()?;
     for (line, text) in &list.malformed {
