@@ -68,6 +68,11 @@ const CRATES: &[Checked] = &[
             ("tls/", 2, "CA, leaf cache, sniffer, upstream client config"),
             ("authority_client/", 2, "the bundle and revocation streams"),
             ("config.rs", 1, "the sidecar's configuration"),
+            (
+                "pipeline/session_store/config.rs",
+                1,
+                "the [sidecar.session_store] keys config.rs validates",
+            ),
             ("conn.rs", 0, "connection, decision and outcome types"),
             ("sockopt.rs", 0, "socket options"),
             ("drain.rs", 0, "graceful shutdown"),

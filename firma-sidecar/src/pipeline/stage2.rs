@@ -394,7 +394,7 @@ pub async fn evaluate_shared(
         }
         match store.commit(&keys, &seen, want, req.live_until).await {
             Ok(Commit::Done(held)) => {
-                let held = held.map(|h| Reservation::shared(h, want.unwrap_or_default()));
+                let held = held.map(|h| Reservation::shared(Box::new(h), want.unwrap_or_default()));
                 return (r, held);
             }
             Ok(Commit::Conflict(now)) => seen = now,

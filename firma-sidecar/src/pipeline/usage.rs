@@ -375,7 +375,14 @@ enum Held {
     },
     /// In the shared store (`[sidecar.session_store] backend = "redis"`); taken out when
     /// finished.
-    Shared(Option<super::session_store::Held>),
+    Shared(Option<Box<dyn SharedHold>>),
+}
+
+/// A reservation another store holds (the shared session store implements it): this file
+/// sits below that store, so it names the interface rather than the type.
+pub trait SharedHold: Send + Sync + std::fmt::Debug {
+    /// Replaces the reservation with `usage` (or releases it on `None`).
+    fn finish(self: Box<Self>, usage: Option<&Usage>);
 }
 
 /// A reservation in flight. [`Reservation::settle`] replaces it with what the response used;
@@ -388,7 +395,7 @@ pub struct Reservation {
 
 impl Reservation {
     /// A reservation the shared store took for `want`.
-    pub fn shared(held: super::session_store::Held, want: Want) -> Self {
+    pub fn shared(held: Box<dyn SharedHold>, want: Want) -> Self {
         Self {
             held: Held::Shared(Some(held)),
             want,

@@ -577,12 +577,13 @@ pub struct Held {
     id: String,
 }
 
-impl Held {
+impl super::usage::SharedHold for Held {
     /// Replaces the reservation with `usage` (or releases it), in the background.
-    pub fn finish(self, usage: Option<&Usage>) {
-        self.store
+    fn finish(self: Box<Self>, usage: Option<&Usage>) {
+        let this = *self;
+        this.store
             .clone()
-            .settle_later(self.keys, self.id, usage.copied());
+            .settle_later(this.keys, this.id, usage.copied());
     }
 }
 
