@@ -144,6 +144,7 @@ impl Firma {
             pipeline,
             audit,
             connector,
+            firma_sidecar::error_shape::ErrorShapes::from_config(cfg),
             None,
             Drain::new(),
         ));

@@ -6,11 +6,45 @@
 //! "message"}}`. The Firma fields (`denied`/`aborted`, `reason`, `detail`) stay at the top
 //! level, so tools that read Firma's shape keep working. Which shape a host gets:
 //! `[[sidecar.connector.hosts]] error_format`, else the provider of the well-known hosts
-//! (`Connector::error_format`).
+//! ([`ErrorShapes::for_host`]). The table is read from the configuration, not from the
+//! connector, so a request can be answered in its host's shape before anything is decided.
 
-use crate::config::ErrorFormat;
+use crate::config::{ErrorFormat, SidecarConfig};
 use http::StatusCode;
 use serde_json::{Map, Value, json};
+use std::collections::HashMap;
+
+/// The error shape of each host's answers.
+#[derive(Debug, Clone, Default)]
+pub struct ErrorShapes {
+    /// `[[sidecar.connector.hosts]] error_format`, by lowercase host.
+    configured: HashMap<String, ErrorFormat>,
+}
+
+impl ErrorShapes {
+    pub fn from_config(cfg: &SidecarConfig) -> Self {
+        Self {
+            configured: cfg
+                .connector
+                .hosts
+                .iter()
+                .filter_map(|h| Some((h.host.trim().to_ascii_lowercase(), h.error_format?)))
+                .collect(),
+        }
+    }
+
+    /// `host`'s configured shape, else the provider's of the well-known API hosts, else Firma's.
+    pub fn for_host(&self, host: &str) -> ErrorFormat {
+        if let Some(f) = self.configured.get(host) {
+            return *f;
+        }
+        match host {
+            "api.openai.com" => ErrorFormat::Openai,
+            "api.anthropic.com" => ErrorFormat::Anthropic,
+            _ => ErrorFormat::Firma,
+        }
+    }
+}
 
 /// The provider's error `type` for a status (Anthropic's names; OpenAI-compatible clients
 /// treat `type` as free text).
@@ -60,6 +94,17 @@ mod tests {
         m.insert("reason".into(), json!("PolicyDenied"));
         add(&mut m, format, status, "PolicyDenied", "Firma denied it");
         Value::Object(m)
+    }
+
+    #[test]
+    fn hosts_get_their_configured_shape_else_the_providers() {
+        let shapes = ErrorShapes {
+            configured: [("llm.internal".to_string(), ErrorFormat::Openai)].into(),
+        };
+        assert_eq!(shapes.for_host("llm.internal"), ErrorFormat::Openai);
+        assert_eq!(shapes.for_host("api.anthropic.com"), ErrorFormat::Anthropic);
+        assert_eq!(shapes.for_host("api.openai.com"), ErrorFormat::Openai);
+        assert_eq!(shapes.for_host("example.com"), ErrorFormat::Firma);
     }
 
     #[test]

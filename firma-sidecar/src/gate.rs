@@ -2,12 +2,13 @@
 //! and Envoy's ext_authz (`crate::ext_authz`) hand a request's method, target, headers and
 //! (optionally) body to [`Gate::check`] and get back what to do with it.
 //!
-//! The phases are the interceptors' (`interceptor::http`), from the same functions:
-//! normalise -> extract (query, then a supplied body) -> [`crate::pipeline::Pipeline::decide`] -> placeholder
-//! leak -> plaintext credential -> [`crate::connector::Connector::admit`] (credential, rate limit) -> the ALLOW
-//! decision persisted with [`RequestAudit::commit`] before the caller may send anything. What the
-//! caller gets on allow is the header edit the interceptor would have made: the agent's own
-//! credential headers and every `x-firma-*` removed, Firma's credential set.
+//! The steps are the interceptors', from the same functions: the one sequence of
+//! [`crate::sequence`] (normalise -> extract (query, then a supplied body) -> [`sequence::decide`]:
+//! the pipeline, placeholder leak, plaintext credential -> [`crate::connector::Connector::admit`]
+//! (credential, rate limit) -> the ALLOW decision persisted with [`RequestAudit::commit`] before
+//! the caller may send anything). What the caller gets on allow is the header edit the
+//! interceptor would have made: the agent's own credential headers and every `x-firma-*`
+//! removed, Firma's credential set.
 //!
 //! Not here, by design: the upstream address (the caller connects: its resolver, its TLS), and
 //! LLM token metering (Stage 2 still sees the session's totals, but a call decided here is not
@@ -17,7 +18,9 @@
 use crate::audit::{Committed, RequestAudit};
 use crate::conn::{ConnectionInfo, ConnectorOutcome, Decision, DenyReason};
 use crate::connector::{Failure, UpstreamTarget};
-use crate::pipeline::{RequestContext, extract, path};
+use crate::pipeline::path::NormalPath;
+use crate::pipeline::{RequestContext, extract};
+use crate::sequence::{self, Decided};
 use crate::state::SidecarState;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -117,7 +120,7 @@ impl Gate {
 
     /// Decides `call` for the client `conn` (whose `workload`, if set, binds the agent).
     pub async fn check(&self, conn: &ConnectionInfo, call: Call) -> Verdict {
-        let host = crate::interceptor::http::normalize_host(&call.host);
+        let host = sequence::normalize_host(&call.host);
         let (raw_path, query) = match call.path_and_query.split_once('?') {
             Some((p, q)) => (p.to_string(), Some(q.to_string())),
             None => (call.path_and_query.clone(), None),
@@ -132,11 +135,11 @@ impl Gate {
                 format!("invalid host {:?}", call.host),
             );
         };
-        let path = match path::normalize(&raw_path) {
+        let path = match NormalPath::new(&raw_path) {
             Ok(p) => p,
             Err(e) => return deny(rec, DenyReason::MalformedRequest, e.to_string()),
         };
-        if path != raw_path && !call.may_rewrite_path {
+        if path != *raw_path && !call.may_rewrite_path {
             return deny(
                 rec,
                 DenyReason::MalformedRequest,
@@ -198,7 +201,7 @@ impl Gate {
         let rec = rec.request_attrs(attrs.as_ref().map(extract::to_json));
         let path_and_query = match &query {
             Some(q) => format!("{path}?{q}"),
-            None => path.clone(),
+            None => path.to_string(),
         };
         let up = UpstreamTarget {
             host: host.clone(),
@@ -215,27 +218,18 @@ impl Gate {
             tls: call.tls,
             request: attrs,
         };
-        let mut decision = self.state.pipeline.decide(&ctx).await;
-        // As the interceptor: a placeholder credential that would leave is denied whatever the
-        // policy said; a credential never leaves in plaintext.
         let uri: http::Uri = path_and_query.parse().unwrap_or_default();
-        if let Some(detail) = self
-            .state
-            .connector
-            .placeholder_leak(&up, &uri, &ctx.headers)
-        {
-            decision = decision.into_deny(DenyReason::CredentialLeak, detail);
-        }
-        if decision.is_allow()
-            && let Some(detail) = self.state.connector.insecure(&up)
-        {
-            decision = decision.into_deny(DenyReason::InsecureUpstream, detail);
-        }
-        if !decision.is_allow() {
+        let Decided {
+            decision, cleared, ..
+        } = sequence::decide(&self.state, &ctx, &up, &uri, async {
+            (self.state.pipeline.decide(&ctx).await, ())
+        })
+        .await;
+        let Some(cleared) = cleared else {
             rec.deny(&decision);
             return Verdict::Deny(decision);
-        }
-        let injection = match self.state.connector.admit(&up).await {
+        };
+        let injection = match self.state.connector.admit(&cleared).await {
             Ok(i) => i,
             Err(Failure::CredentialUnavailable(d)) => {
                 let d = decision.into_deny(DenyReason::CredentialUnavailable, d);
@@ -243,17 +237,7 @@ impl Gate {
                 return Verdict::Deny(d);
             }
             Err(f) => {
-                let (status, reason, detail) = match f {
-                    Failure::RateLimited(d) => {
-                        (http::StatusCode::TOO_MANY_REQUESTS, "RateLimited", d)
-                    }
-                    Failure::UpstreamTimeout(d) => {
-                        (http::StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout", d)
-                    }
-                    Failure::UpstreamUnavailable(d) | Failure::CredentialUnavailable(d) => {
-                        (http::StatusCode::BAD_GATEWAY, "UpstreamUnavailable", d)
-                    }
-                };
+                let (status, reason, detail) = sequence::abort_of(f);
                 let outcome = ConnectorOutcome {
                     aborted: Some(reason.to_string()),
                     ..Default::default()

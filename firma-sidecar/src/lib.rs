@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod node;
 pub mod pipeline;
 pub mod response;
+pub mod sequence;
 pub mod server;
 pub mod sockopt;
 pub mod state;

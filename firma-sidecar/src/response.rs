@@ -15,6 +15,41 @@ use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
+/// How Firma's own answers to one request look: gRPC status for gRPC (by its content type),
+/// else JSON in the error shape of the host's API. Read from the request and the
+/// configuration only, so it is known before the decision without visiting the connector.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer {
+    pub grpc: bool,
+    pub format: ErrorFormat,
+}
+
+impl Answer {
+    /// The answer for a request with `headers` to a host whose shape is `format`.
+    pub fn of(headers: &http::HeaderMap, format: ErrorFormat) -> Self {
+        Self {
+            grpc: crate::connector::is_grpc(headers),
+            format,
+        }
+    }
+
+    pub fn deny(self, d: &Decision) -> Response<RespBody> {
+        if self.grpc {
+            grpc_deny(d)
+        } else {
+            deny_as(d, self.format)
+        }
+    }
+
+    pub fn abort(self, status: StatusCode, reason: &str, detail: &str) -> Response<RespBody> {
+        if self.grpc {
+            grpc_abort(status, reason, detail)
+        } else {
+            abort_as(status, reason, detail, self.format)
+        }
+    }
+}
+
 fn json(status: StatusCode, body: String) -> Response<RespBody> {
     let mut r = Response::new(
         Full::new(Bytes::from(body))

@@ -204,6 +204,7 @@ where
         pipeline,
         audit.clone(),
         connector,
+        crate::error_shape::ErrorShapes::from_config(cfg),
         mitm,
         drain.clone(),
     ));

@@ -5,6 +5,7 @@ use crate::config::SidecarConfig;
 use crate::conn::{ConnectionInfo, InterceptKind, Workload};
 use crate::connector::Connector;
 use crate::drain::Drain;
+use crate::error_shape::ErrorShapes;
 use crate::pipeline::Pipeline;
 use crate::tls::HostPatterns;
 use crate::tls::leaf::LeafCache;
@@ -121,6 +122,8 @@ pub struct SidecarState {
     pub pipeline: Pipeline,
     pub audit: AuditLog,
     pub connector: Connector,
+    /// The error shape of Firma's own answers per host (read before any decision).
+    pub error_shapes: ErrorShapes,
     /// `None` when `[sidecar.interceptor.https_mitm] enabled = false`.
     pub mitm: Option<Mitm>,
     pub drain: Drain,
@@ -132,6 +135,7 @@ impl SidecarState {
         pipeline: Pipeline,
         audit: AuditLog,
         connector: Connector,
+        error_shapes: ErrorShapes,
         mitm: Option<Mitm>,
         drain: Drain,
     ) -> Self {
@@ -139,6 +143,7 @@ impl SidecarState {
             pipeline,
             audit,
             connector,
+            error_shapes,
             mitm,
             drain,
             next_conn_id: AtomicU64::new(1),

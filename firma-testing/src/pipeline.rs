@@ -192,7 +192,7 @@ pub fn req_from(
         method: method.parse().expect("method"),
         host: host.into(),
         port: 443,
-        path: path.into(),
+        path: firma_sidecar::pipeline::path::NormalPath::new(path).expect("a normalisable path"),
         headers: h,
         tls: true,
         request: None,

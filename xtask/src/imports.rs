@@ -49,6 +49,11 @@ const CRATES: &[Checked] = &[
                 "the decision for callers that carry the request (embedded, ext_authz)",
             ),
             ("ext_authz.rs", 5, "Envoy's ext_authz Check listener"),
+            (
+                "sequence.rs",
+                5,
+                "the one decision sequence of a request, shared by the interceptors and the gate",
+            ),
             ("control/", 4, "the attach socket"),
             ("ebpf/", 4, "the kernel side"),
             (

@@ -15,7 +15,7 @@ pub mod secret;
 pub mod usage;
 pub mod vault;
 
-use crate::config::{ErrorFormat, SidecarConfig};
+use crate::config::SidecarConfig;
 use crate::conn::{ConnectionInfo, ConnectorOutcome, InterceptKind};
 use credentials::{CredentialError, CredentialStore};
 use dial::{DialError, Dialer, ReqBody};
@@ -52,14 +52,19 @@ pub enum Failure {
     UpstreamTimeout(String),
 }
 
-/// Why an allowed HTTP request has no upstream ([`Connector::bind_request`]).
-#[derive(Debug)]
-pub enum RequestUnbound {
-    /// A credential would leave over plaintext (or TLS not verified for its host): a denial
-    /// (`InsecureUpstream`), nothing sent.
-    Insecure(String),
-    /// See [`binding::Unbound`].
-    Unbound(binding::Unbound),
+/// A target a credential may go to (or that has none): made only by [`Connector::clear`],
+/// right after the decision (`crate::sequence`); the connector is entered with it
+/// ([`Connector::bind_request`], [`Connector::admit`]), so nothing reaches the upstream side
+/// without that check.
+#[derive(Debug, Clone)]
+pub struct Cleared {
+    target: UpstreamTarget,
+}
+
+impl Cleared {
+    pub fn target(&self) -> &UpstreamTarget {
+        &self.target
+    }
 }
 
 /// Where an allowed HTTP request may go: made only by [`Connector::bind_request`], so
@@ -95,7 +100,6 @@ struct HostSettings {
     address: Option<SocketAddr>,
     timeout: Duration,
     limiter: Option<HostLimiter>,
-    error_format: Option<ErrorFormat>,
 }
 
 pub struct Connector {
@@ -108,8 +112,6 @@ pub struct Connector {
     /// Upstream connections shared by every client connection (see [`pool`]).
     pool: Arc<Pool>,
     fingerprint: CredentialFingerprint,
-    /// `[[sidecar.llm.prices]]`: model -> USD per 1k (input, output) tokens.
-    prices: HashMap<String, (f64, f64)>,
     /// Upstream addresses from the decided name (see [`binding`]).
     binder: binding::Binder,
 }
@@ -145,7 +147,6 @@ impl Connector {
                         address: h.address.as_deref().and_then(|a| a.parse().ok()),
                         timeout: h.timeout_ms.map_or(default_timeout, Duration::from_millis),
                         limiter: HostLimiter::new(h.rps, h.burst),
-                        error_format: h.error_format,
                     },
                 )
             })
@@ -158,12 +159,6 @@ impl Connector {
             transparent_mark: cfg.interceptor.transparent.socket_mark,
             pool: Pool::new(),
             fingerprint: CredentialFingerprint::new(),
-            prices: cfg
-                .llm
-                .prices
-                .iter()
-                .map(|p| (p.model.clone(), (p.input_per_1k_usd, p.output_per_1k_usd)))
-                .collect(),
             binder: binding::Binder::default(),
         })
     }
@@ -180,11 +175,6 @@ impl Connector {
         &self.binder
     }
 
-    /// USD per 1k (input, output) tokens of `model`, from `[[sidecar.llm.prices]]`.
-    pub fn price(&self, model: &str) -> Option<(f64, f64)> {
-        self.prices.get(model).copied()
-    }
-
     /// The shared upstream pool (for tests and metrics).
     pub fn pool(&self) -> &Pool {
         &self.pool
@@ -198,19 +188,6 @@ impl Connector {
         self.hosts
             .get(host)
             .map_or(self.default_timeout, |h| h.timeout)
-    }
-
-    /// The error shape of Firma's own answers for `host`: `[[sidecar.connector.hosts]]
-    /// error_format`, else the provider of the well-known API hosts, else plain Firma.
-    pub fn error_format(&self, host: &str) -> ErrorFormat {
-        if let Some(f) = self.hosts.get(host).and_then(|h| h.error_format) {
-            return f;
-        }
-        match host {
-            "api.openai.com" => ErrorFormat::Openai,
-            "api.anthropic.com" => ErrorFormat::Anthropic,
-            _ => ErrorFormat::Firma,
-        }
     }
 
     /// Why a request to `target` must not leave: it carries a placeholder credential that
@@ -274,45 +251,44 @@ impl Connector {
             .await
     }
 
-    /// Settles where an allowed HTTP request to `target` goes, in order: whether a credential
-    /// may go there at all ([`Self::insecure`]), then the destination binding ([`Self::bind`]).
-    /// The caller runs it right after the decision, so either refusal is denied like any
-    /// decision, with the request body still in hand.
+    /// Where an allowed HTTP request to the `cleared` target goes: the destination binding
+    /// ([`Self::bind`]). The caller runs it right after the decision, so a refusal is denied like
+    /// any decision, with the request body still in hand.
     pub async fn bind_request(
         &self,
-        target: &UpstreamTarget,
+        cleared: &Cleared,
         conn: &ConnectionInfo,
-    ) -> Result<Bound, RequestUnbound> {
-        if let Some(detail) = self.insecure(target) {
-            return Err(RequestUnbound::Insecure(detail));
-        }
+    ) -> Result<Bound, binding::Unbound> {
+        let target = &cleared.target;
         self.bind(Some(&target.host), target.port, conn)
             .await
             .map(|addr| Bound { addr })
-            .map_err(RequestUnbound::Unbound)
     }
 
-    /// Why a request to `target` may not leave: its host has a credential and the request
-    /// would not travel over TLS verified for that host (the connector verifies upstream TLS
-    /// for `target.host`, the name the credential is configured for).
-    pub fn insecure(&self, target: &UpstreamTarget) -> Option<String> {
-        (!target.tls && self.credentials.has(&target.host)).then(|| {
-            format!(
+    /// Whether a credential may go to `target`: not when its host has one and the request would
+    /// not travel over TLS verified for that host (the connector verifies upstream TLS for
+    /// `target.host`, the name the credential is configured for). `Err` is the
+    /// `InsecureUpstream` detail.
+    pub fn clear(&self, target: &UpstreamTarget) -> Result<Cleared, String> {
+        if !target.tls && self.credentials.has(&target.host) {
+            return Err(format!(
                 "{host} has a credential, which is only sent over TLS verified for {host}; this request would leave in plaintext (use https://)",
                 host = target.host
-            )
+            ));
+        }
+        Ok(Cleared {
+            target: target.clone(),
         })
     }
 
     /// The connector's admission of an allowed request, shared by [`Self::prepare`] and the
     /// callers that do not carry the request themselves ([`crate::gate`]): the credential
-    /// (fail closed: nothing leaves without it), then the host's rate-limit permit. Whether a
-    /// credential may go to `target` at all was settled before: by [`Self::bind_request`], or
-    /// by the caller through [`Self::insecure`].
+    /// (fail closed: nothing leaves without it), then the host's rate-limit permit.
     pub async fn admit(
         &self,
-        target: &UpstreamTarget,
+        cleared: &Cleared,
     ) -> Result<Option<credentials::Injection>, Failure> {
+        let target = &cleared.target;
         let injection = self
             .credentials
             .resolve(&target.host)
@@ -349,24 +325,28 @@ impl Connector {
     /// A credential is attached only to a request that leaves over TLS verified for the
     /// credential's host name: a credentialed host reached over plain HTTP (absolute-form
     /// `http://` through the proxy, `CONNECT host:80` followed by plaintext, h2c with
-    /// `:scheme http`, transparent port 80) was refused by [`Self::bind_request`]
-    /// (`InsecureUpstream`), which made `bound`, before the credential is even fetched.
+    /// `:scheme http`, transparent port 80) was refused by [`Self::clear`] (`InsecureUpstream`),
+    /// which made `cleared`, before the credential is even fetched.
     ///
     /// `bound` is where to: an address of the decided name, never one the client chose.
     pub async fn prepare(
         &self,
         mut req: Request<ReqBody>,
-        target: &UpstreamTarget,
+        cleared: &Cleared,
         conn: &ConnectionInfo,
         bound: Bound,
     ) -> Result<Prepared, (Failure, ConnectorOutcome)> {
+        let target = &cleared.target;
         let mut outcome = ConnectorOutcome::default();
         let timeout = self.timeout_for(&target.host);
         let addr = bound.addr;
 
-        // 1. May a credential go there? 2. Where to: `addr`, bound by the caller.
+        // 1. May a credential go there (`cleared`)? 2. Where to: `addr`, bound by the caller.
         // 3. Credential. 4. Rate limit.
-        let injection = self.admit(target).await.map_err(|f| (f, outcome.clone()))?;
+        let injection = self
+            .admit(cleared)
+            .await
+            .map_err(|f| (f, outcome.clone()))?;
         // 5. Rewrite for the upstream.
         let grpc = is_grpc(req.headers());
         let trailers = wants_trailers(req.headers());

@@ -1,7 +1,9 @@
 //! Serving HTTP on an accepted (or decrypted) connection: one pipeline decision per request.
 //!
-//! Phases per request, in order: framing check -> target (host, port, path) -> decide
-//! (pipeline) -> connector (credential -> rate limit -> upstream) -> audit -> respond.
+//! Each request runs the one sequence of [`crate::sequence`], once, in order: framing check ->
+//! target (host, port, path normalised once) -> attributes (MCP messages, extraction) ->
+//! [`sequence::decide`] (pipeline, placeholder leak, plaintext credential) -> connector (only
+//! for an allow: upstream address -> credential -> rate limit) -> audit commit -> respond.
 //! Every request goes through one [`RequestAudit`]: a denial is one `decision` event; an allow
 //! is a `decision` event persisted before the request leaves, then an `outcome` event (also
 //! when the client goes away mid-request). If the decision cannot be persisted the request is
@@ -17,10 +19,12 @@ use crate::audit::RequestAudit;
 use crate::config::ErrorFormat;
 use crate::conn::{ConnectionInfo, Decision, DenyReason};
 use crate::connector::binding::Unbound;
-use crate::connector::{Failure, RequestUnbound, RespBody, UpstreamTarget};
+use crate::connector::{Failure, RespBody, UpstreamTarget};
 use crate::pipeline::RequestContext;
 use crate::pipeline::extract;
-use crate::response;
+use crate::pipeline::path::NormalPath;
+use crate::response::{self, Answer};
+use crate::sequence::{self, Decided, abort_of};
 use crate::state::SidecarState;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -219,31 +223,14 @@ pub async fn deny_raw<S: AsyncWrite + Unpin>(
     let _ = stream.shutdown().await;
 }
 
-/// Lowercase host without port or brackets, if it is a plausible DNS name or IP literal.
-pub fn normalize_host(raw: &str) -> Option<String> {
-    let raw = raw.trim();
-    let host = if let Some(rest) = raw.strip_prefix('[') {
-        let end = rest.find(']')?;
-        let ip: std::net::Ipv6Addr = rest[..end].parse().ok()?;
-        return Some(ip.to_string());
-    } else {
-        match raw.rsplit_once(':') {
-            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-            _ => raw,
-        }
-    };
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    let ok = !host.is_empty()
-        && host.len() <= 253
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
-    ok.then_some(host)
-}
+/// Host normalisation is the sequence's first step (re-exported for the proxy listener and
+/// the fuzz targets).
+pub use crate::sequence::normalize_host;
 
 struct Target {
     upstream: UpstreamTarget,
-    path: String,
+    /// The request URI's path, normalised once (the URI forwarded holds the same form).
+    path: NormalPath,
 }
 
 /// The port a `Host` value names, if any (`[v6]:p`, `name:p`).
@@ -305,7 +292,8 @@ impl From<&str> for TargetError {
 
 fn target_inner(req: &mut Request<Incoming>, mode: &HttpMode) -> Result<Target, TargetError> {
     // Decide on, audit and forward one spelling of the path (see `pipeline::path`).
-    *req.uri_mut() = crate::pipeline::path::normalize_uri(req.uri()).map_err(|e| e.to_string())?;
+    let (uri, path) = crate::pipeline::path::normalize_uri(req.uri()).map_err(|e| e.to_string())?;
+    *req.uri_mut() = uri;
     let uri = req.uri();
     let named = uri.authority().map(|a| a.as_str().to_string()).or_else(|| {
         req.headers()
@@ -313,11 +301,6 @@ fn target_inner(req: &mut Request<Incoming>, mode: &HttpMode) -> Result<Target, 
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     });
-    let path = uri.path();
-    if !path.starts_with('/') {
-        return Err(format!("request target {:?} has no absolute path", uri).into());
-    }
-    let path = path.to_string();
     let upstream = match mode {
         HttpMode::Proxy => {
             let tls = match uri.scheme_str() {
@@ -397,15 +380,15 @@ async fn handle_request(
     let arrived = std::time::Instant::now();
     let method = req.method().clone();
     // gRPC clients get denials and aborts as grpc-status, everything else the JSON bodies, in
-    // the error shape of the host's API once the host is known (SDKs show the reason).
-    let grpc = crate::connector::is_grpc(req.headers());
+    // the error shape of the host's API once the host is known (SDKs show the reason). Read
+    // from the request and the configuration: the connector is not visited before the decision.
     let (mode_h, mode_p) = mode_host(mode);
-    let answer = Answer {
-        grpc,
-        format: mode_h
+    let answer = Answer::of(
+        req.headers(),
+        mode_h
             .as_deref()
-            .map_or(ErrorFormat::Firma, |h| state.connector.error_format(h)),
-    };
+            .map_or(ErrorFormat::Firma, |h| state.error_shapes.for_host(h)),
+    );
     let deny = |d: &Decision| answer.deny(d);
     // From here on, whatever happens (including the client leaving), one record.
     let rec = RequestAudit::new(&state.audit, conn)
@@ -432,8 +415,8 @@ async fn handle_request(
     };
     let up = &target.upstream;
     let answer = Answer {
-        grpc,
-        format: state.connector.error_format(&up.host),
+        format: state.error_shapes.for_host(&up.host),
+        ..answer
     };
     let deny = |d: &Decision| answer.deny(d);
     let abort =
@@ -562,7 +545,7 @@ async fn handle_request(
             inline,
             state.pipeline.reserve_output_tokens(),
         );
-        if let Some(price) = model.as_deref().and_then(|m| state.connector.price(m)) {
+        if let Some(price) = model.as_deref().and_then(|m| state.pipeline.price(m)) {
             w.cost_nano_usd = crate::connector::usage::cost_nano_usd(
                 price,
                 crate::connector::usage::Tokens {
@@ -592,49 +575,54 @@ async fn handle_request(
         tls: matches!(mode, HttpMode::Bound { tls: true, .. }),
         request: attrs,
     };
-    let (mut decision, reservation, rec) = match &mcp {
+    // The decision: the policy (each MCP message, or the request with its reservation), then
+    // what denies an allow whatever the policy said (a placeholder credential that would leave,
+    // a credential that would leave in plaintext). A reservation taken for a request denied
+    // here is released when it drops.
+    let Decided {
+        mut decision,
+        with: (reservation, mcp_audit),
+        cleared,
+    } = match &mcp {
         // Each message decided; none of them reserves (MCP calls are not metered).
         Some(call) => {
-            let (d, audit) = call.decide(state, &ctx).await;
-            (d, None, rec.request_attrs(Some(audit)))
+            sequence::decide(state, &ctx, up, req.uri(), async {
+                let (d, audit) = call.decide(state, &ctx).await;
+                (d, (None, Some(audit)))
+            })
+            .await
         }
         None => {
-            let (d, r) = state.pipeline.decide_reserving(&ctx, want).await;
-            (d, r, rec)
+            sequence::decide(state, &ctx, up, req.uri(), async {
+                let (d, r) = state.pipeline.decide_reserving(&ctx, want).await;
+                (d, (r, None))
+            })
+            .await
         }
+    };
+    let mut rec = match mcp_audit {
+        Some(audit) => rec.request_attrs(Some(audit)),
+        None => rec,
     };
     // MCP clients get their denials as JSON-RPC errors of the calls.
     let deny = |d: &Decision| match &mcp {
         Some(call) => call.deny(d),
         None => deny(d),
     };
-    // A placeholder credential that would leave is denied whatever the policy said: the audit
-    // must show that the agent sends its key somewhere else. (A reservation taken for it is
-    // released when it drops.)
-    if let Some(detail) = state
-        .connector
-        .placeholder_leak(up, req.uri(), req.headers())
-    {
-        decision = decision.into_deny(DenyReason::CredentialLeak, detail);
-    }
-    // Whether a credential may go there, then where to: an address of the decided name, never
-    // one the client chose (either refusal is a denial like the ones above, so the body is
-    // read the same way before answering).
+    // The connector, for an allow only: where to, an address of the decided name, never one the
+    // client chose (a refusal is a denial like the ones above, so the body is read the same way
+    // before answering).
     let connecting = std::time::Instant::now();
     let mut bound = None;
-    let mut rec = rec;
-    if decision.is_allow() {
-        match state.connector.bind_request(up, conn).await {
+    if let Some(cleared) = &cleared {
+        match state.connector.bind_request(cleared, conn).await {
             Ok(b) => bound = Some(b),
-            Err(RequestUnbound::Insecure(detail)) => {
-                decision = decision.into_deny(DenyReason::InsecureUpstream, detail);
-            }
-            Err(RequestUnbound::Unbound(Unbound::Mismatch(m))) => {
+            Err(Unbound::Mismatch(m)) => {
                 decision = decision.into_deny(DenyReason::DestinationMismatch, m.detail);
                 tracing::warn!(conn = conn.conn_id, host = %up.host, detail = %decision.detail, "destination mismatch");
                 rec = rec.destination(m.record);
             }
-            Err(RequestUnbound::Unbound(Unbound::Unresolved(e))) => {
+            Err(Unbound::Unresolved(e)) => {
                 let outcome = crate::conn::ConnectorOutcome {
                     aborted: Some("UpstreamUnavailable".into()),
                     ..Default::default()
@@ -645,13 +633,13 @@ async fn handle_request(
             }
         }
     }
-    let Some(bound) = bound.filter(|_| decision.is_allow()) else {
+    let (Some(cleared), Some(bound)) = (cleared, bound) else {
         rec.deny(&decision);
         super::metrics::overhead(arrived);
         // Extracted bodies were read; any other is still unread.
         return body::answer_request(req, !body_read, deny(&decision)).await;
     };
-    let prepared = state.connector.prepare(req, up, conn, bound).await;
+    let prepared = state.connector.prepare(req, &cleared, conn, bound).await;
     crate::pipeline::metrics::stage(
         crate::pipeline::metrics::Stage::Connector,
         connecting.elapsed(),
@@ -724,32 +712,6 @@ async fn handle_request(
     }
 }
 
-/// How Firma's own answers look on this request: gRPC status for gRPC, else JSON in the error
-/// shape of the host's API.
-#[derive(Clone, Copy)]
-struct Answer {
-    grpc: bool,
-    format: ErrorFormat,
-}
-
-impl Answer {
-    fn deny(self, d: &Decision) -> Response<RespBody> {
-        if self.grpc {
-            response::grpc_deny(d)
-        } else {
-            response::deny_as(d, self.format)
-        }
-    }
-
-    fn abort(self, status: StatusCode, reason: &str, detail: &str) -> Response<RespBody> {
-        if self.grpc {
-            response::grpc_abort(status, reason, detail)
-        } else {
-            response::abort_as(status, reason, detail, self.format)
-        }
-    }
-}
-
 /// Streams an LLM response through a [`UsageTap`]; when it ends, its reservation is settled
 /// with what it used (tokens and cost to the session's and agent's totals) and the request's
 /// `outcome` event, written then rather than at the response head, says what was charged.
@@ -772,7 +734,7 @@ fn track_usage(
     let parser = UsageParser::for_response(resp.headers());
     let success = resp.status().is_success();
     *committed.outcome_mut() = outcome;
-    let price = model.as_deref().and_then(|m| state.connector.price(m));
+    let price = model.as_deref().and_then(|m| state.pipeline.price(m));
     // Priced models are configured (bounded); any other name the client sent is `other`.
     let model_label = match (&model, price) {
         (Some(m), Some(_)) => m.clone(),
@@ -873,17 +835,6 @@ async fn include_usage(
     Ok(Request::from_parts(parts, body))
 }
 
-/// Status, reason and detail of an abort after an allow.
-fn abort_of(failure: Failure) -> (StatusCode, &'static str, String) {
-    match failure {
-        Failure::RateLimited(d) => (StatusCode::TOO_MANY_REQUESTS, "RateLimited", d),
-        Failure::UpstreamTimeout(d) => (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout", d),
-        Failure::UpstreamUnavailable(d) | Failure::CredentialUnavailable(d) => {
-            (StatusCode::BAD_GATEWAY, "UpstreamUnavailable", d)
-        }
-    }
-}
-
 /// How long a client has to send a body that must be read before the decision.
 const EXTRACT_BODY_TIME: Duration = Duration::from_secs(30);
 
@@ -932,23 +883,5 @@ async fn read_for_extract(
             decision: Decision::deny(DenyReason::MalformedRequest, detail),
             unread: false,
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::normalize_host;
-
-    #[test]
-    fn hosts_normalize() {
-        assert_eq!(
-            normalize_host("API.OpenAI.com:443").unwrap(),
-            "api.openai.com"
-        );
-        assert_eq!(normalize_host("[::1]:8080").unwrap(), "::1");
-        assert_eq!(normalize_host("127.0.0.1").unwrap(), "127.0.0.1");
-        assert!(normalize_host("a b").is_none());
-        assert!(normalize_host("").is_none());
-        assert!(normalize_host("evil.com/x").is_none());
     }
 }

@@ -326,7 +326,7 @@ impl Follow {
         let must_filter = call.is_some_and(|c| c.messages.iter().any(|m| m.method == "tools/list"));
         Self {
             follower: Follower::new(
-                ctx.path.clone(),
+                ctx.path.to_string(),
                 Box::new(move |path, tool| pipeline.mcp_tool_listed(&ctx, path, tool)),
             ),
             must_filter,

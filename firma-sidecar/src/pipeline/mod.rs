@@ -5,10 +5,10 @@
 //! [`Decision`]; they never decide anything themselves.
 //!
 //! Phases of [`Pipeline::decide`], in order:
-//! 0. **normalise** ([`path`]): the path every later phase sees, with dot segments resolved;
-//!    an ambiguous one (`%2F`, a backslash, NUL, ...) denies `MalformedRequest`. Interceptors
-//!    normalise before calling and forward the normalised form, so this is a no-op for them
-//!    and a guard for any other caller;
+//! 0. **normalised** ([`path`]): the request's path is a [`path::NormalPath`], normalised once
+//!    by the caller (`crate::sequence`), which denied an ambiguous one (`%2F`, a backslash,
+//!    NUL, ...) `MalformedRequest` and forwards the normalised form; the type keeps a raw path
+//!    out of here;
 //! 1. **classify** ([`mapping`]): method + host + path -> action class. Unmapped requests deny
 //!    `UnclassifiedIntent` when `default_protected`, else pass through (`passthrough = true`);
 //! 2. **bundle state** ([`stage2::PolicyStore`]): no bundle yet -> `PolicyBundleNotReady`, no
@@ -121,6 +121,9 @@ struct Inner {
     mcp: crate::config::McpConfig,
     /// `[sidecar.llm] reserve_output_tokens`.
     reserve_output_tokens: i64,
+    /// `[[sidecar.llm.prices]]`: model -> USD per 1k (input, output) tokens (a metered call's
+    /// reservation is priced before the decision, its usage after the response).
+    prices: std::collections::HashMap<String, (f64, f64)>,
     /// `[sidecar.mapping] extract_body_budget_bytes`, shared by every request.
     body_budget: std::sync::Arc<body_budget::BodyBudget>,
     /// Background tasks (authority streams, directory reload), stopped with the pipeline.
@@ -298,6 +301,12 @@ impl Pipeline {
                 extract_limit: cfg.mapping.extract_max_body_bytes,
                 mcp: cfg.mcp.clone(),
                 reserve_output_tokens: cfg.llm.reserve_output_tokens(),
+                prices: cfg
+                    .llm
+                    .prices
+                    .iter()
+                    .map(|p| (p.model.clone(), (p.input_per_1k_usd, p.output_per_1k_usd)))
+                    .collect(),
                 body_budget: body_budget::BodyBudget::new(cfg.mapping.extract_body_budget_bytes),
                 _tasks: tasks,
             }),
@@ -318,17 +327,11 @@ impl Pipeline {
         want: Option<usage::Want>,
     ) -> (Decision, Option<usage::Reservation>) {
         let t0 = Instant::now();
-        let path = match path::normalize(&req.path) {
-            Ok(p) => p,
-            Err(e) => {
-                let d = Decision::deny(DenyReason::MalformedRequest, e.to_string());
-                return (self.bounded(t0, d), None);
-            }
-        };
+        let path = req.path.as_str();
         let class = self
             .inner
             .mapping
-            .classify(req.method.as_str(), &req.host, &path)
+            .classify(req.method.as_str(), &req.host, path)
             .map(|m| m.action_class.to_owned());
         let (d, held) = self
             .run(
@@ -337,7 +340,7 @@ impl Pipeline {
                     class,
                     method: req.method.as_str(),
                     host: &req.host,
-                    path: &path,
+                    path,
                     headers: &req.headers,
                     caller: Caller::of(&req.conn),
                     workload: req.conn.workload.as_ref(),
@@ -354,19 +357,10 @@ impl Pipeline {
     }
 
     /// Decides one JSON-RPC message of a POST to an MCP endpoint (see [`mcp`]): its action
-    /// class, resource and `context.mcp` come from the message. `req.path` as the
-    /// interceptor normalized it.
+    /// class, resource and `context.mcp` come from the message.
     pub async fn decide_mcp(&self, req: &RequestContext, msg: &mcp::Message) -> Decision {
         let t0 = Instant::now();
-        let path = match path::normalize(&req.path) {
-            Ok(p) => p,
-            Err(e) => {
-                return self.bounded(
-                    t0,
-                    Decision::deny(DenyReason::MalformedRequest, e.to_string()),
-                );
-            }
-        };
+        let path = req.path.as_str();
         let (d, _) = self
             .run(
                 t0,
@@ -374,7 +368,7 @@ impl Pipeline {
                     class: Some(msg.action_class.to_owned()),
                     method: req.method.as_str(),
                     host: &req.host,
-                    path: &path,
+                    path,
                     headers: &req.headers,
                     caller: Caller::of(&req.conn),
                     workload: req.conn.workload.as_ref(),
@@ -729,6 +723,11 @@ impl Pipeline {
     /// `[sidecar.llm] reserve_output_tokens`.
     pub fn reserve_output_tokens(&self) -> i64 {
         self.inner.reserve_output_tokens
+    }
+
+    /// USD per 1k (input, output) tokens of `model`, from `[[sidecar.llm.prices]]`.
+    pub fn price(&self, model: &str) -> Option<(f64, f64)> {
+        self.inner.prices.get(model).copied()
     }
 
     /// Largest body read for extraction.

@@ -167,22 +167,66 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
     Ok(path)
 }
 
-/// `uri` with its path replaced by the [`normalize`]d form; scheme, authority and query are
-/// kept as they were. This is what gets forwarded.
-pub fn normalize_uri(uri: &Uri) -> Result<Uri, PathError> {
-    let path = normalize(uri.path())?;
-    if path == uri.path() {
-        return Ok(uri.clone());
+/// A request path in the one form [`normalize`] gives. Only [`NormalPath::new`] makes one, so
+/// whatever takes a `NormalPath` (the decision's [`super::RequestContext`]) cannot be handed a
+/// path that was not normalised, and nothing downstream normalises again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NormalPath(String);
+
+impl NormalPath {
+    /// Normalises `raw` (an absolute path without query string; see the module doc).
+    pub fn new(raw: &str) -> Result<Self, PathError> {
+        normalize(raw).map(Self)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for NormalPath {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for NormalPath {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for NormalPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for NormalPath {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+/// `uri` with its path replaced by the [`normalize`]d form (scheme, authority and query kept as
+/// they were), and that path. The URI is what gets forwarded, the path what is decided and
+/// audited: one normalisation for both.
+pub fn normalize_uri(uri: &Uri) -> Result<(Uri, NormalPath), PathError> {
+    let path = NormalPath::new(uri.path())?;
+    if path.as_str() == uri.path() {
+        return Ok((uri.clone(), path));
     }
     let pq = match uri.query() {
         Some(q) => format!("{path}?{q}"),
-        None => path,
+        None => path.to_string(),
     };
     let mut parts = uri.clone().into_parts();
     // The normalised path only holds bytes the parsed one held (or `%XX`), so this parses.
     parts.path_and_query =
         Some(PathAndQuery::try_from(pq).map_err(|_| PathError::InvalidEscape(uri.path().into()))?);
-    Uri::from_parts(parts).map_err(|_| PathError::InvalidEscape(uri.path().into()))
+    let uri = Uri::from_parts(parts).map_err(|_| PathError::InvalidEscape(uri.path().into()))?;
+    Ok((uri, path))
 }
 
 #[cfg(test)]
@@ -355,15 +399,19 @@ mod tests {
         let u: Uri = "https://api.openai.com/v1/models/%2e%2e/files?purpose=../x&a=%2e"
             .parse()
             .unwrap();
-        let n = normalize_uri(&u).unwrap();
+        let (n, path) = normalize_uri(&u).unwrap();
         assert_eq!(
             n.to_string(),
             "https://api.openai.com/v1/files?purpose=../x&a=%2e"
         );
+        assert_eq!(path.as_str(), "/v1/files");
         let u: Uri = "/v1/./models".parse().unwrap();
-        assert_eq!(normalize_uri(&u).unwrap().to_string(), "/v1/models");
+        assert_eq!(normalize_uri(&u).unwrap().0.to_string(), "/v1/models");
         let u: Uri = "/v1/models?x".parse().unwrap();
-        assert_eq!(normalize_uri(&u).unwrap(), u);
+        assert_eq!(normalize_uri(&u).unwrap().0, u);
+        // A NormalPath is only made by normalising.
+        assert_eq!(NormalPath::new("/a/../b//c").unwrap().as_str(), "/b/c");
+        assert!(NormalPath::new("/../x").is_err());
         let u: Uri = "/a%2fb?q".parse().unwrap();
         assert!(matches!(normalize_uri(&u), Err(PathError::EncodedSlash(_))));
     }

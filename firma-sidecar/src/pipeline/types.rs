@@ -10,8 +10,9 @@ pub struct RequestContext {
     /// Lowercase host name without port (from the absolute URI, `Host`, or SNI).
     pub host: String,
     pub port: u16,
-    /// Path without query string, always starting with `/`.
-    pub path: String,
+    /// Path without query string, normalised once by whoever built the request (see
+    /// [`super::path::NormalPath`]); the stages never normalise again.
+    pub path: super::path::NormalPath,
     /// Request headers as received, Firma headers (`x-firma-*`) included; the interceptor
     /// strips them before forwarding.
     pub headers: http::HeaderMap,
