@@ -182,6 +182,11 @@ fn write_line(out: &mut Output, line: &str, pos: Option<ChainPos>) -> std::io::R
     Ok(true)
 }
 
+/// Most records in one submission (a sidecar sends at most 512).
+const MAX_SUBMISSION_LINES: usize = 4096;
+/// Most bytes of records in one submission.
+const MAX_SUBMISSION_BYTES: usize = 64 << 20;
+
 /// Most unsigned lines held per submission (a sidecar batch is at most 256 lines).
 const MAX_PENDING: usize = 4096;
 
@@ -251,7 +256,20 @@ impl AuditCollector for Collector {
         &self,
         request: Request<Streaming<AuditRecord>>,
     ) -> Result<Response<SubmitAck>, Status> {
+        // The whole submission is read before the file is locked: a slow or stalled sidecar
+        // must not hold up every other sidecar's submissions (nor their flow-control windows).
         let mut stream = request.into_inner();
+        let mut records = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(rec) = stream.message().await? {
+            bytes += rec.json.len();
+            if records.len() >= MAX_SUBMISSION_LINES || bytes > MAX_SUBMISSION_BYTES {
+                return Err(Status::resource_exhausted(format!(
+                    "an audit submission holds at most {MAX_SUBMISSION_LINES} records and {MAX_SUBMISSION_BYTES} bytes"
+                )));
+            }
+            records.push(rec.json);
+        }
         let mut received = 0u64;
         let mut written = 0u64;
         let mut out = self.out.lock().await;
@@ -262,18 +280,8 @@ impl AuditCollector for Collector {
         let mut pending = Pending::default();
         let before = out.chains.clone();
         out.staged.clear();
-        loop {
-            let rec = match stream.message().await {
-                Ok(Some(rec)) => rec,
-                Ok(None) => break,
-                Err(s) => {
-                    // The submission broke off: nothing of it is written or acknowledged.
-                    out.staged.clear();
-                    out.chains = before;
-                    return Err(s);
-                }
-            };
-            match self.accept(&mut out, &mut pending, received, &rec.json) {
+        for json in &records {
+            match self.accept(&mut out, &mut pending, received, json) {
                 Ok(w) => written += w,
                 Err(e) => {
                     out.staged.clear();
