@@ -19,6 +19,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+/// curl clients per sidecar: enough to keep events flowing while the collector is killed, few
+/// enough for a loaded 2-core CI machine.
+const CLIENTS: usize = 2;
+
 /// The `grpc` sink's largest submission (`firma_sidecar::audit::grpc::BATCH`).
 const SUBMISSION: usize = 512;
 
@@ -59,7 +63,7 @@ fn collector(port: u16, out: &Path, keys: &[PathBuf]) -> Process {
     cmd.args(["audit", "collect", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--output")
         .arg(out)
-        .args(["--log-level", "debug"]);
+        .env("RUST_LOG", "firma_authority=debug");
     for k in keys {
         cmd.arg("--public-key").arg(k);
     }
@@ -136,13 +140,13 @@ fn a_collector_killed_under_load_loses_and_duplicates_nothing() {
     let mut coll_a = collector(pa, &file_a, &keys);
     let coll_b = collector(pb, &file_b, &keys);
 
-    // Load: three curl clients per sidecar, until told to stop.
+    // Load: CLIENTS curl clients per sidecar, until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_on_panic = StopOnDrop(stop.clone());
     let sent = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
     let mut clients = Vec::new();
     for (i, (d, sc)) in [(&d1, &sc1), (&d2, &sc2)].into_iter().enumerate() {
-        for c in 0..3 {
+        for c in 0..CLIENTS {
             let (stop, sent) = (stop.clone(), sent[i].clone());
             let (proxy, ca) = (sc.proxy_url(), d.ca_cert());
             clients.push(std::thread::spawn(move || {
@@ -169,14 +173,23 @@ fn a_collector_killed_under_load_loses_and_duplicates_nothing() {
     }
 
     // Both sidecars ship to A; kill -9 A while they are still sending.
-    assert_eventually(
+    firma_testing::eventually(
         Duration::from_secs(60),
         "both sidecars' events reach collector A",
         || {
             let m = per_chain(&file_a);
-            m.len() == 2 && m.values().all(|n| *n >= 40)
+            m.len() == 2 && m.values().all(|n| *n >= 20)
         },
-    );
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: A holds {:?}\ncollector A:\n{}\nsidecar 1:\n{}\nsidecar 2:\n{}",
+            per_chain(&file_a),
+            coll_a.log_text(),
+            sc1.log_text(),
+            sc2.log_text()
+        )
+    });
     coll_a.kill();
     let in_a_at_kill = parse(&file_a).len();
     let sent_at_kill: u64 = sent.iter().map(|s| s.load(Ordering::Relaxed)).sum();
@@ -188,7 +201,7 @@ fn a_collector_killed_under_load_loses_and_duplicates_nothing() {
         "both sidecars' events reach collector B after the failover",
         || {
             let m = per_chain(&file_b);
-            m.len() == 2 && m.values().all(|n| *n >= 40)
+            m.len() == 2 && m.values().all(|n| *n >= 20)
         },
     )
     .unwrap_or_else(|e| {
@@ -213,7 +226,7 @@ fn a_collector_killed_under_load_loses_and_duplicates_nothing() {
     for sc in [&sc1, &sc2] {
         assert!(
             sc.log_text()
-                .contains(&format!("failing over to http://127.0.0.1:{pb}")),
+                .contains(&format!("failing over to 127.0.0.1:{pb}")),
             "{}",
             sc.log_text()
         );

@@ -32,6 +32,9 @@ pub const QUEUE_CAPACITY: usize = 100_000;
 /// Lines per submission. At least one writer batch, so a submission starting at a batch always
 /// holds the signed line a collector with keys waits for before it acknowledges the batch.
 pub(super) const BATCH: usize = 512;
+/// Bytes per submission (beyond the first signed line): small submissions keep each round trip
+/// short and within HTTP/2's initial flow-control window.
+const BATCH_BYTES: usize = 48 * 1024;
 
 #[derive(Default)]
 struct Shared {
@@ -105,17 +108,28 @@ impl GrpcQueue {
         self.shared.failovers.load(Ordering::Relaxed)
     }
 
-    /// The next submission: up to [`BATCH`] lines from the head of the queue, cut after the last
-    /// signed line among them, so that every submission (and therefore every stretch of a chain
-    /// a collector replica holds) ends with a signature that covers it.
+    /// The next submission: up to [`BATCH`] lines and about [`BATCH_BYTES`] from the head of
+    /// the queue (but at least through the first signed line), cut after the last signed line
+    /// among them, so that every submission (and therefore every stretch of a chain a
+    /// collector replica holds) ends with a signature that covers it.
     fn next_batch(&self) -> Vec<String> {
         let q = self.lines();
-        let take = q.len().min(BATCH);
+        let mut bytes = 0usize;
+        let mut signed_seen = false;
+        let mut end = 0usize;
+        for l in q.iter().take(BATCH) {
+            if bytes + l.len() > BATCH_BYTES && signed_seen {
+                break;
+            }
+            bytes += l.len();
+            signed_seen |= is_signed(l);
+            end += 1;
+        }
         let end = q
             .iter()
-            .take(take)
+            .take(end)
             .rposition(|l| is_signed(l))
-            .map_or(take, |i| i + 1);
+            .map_or(end, |i| i + 1);
         q.iter().take(end).cloned().collect()
     }
 
