@@ -267,7 +267,9 @@ mod tests {
         let a = write(
             dir.path(),
             "a",
-            &[&c[0], &c[1], &c[2], &d[0], &c[3], &c[4], &c[5], &c[9], &c[10], &c[11]],
+            &[
+                &c[0], &c[1], &c[2], &d[0], &c[3], &c[4], &c[5], &c[9], &c[10], &c[11],
+            ],
         );
         let b = write(
             dir.path(),
@@ -280,12 +282,16 @@ mod tests {
         let a = write(
             dir.path(),
             "a",
-            &[&c[0], &c[1], &c[2], &c[3], &c[4], &c[5], &c[9], &c[10], &c[11]],
+            &[
+                &c[0], &c[1], &c[2], &c[3], &c[4], &c[5], &c[9], &c[10], &c[11],
+            ],
         );
         let b = write(
             dir.path(),
             "b",
-            &[&d[0], &c[3], &c[4], &c[5], &d[1], &c[6], &c[7], &c[8], &d[2]],
+            &[
+                &d[0], &c[3], &c[4], &c[5], &d[1], &c[6], &c[7], &c[8], &d[2],
+            ],
         );
         let pa = verify_part(&a, &keys).unwrap();
         assert_eq!((pa.events, pa.stretches, pa.chains), (9, 2, 1));
@@ -301,7 +307,11 @@ mod tests {
         assert!(p[0].starts_with("GAP: chain c: seq 6 to 8"), "{p:?}");
 
         // A line repeated inside one file.
-        let rep = write(dir.path(), "rep", &[&c[0], &c[1], &c[2], &c[0], &c[1], &c[2]]);
+        let rep = write(
+            dir.path(),
+            "rep",
+            &[&c[0], &c[1], &c[2], &c[0], &c[1], &c[2]],
+        );
         let e = verify_part(&rep, &keys).unwrap_err();
         assert_eq!(e.line, Some(4));
         assert!(e.reason.contains("comes again"), "{e}");
@@ -313,7 +323,10 @@ mod tests {
         let MergeFailure::Chains(p) = verify_replicas(&[a, b, f], &keys).unwrap_err() else {
             panic!("expected a fork")
         };
-        assert!(p.iter().any(|l| l.starts_with("FORK: chain c: seq 6")), "{p:?}");
+        assert!(
+            p.iter().any(|l| l.starts_with("FORK: chain c: seq 6")),
+            "{p:?}"
+        );
 
         // A stretch at seq 0 must start from genesis.
         let mut bad = Map::new();
