@@ -264,17 +264,13 @@ mod tests {
         let c = chain(&k, "c", 12, "x");
         let d = chain(&k, "d", 3, "x");
         // A holds 0..6 and 9..12; B holds 3..9 (3..6 overlap) and chain d.
+        // First an A with a stray unsigned line of d.
         let a = write(
             dir.path(),
             "a",
             &[
                 &c[0], &c[1], &c[2], &d[0], &c[3], &c[4], &c[5], &c[9], &c[10], &c[11],
             ],
-        );
-        let b = write(
-            dir.path(),
-            "b",
-            &[&c[3], &c[4], &c[5], &c[6], &c[7], &c[8], &d[1], &d[2]],
         );
         // A on its own: chain d holds only an unsigned line: not covered.
         let e = verify_part(&a, &keys).unwrap_err();
