@@ -130,6 +130,8 @@ impl Drop for StopOnDrop {
 
 #[test]
 fn a_collector_killed_under_load_loses_and_duplicates_nothing() {
+    let t0 = std::time::Instant::now();
+    let phase = |what: &str| eprintln!("[{:>6.1?}] {what}", t0.elapsed());
     let tmp = tempfile::tempdir().expect("tempdir");
     let up = Upstream::start(tmp.path(), &["api.openai.com"]);
     let (pa, pb) = (free_port(), free_port());
@@ -190,6 +192,7 @@ fn a_collector_killed_under_load_loses_and_duplicates_nothing() {
             sc2.log_text()
         )
     });
+    phase("events of both sidecars in A");
     coll_a.kill();
     let in_a_at_kill = parse(&file_a).len();
     let sent_at_kill: u64 = sent.iter().map(|s| s.load(Ordering::Relaxed)).sum();
@@ -213,6 +216,7 @@ fn a_collector_killed_under_load_loses_and_duplicates_nothing() {
             sc2.log_text()
         )
     });
+    phase("both sidecars failed over to B");
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.join().expect("client thread");
@@ -269,6 +273,7 @@ fn a_collector_killed_under_load_loses_and_duplicates_nothing() {
         )
     });
 
+    phase("every request's decision collected");
     // Each event in exactly one file, apart from identical overlaps of at most one submission.
     let (a, b) = (parse(&file_a), parse(&file_b));
     let mut held: HashMap<(String, u64), Vec<(usize, String)>> = HashMap::new();
@@ -336,6 +341,7 @@ fn a_collector_killed_under_load_loses_and_duplicates_nothing() {
         "{report}"
     );
 
+    phase("verified");
     // Hostile 1: a stretch of B missing (down to a signed line, so B still verifies alone).
     let max_in_a: HashMap<&str, u64> = a.iter().fold(HashMap::new(), |mut m, l| {
         let e = m.entry(l.chain.as_str()).or_insert(l.seq);
