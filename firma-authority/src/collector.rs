@@ -13,7 +13,13 @@
 //! (logged, not written).
 //! Sidecars re-send a batch whose acknowledgement they lost; a line whose `(chain_id, seq)` is
 //! not beyond what the file already holds for that chain is acknowledged but not written again.
-//! The file is synced before each acknowledgement.
+//! The accepted lines of a submission are written together at its end, and the file is synced
+//! before the acknowledgement; a submission that breaks off writes nothing.
+//!
+//! Several collectors can run as replicas, each with its own file: a sidecar with several
+//! collector URLs ships to one at a time and fails over to the next, so each file holds
+//! stretches of each chain (`firma audit verify --part FILE` checks one on its own, `firma
+//! audit verify FILE…` rebuilds every chain across the replicas' files; docs/scale-out.md).
 
 pub use crate::error::CollectorError;
 use firma_common::audit::{ChainPos, is_signed, line_hash, verify_line};
@@ -33,8 +39,31 @@ use tonic::{Request, Response, Status, Streaming};
 struct Output {
     path: PathBuf,
     file: File,
-    /// Highest `seq` written per chain.
+    /// Highest `seq` written (or staged) per chain.
     chains: HashMap<String, u64>,
+    /// The accepted lines of the current submission, written with one `write` at its end so
+    /// that a collector killed mid-submission leaves at most one torn submission at the end of
+    /// its file (never acknowledged, so the sidecar sends it again, possibly to another replica).
+    staged: Vec<u8>,
+}
+
+impl Output {
+    /// Appends the staged lines and syncs the file; on failure the staged lines are forgotten
+    /// and `before` restored, so that a re-send is written rather than skipped as a duplicate.
+    fn commit(&mut self, before: HashMap<String, u64>) -> std::io::Result<()> {
+        let staged = std::mem::take(&mut self.staged);
+        let done = if staged.is_empty() {
+            Ok(())
+        } else {
+            self.file
+                .write_all(&staged)
+                .and_then(|()| self.file.sync_data())
+        };
+        if done.is_err() {
+            self.chains = before;
+        }
+        done
+    }
 }
 
 /// The collector service. Cheap to clone.
@@ -82,6 +111,7 @@ impl Collector {
                 path: output.to_path_buf(),
                 file,
                 chains,
+                staged: Vec::new(),
             })),
             keys: Arc::new(keys),
         })
@@ -135,7 +165,7 @@ impl Collector {
     }
 }
 
-/// Appends `line` unless the file already holds its `(chain_id, seq)` (a re-sent batch).
+/// Stages `line` unless the file already holds its `(chain_id, seq)` (a re-sent batch).
 fn write_line(out: &mut Output, line: &str, pos: Option<ChainPos>) -> std::io::Result<bool> {
     if let Some(p) = pos {
         if out
@@ -147,12 +177,15 @@ fn write_line(out: &mut Output, line: &str, pos: Option<ChainPos>) -> std::io::R
         }
         out.chains.insert(p.chain_id, p.seq);
     }
-    let mut buf = Vec::with_capacity(line.len() + 1);
-    buf.extend_from_slice(line.as_bytes());
-    buf.push(b'\n');
-    out.file.write_all(&buf)?;
+    out.staged.extend_from_slice(line.as_bytes());
+    out.staged.push(b'\n');
     Ok(true)
 }
+
+/// Most records in one submission (a sidecar sends at most 512).
+const MAX_SUBMISSION_LINES: usize = 4096;
+/// Most bytes of records in one submission.
+const MAX_SUBMISSION_BYTES: usize = 64 << 20;
 
 /// Most unsigned lines held per submission (a sidecar batch is at most 256 lines).
 const MAX_PENDING: usize = 4096;
@@ -223,7 +256,20 @@ impl AuditCollector for Collector {
         &self,
         request: Request<Streaming<AuditRecord>>,
     ) -> Result<Response<SubmitAck>, Status> {
+        // The whole submission is read before the file is locked: a slow or stalled sidecar
+        // must not hold up every other sidecar's submissions (nor their flow-control windows).
         let mut stream = request.into_inner();
+        let mut records = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(rec) = stream.message().await? {
+            bytes += rec.json.len();
+            if records.len() >= MAX_SUBMISSION_LINES || bytes > MAX_SUBMISSION_BYTES {
+                return Err(Status::resource_exhausted(format!(
+                    "an audit submission holds at most {MAX_SUBMISSION_LINES} records and {MAX_SUBMISSION_BYTES} bytes"
+                )));
+            }
+            records.push(rec.json);
+        }
         let mut received = 0u64;
         let mut written = 0u64;
         let mut out = self.out.lock().await;
@@ -232,14 +278,20 @@ impl AuditCollector for Collector {
             Status::internal("audit collector cannot write its output")
         };
         let mut pending = Pending::default();
-        while let Some(rec) = stream.message().await? {
-            match self.accept(&mut out, &mut pending, received, &rec.json) {
+        let before = out.chains.clone();
+        out.staged.clear();
+        for json in &records {
+            match self.accept(&mut out, &mut pending, received, json) {
                 Ok(w) => written += w,
-                Err(e) => return Err(fail(&out.path.clone(), e)),
+                Err(e) => {
+                    out.staged.clear();
+                    out.chains = before;
+                    return Err(fail(&out.path.clone(), e));
+                }
             }
             received += 1;
         }
-        if let Err(e) = out.file.sync_data() {
+        if let Err(e) = out.commit(before) {
             return Err(fail(&out.path.clone(), e));
         }
         // Lines still waiting for their signature are not acknowledged: the sidecar re-sends
@@ -313,9 +365,11 @@ mod tests {
         let mut out = c.out.try_lock().unwrap();
         let mut pending = Pending::default();
         let mut written = 0;
+        let before = out.chains.clone();
         for (i, l) in lines.iter().enumerate() {
             written += c.accept(&mut out, &mut pending, i as u64, l).unwrap();
         }
+        out.commit(before).unwrap();
         let received = lines.len() as u64;
         (written, pending.first_waiting().unwrap_or(received))
     }

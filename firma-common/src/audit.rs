@@ -65,6 +65,14 @@ pub enum AuditLineError {
         count: u64,
         first_seq: u64,
     },
+    #[error(
+        "chain {chain_id}: seq {found} comes again after seq {last} (a line repeated or reordered; a collector writes each seq of a chain once)"
+    )]
+    SeqRepeated {
+        chain_id: String,
+        last: u64,
+        found: u64,
+    },
     #[error("chain {chain_id}: expected seq {expected}, found {found} (line removed or reordered)")]
     SeqGap {
         chain_id: String,
@@ -295,6 +303,64 @@ impl ChainVerifier {
             },
         );
         Ok(body)
+    }
+
+    /// Like [`Self::push`], for a file that holds *stretches* of chains (an audit collector
+    /// replica's file, docs/scale-out.md): a line may start a new stretch of its chain at a
+    /// higher seq than the next one expected. A stretch's first line is taken with the
+    /// `prev_hash` it states (seq 0 must state [`GENESIS_HASH`]); every later line must link to
+    /// the one before; the stretch before must end with a signed line. A seq not above the
+    /// chain's last one is [`AuditLineError::SeqRepeated`]. Returns the body and whether the
+    /// line started a stretch.
+    pub fn push_stretch(
+        &mut self,
+        line: &str,
+    ) -> Result<(Map<String, Value>, bool), AuditLineError> {
+        let signed = is_signed(line);
+        let body = if signed {
+            verify_line(line, &self.keys)?
+        } else {
+            parse_unsigned(line)?
+        };
+        let pos = ChainPos::of(&body)?;
+        match self.last.get(&pos.chain_id) {
+            Some(c) if pos.seq <= c.seq => {
+                return Err(AuditLineError::SeqRepeated {
+                    last: c.seq,
+                    found: pos.seq,
+                    chain_id: pos.chain_id,
+                });
+            }
+            Some(c) if pos.seq == c.seq + 1 => return self.push(line).map(|b| (b, false)),
+            Some(c) if c.uncovered > 0 => {
+                return Err(AuditLineError::Uncovered {
+                    count: c.uncovered,
+                    first_seq: c.seq + 1 - c.uncovered,
+                    chain_id: pos.chain_id,
+                });
+            }
+            _ => {}
+        }
+        if pos.seq == 0 && pos.prev_hash != GENESIS_HASH {
+            return Err(AuditLineError::ChainBroken {
+                chain_id: pos.chain_id,
+                seq: 0,
+                expected: GENESIS_HASH.to_owned(),
+                found: pos.prev_hash,
+            });
+        }
+        if signed {
+            self.signatures += 1;
+        }
+        self.last.insert(
+            pos.chain_id,
+            ChainState {
+                seq: pos.seq,
+                hash: line_hash(line),
+                uncovered: u64::from(!signed),
+            },
+        );
+        Ok((body, true))
     }
 
     /// After the last line: every chain must end with a signed line, or its trailing lines are

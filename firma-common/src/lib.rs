@@ -10,6 +10,7 @@ pub mod admin;
 pub mod anchor;
 pub mod audit;
 pub mod audit_files;
+pub mod audit_replicas;
 pub mod capability;
 pub mod config;
 pub mod errors;

@@ -824,6 +824,11 @@ pub struct AuditConfig {
     pub sink: AuditSink,
     pub path: Option<PathBuf>,
     pub grpc_url: Option<String>,
+    /// More collector replicas: the sink ships to one collector at a time (first `grpc_url`,
+    /// then these, in order) and fails over to the next when it fails, re-sending what the
+    /// failed one did not acknowledge (docs/scale-out.md, "Audit collection").
+    #[serde(default)]
+    pub grpc_urls: Vec<String>,
     /// CA for the collector's TLS certificate.
     pub ca_cert_path: Option<PathBuf>,
     /// Ed25519 key (PKCS#8 PEM, 0600) that signs every event; generated with
@@ -878,6 +883,7 @@ impl Default for AuditConfig {
             sink: AuditSink::default(),
             path: None,
             grpc_url: None,
+            grpc_urls: Vec::new(),
             ca_cert_path: None,
             signing_key_path: None,
             fsync: FsyncPolicy::default(),
@@ -926,8 +932,57 @@ fn default_level() -> String {
 }
 
 impl AuditConfig {
+    /// The collectors of the `grpc` sink in failover order: `grpc_url`, then `grpc_urls`.
+    pub fn collector_urls(&self) -> Vec<&str> {
+        self.grpc_url
+            .iter()
+            .chain(&self.grpc_urls)
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// `grpc_urls`: only with sink = "grpc", each an `http(s)://HOST:PORT` URL, no repeats.
+    fn validate_collectors(&self, file: &Path) -> Result<(), ConfigError> {
+        if self.grpc_urls.is_empty() {
+            return Ok(());
+        }
+        let key = "sidecar.audit.grpc_urls";
+        if self.sink != AuditSink::Grpc {
+            return Err(ConfigError::invalid(
+                file,
+                key,
+                "expected only with sink = \"grpc\"",
+            ));
+        }
+        let urls = self.collector_urls();
+        for (i, u) in urls.iter().enumerate() {
+            let uri: Option<http::Uri> = u.parse().ok();
+            let ok = uri.as_ref().is_some_and(|uri| {
+                matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.host().is_some()
+                    && uri.port_u16().is_some()
+            });
+            if !ok {
+                return Err(ConfigError::invalid(
+                    file,
+                    key,
+                    format!("expected http://HOST:PORT or https://HOST:PORT URLs, got {u:?}"),
+                ));
+            }
+            if urls[..i].contains(u) {
+                return Err(ConfigError::invalid(
+                    file,
+                    key,
+                    format!("expected each collector once (with grpc_url), got {u:?} twice"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Aggregation and rotation bounds.
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        self.validate_collectors(file)?;
         if let Some(a) = &self.anchor {
             firma_common::anchor::check_endpoints(
                 file,
@@ -1348,11 +1403,11 @@ impl SidecarConfig {
                     "expected a file path for sink = \"file\"",
                 ));
             }
-            AuditSink::Grpc if self.audit.grpc_url.is_none() => {
+            AuditSink::Grpc if self.audit.collector_urls().is_empty() => {
                 return Err(ConfigError::invalid(
                     file,
                     "sidecar.audit.grpc_url",
-                    "expected a URL for sink = \"grpc\"",
+                    "expected a URL (or a `grpc_urls` list) for sink = \"grpc\"",
                 ));
             }
             _ => {}

@@ -1,4 +1,4 @@
-//! `firma audit verify FILE|DIR --public-key K` and `firma audit collect --listen ADDR --output FILE`.
+//! `firma audit verify FILE|DIR|FILE… --public-key K` and `firma audit collect --listen ADDR --output FILE`.
 
 use anyhow::Context;
 use firma_common::audit_files::{self, Head};
@@ -15,11 +15,20 @@ pub struct Args {
 #[derive(clap::Subcommand)]
 enum Command {
     /// Check every signature and the hash chain of an audit file, or of a directory of
-    /// rotated audit files in order; report the first bad line.
+    /// rotated audit files in order; report the first bad line. Given several files (the
+    /// files of collector replicas), check each on its own as with `--part`, then rebuild
+    /// every chain across them and report every gap, fork and overlap.
     Verify {
         /// JSON-lines audit file (file sink output or collector output), or the directory
-        /// holding the file sink's rotated files (`audit.jsonl.000001`, …, `audit.jsonl`).
-        file: PathBuf,
+        /// holding the file sink's rotated files (`audit.jsonl.000001`, …, `audit.jsonl`), or
+        /// several collector replicas' files.
+        #[arg(required = true, num_args = 1..)]
+        file: Vec<PathBuf>,
+        /// One collector replica's file on its own: chains may be held in stretches (each
+        /// linked and covered by a signature, a stretch's first line taken from the prev_hash
+        /// it states); what lies between them is checked across all replicas' files.
+        #[arg(long)]
+        part: bool,
         /// Public key(s) of the sidecars' `[sidecar.audit] signing_key_path` (the `.pub` file).
         #[arg(long = "public-key", required = true)]
         public_key: Vec<PathBuf>,
@@ -57,9 +66,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
         Command::Verify {
             file,
+            part,
             public_key,
             anchors,
-        } => verify(&file, &keys(&public_key)?, anchors.as_deref()),
+        } => match file.as_slice() {
+            [one] if !part => verify(one, &keys(&public_key)?, anchors.as_deref()),
+            _ => verify_replicas(&file, &keys(&public_key)?, anchors.as_deref()),
+        },
         Command::Collect {
             listen,
             output,
@@ -154,6 +167,105 @@ fn verify(path: &Path, keys: &[VerifyingKey], anchors: Option<&str>) -> anyhow::
                 Some(n) => println!("FAILED: first bad line is {n}"),
                 None => println!("FAILED: {}", f.file.display()),
             }
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Collector replicas' files (or one with `--part`): each on its own, then every chain across
+/// them (`firma_common::audit_replicas`). Exit 0 when no file fails and no chain has a gap, a
+/// fork or a broken join; identical overlaps are reported as notes.
+fn verify_replicas(
+    paths: &[PathBuf],
+    keys: &[VerifyingKey],
+    anchors: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    use firma_common::audit_replicas::{MergeFailure, verify_part};
+    for p in paths {
+        if !std::fs::metadata(p)
+            .with_context(|| format!("{}", p.display()))?
+            .is_file()
+        {
+            anyhow::bail!(
+                "{}: expected a file (a directory of rotated files is verified alone)",
+                p.display()
+            );
+        }
+    }
+    if let [one] = paths {
+        if anchors.is_some() {
+            anyhow::bail!(
+                "--anchors with --part: give every replica's file (one holds only stretches of a chain)"
+            );
+        }
+        return Ok(match verify_part(one, keys) {
+            Ok(v) => {
+                println!(
+                    "OK: {} event(s) in {} chain(s) ({} stretch(es)), {} signature(s); every signature and link within each stretch verifies and covers every line (joins between stretches are checked across all replicas' files)",
+                    v.events, v.chains, v.stretches, v.signatures
+                );
+                ExitCode::SUCCESS
+            }
+            Err(f) => {
+                println!("{f}");
+                println!("FAILED: {}", one.display());
+                ExitCode::FAILURE
+            }
+        });
+    }
+    match firma_common::audit_replicas::verify_replicas(paths, keys) {
+        Ok(m) => {
+            for (p, v) in paths.iter().zip(&m.parts) {
+                println!(
+                    "{}: OK on its own: {} event(s), {} stretch(es) of {} chain(s)",
+                    p.display(),
+                    v.events,
+                    v.stretches,
+                    v.chains
+                );
+            }
+            for n in &m.notes {
+                println!("NOTE: {n}");
+            }
+            let files: Vec<_> = paths
+                .iter()
+                .map(|p| audit_files::AuditFile {
+                    path: p.clone(),
+                    index: None,
+                })
+                .collect();
+            if let Some(url) = anchors
+                && !check_anchors(&files, url, keys)?
+            {
+                println!("FAILED: the file(s) do not match the anchored chain heads");
+                return Ok(ExitCode::FAILURE);
+            }
+            println!(
+                "OK: {} event(s) in {} chain(s) across {} file(s); every chain is complete from seq 0, no gap, no fork ({} event(s) held by two files, identical)",
+                m.events,
+                m.chains,
+                paths.len(),
+                m.overlaps
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(MergeFailure::Part(f)) => {
+            println!("{f}");
+            match f.line {
+                Some(n) => println!("FAILED: first bad line is {n} of {}", f.file.display()),
+                None => println!("FAILED: {}", f.file.display()),
+            }
+            Ok(ExitCode::FAILURE)
+        }
+        Err(MergeFailure::Chains(problems)) => {
+            for p in &problems {
+                println!("{p}");
+            }
+            println!(
+                "FAILED: {} problem(s) rebuilding the chains across {} file(s)",
+                problems.len(),
+                paths.len()
+            );
             Ok(ExitCode::FAILURE)
         }
     }

@@ -169,18 +169,24 @@ impl AuditLog {
             }
             AuditSink::Stdout => (Sealer::new(key), writer::Sink::Stdout, None),
             AuditSink::Grpc => {
-                let url = cfg.grpc_url.as_deref().ok_or_else(|| {
-                    AuditError::Startup(
+                let urls = cfg.collector_urls();
+                if urls.is_empty() {
+                    return Err(AuditError::Startup(
                         "[sidecar.audit] grpc_url: required for sink = \"grpc\"".into(),
-                    )
-                })?;
-                let (endpoint, addr) = crate::authority_client::grpc_endpoint(
-                    url,
-                    cfg.ca_cert_path.as_deref(),
-                    "[sidecar.audit] ca_cert_path",
-                )?;
+                    ));
+                }
+                let collectors = urls
+                    .into_iter()
+                    .map(|url| {
+                        crate::authority_client::grpc_endpoint(
+                            url,
+                            cfg.ca_cert_path.as_deref(),
+                            "[sidecar.audit] ca_cert_path",
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
                 let q = grpc::GrpcQueue::default();
-                shipper = Some(tokio::spawn(q.clone().ship(endpoint, addr)).abort_handle());
+                shipper = Some(tokio::spawn(q.clone().ship(collectors)).abort_handle());
                 (Sealer::new(key), writer::Sink::Grpc(q.clone()), Some(q))
             }
         };
@@ -330,6 +336,14 @@ impl AuditLog {
     /// Events acknowledged by the grpc collector so far (0 for other sinks).
     pub fn shipped(&self) -> u64 {
         self.inner.grpc.as_ref().map_or(0, grpc::GrpcQueue::shipped)
+    }
+
+    /// Times the grpc sink moved to the next collector of its list (0 for other sinks).
+    pub fn collector_failovers(&self) -> u64 {
+        self.inner
+            .grpc
+            .as_ref()
+            .map_or(0, grpc::GrpcQueue::failovers)
     }
 }
 

@@ -376,3 +376,63 @@ fn ext_authz_section_parses_and_validates() {
         assert!(e.contains(key), "{key}: {e}");
     }
 }
+
+#[test]
+fn audit_grpc_urls_list_collectors_in_failover_order_and_are_validated() {
+    let text = include_str!("../../../policies/firma.toml");
+    let with = |audit: &str| {
+        let t = text
+            .replace(
+                "sink = \"file\"\npath = \"/var/log/firma/audit.jsonl\"\n",
+                audit,
+            )
+            .replace("max_file_bytes = 104857600\n", "");
+        assert_ne!(t, text, "the example's [sidecar.audit] moved");
+        FirmaConfig::parse(&t, Path::new("/etc/firma.toml"))
+    };
+    let c = with(
+        "sink = \"grpc\"\ngrpc_url = \"http://127.0.0.1:9090\"\ngrpc_urls = [\"http://127.0.0.1:9091\", \"https://c.example:9092\"]\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.sidecar().unwrap().audit.collector_urls(),
+        [
+            "http://127.0.0.1:9090",
+            "http://127.0.0.1:9091",
+            "https://c.example:9092"
+        ]
+    );
+    // grpc_urls alone is enough for sink = "grpc".
+    let c = with("sink = \"grpc\"\ngrpc_urls = [\"http://127.0.0.1:9091\"]\n").unwrap();
+    assert_eq!(c.sidecar().unwrap().audit.collector_urls().len(), 1);
+    for (audit, why) in [
+        (
+            "sink = \"grpc\"\ngrpc_url = \"http://127.0.0.1:9090\"\ngrpc_urls = [\"http://127.0.0.1:9090\"]\n",
+            "twice",
+        ),
+        (
+            "sink = \"grpc\"\ngrpc_urls = [\"127.0.0.1:9091\"]\n",
+            "http://HOST:PORT",
+        ),
+        (
+            "sink = \"grpc\"\ngrpc_urls = [\"http://127.0.0.1\"]\n",
+            "http://HOST:PORT",
+        ),
+        (
+            "sink = \"file\"\npath = \"/var/log/firma/audit.jsonl\"\ngrpc_urls = [\"http://127.0.0.1:9091\"]\n",
+            "only with sink = \"grpc\"",
+        ),
+    ] {
+        let e = with(audit).unwrap_err().to_string();
+        assert!(
+            e.contains("sidecar.audit.grpc_urls")
+                && e.contains(why)
+                && e.contains("/etc/firma.toml"),
+            "{audit}: {e}"
+        );
+    }
+    let e = with("sink = \"grpc\"\ngrpc_urls = []\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sidecar.audit.grpc_url"), "{e}");
+}
