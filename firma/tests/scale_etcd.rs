@@ -468,3 +468,182 @@ fn etcd_member_loss_keeps_working_quorum_loss_fails_closed_and_quorum_back_recov
     }
     drop((a, b));
 }
+
+/// The admin token the `Revoke` tests give Authority A (through this variable).
+const ADMIN_ENV: &str = "FIRMA_TEST_ADMIN_TOKEN";
+const ADMIN_TOKEN: &str = "a-test-admin-token-0123456789-abcdefghij";
+
+/// Adds `admin_token_env` to Authority `i`'s `[authority]` table.
+fn enable_revoke_rpc(s: &Stack, i: usize) {
+    let text = std::fs::read_to_string(&s.cfgs[i]).expect("read");
+    let text = text.replacen(
+        "\n[authority.etcd]",
+        &format!("admin_token_env = \"{ADMIN_ENV}\"\n\n[authority.etcd]"),
+        1,
+    );
+    std::fs::write(&s.cfgs[i], text).expect("write");
+}
+
+/// `firma authority -c CFG` with `envs`, spawned (not waited for).
+fn spawn_authority(cfg: &Path, envs: &[(&str, &str)]) -> firma_testing::process::Process {
+    let mut cmd = firma_testing::process::firma_command(
+        &firma_testing::firma_bin(),
+        &["authority", "-c", &cfg.display().to_string()],
+    );
+    cmd.envs(envs.iter().copied());
+    firma_testing::process::Process::spawn(cmd).expect("spawn firma authority")
+}
+
+/// Python stubs for proto/authority.proto under `out` (grpcio-tools, as authority_python.rs).
+fn python_stubs(out: &Path) {
+    let pkg = out.join("firma_proto");
+    std::fs::create_dir_all(&pkg).expect("mkdir");
+    std::fs::write(pkg.join("__init__.py"), "").expect("write");
+    let proto = firma_testing::repo_root().join("proto");
+    let o = std::process::Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(&proto)
+        .arg(format!("--python_out={}", pkg.display()))
+        .arg(format!("--grpc_python_out={}", pkg.display()))
+        .arg(proto.join("authority.proto"))
+        .output()
+        .expect("python3 (pip install grpcio grpcio-tools)");
+    assert!(
+        o.status.success(),
+        "cannot generate Python stubs (pip install grpcio grpcio-tools): {}",
+        text(&o.stderr)
+    );
+}
+
+/// `tests/python/revoke.py` (grpcio) against `addr`, with `token` as FIRMA_ADMIN_TOKEN.
+fn python_revoke(
+    stubs: &Path,
+    addr: &str,
+    token_id: &str,
+    token: Option<&str>,
+) -> serde_json::Value {
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(firma_testing::repo_root().join("tests/python/revoke.py"))
+        .arg(stubs)
+        .arg(addr)
+        .arg(token_id)
+        .env("NO_PROXY", "*")
+        .env_remove("FIRMA_ADMIN_TOKEN");
+    for v in [
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "grpc_proxy",
+    ] {
+        cmd.env_remove(v);
+    }
+    if let Some(t) = token {
+        cmd.env("FIRMA_ADMIN_TOKEN", t);
+    }
+    let out = cmd.output().expect("python3");
+    assert!(out.status.success(), "revoke.py: {}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("revoke.py prints JSON")
+}
+
+#[test]
+fn grpc_revoke_needs_the_admin_token_and_reaches_a_sidecar_on_the_other_authority() {
+    // The sidecar streams from B; revocations are sent to A over gRPC.
+    let Some(s) = stack(
+        "grpc_revoke_needs_the_admin_token_and_reaches_a_sidecar_on_the_other_authority",
+        &[1, 0],
+    ) else {
+        return;
+    };
+    enable_revoke_rpc(&s, 0);
+    // The variable named by admin_token_env must hold a token: startup fails otherwise.
+    for envs in [vec![], vec![(ADMIN_ENV, "short")]] {
+        let mut p = spawn_authority(&s.cfgs[0], &envs);
+        assert_eventually(
+            Duration::from_secs(20),
+            "authority refuses to start",
+            || !p.alive(),
+        );
+        let log = p.log_text();
+        assert!(
+            log.contains("authority.admin_token_env") && log.contains(ADMIN_ENV),
+            "{log}"
+        );
+        assert!(!log.contains("authority ready"), "{log}");
+    }
+    let mut a = spawn_authority(&s.cfgs[0], &[(ADMIN_ENV, ADMIN_TOKEN)]);
+    a.wait_for("authority ready", Duration::from_secs(20))
+        .expect("authority A");
+    assert!(a.log_text().contains("admin Revoke RPC enabled"));
+    let a_addr = &s.urls[0][7..];
+    let b = Server::start(&s.cfgs[1]);
+    let sc = s.d.start(&[]);
+    let b_addr = &s.urls[1][7..];
+    assert_eventually(Duration::from_secs(10), "sidecar streams from B", || {
+        sc.log_text()
+            .contains(&format!("connected to authority {b_addr}"))
+    });
+    assert_eq!(s.call(&sc, None).status, 200, "{}", sc.log_text());
+    let stubs = s.d.root().join("stubs");
+    python_stubs(&stubs);
+    let id = s.seed_token_id();
+
+    // Hostile callers: no token, a wrong one, a token for an Authority without the key, a
+    // malformed id. Nothing is recorded by any of them.
+    let refused = [
+        (a_addr, id.as_str(), None, "UNAUTHENTICATED"),
+        (
+            a_addr,
+            id.as_str(),
+            Some("a-test-admin-token-0123456789-abcdefghiJ"),
+            "UNAUTHENTICATED",
+        ),
+        (a_addr, id.as_str(), Some(""), "UNAUTHENTICATED"),
+        (b_addr, id.as_str(), Some(ADMIN_TOKEN), "PERMISSION_DENIED"),
+        (a_addr, "has space", Some(ADMIN_TOKEN), "INVALID_ARGUMENT"),
+    ];
+    for (addr, token_id, token, code) in refused {
+        let r = python_revoke(&stubs, addr, token_id, token);
+        assert_eq!(r["ok"], false, "{r}");
+        assert_eq!(r["code"], code, "{r}");
+    }
+    assert!(a.log_text().contains("refused Revoke"), "{}", a.log_text());
+    let listed = s.cli(0, &["revocations", "list"]);
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    assert!(
+        !text(&listed.stdout).contains(&id),
+        "a refused Revoke recorded something: {}",
+        text(&listed.stdout)
+    );
+    assert_eq!(
+        s.call(&sc, None).status,
+        200,
+        "still allowed after the refused calls"
+    );
+
+    // The admin: recorded in etcd, applied by the sidecar streaming from B.
+    let started = Instant::now();
+    let r = python_revoke(&stubs, a_addr, &id, Some(ADMIN_TOKEN));
+    let returned = Instant::now();
+    assert_eq!(r, serde_json::json!({"ok": true, "added": true}));
+    let at = applied(&sc, &id, Duration::from_secs(5));
+    eprintln!(
+        "gRPC Revoke on A reached the sidecar streaming from B at most {:.1} ms after the Python client started ({:.1} ms after Revoke returned)",
+        (at - started).as_secs_f64() * 1000.0,
+        (at - returned).as_secs_f64() * 1000.0
+    );
+    assert!(at - returned < Duration::from_secs(1));
+    let out = s.call(&sc, None);
+    assert_eq!(out.status, 403, "{out:?}");
+    assert_eq!(out.json()["reason"], "CapabilityRevoked");
+    assert!(text(&s.cli(1, &["revocations", "list"]).stdout).contains(&id));
+    // Again: already revoked, the first time is kept.
+    let r = python_revoke(&stubs, a_addr, &id, Some(ADMIN_TOKEN));
+    assert_eq!(r, serde_json::json!({"ok": true, "added": false}));
+    assert!(
+        a.log_text().contains("revoked capability (admin Revoke)"),
+        "{}",
+        a.log_text()
+    );
+    drop(b);
+}
