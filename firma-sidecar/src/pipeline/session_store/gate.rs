@@ -32,11 +32,7 @@ pub struct Gate<'a> {
 impl Gates {
     /// Waits for the gate of `key`.
     pub async fn enter(&self, key: &str) -> Gate<'_> {
-        let cell = self
-            .lock()
-            .entry(key.to_owned())
-            .or_default()
-            .clone();
+        let cell = self.lock().entry(key.to_owned()).or_default().clone();
         let guard = cell.clone().lock_owned().await;
         Gate {
             guard: Some(guard),
