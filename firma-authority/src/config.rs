@@ -41,6 +41,9 @@ pub struct AuthorityConfig {
     /// Admin listener (`/metrics`, `/healthz`, `/readyz`), e.g. `"127.0.0.1:9465"`; off when
     /// unset.
     pub admin_addr: Option<String>,
+    /// Name of the environment variable holding the bearer token the admin `Revoke` RPC
+    /// requires (at least 32 characters); the RPC is refused when unset (docs/scale-out.md).
+    pub admin_token_env: Option<String>,
     /// `text` or `json`; `--log-format` on the command line wins.
     #[serde(default)]
     pub log_format: firma_common::config::LogFormat,
@@ -105,6 +108,15 @@ impl AuthorityConfig {
             }
             (None, Some(etcd)) => etcd.validate(file, "authority.etcd")?,
             (Some(_), None) => {}
+        }
+        if let Some(env) = &self.admin_token_env
+            && (env.is_empty() || env.contains('=') || env.contains('\0'))
+        {
+            return Err(ConfigError::invalid(
+                file,
+                "authority.admin_token_env",
+                format!("expected the name of an environment variable, got {env:?}"),
+            ));
         }
         check_log_level(file, "authority.log_level", &self.log_level)?;
         check_admin_addr(file, "authority.admin_addr", self.admin_addr.as_deref())?;

@@ -43,6 +43,8 @@ pub enum AuthorityError {
         op: &'static str,
         timeout: std::time::Duration,
     },
+    #[error("admin token: {0}")]
+    AdminToken(String),
     #[error("token id: {0}")]
     TokenId(String),
     #[error("revocation file {path}: {cause}")]

@@ -28,6 +28,25 @@ use tokio_util::sync::CancellationToken;
 /// Per-request deadline: a minority member never answers a linearizable request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Per-attempt deadline on one member: longer than a leader election on a healthy cluster,
+/// short enough that a member that swallows requests (a vanished host, a half-open connection)
+/// leaves time to ask the others within [`REQUEST_TIMEOUT`].
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Client options for the Authority's etcd connections. Leader required: a member that lost its
+/// leader answers `UNAVAILABLE` at once (and cancels watches) instead of going silent. HTTP/2
+/// pings no more often than every 10 s: etcd's default `--grpc-keepalive-min-time` is 5 s, and
+/// a client pinging faster is sent `GOAWAY too_many_pings`, which cut the watch every few
+/// seconds. Dead members are found by the per-attempt deadline, not by pings.
+fn connect_options() -> etcd_client::ConnectOptions {
+    etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(ATTEMPT_TIMEOUT)
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true)
+        .with_require_leader(true)
+}
+
 /// One client per member and the key layout. Requests go to the member that answered last and
 /// move to the next one when it is unreachable: etcd-client's own balancer kept sending fresh
 /// requests to a dead member, so each client here holds a single endpoint.
@@ -35,6 +54,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct EtcdStore {
     /// (endpoint, its client); a client that failed is replaced by a fresh one.
     clients: Arc<Vec<(String, std::sync::Mutex<Client>)>>,
+    /// Index (always `< clients.len()`) of the member asked first.
     current: Arc<AtomicUsize>,
     prefix: String,
     endpoints: String,
@@ -44,18 +64,9 @@ impl EtcdStore {
     /// Prepares a client; connections are made (and remade, member by member) on demand.
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, AuthorityError> {
         let joined = endpoints.join(",");
-        // Leader required: a member that lost its leader cancels watches instead of going silent.
-        let opts = firma_common::anchor::connect_options();
         let mut clients = Vec::with_capacity(endpoints.len());
         for e in endpoints {
-            // Lazy: nothing is dialled until the first request.
-            let c = Client::connect([e.as_str()], Some(opts.clone()))
-                .await
-                .map_err(|cause| AuthorityError::EtcdRequest {
-                    endpoints: joined.clone(),
-                    op: "connect",
-                    cause,
-                })?;
+            let c = Self::client(e, &joined).await?;
             clients.push((e.clone(), std::sync::Mutex::new(c)));
         }
         Ok(Self {
@@ -66,33 +77,90 @@ impl EtcdStore {
         })
     }
 
-    /// Runs `f` on the current member's client, moving to the next member on an unavailable
-    /// answer, until it succeeds or [`REQUEST_TIMEOUT`] passes (every operation here is
-    /// idempotent, so a retry is safe).
+    /// A client for one member. Lazy: nothing is dialled until the first request.
+    async fn client(endpoint: &str, joined: &str) -> Result<Client, AuthorityError> {
+        Client::connect([endpoint], Some(connect_options()))
+            .await
+            .map_err(|cause| AuthorityError::EtcdRequest {
+                endpoints: joined.to_owned(),
+                op: "connect",
+                cause,
+            })
+    }
+
+    /// Runs `f` on the current member's client until it succeeds or [`REQUEST_TIMEOUT`] passes
+    /// (every operation here is idempotent, so a retry is safe). An unavailable answer or no
+    /// answer within [`ATTEMPT_TIMEOUT`] moves to the next member and replaces the failed
+    /// member's client by a fresh one, so no connection state outlives a failure (a restarted
+    /// member is dialled anew).
     async fn call<T, F, Fut>(&self, op: &'static str, mut f: F) -> Result<T, AuthorityError>
     where
         F: FnMut(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        timed(&self.endpoints, op, || {
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        let mut last = None;
+        loop {
             let i = self.current.load(Ordering::Relaxed) % self.clients.len();
             let client = self.clients[i]
                 .1
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone();
-            let fut = f(client);
-            let current = self.current.clone();
-            async move {
-                let r = fut.await;
-                if r.as_ref().is_err_and(retryable) {
-                    let _ =
-                        current.compare_exchange(i, i + 1, Ordering::Relaxed, Ordering::Relaxed);
+            let attempt = (tokio::time::Instant::now() + ATTEMPT_TIMEOUT).min(deadline);
+            let why = match tokio::time::timeout_at(attempt, f(client)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(cause)) if retryable(&cause) => {
+                    let why = cause.to_string();
+                    last = Some(cause);
+                    why
                 }
-                r
+                Ok(Err(cause)) => {
+                    return Err(AuthorityError::EtcdRequest {
+                        endpoints: self.endpoints.clone(),
+                        op,
+                        cause,
+                    });
+                }
+                Err(_) => format!("no answer within {ATTEMPT_TIMEOUT:?}"),
+            };
+            tracing::debug!(target: "firma_authority::etcd", member = %self.clients[i].0, op, "{why}; trying the next member");
+            self.next_member(i).await;
+            if tokio::time::Instant::now() >= deadline
+                || tokio::time::timeout_at(deadline, tokio::time::sleep(RETRY_PAUSE))
+                    .await
+                    .is_err()
+            {
+                break;
             }
+        }
+        Err(match last {
+            Some(cause) => AuthorityError::EtcdRequest {
+                endpoints: self.endpoints.clone(),
+                op,
+                cause,
+            },
+            None => AuthorityError::EtcdTimeout {
+                endpoints: self.endpoints.clone(),
+                op,
+                timeout: REQUEST_TIMEOUT,
+            },
         })
-        .await
+    }
+
+    /// Member `failed` did not answer: replace its client and make the next member current
+    /// (unless a concurrent call already moved on).
+    async fn next_member(&self, failed: usize) {
+        let (endpoint, slot) = &self.clients[failed];
+        if let Ok(fresh) = Self::client(endpoint, &self.endpoints).await {
+            *slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        }
+        let next = (failed + 1) % self.clients.len();
+        let _ = self
+            .current
+            .compare_exchange(failed, next, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     pub fn prefix(&self) -> &str {
@@ -186,49 +254,6 @@ impl EtcdStore {
             dropped,
         })
     }
-}
-
-/// Runs `f` until it succeeds or [`REQUEST_TIMEOUT`] passes, naming the operation on failure;
-/// unavailable answers are retried (see [`EtcdStore::call`]).
-async fn timed<T, F, Fut>(endpoints: &str, op: &'static str, mut f: F) -> Result<T, AuthorityError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
-{
-    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
-    let mut last = None;
-    loop {
-        match tokio::time::timeout_at(deadline, f()).await {
-            Ok(Ok(v)) => return Ok(v),
-            Ok(Err(cause)) if retryable(&cause) => last = Some(cause),
-            Ok(Err(cause)) => {
-                return Err(AuthorityError::EtcdRequest {
-                    endpoints: endpoints.to_owned(),
-                    op,
-                    cause,
-                });
-            }
-            Err(_) => break,
-        }
-        if tokio::time::timeout_at(deadline, tokio::time::sleep(RETRY_PAUSE))
-            .await
-            .is_err()
-        {
-            break;
-        }
-    }
-    Err(match last {
-        Some(cause) => AuthorityError::EtcdRequest {
-            endpoints: endpoints.to_owned(),
-            op,
-            cause,
-        },
-        None => AuthorityError::EtcdTimeout {
-            endpoints: endpoints.to_owned(),
-            op,
-            timeout: REQUEST_TIMEOUT,
-        },
-    })
 }
 
 /// Pause between retries of an unavailable answer.

@@ -2,7 +2,7 @@
 //! streams the runtime Cedar bundle and revocations to sidecars over gRPC.
 //!
 //! Modules: [`validate`] (bounds on requests), [`issuance`] (evaluate, clamp, sign),
-//! [`revocations`] (the file), [`revocation_hub`] (watch the file, fan out), [`etcd`] (the set shared through etcd), [`bundles`] (load,
+//! [`revocations`] (the file), [`revocation_hub`] (watch the file, fan out), [`etcd`] (the set shared through etcd), [`revoke`] (the admin `Revoke` RPC), [`bundles`] (load,
 //! watch, publish), [`service`] (gRPC), [`server`] (TLS, listen, drain), [`error`].
 
 pub mod admin;
@@ -16,6 +16,7 @@ pub mod listen;
 pub mod metrics;
 pub mod revocation_hub;
 pub mod revocations;
+pub mod revoke;
 pub mod server;
 pub mod service;
 pub mod validate;

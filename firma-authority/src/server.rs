@@ -7,6 +7,7 @@ use crate::error::AuthorityError;
 use crate::etcd::EtcdStore;
 use crate::revocation_hub::{self, RevocationHub};
 use crate::revocations::RevocationFile;
+use crate::revoke::Revoker;
 use crate::service::AuthorityService;
 use firma_common::keys::{check_owner_only, load_signing_key};
 use firma_common::proto::authority::authority_server::AuthorityServer;
@@ -74,7 +75,15 @@ pub async fn run(
         "loaded runtime bundle ({})", describe_count(runtime.bundle.file_count()));
 
     let cancel = CancellationToken::new();
-    let (hub, in_sync) = revocation_source(cfg, &cancel).await?;
+    let (hub, in_sync, revoker) = revocation_source(cfg, &cancel).await?;
+    let admin_token = match &cfg.admin_token_env {
+        Some(env) => {
+            let t = crate::revoke::AdminToken::from_env(env)?;
+            tracing::info!(target: STARTUP, "admin Revoke RPC enabled (bearer token from ${env})");
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
     tracing::debug!(target: STARTUP, count = hub.len(), "loaded revocations");
 
     let listener = tokio::net::TcpListener::bind(addr)
@@ -106,6 +115,8 @@ pub async fn run(
         bundle_ttl: Duration::from_secs(cfg.bundle_ttl_seconds),
         shutdown: cancel.clone(),
         in_sync,
+        revoker,
+        admin_token,
     };
     if let (Some(addr), Some(metrics)) = (&cfg.admin_addr, metrics) {
         let admin = crate::admin::AuthorityAdmin {
@@ -168,7 +179,7 @@ pub async fn run(
 async fn revocation_source(
     cfg: &AuthorityConfig,
     cancel: &CancellationToken,
-) -> Result<(Arc<RevocationHub>, watch::Receiver<bool>), AuthorityError> {
+) -> Result<(Arc<RevocationHub>, watch::Receiver<bool>, Revoker), AuthorityError> {
     if let Some(etcd) = &cfg.etcd {
         let store = EtcdStore::connect(&etcd.endpoints, &etcd.prefix).await?;
         let hub = RevocationHub::new(Vec::new());
@@ -176,13 +187,13 @@ async fn revocation_source(
         tracing::info!(target: STARTUP, endpoints = ?etcd.endpoints, prefix = %etcd.prefix,
             "revocations shared through etcd");
         tokio::spawn(crate::etcd::follow(
-            store,
+            store.clone(),
             hub.clone(),
             tx,
             Duration::from_millis(etcd.stale_after_ms),
             cancel.clone(),
         ));
-        return Ok((hub, rx));
+        return Ok((hub, rx, Revoker::Etcd(store)));
     }
     // Config validation requires one of the two; a library caller may skip validation.
     let path = cfg
@@ -198,9 +209,9 @@ async fn revocation_source(
     let hub = RevocationHub::new(list.entries);
     tokio::spawn(revocation_hub::watch_file(
         hub.clone(),
-        file,
+        file.clone(),
         cancel.clone(),
     ));
     // The sender is dropped: the file is always in sync (`borrow` keeps `true`).
-    Ok((hub, watch::channel(true).1))
+    Ok((hub, watch::channel(true).1, Revoker::File(file)))
 }

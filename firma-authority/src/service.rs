@@ -34,6 +34,10 @@ pub struct AuthorityService {
     /// quorum answers). Out of sync, bundle and revocation streams are refused and ended, so
     /// sidecars fail over or go stale instead of missing a revocation (crate::etcd).
     pub in_sync: watch::Receiver<bool>,
+    /// Where `Revoke` writes (the store the CLI writes to).
+    pub revoker: crate::revoke::Revoker,
+    /// The admin token `Revoke` requires; `None` refuses the RPC.
+    pub admin_token: Option<Arc<crate::revoke::AdminToken>>,
 }
 
 /// Refusal for streams while the revocation store is out of sync.
@@ -118,6 +122,45 @@ impl Authority for AuthorityService {
         Ok(Response::new(pb::IssuanceResponse {
             result: Some(result),
         }))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let peer = peer(&request);
+        let Some(admin) = &self.admin_token else {
+            tracing::warn!(%peer, "refused Revoke: no admin_token_env configured");
+            return Err(Status::permission_denied(
+                "Revoke is disabled on this authority (no [authority] admin_token_env)",
+            ));
+        };
+        if let Err(status) = admin.check(request.metadata()) {
+            tracing::warn!(%peer, "refused Revoke: {}", status.message());
+            return Err(status);
+        }
+        let token_id = request.into_inner().token_id;
+        crate::revoke::check_request_id(&token_id)?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        match self.revoker.add(&token_id, now_ms).await {
+            Ok(added) => {
+                tracing::info!(%peer, %token_id, added, "revoked capability (admin Revoke)");
+                Ok(Response::new(pb::RevokeResponse { added }))
+            }
+            Err(e) => {
+                tracing::error!(%peer, %token_id, "Revoke failed, not recorded: {e}");
+                Err(match e {
+                    crate::AuthorityError::TokenId(m) => Status::invalid_argument(m),
+                    crate::AuthorityError::EtcdRequest { .. }
+                    | crate::AuthorityError::EtcdTimeout { .. } => {
+                        Status::unavailable(format!("not recorded: {e}"))
+                    }
+                    other => Status::internal(format!("not recorded: {other}")),
+                })
+            }
+        }
     }
 
     type StreamPolicyBundlesStream = ReceiverStream<Result<pb::PolicyBundle, Status>>;

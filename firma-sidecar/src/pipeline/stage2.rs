@@ -365,6 +365,7 @@ pub async fn evaluate_shared(
     want: Option<Want>,
 ) -> (Stage2Result, Option<Reservation>) {
     let keys = store.keys(req.session_id, &counter_key(req), req.agent_id);
+    let _gate = store.gate(&keys, want.is_some()).await;
     let mut seen = match store.read(&keys).await {
         Ok(s) => s,
         Err(e) => return (unavailable(policies, store, req, &keys, want, &e), None),

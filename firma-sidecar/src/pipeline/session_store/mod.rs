@@ -24,6 +24,7 @@
 //! replaying the locally allowed calls into the shared counts; no restart is needed.
 
 pub mod config;
+pub mod gate;
 pub mod metrics;
 mod scripts;
 
@@ -144,6 +145,8 @@ pub struct RedisStore {
     node: String,
     next_id: AtomicU64,
     metrics: Option<&'static metrics::StoreMetrics>,
+    /// This sidecar's decisions queue per contended key ([`gate`]).
+    gates: gate::Gates,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -216,6 +219,7 @@ impl RedisStore {
             node: format!("{:016x}", rand::random::<u64>()),
             next_id: AtomicU64::new(0),
             metrics,
+            gates: gate::Gates::default(),
         }))
     }
 
@@ -320,6 +324,15 @@ impl RedisStore {
                 "Redis did not answer the last operation; retrying in the background".into(),
             ))
         }
+    }
+
+    /// Waits until no other decision of this sidecar is in flight on what a decision with
+    /// `metered` commits against: the agent's usage for a metered call (its version is checked),
+    /// else the call count. Hold it from [`Self::read`] to [`Self::commit`].
+    pub async fn gate(&self, k: &Keys, metered: bool) -> gate::Gate<'_> {
+        self.gates
+            .enter(if metered { &k.ua } else { &k.count })
+            .await
     }
 
     /// The state a decision evaluates against.
