@@ -256,7 +256,8 @@ impl CompiledPolicies {
         }
         let principal =
             EntityUid::from_type_name_and_id(self.agent_type.clone(), EntityId::new(req.agent_id));
-        let parts = action.partitions(&principal);
+        let names = super::partition::Names::Of(req.mcp.and_then(|m| m.name.as_deref()));
+        let parts = action.partitions(&principal, names);
         let with_usage = parts.clone().any(|p| p.reads_usage);
         match self.build(req, principal, &action.uid, with_usage) {
             Ok((request, entities)) => {
@@ -280,7 +281,7 @@ impl CompiledPolicies {
         }
         let principal =
             EntityUid::from_type_name_and_id(self.agent_type.clone(), EntityId::new(req.agent_id));
-        let parts = action.partitions(&principal);
+        let parts = action.partitions(&principal, super::partition::Names::All);
         // Without the usage records: their `decimal` values are extension calls, which make
         // Cedar treat the whole context as not projectable (then even `context.mcp.name` would
         // stay unknown). Policies on token usage do not take part in list-time decisions.

@@ -512,6 +512,9 @@ fn mcp_could_allow_for_some_arguments() {
             mcp: Some(m),
         }
     }
+    // The read_file permit and the delete_repo forbid are indexed under their tool; the `..`
+    // forbid applies to every tool.
+    assert_eq!(p.by_action["mcp.tools.call"].named_sets(), 2);
     let (read, delete, other) = (ctx("read_file"), ctx("delete_repo"), ctx("list_dir"));
     assert!(
         p.could_allow(&req(&read, 1)),
