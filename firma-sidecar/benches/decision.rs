@@ -537,32 +537,51 @@ fn mcp(c: &mut Criterion) {
     let bundle = PolicyBundle::load_dir(&repo().join("policies/runtime/mcp")).expect("bundle");
     let policies = bundle.compile().expect("compile");
     let counters = ActionCounters::new();
-    c.bench_function("mcp/classify_and_decide_2kb_tools_call", |b| {
-        b.iter(|| {
-            let (msgs, _) = classify_body(black_box(body.as_bytes()), &spec).expect("classify");
-            let m = &msgs[0];
-            let resource = m.resource("mcp.example.com", "/mcp");
-            let r = evaluate(
-                &policies,
-                &counters,
-                &Stage2Request {
-                    agent_id: "agent-mcp",
-                    session_id: "s-1",
-                    action_class: m.action_class,
-                    host: "mcp.example.com",
-                    path: "/mcp",
-                    resource: &resource,
-                    method: "POST",
-                    live_until: i64::MAX,
-                    now: now_unix(),
-                    request: None,
-                    usage: None,
-                    mcp: Some(m),
-                },
-            );
-            black_box(r)
-        })
-    });
+    // Every iteration is the session's first read_file (the policy allows 100): reset the
+    // counter, else after 100 iterations every decision would be a deny.
+    let (first, _) = classify_body(body.as_bytes(), &spec).expect("classify");
+    let count = counters
+        .counter("s-1", &first[0].counter_key(), i64::MAX, now_unix())
+        .expect("counter");
+    // `usage: None` as before; the sidecar passes the session's and agent's usage totals on
+    // every unmetered decision (`_with_usage`), which costs two Cedar records when a policy
+    // of the action may read them.
+    for (name, usage) in [
+        ("mcp/classify_and_decide_2kb_tools_call", None),
+        (
+            "mcp/classify_and_decide_2kb_tools_call_with_usage",
+            Some((UsageTotals::default(), UsageTotals::default())),
+        ),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                count.store(0, std::sync::atomic::Ordering::Relaxed);
+                let (msgs, _) = classify_body(black_box(body.as_bytes()), &spec).expect("classify");
+                let m = &msgs[0];
+                let resource = m.resource("mcp.example.com", "/mcp");
+                let r = evaluate(
+                    &policies,
+                    &counters,
+                    &Stage2Request {
+                        agent_id: "agent-mcp",
+                        session_id: "s-1",
+                        action_class: m.action_class,
+                        host: "mcp.example.com",
+                        path: "/mcp",
+                        resource: &resource,
+                        method: "POST",
+                        live_until: i64::MAX,
+                        now: now_unix(),
+                        request: None,
+                        usage,
+                        mcp: Some(m),
+                    },
+                );
+                assert!(r.deny.is_none(), "{:?}", r.deny);
+                black_box(r)
+            })
+        });
+    }
 }
 
 criterion_group!(

@@ -116,6 +116,12 @@ impl Env {
 }
 
 fn setup() -> Option<Env> {
+    setup_with("server.py")
+}
+
+/// The deployment with `server` (a script in `tests/mcp/` taking CERT KEY CALLS_LOG and
+/// printing `listening PORT`) as `mcp.test`.
+fn setup_with(server: &str) -> Option<Env> {
     if !python_has_mcp() {
         assert!(
             std::env::var("CI").is_err(),
@@ -136,11 +142,8 @@ fn setup() -> Option<Env> {
     let ca_path = ca.write_pem(&root.join("mcp-ca.crt"));
     let calls = root.join("calls.jsonl");
     let mut cmd = Command::new("python3");
-    cmd.arg(script("server.py"))
-        .arg(&cert)
-        .arg(&key)
-        .arg(&calls);
-    let mut server = process::Process::spawn(cmd).expect("spawn server.py");
+    cmd.arg(script(server)).arg(&cert).arg(&key).arg(&calls);
+    let mut server = process::Process::spawn(cmd).expect("spawn the MCP server");
     server
         .wait_for("listening ", Duration::from_secs(30))
         .expect("MCP server up");
@@ -331,6 +334,67 @@ fn sdk_session_checks(env: &Env, path: &str) {
         Some(r).filter(|r| r.len() >= 3)
     });
     assert!(results.iter().all(|r| r["error"] == false), "{results:?}");
+    let (ok, report) = audit::verify(&env.d.audit_path, &[&env.d.root().join("audit.pub")]);
+    assert!(ok, "audit verify: {report}");
+}
+
+/// The documented rule for server-initiated messages Firma cannot classify (docs/mcp.md,
+/// "Following responses"), on the GET event stream of the streamable HTTP transport from a
+/// real HTTP server (`tests/mcp/server_stream.py`): a request with duplicate `method` keys,
+/// one with a method outside the character set and an event that is not JSON are dropped (the
+/// client never receives them); a well-formed request (its lines ending in a bare `\r`) and a
+/// notification pass byte for byte; the `outcome` event counts what passed and what was
+/// dropped.
+#[test]
+fn unclassifiable_server_messages_on_the_get_stream_are_dropped() {
+    let Some(env) = setup_with("server_stream.py") else {
+        return;
+    };
+    let capability = format!("x-firma-capability: {}", env.token);
+    let out = curl(
+        &env.sc.proxy_url(),
+        &env.d.ca_cert(),
+        &format!("https://{HOST}/mcp"),
+        &["-N", "-H", "accept: text/event-stream", "-H", &capability],
+    );
+    assert_eq!(out.status, 200, "{out:?}\n{}", env.sc.log_text());
+    // What the client received: exactly the two readable events, unchanged.
+    assert_eq!(
+        out.body,
+        concat!(
+            "event: message\rdata: {\"jsonrpc\":\"2.0\",\"id\":\"s3\",\"method\":\"roots/list\"}\r\r",
+            "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",",
+            "\"params\":{\"level\":\"info\",\"data\":\"stream done\"}}\r\n\r\n"
+        ),
+        "{out:?}"
+    );
+    // The server sent them all on the one GET it received.
+    assert_eq!(
+        env.executed(),
+        vec![serde_json::json!({"method": "GET", "path": "/mcp"})]
+    );
+    // The audit: the GET was decided as the endpoint's other traffic and allowed; its
+    // `outcome` says what the stream carried.
+    let get = assert_eventually(Duration::from_secs(10), "the GET's decision", || {
+        env.d.audit_for(HOST).into_iter().next()
+    });
+    assert_eq!(
+        get["envelope"]["intent"]["action_class"], "mcp.session",
+        "{get}"
+    );
+    assert_eq!(get["decision"]["outcome"], "ALLOW", "{get}");
+    let followed = assert_eventually(Duration::from_secs(10), "the stream's outcome", || {
+        env.followed().into_iter().next()
+    });
+    assert_eq!(followed["dropped"], 3, "{followed}");
+    assert_eq!(
+        followed["server_requests"],
+        serde_json::json!(["roots/list"]),
+        "{followed}"
+    );
+    assert_eq!(followed["notifications"], 1, "{followed}");
+    assert_eq!(followed["result_count"], 0, "{followed}");
+    assert!(followed.get("stopped").is_none(), "{followed}");
     let (ok, report) = audit::verify(&env.d.audit_path, &[&env.d.root().join("audit.pub")]);
     assert!(ok, "audit verify: {report}");
 }

@@ -195,8 +195,8 @@ impl PolicyBundle {
     }
 }
 
-/// Context attributes Firma always builds; any other use of `context` may need the usage records.
-const CHEAP_CONTEXT: [&str; 4] = ["action_count", "session_id", "method", "request"];
+/// Context attributes other than the usage records; any other use of `context` may need them.
+const CHEAP_CONTEXT: [&str; 5] = ["action_count", "session_id", "method", "request", "mcp"];
 
 /// Whether a policy may read the usage records (`context.session`, `context.agent`), judged
 /// from its Cedar text and erring towards yes: every occurrence of the word `context` counts

@@ -19,8 +19,18 @@
 //!   determining policies are all satisfied forbids), else allow if any permit is (all
 //!   satisfied permits), else deny with none; errors are the union.
 //!
+//! * Within a partition, policies whose `when` starts with
+//!   `context has mcp && context.mcp has name && context.mcp.name == "<n>"` (the idiom of
+//!   `docs/mcp.md`) can hold only for MCP messages naming `<n>`: for any other request that
+//!   prefix is false without error (the scope never errors, the two `has` tests cannot, and
+//!   they guard the comparison). A request naming `<n>` is evaluated against the partition's
+//!   other policies plus those of `<n>`, in one set ([`Partition::for_name`]); one naming
+//!   nothing, or a name no policy tests, against the other policies only. List-time decisions
+//!   ([`super::CompiledPolicies::could_allow`], partial evaluation) use every policy.
+//!
 //! Memory: each policy is held once per action class it can apply to, as before; the index
-//! adds one small `PolicySet` per (action class, principal entity) that some policy names.
+//! adds one small `PolicySet` per (action class, principal entity) that some policy names, and
+//! per MCP name a set of the partition's unnamed policies plus that name's (cheap clones).
 
 use super::eval::EvalResult;
 use cedar_policy::{
@@ -43,12 +53,27 @@ pub(super) struct ActionPolicies {
 /// A set of policies evaluated together.
 #[derive(Default)]
 pub(super) struct Partition {
+    /// The policies that do not test an MCP name (see the module doc), or for
+    /// [`Partition::all`] every policy.
     pub(super) policies: PolicySet,
     pub(super) len: usize,
     /// Some policy may read `context.session` / `context.agent`; when none of a request's
     /// partitions can, the usage records are not built (two Cedar `decimal` values, a third
     /// of Stage 2's time).
     pub(super) reads_usage: bool,
+    /// By MCP name: `policies` plus the policies that can only hold for messages naming it.
+    by_name: HashMap<String, Partition>,
+    /// Every policy, when some test an MCP name (list-time decisions).
+    all: Option<Box<Partition>>,
+}
+
+/// Which of a partition's MCP-name sets a request is evaluated against.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Names<'a> {
+    /// The request's MCP name (`None`: not an MCP message, or one without a name).
+    Of(Option<&'a str>),
+    /// Every policy (partial evaluation, where nothing is skipped).
+    All,
 }
 
 impl Partition {
@@ -59,6 +84,100 @@ impl Partition {
             self.reads_usage |= reads_usage;
         }
     }
+
+    /// Files `policy` under the MCP name it tests, if it tests one, else with the others.
+    fn file(&mut self, policy: Policy, reads_usage: bool) {
+        let name = mcp_name_of(&policy);
+        if name.is_some() || self.all.is_some() {
+            let all = self.all.get_or_insert_with(|| {
+                let mut all = Partition::default();
+                for p in self.policies.policies() {
+                    all.add(p.clone(), false);
+                }
+                all.reads_usage = self.reads_usage;
+                Box::new(all)
+            });
+            all.add(policy.clone(), reads_usage);
+        }
+        match name {
+            Some(n) => {
+                let shared = &self.policies;
+                let (len, usage) = (self.len, self.reads_usage);
+                let named = self.by_name.entry(n).or_insert_with(|| {
+                    let mut named = Partition::default();
+                    for p in shared.policies() {
+                        named.add(p.clone(), false);
+                    }
+                    debug_assert_eq!(named.len, len);
+                    named.reads_usage = usage;
+                    named
+                });
+                named.add(policy, reads_usage);
+            }
+            None => {
+                for named in self.by_name.values_mut() {
+                    named.add(policy.clone(), reads_usage);
+                }
+                self.add(policy, reads_usage);
+            }
+        }
+    }
+
+    /// The set a request naming `names` is evaluated against (see the module doc).
+    pub(super) fn for_name(&self, names: Names<'_>) -> &Partition {
+        match names {
+            Names::Of(Some(n)) => self.by_name.get(n).unwrap_or(self),
+            Names::Of(None) => self,
+            Names::All => self.all.as_deref().unwrap_or(self),
+        }
+    }
+}
+
+/// The MCP name a policy can only hold for: its first condition is a `when` whose conjuncts
+/// start with `context has mcp`, `context.mcp has name`, `context.mcp.name == "<n>"` (either
+/// side of `==`). Read from Cedar's JSON form of the policy; anything else is `None`.
+fn mcp_name_of(policy: &Policy) -> Option<String> {
+    use serde_json::{Value, json};
+    let est = policy.to_json().ok()?;
+    let first = est.get("conditions")?.as_array()?.first()?;
+    if first.get("kind")? != "when" {
+        return None;
+    }
+    let mut conjuncts = Vec::new();
+    let mut stack = vec![first.get("body")?];
+    // Cedar's `a && b && c` is `(a && b) && c`: flattened left to right, in evaluation order.
+    while let Some(e) = stack.pop() {
+        match e.get("&&") {
+            Some(and) => {
+                stack.push(and.get("right")?);
+                stack.push(and.get("left")?);
+            }
+            None => conjuncts.push(e),
+        }
+        if conjuncts.len() == 3 {
+            break;
+        }
+    }
+    let context = json!({"Var": "context"});
+    let mcp = json!({".": {"left": context, "attr": "mcp"}});
+    let name = json!({".": {"left": mcp, "attr": "name"}});
+    let has = |left: &Value, attr: &str| json!({"has": {"left": left, "attr": attr}});
+    let [a, b, eq] = conjuncts.as_slice() else {
+        return None;
+    };
+    if **a != has(&context, "mcp") || **b != has(&mcp, "name") {
+        return None;
+    }
+    let eq = eq.get("==")?;
+    let (l, r) = (eq.get("left")?, eq.get("right")?);
+    let lit = if *l == name {
+        r
+    } else if *r == name {
+        l
+    } else {
+        return None;
+    };
+    lit.get("Value")?.as_str().map(str::to_owned)
 }
 
 impl ActionPolicies {
@@ -78,20 +197,34 @@ impl ActionPolicies {
                 .by_principal
                 .entry(key)
                 .or_default()
-                .add(policy, reads_usage),
-            None => self.shared.add(policy, reads_usage),
+                .file(policy, reads_usage),
+            None => self.shared.file(policy, reads_usage),
         }
     }
 
-    /// The partitions a request by `principal` is evaluated against: the shared one and the
-    /// principal's own, each only when it holds a policy.
+    /// The partitions a request by `principal` naming `names` is evaluated against: the
+    /// shared one and the principal's own, each only when it holds a policy.
     pub(super) fn partitions<'a>(
         &'a self,
         principal: &EntityUid,
+        names: Names<'_>,
     ) -> impl Iterator<Item = &'a Partition> + Clone + use<'a> {
-        std::iter::once(&self.shared)
-            .chain(self.by_principal.get(principal))
+        let own = self.by_principal.get(principal).map(|p| p.for_name(names));
+        [Some(self.shared.for_name(names)), own]
+            .into_iter()
+            .flatten()
             .filter(|p| p.len > 0)
+    }
+
+    /// Number of MCP-name sets over all partitions (for tests).
+    #[cfg(test)]
+    pub(super) fn named_sets(&self) -> usize {
+        self.shared.by_name.len()
+            + self
+                .by_principal
+                .values()
+                .map(|p| p.by_name.len())
+                .sum::<usize>()
     }
 
     /// Number of principal partitions (for tests and the docs' memory figures).

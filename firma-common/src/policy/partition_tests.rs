@@ -11,6 +11,8 @@ use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 
 const TENANTS: usize = 30;
+/// MCP tool names policies test (`tool-0` …) and requests carry (one more than policies name).
+const TOOLS: usize = 4;
 const TEAMS: usize = 3;
 const ACTIONS: [&str; 8] = [
     "model.inference.chat",
@@ -84,7 +86,7 @@ fn resource_scope(rng: &mut StdRng) -> String {
 
 /// One boolean condition over the request.
 fn condition(rng: &mut StdRng) -> String {
-    match rng.gen_range(0..9) {
+    match rng.gen_range(0..10) {
         0 => format!("context.action_count <= {}", rng.gen_range(0..10)),
         1 => {
             let (h, _) = pick(rng, &RESOURCES);
@@ -101,10 +103,12 @@ fn condition(rng: &mut StdRng) -> String {
         6 => format!("principal == {}", tenant(rng)),
         7 => "context has request && context.request has model && context.request.model == \"gpt-4o\""
             .into(),
-        _ => format!(
+        8 => format!(
             "context has agent && context.agent.cost_usd.greaterThan(decimal(\"0.00{}\"))",
             rng.gen_range(1..10)
         ),
+        _ => "context has mcp && context.mcp.arguments has limit && context.mcp.arguments.limit + 9223372036854775800 > 0"
+            .into(),
     }
 }
 
@@ -124,6 +128,28 @@ fn policy(rng: &mut StdRng, teams: bool, n: usize) -> String {
         action_scope(rng),
         resource_scope(rng)
     ));
+    // MCP name tests: the indexed idiom first (either side of `==`, sometimes followed by
+    // more), and look-alikes that must not be indexed (an `unless`, a name test that is not
+    // guarded first).
+    let tool = format!("tool-{}", rng.gen_range(0..TOOLS));
+    let guard = "context has mcp && context.mcp has name";
+    match rng.gen_range(0..8) {
+        0 => text.push_str(&format!(
+            " when {{ {guard} && context.mcp.name == \"{tool}\" }}"
+        )),
+        1 => text.push_str(&format!(
+            " when {{ {guard} && \"{tool}\" == context.mcp.name && {} }}",
+            condition(rng)
+        )),
+        2 => text.push_str(&format!(
+            " unless {{ {guard} && context.mcp.name == \"{tool}\" }}"
+        )),
+        3 => text.push_str(&format!(
+            " when {{ {} && {guard} && context.mcp.name == \"{tool}\" }}",
+            condition(rng)
+        )),
+        _ => {}
+    }
     for _ in 0..rng.gen_range(0..3) {
         let kind = if rng.gen_bool(0.7) { "when" } else { "unless" };
         text.push_str(&format!(" {kind} {{ {} }}", condition(rng)));
@@ -161,6 +187,7 @@ struct Owned {
     method: &'static str,
     request: Option<BTreeMap<String, AttrValue>>,
     usage: Option<(UsageTotals, UsageTotals)>,
+    mcp: Option<McpContext>,
 }
 
 fn random_request(rng: &mut StdRng) -> Owned {
@@ -187,6 +214,17 @@ fn random_request(rng: &mut StdRng) -> Owned {
             BTreeMap::from([("model".to_string(), AttrValue::String(model))])
         }),
         usage: rng.gen_bool(0.7).then(|| (usage(rng), usage(rng))),
+        mcp: rng.gen_bool(0.6).then(|| McpContext {
+            method: "tools/call".into(),
+            name: rng
+                .gen_bool(0.85)
+                .then(|| format!("tool-{}", rng.gen_range(0..=TOOLS))),
+            // `limit` near the top overflows in the condition above, so errors.
+            arguments: BTreeMap::from([(
+                "limit".to_string(),
+                AttrValue::Long(pick(rng, &[1, 100])),
+            )]),
+        }),
     }
 }
 
@@ -203,7 +241,7 @@ impl Owned {
             method: self.method,
             request: self.request.as_ref(),
             usage: self.usage,
-            mcp: None,
+            mcp: self.mcp.as_ref(),
         }
     }
 }
@@ -231,6 +269,7 @@ fn whole_set(c: &CompiledPolicies, req: &EvalRequest<'_>) -> EvalResult {
 #[test]
 fn partitioned_evaluation_is_cedars_answer_over_the_whole_set() {
     let (mut allowed, mut forbidden, mut errored, mut indexed) = (0, 0, 0, 0);
+    let mut named = 0;
     for seed in 0..60u64 {
         let mut rng = StdRng::seed_from_u64(seed);
         let teams = seed % 2 == 1;
@@ -247,15 +286,23 @@ fn partitioned_evaluation_is_cedars_answer_over_the_whole_set() {
             .values()
             .map(|a| a.principal_partitions())
             .sum::<usize>();
+        named += c.by_action.values().map(|a| a.named_sets()).sum::<usize>();
         for i in 0..100 {
             let owned = random_request(&mut rng);
             let req = owned.eval();
             let got = c.evaluate(&req);
             let want = whole_set(&c, &req);
             assert_eq!(
-                got, want,
-                "seed {seed}, request {i}: {:?} {} on {} (count {}, usage {:?}, request {:?})",
-                owned.agent, owned.action, owned.resource, owned.count, owned.usage, owned.request
+                got,
+                want,
+                "seed {seed}, request {i}: {:?} {} on {} (count {}, usage {:?}, request {:?}, mcp {:?})",
+                owned.agent,
+                owned.action,
+                owned.resource,
+                owned.count,
+                owned.usage,
+                owned.request,
+                owned.mcp
             );
             allowed += usize::from(want.allowed);
             forbidden += usize::from(!want.allowed && !want.determining_policies.is_empty());
@@ -264,13 +311,14 @@ fn partitioned_evaluation_is_cedars_answer_over_the_whole_set() {
     }
     // The generator reaches every kind of answer, and the index is used.
     println!(
-        "allowed {allowed}, forbidden {forbidden}, with errors {errored}, partitions {indexed}"
+        "allowed {allowed}, forbidden {forbidden}, with errors {errored}, partitions {indexed}, MCP-name sets {named}"
     );
     assert!(
         allowed > 1000 && forbidden > 1000 && errored > 500,
         "{allowed} {forbidden} {errored}"
     );
     assert!(indexed > 300, "{indexed}");
+    assert!(named > 300, "{named}");
 }
 
 /// 2,000 tenants with a policy each on one class: a tenant's request sees the shared

@@ -1,4 +1,5 @@
 use super::*;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 fn policies_dir() -> PathBuf {
@@ -397,6 +398,7 @@ fn reads_usage_errs_towards_yes() {
         "forbid(principal, action, resource) when { context.session_id == \"s\" && context.method == \"GET\" };",
         "permit(principal, action, resource) when { resource.host == \"contextual.example\" };",
         "permit(principal, action, resource) when { context has \"request\" };",
+        "permit(principal, action, resource) when { context has mcp && context.mcp.arguments has path };",
     ] {
         assert!(!reads_usage(no), "{no}");
     }
@@ -510,6 +512,9 @@ fn mcp_could_allow_for_some_arguments() {
             mcp: Some(m),
         }
     }
+    // The read_file permit and the delete_repo forbid are indexed under their tool; the `..`
+    // forbid applies to every tool.
+    assert_eq!(p.by_action["mcp.tools.call"].named_sets(), 2);
     let (read, delete, other) = (ctx("read_file"), ctx("delete_repo"), ctx("list_dir"));
     assert!(
         p.could_allow(&req(&read, 1)),
@@ -558,4 +563,75 @@ fn mcp_could_allow_for_some_arguments() {
     let mut alice = req(&read, 1);
     alice.agent_id = "alice";
     assert!(only_alice.could_allow(&alice));
+}
+
+/// The context built as values is exactly the one Cedar's evaluator makes of the restricted
+/// expressions (the reference), for every shape of request: with and without body
+/// attributes, MCP messages with and without a name and with every argument type, usage
+/// records (extension `decimal`s), strings Cedar must keep as they are.
+#[test]
+fn context_values_equal_cedars_evaluation() {
+    let c = shipped("runtime/mcp");
+    let attrs: BTreeMap<String, AttrValue> = [
+        ("model".to_string(), AttrValue::String("gpt-4o".into())),
+        ("max_tokens".to_string(), AttrValue::Long(-7)),
+        ("stream".to_string(), AttrValue::Bool(true)),
+    ]
+    .into();
+    let long = "ü\"\\\u{0}x".repeat(40);
+    let mcps = [
+        McpContext {
+            method: "tools/call".into(),
+            name: Some("read_file".into()),
+            arguments: [
+                ("path".to_string(), AttrValue::String(long.clone())),
+                ("limit".to_string(), AttrValue::Long(i64::MIN)),
+                ("recursive".to_string(), AttrValue::Bool(false)),
+            ]
+            .into(),
+        },
+        McpContext {
+            method: "initialize".into(),
+            name: None,
+            arguments: BTreeMap::new(),
+        },
+    ];
+    let spent = UsageTotals {
+        input_tokens: 5,
+        output_tokens: i64::MAX,
+        cost_nano_usd: -1_234_567_891,
+        reserved_tokens: 3,
+        reserved_cost_nano_usd: 999_999_999_999,
+    };
+    let mut n = 0;
+    for request in [None, Some(&attrs)] {
+        for mcp in [None, Some(&mcps[0]), Some(&mcps[1])] {
+            for usage in [None, Some((spent, UsageTotals::default()))] {
+                for with_usage in [false, true] {
+                    let req = EvalRequest {
+                        agent_id: "a",
+                        action: "mcp.tools.call",
+                        resource_id: "mcp.test/mcp",
+                        host: Some("mcp.test"),
+                        path: Some("/mcp"),
+                        action_count: i64::MAX,
+                        session_id: &long,
+                        method: "POST",
+                        request,
+                        usage,
+                        mcp,
+                    };
+                    let values = c.context_values(&req, with_usage).unwrap();
+                    let reference = c.context_pairs(&req, with_usage, false).unwrap();
+                    assert_eq!(
+                        values, reference,
+                        "{request:?} {mcp:?} {usage:?} {with_usage}"
+                    );
+                    assert_eq!(values.to_string(), reference.to_string());
+                    n += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(n, 24);
 }

@@ -271,8 +271,7 @@ struct Event {
 fn parse_event(raw: &[u8]) -> Event {
     let text = String::from_utf8_lossy(raw);
     let mut ev = Event::default();
-    for line in text.split('\n') {
-        let line = line.strip_suffix('\r').unwrap_or(line);
+    for line in lines(&text) {
         if line.is_empty() || line.starts_with(':') {
             continue;
         }
@@ -296,13 +295,46 @@ fn parse_event(raw: &[u8]) -> Event {
     ev
 }
 
-/// Cuts an SSE byte stream into events as it arrives (lines end in `\n` or `\r\n`; an event
-/// ends at an empty line). Holds only the bytes of the event in progress.
+/// The lines of `text`, which end in `\r\n`, `\n` or a bare `\r` (the SSE specification).
+fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (line, next) = match rest.find(['\r', '\n']) {
+            None => (rest, ""),
+            Some(i) => {
+                let after = &rest[i + 1..];
+                let after = match (rest.as_bytes()[i], after.strip_prefix('\n')) {
+                    (b'\r', Some(a)) => a,
+                    _ => after,
+                };
+                (&rest[..i], after)
+            }
+        };
+        rest = next;
+        Some(line)
+    })
+}
+
+/// Cuts an SSE byte stream into events as it arrives: lines end in `\r\n`, `\n` or a bare
+/// `\r` (the SSE specification), an event ends at an empty line. Holds only the bytes of the
+/// event in progress.
+///
+/// An event whose last byte so far is a `\r` is complete at once, as for a client: the `\n`
+/// that may follow (`\r\n`) is not awaited. Such a `\n`, arriving with the next chunk, is
+/// handed on as a piece of its own (forwarded unchanged: at an event boundary it is at most an
+/// empty line, which dispatches nothing).
 #[derive(Default)]
 pub struct SseSplitter {
     pending: Vec<u8>,
     /// Where to resume looking for the end of the event.
     scanned: usize,
+    /// The current line has bytes (the scan is not at the start of a line).
+    in_line: bool,
+    /// The last byte scanned was a `\r`: a `\n` right after it is part of that line end.
+    after_cr: bool,
 }
 
 impl SseSplitter {
@@ -315,21 +347,39 @@ impl SseSplitter {
         out: &mut Vec<Vec<u8>>,
     ) -> Result<(), String> {
         self.pending.extend_from_slice(chunk);
-        loop {
-            let from = self.scanned;
-            match find_event_end(&self.pending, from) {
+        let mut i = self.scanned;
+        while i < self.pending.len() {
+            let b = self.pending[i];
+            let after_cr = std::mem::replace(&mut self.after_cr, b == b'\r');
+            let cut = match b {
+                // The `\n` of a `\r\n` whose `\r` ended the last event: a piece of its own.
+                b'\n' if after_cr && i == 0 => Some(1),
+                b'\n' if after_cr => None,
+                // An empty line: the event ends, with the `\n` of a `\r\n` when it is here.
+                b'\r' if !self.in_line && self.pending.get(i + 1) == Some(&b'\n') => {
+                    self.after_cr = false;
+                    Some(i + 2)
+                }
+                b'\r' | b'\n' if !self.in_line => Some(i + 1),
+                b'\r' | b'\n' => {
+                    self.in_line = false;
+                    None
+                }
+                _ => {
+                    self.in_line = true;
+                    None
+                }
+            };
+            match cut {
                 Some(end) => {
                     let rest = self.pending.split_off(end);
                     out.push(std::mem::replace(&mut self.pending, rest));
-                    self.scanned = 0;
+                    i = 0;
                 }
-                None => {
-                    // Resume a little before the end: a boundary may straddle chunks.
-                    self.scanned = self.pending.len().saturating_sub(3);
-                    break;
-                }
+                None => i += 1,
             }
         }
+        self.scanned = i;
         if self.pending.len() > max_event {
             return Err(format!(
                 "an SSE event larger than {max_event} bytes ([sidecar.mcp] max_body_bytes)"
@@ -342,23 +392,6 @@ impl SseSplitter {
     pub fn pending(&self) -> usize {
         self.pending.len()
     }
-}
-
-/// End (exclusive) of the first event in `b`, searching from `from`: after `\n\n` or
-/// `\n\r\n` (lines ending in `\n` or `\r\n`).
-fn find_event_end(b: &[u8], from: usize) -> Option<usize> {
-    let mut i = from;
-    while i < b.len() {
-        if b[i] == b'\n' {
-            match b.get(i + 1) {
-                Some(b'\n') => return Some(i + 2),
-                Some(b'\r') if b.get(i + 2) == Some(&b'\n') => return Some(i + 3),
-                _ => {}
-            }
-        }
-        i += 1;
-    }
-    None
 }
 
 #[cfg(test)]
@@ -402,28 +435,41 @@ mod tests {
         assert!(String::from_utf8(e).unwrap().contains("MalformedResponse"));
     }
 
+    /// Feeds `stream` cut at `cuts`; the pieces, and the events among them (pieces that are
+    /// not just line ends).
+    fn split(stream: &[u8], cuts: &[usize]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let mut s = SseSplitter::default();
+        let mut out = Vec::new();
+        let mut from = 0;
+        for &cut in cuts.iter().chain([&stream.len()]) {
+            s.feed(&stream[from..cut], 1 << 20, &mut out).unwrap();
+            from = cut;
+        }
+        assert_eq!(s.pending(), 0, "cuts {cuts:?}");
+        assert_eq!(out.concat(), stream, "every byte is handed on, in order");
+        let events = out
+            .iter()
+            .filter(|e| e.iter().any(|b| !matches!(b, b'\r' | b'\n')))
+            .cloned()
+            .collect();
+        (out, events)
+    }
+
     #[test]
     fn sse_is_split_incrementally_and_filtered_per_event() {
         let stream = format!(
             "event: endpoint\r\ndata: /messages/?session_id=1\r\n\r\n: keep-alive\n\nevent: message\ndata: {LIST}\n\nevent: message\r\ndata: {{\"jsonrpc\":\"2.0\",\"id\":5,\"error\":{{\"code\":1,\"message\":\"x\"}}}}\r\n\r\n"
         );
-        // Every split point gives the same events.
-        let whole = {
-            let mut s = SseSplitter::default();
-            let mut out = Vec::new();
-            s.feed(stream.as_bytes(), 1 << 20, &mut out).unwrap();
-            out
-        };
+        let (whole, _) = split(stream.as_bytes(), &[]);
         assert_eq!(whole.len(), 4);
+        // Every split point gives the same events (a cut inside an event's final `\r\n`
+        // hands its `\n` on as a piece of its own).
         for cut in 1..stream.len() {
-            let mut s = SseSplitter::default();
-            let mut out = Vec::new();
-            s.feed(&stream.as_bytes()[..cut], 1 << 20, &mut out)
-                .unwrap();
-            s.feed(&stream.as_bytes()[cut..], 1 << 20, &mut out)
-                .unwrap();
-            assert_eq!(out, whole, "cut at {cut}");
-            assert_eq!(s.pending(), 0);
+            let (_, events) = split(stream.as_bytes(), &[cut]);
+            let trimmed = |e: &[u8]| e.strip_suffix(b"\n").unwrap_or(e).to_vec();
+            let events: Vec<Vec<u8>> = events.iter().map(|e| trimmed(e)).collect();
+            let expected: Vec<Vec<u8>> = whole.iter().map(|e| trimmed(e)).collect();
+            assert_eq!(events, expected, "cut at {cut}");
         }
         let mut f = Follower::new(
             "/sse".into(),
@@ -441,6 +487,81 @@ mod tests {
             f.followed.results,
             vec![(json!(2), false), (json!(5), true)]
         );
+    }
+
+    /// A bare `\r` ends a line, and two an event, as `\n` and `\r\n` do (the SSE
+    /// specification): the events are the same wherever the chunks are cut, and what the
+    /// follower reads is what a client reads.
+    #[test]
+    fn bare_cr_line_ends_are_line_ends() {
+        let stream = format!(
+            "event: endpoint\rdata: /messages/?session_id=7\r\r: ping\r\revent: message\rdata: {LIST}\r\rdata: {{\"jsonrpc\":\"2.0\",\r\ndata: \"id\":9,\"result\":{{\"isError\":true}}}}\n\r"
+        );
+        let b = stream.as_bytes();
+        let (whole, events) = split(b, &[]);
+        assert_eq!(whole.len(), 4, "{whole:?}");
+        assert_eq!(events, whole);
+        assert!(whole[0].ends_with(b"=7\r\r"));
+        // Cut anywhere into two and into three pieces, and byte by byte: the same events.
+        for i in 1..b.len() {
+            assert_eq!(split(b, &[i]).1, whole, "cut at {i}");
+            for j in (i + 1..b.len()).step_by(7) {
+                assert_eq!(split(b, &[i, j]).1, whole, "cut at {i}, {j}");
+            }
+        }
+        let every: Vec<usize> = (1..b.len()).collect();
+        assert_eq!(split(b, &every).1, whole, "byte by byte");
+        let mut f = Follower::new(
+            "/sse".into(),
+            Box::new(|path, tool| path == "/messages/" && tool == "read_file"),
+        );
+        let out: Vec<Vec<u8>> = whole.iter().filter_map(|e| f.event(e)).collect();
+        assert_eq!(out.len(), 4);
+        assert_eq!(f.legacy_session.as_deref(), Some("7"), "endpoint read");
+        assert_eq!(out[1], whole[1], "comment passes");
+        let listed = String::from_utf8(out[2].clone()).unwrap();
+        assert!(
+            listed.contains("read_file") && !listed.contains("delete_repo"),
+            "the tool list is filtered: {listed}"
+        );
+        assert_eq!(
+            out[3], whole[3],
+            "a result split over two data lines passes"
+        );
+        assert_eq!(
+            f.followed.results,
+            vec![(json!(2), false), (json!(9), true)]
+        );
+        // A `\r` inside a data line ends it: the follower must not read `a\rb` as one value.
+        let ev = parse_event(b"data: a\rdata: b\rid: 3\revent: x\r\r");
+        assert_eq!(ev.data.as_deref(), Some("a\nb"));
+        assert_eq!(
+            (ev.id.as_deref(), ev.kind.as_deref()),
+            (Some("3"), Some("x"))
+        );
+    }
+
+    /// An event whose blank line ends in a bare `\r` at the end of a chunk is handed on at
+    /// once (no waiting for a `\n` that may never come); a `\n` in the next chunk is a piece of
+    /// its own.
+    #[test]
+    fn an_event_ending_in_cr_is_not_held() {
+        let mut s = SseSplitter::default();
+        let mut out = Vec::new();
+        s.feed(
+            b"data: {\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"id\":1}\r\r",
+            1024,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out.len(), 1, "delivered without the next byte");
+        assert_eq!(s.pending(), 0);
+        s.feed(b"\ndata: x\r", 1024, &mut out).unwrap();
+        assert_eq!(out[1], b"\n");
+        assert_eq!(s.pending(), 8, "the next event is in progress");
+        s.feed(b"\n\r\n", 1024, &mut out).unwrap();
+        assert_eq!(out[2], b"data: x\r\n\r\n");
+        assert_eq!(s.pending(), 0);
     }
 
     #[test]
