@@ -1,7 +1,8 @@
 //! The Authority's issuance work per call, in-process (no gRPC, no socket): `Issuer::issue`
 //! (validate, the issuance policy for the action, lifetime, context hash, a fresh token id,
 //! PASETO v4.public signature) under the shipped genai-app issuance policy, a denial, and its
-//! parts alone (Cedar's issuance evaluation, the signature). What the `IssueCapability` RPC adds
+//! parts alone (Cedar's issuance evaluation, the signature); `issue_allowed_cpu` is the thread's
+//! CPU time per call rather than wall time. What the `IssueCapability` RPC adds
 //! on top (tonic/h2 framing, loopback, the INFO line) is the harness's issuance step minus this.
 //! `cargo bench --profile profiling -p firma-authority --bench issuance`; figures in
 //! docs/benchmarks.md ("The Authority's issuance path").
@@ -53,6 +54,16 @@ fn issuance(c: &mut Criterion) {
     c.bench_function("issuance/issue_allowed", |b| {
         b.iter(|| black_box(issuer.issue(black_box(&allowed)).expect("allowed")))
     });
+    // CPU time of this thread per call: what a loaded machine's preemption does not inflate.
+    c.bench_function("issuance/issue_allowed_cpu", |b| {
+        b.iter_custom(|iters| {
+            let t0 = thread_cpu();
+            for _ in 0..iters {
+                black_box(issuer.issue(black_box(&allowed)).expect("allowed"));
+            }
+            thread_cpu().saturating_sub(t0)
+        })
+    });
     c.bench_function("issuance/issue_denied", |b| {
         b.iter(|| black_box(issuer.issue(black_box(&denied)).err()))
     });
@@ -87,6 +98,18 @@ fn issuance(c: &mut Criterion) {
     c.bench_function("issuance/sign_token", |b| {
         b.iter(|| black_box(claims.sign(&key).expect("sign")))
     });
+}
+
+/// CPU time of the calling thread (`CLOCK_THREAD_CPUTIME_ID`).
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 criterion_group!(benches, issuance);
