@@ -162,7 +162,9 @@ pub fn run(args: &ExtAuthzArgs) -> anyhow::Result<()> {
     match envoy_bin {
         Ok(bin) => {
             for a in [None, Some(authz)] {
-                let dir = tmp.path().join(if a.is_some() { "envoy-authz" } else { "envoy" });
+                let dir = tmp
+                    .path()
+                    .join(if a.is_some() { "envoy-authz" } else { "envoy" });
                 envoys.push(crate::peers::start_envoy_with(
                     &bin,
                     &dir,
@@ -243,7 +245,11 @@ pub fn run(args: &ExtAuthzArgs) -> anyhow::Result<()> {
                 authz_cpu.push(firma / r.served.max(1) as f64 * 10_000.0);
             }
             if !sc.alive() {
-                bail!("the sidecar exited during \"{}\":\n{}", t.name, sc.log_text());
+                bail!(
+                    "the sidecar exited during \"{}\":\n{}",
+                    t.name,
+                    sc.log_text()
+                );
             }
             if r.result.errors > 0 {
                 bail!(

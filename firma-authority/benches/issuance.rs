@@ -10,7 +10,9 @@
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
 use firma_authority::issuance::{IssueRequest, Issuer};
 use firma_common::capability::{CapabilityClaims, now_unix};
-use firma_common::policy::{CompiledPolicies, EvalRequest, PolicyBundle, PolicyFile, SHIPPED_SCHEMA};
+use firma_common::policy::{
+    CompiledPolicies, EvalRequest, PolicyBundle, PolicyFile, SHIPPED_SCHEMA,
+};
 
 const ISSUANCE: &str = include_str!("../../policies/issuance/genai-app/issuance.cedar");
 
@@ -49,7 +51,10 @@ fn issuance(c: &mut Criterion) {
     };
     let allowed = request("tenant-acme");
     let denied = request("tenant-unknown");
-    assert!(issuer.issue(&allowed).is_ok(), "the bench request is allowed");
+    assert!(
+        issuer.issue(&allowed).is_ok(),
+        "the bench request is allowed"
+    );
     assert!(issuer.issue(&denied).is_err(), "the bench denial is denied");
     c.bench_function("issuance/issue_allowed", |b| {
         b.iter(|| black_box(issuer.issue(black_box(&allowed)).expect("allowed")))
