@@ -25,7 +25,8 @@ pub struct BenchArgs {
     /// A smoke run that checks the harness works end to end, not a measurement: debug
     /// binaries, no criterion, no peers, no `hey`, one short repetition of the side-by-side
     /// run and of the many-tenants scenario (1,000 tenants), 20 SSE streams of 5 events, a 1 MB
-    /// upload and download, 50 idle connections, results in
+    /// upload and download, 50 idle connections, 1 s of the ext_authz comparison (Envoy from
+    /// `target/bench/peers` if there) and 20 issuances + 200 revocations, results in
     /// `target/bench/smoke*.json`. CI runs it (scripts/check-documented.sh).
     #[arg(long)]
     pub smoke: bool,
