@@ -9,9 +9,11 @@
 //! cgroup and never shares a scheduler with the upstream.
 
 mod aborters;
+mod authority;
 mod bodies;
 mod client;
 mod deploy;
+mod ext_authz;
 mod hey;
 mod idle;
 mod issuance;
@@ -49,6 +51,12 @@ enum Cmd {
     /// The many-idle-connections scenario alone: N idle keep-alive connections through the
     /// sidecar; RSS per connection and a probe connection's p99 before and during.
     Idle(idle::IdleArgs),
+    /// Envoy alone vs Envoy + Firma ext_authz vs the Firma sidecar (http_proxy), one
+    /// keep-alive client, same upstream, interleaved; medians of req/s, p50/p99, CPU.
+    ExtAuthz(ext_authz::ExtAuthzArgs),
+    /// The Authority: in-process vs gRPC issuance cost, and a sidecar's client catching up on N
+    /// revocations at connect (time and the Authority's CPU).
+    Authority(authority::AuthorityArgs),
     /// Internal: the SSE client of `streams`; prints one JSON result on stdout.
     #[command(hide = true)]
     StreamsClient(streams::StreamsClientArgs),
@@ -74,6 +82,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Streams(args) => streams::run(&args),
         Cmd::Bodies(args) => bodies::run(&args),
         Cmd::Idle(args) => idle::run(&args),
+        Cmd::ExtAuthz(args) => ext_authz::run(&args),
+        Cmd::Authority(args) => authority::run(&args),
         Cmd::StreamsClient(args) => {
             let result = streams::client(&args)?;
             println!("{}", serde_json::to_string(&result)?);

@@ -129,6 +129,21 @@ pub fn start_envoy(
     upstream: SocketAddr,
     upstream_ca: &Path,
 ) -> anyhow::Result<Peer> {
+    start_envoy_with(envoy, dir, upstream, upstream_ca, None)
+}
+
+/// [`start_envoy`], or with `authz` the same proxy asking Firma's ext_authz listener at that
+/// address before each request (the ext_authz scenario): the `envoy.filters.http.ext_authz`
+/// filter (gRPC, `failure_mode_allow: false`, the body sent as bytes for the rule that
+/// extracts), path normalisation on (Firma refuses a path Envoy would forward un-normalised),
+/// and no `Authorization` of Envoy's own: Firma's answer sets it.
+pub fn start_envoy_with(
+    envoy: &Path,
+    dir: &Path,
+    upstream: SocketAddr,
+    upstream_ca: &Path,
+    authz: Option<SocketAddr>,
+) -> anyhow::Result<Peer> {
     std::fs::create_dir_all(dir)?;
     let ca = TestCa::new("envoy bench CA");
     let ca_path = ca.write_pem(&dir.join("envoy-ca.crt"));
@@ -137,6 +152,50 @@ pub fn start_envoy(
     std::fs::write(&cert, leaf.cert.pem())?;
     std::fs::write(&key, leaf.key.serialize_pem())?;
     let port = free_port()?;
+    let (normalize, authz_filter, add_auth, authz_cluster) = match authz {
+        None => (
+            String::new(),
+            String::new(),
+            format!(
+                r#"
+              request_headers_to_add:
+              - header: {{key: authorization, value: "{}"}}
+                append_action: OVERWRITE_IF_EXISTS_OR_ADD"#,
+                deploy::injected_auth()
+            ),
+            String::new(),
+        ),
+        Some(a) => (
+            "\n          normalize_path: true\n          merge_slashes: true".to_string(),
+            r#"
+          - name: envoy.filters.http.ext_authz
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+              transport_api_version: V3
+              failure_mode_allow: false
+              with_request_body: {max_request_bytes: 65536, allow_partial_message: false, pack_as_bytes: true}
+              grpc_service:
+                envoy_grpc: {cluster_name: firma_authz}
+                timeout: 5s"#
+                .to_string(),
+            String::new(),
+            format!(
+                r#"
+  - name: firma_authz
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: firma_authz
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}]}}]"#,
+                a.ip(),
+                a.port()
+            ),
+        ),
+    };
     let yaml = format!(
         r#"bootstrap_extensions:
 - name: envoy.bootstrap.internal_listener
@@ -181,21 +240,18 @@ static_resources:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: mitm
-          http_filters:
+          stat_prefix: mitm{normalize}
+          http_filters:{authz_filter}
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
           route_config:
             virtual_hosts:
             - name: upstream
-              domains: ["*"]
-              request_headers_to_add:
-              - header: {{key: authorization, value: "{auth}"}}
-                append_action: OVERWRITE_IF_EXISTS_OR_ADD
+              domains: ["*"]{add_auth}
               routes:
               - match: {{prefix: "/"}}
                 route: {{cluster: upstream}}
-  clusters:
+  clusters:{authz_cluster}
   - name: mitm
     load_assignment:
       cluster_name: mitm
@@ -226,7 +282,6 @@ static_resources:
 "#,
         cert = path_str(&cert)?,
         key = path_str(&key)?,
-        auth = deploy::injected_auth(),
         uip = upstream.ip(),
         uport = upstream.port(),
         uca = path_str(upstream_ca)?,
@@ -239,10 +294,14 @@ static_resources:
         .arg(&config)
         .args(["--log-level", "warn", "--concurrency", "2", "--base-id"])
         // A base id of its own: shared-memory names never collide with another Envoy.
-        .arg((std::process::id() % 60000).to_string());
+        .arg((std::process::id() % 60000 + u32::from(authz.is_some())).to_string());
     let process = Process::spawn(cmd).context("spawn envoy")?;
     Peer {
-        name: "envoy",
+        name: if authz.is_some() {
+            crate::ext_authz::ENVOY_AUTHZ
+        } else {
+            crate::report::names::ENVOY
+        },
         process,
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
         ca: ca_path,

@@ -1,7 +1,10 @@
 //! The embedded layer's cost per call, in-process: `Firma::authorize` (normalise, extract the
 //! body, Stage 1, Stage 2, credential, rate limit, the ALLOW decision persisted to a signed,
-//! hash-chained file audit) plus `Permit::finish` (the `outcome` event), and a denial.
-//! `cargo bench -p firma-embed`; figures in docs/benchmarks.md.
+//! hash-chained file audit) plus `Permit::finish` (the `outcome` event), and a denial. Wall
+//! time includes waiting for the audit writer's thread (an ALLOW is persisted before the call
+//! may leave); the `*_cpu` variants report the process's CPU time per call instead (every
+//! thread: the caller's, the runtime's and the audit writer's), which a loaded machine inflates
+//! far less. `cargo bench --profile profiling -p firma-embed`; figures in docs/benchmarks.md.
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -60,8 +63,53 @@ fn per_call(c: &mut Criterion) {
                 })
             })
         });
+        if fsync == FsyncPolicy::Interval {
+            c.bench_function("embedded/allow_chat_cpu", |b| {
+                b.iter_custom(|iters| {
+                    let t0 = process_cpu();
+                    for _ in 0..iters {
+                        rt.block_on(async {
+                            let permit = firma
+                                .authorize(&http::Method::POST, &chat, &headers, Some(body.clone()))
+                                .await
+                                .expect("allowed");
+                            permit.finish(Ok(http::StatusCode::OK));
+                        })
+                    }
+                    process_cpu().saturating_sub(t0)
+                })
+            });
+            c.bench_function("embedded/deny_cpu", |b| {
+                b.iter_custom(|iters| {
+                    let t0 = process_cpu();
+                    for _ in 0..iters {
+                        rt.block_on(async {
+                            let e = firma
+                                .authorize(&http::Method::POST, &paste, &headers, None)
+                                .await
+                                .err()
+                                .expect("denied");
+                            criterion::black_box(e);
+                        })
+                    }
+                    process_cpu().saturating_sub(t0)
+                })
+            });
+        }
         rt.block_on(firma.flush());
     }
+}
+
+/// CPU time of the whole process so far (`CLOCK_PROCESS_CPUTIME_ID`: every thread).
+fn process_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID)");
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 criterion_group!(benches, per_call);

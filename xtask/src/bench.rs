@@ -7,7 +7,10 @@
 //! (`firma-bench tenants`, `target/bench/tenants.json`) and the LLM streams scenario
 //! (`firma-bench streams`, `target/bench/streams.json`) and the big-bodies scenario
 //! (`firma-bench bodies`, `target/bench/bodies.json`) and the many-idle-connections scenario
-//! (`firma-bench idle`, `target/bench/idle.json`); `--scenario NAME` runs one alone.
+//! (`firma-bench idle`, `target/bench/idle.json`), Envoy alone vs Envoy + Firma ext_authz vs
+//! the sidecar (`firma-bench ext-authz`, `target/bench/ext_authz.json`) and the Authority's
+//! issuance and revocation catch-up (`firma-bench authority`, `target/bench/authority.json`);
+//! `--scenario NAME` runs one alone.
 
 use crate::exec;
 use std::path::Path;
@@ -22,7 +25,8 @@ pub struct BenchArgs {
     /// A smoke run that checks the harness works end to end, not a measurement: debug
     /// binaries, no criterion, no peers, no `hey`, one short repetition of the side-by-side
     /// run and of the many-tenants scenario (1,000 tenants), 20 SSE streams of 5 events, a 1 MB
-    /// upload and download, 50 idle connections, results in
+    /// upload and download, 50 idle connections, 1 s of the ext_authz comparison (Envoy from
+    /// `target/bench/peers` if there) and 20 issuances + 200 revocations, results in
     /// `target/bench/smoke*.json`. CI runs it (scripts/check-documented.sh).
     #[arg(long)]
     pub smoke: bool,
@@ -50,6 +54,13 @@ pub enum Scenario {
     /// 10,000 idle keep-alive connections through the sidecar (`firma-bench idle`): RSS per
     /// connection, and a probe connection's p99 before and during.
     Idle,
+    /// Envoy alone vs Envoy + Firma ext_authz vs the Firma sidecar, same client and upstream
+    /// (`firma-bench ext-authz`), with the criterion bench of the embedded layer.
+    #[value(name = "ext_authz")]
+    ExtAuthz,
+    /// Issuance over gRPC and a client catching up on 10,000 revocations at connect
+    /// (`firma-bench authority`), with the criterion bench of in-process issuance.
+    Authority,
 }
 
 /// The arguments of a smoke run of `firma-bench run`.
@@ -114,17 +125,59 @@ const SMOKE_IDLE: &[&str] = &[
     "1",
 ];
 
+/// The arguments of a smoke run of `firma-bench ext-authz` (Envoy from `target/bench/peers`
+/// when `.ci/run` or `install-peers` put it there; else only the sidecar row, with SKIP).
+const SMOKE_EXT_AUTHZ: &[&str] = &[
+    "--upstream",
+    "builtin",
+    "--repetitions",
+    "1",
+    "--duration-secs",
+    "1",
+    "--warmup",
+    "20",
+];
+
+/// The arguments of a smoke run of `firma-bench authority`.
+const SMOKE_AUTHORITY: &[&str] = &[
+    "--issuance-requests",
+    "20",
+    "--revocations",
+    "200",
+    "--repetitions",
+    "1",
+];
+
 /// The cargo profile the harness builds and runs (`[profile.profiling]`: release + debug = 1).
 const PROFILE: &str = "profiling";
 
 pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let root = &root.canonicalize()?;
     // The streams scenario has no criterion bench of its own (its hot path is the relay).
+    // The ext_authz and Authority scenarios have criterion benches of their own crates.
+    if !args.skip_criterion && !args.smoke {
+        let own = match args.scenario {
+            Some(Scenario::ExtAuthz) => Some(["firma-embed", "embedded"]),
+            Some(Scenario::Authority) => Some(["firma-authority", "issuance"]),
+            _ => None,
+        };
+        if let Some([krate, bench]) = own {
+            let mut cmd = Command::new("cargo");
+            cmd.args(["bench", "--profile", PROFILE, "-p", krate, "--bench", bench]);
+            exec(cmd.current_dir(root))?;
+        }
+    }
     if !args.skip_criterion
         && !args.smoke
         && !matches!(
             args.scenario,
-            Some(Scenario::Streams | Scenario::Bodies | Scenario::Idle)
+            Some(
+                Scenario::Streams
+                    | Scenario::Bodies
+                    | Scenario::Idle
+                    | Scenario::ExtAuthz
+                    | Scenario::Authority
+            )
         )
     {
         let mut cmd = Command::new("cargo");
@@ -180,11 +233,29 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             &extra,
         )?;
         let extra: Vec<String> = SMOKE_IDLE.iter().map(|s| s.to_string()).collect();
-        return scenario(
+        scenario(
             root,
             &bin,
             "idle",
             &target.join("bench/smoke-idle.json"),
+            &extra,
+        )?;
+        let mut extra: Vec<String> = SMOKE_EXT_AUTHZ.iter().map(|s| s.to_string()).collect();
+        extra.push("--peers-dir".into());
+        extra.push(target.join("bench/peers").display().to_string());
+        scenario(
+            root,
+            &bin,
+            "ext-authz",
+            &target.join("bench/smoke-ext_authz.json"),
+            &extra,
+        )?;
+        let extra: Vec<String> = SMOKE_AUTHORITY.iter().map(|s| s.to_string()).collect();
+        return scenario(
+            root,
+            &bin,
+            "authority",
+            &target.join("bench/smoke-authority.json"),
             &extra,
         );
     }
@@ -192,6 +263,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let streams_out = target.join("bench/streams.json");
     let bodies_out = target.join("bench/bodies.json");
     let idle_out = target.join("bench/idle.json");
+    let authority_out = target.join("bench/authority.json");
     match args.scenario {
         Some(Scenario::Tenants) => return tenants(root, &bin, &tenants_out, &args.args),
         Some(Scenario::Streams) => {
@@ -201,16 +273,18 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             return scenario(root, &bin, "bodies", &bodies_out, &args.args);
         }
         Some(Scenario::Idle) => return scenario(root, &bin, "idle", &idle_out, &args.args),
+        Some(Scenario::ExtAuthz) => {
+            install_peers(&bin, &target)?;
+            return ext_authz(root, &bin, &target, &args.args);
+        }
+        Some(Scenario::Authority) => {
+            return scenario(root, &bin, "authority", &authority_out, &args.args);
+        }
         None => {}
     }
     // The peers, hey and nginx are installed first, with the host's network (the run itself
     // has none).
-    exec(
-        Command::new(bin.join("firma-bench"))
-            .arg("install-peers")
-            .arg("--dir")
-            .arg(target.join("bench/peers")),
-    )?;
+    install_peers(&bin, &target)?;
     let mut cmd = harness(&bin);
     exec(
         cmd.arg("run")
@@ -229,7 +303,36 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     tenants(root, &bin, &tenants_out, &[])?;
     scenario(root, &bin, "streams", &streams_out, &[])?;
     scenario(root, &bin, "bodies", &bodies_out, &[])?;
-    scenario(root, &bin, "idle", &idle_out, &[])
+    scenario(root, &bin, "idle", &idle_out, &[])?;
+    ext_authz(root, &bin, &target, &[])?;
+    scenario(root, &bin, "authority", &authority_out, &[])
+}
+
+/// `firma-bench install-peers` (Envoy, mitmproxy, hey, nginx), with the host's network.
+fn install_peers(bin: &Path, target: &Path) -> anyhow::Result<()> {
+    exec(
+        Command::new(bin.join("firma-bench"))
+            .arg("install-peers")
+            .arg("--dir")
+            .arg(target.join("bench/peers")),
+    )
+}
+
+/// `firma-bench ext-authz` with Envoy from `target/bench/peers`, then `extra`.
+fn ext_authz(root: &Path, bin: &Path, target: &Path, extra: &[String]) -> anyhow::Result<()> {
+    let mut all = Vec::new();
+    if !extra.iter().any(|a| a.starts_with("--peers-dir")) {
+        all.push("--peers-dir".to_string());
+        all.push(target.join("bench/peers").display().to_string());
+    }
+    all.extend_from_slice(extra);
+    scenario(
+        root,
+        bin,
+        "ext-authz",
+        &target.join("bench/ext_authz.json"),
+        &all,
+    )
 }
 
 /// `firma-bench tenants` (the many-tenants scenario) with `extra` arguments.
@@ -253,6 +356,8 @@ fn scenario(
             .arg("--out")
             .arg(out)
             .args(extra)
+            // The Authority launcher of firma-testing finds the measured binary here.
+            .env("FIRMA_BIN", bin.join("firma"))
             .current_dir(root),
     )
 }
