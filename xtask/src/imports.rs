@@ -113,6 +113,11 @@ const CRATES: &[Checked] = &[
                 2,
                 "follow the revocation set shared through etcd",
             ),
+            (
+                "revoke.rs",
+                2,
+                "the admin Revoke RPC: token check, write to the store",
+            ),
             ("validate.rs", 1, "bounds on requests"),
             ("revocations.rs", 1, "the revocation file"),
             ("listen.rs", 0, "accepted connections"),
