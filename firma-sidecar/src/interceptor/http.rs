@@ -691,6 +691,11 @@ async fn handle_request(
         };
     }
     let follow = follows_mcp.then(|| super::mcp::Follow::new(state, &ctx, mcp.as_ref()));
+    let mut reservation = reservation;
+    if let Some(r) = reservation.as_mut() {
+        // A client that leaves from here on (this future dropped) is charged the reservation.
+        r.sending();
+    }
     match state.connector.send(prepared).await {
         Ok((resp, outcome)) => match llm_model {
             Some(model) => track_usage(state, resp, outcome, committed, model, reservation),
@@ -705,6 +710,10 @@ async fn handle_request(
         Err((failure, mut outcome)) => {
             let (status, reason, detail) = abort_of(failure);
             tracing::warn!(conn = conn.conn_id, host = %up.host, reason, detail = %detail, "aborted after allow");
+            // No response from the upstream: released, as a request that never left.
+            if let Some(r) = reservation {
+                r.release();
+            }
             outcome.aborted = Some(reason.to_string());
             committed.finish(outcome);
             abort(status, reason, &detail)

@@ -342,6 +342,7 @@ impl UsageLedger {
             },
             want,
             settled: false,
+            sent: false,
         })
     }
 
@@ -386,11 +387,15 @@ pub trait SharedHold: Send + Sync + std::fmt::Debug {
 }
 
 /// A reservation in flight. [`Reservation::settle`] replaces it with what the response used;
-/// dropped unsettled (the request never left), it is released and nothing is charged.
+/// dropped unsettled before the request was handed to the upstream, it is released and nothing
+/// is charged. After [`Reservation::sending`], a drop charges the whole reservation: the client
+/// that leaves while its request is in flight (before any response head) cannot tell the
+/// provider to stop, so what it may have spent stays spent (fail closed for budgets).
 pub struct Reservation {
     held: Held,
     want: Want,
     settled: bool,
+    sent: bool,
 }
 
 impl Reservation {
@@ -400,11 +405,23 @@ impl Reservation {
             held: Held::Shared(Some(held)),
             want,
             settled: false,
+            sent: false,
         }
     }
 
     pub fn want(&self) -> Want {
         self.want
+    }
+
+    /// The request is being handed to the upstream: from now on a drop charges the reservation.
+    pub fn sending(&mut self) {
+        self.sent = true;
+    }
+
+    /// Releases the reservation: nothing reached a provider (the upstream could not be reached).
+    pub fn release(mut self) {
+        self.settled = true;
+        self.finish(None);
     }
 
     /// Charges `u` to the session and agent in place of the reservation.
@@ -441,7 +458,17 @@ impl std::fmt::Debug for Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if !self.settled {
+        if self.settled {
+            return;
+        }
+        if self.sent {
+            let all = Usage {
+                input_tokens: self.want.input_tokens,
+                output_tokens: self.want.output_tokens,
+                cost_nano_usd: self.want.cost_nano_usd,
+            };
+            self.finish(Some(&all));
+        } else {
             self.finish(None);
         }
     }
