@@ -57,7 +57,9 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     timeout: Duration,
 ) -> Result<Head, HeadError> {
     let deadline = Instant::now() + timeout;
-    let mut chunk = [0u8; 8192];
+    // On the heap, not in the future: an array here would sit in every connection task's
+    // state for the connection's whole life (the task is sized for its largest state).
+    let mut chunk = vec![0u8; 8192];
     loop {
         if buf.starts_with(H2_PREFACE) {
             return Err(HeadError::H2Preface);
