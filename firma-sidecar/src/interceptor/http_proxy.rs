@@ -64,6 +64,8 @@ async fn handle(state: Arc<SidecarState>, mut stream: TcpStream, peer: SocketAdd
             }
             Ok(h) if h.method == "CONNECT" => {
                 let rest = buf.split_off(h.len);
+                // The CONNECT head is parsed: its buffer must not live as long as the tunnel.
+                drop(buf);
                 let Some((host, port)) = connect_target(&h.target) else {
                     let detail = format!("CONNECT target {:?} is not host:port", h.target);
                     deny_raw(

@@ -79,7 +79,11 @@ pub async fn serve_stream<S>(
                 (Some(name), Some(TlsPlan::Intercept { strict })) => {
                     mitm(state, stream, buf, conn, name, port, strict).await
                 }
-                (name, _) => tunnel(&state, stream, &buf, &conn, name.as_deref(), port).await,
+                (name, _) => {
+                    // A blind tunnel holds the replayed bytes for its whole life.
+                    buf.shrink_to_fit();
+                    tunnel(&state, stream, &buf, &conn, name.as_deref(), port).await
+                }
             }
         }
         Sniffed::Unknown { detail } => {
@@ -90,6 +94,7 @@ pub async fn serve_stream<S>(
                 deny_raw(&state, &mut stream, &conn, Some(h), port, None, &detail).await;
                 return;
             }
+            buf.shrink_to_fit();
             tunnel(&state, stream, &buf, &conn, host_hint.as_deref(), port).await;
         }
     }
