@@ -355,6 +355,39 @@ fn http1_keep_alive_idle_connection_is_closed() {
     );
 }
 
+/// hyper's own header-read timer (30 s) also runs while a keep-alive connection waits for its
+/// next request: the configured idle timeout, longer than that, must be the one that closes it.
+#[test]
+fn http1_keep_alive_lives_for_an_idle_timeout_longer_than_the_head_timeout() {
+    const IDLE: u64 = 36;
+    let (_up, d) = deployment(limits_toml(IDLE, 100));
+    let sc = d.start(&[]);
+    let mut s = TcpStream::connect(sc.addr).unwrap();
+    let request = b"GET http://paste.rs/ HTTP/1.1\r\nHost: paste.rs\r\n\r\n";
+    s.write_all(request).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(IDLE + 20)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 403"), "{:?}", &buf[..n]);
+    let started = Instant::now();
+    // Blocks until the sidecar closes the connection: the wait is on that event.
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break started.elapsed(),
+            Ok(_) => {}
+        }
+    };
+    eprintln!(
+        "HTTP/1 keep-alive connection closed {closed:?} after its answer (idle_timeout_secs = {IDLE})"
+    );
+    assert!(
+        closed >= Duration::from_secs(IDLE - 1) && closed < Duration::from_secs(IDLE + 10),
+        "closed after {closed:?}, not at idle_timeout_secs = {IDLE}:\n{}",
+        sc.log_text()
+    );
+}
+
 #[test]
 fn slow_response_longer_than_the_idle_timeout_is_not_cut() {
     let (up, d) = deployment(limits_toml(1, 100));

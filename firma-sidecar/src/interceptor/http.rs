@@ -132,7 +132,12 @@ pub async fn serve_http<S>(
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(HEAD_TIMEOUT)
+            // hyper runs this timer from the end of one response to the end of the next
+            // head, idle time included: left at HEAD_TIMEOUT it would close every keep-alive
+            // connection after 30 s whatever `idle_timeout_secs` says. A head trickled for
+            // that long costs no more than an idle connection may; the idle tracker below
+            // closes quiet connections at `idle_timeout_secs`.
+            .header_read_timeout(HEAD_TIMEOUT.max(timeouts.http_idle))
             .max_buf_size(head::MAX_HEAD + 8192);
         // Upgrades: WebSocket requests that the upstream switched (see `websocket`).
         let c = builder.serve_connection(io, svc).with_upgrades();
