@@ -26,6 +26,7 @@ pub mod etcd;
 pub mod grpc;
 pub mod kernel;
 pub mod kernel_suite;
+pub mod mcp;
 pub mod pipeline;
 pub mod pki;
 pub mod process;

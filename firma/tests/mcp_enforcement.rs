@@ -5,26 +5,14 @@
 //! server executed (its call log) and the audit event (method, tool, reason).
 
 use firma_testing::client::*;
+use firma_testing::mcp::{python_has_mcp, script};
 use firma_testing::sidecar::*;
 use firma_testing::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 const HOST: &str = "mcp.test";
-
-fn python_has_mcp() -> bool {
-    Command::new("python3")
-        .args(["-c", "import mcp, uvicorn"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/mcp")
-        .join(name)
-}
 
 struct Env {
     d: Deployment,

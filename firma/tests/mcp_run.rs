@@ -8,6 +8,7 @@
 //! Needs root + BPF + python3 with `mcp`; prints SKIP otherwise.
 
 use firma_testing::kernel::{DST_V4, in_fresh_netns};
+use firma_testing::mcp::{python_has_mcp, script};
 use firma_testing::process::Process;
 use firma_testing::run::show;
 use firma_testing::*;
@@ -17,19 +18,6 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 const HOST: &str = "mcp.test";
-
-fn python_has_mcp() -> bool {
-    Command::new("python3")
-        .args(["-c", "import mcp, uvicorn"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/mcp")
-        .join(name)
-}
 
 /// The MCP server at 10.77.0.2:443 as `mcp.test`, a hosts file, a fresh state dir.
 struct World {
