@@ -328,7 +328,7 @@ fn sdk_session_checks(env: &Env, path: &str) {
 
 /// The documented rule for server-initiated messages Firma cannot classify (docs/mcp.md,
 /// "Following responses"), on the GET event stream of the streamable HTTP transport from a
-/// real HTTP server (`tests/mcp/server_stream.py`): a request with duplicate `method` keys,
+/// real HTTP server (`firma/tests/mcp/server_stream.py`): a request with duplicate `method` keys,
 /// one with a method outside the character set and an event that is not JSON are dropped (the
 /// client never receives them); a well-formed request (its lines ending in a bare `\r`) and a
 /// notification pass byte for byte; the `outcome` event counts what passed and what was
