@@ -26,7 +26,7 @@ try:
         ssl=ctx,
         proxy=proxy,
         additional_headers=headers,
-        open_timeout=10,
+        open_timeout=30,  # a loaded CI machine; a deny answers at once
         compression=None,  # byte counts in the audit stay predictable
     ) as ws:
         echoes = []
