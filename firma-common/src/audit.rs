@@ -240,6 +240,76 @@ impl ChainVerifier {
 
     /// Checks the next line of the file: its signature if it has one, its chain link always.
     pub fn push(&mut self, line: &str) -> Result<Map<String, Value>, AuditLineError> {
+        let (signed, body, pos) = self.read(line)?;
+        self.link(line, signed, pos)?;
+        Ok(body)
+    }
+
+    /// Like [`Self::push`], but a *signed* line of a chain not seen yet may continue that chain
+    /// from an earlier file instead of starting it (seq 0): the first line of a rotated-into
+    /// file ([`crate::audit_files`]). Its signature proves where the chain stood; whether the
+    /// earlier files are all there is for the caller to check.
+    pub fn push_anchor(&mut self, line: &str) -> Result<Map<String, Value>, AuditLineError> {
+        if !is_signed(line) {
+            return self.push(line);
+        }
+        let (signed, body, pos) = self.read(line)?;
+        if self.last.contains_key(&pos.chain_id) {
+            self.link(line, signed, pos)?;
+        } else {
+            self.record(pos, line, true, 0);
+        }
+        Ok(body)
+    }
+
+    /// Like [`Self::push`], for a file that holds *stretches* of chains (an audit collector
+    /// replica's file, docs/scale-out.md): a line may start a new stretch of its chain at a
+    /// higher seq than the next one expected. A stretch's first line is taken with the
+    /// `prev_hash` it states (seq 0 must state [`GENESIS_HASH`]); every later line must link to
+    /// the one before; the stretch before must end with a signed line. A seq not above the
+    /// chain's last one is [`AuditLineError::SeqRepeated`]. Returns the body and whether the
+    /// line started a stretch.
+    pub fn push_stretch(
+        &mut self,
+        line: &str,
+    ) -> Result<(Map<String, Value>, bool), AuditLineError> {
+        let (signed, body, pos) = self.read(line)?;
+        match self.last.get(&pos.chain_id) {
+            Some(c) if pos.seq <= c.seq => {
+                return Err(AuditLineError::SeqRepeated {
+                    last: c.seq,
+                    found: pos.seq,
+                    chain_id: pos.chain_id,
+                });
+            }
+            Some(c) if pos.seq == c.seq + 1 => {
+                self.link(line, signed, pos)?;
+                return Ok((body, false));
+            }
+            Some(c) if c.uncovered > 0 => {
+                return Err(AuditLineError::Uncovered {
+                    count: c.uncovered,
+                    first_seq: c.seq + 1 - c.uncovered,
+                    chain_id: pos.chain_id,
+                });
+            }
+            _ => {}
+        }
+        if pos.seq == 0 && pos.prev_hash != GENESIS_HASH {
+            return Err(AuditLineError::ChainBroken {
+                chain_id: pos.chain_id,
+                seq: 0,
+                expected: GENESIS_HASH.to_owned(),
+                found: pos.prev_hash,
+            });
+        }
+        self.record(pos, line, signed, u64::from(!signed));
+        Ok((body, true))
+    }
+
+    /// Parses a line, checking its signature if it has one: whether it is signed, its body and
+    /// the chain position it claims.
+    fn read(&self, line: &str) -> Result<(bool, Map<String, Value>, ChainPos), AuditLineError> {
         let signed = is_signed(line);
         let body = if signed {
             verify_line(line, &self.keys)?
@@ -247,6 +317,12 @@ impl ChainVerifier {
             parse_unsigned(line)?
         };
         let pos = ChainPos::of(&body)?;
+        Ok((signed, body, pos))
+    }
+
+    /// The one chain check: `pos` must be the next seq of its chain (0 for a chain not seen
+    /// yet) and name the previous line's hash ([`GENESIS_HASH`] at seq 0); then it is recorded.
+    fn link(&mut self, line: &str, signed: bool, pos: ChainPos) -> Result<(), AuditLineError> {
         let (expected_seq, expected_hash, uncovered) = match self.last.get(&pos.chain_id) {
             Some(c) => (c.seq + 1, c.hash.as_str(), c.uncovered),
             None => (0, GENESIS_HASH, 0),
@@ -266,6 +342,14 @@ impl ChainVerifier {
                 found: pos.prev_hash,
             });
         }
+        let uncovered = if signed { 0 } else { uncovered + 1 };
+        self.record(pos, line, signed, uncovered);
+        Ok(())
+    }
+
+    /// Records `line` as where its chain now stands, `uncovered` lines not yet under a
+    /// signature.
+    fn record(&mut self, pos: ChainPos, line: &str, signed: bool, uncovered: u64) {
         if signed {
             self.signatures += 1;
         }
@@ -274,93 +358,9 @@ impl ChainVerifier {
             ChainState {
                 seq: pos.seq,
                 hash: line_hash(line),
-                uncovered: if signed { 0 } else { uncovered + 1 },
+                uncovered,
             },
         );
-        Ok(body)
-    }
-
-    /// Like [`Self::push`], but a *signed* line of a chain not seen yet may continue that chain
-    /// from an earlier file instead of starting it (seq 0): the first line of a rotated-into
-    /// file ([`crate::audit_files`]). Its signature proves where the chain stood; whether the
-    /// earlier files are all there is for the caller to check.
-    pub fn push_anchor(&mut self, line: &str) -> Result<Map<String, Value>, AuditLineError> {
-        if !is_signed(line) {
-            return self.push(line);
-        }
-        let body = verify_line(line, &self.keys)?;
-        let pos = ChainPos::of(&body)?;
-        if self.last.contains_key(&pos.chain_id) {
-            return self.push(line);
-        }
-        self.signatures += 1;
-        self.last.insert(
-            pos.chain_id,
-            ChainState {
-                seq: pos.seq,
-                hash: line_hash(line),
-                uncovered: 0,
-            },
-        );
-        Ok(body)
-    }
-
-    /// Like [`Self::push`], for a file that holds *stretches* of chains (an audit collector
-    /// replica's file, docs/scale-out.md): a line may start a new stretch of its chain at a
-    /// higher seq than the next one expected. A stretch's first line is taken with the
-    /// `prev_hash` it states (seq 0 must state [`GENESIS_HASH`]); every later line must link to
-    /// the one before; the stretch before must end with a signed line. A seq not above the
-    /// chain's last one is [`AuditLineError::SeqRepeated`]. Returns the body and whether the
-    /// line started a stretch.
-    pub fn push_stretch(
-        &mut self,
-        line: &str,
-    ) -> Result<(Map<String, Value>, bool), AuditLineError> {
-        let signed = is_signed(line);
-        let body = if signed {
-            verify_line(line, &self.keys)?
-        } else {
-            parse_unsigned(line)?
-        };
-        let pos = ChainPos::of(&body)?;
-        match self.last.get(&pos.chain_id) {
-            Some(c) if pos.seq <= c.seq => {
-                return Err(AuditLineError::SeqRepeated {
-                    last: c.seq,
-                    found: pos.seq,
-                    chain_id: pos.chain_id,
-                });
-            }
-            Some(c) if pos.seq == c.seq + 1 => return self.push(line).map(|b| (b, false)),
-            Some(c) if c.uncovered > 0 => {
-                return Err(AuditLineError::Uncovered {
-                    count: c.uncovered,
-                    first_seq: c.seq + 1 - c.uncovered,
-                    chain_id: pos.chain_id,
-                });
-            }
-            _ => {}
-        }
-        if pos.seq == 0 && pos.prev_hash != GENESIS_HASH {
-            return Err(AuditLineError::ChainBroken {
-                chain_id: pos.chain_id,
-                seq: 0,
-                expected: GENESIS_HASH.to_owned(),
-                found: pos.prev_hash,
-            });
-        }
-        if signed {
-            self.signatures += 1;
-        }
-        self.last.insert(
-            pos.chain_id,
-            ChainState {
-                seq: pos.seq,
-                hash: line_hash(line),
-                uncovered: u64::from(!signed),
-            },
-        );
-        Ok((body, true))
     }
 
     /// After the last line: every chain must end with a signed line, or its trailing lines are
