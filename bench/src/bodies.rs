@@ -9,8 +9,9 @@
 //! arrived. Paths interleave, `--repetitions` transfers each; medians of MB/s, and the
 //! sidecar's CPU seconds per GB moved.
 
-use crate::deploy::{self, Deployment, Mode};
+use crate::deploy;
 use crate::report::median;
+use crate::scenario;
 use crate::streams::SseUpstream;
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -122,49 +123,19 @@ pub fn run(args: &BodiesArgs) -> anyhow::Result<()> {
     if let Some(s) = args.sizes_mb.iter().find(|&&s| s == 0 || s > 33) {
         bail!("--sizes-mb {s}: each size must be 1..=33 (the 32 MiB extraction bound)");
     }
-    let firma = args
-        .firma
-        .canonicalize()
-        .with_context(|| format!("firma binary {}", args.firma.display()))?;
+    let firma = scenario::firma_binary(&args.firma)?;
     let tmp = tempfile::tempdir()?;
     let up = SseUpstream::start(tmp.path(), 1, Duration::from_millis(1))?;
     let root = tmp.path().join("sidecar");
-    std::fs::create_dir_all(&root)?;
-    let d = Deployment::new(
-        &firma,
-        &root,
-        up.addr,
-        &up.ca_path,
-        &Mode::HttpProxy,
-        false,
-        true,
-    )?;
-    std::fs::write(
-        root.join("policies/llm.cedar"),
-        crate::streams::budget_policy()?,
-    )?;
-    let mut sc = d.start_sidecar()?;
+    let (d, mut sc) = scenario::llm_sidecar(&firma, &root, up.addr, &up.ca_path, |_| {})?;
     let pid = sc.child.id();
     eprintln!(
         "upstream https://{}, sidecar {} (pid {pid})",
         up.addr, sc.addr
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let direct = crate::client::Target::new(
-        up.addr,
-        deploy::HOST,
-        None,
-        std::slice::from_ref(&up.ca_path),
-    )?;
-    let via = crate::client::Target::new(
-        sc.addr,
-        deploy::HOST,
-        Some(format!("{}:443", deploy::HOST)),
-        &[d.firma_ca()],
-    )?;
+    let rt = scenario::client_runtime()?;
+    let direct = scenario::direct_target(up.addr, &up.ca_path)?;
+    let via = scenario::sidecar_target(sc.addr, &d)?;
     let (mut dc, mut vc) = rt.block_on(async {
         anyhow::Ok((
             crate::client::open(&direct).await?,

@@ -13,12 +13,12 @@
 //! allowed), every Firma decision must be in the signed audit, and `firma audit verify` passes.
 
 use crate::client::ClientArgs;
-use crate::deploy::{self, Deployment, Mode};
+use crate::deploy::{Deployment, Mode};
 use crate::measure::{Client, Env, Load, Run, Target, measure};
 use crate::peers::{Venv, cpu_secs};
 use crate::report::median;
 use crate::run::RunArgs;
-use crate::upstream::Upstream;
+use crate::scenario;
 use anyhow::{Context, bail};
 use serde::Serialize;
 use std::net::SocketAddr;
@@ -108,20 +108,9 @@ pub fn run(args: &ExtAuthzArgs) -> anyhow::Result<()> {
     if args.repetitions == 0 || args.duration_secs == 0 {
         bail!("--repetitions and --duration-secs must be positive");
     }
-    let firma = args
-        .firma
-        .canonicalize()
-        .with_context(|| format!("firma binary {}", args.firma.display()))?;
+    let firma = scenario::firma_binary(&args.firma)?;
     let tmp = tempfile::tempdir()?;
-    let (kind, why) = crate::upstream::Kind::choose(args.upstream);
-    let up = Upstream::start(
-        kind,
-        tmp.path(),
-        &[deploy::HOST],
-        "127.0.0.1:0".parse()?,
-        &deploy::injected_auth(),
-    )?;
-    eprintln!("upstream: {kind:?} ({why}) on https://{}", up.addr);
+    let (up, kind, _) = scenario::upstream(tmp.path(), args.upstream)?;
     let root = tmp.path().join("sidecar");
     std::fs::create_dir_all(&root)?;
     let authz_port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -223,7 +212,7 @@ pub fn run(args: &ExtAuthzArgs) -> anyhow::Result<()> {
         SIDECAR,
         sc.addr,
         d.firma_ca(),
-        format!("{}:443", deploy::HOST),
+        scenario::sidecar_connect(),
         firma_pid,
     ));
 

@@ -10,8 +10,9 @@
 //! connections (per connection), the probe's p50/p99 medians before and during, and the same
 //! probe direct to the upstream for reference.
 
-use crate::deploy::{self, Deployment, Mode};
+use crate::deploy;
 use crate::report::median;
+use crate::scenario;
 use crate::streams::SseUpstream;
 use anyhow::{Context, bail};
 use serde::Serialize;
@@ -122,53 +123,24 @@ pub fn run(args: &IdleArgs) -> anyhow::Result<()> {
         bail!("--repetitions and --probe-requests must be at least 1");
     }
     let nofile = raise_nofile(args.connections as u64 * 3 + 4096)?;
-    let firma = args
-        .firma
-        .canonicalize()
-        .with_context(|| format!("firma binary {}", args.firma.display()))?;
+    let firma = scenario::firma_binary(&args.firma)?;
     let tmp = tempfile::tempdir()?;
     let up = SseUpstream::start(tmp.path(), 1, Duration::from_millis(1))?;
     let root = tmp.path().join("sidecar");
-    std::fs::create_dir_all(&root)?;
     let max = args.connections + 1024;
-    let d = Deployment::new_with(
-        &firma,
-        &root,
-        (up.addr, &up.ca_path, &Mode::HttpProxy),
-        false,
-        true,
-        |t| {
-            t.extra = format!(
-                "[sidecar.limits]\nmax_connections = {max}\nmax_connections_per_client = {max}\nidle_timeout_secs = 600\n"
-            )
-        },
-    )?;
-    std::fs::write(
-        root.join("policies/llm.cedar"),
-        crate::streams::budget_policy()?,
-    )?;
-    let mut sc = d.start_sidecar()?;
+    let (d, mut sc) = scenario::llm_sidecar(&firma, &root, up.addr, &up.ca_path, |t| {
+        t.extra = format!(
+            "[sidecar.limits]\nmax_connections = {max}\nmax_connections_per_client = {max}\nidle_timeout_secs = 600\n"
+        )
+    })?;
     let pid = sc.child.id();
     eprintln!(
         "upstream https://{}, sidecar {} (pid {pid}), RLIMIT_NOFILE {nofile}",
         up.addr, sc.addr
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let direct_t = crate::client::Target::new(
-        up.addr,
-        deploy::HOST,
-        None,
-        std::slice::from_ref(&up.ca_path),
-    )?;
-    let via = Arc::new(crate::client::Target::new(
-        sc.addr,
-        deploy::HOST,
-        Some(format!("{}:443", deploy::HOST)),
-        &[d.firma_ca()],
-    )?);
+    let rt = scenario::client_runtime()?;
+    let direct_t = scenario::direct_target(up.addr, &up.ca_path)?;
+    let via = Arc::new(scenario::sidecar_target(sc.addr, &d)?);
     let direct = probes(&rt, &direct_t, args, "direct")?;
     let alone = probes(&rt, &via, args, "through the sidecar, alone")?;
     let rss_before = crate::peers::rss_mb(pid)?;

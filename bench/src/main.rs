@@ -21,6 +21,7 @@ mod measure;
 mod peers;
 mod report;
 mod run;
+mod scenario;
 mod streams;
 mod tenants;
 mod transparent;

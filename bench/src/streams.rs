@@ -11,8 +11,9 @@
 //! difference of those percentiles between the two paths; its CPU and RSS are read from /proc
 //! during the run. Direct and sidecar runs are interleaved, `--repetitions` times; medians.
 
-use crate::deploy::{self, Deployment, Mode};
+use crate::deploy;
 use crate::report::median;
+use crate::scenario;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full};
@@ -451,19 +452,6 @@ async fn one_stream(
     Ok(())
 }
 
-/// The shipped `llm` budget policy with the session token budget raised so a benchmark's
-/// thousands of metered calls stay allowed (the budget is still evaluated on every call).
-pub(crate) fn budget_policy() -> anyhow::Result<String> {
-    let shipped =
-        std::fs::read_to_string(firma_testing::repo_root().join("policies/runtime/llm/llm.cedar"))
-            .context("read policies/runtime/llm/llm.cedar")?;
-    let needle = "context.session.tokens_used >= 200000";
-    if !shipped.contains(needle) {
-        bail!("policies/runtime/llm/llm.cedar no longer has `{needle}`: update the bench");
-    }
-    Ok(shipped.replace(needle, "context.session.tokens_used >= 1000000000000"))
-}
-
 struct Path_<'a> {
     name: &'static str,
     connect: SocketAddr,
@@ -553,10 +541,7 @@ pub fn run(args: &StreamsArgs) -> anyhow::Result<()> {
     if args.repetitions == 0 || args.streams == 0 || args.events == 0 {
         bail!("--repetitions, --streams and --events must be at least 1");
     }
-    let firma = args
-        .firma
-        .canonicalize()
-        .with_context(|| format!("firma binary {}", args.firma.display()))?;
+    let firma = scenario::firma_binary(&args.firma)?;
     let tmp = tempfile::tempdir()?;
     let interval = Duration::from_millis(args.interval_ms);
     let up = SseUpstream::start(tmp.path(), args.events, interval)?;
@@ -565,18 +550,7 @@ pub fn run(args: &StreamsArgs) -> anyhow::Result<()> {
         up.addr, args.streams, args.events, args.interval_ms
     );
     let root = tmp.path().join("sidecar");
-    std::fs::create_dir_all(&root)?;
-    let d = Deployment::new(
-        &firma,
-        &root,
-        up.addr,
-        &up.ca_path,
-        &Mode::HttpProxy,
-        false,
-        true,
-    )?;
-    std::fs::write(root.join("policies/llm.cedar"), budget_policy()?)?;
-    let mut sc = d.start_sidecar()?;
+    let (d, mut sc) = scenario::llm_sidecar(&firma, &root, up.addr, &up.ca_path, |_| {})?;
     let pid = sc.child.id();
     let rss_idle = crate::peers::rss_mb(pid)?;
     eprintln!(
@@ -595,7 +569,7 @@ pub fn run(args: &StreamsArgs) -> anyhow::Result<()> {
         Path_ {
             name: "sidecar",
             connect: sc.addr,
-            proxy_connect: Some(format!("{}:443", deploy::HOST)),
+            proxy_connect: Some(scenario::sidecar_connect()),
             ca: &firma_ca,
             sidecar: Some(pid),
         },

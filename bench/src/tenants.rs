@@ -14,7 +14,8 @@
 use crate::client::{ClientArgs, ClientResult};
 use crate::deploy::{self, Deployment, Mode};
 use crate::report::median;
-use crate::upstream::{Kind, Upstream};
+use crate::scenario;
+use crate::upstream::Kind;
 use anyhow::{Context, bail};
 use firma_common::policy::PolicyBundle;
 use serde::Serialize;
@@ -196,20 +197,9 @@ pub fn run(args: &TenantsArgs) -> anyhow::Result<()> {
     if args.repetitions == 0 || args.duration_secs == 0 {
         bail!("--repetitions and --duration-secs must be at least 1");
     }
-    let firma = args
-        .firma
-        .canonicalize()
-        .with_context(|| format!("firma binary {}", args.firma.display()))?;
+    let firma = scenario::firma_binary(&args.firma)?;
     let tmp = tempfile::tempdir()?;
-    let (kind, why) = Kind::choose(args.upstream);
-    let up = Upstream::start(
-        kind,
-        tmp.path(),
-        &[deploy::HOST],
-        "127.0.0.1:0".parse()?,
-        &deploy::injected_auth(),
-    )?;
-    eprintln!("upstream: {kind:?} ({why}) on https://{}", up.addr);
+    let (up, kind, _) = scenario::upstream(tmp.path(), args.upstream)?;
     let mut sides = Vec::new();
     for (name, tenants) in [
         ("shipped bundle".to_string(), 0),

@@ -6,6 +6,7 @@
 //! - [`sidecar`], [`authority`]: temp deployments and the running processes;
 //! - [`pki`], [`upstream`]: test CAs and the local HTTPS upstream that records requests;
 //! - [`grpc`]: a real grpcio TLS server and client (Python);
+//! - [`envoy`]: Envoy's binary, ext_authz YAML pieces and command line (peer of Firma);
 //! - [`ws`]: a real WebSocket echo server and client (Python `websockets`);
 //! - [`kernel`]: root/BPF checks, network namespaces, test cgroups and pin directories;
 //! - [`run`]: `firma run` worlds (upstream posing as API hosts, hosts file, state dir);
@@ -22,6 +23,7 @@ pub mod authority;
 pub mod client;
 pub mod config;
 pub mod confine;
+pub mod envoy;
 pub mod etcd;
 pub mod grpc;
 pub mod kernel;

@@ -151,6 +151,46 @@ impl Default for Settings {
     }
 }
 
+/// The environment variable the LLM fixtures read the injected OpenAI key from.
+pub const OPENAI_KEY_ENV: &str = "FIRMA_TEST_OPENAI_KEY";
+
+/// `[[sidecar.credentials]]`: `Authorization: Bearer $FIRMA_TEST_OPENAI_KEY` on calls to
+/// api.openai.com.
+pub const OPENAI_CREDENTIAL: &str = "[[sidecar.credentials]]\nhost = \"api.openai.com\"\nmode = \"basic\"\nheader = \"Authorization\"\nprefix = \"Bearer \"\nvalue_from_env = \"FIRMA_TEST_OPENAI_KEY\"\n";
+
+/// gpt-4o-mini for anyone, and a session token budget of `tokens` written like the shipped one
+/// (`policies/runtime/llm/llm.cedar`).
+pub fn token_budget_policy(tokens: i64) -> String {
+    format!(
+        r#"
+@id("models")
+permit (principal, action == Firma::Action::"model.inference.chat", resource)
+when {{ context has request && context.request has model && context.request.model == "gpt-4o-mini" }};
+
+@id("budget")
+forbid (principal, action == Firma::Action::"model.inference.chat", resource)
+when {{ context has session && context.session.tokens_used >= {tokens} }};
+"#
+    )
+}
+
+impl Settings {
+    /// A token-budget deployment: `hosts` intercepted (none strict) and routed to the local
+    /// upstream, `policy` as the runtime policy, the OpenAI credential ([`OPENAI_CREDENTIAL`],
+    /// from [`OPENAI_KEY_ENV`]) followed by `extra`.
+    pub fn llm(hosts: &[&str], policy: &str, extra: &str) -> Self {
+        let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+        Self {
+            intercept_hosts: hosts.clone(),
+            strict_hosts: Vec::new(),
+            upstream_hosts: hosts,
+            runtime_policy: policy.to_string(),
+            extra: format!("{OPENAI_CREDENTIAL}{extra}"),
+            ..Self::default()
+        }
+    }
+}
+
 pub struct Deployment {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,

