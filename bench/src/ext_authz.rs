@@ -13,7 +13,6 @@
 //! allowed), every Firma decision must be in the signed audit, and `firma audit verify` passes.
 
 use crate::client::ClientArgs;
-use crate::deploy::{Deployment, Mode};
 use crate::measure::{Client, Env, Load, Run, Target, measure};
 use crate::peers::{Venv, cpu_secs};
 use crate::report::median;
@@ -112,23 +111,15 @@ pub fn run(args: &ExtAuthzArgs) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let (up, kind, _) = scenario::upstream(tmp.path(), args.upstream)?;
     let root = tmp.path().join("sidecar");
-    std::fs::create_dir_all(&root)?;
     let authz_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let d = Deployment::new_with(
-        &firma,
-        &root,
-        (up.addr, &up.ca_path, &Mode::HttpProxy),
-        false,
-        true,
-        |t| {
-            // Envoy originates TLS to the upstream, verified (its cluster's UpstreamTlsContext).
-            t.extra.push_str(&format!(
-                "\n[sidecar.ext_authz]\nlisten_addr = \"127.0.0.1:{authz_port}\"\nupstream_tls = true\n"
-            ));
-        },
-    )?;
+    let d = scenario::proxy_deployment(&firma, &root, up.addr, &up.ca_path, |t| {
+        // Envoy originates TLS to the upstream, verified (its cluster's UpstreamTlsContext).
+        t.extra.push_str(&format!(
+            "\n[sidecar.ext_authz]\nlisten_addr = \"127.0.0.1:{authz_port}\"\nupstream_tls = true\n"
+        ));
+    })?;
     let mut sc = d.start_sidecar()?;
     let firma_pid = sc.child.id();
     let authz: SocketAddr = sc

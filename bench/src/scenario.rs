@@ -37,10 +37,23 @@ pub fn upstream(dir: &Path, choice: Option<Kind>) -> anyhow::Result<(Upstream, K
     Ok((up, kind, why))
 }
 
-/// The sidecar of the LLM-shaped scenarios, deployed under `root` and started: http_proxy
-/// routing [`deploy::HOST`] to `upstream` (trusting `upstream_ca`), strict MITM, the credential
-/// injected, the shipped genai-app policy plus the shipped `llm` token budget
-/// ([`budget_policy`]), so every call is metered; `edit` adjusts its config first.
+/// A deployment under `root` (created) of an http_proxy sidecar routing [`deploy::HOST`] to
+/// `upstream` (trusting `upstream_ca`), strict MITM, the credential injected, the shipped
+/// genai-app policy, metrics off; `edit` adjusts its config before it is written.
+pub fn proxy_deployment(
+    firma: &Path,
+    root: &Path,
+    upstream: SocketAddr,
+    upstream_ca: &Path,
+    edit: impl FnOnce(&mut SidecarToml),
+) -> anyhow::Result<Deployment> {
+    std::fs::create_dir_all(root)?;
+    let parts = (upstream, upstream_ca, &Mode::HttpProxy);
+    Deployment::new_with(firma, root, parts, false, true, edit)
+}
+
+/// The sidecar of the LLM-shaped scenarios, started: the [`proxy_deployment`] plus the shipped
+/// `llm` token budget ([`budget_policy`]), so every call is metered.
 pub fn llm_sidecar(
     firma: &Path,
     root: &Path,
@@ -48,9 +61,7 @@ pub fn llm_sidecar(
     upstream_ca: &Path,
     edit: impl FnOnce(&mut SidecarToml),
 ) -> anyhow::Result<(Deployment, Sidecar)> {
-    std::fs::create_dir_all(root)?;
-    let parts = (upstream, upstream_ca, &Mode::HttpProxy);
-    let d = Deployment::new_with(firma, root, parts, false, true, edit)?;
+    let d = proxy_deployment(firma, root, upstream, upstream_ca, edit)?;
     std::fs::write(root.join("policies/llm.cedar"), budget_policy()?)?;
     let sc = d.start_sidecar()?;
     Ok((d, sc))

@@ -12,7 +12,7 @@
 //! with their maximum latency.
 
 use crate::client::{ClientArgs, ClientResult};
-use crate::deploy::{self, Deployment, Mode};
+use crate::deploy::{self, Deployment};
 use crate::report::median;
 use crate::scenario;
 use crate::upstream::Kind;
@@ -208,15 +208,9 @@ pub fn run(args: &TenantsArgs) -> anyhow::Result<()> {
         let root = tmp
             .path()
             .join(if tenants == 0 { "shipped" } else { "many" });
-        std::fs::create_dir_all(&root)?;
-        let d = Deployment::new_with(
-            &firma,
-            &root,
-            (up.addr, &up.ca_path, &Mode::HttpProxy),
-            false,
-            true,
-            |t| t.constraint_enforcement = Some((BUNDLE_TTL_SECS, 2000)),
-        )?;
+        let d = scenario::proxy_deployment(&firma, &root, up.addr, &up.ca_path, |t| {
+            t.constraint_enforcement = Some((BUNDLE_TTL_SECS, 2000))
+        })?;
         if tenants > 0 {
             write_tenants(&root.join("policies"), tenants, 0)?;
         }
