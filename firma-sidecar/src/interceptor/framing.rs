@@ -470,6 +470,45 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
         assert_eq!(out, input);
     }
 
+    /// The head's buffer is handed to `ready` (not copied) and both are freed between requests;
+    /// an upgrade request's head and the bytes behind it (in the same read or trickled) all
+    /// reach hyper, in order, and nothing after it is parsed as a head.
+    #[tokio::test]
+    async fn buffer_handovers_keep_every_byte() {
+        let upgrade: &[u8] = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x85frameGET /smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let (out, rejected) = pass(upgrade).await;
+        assert_eq!(rejected, None);
+        assert_eq!(out, upgrade);
+        // Cut anywhere: the first part in one read, the rest in a second.
+        for split in 1..upgrade.len() {
+            let (a, b) = upgrade.split_at(split);
+            let v = Arc::new(Verdict::default());
+            let mut g = FramingGuard::new(a.chain(b), v.clone());
+            let mut out = Vec::new();
+            let mut buf = [0u8; 5];
+            loop {
+                match g.read(&mut buf).await.unwrap() {
+                    0 => break,
+                    n => out.extend_from_slice(&buf[..n]),
+                }
+            }
+            assert_eq!(out, upgrade, "split at {split}");
+            assert_eq!(v.rejected(), None);
+        }
+
+        // Between keep-alive requests the guard holds no buffer.
+        let one = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut g = FramingGuard::new(&one[..], Arc::new(Verdict::default()));
+        let mut buf = [0u8; 64];
+        let n = g.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], one);
+        assert_eq!(
+            (g.ready.capacity(), g.head.capacity()),
+            (0, 0),
+            "nothing held while idle"
+        );
+    }
+
     #[tokio::test]
     async fn rejects_smuggling_on_a_later_request() {
         let first = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";

@@ -244,6 +244,58 @@ mod tests {
         assert!(matches!(head(b"").await, Err(HeadError::Closed)));
     }
 
+    /// `read_head` reads straight into the replay buffer: whatever the cut of the client's
+    /// bytes (one read, one byte per read, some already in the buffer), the buffer ends up
+    /// holding every byte read, the head and what followed it, for the replay.
+    /// One byte per read, every other poll `Pending` (woken at once), then `Pending` for good.
+    struct Trickle<'a>(&'a [u8], bool);
+
+    impl tokio::io::AsyncRead for Trickle<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            self.1 = !self.1;
+            if self.1 || self.0.is_empty() {
+                if !self.0.is_empty() {
+                    cx.waker().wake_by_ref();
+                }
+                return std::task::Poll::Pending;
+            }
+            let data = self.0;
+            buf.put_slice(&data[..1]);
+            self.0 = &data[1..];
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn keeps_every_byte_read_whatever_the_cut() {
+        let input: &[u8] =
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x85frame";
+        let head_len = input.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        for split in 0..input.len() {
+            let (a, b) = input.split_at(split);
+            // Some bytes already buffered (sniffed), the rest one byte per read.
+            let mut buf = a.to_vec();
+            let mut s = Trickle(b, false);
+            let h = read_head(&mut s, &mut buf, Duration::from_secs(1))
+                .await
+                .unwrap_or_else(|e| panic!("split at {split}: {e:?}"));
+            assert_eq!(h.len, head_len, "split at {split}");
+            assert!(buf.starts_with(&input[..head_len]), "split at {split}");
+            assert!(input.starts_with(&buf), "split at {split}");
+            // Everything in one read: the bytes behind the head stay in the buffer.
+            let mut buf = Vec::new();
+            let mut s = input;
+            read_head(&mut s, &mut buf, Duration::from_secs(1))
+                .await
+                .unwrap();
+            assert_eq!(buf, input);
+        }
+    }
+
     /// Found by the `http_head` fuzz target: the HTTP/2 preface split after its first blank
     /// line was parsed as a malformed HTTP/1 head.
     #[tokio::test]
