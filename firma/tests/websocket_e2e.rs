@@ -175,6 +175,81 @@ fn nothing_is_smuggled_after_a_refused_upgrade() {
     assert!(echo.sessions().is_empty());
 }
 
+/// The sidecar hands the client's bytes on several times before hyper sees them (the
+/// CONNECT head's buffer, the sniffed ClientHello, the TLS session, the first request head,
+/// the framing guard's head buffer): an upgrade is answered however the client's bytes are
+/// cut. The TLS Finished and the whole GET in one TCP write, the GET one byte per record, and
+/// the GET with a second request behind it in one record: the refused upgrade gets its 403
+/// and nothing else (the pipelined request is never answered nor decided), the allowed one
+/// its 101.
+#[test]
+fn upgrade_is_answered_however_the_client_bytes_are_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let echo = WsEcho::start(
+        tmp.path(),
+        &["api.openai.com", "paste.rs"],
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    let (d, sc) = deploy(&echo, Mode::HttpProxy, true);
+    let script = firma_testing::repo_root().join("tests/python/ws_echo/segmented_client.py");
+    let run = |url: &str, mode: &str| {
+        let out = in_cgroup_command(
+            None,
+            "python3",
+            &[
+                script.display().to_string(),
+                url.to_string(),
+                d.ca_cert().display().to_string(),
+                sc.proxy_url(),
+                mode.to_string(),
+            ],
+        )
+        .output()
+        .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{mode}: client output is not JSON ({e}):\n{}\n{}\n{}",
+                text(&out.stdout),
+                text(&out.stderr),
+                sc.log_text()
+            )
+        })
+    };
+    for mode in ["coalesce", "split", "pipelined"] {
+        let v = run("wss://paste.rs/ws", mode);
+        assert_eq!(v["status"], 403, "{mode}: {v}");
+        let body: serde_json::Value = serde_json::from_str(v["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body["reason"], "PolicyDenied", "{mode}: {v}");
+        assert!(
+            v["head"]
+                .as_str()
+                .unwrap()
+                .to_ascii_lowercase()
+                .contains("connection: close"),
+            "{mode}: {v}"
+        );
+        assert_eq!(v["after"], "", "{mode}: one response only: {v}");
+    }
+    for mode in ["coalesce", "split"] {
+        let v = run("wss://api.openai.com/v1/realtime", mode);
+        assert_eq!(v["status"], 101, "{mode}: {v}");
+    }
+    // Three refusals, each decided once: the pipelined request never reached the pipeline.
+    d.audit_fence(&sc);
+    let paste = d.audit_for("paste.rs");
+    assert_eq!(paste.len(), 3, "{paste:?}");
+    assert!(
+        paste
+            .iter()
+            .all(|e| e["decision"]["reason"] == "PolicyDenied"
+                && e["envelope"]["intent"]["resource"]["path"] == "/ws"),
+        "{paste:?}"
+    );
+    assert_eventually(Duration::from_secs(10), "both upgrades relayed", || {
+        (echo.sessions().len() == 2).then_some(())
+    });
+}
+
 /// Transparent mode: an unmodified client in a tagged cgroup, no proxy, connects to
 /// api.openai.com:443 (10.77.0.2 in the test namespace); the sidecar MITMs the upgrade,
 /// injects the credential and relays.

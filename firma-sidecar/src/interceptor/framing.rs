@@ -167,7 +167,13 @@ impl<S> FramingGuard<S> {
                         }
                     };
                     let rest = self.head.split_off(end);
-                    self.ready.append(&mut self.head);
+                    if self.ready.is_empty() {
+                        // Hand the head's buffer over, so none stays behind for an idle wait.
+                        self.ready = std::mem::take(&mut self.head);
+                    } else {
+                        self.ready.append(&mut self.head);
+                        self.head = Vec::new();
+                    }
                     self.state = match body {
                         _ if upgrade => State::Passthrough,
                         head::BodyLength::None => State::Head,
@@ -330,7 +336,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingGuard<S> {
                 buf.put_slice(&this.ready[this.ready_pos..this.ready_pos + n]);
                 this.ready_pos += n;
                 if this.ready_pos == this.ready.len() {
-                    this.ready.clear();
+                    if this.state == State::Head && this.head.is_empty() {
+                        // Between requests: a keep-alive connection may now idle for
+                        // minutes, holding no buffer.
+                        this.ready = Vec::new();
+                    } else {
+                        this.ready.clear();
+                    }
                     this.ready_pos = 0;
                 }
                 return Poll::Ready(Ok(()));
@@ -456,6 +468,45 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
         let (out, rejected) = pass(input).await;
         assert_eq!(rejected, None);
         assert_eq!(out, input);
+    }
+
+    /// The head's buffer is handed to `ready` (not copied) and both are freed between requests;
+    /// an upgrade request's head and the bytes behind it (in the same read or trickled) all
+    /// reach hyper, in order, and nothing after it is parsed as a head.
+    #[tokio::test]
+    async fn buffer_handovers_keep_every_byte() {
+        let upgrade: &[u8] = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x85frameGET /smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let (out, rejected) = pass(upgrade).await;
+        assert_eq!(rejected, None);
+        assert_eq!(out, upgrade);
+        // Cut anywhere: the first part in one read, the rest in a second.
+        for split in 1..upgrade.len() {
+            let (a, b) = upgrade.split_at(split);
+            let v = Arc::new(Verdict::default());
+            let mut g = FramingGuard::new(a.chain(b), v.clone());
+            let mut out = Vec::new();
+            let mut buf = [0u8; 5];
+            loop {
+                match g.read(&mut buf).await.unwrap() {
+                    0 => break,
+                    n => out.extend_from_slice(&buf[..n]),
+                }
+            }
+            assert_eq!(out, upgrade, "split at {split}");
+            assert_eq!(v.rejected(), None);
+        }
+
+        // Between keep-alive requests the guard holds no buffer.
+        let one = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut g = FramingGuard::new(&one[..], Arc::new(Verdict::default()));
+        let mut buf = [0u8; 64];
+        let n = g.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], one);
+        assert_eq!(
+            (g.ready.capacity(), g.head.capacity()),
+            (0, 0),
+            "nothing held while idle"
+        );
     }
 
     #[tokio::test]

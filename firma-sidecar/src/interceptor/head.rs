@@ -49,6 +49,9 @@ pub enum HeadError {
     Malformed(String),
 }
 
+/// Room made in the buffer before each read.
+const READ_CHUNK: usize = 4096;
+
 /// Reads into `buf` (which may already hold bytes) until a complete head, and validates it.
 /// `buf` keeps every byte read, head and any body bytes after it, for replay.
 pub async fn read_head<S: AsyncRead + Unpin>(
@@ -57,7 +60,6 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     timeout: Duration,
 ) -> Result<Head, HeadError> {
     let deadline = Instant::now() + timeout;
-    let mut chunk = [0u8; 8192];
     loop {
         if buf.starts_with(H2_PREFACE) {
             return Err(HeadError::H2Preface);
@@ -75,7 +77,10 @@ pub async fn read_head<S: AsyncRead + Unpin>(
         if buf.len() > MAX_HEAD {
             return Err(too_large());
         }
-        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+        // Straight into `buf`'s spare room: no scratch array in the future (which would sit
+        // in every connection task's state for the connection's whole life) and no zeroing.
+        buf.reserve(READ_CHUNK);
+        match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
             Err(_) if buf.is_empty() => return Err(HeadError::Closed),
             Err(_) => {
                 return Err(HeadError::Malformed(format!(
@@ -103,7 +108,7 @@ pub async fn read_head<S: AsyncRead + Unpin>(
                     "connection closed in the middle of a request head".into(),
                 ));
             }
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(_)) => {}
         }
     }
 }
@@ -237,6 +242,58 @@ mod tests {
             Err(HeadError::Malformed(_))
         ));
         assert!(matches!(head(b"").await, Err(HeadError::Closed)));
+    }
+
+    /// `read_head` reads straight into the replay buffer: whatever the cut of the client's
+    /// bytes (one read, one byte per read, some already in the buffer), the buffer ends up
+    /// holding every byte read, the head and what followed it, for the replay.
+    /// One byte per read, every other poll `Pending` (woken at once), then `Pending` for good.
+    struct Trickle<'a>(&'a [u8], bool);
+
+    impl tokio::io::AsyncRead for Trickle<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            self.1 = !self.1;
+            if self.1 || self.0.is_empty() {
+                if !self.0.is_empty() {
+                    cx.waker().wake_by_ref();
+                }
+                return std::task::Poll::Pending;
+            }
+            let data = self.0;
+            buf.put_slice(&data[..1]);
+            self.0 = &data[1..];
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn keeps_every_byte_read_whatever_the_cut() {
+        let input: &[u8] =
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x85frame";
+        let head_len = input.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        for split in 0..input.len() {
+            let (a, b) = input.split_at(split);
+            // Some bytes already buffered (sniffed), the rest one byte per read.
+            let mut buf = a.to_vec();
+            let mut s = Trickle(b, false);
+            let h = read_head(&mut s, &mut buf, Duration::from_secs(1))
+                .await
+                .unwrap_or_else(|e| panic!("split at {split}: {e:?}"));
+            assert_eq!(h.len, head_len, "split at {split}");
+            assert!(buf.starts_with(&input[..head_len]), "split at {split}");
+            assert!(input.starts_with(&buf), "split at {split}");
+            // Everything in one read: the bytes behind the head stay in the buffer.
+            let mut buf = Vec::new();
+            let mut s = input;
+            read_head(&mut s, &mut buf, Duration::from_secs(1))
+                .await
+                .unwrap();
+            assert_eq!(buf, input);
+        }
     }
 
     /// Found by the `http_head` fuzz target: the HTTP/2 preface split after its first blank
