@@ -659,7 +659,7 @@ mod tests {
         (w, k)
     }
 
-    fn verify(path: &std::path::Path, k: &SigningKey) -> usize {
+    fn verify(path: &std::path::Path, k: &SigningKey) -> u64 {
         let text = std::fs::read_to_string(path).unwrap();
         let mut v = ChainVerifier::new(vec![k.verifying_key()]);
         for l in text.lines() {
