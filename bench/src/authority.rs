@@ -1,10 +1,12 @@
 //! `firma-bench authority`: the Authority's costs (docs/benchmarks.md, "The Authority's
 //! issuance path").
 //!
-//! 1. Sequential `IssueCapability` over gRPC ([`crate::issuance`]), `--repetitions` fresh
-//!    Authorities: p50 latency and the Authority's CPU per call (tonic, h2, loopback, Cedar,
-//!    signing, the INFO line). The in-process part alone is the criterion bench
-//!    `firma-authority/benches/issuance.rs`; the difference is the RPC's.
+//! 1. `IssueCapability` over gRPC ([`crate::issuance`]), sequential and
+//!    `--issuance-concurrency` callers on one channel, `--repetitions` fresh Authorities:
+//!    latency, calls/s and the Authority's CPU per call (tonic, h2, loopback, Cedar, signing,
+//!    the issuance record). Interleaved with the same against `empty-authority` (the same RPC
+//!    and serving setup answering a canned capability): the RPC's own cost. The in-process part
+//!    alone is the criterion bench `firma-authority/benches/issuance.rs`.
 //! 2. Revocation catch-up: a real `firma authority` whose revocation file holds
 //!    `--revocations` entries; the sidecar's own client code
 //!    (`authority_client::run_revocation_stream`, into a `RevocationSet` as the pipeline does)
@@ -12,6 +14,7 @@
 //!    with the Authority's CPU for the replay and the client process's. Each repetition is a
 //!    fresh connection (the Authority replays the whole set to each subscriber).
 
+use crate::issuance::{Issuance, Target, cpu_ns};
 use anyhow::{Context, bail};
 use firma_sidecar::authority_client::{AuthorityEndpoint, run_revocation_stream};
 use firma_sidecar::pipeline::revocations::RevocationSet;
@@ -28,9 +31,16 @@ pub struct AuthorityArgs {
     /// The `firma` binary to benchmark (a release build); its Authority is measured.
     #[arg(long)]
     pub firma: PathBuf,
-    /// Sequential `IssueCapability` calls per repetition (0 skips issuance).
+    /// `IssueCapability` calls per repetition and mode (0 skips issuance).
     #[arg(long, default_value_t = 2000)]
     pub issuance_requests: usize,
+    /// Callers in flight at once on one channel for the concurrent issuance run (0 skips it).
+    #[arg(long, default_value_t = 16)]
+    pub issuance_concurrency: usize,
+    /// The `empty-authority` baseline binary (default: next to this executable; skipped with a
+    /// message when absent).
+    #[arg(long)]
+    pub empty_authority: Option<PathBuf>,
     /// Revocations the Authority holds when the client connects (0 skips the catch-up).
     #[arg(long, default_value_t = 10_000)]
     pub revocations: usize,
@@ -57,7 +67,12 @@ pub struct AuthorityReport {
     pub date_unix: u64,
     pub cpus: usize,
     pub load_avg_1m: Option<f64>,
+    /// Every issuance run in the order it ran (Authority and baseline, sequential and
+    /// concurrent, interleaved).
     pub issuance: Vec<crate::issuance::Issuance>,
+    /// Medians per (server, concurrency).
+    pub issuance_medians: Vec<IssuanceMedian>,
+    /// Sequential against the Authority (kept for earlier reports' readers).
     pub issuance_p50_us_median: Option<f64>,
     pub issuance_server_cpu_us_per_call_median: Option<f64>,
     pub revocations: usize,
@@ -67,6 +82,52 @@ pub struct AuthorityReport {
     pub catch_up_client_cpu_ms_median: Option<f64>,
 }
 
+/// Medians of one (server, concurrency) over the repetitions.
+#[derive(Debug, Clone, Serialize)]
+pub struct IssuanceMedian {
+    pub server: &'static str,
+    pub concurrency: usize,
+    pub calls_per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub server_cpu_us_per_call: f64,
+    /// Lowest and highest CPU per call over the repetitions (the spread).
+    pub server_cpu_us_per_call_range: (f64, f64),
+}
+
+fn issuance_medians(runs: &[Issuance]) -> Vec<IssuanceMedian> {
+    let mut keys: Vec<(&'static str, usize)> = Vec::new();
+    for r in runs {
+        if !keys.contains(&(r.server, r.concurrency)) {
+            keys.push((r.server, r.concurrency));
+        }
+    }
+    keys.into_iter()
+        .map(|(server, concurrency)| {
+            let rs: Vec<&Issuance> = runs
+                .iter()
+                .filter(|r| r.server == server && r.concurrency == concurrency)
+                .collect();
+            let m = |f: &dyn Fn(&Issuance) -> f64| {
+                crate::report::median(rs.iter().map(|r| f(r)).collect()).unwrap_or(f64::NAN)
+            };
+            let cpu: Vec<f64> = rs.iter().map(|r| r.server_cpu_us_per_call).collect();
+            IssuanceMedian {
+                server,
+                concurrency,
+                calls_per_sec: m(&|r| r.calls_per_sec),
+                p50_us: m(&|r| r.p50_us as f64),
+                p99_us: m(&|r| r.p99_us as f64),
+                server_cpu_us_per_call: m(&|r| r.server_cpu_us_per_call),
+                server_cpu_us_per_call_range: (
+                    cpu.iter().copied().fold(f64::INFINITY, f64::min),
+                    cpu.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                ),
+            }
+        })
+        .collect()
+}
+
 pub fn run(args: &AuthorityArgs) -> anyhow::Result<()> {
     if args.repetitions == 0 {
         bail!("--repetitions must be at least 1");
@@ -74,13 +135,37 @@ pub fn run(args: &AuthorityArgs) -> anyhow::Result<()> {
     let median = |v: Vec<f64>| crate::report::median(v);
     let mut issuance = Vec::new();
     if args.issuance_requests > 0 {
+        let empty = args
+            .empty_authority
+            .clone()
+            .or_else(crate::issuance::empty_authority_bin);
+        let mut targets = vec![Target::Authority];
+        match empty {
+            Some(bin) => targets.push(Target::Empty(bin)),
+            None => eprintln!(
+                "  SKIP empty-authority baseline: no empty-authority binary next to firma-bench (cargo build -p firma-bench)"
+            ),
+        }
+        let mut modes = vec![1];
+        if args.issuance_concurrency > 1 {
+            modes.push(args.issuance_concurrency);
+        }
+        // Interleaved: each repetition runs every (mode, server) in turn, so drift in the
+        // machine's load hits them alike.
         for rep in 1..=args.repetitions {
-            let i = crate::issuance::run(args.issuance_requests).context("issuance")?;
-            eprintln!(
-                "  issuance #{rep}: p50 {} us, p99 {} us, Authority CPU {:.0} us/call",
-                i.p50_us, i.p99_us, i.server_cpu_us_per_call
-            );
-            issuance.push(i);
+            for &concurrency in &modes {
+                for target in &targets {
+                    let i = crate::issuance::measure(target, args.issuance_requests, concurrency)
+                        .with_context(|| {
+                        format!("issuance ({target:?}, {concurrency} callers)")
+                    })?;
+                    eprintln!(
+                        "  issuance #{rep} {:9} x{concurrency:<3}: {:.0} calls/s, p50 {} us, p99 {} us, server CPU {:.1} us/call",
+                        i.server, i.calls_per_sec, i.p50_us, i.p99_us, i.server_cpu_us_per_call
+                    );
+                    issuance.push(i);
+                }
+            }
         }
     }
     let mut catch_up = Vec::new();
@@ -123,10 +208,13 @@ pub fn run(args: &AuthorityArgs) -> anyhow::Result<()> {
             .map_or(0, |d| d.as_secs()),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         load_avg_1m: crate::ext_authz::load_avg(),
-        issuance_p50_us_median: median(issuance.iter().map(|i| i.p50_us as f64).collect()),
+        issuance_p50_us_median: median(authority_seq(&issuance).map(|i| i.p50_us as f64).collect()),
         issuance_server_cpu_us_per_call_median: median(
-            issuance.iter().map(|i| i.server_cpu_us_per_call).collect(),
+            authority_seq(&issuance)
+                .map(|i| i.server_cpu_us_per_call)
+                .collect(),
         ),
+        issuance_medians: issuance_medians(&issuance),
         issuance,
         revocations: args.revocations,
         catch_up_ms_median: median(catch_up.iter().map(|c| c.ms).collect()),
@@ -143,12 +231,26 @@ pub fn run(args: &AuthorityArgs) -> anyhow::Result<()> {
         .with_context(|| format!("write {}", args.out.display()))?;
     let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
     println!(
-        "\nauthority: medians of {} (load {})\n  issuance over gRPC ({} sequential calls): p50 {} us, Authority CPU {} us/call\n  catch-up on {} revocations at connect: {} ms, Authority CPU {} ms, client CPU {} ms\nwritten: {}",
+        "\nauthority: medians of {} (load {})",
         args.repetitions,
-        f(report.load_avg_1m, 1),
-        args.issuance_requests,
-        f(report.issuance_p50_us_median, 0),
-        f(report.issuance_server_cpu_us_per_call_median, 0),
+        f(report.load_avg_1m, 1)
+    );
+    for m in &report.issuance_medians {
+        println!(
+            "  issuance over gRPC, {:9} {:>2} caller(s), {} calls: {:.0} calls/s, p50 {:.0} us, p99 {:.0} us, server CPU {:.1} us/call ({:.1}-{:.1})",
+            m.server,
+            m.concurrency,
+            args.issuance_requests,
+            m.calls_per_sec,
+            m.p50_us,
+            m.p99_us,
+            m.server_cpu_us_per_call,
+            m.server_cpu_us_per_call_range.0,
+            m.server_cpu_us_per_call_range.1
+        );
+    }
+    println!(
+        "  catch-up on {} revocations at connect: {} ms, Authority CPU {} ms, client CPU {} ms\nwritten: {}",
         args.revocations,
         f(report.catch_up_ms_median, 1),
         f(report.catch_up_authority_cpu_ms_median, 0),
@@ -158,22 +260,10 @@ pub fn run(args: &AuthorityArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// CPU time of every thread of `pid` so far, in ns (`/proc/PID/task/*/schedstat`, first
-/// field): a catch-up takes a few ms, below the 10 ms ticks of `/proc/PID/stat`. Threads that
-/// exited in between are not counted (the Authority's and this runtime's workers live on).
-fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
-    let mut total = 0u64;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let path = task?.path().join("schedstat");
-        if let Ok(s) = std::fs::read_to_string(&path) {
-            total += s
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .with_context(|| format!("{}: {s:?}", path.display()))?;
-        }
-    }
-    Ok(total)
+/// Sequential runs against the Authority.
+fn authority_seq(runs: &[Issuance]) -> impl Iterator<Item = &Issuance> {
+    runs.iter()
+        .filter(|i| i.server == "authority" && i.concurrency == 1)
 }
 
 /// One fresh connection of the sidecar's revocation client until `n` ids are installed.

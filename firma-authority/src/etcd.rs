@@ -33,18 +33,14 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// leaves time to ask the others within [`REQUEST_TIMEOUT`].
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Client options for the Authority's etcd connections. Leader required: a member that lost its
-/// leader answers `UNAVAILABLE` at once (and cancels watches) instead of going silent. HTTP/2
-/// pings no more often than every 10 s: etcd's default `--grpc-keepalive-min-time` is 5 s, and
-/// a client pinging faster is sent `GOAWAY too_many_pings`, which cut the watch every few
-/// seconds. Dead members are found by the per-attempt deadline, not by pings.
+/// Client options for the Authority's etcd connections: those of every Firma etcd client
+/// (`firma_common::anchor::connect_options`: leader required, so a member that lost its leader
+/// answers `UNAVAILABLE` at once and cancels watches instead of going silent; HTTP/2 pings only
+/// while the watch is open and every 10 s, within etcd's keep-alive policy, whose
+/// `GOAWAY too_many_pings` cut the watch) with the per-attempt deadline, which is what finds a
+/// dead member for unary requests.
 fn connect_options() -> etcd_client::ConnectOptions {
-    etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(ATTEMPT_TIMEOUT)
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-        .with_keep_alive_while_idle(true)
-        .with_require_leader(true)
+    firma_common::anchor::connect_options().with_timeout(ATTEMPT_TIMEOUT)
 }
 
 /// One client per member and the key layout. Requests go to the member that answered last and

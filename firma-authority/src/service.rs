@@ -64,9 +64,36 @@ impl AuthorityService {
     }
 }
 
-fn peer(req: &Request<impl Sized>) -> String {
-    req.remote_addr()
-        .map_or_else(|| "unknown".into(), |a| a.to_string())
+/// The caller's address for log lines, formatted only if a line is written (issuance logs
+/// one per call: no `String` per request).
+struct Peer(Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("unknown"),
+        }
+    }
+}
+
+fn peer(req: &Request<impl Sized>) -> Peer {
+    Peer(req.remote_addr())
+}
+
+/// An action set for a log line: `a,b` (no `Vec` `Debug` quoting).
+struct Actions<'a>(&'a [String]);
+
+impl std::fmt::Display for Actions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, a) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(a)?;
+        }
+        Ok(())
+    }
 }
 
 type Tx<T> = mpsc::Sender<Result<T, Status>>;
@@ -88,13 +115,15 @@ impl Authority for AuthorityService {
         let result = match issuer.issue(&req) {
             Ok(issued) => {
                 metrics::issuance(Ok(()));
+                // The Authority's record of what it minted (INFO, one line per token; the
+                // token itself is never logged). `clamped_from` only when the TTL was clamped.
                 tracing::info!(
                     %peer,
                     token_id = %issued.claims.token_id,
                     agent = %issued.claims.agent_id,
                     session = %issued.claims.session_id,
-                    actions = ?issued.claims.action_set,
-                    clamped_from = ?issued.clamped_from,
+                    actions = %Actions(&issued.claims.action_set),
+                    clamped_from = issued.clamped_from,
                     "issued capability"
                 );
                 pb::issuance_response::Result::Allowed(issued.to_proto())

@@ -114,15 +114,31 @@ fn check_endpoint(e: &str) -> Result<(), String> {
     }
 }
 
+/// HTTP/2 keep-alive ping interval of every Firma etcd client, and how long a ping may go
+/// unanswered. etcd's keep-alive enforcement (`--grpc-keepalive-min-time`, default 5 s, and no
+/// pings at all on a connection without an open stream) counts a ping sooner than that, or any
+/// ping on an idle connection, as a strike and after three sends `GOAWAY ENHANCE_YOUR_CALM
+/// "too_many_pings"` and closes the connection: a watch is cut and every request on it fails.
+/// So pings go out only while a stream (a watch) is open, and at twice etcd's minimum. A member
+/// that vanishes under a unary request is found by the request timeout, not by pings.
+pub const ETCD_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// See [`ETCD_KEEPALIVE_INTERVAL`].
+pub const ETCD_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// etcd's default `--grpc-keepalive-min-time`: the shortest ping interval it tolerates.
+pub const ETCD_SERVER_MIN_PING_INTERVAL: Duration = Duration::from_secs(5);
+const _: () =
+    assert!(ETCD_KEEPALIVE_INTERVAL.as_millis() >= 2 * ETCD_SERVER_MIN_PING_INTERVAL.as_millis());
+
 /// Connection options every Firma etcd client uses: short timeouts (a minority member never
-/// answers a linearizable request) and leader-required requests.
+/// answers a linearizable request), leader-required requests, and HTTP/2 pings within etcd's
+/// keep-alive policy ([`ETCD_KEEPALIVE_INTERVAL`]).
 pub fn connect_options() -> etcd_client::ConnectOptions {
     etcd_client::ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(3))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-        .with_keep_alive_while_idle(true)
         .with_require_leader(true)
+        .with_keep_alive(ETCD_KEEPALIVE_INTERVAL, ETCD_KEEPALIVE_TIMEOUT)
+        .with_keep_alive_while_idle(false)
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,12 @@
 //! A real etcd cluster (Debian `etcd-server`) on loopback ports, one process per member, each
 //! with its own data dir; members can be killed (`kill -9`) and restarted on the same data.
+//!
+//! Members log at debug level (zap, JSON lines): etcd 3.4 logs its gRPC transport's errors
+//! only then, among them `Got too many pings from the client`, the server side of the
+//! `GOAWAY ENHANCE_YOUR_CALM "too_many_pings"` it sends a client that pings more often than
+//! `--grpc-keepalive-min-time` (5 s) or at all on a connection without a stream. Every
+//! member's log is kept, across kills and restarts, so a test can assert that no Firma etcd
+//! client was ever cut off for it ([`EtcdCluster::assert_no_ping_abuse`]).
 
 use crate::process::Process;
 use crate::{eventually, free_port};
@@ -19,7 +26,12 @@ pub struct EtcdCluster {
     dir: tempfile::TempDir,
     token: String,
     members: Vec<Member>,
+    /// Logs of member processes that were killed or replaced.
+    past_logs: Vec<String>,
 }
+
+/// What etcd's gRPC transport logs when it closes a connection for pinging too often.
+pub const TOO_MANY_PINGS: &str = "too many pings";
 
 /// `etcd` on PATH, or why not (the caller skips with it).
 pub fn available() -> Result<(), String> {
@@ -44,6 +56,7 @@ impl EtcdCluster {
             dir: tempfile::tempdir().expect("tempdir"),
             token: crate::unique("firma-etcd"),
             members,
+            past_logs: Vec::new(),
         };
         for i in 0..n {
             c.start_member(i);
@@ -78,17 +91,52 @@ impl EtcdCluster {
             .args(["--initial-cluster", &cluster.join(",")])
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", &self.token])
-            .args(["--log-level", "warn"])
+            // Debug: the only level at which etcd 3.4 logs its gRPC transport's errors
+            // (see the module doc). Quiet enough: about one line per request.
+            .args(["--logger", "zap", "--log-level", "debug"])
             .env_remove("ETCDCTL_API");
         let p = Process::spawn(cmd).expect("spawn etcd (apt-get install etcd-server)");
-        self.members[i].process = Some(p);
+        if let Some(old) = self.members[i].process.replace(p) {
+            self.past_logs.push(old.log_text());
+        }
     }
 
     /// `kill -9` member `i`.
     pub fn kill_member(&mut self, i: usize) {
         if let Some(mut p) = self.members[i].process.take() {
             p.kill();
+            self.past_logs.push(p.log_text());
         }
+    }
+
+    /// Every member's log so far, the killed and replaced processes' included.
+    pub fn logs(&self) -> Vec<String> {
+        let mut all = self.past_logs.clone();
+        all.extend(
+            self.members
+                .iter()
+                .filter_map(|m| m.process.as_ref().map(|p| p.log_text())),
+        );
+        all
+    }
+
+    /// Panics if any member ever closed a client's connection for pinging too often (etcd's
+    /// `GOAWAY too_many_pings`): every Firma etcd client keeps its HTTP/2 pings within etcd's
+    /// keep-alive policy (firma-common/src/anchor.rs, `connect_options`).
+    pub fn assert_no_ping_abuse(&self) {
+        let lines: Vec<String> = self
+            .logs()
+            .iter()
+            .flat_map(|l| l.lines())
+            .filter(|l| l.contains(TOO_MANY_PINGS))
+            .map(str::to_owned)
+            .collect();
+        assert!(
+            lines.is_empty(),
+            "etcd closed client connections for pinging too often ({} times):\n{}",
+            lines.len(),
+            lines.join("\n")
+        );
     }
 
     /// Client URLs of every member (dead or alive), for `endpoints`.

@@ -135,6 +135,46 @@ fn a_file_truncated_after_anchoring_fails_verify_anchors() {
     std::fs::write(&d.audit_path, format!("{}\n", rewritten.join("\n"))).expect("rewrite");
     let out = verify(&["--anchors", &anchors_url]);
     assert!(!out.status.success(), "{}", text(&out.stdout));
+    // No Firma etcd client (the sidecar's anchor publisher, `audit verify --anchors`) was cut
+    // off for pinging more often than etcd allows.
+    cluster.assert_no_ping_abuse();
+}
+
+/// The hostile side of `assert_no_ping_abuse`: a client that pings an idle connection every
+/// second (`tests/python/etcd_ping_flood.py`, grpcio) is cut off by etcd, and the fixture's
+/// logs show it, so the assertion after the Firma etcd tests can fail.
+#[test]
+fn etcd_fixture_sees_a_client_cut_off_for_pinging_too_often() {
+    if let Err(why) = etcd::available() {
+        firma_testing::skip(
+            "etcd_fixture_sees_a_client_cut_off_for_pinging_too_often",
+            &why,
+        );
+        return;
+    }
+    let cluster = EtcdCluster::start(1);
+    let member = cluster.endpoints()[0]
+        .trim_start_matches("http://")
+        .to_owned();
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(firma_testing::repo_root().join("tests/python/etcd_ping_flood.py"))
+        .arg(&member);
+    let flood = firma_testing::process::Process::spawn(cmd).expect("python3 (grpcio)");
+    assert_eventually(
+        Duration::from_secs(30),
+        "etcd logs a client cut off for too many pings",
+        || {
+            cluster
+                .logs()
+                .iter()
+                .any(|l| l.contains(etcd::TOO_MANY_PINGS))
+        },
+    );
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cluster.assert_no_ping_abuse()
+    }));
+    assert!(caught.is_err(), "assert_no_ping_abuse missed it");
+    drop(flood);
 }
 
 fn text_of(o: &std::process::Output) -> String {

@@ -279,6 +279,7 @@ fn revocation_via_one_authority_reaches_a_sidecar_on_the_other_and_failover_keep
         "a call was denied stale across the failover"
     );
     a.terminate(Duration::from_secs(5));
+    s.etcd.assert_no_ping_abuse();
 }
 
 /// The token id of the capability `Deployment::issue_token` wrote for `session`.
@@ -467,6 +468,7 @@ fn etcd_member_loss_keeps_working_quorum_loss_fails_closed_and_quorum_back_recov
         }
     }
     drop((a, b));
+    s.etcd.assert_no_ping_abuse();
 }
 
 /// The admin token the `Revoke` tests give Authority A (through this variable).
@@ -646,4 +648,5 @@ fn grpc_revoke_needs_the_admin_token_and_reaches_a_sidecar_on_the_other_authorit
         a.log_text()
     );
     drop(b);
+    s.etcd.assert_no_ping_abuse();
 }
