@@ -445,12 +445,23 @@ except (OSError, ssl.SSLError):
 print(" ".join(l.split(b" ")[1].decode() for l in out.split(b"\r\n") if l.startswith(b"HTTP/1.1 ")))
 "#;
 
-fn liar(sc: &Sidecar, d: &Deployment, file: &Path, declared: usize, sent: usize, eof: bool) -> String {
+fn liar(
+    sc: &Sidecar,
+    d: &Deployment,
+    file: &Path,
+    declared: usize,
+    sent: usize,
+    eof: bool,
+) -> String {
     let out = std::process::Command::new("python3")
         .args(["-c", LIAR, &sc.addr.to_string()])
         .arg(d.ca_cert())
         .arg(file)
-        .args([declared.to_string(), sent.to_string(), u8::from(eof).to_string()])
+        .args([
+            declared.to_string(),
+            sent.to_string(),
+            u8::from(eof).to_string(),
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -479,9 +490,16 @@ fn bodies_whose_content_length_lies_are_refused_and_audited() {
     let small = vision_body(1_000_000, "gpt-4o-mini");
     let small_file = write_body(&d, "liar-small.json", &small);
     let status = liar(&sc, &d, &small_file, 12_000_000, 1_000_000, true);
-    assert!(!status.contains("200"), "short valid body answered {status}");
+    assert!(
+        !status.contains("200"),
+        "short valid body answered {status}"
+    );
     let all = decisions(&d, 2);
-    assert_eq!(all[1]["decision"]["reason"], "MalformedRequest", "{}", all[1]);
+    assert_eq!(
+        all[1]["decision"]["reason"], "MalformedRequest",
+        "{}",
+        all[1]
+    );
     assert_eq!(up.count(), 0, "a short body was forwarded");
 
     // Declares 1 MB, sends 1 MB of a valid body plus 2 MB more: the declared body is decided
@@ -494,7 +512,10 @@ fn bodies_whose_content_length_lies_are_refused_and_audited() {
     assert!(status.contains("400"), "smuggled bytes answered {status}");
     let seen = up.seen();
     assert_eq!(seen.len(), 1);
-    assert!(seen[0].body == small, "the upstream got exactly the declared bytes");
+    assert!(
+        seen[0].body == small,
+        "the upstream got exactly the declared bytes"
+    );
     let all = decisions(&d, 3);
     assert_eq!(all[2]["decision"]["outcome"], "ALLOW", "{}", all[2]);
     // The smuggled bytes never became a request: refused as a malformed head (no path).

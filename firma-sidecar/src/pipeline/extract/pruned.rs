@@ -185,7 +185,10 @@ impl<'de> Visitor<'de> for Node<'_, '_> {
             let paths: Vec<&[Cow<'_, str>]> = self
                 .paths
                 .iter()
-                .filter(|p| p.first().is_some_and(|t| super::same_ignoring_case(&key, t)))
+                .filter(|p| {
+                    p.first()
+                        .is_some_and(|t| super::same_ignoring_case(&key, t))
+                })
                 .map(|p| &p[1..])
                 .collect();
             if paths.is_empty() {
@@ -358,7 +361,9 @@ mod tests {
     #[test]
     fn pruned_parse_gives_the_full_parses_answer() {
         let specs = [
-            spec(r#"extract = { model = "/model", max_tokens = ["/max_completion_tokens", "/max_tokens"], stream = "/stream" }"#),
+            spec(
+                r#"extract = { model = "/model", max_tokens = ["/max_completion_tokens", "/max_tokens"], stream = "/stream" }"#,
+            ),
             spec(r#"extract = { model = "/messages/1/content", n = "/a~1b/0", user = "/t~0x" }"#),
             spec(r#"extract = { model = "/model", user = "/model/x", n = "/opts" }"#),
         ];
@@ -443,7 +448,12 @@ mod tests {
             body.push_str(&format!("\"k{i}\":{i},"));
         }
         body.push_str("\"k3\":0}");
-        assert!(validate(body.as_bytes()).unwrap_err().to_string().contains("duplicate key \"k3\""));
+        assert!(
+            validate(body.as_bytes())
+                .unwrap_err()
+                .to_string()
+                .contains("duplicate key \"k3\"")
+        );
         body.truncate(body.len() - "\"k3\":0}".len() - 1);
         body.push('}');
         assert!(validate(body.as_bytes()).is_ok());
