@@ -181,7 +181,7 @@ impl<'de> Visitor<'de> for Node<'_, '_> {
         let mut seen = Seen::default();
         let mut out = serde_json::Map::new();
         while let Some(key) = map.next_key_seed(Key)? {
-            seen.insert(&key)?;
+            seen.insert(key.clone())?;
             let paths: Vec<&[Cow<'_, str>]> = self
                 .paths
                 .iter()
@@ -257,7 +257,7 @@ impl<'de> Visitor<'de> for Skip<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let mut seen = Seen::default();
         while let Some(key) = map.next_key_seed(Key)? {
-            seen.insert(&key)?;
+            seen.insert(key)?;
             map.next_value_seed(Skip {
                 inline: self.inline,
             })?;
@@ -303,19 +303,22 @@ const FEW: usize = 16;
 
 impl<'de> Seen<'de> {
     /// Records `key`; a key seen before in this object is an error (see `super::extract`).
-    fn insert<E: de::Error>(&mut self, key: &Cow<'de, str>) -> Result<(), E> {
+    fn insert<E: de::Error>(&mut self, key: Cow<'de, str>) -> Result<(), E> {
         let dup = if self.many.is_empty() {
-            let dup = self.few.contains(key);
-            self.few.push(key.clone());
-            if self.few.len() > FEW {
-                self.many.extend(self.few.drain(..));
-            }
-            dup
+            self.few.contains(&key)
         } else {
-            !self.many.insert(key.clone())
+            self.many.contains(&key)
         };
         if dup {
             return Err(E::custom(format_args!("duplicate key {key:?}")));
+        }
+        if self.many.is_empty() {
+            self.few.push(key);
+            if self.few.len() > FEW {
+                self.many.extend(self.few.drain(..));
+            }
+        } else {
+            self.many.insert(key);
         }
         Ok(())
     }
