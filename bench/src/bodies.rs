@@ -26,7 +26,7 @@ pub struct BodiesArgs {
     #[arg(long)]
     pub firma: PathBuf,
     /// Body sizes in MB (10^6 bytes; at most 33, the sidecar's 32 MiB extraction bound); 12 is
-    /// issue 22's figure.
+    /// a chat request with a few base64 images.
     #[arg(long, value_delimiter = ',', default_values_t = [8usize, 12, 32])]
     pub sizes_mb: Vec<usize>,
     /// Transfers of each (path, direction, size), interleaved; medians.
