@@ -26,8 +26,9 @@ pub struct BodiesArgs {
     /// The `firma` binary to benchmark (a release build).
     #[arg(long)]
     pub firma: PathBuf,
-    /// Body sizes in MB (10^6 bytes; at most 33, the sidecar's 32 MiB extraction bound).
-    #[arg(long, value_delimiter = ',', default_values_t = [8usize, 32])]
+    /// Body sizes in MB (10^6 bytes; at most 33, the sidecar's 32 MiB extraction bound); 12 is
+    /// a chat request with a few base64 images.
+    #[arg(long, value_delimiter = ',', default_values_t = [8usize, 12, 32])]
     pub sizes_mb: Vec<usize>,
     /// Transfers of each (path, direction, size), interleaved; medians.
     #[arg(long, default_value_t = 3)]

@@ -415,3 +415,129 @@ fn concurrent_20_mb_uploads_stay_within_the_body_budget() {
         "sidecar peak RSS {peak} B over the bound {bound} B (baseline {baseline})"
     );
 }
+
+/// A raw HTTP/1.1 client (Python, TLS through `CONNECT`) that sends `head` then `sent` bytes of
+/// `body_file` and half-closes (`eof`) or waits; prints the status lines it got back.
+const LIAR: &str = r#"
+import socket, ssl, sys
+proxy, ca, body_file, declared, sent, eof = sys.argv[1:7]
+host, port = proxy.rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=60)
+s.sendall(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
+got = b""
+while b"\r\n\r\n" not in got:
+    got += s.recv(1)
+t = ssl.create_default_context(cafile=ca).wrap_socket(s, server_hostname="api.openai.com")
+body = open(body_file, "rb").read()[: int(sent)]
+t.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+          b"Content-Type: application/json\r\nContent-Length: " + declared.encode() + b"\r\n\r\n" + body)
+if eof == "1":
+    t.shutdown(socket.SHUT_WR)
+out = b""
+try:
+    while True:
+        b = t.recv(65536)
+        if not b:
+            break
+        out += b
+except (OSError, ssl.SSLError):
+    pass
+print(" ".join(l.split(b" ")[1].decode() for l in out.split(b"\r\n") if l.startswith(b"HTTP/1.1 ")))
+"#;
+
+fn liar(
+    sc: &Sidecar,
+    d: &Deployment,
+    file: &Path,
+    declared: usize,
+    sent: usize,
+    eof: bool,
+) -> String {
+    let out = std::process::Command::new("python3")
+        .args(["-c", LIAR, &sc.addr.to_string()])
+        .arg(d.ca_cert())
+        .arg(file)
+        .args([
+            declared.to_string(),
+            sent.to_string(),
+            u8::from(eof).to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().to_string()
+}
+
+/// Clients whose `Content-Length` lies about a body the rule reads: one declares 12 MB and
+/// sends 1 MB before closing its side; one declares 12 MB and sends a valid body of 1 MB; one
+/// declares less than it sends (the rest is smuggled as a "next request"). Each is refused and
+/// audited, nothing but the declared bytes of a complete body reaches the upstream, and the
+/// sidecar goes on serving.
+#[test]
+fn bodies_whose_content_length_lies_are_refused_and_audited() {
+    let (up, d, mut sc) = setup("", None);
+    let file = write_body(&d, "liar.json", &vision_body(12_000_000, "gpt-4o-mini"));
+
+    // Declares 12 MB, sends 1 MB, then EOF: the body ends short of its length.
+    let status = liar(&sc, &d, &file, 12_000_000, 1_000_000, true);
+    assert!(!status.contains("200"), "short body answered {status}");
+    let e = decisions(&d, 1).remove(0);
+    assert_eq!(e["decision"]["outcome"], "DENY", "{e}");
+    assert_eq!(e["decision"]["reason"], "MalformedRequest", "{e}");
+    assert_eq!(up.count(), 0, "a short body was forwarded");
+
+    // Declares 12 MB, sends a complete, valid 1 MB chat body, then EOF: still short.
+    let small = vision_body(1_000_000, "gpt-4o-mini");
+    let small_file = write_body(&d, "liar-small.json", &small);
+    let status = liar(&sc, &d, &small_file, 12_000_000, 1_000_000, true);
+    assert!(
+        !status.contains("200"),
+        "short valid body answered {status}"
+    );
+    let all = decisions(&d, 2);
+    assert_eq!(
+        all[1]["decision"]["reason"], "MalformedRequest",
+        "{}",
+        all[1]
+    );
+    assert_eq!(up.count(), 0, "a short body was forwarded");
+
+    // Declares 1 MB, sends 1 MB of a valid body plus 2 MB more: the declared body is decided
+    // and forwarded as declared; the rest is not a request head and is refused.
+    let mut long = small.clone();
+    long.extend(std::iter::repeat_n(b'a', 2_000_000));
+    let long_file = write_body(&d, "liar-long.json", &long);
+    let status = liar(&sc, &d, &long_file, small.len(), long.len(), false);
+    // The rest is refused and the connection closed (the 400 may be cut by the close while
+    // the client is still sending): never a second answered request.
+    assert_eq!(
+        status.split(' ').next(),
+        Some("200"),
+        "declared body answered {status}"
+    );
+    assert!(
+        !status.contains("200 200"),
+        "smuggled bytes answered {status}"
+    );
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        seen[0].body == small,
+        "the upstream got exactly the declared bytes"
+    );
+    let all = decisions(&d, 3);
+    assert_eq!(all[2]["decision"]["outcome"], "ALLOW", "{}", all[2]);
+    // The smuggled bytes never became a request: refused as a malformed head (no path).
+    assert_eventually(Duration::from_secs(10), "smuggled head audited", || {
+        d.audit_for("api.openai.com")
+            .into_iter()
+            .find(|e| {
+                e["decision"]["reason"] == "MalformedRequest"
+                    && e["envelope"]["intent"]["resource"]["path"] != CHAT_PATH
+            })
+            .map(|_| ())
+    });
+    assert!(sc.alive(), "the sidecar died:\n{}", sc.log_text());
+    let ok = curl_post(&sc, &d, &small_file, &["--http2"]);
+    assert_eq!(ok.status, 200, "{ok:?}");
+}

@@ -32,6 +32,8 @@
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
+mod pruned;
+
 /// A Cedar type an attribute is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttrType {
@@ -195,7 +197,9 @@ fn is_inline_image(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
 }
 
+#[cfg(test)]
 impl InlineData {
+    /// What [`pruned`] measures, from a whole parsed document (the tests' reference).
     fn of(v: &serde_json::Value, out: &mut Self) {
         match v {
             serde_json::Value::String(s) if is_inline_image(s) => {
@@ -209,13 +213,16 @@ impl InlineData {
     }
 }
 
-/// [`extract`], and the body's [`InlineData`].
+/// [`extract`], and the body's [`InlineData`]. The body is parsed in one strict pass that
+/// keeps only the nodes the pointers read (see [`pruned`]): no copy of its strings.
 pub fn extract_measured(spec: &[Extract], body: &[u8]) -> Result<(Attributes, InlineData), String> {
-    let doc = serde_json::from_slice::<Strict>(body)
-        .map_err(|e| format!("request body is not valid JSON ({e}); this endpoint's mapping rule reads attributes from it"))?
-        .0;
-    let mut inline = InlineData::default();
-    InlineData::of(&doc, &mut inline);
+    let pointers: Vec<_> = spec
+        .iter()
+        .filter(|x| x.source == Source::Body)
+        .flat_map(|x| x.pointers.iter().map(|p| pruned::tokens(p)))
+        .collect();
+    let (doc, inline) = pruned::parse(&pointers, body)
+        .map_err(|e| format!("request body is not valid JSON ({e}); this endpoint's mapping rule reads attributes from it"))?;
     let mut out = Attributes::new();
     for x in spec.iter().filter(|x| x.source == Source::Body) {
         let mut found = Vec::with_capacity(x.pointers.len());
@@ -481,7 +488,7 @@ pub fn with_include_usage(body: &[u8]) -> Result<Vec<u8>, String> {
     }
     out.push(b'}');
     // What leaves must still be one JSON object with the same members.
-    serde_json::from_slice::<Strict>(&out)
+    pruned::validate(&out)
         .map_err(|e| format!("request body could not be rewritten with include_usage ({e})"))?;
     Ok(out)
 }
