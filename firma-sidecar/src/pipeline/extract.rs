@@ -32,7 +32,12 @@
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
+mod fold;
+mod inline;
 mod pruned;
+
+use fold::same_ignoring_case;
+pub use inline::InlineData;
 
 /// A Cedar type an attribute is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,53 +169,6 @@ pub fn parse_spec(raw: BTreeMap<String, RawPointers>) -> Result<Vec<Extract>, St
 /// `MalformedRequest` detail.
 pub fn extract(spec: &[Extract], body: &[u8]) -> Result<Attributes, String> {
     extract_measured(spec, body).map(|(attrs, _)| attrs)
-}
-
-/// Inline images in a request body: strings that are base64 `data:image/…` URLs (vision chat
-/// requests). Providers bill an image by its pixels after resizing, not by its bytes (at most
-/// a few thousand tokens however large the base64), so a budget reservation counts these apart
-/// from text. Only a well-formed image data URL counts: text dressed as `data:` does not, nor
-/// other media (a base64 PDF can be billed as many tokens as its text).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct InlineData {
-    /// Base64 image data URLs in the body.
-    pub count: u64,
-    /// Their total length in bytes.
-    pub bytes: u64,
-}
-
-/// `data:image/<subtype>;base64,<base64>`, strictly.
-fn is_inline_image(s: &str) -> bool {
-    let Some((subtype, payload)) = s
-        .strip_prefix("data:image/")
-        .and_then(|r| r.split_once(";base64,"))
-    else {
-        return false;
-    };
-    !subtype.is_empty()
-        && subtype.len() <= 64
-        && subtype
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+.-".contains(&b))
-        && payload
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
-}
-
-#[cfg(test)]
-impl InlineData {
-    /// What [`pruned`] measures, from a whole parsed document (the tests' reference).
-    fn of(v: &serde_json::Value, out: &mut Self) {
-        match v {
-            serde_json::Value::String(s) if is_inline_image(s) => {
-                out.count += 1;
-                out.bytes += s.len() as u64;
-            }
-            serde_json::Value::Array(a) => a.iter().for_each(|v| Self::of(v, out)),
-            serde_json::Value::Object(m) => m.values().for_each(|v| Self::of(v, out)),
-            _ => {}
-        }
-    }
 }
 
 /// [`extract`], and the body's [`InlineData`]. The body is parsed in one strict pass that
@@ -352,20 +310,6 @@ fn merge(x: &Extract, found: Vec<(&str, AttrValue)>) -> Result<Option<AttrValue>
 
 fn case_variant(found: &str, wanted: &str) -> String {
     format!("{found} differs from {wanted:?} only in case; upstreams disagree on whether it counts")
-}
-
-/// Whether `a` and `b` are equal when case is ignored (Unicode: `K` (Kelvin) matches `k`).
-fn same_ignoring_case(a: &str, b: &str) -> bool {
-    if a.is_ascii() && b.is_ascii() {
-        return a.eq_ignore_ascii_case(b);
-    }
-    let fold = |s: &str| {
-        s.chars()
-            .flat_map(char::to_uppercase)
-            .flat_map(char::to_lowercase)
-            .collect::<Vec<char>>()
-    };
-    fold(a) == fold(b)
 }
 
 /// RFC 6901 lookup that refuses what a case-insensitive reader would see differently: at every

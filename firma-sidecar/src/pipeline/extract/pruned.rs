@@ -18,7 +18,8 @@
 //! Everything else is checked and dropped as it is read: strings are borrowed from the body,
 //! never copied. `pruned_parse_gives_the_full_parses_answer` compares this with the full parse.
 
-use super::InlineData;
+use super::fold::same_ignoring_case;
+use super::inline::{InlineData, is_inline_image};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use std::borrow::Cow;
@@ -79,7 +80,7 @@ fn index(token: &str) -> Option<usize> {
 }
 
 fn measure(s: &str, inline: &mut InlineData) {
-    if super::is_inline_image(s) {
+    if is_inline_image(s) {
         inline.count += 1;
         inline.bytes += s.len() as u64;
     }
@@ -185,10 +186,7 @@ impl<'de> Visitor<'de> for Node<'_, '_> {
             let paths: Vec<&[Cow<'_, str>]> = self
                 .paths
                 .iter()
-                .filter(|p| {
-                    p.first()
-                        .is_some_and(|t| super::same_ignoring_case(&key, t))
-                })
+                .filter(|p| p.first().is_some_and(|t| same_ignoring_case(&key, t)))
                 .map(|p| &p[1..])
                 .collect();
             if paths.is_empty() {
