@@ -41,9 +41,6 @@ fn looks_like_http(buf: &[u8]) -> Option<bool> {
     }
 }
 
-/// Room made in the buffer before each read.
-const READ_CHUNK: usize = 4096;
-
 /// Reads from `stream` into `buf` until the protocol is known or `timeout` passes.
 pub async fn sniff<S: AsyncRead + Unpin>(
     stream: &mut S,
@@ -54,6 +51,7 @@ pub async fn sniff<S: AsyncRead + Unpin>(
     let mut acceptor = rustls::server::Acceptor::default();
     // How many bytes of `buf` the acceptor has seen (it keeps its own copy).
     let mut fed = 0;
+    let mut chunk = vec![0u8; 16 * 1024];
     loop {
         if !buf.is_empty() {
             if buf[0] == 0x16 {
@@ -79,9 +77,7 @@ pub async fn sniff<S: AsyncRead + Unpin>(
                 detail: "TLS ClientHello larger than 64 KiB".into(),
             };
         }
-        // Straight into `buf`'s spare room: no zeroed scratch buffer per connection.
-        buf.reserve(READ_CHUNK);
-        match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
             Err(_) => {
                 return Sniffed::Unknown {
                     detail: format!("no recognisable protocol within {timeout:?}"),
@@ -98,7 +94,7 @@ pub async fn sniff<S: AsyncRead + Unpin>(
                     detail: "client closed before a complete ClientHello or request line".into(),
                 };
             }
-            Ok(Ok(_)) => {}
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
     }
 }
