@@ -86,9 +86,8 @@ struct Inner {
     tx: Mutex<Sender<writer::Msg>>,
     /// Denials over a workload's individual budget are counted here ([`aggregate`]).
     aggregator: Arc<aggregate::Aggregator>,
-    /// The writer and its queues: lines nobody waits for (taken without a wake-up each) and
-    /// lines somebody waits for (inline group commit, [`writer::Shared`]).
-    shared: Arc<writer::Shared>,
+    /// Lines nobody waits for, taken by the writer without a wake-up each.
+    side: Arc<writer::SideQueue>,
     health: Arc<Health>,
     grpc: Option<grpc::GrpcQueue>,
     /// The grpc shipper task, stopped when the last handle goes (call `flush` first).
@@ -223,17 +222,17 @@ impl AuditLog {
             })?;
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        let shared = Arc::new(writer::Shared::new(w));
-        let queue = shared.clone();
+        let side = Arc::new(writer::SideQueue::default());
+        let queue = side.clone();
         std::thread::Builder::new()
             .name("firma-audit".into())
-            .spawn(move || writer::run(rx, queue))
+            .spawn(move || writer::run(rx, queue, w))
             .map_err(|e| AuditError::Startup(format!("cannot start audit writer: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 tx: Mutex::new(tx),
                 aggregator,
-                shared,
+                side,
                 health,
                 grpc,
                 shipper,
@@ -245,7 +244,7 @@ impl AuditLog {
     /// Queues an event without waiting for it to be persisted: for events after which nothing
     /// leaves the sidecar (denials, outcomes). Request handlers go through [`RequestAudit`].
     pub(crate) fn record_body(&self, body: String) {
-        if self.inner.shared.side.push(body) {
+        if self.inner.side.push(body) {
             self.send(writer::Msg::Wake);
         }
     }
@@ -255,18 +254,7 @@ impl AuditLog {
     /// only leave after this returns `Ok`.
     pub(crate) async fn persist_body(&self, body: String) -> Result<(), AuditUnavailable> {
         let (ack, wait) = tokio::sync::oneshot::channel();
-        let shared = &self.inner.shared;
-        if shared.inline {
-            shared.queue(body, ack);
-            // The other requests this runtime has ready queue theirs meanwhile: one batch,
-            // one signature, written here (writer.rs, `Shared`).
-            tokio::task::yield_now().await;
-            if shared.try_lead() == writer::Lead::WakeWriter {
-                self.send(writer::Msg::Wake);
-            }
-        } else {
-            self.send(writer::Msg::Event(body, ack));
-        }
+        self.send(writer::Msg::Event(body, ack));
         match wait.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(AuditUnavailable(e)),
