@@ -458,7 +458,8 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
         assert_eq!(out, input);
     }
 
-    /// An upgrade request's head and the bytes behind it (in the same read or trickled) all
+    /// The head's buffer is handed to `ready` (not copied) and both are freed between requests;
+    /// an upgrade request's head and the bytes behind it (in the same read or trickled) all
     /// reach hyper, in order, and nothing after it is parsed as a head.
     #[tokio::test]
     async fn buffer_handovers_keep_every_byte() {
@@ -482,6 +483,18 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
             assert_eq!(out, upgrade, "split at {split}");
             assert_eq!(v.rejected(), None);
         }
+
+        // Between keep-alive requests the guard holds no buffer.
+        let one = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut g = FramingGuard::new(&one[..], Arc::new(Verdict::default()));
+        let mut buf = [0u8; 64];
+        let n = g.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], one);
+        assert_eq!(
+            (g.ready.capacity(), g.head.capacity()),
+            (0, 0),
+            "nothing held while idle"
+        );
     }
 
     #[tokio::test]
