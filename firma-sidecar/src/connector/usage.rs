@@ -31,6 +31,23 @@ pub const MAX_LINE: usize = 1024 * 1024;
 /// More tokens than any model serves in one response: a report above it is refused.
 pub const MAX_REPORTED: i64 = 100_000_000;
 
+/// The key every usage report is under (`usage`, `message.usage`, `response.usage`).
+const USAGE_KEY: &[u8] = b"\"usage\"";
+
+/// Whether `needle` (non-empty) occurs in `hay`.
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    let (first, tail) = (needle[0], &needle[1..]);
+    let mut from = 0;
+    while let Some(i) = hay[from..].iter().position(|&b| b == first) {
+        let at = from + i + 1;
+        if hay[at..].starts_with(tail) {
+            return true;
+        }
+        from = at;
+    }
+    false
+}
+
 /// What one response reported.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reported {
@@ -111,31 +128,38 @@ impl UsageParser {
         }
     }
 
+    /// Splits `data` into lines. A line that starts and ends inside `data` is read in place;
+    /// only a line split across frames is copied (into `line`, freed once it is complete), so
+    /// a stream between events holds no buffer.
     fn feed_sse(&mut self, data: &[u8]) {
-        let mut complete = Vec::new();
-        if let Kind::Sse { line, skipping } = &mut self.kind {
-            let mut rest = data;
-            while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
-                let (part, tail) = rest.split_at(nl);
-                rest = &tail[1..];
-                if !*skipping && line.len() + part.len() <= MAX_LINE {
-                    line.extend_from_slice(part);
-                    complete.push(std::mem::take(line));
-                }
+        let mut rest = data;
+        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+            let (part, tail) = rest.split_at(nl);
+            rest = &tail[1..];
+            let Kind::Sse { line, skipping } = &mut self.kind else {
+                return;
+            };
+            if std::mem::take(skipping) {
                 line.clear();
-                *skipping = false;
-            }
-            if !*skipping {
-                if line.len() + rest.len() > MAX_LINE {
-                    line.clear();
-                    *skipping = true;
-                } else {
-                    line.extend_from_slice(rest);
-                }
+            } else if line.len() + part.len() > MAX_LINE {
+                *line = Vec::new();
+            } else if line.is_empty() {
+                self.sse_line(part);
+            } else {
+                let mut whole = std::mem::take(line);
+                whole.extend_from_slice(part);
+                self.sse_line(&whole);
             }
         }
-        for l in complete {
-            self.sse_line(&l);
+        if let Kind::Sse { line, skipping } = &mut self.kind
+            && !*skipping
+        {
+            if line.len() + rest.len() > MAX_LINE {
+                *line = Vec::new();
+                *skipping = true;
+            } else {
+                line.extend_from_slice(rest);
+            }
         }
     }
 
@@ -145,7 +169,10 @@ impl UsageParser {
             return;
         };
         let data = data.strip_prefix(b" ").unwrap_or(data);
-        if data == b"[DONE]" {
+        // Most events carry content, not usage: only an event naming a `usage` object is
+        // parsed (every shape read below has the key spelled out; an upstream that escaped
+        // it would only hide its own report, and the reservation is charged instead).
+        if !contains(data, USAGE_KEY) {
             return;
         }
         if let Ok(v) = serde_json::from_slice::<Value>(data) {
@@ -409,6 +436,32 @@ mod tests {
             })
         );
         assert_eq!(sse(&["data: {\"choices\":[]}\n\n"]), None);
+    }
+
+    /// Only events naming a `usage` object are parsed: content that merely mentions the word
+    /// (even quoted, escaped inside a string) changes nothing, and a usage event split into
+    /// one-byte frames is still read once complete.
+    #[test]
+    fn only_usage_events_are_parsed() {
+        let t = sse(&[
+            "data: {\"choices\":[{\"delta\":{\"content\":\"the \\\"usage\\\" key\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"usage\"}}]}\n\n",
+        ]);
+        assert_eq!(t, None);
+        let event =
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3}}\n\n";
+        let bytes: Vec<String> = event.chars().map(String::from).collect();
+        let frames: Vec<&str> = bytes.iter().map(String::as_str).collect();
+        assert_eq!(
+            sse(&frames),
+            Some(Tokens {
+                input: 7,
+                output: 3
+            })
+        );
+        assert!(contains(b"ab\"usage\"", USAGE_KEY));
+        assert!(!contains(b"\"usag", USAGE_KEY));
+        assert!(!contains(b"", USAGE_KEY));
     }
 
     #[test]

@@ -167,7 +167,13 @@ impl<S> FramingGuard<S> {
                         }
                     };
                     let rest = self.head.split_off(end);
-                    self.ready.append(&mut self.head);
+                    if self.ready.is_empty() {
+                        // Hand the head's buffer over, so none stays behind for an idle wait.
+                        self.ready = std::mem::take(&mut self.head);
+                    } else {
+                        self.ready.append(&mut self.head);
+                        self.head = Vec::new();
+                    }
                     self.state = match body {
                         _ if upgrade => State::Passthrough,
                         head::BodyLength::None => State::Head,
@@ -330,7 +336,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingGuard<S> {
                 buf.put_slice(&this.ready[this.ready_pos..this.ready_pos + n]);
                 this.ready_pos += n;
                 if this.ready_pos == this.ready.len() {
-                    this.ready.clear();
+                    if this.state == State::Head && this.head.is_empty() {
+                        // Between requests: a keep-alive connection may now idle for
+                        // minutes, holding no buffer.
+                        this.ready = Vec::new();
+                    } else {
+                        this.ready.clear();
+                    }
                     this.ready_pos = 0;
                 }
                 return Poll::Ready(Ok(()));

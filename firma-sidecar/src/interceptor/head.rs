@@ -49,6 +49,9 @@ pub enum HeadError {
     Malformed(String),
 }
 
+/// Room made in the buffer before each read.
+const READ_CHUNK: usize = 4096;
+
 /// Reads into `buf` (which may already hold bytes) until a complete head, and validates it.
 /// `buf` keeps every byte read, head and any body bytes after it, for replay.
 pub async fn read_head<S: AsyncRead + Unpin>(
@@ -57,7 +60,6 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     timeout: Duration,
 ) -> Result<Head, HeadError> {
     let deadline = Instant::now() + timeout;
-    let mut chunk = [0u8; 8192];
     loop {
         if buf.starts_with(H2_PREFACE) {
             return Err(HeadError::H2Preface);
@@ -75,7 +77,10 @@ pub async fn read_head<S: AsyncRead + Unpin>(
         if buf.len() > MAX_HEAD {
             return Err(too_large());
         }
-        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+        // Straight into `buf`'s spare room: no scratch array in the future (which would sit
+        // in every connection task's state for the connection's whole life) and no zeroing.
+        buf.reserve(READ_CHUNK);
+        match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
             Err(_) if buf.is_empty() => return Err(HeadError::Closed),
             Err(_) => {
                 return Err(HeadError::Malformed(format!(
@@ -103,7 +108,7 @@ pub async fn read_head<S: AsyncRead + Unpin>(
                     "connection closed in the middle of a request head".into(),
                 ));
             }
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(_)) => {}
         }
     }
 }

@@ -96,10 +96,13 @@ pub async fn serve_http<S>(
         service_fn(move |req| {
             let (state, conn, mode) = (state.clone(), conn.clone(), mode.clone());
             let busy = activity.begin();
-            async move {
+            // Boxed: hyper's HTTP/1 server keeps a box the size of this future for the
+            // connection's whole life (the request pipeline's state is many KB); boxed, an
+            // idle keep-alive connection holds a pointer and the state lives per request.
+            Box::pin(async move {
                 let resp = handle(&state, &conn, &mode, req).await;
                 Ok::<_, Infallible>(idle::hold_until_sent(resp, busy))
-            }
+            })
         })
     };
     let verdict = Arc::new(Verdict::default());

@@ -57,13 +57,15 @@ async fn handle(state: Arc<SidecarState>, mut stream: TcpStream, peer: SocketAdd
         match head::read_head(&mut stream, &mut buf, HEAD_TIMEOUT).await {
             Err(HeadError::Closed) => {}
             Err(HeadError::H2Preface) => {
-                serve_http(state, stream, buf, conn, HttpMode::Proxy, true).await
+                Box::pin(serve_http(state, stream, buf, conn, HttpMode::Proxy, true)).await
             }
             Err(HeadError::Malformed(detail)) => {
-                deny_raw(&state, &mut stream, &conn, None, 0, None, &detail).await
+                Box::pin(deny_raw(&state, &mut stream, &conn, None, 0, None, &detail)).await
             }
             Ok(h) if h.method == "CONNECT" => {
                 let rest = buf.split_off(h.len);
+                // The CONNECT head is parsed: its buffer must not live as long as the tunnel.
+                drop(buf);
                 let Some((host, port)) = connect_target(&h.target) else {
                     let detail = format!("CONNECT target {:?} is not host:port", h.target);
                     deny_raw(
@@ -78,9 +80,10 @@ async fn handle(state: Arc<SidecarState>, mut stream: TcpStream, peer: SocketAdd
                     .await;
                     return;
                 };
-                connect(state, stream, rest, conn, (host, port), h.headers).await;
+                // Boxed like the other branches (see `serve_stream`).
+                Box::pin(connect(state, stream, rest, conn, (host, port), h.headers)).await;
             }
-            Ok(_) => serve_http(state, stream, buf, conn, HttpMode::Proxy, false).await,
+            Ok(_) => Box::pin(serve_http(state, stream, buf, conn, HttpMode::Proxy, false)).await,
         }
     }
     .instrument(span)
@@ -114,10 +117,17 @@ async fn connect(
         if stream.write_all(ESTABLISHED).await.is_err() {
             return;
         }
-        serve_stream(state, Rewind::new(rest, stream), conn, Some(host), port).await;
+        Box::pin(serve_stream(
+            state,
+            Rewind::new(rest, stream),
+            conn,
+            Some(host),
+            port,
+        ))
+        .await;
         return;
     }
-    tunnel(
+    Box::pin(tunnel(
         &state,
         stream,
         &rest,
@@ -126,7 +136,7 @@ async fn connect(
         port,
         &headers,
         Reply::Connect,
-    )
+    ))
     .await;
 }
 

@@ -41,6 +41,9 @@ fn looks_like_http(buf: &[u8]) -> Option<bool> {
     }
 }
 
+/// Room made in the buffer before each read.
+const READ_CHUNK: usize = 4096;
+
 /// Reads from `stream` into `buf` until the protocol is known or `timeout` passes.
 pub async fn sniff<S: AsyncRead + Unpin>(
     stream: &mut S,
@@ -51,7 +54,6 @@ pub async fn sniff<S: AsyncRead + Unpin>(
     let mut acceptor = rustls::server::Acceptor::default();
     // How many bytes of `buf` the acceptor has seen (it keeps its own copy).
     let mut fed = 0;
-    let mut chunk = vec![0u8; 16 * 1024];
     loop {
         if !buf.is_empty() {
             if buf[0] == 0x16 {
@@ -77,7 +79,9 @@ pub async fn sniff<S: AsyncRead + Unpin>(
                 detail: "TLS ClientHello larger than 64 KiB".into(),
             };
         }
-        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+        // Straight into `buf`'s spare room: no zeroed scratch buffer per connection.
+        buf.reserve(READ_CHUNK);
+        match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
             Err(_) => {
                 return Sniffed::Unknown {
                     detail: format!("no recognisable protocol within {timeout:?}"),
@@ -94,7 +98,7 @@ pub async fn sniff<S: AsyncRead + Unpin>(
                     detail: "client closed before a complete ClientHello or request line".into(),
                 };
             }
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(_)) => {}
         }
     }
 }
