@@ -557,3 +557,47 @@ fn print_table(r: &RunOverheadReport) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(command: &'static str, wall_ms: f64) -> Sample {
+        let split = (command != FIRMA_RUN_TRUE).then_some(wall_ms / 2.0);
+        Sample {
+            command,
+            rep: 0,
+            wall_ms,
+            to_request_ms: split,
+            client_end_to_exit_ms: split,
+        }
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(
+            (pct(&v, 50.0), pct(&v, 90.0), pct(&v, 100.0)),
+            (5.0, 9.0, 10.0)
+        );
+        assert_eq!(pct(&[7.0], 90.0), 7.0);
+    }
+
+    #[test]
+    fn ratios_are_firma_run_over_direct_and_true_has_wall_only() {
+        let samples = [
+            sample(DIRECT, 20.0),
+            sample(FIRMA_RUN, 200.0),
+            sample(FIRMA_RUN_TRUE, 150.0),
+        ];
+        let s = stats(&samples);
+        let of = |c: &str| s.iter().filter(|x| x.command == c).count();
+        assert_eq!((of(DIRECT), of(FIRMA_RUN), of(FIRMA_RUN_TRUE)), (3, 3, 1));
+        let r = ratios(&s);
+        assert_eq!(r.len(), 3);
+        assert_eq!(
+            (r[0].metric, r[0].ratio, r[0].added_ms),
+            ("wall", 10.0, 180.0)
+        );
+    }
+}
