@@ -483,7 +483,10 @@ fn pct(v: &[f64], p: f64) -> f64 {
     v[rank.min(v.len()) - 1]
 }
 
-const METRICS: [(&str, fn(&Sample) -> Option<f64>); 3] = [
+/// A metric's name and how to read it from a sample.
+type Metric = (&'static str, fn(&Sample) -> Option<f64>);
+
+const METRICS: [Metric; 3] = [
     ("wall", |s| Some(s.wall_ms)),
     ("to_request", |s| s.to_request_ms),
     ("client_end_to_exit", |s| s.client_end_to_exit_ms),
