@@ -49,7 +49,11 @@ pub struct Probe {
 pub struct IdleReport {
     pub date_unix: u64,
     pub cpus: usize,
+    /// Idle connections held (`requested`, unless RLIMIT_NOFILE could not be raised to fit).
     pub connections: usize,
+    pub requested_connections: usize,
+    /// Why fewer than requested were held (`None`: all of them).
+    pub reduced_because: Option<String>,
     pub probe_requests: usize,
     pub repetitions: usize,
     pub direct: Probe,
@@ -63,6 +67,10 @@ pub struct IdleReport {
     /// Seconds to open (CONNECT + TLS + one request) every idle connection.
     pub open_secs: f64,
 }
+
+/// Descriptors the sidecar keeps for itself beyond its connections' (listeners, audit file,
+/// eBPF, the probe's connection and headroom): above the sidecar's own reserve.
+const NOFILE_RESERVE: u64 = 512;
 
 /// Raises RLIMIT_NOFILE (soft and hard, as root) to fit `fds`; children inherit it.
 fn raise_nofile(fds: u64) -> anyhow::Result<u64> {
@@ -123,11 +131,27 @@ pub fn run(args: &IdleArgs) -> anyhow::Result<()> {
         bail!("--repetitions and --probe-requests must be at least 1");
     }
     let nofile = raise_nofile(args.connections as u64 * 3 + 4096)?;
+    // The sidecar needs 2 descriptors per connection plus a reserve (its own
+    // `max_connections` is lowered to fit the limit); when the limit cannot be raised, hold as
+    // many as fit with room for the probe, and say so, rather than fail the whole bench run.
+    let fits = usize::try_from(nofile.saturating_sub(NOFILE_RESERVE) / 2).unwrap_or(usize::MAX);
+    let (connections, reduced_because) = if fits < args.connections {
+        let why = format!(
+            "RLIMIT_NOFILE is {nofile} and cannot be raised here (no CAP_SYS_RESOURCE): {fits} connections fit at 2 descriptors each plus a reserve"
+        );
+        eprintln!(
+            "holding {fits} idle connections, not {}: {why}",
+            args.connections
+        );
+        (fits, Some(why))
+    } else {
+        (args.connections, None)
+    };
     let firma = scenario::firma_binary(&args.firma)?;
     let tmp = tempfile::tempdir()?;
     let up = SseUpstream::start(tmp.path(), 1, Duration::from_millis(1))?;
     let root = tmp.path().join("sidecar");
-    let max = args.connections + 1024;
+    let max = connections + 1024;
     let (d, mut sc) = scenario::llm_sidecar(&firma, &root, up.addr, &up.ca_path, |t| {
         t.extra = format!(
             "[sidecar.limits]\nmax_connections = {max}\nmax_connections_per_client = {max}\nidle_timeout_secs = 600\n"
@@ -147,8 +171,8 @@ pub fn run(args: &IdleArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let held = rt.block_on(async {
         let sem = Arc::new(tokio::sync::Semaphore::new(64));
-        let mut tasks = Vec::with_capacity(args.connections);
-        for _ in 0..args.connections {
+        let mut tasks = Vec::with_capacity(connections);
+        for _ in 0..connections {
             let (t, sem) = (via.clone(), sem.clone());
             tasks.push(tokio::spawn(async move {
                 let _p = sem.acquire().await;
@@ -157,7 +181,7 @@ pub fn run(args: &IdleArgs) -> anyhow::Result<()> {
                 anyhow::Ok(c)
             }));
         }
-        let mut held = Vec::with_capacity(args.connections);
+        let mut held = Vec::with_capacity(connections);
         for t in tasks {
             held.push(t.await.context("open task")??);
         }
@@ -166,7 +190,7 @@ pub fn run(args: &IdleArgs) -> anyhow::Result<()> {
     let held = held.with_context(|| {
         format!(
             "open {} idle connections:\n{}",
-            args.connections,
+            connections,
             crate::measure::log_tail(&sc.log_text(), 10)
         )
     })?;
@@ -194,7 +218,9 @@ pub fn run(args: &IdleArgs) -> anyhow::Result<()> {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        connections: args.connections,
+        connections,
+        requested_connections: args.connections,
+        reduced_because,
         probe_requests: args.probe_requests,
         repetitions: args.repetitions,
         p99_ratio: during.p99_ms / alone.p99_ms,
@@ -203,7 +229,7 @@ pub fn run(args: &IdleArgs) -> anyhow::Result<()> {
         sidecar_with_idle: during,
         rss_before_mb: rss_before,
         rss_with_idle_mb: rss_idle,
-        rss_per_connection_kb: (rss_idle - rss_before) * 1024.0 / args.connections as f64,
+        rss_per_connection_kb: (rss_idle - rss_before) * 1024.0 / connections as f64,
         open_secs,
     };
     if let Some(dir) = args.out.parent() {
@@ -232,5 +258,11 @@ pub fn run(args: &IdleArgs) -> anyhow::Result<()> {
         r.open_secs,
         args.out.display()
     );
+    if let Some(why) = &r.reduced_because {
+        println!(
+            "(fewer than the {} asked for: {why})",
+            r.requested_connections
+        );
+    }
     Ok(())
 }

@@ -21,6 +21,7 @@ mod measure;
 mod peers;
 mod report;
 mod run;
+mod run_overhead;
 mod scenario;
 mod streams;
 mod tenants;
@@ -58,6 +59,9 @@ enum Cmd {
     /// The Authority: in-process vs gRPC issuance cost, and a sidecar's client catching up on N
     /// revocations at connect (time and the Authority's CPU).
     Authority(authority::AuthorityArgs),
+    /// `firma run` overhead: the same curl direct and under `firma run`, and `firma run --
+    /// true`, interleaved; start to the first enforced request and client end to exit.
+    RunOverhead(run_overhead::RunOverheadArgs),
     /// Internal: the SSE client of `streams`; prints one JSON result on stdout.
     #[command(hide = true)]
     StreamsClient(streams::StreamsClientArgs),
@@ -85,6 +89,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Idle(args) => idle::run(&args),
         Cmd::ExtAuthz(args) => ext_authz::run(&args),
         Cmd::Authority(args) => authority::run(&args),
+        Cmd::RunOverhead(args) => run_overhead::run(&args),
         Cmd::StreamsClient(args) => {
             let result = streams::client(&args)?;
             println!("{}", serde_json::to_string(&result)?);

@@ -58,7 +58,7 @@ enum Reply {
 }
 
 /// Why this host cannot run the transparent comparison, if it cannot.
-fn skip_reason() -> Option<String> {
+pub(crate) fn skip_reason() -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let euid = status
         .lines()
@@ -81,7 +81,7 @@ fn skip_reason() -> Option<String> {
     None
 }
 
-fn cgroup2_mount() -> Option<PathBuf> {
+pub(crate) fn cgroup2_mount() -> Option<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
     mounts.lines().find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
@@ -270,12 +270,13 @@ pub fn inner(args: &InnerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn inner_run(args: &RunArgs) -> anyhow::Result<()> {
+/// Inside a fresh network and private mount namespace: `lo` up with [`DST`] on it, and a hosts
+/// file under `dir` mounted over /etc/hosts naming [`deploy::HOST`] at [`DST`]. Returns
+/// `DST:443`, where the upstream listens.
+pub(crate) fn netns_with_hosts(dir: &Path) -> anyhow::Result<std::net::SocketAddr> {
     ip(&["link", "set", "lo", "up"])?;
     ip(&["addr", "add", &format!("{DST}/32"), "dev", "lo"])?;
-    let firma = &args.firma;
-    let tmp = tempfile::tempdir()?;
-    let hosts = tmp.path().join("hosts");
+    let hosts = dir.join("hosts");
     std::fs::write(
         &hosts,
         format!(
@@ -294,7 +295,13 @@ fn inner_run(args: &RunArgs) -> anyhow::Result<()> {
         "mount --bind {} /etc/hosts failed",
         hosts.display()
     );
-    let dst: std::net::SocketAddr = format!("{DST}:443").parse()?;
+    Ok(format!("{DST}:443").parse()?)
+}
+
+fn inner_run(args: &RunArgs) -> anyhow::Result<()> {
+    let firma = &args.firma;
+    let tmp = tempfile::tempdir()?;
+    let dst = netns_with_hosts(tmp.path())?;
     let (kind, _) = crate::upstream::Kind::choose(args.upstream);
     let up = Upstream::start(
         kind,

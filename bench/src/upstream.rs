@@ -61,6 +61,9 @@ pub struct Counters {
     pub requests: AtomicU64,
     /// Requests whose `Authorization` equalled the injected credential.
     pub injected: AtomicU64,
+    /// When the last request's head arrived, and whether it carried the credential (the
+    /// `firma run` overhead scenario times its first enforced request by it).
+    pub last_arrival: std::sync::Mutex<Option<(std::time::SystemTime, bool)>>,
 }
 
 enum Backend {
@@ -153,6 +156,9 @@ impl Upstream {
                                 .headers()
                                 .get(hyper::header::AUTHORIZATION)
                                 .is_some_and(|v| v.as_bytes() == &*expected);
+                            if let Ok(mut last) = counters.last_arrival.lock() {
+                                *last = Some((std::time::SystemTime::now(), injected));
+                            }
                             // Read the body fully, as a real API would.
                             let _ = req.into_body().collect().await;
                             counters.requests.fetch_add(1, Ordering::Relaxed);
@@ -303,6 +309,15 @@ http {{
 
     pub fn injected(&self) -> u64 {
         self.counts().1
+    }
+
+    /// When the last request's head arrived and whether it carried the injected credential;
+    /// the builtin server only (nginx logs no arrival time here).
+    pub fn last_arrival(&self) -> Option<(std::time::SystemTime, bool)> {
+        match &self.backend {
+            Backend::Builtin { counters, .. } => *counters.last_arrival.lock().ok()?,
+            Backend::Nginx { .. } => None,
+        }
     }
 }
 

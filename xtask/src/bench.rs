@@ -9,7 +9,8 @@
 //! (`firma-bench bodies`, `target/bench/bodies.json`) and the many-idle-connections scenario
 //! (`firma-bench idle`, `target/bench/idle.json`), Envoy alone vs Envoy + Firma ext_authz vs
 //! the sidecar (`firma-bench ext-authz`, `target/bench/ext_authz.json`) and the Authority's
-//! issuance and revocation catch-up (`firma-bench authority`, `target/bench/authority.json`);
+//! issuance and revocation catch-up (`firma-bench authority`, `target/bench/authority.json`)
+//! and the `firma run` overhead (`firma-bench run-overhead`, `target/bench/run_overhead.json`);
 //! `--scenario NAME` runs one alone.
 
 use crate::exec;
@@ -26,7 +27,8 @@ pub struct BenchArgs {
     /// binaries, no criterion, no peers, no `hey`, one short repetition of the side-by-side
     /// run and of the many-tenants scenario (1,000 tenants), 20 SSE streams of 5 events, a 1 MB
     /// upload and download, 50 idle connections, 1 s of the ext_authz comparison (Envoy from
-    /// `target/bench/peers` if there) and 20 issuances + 200 revocations, results in
+    /// `target/bench/peers` if there), 20 issuances + 200 revocations and one repetition of the
+    /// `firma run` overhead, results in
     /// `target/bench/smoke*.json`. CI runs it (scripts/check-documented.sh).
     #[arg(long)]
     pub smoke: bool,
@@ -61,6 +63,10 @@ pub enum Scenario {
     /// Issuance over gRPC and a client catching up on 10,000 revocations at connect
     /// (`firma-bench authority`), with the criterion bench of in-process issuance.
     Authority,
+    /// The same curl direct and under `firma run`, and `firma run -- true`
+    /// (`firma-bench run-overhead`): start to the first enforced request, client end to exit.
+    #[value(name = "run_overhead")]
+    RunOverhead,
 }
 
 /// What every smoke run of a scenario passes: one repetition.
@@ -124,6 +130,7 @@ const SMOKE: &[(&str, &str, bool, &[&str])] = &[
         false,
         &["--issuance-requests", "20", "--revocations", "200"],
     ),
+    ("run-overhead", "smoke-run_overhead.json", false, &[]),
 ];
 
 /// The arguments of one smoke run: the common ones, the timed ones if `timed`, then `own`.
@@ -165,6 +172,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                     | Scenario::Idle
                     | Scenario::ExtAuthz
                     | Scenario::Authority
+                    | Scenario::RunOverhead
             )
         )
     {
@@ -212,6 +220,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let bodies_out = target.join("bench/bodies.json");
     let idle_out = target.join("bench/idle.json");
     let authority_out = target.join("bench/authority.json");
+    let run_overhead_out = target.join("bench/run_overhead.json");
     match args.scenario {
         Some(Scenario::Tenants) => return tenants(root, &bin, &tenants_out, &args.args),
         Some(Scenario::Streams) => {
@@ -228,6 +237,9 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         }
         Some(Scenario::Authority) => {
             return scenario(root, &bin, "authority", &authority_out, &args.args);
+        }
+        Some(Scenario::RunOverhead) => {
+            return scenario(root, &bin, "run-overhead", &run_overhead_out, &args.args);
         }
         None => {}
     }
@@ -252,7 +264,8 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         &target.join("bench/ext_authz.json"),
         &[],
     )?;
-    scenario(root, &bin, "authority", &authority_out, &[])
+    scenario(root, &bin, "authority", &authority_out, &[])?;
+    scenario(root, &bin, "run-overhead", &run_overhead_out, &[])
 }
 
 /// `firma-bench install-peers` (Envoy, mitmproxy, hey, nginx), with the host's network.

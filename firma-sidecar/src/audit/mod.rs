@@ -86,8 +86,9 @@ struct Inner {
     tx: Mutex<Sender<writer::Msg>>,
     /// Denials over a workload's individual budget are counted here ([`aggregate`]).
     aggregator: Arc<aggregate::Aggregator>,
-    /// Lines nobody waits for, taken by the writer without a wake-up each.
-    side: Arc<writer::SideQueue>,
+    /// The writer and its queues: lines nobody waits for (taken without a wake-up each) and
+    /// lines somebody waits for (inline group commit, [`writer::Shared`]).
+    shared: Arc<writer::Shared>,
     health: Arc<Health>,
     grpc: Option<grpc::GrpcQueue>,
     /// The grpc shipper task, stopped when the last handle goes (call `flush` first).
@@ -222,17 +223,17 @@ impl AuditLog {
             })?;
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        let side = Arc::new(writer::SideQueue::default());
-        let queue = side.clone();
+        let shared = Arc::new(writer::Shared::new(w));
+        let queue = shared.clone();
         std::thread::Builder::new()
             .name("firma-audit".into())
-            .spawn(move || writer::run(rx, queue, w))
+            .spawn(move || writer::run(rx, queue))
             .map_err(|e| AuditError::Startup(format!("cannot start audit writer: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 tx: Mutex::new(tx),
                 aggregator,
-                side,
+                shared,
                 health,
                 grpc,
                 shipper,
@@ -244,7 +245,7 @@ impl AuditLog {
     /// Queues an event without waiting for it to be persisted: for events after which nothing
     /// leaves the sidecar (denials, outcomes). Request handlers go through [`RequestAudit`].
     pub(crate) fn record_body(&self, body: String) {
-        if self.inner.side.push(body) {
+        if self.inner.shared.side.push(body) {
             self.send(writer::Msg::Wake);
         }
     }
@@ -254,7 +255,18 @@ impl AuditLog {
     /// only leave after this returns `Ok`.
     pub(crate) async fn persist_body(&self, body: String) -> Result<(), AuditUnavailable> {
         let (ack, wait) = tokio::sync::oneshot::channel();
-        self.send(writer::Msg::Event(body, ack));
+        let shared = &self.inner.shared;
+        if shared.inline {
+            shared.queue(body, ack);
+            // The other requests this runtime has ready queue theirs meanwhile: one batch,
+            // one signature, written here (writer.rs, `Shared`).
+            tokio::task::yield_now().await;
+            if shared.try_lead() == writer::Lead::WakeWriter {
+                self.send(writer::Msg::Wake);
+            }
+        } else {
+            self.send(writer::Msg::Event(body, ack));
+        }
         match wait.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(AuditUnavailable(e)),

@@ -1,11 +1,12 @@
-//! The single writer thread: receives event bodies, chains them in arrival order, and hands them
-//! to the sink. One thread means one chain order and no lock on the request path (callers only
-//! send on a channel).
+//! The writer: chains event bodies in the order they are written and hands them to the sink.
+//! One [`Writer`] behind one lock means one chain order.
 //!
-//! Group commit: whatever is queued when the thread wakes (up to [`MAX_BATCH`] events) is
+//! Group commit: whatever is queued when a batch starts (up to [`MAX_BATCH`] events) is
 //! chained and written with one `write` (and one `fdatasync` under `fsync = "always"`), then
 //! every waiting caller gets its acknowledgement. Under load this is what keeps "persisted
-//! before the request leaves" cheap.
+//! before the request leaves" cheap. A batch is written by the request thread that finds the
+//! writer free (inline, see [`Shared`]: no cross-thread wake-up per batch), or by the writer
+//! thread, which also writes held lines on time, syncs, rotates and does the housekeeping.
 //!
 //! One signature per batch: only the batch's last line is signed; through the hash chain it
 //! covers every line of the batch (docs/architecture.md, audit). The batch goes out in that
@@ -189,6 +190,23 @@ impl Sink {
         }
     }
 
+    /// Whether a batch may be written on a request's thread: the write only copies into the
+    /// page cache or an in-memory queue. `fsync = "always"` (an `fdatasync` per batch) and
+    /// stdout (a pipe that may be full) stay on the writer thread.
+    fn inline_ok(&self) -> bool {
+        match self {
+            Sink::File { fsync, .. } => *fsync != FsyncPolicy::Always,
+            Sink::Stdout => false,
+            Sink::Grpc(_) => true,
+        }
+    }
+
+    /// `fsync = "interval"` and unsynced lines older than [`SYNC_INTERVAL`].
+    fn sync_due(&self) -> bool {
+        matches!(self, Sink::File { fsync: FsyncPolicy::Interval, dirty: true, last_sync, .. }
+            if last_sync.elapsed() >= SYNC_INTERVAL)
+    }
+
     fn tick(&mut self, force: bool) -> std::io::Result<()> {
         if let Sink::File {
             file,
@@ -358,30 +376,135 @@ impl Writer {
     }
 }
 
+/// What the writer thread and the request threads share.
+///
+/// Inline group commit: a request queues its decision line on [`Shared::queue`], lets the
+/// other ready tasks of its runtime queue theirs (one `yield`), then whoever finds the
+/// [`Writer`] free writes everything queued as one batch under one signature and acknowledges
+/// its waiters ([`Shared::try_lead`]). On a connection worker this writes on the worker's own
+/// thread: no wake-up of the writer thread and none back per batch, and no wait for a third
+/// thread to be scheduled on a busy machine. When the writer is busy (the writer thread holds
+/// it for a sync, a side batch or housekeeping, or another worker is writing), the request
+/// wakes the writer thread ([`Msg::Wake`]), which writes what is queued as soon as it can.
+/// Sinks that may block (`fsync = "always"`, stdout) never take this path.
+pub struct Shared {
+    /// The chain, the signer and the sink: whoever holds it writes the next batch.
+    writer: std::sync::Mutex<Writer>,
+    /// Lines somebody waits for, queued for the next batch.
+    pending: std::sync::Mutex<Vec<(String, Ack)>>,
+    pub side: SideQueue,
+    /// Batches may be written on a request's thread ([`Sink::inline_ok`]).
+    pub inline: bool,
+}
+
+/// What [`Shared::try_lead`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lead {
+    /// Everything queued was written (or taken by another writer).
+    Done,
+    /// The writer was busy or lines remain: wake the writer thread.
+    WakeWriter,
+}
+
+/// Most batches a request thread writes in one [`Shared::try_lead`] before it leaves the rest
+/// to the writer thread (other workers may keep queueing).
+const INLINE_BATCHES: usize = 2;
+
+impl Shared {
+    pub fn new(w: Writer) -> Self {
+        let inline = w.sink.inline_ok();
+        Self {
+            writer: std::sync::Mutex::new(w),
+            pending: std::sync::Mutex::default(),
+            side: SideQueue::default(),
+            inline,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Writer> {
+        self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<(String, Ack)>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues a line somebody waits for; `ack` is answered when its batch is persisted (or
+    /// failed). Follow with [`Self::try_lead`] or [`Msg::Wake`].
+    pub fn queue(&self, body: String, ack: Ack) {
+        self.pending().push((body, ack));
+    }
+
+    /// Writes what is queued on the calling thread if the writer is free.
+    pub fn try_lead(&self) -> Lead {
+        let mut w = match self.writer.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Lead::WakeWriter,
+        };
+        let drained = self.commit_pending(&mut w, INLINE_BATCHES);
+        // The interval fsync and housekeeping stay on the writer thread (an `fdatasync` here
+        // would stall every connection of this worker).
+        if !drained || w.sink.sync_due() {
+            Lead::WakeWriter
+        } else {
+            Lead::Done
+        }
+    }
+
+    /// Writes queued lines, with the side lines, in batches of at most [`MAX_BATCH`] waiters,
+    /// at most `batches` of them; `true` when nothing is left queued.
+    fn commit_pending(&self, w: &mut Writer, batches: usize) -> bool {
+        for _ in 0..batches {
+            let batch: Vec<(String, Ack)> = {
+                let mut p = self.pending();
+                if p.is_empty() {
+                    return true;
+                }
+                let n = p.len().min(MAX_BATCH);
+                p.drain(..n).collect()
+            };
+            let mut bodies = self.side.take();
+            bodies.reserve(batch.len());
+            let mut acks = Vec::with_capacity(batch.len());
+            for (b, a) in batch {
+                bodies.push(b);
+                acks.push(a);
+            }
+            let result = w.persist(bodies);
+            for ack in acks {
+                let _ = ack.send(result.clone());
+            }
+        }
+        self.pending().is_empty()
+    }
+}
+
 /// Runs until every sender is gone.
 ///
-/// Every event on the channel has a waiter (an ALLOW decision): it is written at once, with
-/// whatever else is queued and the [`SideQueue`]'s lines, under one signature. Side lines
-/// otherwise wait for the next such batch, a [`Msg::Wake`] (the queue is full) or the
-/// [`HOLD_MAX`] timeout of an idle channel, so none waits longer than [`HOLD_MAX`].
-pub fn run(rx: Receiver<Msg>, side: Arc<SideQueue>, mut w: Writer) {
+/// Every event on the channel or queued on [`Shared`] has a waiter (an ALLOW decision): it is
+/// written at once, with whatever else is queued and the [`SideQueue`]'s lines, under one
+/// signature. Side lines otherwise wait for the next such batch, a [`Msg::Wake`] (the queue is
+/// full) or the [`HOLD_MAX`] timeout of an idle channel, so none waits longer than
+/// [`HOLD_MAX`].
+pub fn run(rx: Receiver<Msg>, shared: Arc<Shared>) {
     let mut pending: Option<Msg> = None;
     loop {
         let first = match pending.take() {
             Some(m) => Ok(m),
             None => rx.recv_timeout(HOLD_MAX),
         };
+        let mut w = shared.lock();
         match first {
             Ok(Msg::Event(body, ack)) => {
-                let mut bodies = side.take();
-                bodies.push(body);
-                let mut acks = vec![ack];
-                while bodies.len() < MAX_BATCH {
+                shared.queue(body, ack);
+                for _ in 1..MAX_BATCH {
                     match rx.try_recv() {
-                        Ok(Msg::Event(b, a)) => {
-                            bodies.push(b);
-                            acks.push(a);
-                        }
+                        Ok(Msg::Event(b, a)) => shared.queue(b, a),
                         Ok(Msg::Wake) => {}
                         Ok(flush) => {
                             pending = Some(flush);
@@ -390,24 +513,24 @@ pub fn run(rx: Receiver<Msg>, side: Arc<SideQueue>, mut w: Writer) {
                         Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                     }
                 }
-                let result = w.persist(bodies);
-                for ack in acks {
-                    let _ = ack.send(result.clone());
-                }
+                shared.commit_pending(&mut w, usize::MAX);
                 tick(&mut w, false);
             }
             Ok(Msg::Wake) | Err(RecvTimeoutError::Timeout) => {
-                write_side(&side, &mut w);
+                shared.commit_pending(&mut w, usize::MAX);
+                write_side(&shared.side, &mut w);
                 tick(&mut w, false);
             }
             Ok(Msg::Flush(done)) => {
-                write_side(&side, &mut w);
+                shared.commit_pending(&mut w, usize::MAX);
+                write_side(&shared.side, &mut w);
                 w.flush_summaries();
                 tick(&mut w, true);
                 let _ = done.send(());
             }
             Err(RecvTimeoutError::Disconnected) => {
-                write_side(&side, &mut w);
+                shared.commit_pending(&mut w, usize::MAX);
+                write_side(&shared.side, &mut w);
                 w.flush_summaries();
                 let _ = w.sink.tick(true);
                 return;
@@ -484,9 +607,10 @@ mod tests {
             Arc::new(Health::default()),
         );
         let (tx, rx) = std::sync::mpsc::channel();
-        let side = Arc::new(SideQueue::default());
-        let queue = side.clone();
-        let t = std::thread::spawn(move || run(rx, queue, w));
+        let shared = Arc::new(Shared::new(w));
+        let queue = shared.clone();
+        let t = std::thread::spawn(move || run(rx, queue));
+        let side = &shared.side;
         for n in 0..3 {
             assert!(!side.push(body(n)));
         }
@@ -522,5 +646,126 @@ mod tests {
             v.push(l).unwrap();
         }
         v.finish().unwrap();
+    }
+
+    fn file_writer(path: &std::path::Path, fsync: FsyncPolicy) -> (Writer, SigningKey) {
+        let file = std::fs::File::create(path).unwrap();
+        let k = SigningKey::generate(&mut rand::rngs::OsRng);
+        let w = Writer::new(
+            Sealer::new(k.clone()),
+            Sink::file(file, fsync, 0),
+            Arc::new(Health::default()),
+        );
+        (w, k)
+    }
+
+    fn verify(path: &std::path::Path, k: &SigningKey) -> u64 {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut v = ChainVerifier::new(vec![k.verifying_key()]);
+        for l in text.lines() {
+            v.push(l).unwrap();
+        }
+        v.finish().unwrap();
+        v.signatures()
+    }
+
+    /// Lines queued by several requests are written by the one that finds the writer free,
+    /// with the held side lines, under one signature; every waiter is answered.
+    #[test]
+    fn inline_commit_writes_every_queued_line_in_one_signed_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let (w, k) = file_writer(&path, FsyncPolicy::Interval);
+        let shared = Shared::new(w);
+        assert!(shared.inline);
+        shared.side.push(body(0));
+        let mut waits = Vec::new();
+        for n in 1..4 {
+            let (ack, wait) = tokio::sync::oneshot::channel();
+            shared.queue(body(n), ack);
+            waits.push(wait);
+        }
+        assert_eq!(shared.try_lead(), Lead::Done);
+        for mut w in waits {
+            assert_eq!(w.try_recv().unwrap(), Ok(()));
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 4);
+        assert_eq!(verify(&path, &k), 1);
+        // Nothing queued: nothing written, no empty batch.
+        assert_eq!(shared.try_lead(), Lead::Done);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    }
+
+    /// A request that finds the writer busy leaves its line queued, unanswered, for the
+    /// writer thread, which writes it when woken.
+    #[test]
+    fn a_busy_writer_leaves_the_line_to_the_writer_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let (w, k) = file_writer(&path, FsyncPolicy::Interval);
+        let shared = Arc::new(Shared::new(w));
+        let busy = shared.lock();
+        let (ack, mut wait) = tokio::sync::oneshot::channel();
+        shared.queue(body(1), ack);
+        assert_eq!(shared.try_lead(), Lead::WakeWriter);
+        assert!(wait.try_recv().is_err(), "answered before it was written");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+        drop(busy);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread_shared = shared.clone();
+        let t = std::thread::spawn(move || run(rx, thread_shared));
+        tx.send(Msg::Wake).unwrap();
+        assert_eq!(wait.blocking_recv().unwrap(), Ok(()));
+        drop(tx);
+        t.join().unwrap();
+        assert_eq!(verify(&path, &k), 1);
+    }
+
+    /// Fail closed on the inline path: a sink that cannot write answers every waiter of the
+    /// batch with an error (their requests are denied `AuditUnavailable`), counts them lost,
+    /// and leaves the chain where it was for the next batch.
+    #[test]
+    fn a_failing_sink_fails_every_inline_waiter() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        std::fs::write(&path, "").unwrap();
+        let k = SigningKey::generate(&mut rand::rngs::OsRng);
+        let health = Arc::new(Health::default());
+        // Opened read-only: every write fails (EBADF).
+        let file = std::fs::File::open(&path).unwrap();
+        let w = Writer::new(
+            Sealer::new(k.clone()),
+            Sink::file(file, FsyncPolicy::Never, 0),
+            health.clone(),
+        );
+        let shared = Shared::new(w);
+        let mut waits = Vec::new();
+        for n in 0..3 {
+            let (ack, wait) = tokio::sync::oneshot::channel();
+            shared.queue(body(n), ack);
+            waits.push(wait);
+        }
+        assert_eq!(shared.try_lead(), Lead::Done);
+        for mut w in waits {
+            assert!(w.try_recv().unwrap().is_err());
+        }
+        assert_eq!(health.lost(), 3);
+        assert!(!health.healthy());
+        assert_eq!(shared.lock().sealer.position().0, 0, "chain rolled back");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+    }
+
+    /// Sinks that may block the caller never write on a request's thread.
+    #[test]
+    fn blocking_sinks_stay_on_the_writer_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, _) = file_writer(&dir.path().join("a.jsonl"), FsyncPolicy::Always);
+        assert!(!Shared::new(w).inline);
+        let (w, _) = file_writer(&dir.path().join("b.jsonl"), FsyncPolicy::Never);
+        assert!(Shared::new(w).inline);
+        let k = SigningKey::generate(&mut rand::rngs::OsRng);
+        let w = Writer::new(Sealer::new(k), Sink::Stdout, Arc::new(Health::default()));
+        assert!(!Shared::new(w).inline);
     }
 }
