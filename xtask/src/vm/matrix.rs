@@ -34,6 +34,12 @@ pub struct KernelResult {
     pub doctor: Option<Value>,
     /// Where the doctor's prediction and the suite's observation differ.
     pub doctor_disagreements: Vec<String>,
+    /// Why the first boot was discarded (a guest that never reached `/init`), if it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retried: Option<String>,
+    /// The last console lines of a run with a problem.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub console_tail: Vec<String>,
 }
 
 /// `[{"test": name, "result": "fail", "reason": …}, …]`.
@@ -69,6 +75,8 @@ impl KernelResult {
             tests: Vec::new(),
             doctor: None,
             doctor_disagreements: Vec::new(),
+            retried: None,
+            console_tail: Vec::new(),
         }
     }
 
@@ -98,16 +106,24 @@ impl KernelResult {
             serde_json::from_str(d)
                 .unwrap_or_else(|e| Value::String(format!("unparsable ({e}): {d}")))
         });
+        let problem = report.problem();
+        let console_tail = if problem.is_some() {
+            report.tail.iter().cloned().collect()
+        } else {
+            Vec::new()
+        };
         let mut r = Self {
             kernel: kernel.name.clone(),
             package: kernel.package.clone(),
             version: kernel.version.clone(),
             release: kernel.release.clone(),
             vm_seconds,
-            problem: report.problem(),
+            problem,
             tests,
             doctor,
             doctor_disagreements: Vec::new(),
+            retried: None,
+            console_tail,
         };
         r.doctor_disagreements = r.compare_doctor();
         r
@@ -241,6 +257,12 @@ pub fn table(results: &[KernelResult]) -> String {
         });
         for d in &r.doctor_disagreements {
             notes.push(format!("doctor on {}: {d}", r.kernel));
+        }
+        if let Some(why) = &r.retried {
+            notes.push(format!(
+                "retried on {}: first boot discarded: {why}",
+                r.kernel
+            ));
         }
         run.push(match &r.problem {
             None => format!("ok {:.0}s", r.vm_seconds),

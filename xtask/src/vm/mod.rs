@@ -77,6 +77,15 @@ pub fn run(args: VmTestArgs) -> anyhow::Result<()> {
 
     let table = matrix::table(&results);
     println!("\n{table}");
+    for r in results.iter().filter(|r| !r.console_tail.is_empty()) {
+        println!(
+            "\nlast console lines of {} (the whole console is echoed above):",
+            r.kernel
+        );
+        for line in &r.console_tail {
+            println!("  {} | {line}", r.kernel);
+        }
+    }
     let out_dir = target_dir.join("vm-test");
     std::fs::create_dir_all(&out_dir)?;
     let json = out_dir.join("results.json");
@@ -147,12 +156,28 @@ fn run_kernel(
         std::fs::metadata(&initrd)?.len() >> 20
     );
     let t = Instant::now();
-    let report = qemu::boot(
-        &k.vmlinux,
-        &initrd,
-        Duration::from_secs(args.timeout),
-        &k.name,
-    )?;
+    let boot = || {
+        qemu::boot(
+            &k.vmlinux,
+            &initrd,
+            Duration::from_secs(args.timeout),
+            &k.name,
+        )
+    };
+    let mut report = boot()?;
+    // A guest that never reached `/init` ran none of Firma's code: that is the emulator or the
+    // host (seen once in CI, not reproduced in dozens of boots), so it gets one more boot, and
+    // the result says so. A guest that booted and then died is never retried.
+    let mut retried = None;
+    if !report.booted && !report.timed_out {
+        let why = report.problem().unwrap_or_else(|| "no boot marker".into());
+        eprintln!("vm-test: kernel {}: booting again: {why}", k.name);
+        for line in &report.tail {
+            eprintln!("  {} | {line}", k.name);
+        }
+        retried = Some(why);
+        report = boot()?;
+    }
     let secs = t.elapsed().as_secs_f64();
     eprintln!(
         "vm-test: kernel {}: VM ran {secs:.1}s; {} passed, {} failed",
@@ -160,7 +185,9 @@ fn run_kernel(
         report.passed.len(),
         report.failed.len(),
     );
-    Ok(matrix::KernelResult::from_report(&k, &report, secs))
+    let mut result = matrix::KernelResult::from_report(&k, &report, secs);
+    result.retried = retried;
+    Ok(result)
 }
 
 fn which(tool: &str) -> bool {

@@ -2,6 +2,7 @@
 //! console (the only channel out: no virtio modules in the initramfs).
 
 use anyhow::Context;
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -38,11 +39,23 @@ pub struct Report {
     pub doctor: Option<String>,
     pub booted: bool,
     pub timed_out: bool,
+    /// QEMU's exit status (a signal here means the host killed it, e.g. its OOM killer).
+    pub exit: Option<String>,
+    /// The last console lines, printed after the table when the run failed: CI logs keep only
+    /// their tail, and a guest that dies early says why only here (panic text, OOM).
+    pub tail: VecDeque<String>,
 }
+
+/// Console lines kept for a failure's diagnosis.
+const TAIL_LINES: usize = 40;
 
 impl Report {
     /// Reads one console line (without `\r\n`); markers may be glued to earlier output.
     pub fn scan(&mut self, line: &str) {
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line.to_string());
         if let Some(i) = line.find("FIRMA-VM-TEST ok ") {
             self.passed.push(line[i + 17..].trim().to_string());
         } else if let Some(i) = line.find("FIRMA-VM-TEST FAIL ") {
@@ -87,9 +100,15 @@ impl Report {
             ));
         }
         match self.done {
-            None => {
-                Some("no FIRMA-VM-TESTS-DONE marker (guest crashed or test binary died)".into())
-            }
+            None => Some(format!(
+                "no FIRMA-VM-TESTS-DONE marker ({}; qemu {})",
+                if self.booted {
+                    "guest booted, then crashed or the test binary died"
+                } else {
+                    "the guest never reached /init"
+                },
+                self.exit.as_deref().unwrap_or("exit status unknown")
+            )),
             Some((_, f)) if f > 0 => Some(format!("DONE reports {f} failure(s)")),
             Some((0, _)) => Some("no test ran".into()),
             Some((p, _)) if p != self.passed.len() => Some(format!(
@@ -170,6 +189,7 @@ pub fn boot(
     let status = child.wait()?;
     let _ = reader.join();
     eprintln!("qemu exited: {status}");
+    report.exit = Some(status.to_string());
     Ok(report)
 }
 
@@ -211,5 +231,28 @@ mod tests {
         assert_eq!(r.problem(), None);
         r.timed_out = true;
         assert!(r.problem().is_some());
+    }
+
+    #[test]
+    fn a_crash_says_how_far_the_guest_got_and_keeps_the_console_tail() {
+        let mut r = Report::default();
+        for i in 0..100 {
+            r.scan(&format!("line {i}"));
+        }
+        r.exit = Some("signal: 9 (SIGKILL)".into());
+        let p = r.problem().unwrap();
+        assert!(
+            p.contains("never reached /init") && p.contains("SIGKILL"),
+            "{p}"
+        );
+        assert_eq!(r.tail.len(), TAIL_LINES);
+        assert_eq!(r.tail.back().map(String::as_str), Some("line 99"));
+        r.scan("Booting from ROM..FIRMA-VM-BOOTED kernel 6.12, 2 cpus");
+        r.scan("Kernel panic - not syncing: Attempted to kill init!");
+        assert!(r.problem().unwrap().contains("guest booted, then crashed"));
+        assert_eq!(
+            r.tail.back().map(String::as_str),
+            Some("Kernel panic - not syncing: Attempted to kill init!")
+        );
     }
 }
