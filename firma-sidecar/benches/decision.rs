@@ -476,6 +476,25 @@ fn audit(c: &mut Criterion) {
             })
         })
     });
+    // The same 16 on one single-threaded runtime, as on a connection worker: the lines are
+    // queued during one `yield`, then one of the requests writes them as one batch on its own
+    // thread (inline group commit, writer.rs `Shared`), with no writer-thread wake-up.
+    let worker = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    c.bench_function("audit/commit_decision_file_x16_one_worker", |b| {
+        b.iter(|| {
+            worker.block_on(async {
+                let tasks: Vec<_> = (0..16)
+                    .map(|_| tokio::spawn(commit(log.clone(), conn.clone(), decision.clone())))
+                    .collect();
+                for t in tasks {
+                    t.await.expect("task");
+                }
+            })
+        })
+    });
 }
 
 /// Every metric hook one allowed request passes through, with metrics off (no admin listener:

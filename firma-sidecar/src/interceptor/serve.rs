@@ -73,17 +73,7 @@ pub async fn serve_stream<S>(
                 && h.parse::<std::net::IpAddr>().is_err()
             {
                 let detail = format!("TLS server name {s:?} differs from the requested host {h:?}");
-                Box::pin(deny_raw(
-                    &state,
-                    &mut stream,
-                    &conn,
-                    Some(h),
-                    port,
-                    None,
-                    &detail,
-                ))
-                .await;
-                return;
+                return refuse(&state, &mut stream, &conn, h, port, &detail).await;
             }
             let name = sni.or(host_hint);
             let plan = name.as_deref().map(|n| state.tls_plan(&conn, n));
@@ -103,17 +93,7 @@ pub async fn serve_stream<S>(
                 && matches!(state.tls_plan(&conn, h), TlsPlan::Intercept { .. })
             {
                 let detail = format!("intercepted host {h} requires TLS or HTTP: {detail}");
-                Box::pin(deny_raw(
-                    &state,
-                    &mut stream,
-                    &conn,
-                    Some(h),
-                    port,
-                    None,
-                    &detail,
-                ))
-                .await;
-                return;
+                return refuse(&state, &mut stream, &conn, h, port, &detail).await;
             }
             buf.shrink_to_fit();
             Box::pin(tunnel(
@@ -127,6 +107,28 @@ pub async fn serve_stream<S>(
             .await;
         }
     }
+}
+
+/// Denies a connection before any protocol runs (`MalformedRequest`), boxed like every branch
+/// of [`serve_stream`].
+async fn refuse<S: AsyncWrite + Unpin>(
+    state: &SidecarState,
+    stream: &mut S,
+    conn: &ConnectionInfo,
+    host: &str,
+    port: u16,
+    detail: &str,
+) {
+    Box::pin(deny_raw(
+        state,
+        stream,
+        conn,
+        Some(host),
+        port,
+        None,
+        detail,
+    ))
+    .await
 }
 
 async fn tunnel<S>(
