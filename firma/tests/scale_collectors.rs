@@ -93,7 +93,9 @@ fn write_lines(path: &Path, lines: &[String]) {
 }
 
 /// A sidecar of its own deployment (own audit key, so its own chain) shipping to `collectors`.
-fn sidecar(up: &Upstream, collectors: &[u16]) -> (Deployment, Sidecar) {
+/// A sidecar shipping to `collectors` in that order, and its admin (metrics) port.
+fn sidecar(up: &Upstream, collectors: &[u16]) -> (Deployment, Sidecar, u16) {
+    let admin = free_port();
     let settings = Settings {
         upstream_hosts: vec!["api.openai.com".into()],
         intercept_hosts: vec!["api.openai.com".into()],
@@ -108,14 +110,14 @@ fn sidecar(up: &Upstream, collectors: &[u16]) -> (Deployment, Sidecar) {
         .map(|p| format!("\"http://127.0.0.1:{p}\""))
         .collect();
     t.extra = format!(
-        "[sidecar.audit]\nsink = \"grpc\"\ngrpc_url = {}\ngrpc_urls = [{}]\nsigning_key_path = \"{}\"\n",
+        "[sidecar.audit]\nsink = \"grpc\"\ngrpc_url = {}\ngrpc_urls = [{}]\nsigning_key_path = \"{}\"\n\n[sidecar.admin]\nlisten_addr = \"127.0.0.1:{admin}\"\n",
         urls[0],
         urls[1..].join(", "),
         d.root().join("audit.key").display()
     );
     t.write(&d.config).expect("write firma.toml");
     let sc = d.start(&[]);
-    (d, sc)
+    (d, sc, admin)
 }
 
 /// Stops the load when the test ends, also by a failed assertion (the clients then report
@@ -135,8 +137,8 @@ fn a_collector_killed_under_load_loses_and_duplicates_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let up = Upstream::start(tmp.path(), &["api.openai.com"]);
     let (pa, pb) = (free_port(), free_port());
-    let (d1, sc1) = sidecar(&up, &[pa, pb]);
-    let (d2, sc2) = sidecar(&up, &[pa, pb]);
+    let (d1, sc1, admin1) = sidecar(&up, &[pa, pb]);
+    let (d2, sc2, admin2) = sidecar(&up, &[pa, pb]);
     let keys = vec![d1.root().join("audit.pub"), d2.root().join("audit.pub")];
     let (file_a, file_b) = (tmp.path().join("a.jsonl"), tmp.path().join("b.jsonl"));
     let mut coll_a = collector(pa, &file_a, &keys);
@@ -227,12 +229,25 @@ fn a_collector_killed_under_load_loses_and_duplicates_nothing() {
         in_a_at_kill,
         "nothing written to A after the kill"
     );
-    for sc in [&sc1, &sc2] {
+    for (sc, admin) in [(&sc1, admin1), (&sc2, admin2)] {
         assert!(
             sc.log_text()
                 .contains(&format!("failing over to 127.0.0.1:{pb}")),
             "{}",
             sc.log_text()
+        );
+        // Operators see it without reading logs.
+        let (status, scrape) =
+            firma_testing::prometheus::get(&format!("http://127.0.0.1:{admin}/metrics"));
+        assert_eq!(status, 200, "{scrape}");
+        let metric = |name: &str| firma_testing::prometheus::sample(&scrape, name);
+        assert!(
+            metric("firma_sidecar_audit_collector_failovers_total") >= Some(1.0),
+            "{scrape}"
+        );
+        assert!(
+            metric("firma_sidecar_audit_events_shipped_total") >= Some(20.0),
+            "{scrape}"
         );
     }
 

@@ -22,6 +22,8 @@ struct AuditMetrics {
     disk_low: Gauge,
     rotated: Counter,
     aggregated: Counter,
+    shipped: Counter,
+    failovers: Counter,
 }
 
 /// The sink's state as of a scrape (counters since start).
@@ -33,6 +35,9 @@ pub(crate) struct SinkState {
     pub disk_low: bool,
     pub rotated: u64,
     pub aggregated: u64,
+    /// `grpc` sink only (0 otherwise).
+    pub shipped: u64,
+    pub failovers: u64,
 }
 
 /// Creates the audit metrics under `audit_` in `r` and turns the hooks on (first call only).
@@ -89,6 +94,18 @@ pub fn register(r: &mut Registry) {
         "Denials counted into deny_summary events instead of written one by one (also counted in decisions_total)",
         aggregated.clone(),
     );
+    let shipped = Counter::default();
+    let failovers = Counter::default();
+    r.register(
+        "events_shipped",
+        "Audit events a collector acknowledged (sink = \"grpc\")",
+        shipped.clone(),
+    );
+    r.register(
+        "collector_failovers",
+        "Times the grpc sink left a collector that failed for the next one in grpc_urls",
+        failovers.clone(),
+    );
     let _ = METRICS.set(AuditMetrics {
         write,
         written,
@@ -98,6 +115,8 @@ pub fn register(r: &mut Registry) {
         disk_low,
         rotated,
         aggregated,
+        shipped,
+        failovers,
     });
 }
 
@@ -120,4 +139,6 @@ pub(crate) fn set_sink_state(s: SinkState) {
     m.disk_low.set(i64::from(s.disk_low));
     m.rotated.inner().store(s.rotated, Ordering::Relaxed);
     m.aggregated.inner().store(s.aggregated, Ordering::Relaxed);
+    m.shipped.inner().store(s.shipped, Ordering::Relaxed);
+    m.failovers.inner().store(s.failovers, Ordering::Relaxed);
 }

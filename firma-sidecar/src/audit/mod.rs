@@ -312,6 +312,8 @@ impl AuditLog {
             disk_low: h.disk_low(),
             rotated: h.rotated(),
             aggregated: self.denials_aggregated(),
+            shipped: self.shipped(),
+            failovers: self.collector_failovers(),
         });
     }
 
