@@ -219,8 +219,10 @@ where
     let kernel: Option<Arc<dyn crate::ebpf::metrics::KernelState>> = match cfg.interceptor.mode {
         InterceptMode::HttpProxy => {
             let addr = &cfg.interceptor.listen_addr;
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
+            let listener = addr
+                .parse()
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+                .and_then(crate::sockopt::listen)
                 .map_err(|source| SidecarError::Bind {
                     addr: addr.clone(),
                     cause: source,

@@ -8,7 +8,9 @@
 //!   keep-alive), freeing their descriptors;
 //! - a normal client from another address is served throughout the per-client flood, the policy
 //!   directory still reloads while every slot is taken, and accept never hits EMFILE;
-//! - a request whose upstream takes longer than the idle timeout is not cut (HTTP/1 and HTTP/2).
+//! - a request whose upstream takes longer than the idle timeout is not cut (HTTP/1 and HTTP/2);
+//! - a connect burst while the accept loop does not run (SIGSTOP) is queued by the kernel, not
+//!   dropped: a normal client right after it still connects at once.
 //!
 //! Every address is on loopback (127.0.0.1 floods, 127.0.0.3 floods, 127.0.0.2 is the normal
 //! client); `prlimit` (util-linux) sets the limit.
@@ -406,4 +408,134 @@ fn slow_response_longer_than_the_idle_timeout_is_not_cut() {
         eprintln!("{version}: slow response after {took:?} with idle_timeout_secs = 1");
     }
     assert_eq!(up.count(), 2);
+}
+
+/// Resumes a process stopped with SIGSTOP when dropped (also when an assertion fails).
+struct Stopped(nix::unistd::Pid);
+
+impl Stopped {
+    fn stop(pid: u32) -> Self {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// A connection from `from` to `to` that sends `CONNECT` at once (the kernel queues the bytes
+/// until the sidecar reads them).
+async fn connect_and_ask(from: &str, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(format!("{from}:0").parse().unwrap())?;
+    let mut s = sock.connect(to).await?;
+    s.write_all(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
+        .await?;
+    Ok(s)
+}
+
+/// The status line the sidecar answered on `s`.
+async fn status_line(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n") && head.len() < 256 {
+        match s.read(&mut b).await {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).trim().to_string()
+}
+
+/// Hostile: a burst of connects while the sidecar's accept loop does not run (stopped here
+/// with SIGSTOP, as a loaded host deschedules it) is queued by the kernel, not dropped. A
+/// normal client connecting right after the burst gets its connection at once, and every
+/// queued connection is served once the sidecar runs again. With the std/mio listen backlog
+/// (128) the kernel dropped the SYNs past the 129th, and those clients waited for their SYN
+/// retransmits (1 s, 3 s, 7 s): one process's connect burst stalled every client's new
+/// connections (`sockopt::LISTEN_BACKLOG`).
+#[test]
+fn a_connect_burst_while_accept_is_stalled_is_queued_not_dropped() {
+    const BURST: usize = 500;
+    let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if somaxconn <= BURST {
+        let why =
+            format!("net.core.somaxconn = {somaxconn} caps every listen backlog below {BURST}");
+        firma_testing::skip("a_connect_burst_while_accept_is_stalled", &why);
+        return;
+    }
+    let (_up, d) = deployment(String::new());
+    let sc = d.start(&[]);
+    let addr = sc.addr;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stopped = Stopped::stop(sc.process.child.id());
+
+    // The burst, from 127.0.0.3: each completes its handshake in the kernel or not at all.
+    let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let burst: Vec<_> = (0..BURST)
+        .map(|_| {
+            let connected = connected.clone();
+            rt.spawn(async move {
+                let s = connect_and_ask("127.0.0.3", addr).await;
+                connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                s
+            })
+        })
+        .collect();
+    let count = || connected.load(std::sync::atomic::Ordering::Relaxed);
+    if let Err(e) = eventually(Duration::from_secs(20), "the whole burst connected", || {
+        count() == BURST
+    }) {
+        panic!(
+            "{e}: {} of {BURST} connections completed while accept was stopped; the listen \
+             backlog dropped the others' SYNs",
+            count()
+        );
+    }
+    // A normal client from 127.0.0.2, after the burst, before the sidecar runs again.
+    let normal = rt.spawn(connect_and_ask("127.0.0.2", addr));
+    eventually(
+        Duration::from_secs(20),
+        "the normal client connected",
+        || normal.is_finished(),
+    )
+    .expect("the normal client's SYN was dropped behind the burst");
+    drop(stopped);
+
+    rt.block_on(async {
+        let mut normal = normal.await.unwrap().expect("normal client connects");
+        let line = tokio::time::timeout(Duration::from_secs(60), status_line(&mut normal))
+            .await
+            .expect("the normal client is answered once the sidecar runs");
+        assert!(line.starts_with("HTTP/1.1 200"), "normal client: {line:?}");
+        // Every queued connection was accepted and served: none was lost in the queue.
+        let mut answered = 0;
+        for h in burst {
+            let mut s = h.await.unwrap().expect("burst connection");
+            let line = tokio::time::timeout(Duration::from_secs(60), status_line(&mut s))
+                .await
+                .expect("every queued connection is answered");
+            assert!(
+                line.starts_with("HTTP/1.1 200"),
+                "burst connection: {line:?}"
+            );
+            answered += 1;
+        }
+        assert_eq!(answered, BURST);
+    });
+    let out = normal_request(&sc, &d, &[]);
+    assert_eq!(out.status, 200, "{out:?}\n{}", sc.log_text());
 }

@@ -30,12 +30,14 @@ pub struct Unredirected {
 /// Binds both listeners (fails if either cannot be bound: half a listener would refuse one
 /// address family's workloads without saying why).
 /// `extra_v4` (`redirect_address`) is bound too: pods in their own network namespace reach it.
+/// Each with [`crate::sockopt::LISTEN_BACKLOG`].
 pub async fn bind(port: u16, extra_v4: Option<Ipv4Addr>) -> std::io::Result<Vec<TcpListener>> {
-    let v4 = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
-    let v6 = TcpListener::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await?;
+    let listen = crate::sockopt::listen;
+    let v4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
+    let v6 = listen(SocketAddr::from((Ipv6Addr::LOCALHOST, port)))?;
     let mut out = vec![v4, v6];
     if let Some(a) = extra_v4 {
-        out.push(TcpListener::bind(SocketAddr::from((a, port))).await?);
+        out.push(listen(SocketAddr::from((a, port)))?);
     }
     Ok(out)
 }
