@@ -12,6 +12,7 @@
 use super::head::{self, MAX_HEAD};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -60,6 +61,16 @@ pub struct Verdict {
     /// The client shut down its write side right behind a complete request (see
     /// [`FramingGuard`]'s held EOF): `serve_http` answers what is in flight, then closes.
     pub half_closed: Notify,
+    /// Where the guard stands, for parking an idle connection (see `park`): heads released to
+    /// hyper so far, ...
+    heads: AtomicU64,
+    /// ... whether every byte read so far was handed over and the stream sits between two
+    /// messages (a partial head held back does not count: it stays with the guard), ...
+    between: AtomicBool,
+    /// ... bytes written since the last completed flush, ...
+    unflushed: AtomicBool,
+    /// ... and whether the connection is being shut down.
+    closing: AtomicBool,
 }
 
 impl Verdict {
@@ -69,6 +80,21 @@ impl Verdict {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Heads released to hyper so far.
+    pub fn heads(&self) -> u64 {
+        self.heads.load(Ordering::Relaxed)
+    }
+
+    /// Nothing is in transit between the client and hyper on either side: every byte the
+    /// guard read went to hyper and ended a message, every byte hyper wrote was flushed, and
+    /// no shutdown started. With every released head answered, hyper then holds no state a
+    /// fresh connection would not have.
+    pub fn quiescent(&self) -> bool {
+        self.between.load(Ordering::Relaxed)
+            && !self.unflushed.load(Ordering::Relaxed)
+            && !self.closing.load(Ordering::Relaxed)
     }
 }
 
@@ -167,6 +193,7 @@ impl<S> FramingGuard<S> {
                         }
                     };
                     let rest = self.head.split_off(end);
+                    self.verdict.heads.fetch_add(1, Ordering::Relaxed);
                     if self.ready.is_empty() {
                         // Hand the head's buffer over, so none stays behind for an idle wait.
                         self.ready = std::mem::take(&mut self.head);
@@ -323,57 +350,39 @@ fn step(c: Chunk, b: u8) -> Result<Option<Chunk>, &'static str> {
     }))
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for FramingGuard<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
+impl<S: AsyncRead + Unpin> FramingGuard<S> {
+    /// Reads from the client until something is ready for hyper (bytes, or the EOF), or the
+    /// connection is rejected or its EOF held. `Pending` for hyper in the last two cases.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            if this.ready_pos < this.ready.len() {
-                let n = (this.ready.len() - this.ready_pos).min(buf.remaining());
-                buf.put_slice(&this.ready[this.ready_pos..this.ready_pos + n]);
-                this.ready_pos += n;
-                if this.ready_pos == this.ready.len() {
-                    if this.state == State::Head && this.head.is_empty() {
-                        // Between requests: a keep-alive connection may now idle for
-                        // minutes, holding no buffer.
-                        this.ready = Vec::new();
-                    } else {
-                        this.ready.clear();
-                    }
-                    this.ready_pos = 0;
-                }
+            if self.ready_pos < self.ready.len() {
                 return Poll::Ready(Ok(()));
             }
-            if this.state == State::Rejected || this.eof_held {
-                // hyper waits here until serve_http shuts it down (after answering the
-                // request in flight, for a held EOF).
+            if self.state == State::Rejected || self.eof_held {
                 return Poll::Pending;
             }
-            if this.eof {
+            if self.eof {
                 // An incomplete head goes to hyper as-is: it reports the truncated message.
-                if !this.head.is_empty() {
-                    this.ready = std::mem::take(&mut this.head);
+                if !self.head.is_empty() {
+                    self.ready = std::mem::take(&mut self.head);
                     continue;
                 }
                 return Poll::Ready(Ok(()));
             }
             let mut tmp = [0u8; 16 * 1024];
             let mut rb = ReadBuf::new(&mut tmp);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+            match Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
                 Poll::Pending => {
-                    this.fresh = false;
+                    self.fresh = false;
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
                     let got = rb.filled();
                     if !got.is_empty() {
-                        this.fresh = true;
-                        this.feed(got);
-                    } else if this.fresh && this.state == State::Head && this.head.is_empty() {
+                        self.fresh = true;
+                        self.feed(got);
+                    } else if self.fresh && self.state == State::Head && self.head.is_empty() {
                         // EOF right behind a complete request (`nc -N`, scripts): the client
                         // half-closed and waits for the answer. hyper (like nginx and Envoy)
                         // takes an EOF on a busy connection for a client that left and drops
@@ -381,15 +390,78 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingGuard<S> {
                         // then the connection closed. An EOF that comes later, after a read
                         // was pending, is a client going away and reaches hyper as before
                         // (the `outcome` then says `client_gone`).
-                        this.eof_held = true;
-                        this.verdict.half_closed.notify_one();
+                        self.eof_held = true;
+                        self.verdict.half_closed.notify_one();
                         return Poll::Pending;
                     } else {
-                        this.eof = true;
+                        self.eof = true;
                     }
                 }
             }
         }
+    }
+
+    /// Resolves once the next request (a complete, checked head), the client's EOF or a
+    /// rejection is there: what a parked connection waits for before hyper takes it back.
+    /// Reads nothing out of the guard, so hyper sees every byte.
+    pub fn poll_next_message(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.state == State::Rejected || self.eof_held {
+            return Poll::Ready(Ok(()));
+        }
+        let r = self.poll_fill(cx);
+        if self.state == State::Rejected || self.eof_held {
+            return Poll::Ready(Ok(()));
+        }
+        r
+    }
+
+    /// Puts back bytes hyper had read but not parsed when its connection was taken apart:
+    /// they passed the guard already and go out again first.
+    pub fn unread(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut ready = Vec::with_capacity(bytes.len() + self.ready.len() - self.ready_pos);
+        ready.extend_from_slice(bytes);
+        ready.extend_from_slice(&self.ready[self.ready_pos..]);
+        self.ready = ready;
+        self.ready_pos = 0;
+        self.verdict.between.store(false, Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FramingGuard<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        // hyper waits in `poll_fill` on a rejected connection or a held EOF until serve_http
+        // shuts it down (after answering the request in flight, for a held EOF).
+        let r = this.poll_fill(cx);
+        if let Poll::Ready(Ok(())) = r
+            && this.ready_pos < this.ready.len()
+        {
+            let n = (this.ready.len() - this.ready_pos).min(buf.remaining());
+            buf.put_slice(&this.ready[this.ready_pos..this.ready_pos + n]);
+            this.ready_pos += n;
+            if this.ready_pos == this.ready.len() {
+                if this.state == State::Head && this.head.is_empty() {
+                    // Between requests: a keep-alive connection may now idle for
+                    // minutes, holding no buffer.
+                    this.ready = Vec::new();
+                } else {
+                    this.ready.clear();
+                }
+                this.ready_pos = 0;
+            }
+        }
+        this.verdict.between.store(
+            this.state == State::Head && this.ready_pos == this.ready.len() && !this.eof,
+            Ordering::Relaxed,
+        );
+        r
     }
 }
 
@@ -399,15 +471,22 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FramingGuard<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.verdict.unflushed.store(true, Ordering::Relaxed);
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = r {
+            // hyper flushes the stream only once its own write buffer is empty.
+            self.verdict.unflushed.store(false, Ordering::Relaxed);
+        }
+        r
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        this.verdict.closing.store(true, Ordering::Relaxed);
         if let Some((bytes, pos)) = &mut this.reply {
             while *pos < bytes.len() {
                 match Pin::new(&mut this.inner).poll_write(cx, &bytes[*pos..]) {
@@ -430,6 +509,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FramingGuard<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.verdict.unflushed.store(true, Ordering::Relaxed);
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -538,5 +618,69 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
         let input = b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
         let (_, rejected) = pass(input).await;
         assert!(rejected.unwrap().contains("chunk"));
+    }
+
+    /// What parking relies on: the guard says when the stream is between messages with
+    /// nothing unflushed, waits for a whole next head without consuming it, and bytes put
+    /// back come out first, unchecked and in order.
+    #[tokio::test]
+    async fn parking_state_next_message_and_unread() {
+        use std::future::poll_fn;
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(1024);
+        let v = Arc::new(Verdict::default());
+        let mut g = FramingGuard::new(server, v.clone());
+        client
+            .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = g.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(v.heads(), 1);
+        assert!(v.quiescent(), "between messages after a whole request");
+        g.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        assert!(!v.quiescent(), "written, not flushed");
+        g.flush().await.unwrap();
+        assert!(v.quiescent());
+
+        // Half a head: still between messages (the guard keeps it); the wait goes on.
+        client.write_all(b"GET /b HTTP/1.1\r\nHo").await.unwrap();
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            poll_fn(|cx| g.poll_next_message(cx)),
+        )
+        .await;
+        assert!(
+            waited.is_err(),
+            "a partial head must not wake a parked connection"
+        );
+        assert!(v.quiescent());
+        client.write_all(b"st: x\r\n\r\n").await.unwrap();
+        poll_fn(|cx| g.poll_next_message(cx)).await.unwrap();
+        assert_eq!(v.heads(), 2);
+
+        // Bytes hyper had read but not parsed go out first, then the guard's own.
+        g.unread(b"XY");
+        let want: &[u8] = b"XYGET /b HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut out = Vec::new();
+        while out.len() < want.len() {
+            let n = g.read(&mut buf).await.unwrap();
+            out.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(out, want);
+
+        // A rejected head and the client's EOF both end a parked wait.
+        client
+            .write_all(b"GET /c HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n")
+            .await
+            .unwrap();
+        poll_fn(|cx| g.poll_next_message(cx)).await.unwrap();
+        assert!(v.rejected().is_some());
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut g = FramingGuard::new(server, Arc::new(Verdict::default()));
+        client.shutdown().await.unwrap();
+        poll_fn(|cx| g.poll_next_message(cx)).await.unwrap();
+        assert_eq!(g.read(&mut buf).await.unwrap(), 0);
     }
 }

@@ -13,6 +13,7 @@ use super::body::{self, Refused, body_refusal};
 use super::framing::{FramingGuard, Verdict};
 use super::head::{self, HeadError};
 use super::idle;
+use super::park;
 use super::rewind::Rewind;
 use super::websocket;
 use crate::audit::RequestAudit;
@@ -128,7 +129,8 @@ pub async fn serve_http<S>(
         }
     } else {
         // Every later head on the connection is checked like the first (see `framing`).
-        let io = TokioIo::new(FramingGuard::new(Rewind::new(buf, stream), verdict.clone()));
+        let mut io = FramingGuard::new(Rewind::new(buf, stream), verdict.clone());
+        let mut svc = svc;
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -139,19 +141,68 @@ pub async fn serve_http<S>(
             // closes quiet connections at `idle_timeout_secs`.
             .header_read_timeout(HEAD_TIMEOUT.max(timeouts.http_idle))
             .max_buf_size(head::MAX_HEAD + 8192);
-        // Upgrades: WebSocket requests that the upstream switched (see `websocket`).
-        let c = builder.serve_connection(io, svc).with_upgrades();
-        tokio::pin!(c);
-        tokio::select! {
-            r = c.as_mut() => r,
-            _ = verdict.notify.notified() => { c.as_mut().graceful_shutdown(); c.await }
-            // The client half-closed right behind its request: answer it, then close.
-            _ = verdict.half_closed.notified() => { c.as_mut().graceful_shutdown(); c.await }
-            _ = state.drain.cancelled() => { c.as_mut().graceful_shutdown(); c.await }
-            _ = activity.idle_timeout(timeouts.http_idle) => {
-                tracing::debug!(conn = conn.conn_id, "closing idle HTTP/1 connection");
-                c.as_mut().graceful_shutdown();
-                idle::finish_closing(c).await
+        loop {
+            // Upgrades: WebSocket requests that the upstream switched (see `websocket`).
+            // Boxed: while the connection is parked, its task holds a pointer, not hyper's
+            // state.
+            let mut c = Box::pin(
+                builder
+                    .serve_connection(TokioIo::new(io), svc)
+                    .with_upgrades(),
+            );
+            let mut refused_at = None;
+            let ended = loop {
+                tokio::select! {
+                    r = c.as_mut() => break Some(r),
+                    _ = verdict.notify.notified() => {
+                        c.as_mut().graceful_shutdown();
+                        break Some(c.as_mut().await);
+                    }
+                    // The client half-closed right behind its request: answer it, then close.
+                    _ = verdict.half_closed.notified() => {
+                        c.as_mut().graceful_shutdown();
+                        break Some(c.as_mut().await);
+                    }
+                    _ = state.drain.cancelled() => {
+                        c.as_mut().graceful_shutdown();
+                        break Some(c.as_mut().await);
+                    }
+                    _ = activity.idle_timeout(timeouts.http_idle) => {
+                        tracing::debug!(conn = conn.conn_id, "closing idle HTTP/1 connection");
+                        c.as_mut().graceful_shutdown();
+                        break Some(idle::finish_closing(c.as_mut()).await);
+                    }
+                    _ = activity.idle_timeout(park::PARK_AFTER),
+                        if refused_at != Some(activity.started()) =>
+                    {
+                        if park::can_park(&verdict, &activity) {
+                            break None;
+                        }
+                        // Not between messages (a body still draining, a response still
+                        // flushing): look again after the next request.
+                        refused_at = Some(activity.started());
+                    }
+                }
+            };
+            if let Some(r) = ended {
+                break r;
+            }
+            // Parked: hyper's connection is taken apart (its buffers freed) and the guard
+            // waits alone for the next request.
+            let Some(parts) = std::pin::Pin::into_inner(c).into_parts() else {
+                break Ok(());
+            };
+            io = parts.io.into_inner();
+            io.unread(&parts.read_buf);
+            svc = parts.service;
+            drop(parts.read_buf);
+            tracing::trace!(conn = conn.conn_id, "parked idle HTTP/1 connection");
+            match park::wait(&mut io, &verdict, &activity, &state, timeouts.http_idle).await {
+                park::Woken::Request => continue,
+                park::Woken::Close => {
+                    let _ = tokio::time::timeout(idle::CLOSE_GRACE, io.shutdown()).await;
+                    break Ok(());
+                }
             }
         }
     };

@@ -70,6 +70,8 @@ pub fn scope<F: Future>(t: Timeouts, fut: F) -> tokio::task::futures::TaskLocalF
 /// response head, or a slow streaming response, is not idle).
 pub struct Activity {
     inflight: AtomicUsize,
+    /// Requests started on the connection so far.
+    started: AtomicU64,
     base: Instant,
     /// Milliseconds since `base` at which the connection last became idle.
     idle_since_ms: AtomicU64,
@@ -79,6 +81,7 @@ impl Default for Activity {
     fn default() -> Self {
         Self {
             inflight: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
             base: Instant::now(),
             idle_since_ms: AtomicU64::new(0),
         }
@@ -101,7 +104,13 @@ impl Activity {
     /// A request started.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.inflight.fetch_add(1, Ordering::Acquire);
+        self.started.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// Requests started so far.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
     }
 
     /// How long the connection has been idle (`None`: a request is in flight).

@@ -42,6 +42,7 @@ struct InterceptorMetrics {
     /// http_proxy, transparent.
     conns_active: [Gauge; 2],
     conns_total: [Counter; 2],
+    conns_parked: Gauge,
     mitm_ok: Counter,
     mitm_failed: Counter,
     leaf_lookups: AtomicU64,
@@ -77,6 +78,12 @@ pub fn register(r: &mut Registry) {
         "connections",
         "Client connections accepted, by interception mode",
         total,
+    );
+    let conns_parked = Gauge::default();
+    r.register(
+        "connections_parked",
+        "Idle HTTP/1 client connections parked now: hyper's connection state and buffers released until the next request",
+        conns_parked.clone(),
     );
     let mitm = Family::<ResultLabel, Counter>::default();
     let mitm_ok = mitm.get_or_create(&ResultLabel { result: "ok" }).clone();
@@ -117,6 +124,7 @@ pub fn register(r: &mut Registry) {
         overhead,
         conns_active,
         conns_total,
+        conns_parked,
         mitm_ok,
         mitm_failed,
         leaf_lookups: AtomicU64::new(0),
@@ -160,6 +168,26 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         if let (Some(i), Some(m)) = (self.0, METRICS.get()) {
             m.conns_active[i].dec();
+        }
+    }
+}
+
+/// Counts a parked connection in `connections_parked` until the guard is dropped.
+pub fn parked() -> ParkedGuard {
+    let m = METRICS.get();
+    if let Some(m) = m {
+        m.conns_parked.inc();
+    }
+    ParkedGuard(m.is_some())
+}
+
+/// Held while a connection is parked.
+pub struct ParkedGuard(bool);
+
+impl Drop for ParkedGuard {
+    fn drop(&mut self) {
+        if let (true, Some(m)) = (self.0, METRICS.get()) {
+            m.conns_parked.dec();
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod idle;
 pub mod limits;
 pub mod mcp;
 pub mod metrics;
+pub mod park;
 pub mod redirect_listener;
 pub mod rewind;
 pub mod serve;
