@@ -66,6 +66,11 @@ pub struct IdleReport {
     pub rss_per_connection_kb: f64,
     /// Seconds to open (CONNECT + TLS + one request) every idle connection.
     pub open_secs: f64,
+    /// Seconds after opening until the sidecar's RSS was steady (when `rss_with_idle_mb` was read).
+    pub settle_secs: f64,
+    /// Connections the sidecar reported parked then (`firma_sidecar_connections_parked`;
+    /// `None`: a binary without the gauge).
+    pub parked: Option<f64>,
 }
 
 /// Descriptors the sidecar keeps for itself beyond its connections' (listeners, audit file,
@@ -154,10 +159,13 @@ pub fn run(args: &IdleArgs) -> anyhow::Result<()> {
     let max = connections + 1024;
     let (d, mut sc) = scenario::llm_sidecar(&firma, &root, up.addr, &up.ca_path, |t| {
         t.extra = format!(
-            "[sidecar.limits]\nmax_connections = {max}\nmax_connections_per_client = {max}\nidle_timeout_secs = 600\n"
+            "[sidecar.limits]\nmax_connections = {max}\nmax_connections_per_client = {max}\nidle_timeout_secs = 600\n\n[sidecar.admin]\nlisten_addr = \"127.0.0.1:0\"\n"
         )
     })?;
     let pid = sc.child.id();
+    let admin: std::net::SocketAddr = sc
+        .logged("admin listening on ")
+        .context("the sidecar logged no admin address")?;
     eprintln!(
         "upstream https://{}, sidecar {} (pid {pid}), RLIMIT_NOFILE {nofile}",
         up.addr, sc.addr
@@ -195,11 +203,25 @@ pub fn run(args: &IdleArgs) -> anyhow::Result<()> {
         )
     })?;
     let open_secs = started.elapsed().as_secs_f64();
-    // Let the sidecar settle (handshake buffers returned to the allocator) before reading RSS.
-    std::thread::sleep(Duration::from_secs(2));
-    let rss_idle = crate::peers::rss_mb(pid)?;
+    // Let the sidecar settle before reading RSS: handshake buffers go back to the allocator,
+    // idle connections are parked after a second (`interceptor/park.rs`) and the allocator
+    // returns freed pages after a delay. Sampled once a second until two samples agree within
+    // 1% (at most 20 s).
+    let settle = Instant::now();
+    let mut rss_idle = crate::peers::rss_mb(pid)?;
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = crate::peers::rss_mb(pid)?;
+        let steady = (rss_idle - now).abs() <= rss_idle * 0.01 && settle.elapsed().as_secs() >= 3;
+        rss_idle = now;
+        if steady || settle.elapsed() >= Duration::from_secs(20) {
+            break;
+        }
+    }
+    let settle_secs = settle.elapsed().as_secs_f64();
+    let parked = crate::run::scrape_sum(admin, "firma_sidecar_connections_parked ")?;
     eprintln!(
-        "  {} idle connections open in {open_secs:.1} s: sidecar RSS {rss_before:.1} -> {rss_idle:.1} MB",
+        "  {} idle connections open in {open_secs:.1} s: sidecar RSS {rss_before:.1} -> {rss_idle:.1} MB (settled after {settle_secs:.0} s; parked: {parked:?})",
         held.len()
     );
     let during = probes(
@@ -231,6 +253,8 @@ pub fn run(args: &IdleArgs) -> anyhow::Result<()> {
         rss_with_idle_mb: rss_idle,
         rss_per_connection_kb: (rss_idle - rss_before) * 1024.0 / connections as f64,
         open_secs,
+        settle_secs,
+        parked,
     };
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;

@@ -480,17 +480,24 @@ pub fn write_bundle(path: &Path, cas: &[PathBuf]) -> anyhow::Result<()> {
 
 /// The sum of `firma_sidecar_decisions_total` on the admin listener at `admin`.
 fn scrape_decisions(admin: std::net::SocketAddr) -> anyhow::Result<u64> {
+    Ok(scrape_sum(admin, "firma_sidecar_decisions_total{")?.unwrap_or(0.0) as u64)
+}
+
+/// The sum of the samples whose line starts with `series` on the sidecar's `/metrics`
+/// (`None`: no such series, e.g. an older binary).
+pub fn scrape_sum(admin: std::net::SocketAddr, series: &str) -> anyhow::Result<Option<f64>> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(admin).context("connect to the admin listener")?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
     let mut body = String::new();
     s.read_to_string(&mut body)?;
-    Ok(body
+    let samples: Vec<f64> = body
         .lines()
-        .filter(|l| l.starts_with("firma_sidecar_decisions_total{"))
+        .filter(|l| l.starts_with(series))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum::<f64>() as u64)
+        .collect();
+    Ok((!samples.is_empty()).then(|| samples.iter().sum()))
 }
 
 /// Runs `firma-bench client` as a child process (moved into `cgroup` first when given, via
