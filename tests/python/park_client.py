@@ -87,6 +87,16 @@ def read_response(f):
     return status, f.read(length).decode(errors="replace")
 
 
+def parked_tunnel(step):
+    """A tunnel that made one request (`step`) and was parked: (socket, reader, status)."""
+    s = tunnel()
+    f = s.makefile("rb")
+    s.sendall(request(step))
+    status = read_response(f)[0]
+    wait_parked()
+    return s, f, status
+
+
 def eof_within(sock, secs):
     sock.settimeout(secs)
     try:
@@ -133,41 +143,27 @@ s.close()
 wait_unparked()
 
 # pipelined
-s = tunnel()
-f = s.makefile("rb")
-s.sendall(request("pipe1"))
-statuses = [read_response(f)[0]]
-wait_parked()
+s, f, first = parked_tunnel("pipe1")
 s.sendall(request("pipe2") + request("pipe3"))
-statuses += [read_response(f)[0], read_response(f)[0]]
-out["pipelined"] = statuses
+out["pipelined"] = [first, read_response(f)[0], read_response(f)[0]]
 s.close()
 wait_unparked()
 
 # smuggle
-s = tunnel()
-f = s.makefile("rb")
-s.sendall(request("smuggle1"))
-statuses = [read_response(f)[0]]
-wait_parked()
+s, f, first = parked_tunnel("smuggle1")
 s.sendall(
     f"POST /v1/models HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 5\r\n"
     "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n".encode()
 )
 second = read_response(f)
-statuses.append(second[0])
-out["smuggle"] = statuses
+out["smuggle"] = [first, second[0]]
 out["smuggle_reason"] = json.loads(second[1]).get("reason")
 out["smuggle_closed"] = read_response(f) is None
 s.close()
 wait_unparked()
 
 # eof
-s = tunnel()
-f = s.makefile("rb")
-s.sendall(request("eof1"))
-out["eof_first"] = read_response(f)[0]
-wait_parked()
+s, f, out["eof_first"] = parked_tunnel("eof1")
 # Python's SSLSocket.shutdown drops its TLS state and shuts the TCP write side down: what
 # follows is read raw (the sidecar's close_notify, then the EOF).
 s.shutdown(socket.SHUT_WR)
