@@ -250,6 +250,24 @@ pub fn verify_set(
                     if let Some(want) = expected_index(f)
                         && said != Some(want)
                     {
+                        // The active file is numbered after the last rotated one present: a
+                        // rotation event further on means the files in between are gone.
+                        if f.index.is_none()
+                            && let Some(said) = said
+                            && said > want
+                        {
+                            return fail(
+                                &f.path,
+                                None,
+                                format!(
+                                    "rotated file {want} is missing (between {} and {}, whose rotation event says file index {said}): removed or renamed",
+                                    files
+                                        .get(fi.wrapping_sub(1))
+                                        .map_or("the start".into(), |p| show(&p.path)),
+                                    show(&f.path)
+                                ),
+                            );
+                        }
                         return fail(
                             &f.path,
                             at,

@@ -312,6 +312,15 @@ fn a_denial_flood_is_aggregated_rotated_bounded_and_verifiable() {
         std::fs::remove_file(t.join(name(2))).unwrap()
     });
     assert!(!ok && out.contains("rotated file 2 is missing"), "{out}");
+    // The newest rotated file removed: only the active file's rotation event tells.
+    let last = files.len() - 1;
+    let (ok, out) = tampered("removed_last", &|t| {
+        std::fs::remove_file(t.join(name(last))).unwrap()
+    });
+    assert!(
+        !ok && out.contains(&format!("rotated file {last} is missing")),
+        "{out}"
+    );
     let (ok, out) = tampered("reordered", &|t| {
         std::fs::rename(t.join(name(1)), t.join("x")).unwrap();
         std::fs::rename(t.join(name(2)), t.join(name(1))).unwrap();
