@@ -34,8 +34,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// They must be in place before mimalloc reserves its first arena, i.e. before the first
 /// Rust allocation (the runtime allocates before `main`): so this runs as an ELF constructor.
 extern "C" fn tune_allocator() {
-    // `mi_option_e` of the bundled mimalloc v2 (include/mimalloc.h); the sys crate names
-    // only some of them.
+    // `mi_option_e` of the bundled mimalloc (include/mimalloc.h; libmimalloc-sys builds v3
+    // unless its `v2` feature is on). 4 and 15 mean the same in both; 3 is v2's eager_commit,
+    // deprecated and ignored by v3 (kept for a v2 build). The sys crate names only some.
     const EAGER_COMMIT: libmimalloc_sys::mi_option_t = 3;
     const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
