@@ -405,9 +405,8 @@ impl<S: AsyncRead + Unpin> FramingGuard<S> {
     /// rejection is there: what a parked connection waits for before hyper takes it back.
     /// Reads nothing out of the guard, so hyper sees every byte.
     pub fn poll_next_message(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.state == State::Rejected || self.eof_held {
-            return Poll::Ready(Ok(()));
-        }
+        // `poll_fill` is `Pending` for hyper on a rejected head or a held EOF; here they end
+        // the wait.
         let r = self.poll_fill(cx);
         if self.state == State::Rejected || self.eof_held {
             return Poll::Ready(Ok(()));
